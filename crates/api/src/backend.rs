@@ -1,0 +1,28 @@
+//! The seam between HTTP and inference: what the API needs from an engine.
+
+use engine::{ChatMessage, EngineError, Event, GenerateRequest};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// What the HTTP layer needs from the model server behind it. `engine::Engine` implements
+/// it; tests use a fake.
+///
+/// Every method but [`Backend::generate`] may do CPU work (template rendering,
+/// tokenisation); the API calls them off the async executor.
+pub trait Backend: Send + Sync + 'static {
+    /// The id clients name in `model` and that `/v1/models` lists.
+    fn model_id(&self) -> &str;
+
+    /// The context window in tokens: prompt plus completion must fit in it.
+    fn context_length(&self) -> usize;
+
+    /// Renders a conversation with the model's chat template, ending with the prompt of the
+    /// assistant's turn.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+
+    /// Tokenises text as a prompt (special tokens added as the model wants them).
+    fn tokenize(&self, text: &str) -> Vec<u32>;
+
+    /// Starts a generation. Events arrive on the receiver: any number of `Text`, then one
+    /// `Done` or `Failed`. Dropping the receiver cancels the generation.
+    fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError>;
+}

@@ -1,0 +1,28 @@
+//! The engine as the API's [`Backend`]: each method forwards to `engine::Engine`'s own.
+
+use engine::{ChatMessage, Engine, EngineError, Event, GenerateRequest};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::Backend;
+
+impl Backend for Engine {
+    fn model_id(&self) -> &str {
+        Engine::model_id(self)
+    }
+
+    fn context_length(&self) -> usize {
+        Engine::context_length(self)
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        Engine::render_chat(self, messages)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        Engine::tokenize(self, text)
+    }
+
+    fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        Engine::generate(self, req)
+    }
+}

@@ -1,0 +1,245 @@
+//! OpenAI's JSON shapes: requests as clients send them (loosely typed, so that validation
+//! can name the bad field) and responses exactly as the official SDKs parse them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Requests. Every field is optional here: `validate` decides what is required, so that a
+// missing field gets a message naming it. Unknown fields (`user`, `metadata`, ...) are ignored.
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/chat/completions` as received.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ChatCompletionRequest {
+    pub(crate) model: Option<String>,
+    pub(crate) messages: Option<Vec<RawMessage>>,
+    pub(crate) max_tokens: Option<i64>,
+    pub(crate) max_completion_tokens: Option<i64>,
+    pub(crate) logprobs: Option<bool>,
+    pub(crate) top_logprobs: Option<i64>,
+    pub(crate) response_format: Option<ResponseFormat>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) n: Option<i64>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    pub(crate) stop: Option<Value>,
+    pub(crate) presence_penalty: Option<f64>,
+    pub(crate) frequency_penalty: Option<f64>,
+    pub(crate) seed: Option<serde_json::Number>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f64>,
+    pub(crate) repetition_penalty: Option<f64>,
+}
+
+/// `POST /v1/completions` as received.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub(crate) model: Option<String>,
+    pub(crate) prompt: Option<Value>,
+    pub(crate) max_tokens: Option<i64>,
+    pub(crate) echo: Option<bool>,
+    pub(crate) logprobs: Option<i64>,
+    pub(crate) best_of: Option<i64>,
+    pub(crate) suffix: Option<String>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) n: Option<i64>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    pub(crate) stop: Option<Value>,
+    pub(crate) presence_penalty: Option<f64>,
+    pub(crate) frequency_penalty: Option<f64>,
+    pub(crate) seed: Option<serde_json::Number>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f64>,
+    pub(crate) repetition_penalty: Option<f64>,
+}
+
+/// The fields both endpoints share, borrowed out of either request for one validation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawSampling<'a> {
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) n: Option<i64>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<&'a StreamOptions>,
+    pub(crate) stop: Option<&'a Value>,
+    pub(crate) presence_penalty: Option<f64>,
+    pub(crate) frequency_penalty: Option<f64>,
+    pub(crate) seed: Option<&'a serde_json::Number>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f64>,
+    pub(crate) repetition_penalty: Option<f64>,
+}
+
+/// Builds [`RawSampling`] from a request type that has all its fields.
+macro_rules! raw_sampling {
+    ($req:ty) => {
+        impl $req {
+            pub(crate) fn raw_sampling(&self) -> RawSampling<'_> {
+                RawSampling {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: self.n,
+                    stream: self.stream,
+                    stream_options: self.stream_options.as_ref(),
+                    stop: self.stop.as_ref(),
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    seed: self.seed.as_ref(),
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
+                }
+            }
+        }
+    };
+}
+raw_sampling!(ChatCompletionRequest);
+raw_sampling!(CompletionRequest);
+
+/// One chat message as received; `content` is a string or an array of parts.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawMessage {
+    pub(crate) role: Option<String>,
+    pub(crate) content: Option<Value>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    pub(crate) include_usage: Option<bool>,
+}
+
+/// `response_format`: only its `type` matters here.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses.
+// ---------------------------------------------------------------------------------------------
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct UsageBody {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) total_tokens: usize,
+}
+
+impl From<engine::Usage> for UsageBody {
+    fn from(usage: engine::Usage) -> Self {
+        UsageBody {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
+        }
+    }
+}
+
+/// The fields every response and chunk opens with.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Header<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) object: &'static str,
+    pub(crate) created: u64,
+    pub(crate) model: &'a str,
+}
+
+/// A whole `chat.completion`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatCompletion<'a> {
+    #[serde(flatten)]
+    pub(crate) header: Header<'a>,
+    pub(crate) choices: [ChatChoice<'a>; 1],
+    pub(crate) usage: UsageBody,
+    pub(crate) system_fingerprint: Option<&'a str>,
+}
+
+/// One choice of a `chat.completion`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChoice<'a> {
+    pub(crate) index: u32,
+    pub(crate) message: AssistantMessage<'a>,
+    pub(crate) logprobs: Option<Value>,
+    pub(crate) finish_reason: &'static str,
+}
+
+/// The assistant's reply.
+#[derive(Debug, Serialize)]
+pub(crate) struct AssistantMessage<'a> {
+    pub(crate) role: &'static str,
+    pub(crate) content: &'a str,
+}
+
+/// One `chat.completion.chunk`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChunk<'a> {
+    #[serde(flatten)]
+    pub(crate) header: Header<'a>,
+    pub(crate) system_fingerprint: Option<&'a str>,
+    pub(crate) choices: Vec<ChatChunkChoice<'a>>,
+    /// Absent unless usage was asked for; then `null` on every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) usage: Option<Option<UsageBody>>,
+}
+
+/// One choice of a chunk.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChunkChoice<'a> {
+    pub(crate) index: u32,
+    pub(crate) delta: Delta<'a>,
+    pub(crate) logprobs: Option<Value>,
+    pub(crate) finish_reason: Option<&'static str>,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) content: Option<&'a str>,
+}
+
+/// A whole `text_completion`, or one streamed chunk of it.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextCompletion<'a> {
+    #[serde(flatten)]
+    pub(crate) header: Header<'a>,
+    pub(crate) choices: Vec<TextChoice<'a>>,
+    /// On the whole response always; on chunks only when usage was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) usage: Option<Option<UsageBody>>,
+    pub(crate) system_fingerprint: Option<&'a str>,
+}
+
+/// One choice of a `text_completion`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextChoice<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) index: u32,
+    pub(crate) logprobs: Option<Value>,
+    pub(crate) finish_reason: Option<&'static str>,
+}
+
+/// One entry of `/v1/models`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelCard<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) object: &'static str,
+    pub(crate) created: u64,
+    pub(crate) owned_by: &'static str,
+}
+
+/// `/v1/models`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelList<'a> {
+    pub(crate) object: &'static str,
+    pub(crate) data: Vec<ModelCard<'a>>,
+}

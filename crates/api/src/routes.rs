@@ -1,0 +1,292 @@
+//! The handlers: thin, because requests arrive validated and responses are built by the
+//! shapes in `openai` and `stream`.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{Method, Uri};
+use axum::response::{IntoResponse, Response};
+use engine::{Event, GenerateRequest};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::Backend;
+use crate::error::ApiError;
+use crate::extract::Json;
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, CompletionRequest, Header,
+    ModelCard, ModelList, TextChoice, TextCompletion, UsageBody,
+};
+use crate::stream::{ChunkMeta, Endpoint, sse_response};
+use crate::validate::{self, Prompt, ValidRequest};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) backend: Arc<dyn Backend>,
+    /// Unix seconds when the router was built: the model's `created`.
+    pub(crate) started_at: u64,
+}
+
+impl AppState {
+    pub(crate) fn new(backend: Arc<dyn Backend>) -> Self {
+        AppState {
+            backend,
+            started_at: unix_now(),
+        }
+    }
+
+    fn model_card(&self) -> ModelCard<'_> {
+        ModelCard {
+            id: self.backend.model_id(),
+            object: "model",
+            created: self.started_at,
+            owned_by: "souverain",
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+/// A fresh response id: the prefix and 24 random alphanumerics, as OpenAI's look.
+fn response_id(prefix: &str) -> String {
+    use rand::Rng;
+    use rand::distributions::Alphanumeric;
+    let suffix: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("{prefix}{suffix}")
+}
+
+/// `GET /health`.
+pub(crate) async fn health() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /v1/models`.
+pub(crate) async fn list_models(State(app): State<AppState>) -> Response {
+    axum::Json(ModelList {
+        object: "list",
+        data: vec![app.model_card()],
+    })
+    .into_response()
+}
+
+/// `GET /v1/models/{id}`; ids may hold slashes (`org/name`).
+pub(crate) async fn get_model(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if id == app.backend.model_id() {
+        Ok(axum::Json(app.model_card()).into_response())
+    } else {
+        Err(ApiError::ModelNotFound { model: id })
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[tracing::instrument(skip_all, fields(request_id))]
+pub(crate) async fn chat_completions(
+    State(app): State<AppState>,
+    Json(req): Json<ChatCompletionRequest>,
+) -> Response {
+    let id = response_id("chatcmpl-");
+    tracing::Span::current().record("request_id", id.as_str());
+    // Errors become responses inside the span, so their log lines carry the request id.
+    match validate::chat(&req, app.backend.model_id()) {
+        Ok(valid) => respond(&app, id, valid, Endpoint::Chat).await,
+        Err(err) => Err(err),
+    }
+    .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/completions`.
+#[tracing::instrument(skip_all, fields(request_id))]
+pub(crate) async fn completions(
+    State(app): State<AppState>,
+    Json(req): Json<CompletionRequest>,
+) -> Response {
+    let id = response_id("cmpl-");
+    tracing::Span::current().record("request_id", id.as_str());
+    match validate::completion(&req, app.backend.model_id()) {
+        Ok(valid) => respond(&app, id, valid, Endpoint::Completion).await,
+        Err(err) => Err(err),
+    }
+    .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Starts the generation and answers with a stream or, once it is done, a whole response.
+async fn respond(
+    app: &AppState,
+    id: String,
+    valid: ValidRequest,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let meta = ChunkMeta {
+        endpoint,
+        id,
+        created: unix_now(),
+        model: app.backend.model_id().to_owned(),
+        include_usage: valid.include_usage,
+    };
+    let stream = valid.stream;
+    let receiver = start_generation(&app.backend, valid).await?;
+    if stream {
+        Ok(sse_response(meta, receiver))
+    } else {
+        whole_response(meta, receiver).await
+    }
+}
+
+/// Renders and tokenises the prompt (off the executor: both are CPU work that grows with
+/// the prompt), checks that it fits the context, and hands the request to the engine.
+async fn start_generation(
+    backend: &Arc<dyn Backend>,
+    valid: ValidRequest,
+) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let worker = Arc::clone(backend);
+    let prompt = valid.prompt;
+    let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let text = match prompt {
+            Prompt::Chat(messages) => worker.render_chat(&messages)?,
+            Prompt::Text(text) => text,
+        };
+        Ok(worker.tokenize(&text))
+    })
+    .await
+    .map_err(|err| ApiError::Internal {
+        detail: format!("tokenisation task failed: {err}"),
+    })??;
+
+    let context_length = backend.context_length();
+    if prompt_tokens.len() >= context_length {
+        return Err(ApiError::ContextLengthExceeded {
+            prompt_tokens: prompt_tokens.len(),
+            context_length,
+        });
+    }
+    tracing::debug!(
+        prompt_tokens = prompt_tokens.len(),
+        max_tokens = valid.max_tokens,
+        "generation admitted"
+    );
+    let receiver = backend.generate(GenerateRequest {
+        prompt_tokens,
+        sampling: valid.sampling,
+        max_tokens: valid.max_tokens,
+        stop: valid.stop,
+        stop_at_eog: true,
+    })?;
+    Ok(receiver)
+}
+
+/// Waits for the whole generation. If the client goes away meanwhile, axum drops this
+/// future and with it the receiver, which cancels the generation.
+async fn whole_response(
+    meta: ChunkMeta,
+    mut receiver: UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let (finish_reason, usage) = loop {
+        match receiver.recv().await {
+            Some(Event::Text(piece)) => text.push_str(&piece),
+            Some(Event::Done {
+                finish_reason,
+                usage,
+            }) => break (finish_reason, usage),
+            Some(Event::Failed(detail)) => return Err(ApiError::Internal { detail }),
+            None => {
+                return Err(ApiError::Internal {
+                    detail: "the engine closed the stream without finishing it".to_owned(),
+                });
+            }
+        }
+    };
+    drop(receiver);
+    tracing::info!(
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        finish_reason = finish_reason.as_str(),
+        "completion finished"
+    );
+    let usage = UsageBody::from(usage);
+    let finish_reason = finish_reason.as_str();
+    let response = match meta.endpoint {
+        Endpoint::Chat => axum::Json(ChatCompletion {
+            header: Header {
+                id: &meta.id,
+                object: "chat.completion",
+                created: meta.created,
+                model: &meta.model,
+            },
+            choices: [ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &text,
+                },
+                logprobs: None,
+                finish_reason,
+            }],
+            usage,
+            system_fingerprint: None,
+        })
+        .into_response(),
+        Endpoint::Completion => axum::Json(TextCompletion {
+            header: Header {
+                id: &meta.id,
+                object: "text_completion",
+                created: meta.created,
+                model: &meta.model,
+            },
+            choices: vec![TextChoice {
+                text: &text,
+                index: 0,
+                logprobs: None,
+                finish_reason: Some(finish_reason),
+            }],
+            usage: Some(Some(usage)),
+            system_fingerprint: None,
+        })
+        .into_response(),
+    };
+    Ok(response)
+}
+
+/// Any path no route matches.
+pub(crate) async fn unknown_url(method: Method, uri: Uri) -> ApiError {
+    ApiError::UnknownUrl {
+        method,
+        path: uri.path().to_owned(),
+    }
+}
+
+/// A known path asked with the wrong method.
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method,
+        path: uri.path().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_ids_are_prefixed_and_distinct() {
+        let a = response_id("chatcmpl-");
+        let b = response_id("chatcmpl-");
+        assert!(a.starts_with("chatcmpl-"));
+        assert_eq!(a.len(), "chatcmpl-".len() + 24);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,595 @@
+//! Turns a request as received into a [`ValidRequest`], once: every range check, default and
+//! unsupported option is decided here, and every error names the field at fault. Handlers
+//! only see validated requests.
+
+use engine::{ChatMessage, SamplingParams};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::openai::{ChatCompletionRequest, CompletionRequest, RawMessage, RawSampling};
+
+/// OpenAI's default `max_tokens` for `/v1/completions`.
+pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// OpenAI accepts at most this many stop sequences.
+const MAX_STOP_SEQUENCES: usize = 4;
+
+/// The roles a chat message may have.
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+/// What to generate from, before tokenisation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Prompt {
+    /// A conversation, to be rendered with the chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text (`/v1/completions`).
+    Text(String),
+}
+
+/// A request that passed validation: everything the handlers need, nothing left to check
+/// except what needs the tokenizer (the prompt's length).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ValidRequest {
+    pub(crate) prompt: Prompt,
+    pub(crate) sampling: SamplingParams,
+    pub(crate) max_tokens: Option<usize>,
+    pub(crate) stop: Vec<String>,
+    pub(crate) stream: bool,
+    /// `stream_options.include_usage`: send a last chunk with the token counts.
+    pub(crate) include_usage: bool,
+}
+
+/// Validates a chat completion request against the served model `model_id`.
+pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidRequest, ApiError> {
+    check_model(req.model.as_deref(), model_id)?;
+    let messages = match &req.messages {
+        None => return Err(ApiError::invalid("messages", "`messages` is required")),
+        Some(messages) if messages.is_empty() => {
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must contain at least one message",
+            ));
+        }
+        Some(messages) => messages
+            .iter()
+            .enumerate()
+            .map(|(index, message)| chat_message(index, message))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`logprobs` is not supported by this server yet",
+        ));
+    }
+    if let Some(format) = &req.response_format
+        && format.kind != "text"
+    {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "`response_format` of type `{}` is not supported by this server yet; only `text` is",
+                format.kind
+            ),
+        ));
+    }
+    let max_tokens = positive("max_tokens", req.max_tokens)?;
+    let max_completion_tokens = positive("max_completion_tokens", req.max_completion_tokens)?;
+    let common = common(req.raw_sampling())?;
+    Ok(ValidRequest {
+        prompt: Prompt::Chat(messages),
+        sampling: common.sampling,
+        max_tokens: max_completion_tokens.or(max_tokens),
+        stop: common.stop,
+        stream: common.stream,
+        include_usage: common.include_usage,
+    })
+}
+
+/// Validates a text completion request against the served model `model_id`.
+pub(crate) fn completion(
+    req: &CompletionRequest,
+    model_id: &str,
+) -> Result<ValidRequest, ApiError> {
+    check_model(req.model.as_deref(), model_id)?;
+    let prompt = completion_prompt(req.prompt.as_ref())?;
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid(
+            "echo",
+            "`echo` is not supported by this server yet",
+        ));
+    }
+    if req.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`logprobs` is not supported by this server yet",
+        ));
+    }
+    if req.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "Only `best_of` = 1 is supported by this server",
+        ));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "`suffix` is not supported by this server yet",
+        ));
+    }
+    let max_tokens =
+        positive("max_tokens", req.max_tokens)?.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
+    let common = common(req.raw_sampling())?;
+    Ok(ValidRequest {
+        prompt: Prompt::Text(prompt),
+        sampling: common.sampling,
+        max_tokens: Some(max_tokens),
+        stop: common.stop,
+        stream: common.stream,
+        include_usage: common.include_usage,
+    })
+}
+
+fn check_model(model: Option<&str>, model_id: &str) -> Result<(), ApiError> {
+    match model {
+        None => Err(ApiError::invalid("model", "`model` is required")),
+        Some(model) if model == model_id => Ok(()),
+        Some(model) => Err(ApiError::ModelNotFound {
+            model: model.to_owned(),
+        }),
+    }
+}
+
+fn chat_message(index: usize, message: &RawMessage) -> Result<ChatMessage, ApiError> {
+    let role = message.role.as_deref().ok_or_else(|| {
+        ApiError::invalid(
+            format!("messages[{index}].role"),
+            format!("`messages[{index}].role` is required"),
+        )
+    })?;
+    if !ROLES.contains(&role) {
+        return Err(ApiError::invalid(
+            format!("messages[{index}].role"),
+            format!(
+                "`messages[{index}].role` is `{role}`; expected one of {}",
+                ROLES.join(", ")
+            ),
+        ));
+    }
+    let param = || format!("messages[{index}].content");
+    let content = match &message.content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (part_index, part) in parts.iter().enumerate() {
+                text.push_str(text_part(part).ok_or_else(|| {
+                    ApiError::invalid(
+                        param(),
+                        format!(
+                            "`messages[{index}].content[{part_index}]` is not supported: only \
+                             parts of type `text` with a string `text` are"
+                        ),
+                    )
+                })?);
+            }
+            text
+        }
+        // An assistant turn that only called tools has no content; tools are not served
+        // here, so it renders as an empty turn.
+        None | Some(Value::Null) if role == "assistant" => String::new(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                param(),
+                format!("`messages[{index}].content` is required"),
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                param(),
+                format!("`messages[{index}].content` must be a string or an array of text parts"),
+            ));
+        }
+    };
+    Ok(ChatMessage {
+        role: role.to_owned(),
+        content,
+    })
+}
+
+/// The text of a `{"type":"text","text":...}` part, or `None` for any other part.
+fn text_part(part: &Value) -> Option<&str> {
+    let object = part.as_object()?;
+    if object.get("type")?.as_str()? != "text" {
+        return None;
+    }
+    object.get("text")?.as_str()
+}
+
+fn completion_prompt(prompt: Option<&Value>) -> Result<String, ApiError> {
+    let not_supported = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string or an array of exactly one string; token id prompts \
+             and batches are not supported by this server yet",
+        )
+    };
+    match prompt {
+        None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [Value::String(text)] => Ok(text.clone()),
+            _ => Err(not_supported()),
+        },
+        Some(_) => Err(not_supported()),
+    }
+}
+
+/// What both endpoints validate the same way.
+struct Common {
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn common(raw: RawSampling<'_>) -> Result<Common, ApiError> {
+    if let Some(n) = raw.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "`n` is {n}, but only one choice per request (`n` = 1) is supported by this server"
+            ),
+        ));
+    }
+    let defaults = SamplingParams::default();
+    let temperature = in_range("temperature", raw.temperature, 0.0, 2.0)?
+        .unwrap_or(f64::from(defaults.temperature));
+    let top_p = raw.top_p.unwrap_or(f64::from(defaults.top_p));
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("`top_p` is {top_p}; it must be greater than 0 and at most 1"),
+        ));
+    }
+    let presence_penalty = in_range("presence_penalty", raw.presence_penalty, -2.0, 2.0)?
+        .unwrap_or(f64::from(defaults.presence_penalty));
+    let frequency_penalty = in_range("frequency_penalty", raw.frequency_penalty, -2.0, 2.0)?
+        .unwrap_or(f64::from(defaults.frequency_penalty));
+    let min_p = in_range("min_p", raw.min_p, 0.0, 1.0)?.unwrap_or(f64::from(defaults.min_p));
+    let repetition_penalty = raw
+        .repetition_penalty
+        .unwrap_or(f64::from(defaults.repetition_penalty));
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` is {repetition_penalty}; it must be greater than 0"),
+        ));
+    }
+    let top_k = match raw.top_k {
+        None => defaults.top_k,
+        // vLLM clients send -1 for "disabled"; 0 means the same here.
+        Some(-1) => 0,
+        Some(k) => usize::try_from(k).map_err(|_| {
+            ApiError::invalid(
+                "top_k",
+                format!("`top_k` is {k}; it must be 0 or more (0 or -1 disable it)"),
+            )
+        })?,
+    };
+    let seed = match raw.seed {
+        None => None,
+        Some(number) => Some(seed(number)?),
+    };
+    let stream = raw.stream.unwrap_or(false);
+    // Outside streaming, usage is always in the response; the option only shapes chunks.
+    let include_usage = stream
+        && raw
+            .stream_options
+            .and_then(|options| options.include_usage)
+            .unwrap_or(false);
+    Ok(Common {
+        // Narrowing to f32 is exact enough for sampling settings already range-checked.
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            seed,
+            repetition_penalty: repetition_penalty as f32,
+            frequency_penalty: frequency_penalty as f32,
+            presence_penalty: presence_penalty as f32,
+        },
+        stop: stop_sequences(raw.stop)?,
+        stream,
+        include_usage,
+    })
+}
+
+/// `value` if it lies in `[min, max]`.
+fn in_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` is {v}; it must be between {min} and {max}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A token count that must be at least 1 when given.
+fn positive(param: &str, value: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) => match usize::try_from(v) {
+            Ok(count) if count >= 1 => Ok(Some(count)),
+            _ => Err(ApiError::invalid(
+                param,
+                format!("`{param}` is {v}; it must be at least 1"),
+            )),
+        },
+    }
+}
+
+/// Any JSON integer that fits 64 bits; negative seeds are taken as their two's-complement
+/// bits, so every integer a client may send names one random stream.
+fn seed(number: &serde_json::Number) -> Result<u64, ApiError> {
+    if let Some(seed) = number.as_u64() {
+        Ok(seed)
+    } else if let Some(seed) = number.as_i64() {
+        Ok(seed as u64)
+    } else {
+        Err(ApiError::invalid(
+            "seed",
+            format!("`seed` is {number}; it must be an integer"),
+        ))
+    }
+}
+
+fn stop_sequences(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let shape = || {
+        ApiError::invalid(
+            "stop",
+            format!(
+                "`stop` must be a string or an array of at most {MAX_STOP_SEQUENCES} non-empty strings"
+            ),
+        )
+    };
+    let sequences = match stop {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_STOP_SEQUENCES {
+                return Err(shape());
+            }
+            items
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned).ok_or_else(shape))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => return Err(shape()),
+    };
+    if sequences.iter().any(String::is_empty) {
+        return Err(shape());
+    }
+    Ok(sequences)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::parse_json;
+
+    const MODEL: &str = "test-model";
+
+    fn chat_json(body: &str) -> Result<ValidRequest, ApiError> {
+        let req: ChatCompletionRequest = parse_json(body.as_bytes())?;
+        chat(&req, MODEL)
+    }
+
+    fn completion_json(body: &str) -> Result<ValidRequest, ApiError> {
+        let req: CompletionRequest = parse_json(body.as_bytes())?;
+        completion(&req, MODEL)
+    }
+
+    fn param_of(result: Result<ValidRequest, ApiError>) -> String {
+        match result {
+            Ok(valid) => panic!("expected an error, got {valid:?}"),
+            Err(err) => {
+                assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{err}");
+                err.param().unwrap_or("<none>").to_owned()
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_chat_gets_openai_defaults() {
+        let valid =
+            chat_json(r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}]}"#)
+                .unwrap();
+        assert_eq!(valid.sampling, SamplingParams::default());
+        assert_eq!(valid.max_tokens, None);
+        assert!(valid.stop.is_empty());
+        assert!(!valid.stream);
+        assert!(!valid.include_usage);
+        assert_eq!(
+            valid.prompt,
+            Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+        );
+    }
+
+    #[test]
+    fn every_field_is_carried() {
+        let valid = chat_json(
+            r#"{"model":"test-model","messages":[{"role":"system","content":"s"},
+                {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+                {"role":"assistant","content":null},{"role":"developer","content":"d"},
+                {"role":"tool","content":"t"}],
+                "temperature":0.5,"top_p":0.9,"n":1,"stream":true,
+                "stream_options":{"include_usage":true},"stop":["x","yy"],
+                "max_tokens":7,"max_completion_tokens":9,"presence_penalty":-1.5,
+                "frequency_penalty":2,"seed":-1,"top_k":40,"min_p":0.05,
+                "repetition_penalty":1.1,"user":"someone","logprobs":false}"#,
+        )
+        .unwrap();
+        assert_eq!(valid.max_tokens, Some(9), "max_completion_tokens wins");
+        assert_eq!(valid.stop, vec!["x".to_owned(), "yy".to_owned()]);
+        assert!(valid.stream && valid.include_usage);
+        assert_eq!(
+            valid.sampling,
+            SamplingParams {
+                temperature: 0.5,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.05,
+                seed: Some(u64::MAX),
+                repetition_penalty: 1.1,
+                frequency_penalty: 2.0,
+                presence_penalty: -1.5,
+            }
+        );
+        let Prompt::Chat(messages) = valid.prompt else {
+            panic!("chat prompt expected");
+        };
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, ["s", "ab", "", "d", "t"]);
+    }
+
+    #[test]
+    fn chat_rejections_name_their_field() {
+        let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let cases = [
+            (r#"{"model":"test-model"}"#.to_owned(), "messages"),
+            (r#"{"model":"test-model","messages":[]}"#.to_owned(), "messages"),
+            (format!(r#"{{{m}}}"#), "model"),
+            (
+                r#"{"model":"test-model","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}"#.to_owned(),
+                "messages[1].role",
+            ),
+            (
+                r#"{"model":"test-model","messages":[{"content":"b"}]}"#.to_owned(),
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"test-model","messages":[{"role":"user"}]}"#.to_owned(),
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"test-model","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#.to_owned(),
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"test-model","messages":[{"role":"user","content":5}]}"#.to_owned(),
+                "messages[0].content",
+            ),
+            (format!(r#"{{"model":"test-model",{m},"temperature":3}}"#), "temperature"),
+            (format!(r#"{{"model":"test-model",{m},"temperature":-0.1}}"#), "temperature"),
+            (format!(r#"{{"model":"test-model",{m},"top_p":0}}"#), "top_p"),
+            (format!(r#"{{"model":"test-model",{m},"top_p":1.5}}"#), "top_p"),
+            (format!(r#"{{"model":"test-model",{m},"n":2}}"#), "n"),
+            (format!(r#"{{"model":"test-model",{m},"max_tokens":0}}"#), "max_tokens"),
+            (format!(r#"{{"model":"test-model",{m},"max_completion_tokens":-3}}"#), "max_completion_tokens"),
+            (format!(r#"{{"model":"test-model",{m},"presence_penalty":2.5}}"#), "presence_penalty"),
+            (format!(r#"{{"model":"test-model",{m},"frequency_penalty":-3}}"#), "frequency_penalty"),
+            (format!(r#"{{"model":"test-model",{m},"seed":1.5}}"#), "seed"),
+            (format!(r#"{{"model":"test-model",{m},"top_k":-2}}"#), "top_k"),
+            (format!(r#"{{"model":"test-model",{m},"min_p":1.5}}"#), "min_p"),
+            (format!(r#"{{"model":"test-model",{m},"repetition_penalty":0}}"#), "repetition_penalty"),
+            (format!(r#"{{"model":"test-model",{m},"stop":["a","b","c","d","e"]}}"#), "stop"),
+            (format!(r#"{{"model":"test-model",{m},"stop":[""]}}"#), "stop"),
+            (format!(r#"{{"model":"test-model",{m},"stop":[1]}}"#), "stop"),
+            (format!(r#"{{"model":"test-model",{m},"stop":{{}}}}"#), "stop"),
+            (format!(r#"{{"model":"test-model",{m},"logprobs":true}}"#), "logprobs"),
+            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_object"}}}}"#), "response_format"),
+            (format!(r#"{{"model":"test-model",{m},"temperature":"hot"}}"#), "temperature"),
+            (format!(r#"{{"model":"test-model",{m},"stream":"yes"}}"#), "stream"),
+        ];
+        for (body, param) in cases {
+            assert_eq!(param_of(chat_json(&body)), param, "body: {body}");
+        }
+    }
+
+    #[test]
+    fn unknown_model_is_not_found() {
+        let err = chat_json(r#"{"model":"other","messages":[{"role":"user","content":"hi"}]}"#)
+            .unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::NOT_FOUND);
+        assert_eq!(err.code(), Some("model_not_found"));
+    }
+
+    #[test]
+    fn stop_string_and_null_are_accepted() {
+        let m = r#""model":"test-model","messages":[{"role":"user","content":"hi"}]"#;
+        let one = chat_json(&format!(r#"{{{m},"stop":"END"}}"#)).unwrap();
+        assert_eq!(one.stop, vec!["END".to_owned()]);
+        let none = chat_json(&format!(r#"{{{m},"stop":null,"n":null,"seed":null}}"#)).unwrap();
+        assert!(none.stop.is_empty());
+    }
+
+    #[test]
+    fn include_usage_needs_streaming() {
+        let m = r#""model":"test-model","messages":[{"role":"user","content":"hi"}]"#;
+        let valid = chat_json(&format!(
+            r#"{{{m},"stream":false,"stream_options":{{"include_usage":true}}}}"#
+        ))
+        .unwrap();
+        assert!(!valid.include_usage);
+    }
+
+    #[test]
+    fn completion_defaults_and_prompt_shapes() {
+        let valid = completion_json(r#"{"model":"test-model","prompt":"Once"}"#).unwrap();
+        assert_eq!(valid.prompt, Prompt::Text("Once".into()));
+        assert_eq!(valid.max_tokens, Some(COMPLETIONS_DEFAULT_MAX_TOKENS));
+        let one = completion_json(
+            r#"{"model":"test-model","prompt":["Once"],"max_tokens":3,"echo":false}"#,
+        )
+        .unwrap();
+        assert_eq!(one.prompt, Prompt::Text("Once".into()));
+        assert_eq!(one.max_tokens, Some(3));
+    }
+
+    #[test]
+    fn completion_rejections_name_their_field() {
+        let cases = [
+            (r#"{"model":"test-model"}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":["a","b"]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":[1,2,3]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":"a","echo":true}"#, "echo"),
+            (r#"{"model":"test-model","prompt":"a","n":3}"#, "n"),
+            (
+                r#"{"model":"test-model","prompt":"a","max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"test-model","prompt":"a","best_of":2}"#,
+                "best_of",
+            ),
+            (
+                r#"{"model":"test-model","prompt":"a","logprobs":2}"#,
+                "logprobs",
+            ),
+            (
+                r#"{"model":"test-model","prompt":"a","suffix":"z"}"#,
+                "suffix",
+            ),
+            (
+                r#"{"model":"test-model","prompt":"a","temperature":2.5}"#,
+                "temperature",
+            ),
+        ];
+        for (body, param) in cases {
+            assert_eq!(param_of(completion_json(body)), param, "body: {body}");
+        }
+    }
+
+    #[test]
+    fn n_message_says_only_one_is_supported() {
+        let err = completion_json(r#"{"model":"test-model","prompt":"a","n":2}"#).unwrap_err();
+        assert!(err.to_string().contains("`n` = 1"), "{err}");
+    }
+}

@@ -1,0 +1,253 @@
+//! A deterministic fake [`Backend`] and request helpers for the API's integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode, header};
+use engine::{ChatMessage, EngineError, Event, FinishReason, GenerateRequest, Usage};
+use http_body_util::BodyExt;
+use souverain_api::Backend;
+use tokio::sync::Notify;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tower::ServiceExt;
+
+pub const MODEL: &str = "fake/echo-model";
+
+/// How the fake generates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// Echo the prompt's words back, one `Text` event per word, up to `max_tokens`.
+    Echo,
+    /// Send one word, then wait until the receiver is dropped and count it.
+    Endless,
+    /// Send one word, then `Failed`.
+    FailMidway,
+    /// Refuse in `generate` with this error.
+    Refuse(RefuseWith),
+}
+
+/// Which error `generate` refuses with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefuseWith {
+    Unavailable,
+    ContextLength,
+}
+
+/// A backend whose "tokenizer" gives each distinct whitespace-separated word an id and whose
+/// "model" echoes the prompt's words.
+pub struct FakeBackend {
+    pub mode: Mode,
+    pub context_length: usize,
+    vocab: Mutex<Vec<String>>,
+    /// The last request given to `generate`.
+    pub last_request: Mutex<Option<GenerateRequest>>,
+    /// Generations that saw their receiver dropped.
+    pub cancellations: Arc<AtomicUsize>,
+    /// Notified once per cancellation seen.
+    pub cancelled: Arc<Notify>,
+    /// Notified when an `Endless` generation has sent its first word.
+    pub started: Arc<Notify>,
+}
+
+impl FakeBackend {
+    pub fn new(mode: Mode) -> Arc<Self> {
+        Self::with_context(mode, 64)
+    }
+
+    pub fn with_context(mode: Mode, context_length: usize) -> Arc<Self> {
+        Arc::new(FakeBackend {
+            mode,
+            context_length,
+            vocab: Mutex::new(Vec::new()),
+            last_request: Mutex::new(None),
+            cancellations: Arc::new(AtomicUsize::new(0)),
+            cancelled: Arc::new(Notify::new()),
+            started: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn app(self: &Arc<Self>) -> Router {
+        souverain_api::router(Arc::clone(self) as Arc<dyn Backend>)
+    }
+
+    pub fn last_request(&self) -> GenerateRequest {
+        self.last_request
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("generate was called")
+    }
+
+    fn words(&self, tokens: &[u32]) -> Vec<String> {
+        let vocab = self.vocab.lock().unwrap();
+        tokens
+            .iter()
+            .map(|&id| vocab[id as usize].clone())
+            .collect()
+    }
+}
+
+impl Backend for FakeBackend {
+    fn model_id(&self) -> &str {
+        MODEL
+    }
+
+    fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// `role: content` lines, then `assistant:`; a message `TEMPLATE_ERROR` fails.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let mut text = String::new();
+        for message in messages {
+            if message.content == "TEMPLATE_ERROR" {
+                return Err(EngineError::Template("roles must alternate".into()));
+            }
+            text.push_str(&format!("{}: {}\n", message.role, message.content));
+        }
+        text.push_str("assistant:");
+        Ok(text)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        let mut vocab = self.vocab.lock().unwrap();
+        text.split_whitespace()
+            .map(|word| match vocab.iter().position(|known| known == word) {
+                Some(id) => id as u32,
+                None => {
+                    vocab.push(word.to_owned());
+                    (vocab.len() - 1) as u32
+                }
+            })
+            .collect()
+    }
+
+    fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        *self.last_request.lock().unwrap() = Some(req.clone());
+        let prompt_tokens = req.prompt_tokens.len();
+        let (tx, rx) = unbounded_channel();
+        match &self.mode {
+            Mode::Refuse(RefuseWith::Unavailable) => {
+                return Err(EngineError::Unavailable("queue full (internal)".into()));
+            }
+            Mode::Refuse(RefuseWith::ContextLength) => {
+                return Err(EngineError::ContextLengthExceeded {
+                    prompt_tokens,
+                    context_length: self.context_length,
+                });
+            }
+            Mode::Echo => {
+                let words = self.words(&req.prompt_tokens);
+                let limit = req.max_tokens.unwrap_or(usize::MAX);
+                let emitted = words.len().min(limit);
+                for word in words.iter().take(emitted) {
+                    tx.send(Event::Text(format!("{word} "))).unwrap();
+                }
+                let finish_reason = if emitted < words.len() {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                };
+                tx.send(Event::Done {
+                    finish_reason,
+                    usage: Usage {
+                        prompt_tokens,
+                        completion_tokens: emitted,
+                    },
+                })
+                .unwrap();
+            }
+            Mode::FailMidway => {
+                tx.send(Event::Text("partial ".into())).unwrap();
+                tx.send(Event::Failed("kv cache exploded at /secret/path".into()))
+                    .unwrap();
+            }
+            Mode::Endless => {
+                let cancellations = Arc::clone(&self.cancellations);
+                let cancelled = Arc::clone(&self.cancelled);
+                let started = Arc::clone(&self.started);
+                tokio::spawn(async move {
+                    if tx.send(Event::Text("tick ".into())).is_ok() {
+                        started.notify_one();
+                    }
+                    tx.closed().await;
+                    cancellations.fetch_add(1, Ordering::SeqCst);
+                    cancelled.notify_one();
+                });
+            }
+        }
+        Ok(rx)
+    }
+}
+
+/// Waits at most a few seconds for `notify`; false if it never came.
+pub async fn notified_within(notify: &Notify) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), notify.notified())
+        .await
+        .is_ok()
+}
+
+pub fn post_json(uri: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+pub fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+pub async fn send(app: Router, request: Request<Body>) -> Response<Body> {
+    app.oneshot(request).await.unwrap()
+}
+
+/// Sends and reads the whole body as JSON.
+pub async fn send_json(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let response = send(app, request).await;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|err| panic!("body is not JSON ({err}): {bytes:?}"));
+    (status, json)
+}
+
+/// Sends and splits an SSE body into its `data:` payloads.
+pub async fn send_sse(app: Router, request: Request<Body>) -> (Response<()>, Vec<String>) {
+    let response = send(app, request).await;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let data = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: ").or(line.strip_prefix("data:")))
+        .map(str::to_owned)
+        .collect();
+    (Response::from_parts(parts, ()), data)
+}
+
+/// Asserts the OpenAI error shape and returns the error object.
+pub fn error_object(status: StatusCode, json: &serde_json::Value) -> &serde_json::Value {
+    let error = &json["error"];
+    let object = error
+        .as_object()
+        .unwrap_or_else(|| panic!("no error object: {json}"));
+    assert!(object["message"].is_string(), "{json}");
+    assert!(object["type"].is_string(), "{json}");
+    assert!(
+        object.contains_key("param") && object.contains_key("code"),
+        "{json}"
+    );
+    let expected_type = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    assert_eq!(object["type"], expected_type, "{json}");
+    error
+}

@@ -1,0 +1,95 @@
+//! `souverain inspect PATH`: validate a model file completely and describe it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use gguf::GgufFile;
+
+/// Validates the GGUF structure, then (for architectures this build runs) every weight's
+/// shape and type and the tokenizer, and prints what it found.
+pub(crate) fn run(path: &Path) -> Result<()> {
+    let file = GgufFile::open(path)
+        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    let md = file.metadata();
+    let arch = md
+        .get_str("general.architecture")
+        .context("reading general.architecture")?;
+    println!("file:           {}", path.display());
+    println!("gguf version:   {}", file.version());
+    println!("architecture:   {arch}");
+    if let Some(name) = md.opt_str("general.name")? {
+        println!("name:           {name}");
+    }
+    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in file.tensors() {
+        let e = by_type.entry(t.ggml_type.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_elements;
+    }
+    let n_params: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
+    let mix: Vec<String> = by_type
+        .iter()
+        .map(|(ty, (n, _))| format!("{ty} x{n}"))
+        .collect();
+    let dominant = by_type
+        .iter()
+        .max_by_key(|(_, (_, elems))| *elems)
+        .map(|(ty, _)| ty.as_str())
+        .unwrap_or("none");
+    println!("quantisation:   {dominant} (tensors: {})", mix.join(", "));
+    println!("tensors:        {}", file.tensors().len());
+    println!("parameters:     {n_params}");
+    println!("file size:      {} bytes", file.file_size());
+    if let Some(ctx) = md.opt_u32(&format!("{arch}.context_length"))? {
+        println!("context length: {ctx}");
+    }
+    match md.opt_str("tokenizer.ggml.model")? {
+        Some(tok) => {
+            let pre = md.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
+            let n = md.get("tokenizer.ggml.tokens").map_or(0, |_| {
+                md.get_str_array("tokenizer.ggml.tokens")
+                    .map_or(0, |v| v.len())
+            });
+            println!("tokenizer:      {tok} (pre-tokenizer {pre}, {n} tokens)");
+        }
+        None => println!("tokenizer:      none"),
+    }
+    println!(
+        "chat template:  {}",
+        if md.opt_str("tokenizer.chat_template")?.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+
+    if arch != "llama" {
+        println!(
+            "runnable:       no (architecture {arch:?} is not supported yet; the file itself is valid)"
+        );
+        return Ok(());
+    }
+    let file = Arc::new(file);
+    let model = model::LlamaModel::load(file.clone(), &mut |_, _| {})
+        .context("the weights do not form a valid llama model")?;
+    let spec = engine::tokenizer_spec(file.metadata())
+        .map_err(anyhow::Error::msg)
+        .context("reading the tokenizer")?;
+    let tok = tokenizer::Tokenizer::from_spec(spec).context("building the tokenizer")?;
+    let c = model.config();
+    if tok.vocab_size() != c.vocab_size {
+        anyhow::bail!(
+            "tokenizer has {} tokens but the embedding has {} rows",
+            tok.vocab_size(),
+            c.vocab_size
+        );
+    }
+    println!(
+        "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
+        c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+    );
+    println!("runnable:       yes");
+    Ok(())
+}

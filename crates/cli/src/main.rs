@@ -1,0 +1,344 @@
+//! `souverain`: serve, run and inspect open-weight language models.
+//!
+//! This binary is glue: flags are parsed and validated here once, then handed to the library
+//! crates (`engine`, `api`, `model`, `gguf`, `tokenizer`).
+
+mod inspect;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use engine::{ChatMessage, Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+
+/// Sovereign AI inference: run open-weight models on hardware you control.
+#[derive(Parser, Debug)]
+#[command(name = "souverain", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a model behind an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Complete one prompt and print the result.
+    Generate(GenerateArgs),
+    /// Chat with a model in the terminal (streaming).
+    Chat(ChatArgs),
+    /// Validate a model file completely and describe it. Exits 0 only for a valid file.
+    Inspect {
+        /// Path of a GGUF file.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// GGUF model file (default: the default model in the model cache).
+    #[arg(long, short = 'm', env = "SOUVERAIN_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', default_value_t = 0)]
+    threads: usize,
+    /// Context length in tokens (default: the model's trained context).
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Name the model is served under (default: the file name without extension).
+    #[arg(long)]
+    model_id: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 disables).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Minimum probability relative to the most likely token.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            repetition_penalty: self.repeat_penalty,
+            ..SamplingParams::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt, as raw text (no chat template).
+    #[arg(long, short = 'p')]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Inspect { path } => inspect::run(&path),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Where `scripts/fetch-model` puts the default model.
+fn default_model_path() -> Result<PathBuf> {
+    let dir = match std::env::var_os("SOUVERAIN_MODELS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").context("HOME is not set; pass --model")?;
+            PathBuf::from(home).join(".cache/souverain/models")
+        }
+    };
+    Ok(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+fn load_engine(args: &ModelArgs, model_id: Option<String>) -> Result<Engine> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => {
+            let p = default_model_path()?;
+            if !p.exists() {
+                bail!(
+                    "no --model given and the default model is not at {} (run scripts/fetch-model)",
+                    p.display()
+                );
+            }
+            p
+        }
+    };
+    let config = EngineConfig {
+        threads: args.threads,
+        model_id,
+        context_length: args.ctx_size,
+    };
+    let bar = progress_bar(&path);
+    let engine = Engine::load(&path, config, &mut |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    })
+    .with_context(|| format!("loading {}", path.display()))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let d = engine.description();
+    tracing::info!(
+        model = engine.model_id(),
+        architecture = %d.architecture,
+        params = d.n_params,
+        context = engine.context_length(),
+        simd = d.simd,
+        threads = d.threads,
+        "model loaded"
+    );
+    Ok(engine)
+}
+
+/// A progress bar on stderr while weights load, only when stderr is a terminal.
+fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors")
+        .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_message(format!(
+        "loading {}",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    Some(bar)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let engine = Arc::new(load_engine(&args.model, args.model_id.clone())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(address = %addr, model = engine.model_id(), "listening");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        api::serve(listener, engine, shutdown)
+            .await
+            .context("serving HTTP")
+    })
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let engine = load_engine(&args.model, None)?;
+    let mut request = GenerateRequest::new(engine.tokenize(&args.prompt));
+    request.sampling = args.sampling.params();
+    request.max_tokens = Some(args.sampling.max_tokens);
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    stream_to(&engine, request, &mut out)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Runs a request and writes its text as it arrives; returns the whole text.
+fn stream_to(engine: &Engine, request: GenerateRequest, out: &mut dyn Write) -> Result<String> {
+    let mut events = engine.generate(request)?;
+    let mut text = String::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Text(t) => {
+                write!(out, "{t}")?;
+                out.flush()?;
+                text.push_str(&t);
+            }
+            Event::Done { .. } => return Ok(text),
+            Event::Failed(e) => bail!("generation failed: {e}"),
+        }
+    }
+    bail!("the engine stopped before finishing")
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    let engine = load_engine(&args.model, None)?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(system) = &args.system {
+        history.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} (/reset clears the history, /exit or Ctrl-D quits)",
+            engine.model_id()
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage {
+            role: "user".into(),
+            content: line.to_owned(),
+        });
+        let prompt = engine.tokenize(&engine.render_chat(&history)?);
+        let mut request = GenerateRequest::new(prompt);
+        request.sampling = args.sampling.params();
+        request.max_tokens = Some(args.sampling.max_tokens);
+        let mut out = std::io::stdout().lock();
+        let reply = stream_to(&engine, request, &mut out)?;
+        writeln!(out)?;
+        history.push(ChatMessage {
+            role: "assistant".into(),
+            content: reply,
+        });
+    }
+    Ok(())
+}

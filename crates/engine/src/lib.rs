@@ -1,0 +1,511 @@
+//! Serving one model: a request queue, the generation loop, sampling, stop sequences and
+//! streaming detokenisation.
+//!
+//! The engine runs the model on a thread of its own. Callers (the HTTP API, the CLI) submit a
+//! [`GenerateRequest`] and receive [`Event`]s over a channel; dropping the receiver cancels the
+//! generation at its next token. This first version runs one sequence at a time, in arrival
+//! order.
+//!
+//! ```no_run
+//! use souverain_engine::{Engine, EngineConfig, GenerateRequest, Event};
+//! let engine = Engine::load("model.gguf".as_ref(), EngineConfig::default(), &mut |_, _| {})?;
+//! let prompt = engine.tokenize("The capital of France is");
+//! let mut events = engine.generate(GenerateRequest::new(prompt))?;
+//! while let Some(event) = events.blocking_recv() {
+//!     if let Event::Text(t) = event { print!("{t}") }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod sampler;
+mod stop;
+mod types;
+
+use std::path::Path;
+use std::sync::{Arc, mpsc};
+use std::thread;
+
+use model::gguf::{GgufFile, Metadata};
+use model::{KvCache, LlamaModel, Logits};
+use tokenizer::{ChatTemplate, StreamDecoder, Tokenizer, TokenizerSpec};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+pub use types::{ChatMessage, Event, FinishReason, GenerateRequest, SamplingParams, Usage};
+
+use sampler::Sampler;
+use stop::{StopMatcher, StopOutcome};
+
+/// Prompt tokens per forward pass while processing a prompt (llama.cpp's `n_batch`).
+const PREFILL_CHUNK: usize = 512;
+
+/// How the engine is set up.
+#[derive(Clone, Debug, Default)]
+pub struct EngineConfig {
+    /// Worker threads for the matrix products; 0 means one per available core.
+    pub threads: usize,
+    /// Name the model is served under; `None` takes the file name without extension.
+    pub model_id: Option<String>,
+    /// Largest sequence (prompt + output) in tokens; `None` takes the model's trained context.
+    pub context_length: Option<usize>,
+}
+
+/// Why a request (or the engine) failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The prompt leaves no room to generate within the context window.
+    ContextLengthExceeded {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// The engine's context length.
+        context_length: usize,
+    },
+    /// The request is malformed in a way the caller should have caught.
+    InvalidRequest(String),
+    /// The chat template failed to render these messages.
+    Template(String),
+    /// The engine cannot take requests (its worker is gone).
+    Unavailable(String),
+    /// The model could not be loaded.
+    Load(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::ContextLengthExceeded {
+                prompt_tokens,
+                context_length,
+            } => write!(
+                f,
+                "This model's maximum context length is {context_length} tokens. However, your \
+                 prompt resulted in {prompt_tokens} tokens, which leaves no room in the context \
+                 for a completion."
+            ),
+            EngineError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
+            EngineError::Template(m) => write!(f, "chat template error: {m}"),
+            EngineError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
+            EngineError::Load(m) => write!(f, "cannot load model: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl GenerateRequest {
+    /// A request for `prompt_tokens` with default sampling, no limit but the context, no stop
+    /// strings, stopping at end-of-generation tokens.
+    pub fn new(prompt_tokens: Vec<u32>) -> Self {
+        Self {
+            prompt_tokens,
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            stop_at_eog: true,
+        }
+    }
+}
+
+/// What the worker thread needs to run one request.
+struct Job {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+}
+
+/// A loaded model with its tokenizer and a worker thread. Cheap to share behind an `Arc`.
+pub struct Engine {
+    model_id: String,
+    context_length: usize,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    add_bos: bool,
+    bos_text: String,
+    eos_text: String,
+    jobs: mpsc::Sender<Job>,
+    description: ModelDescription,
+}
+
+/// Facts about the loaded model, for logs and `inspect`.
+#[derive(Clone, Debug)]
+pub struct ModelDescription {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// `general.name`, if present.
+    pub name: Option<String>,
+    /// Parameters of the model, counted from its tensors.
+    pub n_params: u64,
+    /// Trained context length.
+    pub trained_context_length: usize,
+    /// The SIMD level the kernels chose.
+    pub simd: &'static str,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Engine {
+    /// Opens and validates a GGUF model, builds its tokenizer and starts the worker thread.
+    /// `progress(done, total)` reports weight loading.
+    pub fn load(
+        path: &Path,
+        config: EngineConfig,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, EngineError> {
+        let file = GgufFile::open(path).map_err(|e| EngineError::Load(e.to_string()))?;
+        let file = Arc::new(file);
+        let model = LlamaModel::load(file.clone(), progress)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let spec = tokenizer_spec(file.metadata()).map_err(EngineError::Load)?;
+        let add_bos = spec.add_bos;
+        let template_source = spec.chat_template.clone();
+        let tokenizer =
+            Arc::new(Tokenizer::from_spec(spec).map_err(|e| EngineError::Load(e.to_string()))?);
+        if tokenizer.vocab_size() != model.config().vocab_size {
+            return Err(EngineError::Load(format!(
+                "tokenizer has {} tokens but the model's embedding has {} rows",
+                tokenizer.vocab_size(),
+                model.config().vocab_size
+            )));
+        }
+        let template = match template_source {
+            Some(src) => {
+                Some(ChatTemplate::new(&src).map_err(|e| EngineError::Load(e.to_string()))?)
+            }
+            None => None,
+        };
+        let token_text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.id_to_token(id))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let bos_text = token_text(tokenizer.bos_id());
+        let eos_text = token_text(tokenizer.eos_id());
+        let trained = model.config().context_length;
+        let context_length = match config.context_length {
+            Some(n) if n == 0 || n > trained => {
+                return Err(EngineError::Load(format!(
+                    "context length {n} must be in 1..={trained}"
+                )));
+            }
+            Some(n) => n,
+            None => trained,
+        };
+        let threads = match config.threads {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let model_id = config.model_id.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let description = ModelDescription {
+            architecture: model.config().architecture.clone(),
+            name: file
+                .metadata()
+                .opt_str("general.name")
+                .ok()
+                .flatten()
+                .map(str::to_owned),
+            n_params: file.tensors().iter().map(|t| t.n_elements).sum(),
+            trained_context_length: trained,
+            simd: model::kernels_simd_level(),
+            threads,
+        };
+        let kv = model
+            .new_kv_cache(context_length)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let worker = Worker {
+            model,
+            tokenizer: tokenizer.clone(),
+            pool: model::ThreadPool::new(threads),
+            kv,
+        };
+        thread::Builder::new()
+            .name("souverain-engine".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            model_id,
+            context_length,
+            tokenizer,
+            template,
+            add_bos,
+            bos_text,
+            eos_text,
+            jobs,
+            description,
+        })
+    }
+
+    /// The name the model is served under.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// The longest sequence (prompt + completion) in tokens.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Facts about the model for logs.
+    pub fn description(&self) -> &ModelDescription {
+        &self.description
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders a chat with the model's template, ending with the assistant's turn opened.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            EngineError::Template("the model has no chat template (tokenizer.chat_template)".into())
+        })?;
+        template
+            .render(messages, true, &self.bos_text, &self.eos_text)
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    /// Tokenises text as a prompt: special-token text (such as `<|im_start|>`) becomes its
+    /// token, and BOS is prepended when the model asks for it and the text does not already
+    /// start with it.
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        let mut ids = self.tokenizer.encode(text, false, true);
+        if self.add_bos
+            && let Some(bos) = self.tokenizer.bos_id()
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        ids
+    }
+
+    /// Queues a generation. Events arrive on the returned channel; dropping it cancels.
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
+        validate(&request, self.context_length)?;
+        let (events, rx) = unbounded_channel();
+        self.jobs
+            .send(Job { request, events })
+            .map_err(|_| EngineError::Unavailable("the engine thread has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineError> {
+    if r.prompt_tokens.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    if r.prompt_tokens.len() >= context_length {
+        return Err(EngineError::ContextLengthExceeded {
+            prompt_tokens: r.prompt_tokens.len(),
+            context_length,
+        });
+    }
+    let s = &r.sampling;
+    let bad = |what: &str| Err(EngineError::InvalidRequest(what.to_owned()));
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return bad("temperature must be a finite number >= 0");
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return bad("top_p must be in (0, 1]");
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        return bad("min_p must be in [0, 1]");
+    }
+    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+        return bad("repetition_penalty must be > 0");
+    }
+    if !(s.frequency_penalty.is_finite() && s.presence_penalty.is_finite()) {
+        return bad("penalties must be finite");
+    }
+    if r.max_tokens == Some(0) {
+        return bad("max_tokens must be at least 1");
+    }
+    Ok(())
+}
+
+/// The engine thread's state: the model, a KV cache reused across requests, the pool.
+struct Worker {
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    pool: model::ThreadPool,
+    kv: KvCache,
+}
+
+impl Worker {
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            if job.events.is_closed() {
+                continue; // cancelled while it waited
+            }
+            if let Err(e) = self.generate(&job) {
+                tracing::error!(error = %e, "generation failed");
+                let _ = job.events.send(Event::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// Runs one request to its end. Returns early (Ok) when the client has gone.
+    fn generate(&mut self, job: &Job) -> Result<(), model::ModelError> {
+        let req = &job.request;
+        let send = |e: Event| job.events.send(e).is_ok();
+        self.kv.clear();
+        let prompt = &req.prompt_tokens;
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = self
+                .model
+                .forward(&self.pool, chunk, &mut self.kv, Logits::Last)?;
+            if job.events.is_closed() {
+                return Ok(());
+            }
+        }
+        let room = self.kv.capacity() - prompt.len();
+        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut history = prompt.clone();
+        let mut decoder = StreamDecoder::new(true);
+        let mut stops = StopMatcher::new(req.stop.clone());
+        let mut generated = 0usize;
+        let usage = |generated| Usage {
+            prompt_tokens: prompt.len(),
+            completion_tokens: generated,
+        };
+        loop {
+            let token = sampler.sample(&mut logits, &history, generated);
+            generated += 1;
+            history.push(token);
+            if req.stop_at_eog && self.tokenizer.is_eog(token) {
+                let rest = decoder.finish() + &stops.finish();
+                if !rest.is_empty() && !send(Event::Text(rest)) {
+                    return Ok(());
+                }
+                send(Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: usage(generated),
+                });
+                return Ok(());
+            }
+            match stops.push(&decoder.push(&self.tokenizer, token)) {
+                StopOutcome::Continue(text) => {
+                    if !text.is_empty() && !send(Event::Text(text)) {
+                        return Ok(());
+                    }
+                }
+                StopOutcome::Stopped(text) => {
+                    if !text.is_empty() && !send(Event::Text(text)) {
+                        return Ok(());
+                    }
+                    send(Event::Done {
+                        finish_reason: FinishReason::Stop,
+                        usage: usage(generated),
+                    });
+                    return Ok(());
+                }
+            }
+            if generated >= max_new {
+                let rest = decoder.finish();
+                let rest = match stops.push(&rest) {
+                    StopOutcome::Continue(t) => t + &stops.finish(),
+                    StopOutcome::Stopped(t) => t,
+                };
+                if !rest.is_empty() && !send(Event::Text(rest)) {
+                    return Ok(());
+                }
+                send(Event::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: usage(generated),
+                });
+                return Ok(());
+            }
+            if job.events.is_closed() {
+                return Ok(());
+            }
+            logits = self
+                .model
+                .forward(&self.pool, &[token], &mut self.kv, Logits::Last)?;
+        }
+    }
+}
+
+/// Reads the tokenizer description out of GGUF metadata (`tokenizer.ggml.*`).
+pub fn tokenizer_spec(md: &Metadata) -> Result<TokenizerSpec, String> {
+    let e = |err: model::gguf::GgufError| err.to_string();
+    let model = md.get_str("tokenizer.ggml.model").map_err(e)?.to_owned();
+    let tokens = md
+        .get_str_array("tokenizer.ggml.tokens")
+        .map_err(e)?
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let token_types = match md.get("tokenizer.ggml.token_type") {
+        Some(_) => Some(md.get_i32_array("tokenizer.ggml.token_type").map_err(e)?),
+        None => None,
+    };
+    let merges = match md.get("tokenizer.ggml.merges") {
+        Some(_) => md
+            .get_str_array("tokenizer.ggml.merges")
+            .map_err(e)?
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        None => Vec::new(),
+    };
+    let id = |k: &str| md.opt_u32(k).map_err(e);
+    Ok(TokenizerSpec {
+        model,
+        pre: md
+            .opt_str("tokenizer.ggml.pre")
+            .map_err(e)?
+            .map(str::to_owned),
+        tokens,
+        token_types,
+        merges,
+        bos_id: id("tokenizer.ggml.bos_token_id")?,
+        eos_id: id("tokenizer.ggml.eos_token_id")?,
+        eot_id: id("tokenizer.ggml.eot_token_id")?,
+        unk_id: id("tokenizer.ggml.unknown_token_id")?,
+        pad_id: id("tokenizer.ggml.padding_token_id")?,
+        add_bos: md
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .map_err(e)?
+            .unwrap_or(false),
+        add_eos: md
+            .opt_bool("tokenizer.ggml.add_eos_token")
+            .map_err(e)?
+            .unwrap_or(false),
+        chat_template: md
+            .opt_str("tokenizer.chat_template")
+            .map_err(e)?
+            .map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        let ok = GenerateRequest::new(vec![1, 2, 3]);
+        assert!(validate(&ok, 10).is_ok());
+        let long = GenerateRequest::new(vec![1; 10]);
+        let err = validate(&long, 10).unwrap_err().to_string();
+        assert!(err.contains("context length is 10"), "{err}");
+        assert!(validate(&GenerateRequest::new(vec![]), 10).is_err());
+        let mut r = ok.clone();
+        r.sampling.top_p = 0.0;
+        assert!(validate(&r, 10).unwrap_err().to_string().contains("top_p"));
+        let mut r = ok.clone();
+        r.sampling.temperature = f32::NAN;
+        assert!(validate(&r, 10).is_err());
+        let mut r = ok;
+        r.max_tokens = Some(0);
+        assert!(validate(&r, 10).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! Choosing the next token from logits: penalties, then truncation (top-k, top-p, min-p),
+//! then temperature and a draw, in llama.cpp's order. Pure functions over a candidate list,
+//! plus a seeded random stream per request.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+use crate::SamplingParams;
+
+/// How many recent tokens the repetition penalty looks at (llama.cpp's `penalty_last_n`).
+pub(crate) const PENALTY_LAST_N: usize = 64;
+
+/// One request's sampler: its settings and its random stream.
+pub(crate) struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub(crate) fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks the next token. `history` is every token so far (prompt and generated) and
+    /// `generated` the count at its end that the model produced.
+    pub(crate) fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: usize) -> u32 {
+        apply_penalties(&self.params, logits, history, generated);
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if self.params.top_k > 0 {
+            cands.truncate(self.params.top_k);
+        }
+        // Probabilities at the requested temperature, sorted descending.
+        let max = cands[0].1;
+        let inv_t = 1.0 / self.params.temperature;
+        let mut probs: Vec<f32> = cands.iter().map(|c| ((c.1 - max) * inv_t).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        let mut keep = probs.len();
+        if self.params.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= self.params.top_p {
+                    keep = keep.min(i + 1);
+                    break;
+                }
+            }
+        }
+        if self.params.min_p > 0.0 {
+            let floor = probs[0] * self.params.min_p;
+            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        let total: f32 = probs[..keep].iter().sum();
+        let mut r = self.rng.r#gen::<f32>() * total;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return cands[i].0;
+            }
+        }
+        cands[keep - 1].0
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as llama.cpp's greedy sampler does).
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Repetition penalty over the last [`PENALTY_LAST_N`] tokens (llama.cpp's rule: divide a
+/// positive logit, multiply a negative one); OpenAI's frequency and presence penalties over
+/// the generated tokens.
+fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32], generated: usize) {
+    if p.repetition_penalty != 1.0 {
+        let recent = &history[history.len().saturating_sub(PENALTY_LAST_N)..];
+        let mut seen: Vec<u32> = recent.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in &history[history.len() - generated.min(history.len())..] {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams {
+            seed: Some(7),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..params()
+        });
+        let mut logits = vec![0.0, 3.0, 1.0, 3.0];
+        assert_eq!(s.sample(&mut logits, &[], 0), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..params()
+            });
+            (0..50)
+                .map(|_| s.sample(&mut [0.5, 0.4, 0.3, 0.2, 0.1], &[], 0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params()
+        });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.1, 0.2, 5.0, 0.3], &[], 0), 2);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // Probabilities ~0.88, 0.12, ~0: top_p 0.5 keeps only the first.
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params()
+        });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [2.0, 0.0, -20.0], &[], 0), 0);
+        }
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            ..params()
+        });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [2.0, 0.0, -20.0], &[], 0), 0);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let mut s = Sampler::new(params());
+        let mut hits = [0usize; 2];
+        for _ in 0..4000 {
+            hits[s.sample(&mut [0.0, 2f32.ln()], &[], 0) as usize] += 1;
+        }
+        // Expect 1/3 and 2/3; 4000 draws give a standard deviation of about 30.
+        assert!((1200..1470).contains(&hits[0]), "{hits:?}");
+    }
+
+    #[test]
+    fn penalties_change_the_choice() {
+        let p = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            ..params()
+        };
+        let mut logits = vec![1.0, 0.8, -1.0];
+        apply_penalties(&p, &mut logits, &[0, 2], 0);
+        assert_eq!(logits, vec![0.5, 0.8, -2.0]);
+
+        let p = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..params()
+        };
+        let mut logits = vec![1.0, 1.0, 1.0];
+        // The prompt token 1 is not penalised; generated 0 twice and 2 once.
+        apply_penalties(&p, &mut logits, &[1, 0, 2, 0], 3);
+        assert_eq!(logits, vec![-0.25, 1.0, 0.25]);
+    }
+}

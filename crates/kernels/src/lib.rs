@@ -1,0 +1,161 @@
+//! CPU numeric kernels for LLM inference, numerically following ggml (llama.cpp)'s CPU path.
+//!
+//! Quantised block formats (Q4_0, Q4_1, Q8_0) and float weights (F32, F16, BF16),
+//! dequantisation, dot products, the weight × activation [`matmul`], RMSNorm, RoPE, softmax,
+//! SiLU, and a persistent [`ThreadPool`].
+//!
+//! Every SIMD kernel has a portable scalar twin (the reference). The implementation is
+//! chosen once per process from the CPU's features (AVX2+FMA+F16C on x86-64, else scalar),
+//! never from compile-time `target-cpu`; [`simd_level`] names the choice.
+//!
+//! ```
+//! use souverain_kernels::{Matrix, ThreadPool, WeightType, matmul};
+//!
+//! // A 2 x 3 F32 matrix, row-major, as little-endian bytes.
+//! let w: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+//!     .iter()
+//!     .flat_map(|v| v.to_le_bytes())
+//!     .collect();
+//! let w = Matrix::new(WeightType::F32, &w, 2, 3)?;
+//! let pool = ThreadPool::new(2);
+//! let mut y = [0.0f32; 2];
+//! matmul(&pool, &w, &[1.0, 0.0, -1.0], 1, &mut y)?;
+//! assert_eq!(y, [-2.0, -2.0]);
+//! # Ok::<(), souverain_kernels::KernelError>(())
+//! ```
+
+pub use half::{bf16, f16};
+
+mod dispatch;
+mod matmul;
+mod ops;
+mod pool;
+mod scalar;
+mod types;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+#[cfg(test)]
+mod tests;
+
+pub use matmul::matmul;
+pub use ops::{RopeStyle, add_assign, rms_norm, rope, silu, softmax, swiglu};
+pub use pool::ThreadPool;
+pub use types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
+
+use types::checked_row_bytes;
+
+/// Name of the kernel implementation in use on this CPU: `"avx2"` or `"scalar"`.
+pub fn simd_level() -> &'static str {
+    dispatch::active().name
+}
+
+/// Converts one row of `ty` elements (`src`, as stored in GGUF) to f32.
+///
+/// # Errors
+///
+/// [`KernelError::NotBlockMultiple`] if `dst.len()` is not a whole number of blocks;
+/// [`KernelError::DataSize`] if `src` is not exactly the bytes of `dst.len()` elements.
+pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
+    let expected = checked_row_bytes(ty, dst.len())?;
+    if src.len() != expected {
+        return Err(KernelError::DataSize {
+            what: "dequantize_row source",
+            ty,
+            rows: 1,
+            cols: dst.len(),
+            expected,
+            actual: src.len(),
+        });
+    }
+    let k = dispatch::active();
+    match ty {
+        WeightType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WeightType::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        WeightType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        WeightType::Q4_0 => (k.dequantize_q4_0)(src, dst),
+        WeightType::Q4_1 => (k.dequantize_q4_1)(src, dst),
+        WeightType::Q8_0 => (k.dequantize_q8_0)(src, dst),
+    }
+    Ok(())
+}
+
+/// Reference dot product of a weight row with f32 activations: dequantise the row, then
+/// an f64-accumulated f32 dot. No activation quantisation, so it is the "true" value the
+/// fast path in [`matmul`] approximates (for tests and diagnostics; it allocates).
+///
+/// # Errors
+///
+/// As [`dequantize_row`] with `x.len()` elements.
+pub fn vec_dot_f32_reference(ty: WeightType, row: &[u8], x: &[f32]) -> Result<f32, KernelError> {
+    let mut w = vec![0f32; x.len()];
+    dequantize_row(ty, row, &mut w)?;
+    let sum: f64 = w
+        .iter()
+        .zip(x)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum();
+    Ok(sum as f32)
+}
+
+/// `Σ a[i]*b[i]` (ggml `ggml_vec_dot_f32` numerics).
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f32: lengths");
+    (dispatch::active().dot_f32)(a, b)
+}
+
+/// `Σ a[i]*b[i]` over f16 (attention Q·K with an f16 KV cache; ggml `ggml_vec_dot_f16`).
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16: lengths");
+    (dispatch::active().dot_f16)(a, b)
+}
+
+/// `y += alpha * x` (attention weights × V with an f16 cache).
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
+    assert_eq!(y.len(), x.len(), "axpy_f16: lengths");
+    (dispatch::active().axpy_f16)(y, alpha, x);
+}
+
+/// f32 → f16, rounding to nearest even.
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn f32_to_f16_slice(src: &[f32], dst: &mut [f16]) {
+    assert_eq!(src.len(), dst.len(), "f32_to_f16_slice: lengths");
+    (dispatch::active().f32_to_f16)(src, dst);
+}
+
+/// f16 → f32 (exact).
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "f16_to_f32_slice: lengths");
+    (dispatch::active().f16_to_f32)(src, dst);
+}

@@ -1,0 +1,182 @@
+//! Weight-matrix × activations, ggml-style.
+//!
+//! Activations are first converted once per call to the weight type's "vec_dot type"
+//! (Q4_0/Q8_0 → Q8_0 blocks, Q4_1 → Q8_1 blocks, F16 → f16, BF16 → bf16, F32 unchanged),
+//! then every output is one table dot product of a weight row with a converted token row.
+//!
+//! Work is split into tasks of (a chunk of rows) × (a chunk of tokens). Inside a task the
+//! loop runs over rows outside and tokens inside, so each weight row is streamed from memory
+//! once per token chunk and stays in L1 while it meets every token of the chunk; a token
+//! chunk of activations (≤ 32 tokens × a few KiB) stays in L2. Each (row, token) output is
+//! computed by the same call no matter how tasks are split, so results are bit-identical for
+//! any thread count.
+#![allow(unsafe_code)]
+
+use half::{bf16, f16};
+
+use crate::dispatch;
+use crate::pool::ThreadPool;
+use crate::types::{BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
+
+/// Tokens per task.
+const TOKEN_CHUNK: usize = 32;
+/// Tasks per thread to aim for, so uneven progress still balances.
+const TASKS_PER_THREAD: usize = 8;
+/// Fewest rows per task (keeps hand-out overhead small on tiny matrices).
+const MIN_ROW_CHUNK: usize = 4;
+
+/// `y[t*rows + r] = dot(W row r, x[t*cols .. (t+1)*cols])` for `t` in `0..n_tokens`,
+/// computed in parallel on `pool`.
+///
+/// # Errors
+///
+/// [`KernelError::LengthMismatch`] if `x.len() != n_tokens * cols` or
+/// `y.len() != n_tokens * rows`; [`KernelError::Overflow`] if those products overflow.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Matrix<'_>,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    let (rows, cols) = (w.rows(), w.cols());
+    check_len("matmul x", x.len(), n_tokens, cols)?;
+    check_len("matmul y", y.len(), n_tokens, rows)?;
+    if n_tokens == 0 || rows == 0 {
+        return Ok(());
+    }
+    let k = dispatch::active();
+    match w.ty() {
+        WeightType::F32 => run(pool, w, n_tokens, y, &|row, t| {
+            (k.dot_f32_bytes)(row, &x[t * cols..(t + 1) * cols])
+        }),
+        WeightType::F16 => {
+            let mut xh = vec![f16::ZERO; x.len()];
+            (k.f32_to_f16)(x, &mut xh);
+            run(pool, w, n_tokens, y, &|row, t| {
+                (k.dot_f16_bytes)(row, &xh[t * cols..(t + 1) * cols])
+            });
+        }
+        WeightType::BF16 => {
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            run(pool, w, n_tokens, y, &|row, t| {
+                (k.dot_bf16_bytes)(row, &xb[t * cols..(t + 1) * cols])
+            });
+        }
+        WeightType::Q4_0 => {
+            let (q, stride) = quantize_rows(k.quantize_q8_0, BlockQ8_0::BYTES, x, cols);
+            run(pool, w, n_tokens, y, &|row, t| {
+                (k.dot_q4_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
+            });
+        }
+        WeightType::Q8_0 => {
+            let (q, stride) = quantize_rows(k.quantize_q8_0, BlockQ8_0::BYTES, x, cols);
+            run(pool, w, n_tokens, y, &|row, t| {
+                (k.dot_q8_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
+            });
+        }
+        WeightType::Q4_1 => {
+            let (q, stride) = quantize_rows(k.quantize_q8_1, BlockQ8_1::BYTES, x, cols);
+            run(pool, w, n_tokens, y, &|row, t| {
+                (k.dot_q4_1_q8_1)(row, &q[t * stride..(t + 1) * stride])
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_len(what: &'static str, actual: usize, a: usize, b: usize) -> Result<(), KernelError> {
+    let expected = a
+        .checked_mul(b)
+        .ok_or(KernelError::Overflow { what, a, b })?;
+    if actual != expected {
+        return Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Quantises every `cols`-long token row of `x` into blocks; returns the buffer and the
+/// bytes per token. `cols` is a multiple of 32 (the weight matrix was checked).
+fn quantize_rows(
+    quantize: fn(&[f32], &mut [u8]),
+    block_bytes: usize,
+    x: &[f32],
+    cols: usize,
+) -> (Vec<u8>, usize) {
+    let stride = cols / QK * block_bytes;
+    let mut q = vec![0u8; x.len() / QK * block_bytes];
+    if stride > 0 {
+        for (xt, qt) in x.chunks_exact(cols).zip(q.chunks_exact_mut(stride)) {
+            quantize(xt, qt);
+        }
+    }
+    (q, stride)
+}
+
+/// A shared handle for writing disjoint elements of `y` from several tasks.
+struct DisjointOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `DisjointOut` is only a pointer to a `&mut [f32]` that `run` holds exclusively
+// for its whole duration; tasks write pairwise-disjoint indices (see `run`), so sharing it
+// across the pool's threads cannot create a data race.
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    /// Writes `v` at `i`.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may access index `i` during the borrow this handle came from.
+    unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len, "output index in bounds");
+        // SAFETY: `i < len`, the pointer comes from a live `&mut [f32]` of `len` elements,
+        // and the caller guarantees exclusive access to index `i`.
+        unsafe { *self.ptr.add(i) = v };
+    }
+}
+
+/// Evaluates `dot(row_bytes, token)` for every (row, token) pair into `y[token*rows + row]`.
+fn run(
+    pool: &ThreadPool,
+    w: &Matrix<'_>,
+    n_tokens: usize,
+    y: &mut [f32],
+    dot: &(dyn Fn(&[u8], usize) -> f32 + Sync),
+) {
+    let rows = w.rows();
+    let row_chunk = rows
+        .div_ceil(pool.n_threads() * TASKS_PER_THREAD)
+        .max(MIN_ROW_CHUNK);
+    let row_tasks = rows.div_ceil(row_chunk);
+    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let out = DisjointOut {
+        ptr: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    let out = &out;
+    pool.parallel_for(row_tasks * token_tasks, &|task| {
+        let (rt, tt) = (task % row_tasks, task / row_tasks);
+        let r0 = rt * row_chunk;
+        let r1 = (r0 + row_chunk).min(rows);
+        let t0 = tt * TOKEN_CHUNK;
+        let t1 = (t0 + TOKEN_CHUNK).min(n_tokens);
+        for r in r0..r1 {
+            let row = w.row(r);
+            for t in t0..t1 {
+                let v = dot(row, t);
+                // SAFETY: task `task` owns exactly the (row, token) pairs in
+                // [r0, r1) × [t0, t1); distinct tasks have disjoint row or token ranges,
+                // so index `t * rows + r` is written by this task alone, and `y` stays
+                // exclusively borrowed until `parallel_for` returns.
+                unsafe { out.write(t * rows + r, v) };
+            }
+        }
+    });
+}

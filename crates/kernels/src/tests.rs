@@ -1,0 +1,434 @@
+//! Property tests: every table kernel of every implementation this CPU supports against the
+//! scalar reference, and the quantised dot products against an f32 reference within an
+//! error bound derived from the quantisation step.
+//!
+//! Random data comes from a `StdRng` seeded by a proptest-drawn seed; proptest itself runs
+//! with a fixed seed, so every run tests the same cases.
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::dispatch::{Kernels, available};
+use crate::scalar::SCALAR;
+use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, WeightType};
+
+fn config() -> Config {
+    Config {
+        cases: 48,
+        rng_seed: RngSeed::Fixed(0x5eed_cafe),
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
+
+/// Activation-like data: mostly uniform in ±scale, some outliers, sometimes an all-zero
+/// block (the `amax == 0` path of the quantiser).
+fn rand_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    let scale = rng.gen_range(0.01f32..8.0);
+    let mut x: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.gen_ratio(1, 50) {
+                rng.gen_range(-40.0f32..40.0)
+            } else {
+                rng.gen_range(-scale..scale)
+            }
+        })
+        .collect();
+    if n >= QK && rng.gen_ratio(1, 4) {
+        let b = rng.gen_range(0..n / QK);
+        x[b * QK..(b + 1) * QK].fill(0.0);
+    }
+    x
+}
+
+fn rand_f16_bits(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
+    f16::from_f32(rng.gen_range(lo..hi)).to_le_bytes()
+}
+
+/// A random weight row of `nb` blocks of `ty` (quantised types only). Q8_0 quants stay in
+/// -127..=127, the range ggml's quantiser produces.
+fn rand_row(rng: &mut StdRng, ty: WeightType, nb: usize) -> Vec<u8> {
+    let mut row = Vec::with_capacity(nb * ty.block_bytes());
+    for _ in 0..nb {
+        match ty {
+            WeightType::Q4_0 => {
+                row.extend(rand_f16_bits(rng, -0.1, 0.1));
+                row.extend((0..16).map(|_| rng.r#gen::<u8>()));
+            }
+            WeightType::Q4_1 => {
+                row.extend(rand_f16_bits(rng, 0.0, 0.1));
+                row.extend(rand_f16_bits(rng, -0.8, 0.8));
+                row.extend((0..16).map(|_| rng.r#gen::<u8>()));
+            }
+            WeightType::Q8_0 => {
+                row.extend(rand_f16_bits(rng, -0.01, 0.01));
+                row.extend((0..32).map(|_| rng.gen_range(-127i8..=127) as u8));
+            }
+            _ => unreachable!("float types are not block-quantised"),
+        }
+    }
+    row
+}
+
+/// The quantised activation format a weight type's dot product takes.
+type QuantizeFn = fn(&[f32], &mut [u8]);
+
+fn act_format(ty: WeightType) -> (fn(&Kernels) -> QuantizeFn, usize) {
+    match ty {
+        WeightType::Q4_1 => (|k| k.quantize_q8_1, BlockQ8_1::BYTES),
+        _ => (|k| k.quantize_q8_0, BlockQ8_0::BYTES),
+    }
+}
+
+fn quant_dot(k: &Kernels, ty: WeightType) -> fn(&[u8], &[u8]) -> f32 {
+    match ty {
+        WeightType::Q4_0 => k.dot_q4_0_q8_0,
+        WeightType::Q4_1 => k.dot_q4_1_q8_1,
+        WeightType::Q8_0 => k.dot_q8_0_q8_0,
+        _ => unreachable!(),
+    }
+}
+
+fn quantize_with(k: &Kernels, ty: WeightType, x: &[f32]) -> Vec<u8> {
+    let (q, bytes) = act_format(ty);
+    let mut out = vec![0u8; x.len() / QK * bytes];
+    q(k)(x, &mut out);
+    out
+}
+
+/// Dequantised weights via the scalar table.
+fn dequant(ty: WeightType, row: &[u8]) -> Vec<f32> {
+    let n = row.len() / ty.block_bytes() * QK;
+    let mut out = vec![0f32; n];
+    let f = match ty {
+        WeightType::Q4_0 => SCALAR.dequantize_q4_0,
+        WeightType::Q4_1 => SCALAR.dequantize_q4_1,
+        WeightType::Q8_0 => SCALAR.dequantize_q8_0,
+        _ => unreachable!(),
+    };
+    f(row, &mut out);
+    out
+}
+
+/// Σ |terms| of the integer-then-scaled quantised dot: the scale for its f32 rounding error.
+fn quant_abs_sum(ty: WeightType, row: &[u8], xq: &[u8]) -> f32 {
+    let w = dequant(ty, row);
+    let x: Vec<f32> = match ty {
+        WeightType::Q4_1 => xq
+            .as_chunks::<{ BlockQ8_1::BYTES }>()
+            .0
+            .iter()
+            .flat_map(|b| {
+                let b = BlockQ8_1::from_bytes(b);
+                b.qs.map(|q| f32::from(q) * b.d.to_f32())
+            })
+            .collect(),
+        _ => xq
+            .as_chunks::<{ BlockQ8_0::BYTES }>()
+            .0
+            .iter()
+            .flat_map(|b| {
+                let b = BlockQ8_0::from_bytes(b);
+                b.qs.map(|q| f32::from(q) * b.d.to_f32())
+            })
+            .collect(),
+    };
+    w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum()
+}
+
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol
+}
+
+const QTYPES: [WeightType; 3] = [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0];
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Activation quantisation is bit-identical across implementations (same amax, same
+    /// `127/amax`, same round-half-even, same f16 rounding of `d` and `s`).
+    #[test]
+    fn quantize_matches_scalar(nb in 1usize..40, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = rand_acts(&mut rng, nb * QK);
+        for ty in [WeightType::Q4_0, WeightType::Q4_1] {
+            let want = quantize_with(&SCALAR, ty, &x);
+            for k in available() {
+                prop_assert_eq!(&quantize_with(k, ty, &x), &want, "{} {:?}", k.name, ty);
+            }
+        }
+    }
+
+    /// Dequantisation is bit-identical (one rounding per element, or one FMA for Q4_1).
+    #[test]
+    fn dequantize_matches_scalar(nb in 1usize..40, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for ty in QTYPES {
+            let row = rand_row(&mut rng, ty, nb);
+            let want = dequant(ty, &row);
+            for k in available() {
+                let mut got = vec![0f32; nb * QK];
+                let f = match ty {
+                    WeightType::Q4_0 => k.dequantize_q4_0,
+                    WeightType::Q4_1 => k.dequantize_q4_1,
+                    _ => k.dequantize_q8_0,
+                };
+                f(&row, &mut got);
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                prop_assert!(same, "{} {:?}", k.name, ty);
+            }
+        }
+    }
+
+    /// Quantised dots: the integer block sums are exact in every implementation; only the
+    /// order of the f32 accumulation over blocks differs (8 lanes + a horizontal sum vs a
+    /// running scalar sum), so the results agree within a few f32 ulps of Σ|terms|.
+    #[test]
+    fn quant_dots_match_scalar(nb in 1usize..40, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for ty in QTYPES {
+            let row = rand_row(&mut rng, ty, nb);
+            let x = rand_acts(&mut rng, nb * QK);
+            let xq = quantize_with(&SCALAR, ty, &x);
+            let want = quant_dot(&SCALAR, ty)(&row, &xq);
+            let tol = 4.0 * (nb as f32 + 8.0) * f32::EPSILON * quant_abs_sum(ty, &row, &xq)
+                + f32::MIN_POSITIVE;
+            for k in available() {
+                let got = quant_dot(k, ty)(&row, &xq);
+                prop_assert!(close(got, want, tol), "{} {:?}: {} vs {} (tol {})", k.name, ty, got, want, tol);
+            }
+        }
+    }
+
+    /// The quantised path against the exact f32 dot of the dequantised weights with the
+    /// *unquantised* activations. Per 32-block with scale d = amax/127, each activation is
+    /// off by at most d/2 (rounding to an integer step) plus |q|·|d − f16(d)| ≤
+    /// 127·d·2⁻¹¹ (the f16 scale), i.e. ≤ 0.5621·d; the error of the block is at most that
+    /// times Σ|w|. Q4_1 also uses s = f16(d·Σq) for the Σx of the minimum term: that adds
+    /// |m|·(32·0.5·d + |d·Σq|·2⁻¹¹). A further 1e-5·Σ|w·x| covers f32 accumulation.
+    #[test]
+    fn quant_dots_within_bound_of_f32_reference(nb in 1usize..33, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for ty in QTYPES {
+            let row = rand_row(&mut rng, ty, nb);
+            let x = rand_acts(&mut rng, nb * QK);
+            let w = dequant(ty, &row);
+            let exact: f64 = w.iter().zip(&x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            let mut bound = 1e-5 * w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum::<f32>() + 1e-6;
+            for b in 0..nb {
+                let xs = &x[b * QK..(b + 1) * QK];
+                let ws = &w[b * QK..(b + 1) * QK];
+                let d = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                if ty == WeightType::Q4_1 {
+                    let blk = BlockQ4_1::from_bytes(row[b * 20..(b + 1) * 20].try_into().unwrap());
+                    let (dw, m) = (blk.d.to_f32().abs(), blk.m.to_f32().abs());
+                    let sum_n: f32 = ws.iter().map(|v| ((v - blk.m.to_f32()) / blk.d.to_f32()).abs() * dw).sum();
+                    let sum_x: f32 = xs.iter().map(|v| v.abs()).sum();
+                    bound += 0.5625 * d * sum_n + m * (16.0 * d + sum_x * 2f32.powi(-10));
+                } else {
+                    bound += 0.5625 * d * ws.iter().map(|v| v.abs()).sum::<f32>();
+                }
+            }
+            for k in available() {
+                let got = quant_dot(k, ty)(&row, &quantize_with(k, ty, &x));
+                prop_assert!((f64::from(got) - exact).abs() <= f64::from(bound),
+                    "{} {:?}: {} vs {} (bound {})", k.name, ty, got, exact, bound);
+            }
+        }
+    }
+
+    /// Float dots over arbitrary lengths (tails included).
+    #[test]
+    fn float_dots_match_scalar(n in 0usize..300, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let a = rand_acts(&mut rng, n);
+        let b = rand_acts(&mut rng, n);
+        let abs: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        let tol = 1e-5 * abs + f32::MIN_POSITIVE;
+        let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+        let bh: Vec<f16> = b.iter().map(|&v| f16::from_f32(v)).collect();
+        let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        let a_bytes: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ah_bytes: Vec<u8> = ah.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ab_bytes: Vec<u8> = a.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+        let s = &SCALAR;
+        for k in available() {
+            prop_assert!(close((k.dot_f32)(&a, &b), (s.dot_f32)(&a, &b), tol), "{} dot_f32", k.name);
+            prop_assert!(close((k.dot_f16)(&ah, &bh), (s.dot_f16)(&ah, &bh), tol), "{} dot_f16", k.name);
+            prop_assert!(close((k.dot_f32_bytes)(&a_bytes, &b), (s.dot_f32_bytes)(&a_bytes, &b), tol), "{} dot_f32_bytes", k.name);
+            prop_assert!(close((k.dot_f16_bytes)(&ah_bytes, &bh), (s.dot_f16_bytes)(&ah_bytes, &bh), tol), "{} dot_f16_bytes", k.name);
+            prop_assert!(close((k.dot_bf16_bytes)(&ab_bytes, &bb), (s.dot_bf16_bytes)(&ab_bytes, &bb), tol), "{} dot_bf16_bytes", k.name);
+        }
+        // The byte-slice entry points read the same values as the typed ones.
+        prop_assert_eq!((s.dot_f32_bytes)(&a_bytes, &b).to_bits(), (s.dot_f32)(&a, &b).to_bits());
+        prop_assert_eq!((s.dot_f16_bytes)(&ah_bytes, &bh).to_bits(), (s.dot_f16)(&ah, &bh).to_bits());
+    }
+
+    /// axpy: SIMD uses one fused multiply-add per element, scalar a multiply then an add;
+    /// they differ by at most one rounding of the product.
+    #[test]
+    fn axpy_f16_matches_scalar(n in 0usize..200, seed: u64, alpha in -4.0f32..4.0) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let y0 = rand_acts(&mut rng, n);
+        let x: Vec<f16> = rand_acts(&mut rng, n).iter().map(|&v| f16::from_f32(v)).collect();
+        let mut want = y0.clone();
+        (SCALAR.axpy_f16)(&mut want, alpha, &x);
+        for k in available() {
+            let mut got = y0.clone();
+            (k.axpy_f16)(&mut got, alpha, &x);
+            for i in 0..n {
+                let tol = 2.0 * f32::EPSILON * (y0[i].abs() + (alpha * x[i].to_f32()).abs());
+                prop_assert!(close(got[i], want[i], tol), "{} axpy at {}", k.name, i);
+            }
+        }
+    }
+
+    /// f16 conversions are exact/round-to-nearest-even in every implementation, across the
+    /// whole range (subnormals and overflow to infinity included).
+    #[test]
+    fn f16_conversions_match_scalar(n in 0usize..100, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let src: Vec<f32> = (0..n)
+            .map(|_| {
+                let sign = if rng.r#gen::<bool>() { 1.0 } else { -1.0 };
+                sign * 2f32.powf(rng.gen_range(-30.0..20.0))
+            })
+            .collect();
+        let mut want = vec![f16::ZERO; n];
+        (SCALAR.f32_to_f16)(&src, &mut want);
+        let mut back_want = vec![0f32; n];
+        (SCALAR.f16_to_f32)(&want, &mut back_want);
+        for k in available() {
+            let mut got = vec![f16::ZERO; n];
+            (k.f32_to_f16)(&src, &mut got);
+            prop_assert_eq!(&got, &want, "{} f32_to_f16", k.name);
+            let mut back = vec![0f32; n];
+            (k.f16_to_f32)(&got, &mut back);
+            prop_assert_eq!(&back, &back_want, "{} f16_to_f32", k.name);
+        }
+    }
+}
+
+#[test]
+fn q4_0_known_block() {
+    // d = 0.5; byte j = (lo = j, hi = 15 - j): element j = (j - 8)/2, element j+16 = (7 - j)/2.
+    let block = BlockQ4_0 {
+        d: f16::from_f32(0.5),
+        qs: std::array::from_fn(|j| (j as u8) | ((15 - j as u8) << 4)),
+    };
+    let bytes = block.to_bytes();
+    for k in available() {
+        let mut out = [0f32; 32];
+        (k.dequantize_q4_0)(&bytes, &mut out);
+        for j in 0..16 {
+            assert_eq!(out[j], (j as f32 - 8.0) * 0.5, "{}", k.name);
+            assert_eq!(out[j + 16], (7.0 - j as f32) * 0.5, "{}", k.name);
+        }
+    }
+}
+
+#[test]
+fn q8_quantisation_known_block() {
+    // amax 127 → d = 1, so the quants are the inputs rounded half to even.
+    let mut x = [0f32; 32];
+    x[0] = 127.0;
+    x[1] = 2.5;
+    x[2] = -3.5;
+    x[3] = 0.5;
+    x[4] = -126.6;
+    for k in available() {
+        let mut out = [0u8; BlockQ8_1::BYTES];
+        (k.quantize_q8_1)(&x, &mut out);
+        let b = BlockQ8_1::from_bytes(&out);
+        assert_eq!(b.d.to_f32(), 1.0, "{}", k.name);
+        assert_eq!(&b.qs[..5], &[127, 2, -4, 0, -127], "{}", k.name);
+        assert_eq!(b.s.to_f32(), (127 + 2 - 4 - 127) as f32, "{}", k.name);
+    }
+}
+
+#[test]
+fn q8_0_block_with_all_zeros_has_zero_scale() {
+    let x = [0f32; 64];
+    for k in available() {
+        let mut out = vec![0xAAu8; 2 * BlockQ8_0::BYTES];
+        (k.quantize_q8_0)(&x, &mut out);
+        assert!(out.iter().all(|&b| b == 0), "{}", k.name);
+    }
+}
+
+#[test]
+fn dispatch_picks_best_available() {
+    let all = available();
+    assert_eq!(all[0].name, "scalar");
+    assert_eq!(crate::simd_level(), all[all.len() - 1].name);
+}
+
+#[test]
+fn matmul_matches_reference_within_bound_for_every_type() {
+    // One end-to-end check through the public API: float and quantised weight types against
+    // the dequantise-then-f32 reference. Tolerances: relative rounding of the activation
+    // conversion (f16: 2^-11, bf16: 2^-8) or the Q8 step bound as in the property test
+    // (here loosely 0.6·amax/127·Σ|w| per block plus the Q4_1 minimum term).
+    use crate::{Matrix, ThreadPool, matmul, vec_dot_f32_reference};
+    let mut rng = StdRng::seed_from_u64(7);
+    let (rows, cols, n_tokens) = (13usize, 96usize, 3usize);
+    let pool = ThreadPool::new(2);
+    let x = rand_acts(&mut rng, n_tokens * cols);
+    for ty in [
+        WeightType::F32,
+        WeightType::F16,
+        WeightType::BF16,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q8_0,
+    ] {
+        let data: Vec<u8> = match ty {
+            WeightType::F32 => (0..rows * cols)
+                .flat_map(|_| rng.gen_range(-1f32..1.0).to_le_bytes())
+                .collect(),
+            WeightType::F16 => (0..rows * cols)
+                .flat_map(|_| f16::from_f32(rng.gen_range(-1f32..1.0)).to_le_bytes())
+                .collect(),
+            WeightType::BF16 => (0..rows * cols)
+                .flat_map(|_| bf16::from_f32(rng.gen_range(-1f32..1.0)).to_le_bytes())
+                .collect(),
+            _ => rand_row(&mut rng, ty, rows * cols / QK),
+        };
+        let w = Matrix::new(ty, &data, rows, cols).unwrap();
+        let mut y = vec![0f32; n_tokens * rows];
+        matmul(&pool, &w, &x, n_tokens, &mut y).unwrap();
+        for t in 0..n_tokens {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for r in 0..rows {
+                let mut wr = vec![0f32; cols];
+                crate::dequantize_row(ty, w.row(r), &mut wr).unwrap();
+                let abs: f32 = wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                let want = vec_dot_f32_reference(ty, w.row(r), xt).unwrap();
+                let bound = match ty {
+                    WeightType::F32 => 1e-5 * abs,
+                    WeightType::F16 => (2f32.powi(-11) + 1e-5) * abs,
+                    WeightType::BF16 => (2f32.powi(-8) + 1e-5) * abs,
+                    _ => {
+                        let mut b = 1e-5 * abs + 1e-6;
+                        for (wb, xb) in wr.chunks(QK).zip(xt.chunks(QK)) {
+                            let d = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                            let m = if ty == WeightType::Q4_1 { 0.8 } else { 0.0 };
+                            let sw: f32 = wb.iter().map(|v| v.abs() + m).sum();
+                            let sx: f32 = xb.iter().map(|v| v.abs()).sum();
+                            b += 0.6 * d * sw + m * (16.0 * d + sx * 2f32.powi(-10));
+                        }
+                        b
+                    }
+                };
+                let got = y[t * rows + r];
+                assert!(
+                    (got - want).abs() <= bound,
+                    "{ty:?} t{t} r{r}: {got} vs {want} (bound {bound})"
+                );
+            }
+        }
+    }
+}

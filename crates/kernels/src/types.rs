@@ -1,0 +1,399 @@
+//! Weight types, ggml block layouts, the error type and the `Matrix` view.
+
+use half::f16;
+
+/// Elements per quantisation block in every 32-element ggml format here.
+pub const QK: usize = 32;
+
+/// How the elements of a weight matrix are stored (the subset of GGUF/ggml tensor types
+/// these kernels understand).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    /// IEEE-754 single precision, 4 bytes per element.
+    F32,
+    /// IEEE-754 half precision, 2 bytes per element.
+    F16,
+    /// bfloat16, 2 bytes per element.
+    BF16,
+    /// ggml Q4_0: blocks of 32 4-bit values with one f16 scale (18 bytes).
+    Q4_0,
+    /// ggml Q4_1: blocks of 32 4-bit values with an f16 scale and an f16 minimum (20 bytes).
+    Q4_1,
+    /// ggml Q8_0: blocks of 32 8-bit values with one f16 scale (34 bytes).
+    Q8_0,
+}
+
+impl WeightType {
+    /// Number of elements in one block (1 for the float types).
+    pub const fn block_len(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => QK,
+        }
+    }
+
+    /// Number of bytes one block occupies.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => size_of::<BlockQ4_0>(),
+            Self::Q4_1 => size_of::<BlockQ4_1>(),
+            Self::Q8_0 => size_of::<BlockQ8_0>(),
+        }
+    }
+
+    /// Bytes needed for a row of `n` elements; `None` when `n` is not a whole number of
+    /// blocks or the size overflows `usize`.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        if !n.is_multiple_of(self.block_len()) {
+            return None;
+        }
+        (n / self.block_len()).checked_mul(self.block_bytes())
+    }
+}
+
+/// Errors from the kernels: always a caller-side size mismatch, with the sizes involved.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A row length is not a whole number of blocks of the weight type.
+    #[error("{ty:?}: {cols} elements per row is not a multiple of the block length {block_len}")]
+    NotBlockMultiple {
+        /// The weight type.
+        ty: WeightType,
+        /// The offending row length in elements.
+        cols: usize,
+        /// The block length of `ty`.
+        block_len: usize,
+    },
+    /// A byte buffer does not have the size its shape implies.
+    #[error("{what}: {ty:?} data for {rows}x{cols} needs {expected} bytes, got {actual}")]
+    DataSize {
+        /// What the buffer is.
+        what: &'static str,
+        /// The weight type.
+        ty: WeightType,
+        /// Rows in the shape.
+        rows: usize,
+        /// Columns in the shape.
+        cols: usize,
+        /// Bytes the shape implies.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// A float slice does not have the length the other arguments imply.
+    #[error("{what}: expected {expected} elements, got {actual}")]
+    LengthMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// Length implied by the other arguments.
+        expected: usize,
+        /// Length given.
+        actual: usize,
+    },
+    /// A shape's size does not fit in `usize`.
+    #[error("{what}: size of {a} x {b} overflows")]
+    Overflow {
+        /// What was being sized.
+        what: &'static str,
+        /// First factor.
+        a: usize,
+        /// Second factor.
+        b: usize,
+    },
+}
+
+/// A weight matrix stored row-major as GGUF stores it: `rows` rows of `cols` elements each
+/// (GGUF dims `[cols, rows]`), every row a whole number of blocks of its type.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    ty: WeightType,
+    data: &'a [u8],
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// Wraps `data` as a `rows` x `cols` matrix of type `ty`, checking that `cols` is a whole
+    /// number of blocks and that `data` holds exactly `rows` rows.
+    pub fn new(
+        ty: WeightType,
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        let row_bytes = checked_row_bytes(ty, cols)?;
+        let expected = rows.checked_mul(row_bytes).ok_or(KernelError::Overflow {
+            what: "matrix bytes",
+            a: rows,
+            b: row_bytes,
+        })?;
+        if data.len() != expected {
+            return Err(KernelError::DataSize {
+                what: "matrix",
+                ty,
+                rows,
+                cols,
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(Self {
+            ty,
+            data,
+            rows,
+            cols,
+            row_bytes,
+        })
+    }
+
+    /// The element type.
+    pub fn ty(&self) -> WeightType {
+        self.ty
+    }
+
+    /// The raw bytes of the whole matrix.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of elements per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// The bytes of row `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= self.rows()`; use [`Matrix::get_row`] for a checked lookup.
+    pub fn row(&self, i: usize) -> &'a [u8] {
+        match self.get_row(i) {
+            Some(r) => r,
+            None => panic!("row {i} out of range for a matrix of {} rows", self.rows),
+        }
+    }
+
+    /// The bytes of row `i`, or `None` when out of range.
+    pub fn get_row(&self, i: usize) -> Option<&'a [u8]> {
+        if i >= self.rows {
+            return None;
+        }
+        let start = i * self.row_bytes;
+        self.data.get(start..start + self.row_bytes)
+    }
+}
+
+/// `ty.row_bytes(cols)` with the failure turned into a typed error.
+pub(crate) fn checked_row_bytes(ty: WeightType, cols: usize) -> Result<usize, KernelError> {
+    if !cols.is_multiple_of(ty.block_len()) {
+        return Err(KernelError::NotBlockMultiple {
+            ty,
+            cols,
+            block_len: ty.block_len(),
+        });
+    }
+    ty.row_bytes(cols).ok_or(KernelError::Overflow {
+        what: "row bytes",
+        a: cols / ty.block_len(),
+        b: ty.block_bytes(),
+    })
+}
+
+fn read_f16(b: &[u8], at: usize) -> f16 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// ggml `block_q4_0`: value `j` is `(nibble_j - 8) * d`; byte `k` of `qs` holds element `k`
+/// in its low nibble and element `k + 16` in its high nibble.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_0 {
+    /// Scale.
+    pub d: f16,
+    /// Packed 4-bit values.
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml `block_q4_1`: value `j` is `nibble_j * d + m`, nibbles packed as in [`BlockQ4_0`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_1 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum (offset).
+    pub m: f16,
+    /// Packed 4-bit values.
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml `block_q8_0`: value `j` is `qs[j] * d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_0 {
+    /// Scale.
+    pub d: f16,
+    /// Signed 8-bit values.
+    pub qs: [i8; QK],
+}
+
+/// ggml `block_q8_1` (activations only): value `j` is `qs[j] * d`; `s` is `d * sum(qs)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_1 {
+    /// Scale.
+    pub d: f16,
+    /// `d * sum(qs)`, computed in f32 from the unrounded `d`, then stored as f16.
+    pub s: f16,
+    /// Signed 8-bit values.
+    pub qs: [i8; QK],
+}
+
+const _: () = assert!(size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(size_of::<BlockQ8_1>() == 36);
+
+impl BlockQ4_0 {
+    /// Size in bytes.
+    pub const BYTES: usize = size_of::<Self>();
+
+    /// Parses a block from its little-endian byte form (any alignment).
+    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[2..]);
+        Self {
+            d: read_f16(b, 0),
+            qs,
+        }
+    }
+
+    /// Writes the block in its byte form.
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..2].copy_from_slice(&self.d.to_le_bytes());
+        out[2..].copy_from_slice(&self.qs);
+        out
+    }
+}
+
+impl BlockQ4_1 {
+    /// Size in bytes.
+    pub const BYTES: usize = size_of::<Self>();
+
+    /// Parses a block from its little-endian byte form (any alignment).
+    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[4..]);
+        Self {
+            d: read_f16(b, 0),
+            m: read_f16(b, 2),
+            qs,
+        }
+    }
+
+    /// Writes the block in its byte form.
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..2].copy_from_slice(&self.d.to_le_bytes());
+        out[2..4].copy_from_slice(&self.m.to_le_bytes());
+        out[4..].copy_from_slice(&self.qs);
+        out
+    }
+}
+
+impl BlockQ8_0 {
+    /// Size in bytes.
+    pub const BYTES: usize = size_of::<Self>();
+
+    /// Parses a block from its little-endian byte form (any alignment).
+    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
+        Self {
+            d: read_f16(b, 0),
+            qs: std::array::from_fn(|j| b[2 + j] as i8),
+        }
+    }
+
+    /// Writes the block in its byte form.
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..2].copy_from_slice(&self.d.to_le_bytes());
+        for (o, q) in out[2..].iter_mut().zip(self.qs) {
+            *o = q as u8;
+        }
+        out
+    }
+}
+
+impl BlockQ8_1 {
+    /// Size in bytes.
+    pub const BYTES: usize = size_of::<Self>();
+
+    /// Parses a block from its little-endian byte form (any alignment).
+    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
+        Self {
+            d: read_f16(b, 0),
+            s: read_f16(b, 2),
+            qs: std::array::from_fn(|j| b[4 + j] as i8),
+        }
+    }
+
+    /// Writes the block in its byte form.
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..2].copy_from_slice(&self.d.to_le_bytes());
+        out[2..4].copy_from_slice(&self.s.to_le_bytes());
+        for (o, q) in out[4..].iter_mut().zip(self.qs) {
+            *o = q as u8;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_match_ggml() {
+        assert_eq!(WeightType::Q4_0.block_bytes(), 18);
+        assert_eq!(WeightType::Q4_1.block_bytes(), 20);
+        assert_eq!(WeightType::Q8_0.block_bytes(), 34);
+        assert_eq!(WeightType::F16.row_bytes(3), Some(6));
+        assert_eq!(WeightType::Q4_0.row_bytes(64), Some(36));
+        assert_eq!(WeightType::Q4_0.row_bytes(40), None);
+        assert_eq!(WeightType::F32.row_bytes(usize::MAX), None);
+    }
+
+    #[test]
+    fn blocks_round_trip_through_bytes() {
+        let b = BlockQ4_1 {
+            d: f16::from_f32(0.5),
+            m: f16::from_f32(-2.0),
+            qs: std::array::from_fn(|i| i as u8 * 17),
+        };
+        assert_eq!(BlockQ4_1::from_bytes(&b.to_bytes()), b);
+        let b = BlockQ8_1 {
+            d: f16::from_f32(0.25),
+            s: f16::from_f32(3.0),
+            qs: std::array::from_fn(|i| i as i8 - 16),
+        };
+        assert_eq!(BlockQ8_1::from_bytes(&b.to_bytes()), b);
+        let bytes = b.to_bytes();
+        assert_eq!(&bytes[..2], &[0x00, 0x34]); // 0.25 in f16 is 0x3400, little-endian
+    }
+}

@@ -1,0 +1,156 @@
+"""Start one `souverain serve` for the whole session and hand tests an official OpenAI client.
+
+Environment:
+    SOUVERAIN_BIN    the server binary (default: <repo>/target/release/souverain)
+    SOUVERAIN_MODEL  the GGUF model to serve
+                     (default: ~/.cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf)
+
+Run:
+    python3 -m venv .venv-sdk && .venv-sdk/bin/pip install -r tests/sdk/requirements.txt
+    cargo build -p souverain-cli --release
+    .venv-sdk/bin/pytest tests/sdk
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO_ROOT / "target" / "release" / "souverain"
+DEFAULT_MODEL = Path("~/.cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+
+STARTUP_TIMEOUT_S = 120.0
+HEALTH_POLL_S = 0.2
+REQUEST_TIMEOUT_S = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """A running server: its OpenAI client, URLs and the model id it serves."""
+
+    client: openai.OpenAI
+    base_url: str  # http://127.0.0.1:PORT/v1
+    root_url: str  # http://127.0.0.1:PORT
+    model_id: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _health_ok(root_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{root_url}/health", timeout=1.0) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-8000:]
+    except OSError as exc:
+        return f"<could not read server log: {exc}>"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    binary = Path(os.environ.get("SOUVERAIN_BIN", str(DEFAULT_BIN)))
+    model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
+    if not binary.is_file():
+        pytest.fail(f"server binary {binary} not found (set SOUVERAIN_BIN or build it)")
+    if not model.is_file():
+        pytest.fail(f"model {model} not found (set SOUVERAIN_MODEL)")
+
+    port = _free_port()
+    root_url = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(binary),
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        "2",
+    ]
+    with tempfile.TemporaryDirectory(prefix="souverain-sdk-") as tmp:
+        # Server output goes to a file, not a pipe: a pipe nobody reads can fill and stall it.
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        healthy = False
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while not _health_ok(root_url):
+                if proc.poll() is not None:
+                    pytest.fail(
+                        f"server exited with status {proc.returncode} before becoming "
+                        f"healthy; command {cmd}; output:\n{_read_log(log_path)}"
+                    )
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"server not healthy after {STARTUP_TIMEOUT_S:.0f} s; command "
+                        f"{cmd}; output:\n{_read_log(log_path)}"
+                    )
+                time.sleep(HEALTH_POLL_S)
+            healthy = True
+
+            client = openai.OpenAI(
+                base_url=f"{root_url}/v1",
+                api_key="unused",
+                timeout=REQUEST_TIMEOUT_S,
+                # Retries would hide a failing request behind a later success.
+                max_retries=0,
+            )
+            models = client.models.list().data
+            if len(models) != 1:
+                pytest.fail(f"expected exactly one served model, got {models!r}")
+            yield Server(
+                client=client,
+                base_url=f"{root_url}/v1",
+                root_url=root_url,
+                model_id=models[0].id,
+            )
+        finally:
+            _stop(proc)
+            # A server that dies after start-up (not from our SIGTERM) is worth seeing.
+            if healthy and proc.returncode not in (0, -15, 143, None):
+                print(f"server exited with {proc.returncode}; output:\n{_read_log(log_path)}")
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return server.client
+
+
+@pytest.fixture(scope="session")
+def model_id(server: Server) -> str:
+    return server.model_id
