@@ -328,17 +328,29 @@ fn chat(args: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.to_owned(),
         });
-        let prompt = engine.tokenize(&engine.render_chat(&history)?);
-        let mut request = GenerateRequest::new(prompt);
-        request.sampling = args.sampling.params();
-        request.max_tokens = Some(args.sampling.max_tokens);
-        let mut out = std::io::stdout().lock();
-        let reply = stream_to(&engine, request, &mut out)?;
-        writeln!(out)?;
-        history.push(ChatMessage {
-            role: "assistant".into(),
-            content: reply,
-        });
+        let reply = engine
+            .render_chat(&history)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| {
+                let mut request = GenerateRequest::new(engine.tokenize(&text));
+                request.sampling = args.sampling.params();
+                request.max_tokens = Some(args.sampling.max_tokens);
+                let mut out = std::io::stdout().lock();
+                let reply = stream_to(&engine, request, &mut out)?;
+                writeln!(out)?;
+                Ok(reply)
+            });
+        match reply {
+            Ok(reply) => history.push(ChatMessage {
+                role: "assistant".into(),
+                content: reply,
+            }),
+            Err(e) => {
+                // The turn is dropped (e.g. the history outgrew the context); the chat goes on.
+                eprintln!("error: {e:#}");
+                history.pop();
+            }
+        }
     }
     Ok(())
 }
