@@ -1,6 +1,6 @@
 //! The seam between HTTP and inference: what the API needs from an engine.
 
-use engine::{ChatMessage, EngineError, Event, GenerateRequest};
+use engine::{ChatMessage, EngineError, Event, GenerateRequest, MetricsSnapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What the HTTP layer needs from the model server behind it. `engine::Engine` implements
@@ -25,4 +25,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a generation. Events arrive on the receiver: any number of `Text`, then one
     /// `Done` or `Failed`. Dropping the receiver cancels the generation.
     fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError>;
+
+    /// The engine's measurements for `/metrics`; `None` when the backend keeps none.
+    fn metrics(&self) -> Option<MetricsSnapshot> {
+        None
+    }
 }

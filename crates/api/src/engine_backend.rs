@@ -1,6 +1,6 @@
 //! The engine as the API's [`Backend`]: each method forwards to `engine::Engine`'s own.
 
-use engine::{ChatMessage, Engine, EngineError, Event, GenerateRequest};
+use engine::{ChatMessage, Engine, EngineError, Event, GenerateRequest, MetricsSnapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::Backend;
@@ -24,5 +24,9 @@ impl Backend for Engine {
 
     fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
         Engine::generate(self, req)
+    }
+
+    fn metrics(&self) -> Option<MetricsSnapshot> {
+        Some(Engine::metrics(self))
     }
 }

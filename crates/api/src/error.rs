@@ -71,6 +71,14 @@ pub enum ApiError {
         /// What the engine said; logged, not sent.
         detail: String,
     },
+    /// Too many requests are waiting already (503 with `Retry-After`).
+    #[error("The server is overloaded ({waiting} requests waiting); retry after {retry_after_s} s")]
+    Overloaded {
+        /// Requests waiting when this one was refused.
+        waiting: usize,
+        /// Suggested wait, seconds, sent as `Retry-After`.
+        retry_after_s: u64,
+    },
     /// Something failed inside the server (500).
     #[error("The server had an error while processing the request")]
     Internal {
@@ -107,7 +115,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. } | ApiError::UnknownUrl { .. } => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,6 +142,7 @@ impl ApiError {
             ApiError::UnknownUrl { .. } => Some("unknown_url"),
             ApiError::MethodNotAllowed { .. } => Some("method_not_allowed"),
             ApiError::Unavailable { .. } => Some("unavailable"),
+            ApiError::Overloaded { .. } => Some("server_overloaded"),
             ApiError::Internal { .. } => None,
         }
     }
@@ -187,7 +198,13 @@ struct ErrorObject<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after_s, .. } = self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry_after_s.into());
+        }
+        response
     }
 }
 
@@ -213,6 +230,10 @@ impl From<engine::EngineError> for ApiError {
                 code: None,
             },
             EngineError::Unavailable(detail) => ApiError::Unavailable { detail },
+            EngineError::Overloaded { waiting } => ApiError::Overloaded {
+                waiting,
+                retry_after_s: 1,
+            },
             other => ApiError::Internal {
                 detail: other.to_string(),
             },

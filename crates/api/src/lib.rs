@@ -1,6 +1,7 @@
 //! Souverain's HTTP API: OpenAI-compatible endpoints over any [`Backend`].
 //!
 //! - `GET /health`
+//! - `GET /metrics` (Prometheus text: the engine's gauges, counters and latency histograms)
 //! - `GET /v1/models`, `GET /v1/models/{id}`
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
@@ -28,6 +29,7 @@ mod backend;
 mod engine_backend;
 mod error;
 mod extract;
+mod metrics;
 mod openai;
 mod routes;
 mod stream;
@@ -48,6 +50,7 @@ pub use crate::extract::MAX_BODY_BYTES;
 pub fn router(backend: Arc<dyn Backend>) -> Router {
     Router::new()
         .route("/health", get(routes::health))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))

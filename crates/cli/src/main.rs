@@ -71,6 +71,25 @@ struct ServeArgs {
     /// Name the model is served under (default: the file name without extension).
     #[arg(long)]
     model_id: Option<String>,
+    #[command(flatten)]
+    batching: BatchingArgs,
+}
+
+/// How many users are served at once, and with how much memory.
+#[derive(Args, Debug)]
+struct BatchingArgs {
+    /// Most sequences generated at once (continuous batching; llama-server's -np).
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+    /// Most requests waiting to start; beyond it requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Tokens of KV cache shared by all sequences (default: twice the context length).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    /// Most tokens per forward pass (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
 }
 
 #[derive(Args, Debug)]
@@ -176,7 +195,11 @@ fn default_model_path() -> Result<PathBuf> {
     Ok(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
-fn load_engine(args: &ModelArgs, model_id: Option<String>) -> Result<Engine> {
+fn load_engine(
+    args: &ModelArgs,
+    model_id: Option<String>,
+    batching: Option<&BatchingArgs>,
+) -> Result<Engine> {
     let path = match &args.model {
         Some(p) => p.clone(),
         None => {
@@ -190,10 +213,24 @@ fn load_engine(args: &ModelArgs, model_id: Option<String>) -> Result<Engine> {
             p
         }
     };
-    let config = EngineConfig {
-        threads: args.threads,
-        model_id,
-        context_length: args.ctx_size,
+    let config = match batching {
+        Some(b) => EngineConfig {
+            threads: args.threads,
+            model_id,
+            context_length: args.ctx_size,
+            max_seqs: b.max_seqs,
+            max_waiting: b.max_waiting,
+            kv_cache_tokens: b.kv_cache_tokens,
+            max_batch_tokens: b.max_batch_tokens,
+        },
+        // One user at the terminal: one sequence, one context's worth of cache.
+        None => EngineConfig {
+            threads: args.threads,
+            model_id,
+            context_length: args.ctx_size,
+            max_seqs: 1,
+            ..EngineConfig::default()
+        },
     };
     let bar = progress_bar(&path);
     let engine = Engine::load(&path, config, &mut |done, total| {
@@ -214,6 +251,8 @@ fn load_engine(args: &ModelArgs, model_id: Option<String>) -> Result<Engine> {
         context = engine.context_length(),
         simd = d.simd,
         threads = d.threads,
+        kv_cache_tokens = d.kv_cache_tokens,
+        kv_cache_mib = d.kv_cache_bytes >> 20,
         "model loaded"
     );
     Ok(engine)
@@ -238,7 +277,11 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let engine = Arc::new(load_engine(&args.model, args.model_id.clone())?);
+    let engine = Arc::new(load_engine(
+        &args.model,
+        args.model_id.clone(),
+        Some(&args.batching),
+    )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -261,7 +304,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let engine = load_engine(&args.model, None)?;
+    let engine = load_engine(&args.model, None, None)?;
     let mut request = GenerateRequest::new(engine.tokenize(&args.prompt));
     request.sampling = args.sampling.params();
     request.max_tokens = Some(args.sampling.max_tokens);
@@ -291,7 +334,7 @@ fn stream_to(engine: &Engine, request: GenerateRequest, out: &mut dyn Write) -> 
 }
 
 fn chat(args: ChatArgs) -> Result<()> {
-    let engine = load_engine(&args.model, None)?;
+    let engine = load_engine(&args.model, None, None)?;
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
         history.push(ChatMessage {

@@ -17,29 +17,35 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod blocks;
+mod metrics;
 mod sampler;
+mod scheduler;
 mod stop;
 mod types;
 
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, mpsc};
 use std::thread;
+use std::time::Instant;
 
 use model::gguf::{GgufFile, Metadata};
-use model::{KvCache, LlamaModel, Logits};
-use tokenizer::{ChatTemplate, StreamDecoder, Tokenizer, TokenizerSpec};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use model::{KvPool, LlamaModel};
+use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use metrics::Metrics;
+pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
 pub use types::{ChatMessage, Event, FinishReason, GenerateRequest, SamplingParams, Usage};
 
-use sampler::Sampler;
-use stop::{StopMatcher, StopOutcome};
+use scheduler::{Job, Limits, Scheduler};
 
-/// Prompt tokens per forward pass while processing a prompt (llama.cpp's `n_batch`).
-const PREFILL_CHUNK: usize = 512;
+/// Positions per KV block.
+const KV_BLOCK_TOKENS: usize = 16;
 
 /// How the engine is set up.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Worker threads for the matrix products; 0 means one per available core.
     pub threads: usize,
@@ -47,6 +53,29 @@ pub struct EngineConfig {
     pub model_id: Option<String>,
     /// Largest sequence (prompt + output) in tokens; `None` takes the model's trained context.
     pub context_length: Option<usize>,
+    /// Most sequences generated at once (continuous batching).
+    pub max_seqs: usize,
+    /// Most requests waiting to start; more are refused with [`EngineError::Overloaded`].
+    pub max_waiting: usize,
+    /// Tokens of KV cache shared by all sequences; `None` means twice the context length
+    /// (one context when `max_seqs` is 1).
+    pub kv_cache_tokens: Option<usize>,
+    /// Most tokens in one forward pass (decode tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            model_id: None,
+            context_length: None,
+            max_seqs: 16,
+            max_waiting: 256,
+            kv_cache_tokens: None,
+            max_batch_tokens: 512,
+        }
+    }
 }
 
 /// Why a request (or the engine) failed.
@@ -66,6 +95,11 @@ pub enum EngineError {
     Template(String),
     /// The engine cannot take requests (its worker is gone).
     Unavailable(String),
+    /// The waiting queue is full; the client should retry later.
+    Overloaded {
+        /// Requests already waiting.
+        waiting: usize,
+    },
     /// The model could not be loaded.
     Load(String),
 }
@@ -85,6 +119,10 @@ impl std::fmt::Display for EngineError {
             EngineError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
             EngineError::Template(m) => write!(f, "chat template error: {m}"),
             EngineError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
+            EngineError::Overloaded { waiting } => write!(
+                f,
+                "the server is overloaded ({waiting} requests waiting); retry later"
+            ),
             EngineError::Load(m) => write!(f, "cannot load model: {m}"),
         }
     }
@@ -106,12 +144,6 @@ impl GenerateRequest {
     }
 }
 
-/// What the worker thread needs to run one request.
-struct Job {
-    request: GenerateRequest,
-    events: UnboundedSender<Event>,
-}
-
 /// A loaded model with its tokenizer and a worker thread. Cheap to share behind an `Arc`.
 pub struct Engine {
     model_id: String,
@@ -123,6 +155,8 @@ pub struct Engine {
     eos_text: String,
     jobs: mpsc::Sender<Job>,
     description: ModelDescription,
+    metrics: Arc<Metrics>,
+    max_waiting: usize,
 }
 
 /// Facts about the loaded model, for logs and `inspect`.
@@ -140,6 +174,10 @@ pub struct ModelDescription {
     pub simd: &'static str,
     /// Worker threads.
     pub threads: usize,
+    /// Tokens the shared KV cache holds.
+    pub kv_cache_tokens: usize,
+    /// Bytes of the KV cache.
+    pub kv_cache_bytes: usize,
 }
 
 impl Engine {
@@ -198,6 +236,24 @@ impl Engine {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
+        if config.max_seqs == 0 || config.max_batch_tokens == 0 {
+            return Err(EngineError::Load(
+                "max_seqs and max_batch_tokens must be at least 1".into(),
+            ));
+        }
+        let default_kv = if config.max_seqs == 1 { 1 } else { 2 } * context_length;
+        let kv_tokens = config.kv_cache_tokens.unwrap_or(default_kv);
+        if kv_tokens < context_length {
+            return Err(EngineError::Load(format!(
+                "the KV cache ({kv_tokens} tokens) must hold at least one full context ({context_length} tokens)"
+            )));
+        }
+        let kv = KvPool::new(
+            model.config(),
+            KV_BLOCK_TOKENS,
+            kv_tokens.div_ceil(KV_BLOCK_TOKENS),
+        )
+        .map_err(|e| EngineError::Load(e.to_string()))?;
         let description = ModelDescription {
             architecture: model.config().architecture.clone(),
             name: file
@@ -210,20 +266,27 @@ impl Engine {
             trained_context_length: trained,
             simd: model::kernels_simd_level(),
             threads,
+            kv_cache_tokens: kv.n_blocks() * kv.block_tokens(),
+            kv_cache_bytes: kv.bytes(),
         };
-        let kv = model
-            .new_kv_cache(context_length)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let metrics = Arc::new(Metrics::default());
+        let limits = Limits {
+            max_seqs: config.max_seqs,
+            max_batch_tokens: config.max_batch_tokens,
+            context_length,
+        };
         let (jobs, rx) = mpsc::channel::<Job>();
-        let worker = Worker {
+        let scheduler = Scheduler::new(
             model,
-            tokenizer: tokenizer.clone(),
-            pool: model::ThreadPool::new(threads),
+            tokenizer.clone(),
+            model::ThreadPool::new(threads),
             kv,
-        };
+            limits,
+            metrics.clone(),
+        );
         thread::Builder::new()
             .name("souverain-engine".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || scheduler.run(rx))
             .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             model_id,
@@ -235,6 +298,8 @@ impl Engine {
             eos_text,
             jobs,
             description,
+            metrics,
+            max_waiting: config.max_waiting,
         })
     }
 
@@ -288,11 +353,31 @@ impl Engine {
         request: GenerateRequest,
     ) -> Result<UnboundedReceiver<Event>, EngineError> {
         validate(&request, self.context_length)?;
+        let queued = &self.metrics.queued;
+        let waiting = queued.fetch_add(1, Relaxed) as usize;
+        if waiting >= self.max_waiting {
+            queued.fetch_sub(1, Relaxed);
+            self.metrics.requests_rejected.fetch_add(1, Relaxed);
+            return Err(EngineError::Overloaded { waiting });
+        }
         let (events, rx) = unbounded_channel();
-        self.jobs
-            .send(Job { request, events })
-            .map_err(|_| EngineError::Unavailable("the engine thread has stopped".into()))?;
+        let job = Job {
+            request,
+            events,
+            arrival: Instant::now(),
+        };
+        if self.jobs.send(job).is_err() {
+            queued.fetch_sub(1, Relaxed);
+            return Err(EngineError::Unavailable(
+                "the engine thread has stopped".into(),
+            ));
+        }
         Ok(rx)
+    }
+
+    /// The engine's measurements now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
     }
 }
 
@@ -327,110 +412,6 @@ fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineErro
         return bad("max_tokens must be at least 1");
     }
     Ok(())
-}
-
-/// The engine thread's state: the model, a KV cache reused across requests, the pool.
-struct Worker {
-    model: LlamaModel,
-    tokenizer: Arc<Tokenizer>,
-    pool: model::ThreadPool,
-    kv: KvCache,
-}
-
-impl Worker {
-    fn run(mut self, jobs: mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
-            if job.events.is_closed() {
-                continue; // cancelled while it waited
-            }
-            if let Err(e) = self.generate(&job) {
-                tracing::error!(error = %e, "generation failed");
-                let _ = job.events.send(Event::Failed(e.to_string()));
-            }
-        }
-    }
-
-    /// Runs one request to its end. Returns early (Ok) when the client has gone.
-    fn generate(&mut self, job: &Job) -> Result<(), model::ModelError> {
-        let req = &job.request;
-        let send = |e: Event| job.events.send(e).is_ok();
-        self.kv.clear();
-        let prompt = &req.prompt_tokens;
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = self
-                .model
-                .forward(&self.pool, chunk, &mut self.kv, Logits::Last)?;
-            if job.events.is_closed() {
-                return Ok(());
-            }
-        }
-        let room = self.kv.capacity() - prompt.len();
-        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut history = prompt.clone();
-        let mut decoder = StreamDecoder::new(true);
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut generated = 0usize;
-        let usage = |generated| Usage {
-            prompt_tokens: prompt.len(),
-            completion_tokens: generated,
-        };
-        loop {
-            let token = sampler.sample(&mut logits, &history, generated);
-            generated += 1;
-            history.push(token);
-            if req.stop_at_eog && self.tokenizer.is_eog(token) {
-                let rest = decoder.finish() + &stops.finish();
-                if !rest.is_empty() && !send(Event::Text(rest)) {
-                    return Ok(());
-                }
-                send(Event::Done {
-                    finish_reason: FinishReason::Stop,
-                    usage: usage(generated),
-                });
-                return Ok(());
-            }
-            match stops.push(&decoder.push(&self.tokenizer, token)) {
-                StopOutcome::Continue(text) => {
-                    if !text.is_empty() && !send(Event::Text(text)) {
-                        return Ok(());
-                    }
-                }
-                StopOutcome::Stopped(text) => {
-                    if !text.is_empty() && !send(Event::Text(text)) {
-                        return Ok(());
-                    }
-                    send(Event::Done {
-                        finish_reason: FinishReason::Stop,
-                        usage: usage(generated),
-                    });
-                    return Ok(());
-                }
-            }
-            if generated >= max_new {
-                let rest = decoder.finish();
-                let rest = match stops.push(&rest) {
-                    StopOutcome::Continue(t) => t + &stops.finish(),
-                    StopOutcome::Stopped(t) => t,
-                };
-                if !rest.is_empty() && !send(Event::Text(rest)) {
-                    return Ok(());
-                }
-                send(Event::Done {
-                    finish_reason: FinishReason::Length,
-                    usage: usage(generated),
-                });
-                return Ok(());
-            }
-            if job.events.is_closed() {
-                return Ok(());
-            }
-            logits = self
-                .model
-                .forward(&self.pool, &[token], &mut self.kv, Logits::Last)?;
-        }
-    }
 }
 
 /// Reads the tokenizer description out of GGUF metadata (`tokenizer.ggml.*`).

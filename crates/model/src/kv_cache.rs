@@ -1,21 +1,129 @@
 use crate::{LlamaConfig, ModelError};
 use kernels::f16;
 
-/// Keys and values of one sequence, for every layer, stored as f16 as llama.cpp stores them.
+/// Most bytes a KV pool may take (a guard against absurd budgets, not a tuning knob).
+const MAX_POOL_BYTES: usize = 1 << 40;
+
+/// Keys and values of many sequences, stored as f16 (as llama.cpp stores them) in fixed-size
+/// blocks of `block_tokens` positions.
 ///
-/// Layout per layer: position-major, `[pos][kv_head][head_dim]`, so appending a token writes
-/// one contiguous run and attention reads each head's keys with a fixed stride. Memory grows
-/// with the sequence (amortised doubling) up to `capacity` tokens, so a long context costs
-/// nothing until it is used.
+/// Layout per layer: `[block][slot][kv_head][head_dim]`, so a block is one contiguous run and a
+/// sequence is a list of block ids (its block table): position `p` lives in block
+/// `table[p / block_tokens]`, slot `p % block_tokens`. The pool knows nothing of which block
+/// belongs to whom; the engine's block manager decides that (free list, reference counts,
+/// prefix sharing).
 #[derive(Debug)]
-pub struct KvCache {
+pub struct KvPool {
     n_layers: usize,
     kv_dim: usize,
-    capacity: usize,
-    len: usize,
+    block_tokens: usize,
+    n_blocks: usize,
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,
 }
+
+impl KvPool {
+    /// A pool of `n_blocks` blocks of `block_tokens` positions each, for a model of this shape.
+    pub fn new(
+        config: &LlamaConfig,
+        block_tokens: usize,
+        n_blocks: usize,
+    ) -> Result<Self, ModelError> {
+        if block_tokens == 0 || n_blocks == 0 {
+            return Err(ModelError::BadConfig(
+                "a KV pool needs at least one block of at least one token".into(),
+            ));
+        }
+        let per_layer = n_blocks
+            .checked_mul(block_tokens)
+            .and_then(|n| n.checked_mul(config.kv_dim()))
+            .filter(|&n| n.saturating_mul(4 * config.n_layers) <= MAX_POOL_BYTES)
+            .ok_or_else(|| {
+                ModelError::BadConfig(format!(
+                    "a KV pool of {n_blocks} blocks x {block_tokens} tokens is too large"
+                ))
+            })?;
+        Ok(Self {
+            n_layers: config.n_layers,
+            kv_dim: config.kv_dim(),
+            block_tokens,
+            n_blocks,
+            k: (0..config.n_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
+            v: (0..config.n_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
+        })
+    }
+
+    /// Positions per block.
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// Blocks in the pool.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Bytes of key and value storage.
+    pub fn bytes(&self) -> usize {
+        2 * self.n_layers * self.n_blocks * self.block_tokens * self.kv_dim * 2
+    }
+
+    /// Bytes one cached token costs (keys and values of every layer).
+    pub fn bytes_per_token(config: &LlamaConfig) -> usize {
+        2 * config.n_layers * config.kv_dim() * 2
+    }
+
+    pub(crate) fn check_shape(&self, config: &LlamaConfig) -> Result<(), ModelError> {
+        if self.n_layers != config.n_layers || self.kv_dim != config.kv_dim() {
+            return Err(ModelError::CacheMismatch);
+        }
+        Ok(())
+    }
+
+    /// Index of position `pos`'s first element in a layer's storage.
+    pub(crate) fn offset(&self, table: &[u32], pos: usize) -> usize {
+        let block = table[pos / self.block_tokens] as usize;
+        (block * self.block_tokens + pos % self.block_tokens) * self.kv_dim
+    }
+
+    /// Stores one position's keys and values (f32, `kv_dim` each) for `layer`.
+    pub(crate) fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {
+        let kv_dim = self.kv_dim;
+        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+            for (d, &s) in dst[at..at + kv_dim].iter_mut().zip(src) {
+                *d = f16::from_f32(s);
+            }
+        }
+    }
+
+    /// All keys of `layer` (index with [`KvPool::offset`]).
+    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
+        &self.k[layer]
+    }
+
+    /// All values of `layer`, laid out like [`KvPool::keys`].
+    pub(crate) fn values(&self, layer: usize) -> &[f16] {
+        &self.v[layer]
+    }
+}
+
+/// The cache of a single sequence: a [`KvPool`] whose blocks all belong to it, in order. The
+/// simple interface for one sequence at a time (tests, `generate`); servers use the pool and
+/// [`crate::LlamaModel::forward_batch`] directly.
+#[derive(Debug)]
+pub struct KvCache {
+    pool: KvPool,
+    table: Vec<u32>,
+    capacity: usize,
+    len: usize,
+}
+
+/// Block size of a single-sequence cache.
+const SINGLE_BLOCK_TOKENS: usize = 16;
 
 impl KvCache {
     /// An empty cache for a model of this shape holding at most `capacity` tokens.
@@ -26,13 +134,13 @@ impl KvCache {
                 config.context_length
             )));
         }
+        let n_blocks = capacity.div_ceil(SINGLE_BLOCK_TOKENS);
+        let pool = KvPool::new(config, SINGLE_BLOCK_TOKENS, n_blocks)?;
         Ok(Self {
-            n_layers: config.n_layers,
-            kv_dim: config.kv_dim(),
+            pool,
+            table: (0..n_blocks as u32).collect(),
             capacity,
             len: 0,
-            k: vec![Vec::new(); config.n_layers],
-            v: vec![Vec::new(); config.n_layers],
         })
     }
 
@@ -51,64 +159,20 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets every token, keeping the memory for the next sequence.
+    /// Forgets every token.
     pub fn clear(&mut self) {
-        self.truncate(0);
+        self.len = 0;
     }
 
     /// Keeps only the first `len` tokens (no effect if it holds fewer).
     pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            self.len = len;
-            for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-                layer.truncate(len * self.kv_dim);
-            }
-        }
+        self.len = self.len.min(len);
     }
 
-    pub(crate) fn check_shape(&self, config: &LlamaConfig) -> Result<(), ModelError> {
-        if self.n_layers != config.n_layers || self.kv_dim != config.kv_dim() {
-            return Err(ModelError::CacheMismatch);
-        }
-        Ok(())
+    pub(crate) fn parts(&mut self) -> (&mut KvPool, &[u32], usize) {
+        (&mut self.pool, &self.table, self.len)
     }
 
-    pub(crate) fn check_room(&self, adding: usize) -> Result<(), ModelError> {
-        if self
-            .len
-            .checked_add(adding)
-            .is_none_or(|n| n > self.capacity)
-        {
-            return Err(ModelError::ContextFull {
-                cached: self.len,
-                adding,
-                capacity: self.capacity,
-            });
-        }
-        Ok(())
-    }
-
-    /// Appends keys and values (`n_tokens × kv_dim`, f32) for `layer`. Called once per layer
-    /// per forward pass; the sequence length advances in [`KvCache::commit`].
-    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let start = self.len * self.kv_dim;
-        for (cache, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
-            cache.truncate(start);
-            cache.extend(src.iter().map(|&x| f16::from_f32(x)));
-        }
-    }
-
-    /// Keys of `layer` for positions `0..n`, position-major.
-    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        &self.k[layer]
-    }
-
-    /// Values of `layer`, laid out like [`KvCache::keys`].
-    pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        &self.v[layer]
-    }
-
-    /// Records that `n` appended tokens are now part of the sequence.
     pub(crate) fn commit(&mut self, n: usize) {
         self.len += n;
     }

@@ -23,8 +23,8 @@ mod llama;
 
 pub use config::LlamaConfig;
 pub use error::ModelError;
-pub use kv_cache::KvCache;
-pub use llama::{LlamaModel, Logits};
+pub use kv_cache::{KvCache, KvPool};
+pub use llama::{LlamaModel, Logits, SeqChunk};
 
 /// The GGUF reader, re-exported so that callers (the engine) can read tokenizer metadata from
 /// the same file without depending on the format crate themselves.

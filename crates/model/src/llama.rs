@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use gguf::{GgmlType, GgufFile};
 use kernels::{Matrix, RopeStyle, ThreadPool, WeightType, f16};
 
-use crate::{KvCache, LlamaConfig, ModelError};
+use crate::{KvCache, KvPool, LlamaConfig, ModelError};
 
 /// Which positions' logits [`LlamaModel::forward`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,8 @@ pub enum Logits {
     Last,
     /// Every token's (`n_tokens × vocab_size`), e.g. to score a prompt.
     All,
+    /// None: a prompt chunk that does not end the prompt.
+    None,
 }
 
 /// A weight matrix inside the memory-mapped file: where its bytes are and how to read them.
@@ -165,18 +167,76 @@ impl LlamaModel {
         kv: &mut KvCache,
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        let c = &self.config;
-        let n = tokens.len();
-        if n == 0 {
+        if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        kv.check_shape(c)?;
-        kv.check_room(n)?;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange {
-                token: bad,
-                vocab_size: c.vocab_size,
+        if kv.len() + tokens.len() > kv.capacity() {
+            return Err(ModelError::ContextFull {
+                cached: kv.len(),
+                adding: tokens.len(),
+                capacity: kv.capacity(),
             });
+        }
+        let (kv_pool, table, start_pos) = kv.parts();
+        let chunk = SeqChunk {
+            tokens,
+            start_pos,
+            block_table: table,
+            logits: which,
+        };
+        let mut out = self.forward_batch(pool, kv_pool, &[chunk])?;
+        kv.commit(tokens.len());
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// One step for many sequences at once: every chunk's tokens go through each weight
+    /// matrix in a single matrix-matrix product (the weights are read once per step, not
+    /// once per sequence); attention reads each sequence's own blocks. Each chunk writes keys
+    /// and values for positions `start_pos..start_pos + tokens.len()` into the blocks its
+    /// table names; the caller must make sure no two chunks write the same block slot and
+    /// that the blocks holding earlier positions are filled. Returns each chunk's logits as it
+    /// asked (empty for [`Logits::None`]).
+    pub fn forward_batch(
+        &self,
+        pool: &ThreadPool,
+        kv: &mut KvPool,
+        chunks: &[SeqChunk<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        kv.check_shape(c)?;
+        let bt = kv.block_tokens();
+        // Row r of the batch is token `rows[r].1` of chunk `rows[r].0`.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        for (ci, ch) in chunks.iter().enumerate() {
+            let end = ch.start_pos + ch.tokens.len();
+            let needed = end.div_ceil(bt);
+            if ch.block_table.len() < needed {
+                return Err(ModelError::ContextFull {
+                    cached: ch.start_pos,
+                    adding: ch.tokens.len(),
+                    capacity: ch.block_table.len() * bt,
+                });
+            }
+            if let Some(&b) = ch.block_table[..needed]
+                .iter()
+                .find(|&&b| b as usize >= kv.n_blocks())
+            {
+                return Err(ModelError::BadConfig(format!(
+                    "block {b} is outside the KV pool of {} blocks",
+                    kv.n_blocks()
+                )));
+            }
+            if let Some(&bad) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab_size: c.vocab_size,
+                });
+            }
+            rows.extend((0..ch.tokens.len()).map(|i| (ci, i)));
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok(chunks.iter().map(|_| Vec::new()).collect());
         }
         let mut s = Scratch {
             x: vec![0.0; n * c.d_model],
@@ -189,24 +249,33 @@ impl LlamaModel {
             gate: vec![0.0; n * c.ffn_dim],
             up: vec![0.0; n * c.ffn_dim],
         };
+        // Position and KV offset of every row.
+        let positions: Vec<usize> = rows
+            .iter()
+            .map(|&(ci, i)| chunks[ci].start_pos + i)
+            .collect();
+        let offsets: Vec<usize> = rows
+            .iter()
+            .zip(&positions)
+            .map(|(&(ci, _), &p)| kv.offset(chunks[ci].block_table, p))
+            .collect();
 
         // Embeddings: dequantise one row of the table per token.
         let embd = self.matrix(&self.token_embd)?;
-        for (t, row) in tokens.iter().zip(s.x.chunks_exact_mut(c.d_model)) {
-            kernels::dequantize_row(embd.ty(), embd.row(*t as usize), row)?;
+        for (&(ci, i), row) in rows.iter().zip(s.x.chunks_exact_mut(c.d_model)) {
+            let t = chunks[ci].tokens[i] as usize;
+            kernels::dequantize_row(embd.ty(), embd.row(t), row)?;
         }
 
-        let start_pos = kv.len();
+        let (qd, kd) = (c.q_dim(), c.kv_dim());
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
             kernels::matmul(pool, &self.matrix(&b.wq)?, &s.xn, n, &mut s.q)?;
             kernels::matmul(pool, &self.matrix(&b.wk)?, &s.xn, n, &mut s.k)?;
             kernels::matmul(pool, &self.matrix(&b.wv)?, &s.xn, n, &mut s.v)?;
-            for t in 0..n {
-                let pos = start_pos + t;
-                let (qd, kd) = (c.q_dim(), c.kv_dim());
-                let q = &mut s.q[t * qd..(t + 1) * qd];
+            for (r, &pos) in positions.iter().enumerate() {
+                let q = &mut s.q[r * qd..(r + 1) * qd];
                 kernels::rope(
                     q,
                     c.n_heads,
@@ -216,7 +285,7 @@ impl LlamaModel {
                     c.rope_freq_base,
                     RopeStyle::Normal,
                 );
-                let k = &mut s.k[t * kd..(t + 1) * kd];
+                let k = &mut s.k[r * kd..(r + 1) * kd];
                 kernels::rope(
                     k,
                     c.n_kv_heads,
@@ -226,9 +295,14 @@ impl LlamaModel {
                     c.rope_freq_base,
                     RopeStyle::Normal,
                 );
+                kv.write(layer, offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
             }
-            kv.append(layer, &s.k, &s.v);
-            attention(pool, c, kv, layer, start_pos, &s.q, &mut s.attn);
+            let ctx = AttentionRows {
+                chunks,
+                rows: &rows,
+                positions: &positions,
+            };
+            attention(pool, c, kv, layer, &ctx, &s.q, &mut s.attn);
             kernels::matmul(pool, &self.matrix(&b.wo)?, &s.attn, n, &mut s.proj)?;
             kernels::add_assign(&mut s.x, &s.proj);
 
@@ -240,46 +314,85 @@ impl LlamaModel {
             kernels::matmul(pool, &self.matrix(&b.w_down)?, &s.gate, n, &mut s.proj)?;
             kernels::add_assign(&mut s.x, &s.proj);
         }
-        kv.commit(n);
 
-        let (first, count) = match which {
-            Logits::Last => (n - 1, 1),
-            Logits::All => (0, n),
-        };
-        let x = &s.x[first * c.d_model..];
-        let xn = &mut s.xn[..count * c.d_model];
-        rms_norm_rows(x, &self.output_norm, c.rms_eps, c.d_model, xn);
-        let mut logits = vec![0.0; count * c.vocab_size];
-        kernels::matmul(pool, &self.matrix(&self.output)?, xn, count, &mut logits)?;
-        Ok(logits)
+        // Output head, only for the rows whose logits were asked for.
+        let wanted: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|&(_, &(ci, i))| match chunks[ci].logits {
+                Logits::All => true,
+                Logits::Last => i + 1 == chunks[ci].tokens.len(),
+                Logits::None => false,
+            })
+            .map(|(r, _)| r)
+            .collect();
+        let mut out: Vec<Vec<f32>> = chunks.iter().map(|_| Vec::new()).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let m = wanted.len();
+        let xn = &mut s.xn[..m * c.d_model];
+        for (&r, o) in wanted.iter().zip(xn.chunks_exact_mut(c.d_model)) {
+            kernels::rms_norm(
+                &s.x[r * c.d_model..(r + 1) * c.d_model],
+                &self.output_norm,
+                c.rms_eps,
+                o,
+            );
+        }
+        let mut logits = vec![0.0; m * c.vocab_size];
+        kernels::matmul(pool, &self.matrix(&self.output)?, xn, m, &mut logits)?;
+        for (&r, l) in wanted.iter().zip(logits.chunks_exact(c.vocab_size)) {
+            out[rows[r].0].extend_from_slice(l);
+        }
+        Ok(out)
     }
 }
 
-/// RMSNorm of each `dim`-wide row of `x` into `out` (which may be shorter: rows beyond its
-/// length are skipped).
+/// One sequence's part of a batched forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    /// Tokens to run, at positions `start_pos..`.
+    pub tokens: &'a [u32],
+    /// Position of the first token (the number already cached for this sequence).
+    pub start_pos: usize,
+    /// Block ids of the sequence in the [`KvPool`], covering at least
+    /// `start_pos + tokens.len()` positions.
+    pub block_table: &'a [u32],
+    /// Which logits to return for this chunk.
+    pub logits: Logits,
+}
+
+/// RMSNorm of each `dim`-wide row of `x` into `out`.
 fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
     for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         kernels::rms_norm(row, weight, eps, o);
     }
 }
 
-/// Causal grouped-query attention of `q` (`n × q_dim`, tokens at `start_pos..`) over the cached
-/// keys and values of `layer`, written to `out` (`n × q_dim`).
+/// Where each batch row's sequence and position are, for attention.
+struct AttentionRows<'a> {
+    chunks: &'a [SeqChunk<'a>],
+    rows: &'a [(usize, usize)],
+    positions: &'a [usize],
+}
+
+/// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
+/// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`).
 ///
 /// Numerics follow llama.cpp's CPU path: queries are rounded to f16 for the dot products with
 /// the f16 keys, and the softmax weights are rounded to f16 before they scale the f16 values.
-/// Each (token, head) pair is an independent task on the pool; its output slice is its own.
+/// Each (row, head) pair is an independent task on the pool; its output slice is its own.
 fn attention(
     pool: &ThreadPool,
     c: &LlamaConfig,
-    kv: &KvCache,
+    kv: &KvPool,
     layer: usize,
-    start_pos: usize,
+    ctx: &AttentionRows<'_>,
     q: &[f32],
     out: &mut [f32],
 ) {
     let hd = c.head_dim;
-    let kv_dim = c.kv_dim();
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let keys = kv.keys(layer);
@@ -287,14 +400,15 @@ fn attention(
     let n_heads = c.n_heads;
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
     pool.parallel_for(slots.len(), &|task| {
-        let (t, h) = (task / n_heads, task % n_heads);
+        let (r, h) = (task / n_heads, task % n_heads);
+        let table = ctx.chunks[ctx.rows[r].0].block_table;
         let kv_h = h / group;
-        let n_ctx = start_pos + t + 1;
+        let n_ctx = ctx.positions[r] + 1;
         let mut q16 = vec![f16::ZERO; hd];
         kernels::f32_to_f16_slice(&q[task * hd..(task + 1) * hd], &mut q16);
         let mut scores: Vec<f32> = (0..n_ctx)
             .map(|p| {
-                let k = &keys[p * kv_dim + kv_h * hd..][..hd];
+                let k = &keys[kv.offset(table, p) + kv_h * hd..][..hd];
                 kernels::dot_f16(&q16, k) * scale
             })
             .collect();
@@ -305,7 +419,7 @@ fn attention(
         o.fill(0.0);
         for (p, &w) in scores.iter().enumerate() {
             let w = f16::from_f32(w).to_f32();
-            let v = &values[p * kv_dim + kv_h * hd..][..hd];
+            let v = &values[kv.offset(table, p) + kv_h * hd..][..hd];
             kernels::axpy_f16(&mut o, w, v);
         }
     });

@@ -8,6 +8,10 @@
 //! token ids into text without ever splitting a UTF-8 character, and [`ChatTemplate`] renders
 //! Hugging Face chat templates with minijinja.
 //!
+//! Mistral's own tokenizers live here too: [`SentencePieceBpe`] (`tokenizer.model.v*`),
+//! [`Tekken`] (`tekken_*.json`) and [`MistralTokenizer`], which encodes a
+//! [`MistralChatRequest`] exactly as mistral-common's `encode_chat_completion` does.
+//!
 //! ```
 //! use souverain_tokenizer::{Tokenizer, TokenizerSpec};
 //!
@@ -32,14 +36,29 @@
 
 mod bpe;
 mod chat;
+mod mistral_chat;
+mod mistral_error;
+mod mistral_request;
 mod pretokenize;
+mod pyjson;
+mod sentencepiece;
 mod stream;
+mod tekken;
 mod unicode;
 mod unicode_table;
 
 pub use bpe::{Tokenizer, TokenizerSpec};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use mistral_chat::{MistralTokenizer, MistralVersion};
+pub use mistral_error::MistralError;
+pub use mistral_request::{
+    MistralChatRequest, MistralChunk, MistralContent, MistralFunction, MistralFunctionCall,
+    MistralMessage, MistralTool, MistralToolCall,
+};
+pub use pyjson::JsonValue;
+pub use sentencepiece::{PieceType, SentencePieceBpe};
 pub use stream::StreamDecoder;
+pub use tekken::Tekken;
 
 /// Everything that can go wrong building a tokenizer, decoding, or rendering a chat template.
 #[derive(Debug, thiserror::Error)]

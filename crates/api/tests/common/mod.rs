@@ -36,6 +36,7 @@ pub enum Mode {
 pub enum RefuseWith {
     Unavailable,
     ContextLength,
+    Overloaded,
 }
 
 /// A backend whose "tokenizer" gives each distinct whitespace-separated word an id and whose
@@ -134,6 +135,9 @@ impl Backend for FakeBackend {
         match &self.mode {
             Mode::Refuse(RefuseWith::Unavailable) => {
                 return Err(EngineError::Unavailable("queue full (internal)".into()));
+            }
+            Mode::Refuse(RefuseWith::Overloaded) => {
+                return Err(EngineError::Overloaded { waiting: 7 });
             }
             Mode::Refuse(RefuseWith::ContextLength) => {
                 return Err(EngineError::ContextLengthExceeded {

@@ -1,0 +1,247 @@
+//! `GET /metrics`: the engine's measurements in Prometheus' text format.
+//!
+//! Souverain's own names (`souverain_*`) come with the names vLLM exports (`vllm:*`) for the
+//! same quantities, so that routers and endpoint pickers written for vLLM can read a
+//! Souverain replica unchanged.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use engine::{HistogramSnapshot, MetricsSnapshot};
+
+use crate::routes::AppState;
+
+/// The handler.
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = match state.backend.metrics() {
+        Some(m) => render(state.backend.model_id(), &m),
+        None => String::new(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+/// Prometheus exposition text for one snapshot.
+pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
+    let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+    let label = format!("model_name=\"{model}\"");
+    let mut out = String::new();
+    let kv_usage = if m.kv_blocks_total == 0 {
+        0.0
+    } else {
+        m.kv_blocks_used as f64 / m.kv_blocks_total as f64
+    };
+    let hit_rate = if m.prefix_query_tokens == 0 {
+        0.0
+    } else {
+        m.prefix_hit_tokens as f64 / m.prefix_query_tokens as f64
+    };
+    let gauges: [(&str, &str, f64); 8] = [
+        (
+            "souverain_requests_running",
+            "Sequences being generated.",
+            m.running as f64,
+        ),
+        (
+            "souverain_requests_waiting",
+            "Requests waiting to start.",
+            m.waiting as f64,
+        ),
+        (
+            "souverain_kv_cache_blocks_used",
+            "KV cache blocks held by sequences.",
+            m.kv_blocks_used as f64,
+        ),
+        (
+            "souverain_kv_cache_blocks_total",
+            "KV cache blocks in the pool.",
+            m.kv_blocks_total as f64,
+        ),
+        (
+            "souverain_kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use.",
+            kv_usage,
+        ),
+        (
+            "souverain_prefix_cache_hit_ratio",
+            "Prompt tokens found in the prefix cache, as a fraction of those looked up.",
+            hit_rate,
+        ),
+        (
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches (vLLM name).",
+            m.running as f64,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed (vLLM name).",
+            m.waiting as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        metric(&mut out, name, help, "gauge", &label, value);
+    }
+    metric(
+        &mut out,
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage; 1 means 100 percent (vLLM name).",
+        "gauge",
+        &label,
+        kv_usage,
+    );
+    let counters: [(&str, &str, u64); 9] = [
+        (
+            "souverain_prompt_tokens_total",
+            "Prompt tokens processed.",
+            m.prompt_tokens,
+        ),
+        (
+            "souverain_generation_tokens_total",
+            "Tokens generated.",
+            m.generation_tokens,
+        ),
+        (
+            "souverain_prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            m.prefix_query_tokens,
+        ),
+        (
+            "souverain_prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache.",
+            m.prefix_hit_tokens,
+        ),
+        (
+            "souverain_requests_finished_total",
+            "Requests that ended.",
+            m.requests_finished,
+        ),
+        (
+            "souverain_requests_rejected_total",
+            "Requests refused because the queue was full.",
+            m.requests_rejected,
+        ),
+        (
+            "souverain_preemptions_total",
+            "Sequences preempted for lack of KV cache.",
+            m.preemptions,
+        ),
+        (
+            "vllm:prompt_tokens_total",
+            "Number of prefill tokens processed (vLLM name).",
+            m.prompt_tokens,
+        ),
+        (
+            "vllm:generation_tokens_total",
+            "Number of generation tokens processed (vLLM name).",
+            m.generation_tokens,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(&mut out, name, help, "counter", &label, value as f64);
+    }
+    let histograms = [
+        (
+            "souverain_time_to_first_token_seconds",
+            "Seconds from arrival to the first token.",
+            &m.time_to_first_token,
+        ),
+        (
+            "souverain_inter_token_latency_seconds",
+            "Seconds between tokens of one sequence.",
+            &m.inter_token_latency,
+        ),
+        (
+            "souverain_request_latency_seconds",
+            "Seconds from arrival to the end of a request.",
+            &m.request_latency,
+        ),
+        (
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds (vLLM name).",
+            &m.time_to_first_token,
+        ),
+        (
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds (vLLM name).",
+            &m.inter_token_latency,
+        ),
+    ];
+    for (name, help, h) in histograms {
+        histogram(&mut out, name, help, &label, h);
+    }
+    out
+}
+
+fn metric(out: &mut String, name: &str, help: &str, kind: &str, label: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{label}}} {value}"
+    );
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, label: &str, h: &HistogramSnapshot) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (le, count) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{label}}} {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count{{{label}}} {}", h.count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> MetricsSnapshot {
+        let hist = HistogramSnapshot {
+            buckets: vec![(0.01, 1), (0.1, 3)],
+            count: 4,
+            sum_seconds: 1.5,
+        };
+        MetricsSnapshot {
+            running: 2,
+            waiting: 1,
+            kv_blocks_used: 25,
+            kv_blocks_total: 100,
+            kv_block_tokens: 16,
+            prefix_query_tokens: 200,
+            prefix_hit_tokens: 50,
+            prompt_tokens: 200,
+            generation_tokens: 30,
+            requests_finished: 3,
+            requests_rejected: 0,
+            preemptions: 0,
+            time_to_first_token: hist.clone(),
+            inter_token_latency: hist.clone(),
+            request_latency: hist,
+        }
+    }
+
+    #[test]
+    fn text_format_has_our_and_vllm_names() {
+        let text = render("m\"x", &snapshot());
+        for line in [
+            "souverain_requests_running{model_name=\"m\\\"x\"} 2",
+            "vllm:num_requests_waiting{model_name=\"m\\\"x\"} 1",
+            "vllm:kv_cache_usage_perc{model_name=\"m\\\"x\"} 0.25",
+            "souverain_prefix_cache_hit_ratio{model_name=\"m\\\"x\"} 0.25",
+            "souverain_time_to_first_token_seconds_bucket{model_name=\"m\\\"x\",le=\"0.1\"} 3",
+            "souverain_time_to_first_token_seconds_bucket{model_name=\"m\\\"x\",le=\"+Inf\"} 4",
+            "vllm:inter_token_latency_seconds_count{model_name=\"m\\\"x\"} 4",
+            "# TYPE souverain_generation_tokens_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Counters, gauges and histograms the engine keeps while it runs, read without locks by
+//! whoever exports them (the API's `/metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+pub const LATENCY_BUCKETS_S: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS_S.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, seconds: f64) {
+        if let Some(i) = LATENCY_BUCKETS_S.iter().position(|&b| seconds <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    /// Cumulative counts per bucket of [`LATENCY_BUCKETS_S`], the total count and the sum of
+    /// observations in seconds.
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let buckets = LATENCY_BUCKETS_S
+            .iter()
+            .zip(&self.counts)
+            .map(|(&le, c)| {
+                cumulative += c.load(Relaxed);
+                (le, cumulative)
+            })
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            count: self.count.load(Relaxed),
+            sum_seconds: self.sum_us.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// A histogram's values at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSnapshot {
+    /// (upper bound in seconds, observations at or below it).
+    pub buckets: Vec<(f64, u64)>,
+    /// All observations.
+    pub count: u64,
+    /// Sum of all observations, seconds.
+    pub sum_seconds: f64,
+}
+
+/// Everything the engine measures.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    /// Requests accepted and not yet admitted: what the bounded queue limits.
+    pub(crate) queued: AtomicU64,
+    pub(crate) running: AtomicU64,
+    pub(crate) waiting: AtomicU64,
+    pub(crate) kv_blocks_used: AtomicU64,
+    pub(crate) kv_blocks_total: AtomicU64,
+    pub(crate) kv_block_tokens: AtomicU64,
+    pub(crate) prefix_query_tokens: AtomicU64,
+    pub(crate) prefix_hit_tokens: AtomicU64,
+    pub(crate) prompt_tokens: AtomicU64,
+    pub(crate) generation_tokens: AtomicU64,
+    pub(crate) requests_finished: AtomicU64,
+    pub(crate) requests_rejected: AtomicU64,
+    pub(crate) preemptions: AtomicU64,
+    pub(crate) time_to_first_token: Histogram,
+    pub(crate) inter_token_latency: Histogram,
+    pub(crate) request_latency: Histogram,
+}
+
+/// The engine's measurements at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsSnapshot {
+    /// Sequences being generated now.
+    pub running: u64,
+    /// Requests waiting to start.
+    pub waiting: u64,
+    /// KV blocks held by sequences.
+    pub kv_blocks_used: u64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u64,
+    /// Tokens per KV block.
+    pub kv_block_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_query_tokens: u64,
+    /// Of those, tokens found (and not recomputed).
+    pub prefix_hit_tokens: u64,
+    /// Prompt tokens processed or found in the cache, all requests.
+    pub prompt_tokens: u64,
+    /// Tokens generated, all requests.
+    pub generation_tokens: u64,
+    /// Requests that ran to an end (stop, length or client gone).
+    pub requests_finished: u64,
+    /// Requests refused because the waiting queue was full.
+    pub requests_rejected: u64,
+    /// Sequences preempted (their cache dropped, to be recomputed) for lack of KV blocks.
+    pub preemptions: u64,
+    /// Seconds from arrival to the first generated token.
+    pub time_to_first_token: HistogramSnapshot,
+    /// Seconds between consecutive generated tokens of one sequence.
+    pub inter_token_latency: HistogramSnapshot,
+    /// Seconds from arrival to the end of a request.
+    pub request_latency: HistogramSnapshot,
+}
+
+impl Metrics {
+    /// Reads every value.
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            running: self.running.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            kv_blocks_used: self.kv_blocks_used.load(Relaxed),
+            kv_blocks_total: self.kv_blocks_total.load(Relaxed),
+            kv_block_tokens: self.kv_block_tokens.load(Relaxed),
+            prefix_query_tokens: self.prefix_query_tokens.load(Relaxed),
+            prefix_hit_tokens: self.prefix_hit_tokens.load(Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Relaxed),
+            generation_tokens: self.generation_tokens.load(Relaxed),
+            requests_finished: self.requests_finished.load(Relaxed),
+            requests_rejected: self.requests_rejected.load(Relaxed),
+            preemptions: self.preemptions.load(Relaxed),
+            time_to_first_token: self.time_to_first_token.snapshot(),
+            inter_token_latency: self.inter_token_latency.snapshot(),
+            request_latency: self.request_latency.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for s in [0.0005, 0.003, 0.003, 0.2, 100.0] {
+            h.observe(s);
+        }
+        let snap = h.snapshot();
+        assert_eq!(snap.count, 5);
+        assert_eq!(snap.buckets[0], (0.001, 1));
+        assert_eq!(snap.buckets[2], (0.005, 3));
+        assert_eq!(snap.buckets.last().map(|b| b.1), Some(4)); // 100 s is only in +Inf
+        assert!((snap.sum_seconds - 100.2065).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,479 @@
+//! The engine thread: continuous batching over a paged KV cache.
+//!
+//! Every step builds one batch: one token for each running sequence that is generating
+//! (decode first, so streams keep flowing), then chunks of waiting prompts up to the step's
+//! token budget (so a long prompt is processed over several steps instead of stalling the
+//! others). The batch runs as one forward pass; each sequence whose last token was in it
+//! samples its next token. Sequences join when they are admitted and leave when they finish
+//! or their client goes away, at any step.
+//!
+//! Admission is first come, first served. A new sequence first looks its tokens up in the
+//! prefix cache and starts computing after the longest cached run of whole blocks. When a
+//! running sequence needs a block and none is free, the most recently admitted sequence is
+//! preempted: its blocks are released and it goes back to the front of the queue, to be
+//! recomputed (its cached prefix usually survives, so recomputing is cheap).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use model::{KvPool, LlamaModel, Logits, SeqChunk, ThreadPool};
+use tokenizer::{StreamDecoder, Tokenizer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::blocks::{BlockManager, CHAIN_ROOT, chain_hash};
+use crate::metrics::Metrics;
+use crate::sampler::Sampler;
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::{Event, FinishReason, GenerateRequest, Usage};
+
+/// A request on its way to the engine thread.
+pub(crate) struct Job {
+    pub(crate) request: GenerateRequest,
+    pub(crate) events: UnboundedSender<Event>,
+    pub(crate) arrival: Instant,
+}
+
+/// Limits the scheduler works within.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) max_seqs: usize,
+    pub(crate) max_batch_tokens: usize,
+    pub(crate) context_length: usize,
+}
+
+/// One request in flight.
+struct Sequence {
+    events: UnboundedSender<Event>,
+    /// Still counted in the bounded queue (not yet admitted once).
+    queued: bool,
+    arrival: Instant,
+    last_token_at: Option<Instant>,
+    /// Prompt and generated tokens; the last generated one may not be computed yet.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    n_computed: usize,
+    /// The sequence's blocks, in position order.
+    blocks: Vec<u32>,
+    /// Chained hashes of the blocks registered in the prefix cache so far.
+    hashes: Vec<u64>,
+    generated: usize,
+    max_new: usize,
+    stop_at_eog: bool,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+}
+
+impl Sequence {
+    fn new(job: Job, context_length: usize) -> Self {
+        let r = job.request;
+        let room = context_length.saturating_sub(r.prompt_tokens.len());
+        Self {
+            events: job.events,
+            queued: true,
+            arrival: job.arrival,
+            last_token_at: None,
+            prompt_len: r.prompt_tokens.len(),
+            tokens: r.prompt_tokens,
+            n_computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            generated: 0,
+            max_new: r.max_tokens.map_or(room, |m| m.min(room)),
+            stop_at_eog: r.stop_at_eog,
+            sampler: Sampler::new(r.sampling),
+            decoder: StreamDecoder::new(true),
+            stops: StopMatcher::new(r.stop),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+        }
+    }
+}
+
+/// The engine thread's state.
+pub(crate) struct Scheduler {
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    pool: ThreadPool,
+    kv: KvPool,
+    blocks: BlockManager,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+}
+
+/// What happened to a sequence in a step.
+enum Outcome {
+    Continue,
+    Finished,
+}
+
+impl Scheduler {
+    pub(crate) fn new(
+        model: LlamaModel,
+        tokenizer: Arc<Tokenizer>,
+        pool: ThreadPool,
+        kv: KvPool,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let blocks = BlockManager::new(kv.n_blocks(), kv.block_tokens());
+        metrics.kv_blocks_total.store(kv.n_blocks() as u64, Relaxed);
+        metrics
+            .kv_block_tokens
+            .store(kv.block_tokens() as u64, Relaxed);
+        Self {
+            model,
+            tokenizer,
+            pool,
+            kv,
+            blocks,
+            limits,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Runs until every `Engine` handle is gone and no work is left.
+    pub(crate) fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                self.enqueue(job);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A model error here is a bug or a broken file, not a bad request: fail the
+                // sequences of this step and keep serving.
+                tracing::error!(error = %e, "forward pass failed");
+                for seq in std::mem::take(&mut self.running) {
+                    let _ = seq.events.send(Event::Failed(e.to_string()));
+                    self.finish(seq);
+                }
+            }
+            self.publish_gauges();
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let seq = Sequence::new(job, self.limits.context_length);
+        self.waiting.push_back(seq);
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.running.store(self.running.len() as u64, Relaxed);
+        m.waiting.store(self.waiting.len() as u64, Relaxed);
+        m.kv_blocks_used.store(self.blocks.in_use() as u64, Relaxed);
+    }
+
+    /// Frees the blocks of sequences whose client has gone.
+    fn drop_cancelled(&mut self) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.events.is_closed());
+        self.running = kept;
+        for seq in gone {
+            self.finish(seq);
+        }
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|s| s.events.is_closed());
+        self.waiting = kept;
+        for seq in gone {
+            self.finish(seq);
+        }
+    }
+
+    /// Releases a sequence's blocks and counts it as finished.
+    fn finish(&mut self, seq: Sequence) {
+        for &b in &seq.blocks {
+            self.blocks.release(b);
+        }
+        self.metrics.requests_finished.fetch_add(1, Relaxed);
+        self.metrics
+            .request_latency
+            .observe(seq.arrival.elapsed().as_secs_f64());
+        if seq.queued {
+            self.metrics.queued.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Moves waiting sequences into the running set while there is room, oldest first.
+    fn admit(&mut self) {
+        let bt = self.blocks.block_tokens();
+        while self.running.len() < self.limits.max_seqs {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let positions = seq.tokens.len();
+            let needed = positions.div_ceil(bt);
+            if needed > self.blocks.total() {
+                // Can never fit: the KV budget is smaller than this sequence.
+                if let Some(seq) = self.waiting.pop_front() {
+                    let _ = seq.events.send(Event::Failed(format!(
+                        "the sequence needs {positions} tokens of KV cache but the cache holds {}",
+                        self.blocks.total() * bt
+                    )));
+                    self.finish(seq);
+                }
+                continue;
+            }
+            // Reuse the cached prefix; always leave at least one token to compute, since
+            // its logits are what the next token is sampled from.
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let mut shared = self.blocks.match_prefix(&seq.tokens);
+            if shared.len() * bt >= positions
+                && let Some(b) = shared.pop()
+            {
+                self.blocks.release(b);
+            }
+            if self.blocks.available() < needed - shared.len() {
+                for b in shared {
+                    self.blocks.release(b);
+                }
+                self.waiting.push_front(seq);
+                break;
+            }
+            let mut parent = CHAIN_ROOT;
+            for chunk in seq.tokens.chunks_exact(bt).take(shared.len()) {
+                parent = chain_hash(parent, chunk);
+                seq.hashes.push(parent);
+            }
+            seq.n_computed = shared.len() * bt;
+            self.metrics
+                .prefix_query_tokens
+                .fetch_add(positions as u64, Relaxed);
+            self.metrics
+                .prefix_hit_tokens
+                .fetch_add(seq.n_computed as u64, Relaxed);
+            if seq.generated == 0 {
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(seq.prompt_len as u64, Relaxed);
+            }
+            if seq.queued {
+                seq.queued = false;
+                self.metrics.queued.fetch_sub(1, Relaxed);
+            }
+            seq.blocks = shared;
+            while seq.blocks.len() < needed {
+                match self.blocks.allocate() {
+                    Some(b) => seq.blocks.push(b),
+                    None => break, // cannot happen: availability was checked above
+                }
+            }
+            self.running.push(seq);
+        }
+    }
+
+    /// Makes sure sequence `i` has a block for position `pos`, preempting younger sequences
+    /// when the pool is full. Returns false if `i` itself had to be preempted.
+    fn ensure_block(&mut self, i: usize, pos: usize) -> bool {
+        let bt = self.blocks.block_tokens();
+        while self.running[i].blocks.len() * bt <= pos {
+            if let Some(b) = self.blocks.allocate() {
+                self.running[i].blocks.push(b);
+                continue;
+            }
+            // Preempt the most recently admitted sequence (the last one).
+            let Some(victim) = self.running.pop() else {
+                return false;
+            };
+            self.preempt(victim);
+            if i >= self.running.len() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn preempt(&mut self, mut seq: Sequence) {
+        self.metrics.preemptions.fetch_add(1, Relaxed);
+        for &b in &seq.blocks {
+            self.blocks.release(b);
+        }
+        seq.blocks.clear();
+        seq.hashes.clear();
+        seq.n_computed = 0;
+        self.waiting.push_front(seq);
+    }
+
+    /// One batched forward pass and its sampling.
+    fn step(&mut self) -> Result<(), model::ModelError> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        // Decode tokens first: each generating sequence needs room for one more position.
+        let mut i = 0;
+        while i < self.running.len() {
+            let pos = self.running[i].n_computed;
+            if self.ensure_block(i, pos) {
+                i += 1;
+            }
+        }
+        // Plan: (sequence index, number of tokens to run this step).
+        let mut budget = self.limits.max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
+            let todo = seq.tokens.len() - seq.n_computed;
+            if todo == 1 {
+                plan.push((i, 1));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            let todo = seq.tokens.len() - seq.n_computed;
+            if todo > 1 && budget > 0 {
+                let n = todo.min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let end = s.n_computed + n;
+                SeqChunk {
+                    tokens: &s.tokens[s.n_computed..end],
+                    start_pos: s.n_computed,
+                    block_table: &s.blocks,
+                    logits: if end == s.tokens.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    },
+                }
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward_batch(&self.pool, &mut self.kv, &chunks)?;
+        drop(chunks);
+
+        let mut finished = Vec::new();
+        for (&(i, n), mut logits) in plan.iter().zip(logits) {
+            self.running[i].n_computed += n;
+            self.register_full_blocks(i);
+            if logits.is_empty() {
+                continue;
+            }
+            if let Outcome::Finished = self.sample_and_emit(i, &mut logits) {
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let seq = self.running.remove(i);
+            self.finish(seq);
+        }
+        Ok(())
+    }
+
+    /// Puts the sequence's newly completed blocks into the prefix cache.
+    fn register_full_blocks(&mut self, i: usize) {
+        let bt = self.blocks.block_tokens();
+        let seq = &mut self.running[i];
+        while (seq.hashes.len() + 1) * bt <= seq.n_computed {
+            let k = seq.hashes.len();
+            let tokens = &seq.tokens[k * bt..(k + 1) * bt];
+            let parent = seq.hashes.last().copied().unwrap_or(CHAIN_ROOT);
+            let hash = chain_hash(parent, tokens);
+            self.blocks.register(seq.blocks[k], hash, tokens);
+            seq.hashes.push(hash);
+        }
+    }
+
+    /// Samples sequence `i`'s next token and streams its text.
+    fn sample_and_emit(&mut self, i: usize, logits: &mut [f32]) -> Outcome {
+        let now = Instant::now();
+        let seq = &mut self.running[i];
+        let token = seq.sampler.sample(logits, &seq.tokens, seq.generated);
+        seq.tokens.push(token);
+        seq.generated += 1;
+        self.metrics.generation_tokens.fetch_add(1, Relaxed);
+        match seq.last_token_at {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - seq.arrival).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - t).as_secs_f64()),
+        }
+        seq.last_token_at = Some(now);
+
+        let send = |seq: &Sequence, e: Event| seq.events.send(e).is_ok();
+        let done = |seq: &Sequence, reason| {
+            send(
+                seq,
+                Event::Done {
+                    finish_reason: reason,
+                    usage: seq.usage(),
+                },
+            );
+            Outcome::Finished
+        };
+        if seq.stop_at_eog && self.tokenizer.is_eog(token) {
+            let rest = seq.decoder.finish() + &seq.stops.finish();
+            if !rest.is_empty() && !send(seq, Event::Text(rest)) {
+                return Outcome::Finished;
+            }
+            return done(seq, FinishReason::Stop);
+        }
+        let piece = seq.decoder.push(&self.tokenizer, token);
+        match seq.stops.push(&piece) {
+            StopOutcome::Continue(text) => {
+                if !text.is_empty() && !send(seq, Event::Text(text)) {
+                    return Outcome::Finished;
+                }
+            }
+            StopOutcome::Stopped(text) => {
+                if !text.is_empty() && !send(seq, Event::Text(text)) {
+                    return Outcome::Finished;
+                }
+                return done(seq, FinishReason::Stop);
+            }
+        }
+        if seq.generated >= seq.max_new {
+            let rest = seq.decoder.finish();
+            let rest = match seq.stops.push(&rest) {
+                StopOutcome::Continue(t) => t + &seq.stops.finish(),
+                StopOutcome::Stopped(t) => {
+                    if !t.is_empty() && !send(seq, Event::Text(t)) {
+                        return Outcome::Finished;
+                    }
+                    return done(seq, FinishReason::Stop);
+                }
+            };
+            if !rest.is_empty() && !send(seq, Event::Text(rest)) {
+                return Outcome::Finished;
+            }
+            return done(seq, FinishReason::Length);
+        }
+        Outcome::Continue
+    }
+}

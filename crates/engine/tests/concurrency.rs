@@ -1,0 +1,221 @@
+//! Continuous batching against one-at-a-time serving, on the default model.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use souverain_engine::{Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn model_path() -> Option<PathBuf> {
+    let path = [
+        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
+            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
+        );
+        eprintln!("skipping: default model not found (run scripts/fetch-model)");
+    }
+    path
+}
+
+fn engine(config: EngineConfig) -> Option<Engine> {
+    let path = model_path()?;
+    Some(Engine::load(&path, config, &mut |_, _| {}).expect("load"))
+}
+
+fn greedy(engine: &Engine, prompt: &str, max_tokens: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(engine.tokenize(prompt));
+    r.sampling.temperature = 0.0;
+    r.max_tokens = Some(max_tokens);
+    r
+}
+
+/// Reads a generation to its end: (text, finish reason, completion tokens).
+fn collect(mut rx: UnboundedReceiver<Event>) -> (String, FinishReason, usize) {
+    let mut text = String::new();
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                finish_reason,
+                usage,
+            } => return (text, finish_reason, usage.completion_tokens),
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("the engine dropped the request")
+}
+
+const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):\n",
+    "List three colours:",
+    "Write a haiku about the sea.\n",
+    "1, 2, 3, 4,",
+    "The best way to learn a language is to practise every day, because practice builds \
+     habits, and habits make learning easier. In my experience,",
+    "Q: What is the boiling point of water at sea level?\nA:",
+];
+
+#[test]
+fn concurrent_greedy_outputs_equal_sequential_ones() {
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        max_seqs: 8,
+        // Small steps so prompts are chunked and decode steps mix with prompt chunks.
+        max_batch_tokens: 16,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let lens = [24, 17, 30, 9, 20, 12, 28, 15];
+    let sequential: Vec<_> = PROMPTS
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| collect(e.generate(greedy(&e, p, n)).expect("submit")))
+        .collect();
+    let receivers: Vec<_> = PROMPTS
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| e.generate(greedy(&e, p, n)).expect("submit"))
+        .collect();
+    let concurrent: Vec<_> = receivers.into_iter().map(collect).collect();
+    for (i, (s, c)) in sequential.iter().zip(&concurrent).enumerate() {
+        assert_eq!(s, c, "request {i} differs under concurrency");
+    }
+    // Distinct prompts give distinct continuations (no sequence read another's cache).
+    let distinct: std::collections::HashSet<_> = sequential.iter().map(|s| &s.0).collect();
+    assert!(distinct.len() >= 6, "{sequential:?}");
+    let m = wait_idle(&e);
+    assert_eq!((m.kv_blocks_used, m.running, m.waiting), (0, 0, 0), "{m:?}");
+}
+
+/// The gauges are published after each step, a moment after the last event was sent: wait
+/// (bounded) until the engine reports itself idle, and return what it reports.
+fn wait_idle(e: &Engine) -> souverain_engine::MetricsSnapshot {
+    let mut m = e.metrics();
+    for _ in 0..500 {
+        if m.kv_blocks_used == 0 && m.running == 0 && m.waiting == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        m = e.metrics();
+    }
+    m
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let system = "You are a careful assistant. ".repeat(20);
+    let first = collect(
+        e.generate(greedy(&e, &format!("{system}Question one?"), 4))
+            .expect("submit"),
+    );
+    let before = e.metrics();
+    let second = collect(
+        e.generate(greedy(&e, &format!("{system}Question two?"), 4))
+            .expect("submit"),
+    );
+    let after = e.metrics();
+    let hit = after.prefix_hit_tokens - before.prefix_hit_tokens;
+    let shared_tokens = e.tokenize(&system).len();
+    // Every whole block of the shared system prompt is found.
+    assert!(
+        hit as usize >= shared_tokens / 16 * 16 && hit > 0,
+        "hit {hit} of {shared_tokens}"
+    );
+    // The same prompt again is found whole but for its last block, and answers the same.
+    let again = collect(
+        e.generate(greedy(&e, &format!("{system}Question one?"), 4))
+            .expect("submit"),
+    );
+    assert_eq!(again, first);
+    assert_ne!(second.0, "");
+}
+
+#[test]
+fn random_disconnects_leave_no_blocks_held() {
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        max_seqs: 8,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    // A fixed pseudo-random schedule: each request is dropped after 0..4 events or read to
+    // its end.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut open = Vec::new();
+    for i in 0..200 {
+        let prompt = format!("Request {i}: tell me about the number {}.", rand() % 1000);
+        let mut r = greedy(&e, &prompt, 1 + (rand() % 24) as usize);
+        r.sampling.temperature = 0.7;
+        r.sampling.seed = Some(i);
+        let rx = e.generate(r).expect("submit");
+        open.push((rx, rand() % 6));
+        // Keep a bounded number in flight; read or drop the oldest.
+        if open.len() > 12 {
+            let (mut rx, keep) = open.remove(0);
+            for _ in 0..keep.min(4) {
+                if rx.blocking_recv().is_none() {
+                    break;
+                }
+            }
+            if keep >= 4 {
+                while rx.blocking_recv().is_some() {}
+            }
+        }
+    }
+    drop(open);
+    // The engine notices dropped receivers at its next step.
+    let m = wait_idle(&e);
+    assert_eq!((m.kv_blocks_used, m.running, m.waiting), (0, 0, 0), "{m:?}");
+    // Still answering.
+    let (text, _, n) = collect(e.generate(greedy(&e, "Hello", 3)).expect("submit"));
+    assert_eq!(n, 3, "{text:?}");
+}
+
+#[test]
+fn a_full_queue_refuses_with_overloaded() {
+    let Some(e) = engine(EngineConfig {
+        threads: 1,
+        max_seqs: 1,
+        max_waiting: 2,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        match e.generate(greedy(&e, "Count slowly:", 200)) {
+            Ok(rx) => held.push(rx),
+            Err(EngineError::Overloaded { .. }) => refused += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused >= 3, "only {refused} refused");
+    assert!(e.metrics().requests_rejected >= 3);
+    drop(held);
+}

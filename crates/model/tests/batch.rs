@@ -1,0 +1,99 @@
+//! Batching many sequences into one forward pass must not change any sequence's numbers:
+//! the logits of a batched step are bit-identical to running each sequence alone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use souverain_model::{self as model, KvPool, LlamaModel, Logits, SeqChunk};
+
+fn load() -> Option<LlamaModel> {
+    let path = [
+        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists());
+    let Some(path) = path else {
+        assert!(
+            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
+            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
+        );
+        eprintln!("skipping: default model not found (run scripts/fetch-model)");
+        return None;
+    };
+    let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open"));
+    Some(LlamaModel::load(file, &mut |_, _| {}).expect("load"))
+}
+
+#[test]
+fn batched_steps_equal_single_sequence_steps() {
+    let Some(m) = load() else { return };
+    let pool = model::ThreadPool::new(2);
+    let prompts: [&[u32]; 3] = [&[504, 3575, 282, 4649, 314], &[1, 9690, 198], &[42; 21]];
+    let follow: [u32; 3] = [7042, 198, 30];
+
+    // Alone: each prompt, then one more token.
+    let mut alone = Vec::new();
+    for (p, &f) in prompts.iter().zip(&follow) {
+        let mut kv = m.new_kv_cache(64).expect("kv");
+        let first = m.forward(&pool, p, &mut kv, Logits::Last).expect("prompt");
+        let second = m.forward(&pool, &[f], &mut kv, Logits::Last).expect("step");
+        alone.push((first, second));
+    }
+
+    // Together in one pool, with interleaved, non-contiguous block tables.
+    let bt = 4;
+    let mut kv = KvPool::new(m.config(), bt, 32).expect("pool");
+    let tables: [Vec<u32>; 3] = [vec![9, 2], vec![0, 7], vec![3, 31, 5, 11, 12, 20]];
+    let step1: Vec<SeqChunk> = (0..3)
+        .map(|i| SeqChunk {
+            tokens: prompts[i],
+            start_pos: 0,
+            block_table: &tables[i],
+            logits: Logits::Last,
+        })
+        .collect();
+    let first = m
+        .forward_batch(&pool, &mut kv, &step1)
+        .expect("batch prompt");
+    let step2: Vec<SeqChunk> = (0..3)
+        .map(|i| SeqChunk {
+            tokens: std::slice::from_ref(&follow[i]),
+            start_pos: prompts[i].len(),
+            block_table: &tables[i],
+            logits: Logits::Last,
+        })
+        .collect();
+    let second = m.forward_batch(&pool, &mut kv, &step2).expect("batch step");
+    for i in 0..3 {
+        assert_eq!(first[i], alone[i].0, "sequence {i}, prompt");
+        assert_eq!(second[i], alone[i].1, "sequence {i}, step");
+    }
+
+    // A chunk that asks for no logits gets none; a table too short is an error.
+    let none = SeqChunk {
+        tokens: &[5, 6],
+        start_pos: 0,
+        block_table: &[1],
+        logits: Logits::None,
+    };
+    assert_eq!(
+        m.forward_batch(&pool, &mut kv, &[none]).expect("none"),
+        vec![Vec::<f32>::new()]
+    );
+    let short = SeqChunk {
+        tokens: &[5; 6],
+        start_pos: 0,
+        block_table: &[1],
+        logits: Logits::Last,
+    };
+    assert!(m.forward_batch(&pool, &mut kv, &[short]).is_err());
+    let outside = SeqChunk {
+        block_table: &[99],
+        ..none
+    };
+    assert!(m.forward_batch(&pool, &mut kv, &[outside]).is_err());
+}
