@@ -79,6 +79,12 @@ pub enum ApiError {
         /// Suggested wait, seconds, sent as `Retry-After`.
         retry_after_s: u64,
     },
+    /// Refused by the control plane (`--auth`) or its admin API, with the status, type,
+    /// code and `Retry-After` it chose: a missing or bad key (401), a model or region not
+    /// allowed (403), a spent rate limit or budget (429), its database down (503), an admin
+    /// mistake (400, 404, 409).
+    #[error("{}", .0.message)]
+    Refused(Box<Refusal>),
     /// Something failed inside the server (500).
     #[error("The server had an error while processing the request")]
     Internal {
@@ -119,12 +125,16 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Refused(refusal) => refusal.status,
         }
     }
 
     /// OpenAI's `error.type`: `"invalid_request_error"` for client errors, `"server_error"`
     /// for server faults.
     pub fn error_type(&self) -> &'static str {
+        if let ApiError::Refused(refusal) = self {
+            return refusal.kind;
+        }
         if self.status().is_server_error() {
             "server_error"
         } else {
@@ -144,6 +154,7 @@ impl ApiError {
             ApiError::Unavailable { .. } => Some("unavailable"),
             ApiError::Overloaded { .. } => Some("server_overloaded"),
             ApiError::Internal { .. } => None,
+            ApiError::Refused(refusal) => refusal.code,
         }
     }
 
@@ -153,6 +164,7 @@ impl ApiError {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound { .. } => Some("model"),
             ApiError::ContextLengthExceeded { .. } => Some("messages"),
+            ApiError::Refused(refusal) => refusal.param.as_deref(),
             _ => None,
         }
     }
@@ -180,6 +192,24 @@ impl ApiError {
     }
 }
 
+/// What [`ApiError::Refused`] answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// OpenAI's `error.type` (`invalid_request_error`, `requests`, `tokens`,
+    /// `insufficient_quota`, `server_error`).
+    pub kind: &'static str,
+    /// OpenAI's `error.code`.
+    pub code: Option<&'static str>,
+    /// The field at fault, if any.
+    pub param: Option<String>,
+    /// The message for the client.
+    pub message: String,
+    /// Seconds to wait before retrying, sent as `Retry-After`.
+    pub retry_after_s: Option<u64>,
+}
+
 /// `{"error": {...}}` on the wire.
 #[derive(Debug, Serialize)]
 pub(crate) struct ErrorBody<'a> {
@@ -198,6 +228,15 @@ struct ErrorObject<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
+        if let ApiError::Refused(refusal) = &self
+            && let Some(seconds) = refusal.retry_after_s
+        {
+            let mut response = (self.status(), Json(self.body())).into_response();
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            return response;
+        }
         let mut response = (self.status(), Json(self.body())).into_response();
         if let ApiError::Overloaded { retry_after_s, .. } = self {
             response

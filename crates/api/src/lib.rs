@@ -25,6 +25,8 @@
 //! }
 //! ```
 
+mod admin;
+mod auth;
 mod backend;
 mod engine_backend;
 mod error;
@@ -42,8 +44,9 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
+pub use crate::auth::{router_with_control, serve_with_control};
 pub use crate::backend::Backend;
-pub use crate::error::ApiError;
+pub use crate::error::{ApiError, Refusal};
 pub use crate::extract::MAX_BODY_BYTES;
 
 /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.

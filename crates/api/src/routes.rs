@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +12,7 @@ use engine::{Event, GenerateRequest};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::Backend;
+use crate::auth::Admission;
 use crate::error::ApiError;
 use crate::extract::Json;
 use crate::openai::{
@@ -95,13 +97,14 @@ pub(crate) async fn get_model(
 #[tracing::instrument(skip_all, fields(request_id))]
 pub(crate) async fn chat_completions(
     State(app): State<AppState>,
+    admission: Option<Extension<Admission>>,
     Json(req): Json<ChatCompletionRequest>,
 ) -> Response {
     let id = response_id("chatcmpl-");
     tracing::Span::current().record("request_id", id.as_str());
     // Errors become responses inside the span, so their log lines carry the request id.
     match validate::chat(&req, app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, Endpoint::Chat).await,
+        Ok(valid) => respond(&app, id, valid, Endpoint::Chat, admission).await,
         Err(err) => Err(err),
     }
     .unwrap_or_else(IntoResponse::into_response)
@@ -111,12 +114,13 @@ pub(crate) async fn chat_completions(
 #[tracing::instrument(skip_all, fields(request_id))]
 pub(crate) async fn completions(
     State(app): State<AppState>,
+    admission: Option<Extension<Admission>>,
     Json(req): Json<CompletionRequest>,
 ) -> Response {
     let id = response_id("cmpl-");
     tracing::Span::current().record("request_id", id.as_str());
     match validate::completion(&req, app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, Endpoint::Completion).await,
+        Ok(valid) => respond(&app, id, valid, Endpoint::Completion, admission).await,
         Err(err) => Err(err),
     }
     .unwrap_or_else(IntoResponse::into_response)
@@ -128,6 +132,7 @@ async fn respond(
     id: String,
     valid: ValidRequest,
     endpoint: Endpoint,
+    admission: Option<Extension<Admission>>,
 ) -> Result<Response, ApiError> {
     let meta = ChunkMeta {
         endpoint,
@@ -137,7 +142,8 @@ async fn respond(
         include_usage: valid.include_usage,
     };
     let stream = valid.stream;
-    let receiver = start_generation(&app.backend, valid).await?;
+    let admission = admission.map(|Extension(admission)| (admission, meta.id.clone()));
+    let receiver = start_generation(&app.backend, valid, admission).await?;
     if stream {
         Ok(sse_response(meta, receiver))
     } else {
@@ -147,9 +153,12 @@ async fn respond(
 
 /// Renders and tokenises the prompt (off the executor: both are CPU work that grows with
 /// the prompt), checks that it fits the context, and hands the request to the engine.
+/// With `--auth`, the admission reserves the request's tokens once the prompt is counted,
+/// and meters the generation (`auth::Meter`).
 async fn start_generation(
     backend: &Arc<dyn Backend>,
     valid: ValidRequest,
+    admission: Option<(Admission, String)>,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
     let worker = Arc::clone(backend);
     let prompt = valid.prompt;
@@ -177,14 +186,29 @@ async fn start_generation(
         max_tokens = valid.max_tokens,
         "generation admitted"
     );
-    let receiver = backend.generate(GenerateRequest {
+    let meter = match admission {
+        Some((admission, request_id)) => {
+            let room = context_length - prompt_tokens.len();
+            let limit = valid.max_tokens.map_or(room, |max| max.min(room));
+            Some(
+                admission
+                    .reserve(&request_id, prompt_tokens.len(), limit)
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let generated = backend.generate(GenerateRequest {
         prompt_tokens,
         sampling: valid.sampling,
         max_tokens: valid.max_tokens,
         stop: valid.stop,
         stop_at_eog: true,
-    })?;
-    Ok(receiver)
+    });
+    match meter {
+        Some(meter) => meter.track(generated),
+        None => Ok(generated?),
+    }
 }
 
 /// Waits for the whole generation. If the client goes away meanwhile, axum drops this

@@ -611,13 +611,22 @@ async fn serve_answers_over_tcp_and_shuts_down() {
 #[tokio::test]
 async fn a_full_queue_is_503_with_retry_after() {
     let fake = FakeBackend::new(Mode::Refuse(RefuseWith::Overloaded));
-    let response = send(fake.app(), post_json("/v1/chat/completions", &chat_body(""))).await;
+    let response = send(
+        fake.app(),
+        post_json("/v1/chat/completions", &chat_body("")),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let json: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(json["error"]["code"], "server_overloaded");
-    assert!(json["error"]["message"].as_str().unwrap().contains("overloaded"));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("overloaded")
+    );
 }
 
 #[tokio::test]

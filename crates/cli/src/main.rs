@@ -3,6 +3,7 @@
 //! This binary is glue: flags are parsed and validated here once, then handed to the library
 //! crates (`engine`, `api`, `model`, `gguf`, `tokenizer`).
 
+mod admin;
 mod inspect;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -34,6 +35,8 @@ enum LogFormat {
 enum Command {
     /// Serve a model behind an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Manage organisations, projects, API keys, usage and the audit log (for `serve --auth`).
+    Admin(admin::AdminArgs),
     /// Complete one prompt and print the result.
     Generate(GenerateArgs),
     /// Chat with a model in the terminal (streaming).
@@ -73,6 +76,8 @@ struct ServeArgs {
     model_id: Option<String>,
     #[command(flatten)]
     batching: BatchingArgs,
+    #[command(flatten)]
+    auth: admin::ServeAuthArgs,
 }
 
 /// How many users are served at once, and with how much memory.
@@ -158,6 +163,7 @@ fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Serve(a) => serve(a),
+        Command::Admin(a) => admin::run(a),
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Inspect { path } => inspect::run(&path),
@@ -277,6 +283,12 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    // Opened before the weights load, so a bad database or flag fails at once.
+    let control = if args.auth.auth {
+        Some(admin::open_for_serve(&args.auth)?)
+    } else {
+        None
+    };
     let engine = Arc::new(load_engine(
         &args.model,
         args.model_id.clone(),
@@ -297,9 +309,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        api::serve(listener, engine, shutdown)
-            .await
-            .context("serving HTTP")
+        match control {
+            Some(control) => api::serve_with_control(listener, engine, control, shutdown).await,
+            None => api::serve(listener, engine, shutdown).await,
+        }
+        .context("serving HTTP")
     })
 }
 

@@ -1,0 +1,306 @@
+//! `serve --auth` and `souverain admin` as a user runs them: keys made with the CLI, a real
+//! server on the default model, and a `kill -9` under load after which every response a
+//! client received is found metered and audited.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_souverain");
+const REGION: &str = "eu-west-paris";
+const ADMIN_KEY: &str = "admin-key-for-the-cli-test";
+
+fn model_path() -> Option<PathBuf> {
+    let path = [
+        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
+            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
+        );
+        eprintln!("skipping: default model not found (run scripts/fetch-model)");
+    }
+    path
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "souverain_cli_{name}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn admin(data: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--region", REGION])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
+    let out = admin(data, args);
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_server(model: &Path, data: &Path, port: u16) -> Child {
+    let child = Command::new(BIN)
+        .arg("serve")
+        .arg("-m")
+        .arg(model)
+        .args(["--threads", "1", "--port", &port.to_string(), "--auth"])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--region", REGION])
+        .env("SOUVERAIN_ADMIN_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// One HTTP/1.1 request; the status and body, or `None` if the connection broke first.
+fn http(port: u16, method: &str, path: &str, key: &str, body: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    // A killed server may cut a body short; only a whole JSON body counts as received.
+    serde_json::from_str::<serde_json::Value>(body).ok()?;
+    Some((status, body.to_owned()))
+}
+
+#[test]
+fn admin_cli_manages_keys_and_verifies_the_audit_log() {
+    let data = temp_dir("admin");
+    let org = admin_json(&data, &["org", "create", "Acme"]);
+    assert_eq!(org["allowed_regions"], serde_json::json!([REGION]));
+    let org_id = org["id"].as_str().unwrap();
+    let project = admin_json(
+        &data,
+        &["project", "create", org_id, "bot", "--retention-secs", "60"],
+    );
+    let project_id = project["id"].as_str().unwrap();
+    let key = admin_json(
+        &data,
+        &[
+            "key",
+            "create",
+            project_id,
+            "k",
+            "--rpm",
+            "5",
+            "--budget-tokens",
+            "100",
+            "--budget-period",
+            "day",
+        ],
+    );
+    assert!(key["key"].as_str().unwrap().starts_with("sk-sov-"));
+    assert_eq!(key["record"]["policy"]["budget"]["period"], "day");
+    let keys = admin_json(&data, &["key", "list", project_id]);
+    assert_eq!(keys.as_array().unwrap().len(), 1);
+    let key_id = keys[0]["id"].as_str().unwrap();
+    assert!(admin(&data, &["key", "revoke", key_id]).status.success());
+
+    // Mistakes are refused with a message, not a panic.
+    for bad in [
+        vec!["org", "create", ""],
+        vec!["project", "create", "org_missing", "p"],
+        vec!["key", "revoke", "missing"],
+        vec!["usage", "--from", "yesterday"],
+        vec!["usage", "--group-by", "planet"],
+    ] {
+        let out = admin(&data, &bad);
+        assert!(!out.status.success(), "{bad:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("error:") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+
+    let out = admin(&data, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 entries"));
+
+    // Tampering with the file is caught and named.
+    let db = data.join("control.sqlite3");
+    let conn = rusqlite_free_edit(&db);
+    assert!(conn, "could not edit the database");
+    let out = admin(&data, &["audit", "verify"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("TAMPERED: entry #2 was edited"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Edits audit entry #2 with the `sqlite3` shell if there is one, else through `python3`.
+fn rusqlite_free_edit(db: &Path) -> bool {
+    let sql = "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2;";
+    let by_shell = Command::new("sqlite3").arg(db).arg(sql).status();
+    if by_shell.is_ok_and(|s| s.success()) {
+        return true;
+    }
+    let script = format!(
+        "import sqlite3; c = sqlite3.connect({:?}); c.execute({sql:?}); c.commit()",
+        db.display().to_string()
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn killing_the_server_under_load_loses_no_committed_usage() {
+    let Some(model) = model_path() else { return };
+    let data = temp_dir("kill");
+    let org = admin_json(&data, &["org", "create", "Acme"]);
+    let project = admin_json(
+        &data,
+        &["project", "create", org["id"].as_str().unwrap(), "bot"],
+    );
+    let key = admin_json(
+        &data,
+        &["key", "create", project["id"].as_str().unwrap(), "load"],
+    );
+    let key = key["key"].as_str().unwrap().to_owned();
+
+    let port = free_port();
+    let mut server = start_server(&model, &data, port);
+    let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","prompt":"The capital of France is","max_tokens":3,"temperature":0}"#;
+    // The served model id is the file name: check the key works before loading.
+    let (status, first) =
+        http(port, "POST", "/v1/completions", &key, body).expect("a first answer");
+    assert_eq!(status, 200, "{first}");
+
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (received, stop, key) = (received.clone(), stop.clone(), key.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match http(port, "POST", "/v1/completions", &key, body) {
+                        Some((200, body)) => {
+                            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                            received
+                                .lock()
+                                .unwrap()
+                                .push(json["id"].as_str().unwrap().to_owned());
+                        }
+                        Some((status, body)) => panic!("{status}: {body}"),
+                        None => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the load run until a good number of requests went through, then kill -9.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.lock().unwrap().len() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let mut received = received.lock().unwrap().clone();
+    received.push(
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    assert!(
+        received.len() >= 21,
+        "only {} answers before the kill",
+        received.len()
+    );
+
+    // Restart on the same data: every answer a client received was metered and audited.
+    let usage = admin_json(&data, &["usage"]);
+    let metered: Vec<&str> = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    for id in &received {
+        assert!(
+            metered.contains(&id.as_str()),
+            "{id} was answered but not metered"
+        );
+    }
+    let out = admin(&data, &["audit", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let entries: usize = stdout.split(' ').next().unwrap().parse().unwrap();
+    assert!(entries >= 3 + metered.len(), "{stdout}");
+
+    // And the server comes back on the same data.
+    let mut server = start_server(&model, &data, port);
+    let answer = http(port, "POST", "/v1/completions", &key, body);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(answer.map(|(s, _)| s), Some(200));
+    let _ = std::fs::remove_dir_all(&data);
+}

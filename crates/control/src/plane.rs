@@ -1,0 +1,800 @@
+//! [`ControlPlane`]: the operations the server and the admin tools call, over a [`Store`].
+//!
+//! Each admin action and its audit entry commit together. A request goes through
+//! [`ControlPlane::authenticate`] (key, revocation, expiry), the region and model checks, the
+//! request-rate bucket, then [`ControlPlane::reserve`] once its prompt is tokenised (the
+//! token-rate bucket, then the budget, reserved atomically in the store for the prompt plus
+//! the most the completion may take), and at its end [`ControlPlane::settle`], which turns the
+//! reservation into actual use and writes the usage record, the retained content (projects
+//! that opted in) and the `key.use` audit entry in one transaction.
+//!
+//! A settlement the store cannot take (it is down) waits in memory and is retried before the
+//! next one and by the background task, so a database outage delays records, not loses them
+//! (unless the process dies during the outage).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::audit::{self, AuditDraft, AuditEntry, VerifyReport};
+use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
+use crate::keys;
+use crate::ratelimit::{RateLimiter, Which};
+use crate::store::{Mutation, Store};
+use crate::time::{Clock, SystemClock};
+use crate::types::{
+    KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent, UsageFilter,
+    UsageRecord,
+};
+
+/// The longest a name may be, in characters.
+const MAX_NAME_CHARS: usize = 200;
+/// The longest retention a project may ask for: ten years.
+const MAX_RETENTION_SECS: i64 = 10 * 366 * 86_400;
+/// Settlements kept in memory while the store is down; beyond this the oldest are dropped
+/// (and logged).
+const MAX_BACKLOG: usize = 100_000;
+
+/// How the control plane is set up.
+#[derive(Clone)]
+pub struct ControlConfig {
+    /// This deployment's region label, e.g. `eu-west-paris`.
+    pub region: String,
+    /// The server secret that keys the hashes of API keys. Losing it invalidates every key.
+    pub key_hash_secret: Vec<u8>,
+    /// The admin API's key; `None` disables the admin API.
+    pub admin_key: Option<String>,
+    /// How long a store call may take before the request is answered "unavailable".
+    pub store_timeout: Duration,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlConfig")
+            .field("region", &self.region)
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .field("store_timeout", &self.store_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlConfig {
+    /// A configuration for `region` with the given hash secret, no admin key and a 5 s store
+    /// timeout.
+    pub fn new(region: impl Into<String>, key_hash_secret: impl Into<Vec<u8>>) -> Self {
+        ControlConfig {
+            region: region.into(),
+            key_hash_secret: key_hash_secret.into(),
+            admin_key: None,
+            store_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A key just created: its record and the plaintext, shown once.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// What is stored.
+    pub record: KeyRecord,
+    /// The key itself (`sk-sov-...`): not stored anywhere.
+    pub plaintext: String,
+}
+
+/// What [`ControlPlane::reserve`] set aside for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Tokens reserved: the prompt plus the most the completion may take.
+    pub tokens: u64,
+    /// The budget period the tokens were reserved in, if the key has a budget.
+    pub budget_period_start_ms: Option<i64>,
+    /// Whether tokens were taken from the key's token-rate bucket.
+    pub rate_limited: bool,
+}
+
+/// How a request ended, for [`ControlPlane::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The request's id (the response id).
+    pub request_id: String,
+    /// The model asked for.
+    pub model: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: u64,
+    /// Time to the first text.
+    pub ttft_us: Option<u64>,
+    /// Time to the end.
+    pub duration_us: u64,
+    /// `ok`, `cancelled`, `failed` or `rejected`.
+    pub status: String,
+    /// The HTTP status answered.
+    pub http_status: u16,
+    /// The prompt and output, kept only if the project retains content.
+    pub content: Option<(String, String)>,
+}
+
+type Pending = (Vec<Mutation>, Option<AuditDraft>);
+
+/// The control plane: the store, the rate limiter and the configuration.
+pub struct ControlPlane {
+    store: Arc<dyn Store>,
+    config: ControlConfig,
+    clock: Arc<dyn Clock>,
+    limiter: RateLimiter,
+    backlog: Mutex<VecDeque<Pending>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("store", &self.store.backend_name())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<(), ControlError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err(ControlError::invalid(field, "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(ControlError::invalid(
+            field,
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ControlError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `region` is a valid region label: 1 to 64 of `a-z`, `0-9` and `-`.
+pub fn valid_region(region: &str) -> bool {
+    (1..=64).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_regions(regions: &[String]) -> Result<(), ControlError> {
+    match regions.iter().find(|r| !valid_region(r)) {
+        Some(bad) => Err(ControlError::invalid(
+            "allowed_regions",
+            format!("`{bad}` is not a region label (1 to 64 of a-z, 0-9 and -)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl ControlPlane {
+    /// A control plane over `store`.
+    pub fn new(store: Arc<dyn Store>, config: ControlConfig) -> Self {
+        ControlPlane {
+            store,
+            config,
+            clock: Arc::new(SystemClock),
+            limiter: RateLimiter::new(),
+            backlog: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Replaces the clock (tests move time by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+
+    /// Now, by the control plane's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Runs a blocking control-plane call on tokio's blocking pool, giving up after the
+    /// configured store timeout (the call goes on in the background; its effects, if any,
+    /// still commit atomically).
+    pub async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, ControlError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ControlPlane) -> Result<T, ControlError> + Send + 'static,
+    {
+        let plane = Arc::clone(self);
+        let timeout = self.config.store_timeout;
+        let task = tokio::task::spawn_blocking(move || f(&plane));
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(ControlError::Task {
+                detail: join.to_string(),
+            }),
+            Err(_) => Err(ControlError::Timeout {
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    fn draft(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> AuditDraft {
+        AuditDraft {
+            at_ms: self.now_ms(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn commit(&self, mutations: Vec<Mutation>, draft: AuditDraft) -> Result<(), ControlError> {
+        self.store.commit(&mutations, Some(&draft))?;
+        Ok(())
+    }
+
+    // ---- admin -------------------------------------------------------------------------
+
+    /// Creates an organisation. Without `allowed_regions` it may be served in this
+    /// deployment's region only.
+    pub fn create_org(
+        &self,
+        actor: &str,
+        name: &str,
+        allowed_regions: Option<Vec<String>>,
+    ) -> Result<Organisation, ControlError> {
+        check_name("name", name)?;
+        let allowed_regions = allowed_regions.unwrap_or_else(|| vec![self.config.region.clone()]);
+        check_regions(&allowed_regions)?;
+        let org = Organisation {
+            id: format!("org_{}", keys::random_base62(16)),
+            name: name.to_owned(),
+            allowed_regions,
+            created_at_ms: self.now_ms(),
+        };
+        let draft = self.draft(
+            actor,
+            "org.create",
+            &org.id,
+            json!({"name": org.name, "allowed_regions": org.allowed_regions}),
+        );
+        self.commit(vec![Mutation::InsertOrg(org.clone())], draft)?;
+        Ok(org)
+    }
+
+    /// Replaces an organisation's allowed regions.
+    pub fn set_org_regions(
+        &self,
+        actor: &str,
+        org_id: &str,
+        regions: Vec<String>,
+    ) -> Result<Organisation, ControlError> {
+        check_regions(&regions)?;
+        let draft = self.draft(
+            actor,
+            "org.set_regions",
+            org_id,
+            json!({"allowed_regions": regions}),
+        );
+        self.commit(
+            vec![Mutation::SetOrgRegions {
+                org_id: org_id.to_owned(),
+                regions,
+            }],
+            draft,
+        )?;
+        self.store.get_org(org_id)?.ok_or_else(|| {
+            ControlError::Store(StoreError::NotFound {
+                kind: "organization",
+                id: org_id.to_owned(),
+            })
+        })
+    }
+
+    /// All organisations.
+    pub fn list_orgs(&self) -> Result<Vec<Organisation>, ControlError> {
+        Ok(self.store.list_orgs()?)
+    }
+
+    /// Creates a project. `retention_secs`: `None` keeps no content (the default); a number
+    /// of seconds opts the project in to keeping prompts and outputs that long.
+    pub fn create_project(
+        &self,
+        actor: &str,
+        org_id: &str,
+        name: &str,
+        retention_secs: Option<i64>,
+    ) -> Result<Project, ControlError> {
+        check_name("name", name)?;
+        if let Some(secs) = retention_secs
+            && !(1..=MAX_RETENTION_SECS).contains(&secs)
+        {
+            return Err(ControlError::invalid(
+                "retention_secs",
+                format!("must be between 1 and {MAX_RETENTION_SECS} seconds"),
+            ));
+        }
+        if self.store.get_org(org_id)?.is_none() {
+            return Err(StoreError::NotFound {
+                kind: "organization",
+                id: org_id.to_owned(),
+            }
+            .into());
+        }
+        let project = Project {
+            id: format!("proj_{}", keys::random_base62(16)),
+            org_id: org_id.to_owned(),
+            name: name.to_owned(),
+            retention_secs,
+            created_at_ms: self.now_ms(),
+        };
+        let draft = self.draft(
+            actor,
+            "project.create",
+            &project.id,
+            json!({"org_id": org_id, "name": name, "retention_secs": retention_secs}),
+        );
+        self.commit(vec![Mutation::InsertProject(project.clone())], draft)?;
+        Ok(project)
+    }
+
+    /// An organisation's projects.
+    pub fn list_projects(&self, org_id: &str) -> Result<Vec<Project>, ControlError> {
+        Ok(self.store.list_projects(org_id)?)
+    }
+
+    /// Creates a key; the plaintext in the answer is the only copy.
+    pub fn create_key(
+        &self,
+        actor: &str,
+        project_id: &str,
+        name: &str,
+        policy: KeyPolicy,
+    ) -> Result<CreatedKey, ControlError> {
+        check_name("name", name)?;
+        if policy.allowed_models.iter().any(|m| m.trim().is_empty()) {
+            return Err(ControlError::invalid(
+                "allowed_models",
+                "model names must not be empty",
+            ));
+        }
+        for (field, limit) in [
+            ("requests_per_minute", policy.requests_per_minute),
+            ("tokens_per_minute", policy.tokens_per_minute),
+            ("budget.tokens", policy.budget.map(|b| b.tokens)),
+        ] {
+            if limit == Some(0) || limit.is_some_and(|l| l > i64::MAX as u64) {
+                return Err(ControlError::invalid(
+                    field,
+                    "must be a positive number (leave it out for no limit)",
+                ));
+            }
+        }
+        if let Some(expires) = policy.expires_at_ms
+            && expires <= self.now_ms()
+        {
+            return Err(ControlError::invalid("expires_at", "must be in the future"));
+        }
+        if self.store.get_project(project_id)?.is_none() {
+            return Err(StoreError::NotFound {
+                kind: "project",
+                id: project_id.to_owned(),
+            }
+            .into());
+        }
+        let generated = keys::generate(&self.config.key_hash_secret);
+        let record = KeyRecord {
+            id: generated.id,
+            project_id: project_id.to_owned(),
+            name: name.to_owned(),
+            policy,
+            salt_hex: generated.salt_hex,
+            hash_hex: generated.hash_hex,
+            created_at_ms: self.now_ms(),
+            revoked_at_ms: None,
+        };
+        let draft = self.draft(
+            actor,
+            "key.create",
+            &record.id,
+            json!({"project_id": project_id, "name": name, "policy": record.policy}),
+        );
+        self.commit(vec![Mutation::InsertKey(record.clone())], draft)?;
+        Ok(CreatedKey {
+            record,
+            plaintext: generated.plaintext,
+        })
+    }
+
+    /// A project's keys (without their hashes when serialised).
+    pub fn list_keys(&self, project_id: &str) -> Result<Vec<KeyRecord>, ControlError> {
+        Ok(self.store.list_keys(project_id)?)
+    }
+
+    /// Revokes a key: it fails authentication from now on, in every process.
+    pub fn revoke_key(&self, actor: &str, key_id: &str) -> Result<(), ControlError> {
+        let draft = self.draft(actor, "key.revoke", key_id, json!({}));
+        self.commit(
+            vec![Mutation::RevokeKey {
+                key_id: key_id.to_owned(),
+                at_ms: self.now_ms(),
+            }],
+            draft,
+        )
+    }
+
+    /// Usage records matching `filter`.
+    pub fn usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, ControlError> {
+        Ok(self.store.usage(filter)?)
+    }
+
+    /// The whole audit log.
+    pub fn audit_entries(&self) -> Result<Vec<AuditEntry>, ControlError> {
+        Ok(self.store.audit_entries()?)
+    }
+
+    /// Checks the audit chain.
+    pub fn verify_audit(&self) -> Result<VerifyReport, ControlError> {
+        let entries = self.store.audit_entries()?;
+        let head = self.store.audit_head()?;
+        Ok(audit::verify(&entries, &head))
+    }
+
+    /// Checks a presented admin key in constant time. A failure is audited.
+    pub fn check_admin_key(&self, presented: Option<&str>) -> Result<(), ControlError> {
+        let denial = match (&self.config.admin_key, presented) {
+            (Some(expected), Some(given)) if keys::secrets_equal(expected, given) => {
+                return Ok(());
+            }
+            (_, None) => Denial::MissingKey,
+            (None, Some(_)) | (Some(_), Some(_)) => Denial::UnknownKey,
+        };
+        let draft = self.draft(
+            "anonymous",
+            "admin.auth_failure",
+            "",
+            json!({"reason": denial.code()}),
+        );
+        self.record_best_effort(Vec::new(), draft);
+        Err(denial.into())
+    }
+
+    // ---- requests ----------------------------------------------------------------------
+
+    /// Records an authentication failure decided before a key could be read (no header, a
+    /// header that is not `Bearer`), and returns it as the error to answer.
+    pub fn refuse_authentication(&self, denial: Denial) -> ControlError {
+        let draft = self.draft(
+            "anonymous",
+            "auth.failure",
+            "",
+            json!({"reason": denial.code(), "message": denial.to_string()}),
+        );
+        self.record_best_effort(Vec::new(), draft);
+        denial.into()
+    }
+
+    /// Authenticates a presented key: well formed, known, secret matching, not revoked, not
+    /// expired. Failures are audited with the key id when there is one.
+    pub fn authenticate(&self, presented: &str) -> Result<KeyContext, ControlError> {
+        let parsed = match keys::parse(presented) {
+            Ok(parsed) => parsed,
+            Err(reason) => {
+                return Err(self.refuse_authentication(Denial::MalformedKey { reason }));
+            }
+        };
+        let context = self.store.key_context(parsed.id)?;
+        let denial = match &context {
+            None => Denial::UnknownKey,
+            Some(ctx)
+                if !keys::verify(
+                    &self.config.key_hash_secret,
+                    &ctx.key.salt_hex,
+                    &ctx.key.hash_hex,
+                    parsed.secret,
+                ) =>
+            {
+                Denial::UnknownKey
+            }
+            Some(ctx) if ctx.key.revoked_at_ms.is_some() => Denial::RevokedKey,
+            Some(ctx)
+                if ctx
+                    .key
+                    .policy
+                    .expires_at_ms
+                    .is_some_and(|at| at <= self.now_ms()) =>
+            {
+                Denial::ExpiredKey
+            }
+            Some(_) => {
+                return context.ok_or_else(|| Denial::UnknownKey.into());
+            }
+        };
+        let draft = self.draft(
+            "anonymous",
+            "auth.failure",
+            parsed.id,
+            json!({"reason": denial.code(), "message": denial.to_string()}),
+        );
+        self.record_best_effort(Vec::new(), draft);
+        Err(denial.into())
+    }
+
+    /// Whether the key's organisation may be served in this deployment's region.
+    pub fn check_region(&self, ctx: &KeyContext) -> Result<(), Denial> {
+        if ctx.org.allowed_regions.contains(&self.config.region) {
+            Ok(())
+        } else {
+            Err(Denial::RegionNotAllowed {
+                region: self.config.region.clone(),
+            })
+        }
+    }
+
+    /// Whether the key may use `model`.
+    pub fn check_model(&self, ctx: &KeyContext, model: &str) -> Result<(), Denial> {
+        if ctx.key.policy.allows_model(model) {
+            Ok(())
+        } else {
+            Err(Denial::ModelNotAllowed {
+                model: model.to_owned(),
+            })
+        }
+    }
+
+    /// Takes one request from the key's requests-per-minute bucket.
+    pub fn check_request_rate(&self, ctx: &KeyContext) -> Result<(), Denial> {
+        let Some(limit) = ctx.key.policy.requests_per_minute else {
+            return Ok(());
+        };
+        self.limiter
+            .take(&ctx.key.id, Which::Requests, limit, 1, Instant::now())
+            .map_err(|retry_after_secs| Denial::RateLimited {
+                kind: RateLimitKind::Requests,
+                limit,
+                retry_after_secs,
+            })
+    }
+
+    /// Sets aside `prompt_tokens + completion_limit` tokens for a request: from the key's
+    /// tokens-per-minute bucket, then from its budget, atomically in the store.
+    pub fn reserve(
+        &self,
+        ctx: &KeyContext,
+        prompt_tokens: u64,
+        completion_limit: u64,
+    ) -> Result<Reservation, ControlError> {
+        let tokens = prompt_tokens.saturating_add(completion_limit);
+        let policy = &ctx.key.policy;
+        if let Some(limit) = policy.tokens_per_minute {
+            self.limiter
+                .take(&ctx.key.id, Which::Tokens, limit, tokens, Instant::now())
+                .map_err(|retry_after_secs| Denial::RateLimited {
+                    kind: RateLimitKind::Tokens,
+                    limit,
+                    retry_after_secs,
+                })?;
+        }
+        let refund_rate = || {
+            if policy.tokens_per_minute.is_some() {
+                self.limiter.give_back(&ctx.key.id, Which::Tokens, tokens);
+            }
+        };
+        let mut budget_period_start_ms = None;
+        if let Some(budget) = policy.budget {
+            let now = self.now_ms();
+            let start = budget.period.start_ms(now);
+            match self.store.reserve_budget(
+                &ctx.key.id,
+                start,
+                to_i64(budget.tokens),
+                to_i64(tokens),
+            ) {
+                Ok(Ok(_)) => budget_period_start_ms = Some(start),
+                Ok(Err(used)) => {
+                    refund_rate();
+                    let remaining = budget
+                        .tokens
+                        .saturating_sub(u64::try_from(used).unwrap_or(0));
+                    let retry_after_secs = budget
+                        .period
+                        .next_start_ms(now)
+                        .map(|next| u64::try_from((next - now + 999) / 1000).unwrap_or(1).max(1));
+                    return Err(Denial::QuotaExceeded {
+                        requested: tokens,
+                        remaining,
+                        retry_after_secs,
+                    }
+                    .into());
+                }
+                Err(err) => {
+                    refund_rate();
+                    return Err(err.into());
+                }
+            }
+        }
+        Ok(Reservation {
+            tokens,
+            budget_period_start_ms,
+            rate_limited: policy.tokens_per_minute.is_some(),
+        })
+    }
+
+    /// Records how a request ended: settles its reservation (if any) to the tokens used and
+    /// writes the usage record, the retained content (if the project keeps content) and the
+    /// `key.use` audit entry in one transaction. If the store is down the settlement waits in
+    /// memory and the error is returned; it is retried before the next settlement.
+    pub fn settle(
+        &self,
+        ctx: &KeyContext,
+        reservation: Option<&Reservation>,
+        outcome: Outcome,
+    ) -> Result<(), ControlError> {
+        self.flush_backlog();
+        let now = self.now_ms();
+        let used = outcome
+            .prompt_tokens
+            .saturating_add(outcome.completion_tokens);
+        let mut mutations = Vec::with_capacity(3);
+        if let Some(r) = reservation {
+            if r.rate_limited && r.tokens > used {
+                self.limiter
+                    .give_back(&ctx.key.id, Which::Tokens, r.tokens - used);
+            }
+            if let Some(period_start_ms) = r.budget_period_start_ms {
+                mutations.push(Mutation::SettleBudget {
+                    key_id: ctx.key.id.clone(),
+                    period_start_ms,
+                    reserved_tokens: to_i64(r.tokens),
+                    actual_tokens: to_i64(used),
+                });
+            }
+        }
+        mutations.push(Mutation::InsertUsage(UsageRecord {
+            id: outcome.request_id.clone(),
+            created_at_ms: now,
+            org_id: ctx.org.id.clone(),
+            project_id: ctx.project.id.clone(),
+            key_id: ctx.key.id.clone(),
+            model: outcome.model.clone(),
+            prompt_tokens: to_i64(outcome.prompt_tokens),
+            completion_tokens: to_i64(outcome.completion_tokens),
+            reasoning_tokens: to_i64(outcome.reasoning_tokens),
+            ttft_us: outcome.ttft_us.map(to_i64),
+            duration_us: to_i64(outcome.duration_us),
+            status: outcome.status.clone(),
+            http_status: i64::from(outcome.http_status),
+        }));
+        if let (Some(retention_secs), Some((prompt, output))) =
+            (ctx.project.retention_secs, outcome.content)
+        {
+            mutations.push(Mutation::InsertContent(RetainedContent {
+                request_id: outcome.request_id.clone(),
+                project_id: ctx.project.id.clone(),
+                key_id: ctx.key.id.clone(),
+                created_at_ms: now,
+                expires_at_ms: now.saturating_add(retention_secs.saturating_mul(1000)),
+                prompt,
+                output,
+            }));
+        }
+        let draft = self.draft(
+            &format!("key:{}", ctx.key.id),
+            "key.use",
+            &outcome.request_id,
+            json!({
+                "model": outcome.model,
+                "status": outcome.status,
+                "http_status": outcome.http_status,
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+            }),
+        );
+        match self.store.commit(&mutations, Some(&draft)) {
+            Ok(_) => Ok(()),
+            Err(err @ StoreError::Unavailable { .. }) => {
+                self.push_backlog((mutations, Some(draft)));
+                Err(err.into())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Deletes retained content whose time is up and retries waiting settlements; returns
+    /// how many content rows were deleted.
+    pub fn enforce_retention(&self) -> Result<u64, ControlError> {
+        self.flush_backlog();
+        Ok(self.store.purge_expired_content(self.now_ms())?)
+    }
+
+    /// Settlements waiting for the store.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.lock().map(|b| b.len()).unwrap_or(0)
+    }
+
+    /// Starts the background task that enforces retention and retries waiting settlements
+    /// every `every`. It ends when the runtime shuts down or the handle is aborted.
+    pub fn spawn_maintenance(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let plane = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match plane.run(|p| p.enforce_retention()).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "retention: expired content deleted"),
+                    Err(err) => tracing::warn!(error = %err, "retention pass failed"),
+                }
+            }
+        })
+    }
+
+    /// Writes an audit-only record, or queues it if the store is down.
+    fn record_best_effort(&self, mutations: Vec<Mutation>, draft: AuditDraft) {
+        if let Err(err) = self.store.commit(&mutations, Some(&draft)) {
+            tracing::warn!(error = %err, action = %draft.action, "could not write an audit entry; queued");
+            if matches!(err, StoreError::Unavailable { .. }) {
+                self.push_backlog((mutations, Some(draft)));
+            }
+        }
+    }
+
+    fn push_backlog(&self, pending: Pending) {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if backlog.len() >= MAX_BACKLOG {
+            backlog.pop_front();
+            tracing::error!(
+                "the store has been down too long: a usage or audit record was dropped"
+            );
+        }
+        backlog.push_back(pending);
+    }
+
+    /// Commits waiting settlements in order; stops at the first failure.
+    fn flush_backlog(&self) {
+        loop {
+            let next = {
+                let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+                backlog.pop_front()
+            };
+            let Some((mutations, draft)) = next else {
+                return;
+            };
+            match self.store.commit(&mutations, draft.as_ref()) {
+                Ok(_) => {}
+                Err(StoreError::Unavailable { .. }) => {
+                    let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+                    backlog.push_front((mutations, draft));
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "a queued record was refused by the store and dropped");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! Where the control plane's state lives: the [`Store`] trait and its two backends,
+//! [`SqliteStore`] (embedded, the default, one file in WAL mode) and [`PostgresStore`]
+//! (production). Both run the same versioned migrations ([`MIGRATIONS`]) and the same SQL,
+//! written once with `?` placeholders.
+//!
+//! The trait is synchronous: both drivers block, and the control plane calls the store from
+//! tokio's blocking pool with a time limit. Every write goes through [`Store::commit`], which
+//! applies its mutations and appends its audit entry in one transaction, so an admin action
+//! or a metered request is never recorded without its audit entry or the other way round.
+
+mod postgres;
+mod sqlite;
+
+pub use self::postgres::PostgresStore;
+pub use self::sqlite::SqliteStore;
+
+use crate::audit::{AuditDraft, AuditEntry, AuditHead};
+use crate::error::StoreError;
+use crate::types::{
+    KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter, UsageRecord,
+};
+
+/// The schema, one step per version. A database records the versions applied in
+/// `schema_migrations`; opening a store applies the missing ones in order, each in its own
+/// transaction, and refuses a database newer than the last step.
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE organizations (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            allowed_regions TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL
+        );
+        CREATE TABLE projects (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL REFERENCES organizations(id),
+            name TEXT NOT NULL,
+            retention_secs BIGINT,
+            created_at_ms BIGINT NOT NULL
+        );
+        CREATE INDEX projects_by_org ON projects(org_id);
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            project_id TEXT NOT NULL REFERENCES projects(id),
+            name TEXT NOT NULL,
+            salt TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            allowed_models TEXT NOT NULL,
+            requests_per_minute BIGINT,
+            tokens_per_minute BIGINT,
+            budget_tokens BIGINT,
+            budget_period TEXT,
+            expires_at_ms BIGINT,
+            created_at_ms BIGINT NOT NULL,
+            revoked_at_ms BIGINT
+        );
+        CREATE INDEX api_keys_by_project ON api_keys(project_id);
+        CREATE TABLE budget_usage (
+            key_id TEXT NOT NULL REFERENCES api_keys(id),
+            period_start_ms BIGINT NOT NULL,
+            used_tokens BIGINT NOT NULL,
+            PRIMARY KEY (key_id, period_start_ms)
+        );
+        CREATE TABLE usage_records (
+            id TEXT PRIMARY KEY,
+            created_at_ms BIGINT NOT NULL,
+            org_id TEXT NOT NULL,
+            project_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            reasoning_tokens BIGINT NOT NULL,
+            ttft_us BIGINT,
+            duration_us BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            http_status BIGINT NOT NULL
+        );
+        CREATE INDEX usage_by_time ON usage_records(created_at_ms);
+        CREATE TABLE audit_log (
+            seq BIGINT PRIMARY KEY,
+            at_ms BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE TABLE audit_head (
+            id BIGINT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        INSERT INTO audit_head (id, seq, hash)
+            VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');",
+    ),
+    (
+        2,
+        "CREATE TABLE retained_content (
+            request_id TEXT PRIMARY KEY,
+            project_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            prompt TEXT NOT NULL,
+            output TEXT NOT NULL
+        );
+        CREATE INDEX retained_content_by_expiry ON retained_content(expires_at_ms);
+        CREATE INDEX usage_by_key ON usage_records(key_id, created_at_ms);",
+    ),
+];
+
+/// The newest schema version this binary knows.
+pub fn latest_schema_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// One change inside a [`Store::commit`] transaction.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Mutation {
+    /// Add an organisation.
+    InsertOrg(Organisation),
+    /// Replace an organisation's allowed regions.
+    SetOrgRegions {
+        /// The organisation.
+        org_id: String,
+        /// Its new regions.
+        regions: Vec<String>,
+    },
+    /// Add a project.
+    InsertProject(Project),
+    /// Add a key.
+    InsertKey(KeyRecord),
+    /// Revoke a key (a no-op on a key already revoked: the first time stays).
+    RevokeKey {
+        /// The key.
+        key_id: String,
+        /// When.
+        at_ms: i64,
+    },
+    /// Turn a budget reservation into what was used: `used -= reserved; used += actual`.
+    SettleBudget {
+        /// The key.
+        key_id: String,
+        /// The period the reservation was made in.
+        period_start_ms: i64,
+        /// What was reserved.
+        reserved_tokens: i64,
+        /// What was used.
+        actual_tokens: i64,
+    },
+    /// Record a metered request.
+    InsertUsage(UsageRecord),
+    /// Keep a prompt and its output (projects that opted in only).
+    InsertContent(RetainedContent),
+}
+
+/// The control plane's storage. Implementations must make [`Store::commit`] atomic and
+/// [`Store::reserve_budget`] exact under concurrency (many processes included).
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend_name(&self) -> &'static str;
+
+    /// The schema version applied.
+    fn schema_version(&self) -> Result<i64, StoreError>;
+
+    /// A round trip to the database.
+    fn ping(&self) -> Result<(), StoreError>;
+
+    /// Applies `mutations` and, if given, appends `audit` to the chain, all in one
+    /// transaction. Returns the appended entry.
+    fn commit(
+        &self,
+        mutations: &[Mutation],
+        audit: Option<&AuditDraft>,
+    ) -> Result<Option<AuditEntry>, StoreError>;
+
+    /// Adds `tokens` to the key's use in the period starting at `period_start_ms` if that
+    /// keeps it within `limit`; returns the use after the reservation, or `Err(used)` (the
+    /// use as it stands) when it would not fit. Atomic: of many concurrent reservations, only
+    /// those that fit succeed.
+    fn reserve_budget(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+        limit: i64,
+        tokens: i64,
+    ) -> Result<Result<i64, i64>, StoreError>;
+
+    /// Tokens used (reserved included) by a key in a period.
+    fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError>;
+
+    /// An organisation.
+    fn get_org(&self, org_id: &str) -> Result<Option<Organisation>, StoreError>;
+    /// All organisations, oldest first.
+    fn list_orgs(&self) -> Result<Vec<Organisation>, StoreError>;
+    /// A project.
+    fn get_project(&self, project_id: &str) -> Result<Option<Project>, StoreError>;
+    /// An organisation's projects, oldest first.
+    fn list_projects(&self, org_id: &str) -> Result<Vec<Project>, StoreError>;
+    /// A project's keys, oldest first.
+    fn list_keys(&self, project_id: &str) -> Result<Vec<KeyRecord>, StoreError>;
+    /// A key with its project and organisation.
+    fn key_context(&self, key_id: &str) -> Result<Option<KeyContext>, StoreError>;
+
+    /// Usage records matching `filter`, oldest first.
+    fn usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// The whole audit log in sequence order.
+    fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError>;
+    /// The chain's head as recorded.
+    fn audit_head(&self) -> Result<AuditHead, StoreError>;
+
+    /// Retained content of a project, oldest first.
+    fn retained_content(&self, project_id: &str) -> Result<Vec<RetainedContent>, StoreError>;
+    /// Deletes retained content whose time is up; returns how many rows went.
+    fn purge_expired_content(&self, now_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// A parameter of the shared SQL.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Param::Int(Some(v))
+    }
+}
+impl From<Option<i64>> for Param {
+    fn from(v: Option<i64>) -> Self {
+        Param::Int(v)
+    }
+}
+impl From<&str> for Param {
+    fn from(v: &str) -> Self {
+        Param::Text(Some(v.to_owned()))
+    }
+}
+impl From<String> for Param {
+    fn from(v: String) -> Self {
+        Param::Text(Some(v))
+    }
+}
+impl From<Option<String>> for Param {
+    fn from(v: Option<String>) -> Self {
+        Param::Text(v)
+    }
+}
+
+/// A statement and its parameters.
+pub(crate) type Statement = (&'static str, Vec<Param>);
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The statements a mutation runs, and the kind and id of the row it must change (for the
+/// ones that update: changing no row means the row does not exist).
+pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, String)>) {
+    match m {
+        Mutation::InsertOrg(org) => (
+            (
+                "INSERT INTO organizations (id, name, allowed_regions, created_at_ms) VALUES (?, ?, ?, ?)",
+                vec![
+                    org.id.as_str().into(),
+                    org.name.as_str().into(),
+                    json_list(&org.allowed_regions).into(),
+                    org.created_at_ms.into(),
+                ],
+            ),
+            None,
+        ),
+        Mutation::SetOrgRegions { org_id, regions } => (
+            (
+                "UPDATE organizations SET allowed_regions = ? WHERE id = ?",
+                vec![json_list(regions).into(), org_id.as_str().into()],
+            ),
+            Some(("organization", org_id.clone())),
+        ),
+        Mutation::InsertProject(p) => (
+            (
+                "INSERT INTO projects (id, org_id, name, retention_secs, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                vec![
+                    p.id.as_str().into(),
+                    p.org_id.as_str().into(),
+                    p.name.as_str().into(),
+                    p.retention_secs.into(),
+                    p.created_at_ms.into(),
+                ],
+            ),
+            None,
+        ),
+        Mutation::InsertKey(k) => (
+            (
+                "INSERT INTO api_keys (id, project_id, name, salt, hash, allowed_models, \
+                 requests_per_minute, tokens_per_minute, budget_tokens, budget_period, \
+                 expires_at_ms, created_at_ms, revoked_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                vec![
+                    k.id.as_str().into(),
+                    k.project_id.as_str().into(),
+                    k.name.as_str().into(),
+                    k.salt_hex.as_str().into(),
+                    k.hash_hex.as_str().into(),
+                    json_list(&k.policy.allowed_models).into(),
+                    k.policy.requests_per_minute.map(to_i64).into(),
+                    k.policy.tokens_per_minute.map(to_i64).into(),
+                    k.policy.budget.map(|b| to_i64(b.tokens)).into(),
+                    k.policy.budget.map(|b| b.period.as_str().to_owned()).into(),
+                    k.policy.expires_at_ms.into(),
+                    k.created_at_ms.into(),
+                    k.revoked_at_ms.into(),
+                ],
+            ),
+            None,
+        ),
+        Mutation::RevokeKey { key_id, at_ms } => (
+            (
+                "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?",
+                vec![(*at_ms).into(), key_id.as_str().into()],
+            ),
+            Some(("key", key_id.clone())),
+        ),
+        Mutation::SettleBudget {
+            key_id,
+            period_start_ms,
+            reserved_tokens,
+            actual_tokens,
+        } => (
+            (
+                "UPDATE budget_usage SET used_tokens = used_tokens - ? + ? \
+                 WHERE key_id = ? AND period_start_ms = ?",
+                vec![
+                    (*reserved_tokens).into(),
+                    (*actual_tokens).into(),
+                    key_id.as_str().into(),
+                    (*period_start_ms).into(),
+                ],
+            ),
+            // A reservation whose row is gone (a hand-cleaned table) must not lose the usage.
+            None,
+        ),
+        Mutation::InsertUsage(u) => (
+            (
+                "INSERT INTO usage_records (id, created_at_ms, org_id, project_id, key_id, model, \
+                 prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, \
+                 http_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                vec![
+                    u.id.as_str().into(),
+                    u.created_at_ms.into(),
+                    u.org_id.as_str().into(),
+                    u.project_id.as_str().into(),
+                    u.key_id.as_str().into(),
+                    u.model.as_str().into(),
+                    u.prompt_tokens.into(),
+                    u.completion_tokens.into(),
+                    u.reasoning_tokens.into(),
+                    u.ttft_us.into(),
+                    u.duration_us.into(),
+                    u.status.as_str().into(),
+                    u.http_status.into(),
+                ],
+            ),
+            None,
+        ),
+        Mutation::InsertContent(c) => (
+            (
+                "INSERT INTO retained_content (request_id, project_id, key_id, created_at_ms, \
+                 expires_at_ms, prompt, output) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                vec![
+                    c.request_id.as_str().into(),
+                    c.project_id.as_str().into(),
+                    c.key_id.as_str().into(),
+                    c.created_at_ms.into(),
+                    c.expires_at_ms.into(),
+                    c.prompt.as_str().into(),
+                    c.output.as_str().into(),
+                ],
+            ),
+            None,
+        ),
+    }
+}
+
+/// The `WHERE` clause and parameters of a usage filter.
+pub(crate) fn usage_where(filter: &UsageFilter) -> (String, Vec<Param>) {
+    let mut clauses = Vec::new();
+    let mut params = Vec::new();
+    if let Some(from) = filter.from_ms {
+        clauses.push("created_at_ms >= ?");
+        params.push(from.into());
+    }
+    if let Some(to) = filter.to_ms {
+        clauses.push("created_at_ms < ?");
+        params.push(to.into());
+    }
+    for (column, value) in [
+        ("org_id = ?", &filter.org_id),
+        ("project_id = ?", &filter.project_id),
+        ("key_id = ?", &filter.key_id),
+    ] {
+        if let Some(value) = value {
+            clauses.push(column);
+            params.push(value.as_str().into());
+        }
+    }
+    let clause = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    };
+    (clause, params)
+}
+
+pub(crate) const USAGE_COLUMNS: &str = "id, created_at_ms, org_id, project_id, key_id, model, \
+    prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, http_status";
+
+pub(crate) const KEY_CONTEXT_SQL: &str = "SELECT k.id, k.project_id, k.name, k.salt, k.hash, \
+    k.allowed_models, k.requests_per_minute, k.tokens_per_minute, k.budget_tokens, \
+    k.budget_period, k.expires_at_ms, k.created_at_ms, k.revoked_at_ms, \
+    p.id, p.org_id, p.name, p.retention_secs, p.created_at_ms, \
+    o.id, o.name, o.allowed_regions, o.created_at_ms \
+    FROM api_keys k JOIN projects p ON p.id = k.project_id JOIN organizations o ON o.id = p.org_id \
+    WHERE k.id = ?";
+
+pub(crate) const KEY_COLUMNS: &str = "id, project_id, name, salt, hash, allowed_models, \
+    requests_per_minute, tokens_per_minute, budget_tokens, budget_period, expires_at_ms, \
+    created_at_ms, revoked_at_ms";
+
+pub(crate) const AUDIT_COLUMNS: &str = "seq, at_ms, actor, action, target, detail, prev_hash, hash";
+
+pub(crate) const CONTENT_COLUMNS: &str =
+    "request_id, project_id, key_id, created_at_ms, expires_at_ms, prompt, output";
+
+/// A row read the same way from both drivers: column `i` as the type asked for.
+pub(crate) trait Row {
+    fn int(&self, i: usize) -> Result<i64, StoreError>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError>;
+    fn text(&self, i: usize) -> Result<String, StoreError>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError>;
+}
+
+fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: detail.into(),
+    }
+}
+
+fn decode_list(table: &'static str, text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, format!("a list is not JSON: {e}")))
+}
+
+fn to_u64(table: &'static str, v: Option<i64>) -> Result<Option<u64>, StoreError> {
+    v.map(|v| u64::try_from(v).map_err(|_| corrupt(table, format!("negative limit {v}"))))
+        .transpose()
+}
+
+/// A key from [`KEY_COLUMNS`] starting at column `at`.
+pub(crate) fn key_from_row(row: &dyn Row, at: usize) -> Result<KeyRecord, StoreError> {
+    use crate::types::{Budget, BudgetPeriod, KeyPolicy};
+    const T: &str = "api_keys";
+    let budget = match (row.opt_int(at + 8)?, row.opt_text(at + 9)?) {
+        (Some(tokens), Some(period)) => Some(Budget {
+            tokens: to_u64(T, Some(tokens))?.unwrap_or(0),
+            period: BudgetPeriod::parse(&period)
+                .ok_or_else(|| corrupt(T, format!("unknown budget period `{period}`")))?,
+        }),
+        (None, None) => None,
+        _ => return Err(corrupt(T, "a budget needs both tokens and a period")),
+    };
+    Ok(KeyRecord {
+        id: row.text(at)?,
+        project_id: row.text(at + 1)?,
+        name: row.text(at + 2)?,
+        salt_hex: row.text(at + 3)?,
+        hash_hex: row.text(at + 4)?,
+        policy: KeyPolicy {
+            allowed_models: decode_list(T, &row.text(at + 5)?)?,
+            requests_per_minute: to_u64(T, row.opt_int(at + 6)?)?,
+            tokens_per_minute: to_u64(T, row.opt_int(at + 7)?)?,
+            budget,
+            expires_at_ms: row.opt_int(at + 10)?,
+        },
+        created_at_ms: row.int(at + 11)?,
+        revoked_at_ms: row.opt_int(at + 12)?,
+    })
+}
+
+/// A project from `id, org_id, name, retention_secs, created_at_ms` at column `at`.
+pub(crate) fn project_from_row(row: &dyn Row, at: usize) -> Result<Project, StoreError> {
+    Ok(Project {
+        id: row.text(at)?,
+        org_id: row.text(at + 1)?,
+        name: row.text(at + 2)?,
+        retention_secs: row.opt_int(at + 3)?,
+        created_at_ms: row.int(at + 4)?,
+    })
+}
+
+/// An organisation from `id, name, allowed_regions, created_at_ms` at column `at`.
+pub(crate) fn org_from_row(row: &dyn Row, at: usize) -> Result<Organisation, StoreError> {
+    Ok(Organisation {
+        id: row.text(at)?,
+        name: row.text(at + 1)?,
+        allowed_regions: decode_list("organizations", &row.text(at + 2)?)?,
+        created_at_ms: row.int(at + 3)?,
+    })
+}
+
+pub(crate) fn key_context_from_row(row: &dyn Row) -> Result<KeyContext, StoreError> {
+    Ok(KeyContext {
+        key: key_from_row(row, 0)?,
+        project: project_from_row(row, 13)?,
+        org: org_from_row(row, 18)?,
+    })
+}
+
+pub(crate) fn usage_from_row(row: &dyn Row) -> Result<UsageRecord, StoreError> {
+    Ok(UsageRecord {
+        id: row.text(0)?,
+        created_at_ms: row.int(1)?,
+        org_id: row.text(2)?,
+        project_id: row.text(3)?,
+        key_id: row.text(4)?,
+        model: row.text(5)?,
+        prompt_tokens: row.int(6)?,
+        completion_tokens: row.int(7)?,
+        reasoning_tokens: row.int(8)?,
+        ttft_us: row.opt_int(9)?,
+        duration_us: row.int(10)?,
+        status: row.text(11)?,
+        http_status: row.int(12)?,
+    })
+}
+
+pub(crate) fn audit_from_row(row: &dyn Row) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: row.int(0)?,
+        at_ms: row.int(1)?,
+        actor: row.text(2)?,
+        action: row.text(3)?,
+        target: row.text(4)?,
+        detail: row.text(5)?,
+        prev_hash: row.text(6)?,
+        hash: row.text(7)?,
+    })
+}
+
+pub(crate) fn content_from_row(row: &dyn Row) -> Result<RetainedContent, StoreError> {
+    Ok(RetainedContent {
+        request_id: row.text(0)?,
+        project_id: row.text(1)?,
+        key_id: row.text(2)?,
+        created_at_ms: row.int(3)?,
+        expires_at_ms: row.int(4)?,
+        prompt: row.text(5)?,
+        output: row.text(6)?,
+    })
+}
+
+/// The audit statements of one append: the new entry and the new head.
+pub(crate) fn audit_append_sql(entry: &AuditEntry) -> [Statement; 2] {
+    [
+        (
+            "INSERT INTO audit_log (seq, at_ms, actor, action, target, detail, prev_hash, hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            vec![
+                entry.seq.into(),
+                entry.at_ms.into(),
+                entry.actor.as_str().into(),
+                entry.action.as_str().into(),
+                entry.target.as_str().into(),
+                entry.detail.as_str().into(),
+                entry.prev_hash.as_str().into(),
+                entry.hash.as_str().into(),
+            ],
+        ),
+        (
+            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+            vec![entry.seq.into(), entry.hash.as_str().into()],
+        ),
+    ]
+}
+
+/// Rewrites `?` placeholders as PostgreSQL's `$1, $2, ...` (the shared SQL holds no `?`
+/// inside string literals).
+pub(crate) fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered() {
+        assert_eq!(
+            numbered_placeholders("UPDATE t SET a = ? WHERE b = ? AND c = ?"),
+            "UPDATE t SET a = $1 WHERE b = $2 AND c = $3"
+        );
+    }
+
+    #[test]
+    fn migrations_are_in_order() {
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        let mut sorted = versions.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(versions, sorted);
+        assert_eq!(latest_schema_version(), 2);
+    }
+
+    #[test]
+    fn usage_filter_builds_where() {
+        let (clause, params) = usage_where(&UsageFilter {
+            from_ms: Some(5),
+            key_id: Some("k".into()),
+            ..UsageFilter::default()
+        });
+        assert_eq!(clause, " WHERE created_at_ms >= ? AND key_id = ?");
+        assert_eq!(
+            params,
+            vec![Param::Int(Some(5)), Param::Text(Some("k".into()))]
+        );
+        assert_eq!(usage_where(&UsageFilter::default()).0, "");
+    }
+}

@@ -1,0 +1,394 @@
+//! The embedded backend: one SQLite file in write-ahead-log mode.
+//!
+//! `synchronous = NORMAL` in WAL mode makes each commit durable against the process dying
+//! (the case the server must survive: a crash, `kill -9`); only a power cut can lose the last
+//! commits. One connection behind a mutex serves the process: SQLite takes one writer at a
+//! time anyway, and other processes (the `souverain admin` commands) wait on the busy timeout.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::types::{ToSqlOutput, Value};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior};
+
+use super::{
+    AUDIT_COLUMNS, CONTENT_COLUMNS, KEY_COLUMNS, KEY_CONTEXT_SQL, MIGRATIONS, Mutation, Param, Row,
+    Store, USAGE_COLUMNS, audit_append_sql, audit_from_row, content_from_row, key_context_from_row,
+    key_from_row, latest_schema_version, mutation_sql, org_from_row, project_from_row,
+    usage_from_row, usage_where,
+};
+use crate::audit::{self, AuditDraft, AuditEntry, AuditHead};
+use crate::error::StoreError;
+use crate::types::{
+    KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter, UsageRecord,
+};
+
+/// How long a statement waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(Some(v)) => ToSqlOutput::Owned(Value::Integer(*v)),
+            Param::Text(Some(v)) => ToSqlOutput::Borrowed(v.as_str().into()),
+            Param::Int(None) | Param::Text(None) => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+fn map_err(err: rusqlite::Error) -> StoreError {
+    let detail = err.to_string();
+    match err.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => StoreError::Conflict { detail },
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::DiskFull
+            | ErrorCode::ReadOnly
+            | ErrorCode::FileLockingProtocolFailed,
+        ) => StoreError::Unavailable { detail },
+        _ => StoreError::Other { detail },
+    }
+}
+
+struct SqliteRow<'a, 'b>(&'a rusqlite::Row<'b>);
+
+impl Row for SqliteRow<'_, '_> {
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.0.get(i).map_err(map_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        self.0.get(i).map_err(map_err)
+    }
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.0.get(i).map_err(map_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.0.get(i).map_err(map_err)
+    }
+}
+
+/// Runs a query and decodes every row.
+fn query<T>(
+    conn: &Connection,
+    sql: &str,
+    params: &[Param],
+    decode: impl Fn(&dyn Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = conn.prepare_cached(sql).map_err(map_err)?;
+    let mut rows = statement
+        .query(rusqlite::params_from_iter(params.iter()))
+        .map_err(map_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(map_err)? {
+        out.push(decode(&SqliteRow(row))?);
+    }
+    Ok(out)
+}
+
+fn read_head(conn: &Connection) -> Result<AuditHead, StoreError> {
+    conn.query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |row| {
+        Ok(AuditHead {
+            seq: row.get(0)?,
+            hash: row.get(1)?,
+        })
+    })
+    .optional()
+    .map_err(map_err)?
+    .ok_or_else(|| StoreError::Corrupt {
+        table: "audit_head",
+        detail: "the head row is missing".to_owned(),
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and brings its schema up to
+    /// date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|e| StoreError::Unavailable {
+            detail: format!("opening {}: {e}", path.display()),
+        })?;
+        Self::from_connection(conn)
+    }
+
+    /// A private in-memory database (for tests and benchmarks).
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::from_connection(Connection::open_in_memory().map_err(map_err)?)
+    }
+
+    fn from_connection(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+        // `journal_mode` answers with the mode set, so it is a query, not a plain pragma.
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(map_err)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(map_err)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the transaction rolls back
+        // when dropped), so a poisoned lock is safe to take over.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+    )
+    .map_err(map_err)?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    if current > latest_schema_version() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: latest_schema_version(),
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql).map_err(map_err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)",
+            rusqlite::params![
+                version,
+                crate::time::Clock::now_ms(&crate::time::SystemClock)
+            ],
+        )
+        .map_err(map_err)?;
+        tracing::info!(version, "sqlite schema migrated");
+    }
+    tx.commit().map_err(map_err)
+}
+
+impl Store for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(map_err)
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.conn()
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn commit(
+        &self,
+        mutations: &[Mutation],
+        audit_draft: Option<&AuditDraft>,
+    ) -> Result<Option<AuditEntry>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        for mutation in mutations {
+            let ((sql, params), must_change) = mutation_sql(mutation);
+            let changed = tx
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
+                .map_err(map_err)?;
+            if changed == 0
+                && let Some((kind, id)) = must_change
+            {
+                return Err(StoreError::NotFound { kind, id });
+            }
+        }
+        let entry = match audit_draft {
+            Some(draft) => {
+                let entry = audit::seal(&read_head(&tx)?, draft);
+                for (sql, params) in audit_append_sql(&entry) {
+                    tx.prepare_cached(sql)
+                        .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
+                        .map_err(map_err)?;
+                }
+                Some(entry)
+            }
+            None => None,
+        };
+        tx.commit().map_err(map_err)?;
+        Ok(entry)
+    }
+
+    fn reserve_budget(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+        limit: i64,
+        tokens: i64,
+    ) -> Result<Result<i64, i64>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        tx.prepare_cached(
+            "INSERT INTO budget_usage (key_id, period_start_ms, used_tokens) VALUES (?, ?, 0) \
+             ON CONFLICT DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(rusqlite::params![key_id, period_start_ms]))
+        .map_err(map_err)?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE budget_usage SET used_tokens = used_tokens + ? \
+                 WHERE key_id = ? AND period_start_ms = ? AND used_tokens + ? <= ?",
+            )
+            .and_then(|mut s| {
+                s.execute(rusqlite::params![
+                    tokens,
+                    key_id,
+                    period_start_ms,
+                    tokens,
+                    limit
+                ])
+            })
+            .map_err(map_err)?;
+        let used: i64 = tx
+            .query_row(
+                "SELECT used_tokens FROM budget_usage WHERE key_id = ? AND period_start_ms = ?",
+                rusqlite::params![key_id, period_start_ms],
+                |r| r.get(0),
+            )
+            .map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+        Ok(if changed == 1 { Ok(used) } else { Err(used) })
+    }
+
+    fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT used_tokens FROM budget_usage WHERE key_id = ? AND period_start_ms = ?",
+                rusqlite::params![key_id, period_start_ms],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)?
+            .unwrap_or(0))
+    }
+
+    fn get_org(&self, org_id: &str) -> Result<Option<Organisation>, StoreError> {
+        Ok(query(
+            &self.conn(),
+            "SELECT id, name, allowed_regions, created_at_ms FROM organizations WHERE id = ?",
+            &[org_id.into()],
+            |r| org_from_row(r, 0),
+        )?
+        .pop())
+    }
+
+    fn list_orgs(&self) -> Result<Vec<Organisation>, StoreError> {
+        query(
+            &self.conn(),
+            "SELECT id, name, allowed_regions, created_at_ms FROM organizations \
+             ORDER BY created_at_ms, id",
+            &[],
+            |r| org_from_row(r, 0),
+        )
+    }
+
+    fn get_project(&self, project_id: &str) -> Result<Option<Project>, StoreError> {
+        Ok(query(
+            &self.conn(),
+            "SELECT id, org_id, name, retention_secs, created_at_ms FROM projects WHERE id = ?",
+            &[project_id.into()],
+            |r| project_from_row(r, 0),
+        )?
+        .pop())
+    }
+
+    fn list_projects(&self, org_id: &str) -> Result<Vec<Project>, StoreError> {
+        query(
+            &self.conn(),
+            "SELECT id, org_id, name, retention_secs, created_at_ms FROM projects \
+             WHERE org_id = ? ORDER BY created_at_ms, id",
+            &[org_id.into()],
+            |r| project_from_row(r, 0),
+        )
+    }
+
+    fn list_keys(&self, project_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE project_id = ? ORDER BY created_at_ms, id"
+        );
+        query(&self.conn(), &sql, &[project_id.into()], |r| {
+            key_from_row(r, 0)
+        })
+    }
+
+    fn key_context(&self, key_id: &str) -> Result<Option<KeyContext>, StoreError> {
+        Ok(query(
+            &self.conn(),
+            KEY_CONTEXT_SQL,
+            &[key_id.into()],
+            key_context_from_row,
+        )?
+        .pop())
+    }
+
+    fn usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError> {
+        let (clause, params) = usage_where(filter);
+        let sql =
+            format!("SELECT {USAGE_COLUMNS} FROM usage_records{clause} ORDER BY created_at_ms, id");
+        query(&self.conn(), &sql, &params, usage_from_row)
+    }
+
+    fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq");
+        query(&self.conn(), &sql, &[], audit_from_row)
+    }
+
+    fn audit_head(&self) -> Result<AuditHead, StoreError> {
+        read_head(&self.conn())
+    }
+
+    fn retained_content(&self, project_id: &str) -> Result<Vec<RetainedContent>, StoreError> {
+        let sql = format!(
+            "SELECT {CONTENT_COLUMNS} FROM retained_content WHERE project_id = ? \
+             ORDER BY created_at_ms, request_id"
+        );
+        query(&self.conn(), &sql, &[project_id.into()], content_from_row)
+    }
+
+    fn purge_expired_content(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let deleted = self
+            .conn()
+            .execute(
+                "DELETE FROM retained_content WHERE expires_at_ms <= ?",
+                [now_ms],
+            )
+            .map_err(map_err)?;
+        Ok(deleted as u64)
+    }
+}
