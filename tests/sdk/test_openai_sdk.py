@@ -250,3 +250,35 @@ def test_closing_a_stream_frees_the_server(client: openai.OpenAI, model_id: str)
     assert resp.choices[0].finish_reason in {"stop", "length"}
     assert resp.usage.completion_tokens <= 4
     assert elapsed < 60.0
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{server.root_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_tokenize_matches_llama_cpp_and_detokenize_inverts_it(server: Server) -> None:
+    # llama.cpp's ids for this text on SmolLM2 (crates/model/tests/golden, first case).
+    out = _post(server, "/tokenize", {"prompt": "The capital of France is"})
+    assert out["tokens"] == [504, 3575, 282, 4649, 314]
+    assert out["count"] == 5
+    assert out["max_model_len"] >= 2048
+    back = _post(server, "/detokenize", {"tokens": out["tokens"]})
+    assert back["prompt"] == "The capital of France is"
+    chat = _post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    text = _post(server, "/detokenize", {"tokens": chat["tokens"]})["prompt"]
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_metrics_count_requests(server: Server, client: openai.OpenAI, model_id: str) -> None:
+    greedy(client, model_id, [{"role": "user", "content": "Say hi."}], max_tokens=2)
+    with urllib.request.urlopen(f"{server.root_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert re.search(r"^souverain_generation_tokens_total\{[^}]*\} [1-9]", text, re.M), text
+    assert "vllm:num_requests_running" in text

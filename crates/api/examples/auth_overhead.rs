@@ -42,6 +42,9 @@ impl Backend for Instant1 {
     fn tokenize(&self, text: &str) -> Vec<u32> {
         (0..text.split_whitespace().count() as u32).collect()
     }
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        Ok(tokens.iter().map(|t| format!("w{t} ")).collect())
+    }
     fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
         let (tx, rx) = unbounded_channel();
         let _ = tx.send(Event::Text("ok".into()));

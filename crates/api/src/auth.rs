@@ -199,7 +199,9 @@ pub(crate) async fn authenticate(
     req: Request,
     next: Next,
 ) -> Response {
-    if !(req.uri().path().starts_with("/v1/") || req.uri().path() == "/v1") {
+    let path = req.uri().path();
+    let tokenizer_only = path == "/tokenize" || path == "/detokenize";
+    if !(path.starts_with("/v1/") || path == "/v1" || tokenizer_only) {
         return next.run(req).await;
     }
     let started = Instant::now();
@@ -221,8 +223,8 @@ pub(crate) async fn authenticate(
     if let Err(denial) = control.check_region(&ctx) {
         return reject(&control, &ctx, "", started, denial.into()).await;
     }
-    if req.method() != Method::POST {
-        // Listing models runs nothing: authenticated, not metered.
+    if req.method() != Method::POST || tokenizer_only {
+        // Listing models and tokenising run no generation: authenticated, not metered.
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();

@@ -22,6 +22,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Tokenises text as a prompt (special tokens added as the model wants them).
     fn tokenize(&self, text: &str) -> Vec<u32>;
 
+    /// The text of token ids (special tokens shown); an id outside the vocabulary is an
+    /// `InvalidRequest`.
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;
+
     /// Starts a generation. Events arrive on the receiver: any number of `Text`, then one
     /// `Done` or `Failed`. Dropping the receiver cancels the generation.
     fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError>;

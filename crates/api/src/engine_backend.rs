@@ -22,6 +22,10 @@ impl Backend for Engine {
         Engine::tokenize(self, text)
     }
 
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        Engine::detokenize(self, tokens)
+    }
+
     fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
         Engine::generate(self, req)
     }

@@ -5,6 +5,7 @@
 //! - `GET /v1/models`, `GET /v1/models/{id}`
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
+//! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //!
 //! Requests are validated once into a validated request (every bad field named in the error's
 //! `param`); every error, unknown routes and wrong methods included, is an OpenAI error object
@@ -35,6 +36,7 @@ mod metrics;
 mod openai;
 mod routes;
 mod stream;
+mod tokenize;
 mod validate;
 
 use std::future::Future;
@@ -58,6 +60,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         // After the routes: it applies to the routes present when it is called.
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::unknown_url)

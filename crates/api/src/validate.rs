@@ -130,7 +130,7 @@ pub(crate) fn completion(
     })
 }
 
-fn check_model(model: Option<&str>, model_id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(model: Option<&str>, model_id: &str) -> Result<(), ApiError> {
     match model {
         None => Err(ApiError::invalid("model", "`model` is required")),
         Some(model) if model == model_id => Ok(()),
@@ -140,7 +140,7 @@ fn check_model(model: Option<&str>, model_id: &str) -> Result<(), ApiError> {
     }
 }
 
-fn chat_message(index: usize, message: &RawMessage) -> Result<ChatMessage, ApiError> {
+pub(crate) fn chat_message(index: usize, message: &RawMessage) -> Result<ChatMessage, ApiError> {
     let role = message.role.as_deref().ok_or_else(|| {
         ApiError::invalid(
             format!("messages[{index}].role"),

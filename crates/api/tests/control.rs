@@ -322,6 +322,23 @@ async fn keys_work_and_bad_keys_get_401() {
         .unwrap();
     assert_eq!(send(server.app(), models).await.status(), StatusCode::OK);
 
+    // Tokenising needs a key too, and is not metered.
+    let tokenize = |key: Option<&str>| {
+        let mut r = Request::post("/tokenize").header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        r.body(Body::from(r#"{"prompt": "one two"}"#)).unwrap()
+    };
+    assert_eq!(
+        send(server.app(), tokenize(None)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(server.app(), tokenize(Some(&key))).await.status(),
+        StatusCode::OK
+    );
+
     let (status, json) = json_of(send(server.app(), chat(None, "")).await).await;
     assert_error(
         status,
@@ -422,7 +439,7 @@ async fn keys_work_and_bad_keys_get_401() {
         .iter()
         .filter(|e| e["action"] == "auth.failure")
         .count();
-    assert_eq!(failures, 8, "{audit}");
+    assert_eq!(failures, 9, "{audit}"); // including the keyless /tokenize
 }
 
 #[tokio::test]

@@ -641,3 +641,58 @@ async fn metrics_is_prometheus_text() {
             .starts_with("text/plain")
     );
 }
+
+#[tokio::test]
+async fn tokenize_and_detokenize_round_trip() {
+    let fake = FakeBackend::new(Mode::Echo);
+    let (status, json) = send_json(
+        fake.app(),
+        post_json("/tokenize", r#"{"prompt": "one two one"}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["tokens"], json!([0, 1, 0]));
+    assert_eq!(json["count"], 3);
+    assert!(json["max_model_len"].as_u64().unwrap() > 0);
+
+    // A chat is rendered with the template first (the fake's template joins role and text).
+    let (status, chat) = send_json(
+        fake.app(),
+        post_json(
+            "/tokenize",
+            r#"{"messages": [{"role": "user", "content": "one two"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    assert!(chat["count"].as_u64().unwrap() >= 2);
+
+    let (status, text) = send_json(
+        fake.app(),
+        post_json("/detokenize", r#"{"tokens": [1, 0]}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text["prompt"], "two one");
+
+    for (uri, body, param) in [
+        ("/tokenize", r#"{}"#, None),
+        ("/tokenize", r#"{"prompt": "a", "messages": []}"#, None),
+        ("/tokenize", r#"{"messages": []}"#, Some("messages")),
+        (
+            "/tokenize",
+            r#"{"prompt": "a", "model": "other"}"#,
+            Some("model"),
+        ),
+        ("/detokenize", r#"{"tokens": [-1]}"#, Some("tokens[0]")),
+        ("/detokenize", r#"{"tokens": "x"}"#, None),
+    ] {
+        let (status, json) = send_json(fake.app(), post_json(uri, body)).await;
+        assert!(status.is_client_error(), "{uri} {body}: {status}");
+        if let Some(param) = param {
+            assert_eq!(json["error"]["param"], param, "{uri} {body}");
+        }
+    }
+    let (status, _) = send_json(fake.app(), post_json("/detokenize", r#"{"tokens": [999]}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

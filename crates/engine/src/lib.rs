@@ -347,6 +347,13 @@ impl Engine {
         ids
     }
 
+    /// The text of token ids, special tokens shown.
+    pub fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        self.tokenizer
+            .decode(tokens, false)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+    }
+
     /// Queues a generation. Events arrive on the returned channel; dropping it cancels.
     pub fn generate(
         &self,

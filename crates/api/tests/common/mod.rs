@@ -115,6 +115,20 @@ impl Backend for FakeBackend {
         Ok(text)
     }
 
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        let vocab = self.vocab.lock().unwrap();
+        tokens
+            .iter()
+            .map(|&t| {
+                vocab
+                    .get(t as usize)
+                    .cloned()
+                    .ok_or_else(|| EngineError::InvalidRequest(format!("unknown token {t}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|words| words.join(" "))
+    }
+
     fn tokenize(&self, text: &str) -> Vec<u32> {
         let mut vocab = self.vocab.lock().unwrap();
         text.split_whitespace()
