@@ -444,6 +444,11 @@ impl Meter {
                             break Ending::Cancelled;
                         }
                     }
+                    Some(lp @ Event::Logprobs(_)) => {
+                        if tx.send(lp).is_err() {
+                            break Ending::Cancelled;
+                        }
+                    }
                     Some(Event::Done { finish_reason, usage }) => {
                         let (p, c) = (usage.prompt_tokens as u64, usage.completion_tokens as u64);
                         break Ending::Done(Event::Done { finish_reason, usage }, p, c);

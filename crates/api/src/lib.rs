@@ -32,6 +32,7 @@ mod backend;
 mod engine_backend;
 mod error;
 mod extract;
+mod logprobs;
 mod metrics;
 mod openai;
 mod routes;

@@ -31,6 +31,11 @@ pub(crate) struct ChatCompletionRequest {
     pub(crate) top_k: Option<i64>,
     pub(crate) min_p: Option<f64>,
     pub(crate) repetition_penalty: Option<f64>,
+    pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Mistral's name for `seed`.
+    pub(crate) random_seed: Option<serde_json::Number>,
+    /// Mistral's switch that puts its guardrail prompt before the conversation.
+    pub(crate) safe_prompt: Option<bool>,
 }
 
 /// `POST /v1/completions` as received.
@@ -55,6 +60,9 @@ pub(crate) struct CompletionRequest {
     pub(crate) top_k: Option<i64>,
     pub(crate) min_p: Option<f64>,
     pub(crate) repetition_penalty: Option<f64>,
+    pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Mistral's name for `seed`.
+    pub(crate) random_seed: Option<serde_json::Number>,
 }
 
 /// The fields both endpoints share, borrowed out of either request for one validation.
@@ -72,6 +80,8 @@ pub(crate) struct RawSampling<'a> {
     pub(crate) top_k: Option<i64>,
     pub(crate) min_p: Option<f64>,
     pub(crate) repetition_penalty: Option<f64>,
+    pub(crate) logit_bias: Option<&'a serde_json::Map<String, Value>>,
+    pub(crate) random_seed: Option<&'a serde_json::Number>,
 }
 
 /// Builds [`RawSampling`] from a request type that has all its fields.
@@ -92,6 +102,8 @@ macro_rules! raw_sampling {
                     top_k: self.top_k,
                     min_p: self.min_p,
                     repetition_penalty: self.repetition_penalty,
+                    logit_bias: self.logit_bias.as_ref(),
+                    random_seed: self.random_seed.as_ref(),
                 }
             }
         }

@@ -140,6 +140,7 @@ async fn respond(
         created: unix_now(),
         model: app.backend.model_id().to_owned(),
         include_usage: valid.include_usage,
+        logprobs: valid.logprobs.is_some(),
     };
     let stream = valid.stream;
     let admission = admission.map(|Extension(admission)| (admission, meta.id.clone()));
@@ -204,6 +205,7 @@ async fn start_generation(
         max_tokens: valid.max_tokens,
         stop: valid.stop,
         stop_at_eog: true,
+        logprobs: valid.logprobs,
     });
     match meter {
         Some(meter) => meter.track(generated),
@@ -218,9 +220,11 @@ async fn whole_response(
     mut receiver: UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut token_logprobs = Vec::new();
     let (finish_reason, usage) = loop {
         match receiver.recv().await {
             Some(Event::Text(piece)) => text.push_str(&piece),
+            Some(Event::Logprobs(lp)) => token_logprobs.push(lp),
             Some(Event::Done {
                 finish_reason,
                 usage,
@@ -256,7 +260,9 @@ async fn whole_response(
                     role: "assistant",
                     content: &text,
                 },
-                logprobs: None,
+                logprobs: meta
+                    .logprobs
+                    .then(|| crate::logprobs::chat(&token_logprobs)),
                 finish_reason,
             }],
             usage,
@@ -273,7 +279,9 @@ async fn whole_response(
             choices: vec![TextChoice {
                 text: &text,
                 index: 0,
-                logprobs: None,
+                logprobs: meta
+                    .logprobs
+                    .then(|| crate::logprobs::completion(&token_logprobs, 0)),
                 finish_reason: Some(finish_reason),
             }],
             usage: Some(Some(usage)),

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use engine::{Event, FinishReason, Usage};
+use engine::{Event, FinishReason, TokenLogprobs, Usage};
 use futures::Stream;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -36,6 +36,8 @@ pub(crate) struct ChunkMeta {
     pub(crate) created: u64,
     pub(crate) model: String,
     pub(crate) include_usage: bool,
+    /// The request asked for token log-probabilities.
+    pub(crate) logprobs: bool,
 }
 
 impl ChunkMeta {
@@ -57,8 +59,16 @@ impl ChunkMeta {
     }
 
     /// The chunk that carries `delta` (chat) or `text` (completions), or only a finish reason.
-    fn chunk(&self, role: bool, text: Option<&str>, finish: Option<FinishReason>) -> String {
+    fn chunk(
+        &self,
+        role: bool,
+        text: Option<&str>,
+        finish: Option<FinishReason>,
+        logprobs: &[TokenLogprobs],
+        text_offset: usize,
+    ) -> String {
         let finish_reason = finish.map(FinishReason::as_str);
+        let wanted = self.logprobs && !logprobs.is_empty();
         match self.endpoint {
             Endpoint::Chat => to_json(&ChatChunk {
                 header: self.header(),
@@ -69,7 +79,7 @@ impl ChunkMeta {
                         role: role.then_some("assistant"),
                         content: text,
                     },
-                    logprobs: None,
+                    logprobs: wanted.then(|| crate::logprobs::chat(logprobs)),
                     finish_reason,
                 }],
                 usage: self.usage_placeholder(),
@@ -79,7 +89,7 @@ impl ChunkMeta {
                 choices: vec![TextChoice {
                     text: text.unwrap_or_default(),
                     index: 0,
-                    logprobs: None,
+                    logprobs: wanted.then(|| crate::logprobs::completion(logprobs, text_offset)),
                     finish_reason,
                 }],
                 usage: self.usage_placeholder(),
@@ -133,6 +143,10 @@ struct ChunkStream {
     receiver: Option<UnboundedReceiver<Event>>,
     /// Events ready to send before reading the receiver again.
     pending: VecDeque<SseEvent>,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    token_logprobs: Vec<TokenLogprobs>,
+    /// Characters of text sent so far (completions' `text_offset`).
+    sent_chars: usize,
 }
 
 impl ChunkStream {
@@ -144,10 +158,15 @@ impl ChunkStream {
         match receiver.recv().await {
             Some(Event::Text(text)) => {
                 if !text.is_empty() {
-                    let chunk = self.meta.chunk(false, Some(&text), None);
+                    let logprobs = std::mem::take(&mut self.token_logprobs);
+                    let chunk =
+                        self.meta
+                            .chunk(false, Some(&text), None, &logprobs, self.sent_chars);
+                    self.sent_chars += text.chars().count();
                     self.pending.push_back(SseEvent::default().data(chunk));
                 }
             }
+            Some(Event::Logprobs(lp)) => self.token_logprobs.push(lp),
             Some(Event::Done {
                 finish_reason,
                 usage,
@@ -164,7 +183,10 @@ impl ChunkStream {
                     Endpoint::Chat => None,
                     Endpoint::Completion => Some(""),
                 };
-                let finish = self.meta.chunk(false, text, Some(finish_reason));
+                let logprobs = std::mem::take(&mut self.token_logprobs);
+                let finish =
+                    self.meta
+                        .chunk(false, text, Some(finish_reason), &logprobs, self.sent_chars);
                 self.pending.push_back(SseEvent::default().data(finish));
                 if self.meta.include_usage {
                     let usage = self.meta.usage_chunk(usage);
@@ -196,12 +218,14 @@ pub(crate) fn chunk_stream(
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let mut pending = VecDeque::new();
     if meta.endpoint == Endpoint::Chat {
-        pending.push_back(SseEvent::default().data(meta.chunk(true, Some(""), None)));
+        pending.push_back(SseEvent::default().data(meta.chunk(true, Some(""), None, &[], 0)));
     }
     let state = ChunkStream {
         meta,
         receiver: Some(receiver),
         pending,
+        token_logprobs: Vec::new(),
+        sent_chars: 0,
     };
     futures::stream::unfold(state, |mut state| async move {
         loop {
@@ -234,13 +258,15 @@ mod tests {
             created: 7,
             model: "m".to_owned(),
             include_usage,
+            logprobs: false,
         }
     }
 
     #[test]
     fn chat_chunk_shape() {
         let json: serde_json::Value =
-            serde_json::from_str(&meta(Endpoint::Chat, false).chunk(true, Some(""), None)).unwrap();
+            serde_json::from_str(&meta(Endpoint::Chat, false).chunk(true, Some(""), None, &[], 0))
+                .unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -256,7 +282,7 @@ mod tests {
     fn usage_is_null_until_the_last_chunk() {
         let m = meta(Endpoint::Completion, true);
         let chunk: serde_json::Value =
-            serde_json::from_str(&m.chunk(false, Some("a"), None)).unwrap();
+            serde_json::from_str(&m.chunk(false, Some("a"), None, &[], 0)).unwrap();
         assert_eq!(chunk["usage"], serde_json::Value::Null);
         assert!(chunk.as_object().unwrap().contains_key("usage"));
         let last: serde_json::Value = serde_json::from_str(&m.usage_chunk(Usage {

@@ -14,6 +14,14 @@ pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 /// OpenAI accepts at most this many stop sequences.
 const MAX_STOP_SEQUENCES: usize = 4;
 
+/// The most alternatives `/v1/completions` may ask for with `logprobs` (OpenAI's limit).
+const MAX_COMPLETION_LOGPROBS: i64 = 5;
+
+/// Mistral's guardrail prompt, put before the conversation when `safe_prompt` is true.
+const MISTRAL_SAFE_PROMPT: &str = "Always assist with care, respect, and truth. Respond with \
+utmost utility yet securely. Avoid harmful, unethical, prejudiced, or negative content. Ensure \
+replies promote fairness and positivity.";
+
 /// The roles a chat message may have.
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 
@@ -37,6 +45,8 @@ pub(crate) struct ValidRequest {
     pub(crate) stream: bool,
     /// `stream_options.include_usage`: send a last chunk with the token counts.
     pub(crate) include_usage: bool,
+    /// Report token log-probabilities with this many alternatives each.
+    pub(crate) logprobs: Option<usize>,
 }
 
 /// Validates a chat completion request against the served model `model_id`.
@@ -56,11 +66,39 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
             .map(|(index, message)| chat_message(index, message))
             .collect::<Result<Vec<_>, _>>()?,
     };
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "`logprobs` is not supported by this server yet",
-        ));
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), top) => {
+            let top = top.unwrap_or(0);
+            if !(0..=engine::MAX_TOP_LOGPROBS as i64).contains(&top) {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` is {top}; it must be between 0 and 20"),
+                ));
+            }
+            Some(top as usize)
+        }
+        (_, Some(top)) if top != 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            ));
+        }
+        _ => None,
+    };
+    let mut messages = messages;
+    if req.safe_prompt == Some(true) {
+        match messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{MISTRAL_SAFE_PROMPT}\n\n{}", first.content);
+            }
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".to_owned(),
+                    content: MISTRAL_SAFE_PROMPT.to_owned(),
+                },
+            ),
+        }
     }
     if let Some(format) = &req.response_format
         && format.kind != "text"
@@ -83,6 +121,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
         stop: common.stop,
         stream: common.stream,
         include_usage: common.include_usage,
+        logprobs,
     })
 }
 
@@ -99,12 +138,16 @@ pub(crate) fn completion(
             "`echo` is not supported by this server yet",
         ));
     }
-    if req.logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "`logprobs` is not supported by this server yet",
-        ));
-    }
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(n) if (0..=MAX_COMPLETION_LOGPROBS).contains(&n) => Some(n as usize),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` is {n}; it must be between 0 and {MAX_COMPLETION_LOGPROBS}"),
+            ));
+        }
+    };
     if req.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             "best_of",
@@ -127,6 +170,7 @@ pub(crate) fn completion(
         stop: common.stop,
         stream: common.stream,
         include_usage: common.include_usage,
+        logprobs,
     })
 }
 
@@ -278,9 +322,43 @@ fn common(raw: RawSampling<'_>) -> Result<Common, ApiError> {
             )
         })?,
     };
-    let seed = match raw.seed {
-        None => None,
-        Some(number) => Some(seed(number)?),
+    let seed = match (raw.seed, raw.random_seed) {
+        (None, None) => None,
+        (Some(number), None) | (None, Some(number)) => Some(seed(number)?),
+        (Some(a), Some(b)) if a == b => Some(seed(a)?),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "random_seed",
+                "`seed` and `random_seed` (its Mistral name) differ; give one",
+            ));
+        }
+    };
+    let logit_bias = match raw.logit_bias {
+        None => Vec::new(),
+        Some(map) => map
+            .iter()
+            .map(|(token, bias)| {
+                let param = || format!("logit_bias.{token}");
+                let id = token.parse::<u32>().map_err(|_| {
+                    ApiError::invalid(
+                        param(),
+                        format!("`logit_bias` key {token:?} is not a token id"),
+                    )
+                })?;
+                let value = bias
+                    .as_f64()
+                    .filter(|b| (-100.0..=100.0).contains(b))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            param(),
+                            format!(
+                                "`logit_bias` for token {id} must be a number between -100 and 100"
+                            ),
+                        )
+                    })?;
+                Ok((id, value as f32))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?,
     };
     let stream = raw.stream.unwrap_or(false);
     // Outside streaming, usage is always in the response; the option only shapes chunks.
@@ -300,6 +378,7 @@ fn common(raw: RawSampling<'_>) -> Result<Common, ApiError> {
             repetition_penalty: repetition_penalty as f32,
             frequency_penalty: frequency_penalty as f32,
             presence_penalty: presence_penalty as f32,
+            logit_bias,
         },
         stop: stop_sequences(raw.stop)?,
         stream,
@@ -423,6 +502,30 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_bias_seed_alias_and_safe_prompt() {
+        let valid = chat_json(
+            r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}],
+                "logprobs":true,"top_logprobs":3,"logit_bias":{"7":-100,"9":2.5},
+                "random_seed":11,"safe_prompt":true}"#,
+        )
+        .unwrap();
+        assert_eq!(valid.logprobs, Some(3));
+        assert_eq!(valid.sampling.logit_bias, vec![(7, -100.0), (9, 2.5)]);
+        assert_eq!(valid.sampling.seed, Some(11));
+        let Prompt::Chat(messages) = &valid.prompt else {
+            panic!("chat prompt expected");
+        };
+        assert_eq!(messages[0].role, "system");
+        assert!(messages[0].content.starts_with("Always assist with care"));
+        assert_eq!(messages[1].content, "hi");
+        let plain = chat_json(
+            r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}],"logprobs":false}"#,
+        )
+        .unwrap();
+        assert_eq!(plain.logprobs, None);
+    }
+
+    #[test]
     fn every_field_is_carried() {
         let valid = chat_json(
             r#"{"model":"test-model","messages":[{"role":"system","content":"s"},
@@ -450,6 +553,7 @@ mod tests {
                 repetition_penalty: 1.1,
                 frequency_penalty: 2.0,
                 presence_penalty: -1.5,
+                logit_bias: Vec::new(),
             }
         );
         let Prompt::Chat(messages) = valid.prompt else {
@@ -503,7 +607,11 @@ mod tests {
             (format!(r#"{{"model":"test-model",{m},"stop":[""]}}"#), "stop"),
             (format!(r#"{{"model":"test-model",{m},"stop":[1]}}"#), "stop"),
             (format!(r#"{{"model":"test-model",{m},"stop":{{}}}}"#), "stop"),
-            (format!(r#"{{"model":"test-model",{m},"logprobs":true}}"#), "logprobs"),
+            (format!(r#"{{"model":"test-model",{m},"logprobs":true,"top_logprobs":21}}"#), "top_logprobs"),
+            (format!(r#"{{"model":"test-model",{m},"top_logprobs":2}}"#), "top_logprobs"),
+            (format!(r#"{{"model":"test-model",{m},"logit_bias":{{"x":1}}}}"#), "logit_bias.x"),
+            (format!(r#"{{"model":"test-model",{m},"logit_bias":{{"5":101}}}}"#), "logit_bias.5"),
+            (format!(r#"{{"model":"test-model",{m},"seed":1,"random_seed":2}}"#), "random_seed"),
             (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_object"}}}}"#), "response_format"),
             (format!(r#"{{"model":"test-model",{m},"temperature":"hot"}}"#), "temperature"),
             (format!(r#"{{"model":"test-model",{m},"stream":"yes"}}"#), "stream"),
@@ -570,7 +678,7 @@ mod tests {
                 "best_of",
             ),
             (
-                r#"{"model":"test-model","prompt":"a","logprobs":2}"#,
+                r#"{"model":"test-model","prompt":"a","logprobs":6}"#,
                 "logprobs",
             ),
             (

@@ -340,6 +340,7 @@ fn stream_to(engine: &Engine, request: GenerateRequest, out: &mut dyn Write) -> 
                 out.flush()?;
                 text.push_str(&t);
             }
+            Event::Logprobs(_) => {}
             Event::Done { .. } => return Ok(text),
             Event::Failed(e) => bail!("generation failed: {e}"),
         }

@@ -37,7 +37,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use metrics::Metrics;
 pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
-pub use types::{ChatMessage, Event, FinishReason, GenerateRequest, SamplingParams, Usage};
+pub use types::{
+    ChatMessage, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS, SamplingParams,
+    TokenLogprobs, Usage,
+};
 
 use scheduler::{Job, Limits, Scheduler};
 
@@ -140,6 +143,7 @@ impl GenerateRequest {
             max_tokens: None,
             stop: Vec::new(),
             stop_at_eog: true,
+            logprobs: None,
         }
     }
 }
@@ -360,6 +364,17 @@ impl Engine {
         request: GenerateRequest,
     ) -> Result<UnboundedReceiver<Event>, EngineError> {
         validate(&request, self.context_length)?;
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(&(bad, _)) = request
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|&&(t, _)| t as usize >= vocab)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "logit_bias names token {bad}, outside the vocabulary of {vocab}"
+            )));
+        }
         let queued = &self.metrics.queued;
         let waiting = queued.fetch_add(1, Relaxed) as usize;
         if waiting >= self.max_waiting {
@@ -417,6 +432,15 @@ fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineErro
     }
     if r.max_tokens == Some(0) {
         return bad("max_tokens must be at least 1");
+    }
+    if r.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return bad("top_logprobs must be at most 20");
+    }
+    if s.logit_bias
+        .iter()
+        .any(|&(_, b)| !(-100.0..=100.0).contains(&b))
+    {
+        return bad("logit_bias values must be in [-100, 100]");
     }
     Ok(())
 }

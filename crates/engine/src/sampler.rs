@@ -29,6 +29,11 @@ impl Sampler {
     /// Picks the next token. `history` is every token so far (prompt and generated) and
     /// `generated` the count at its end that the model produced.
     pub(crate) fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: usize) -> u32 {
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         apply_penalties(&self.params, logits, history, generated);
         if self.params.temperature <= 0.0 {
             return argmax(logits);
@@ -122,6 +127,30 @@ fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32], gene
     }
 }
 
+/// Natural-log probabilities of `token` and of the `k` most likely tokens under `logits`
+/// (a numerically stable log-softmax; ties keep the lower id first).
+pub(crate) fn logprobs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    let lp = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - log_z)
+    };
+    let mut top: Vec<u32> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() < k || l > logits[top[top.len() - 1] as usize] {
+                let at = top.partition_point(|&t| logits[t as usize] >= l);
+                top.insert(at, i as u32);
+                top.truncate(k);
+            }
+        }
+    }
+    (lp(token), top.into_iter().map(|t| (t, lp(t))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +160,28 @@ mod tests {
             seed: Some(7),
             ..SamplingParams::default()
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_sorted_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lp - (2f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f32 = logits.iter().map(|&l| (l - z.ln()).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
+    }
+
+    #[test]
+    fn logit_bias_can_force_and_ban() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(0, 100.0), (2, -100.0)],
+            ..params()
+        });
+        assert_eq!(s.sample(&mut [0.0, 5.0, 9.0], &[], 0), 0);
     }
 
     #[test]

@@ -62,6 +62,7 @@ struct Sequence {
     generated: usize,
     max_new: usize,
     stop_at_eog: bool,
+    logprobs: Option<usize>,
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
@@ -84,6 +85,7 @@ impl Sequence {
             generated: 0,
             max_new: r.max_tokens.map_or(room, |m| m.min(room)),
             stop_at_eog: r.stop_at_eog,
+            logprobs: r.logprobs,
             sampler: Sampler::new(r.sampling),
             decoder: StreamDecoder::new(true),
             stops: StopMatcher::new(r.stop),
@@ -410,6 +412,8 @@ impl Scheduler {
     fn sample_and_emit(&mut self, i: usize, logits: &mut [f32]) -> Outcome {
         let now = Instant::now();
         let seq = &mut self.running[i];
+        // Log-probabilities come from the raw logits, before the sampler changes them.
+        let raw = seq.logprobs.map(|k| (k, logits.to_vec()));
         let token = seq.sampler.sample(logits, &seq.tokens, seq.generated);
         seq.tokens.push(token);
         seq.generated += 1;
@@ -427,6 +431,22 @@ impl Scheduler {
         seq.last_token_at = Some(now);
 
         let send = |seq: &Sequence, e: Event| seq.events.send(e).is_ok();
+        let ends_here = seq.stop_at_eog && self.tokenizer.is_eog(token);
+        if let Some((k, raw)) = raw
+            && !ends_here
+        {
+            let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default().to_vec();
+            let (logprob, top) = crate::sampler::logprobs(&raw, token, k);
+            let event = Event::Logprobs(crate::TokenLogprobs {
+                token,
+                bytes: bytes(token),
+                logprob,
+                top: top.into_iter().map(|(t, lp)| (t, bytes(t), lp)).collect(),
+            });
+            if !send(seq, event) {
+                return Outcome::Finished;
+            }
+        }
         let done = |seq: &Sequence, reason| {
             send(
                 seq,
@@ -437,7 +457,7 @@ impl Scheduler {
             );
             Outcome::Finished
         };
-        if seq.stop_at_eog && self.tokenizer.is_eog(token) {
+        if ends_here {
             let rest = seq.decoder.finish() + &seq.stops.finish();
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
                 return Outcome::Finished;

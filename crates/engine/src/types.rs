@@ -26,6 +26,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// OpenAI's `presence_penalty`: subtracted once if the token occurred; 0 disables.
     pub presence_penalty: f32,
+    /// Added to the logits of these tokens before anything else (OpenAI's `logit_bias`;
+    /// -100 effectively bans a token, 100 effectively forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -39,6 +42,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -56,6 +60,26 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Stop at the model's end-of-generation tokens (true for normal use).
     pub stop_at_eog: bool,
+    /// Report each generated token's log-probability and this many most likely
+    /// alternatives (`Event::Logprobs`); `None` reports nothing.
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives [`GenerateRequest::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token with its log-probability under the model (computed from the raw
+/// logits, before biases, penalties and temperature) and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token chosen.
+    pub token: u32,
+    /// Its bytes (a token may be part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first: (id, bytes, logprob).
+    pub top: Vec<(u32, Vec<u8>, f32)>,
 }
 
 /// Why a generation ended, named as OpenAI names it.
@@ -98,6 +122,9 @@ pub struct Usage {
 pub enum Event {
     /// New text, always whole UTF-8 characters; never contains (part of) a stop sequence.
     Text(String),
+    /// A generated token's log-probabilities, sent before the text it produces (when the
+    /// request asked for them).
+    Logprobs(TokenLogprobs),
     /// The generation ended normally.
     Done {
         /// Why it ended.
