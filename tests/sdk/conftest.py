@@ -4,6 +4,8 @@ Environment:
     SOUVERAIN_BIN    the server binary (default: <repo>/target/release/souverain)
     SOUVERAIN_MODEL  the GGUF model to serve
                      (default: ~/.cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf)
+    SOUVERAIN_EMBEDDING_MODEL  when set, an embedding model directory served beside it
+                     (`--embedding-model`; see scripts/fetch-embedding-model)
 
 Run:
     python3 -m venv .venv-sdk && .venv-sdk/bin/pip install -r tests/sdk/requirements.txt
@@ -44,6 +46,8 @@ class Server:
     base_url: str  # http://127.0.0.1:PORT/v1
     root_url: str  # http://127.0.0.1:PORT
     model_id: str
+    # The embedding model's id when one is served (SOUVERAIN_EMBEDDING_MODEL), else None.
+    embedding_model_id: str | None = None
 
 
 def _free_port() -> int:
@@ -101,6 +105,9 @@ def server() -> Iterator[Server]:
         "--threads",
         "2",
     ]
+    embedding_model = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
+    if embedding_model:
+        cmd += ["--embedding-model", str(Path(embedding_model).expanduser())]
     with tempfile.TemporaryDirectory(prefix="souverain-sdk-") as tmp:
         # Server output goes to a file, not a pipe: a pipe nobody reads can fill and stall it.
         log_path = Path(tmp) / "server.log"
@@ -131,13 +138,16 @@ def server() -> Iterator[Server]:
                 max_retries=0,
             )
             models = client.models.list().data
-            if len(models) != 1:
-                pytest.fail(f"expected exactly one served model, got {models!r}")
+            # The chat model is listed first, then the embedding model when one is served.
+            expected = 2 if embedding_model else 1
+            if len(models) != expected:
+                pytest.fail(f"expected {expected} served model(s), got {models!r}")
             yield Server(
                 client=client,
                 base_url=f"{root_url}/v1",
                 root_url=root_url,
                 model_id=models[0].id,
+                embedding_model_id=models[1].id if embedding_model else None,
             )
         finally:
             _stop(proc)

@@ -37,11 +37,13 @@ def greedy(client: openai.OpenAI, model: str, messages: list[dict[str, str]], **
 # models
 
 
-def test_models_list_has_exactly_one_model(client: openai.OpenAI) -> None:
-    models = client.models.list().data
-    assert len(models) == 1
+def test_models_list_has_exactly_one_model(server: Server) -> None:
+    # One chat model, and the embedding model after it when one is served beside it.
+    models = server.client.models.list().data
+    assert len(models) == (1 if server.embedding_model_id is None else 2)
     assert models[0].object == "model"
     assert isinstance(models[0].id, str) and models[0].id
+    assert models[0].id == server.model_id
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Tokenises text as a prompt (special tokens added as the model wants them).
     fn tokenize(&self, text: &str) -> Vec<u32>;
 
+    /// Encodes a conversation to the prompt's token ids. By default the rendered chat is
+    /// tokenised; a model whose chat format is defined on tokens (Mistral's) encodes it
+    /// directly.
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        Ok(self.tokenize(&self.render_chat(messages)?))
+    }
+
+    /// Encodes a chat request given as JSON (OpenAI's shape, `tools` included) when the
+    /// model's chat format is defined on tokens (Mistral's); `None` otherwise.
+    fn tokenize_chat_json(&self, _json: &str) -> Option<Result<Vec<u32>, EngineError>> {
+        None
+    }
+
     /// The text of token ids (special tokens shown); an id outside the vocabulary is an
     /// `InvalidRequest`.
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;

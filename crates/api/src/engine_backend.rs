@@ -22,6 +22,14 @@ impl Backend for Engine {
         Engine::tokenize(self, text)
     }
 
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        Engine::tokenize_chat(self, messages)
+    }
+
+    fn tokenize_chat_json(&self, json: &str) -> Option<Result<Vec<u32>, EngineError>> {
+        Engine::tokenize_mistral_chat_json(self, json)
+    }
+
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
         Engine::detokenize(self, tokens)
     }

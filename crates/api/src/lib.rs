@@ -5,6 +5,8 @@
 //! - `GET /v1/models`, `GET /v1/models/{id}`
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
+//! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model:
+//!   [`router_with`])
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //!
 //! Requests are validated once into a validated request (every bad field named in the error's
@@ -29,6 +31,7 @@
 mod admin;
 mod auth;
 mod backend;
+mod embeddings;
 mod engine_backend;
 mod error;
 mod extract;
@@ -49,11 +52,24 @@ use axum::routing::{get, post};
 
 pub use crate::auth::{router_with_control, serve_with_control};
 pub use crate::backend::Backend;
+pub use crate::embeddings::{
+    EmbeddingBackend, MAX_EMBEDDING_INPUTS, router_with_control_and_embedder, serve_with_embedder,
+};
 pub use crate::error::{ApiError, Refusal};
 pub use crate::extract::MAX_BODY_BYTES;
 
 /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
 pub fn router(backend: Arc<dyn Backend>) -> Router {
+    router_with(backend, None)
+}
+
+/// [`router`] serving an embedding model on `/v1/embeddings` beside the chat model (both
+/// listed by `/v1/models`). Without one, `/v1/embeddings` answers that no embedding model is
+/// served.
+pub fn router_with(
+    backend: Arc<dyn Backend>,
+    embedder: Option<Arc<dyn EmbeddingBackend>>,
+) -> Router {
     Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(metrics::metrics))
@@ -61,13 +77,14 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         // After the routes: it applies to the routes present when it is called.
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::unknown_url)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(routes::AppState::new(backend))
+        .with_state(routes::AppState::new(backend).with_embedder(embedder))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes, then stops taking connections

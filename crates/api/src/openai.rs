@@ -36,6 +36,14 @@ pub(crate) struct ChatCompletionRequest {
     pub(crate) random_seed: Option<serde_json::Number>,
     /// Mistral's switch that puts its guardrail prompt before the conversation.
     pub(crate) safe_prompt: Option<bool>,
+    /// llama.cpp's `grammar` (GBNF).
+    pub(crate) grammar: Option<String>,
+    /// vLLM's JSON schema.
+    pub(crate) guided_json: Option<Value>,
+    /// vLLM's regular expression.
+    pub(crate) guided_regex: Option<String>,
+    /// vLLM's context-free grammar (Lark syntax).
+    pub(crate) guided_grammar: Option<String>,
 }
 
 /// `POST /v1/completions` as received.
@@ -63,6 +71,15 @@ pub(crate) struct CompletionRequest {
     pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
     /// Mistral's name for `seed`.
     pub(crate) random_seed: Option<serde_json::Number>,
+    pub(crate) response_format: Option<ResponseFormat>,
+    /// llama.cpp's `grammar` (GBNF).
+    pub(crate) grammar: Option<String>,
+    /// vLLM's JSON schema.
+    pub(crate) guided_json: Option<Value>,
+    /// vLLM's regular expression.
+    pub(crate) guided_regex: Option<String>,
+    /// vLLM's context-free grammar (Lark syntax).
+    pub(crate) guided_grammar: Option<String>,
 }
 
 /// The fields both endpoints share, borrowed out of either request for one validation.
@@ -125,11 +142,50 @@ pub(crate) struct StreamOptions {
     pub(crate) include_usage: Option<bool>,
 }
 
-/// `response_format`: only its `type` matters here.
+/// The output constraints a request may carry, borrowed for one validation: OpenAI's
+/// `response_format`, llama.cpp's `grammar`, vLLM's `guided_*`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawConstraint<'a> {
+    pub(crate) response_format: Option<&'a ResponseFormat>,
+    pub(crate) grammar: Option<&'a str>,
+    pub(crate) guided_json: Option<&'a Value>,
+    pub(crate) guided_regex: Option<&'a str>,
+    pub(crate) guided_grammar: Option<&'a str>,
+}
+
+/// Builds [`RawConstraint`] from a request type that has all its fields.
+macro_rules! raw_constraint {
+    ($req:ty) => {
+        impl $req {
+            pub(crate) fn raw_constraint(&self) -> RawConstraint<'_> {
+                RawConstraint {
+                    response_format: self.response_format.as_ref(),
+                    grammar: self.grammar.as_deref(),
+                    guided_json: self.guided_json.as_ref(),
+                    guided_regex: self.guided_regex.as_deref(),
+                    guided_grammar: self.guided_grammar.as_deref(),
+                }
+            }
+        }
+    };
+}
+raw_constraint!(ChatCompletionRequest);
+raw_constraint!(CompletionRequest);
+
+/// `response_format`: `{"type": "text" | "json_object" | "json_schema"}`, the last with
+/// `json_schema: {"name", "schema", "strict"}`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct ResponseFormat {
     #[serde(rename = "type")]
     pub(crate) kind: String,
+    pub(crate) json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `response_format.json_schema`; `name`, `description` and `strict` are accepted and the
+/// schema is always enforced (as if `strict` were true).
+#[derive(Debug, Deserialize)]
+pub(crate) struct JsonSchemaFormat {
+    pub(crate) schema: Option<Value>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ use crate::validate::{self, Prompt, ValidRequest};
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) backend: Arc<dyn Backend>,
+    /// The embedding model served beside the chat model, if any (`/v1/embeddings`).
+    pub(crate) embedder: Option<Arc<dyn crate::EmbeddingBackend>>,
     /// Unix seconds when the router was built: the model's `created`.
     pub(crate) started_at: u64,
 }
@@ -34,8 +36,24 @@ impl AppState {
     pub(crate) fn new(backend: Arc<dyn Backend>) -> Self {
         AppState {
             backend,
+            embedder: None,
             started_at: unix_now(),
         }
+    }
+
+    /// The same state serving `embedder` on `/v1/embeddings` too.
+    pub(crate) fn with_embedder(self, embedder: Option<Arc<dyn crate::EmbeddingBackend>>) -> Self {
+        AppState { embedder, ..self }
+    }
+
+    /// The card of the embedding model, if one is served.
+    fn embedder_card(&self) -> Option<ModelCard<'_>> {
+        self.embedder.as_ref().map(|e| ModelCard {
+            id: e.model_id(),
+            object: "model",
+            created: self.started_at,
+            owned_by: "souverain",
+        })
     }
 
     fn model_card(&self) -> ModelCard<'_> {
@@ -76,7 +94,9 @@ pub(crate) async fn health() -> Response {
 pub(crate) async fn list_models(State(app): State<AppState>) -> Response {
     axum::Json(ModelList {
         object: "list",
-        data: vec![app.model_card()],
+        data: std::iter::once(app.model_card())
+            .chain(app.embedder_card())
+            .collect(),
     })
     .into_response()
 }
@@ -88,6 +108,8 @@ pub(crate) async fn get_model(
 ) -> Result<Response, ApiError> {
     if id == app.backend.model_id() {
         Ok(axum::Json(app.model_card()).into_response())
+    } else if let Some(card) = app.embedder_card().filter(|c| c.id == id) {
+        Ok(axum::Json(card).into_response())
     } else {
         Err(ApiError::ModelNotFound { model: id })
     }
@@ -164,11 +186,10 @@ async fn start_generation(
     let worker = Arc::clone(backend);
     let prompt = valid.prompt;
     let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
-        let text = match prompt {
-            Prompt::Chat(messages) => worker.render_chat(&messages)?,
-            Prompt::Text(text) => text,
-        };
-        Ok(worker.tokenize(&text))
+        match prompt {
+            Prompt::Chat(messages) => Ok(worker.tokenize_chat(&messages)?),
+            Prompt::Text(text) => Ok(worker.tokenize(&text)),
+        }
     })
     .await
     .map_err(|err| ApiError::Internal {
@@ -206,6 +227,7 @@ async fn start_generation(
         stop: valid.stop,
         stop_at_eog: true,
         logprobs: valid.logprobs,
+        constraint: valid.constraint,
     });
     match meter {
         Some(meter) => meter.track(generated),

@@ -6,13 +6,14 @@
 //! `/detokenize` takes `{"tokens": [...]}` and answers `{"prompt": "..."}`.
 
 use axum::Json as ResponseJson;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::extract::Json;
+use crate::extract::{Json, parse_json};
 use crate::openai::RawMessage;
 use crate::routes::AppState;
 use crate::validate;
@@ -36,16 +37,14 @@ pub(crate) struct DetokenizeRequest {
 }
 
 /// `POST /tokenize`.
-pub(crate) async fn tokenize(
-    State(app): State<AppState>,
-    Json(req): Json<TokenizeRequest>,
-) -> Response {
-    tokenize_inner(app, req)
+pub(crate) async fn tokenize(State(app): State<AppState>, body: Bytes) -> Response {
+    tokenize_inner(app, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn tokenize_inner(app: AppState, req: TokenizeRequest) -> Result<Response, ApiError> {
+async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError> {
+    let req: TokenizeRequest = parse_json(&body)?;
     // `model` is optional here, as in vLLM; when given it must be the served one.
     if req.model.is_some() {
         validate::check_model(req.model.as_deref(), app.backend.model_id())?;
@@ -62,13 +61,27 @@ async fn tokenize_inner(app: AppState, req: TokenizeRequest) -> Result<Response,
             "`add_generation_prompt: false` is not supported; chats are encoded as for a completion",
         ));
     }
+    let backend = app.backend.clone();
+    // A model with Mistral's chat format encodes the request as mistral-common does, tools
+    // and tool calls included, straight from the JSON (key order matters in tool schemas).
+    if req.messages.is_some() && req.prompt.is_none() {
+        let json = String::from_utf8_lossy(&body).into_owned();
+        let worker = backend.clone();
+        let encoded = tokio::task::spawn_blocking(move || worker.tokenize_chat_json(&json))
+            .await
+            .map_err(|e| ApiError::Internal {
+                detail: e.to_string(),
+            })?;
+        if let Some(tokens) = encoded {
+            return Ok(tokens_response(&app, tokens?));
+        }
+    }
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::invalid(
             "tools",
-            "`tools` are not supported by this model's chat format yet",
+            "`tools` are not supported by this model's chat template yet",
         ));
     }
-    let backend = app.backend.clone();
     let tokens = match (req.prompt, req.messages) {
         (Some(prompt), None) => {
             tokio::task::spawn_blocking(move || Ok::<_, ApiError>(backend.tokenize(&prompt)))
@@ -90,8 +103,7 @@ async fn tokenize_inner(app: AppState, req: TokenizeRequest) -> Result<Response,
                 .map(|(i, m)| validate::chat_message(i, m))
                 .collect::<Result<Vec<_>, _>>()?;
             tokio::task::spawn_blocking(move || {
-                let text = backend.render_chat(&messages)?;
-                Ok::<_, ApiError>(backend.tokenize(&text))
+                Ok::<_, ApiError>(backend.tokenize_chat(&messages)?)
             })
             .await
             .map_err(|e| ApiError::Internal {
@@ -104,12 +116,16 @@ async fn tokenize_inner(app: AppState, req: TokenizeRequest) -> Result<Response,
             ));
         }
     };
-    Ok(ResponseJson(json!({
+    Ok(tokens_response(&app, tokens))
+}
+
+fn tokens_response(app: &AppState, tokens: Vec<u32>) -> Response {
+    ResponseJson(json!({
         "count": tokens.len(),
         "max_model_len": app.backend.context_length(),
         "tokens": tokens,
     }))
-    .into_response())
+    .into_response()
 }
 
 /// `POST /detokenize`.

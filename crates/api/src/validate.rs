@@ -2,11 +2,13 @@
 //! unsupported option is decided here, and every error names the field at fault. Handlers
 //! only see validated requests.
 
-use engine::{ChatMessage, SamplingParams};
+use engine::{ChatMessage, ConstraintSpec, SamplingParams};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::openai::{ChatCompletionRequest, CompletionRequest, RawMessage, RawSampling};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, RawConstraint, RawMessage, RawSampling,
+};
 
 /// OpenAI's default `max_tokens` for `/v1/completions`.
 pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -47,6 +49,8 @@ pub(crate) struct ValidRequest {
     pub(crate) include_usage: bool,
     /// Report token log-probabilities with this many alternatives each.
     pub(crate) logprobs: Option<usize>,
+    /// The grammar the output must follow (structured output), if any.
+    pub(crate) constraint: Option<ConstraintSpec>,
 }
 
 /// Validates a chat completion request against the served model `model_id`.
@@ -100,17 +104,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
             ),
         }
     }
-    if let Some(format) = &req.response_format
-        && format.kind != "text"
-    {
-        return Err(ApiError::invalid(
-            "response_format",
-            format!(
-                "`response_format` of type `{}` is not supported by this server yet; only `text` is",
-                format.kind
-            ),
-        ));
-    }
+    let constraint = constraint(req.raw_constraint())?;
     let max_tokens = positive("max_tokens", req.max_tokens)?;
     let max_completion_tokens = positive("max_completion_tokens", req.max_completion_tokens)?;
     let common = common(req.raw_sampling())?;
@@ -122,6 +116,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
+        constraint,
     })
 }
 
@@ -160,6 +155,7 @@ pub(crate) fn completion(
             "`suffix` is not supported by this server yet",
         ));
     }
+    let constraint = constraint(req.raw_constraint())?;
     let max_tokens =
         positive("max_tokens", req.max_tokens)?.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let common = common(req.raw_sampling())?;
@@ -171,6 +167,7 @@ pub(crate) fn completion(
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
+        constraint,
     })
 }
 
@@ -265,6 +262,97 @@ fn completion_prompt(prompt: Option<&Value>) -> Result<String, ApiError> {
             _ => Err(not_supported()),
         },
         Some(_) => Err(not_supported()),
+    }
+}
+
+/// The output constraint of a request: OpenAI's `response_format`, or one of vLLM's
+/// `guided_json` / `guided_regex` / `guided_grammar`. The grammar itself is compiled (and
+/// refused with a 400 if it does not compile) when the engine takes the request.
+fn constraint(raw: RawConstraint<'_>) -> Result<Option<ConstraintSpec>, ApiError> {
+    let mut found: Vec<(&str, ConstraintSpec)> = Vec::new();
+    if let Some(format) = raw.response_format {
+        match format.kind.as_str() {
+            "text" => {}
+            "json_object" => found.push(("response_format", ConstraintSpec::JsonObject)),
+            "json_schema" => {
+                let schema = format
+                    .json_schema
+                    .as_ref()
+                    .and_then(|f| f.schema.clone())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "response_format.json_schema.schema",
+                            "`response_format` of type `json_schema` needs \
+                             `json_schema.schema`",
+                        )
+                    })?;
+                found.push(("response_format", json_schema("response_format", schema)?));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!(
+                        "`response_format.type` is `{other}`; expected `text`, `json_object` \
+                         or `json_schema`"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(grammar) = raw.grammar {
+        // llama.cpp built with llguidance takes a Lark grammar in `grammar` when it opens
+        // with the `%llguidance` directive; GBNF itself has no converter here.
+        if !grammar.trim_start().starts_with("%llguidance") {
+            return Err(ApiError::invalid(
+                "grammar",
+                "GBNF grammars are not supported by this server; send a Lark grammar, either \
+                 in `grammar` opening with `%llguidance {}` or in `guided_grammar`",
+            ));
+        }
+        found.push(("grammar", ConstraintSpec::Lark(grammar.to_owned())));
+    }
+    if let Some(schema) = raw.guided_json {
+        // vLLM takes the schema as an object or as a string holding one.
+        let schema = match schema {
+            Value::String(text) => serde_json::from_str(text).map_err(|e| {
+                ApiError::invalid(
+                    "guided_json",
+                    format!("`guided_json` is a string but not JSON: {e}"),
+                )
+            })?,
+            other => other.clone(),
+        };
+        found.push(("guided_json", json_schema("guided_json", schema)?));
+    }
+    if let Some(regex) = raw.guided_regex {
+        found.push(("guided_regex", ConstraintSpec::Regex(regex.to_owned())));
+    }
+    if let Some(grammar) = raw.guided_grammar {
+        found.push(("guided_grammar", ConstraintSpec::Lark(grammar.to_owned())));
+    }
+    match found.len() {
+        0 | 1 => Ok(found.pop().map(|(_, spec)| spec)),
+        _ => {
+            let names: Vec<&str> = found.iter().map(|(name, _)| *name).collect();
+            Err(ApiError::invalid(
+                names[1],
+                format!(
+                    "only one output constraint may be given, but the request has {}",
+                    names.join(" and ")
+                ),
+            ))
+        }
+    }
+}
+
+/// A JSON schema must be an object (or `true`/`false`).
+fn json_schema(param: &str, schema: Value) -> Result<ConstraintSpec, ApiError> {
+    match schema {
+        Value::Object(_) | Value::Bool(_) => Ok(ConstraintSpec::JsonSchema(schema)),
+        _ => Err(ApiError::invalid(
+            param,
+            format!("`{param}`'s schema must be a JSON object"),
+        )),
     }
 }
 
@@ -612,13 +700,60 @@ mod tests {
             (format!(r#"{{"model":"test-model",{m},"logit_bias":{{"x":1}}}}"#), "logit_bias.x"),
             (format!(r#"{{"model":"test-model",{m},"logit_bias":{{"5":101}}}}"#), "logit_bias.5"),
             (format!(r#"{{"model":"test-model",{m},"seed":1,"random_seed":2}}"#), "random_seed"),
-            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_object"}}}}"#), "response_format"),
+            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"xml"}}}}"#), "response_format"),
+            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_schema"}}}}"#), "response_format.json_schema.schema"),
+            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_schema","json_schema":{{"schema":3}}}}}}"#), "response_format"),
+            (format!(r#"{{"model":"test-model",{m},"grammar":"root ::= \"a\""}}"#), "grammar"),
+            (format!(r#"{{"model":"test-model",{m},"guided_json":"{{nope"}}"#), "guided_json"),
+            (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_object"}},"guided_regex":"a"}}"#), "guided_regex"),
             (format!(r#"{{"model":"test-model",{m},"temperature":"hot"}}"#), "temperature"),
             (format!(r#"{{"model":"test-model",{m},"stream":"yes"}}"#), "stream"),
         ];
         for (body, param) in cases {
             assert_eq!(param_of(chat_json(&body)), param, "body: {body}");
         }
+    }
+
+    #[test]
+    fn output_constraints_are_carried() {
+        let m = r#""model":"test-model","messages":[{"role":"user","content":"hi"}]"#;
+        let constraint = |extra: &str| chat_json(&format!("{{{m},{extra}}}")).unwrap().constraint;
+        assert_eq!(constraint(r#""response_format":{"type":"text"}"#), None);
+        assert_eq!(
+            constraint(r#""response_format":{"type":"json_object"}"#),
+            Some(ConstraintSpec::JsonObject)
+        );
+        let schema = serde_json::json!({"type":"object","properties":{"a":{"type":"integer"}}});
+        assert_eq!(
+            constraint(&format!(
+                r#""response_format":{{"type":"json_schema","json_schema":{{"name":"x","strict":true,"schema":{schema}}}}}"#
+            )),
+            Some(ConstraintSpec::JsonSchema(schema.clone()))
+        );
+        let quoted = serde_json::to_string(&schema.to_string()).unwrap();
+        assert_eq!(
+            constraint(&format!(r#""guided_json":{quoted}"#)),
+            Some(ConstraintSpec::JsonSchema(schema))
+        );
+        assert_eq!(
+            constraint(r#""guided_regex":"[0-9]+""#),
+            Some(ConstraintSpec::Regex("[0-9]+".into()))
+        );
+        assert_eq!(
+            constraint(r#""grammar":"%llguidance {}\nstart: /[ab]+/""#),
+            Some(ConstraintSpec::Lark(
+                "%llguidance {}\nstart: /[ab]+/".into()
+            ))
+        );
+        assert_eq!(
+            constraint(r#""guided_grammar":"start: /[ab]+/""#),
+            Some(ConstraintSpec::Lark("start: /[ab]+/".into()))
+        );
+        let completion = completion_json(
+            r#"{"model":"test-model","prompt":"a","response_format":{"type":"json_object"}}"#,
+        )
+        .unwrap();
+        assert_eq!(completion.constraint, Some(ConstraintSpec::JsonObject));
     }
 
     #[test]

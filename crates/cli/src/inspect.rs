@@ -1,4 +1,5 @@
-//! `souverain inspect PATH`: validate a model file completely and describe it.
+//! `souverain inspect PATH`: validate a model file (or a Hugging Face / Mistral model
+//! directory) completely and describe it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,9 @@ use gguf::GgufFile;
 /// Validates the GGUF structure, then (for architectures this build runs) every weight's
 /// shape and type and the tokenizer, and prints what it found.
 pub(crate) fn run(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return run_dir(path);
+    }
     let file = GgufFile::open(path)
         .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
     let md = file.metadata();
@@ -91,5 +95,73 @@ pub(crate) fn run(path: &Path) -> Result<()> {
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
     println!("runnable:       yes");
+    Ok(())
+}
+
+/// A model directory: loads it completely (every tensor checked) and describes it.
+fn run_dir(path: &Path) -> Result<()> {
+    let loaded = model::LoadedModel::open(path, &mut |_, _| {})
+        .with_context(|| format!("{} is not a loadable model directory", path.display()))?;
+    let c = loaded.model.config();
+    let layout = match loaded.format {
+        model::ModelFormat::HuggingFace => "Hugging Face (config.json + safetensors)",
+        model::ModelFormat::Mistral => "Mistral (params.json + consolidated safetensors)",
+        _ => "GGUF",
+    };
+    println!("directory:      {}", path.display());
+    println!("layout:         {layout}");
+    println!("architecture:   {}", c.architecture);
+    let t = &loaded.tensors;
+    let mix: Vec<String> = t
+        .by_type
+        .iter()
+        .map(|(ty, (n, _))| format!("{ty} x{n}"))
+        .collect();
+    let dominant = t
+        .by_type
+        .iter()
+        .max_by_key(|(_, (_, elems))| *elems)
+        .map_or("none", |(ty, _)| ty.as_str());
+    println!("dtype:          {dominant} (tensors: {})", mix.join(", "));
+    println!("tensors:        {}", t.n_tensors);
+    println!("parameters:     {}", t.n_params);
+    println!("context length: {}", c.context_length);
+    println!(
+        "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
+        c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+    );
+    println!(
+        "rope:           base {}, {:?} pairs",
+        c.rope_freq_base, c.rope_style
+    );
+    match c.sliding_window {
+        Some(w) => println!("sliding window: {w}"),
+        None => println!("sliding window: none"),
+    }
+    if c.n_experts > 0 {
+        println!(
+            "experts:        {} ({} per token)",
+            c.n_experts, c.n_experts_used
+        );
+    }
+    let tok = match &loaded.tokenizer {
+        model::TokenizerSource::HuggingFace {
+            tokenizer_json,
+            tokenizer_config,
+        } => format!(
+            "{}{}",
+            tokenizer_json.display(),
+            tokenizer_config
+                .as_ref()
+                .map(|p| format!(" + {}", p.display()))
+                .unwrap_or_default()
+        ),
+        model::TokenizerSource::Tekken(p) | model::TokenizerSource::SentencePiece(p) => {
+            p.display().to_string()
+        }
+        _ => "none found".into(),
+    };
+    println!("tokenizer:      {tok}");
+    println!("runnable:       yes (weights)");
     Ok(())
 }

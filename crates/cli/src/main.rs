@@ -4,7 +4,9 @@
 //! crates (`engine`, `api`, `model`, `gguf`, `tokenizer`).
 
 mod admin;
+mod bench;
 mod inspect;
+mod synth;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +48,10 @@ enum Command {
         /// Path of a GGUF file.
         path: PathBuf,
     },
+    /// Measure prompt-processing and generation speed (tokens/s), like llama-bench.
+    Bench(bench::BenchArgs),
+    /// Write a random-weight GGUF model of a real model's shape (for benchmarks).
+    Synth(synth::SynthArgs),
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +84,14 @@ struct ServeArgs {
     batching: BatchingArgs,
     #[command(flatten)]
     auth: admin::ServeAuthArgs,
+    /// An embedding model to serve on /v1/embeddings beside the chat model: a BERT directory
+    /// in the Hugging Face / sentence-transformers layout (config.json, model.safetensors,
+    /// tokenizer.json, modules.json), e.g. all-MiniLM-L6-v2 from scripts/fetch-embedding-model.
+    #[arg(long)]
+    embedding_model: Option<PathBuf>,
+    /// Name the embedding model is served under (default: the directory's name).
+    #[arg(long)]
+    embedding_model_id: Option<String>,
 }
 
 /// How many users are served at once, and with how much memory.
@@ -167,6 +181,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Inspect { path } => inspect::run(&path),
+        Command::Bench(a) => bench::run(&a),
+        Command::Synth(a) => synth::run(&a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -294,6 +310,26 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.model_id.clone(),
         Some(&args.batching),
     )?);
+    let embedder: Option<Arc<dyn api::EmbeddingBackend>> = match &args.embedding_model {
+        Some(dir) => {
+            let config = engine::EmbedderConfig {
+                threads: args.model.threads,
+                model_id: args.embedding_model_id.clone(),
+                ..engine::EmbedderConfig::default()
+            };
+            let embedder = engine::Embedder::load(dir, config)
+                .with_context(|| format!("loading the embedding model {}", dir.display()))?;
+            tracing::info!(
+                model = embedder.model_id(),
+                dimensions = embedder.dimensions(),
+                max_tokens = embedder.max_tokens(),
+                params = embedder.n_params(),
+                "embedding model loaded"
+            );
+            Some(Arc::new(embedder))
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -309,9 +345,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        match control {
-            Some(control) => api::serve_with_control(listener, engine, control, shutdown).await,
-            None => api::serve(listener, engine, shutdown).await,
+        match (control, embedder) {
+            (control, Some(embedder)) => {
+                api::serve_with_embedder(listener, engine, Some(embedder), control, shutdown).await
+            }
+            (Some(control), None) => {
+                api::serve_with_control(listener, engine, control, shutdown).await
+            }
+            (None, None) => api::serve(listener, engine, shutdown).await,
         }
         .context("serving HTTP")
     })

@@ -18,10 +18,13 @@
 //! ```
 
 mod blocks;
+mod constraint;
+mod embed;
 mod metrics;
 mod sampler;
 mod scheduler;
 mod stop;
+mod text;
 mod types;
 
 use std::path::Path;
@@ -30,19 +33,22 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Instant;
 
-use model::gguf::{GgufFile, Metadata};
-use model::{KvPool, LlamaModel};
+use model::gguf::Metadata;
+use model::{KvPool, LoadedModel, TokenizerSource};
 use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use constraint::ConstraintCompiler;
+pub use embed::{Embedder, EmbedderConfig};
 use metrics::Metrics;
 pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
 pub use types::{
-    ChatMessage, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS, SamplingParams,
-    TokenLogprobs, Usage,
+    ChatMessage, ConstraintSpec, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
+    SamplingParams, TokenLogprobs, Usage,
 };
 
 use scheduler::{Job, Limits, Scheduler};
+use text::TextTokenizer;
 
 /// Positions per KV block.
 const KV_BLOCK_TOKENS: usize = 16;
@@ -144,6 +150,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_at_eog: true,
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -152,15 +159,12 @@ impl GenerateRequest {
 pub struct Engine {
     model_id: String,
     context_length: usize,
-    tokenizer: Arc<Tokenizer>,
-    template: Option<ChatTemplate>,
-    add_bos: bool,
-    bos_text: String,
-    eos_text: String,
+    tokenizer: Arc<TextTokenizer>,
     jobs: mpsc::Sender<Job>,
     description: ModelDescription,
     metrics: Arc<Metrics>,
     max_waiting: usize,
+    constraints: ConstraintCompiler,
 }
 
 /// Facts about the loaded model, for logs and `inspect`.
@@ -185,42 +189,36 @@ pub struct ModelDescription {
 }
 
 impl Engine {
-    /// Opens and validates a GGUF model, builds its tokenizer and starts the worker thread.
+    /// Opens and validates a model (a GGUF file, or a directory in the Hugging Face or
+    /// Mistral layout), builds its tokenizer and starts the worker thread.
     /// `progress(done, total)` reports weight loading.
     pub fn load(
         path: &Path,
         config: EngineConfig,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, EngineError> {
-        let file = GgufFile::open(path).map_err(|e| EngineError::Load(e.to_string()))?;
-        let file = Arc::new(file);
-        let model = LlamaModel::load(file.clone(), progress)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
-        let spec = tokenizer_spec(file.metadata()).map_err(EngineError::Load)?;
-        let add_bos = spec.add_bos;
-        let template_source = spec.chat_template.clone();
-        let tokenizer =
-            Arc::new(Tokenizer::from_spec(spec).map_err(|e| EngineError::Load(e.to_string()))?);
-        if tokenizer.vocab_size() != model.config().vocab_size {
+        let loaded =
+            LoadedModel::open(path, progress).map_err(|e| EngineError::Load(e.to_string()))?;
+        let model = loaded.model;
+        let name = match &loaded.tokenizer {
+            TokenizerSource::Gguf(file) => file
+                .metadata()
+                .opt_str("general.name")
+                .ok()
+                .flatten()
+                .map(str::to_owned),
+            _ => None,
+        };
+        let text = text_tokenizer(&loaded.tokenizer)?;
+        // Embedding tables are often padded past the tokenizer's vocabulary, never shorter.
+        if text.vocab_size() > model.config().vocab_size {
             return Err(EngineError::Load(format!(
                 "tokenizer has {} tokens but the model's embedding has {} rows",
-                tokenizer.vocab_size(),
+                text.vocab_size(),
                 model.config().vocab_size
             )));
         }
-        let template = match template_source {
-            Some(src) => {
-                Some(ChatTemplate::new(&src).map_err(|e| EngineError::Load(e.to_string()))?)
-            }
-            None => None,
-        };
-        let token_text = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.id_to_token(id))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let bos_text = token_text(tokenizer.bos_id());
-        let eos_text = token_text(tokenizer.eos_id());
+        let tokenizer = Arc::new(text);
         let trained = model.config().context_length;
         let context_length = match config.context_length {
             Some(n) if n == 0 || n > trained => {
@@ -260,13 +258,8 @@ impl Engine {
         .map_err(|e| EngineError::Load(e.to_string()))?;
         let description = ModelDescription {
             architecture: model.config().architecture.clone(),
-            name: file
-                .metadata()
-                .opt_str("general.name")
-                .ok()
-                .flatten()
-                .map(str::to_owned),
-            n_params: file.tensors().iter().map(|t| t.n_elements).sum(),
+            name,
+            n_params: loaded.tensors.n_params,
             trained_context_length: trained,
             simd: model::kernels_simd_level(),
             threads,
@@ -295,11 +288,8 @@ impl Engine {
         Ok(Self {
             model_id,
             context_length,
+            constraints: ConstraintCompiler::new(tokenizer.clone()),
             tokenizer,
-            template,
-            add_bos,
-            bos_text,
-            eos_text,
             jobs,
             description,
             metrics,
@@ -322,40 +312,42 @@ impl Engine {
         &self.description
     }
 
-    /// The model's tokenizer.
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    /// Renders a chat with the model's template, ending with the assistant's turn opened.
+    /// Renders a chat as the text the model sees, ending with the assistant's turn opened.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            EngineError::Template("the model has no chat template (tokenizer.chat_template)".into())
-        })?;
-        template
-            .render(messages, true, &self.bos_text, &self.eos_text)
-            .map_err(|e| EngineError::Template(e.to_string()))
+        self.tokenizer.render_chat(messages)
     }
 
-    /// Tokenises text as a prompt: special-token text (such as `<|im_start|>`) becomes its
-    /// token, and BOS is prepended when the model asks for it and the text does not already
-    /// start with it.
+    /// Encodes a chat straight to the token ids the model sees, generation prompt included.
+    pub fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode_chat(messages)
+    }
+
+    /// For a model with Mistral's chat format, encodes a chat request given as JSON (messages
+    /// with tool calls and results, `tools`) exactly as mistral-common does; `None` for
+    /// models whose chats go through a template.
+    pub fn tokenize_mistral_chat_json(&self, json: &str) -> Option<Result<Vec<u32>, EngineError>> {
+        let TextTokenizer::Mistral(m) = self.tokenizer.as_ref() else {
+            return None;
+        };
+        Some(
+            tokenizer::MistralChatRequest::from_json(json)
+                .map_err(|e| EngineError::InvalidRequest(format!("invalid chat request: {e}")))
+                .and_then(|req| {
+                    m.encode_chat(&req)
+                        .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+                }),
+        )
+    }
+
+    /// Tokenises text as a prompt: BOS when the model asks for it (once); with a GGUF
+    /// tokenizer, special-token text (such as `<|im_start|>`) becomes its token.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = self.tokenizer.encode(text, false, true);
-        if self.add_bos
-            && let Some(bos) = self.tokenizer.bos_id()
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
-        }
-        ids
+        self.tokenizer.encode_prompt(text)
     }
 
     /// The text of token ids, special tokens shown.
     pub fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
-        self.tokenizer
-            .decode(tokens, false)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+        self.tokenizer.decode(tokens)
     }
 
     /// Queues a generation. Events arrive on the returned channel; dropping it cancels.
@@ -375,6 +367,13 @@ impl Engine {
                 "logit_bias names token {bad}, outside the vocabulary of {vocab}"
             )));
         }
+        // Compiled here, on the caller's thread, so that a bad grammar is refused at once.
+        let constraint = match &request.constraint {
+            Some(spec) => Some(self.constraints.compile(spec).map_err(|e| {
+                EngineError::InvalidRequest(format!("the output constraint is invalid: {e}"))
+            })?),
+            None => None,
+        };
         let queued = &self.metrics.queued;
         let waiting = queued.fetch_add(1, Relaxed) as usize;
         if waiting >= self.max_waiting {
@@ -385,6 +384,7 @@ impl Engine {
         let (events, rx) = unbounded_channel();
         let job = Job {
             request,
+            constraint,
             events,
             arrival: Instant::now(),
         };
@@ -443,6 +443,55 @@ fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineErro
         return bad("logit_bias values must be in [-100, 100]");
     }
     Ok(())
+}
+
+/// Builds the tokenizer a model ships, wherever it is.
+fn text_tokenizer(source: &TokenizerSource) -> Result<TextTokenizer, EngineError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| EngineError::Load(format!("reading {}: {e}", p.display())))
+    };
+    let load = |e: &dyn std::fmt::Display| EngineError::Load(e.to_string());
+    match source {
+        TokenizerSource::Gguf(file) => gguf_text_tokenizer(file.metadata()),
+        TokenizerSource::Tekken(p) | TokenizerSource::SentencePiece(p) => {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            let m =
+                tokenizer::MistralTokenizer::from_bytes(&name, &read(p)?).map_err(|e| load(&e))?;
+            Ok(TextTokenizer::Mistral(m))
+        }
+        TokenizerSource::HuggingFace {
+            tokenizer_json,
+            tokenizer_config,
+        } => {
+            let config = match tokenizer_config {
+                Some(p) => Some(read(p)?),
+                None => None,
+            };
+            let h = tokenizer::HfTokenizer::from_json(&read(tokenizer_json)?, config.as_deref())
+                .map_err(|e| load(&e))?;
+            Ok(TextTokenizer::HuggingFace(h))
+        }
+        _ => Err(EngineError::Load(
+            "the model directory has no tokenizer this build reads (tekken.json, \
+             tokenizer.model.v*, or tokenizer.json)"
+                .into(),
+        )),
+    }
+}
+
+/// The tokenizer and chat template a GGUF file carries.
+fn gguf_text_tokenizer(md: &Metadata) -> Result<TextTokenizer, EngineError> {
+    let spec = tokenizer_spec(md).map_err(EngineError::Load)?;
+    let add_bos = spec.add_bos;
+    let template = match &spec.chat_template {
+        Some(src) => Some(ChatTemplate::new(src).map_err(|e| EngineError::Load(e.to_string()))?),
+        None => None,
+    };
+    let tokenizer = Tokenizer::from_spec(spec).map_err(|e| EngineError::Load(e.to_string()))?;
+    Ok(TextTokenizer::bpe(tokenizer, template, add_bos))
 }
 
 /// Reads the tokenizer description out of GGUF metadata (`tokenizer.ggml.*`).

@@ -18,11 +18,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
+use crate::text::{TextDecoder, TextTokenizer};
 use model::{KvPool, LlamaModel, Logits, SeqChunk, ThreadPool};
-use tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::{BlockManager, CHAIN_ROOT, chain_hash};
+use crate::constraint::TokenConstraint;
 use crate::metrics::Metrics;
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
@@ -31,6 +32,8 @@ use crate::{Event, FinishReason, GenerateRequest, Usage};
 /// A request on its way to the engine thread.
 pub(crate) struct Job {
     pub(crate) request: GenerateRequest,
+    /// The request's grammar, compiled when it was submitted.
+    pub(crate) constraint: Option<TokenConstraint>,
     pub(crate) events: UnboundedSender<Event>,
     pub(crate) arrival: Instant,
 }
@@ -64,12 +67,14 @@ struct Sequence {
     stop_at_eog: bool,
     logprobs: Option<usize>,
     sampler: Sampler,
-    decoder: StreamDecoder,
+    decoder: TextDecoder,
     stops: StopMatcher,
+    /// Constrained decoding: masks the logits before each draw; `None` costs nothing.
+    constraint: Option<TokenConstraint>,
 }
 
 impl Sequence {
-    fn new(job: Job, context_length: usize) -> Self {
+    fn new(job: Job, context_length: usize, text: &TextTokenizer) -> Self {
         let r = job.request;
         let room = context_length.saturating_sub(r.prompt_tokens.len());
         Self {
@@ -87,8 +92,9 @@ impl Sequence {
             stop_at_eog: r.stop_at_eog,
             logprobs: r.logprobs,
             sampler: Sampler::new(r.sampling),
-            decoder: StreamDecoder::new(true),
+            decoder: text.stream_decoder(),
             stops: StopMatcher::new(r.stop),
+            constraint: job.constraint,
         }
     }
 
@@ -103,7 +109,7 @@ impl Sequence {
 /// The engine thread's state.
 pub(crate) struct Scheduler {
     model: LlamaModel,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Arc<TextTokenizer>,
     pool: ThreadPool,
     kv: KvPool,
     blocks: BlockManager,
@@ -122,7 +128,7 @@ enum Outcome {
 impl Scheduler {
     pub(crate) fn new(
         model: LlamaModel,
-        tokenizer: Arc<Tokenizer>,
+        tokenizer: Arc<TextTokenizer>,
         pool: ThreadPool,
         kv: KvPool,
         limits: Limits,
@@ -174,7 +180,7 @@ impl Scheduler {
     }
 
     fn enqueue(&mut self, job: Job) {
-        let seq = Sequence::new(job, self.limits.context_length);
+        let seq = Sequence::new(job, self.limits.context_length, &self.tokenizer);
         self.waiting.push_back(seq);
     }
 
@@ -414,6 +420,12 @@ impl Scheduler {
         let seq = &mut self.running[i];
         // Log-probabilities come from the raw logits, before the sampler changes them.
         let raw = seq.logprobs.map(|k| (k, logits.to_vec()));
+        if let Some(c) = &mut seq.constraint
+            && let Err(e) = c.mask(logits)
+        {
+            let _ = seq.events.send(Event::Failed(e));
+            return Outcome::Finished;
+        }
         let token = seq.sampler.sample(logits, &seq.tokens, seq.generated);
         seq.tokens.push(token);
         seq.generated += 1;
@@ -435,7 +447,7 @@ impl Scheduler {
         if let Some((k, raw)) = raw
             && !ends_here
         {
-            let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default().to_vec();
+            let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default();
             let (logprob, top) = crate::sampler::logprobs(&raw, token, k);
             let event = Event::Logprobs(crate::TokenLogprobs {
                 token,
@@ -458,11 +470,17 @@ impl Scheduler {
             Outcome::Finished
         };
         if ends_here {
-            let rest = seq.decoder.finish() + &seq.stops.finish();
+            let rest = seq.decoder.finish(&self.tokenizer) + &seq.stops.finish();
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
                 return Outcome::Finished;
             }
             return done(seq, FinishReason::Stop);
+        }
+        if let Some(c) = &mut seq.constraint
+            && let Err(e) = c.commit(token)
+        {
+            let _ = seq.events.send(Event::Failed(e));
+            return Outcome::Finished;
         }
         let piece = seq.decoder.push(&self.tokenizer, token);
         match seq.stops.push(&piece) {
@@ -478,8 +496,13 @@ impl Scheduler {
                 return done(seq, FinishReason::Stop);
             }
         }
-        if seq.generated >= seq.max_new {
-            let rest = seq.decoder.finish();
+        // A complete grammar allows only the end: finish now rather than spend a step on it.
+        let complete = seq
+            .constraint
+            .as_ref()
+            .is_some_and(TokenConstraint::is_finished);
+        if complete || seq.generated >= seq.max_new {
+            let rest = seq.decoder.finish(&self.tokenizer);
             let rest = match seq.stops.push(&rest) {
                 StopOutcome::Continue(t) => t + &seq.stops.finish(),
                 StopOutcome::Stopped(t) => {
@@ -492,7 +515,12 @@ impl Scheduler {
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
                 return Outcome::Finished;
             }
-            return done(seq, FinishReason::Length);
+            let reason = if complete {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            return done(seq, reason);
         }
         Outcome::Continue
     }

@@ -63,6 +63,24 @@ pub struct GenerateRequest {
     /// Report each generated token's log-probability and this many most likely
     /// alternatives (`Event::Logprobs`); `None` reports nothing.
     pub logprobs: Option<usize>,
+    /// Hold the output to a grammar (constrained decoding); `None` leaves it free.
+    pub constraint: Option<ConstraintSpec>,
+}
+
+/// A grammar the output must follow, enforced token by token: at every step the tokens
+/// that cannot continue a string of the grammar are masked out, and the generation ends
+/// (with [`FinishReason::Stop`]) once the grammar is complete and allows nothing more.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ConstraintSpec {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// A JSON value valid under this JSON schema (OpenAI's `json_schema` response format).
+    JsonSchema(serde_json::Value),
+    /// A context-free grammar in llguidance's Lark syntax.
+    Lark(String),
+    /// A regular expression (Rust `regex` syntax) the whole output must match.
+    Regex(String),
 }
 
 /// The most alternatives [`GenerateRequest::logprobs`] may ask for.

@@ -220,3 +220,33 @@ fn a_full_queue_refuses_with_overloaded() {
     assert!(e.metrics().requests_rejected >= 3);
     drop(held);
 }
+
+#[test]
+fn preemption_when_the_cache_runs_out_changes_no_output() {
+    // 64 tokens of KV cache (4 blocks) for 4 sequences of ~30 tokens each: running them all
+    // at once needs more blocks than exist, so younger sequences are preempted and recomputed.
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        max_seqs: 4,
+        context_length: Some(64),
+        kv_cache_tokens: Some(64),
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[7]];
+    let sequential: Vec<_> = prompts
+        .iter()
+        .map(|p| collect(e.generate(greedy(&e, p, 20)).expect("submit")))
+        .collect();
+    let before = e.metrics().preemptions;
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| e.generate(greedy(&e, p, 20)).expect("submit"))
+        .collect();
+    let concurrent: Vec<_> = receivers.into_iter().map(collect).collect();
+    assert_eq!(sequential, concurrent);
+    assert!(e.metrics().preemptions > before, "no preemption happened");
+    let m = wait_idle(&e);
+    assert_eq!(m.kv_blocks_used, 0);
+}

@@ -51,4 +51,36 @@ fn main() {
     let per = start.elapsed() / iters;
     let gbs = bytes as f64 / per.as_secs_f64() / 1e9;
     println!("matmul {rows}x{cols} Q4_1, 1 token: {per:?} ({gbs:.1} GB/s of weights)");
+
+    // Matrices far larger than the caches (two of them, used in turn): what generation with a
+    // 7B model sees. Rows of 4096 (a Mistral-7B projection).
+    for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0] {
+        let (rows, cols) = (8192usize, 4096usize);
+        let bytes = ty.row_bytes(cols).unwrap_or(0) * rows;
+        let mats: Vec<Vec<u8>> = (0..4)
+            .map(|m| {
+                (0..bytes)
+                    .map(|i| ((i + m) * 2_654_435_761 % 251) as u8 & 0x3f)
+                    .collect()
+            })
+            .collect();
+        let ws: Vec<Matrix<'_>> = mats
+            .iter()
+            .filter_map(|d| Matrix::new(ty, d, rows, cols).ok())
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut y = vec![0f32; rows];
+        let iters = 40u32;
+        let start = Instant::now();
+        for i in 0..iters {
+            let w = &ws[i as usize % ws.len()];
+            if let Err(e) = matmul(&pool, w, &x, 1, &mut y) {
+                eprintln!("{e}");
+                return;
+            }
+        }
+        let per = start.elapsed() / iters;
+        let gbs = bytes as f64 / per.as_secs_f64() / 1e9;
+        println!("matmul {rows}x{cols} {ty:?} from DRAM, 1 token: {per:?} ({gbs:.1} GB/s)");
+    }
 }

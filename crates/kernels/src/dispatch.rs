@@ -50,6 +50,10 @@ pub(crate) struct Kernels {
     pub(crate) dequantize_q4_1: fn(&[u8], &mut [f32]),
     /// Q8_0 blocks → f32.
     pub(crate) dequantize_q8_0: fn(&[u8], &mut [f32]),
+    /// Q5_0, Q5_1 and K-quant kernels (`crate::quants`).
+    pub(crate) quants: &'static crate::quants::QuantKernels,
+    /// Tiles of Q4_0/Q4_1/Q8_0 dot products, the inner loop of `matmul` (`crate::tiles`).
+    pub(crate) tiles: &'static crate::tiles::TileKernels,
 }
 
 static ACTIVE: OnceLock<&'static Kernels> = OnceLock::new();
@@ -60,7 +64,11 @@ pub(crate) fn active() -> &'static Kernels {
 }
 
 fn detect() -> &'static Kernels {
-    // Best first; later work (AVX-512, NEON) adds its constructor in front.
+    // Best first; later work (NEON) adds its constructor in front.
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::x86_64_avx512::avx512vnni() {
+        return k;
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = crate::x86_64::avx2() {
         return k;
@@ -74,6 +82,10 @@ pub(crate) fn available() -> Vec<&'static Kernels> {
     let mut all = vec![&crate::scalar::SCALAR];
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = crate::x86_64::avx2() {
+        all.push(k);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::x86_64_avx512::avx512vnni() {
         all.push(k);
     }
     all

@@ -1,12 +1,14 @@
 //! CPU numeric kernels for LLM inference, numerically following ggml (llama.cpp)'s CPU path.
 //!
-//! Quantised block formats (Q4_0, Q4_1, Q8_0) and float weights (F32, F16, BF16),
+//! Quantised block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the K-quants Q2_K … Q6_K) and
+//! float weights (F32, F16, BF16), reference quantisers ([`quantize_row`]),
 //! dequantisation, dot products, the weight × activation [`matmul`], RMSNorm, RoPE, softmax,
 //! SiLU, and a persistent [`ThreadPool`].
 //!
 //! Every SIMD kernel has a portable scalar twin (the reference). The implementation is
-//! chosen once per process from the CPU's features (AVX2+FMA+F16C on x86-64, else scalar),
-//! never from compile-time `target-cpu`; [`simd_level`] names the choice.
+//! chosen once per process from the CPU's features (AVX-512 VNNI, else AVX2+FMA+F16C on
+//! x86-64, else scalar), never from compile-time `target-cpu`; [`simd_level`] names the
+//! choice.
 //!
 //! ```
 //! use souverain_kernels::{Matrix, ThreadPool, WeightType, matmul};
@@ -30,22 +32,33 @@ mod dispatch;
 mod matmul;
 mod ops;
 mod pool;
+mod quants;
 mod scalar;
+mod tiles;
 mod types;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64_avx512;
+#[cfg(target_arch = "x86_64")]
+mod x86_64_tiles;
 
 #[cfg(test)]
 mod tests;
 
-pub use matmul::matmul;
-pub use ops::{RopeStyle, add_assign, rms_norm, rope, silu, softmax, swiglu};
+pub use matmul::{matmul, matmul_many};
+pub use ops::{RopeStyle, add_assign, gelu, layer_norm, rms_norm, rope, silu, softmax, swiglu};
 pub use pool::ThreadPool;
+pub use quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8K, QK_K,
+    quantize_row,
+};
 pub use types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
 
 use types::checked_row_bytes;
 
-/// Name of the kernel implementation in use on this CPU: `"avx2"` or `"scalar"`.
+/// Name of the kernel implementation in use on this CPU: `"avx512vnni"`, `"avx2"` or
+/// `"scalar"`.
 pub fn simd_level() -> &'static str {
     dispatch::active().name
 }
@@ -88,6 +101,13 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) -> Result<(),
         WeightType::Q4_0 => (k.dequantize_q4_0)(src, dst),
         WeightType::Q4_1 => (k.dequantize_q4_1)(src, dst),
         WeightType::Q8_0 => (k.dequantize_q8_0)(src, dst),
+        WeightType::Q5_0 => quants::scalar::dequantize_q5_0(src, dst),
+        WeightType::Q5_1 => quants::scalar::dequantize_q5_1(src, dst),
+        WeightType::Q2_K => quants::scalar::dequantize_q2_k(src, dst),
+        WeightType::Q3_K => quants::scalar::dequantize_q3_k(src, dst),
+        WeightType::Q4_K => quants::scalar::dequantize_q4_k(src, dst),
+        WeightType::Q5_K => quants::scalar::dequantize_q5_k(src, dst),
+        WeightType::Q6_K => quants::scalar::dequantize_q6_k(src, dst),
     }
     Ok(())
 }

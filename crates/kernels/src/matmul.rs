@@ -14,8 +14,9 @@
 
 use half::{bf16, f16};
 
-use crate::dispatch;
+use crate::dispatch::{self, Kernels};
 use crate::pool::ThreadPool;
+use crate::tiles::TileFn;
 use crate::types::{BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
 
 /// Tokens per task.
@@ -63,26 +64,185 @@ pub fn matmul(
                 (k.dot_bf16_bytes)(row, &xb[t * cols..(t + 1) * cols])
             });
         }
-        WeightType::Q4_0 => {
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => {
+            matmul_tiled(pool, &mut [(*w, y)], x, n_tokens);
+        }
+        WeightType::Q5_0 => {
             let (q, stride) = quantize_rows(k.quantize_q8_0, BlockQ8_0::BYTES, x, cols);
             run(pool, w, n_tokens, y, &|row, t| {
-                (k.dot_q4_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
+                (k.quants.dot_q5_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
             });
         }
-        WeightType::Q8_0 => {
-            let (q, stride) = quantize_rows(k.quantize_q8_0, BlockQ8_0::BYTES, x, cols);
-            run(pool, w, n_tokens, y, &|row, t| {
-                (k.dot_q8_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
-            });
-        }
-        WeightType::Q4_1 => {
+        WeightType::Q5_1 => {
             let (q, stride) = quantize_rows(k.quantize_q8_1, BlockQ8_1::BYTES, x, cols);
             run(pool, w, n_tokens, y, &|row, t| {
-                (k.dot_q4_1_q8_1)(row, &q[t * stride..(t + 1) * stride])
+                (k.quants.dot_q5_1_q8_1)(row, &q[t * stride..(t + 1) * stride])
             });
+        }
+        // K-quants: activations to Q8_K (256-element blocks), see `crate::quants`.
+        ty @ (WeightType::Q2_K
+        | WeightType::Q3_K
+        | WeightType::Q4_K
+        | WeightType::Q5_K
+        | WeightType::Q6_K) => {
+            let (q, stride) = crate::quants::quantize_rows_q8_k(k.quants, x, cols);
+            if let Some(dot) = k.quants.dot_q8_k(ty) {
+                run(pool, w, n_tokens, y, &|row, t| {
+                    dot(row, &q[t * stride..(t + 1) * stride])
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// Several weight matrices applied to the same activations: `outs[i].1 = outs[i].0 · x`, as
+/// [`matmul`] computes each (bit-identical results).
+///
+/// When every matrix is Q4_0/Q8_0 (or every one Q4_1), the activations are quantised once
+/// and all products run as one parallel pass over the pool (one hand-off instead of one per
+/// matrix): the attention projections Q, K, V and the MLP's gate and up share their input.
+/// Other mixes run one [`matmul`] after another.
+///
+/// # Errors
+///
+/// As [`matmul`], for any pair; [`KernelError::LengthMismatch`] also when the matrices do
+/// not all have `x.len() / n_tokens` columns.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    outs: &mut [(Matrix<'_>, &mut [f32])],
+    x: &[f32],
+    n_tokens: usize,
+) -> Result<(), KernelError> {
+    for (w, y) in outs.iter() {
+        check_len("matmul_many x", x.len(), n_tokens, w.cols())?;
+        check_len("matmul_many y", y.len(), n_tokens, w.rows())?;
+    }
+    if n_tokens == 0 || outs.is_empty() {
+        return Ok(());
+    }
+    let k = dispatch::active();
+    let act_bytes = |w: &Matrix<'_>| tile_of(k, w.ty()).map(|t| t.1);
+    let first = act_bytes(&outs[0].0);
+    if first.is_some() && outs.iter().all(|(w, _)| act_bytes(w) == first) {
+        matmul_tiled(pool, outs, x, n_tokens);
+        return Ok(());
+    }
+    for (w, y) in outs.iter_mut() {
+        matmul(pool, w, x, n_tokens, y)?;
+    }
+    Ok(())
+}
+
+/// Quantises one row of activations into blocks.
+type QuantizeFn = fn(&[f32], &mut [u8]);
+
+/// The activation quantiser, its block bytes, and the tile kernel of a tiled weight type.
+fn tile_of(k: &Kernels, ty: WeightType) -> Option<(QuantizeFn, usize, TileFn)> {
+    match ty {
+        WeightType::Q4_0 => Some((k.quantize_q8_0, BlockQ8_0::BYTES, k.tiles.q4_0_q8_0)),
+        WeightType::Q4_1 => Some((k.quantize_q8_1, BlockQ8_1::BYTES, k.tiles.q4_1_q8_1)),
+        WeightType::Q8_0 => Some((k.quantize_q8_0, BlockQ8_0::BYTES, k.tiles.q8_0_q8_0)),
+        _ => None,
+    }
+}
+
+/// Rows per tile call: the tile kernels' row block.
+const TILE_ROWS: usize = 4;
+
+/// One matrix of a tiled pass and its share of the task indices.
+struct Part<'a> {
+    w: Matrix<'a>,
+    tile: TileFn,
+    out: DisjointOut,
+    row_chunk: usize,
+    row_tasks: usize,
+    first_task: usize,
+}
+
+/// `matmul` of every pair in `outs` through the tile kernels, in one `parallel_for`. The
+/// caller has checked lengths and that all matrices share one activation format.
+///
+/// Tasks are (matrix, chunk of rows, chunk of ≤ 32 tokens). A task walks its rows four at a
+/// time; each group of four rows is read from memory once and meets every token of the chunk
+/// (the kernel holds up to 4 × 4 pairs in registers), while the chunk's quantised
+/// activations (≤ 32 × cols bytes) stay in L1/L2.
+fn matmul_tiled(
+    pool: &ThreadPool,
+    outs: &mut [(Matrix<'_>, &mut [f32])],
+    x: &[f32],
+    n_tokens: usize,
+) {
+    let k = dispatch::active();
+    let Some((quantize, act_bytes, _)) = outs.first().and_then(|(w, _)| tile_of(k, w.ty())) else {
+        return;
+    };
+    let cols = outs[0].0.cols();
+    let (q, stride) = quantize_rows(quantize, act_bytes, x, cols);
+    let xs: Vec<&[u8]> = if stride > 0 {
+        q.chunks_exact(stride).collect()
+    } else {
+        vec![&[][..]; n_tokens]
+    };
+    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let target = pool.n_threads() * TASKS_PER_THREAD;
+    let mut parts = Vec::with_capacity(outs.len());
+    let mut n_tasks = 0;
+    for (w, y) in outs.iter_mut() {
+        let Some((_, _, tile)) = tile_of(k, w.ty()) else {
+            continue;
+        };
+        let rows = w.rows();
+        let row_chunk = rows
+            .div_ceil(target)
+            .max(MIN_ROW_CHUNK)
+            .next_multiple_of(TILE_ROWS);
+        let row_tasks = rows.div_ceil(row_chunk);
+        parts.push(Part {
+            w: *w,
+            tile,
+            out: DisjointOut {
+                ptr: y.as_mut_ptr(),
+                len: y.len(),
+            },
+            row_chunk,
+            row_tasks,
+            first_task: n_tasks,
+        });
+        n_tasks += row_tasks * token_tasks;
+    }
+    let (parts, xs) = (&parts, &xs);
+    pool.parallel_for(n_tasks, &|task| {
+        let Some(p) = parts.iter().rev().find(|p| p.first_task <= task) else {
+            return;
+        };
+        let local = task - p.first_task;
+        let (rt, tt) = (local % p.row_tasks, local / p.row_tasks);
+        let rows = p.w.rows();
+        let r1 = ((rt + 1) * p.row_chunk).min(rows);
+        let t0 = tt * TOKEN_CHUNK;
+        let t1 = (t0 + TOKEN_CHUNK).min(n_tokens);
+        let xt = &xs[t0..t1];
+        let nt = xt.len();
+        let mut buf = [0f32; TILE_ROWS * TOKEN_CHUNK];
+        let mut r = rt * p.row_chunk;
+        while r < r1 {
+            let nr = (r1 - r).min(TILE_ROWS);
+            let w_rows: [&[u8]; TILE_ROWS] =
+                std::array::from_fn(|i| if i < nr { p.w.row(r + i) } else { &[] });
+            (p.tile)(&w_rows[..nr], xt, &mut buf[..nr * nt]);
+            for (ti, o) in buf[..nr * nt].chunks_exact(nr).enumerate() {
+                for (i, &v) in o.iter().enumerate() {
+                    // SAFETY: task `task` owns rows [r0, r1) × tokens [t0, t1) of this
+                    // part's output alone (distinct tasks of a part differ in row or token
+                    // range; distinct parts write distinct buffers), and every output stays
+                    // exclusively borrowed by `outs` until `parallel_for` returns.
+                    unsafe { p.out.write((t0 + ti) * rows + r + i, v) };
+                }
+            }
+            r += nr;
+        }
+    });
 }
 
 fn check_len(what: &'static str, actual: usize, a: usize, b: usize) -> Result<(), KernelError> {

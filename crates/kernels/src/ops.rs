@@ -1,5 +1,5 @@
-//! Element-wise and per-vector operations: RMSNorm, RoPE, softmax, SiLU, SwiGLU, residual
-//! add. These are a small share of the work per token and stay scalar; each follows ggml's
+//! Element-wise and per-vector operations: RMSNorm, LayerNorm, RoPE, softmax, SiLU, SwiGLU,
+//! GELU, residual add. These are a small share of the work per token and stay scalar; each follows ggml's
 //! CPU formula so results track llama.cpp.
 
 /// RMS normalisation: `out[i] = x[i] * (1 / sqrt(mean(x²) + eps)) * weight[i]`.
@@ -129,6 +129,74 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Layer normalisation (BERT's `LayerNorm`):
+/// `out[i] = (x[i] - mean(x)) / sqrt(var(x) + eps) * weight[i] + bias[i]`, with the biased
+/// variance. Mean and variance accumulate in f64.
+///
+/// # Panics
+///
+/// If `weight`, `bias` or `out` differ in length from `x` (a shape bug in the caller).
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), weight.len(), "layer_norm: weight length");
+    assert_eq!(x.len(), bias.len(), "layer_norm: bias length");
+    assert_eq!(x.len(), out.len(), "layer_norm: output length");
+    if x.is_empty() {
+        return;
+    }
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| {
+            let d = f64::from(v) - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    let scale = 1.0 / (var + f64::from(eps)).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = ((f64::from(v) - mean) * scale) as f32 * w + b;
+    }
+}
+
+/// GELU with the exact error function, as BERT (`hidden_act = "gelu"`) and PyTorch's
+/// default `gelu` use: `0.5 * x * (1 + erf(x / sqrt(2)))`, computed in f64.
+pub fn gelu(x: f32) -> f32 {
+    let x = f64::from(x);
+    (0.5 * x * (1.0 + erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+}
+
+/// The error function in f64, to about 1e-15: the Maclaurin series below 3 (its terms peak
+/// near `e^(z^2)`, about 8e3, so cancellation costs under four of f64's sixteen digits), and
+/// above it `1 - erfc` with erfc's continued fraction, which converges fast for large `z`.
+fn erf(z: f64) -> f64 {
+    let a = z.abs();
+    let r = if a < 3.0 {
+        // erf(a) = 2/sqrt(pi) * sum_n (-1)^n a^(2n+1) / (n! (2n+1))
+        let a2 = a * a;
+        let mut power = a; // (-1)^n a^(2n+1) / n!
+        let mut sum = a;
+        for n in 1..200u32 {
+            power *= -a2 / f64::from(n);
+            let term = power / f64::from(2 * n + 1);
+            sum += term;
+            if term.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc(a) = exp(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a + (3/2)/(a + 2/(a + ...))))),
+        // evaluated from a fixed depth back to the front.
+        let mut f = a;
+        for k in (1..=60u32).rev() {
+            f = a + f64::from(k) / 2.0 / f;
+        }
+        1.0 - (-a * a).exp() * (std::f64::consts::FRAC_2_SQRT_PI / 2.0) / f
+    };
+    r.copysign(z)
+}
+
 /// Residual add: `y[i] += x[i]`.
 ///
 /// # Panics
@@ -163,5 +231,63 @@ mod tests {
         assert!((silu(-1.0) + 0.268_941_43).abs() < 1e-6);
         assert_eq!(silu(-100.0), -0.0);
         assert_eq!(silu(100.0), 100.0);
+    }
+
+    #[test]
+    fn erf_known_values_and_branches_agree() {
+        let known = [
+            (0.0, 0.0),
+            (0.1, 0.112_462_916_018_284_9),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (2.999_999, 0.999_977_909_363_748),
+            (3.0, 0.999_977_909_503_001_4),
+            (4.0, 0.999_999_984_582_742_1),
+            (6.0, 1.0),
+        ];
+        for (z, want) in known {
+            assert!(
+                (erf(z) - want).abs() < 1e-12,
+                "erf({z}) = {} not {want}",
+                erf(z)
+            );
+            assert!((erf(-z) + want).abs() < 1e-12, "erf(-{z})");
+        }
+    }
+
+    #[test]
+    fn gelu_known_values() {
+        assert_eq!(gelu(0.0), 0.0);
+        // Exact values, 0.5 x erfc(-x / sqrt 2) (PyTorch agrees to 1e-6).
+        let cases = [
+            (1.0, 0.841_344_7),
+            (-1.0, -0.158_655_26),
+            (2.0, 1.954_499_7),
+            (-3.0, -0.004_049_694),
+        ];
+        for (x, want) in cases {
+            assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {}", gelu(x));
+        }
+        assert_eq!(gelu(-40.0), -0.0);
+        assert_eq!(gelu(40.0), 40.0);
+    }
+
+    #[test]
+    fn layer_norm_centres_scales_and_shifts() {
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let w = [1.0f32, 2.0, 1.0, 1.0];
+        let b = [0.0f32, 0.0, 0.5, 0.0];
+        let mut out = [0f32; 4];
+        layer_norm(&x, &w, &b, 0.0, &mut out);
+        // mean 2.5, biased variance 1.25
+        let s = 1.25f32.sqrt();
+        let want = [-1.5 / s, 2.0 * -0.5 / s, 0.5 / s + 0.5, 1.5 / s];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o - w).abs() < 1e-6, "{out:?} vs {want:?}");
+        }
+        // A constant vector normalises to the bias (eps keeps it finite).
+        layer_norm(&[7.0; 4], &w, &b, 1e-12, &mut out);
+        assert_eq!(out, b);
     }
 }

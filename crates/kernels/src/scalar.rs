@@ -30,6 +30,8 @@ pub(crate) static SCALAR: Kernels = Kernels {
     dequantize_q4_0,
     dequantize_q4_1,
     dequantize_q8_0,
+    quants: &crate::quants::scalar::SCALAR_QUANTS,
+    tiles: &crate::tiles::SCALAR_TILES,
 };
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

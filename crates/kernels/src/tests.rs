@@ -92,6 +92,15 @@ fn quant_dot(k: &Kernels, ty: WeightType) -> fn(&[u8], &[u8]) -> f32 {
     }
 }
 
+fn quant_tile(k: &Kernels, ty: WeightType) -> crate::tiles::TileFn {
+    match ty {
+        WeightType::Q4_0 => k.tiles.q4_0_q8_0,
+        WeightType::Q4_1 => k.tiles.q4_1_q8_1,
+        WeightType::Q8_0 => k.tiles.q8_0_q8_0,
+        _ => unreachable!(),
+    }
+}
+
 fn quantize_with(k: &Kernels, ty: WeightType, x: &[f32]) -> Vec<u8> {
     let (q, bytes) = act_format(ty);
     let mut out = vec![0u8; x.len() / QK * bytes];
@@ -199,6 +208,46 @@ proptest! {
             for k in available() {
                 let got = quant_dot(k, ty)(&row, &xq);
                 prop_assert!(close(got, want, tol), "{} {:?}: {} vs {} (tol {})", k.name, ty, got, want, tol);
+            }
+        }
+    }
+
+    /// Tiles (several rows × several tokens per call, the matmul inner loop): in every
+    /// implementation each (row, token) value is bit-identical to that implementation's own
+    /// single dot product, whatever the tile shape (edges included), and within the
+    /// accumulation-order bound of the scalar reference.
+    #[test]
+    fn quant_tiles_match_dots(nb in 1usize..20, nr in 1usize..10, nt in 1usize..10, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for ty in QTYPES {
+            let rows: Vec<Vec<u8>> = (0..nr).map(|_| rand_row(&mut rng, ty, nb)).collect();
+            let xs: Vec<Vec<u8>> = (0..nt)
+                .map(|_| quantize_with(&SCALAR, ty, &rand_acts(&mut rng, nb * QK)))
+                .collect();
+            let w: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+            let x: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
+            for k in available() {
+                let mut out = vec![f32::NAN; nr * nt];
+                quant_tile(k, ty)(&w, &x, &mut out);
+                for t in 0..nt {
+                    for r in 0..nr {
+                        let own = quant_dot(k, ty)(w[r], x[t]);
+                        let got = out[t * nr + r];
+                        prop_assert_eq!(got.to_bits(), own.to_bits(), "{} {:?} r{} t{}", k.name, ty, r, t);
+                        let want = quant_dot(&SCALAR, ty)(w[r], x[t]);
+                        let tol = 4.0 * (nb as f32 + 8.0) * f32::EPSILON
+                            * quant_abs_sum(ty, w[r], x[t]) + f32::MIN_POSITIVE;
+                        prop_assert!(close(got, want, tol), "{} {:?}: {} vs {}", k.name, ty, got, want);
+                    }
+                }
+                // A short output buffer limits the tokens computed to those whose whole row
+                // of outputs fits; nothing is written past them.
+                if nr > 1 {
+                    let mut short = vec![f32::NAN; nr * (nt - 1) + 1];
+                    quant_tile(k, ty)(&w, &x, &mut short);
+                    prop_assert!(short[..nr * (nt - 1)].iter().all(|v| !v.is_nan()));
+                    prop_assert!(short[nr * (nt - 1)].is_nan());
+                }
             }
         }
     }

@@ -22,6 +22,28 @@ pub enum WeightType {
     Q4_1,
     /// ggml Q8_0: blocks of 32 8-bit values with one f16 scale (34 bytes).
     Q8_0,
+    /// ggml Q5_0: blocks of 32 5-bit values with one f16 scale (22 bytes).
+    Q5_0,
+    /// ggml Q5_1: blocks of 32 5-bit values with an f16 scale and minimum (24 bytes).
+    Q5_1,
+    /// ggml Q2_K: super-blocks of 256 2-bit values, 4-bit sub-block scales and minimums
+    /// (84 bytes).
+    #[allow(non_camel_case_types)]
+    Q2_K,
+    /// ggml Q3_K: super-blocks of 256 3-bit values, 6-bit sub-block scales (110 bytes).
+    #[allow(non_camel_case_types)]
+    Q3_K,
+    /// ggml Q4_K: super-blocks of 256 4-bit values, 6-bit sub-block scales and minimums
+    /// (144 bytes).
+    #[allow(non_camel_case_types)]
+    Q4_K,
+    /// ggml Q5_K: super-blocks of 256 5-bit values, 6-bit sub-block scales and minimums
+    /// (176 bytes).
+    #[allow(non_camel_case_types)]
+    Q5_K,
+    /// ggml Q6_K: super-blocks of 256 6-bit values, 8-bit sub-block scales (210 bytes).
+    #[allow(non_camel_case_types)]
+    Q6_K,
 }
 
 impl WeightType {
@@ -29,7 +51,8 @@ impl WeightType {
     pub const fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => QK,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1 => QK,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => crate::quants::QK_K,
         }
     }
 
@@ -41,6 +64,13 @@ impl WeightType {
             Self::Q4_0 => size_of::<BlockQ4_0>(),
             Self::Q4_1 => size_of::<BlockQ4_1>(),
             Self::Q8_0 => size_of::<BlockQ8_0>(),
+            Self::Q5_0 => crate::quants::BlockQ5_0::BYTES,
+            Self::Q5_1 => crate::quants::BlockQ5_1::BYTES,
+            Self::Q2_K => crate::quants::BlockQ2K::BYTES,
+            Self::Q3_K => crate::quants::BlockQ3K::BYTES,
+            Self::Q4_K => crate::quants::BlockQ4K::BYTES,
+            Self::Q5_K => crate::quants::BlockQ5K::BYTES,
+            Self::Q6_K => crate::quants::BlockQ6K::BYTES,
         }
     }
 

@@ -14,7 +14,9 @@ use half::{bf16, f16};
 use crate::dispatch::Kernels;
 use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 
-static AVX2: Kernels = Kernels {
+/// The AVX2 table as a constant, so that wider tables can start from it (`..AVX2_TABLE`).
+/// Its entries are sound to call only after [`avx2`]'s CPU check.
+pub(crate) const AVX2_TABLE: Kernels = Kernels {
     name: "avx2",
     dot_f32,
     dot_f16,
@@ -32,7 +34,11 @@ static AVX2: Kernels = Kernels {
     dequantize_q4_0,
     dequantize_q4_1,
     dequantize_q8_0,
+    quants: &crate::quants::avx2::AVX2_QUANTS,
+    tiles: &crate::x86_64_tiles::avx2::TILES,
 };
+
+static AVX2: Kernels = AVX2_TABLE;
 
 /// The AVX2 table, or `None` when this CPU lacks AVX2, FMA or F16C.
 pub(crate) fn avx2() -> Option<&'static Kernels> {

@@ -51,7 +51,7 @@ fn rand_matrix(rng: &mut StdRng, ty: WeightType, rows: usize, cols: usize) -> Ve
 
 #[test]
 fn simd_level_is_named() {
-    assert!(["scalar", "avx2"].contains(&simd_level()));
+    assert!(["scalar", "avx2", "avx512vnni"].contains(&simd_level()));
 }
 
 #[test]

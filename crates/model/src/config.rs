@@ -1,7 +1,9 @@
 use crate::ModelError;
 use gguf::{GgufFile, Metadata};
+use kernels::RopeStyle;
 
-/// Hyperparameters of a Llama-family model, read from GGUF metadata (`{arch}.*` keys).
+/// Hyperparameters of a Llama-family model (Llama, Mistral, Mixtral), read from GGUF metadata
+/// (`{arch}.*` keys), a Hugging Face `config.json` or a Mistral `params.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     /// `general.architecture`, e.g. `llama`.
@@ -29,6 +31,19 @@ pub struct LlamaConfig {
     pub rope_dim: usize,
     /// RMSNorm epsilon (`attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
+    /// Which dimensions RoPE pairs: adjacent ones for GGUF and Mistral's own layout (their
+    /// query/key rows are ordered for it), split halves for Hugging Face weights.
+    pub rope_style: RopeStyle,
+    /// Sliding-window attention: a token at position `p` attends only to positions
+    /// `> p - window` (`attention.sliding_window`; Mistral's `sliding_window`).
+    pub sliding_window: Option<usize>,
+    /// Experts per mixture-of-experts layer (`expert_count`); 0 for a dense MLP.
+    pub n_experts: usize,
+    /// Experts each token is routed to (`expert_used_count`), when `n_experts > 0`.
+    pub n_experts_used: usize,
+    /// Cache keys and values as f32 instead of f16: set by the safetensors loader for models
+    /// whose weights are all f32, so that they compute as their float32 reference does.
+    pub kv_f32: bool,
 }
 
 /// A generous bound on every dimension, so that a hostile file cannot make us allocate
@@ -101,16 +116,12 @@ impl LlamaConfig {
         let rms_eps = md
             .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
-        if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
-            return Err(ModelError::BadConfig(format!(
-                "rope.freq_base {rope_freq_base} must be positive"
-            )));
-        }
-        if !(rms_eps.is_finite() && rms_eps > 0.0) {
-            return Err(ModelError::BadConfig(format!(
-                "layer_norm_rms_epsilon {rms_eps} must be positive"
-            )));
-        }
+        let sliding_window = match md.opt_u32(&key("attention.sliding_window"))? {
+            Some(0) | None => None,
+            Some(w) => Some(w as usize),
+        };
+        let n_experts = md.opt_u32(&key("expert_count"))?.unwrap_or(0) as usize;
+        let n_experts_used = md.opt_u32(&key("expert_used_count"))?.unwrap_or(0) as usize;
         let embd = file
             .tensor("token_embd.weight")
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
@@ -124,7 +135,7 @@ impl LlamaConfig {
                 });
             }
         };
-        Ok(Self {
+        Self {
             architecture,
             n_layers,
             d_model,
@@ -137,7 +148,70 @@ impl LlamaConfig {
             rope_freq_base,
             rope_dim,
             rms_eps,
-        })
+            rope_style: RopeStyle::Normal,
+            sliding_window,
+            n_experts,
+            n_experts_used,
+            kv_f32: false,
+        }
+        .checked()
+    }
+
+    /// Checks the relations between the hyperparameters that every source must satisfy.
+    pub(crate) fn checked(self) -> Result<Self, ModelError> {
+        for (what, v) in [
+            ("layers", self.n_layers),
+            ("width", self.d_model),
+            ("heads", self.n_heads),
+            ("KV heads", self.n_kv_heads),
+            ("head dimension", self.head_dim),
+            ("MLP width", self.ffn_dim),
+            ("vocabulary", self.vocab_size),
+            ("context length", self.context_length),
+        ] {
+            check_dim(what, v)?;
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(ModelError::BadConfig(format!(
+                "{} heads is not a multiple of {} KV heads",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ModelError::BadConfig(format!(
+                "head dimension {} is odd",
+                self.head_dim
+            )));
+        }
+        if self.rope_dim == 0 || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            return Err(ModelError::BadConfig(format!(
+                "RoPE dimension {} must be even and in 2..={}",
+                self.rope_dim, self.head_dim
+            )));
+        }
+        if !(self.rope_freq_base.is_finite() && self.rope_freq_base > 0.0) {
+            return Err(ModelError::BadConfig(format!(
+                "RoPE base {} must be positive",
+                self.rope_freq_base
+            )));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
+            return Err(ModelError::BadConfig(format!(
+                "RMSNorm epsilon {} must be positive",
+                self.rms_eps
+            )));
+        }
+        if self.n_experts > 0
+            && (self.n_experts > 1024
+                || self.n_experts_used == 0
+                || self.n_experts_used > self.n_experts)
+        {
+            return Err(ModelError::BadConfig(format!(
+                "{} experts with {} used per token",
+                self.n_experts, self.n_experts_used
+            )));
+        }
+        Ok(self)
     }
 
     /// Width of all query heads together.

@@ -48,6 +48,21 @@ pub enum ModelError {
     CacheMismatch,
     /// A kernel rejected its operands (a bug if it happens after a successful load).
     Kernel(kernels::KernelError),
+    /// A model file or directory could not be read.
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A file of a model directory (config.json, params.json, a safetensors file or its
+    /// index) is malformed.
+    BadFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ModelError {
@@ -55,7 +70,11 @@ impl fmt::Display for ModelError {
         match self {
             ModelError::Format(e) => write!(f, "invalid GGUF file: {e}"),
             ModelError::UnsupportedArchitecture(a) => {
-                write!(f, "unsupported architecture {a:?} (supported: llama)")
+                write!(
+                    f,
+                    "unsupported architecture {a:?} (supported: llama, and from safetensors \
+                     LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM)"
+                )
             }
             ModelError::BadConfig(m) => write!(f, "bad model hyperparameters: {m}"),
             ModelError::MissingTensor(n) => write!(f, "missing tensor {n:?}"),
@@ -86,6 +105,8 @@ impl fmt::Display for ModelError {
             ),
             ModelError::CacheMismatch => write!(f, "KV cache does not match the model's shape"),
             ModelError::Kernel(e) => write!(f, "kernel error: {e}"),
+            ModelError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            ModelError::BadFile { path, reason } => write!(f, "{}: {reason}", path.display()),
         }
     }
 }
@@ -95,6 +116,7 @@ impl std::error::Error for ModelError {
         match self {
             ModelError::Format(e) => Some(e),
             ModelError::Kernel(e) => Some(e),
+            ModelError::Io { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -4,8 +4,9 @@ use kernels::f16;
 /// Most bytes a KV pool may take (a guard against absurd budgets, not a tuning knob).
 const MAX_POOL_BYTES: usize = 1 << 40;
 
-/// Keys and values of many sequences, stored as f16 (as llama.cpp stores them) in fixed-size
-/// blocks of `block_tokens` positions.
+/// Keys and values of many sequences, stored as f16 (as llama.cpp stores them) or, for models
+/// whose weights are all f32 ([`LlamaConfig::kv_f32`]), as f32, in fixed-size blocks of
+/// `block_tokens` positions.
 ///
 /// Layout per layer: `[block][slot][kv_head][head_dim]`, so a block is one contiguous run and a
 /// sequence is a list of block ids (its block table): position `p` lives in block
@@ -18,8 +19,39 @@ pub struct KvPool {
     kv_dim: usize,
     block_tokens: usize,
     n_blocks: usize,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    k: Vec<KvData>,
+    v: Vec<KvData>,
+}
+
+/// One layer's keys (or values), at the precision the model asks for.
+#[derive(Debug)]
+enum KvData {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvData {
+    fn zeros(len: usize, f32: bool) -> Self {
+        if f32 {
+            KvData::F32(vec![0.0; len])
+        } else {
+            KvData::F16(vec![f16::ZERO; len])
+        }
+    }
+
+    fn view(&self) -> KvSlice<'_> {
+        match self {
+            KvData::F16(v) => KvSlice::F16(v),
+            KvData::F32(v) => KvSlice::F32(v),
+        }
+    }
+}
+
+/// A layer's keys or values as the attention reads them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KvSlice<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
 }
 
 impl KvPool {
@@ -37,7 +69,9 @@ impl KvPool {
         let per_layer = n_blocks
             .checked_mul(block_tokens)
             .and_then(|n| n.checked_mul(config.kv_dim()))
-            .filter(|&n| n.saturating_mul(4 * config.n_layers) <= MAX_POOL_BYTES)
+            .filter(|&n| {
+                n.saturating_mul(2 * elem_bytes(config) * config.n_layers) <= MAX_POOL_BYTES
+            })
             .ok_or_else(|| {
                 ModelError::BadConfig(format!(
                     "a KV pool of {n_blocks} blocks x {block_tokens} tokens is too large"
@@ -49,10 +83,10 @@ impl KvPool {
             block_tokens,
             n_blocks,
             k: (0..config.n_layers)
-                .map(|_| vec![f16::ZERO; per_layer])
+                .map(|_| KvData::zeros(per_layer, config.kv_f32))
                 .collect(),
             v: (0..config.n_layers)
-                .map(|_| vec![f16::ZERO; per_layer])
+                .map(|_| KvData::zeros(per_layer, config.kv_f32))
                 .collect(),
         })
     }
@@ -69,16 +103,24 @@ impl KvPool {
 
     /// Bytes of key and value storage.
     pub fn bytes(&self) -> usize {
-        2 * self.n_layers * self.n_blocks * self.block_tokens * self.kv_dim * 2
+        let elem = match self.k.first() {
+            Some(KvData::F32(_)) => 4,
+            _ => 2,
+        };
+        2 * self.n_layers * self.n_blocks * self.block_tokens * self.kv_dim * elem
     }
 
     /// Bytes one cached token costs (keys and values of every layer).
     pub fn bytes_per_token(config: &LlamaConfig) -> usize {
-        2 * config.n_layers * config.kv_dim() * 2
+        2 * config.n_layers * config.kv_dim() * elem_bytes(config)
     }
 
     pub(crate) fn check_shape(&self, config: &LlamaConfig) -> Result<(), ModelError> {
-        if self.n_layers != config.n_layers || self.kv_dim != config.kv_dim() {
+        let f32 = matches!(self.k.first(), Some(KvData::F32(_)));
+        if self.n_layers != config.n_layers
+            || self.kv_dim != config.kv_dim()
+            || (self.n_layers > 0 && f32 != config.kv_f32)
+        {
             return Err(ModelError::CacheMismatch);
         }
         Ok(())
@@ -94,21 +136,31 @@ impl KvPool {
     pub(crate) fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {
         let kv_dim = self.kv_dim;
         for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
-            for (d, &s) in dst[at..at + kv_dim].iter_mut().zip(src) {
-                *d = f16::from_f32(s);
+            match dst {
+                KvData::F16(dst) => {
+                    for (d, &s) in dst[at..at + kv_dim].iter_mut().zip(src) {
+                        *d = f16::from_f32(s);
+                    }
+                }
+                KvData::F32(dst) => dst[at..at + kv_dim].copy_from_slice(&src[..kv_dim]),
             }
         }
     }
 
     /// All keys of `layer` (index with [`KvPool::offset`]).
-    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        &self.k[layer]
+    pub(crate) fn keys(&self, layer: usize) -> KvSlice<'_> {
+        self.k[layer].view()
     }
 
     /// All values of `layer`, laid out like [`KvPool::keys`].
-    pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        &self.v[layer]
+    pub(crate) fn values(&self, layer: usize) -> KvSlice<'_> {
+        self.v[layer].view()
     }
+}
+
+/// Bytes of one cached element.
+fn elem_bytes(config: &LlamaConfig) -> usize {
+    if config.kv_f32 { 4 } else { 2 }
 }
 
 /// The cache of a single sequence: a [`KvPool`] whose blocks all belong to it, in order. The

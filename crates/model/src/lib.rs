@@ -1,7 +1,8 @@
 //! Model architectures and their forward pass.
 //!
-//! A model is loaded from a GGUF file ([`gguf::GgufFile`]) and owns only its weights, which
-//! stay in the file's memory map. All per-request state lives in a [`KvCache`] that the caller
+//! A model is loaded from a GGUF file ([`gguf::GgufFile`]) or a directory of safetensors in
+//! the Hugging Face or Mistral layout ([`LoadedModel::open`] takes either), and owns only its
+//! weights, which stay in the files' memory maps. All per-request state lives in a [`KvCache`] that the caller
 //! passes into [`LlamaModel::forward`], so one model can serve many sequences.
 //!
 //! ```no_run
@@ -16,15 +17,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bert;
 mod config;
 mod error;
+mod hf;
 mod kv_cache;
 mod llama;
+mod moe;
+mod source;
+mod weights;
 
+pub use bert::{BertConfig, BertError, BertInput, BertModel, Pooling, l2_normalize, pool};
 pub use config::LlamaConfig;
 pub use error::ModelError;
+pub use kernels::RopeStyle;
 pub use kv_cache::{KvCache, KvPool};
 pub use llama::{LlamaModel, Logits, SeqChunk};
+pub use source::{LoadedModel, ModelFormat, TensorSummary, TokenizerSource};
 
 /// The GGUF reader, re-exported so that callers (the engine) can read tokenizer metadata from
 /// the same file without depending on the format crate themselves.

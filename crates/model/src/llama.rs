@@ -1,13 +1,17 @@
 //! The Llama architecture as GGUF describes it (`general.architecture = llama`), which also
-//! covers Mistral-family GGUF files: token embeddings, then per block RMSNorm → grouped-query
-//! attention with RoPE → residual → RMSNorm → SwiGLU MLP → residual, then a final RMSNorm and
-//! the output head (tied to the embeddings when `output.weight` is absent).
+//! covers the Mistral family (sliding-window attention; Mixtral's mixture of experts) from
+//! GGUF or safetensors: token embeddings, then per block RMSNorm → grouped-query attention
+//! with RoPE → residual → RMSNorm → SwiGLU MLP (or experts, `moe.rs`) → residual, then a final
+//! RMSNorm and the output head (tied to the embeddings when `output.weight` is absent).
 
 use std::sync::{Arc, Mutex};
 
-use gguf::{GgmlType, GgufFile};
-use kernels::{Matrix, RopeStyle, ThreadPool, WeightType, f16};
+use gguf::GgufFile;
+use kernels::{ThreadPool, f16};
 
+use crate::kv_cache::KvSlice;
+use crate::moe::{Ffn, Mlp};
+use crate::weights::{Storage, Tensors, Weight};
 use crate::{KvCache, KvPool, LlamaConfig, ModelError};
 
 /// Which positions' logits [`LlamaModel::forward`] returns.
@@ -21,15 +25,6 @@ pub enum Logits {
     None,
 }
 
-/// A weight matrix inside the memory-mapped file: where its bytes are and how to read them.
-#[derive(Clone, Debug)]
-struct Weight {
-    ty: WeightType,
-    info: gguf::TensorInfo,
-    rows: usize,
-    cols: usize,
-}
-
 /// Weights of one transformer block. Shapes are `rows × cols` (GGUF dims `[cols, rows]`).
 #[derive(Debug)]
 struct Block {
@@ -39,15 +34,13 @@ struct Block {
     wv: Weight,          // kv_dim × d_model
     wo: Weight,          // d_model × q_dim
     ffn_norm: Vec<f32>,  // d_model
-    w_gate: Weight,      // ffn_dim × d_model
-    w_up: Weight,        // ffn_dim × d_model
-    w_down: Weight,      // d_model × ffn_dim
+    ffn: Ffn,            // SwiGLU MLP or experts of ffn_dim
 }
 
 /// A loaded Llama-family model. Holds no per-request state.
 #[derive(Debug)]
 pub struct LlamaModel {
-    file: Arc<GgufFile>,
+    store: Storage,
     config: LlamaConfig,
     token_embd: Weight, // vocab × d_model
     output_norm: Vec<f32>,
@@ -63,9 +56,7 @@ struct Scratch {
     k: Vec<f32>,    // n × kv_dim
     v: Vec<f32>,    // n × kv_dim
     attn: Vec<f32>, // n × q_dim, attention output before wo
-    proj: Vec<f32>, // n × d_model, output of wo / w_down
-    gate: Vec<f32>, // n × ffn_dim
-    up: Vec<f32>,   // n × ffn_dim
+    proj: Vec<f32>, // n × d_model, output of wo / the MLP
 }
 
 impl LlamaModel {
@@ -77,59 +68,97 @@ impl LlamaModel {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(&file)?;
+        Self::from_tensors(Tensors::from_gguf(file), config, progress)
+    }
+
+    /// Builds the model from a table of GGUF-named tensors (from a GGUF file or renamed from
+    /// safetensors), checking every tensor's presence, shape and type.
+    pub(crate) fn from_tensors(
+        tensors: Tensors,
+        config: LlamaConfig,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
         let c = &config;
         let d = c.d_model as u64;
-        let total = 3 + 9 * c.n_layers;
+        let t = &tensors;
+        let total = t.index.len();
         let mut done = 0usize;
-        let mut step = |file: &GgufFile, name: &str| {
-            if let Some(info) = file.tensor(name) {
-                prefault(file.tensor_data(info));
-            }
+        let mut step = |name: &str| {
+            t.prefault(name);
             done += 1;
-            progress(done, total);
+            progress(done.min(total), total);
         };
-        let token_embd = weight(&file, "token_embd.weight", [d, c.vocab_size as u64])?;
-        step(&file, "token_embd.weight");
-        let output_norm = vector(&file, "output_norm.weight", c.d_model)?;
-        step(&file, "output_norm.weight");
-        let output = if file.tensor("output.weight").is_some() {
-            weight(&file, "output.weight", [d, c.vocab_size as u64])?
+        let token_embd = t.weight("token_embd.weight", [d, c.vocab_size as u64])?;
+        step("token_embd.weight");
+        let output_norm = t.vector("output_norm.weight", c.d_model)?;
+        step("output_norm.weight");
+        let output = if t.has("output.weight") {
+            step("output.weight");
+            t.weight("output.weight", [d, c.vocab_size as u64])?
         } else {
             token_embd.clone()
         };
-        step(&file, "output.weight");
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             let (q, kv, f) = (c.q_dim() as u64, c.kv_dim() as u64, c.ffn_dim as u64);
-            let block = Block {
-                attn_norm: vector(&file, &name("attn_norm"), c.d_model)?,
-                wq: weight(&file, &name("attn_q"), [d, q])?,
-                wk: weight(&file, &name("attn_k"), [d, kv])?,
-                wv: weight(&file, &name("attn_v"), [d, kv])?,
-                wo: weight(&file, &name("attn_output"), [q, d])?,
-                ffn_norm: vector(&file, &name("ffn_norm"), c.d_model)?,
-                w_gate: weight(&file, &name("ffn_gate"), [d, f])?,
-                w_up: weight(&file, &name("ffn_up"), [d, f])?,
-                w_down: weight(&file, &name("ffn_down"), [f, d])?,
+            let ffn = if c.n_experts == 0 {
+                Ffn::Dense(Mlp {
+                    gate: t.weight(&name("ffn_gate"), [d, f])?,
+                    up: t.weight(&name("ffn_up"), [d, f])?,
+                    down: t.weight(&name("ffn_down"), [f, d])?,
+                })
+            } else {
+                let e = c.n_experts as u64;
+                let experts = if t.has(&name("ffn_gate_exps")) {
+                    // Stacked 3-D tensors, as current llama.cpp writes them.
+                    let gate = t.stacked(&name("ffn_gate_exps"), [d, f, e])?;
+                    let up = t.stacked(&name("ffn_up_exps"), [d, f, e])?;
+                    let down = t.stacked(&name("ffn_down_exps"), [f, d, e])?;
+                    gate.into_iter()
+                        .zip(up)
+                        .zip(down)
+                        .map(|((gate, up), down)| Mlp { gate, up, down })
+                        .collect()
+                } else {
+                    // One tensor per expert (older GGUF files; renamed safetensors).
+                    (0..c.n_experts)
+                        .map(|x| {
+                            let name = |t: &str| format!("blk.{i}.{t}.{x}.weight");
+                            Ok(Mlp {
+                                gate: t.weight(&name("ffn_gate"), [d, f])?,
+                                up: t.weight(&name("ffn_up"), [d, f])?,
+                                down: t.weight(&name("ffn_down"), [f, d])?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, ModelError>>()?
+                };
+                Ffn::Experts {
+                    router: t.weight(&name("ffn_gate_inp"), [d, e])?,
+                    experts,
+                    n_used: c.n_experts_used,
+                }
             };
-            for t in [
-                "attn_norm",
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_norm",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ] {
-                step(&file, &name(t));
+            let block = Block {
+                attn_norm: t.vector(&name("attn_norm"), c.d_model)?,
+                wq: t.weight(&name("attn_q"), [d, q])?,
+                wk: t.weight(&name("attn_k"), [d, kv])?,
+                wv: t.weight(&name("attn_v"), [d, kv])?,
+                wo: t.weight(&name("attn_output"), [q, d])?,
+                ffn_norm: t.vector(&name("ffn_norm"), c.d_model)?,
+                ffn,
+            };
+            let prefix = format!("blk.{i}.");
+            let mut names: Vec<&String> =
+                t.index.keys().filter(|k| k.starts_with(&prefix)).collect();
+            names.sort();
+            for n in names {
+                step(n);
             }
             blocks.push(block);
         }
         Ok(Self {
-            file,
+            store: tensors.storage,
             config,
             token_embd,
             output_norm,
@@ -143,9 +172,13 @@ impl LlamaModel {
         &self.config
     }
 
-    /// The file the weights live in (its metadata carries the tokenizer).
-    pub fn file(&self) -> &Arc<GgufFile> {
-        &self.file
+    /// The GGUF file the weights live in (its metadata carries the tokenizer), if they come
+    /// from one.
+    pub fn file(&self) -> Option<&Arc<GgufFile>> {
+        match &self.store {
+            Storage::Gguf(file) => Some(file),
+            Storage::Safetensors(_) => None,
+        }
     }
 
     /// An empty KV cache for up to `capacity` tokens of one sequence.
@@ -153,9 +186,8 @@ impl LlamaModel {
         KvCache::new(&self.config, capacity)
     }
 
-    fn matrix(&self, w: &Weight) -> Result<Matrix<'_>, ModelError> {
-        let data = self.file.tensor_data(&w.info);
-        Ok(Matrix::new(w.ty, data, w.rows, w.cols)?)
+    fn matrix(&self, w: &Weight) -> Result<kernels::Matrix<'_>, ModelError> {
+        self.store.matrix(w)
     }
 
     /// Runs `tokens` (appended after what `kv` holds) through the model, extends `kv`, and
@@ -246,8 +278,6 @@ impl LlamaModel {
             v: vec![0.0; n * c.kv_dim()],
             attn: vec![0.0; n * c.q_dim()],
             proj: vec![0.0; n * c.d_model],
-            gate: vec![0.0; n * c.ffn_dim],
-            up: vec![0.0; n * c.ffn_dim],
         };
         // Position and KV offset of every row.
         let positions: Vec<usize> = rows
@@ -283,7 +313,7 @@ impl LlamaModel {
                     c.rope_dim,
                     pos,
                     c.rope_freq_base,
-                    RopeStyle::Normal,
+                    c.rope_style,
                 );
                 let k = &mut s.k[r * kd..(r + 1) * kd];
                 kernels::rope(
@@ -293,7 +323,7 @@ impl LlamaModel {
                     c.rope_dim,
                     pos,
                     c.rope_freq_base,
-                    RopeStyle::Normal,
+                    c.rope_style,
                 );
                 kv.write(layer, offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
             }
@@ -306,12 +336,17 @@ impl LlamaModel {
             kernels::matmul(pool, &self.matrix(&b.wo)?, &s.attn, n, &mut s.proj)?;
             kernels::add_assign(&mut s.x, &s.proj);
 
-            // MLP sub-layer: down(silu(gate(x)) * up(x)).
+            // MLP sub-layer: down(silu(gate(x)) * up(x)), or a mixture of such experts.
             rms_norm_rows(&s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            kernels::matmul(pool, &self.matrix(&b.w_gate)?, &s.xn, n, &mut s.gate)?;
-            kernels::matmul(pool, &self.matrix(&b.w_up)?, &s.xn, n, &mut s.up)?;
-            kernels::swiglu(&mut s.gate, &s.up);
-            kernels::matmul(pool, &self.matrix(&b.w_down)?, &s.gate, n, &mut s.proj)?;
+            b.ffn.forward(
+                pool,
+                &self.store,
+                &s.xn,
+                n,
+                c.d_model,
+                c.ffn_dim,
+                &mut s.proj,
+            )?;
             kernels::add_assign(&mut s.x, &s.proj);
         }
 
@@ -378,10 +413,12 @@ struct AttentionRows<'a> {
 }
 
 /// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
-/// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`).
+/// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`). With a
+/// sliding window `w`, the row at position `p` sees positions `p + 1 - w ..= p` only.
 ///
-/// Numerics follow llama.cpp's CPU path: queries are rounded to f16 for the dot products with
-/// the f16 keys, and the softmax weights are rounded to f16 before they scale the f16 values.
+/// Numerics of an f16 cache follow llama.cpp's CPU path: queries are rounded to f16 for the
+/// dot products with the f16 keys, and the softmax weights are rounded to f16 before they
+/// scale the f16 values. An f32 cache computes in f32 throughout.
 /// Each (row, head) pair is an independent task on the pool; its output slice is its own.
 fn attention(
     pool: &ThreadPool,
@@ -398,96 +435,45 @@ fn attention(
     let keys = kv.keys(layer);
     let values = kv.values(layer);
     let n_heads = c.n_heads;
+    let window = c.sliding_window;
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
     pool.parallel_for(slots.len(), &|task| {
         let (r, h) = (task / n_heads, task % n_heads);
         let table = ctx.chunks[ctx.rows[r].0].block_table;
         let kv_h = h / group;
         let n_ctx = ctx.positions[r] + 1;
-        let mut q16 = vec![f16::ZERO; hd];
-        kernels::f32_to_f16_slice(&q[task * hd..(task + 1) * hd], &mut q16);
-        let mut scores: Vec<f32> = (0..n_ctx)
-            .map(|p| {
-                let k = &keys[kv.offset(table, p) + kv_h * hd..][..hd];
-                kernels::dot_f16(&q16, k) * scale
-            })
-            .collect();
+        let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
+        let at = |p: usize| kv.offset(table, p) + kv_h * hd;
+        let qr = &q[task * hd..(task + 1) * hd];
+        let mut scores: Vec<f32> = match keys {
+            KvSlice::F16(keys) => {
+                let mut q16 = vec![f16::ZERO; hd];
+                kernels::f32_to_f16_slice(qr, &mut q16);
+                (first..n_ctx)
+                    .map(|p| kernels::dot_f16(&q16, &keys[at(p)..][..hd]) * scale)
+                    .collect()
+            }
+            KvSlice::F32(keys) => (first..n_ctx)
+                .map(|p| kernels::dot_f32(qr, &keys[at(p)..][..hd]) * scale)
+                .collect(),
+        };
         kernels::softmax(&mut scores);
         let Ok(mut o) = slots[task].lock() else {
             return;
         };
         o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let w = f16::from_f32(w).to_f32();
-            let v = &values[kv.offset(table, p) + kv_h * hd..][..hd];
-            kernels::axpy_f16(&mut o, w, v);
+        for (p, &w) in (first..n_ctx).zip(&scores) {
+            match values {
+                KvSlice::F16(values) => {
+                    let w = f16::from_f32(w).to_f32();
+                    kernels::axpy_f16(&mut o, w, &values[at(p)..][..hd]);
+                }
+                KvSlice::F32(values) => {
+                    for (o, &v) in o.iter_mut().zip(&values[at(p)..][..hd]) {
+                        *o += w * v;
+                    }
+                }
+            }
         }
     });
-}
-
-/// Touches one byte per page so that the first forward pass does not stall on page faults;
-/// this is the work the load progress bar shows.
-fn prefault(bytes: &[u8]) {
-    let mut acc = 0u8;
-    for chunk in bytes.chunks(4096) {
-        acc ^= chunk[0];
-    }
-    std::hint::black_box(acc);
-}
-
-fn kernel_type(name: &str, ty: GgmlType) -> Result<WeightType, ModelError> {
-    Ok(match ty {
-        GgmlType::F32 => WeightType::F32,
-        GgmlType::F16 => WeightType::F16,
-        GgmlType::BF16 => WeightType::BF16,
-        GgmlType::Q4_0 => WeightType::Q4_0,
-        GgmlType::Q4_1 => WeightType::Q4_1,
-        GgmlType::Q8_0 => WeightType::Q8_0,
-        other => {
-            return Err(ModelError::UnsupportedTensorType {
-                name: name.to_owned(),
-                ggml_type: other.to_string(),
-            });
-        }
-    })
-}
-
-fn weight(file: &GgufFile, name: &str, dims: [u64; 2]) -> Result<Weight, ModelError> {
-    let info = file
-        .tensor(name)
-        .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))?;
-    if info.dims != dims {
-        return Err(ModelError::BadShape {
-            name: name.to_owned(),
-            expected: dims.to_vec(),
-            found: info.dims.clone(),
-        });
-    }
-    let ty = kernel_type(name, info.ggml_type)?;
-    let w = Weight {
-        ty,
-        info: info.clone(),
-        rows: dims[1] as usize,
-        cols: dims[0] as usize,
-    };
-    // Check once here that the kernels accept this shape, so forward() cannot fail on it.
-    Matrix::new(ty, file.tensor_data(info), w.rows, w.cols)?;
-    Ok(w)
-}
-
-fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-    let info = file
-        .tensor(name)
-        .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))?;
-    if info.dims != [len as u64] {
-        return Err(ModelError::BadShape {
-            name: name.to_owned(),
-            expected: vec![len as u64],
-            found: info.dims.clone(),
-        });
-    }
-    let ty = kernel_type(name, info.ggml_type)?;
-    let mut out = vec![0.0; len];
-    kernels::dequantize_row(ty, file.tensor_data(info), &mut out)?;
-    Ok(out)
 }

@@ -11,6 +11,8 @@
 //! Mistral's own tokenizers live here too: [`SentencePieceBpe`] (`tokenizer.model.v*`),
 //! [`Tekken`] (`tekken_*.json`) and [`MistralTokenizer`], which encodes a
 //! [`MistralChatRequest`] exactly as mistral-common's `encode_chat_completion` does.
+//! [`WordPiece`] is BERT's tokenizer, built from a Hugging Face `tokenizer.json`, for the
+//! embedding models.
 //!
 //! ```
 //! use souverain_tokenizer::{Tokenizer, TokenizerSpec};
@@ -36,6 +38,7 @@
 
 mod bpe;
 mod chat;
+mod hf;
 mod mistral_chat;
 mod mistral_error;
 mod mistral_request;
@@ -46,9 +49,11 @@ mod stream;
 mod tekken;
 mod unicode;
 mod unicode_table;
+mod wordpiece;
 
 pub use bpe::{Tokenizer, TokenizerSpec};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use hf::{HfStreamDecoder, HfTokenizer};
 pub use mistral_chat::{MistralTokenizer, MistralVersion};
 pub use mistral_error::MistralError;
 pub use mistral_request::{
@@ -59,11 +64,15 @@ pub use pyjson::JsonValue;
 pub use sentencepiece::{PieceType, SentencePieceBpe};
 pub use stream::StreamDecoder;
 pub use tekken::Tekken;
+pub use wordpiece::{WordPiece, WordPieceEncoding, WordPieceError};
 
 /// Everything that can go wrong building a tokenizer, decoding, or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenizerError {
+    /// A Hugging Face `tokenizer.json` / `tokenizer_config.json` could not be read or used.
+    #[error("Hugging Face tokenizer: {0}")]
+    HfJson(String),
     /// `tokenizer.ggml.model` names a tokenizer this crate does not implement.
     #[error("unsupported tokenizer model {0:?} (supported: \"gpt2\")")]
     UnsupportedModel(String),

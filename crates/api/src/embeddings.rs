@@ -1,0 +1,527 @@
+//! `POST /v1/embeddings`, OpenAI's shape, over an [`EmbeddingBackend`].
+//!
+//! The request: `model`; `input` as a string, an array of strings, an array of token ids or
+//! an array of token-id arrays (ids are the model's own, used as given: no `[CLS]`/`[SEP]` is
+//! added, as vLLM does); `encoding_format` `"float"` (default) or `"base64"` (the
+//! little-endian f32 bytes of each vector, base64-encoded, as OpenAI sends them);
+//! `dimensions`, accepted only when it equals the model's (these models cannot shorten their
+//! vectors); `user`, ignored. The answer:
+//! `{"object":"list","data":[{"object":"embedding","index":i,"embedding":[...]}],
+//! "model":...,"usage":{"prompt_tokens":N,"total_tokens":N}}`.
+//!
+//! An input longer than the model's limit is refused with a 400 naming its index
+//! (`param: "input[i]"`, code `context_length_exceeded`), as OpenAI does, rather than
+//! truncated as sentence-transformers would: the vector must be of the text sent. Empty
+//! inputs (an empty string, an empty list, an empty token array) are refused too.
+//!
+//! Embedding is CPU work that runs on a blocking thread. Under `--auth` the request is
+//! metered like a completion with no completion tokens: its prompt tokens are reserved
+//! after tokenisation and settled before the response leaves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router, middleware};
+use control::ControlPlane;
+use engine::{EngineError, Event, FinishReason, Usage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Backend;
+use crate::auth::Admission;
+use crate::error::ApiError;
+use crate::extract::Json;
+use crate::routes::AppState;
+
+/// Most inputs in one request (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// What the HTTP layer needs from an embedding model. `engine::Embedder` implements it;
+/// tests use a fake. Every method may do CPU work: the API calls [`EmbeddingBackend::tokenize`]
+/// and [`EmbeddingBackend::embed`] off the async executor.
+pub trait EmbeddingBackend: Send + Sync + 'static {
+    /// The id clients name in `model` and that `/v1/models` lists.
+    fn model_id(&self) -> &str;
+
+    /// Length of every vector.
+    fn dimensions(&self) -> usize;
+
+    /// The longest input in tokens (special tokens included).
+    fn max_tokens(&self) -> usize;
+
+    /// The model's token ids for a text, special tokens included; may exceed
+    /// [`EmbeddingBackend::max_tokens`].
+    fn tokenize(&self, text: &str) -> Vec<u32>;
+
+    /// One vector per token sequence, in order.
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
+}
+
+impl EmbeddingBackend for engine::Embedder {
+    fn model_id(&self) -> &str {
+        engine::Embedder::model_id(self)
+    }
+
+    fn dimensions(&self) -> usize {
+        engine::Embedder::dimensions(self)
+    }
+
+    fn max_tokens(&self) -> usize {
+        engine::Embedder::max_tokens(self)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        engine::Embedder::tokenize(self, text)
+    }
+
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        engine::Embedder::embed(self, inputs)
+    }
+}
+
+/// [`crate::router_with`] behind the control plane, as [`crate::router_with_control`] is.
+pub fn router_with_control_and_embedder(
+    backend: Arc<dyn Backend>,
+    embedder: Option<Arc<dyn EmbeddingBackend>>,
+    control: Arc<ControlPlane>,
+) -> Router {
+    crate::router_with(backend, embedder)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&control),
+            crate::auth::authenticate,
+        ))
+        .nest("/admin/v1", crate::admin::router(control))
+}
+
+/// Serves a chat model and an embedding model side by side until `shutdown` completes; with
+/// `control`, behind the control plane (and its maintenance task), as
+/// [`crate::serve_with_control`] does.
+pub async fn serve_with_embedder(
+    listener: tokio::net::TcpListener,
+    backend: Arc<dyn Backend>,
+    embedder: Option<Arc<dyn EmbeddingBackend>>,
+    control: Option<Arc<ControlPlane>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(
+            %address,
+            model = backend.model_id(),
+            embedding_model = embedder.as_ref().map(|e| e.model_id()),
+            auth = control.is_some(),
+            "serving the OpenAI API"
+        );
+    }
+    let (app, maintenance) = match control {
+        Some(control) => (
+            router_with_control_and_embedder(backend, embedder, Arc::clone(&control)),
+            Some(control.spawn_maintenance(std::time::Duration::from_secs(60))),
+        ),
+        None => (crate::router_with(backend, embedder), None),
+    };
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    if let Some(m) = maintenance {
+        m.abort();
+    }
+    result
+}
+
+/// The body of `POST /v1/embeddings`, before validation.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingRequest {
+    model: Option<Value>,
+    input: Option<Value>,
+    encoding_format: Option<Value>,
+    dimensions: Option<Value>,
+    /// Accepted and ignored, as OpenAI documents it (abuse monitoring).
+    #[serde(rename = "user")]
+    _user: Option<Value>,
+}
+
+/// One input, as given.
+#[derive(Debug, Clone, PartialEq)]
+enum Input {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A request checked field by field.
+#[derive(Debug)]
+struct ValidEmbeddingRequest {
+    inputs: Vec<Input>,
+    base64: bool,
+}
+
+fn validate(
+    req: EmbeddingRequest,
+    embedder: &dyn EmbeddingBackend,
+) -> Result<ValidEmbeddingRequest, ApiError> {
+    match req.model {
+        None | Some(Value::Null) => return Err(ApiError::invalid("model", "`model` is required")),
+        Some(Value::String(m)) if m == embedder.model_id() => {}
+        Some(Value::String(m)) => return Err(ApiError::ModelNotFound { model: m }),
+        Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
+    }
+    let base64 = match req.encoding_format {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                "`encoding_format` must be \"float\" or \"base64\"",
+            ));
+        }
+    };
+    match req.dimensions {
+        None | Some(Value::Null) => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(embedder.dimensions() as u64) => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "dimensions",
+                format!(
+                    "`dimensions` {other} is not supported: this model's vectors have {} \
+                     dimensions and cannot be shortened",
+                    embedder.dimensions()
+                ),
+            ));
+        }
+    }
+    let inputs = parse_input(req.input)?;
+    Ok(ValidEmbeddingRequest { inputs, base64 })
+}
+
+fn parse_input(input: Option<Value>) -> Result<Vec<Input>, ApiError> {
+    let shape = || {
+        ApiError::invalid(
+            "input",
+            "`input` must be a string, an array of strings, an array of token ids or an \
+             array of token-id arrays",
+        )
+    };
+    let empty_text = |param: String| {
+        ApiError::invalid(
+            param.clone(),
+            format!("`{param}` must not be an empty string"),
+        )
+    };
+    let tokens = |param: String, list: &[Value]| -> Result<Vec<u32>, ApiError> {
+        if list.is_empty() {
+            return Err(ApiError::invalid(
+                param.clone(),
+                format!("`{param}` must not be an empty token array"),
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(j, t)| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("{param}[{j}]"),
+                            format!("`{param}[{j}]` = {t} is not a token id"),
+                        )
+                    })
+            })
+            .collect()
+    };
+    let inputs = match input {
+        None | Some(Value::Null) => return Err(ApiError::invalid("input", "`input` is required")),
+        Some(Value::String(s)) if s.is_empty() => return Err(empty_text("input".into())),
+        Some(Value::String(s)) => vec![Input::Text(s)],
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                return Err(ApiError::invalid(
+                    "input",
+                    "`input` must not be an empty array",
+                ));
+            }
+            if items.len() > MAX_EMBEDDING_INPUTS {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "`input` has {} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                        items.len()
+                    ),
+                ));
+            }
+            if items.iter().all(Value::is_number) {
+                vec![Input::Tokens(tokens("input".into(), &items)?)]
+            } else {
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, item)| match item {
+                        Value::String(s) if s.is_empty() => Err(empty_text(format!("input[{i}]"))),
+                        Value::String(s) => Ok(Input::Text(s)),
+                        Value::Array(list) => {
+                            Ok(Input::Tokens(tokens(format!("input[{i}]"), &list)?))
+                        }
+                        _ => Err(shape()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        }
+        Some(_) => return Err(shape()),
+    };
+    Ok(inputs)
+}
+
+/// The error for an input over the model's limit.
+fn too_long(index: usize, tokens: usize, max_tokens: usize) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!(
+            "Input {index} has {tokens} tokens, more than this model's maximum of {max_tokens} \
+             tokens per input. Please shorten it; inputs are not truncated."
+        ),
+        param: Some(format!("input[{index}]")),
+        code: Some("context_length_exceeded"),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Vector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingData {
+    object: &'static str,
+    index: usize,
+    embedding: Vector,
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingData>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+/// A request id for metering: `embd-` and 24 random alphanumerics.
+fn request_id() -> String {
+    use rand::Rng;
+    use rand::distributions::Alphanumeric;
+    let suffix: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("embd-{suffix}")
+}
+
+/// `POST /v1/embeddings`.
+#[tracing::instrument(skip_all, fields(request_id))]
+pub(crate) async fn embeddings(
+    State(app): State<AppState>,
+    admission: Option<Extension<Admission>>,
+    Json(req): Json<EmbeddingRequest>,
+) -> Response {
+    let id = request_id();
+    tracing::Span::current().record("request_id", id.as_str());
+    embeddings_inner(app, id, admission.map(|Extension(a)| a), req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn embeddings_inner(
+    app: AppState,
+    id: String,
+    admission: Option<Admission>,
+    req: EmbeddingRequest,
+) -> Result<Response, ApiError> {
+    let Some(embedder) = app.embedder.clone() else {
+        let model = match &req.model {
+            Some(Value::String(m)) => m.clone(),
+            _ => String::new(),
+        };
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "The model `{model}` does not support embeddings: this server runs no \
+                 embedding model (start it with --embedding-model)"
+            ),
+            param: Some("model".to_owned()),
+            code: Some("model_not_found"),
+        });
+    };
+    let valid = validate(req, embedder.as_ref())?;
+
+    let worker = Arc::clone(&embedder);
+    let inputs = valid.inputs;
+    let token_ids = tokio::task::spawn_blocking(move || {
+        inputs
+            .into_iter()
+            .map(|input| match input {
+                Input::Text(text) => worker.tokenize(&text),
+                Input::Tokens(ids) => ids,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|err| ApiError::Internal {
+        detail: format!("tokenisation task failed: {err}"),
+    })?;
+    let max_tokens = embedder.max_tokens();
+    for (i, ids) in token_ids.iter().enumerate() {
+        if ids.len() > max_tokens {
+            return Err(too_long(i, ids.len(), max_tokens));
+        }
+    }
+    let prompt_tokens: usize = token_ids.iter().map(Vec::len).sum();
+    let meter = match &admission {
+        Some(admission) => Some(admission.reserve(&id, prompt_tokens, 0).await?),
+        None => None,
+    };
+
+    let worker = Arc::clone(&embedder);
+    let embedded = tokio::task::spawn_blocking(move || worker.embed(&token_ids))
+        .await
+        .map_err(|err| ApiError::Internal {
+            detail: format!("embedding task failed: {err}"),
+        })
+        .and_then(|r| r.map_err(ApiError::from));
+
+    if let Some(meter) = meter {
+        settle(meter, &embedded, prompt_tokens).await;
+    }
+    let vectors = embedded?;
+    tracing::info!(inputs = vectors.len(), prompt_tokens, "embeddings computed");
+    let data = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| EmbeddingData {
+            object: "embedding",
+            index,
+            embedding: if valid.base64 {
+                Vector::Base64(base64_f32_le(&v))
+            } else {
+                Vector::Float(v)
+            },
+        })
+        .collect();
+    Ok(axum::Json(EmbeddingList {
+        object: "list",
+        data,
+        model: embedder.model_id(),
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    })
+    .into_response())
+}
+
+/// Records the request through the meter: the embedding's outcome goes through the same
+/// channel a generation's would, and the settlement commits before this returns.
+async fn settle(
+    meter: crate::auth::Meter,
+    embedded: &Result<Vec<Vec<f32>>, ApiError>,
+    prompt_tokens: usize,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let event = match embedded {
+        Ok(_) => Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens: 0,
+            },
+        },
+        Err(err) => Event::Failed(err.to_string()),
+    };
+    let _ = tx.send(event);
+    drop(tx);
+    if let Ok(mut tracked) = meter.track(Ok(rx)) {
+        // The meter forwards the last event only after the usage record is committed.
+        while tracked.recv().await.is_some() {}
+    }
+}
+
+/// Standard base64 (with padding) of the little-endian bytes of `v`.
+fn base64_f32_le(v: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextet = |shift: u32| char::from(ALPHABET[((n >> shift) & 63) as usize]);
+        out.push(sextet(18));
+        out.push(sextet(12));
+        out.push(if chunk.len() > 1 { sextet(6) } else { '=' });
+        out.push(if chunk.len() > 2 { sextet(0) } else { '=' });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_known_encodings() {
+        // 1.0f32 = 00 00 80 3f; -2.5f32 = 00 00 20 c0.
+        assert_eq!(base64_f32_le(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32_le(&[1.0, -2.5]), "AACAPwAAIMA=");
+        assert_eq!(base64_f32_le(&[1.0, -2.5, 0.0]), "AACAPwAAIMAAAAAA");
+        assert_eq!(base64_f32_le(&[]), "");
+    }
+
+    #[test]
+    fn input_shapes() {
+        let p = |v: Value| parse_input(Some(v));
+        assert_eq!(
+            p(serde_json::json!("hi")).unwrap(),
+            [Input::Text("hi".into())]
+        );
+        assert_eq!(
+            p(serde_json::json!(["a", "b"])).unwrap(),
+            [Input::Text("a".into()), Input::Text("b".into())]
+        );
+        assert_eq!(
+            p(serde_json::json!([1, 2])).unwrap(),
+            [Input::Tokens(vec![1, 2])]
+        );
+        assert_eq!(
+            p(serde_json::json!([[1], [2, 3]])).unwrap(),
+            [Input::Tokens(vec![1]), Input::Tokens(vec![2, 3])]
+        );
+        for bad in [
+            serde_json::json!(""),
+            serde_json::json!([]),
+            serde_json::json!(["a", ""]),
+            serde_json::json!([[]]),
+            serde_json::json!([-1]),
+            serde_json::json!([1.5]),
+            serde_json::json!({"a": 1}),
+            serde_json::json!([true]),
+            serde_json::json!(3),
+        ] {
+            let err = p(bad.clone()).unwrap_err();
+            assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert_eq!(
+            p(serde_json::json!(["a", ""])).unwrap_err().param(),
+            Some("input[1]")
+        );
+        assert!(parse_input(None).is_err());
+    }
+}

@@ -1,0 +1,287 @@
+//! `souverain bench`: prompt-processing and generation speed, measured as `llama-bench` does.
+//!
+//! pp: one forward pass over `p` random tokens from an empty KV cache, logits for the last
+//! token only. tg: `n` single-token forward passes from an empty cache. Each repetition times
+//! both after one untimed warm-up pass of each kind; the report gives the median, the mean, the
+//! standard deviation and the range of tokens per second over the repetitions. Weights are
+//! paged in (and the warm-up run) before any timing starts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use model::{LlamaModel, Logits, ThreadPool, gguf::GgufFile};
+
+/// Flags of `souverain bench`.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// GGUF model file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Prompt tokens processed in one batch (0 skips the pp test).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one at a time (0 skips the tg test).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
+    /// Timed repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seed of the random token ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Tokens per second over the repetitions of one test.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stats {
+    /// Every repetition, in run order.
+    pub(crate) samples: Vec<f64>,
+}
+
+impl Stats {
+    fn sorted(&self) -> Vec<f64> {
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        s
+    }
+
+    /// The median (mean of the middle two for an even count); 0 when empty.
+    pub(crate) fn median(&self) -> f64 {
+        let s = self.sorted();
+        match s.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => s[n / 2],
+            n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        }
+    }
+
+    /// The arithmetic mean; 0 when empty.
+    pub(crate) fn mean(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        self.samples.iter().sum::<f64>() / self.samples.len() as f64
+    }
+
+    /// The sample standard deviation; 0 for fewer than two samples.
+    pub(crate) fn std_dev(&self) -> f64 {
+        let n = self.samples.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        let var = self.samples.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+        var.sqrt()
+    }
+
+    /// Smallest and largest sample; (0, 0) when empty.
+    pub(crate) fn range(&self) -> (f64, f64) {
+        let s = self.sorted();
+        match (s.first(), s.last()) {
+            (Some(&a), Some(&b)) => (a, b),
+            _ => (0.0, 0.0),
+        }
+    }
+
+    fn json(&self) -> String {
+        let (lo, hi) = self.range();
+        let samples: Vec<String> = self.samples.iter().map(|v| format!("{v:.3}")).collect();
+        format!(
+            "{{\"median\":{:.3},\"mean\":{:.3},\"std\":{:.3},\"min\":{lo:.3},\"max\":{hi:.3},\"samples\":[{}]}}",
+            self.median(),
+            self.mean(),
+            self.std_dev(),
+            samples.join(",")
+        )
+    }
+}
+
+/// A small deterministic generator for token ids (splitmix64).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| (self.next() % vocab.max(1) as u64) as u32)
+            .collect()
+    }
+}
+
+/// Runs the benchmark and prints the report.
+pub(crate) fn run(args: &BenchArgs) -> Result<()> {
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if args.n_prompt == 0 && args.n_gen == 0 {
+        bail!("nothing to measure: both -p and -n are 0");
+    }
+    let file = Arc::new(
+        GgufFile::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?,
+    );
+    let model = LlamaModel::load(file, &mut |_, _| {})
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        args.threads
+    };
+    let pool = ThreadPool::new(threads);
+    let vocab = model.config().vocab_size;
+    let capacity = args.n_prompt.max(args.n_gen).max(1);
+    if capacity > model.config().context_length {
+        bail!(
+            "{capacity} tokens exceed the model's context length {}",
+            model.config().context_length
+        );
+    }
+    let mut rng = SplitMix(args.seed);
+
+    let pp_once = |rng: &mut SplitMix| -> Result<f64> {
+        let tokens = rng.tokens(args.n_prompt, vocab);
+        let mut kv = model.new_kv_cache(capacity)?;
+        let t0 = Instant::now();
+        let logits = model.forward(&pool, &tokens, &mut kv, Logits::Last)?;
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(logits);
+        Ok(args.n_prompt as f64 / secs)
+    };
+    let tg_once = |rng: &mut SplitMix, n: usize| -> Result<f64> {
+        let first = rng.tokens(1, vocab);
+        let mut kv = model.new_kv_cache(capacity)?;
+        let mut token = first[0];
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let logits = model.forward(&pool, &[token], &mut kv, Logits::Last)?;
+            // Feed back a token derived from the logits so no pass can be skipped.
+            token = (logits
+                .iter()
+                .map(|v| v.to_bits())
+                .fold(0u32, u32::wrapping_add)
+                % vocab.max(1) as u32)
+                .min(vocab.saturating_sub(1) as u32);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(n as f64 / secs)
+    };
+
+    // Warm-up: a short batch and a few tokens, untimed.
+    if args.n_prompt > 0 {
+        let tokens = rng.tokens(args.n_prompt.min(32), vocab);
+        let mut kv = model.new_kv_cache(capacity)?;
+        model.forward(&pool, &tokens, &mut kv, Logits::Last)?;
+    }
+    if args.n_gen > 0 {
+        tg_once(&mut rng, args.n_gen.min(4))?;
+    }
+
+    let mut pp = Stats {
+        samples: Vec::new(),
+    };
+    let mut tg = Stats {
+        samples: Vec::new(),
+    };
+    for _ in 0..args.reps {
+        if args.n_prompt > 0 {
+            pp.samples.push(pp_once(&mut rng)?);
+        }
+        if args.n_gen > 0 {
+            tg.samples.push(tg_once(&mut rng, args.n_gen)?);
+        }
+    }
+
+    let c = model.config();
+    if args.json {
+        let mut fields = vec![
+            format!("\"threads\":{}", pool.n_threads()),
+            format!("\"simd\":\"{}\"", model::kernels_simd_level()),
+            format!("\"n_prompt\":{}", args.n_prompt),
+            format!("\"n_gen\":{}", args.n_gen),
+        ];
+        if args.n_prompt > 0 {
+            fields.push(format!("\"pp\":{}", pp.json()));
+        }
+        if args.n_gen > 0 {
+            fields.push(format!("\"tg\":{}", tg.json()));
+        }
+        println!("{{{}}}", fields.join(","));
+        return Ok(());
+    }
+    println!(
+        "model: {} ({} layers, width {}, vocab {}), simd: {}, threads: {}, reps: {}",
+        args.model.display(),
+        c.n_layers,
+        c.d_model,
+        c.vocab_size,
+        model::kernels_simd_level(),
+        pool.n_threads(),
+        args.reps
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>10} {:>23}",
+        "test", "median t/s", "mean t/s", "std", "range t/s"
+    );
+    let row = |name: String, s: &Stats| {
+        let (lo, hi) = s.range();
+        println!(
+            "{name:<8} {:>12.2} {:>12.2} {:>10.2} {:>23}",
+            s.median(),
+            s.mean(),
+            s.std_dev(),
+            format!("{lo:.2} .. {hi:.2}")
+        );
+    };
+    if args.n_prompt > 0 {
+        row(format!("pp{}", args.n_prompt), &pp);
+    }
+    if args.n_gen > 0 {
+        row(format!("tg{}", args.n_gen), &tg);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_known_samples() {
+        let s = Stats {
+            samples: vec![4.0, 1.0, 3.0, 2.0],
+        };
+        assert_eq!(s.median(), 2.5);
+        assert_eq!(s.mean(), 2.5);
+        assert_eq!(s.range(), (1.0, 4.0));
+        assert!((s.std_dev() - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        let odd = Stats {
+            samples: vec![9.0, 1.0, 5.0],
+        };
+        assert_eq!(odd.median(), 5.0);
+        let empty = Stats { samples: vec![] };
+        assert_eq!((empty.median(), empty.std_dev()), (0.0, 0.0));
+    }
+
+    #[test]
+    fn token_ids_stay_in_the_vocabulary() {
+        let mut rng = SplitMix(7);
+        let t = rng.tokens(1000, 13);
+        assert!(t.iter().all(|&x| x < 13));
+        assert!(t.iter().any(|&x| x != t[0]));
+    }
+}

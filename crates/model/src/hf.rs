@@ -1,0 +1,583 @@
+//! Model directories: the Hugging Face layout (`config.json` + `model.safetensors`, or shards
+//! listed by `model.safetensors.index.json`) and Mistral's own layout (`params.json` +
+//! `consolidated*.safetensors`). Tensors are renamed to GGUF's names as the table is built,
+//! so that [`crate::LlamaModel`] reads every format the same way.
+//!
+//! Hugging Face stores the rows of `q_proj`/`k_proj` for "rotate half" RoPE (pairs `x[i]`,
+//! `x[i + d/2]`, [`RopeStyle::NeoX`]); Mistral's `wq`/`wk`, like GGUF's, are ordered for
+//! adjacent pairs ([`RopeStyle::Normal`]). The golden tests check both against transformers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use kernels::{RopeStyle, WeightType};
+use serde_json::Value;
+
+use crate::weights::{ShardBytes, Storage, TensorRef, Tensors};
+use crate::{LlamaConfig, ModelError};
+
+/// Maps a tensor name of a layout to our internal name (`None`: not ours).
+type RenameFn = fn(&str) -> Option<String>;
+/// Which layout a model directory uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DirLayout {
+    HuggingFace,
+    Mistral,
+}
+
+/// Context length assumed for a Mistral-layout model whose `params.json` names none (the
+/// 32k of Mistral 7B v0.3 and Mixtral).
+const MISTRAL_DEFAULT_CONTEXT: usize = 32_768;
+
+/// Largest JSON file read (config, params, index): they are a few KiB.
+const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// The layout of `dir`, from the files it holds.
+pub(crate) fn layout(dir: &Path) -> Result<DirLayout, ModelError> {
+    if dir.join("config.json").is_file() {
+        Ok(DirLayout::HuggingFace)
+    } else if dir.join("params.json").is_file() {
+        Ok(DirLayout::Mistral)
+    } else {
+        Err(ModelError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "a model directory needs config.json (Hugging Face) or params.json \
+                     (Mistral) beside its safetensors files"
+                .into(),
+        })
+    }
+}
+
+/// Reads the configuration and the tensor table of a model directory.
+pub(crate) fn open_dir(dir: &Path) -> Result<(DirLayout, LlamaConfig, Tensors), ModelError> {
+    let layout = layout(dir)?;
+    let (files, rename): (Vec<PathBuf>, RenameFn) = match layout {
+        DirLayout::HuggingFace => (hf_files(dir)?, hf_name),
+        DirLayout::Mistral => (mistral_files(dir)?, mistral_name),
+    };
+    let tensors = read_tensors(&files, rename)?;
+    let config = match layout {
+        DirLayout::HuggingFace => {
+            let path = dir.join("config.json");
+            hf_config(&read_json(&path)?, &tensors).map_err(|e| in_file(&path, e))?
+        }
+        DirLayout::Mistral => {
+            let path = dir.join("params.json");
+            mistral_config(&read_json(&path)?, &tensors).map_err(|e| in_file(&path, e))?
+        }
+    };
+    Ok((layout, config, tensors))
+}
+
+/// Names a hyperparameter error after the file it came from.
+fn in_file(path: &Path, e: ModelError) -> ModelError {
+    match e {
+        ModelError::BadConfig(reason) => ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        },
+        other => other,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_JSON_BYTES {
+        return Err(ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("{len} bytes is too large for a JSON configuration"),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+        path: path.to_path_buf(),
+        reason: format!("invalid JSON: {e}"),
+    })
+}
+
+/// The safetensors files of a Hugging Face directory: the shards its index names, or
+/// `model.safetensors`.
+fn hf_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::BadFile {
+                path: index.clone(),
+                reason: "no weight_map object".into(),
+            })?;
+        let mut names: Vec<&str> = Vec::new();
+        for v in map.values() {
+            let name = v
+                .as_str()
+                .filter(|n| is_plain_file_name(n))
+                .ok_or_else(|| ModelError::BadFile {
+                    path: index.clone(),
+                    reason: format!("weight_map value {v} is not a file name in the directory"),
+                })?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names.sort_unstable();
+        return Ok(names.into_iter().map(|n| dir.join(n)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::BadFile {
+        path: dir.to_path_buf(),
+        reason: "neither model.safetensors nor model.safetensors.index.json is present".into(),
+    })
+}
+
+/// The `consolidated*.safetensors` files of a Mistral directory, in name order.
+fn mistral_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let io = |source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("consolidated") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "no consolidated*.safetensors file beside params.json".into(),
+        });
+    }
+    Ok(files)
+}
+
+fn is_plain_file_name(n: &str) -> bool {
+    !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\\'])
+}
+
+/// Maps the files and builds the table of tensors whose names `rename` knows.
+fn read_tensors(
+    files: &[PathBuf],
+    rename: fn(&str) -> Option<String>,
+) -> Result<Tensors, ModelError> {
+    let mut shards = Vec::with_capacity(files.len());
+    let mut index: HashMap<String, TensorRef> = HashMap::new();
+    for (shard, path) in files.iter().enumerate() {
+        let bytes = map(path)?;
+        let bad = |reason: String| ModelError::BadFile {
+            path: path.clone(),
+            reason,
+        };
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes.bytes())
+            .map_err(|e| bad(format!("invalid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        for (name, info) in meta.tensors() {
+            let Some(ours) = rename(&name) else { continue };
+            let (s, e) = info.data_offsets;
+            let r = TensorRef {
+                ty: weight_type(info.dtype),
+                // safetensors shapes are outermost first; GGUF dims innermost first.
+                dims: info.shape.iter().rev().map(|&d| d as u64).collect(),
+                shard,
+                start: data_start + s,
+                len: e - s,
+            };
+            if index.insert(ours.clone(), r).is_some() {
+                return Err(bad(format!("tensor {name:?} ({ours}) appears twice")));
+            }
+        }
+        shards.push(bytes);
+    }
+    Ok(Tensors {
+        storage: Storage::Safetensors(shards),
+        index,
+    })
+}
+
+/// Memory-maps a safetensors file (an empty file is read, since mapping it fails on some
+/// platforms; the parser then reports it as truncated).
+fn map(path: &Path) -> Result<ShardBytes, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() == 0 {
+        return Ok(ShardBytes::Owned(Vec::new()));
+    }
+    Ok(ShardBytes::Mapped(map_file(&file).map_err(io)?))
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the map is read-only and lives as long as the model; as for GGUF files, the
+    // documented contract is that weight files are not modified or truncated while a model
+    // is loaded from them (a truncated file would fault on access, not corrupt memory safety
+    // of other data: every range was checked against the length at open).
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+fn weight_type(dtype: safetensors::Dtype) -> Result<WeightType, String> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(WeightType::F32),
+        safetensors::Dtype::F16 => Ok(WeightType::F16),
+        safetensors::Dtype::BF16 => Ok(WeightType::BF16),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// `model.layers.N.<rest>` → `blk.N.<ours>`; `None` for tensors the model does not use.
+fn hf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match rest {
+        "input_layernorm.weight" => "attn_norm".to_owned(),
+        "post_attention_layernorm.weight" => "ffn_norm".to_owned(),
+        "self_attn.q_proj.weight" => "attn_q".to_owned(),
+        "self_attn.k_proj.weight" => "attn_k".to_owned(),
+        "self_attn.v_proj.weight" => "attn_v".to_owned(),
+        "self_attn.o_proj.weight" => "attn_output".to_owned(),
+        "mlp.gate_proj.weight" => "ffn_gate".to_owned(),
+        "mlp.up_proj.weight" => "ffn_up".to_owned(),
+        "mlp.down_proj.weight" => "ffn_down".to_owned(),
+        "block_sparse_moe.gate.weight" => "ffn_gate_inp".to_owned(),
+        other => {
+            let expert = other.strip_prefix("block_sparse_moe.experts.")?;
+            expert_name(expert)?
+        }
+    };
+    Some(format!("blk.{layer}.{ours}.weight"))
+}
+
+/// `E.w1.weight` → `ffn_gate.E` (w1 gate, w3 up, w2 down, in Mixtral's and Mistral's naming).
+fn expert_name(rest: &str) -> Option<String> {
+    let (e, w) = rest.split_once('.')?;
+    let e: usize = e.parse().ok()?;
+    let which = match w {
+        "w1.weight" => "ffn_gate",
+        "w3.weight" => "ffn_up",
+        "w2.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("{which}.{e}"))
+}
+
+/// Mistral's names (`layers.N.attention.wq.weight`, ...) → GGUF's.
+fn mistral_name(name: &str) -> Option<String> {
+    match name {
+        "tok_embeddings.weight" => return Some("token_embd.weight".into()),
+        "norm.weight" => return Some("output_norm.weight".into()),
+        "output.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match rest {
+        "attention_norm.weight" => "attn_norm".to_owned(),
+        "ffn_norm.weight" => "ffn_norm".to_owned(),
+        "attention.wq.weight" => "attn_q".to_owned(),
+        "attention.wk.weight" => "attn_k".to_owned(),
+        "attention.wv.weight" => "attn_v".to_owned(),
+        "attention.wo.weight" => "attn_output".to_owned(),
+        "feed_forward.w1.weight" => "ffn_gate".to_owned(),
+        "feed_forward.w3.weight" => "ffn_up".to_owned(),
+        "feed_forward.w2.weight" => "ffn_down".to_owned(),
+        "feed_forward.gate.weight" => "ffn_gate_inp".to_owned(),
+        other => expert_name(other.strip_prefix("feed_forward.experts.")?)?,
+    };
+    Some(format!("blk.{layer}.{ours}.weight"))
+}
+
+/// A JSON object's fields, typed.
+struct Fields<'a>(&'a Value);
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| ModelError::BadConfig(format!("{key} = {v} is not a count"))),
+        }
+    }
+
+    fn need(&self, key: &str) -> Result<usize, ModelError> {
+        self.usize(key)?
+            .ok_or_else(|| ModelError::BadConfig(format!("{key} is missing")))
+    }
+
+    fn f32(&self, key: &str) -> Result<Option<f32>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| ModelError::BadConfig(format!("{key} = {v} is not a number"))),
+        }
+    }
+
+    fn str(&self, key: &str) -> Option<&'a str> {
+        self.get(key).and_then(Value::as_str)
+    }
+
+    fn bool(&self, key: &str) -> bool {
+        self.get(key).and_then(Value::as_bool).unwrap_or(false)
+    }
+}
+
+/// True when every tensor of the table is f32: such a model computes, and caches keys and
+/// values, in f32.
+fn all_f32(tensors: &Tensors) -> bool {
+    tensors
+        .index
+        .values()
+        .all(|t| matches!(t.ty, Ok(WeightType::F32)))
+}
+
+/// The hyperparameters of a Hugging Face `config.json`.
+fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
+    let f = Fields(json);
+    let arch = json
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .ok_or_else(|| ModelError::BadConfig("architectures is missing".into()))?;
+    if !matches!(
+        arch,
+        "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM"
+    ) {
+        return Err(ModelError::UnsupportedArchitecture(arch.to_owned()));
+    }
+    if let Some(act) = f.str("hidden_act")
+        && act != "silu"
+    {
+        return Err(ModelError::BadConfig(format!(
+            "hidden_act {act:?} (only silu is supported)"
+        )));
+    }
+    for bias in ["attention_bias", "mlp_bias"] {
+        if f.bool(bias) {
+            return Err(ModelError::BadConfig(format!("{bias} is not supported")));
+        }
+    }
+    // transformers 5 nests RoPE settings under rope_parameters; earlier versions wrote
+    // rope_theta and rope_scaling at the top level.
+    let rope = f.get("rope_parameters").map(Fields);
+    let rope_theta = match rope.as_ref().map(|r| r.f32("rope_theta")).transpose()? {
+        Some(Some(t)) => t,
+        _ => f.f32("rope_theta")?.unwrap_or(10_000.0),
+    };
+    let scaling = rope
+        .as_ref()
+        .and_then(|r| r.str("rope_type"))
+        .or_else(|| {
+            f.get("rope_scaling")
+                .and_then(|s| Fields(s).str("rope_type"))
+        })
+        .or_else(|| f.get("rope_scaling").and_then(|s| Fields(s).str("type")));
+    if let Some(kind) = scaling
+        && kind != "default"
+    {
+        return Err(ModelError::BadConfig(format!(
+            "RoPE scaling {kind:?} is not supported yet"
+        )));
+    }
+    let d_model = f.need("hidden_size")?;
+    let n_heads = f.need("num_attention_heads")?;
+    if n_heads == 0 || d_model % n_heads != 0 && f.usize("head_dim")?.is_none() {
+        return Err(ModelError::BadConfig(format!(
+            "hidden_size {d_model} is not a multiple of num_attention_heads {n_heads}"
+        )));
+    }
+    let head_dim = f.usize("head_dim")?.unwrap_or(d_model / n_heads.max(1));
+    let (n_experts, n_experts_used) = if arch == "MixtralForCausalLM" {
+        (f.need("num_local_experts")?, f.need("num_experts_per_tok")?)
+    } else {
+        (0, 0)
+    };
+    LlamaConfig {
+        architecture: arch.to_owned(),
+        n_layers: f.need("num_hidden_layers")?,
+        d_model,
+        n_heads,
+        n_kv_heads: f.usize("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim,
+        ffn_dim: f.need("intermediate_size")?,
+        vocab_size: f.need("vocab_size")?,
+        context_length: f.need("max_position_embeddings")?,
+        rope_freq_base: rope_theta,
+        rope_dim: head_dim,
+        rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_style: RopeStyle::NeoX,
+        sliding_window: if arch == "LlamaForCausalLM" {
+            None
+        } else {
+            f.usize("sliding_window")?.filter(|&w| w > 0)
+        },
+        n_experts,
+        n_experts_used,
+        kv_f32: all_f32(tensors),
+    }
+    .checked()
+}
+
+/// The hyperparameters of a Mistral `params.json`.
+fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
+    let f = Fields(json);
+    if f.get("quantization").is_some() {
+        return Err(ModelError::BadConfig(
+            "quantized Mistral checkpoints are not supported".into(),
+        ));
+    }
+    let d_model = f.need("dim")?;
+    let n_heads = f.need("n_heads")?;
+    let head_dim = match f.usize("head_dim")? {
+        Some(h) => h,
+        None if n_heads > 0 && d_model % n_heads == 0 => d_model / n_heads,
+        None => {
+            return Err(ModelError::BadConfig(format!(
+                "dim {d_model} is not a multiple of n_heads {n_heads}"
+            )));
+        }
+    };
+    let (n_experts, n_experts_used) = match f.get("moe") {
+        Some(moe) => {
+            let m = Fields(moe);
+            (m.need("num_experts")?, m.need("num_experts_per_tok")?)
+        }
+        None => (0, 0),
+    };
+    let vocab_size = f.need("vocab_size")?;
+    LlamaConfig {
+        architecture: if n_experts > 0 { "mixtral" } else { "mistral" }.to_owned(),
+        n_layers: f.need("n_layers")?,
+        d_model,
+        n_heads,
+        n_kv_heads: f.usize("n_kv_heads")?.unwrap_or(n_heads),
+        head_dim,
+        ffn_dim: f.need("hidden_dim")?,
+        vocab_size,
+        context_length: match f.usize("max_seq_len")? {
+            Some(n) => n,
+            None => f
+                .usize("max_position_embeddings")?
+                .unwrap_or(MISTRAL_DEFAULT_CONTEXT),
+        },
+        rope_freq_base: f.f32("rope_theta")?.unwrap_or(10_000.0),
+        rope_dim: head_dim,
+        rms_eps: f.f32("norm_eps")?.unwrap_or(1e-5),
+        rope_style: RopeStyle::Normal,
+        sliding_window: f.usize("sliding_window")?.filter(|&w| w > 0),
+        n_experts,
+        n_experts_used,
+        kv_f32: all_f32(tensors),
+    }
+    .checked()
+}
+
+/// Counts of tensors and elements per storage type, for descriptions.
+pub(crate) fn type_counts(tensors: &Tensors) -> BTreeMap<String, (usize, u64)> {
+    let mut out: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in tensors.index.values() {
+        let name = match &t.ty {
+            Ok(ty) => format!("{ty:?}"),
+            Err(name) => name.clone(),
+        };
+        let e = out.entry(name).or_default();
+        e.0 += 1;
+        e.1 += t.dims.iter().product::<u64>();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugging_face_names_map_to_gguf_names() {
+        let cases = [
+            ("model.embed_tokens.weight", Some("token_embd.weight")),
+            ("lm_head.weight", Some("output.weight")),
+            (
+                "model.layers.3.self_attn.k_proj.weight",
+                Some("blk.3.attn_k.weight"),
+            ),
+            (
+                "model.layers.0.block_sparse_moe.experts.7.w2.weight",
+                Some("blk.0.ffn_down.7.weight"),
+            ),
+            (
+                "model.layers.1.block_sparse_moe.gate.weight",
+                Some("blk.1.ffn_gate_inp.weight"),
+            ),
+            ("model.layers.x.mlp.up_proj.weight", None),
+            ("model.rotary_emb.inv_freq", None),
+        ];
+        for (hf, ours) in cases {
+            assert_eq!(hf_name(hf).as_deref(), ours, "{hf}");
+        }
+    }
+
+    #[test]
+    fn mistral_names_map_to_gguf_names() {
+        let cases = [
+            ("tok_embeddings.weight", Some("token_embd.weight")),
+            ("norm.weight", Some("output_norm.weight")),
+            (
+                "layers.2.attention.wo.weight",
+                Some("blk.2.attn_output.weight"),
+            ),
+            (
+                "layers.0.feed_forward.w3.weight",
+                Some("blk.0.ffn_up.weight"),
+            ),
+            (
+                "layers.1.feed_forward.experts.0.w1.weight",
+                Some("blk.1.ffn_gate.0.weight"),
+            ),
+            ("layers.1.feed_forward.experts.0.w4.weight", None),
+            ("vision_encoder.patch_conv.weight", None),
+        ];
+        for (m, ours) in cases {
+            assert_eq!(mistral_name(m).as_deref(), ours, "{m}");
+        }
+    }
+
+    #[test]
+    fn shard_names_must_stay_in_the_directory() {
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+        for bad in ["", "..", "../x.safetensors", "/etc/passwd", "a\\b"] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
+}

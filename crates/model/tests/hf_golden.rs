@@ -1,0 +1,582 @@
+//! Llama, Mistral (with and without a sliding window) and Mixtral from safetensors, checked
+//! against Hugging Face transformers.
+//!
+//! `tests/golden/tiny/` holds tiny random-weight models and transformers' float32 logits
+//! (`logits.json`), written by `scripts/golden/transformers_tiny.py` (its header names the
+//! transformers and torch versions). Every model: hidden 32, 2 layers, 4 query and 2 KV heads
+//! of 8, MLP width 32, vocabulary 256, weights large enough (σ = 0.15) that logits are of
+//! order 1 and every part of the model moves them.
+//!
+//! - F32 directories must match within 1e-4 (absolute) at every checked position: an f32
+//!   model computes and caches keys and values in f32, so only float summation order differs.
+//! - Mistral's layout (`*-consolidated`, converted by the script, with wq/wk rows reordered
+//!   for adjacent-pair RoPE) must match the model it was converted from within the same 1e-4.
+//! - BF16 and F16: the test stores the F32 weights as BF16 / F16 safetensors (round to nearest
+//!   even, as torch does) and compares with transformers' float32 logits of the rounded
+//!   weights, so only our rounding of activations differs (see `rounded_weights`).
+//! - Q8_0 GGUF: see `q8_0_gguf`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use souverain_model::{
+    KvPool, LlamaModel, LoadedModel, Logits, ModelFormat, RopeStyle, SeqChunk, ThreadPool,
+    TokenizerSource,
+};
+
+const F32_TOL: f32 = 1e-4;
+
+fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/tiny")
+        .join(name)
+}
+
+struct Golden {
+    prompts: Vec<Vec<u32>>,
+    /// Per prompt, rows of logits: every position of prompt 0, the last of the others.
+    logits: Vec<Vec<Vec<f32>>>,
+    json: Value,
+}
+
+fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(tiny(name).join("logits.json")).expect("logits.json");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(json["generator"], "scripts/golden/transformers_tiny.py");
+    let prompts = serde_json::from_value(json["prompts"].clone()).expect("prompts");
+    let logits = serde_json::from_value(json["logits"].clone()).expect("logits");
+    Golden {
+        prompts,
+        logits,
+        json,
+    }
+}
+
+fn open(path: &Path) -> LoadedModel {
+    LoadedModel::open(path, &mut |_, _| {}).expect("open model directory")
+}
+
+/// Our logits in the golden's shape: every position of prompt 0, the last of the others.
+fn run(model: &LlamaModel, prompts: &[Vec<u32>], every_position: bool) -> Vec<Vec<Vec<f32>>> {
+    let pool = ThreadPool::new(2);
+    let vocab = model.config().vocab_size;
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut kv = model.new_kv_cache(64).expect("kv");
+            let which = if i == 0 && every_position {
+                Logits::All
+            } else {
+                Logits::Last
+            };
+            let out = model.forward(&pool, p, &mut kv, which).expect("forward");
+            out.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+        })
+        .collect()
+}
+
+/// Largest absolute difference, and its place, between two sets of logits of one shape.
+fn max_diff(ours: &[Vec<Vec<f32>>], theirs: &[Vec<Vec<f32>>]) -> (f32, String) {
+    assert_eq!(ours.len(), theirs.len());
+    let mut worst = (0.0f32, String::new());
+    for (p, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert_eq!(a.len(), b.len(), "prompt {p}: positions");
+        for (r, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.len(), y.len(), "prompt {p} row {r}: vocabulary");
+            for (t, (u, v)) in x.iter().zip(y).enumerate() {
+                let d = (u - v).abs();
+                assert!(d.is_finite(), "prompt {p} row {r} token {t}: {u} vs {v}");
+                if d > worst.0 {
+                    worst = (d, format!("prompt {p} row {r} token {t}: {u} vs {v}"));
+                }
+            }
+        }
+    }
+    worst
+}
+
+fn check_f32(dir: &str, golden_of: &str) -> LoadedModel {
+    let g = golden(golden_of);
+    let m = open(&tiny(dir));
+    assert!(
+        m.model.config().kv_f32,
+        "{dir}: an all-f32 model caches in f32"
+    );
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &g.logits);
+    eprintln!("{dir} vs transformers ({golden_of}): max |diff| {d:e} at {at}");
+    assert!(d <= F32_TOL, "{dir}: max |diff| {d} > {F32_TOL} at {at}");
+
+    // The same prompt in uneven chunks through one cache, and as one row of a batch beside
+    // another sequence, gives the same logits.
+    let pool = ThreadPool::new(2);
+    let model = &m.model;
+    let p0 = &g.prompts[0];
+    let mut kv = model.new_kv_cache(64).expect("kv");
+    let mut chunked = Vec::new();
+    for range in [0..3, 3..4, 4..11, 11..p0.len()] {
+        chunked.extend(
+            model
+                .forward(&pool, &p0[range], &mut kv, Logits::All)
+                .expect("chunk"),
+        );
+    }
+    let whole: Vec<f32> = ours[0].concat();
+    assert_eq!(chunked.len(), whole.len());
+    let d = chunked
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d <= 1e-5, "{dir}: chunked prompt differs by {d}");
+    let mut pool_kv = KvPool::new(model.config(), 4, 16).expect("pool");
+    let tables: [Vec<u32>; 2] = [vec![7, 2, 9, 0], vec![3, 1, 15]];
+    let chunks = [
+        SeqChunk {
+            tokens: p0,
+            start_pos: 0,
+            block_table: &tables[0],
+            logits: Logits::All,
+        },
+        SeqChunk {
+            tokens: &g.prompts[1],
+            start_pos: 0,
+            block_table: &tables[1],
+            logits: Logits::Last,
+        },
+    ];
+    let batch = model
+        .forward_batch(&pool, &mut pool_kv, &chunks)
+        .expect("batch");
+    assert_eq!(batch[0], whole, "{dir}: batched prompt 0");
+    assert_eq!(batch[1], ours[1][0], "{dir}: batched prompt 1");
+    m
+}
+
+#[test]
+fn llama_sharded_tied_matches_transformers() {
+    let m = check_f32("llama", "llama");
+    assert_eq!(m.format, ModelFormat::HuggingFace);
+    let c = m.model.config();
+    assert_eq!(c.architecture, "LlamaForCausalLM");
+    assert_eq!(c.rope_style, RopeStyle::NeoX);
+    assert_eq!((c.sliding_window, c.n_experts), (None, 0));
+    assert!(matches!(m.tokenizer, TokenizerSource::Missing));
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    let m = check_f32("mistral", "mistral");
+    assert_eq!(m.model.config().sliding_window, Some(4096));
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    let m = check_f32("mistral-swa", "mistral-swa");
+    assert_eq!(m.model.config().sliding_window, Some(5));
+    // The window matters: the same weights without it (the `mistral` golden: same seed)
+    // give different logits once a prompt is longer than the window.
+    let with = golden("mistral-swa");
+    let without = golden("mistral");
+    let late = |g: &Golden| g.logits[0][10].clone();
+    let d = late(&with)
+        .iter()
+        .zip(&late(&without))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d > 0.05, "sliding window changes nothing ({d})");
+    let early = |g: &Golden| g.logits[0][4].clone();
+    assert_eq!(
+        early(&with),
+        early(&without),
+        "inside the window nothing changes"
+    );
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    let m = check_f32("mixtral", "mixtral");
+    let c = m.model.config();
+    assert_eq!((c.n_experts, c.n_experts_used), (4, 2));
+}
+
+#[test]
+fn mistral_layout_matches_the_model_it_was_converted_from() {
+    for (dir, of) in [
+        ("mistral-swa-consolidated", "mistral-swa"),
+        ("mixtral-consolidated", "mixtral"),
+    ] {
+        let m = check_f32(dir, of);
+        assert_eq!(m.format, ModelFormat::Mistral);
+        let c = m.model.config();
+        assert_eq!(c.rope_style, RopeStyle::Normal);
+        assert_eq!(c.sliding_window, (of == "mistral-swa").then_some(5));
+        assert_eq!(c.n_experts, if of == "mixtral" { 4 } else { 0 });
+    }
+}
+
+// ---- BF16 / F16 ----------------------------------------------------------------------
+
+/// The tensors of a safetensors model directory, as f32.
+fn read_f32_tensors(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("read");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        for (name, view) in st.tensors() {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            out.insert(name, (view.shape().to_vec(), data));
+        }
+    }
+    out
+}
+
+/// Writes `tensors` as one safetensors file, each element encoded by `enc` into `dtype`.
+fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    dtype: &str,
+    enc: fn(f32) -> [u8; 2],
+) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, (shape, values)) in tensors {
+        let start = data.len();
+        for &v in values {
+            data.extend_from_slice(&enc(v));
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::to_vec(&Value::Object(header)).expect("header");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&data);
+    std::fs::write(path, file).expect("write");
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("souverain-hf-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// BF16 and F16 weights. The kernels round activations to the weight's type before each
+/// dot product (as ggml does), so these models differ from float32 arithmetic on the same
+/// rounded weights by the rounding of every matrix input: relative 2^-9 per element for
+/// bf16, 2^-12 for f16, amplified through two layers and the f16 KV cache. The bounds are
+/// 0.05 (bf16) and 0.01 (f16) on logits of magnitude up to ~3: at most about 25 / 40 times
+/// one unit of activation rounding on the largest logit, and measured at about a fifth of
+/// that. A wrong dtype decoding (byte order, bf16 read as f16) moves logits by whole units.
+#[test]
+fn rounded_weights() {
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(f32) -> [u8; 2],
+        f32,
+    );
+    let cases: [Case; 2] = [
+        (
+            "llama",
+            "logits_bf16_weights",
+            "BF16",
+            |v| half::bf16::from_f32(v).to_le_bytes(),
+            0.05,
+        ),
+        (
+            "mistral",
+            "logits_f16_weights",
+            "F16",
+            |v| half::f16::from_f32(v).to_le_bytes(),
+            0.01,
+        ),
+    ];
+    for (name, key, dtype, enc, tol) in cases {
+        let g = golden(name);
+        let expected: Vec<Vec<Vec<f32>>> =
+            serde_json::from_value(g.json[key].clone()).expect("rounded logits");
+        let dir = temp_dir(&format!("{name}-{dtype}"));
+        std::fs::copy(tiny(name).join("config.json"), dir.join("config.json")).expect("cp");
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &read_f32_tensors(&tiny(name)),
+            dtype,
+            enc,
+        );
+        let m = open(&dir);
+        assert!(!m.model.config().kv_f32);
+        assert_eq!(
+            m.tensors.by_type.keys().collect::<Vec<_>>(),
+            [&dtype.to_string()]
+        );
+        let ours = run(&m.model, &g.prompts, false);
+        let (d, at) = max_diff(&ours, &expected);
+        eprintln!("{name} {dtype} vs transformers: max |diff| {d:e} at {at}");
+        assert!(d <= tol, "{name} {dtype}: max |diff| {d} > {tol} at {at}");
+        // And the rounding is visible: the rounded-weight oracle is not the f32 one.
+        let (d32, _) = max_diff(
+            &expected,
+            &g.logits
+                .iter()
+                .map(|p| vec![p[p.len() - 1].clone()])
+                .collect::<Vec<_>>(),
+        );
+        assert!(d32 > 0.0, "{name}: rounding to {dtype} changed nothing");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+// ---- GGUF Q8_0 -----------------------------------------------------------------------
+
+/// HF orders each head's q/k rows for rotate-half RoPE (row `j * d/2 + i` holds pair `i`,
+/// half `j`); GGUF, like llama.cpp's converter, wants adjacent pairs (row `2i + j`).
+fn to_interleaved(w: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    let half = head_dim / 2;
+    for h in 0..n_heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = (h * head_dim + j * half + i) * cols;
+                let dst = (h * head_dim + 2 * i + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Quantises `values` (rows of `cols`) to Q8_0.
+fn q8_0(values: &[f32], cols: usize) -> Vec<u8> {
+    let row_bytes = cols / 32 * 34;
+    let mut out = vec![0u8; values.len() / cols * row_bytes];
+    for (src, dst) in values
+        .chunks_exact(cols)
+        .zip(out.chunks_exact_mut(row_bytes))
+    {
+        kernels::quantize_row(kernels::WeightType::Q8_0, src, dst).expect("quantize");
+    }
+    out
+}
+
+/// Converts a Hugging Face directory to a GGUF `llama` file as llama.cpp's converter does:
+/// GGUF names, q/k rows reordered for adjacent-pair RoPE, the experts of each layer stacked
+/// into 3-D tensors; matrices in Q8_0, norms in F32. Also returns the relative RMS error of
+/// the Q8_0 weights.
+fn to_gguf(name: &str, path: &Path, quantise: bool) -> f64 {
+    use souverain_model::gguf::{GgmlType, GgufWriter, Value as V};
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny(name).join("config.json")).expect("config"),
+    )
+    .expect("json");
+    let u = |k: &str| cfg[k].as_u64().expect(k) as u32;
+    let (n_heads, n_kv, hd) = (
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("head_dim"),
+    );
+    let t = read_f32_tensors(&tiny(name));
+    let mut w = GgufWriter::new(3);
+    w.add_kv("general.architecture", V::String("llama".into()));
+    for (k, v) in [
+        ("block_count", u("num_hidden_layers")),
+        ("context_length", u("max_position_embeddings")),
+        ("embedding_length", u("hidden_size")),
+        ("feed_forward_length", u("intermediate_size")),
+        ("attention.head_count", n_heads),
+        ("attention.head_count_kv", n_kv),
+        ("attention.key_length", hd),
+        ("rope.dimension_count", hd),
+    ] {
+        w.add_kv(format!("llama.{k}"), V::U32(v));
+    }
+    w.add_kv(
+        "llama.attention.layer_norm_rms_epsilon",
+        V::F32(cfg["rms_norm_eps"].as_f64().expect("eps") as f32),
+    );
+    w.add_kv("llama.rope.freq_base", V::F32(10_000.0));
+    if let Some(win) = cfg["sliding_window"].as_u64() {
+        w.add_kv("llama.attention.sliding_window", V::U32(win as u32));
+    }
+    let n_experts = cfg["num_local_experts"].as_u64().unwrap_or(0) as usize;
+    if n_experts > 0 {
+        w.add_kv("llama.expert_count", V::U32(n_experts as u32));
+        w.add_kv("llama.expert_used_count", V::U32(u("num_experts_per_tok")));
+    }
+    let (mut err2, mut sum2) = (0.0f64, 0.0f64);
+    let mut add = |w: &mut GgufWriter, gname: String, shape: &[usize], values: Vec<f32>| {
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        if shape.len() == 1 || !quantise {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.add_tensor(gname, &dims, GgmlType::F32, bytes)
+                .expect("f32");
+        } else {
+            let cols = shape[shape.len() - 1];
+            let q = q8_0(&values, cols);
+            let mut back = vec![0.0; cols];
+            for (src, row) in values
+                .chunks_exact(cols)
+                .zip(q.chunks_exact(cols / 32 * 34))
+            {
+                kernels::dequantize_row(kernels::WeightType::Q8_0, row, &mut back)
+                    .expect("dequantize");
+                for (a, b) in src.iter().zip(&back) {
+                    err2 += f64::from(a - b).powi(2);
+                    sum2 += f64::from(*a).powi(2);
+                }
+            }
+            w.add_tensor(gname, &dims, GgmlType::Q8_0, q).expect("q8_0");
+        }
+    };
+    let get = |k: &str| t.get(k).unwrap_or_else(|| panic!("missing {k}")).clone();
+    for (hf, g) in [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ] {
+        if let Some((shape, v)) = t.get(hf) {
+            add(&mut w, g.into(), shape, v.clone());
+        }
+    }
+    for l in 0..u("num_hidden_layers") as usize {
+        let p = format!("model.layers.{l}.");
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        for (hf, g) in [
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+            ("block_sparse_moe.gate", "ffn_gate_inp"),
+        ] {
+            if let Some((shape, v)) = t.get(&format!("{p}{hf}.weight")) {
+                add(&mut w, b(g), shape, v.clone());
+            }
+        }
+        for (hf, g, heads) in [("q_proj", "attn_q", n_heads), ("k_proj", "attn_k", n_kv)] {
+            let (shape, v) = get(&format!("{p}self_attn.{hf}.weight"));
+            let v = to_interleaved(&v, heads as usize, hd as usize, shape[1]);
+            add(&mut w, b(g), &shape, v);
+        }
+        for (which, g) in [
+            ("w1", "ffn_gate_exps"),
+            ("w3", "ffn_up_exps"),
+            ("w2", "ffn_down_exps"),
+        ] {
+            if n_experts == 0 {
+                break;
+            }
+            let mut all = Vec::new();
+            let mut shape = Vec::new();
+            for e in 0..n_experts {
+                let (s, v) = get(&format!("{p}block_sparse_moe.experts.{e}.{which}.weight"));
+                shape = s;
+                all.extend(v);
+            }
+            let stacked = [n_experts, shape[0], shape[1]];
+            add(&mut w, b(g), &stacked, all);
+        }
+    }
+    w.write(path).expect("write gguf");
+    (err2 / sum2).sqrt()
+}
+
+/// The tiny models converted to GGUF Q8_0 (the GGUF path: adjacent-pair RoPE on reordered
+/// rows, `llama.attention.sliding_window`, stacked 3-D experts, f16 KV cache, activations
+/// quantised to Q8_0 before every product) against transformers' float32 logits.
+///
+/// Tolerance, derived rather than picked: Q8_0 stores each weight with a relative RMS error
+/// `e` that the conversion measures (about 0.5% here; each block's step is its largest
+/// magnitude / 127), and quantises activations the same way, so every matrix product carries
+/// a relative error of order `2e`; through two blocks (each a sum of an attention and an MLP
+/// branch) and the output head, that is about `6e` relative on each logit. We allow 4 times
+/// that on the largest logit (`24 e · max|logit|`) for the largest deviation, and `6 e ·
+/// mean|logit|` for the mean deviation. A wrong RoPE pairing or a mis-routed expert moves
+/// logits by a large fraction of their size and fails both.
+///
+/// Routing is the one discontinuity: a token whose second and third experts nearly tie may
+/// switch experts under any perturbation. The script picks the Mixtral seed so that no
+/// prompt token's margin is below 10% of the RMS router logit (`router_min_margin`), ten
+/// times Q8_0's perturbation of router logits; the test checks that this holds.
+#[test]
+fn q8_0_gguf() {
+    for name in ["mistral-swa", "mixtral", "llama"] {
+        let g = golden(name);
+        if let Some(margin) = g.json["router_min_margin"].as_f64() {
+            assert!(
+                margin >= 0.1,
+                "{name}: router margin {margin} is within Q8_0 noise"
+            );
+        }
+        let dir = temp_dir(&format!("{name}-gguf"));
+        let path = dir.join("model.gguf");
+        let e = to_gguf(name, &path, true) as f32;
+        let m = open(&path);
+        assert_eq!(m.format, ModelFormat::Gguf);
+        assert!(matches!(m.tokenizer, TokenizerSource::Gguf(_)));
+        let c = m.model.config();
+        assert_eq!(c.rope_style, RopeStyle::Normal);
+        assert!(!c.kv_f32);
+        let ours = run(&m.model, &g.prompts, true);
+        let (d, at) = max_diff(&ours, &g.logits);
+        let flat = |l: &[Vec<Vec<f32>>]| l.iter().flatten().flatten().copied().collect::<Vec<_>>();
+        let (a, b) = (flat(&ours), flat(&g.logits));
+        let mean_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+        let max_logit = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mean_logit = b.iter().map(|v| v.abs()).sum::<f32>() / b.len() as f32;
+        let (max_tol, mean_tol) = (24.0 * e * max_logit, 6.0 * e * mean_logit);
+        eprintln!(
+            "{name} Q8_0: weight rel. error {e:.4}; max |diff| {d:.4} (bound {max_tol:.4}) at \
+             {at}; mean {mean_diff:.5} (bound {mean_tol:.5})"
+        );
+        assert!(
+            d <= max_tol,
+            "{name} Q8_0: max |diff| {d} > {max_tol} at {at}"
+        );
+        assert!(
+            mean_diff <= mean_tol,
+            "{name} Q8_0: mean {mean_diff} > {mean_tol}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The same conversion with F32 matrices isolates the GGUF path's reordering, stacking and
+/// window metadata from quantisation: only the f16 KV cache (keys, values, queries and
+/// attention weights rounded to f16, relative 2^-11) separates it from transformers, so
+/// logits of magnitude ~3 agree within 1e-2.
+#[test]
+fn f32_gguf() {
+    for name in ["mistral-swa", "mixtral", "llama"] {
+        let g = golden(name);
+        let dir = temp_dir(&format!("{name}-gguf-f32"));
+        let path = dir.join("model.gguf");
+        to_gguf(name, &path, false);
+        let m = open(&path);
+        let ours = run(&m.model, &g.prompts, true);
+        let (d, at) = max_diff(&ours, &g.logits);
+        eprintln!("{name} F32 GGUF: max |diff| {d:e} at {at}");
+        assert!(d <= 1e-2, "{name} F32 GGUF: max |diff| {d} at {at}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

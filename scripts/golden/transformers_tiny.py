@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Tiny random-weight Llama, Mistral and Mixtral models and their logits from Hugging Face
+transformers (CPU, float32), the oracle for crates/model/tests/hf_golden.rs.
+
+Usage (from the repository root):
+
+    python3 -m venv .venv-tf
+    .venv-tf/bin/pip install torch transformers safetensors
+    .venv-tf/bin/python scripts/golden/transformers_tiny.py crates/model/tests/golden/tiny
+
+For every model it writes a directory in the Hugging Face layout (config.json and
+model.safetensors, or shards with model.safetensors.index.json) and a `logits.json` with a
+header naming this script and the library versions. The directories:
+
+- llama:        LlamaForCausalLM, tied embeddings, saved in shards (with the index file);
+                also the logits of its weights rounded to bfloat16;
+- mistral:      MistralForCausalLM, sliding_window 4096 (longer than every prompt); also the
+                logits of its weights rounded to float16;
+- mistral-swa:  MistralForCausalLM with sliding_window = 5, shorter than the prompts;
+- mixtral:      MixtralForCausalLM, 4 experts, top-2 routing;
+- mistral-swa-consolidated, mixtral-consolidated: the mistral-swa and mixtral weights in
+  Mistral's own layout (params.json + consolidated.safetensors), converted below; their
+  oracle is the logits of the model they were converted from.
+
+The logits of rounded weights are computed in float32 from the rounded weights, so the tests
+can store the same weights as BF16 / F16 safetensors and differ from them only by how the
+kernels round activations. Every model: hidden 32, 2 layers, 4 query heads and 2 KV heads of
+8, MLP width 32, vocabulary 256, random weights from a fixed seed.
+
+Mistral's layout, as mistral-inference reads it: `tok_embeddings`, `norm`, `output`, and per
+layer `layers.N.attention_norm`, `layers.N.attention.{wq,wk,wv,wo}`, `layers.N.ffn_norm`,
+`layers.N.feed_forward.{w1,w2,w3}` (gate, down, up), or for a mixture of experts
+`layers.N.feed_forward.gate` (the router) and `layers.N.feed_forward.experts.E.{w1,w2,w3}`.
+mistral-inference applies RoPE to adjacent pairs (x[2i], x[2i+1]); transformers' rotate_half
+pairs x[i] with x[i + head_dim/2]. Hugging Face's conversion of Mistral checkpoints reorders
+the rows of wq and wk so that the two agree; converting back undoes that reordering: within
+each head, HF row `j * head_dim/2 + i` becomes row `2i + j`.
+"""
+
+import json
+import os
+import sys
+
+# This directory holds mistral_common.py (another golden script), which would shadow the
+# mistral_common package that transformers probes for on import.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import safetensors  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
+
+SEED = 1234
+VOCAB = 256
+MIN_ROUTER_MARGIN = 0.1
+# The first prompt's logits are kept at every position, the others' at the last one.
+PROMPTS = [
+    [1, 17, 200, 45, 3, 99, 128, 7, 64, 250, 12, 33, 180, 5, 77, 140],
+    [1, 9, 9, 9, 42, 111, 222, 13, 255],
+    [2, 100, 31, 8, 190],
+]
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.15,
+)
+
+
+def randomise(model, seed=SEED):
+    """Random weights large enough that every part of the model moves the logits (the default
+    0.02 makes attention nearly uniform); norms away from 1 so that a norm weight that is
+    read wrongly shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+                # A decisive router: a token's second and third experts are far apart, so
+                # that quantising the model (the Q8_0 test) cannot flip which experts run.
+                p.copy_(1.0 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def logits_of(model, every_position=True):
+    out = []
+    with torch.no_grad():
+        for i, prompt in enumerate(PROMPTS):
+            ids = torch.tensor([prompt])
+            logits = model(input_ids=ids).logits[0].float()
+            rows = logits if i == 0 and every_position else logits[-1:]
+            out.append([[float(f"{v:.6g}") for v in row.tolist()] for row in rows])
+    return out
+
+
+def router_margin(model):
+    """The smallest gap, over every prompt token and layer, between the router logits of the
+    last expert chosen and the best one left out, relative to the RMS of the router logits."""
+    k = model.config.num_experts_per_tok
+    worst = float("inf")
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            out = model(input_ids=torch.tensor([prompt]), output_router_logits=True)
+            for layer in out.router_logits:
+                layer = layer.float()
+                rms = float(layer.pow(2).mean().sqrt())
+                top = torch.topk(layer, k + 1, dim=-1).values
+                worst = min(worst, float((top[:, k - 1] - top[:, k]).min()) / rms)
+    return worst
+
+
+def write_logits(path, model, notes, bf16=False, f16=False):
+    body = {
+        "generator": "scripts/golden/transformers_tiny.py",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "seed": getattr(model, "seed", SEED),
+        "architecture": model.config.architectures[0],
+        "notes": notes,
+        "prompts": PROMPTS,
+        "logits_positions": "prompt 0: every position; the others: the last position",
+        "logits": logits_of(model),
+    }
+    # Weights rounded to bf16 / f16 (round to nearest even, as torch's .to() does), then run
+    # in float32: the oracle for the same weights stored as BF16 / F16.
+    if bf16:
+        body["logits_bf16_weights"] = logits_of(rounded(model, torch.bfloat16), False)
+    if f16:
+        body["logits_f16_weights"] = logits_of(rounded(model, torch.float16), False)
+    if getattr(model.config, "num_local_experts", None):
+        body["router_min_margin"] = router_margin(model)
+    with open(os.path.join(path, "logits.json"), "w") as f:
+        json.dump(body, f, separators=(",", ":"))
+        f.write("\n")
+
+
+def save_hf(model, path, **kw):
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    # Keep only what a Hugging Face model directory needs for the weights.
+    gen_cfg = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_cfg):
+        os.remove(gen_cfg)
+
+
+def rounded(model, dtype):
+    """A copy of the model with its weights rounded to `dtype`, computing in float32."""
+    import copy
+
+    return copy.deepcopy(model).to(dtype).to(torch.float32)
+
+
+def hf_to_interleaved(w, n_heads, head_dim):
+    """Undo Hugging Face's reordering of wq/wk rows (see the module doc)."""
+    rows, cols = w.shape
+    assert rows == n_heads * head_dim
+    return (
+        w.reshape(n_heads, 2, head_dim // 2, cols)
+        .transpose(1, 2)
+        .reshape(rows, cols)
+        .contiguous()
+    )
+
+
+def to_consolidated(model, path):
+    """Writes params.json and consolidated.safetensors in Mistral's layout."""
+    os.makedirs(path, exist_ok=True)
+    c = model.config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    moe = getattr(c, "num_local_experts", None)
+    for n in range(c.num_hidden_layers):
+        p = f"model.layers.{n}."
+        q = f"layers.{n}."
+        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[q + "attention.wq.weight"] = hf_to_interleaved(
+            sd[p + "self_attn.q_proj.weight"], c.num_attention_heads, c.head_dim
+        )
+        out[q + "attention.wk.weight"] = hf_to_interleaved(
+            sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads, c.head_dim
+        )
+        out[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        if moe:
+            out[q + "feed_forward.gate.weight"] = sd[p + "mlp.gate.weight"]
+            gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2F, D]: gate rows, then up
+            down = sd[p + "mlp.experts.down_proj"]  # [E, D, F]
+            f = c.intermediate_size
+            for e in range(moe):
+                out[q + f"feed_forward.experts.{e}.w1.weight"] = gate_up[e, :f].contiguous()
+                out[q + f"feed_forward.experts.{e}.w3.weight"] = gate_up[e, f:].contiguous()
+                out[q + f"feed_forward.experts.{e}.w2.weight"] = down[e].contiguous()
+        else:
+            out[q + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+            out[q + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+            out[q + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+    save_file(out, os.path.join(path, "consolidated.safetensors"))
+    params = {
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "head_dim": c.head_dim,
+        "hidden_dim": c.intermediate_size,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
+        "norm_eps": c.rms_norm_eps,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_parameters["rope_theta"]
+        if getattr(c, "rope_parameters", None)
+        else c.rope_theta,
+    }
+    if getattr(c, "sliding_window", None):
+        params["sliding_window"] = c.sliding_window
+    if moe:
+        params["moe"] = {"num_experts": moe, "num_experts_per_tok": c.num_experts_per_tok}
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+        f.write("\n")
+
+
+def build(cls, cfg_cls, seed=SEED, **kw):
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**COMMON, **kw)
+    cfg._attn_implementation = "eager"
+    model = randomise(cls(cfg).eval(), seed)
+    model.seed = seed
+    return model
+
+
+def main():
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    os.makedirs(out, exist_ok=True)
+
+    llama = build(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
+    path = os.path.join(out, "llama")
+    save_hf(llama, path, max_shard_size="30KB")
+    write_logits(path, llama, "tied embeddings, saved in shards", bf16=True)
+
+    mistral = build(MistralForCausalLM, MistralConfig, sliding_window=4096, tie_word_embeddings=False)
+    path = os.path.join(out, "mistral")
+    save_hf(mistral, path)
+    write_logits(path, mistral, "sliding_window 4096, longer than every prompt", f16=True)
+
+    swa = build(MistralForCausalLM, MistralConfig, sliding_window=5, tie_word_embeddings=False)
+    path = os.path.join(out, "mistral-swa")
+    save_hf(swa, path)
+    write_logits(path, swa, "sliding_window 5, shorter than the prompts")
+    to_consolidated(swa, os.path.join(out, "mistral-swa-consolidated"))
+
+    # The first seed from SEED on whose routing no prompt token nearly ties (relative margin
+    # >= MIN_ROUTER_MARGIN, see router_margin): quantising such a model perturbs router
+    # logits by ~1% of their RMS, far too little to change which experts run, so the Q8_0
+    # test measures quantisation noise rather than a different choice of experts.
+    for seed in range(SEED, SEED + 1000):
+        mixtral = build(
+            MixtralForCausalLM,
+            MixtralConfig,
+            seed=seed,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            router_jitter_noise=0.0,
+        )
+        if router_margin(mixtral) >= MIN_ROUTER_MARGIN:
+            break
+    else:
+        raise SystemExit("no seed gives a decisive router")
+    path = os.path.join(out, "mixtral")
+    save_hf(mixtral, path)
+    write_logits(path, mixtral, "4 experts, top-2 routing")
+    to_consolidated(mixtral, os.path.join(out, "mixtral-consolidated"))
+
+
+if __name__ == "__main__":
+    main()
