@@ -14,7 +14,10 @@ crates/tokenizer/tests/golden/mistral/<file name>.json with:
   - `chat`: for each chat request (OpenAI-shaped messages and tools), the ids that
     `MistralTokenizer.encode_chat_completion` returns, or the error it raises;
   - `text`: plain encodings (`encode(text, bos=False, eos=False)`) and their decoding, alone and
-    between BOS and EOS.
+    between BOS and EOS;
+  - `fim`: for each (prompt, suffix) pair, the ids of
+    `MistralTokenizer.encode_fim(FIMRequest(prompt=..., suffix=...))`, or the error it raises
+    (v1 has no fill-in-the-middle).
 
 It also writes golden files for tokenizers derived from `tekken_240911.json` by changing its
 version to v11 / v13 and giving it an explicit special-token table with [THINK] tokens (no shipped
@@ -33,6 +36,7 @@ import tempfile
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import mistral_common  # noqa: E402
+from mistral_common.protocol.fim.request import FIMRequest  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
@@ -289,6 +293,19 @@ TEXTS = [
     "ℌ ́combining á",
 ]
 
+FIM_CASES = [
+    ("code", "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"),
+    ("text", "Hello, my name is", " and I live in New York."),
+    ("no_suffix", "The quick brown fox", None),
+    ("empty_suffix", "The quick brown fox", ""),
+    ("empty_prompt", "", "world!"),
+    ("leading_spaces", "  indented", "   spaced suffix"),
+    ("control_text_is_text", "[PREFIX] [INST] </s>", "[SUFFIX] [MIDDLE] <s>"),
+    ("unicode", "Café — 日本語 ", " 🤖🚀 naïve"),
+    ("newline_suffix", "x = 1", "\n"),
+    ("one_char_suffix", "a", "b"),
+]
+
 # Special tokens for the derived v11 / v13 Tekken tokenizers: the 20 legacy ones, then the newer
 # instruct markers. Unlisted ranks up to default_num_special_tokens become <SPECIAL_n>.
 DERIVED_EXTRA_SPECIALS = [
@@ -330,6 +347,13 @@ def encode_chat(tok, case):
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def encode_fim(tok, prompt, suffix):
+    try:
+        return {"ids": tok.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens}
+    except Exception as e:  # the oracle's refusal is part of the golden data
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def versions():
     out = {"mistral_common": mistral_common.__version__}
     for pkg in ("sentencepiece", "tiktoken"):
@@ -353,6 +377,11 @@ def golden_for(path, name, header_extra):
         ids = inner.encode(t, bos=False, eos=False)
         with_bos = [inner.bos_id, *ids, inner.eos_id]
         text.append({"text": t, "ids": ids, "decoded": inner.decode(ids), "decoded_with_bos_eos": inner.decode(with_bos)})
+    fim = []
+    for case_name, prompt, suffix in FIM_CASES:
+        entry = {"name": case_name, "prompt": prompt, "suffix": suffix}
+        entry.update(encode_fim(tok, prompt, suffix))
+        fim.append(entry)
     header = {
         "generated_by": SCRIPT,
         "file": name,
@@ -364,7 +393,7 @@ def golden_for(path, name, header_extra):
         **versions(),
         **header_extra,
     }
-    return {"header": header, "chat": chat, "text": text}
+    return {"header": header, "chat": chat, "text": text, "fim": fim}
 
 
 def write(name, doc):
@@ -374,7 +403,11 @@ def write(name, doc):
         json.dump(doc, f, ensure_ascii=False, indent=1)
         f.write("\n")
     errors = sum(1 for c in doc["chat"] if "error" in c)
-    print(f"{out}: {len(doc['chat'])} chat cases ({errors} refused), {len(doc['text'])} texts")
+    fim_errors = sum(1 for c in doc["fim"] if "error" in c)
+    print(
+        f"{out}: {len(doc['chat'])} chat cases ({errors} refused), {len(doc['text'])} texts, "
+        f"{len(doc['fim'])} FIM cases ({fim_errors} refused)"
+    )
 
 
 def main():

@@ -15,6 +15,7 @@ Run:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -82,8 +83,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def _serve(extra_args: list[str], embedding_model: str | None) -> Iterator[Server]:
+    """Starts `souverain serve` on the model with `extra_args`; stops it on exit."""
     binary = Path(os.environ.get("SOUVERAIN_BIN", str(DEFAULT_BIN)))
     model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
     if not binary.is_file():
@@ -104,8 +106,8 @@ def server() -> Iterator[Server]:
         str(port),
         "--threads",
         "2",
+        *extra_args,
     ]
-    embedding_model = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
     if embedding_model:
         cmd += ["--embedding-model", str(Path(embedding_model).expanduser())]
     with tempfile.TemporaryDirectory(prefix="souverain-sdk-") as tmp:
@@ -154,6 +156,25 @@ def server() -> Iterator[Server]:
             # A server that dies after start-up (not from our SIGTERM) is worth seeing.
             if healthy and proc.returncode not in (0, -15, 143, None):
                 print(f"server exited with {proc.returncode}; output:\n{_read_log(log_path)}")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with _serve([], os.environ.get("SOUVERAIN_EMBEDDING_MODEL")) as s:
+        yield s
+
+
+# A chat template of our own in the Hermes/Qwen3 style (tools in the system turn, calls in
+# <tool_call> tags, a <think> block opened by the generation prompt unless `enable_thinking`
+# is false), so that the default model is served the way such models are.
+THINKING_TEMPLATE = Path(__file__).resolve().parent / "templates" / "hermes-thinking.jinja"
+
+
+@pytest.fixture(scope="session")
+def thinking_server() -> Iterator[Server]:
+    """The default model served with THINKING_TEMPLATE (`--chat-template-file`)."""
+    with _serve(["--chat-template-file", str(THINKING_TEMPLATE)], None) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ def test_bad_constraints_are_400s(client: openai.OpenAI, model_id: str) -> None:
         {"response_format": {"type": "json_schema",
                              "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
         {"extra_body": {"guided_grammar": "start: ("}},
-        {"extra_body": {"grammar": 'root ::= "a"'}},
+        {"extra_body": {"grammar": 'root ::= ("a"'}},
     ]
     for kwargs in bad:
         with pytest.raises(openai.BadRequestError):

@@ -53,6 +53,7 @@ impl Backend for Instant1 {
             usage: Usage {
                 prompt_tokens: req.prompt_tokens.len(),
                 completion_tokens: 1,
+                reasoning_tokens: 0,
             },
         });
         Ok(rx)

@@ -27,6 +27,7 @@ use engine::{EngineError, Event};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::error::{ApiError, Refusal};
+use crate::routes::Tagged;
 use crate::{Backend, MAX_BODY_BYTES};
 
 /// [`crate::router`] with the control plane enforcing keys, limits, budgets and residency on
@@ -393,67 +394,85 @@ pub(crate) struct Meter {
 
 /// How a generation ended, as the meter saw it.
 enum Ending {
-    Done(Event, u64, u64),
-    Failed(Event),
+    /// Every choice finished: the last `Done` (sent once the use is recorded) and the
+    /// request's totals.
+    Done(Tagged, engine::Usage),
+    Failed(Tagged),
     Vanished,
     Cancelled,
 }
 
 impl Meter {
-    /// Takes what `Backend::generate` answered: an error is recorded and returned; a channel
-    /// is wrapped in one that records the request when the generation ends.
+    /// Takes what starting the generation answered: an error is recorded and returned; a
+    /// channel of `n` choices' events is wrapped in one that records the request when every
+    /// choice has ended.
     pub(crate) fn track(
         self,
-        generated: Result<UnboundedReceiver<Event>, EngineError>,
-    ) -> Result<UnboundedReceiver<Event>, ApiError> {
+        generated: Result<UnboundedReceiver<Tagged>, EngineError>,
+        n: usize,
+    ) -> Result<UnboundedReceiver<Tagged>, ApiError> {
         let engine_rx = match generated {
             Ok(rx) => rx,
             Err(err) => {
                 let err = ApiError::from(err);
                 let status = err.status();
                 tokio::spawn(async move {
-                    self.settle(0, 0, None, "failed", status, None).await;
+                    self.settle(0, 0, 0, None, "failed", status, None).await;
                 });
                 return Err(err);
             }
         };
         let (tx, rx) = unbounded_channel();
-        tokio::spawn(self.forward(engine_rx, tx));
+        tokio::spawn(self.forward(engine_rx, tx, n.max(1)));
         Ok(rx)
     }
 
     async fn forward(
         self,
-        mut engine_rx: UnboundedReceiver<Event>,
-        tx: tokio::sync::mpsc::UnboundedSender<Event>,
+        mut engine_rx: UnboundedReceiver<Tagged>,
+        tx: tokio::sync::mpsc::UnboundedSender<Tagged>,
+        n: usize,
     ) {
         let started = self.admission.0.started;
         let mut ttft_us = None;
         let mut pieces: u64 = 0;
         let mut output = self.admission.0.prompt.as_ref().map(|_| String::new());
+        let mut total = engine::Usage::default();
+        let mut done = 0;
         let ending = loop {
             tokio::select! {
                 event = engine_rx.recv() => match event {
-                    Some(Event::Text(text)) => {
+                    Some((index, Event::Text(text))) => {
                         ttft_us.get_or_insert_with(|| micros(started));
                         pieces += 1;
                         if let Some(output) = &mut output {
                             output.push_str(&text);
                         }
-                        if tx.send(Event::Text(text)).is_err() {
+                        if tx.send((index, Event::Text(text))).is_err() {
                             break Ending::Cancelled;
                         }
                     }
-                    Some(lp @ Event::Logprobs(_)) => {
+                    Some(lp @ (_, Event::Logprobs(_) | Event::PromptLogprobs(_))) => {
                         if tx.send(lp).is_err() {
                             break Ending::Cancelled;
                         }
                     }
-                    Some(Event::Done { finish_reason, usage }) => {
-                        let (p, c) = (usage.prompt_tokens as u64, usage.completion_tokens as u64);
-                        break Ending::Done(Event::Done { finish_reason, usage }, p, c);
+                    Some((index, Event::Done { finish_reason, usage })) => {
+                        if done == 0 {
+                            total.prompt_tokens = usage.prompt_tokens;
+                        }
+                        total.completion_tokens += usage.completion_tokens;
+                        total.reasoning_tokens += usage.reasoning_tokens;
+                        done += 1;
+                        let event = (index, Event::Done { finish_reason, usage });
+                        if done == n {
+                            break Ending::Done(event, total);
+                        }
+                        if tx.send(event).is_err() {
+                            break Ending::Cancelled;
+                        }
                     }
-                    Some(failed @ Event::Failed(_)) => break Ending::Failed(failed),
+                    Some(failed @ (_, Event::Failed(_))) => break Ending::Failed(failed),
                     None => break Ending::Vanished,
                 },
                 () = tx.closed() => break Ending::Cancelled,
@@ -462,34 +481,26 @@ impl Meter {
         // Dropping the engine's receiver now cancels a generation whose client went away.
         drop(engine_rx);
         let prompt_tokens = self.prompt_tokens;
+        let error = StatusCode::INTERNAL_SERVER_ERROR;
         match ending {
-            Ending::Done(done, prompt, completion) => {
-                self.settle(prompt, completion, ttft_us, "ok", StatusCode::OK, output)
+            Ending::Done(last, total) => {
+                let (p, c, r) = (
+                    total.prompt_tokens as u64,
+                    total.completion_tokens as u64,
+                    total.reasoning_tokens as u64,
+                );
+                self.settle(p, c, r, ttft_us, "ok", StatusCode::OK, output)
                     .await;
-                let _ = tx.send(done);
+                let _ = tx.send(last);
             }
             Ending::Failed(failed) => {
-                self.settle(
-                    prompt_tokens,
-                    pieces,
-                    ttft_us,
-                    "failed",
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    output,
-                )
-                .await;
+                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
+                    .await;
                 let _ = tx.send(failed);
             }
             Ending::Vanished => {
-                self.settle(
-                    prompt_tokens,
-                    pieces,
-                    ttft_us,
-                    "failed",
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    output,
-                )
-                .await;
+                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
+                    .await;
             }
             Ending::Cancelled => {
                 // Without a `Done`, the text pieces sent stand for the tokens generated.
@@ -497,6 +508,7 @@ impl Meter {
                 self.settle(
                     prompt_tokens,
                     pieces,
+                    0,
                     ttft_us,
                     "cancelled",
                     client_closed,
@@ -507,10 +519,12 @@ impl Meter {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn settle(
         self,
         prompt_tokens: u64,
         completion_tokens: u64,
+        reasoning_tokens: u64,
         ttft_us: Option<u64>,
         status: &str,
         http_status: StatusCode,
@@ -526,7 +540,7 @@ impl Meter {
             model: inner.model.clone(),
             prompt_tokens,
             completion_tokens,
-            reasoning_tokens: 0,
+            reasoning_tokens,
             ttft_us,
             duration_us: micros(inner.started),
             status: status.to_owned(),

@@ -438,14 +438,14 @@ async fn settle(
             finish_reason: FinishReason::Stop,
             usage: Usage {
                 prompt_tokens,
-                completion_tokens: 0,
+                ..Usage::default()
             },
         },
         Err(err) => Event::Failed(err.to_string()),
     };
-    let _ = tx.send(event);
+    let _ = tx.send((0, event));
     drop(tx);
-    if let Ok(mut tracked) = meter.track(Ok(rx)) {
+    if let Ok(mut tracked) = meter.track(Ok(rx), 1) {
         // The meter forwards the last event only after the usage record is committed.
         while tracked.recv().await.is_some() {}
     }

@@ -1,6 +1,9 @@
 //! The engine as the API's [`Backend`]: each method forwards to `engine::Engine`'s own.
 
-use engine::{ChatMessage, Engine, EngineError, Event, GenerateRequest, MetricsSnapshot};
+use engine::{
+    ChatFormat, ChatMessage, ChatPrompt, ChatRequest, Engine, EngineError, Event, GenerateRequest,
+    MetricsSnapshot,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::Backend;
@@ -28,6 +31,22 @@ impl Backend for Engine {
 
     fn tokenize_chat_json(&self, json: &str) -> Option<Result<Vec<u32>, EngineError>> {
         Engine::tokenize_mistral_chat_json(self, json)
+    }
+
+    fn chat_format(&self) -> ChatFormat {
+        Engine::chat_format(self).clone()
+    }
+
+    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
+        Engine::encode_chat_request(self, request)
+    }
+
+    fn token_id(&self, text: &str) -> Option<u32> {
+        Engine::token_id(self, text)
+    }
+
+    fn tokenize_fim(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, EngineError> {
+        Engine::tokenize_fim(self, prefix, suffix)
     }
 
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {

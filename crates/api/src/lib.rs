@@ -38,9 +38,11 @@ mod extract;
 mod logprobs;
 mod metrics;
 mod openai;
+mod output;
 mod routes;
 mod stream;
 mod tokenize;
+mod tools;
 mod validate;
 
 use std::future::Future;
@@ -77,6 +79,7 @@ pub fn router_with(
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/fim/completions", post(routes::fim_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))

@@ -58,6 +58,24 @@ pub(crate) fn completion(items: &[TokenLogprobs], mut offset: usize) -> Value {
     })
 }
 
+/// Completions with `echo`: the prompt's tokens, the first (which has no log-probability)
+/// as `first_token` with `null`s, then `prompt` (each later token given those before it).
+pub(crate) fn completion_echo(first_token: &str, prompt: &[TokenLogprobs]) -> Value {
+    let first_chars = first_token.chars().count();
+    let mut value = completion(prompt, first_chars);
+    for (key, first) in [
+        ("tokens", json!(first_token)),
+        ("token_logprobs", Value::Null),
+        ("top_logprobs", Value::Null),
+        ("text_offset", json!(0)),
+    ] {
+        if let Some(items) = value.get_mut(key).and_then(Value::as_array_mut) {
+            items.insert(0, first);
+        }
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,16 @@ pub(crate) struct ChatCompletionRequest {
     pub(crate) guided_regex: Option<String>,
     /// vLLM's context-free grammar (Lark syntax).
     pub(crate) guided_grammar: Option<String>,
+    /// Functions the model may call.
+    pub(crate) tools: Option<Value>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    pub(crate) tool_choice: Option<Value>,
+    pub(crate) parallel_tool_calls: Option<bool>,
+    /// OpenAI's reasoning switch: `none`/`minimal` turn thinking off where the template
+    /// has a switch (`enable_thinking`), other values leave it on.
+    pub(crate) reasoning_effort: Option<String>,
+    /// vLLM's extra chat-template variables (`{"enable_thinking": false}`).
+    pub(crate) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// `POST /v1/completions` as received.
@@ -134,6 +144,13 @@ raw_sampling!(CompletionRequest);
 pub(crate) struct RawMessage {
     pub(crate) role: Option<String>,
     pub(crate) content: Option<Value>,
+    /// Assistant: the calls it made.
+    pub(crate) tool_calls: Option<Value>,
+    /// Tool: the call this result answers.
+    pub(crate) tool_call_id: Option<Value>,
+    pub(crate) name: Option<Value>,
+    /// Assistant: its reasoning (vLLM's field).
+    pub(crate) reasoning_content: Option<Value>,
 }
 
 /// `stream_options`.
@@ -198,6 +215,13 @@ pub(crate) struct UsageBody {
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
     pub(crate) total_tokens: usize,
+    pub(crate) completion_tokens_details: CompletionTokensDetails,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct CompletionTokensDetails {
+    pub(crate) reasoning_tokens: usize,
 }
 
 impl From<engine::Usage> for UsageBody {
@@ -206,6 +230,9 @@ impl From<engine::Usage> for UsageBody {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
+            completion_tokens_details: CompletionTokensDetails {
+                reasoning_tokens: usage.reasoning_tokens,
+            },
         }
     }
 }
@@ -224,7 +251,7 @@ pub(crate) struct Header<'a> {
 pub(crate) struct ChatCompletion<'a> {
     #[serde(flatten)]
     pub(crate) header: Header<'a>,
-    pub(crate) choices: [ChatChoice<'a>; 1],
+    pub(crate) choices: Vec<ChatChoice<'a>>,
     pub(crate) usage: UsageBody,
     pub(crate) system_fingerprint: Option<&'a str>,
 }
@@ -242,7 +269,33 @@ pub(crate) struct ChatChoice<'a> {
 #[derive(Debug, Serialize)]
 pub(crate) struct AssistantMessage<'a> {
     pub(crate) role: &'static str,
-    pub(crate) content: &'a str,
+    /// `null` when the reply is only tool calls.
+    pub(crate) content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tool_calls: Vec<ToolCallBody<'a>>,
+}
+
+/// One tool call of a reply, or its piece in a streamed delta.
+#[derive(Debug, Serialize)]
+pub(crate) struct ToolCallBody<'a> {
+    /// Streamed deltas only: which call this piece belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub(crate) kind: Option<&'static str>,
+    pub(crate) function: FunctionBody<'a>,
+}
+
+/// The function of a tool call.
+#[derive(Debug, Serialize)]
+pub(crate) struct FunctionBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<&'a str>,
+    pub(crate) arguments: &'a str,
 }
 
 /// One `chat.completion.chunk`.
@@ -273,6 +326,10 @@ pub(crate) struct Delta<'a> {
     pub(crate) role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tool_calls: Vec<ToolCallBody<'a>>,
 }
 
 /// A whole `text_completion`, or one streamed chunk of it.

@@ -1,8 +1,13 @@
 //! Server-sent events: engine events in, OpenAI chunks out.
 //!
-//! The SSE body owns the engine's receiver and nothing else holds it, so when a client goes
-//! away hyper drops the body, the receiver goes with it, and the engine sees its channel
-//! closed and stops the sequence.
+//! The SSE body owns the generation's receiver and nothing else holds it, so when a client
+//! goes away hyper drops the body, the receiver goes with it, and the engine sees its
+//! channels closed and stops the sequences.
+//!
+//! A request with `n` choices streams them interleaved, each chunk naming its choice's
+//! `index`; each choice's output goes through its own [`OutputParser`] (reasoning, content,
+//! tool calls), the same parser the whole response uses, so streamed deltas concatenate to
+//! the whole message.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -12,17 +17,19 @@ use axum::response::{IntoResponse, Response};
 use engine::{Event, FinishReason, TokenLogprobs, Usage};
 use futures::Stream;
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
 use crate::openai::{
-    ChatChunk, ChatChunkChoice, Delta, Header, TextChoice, TextCompletion, UsageBody,
+    ChatChunk, ChatChunkChoice, Delta, FunctionBody, Header, TextChoice, TextCompletion,
+    ToolCallBody, UsageBody,
 };
+use crate::output::{OutputParser, Piece};
+use crate::routes::{Echo, Generation, Tagged};
 
 /// Which endpoint's chunk shape to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
-    /// `chat.completion.chunk` with deltas.
+    /// `chat.completion.chunk` with deltas (chat, and Mistral's FIM).
     Chat,
     /// `text_completion` with `text` pieces.
     Completion,
@@ -38,6 +45,17 @@ pub(crate) struct ChunkMeta {
     pub(crate) include_usage: bool,
     /// The request asked for token log-probabilities.
     pub(crate) logprobs: bool,
+}
+
+/// What one chunk says about one choice.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkBody<'a> {
+    pub(crate) role: bool,
+    pub(crate) text: Option<&'a str>,
+    pub(crate) reasoning: Option<&'a str>,
+    pub(crate) tool_calls: Vec<ToolCallBody<'a>>,
+    pub(crate) finish: Option<&'static str>,
+    pub(crate) logprobs: Option<serde_json::Value>,
 }
 
 impl ChunkMeta {
@@ -58,39 +76,32 @@ impl ChunkMeta {
         self.include_usage.then_some(None)
     }
 
-    /// The chunk that carries `delta` (chat) or `text` (completions), or only a finish reason.
-    fn chunk(
-        &self,
-        role: bool,
-        text: Option<&str>,
-        finish: Option<FinishReason>,
-        logprobs: &[TokenLogprobs],
-        text_offset: usize,
-    ) -> String {
-        let finish_reason = finish.map(FinishReason::as_str);
-        let wanted = self.logprobs && !logprobs.is_empty();
+    /// One chunk for choice `index`.
+    pub(crate) fn chunk(&self, index: u32, body: ChunkBody<'_>) -> String {
         match self.endpoint {
             Endpoint::Chat => to_json(&ChatChunk {
                 header: self.header(),
                 system_fingerprint: None,
                 choices: vec![ChatChunkChoice {
-                    index: 0,
+                    index,
                     delta: Delta {
-                        role: role.then_some("assistant"),
-                        content: text,
+                        role: body.role.then_some("assistant"),
+                        content: body.text,
+                        reasoning_content: body.reasoning,
+                        tool_calls: body.tool_calls,
                     },
-                    logprobs: wanted.then(|| crate::logprobs::chat(logprobs)),
-                    finish_reason,
+                    logprobs: body.logprobs,
+                    finish_reason: body.finish,
                 }],
                 usage: self.usage_placeholder(),
             }),
             Endpoint::Completion => to_json(&TextCompletion {
                 header: self.header(),
                 choices: vec![TextChoice {
-                    text: text.unwrap_or_default(),
-                    index: 0,
-                    logprobs: wanted.then(|| crate::logprobs::completion(logprobs, text_offset)),
-                    finish_reason,
+                    text: body.text.unwrap_or_default(),
+                    index,
+                    logprobs: body.logprobs,
+                    finish_reason: body.finish,
                 }],
                 usage: self.usage_placeholder(),
                 system_fingerprint: None,
@@ -120,7 +131,7 @@ impl ChunkMeta {
 
 /// Serialises a response type. These types hold only strings and numbers, which always
 /// serialise; should one ever fail, the client gets an error object instead of a panic.
-fn to_json<T: Serialize>(value: &T) -> String {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|err| {
         tracing::error!(%err, "could not serialise a chunk");
         error_json(&ApiError::Internal {
@@ -136,66 +147,214 @@ fn error_json(err: &ApiError) -> String {
     })
 }
 
-/// The state of one streamed response.
-struct ChunkStream {
-    meta: ChunkMeta,
-    /// `None` once the generation ended; dropping it is what cancels the engine.
-    receiver: Option<UnboundedReceiver<Event>>,
-    /// Events ready to send before reading the receiver again.
-    pending: VecDeque<SseEvent>,
+/// The OpenAI finish reason of a choice: `tool_calls` when it ended by calling tools.
+pub(crate) fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
+    if calls > 0 && reason == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        reason.as_str()
+    }
+}
+
+/// One choice of a streamed response.
+struct StreamChoice {
+    parser: OutputParser,
     /// Log-probabilities of tokens whose text has not been sent yet.
     token_logprobs: Vec<TokenLogprobs>,
     /// Characters of text sent so far (completions' `text_offset`).
     sent_chars: usize,
 }
 
+/// The state of one streamed response.
+struct ChunkStream {
+    meta: ChunkMeta,
+    /// `None` once the generation ended; dropping it is what cancels the engine.
+    receiver: Option<tokio::sync::mpsc::UnboundedReceiver<Tagged>>,
+    /// Events ready to send before reading the receiver again.
+    pending: VecDeque<SseEvent>,
+    choices: Vec<StreamChoice>,
+    /// Completions' `echo`: the prompt, sent first (with its log-probabilities when asked).
+    echo: Option<Echo>,
+    done: usize,
+    usage: Usage,
+}
+
 impl ChunkStream {
+    fn push(&mut self, chunk: String) {
+        self.pending.push_back(SseEvent::default().data(chunk));
+    }
+
+    /// Turns parsed pieces of choice `index` into chunks.
+    fn pieces(&mut self, index: u32, pieces: Vec<Piece>) {
+        for piece in pieces {
+            let choice = &mut self.choices[index as usize];
+            let logprobs = std::mem::take(&mut choice.token_logprobs);
+            let logprobs =
+                (self.meta.logprobs && !logprobs.is_empty()).then(|| match self.meta.endpoint {
+                    Endpoint::Chat => crate::logprobs::chat(&logprobs),
+                    Endpoint::Completion => {
+                        crate::logprobs::completion(&logprobs, choice.sent_chars)
+                    }
+                });
+            let chunk = match &piece {
+                Piece::Content(text) => {
+                    choice.sent_chars += text.chars().count();
+                    self.meta.chunk(
+                        index,
+                        ChunkBody {
+                            text: Some(text),
+                            logprobs,
+                            ..ChunkBody::default()
+                        },
+                    )
+                }
+                Piece::Reasoning(text) => self.meta.chunk(
+                    index,
+                    ChunkBody {
+                        reasoning: Some(text),
+                        logprobs,
+                        ..ChunkBody::default()
+                    },
+                ),
+                Piece::Call(call) => {
+                    let k = choice.parser.calls() - 1;
+                    let opening = self.meta.chunk(
+                        index,
+                        ChunkBody {
+                            tool_calls: vec![ToolCallBody {
+                                index: Some(k),
+                                id: Some(&call.id),
+                                kind: Some("function"),
+                                function: FunctionBody {
+                                    name: Some(&call.name),
+                                    arguments: "",
+                                },
+                            }],
+                            logprobs,
+                            ..ChunkBody::default()
+                        },
+                    );
+                    self.push(opening);
+                    self.meta.chunk(
+                        index,
+                        ChunkBody {
+                            tool_calls: vec![ToolCallBody {
+                                index: Some(k),
+                                id: None,
+                                kind: None,
+                                function: FunctionBody {
+                                    name: None,
+                                    arguments: &call.arguments,
+                                },
+                            }],
+                            ..ChunkBody::default()
+                        },
+                    )
+                }
+            };
+            self.push(chunk);
+        }
+    }
+
+    /// The echoed prompt of choice `index`.
+    fn echo(&mut self, index: u32, prompt_logprobs: Option<serde_json::Value>) {
+        let Some(prompt) = self.echo.as_ref().map(|e| e.prompt.clone()) else {
+            return;
+        };
+        self.choices[index as usize].sent_chars += prompt.chars().count();
+        let chunk = self.meta.chunk(
+            index,
+            ChunkBody {
+                text: Some(&prompt),
+                logprobs: prompt_logprobs,
+                ..ChunkBody::default()
+            },
+        );
+        self.push(chunk);
+    }
+
     /// Reads the next engine event and queues what it turns into.
     async fn pull(&mut self) {
         let Some(receiver) = self.receiver.as_mut() else {
             return;
         };
-        match receiver.recv().await {
-            Some(Event::Text(text)) => {
-                if !text.is_empty() {
-                    let logprobs = std::mem::take(&mut self.token_logprobs);
-                    let chunk =
-                        self.meta
-                            .chunk(false, Some(&text), None, &logprobs, self.sent_chars);
-                    self.sent_chars += text.chars().count();
-                    self.pending.push_back(SseEvent::default().data(chunk));
+        let Some((index, event)) = receiver.recv().await else {
+            self.fail("the engine closed the stream without finishing it".to_owned());
+            return;
+        };
+        let Some(choice) = self.choices.get_mut(index as usize) else {
+            self.fail(format!("an event for choice {index}, which does not exist"));
+            return;
+        };
+        match event {
+            Event::Text(text) => {
+                let pieces = choice.parser.feed(&text);
+                self.pieces(index, pieces);
+            }
+            Event::Logprobs(lp) => choice.token_logprobs.push(lp),
+            Event::PromptLogprobs(prompt) => {
+                if self.meta.logprobs
+                    && let Some(first) = self.echo.as_ref().map(|e| e.first_token.clone())
+                {
+                    let logprobs = crate::logprobs::completion_echo(&first, &prompt);
+                    self.echo(index, Some(logprobs));
                 }
             }
-            Some(Event::Logprobs(lp)) => self.token_logprobs.push(lp),
-            Some(Event::Done {
-                finish_reason,
+            Event::Done {
+                finish_reason: reason,
                 usage,
-            }) => {
-                self.receiver = None;
-                tracing::info!(
-                    request_id = %self.meta.id,
-                    prompt_tokens = usage.prompt_tokens,
-                    completion_tokens = usage.completion_tokens,
-                    finish_reason = finish_reason.as_str(),
-                    "stream finished"
-                );
+            } => {
+                let pieces = choice.parser.finish();
+                self.pieces(index, pieces);
+                let choice = &mut self.choices[index as usize];
+                let calls = choice.parser.calls();
+                let logprobs = std::mem::take(&mut choice.token_logprobs);
+                let logprobs = (self.meta.logprobs && !logprobs.is_empty()).then(|| {
+                    match self.meta.endpoint {
+                        Endpoint::Chat => crate::logprobs::chat(&logprobs),
+                        Endpoint::Completion => {
+                            crate::logprobs::completion(&logprobs, choice.sent_chars)
+                        }
+                    }
+                });
                 let text = match self.meta.endpoint {
                     Endpoint::Chat => None,
                     Endpoint::Completion => Some(""),
                 };
-                let logprobs = std::mem::take(&mut self.token_logprobs);
-                let finish =
-                    self.meta
-                        .chunk(false, text, Some(finish_reason), &logprobs, self.sent_chars);
-                self.pending.push_back(SseEvent::default().data(finish));
-                if self.meta.include_usage {
-                    let usage = self.meta.usage_chunk(usage);
-                    self.pending.push_back(SseEvent::default().data(usage));
+                let finish = self.meta.chunk(
+                    index,
+                    ChunkBody {
+                        text,
+                        finish: Some(finish_reason(reason, calls)),
+                        logprobs,
+                        ..ChunkBody::default()
+                    },
+                );
+                self.push(finish);
+                if self.done == 0 {
+                    self.usage.prompt_tokens = usage.prompt_tokens;
                 }
-                self.pending.push_back(SseEvent::default().data("[DONE]"));
+                self.usage.completion_tokens += usage.completion_tokens;
+                self.usage.reasoning_tokens += usage.reasoning_tokens;
+                self.done += 1;
+                tracing::info!(
+                    request_id = %self.meta.id,
+                    choice = index,
+                    prompt_tokens = usage.prompt_tokens,
+                    completion_tokens = usage.completion_tokens,
+                    finish_reason = reason.as_str(),
+                    "stream finished"
+                );
+                if self.done == self.choices.len() {
+                    self.receiver = None;
+                    if self.meta.include_usage {
+                        let usage = self.meta.usage_chunk(self.usage);
+                        self.push(usage);
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                }
             }
-            Some(Event::Failed(detail)) => self.fail(detail),
-            None => self.fail("the engine closed the stream without finishing it".to_owned()),
+            Event::Failed(detail) => self.fail(detail),
         }
     }
 
@@ -209,24 +368,48 @@ impl ChunkStream {
     }
 }
 
-/// The SSE stream of one generation: for chat a first chunk with the assistant role, then a
-/// chunk per piece of text, a chunk with the finish reason, the usage chunk if asked for, and
-/// `[DONE]`.
+/// The SSE stream of one generation: for chat a first chunk with the assistant role for
+/// each choice, then a chunk per piece of output, a chunk with each choice's finish reason,
+/// the usage chunk if asked for, and `[DONE]`.
 pub(crate) fn chunk_stream(
     meta: ChunkMeta,
-    receiver: UnboundedReceiver<Event>,
+    generation: Generation,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    let mut pending = VecDeque::new();
-    if meta.endpoint == Endpoint::Chat {
-        pending.push_back(SseEvent::default().data(meta.chunk(true, Some(""), None, &[], 0)));
-    }
-    let state = ChunkStream {
+    let n = generation.parsers.len();
+    let mut state = ChunkStream {
         meta,
-        receiver: Some(receiver),
-        pending,
-        token_logprobs: Vec::new(),
-        sent_chars: 0,
+        receiver: Some(generation.receiver),
+        pending: VecDeque::new(),
+        choices: generation
+            .parsers
+            .into_iter()
+            .map(|parser| StreamChoice {
+                parser,
+                token_logprobs: Vec::new(),
+                sent_chars: 0,
+            })
+            .collect(),
+        echo: generation.echo,
+        done: 0,
+        usage: Usage::default(),
     };
+    for index in 0..n as u32 {
+        if state.meta.endpoint == Endpoint::Chat {
+            let role = state.meta.chunk(
+                index,
+                ChunkBody {
+                    role: true,
+                    text: Some(""),
+                    ..ChunkBody::default()
+                },
+            );
+            state.push(role);
+        }
+        // With log-probabilities the echo waits for the prompt's (`PromptLogprobs`).
+        if !state.meta.logprobs {
+            state.echo(index, None);
+        }
+    }
     futures::stream::unfold(state, |mut state| async move {
         loop {
             if let Some(event) = state.pending.pop_front() {
@@ -240,8 +423,8 @@ pub(crate) fn chunk_stream(
 
 /// The streamed response: `text/event-stream`, with keep-alive comments so proxies do not
 /// cut a connection that waits on a long prompt.
-pub(crate) fn sse_response(meta: ChunkMeta, receiver: UnboundedReceiver<Event>) -> Response {
-    Sse::new(chunk_stream(meta, receiver))
+pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response {
+    Sse::new(chunk_stream(meta, generation))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
@@ -249,6 +432,7 @@ pub(crate) fn sse_response(meta: ChunkMeta, receiver: UnboundedReceiver<Event>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::ParserSpec;
     use futures::StreamExt;
 
     fn meta(endpoint: Endpoint, include_usage: bool) -> ChunkMeta {
@@ -262,11 +446,33 @@ mod tests {
         }
     }
 
+    fn generation(
+        rx: tokio::sync::mpsc::UnboundedReceiver<Tagged>,
+        n: usize,
+        spec: ParserSpec,
+    ) -> Generation {
+        Generation {
+            receiver: rx,
+            parsers: (0..n).map(|_| OutputParser::new(spec.clone())).collect(),
+            echo: None,
+        }
+    }
+
+    fn data(events: &[Result<SseEvent, Infallible>]) -> usize {
+        events.len()
+    }
+
     #[test]
     fn chat_chunk_shape() {
-        let json: serde_json::Value =
-            serde_json::from_str(&meta(Endpoint::Chat, false).chunk(true, Some(""), None, &[], 0))
-                .unwrap();
+        let chunk = meta(Endpoint::Chat, false).chunk(
+            0,
+            ChunkBody {
+                role: true,
+                text: Some(""),
+                ..ChunkBody::default()
+            },
+        );
+        let json: serde_json::Value = serde_json::from_str(&chunk).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -281,30 +487,44 @@ mod tests {
     #[test]
     fn usage_is_null_until_the_last_chunk() {
         let m = meta(Endpoint::Completion, true);
-        let chunk: serde_json::Value =
-            serde_json::from_str(&m.chunk(false, Some("a"), None, &[], 0)).unwrap();
+        let chunk: serde_json::Value = serde_json::from_str(&m.chunk(
+            0,
+            ChunkBody {
+                text: Some("a"),
+                ..ChunkBody::default()
+            },
+        ))
+        .unwrap();
         assert_eq!(chunk["usage"], serde_json::Value::Null);
         assert!(chunk.as_object().unwrap().contains_key("usage"));
         let last: serde_json::Value = serde_json::from_str(&m.usage_chunk(Usage {
             prompt_tokens: 2,
             completion_tokens: 3,
+            reasoning_tokens: 1,
         }))
         .unwrap();
         assert_eq!(last["choices"], serde_json::json!([]));
         assert_eq!(last["usage"]["total_tokens"], 5);
+        assert_eq!(
+            last["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            1
+        );
         assert_eq!(last["object"], "text_completion");
     }
 
     #[tokio::test]
     async fn failure_ends_the_stream_with_an_error_and_no_done() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Event::Text("a".into())).unwrap();
-        tx.send(Event::Failed("disk on fire".into())).unwrap();
-        let events: Vec<_> = chunk_stream(meta(Endpoint::Chat, false), rx)
-            .collect()
-            .await;
+        tx.send((0, Event::Text("a".into()))).unwrap();
+        tx.send((0, Event::Failed("disk on fire".into()))).unwrap();
+        let events: Vec<_> = chunk_stream(
+            meta(Endpoint::Chat, false),
+            generation(rx, 1, ParserSpec::default()),
+        )
+        .collect()
+        .await;
         // role chunk, text chunk, error
-        assert_eq!(events.len(), 3);
+        assert_eq!(data(&events), 3);
         // The sender is still alive: the stream must have ended on the failure itself.
         assert!(
             tx.is_closed(),
@@ -315,11 +535,39 @@ mod tests {
     #[tokio::test]
     async fn sender_dropped_early_is_an_error() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Event::Text("a".into())).unwrap();
+        tx.send((0, Event::Text("a".into()))).unwrap();
         drop(tx);
-        let events: Vec<_> = chunk_stream(meta(Endpoint::Completion, false), rx)
-            .collect()
-            .await;
-        assert_eq!(events.len(), 2, "text chunk then error");
+        let events: Vec<_> = chunk_stream(
+            meta(Endpoint::Completion, false),
+            generation(rx, 1, ParserSpec::default()),
+        )
+        .collect()
+        .await;
+        assert_eq!(data(&events), 2, "text chunk then error");
+    }
+
+    #[tokio::test]
+    async fn choices_finish_separately_and_done_comes_last() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let done = |n| Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage {
+                prompt_tokens: 4,
+                completion_tokens: n,
+                reasoning_tokens: 0,
+            },
+        };
+        tx.send((1, Event::Text("b".into()))).unwrap();
+        tx.send((0, Event::Text("a".into()))).unwrap();
+        tx.send((1, done(1))).unwrap();
+        tx.send((0, done(2))).unwrap();
+        let events: Vec<_> = chunk_stream(
+            meta(Endpoint::Chat, true),
+            generation(rx, 2, ParserSpec::default()),
+        )
+        .collect()
+        .await;
+        // 2 role chunks, 2 text chunks, 2 finish chunks, usage, [DONE].
+        assert_eq!(data(&events), 8);
     }
 }

@@ -2,13 +2,17 @@
 //! unsupported option is decided here, and every error names the field at fault. Handlers
 //! only see validated requests.
 
-use engine::{ChatMessage, ConstraintSpec, SamplingParams};
-use serde_json::Value;
+use engine::{ChatMessage, ChatRequest, ConstraintSpec, SamplingParams};
+use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, CompletionRequest, RawConstraint, RawMessage, RawSampling,
 };
+use crate::tools::{self, ToolPlan};
+
+/// The most choices one request may ask for (`n`).
+pub(crate) const MAX_CHOICES: usize = 16;
 
 /// OpenAI's default `max_tokens` for `/v1/completions`.
 pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -31,9 +35,17 @@ const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Prompt {
     /// A conversation, to be rendered with the chat template.
-    Chat(Vec<ChatMessage>),
+    Chat(ChatRequest),
     /// Raw text (`/v1/completions`).
     Text(String),
+    /// Fill in the middle between a prefix and a suffix (`/v1/fim/completions`, or
+    /// `/v1/completions` with `suffix`).
+    Fim {
+        /// The code before the gap.
+        prefix: String,
+        /// The code after it.
+        suffix: String,
+    },
 }
 
 /// A request that passed validation: everything the handlers need, nothing left to check
@@ -51,6 +63,13 @@ pub(crate) struct ValidRequest {
     pub(crate) logprobs: Option<usize>,
     /// The grammar the output must follow (structured output), if any.
     pub(crate) constraint: Option<ConstraintSpec>,
+    /// Choices to generate (`n`).
+    pub(crate) n: usize,
+    /// The tools the model may call, and how.
+    pub(crate) tools: Option<ToolPlan>,
+    /// Completions: return the prompt before the completion (with its log-probabilities
+    /// when `logprobs` is set).
+    pub(crate) echo: bool,
 }
 
 /// Validates a chat completion request against the served model `model_id`.
@@ -67,7 +86,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
         Some(messages) => messages
             .iter()
             .enumerate()
-            .map(|(index, message)| chat_message(index, message))
+            .map(|(index, message)| message_json(index, message))
             .collect::<Result<Vec<_>, _>>()?,
     };
     let logprobs = match (req.logprobs, req.top_logprobs) {
@@ -92,24 +111,67 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
     let mut messages = messages;
     if req.safe_prompt == Some(true) {
         match messages.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{MISTRAL_SAFE_PROMPT}\n\n{}", first.content);
+            Some(first) if first["role"] == "system" => {
+                let old = first["content"].as_str().unwrap_or_default();
+                first["content"] = Value::String(format!("{MISTRAL_SAFE_PROMPT}\n\n{old}"));
             }
-            _ => messages.insert(
-                0,
-                ChatMessage {
-                    role: "system".to_owned(),
-                    content: MISTRAL_SAFE_PROMPT.to_owned(),
-                },
-            ),
+            _ => messages.insert(0, json!({"role": "system", "content": MISTRAL_SAFE_PROMPT})),
         }
     }
     let constraint = constraint(req.raw_constraint())?;
+    let tools = tools::plan(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    if constraint.is_some()
+        && tools.as_ref().is_some_and(|t| {
+            matches!(
+                t.choice,
+                tools::ToolChoice::Required | tools::ToolChoice::Function(_)
+            )
+        })
+    {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "a forced tool call cannot be combined with an output constraint \
+             (`response_format`, `grammar` or `guided_*`)",
+        ));
+    }
+    let mut template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(effort) = req.reasoning_effort.as_deref() {
+        let on = match effort {
+            "none" | "minimal" => false,
+            "low" | "medium" | "high" => true,
+            other => {
+                return Err(ApiError::invalid(
+                    "reasoning_effort",
+                    format!(
+                        "`reasoning_effort` is `{other}`; expected `none`, `minimal`, `low`, \
+                         `medium` or `high`"
+                    ),
+                ));
+            }
+        };
+        template_kwargs
+            .entry("enable_thinking")
+            .or_insert(Value::Bool(on));
+        template_kwargs
+            .entry("reasoning_effort")
+            .or_insert(Value::String(effort.to_owned()));
+    }
     let max_tokens = positive("max_tokens", req.max_tokens)?;
     let max_completion_tokens = positive("max_completion_tokens", req.max_completion_tokens)?;
     let common = common(req.raw_sampling())?;
     Ok(ValidRequest {
-        prompt: Prompt::Chat(messages),
+        prompt: Prompt::Chat(ChatRequest {
+            messages,
+            tools: None,
+            template_kwargs,
+        }),
+        n: common.n,
+        tools,
+        echo: false,
         sampling: common.sampling,
         max_tokens: max_completion_tokens.or(max_tokens),
         stop: common.stop,
@@ -127,12 +189,7 @@ pub(crate) fn completion(
 ) -> Result<ValidRequest, ApiError> {
     check_model(req.model.as_deref(), model_id)?;
     let prompt = completion_prompt(req.prompt.as_ref())?;
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid(
-            "echo",
-            "`echo` is not supported by this server yet",
-        ));
-    }
+    let echo = req.echo == Some(true);
     let logprobs = match req.logprobs {
         None => None,
         Some(n) if (0..=MAX_COMPLETION_LOGPROBS).contains(&n) => Some(n as usize),
@@ -149,24 +206,80 @@ pub(crate) fn completion(
             "Only `best_of` = 1 is supported by this server",
         ));
     }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid(
-            "suffix",
-            "`suffix` is not supported by this server yet",
-        ));
-    }
+    let prompt = match req.suffix.as_deref() {
+        Some(suffix) if !suffix.is_empty() => {
+            if echo {
+                return Err(ApiError::invalid(
+                    "echo",
+                    "`echo` cannot be combined with `suffix` (fill in the middle)",
+                ));
+            }
+            Prompt::Fim {
+                prefix: prompt,
+                suffix: suffix.to_owned(),
+            }
+        }
+        _ => Prompt::Text(prompt),
+    };
     let constraint = constraint(req.raw_constraint())?;
     let max_tokens =
         positive("max_tokens", req.max_tokens)?.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let common = common(req.raw_sampling())?;
     Ok(ValidRequest {
-        prompt: Prompt::Text(prompt),
+        prompt,
+        n: common.n,
+        tools: None,
+        echo,
         sampling: common.sampling,
         max_tokens: Some(max_tokens),
         stop: common.stop,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
+        constraint,
+    })
+}
+
+/// Validates Mistral's `POST /v1/fim/completions`: `prompt` (the code before the gap),
+/// optional `suffix` (after it), and the sampling fields completions take; `max_tokens`
+/// defaults to the room left in the context, as Mistral's API does.
+pub(crate) fn fim(req: &CompletionRequest, model_id: &str) -> Result<ValidRequest, ApiError> {
+    check_model(req.model.as_deref(), model_id)?;
+    let prefix = match req.prompt.as_ref() {
+        Some(Value::String(text)) => text.clone(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("prompt", "`prompt` is required"));
+        }
+        Some(_) => return Err(ApiError::invalid("prompt", "`prompt` must be a string")),
+    };
+    for (param, given) in [
+        ("echo", req.echo == Some(true)),
+        ("logprobs", req.logprobs.is_some()),
+        ("best_of", req.best_of.is_some_and(|n| n != 1)),
+    ] {
+        if given {
+            return Err(ApiError::invalid(
+                param,
+                format!("`{param}` is not accepted by fill-in-the-middle completions"),
+            ));
+        }
+    }
+    let constraint = constraint(req.raw_constraint())?;
+    let common = common(req.raw_sampling())?;
+    Ok(ValidRequest {
+        prompt: Prompt::Fim {
+            prefix,
+            suffix: req.suffix.clone().unwrap_or_default(),
+        },
+        n: common.n,
+        tools: None,
+        echo: false,
+        sampling: common.sampling,
+        max_tokens: positive("max_tokens", req.max_tokens)?,
+        stop: common.stop,
+        stream: common.stream,
+        include_usage: common.include_usage,
+        logprobs: None,
         constraint,
     })
 }
@@ -215,8 +328,7 @@ pub(crate) fn chat_message(index: usize, message: &RawMessage) -> Result<ChatMes
             }
             text
         }
-        // An assistant turn that only called tools has no content; tools are not served
-        // here, so it renders as an empty turn.
+        // An assistant turn that only called tools has no content.
         None | Some(Value::Null) if role == "assistant" => String::new(),
         None | Some(Value::Null) => {
             return Err(ApiError::invalid(
@@ -235,6 +347,74 @@ pub(crate) fn chat_message(index: usize, message: &RawMessage) -> Result<ChatMes
         role: role.to_owned(),
         content,
     })
+}
+
+/// A chat message as the engine takes it (OpenAI's shape): the content as text (or null for
+/// an assistant turn with only tool calls), and the tool and reasoning fields the role
+/// allows, checked.
+fn message_json(index: usize, raw: &RawMessage) -> Result<Value, ApiError> {
+    let message = chat_message(index, raw)?;
+    let mut out = serde_json::Map::new();
+    out.insert("role".into(), Value::String(message.role.clone()));
+    let bad = |field: &str, what: &str| {
+        ApiError::invalid(
+            format!("messages[{index}].{field}"),
+            format!("`messages[{index}].{field}` {what}"),
+        )
+    };
+    let text = |field: &str, v: &Option<Value>| -> Result<Option<String>, ApiError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(field, "must be a string")),
+        }
+    };
+    let calls = match &raw.tool_calls {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(calls)) if message.role == "assistant" => {
+            let mut checked = Vec::with_capacity(calls.len());
+            for (k, call) in calls.iter().enumerate() {
+                let field = format!("tool_calls[{k}]");
+                let name = call
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(&field, "needs `function.name`"))?;
+                let arguments = match call.pointer("/function/arguments") {
+                    None | Some(Value::Null) => "{}".to_owned(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                };
+                let mut c = json!({"type": "function",
+                    "function": {"name": name, "arguments": arguments}});
+                if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    c["id"] = Value::String(id.to_owned());
+                }
+                checked.push(c);
+            }
+            Some(checked)
+        }
+        Some(Value::Array(_)) => return Err(bad("tool_calls", "is only for assistant messages")),
+        Some(_) => return Err(bad("tool_calls", "must be an array")),
+    };
+    let content_missing = raw.content.as_ref().is_none_or(Value::is_null);
+    if content_missing && calls.is_some() {
+        out.insert("content".into(), Value::Null);
+    } else {
+        out.insert("content".into(), Value::String(message.content));
+    }
+    if let Some(calls) = calls {
+        out.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if let Some(id) = text("tool_call_id", &raw.tool_call_id)? {
+        out.insert("tool_call_id".into(), Value::String(id));
+    }
+    if let Some(name) = text("name", &raw.name)? {
+        out.insert("name".into(), Value::String(name));
+    }
+    if let Some(reasoning) = text("reasoning_content", &raw.reasoning_content)? {
+        out.insert("reasoning_content".into(), Value::String(reasoning));
+    }
+    Ok(Value::Object(out))
 }
 
 /// The text of a `{"type":"text","text":...}` part, or `None` for any other part.
@@ -300,16 +480,14 @@ fn constraint(raw: RawConstraint<'_>) -> Result<Option<ConstraintSpec>, ApiError
         }
     }
     if let Some(grammar) = raw.grammar {
-        // llama.cpp built with llguidance takes a Lark grammar in `grammar` when it opens
-        // with the `%llguidance` directive; GBNF itself has no converter here.
-        if !grammar.trim_start().starts_with("%llguidance") {
-            return Err(ApiError::invalid(
-                "grammar",
-                "GBNF grammars are not supported by this server; send a Lark grammar, either \
-                 in `grammar` opening with `%llguidance {}` or in `guided_grammar`",
-            ));
-        }
-        found.push(("grammar", ConstraintSpec::Lark(grammar.to_owned())));
+        // As llama.cpp: GBNF, or (as llama.cpp built with llguidance takes it) a Lark grammar
+        // opening with the `%llguidance` directive.
+        let spec = if grammar.trim_start().starts_with("%llguidance") {
+            ConstraintSpec::Lark(grammar.to_owned())
+        } else {
+            ConstraintSpec::Gbnf(grammar.to_owned())
+        };
+        found.push(("grammar", spec));
     }
     if let Some(schema) = raw.guided_json {
         // vLLM takes the schema as an object or as a string holding one.
@@ -358,6 +536,7 @@ fn json_schema(param: &str, schema: Value) -> Result<ConstraintSpec, ApiError> {
 
 /// What both endpoints validate the same way.
 struct Common {
+    n: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
     stream: bool,
@@ -365,16 +544,16 @@ struct Common {
 }
 
 fn common(raw: RawSampling<'_>) -> Result<Common, ApiError> {
-    if let Some(n) = raw.n
-        && n != 1
-    {
-        return Err(ApiError::invalid(
-            "n",
-            format!(
-                "`n` is {n}, but only one choice per request (`n` = 1) is supported by this server"
-            ),
-        ));
-    }
+    let n = match raw.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("`n` is {n}; it must be between 1 and {MAX_CHOICES}"),
+            ));
+        }
+    };
     let defaults = SamplingParams::default();
     let temperature = in_range("temperature", raw.temperature, 0.0, 2.0)?
         .unwrap_or(f64::from(defaults.temperature));
@@ -456,6 +635,7 @@ fn common(raw: RawSampling<'_>) -> Result<Common, ApiError> {
             .and_then(|options| options.include_usage)
             .unwrap_or(false);
     Ok(Common {
+        n,
         // Narrowing to f32 is exact enough for sampling settings already range-checked.
         sampling: SamplingParams {
             temperature: temperature as f32,
@@ -582,11 +762,13 @@ mod tests {
         assert!(!valid.include_usage);
         assert_eq!(
             valid.prompt,
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into()
-            }])
+            Prompt::Chat(ChatRequest {
+                messages: vec![json!({"role": "user", "content": "hi"})],
+                tools: None,
+                template_kwargs: serde_json::Map::new(),
+            })
         );
+        assert_eq!((valid.n, valid.tools, valid.echo), (1, None, false));
     }
 
     #[test]
@@ -600,12 +782,18 @@ mod tests {
         assert_eq!(valid.logprobs, Some(3));
         assert_eq!(valid.sampling.logit_bias, vec![(7, -100.0), (9, 2.5)]);
         assert_eq!(valid.sampling.seed, Some(11));
-        let Prompt::Chat(messages) = &valid.prompt else {
+        let Prompt::Chat(chat) = &valid.prompt else {
             panic!("chat prompt expected");
         };
-        assert_eq!(messages[0].role, "system");
-        assert!(messages[0].content.starts_with("Always assist with care"));
-        assert_eq!(messages[1].content, "hi");
+        let messages = &chat.messages;
+        assert_eq!(messages[0]["role"], "system");
+        assert!(
+            messages[0]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("Always assist with care")
+        );
+        assert_eq!(messages[1]["content"], "hi");
         let plain = chat_json(
             r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}],"logprobs":false}"#,
         )
@@ -644,10 +832,14 @@ mod tests {
                 logit_bias: Vec::new(),
             }
         );
-        let Prompt::Chat(messages) = valid.prompt else {
+        let Prompt::Chat(chat) = valid.prompt else {
             panic!("chat prompt expected");
         };
-        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        let contents: Vec<&str> = chat
+            .messages
+            .iter()
+            .map(|m| m["content"].as_str().unwrap_or_default())
+            .collect();
         assert_eq!(contents, ["s", "ab", "", "d", "t"]);
     }
 
@@ -682,7 +874,7 @@ mod tests {
             (format!(r#"{{"model":"test-model",{m},"temperature":-0.1}}"#), "temperature"),
             (format!(r#"{{"model":"test-model",{m},"top_p":0}}"#), "top_p"),
             (format!(r#"{{"model":"test-model",{m},"top_p":1.5}}"#), "top_p"),
-            (format!(r#"{{"model":"test-model",{m},"n":2}}"#), "n"),
+            (format!(r#"{{"model":"test-model",{m},"n":17}}"#), "n"),
             (format!(r#"{{"model":"test-model",{m},"max_tokens":0}}"#), "max_tokens"),
             (format!(r#"{{"model":"test-model",{m},"max_completion_tokens":-3}}"#), "max_completion_tokens"),
             (format!(r#"{{"model":"test-model",{m},"presence_penalty":2.5}}"#), "presence_penalty"),
@@ -703,7 +895,7 @@ mod tests {
             (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"xml"}}}}"#), "response_format"),
             (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_schema"}}}}"#), "response_format.json_schema.schema"),
             (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_schema","json_schema":{{"schema":3}}}}}}"#), "response_format"),
-            (format!(r#"{{"model":"test-model",{m},"grammar":"root ::= \"a\""}}"#), "grammar"),
+            (format!(r#"{{"model":"test-model",{m},"grammar":"root ::= \"a\"","guided_grammar":"start: \"a\""}}"#), "guided_grammar"),
             (format!(r#"{{"model":"test-model",{m},"guided_json":"{{nope"}}"#), "guided_json"),
             (format!(r#"{{"model":"test-model",{m},"response_format":{{"type":"json_object"}},"guided_regex":"a"}}"#), "guided_regex"),
             (format!(r#"{{"model":"test-model",{m},"temperature":"hot"}}"#), "temperature"),
@@ -802,8 +994,11 @@ mod tests {
             (r#"{"model":"test-model"}"#, "prompt"),
             (r#"{"model":"test-model","prompt":["a","b"]}"#, "prompt"),
             (r#"{"model":"test-model","prompt":[1,2,3]}"#, "prompt"),
-            (r#"{"model":"test-model","prompt":"a","echo":true}"#, "echo"),
-            (r#"{"model":"test-model","prompt":"a","n":3}"#, "n"),
+            (
+                r#"{"model":"test-model","prompt":"a","echo":true,"suffix":"b"}"#,
+                "echo",
+            ),
+            (r#"{"model":"test-model","prompt":"a","n":0}"#, "n"),
             (
                 r#"{"model":"test-model","prompt":"a","max_tokens":0}"#,
                 "max_tokens",
@@ -817,10 +1012,6 @@ mod tests {
                 "logprobs",
             ),
             (
-                r#"{"model":"test-model","prompt":"a","suffix":"z"}"#,
-                "suffix",
-            ),
-            (
                 r#"{"model":"test-model","prompt":"a","temperature":2.5}"#,
                 "temperature",
             ),
@@ -831,8 +1022,72 @@ mod tests {
     }
 
     #[test]
-    fn n_message_says_only_one_is_supported() {
-        let err = completion_json(r#"{"model":"test-model","prompt":"a","n":2}"#).unwrap_err();
-        assert!(err.to_string().contains("`n` = 1"), "{err}");
+    fn n_is_bounded() {
+        let ok = completion_json(r#"{"model":"test-model","prompt":"a","n":3}"#).unwrap();
+        assert_eq!(ok.n, 3);
+        for n in [0, 17, -1] {
+            let body = format!(r#"{{"model":"test-model","prompt":"a","n":{n}}}"#);
+            assert_eq!(param_of(completion_json(&body)), "n");
+        }
+    }
+
+    #[test]
+    fn tools_reasoning_echo_and_fim_are_carried() {
+        let valid = chat_json(
+            r#"{"model":"test-model","messages":[{"role":"user","content":"hi"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                 "function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"call_1","content":"42"}],
+                "tools":[{"type":"function","function":{"name":"f"}}],
+                "tool_choice":"required","reasoning_effort":"none"}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(chat) = &valid.prompt else {
+            panic!("chat prompt expected");
+        };
+        assert_eq!(chat.messages[1]["content"], Value::Null);
+        assert_eq!(chat.messages[1]["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(chat.messages[2]["tool_call_id"], "call_1");
+        assert_eq!(chat.template_kwargs["enable_thinking"], false);
+        assert_eq!(
+            valid.tools.unwrap().choice,
+            crate::tools::ToolChoice::Required
+        );
+        let echo = completion_json(r#"{"model":"test-model","prompt":"a","echo":true}"#).unwrap();
+        assert!(echo.echo);
+        let fim = completion_json(r#"{"model":"test-model","prompt":"a","suffix":"b"}"#).unwrap();
+        assert_eq!(
+            fim.prompt,
+            Prompt::Fim {
+                prefix: "a".into(),
+                suffix: "b".into()
+            }
+        );
+        let m = r#""model":"test-model","messages":[{"role":"user","content":"hi"}]"#;
+        for (body, param) in [
+            (
+                format!(r#"{{{m},"reasoning_effort":"max"}}"#),
+                "reasoning_effort",
+            ),
+            (
+                format!(r#"{{{m},"tool_choice":"required"}}"#),
+                "tool_choice",
+            ),
+            (
+                format!(
+                    r#"{{{m},"tools":[{{"type":"function","function":{{"name":"f"}}}}],
+                    "tool_choice":"required","response_format":{{"type":"json_object"}}}}"#
+                ),
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"test-model","messages":[{"role":"user","content":"hi",
+                   "tool_calls":[]}]}"#
+                    .to_owned(),
+                "messages[0].tool_calls",
+            ),
+        ] {
+            assert_eq!(param_of(chat_json(&body)), param, "{body}");
+        }
     }
 }

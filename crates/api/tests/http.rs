@@ -82,7 +82,8 @@ async fn chat_completion_shape() {
     );
     assert_eq!(
         json["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8})
+        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+               "completion_tokens_details": {"reasoning_tokens": 0}})
     );
     let req = fake.last_request();
     assert_eq!(req.max_tokens, None);
@@ -204,7 +205,8 @@ async fn chat_stream_include_usage() {
     assert_eq!(last["choices"], json!([]));
     assert_eq!(
         last["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8})
+        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+               "completion_tokens_details": {"reasoning_tokens": 0}})
     );
     assert_eq!(last["id"], earlier[0]["id"]);
 }
@@ -227,7 +229,8 @@ async fn completion_shape_and_default_max_tokens() {
     );
     assert_eq!(
         json["usage"],
-        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
+        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+               "completion_tokens_details": {"reasoning_tokens": 0}})
     );
     assert_eq!(fake.last_request().max_tokens, Some(16));
 }
@@ -298,7 +301,7 @@ async fn chat_bad_requests_are_400_naming_the_field() {
             "between 0 and 2",
         ),
         (chat_body(r#""top_p":0"#), Some("top_p"), "greater than 0"),
-        (chat_body(r#""n":2"#), Some("n"), "`n` = 1"),
+        (chat_body(r#""n":17"#), Some("n"), "between 1 and 16"),
         (
             chat_body(r#""max_tokens":0"#),
             Some("max_tokens"),
@@ -336,13 +339,17 @@ async fn chat_bad_requests_are_400_naming_the_field() {
 async fn completion_bad_requests_are_400() {
     let fake = FakeBackend::new(Mode::Echo);
     let cases = [
-        (completion_body(r#""echo":true"#), "echo", "not supported"),
+        (
+            completion_body(r#""echo":true,"suffix":"b""#),
+            "echo",
+            "cannot be combined",
+        ),
         (
             format!(r#"{{"model":"{MODEL}","prompt":[[1,2,3]]}}"#),
             "prompt",
             "not supported",
         ),
-        (completion_body(r#""n":2"#), "n", "`n` = 1"),
+        (completion_body(r#""n":0"#), "n", "between 1 and 16"),
         (
             completion_body(r#""max_tokens":0"#),
             "max_tokens",

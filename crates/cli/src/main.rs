@@ -65,6 +65,10 @@ struct ModelArgs {
     /// Context length in tokens (default: the model's trained context).
     #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
+    /// A Jinja chat template file to use instead of the model's own (llama-server's
+    /// --chat-template-file, vLLM's --chat-template).
+    #[arg(long, alias = "chat-template")]
+    chat_template_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -235,8 +239,16 @@ fn load_engine(
             p
         }
     };
+    let chat_template = match &args.chat_template_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the chat template {}", p.display()))?,
+        ),
+        None => None,
+    };
     let config = match batching {
         Some(b) => EngineConfig {
+            chat_template,
             threads: args.threads,
             model_id,
             context_length: args.ctx_size,
@@ -251,6 +263,7 @@ fn load_engine(
             model_id,
             context_length: args.ctx_size,
             max_seqs: 1,
+            chat_template,
             ..EngineConfig::default()
         },
     };
@@ -381,7 +394,7 @@ fn stream_to(engine: &Engine, request: GenerateRequest, out: &mut dyn Write) -> 
                 out.flush()?;
                 text.push_str(&t);
             }
-            Event::Logprobs(_) => {}
+            Event::Logprobs(_) | Event::PromptLogprobs(_) => {}
             Event::Done { .. } => return Ok(text),
             Event::Failed(e) => bail!("generation failed: {e}"),
         }

@@ -179,7 +179,7 @@ fn serve(dir: &Path) -> Server {
             &port.to_string(),
         ])
         .args(["--threads", "2", "--model-id", "dir-model"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,souverain_api=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -409,4 +409,116 @@ fn hugging_face_layout_with_tokenizer_json_serves_chats() {
     );
     drop(server);
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// A tiny Mistral-layout model with `tekken` as its tokenizer file.
+fn mistral_dir(name: &str, tekken: &[u8]) -> PathBuf {
+    let dir = temp_dir(name);
+    let vocab = 131072;
+    let params = json!({"dim": D, "n_layers": LAYERS, "head_dim": HEAD_DIM, "hidden_dim": FFN,
+                        "n_heads": HEADS, "n_kv_heads": KV_HEADS, "norm_eps": 1e-5,
+                        "vocab_size": vocab, "rope_theta": 1000000.0});
+    std::fs::write(dir.join("params.json"), params.to_string()).expect("params");
+    write_weights(&dir.join("consolidated.safetensors"), vocab, false);
+    std::fs::write(dir.join("tekken.json"), tekken).expect("tokenizer");
+    dir
+}
+
+/// `tekken_240911.json` turned into a v13 tokenizer ([THINK], `name[ARGS]{...}` calls) the
+/// way the tokenizer's golden file records it (mistral-common derives it the same way).
+fn derived_v13_tekken(files: &Path) -> Vec<u8> {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden("tekken_240911_derived_v13.json.golden.json"))
+            .expect("golden"),
+    )
+    .expect("json");
+    let derived = &golden["header"]["derived"];
+    let base = std::fs::read(files.join(derived["base"].as_str().expect("base"))).expect("base");
+    let mut model: Value = serde_json::from_slice(&base).expect("tekken json");
+    model["config"]["version"] = derived["version"].clone();
+    model["special_tokens"] = derived["special_tokens"].clone();
+    if let Some(obj) = model.as_object_mut() {
+        obj.remove("image");
+    }
+    serde_json::to_vec(&model).expect("serialise")
+}
+
+/// A forced call on a random-weight model: the grammar holds it to Mistral's syntax and the
+/// schema; the parser gives it back as OpenAI's `tool_calls`, streamed or whole; the call and
+/// its result then encode as history.
+fn forced_tool_calls_work(server: &Server) {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "required": ["city"], "additionalProperties": false,
+                       "properties": {"city": {"type": "string", "enum": ["Paris", "Nice"]}}}}}]);
+    let request = json!({"model": "dir-model", "max_tokens": 40, "temperature": 0.7, "seed": 1,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let (code, r) =
+        http(server.port, "POST", "/v1/chat/completions", Some(&request)).expect("chat");
+    assert_eq!(code, 200, "{r}");
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{r}");
+    let id = call["id"].as_str().expect("id");
+    assert!(
+        id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{id}"
+    );
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().expect("args")).expect("json");
+    assert!(
+        ["Paris", "Nice"].contains(&args["city"].as_str().expect("city")),
+        "{args}"
+    );
+    assert_eq!(args.as_object().map(|o| o.len()), Some(1), "{args}");
+
+    // Tool call and result as history: encoded through mistral-common's rules.
+    let history = json!({"model": "dir-model", "max_tokens": 4, "tools": tools,
+        "messages": [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": null, "tool_calls": [
+                         {"id": id, "type": "function", "function": {"name": "get_weather",
+                          "arguments": call["function"]["arguments"]}}]},
+                     {"role": "tool", "tool_call_id": id, "name": "get_weather",
+                      "content": "sunny"}]});
+    let (code, r) =
+        http(server.port, "POST", "/v1/chat/completions", Some(&history)).expect("history");
+    assert_eq!(code, 200, "{r}");
+}
+
+/// `/v1/fim/completions` encodes as mistral-common's `encode_fim` (the golden's ids) and
+/// answers in the chat completion's shape.
+fn fim_works(server: &Server, golden_name: &str) {
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(golden_name)).expect("golden"))
+            .expect("json");
+    let case = doc["fim"]
+        .as_array()
+        .and_then(|cases| cases.iter().find(|c| c["ids"].is_array()))
+        .expect("a FIM case mistral-common encodes");
+    let body = json!({"model": "dir-model", "prompt": case["prompt"], "suffix": case["suffix"],
+                      "max_tokens": 5, "temperature": 0});
+    let (code, r) = http(server.port, "POST", "/v1/fim/completions", Some(&body)).expect("fim");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion", "{r}");
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    let ids = case["ids"].as_array().expect("ids").len() as u64;
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(ids), "{r}");
+}
+
+#[test]
+fn mistral_tokenizers_force_and_parse_tool_calls() {
+    let Some(files) = mistral_files() else { return };
+    // v3 Tekken: `[TOOL_CALLS]` and a JSON list; derived v13: `[TOOL_CALLS]name[ARGS]{...}`.
+    let v3 = std::fs::read(files.join("tekken_240911.json")).expect("tekken");
+    for (name, tekken) in [("tools-v3", v3), ("tools-v13", derived_v13_tekken(&files))] {
+        let dir = mistral_dir(name, &tekken);
+        let server = serve(&dir);
+        forced_tool_calls_work(&server);
+        if name == "tools-v3" {
+            fim_works(&server, "tekken_240911.json.golden.json");
+        }
+        drop(server);
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

@@ -130,9 +130,24 @@ fn build_factory(vocab: VocabSpec) -> Result<Arc<ParserFactory>, String> {
     let mut words = vocab.words;
     for &id in &vocab.special {
         if let Some(w) = words.get_mut(id as usize) {
-            let mut marked = Vec::with_capacity(w.len() + 1);
+            // llguidance spells a special token it knows only by id as `0xFF [id]`: a name
+            // that opens with `[` (Mistral's `[INST]`, `[TOOL_CALLS]`) would run into that
+            // spelling and be taken for another token, so such names go in angle brackets.
+            // A special token without text would be the bare marker, which llguidance
+            // takes as the start of any special token: give it a name.
+            if w.is_empty() {
+                *w = format!("<special_{id}>").into_bytes();
+            }
+            let bracketed = w.first() == Some(&b'[');
+            let mut marked = Vec::with_capacity(w.len() + 3);
             marked.push(TokTrie::SPECIAL_TOKEN_MARKER);
+            if bracketed {
+                marked.push(b'<');
+            }
             marked.extend_from_slice(w);
+            if bracketed {
+                marked.push(b'>');
+            }
             *w = marked;
         }
     }
@@ -156,6 +171,9 @@ fn compile_with(factory: &ParserFactory, spec: &ConstraintSpec) -> Result<TokenC
         }
         ConstraintSpec::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
         ConstraintSpec::Regex(regex) => TopLevelGrammar::from_regex(regex),
+        ConstraintSpec::Gbnf(gbnf) => TopLevelGrammar::from_lark(
+            crate::gbnf_to_lark(gbnf).map_err(|e| format!("invalid GBNF grammar: {e}"))?,
+        ),
     };
     let parser = factory
         .create_parser(grammar)
@@ -180,7 +198,7 @@ const NUMBER_RESOLUTION: f64 = 1e-10;
 /// - integers and numbers without bounds get the bounds of exactly representable integers,
 ///   ±(2^53 - 1), and numbers without `multipleOf` get at most 10 fractional digits (as
 ///   llama.cpp's JSON-schema grammars cap a number's digits), so no number runs on forever.
-fn compact(mut schema: Value) -> Value {
+pub(crate) fn compact(mut schema: Value) -> Value {
     bound_numbers(&mut schema);
     if let Value::Object(map) = &mut schema
         && !map.contains_key("x-guidance")

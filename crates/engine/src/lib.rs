@@ -18,9 +18,13 @@
 //! ```
 
 mod blocks;
+mod chat;
 mod constraint;
 mod embed;
+mod fim;
+mod gbnf;
 mod metrics;
+mod reasoning;
 mod sampler;
 mod scheduler;
 mod stop;
@@ -38,13 +42,16 @@ use model::{KvPool, LoadedModel, TokenizerSource};
 use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use chat::ChatEncoder;
+pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
 use constraint::ConstraintCompiler;
 pub use embed::{Embedder, EmbedderConfig};
+pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
 pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
 pub use types::{
     ChatMessage, ConstraintSpec, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
-    SamplingParams, TokenLogprobs, Usage,
+    ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
 };
 
 use scheduler::{Job, Limits, Scheduler};
@@ -71,6 +78,9 @@ pub struct EngineConfig {
     pub kv_cache_tokens: Option<usize>,
     /// Most tokens in one forward pass (decode tokens plus prompt chunks).
     pub max_batch_tokens: usize,
+    /// A Jinja chat template (its source) to use instead of the model's own, as
+    /// llama.cpp's `--chat-template-file` and vLLM's `--chat-template`.
+    pub chat_template: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -83,6 +93,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             kv_cache_tokens: None,
             max_batch_tokens: 512,
+            chat_template: None,
         }
     }
 }
@@ -150,6 +161,9 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_at_eog: true,
             logprobs: None,
+            prompt_logprobs: None,
+            keep_special: false,
+            reasoning: None,
             constraint: None,
         }
     }
@@ -165,6 +179,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     max_waiting: usize,
     constraints: ConstraintCompiler,
+    chat: ChatEncoder,
+    /// The FIM marker tokens (llama.cpp's layout); `None` for Mistral's tokenizers.
+    fim: Option<fim::FimTokens>,
 }
 
 /// Facts about the loaded model, for logs and `inspect`.
@@ -210,6 +227,13 @@ impl Engine {
             _ => None,
         };
         let text = text_tokenizer(&loaded.tokenizer)?;
+        let fim = fim::FimTokens::find(
+            match &loaded.tokenizer {
+                TokenizerSource::Gguf(file) => Some(file.metadata()),
+                _ => None,
+            },
+            &text,
+        );
         // Embedding tables are often padded past the tokenizer's vocabulary, never shorter.
         if text.vocab_size() > model.config().vocab_size {
             return Err(EngineError::Load(format!(
@@ -218,6 +242,7 @@ impl Engine {
                 model.config().vocab_size
             )));
         }
+        let chat = ChatEncoder::new(&text, config.chat_template.as_deref())?;
         let tokenizer = Arc::new(text);
         let trained = model.config().context_length;
         let context_length = match config.context_length {
@@ -294,6 +319,8 @@ impl Engine {
             description,
             metrics,
             max_waiting: config.max_waiting,
+            chat,
+            fim,
         })
     }
 
@@ -314,12 +341,36 @@ impl Engine {
 
     /// Renders a chat as the text the model sees, ending with the assistant's turn opened.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        self.tokenizer.render_chat(messages)
+        self.render_chat_request(&ChatRequest::from_messages(messages))
     }
 
     /// Encodes a chat straight to the token ids the model sees, generation prompt included.
     pub fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        self.tokenizer.encode_chat(messages)
+        Ok(self
+            .encode_chat_request(&ChatRequest::from_messages(messages))?
+            .tokens)
+    }
+
+    /// How the model writes tool calls and reasoning.
+    pub fn chat_format(&self) -> &ChatFormat {
+        self.chat.format()
+    }
+
+    /// Renders a chat request (tools, tool calls and results, template variables) as the
+    /// text the model sees, the assistant's turn opened.
+    pub fn render_chat_request(&self, request: &ChatRequest) -> Result<String, EngineError> {
+        self.chat.render(&self.tokenizer, request)
+    }
+
+    /// Encodes a chat request to its prompt tokens, and says whether the prompt opened the
+    /// model's reasoning block.
+    pub fn encode_chat_request(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
+        self.chat.encode(&self.tokenizer, request)
+    }
+
+    /// The id of a token by its vocabulary text (`[TOOL_CALLS]`, `<tool_call>`, ...).
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.tokenizer.token_id(text)
     }
 
     /// For a model with Mistral's chat format, encodes a chat request given as JSON (messages
@@ -348,6 +399,20 @@ impl Engine {
     /// The text of token ids, special tokens shown.
     pub fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
         self.tokenizer.decode(tokens)
+    }
+
+    /// The prompt for filling the gap between `prefix` and `suffix` (empty for none): with
+    /// Mistral's tokenizer files `<s> [SUFFIX] suffix [PREFIX] prefix`, as mistral-common's
+    /// `encode_fim`; otherwise llama.cpp's `/infill` layout, `[BOS] FIM_PRE prefix FIM_SUF
+    /// suffix FIM_MID`, with the markers the GGUF metadata names or llama.cpp recognises by
+    /// their text (`<fim_prefix>`, `<|fim_prefix|>`, `<PRE>`, ...). Special-token text in
+    /// `prefix` and `suffix` stays text (except in `tokenizer.json` tokenizers, whose added
+    /// tokens always match). What the model generates is the middle.
+    ///
+    /// Errors: [`EngineError::InvalidRequest`] when the model has no fill-in-the-middle
+    /// tokens (or, for Mistral, its tokenizer version has no FIM).
+    pub fn tokenize_fim(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, EngineError> {
+        fim::encode_fim(&self.tokenizer, self.fim, prefix, suffix)
     }
 
     /// Queues a generation. Events arrive on the returned channel; dropping it cancels.
@@ -436,6 +501,9 @@ fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineErro
     if r.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
         return bad("top_logprobs must be at most 20");
     }
+    if r.prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return bad("prompt_logprobs must be at most 20");
+    }
     if s.logit_bias
         .iter()
         .any(|&(_, b)| !(-100.0..=100.0).contains(&b))
@@ -443,6 +511,14 @@ fn validate(r: &GenerateRequest, context_length: usize) -> Result<(), EngineErro
         return bad("logit_bias values must be in [-100, 100]");
     }
     Ok(())
+}
+
+/// A JSON schema as constrained decoding enforces it: no free whitespace between JSON
+/// tokens, and unbounded numbers bounded so that no output runs on forever (every output
+/// stays valid under the schema as given). For embedding a schema in a Lark grammar
+/// (`%json {...}`), as tool-call grammars do.
+pub fn finite_json_schema(schema: serde_json::Value) -> serde_json::Value {
+    constraint::compact(schema)
 }
 
 /// Builds the tokenizer a model ships, wherever it is.
@@ -565,8 +641,14 @@ mod tests {
         let mut r = ok.clone();
         r.sampling.temperature = f32::NAN;
         assert!(validate(&r, 10).is_err());
-        let mut r = ok;
+        let mut r = ok.clone();
         r.max_tokens = Some(0);
         assert!(validate(&r, 10).is_err());
+        let mut r = ok;
+        r.prompt_logprobs = Some(MAX_TOP_LOGPROBS + 1);
+        let err = validate(&r, 10).unwrap_err().to_string();
+        assert!(err.contains("prompt_logprobs"), "{err}");
+        r.prompt_logprobs = Some(MAX_TOP_LOGPROBS);
+        assert!(validate(&r, 10).is_ok());
     }
 }

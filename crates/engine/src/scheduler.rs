@@ -12,6 +12,11 @@
 //! running sequence needs a block and none is free, the most recently admitted sequence is
 //! preempted: its blocks are released and it goes back to the front of the queue, to be
 //! recomputed (its cached prefix usually survives, so recomputing is cheap).
+//!
+//! A sequence that asks for its prompt's log-probabilities gets the logits of every prompt
+//! position (over however many steps its prompt takes) and skips the prefix cache, since a
+//! cached position is never computed; the list is sent once, when the prompt is done, and a
+//! recomputation after preemption does not send it again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,9 +30,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::blocks::{BlockManager, CHAIN_ROOT, chain_hash};
 use crate::constraint::TokenConstraint;
 use crate::metrics::Metrics;
+use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::{Event, FinishReason, GenerateRequest, Usage};
+use crate::{Event, FinishReason, GenerateRequest, TokenLogprobs, Usage};
 
 /// A request on its way to the engine thread.
 pub(crate) struct Job {
@@ -66,11 +72,18 @@ struct Sequence {
     max_new: usize,
     stop_at_eog: bool,
     logprobs: Option<usize>,
+    /// Alternatives per prompt position; `None` once the prompt's log-probabilities are sent
+    /// (or when none were asked for).
+    prompt_logprobs: Option<usize>,
+    /// The prompt's log-probabilities gathered so far (entry `i` is prompt token `i + 1`).
+    prompt_lp: Vec<TokenLogprobs>,
     sampler: Sampler,
     decoder: TextDecoder,
     stops: StopMatcher,
     /// Constrained decoding: masks the logits before each draw; `None` costs nothing.
     constraint: Option<TokenConstraint>,
+    /// Counts the tokens inside the reasoning block, when asked.
+    reasoning: Option<ReasoningCounter>,
 }
 
 impl Sequence {
@@ -91,10 +104,13 @@ impl Sequence {
             max_new: r.max_tokens.map_or(room, |m| m.min(room)),
             stop_at_eog: r.stop_at_eog,
             logprobs: r.logprobs,
+            prompt_logprobs: r.prompt_logprobs,
+            prompt_lp: Vec::new(),
             sampler: Sampler::new(r.sampling),
-            decoder: text.stream_decoder(),
+            decoder: text.stream_decoder(r.keep_special),
             stops: StopMatcher::new(r.stop),
             constraint: job.constraint,
+            reasoning: r.reasoning.map(ReasoningCounter::new),
         }
     }
 
@@ -102,6 +118,7 @@ impl Sequence {
         Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated,
+            reasoning_tokens: self.reasoning.as_ref().map_or(0, ReasoningCounter::count),
         }
     }
 }
@@ -248,7 +265,12 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            let mut shared = self.blocks.match_prefix(&seq.tokens);
+            // Cached positions are never computed, so they would have no logits.
+            let mut shared = if seq.prompt_logprobs.is_some() {
+                Vec::new()
+            } else {
+                self.blocks.match_prefix(&seq.tokens)
+            };
             if shared.len() * bt >= positions
                 && let Some(b) = shared.pop()
             {
@@ -322,6 +344,8 @@ impl Scheduler {
         seq.blocks.clear();
         seq.hashes.clear();
         seq.n_computed = 0;
+        // Gathered again from the start when the prompt is recomputed.
+        seq.prompt_lp.clear();
         self.waiting.push_front(seq);
     }
 
@@ -368,7 +392,9 @@ impl Scheduler {
                     tokens: &s.tokens[s.n_computed..end],
                     start_pos: s.n_computed,
                     block_table: &s.blocks,
-                    logits: if end == s.tokens.len() {
+                    logits: if s.prompt_logprobs.is_some() {
+                        Logits::All
+                    } else if end == s.tokens.len() {
                         Logits::Last
                     } else {
                         Logits::None
@@ -383,6 +409,9 @@ impl Scheduler {
 
         let mut finished = Vec::new();
         for (&(i, n), mut logits) in plan.iter().zip(logits) {
+            if self.running[i].prompt_logprobs.is_some() {
+                logits = self.gather_prompt_logprobs(i, n, logits);
+            }
             self.running[i].n_computed += n;
             self.register_full_blocks(i);
             if logits.is_empty() {
@@ -398,6 +427,46 @@ impl Scheduler {
             self.finish(seq);
         }
         Ok(())
+    }
+
+    /// Takes the logits of every position of sequence `i`'s `n`-token chunk (not yet counted
+    /// in `n_computed`): each position but the prompt's last gives the log-probability of
+    /// the prompt token after it. When the chunk ends the prompt, sends the list and returns
+    /// the last position's logits (to sample from); otherwise returns nothing.
+    fn gather_prompt_logprobs(&mut self, i: usize, n: usize, all: Vec<f32>) -> Vec<f32> {
+        let seq = &mut self.running[i];
+        let Some(k) = seq.prompt_logprobs else {
+            return all;
+        };
+        if n == 0 || all.is_empty() || !all.len().is_multiple_of(n) {
+            return Vec::new();
+        }
+        let vocab = all.len() / n;
+        let start = seq.n_computed;
+        let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default();
+        for (j, row) in all.chunks_exact(vocab).enumerate() {
+            let Some(&token) = seq.tokens.get(start + j + 1) else {
+                break;
+            };
+            let (logprob, top) = crate::sampler::logprobs(row, token, k);
+            seq.prompt_lp.push(TokenLogprobs {
+                token,
+                bytes: bytes(token),
+                logprob,
+                top: top.into_iter().map(|(t, lp)| (t, bytes(t), lp)).collect(),
+            });
+        }
+        if start + n < seq.tokens.len() {
+            return Vec::new();
+        }
+        // The prompt is done: send once (a recomputation after preemption asks for no more).
+        seq.prompt_logprobs = None;
+        let _ = seq
+            .events
+            .send(Event::PromptLogprobs(std::mem::take(&mut seq.prompt_lp)));
+        let mut all = all;
+        all.drain(..(n - 1) * vocab);
+        all
     }
 
     /// Puts the sequence's newly completed blocks into the prefix cache.
@@ -483,6 +552,9 @@ impl Scheduler {
             return Outcome::Finished;
         }
         let piece = seq.decoder.push(&self.tokenizer, token);
+        if let Some(r) = &mut seq.reasoning {
+            r.push(&piece);
+        }
         match seq.stops.push(&piece) {
             StopOutcome::Continue(text) => {
                 if !text.is_empty() && !send(seq, Event::Text(text)) {

@@ -3,8 +3,7 @@
 //! mistral-common's chat encoding, which goes straight from messages to token ids.
 
 use tokenizer::{
-    ChatMessage, ChatTemplate, HfStreamDecoder, HfTokenizer, MistralChatRequest, MistralContent,
-    MistralMessage, MistralTokenizer, StreamDecoder, Tokenizer,
+    ChatTemplate, HfStreamDecoder, HfTokenizer, MistralTokenizer, StreamDecoder, Tokenizer,
 };
 
 use crate::EngineError;
@@ -76,71 +75,6 @@ impl TextTokenizer {
         }
     }
 
-    /// A chat as the text the model sees (for Mistral: its tokens decoded, control tokens
-    /// shown).
-    pub(crate) fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        match self {
-            TextTokenizer::Bpe {
-                template,
-                bos_text,
-                eos_text,
-                ..
-            } => {
-                let template = template.as_ref().ok_or_else(|| {
-                    EngineError::Template(
-                        "the model has no chat template (tokenizer.chat_template)".into(),
-                    )
-                })?;
-                template
-                    .render(messages, true, bos_text, eos_text)
-                    .map_err(|e| EngineError::Template(e.to_string()))
-            }
-            TextTokenizer::Mistral(m) => {
-                let ids = self.encode_chat(messages)?;
-                m.decode(&ids, true)
-                    .map_err(|e| EngineError::Template(e.to_string()))
-            }
-            TextTokenizer::HuggingFace(h) => {
-                let template = h.chat_template().ok_or_else(|| {
-                    EngineError::Template(
-                        "the model has no chat template (tokenizer_config.json)".into(),
-                    )
-                })?;
-                let (bos, eos) = h.bos_eos_text();
-                template
-                    .render(messages, true, bos, eos)
-                    .map_err(|e| EngineError::Template(e.to_string()))
-            }
-        }
-    }
-
-    /// A chat as the token ids the model sees, ending with the assistant's turn opened.
-    pub(crate) fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        match self {
-            TextTokenizer::Bpe { .. } => Ok(self.encode_prompt(&self.render_chat(messages)?)),
-            // As `apply_chat_template` does: the template writes the special tokens itself.
-            TextTokenizer::HuggingFace(h) => h
-                .encode(&self.render_chat(messages)?, false)
-                .map_err(|e| EngineError::Template(e.to_string())),
-            TextTokenizer::Mistral(m) => {
-                let request = MistralChatRequest {
-                    messages: messages
-                        .iter()
-                        .map(|msg| MistralMessage {
-                            role: msg.role.clone(),
-                            content: Some(MistralContent::Text(msg.content.clone())),
-                            ..MistralMessage::default()
-                        })
-                        .collect(),
-                    tools: None,
-                    continue_final_message: false,
-                };
-                m.encode_chat(&request)
-                    .map_err(|e| EngineError::Template(e.to_string()))
-            }
-        }
-    }
-
     /// Text of token ids, special tokens shown.
     pub(crate) fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         match self {
@@ -176,12 +110,72 @@ impl TextTokenizer {
         }
     }
 
-    /// A decoder for one generation's stream.
-    pub(crate) fn stream_decoder(&self) -> TextDecoder {
+    /// A decoder for one generation's stream; with `keep_special`, special (control) tokens
+    /// come out as their text, for output parsers that look for markers such as
+    /// `[TOOL_CALLS]` or `<tool_call>`.
+    pub(crate) fn stream_decoder(&self, keep_special: bool) -> TextDecoder {
         match self {
-            TextTokenizer::Bpe { .. } => TextDecoder::Bpe(StreamDecoder::new(true)),
-            TextTokenizer::Mistral(_) => TextDecoder::Bytes(Vec::new()),
-            TextTokenizer::HuggingFace(_) => TextDecoder::Hf(HfStreamDecoder::new()),
+            TextTokenizer::Bpe { .. } => TextDecoder::Bpe(StreamDecoder::new(!keep_special)),
+            TextTokenizer::Mistral(_) => TextDecoder::Bytes {
+                pending: Vec::new(),
+                keep_special,
+            },
+            TextTokenizer::HuggingFace(_) => TextDecoder::Hf(if keep_special {
+                HfStreamDecoder::keeping_special()
+            } else {
+                HfStreamDecoder::new()
+            }),
+        }
+    }
+
+    /// The Jinja chat template and the BOS/EOS texts it is rendered with; `None` for
+    /// Mistral's tokenizers (which encode chats themselves) and models without a template.
+    pub(crate) fn template(&self) -> Option<(&ChatTemplate, &str, &str)> {
+        match self {
+            TextTokenizer::Bpe {
+                template,
+                bos_text,
+                eos_text,
+                ..
+            } => template
+                .as_ref()
+                .map(|t| (t, bos_text.as_str(), eos_text.as_str())),
+            TextTokenizer::HuggingFace(h) => {
+                let (bos, eos) = h.bos_eos_text();
+                h.chat_template().map(|t| (t, bos, eos))
+            }
+            TextTokenizer::Mistral(_) => None,
+        }
+    }
+
+    /// The BOS/EOS texts a template is rendered with (empty for Mistral's tokenizers).
+    pub(crate) fn bos_eos_text(&self) -> (&str, &str) {
+        match self {
+            TextTokenizer::Bpe {
+                bos_text, eos_text, ..
+            } => (bos_text, eos_text),
+            TextTokenizer::HuggingFace(h) => h.bos_eos_text(),
+            TextTokenizer::Mistral(_) => ("", ""),
+        }
+    }
+
+    /// The id of a token given its text as the vocabulary stores it (`[TOOL_CALLS]`,
+    /// `<tool_call>`, ...).
+    pub(crate) fn token_id(&self, text: &str) -> Option<u32> {
+        match self {
+            TextTokenizer::Bpe { tokenizer, .. } => tokenizer.token_to_id(text),
+            TextTokenizer::Mistral(m) => m.special_id(text),
+            TextTokenizer::HuggingFace(h) => h.token_to_id(text),
+        }
+    }
+
+    /// Encodes an already rendered chat: the template wrote the special tokens itself.
+    pub(crate) fn encode_rendered_chat(&self, rendered: &str) -> Result<Vec<u32>, EngineError> {
+        match self {
+            TextTokenizer::HuggingFace(h) => h
+                .encode(rendered, false)
+                .map_err(|e| EngineError::Template(e.to_string())),
+            _ => Ok(self.encode_prompt(rendered)),
         }
     }
 }
@@ -189,8 +183,11 @@ impl TextTokenizer {
 /// Incremental detokenisation that never splits a UTF-8 character.
 pub(crate) enum TextDecoder {
     Bpe(StreamDecoder),
-    /// Bytes not yet emitted (an incomplete character at the end).
-    Bytes(Vec<u8>),
+    /// Mistral's tokenizers: bytes not yet emitted (an incomplete character at the end).
+    Bytes {
+        pending: Vec<u8>,
+        keep_special: bool,
+    },
     Hf(HfStreamDecoder),
 }
 
@@ -199,10 +196,18 @@ impl TextDecoder {
     pub(crate) fn push(&mut self, text: &TextTokenizer, id: u32) -> String {
         match (self, text) {
             (TextDecoder::Bpe(d), TextTokenizer::Bpe { tokenizer, .. }) => d.push(tokenizer, id),
-            (TextDecoder::Bytes(pending), TextTokenizer::Mistral(m)) => {
-                if !m.is_special(id)
-                    && let Ok(bytes) = m.token_bytes(id)
-                {
+            (
+                TextDecoder::Bytes {
+                    pending,
+                    keep_special,
+                },
+                TextTokenizer::Mistral(m),
+            ) => {
+                if m.is_special(id) {
+                    if *keep_special && let Ok(text) = m.decode(&[id], true) {
+                        pending.extend_from_slice(text.as_bytes());
+                    }
+                } else if let Ok(bytes) = m.token_bytes(id) {
                     pending.extend_from_slice(&bytes);
                 }
                 take_complete_utf8(pending)
@@ -220,7 +225,7 @@ impl TextDecoder {
                 TextTokenizer::HuggingFace(h) => d.finish(h),
                 _ => String::new(),
             },
-            TextDecoder::Bytes(pending) => {
+            TextDecoder::Bytes { pending, .. } => {
                 let out = String::from_utf8_lossy(pending).into_owned();
                 pending.clear();
                 out

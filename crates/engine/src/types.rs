@@ -63,8 +63,32 @@ pub struct GenerateRequest {
     /// Report each generated token's log-probability and this many most likely
     /// alternatives (`Event::Logprobs`); `None` reports nothing.
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability given the tokens before it, with this many
+    /// most likely alternatives (`Event::PromptLogprobs`, as OpenAI's `echo` with `logprobs`);
+    /// the first prompt token has none. `None` reports nothing.
+    pub prompt_logprobs: Option<usize>,
     /// Hold the output to a grammar (constrained decoding); `None` leaves it free.
     pub constraint: Option<ConstraintSpec>,
+    /// Show special (control) tokens in the text as their vocabulary text, for callers that
+    /// parse markers such as `[TOOL_CALLS]`, `<tool_call>` or `[THINK]` out of the output.
+    /// End-of-generation tokens end the output either way and never show.
+    pub keep_special: bool,
+    /// Count the tokens generated inside the model's reasoning block
+    /// ([`Usage::reasoning_tokens`]); `None` counts none.
+    pub reasoning: Option<ReasoningSpec>,
+}
+
+/// How a model marks its reasoning (`<think>`...`</think>`, `[THINK]`...`[/THINK]`) and
+/// whether the prompt already opened the block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReasoningSpec {
+    /// The text that opens a reasoning block.
+    pub open: String,
+    /// The text that closes it.
+    pub close: String,
+    /// The prompt ends inside an open block (templates such as Qwen3's or DeepSeek-R1's
+    /// write the opening marker themselves), so the output starts as reasoning.
+    pub starts_inside: bool,
 }
 
 /// A grammar the output must follow, enforced token by token: at every step the tokens
@@ -81,12 +105,16 @@ pub enum ConstraintSpec {
     Lark(String),
     /// A regular expression (Rust `regex` syntax) the whole output must match.
     Regex(String),
+    /// A llama.cpp GBNF grammar (its `grammar` parameter), start rule `root`; converted to
+    /// Lark by [`gbnf_to_lark`](crate::gbnf_to_lark) with the same language.
+    Gbnf(String),
 }
 
-/// The most alternatives [`GenerateRequest::logprobs`] may ask for.
+/// The most alternatives [`GenerateRequest::logprobs`] and
+/// [`GenerateRequest::prompt_logprobs`] may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// A generated token with its log-probability under the model (computed from the raw
+/// A generated (or prompt) token with its log-probability under the model (computed from the raw
 /// logits, before biases, penalties and temperature) and the most likely alternatives.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenLogprobs {
@@ -132,12 +160,22 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated (including any that a stop sequence later hid).
     pub completion_tokens: usize,
+    /// Of the tokens generated, those inside the reasoning block (markers included), when
+    /// [`GenerateRequest::reasoning`] asked for the count.
+    pub reasoning_tokens: usize,
 }
 
-/// What the engine sends back for one request, in order: any number of `Text`, then exactly
-/// one `Done` or `Failed`.
+/// What the engine sends back for one request, in order: `PromptLogprobs` once if asked for,
+/// any number of `Text` (each generated token's `Logprobs` before its text), then exactly one
+/// `Done` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// The prompt's log-probabilities (when [`GenerateRequest::prompt_logprobs`] asked for
+    /// them), sent once before any `Text` or `Logprobs`: one entry per prompt token from the
+    /// second on, since the first token has nothing before it to be predicted from (entry `i`
+    /// is prompt token `i + 1`; a one-token prompt gives an empty list). Computed from the raw
+    /// logits, like [`Event::Logprobs`].
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// New text, always whole UTF-8 characters; never contains (part of) a stop sequence.
     Text(String),
     /// A generated token's log-probabilities, sent before the text it produces (when the

@@ -44,7 +44,7 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> (String, FinishReason, usize) {
     while let Some(e) = rx.blocking_recv() {
         match e {
             Event::Text(t) => text.push_str(&t),
-            Event::Logprobs(_) => {}
+            Event::Logprobs(_) | Event::PromptLogprobs(_) => {}
             Event::Done {
                 finish_reason,
                 usage,

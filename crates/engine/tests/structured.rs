@@ -50,7 +50,7 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> (String, FinishReason) {
     while let Some(e) = rx.blocking_recv() {
         match e {
             Event::Text(t) => text.push_str(&t),
-            Event::Logprobs(_) => {}
+            Event::Logprobs(_) | Event::PromptLogprobs(_) => {}
             Event::Done { finish_reason, .. } => return (text, finish_reason),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }

@@ -27,6 +27,7 @@ pub struct ChatMessage {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -62,7 +63,15 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| TokenizerError::TemplateSyntax(describe(&e)))?;
-        Ok(ChatTemplate { env })
+        Ok(ChatTemplate {
+            env,
+            source: source.to_owned(),
+        })
+    }
+
+    /// The template's source text (to tell which tool-call and reasoning formats it uses).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the conversation.
@@ -77,16 +86,49 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, TokenizerError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| TokenizerError::TemplateRender(describe(&e)))?;
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
         };
+        self.render_context(ctx)
+    }
+
+    /// Renders a conversation given as OpenAI-shaped JSON messages (with `tool_calls`,
+    /// `tool_call_id`, `name`, `reasoning_content` as the client sent them), the `tools` the
+    /// model may call (left undefined when `None`, as templates test `tools is defined`), and
+    /// extra variables (`chat_template_kwargs` such as `enable_thinking`), as
+    /// `apply_chat_template` does in transformers.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, TokenizerError> {
+        let base = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        };
+        let tools = match tools {
+            Some(tools) => minijinja::context! { tools => Value::from_serialize(tools) },
+            None => minijinja::context! {},
+        };
+        // Earlier contexts win: the fixed variables cannot be overridden by `extra`.
+        let ctx = minijinja::value::merge_maps([base, tools, Value::from_serialize(extra)]);
+        self.render_context(ctx)
+    }
+
+    fn render_context(&self, ctx: Value) -> Result<String, TokenizerError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TokenizerError::TemplateRender(describe(&e)))?;
         template.render(ctx).map_err(|e| {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(err) = source {

@@ -143,6 +143,11 @@ impl HfTokenizer {
         self.inner.token_to_id(&self.eos_text)
     }
 
+    /// The id of a token given its vocabulary entry (added tokens included).
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
     /// The vocabulary entry of a token, as stored (e.g. `Ġhello` for byte-level BPE).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
@@ -157,22 +162,33 @@ pub struct HfStreamDecoder {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    keep_special: bool,
 }
 
 impl HfStreamDecoder {
-    /// An empty decoder.
+    /// An empty decoder that leaves special tokens out.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty decoder that shows special tokens as their text (for output parsers that
+    /// look for markers such as `<tool_call>`).
+    pub fn keeping_special() -> Self {
+        Self {
+            keep_special: true,
+            ..Self::default()
+        }
     }
 
     /// Adds a token; returns the text that is now complete (special tokens skipped).
     pub fn push(&mut self, tok: &HfTokenizer, id: u32) -> String {
         self.ids.push(id);
+        let skip = !self.keep_special;
         let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)
+            .decode(&self.ids[self.prefix_offset..self.read_offset], skip)
             .unwrap_or_default();
         let full = tok
-            .decode(&self.ids[self.prefix_offset..], true)
+            .decode(&self.ids[self.prefix_offset..], skip)
             .unwrap_or_default();
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_owned();
@@ -186,11 +202,12 @@ impl HfStreamDecoder {
 
     /// Whatever is still held back.
     pub fn finish(&mut self, tok: &HfTokenizer) -> String {
+        let skip = !self.keep_special;
         let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)
+            .decode(&self.ids[self.prefix_offset..self.read_offset], skip)
             .unwrap_or_default();
         let full = tok
-            .decode(&self.ids[self.prefix_offset..], true)
+            .decode(&self.ids[self.prefix_offset..], skip)
             .unwrap_or_default();
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();

@@ -41,6 +41,7 @@ mod chat;
 mod hf;
 mod mistral_chat;
 mod mistral_error;
+mod mistral_fim;
 mod mistral_request;
 mod pretokenize;
 mod pyjson;

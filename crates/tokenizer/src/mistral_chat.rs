@@ -256,6 +256,16 @@ impl MistralTokenizer {
         }
     }
 
+    /// The id mistral-common's `get_special_token` gives for `text`: with SentencePiece any
+    /// piece of that text, else the unknown token's id (as `piece_to_id` does); with Tekken the
+    /// special token of that text, else `None` (where mistral-common raises).
+    pub(crate) fn special_token_lookup(&self, text: &str) -> Option<u32> {
+        match &self.model {
+            TextModel::SentencePiece(sp) => Some(sp.piece_id(text).unwrap_or_else(|| sp.unk_id())),
+            TextModel::Tekken(tk) => tk.special_id(text),
+        }
+    }
+
     /// Whether `id` is a control / special token (never produced from text, dropped by
     /// [`decode`](Self::decode) unless asked to keep it).
     pub fn is_special(&self, id: u32) -> bool {

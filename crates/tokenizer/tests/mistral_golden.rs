@@ -15,6 +15,7 @@ struct Golden {
     header: Header,
     chat: Vec<ChatCase>,
     text: Vec<TextCase>,
+    fim: Vec<FimCase>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +45,18 @@ struct Derived {
 struct ChatCase {
     name: String,
     request: MistralChatRequest,
+    #[serde(default)]
+    ids: Option<Vec<u32>>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// `encode_fim(FIMRequest(prompt, suffix))`: its ids, or the error mistral-common raises.
+#[derive(Deserialize)]
+struct FimCase {
+    name: String,
+    prompt: String,
+    suffix: Option<String>,
     #[serde(default)]
     ids: Option<Vec<u32>>,
     #[serde(default)]
@@ -128,6 +141,11 @@ fn check(golden_name: &str) {
         "only {} chat cases",
         golden.chat.len()
     );
+    assert!(
+        golden.fim.len() >= 10,
+        "only {} FIM cases",
+        golden.fim.len()
+    );
     let Some(tok) = load(&golden) else { return };
     assert_eq!(tok.version().as_str(), h.tokenizer_version);
     assert_eq!(tok.vocab_size(), h.n_words);
@@ -154,6 +172,27 @@ fn check(golden_name: &str) {
             )),
             (None, None, Err(e)) => {
                 failures.push(format!("chat {}: golden has no answer ({e})", case.name))
+            }
+        }
+    }
+    for case in &golden.fim {
+        let suffix = case.suffix.as_deref().unwrap_or("");
+        match (&case.ids, &case.error, tok.encode_fim(&case.prompt, suffix)) {
+            (Some(want), _, Ok(got)) if *want == got => {}
+            (Some(want), _, Ok(got)) => failures.push(format!(
+                "fim {}:\n  want {want:?}\n  got  {got:?}",
+                case.name
+            )),
+            (Some(_), _, Err(e)) => {
+                failures.push(format!("fim {}: unexpected error {e}", case.name))
+            }
+            (None, Some(_), Err(_)) => {}
+            (None, want, Ok(got)) => failures.push(format!(
+                "fim {}: mistral-common refuses ({want:?}) but we encoded {got:?}",
+                case.name
+            )),
+            (None, None, Err(e)) => {
+                failures.push(format!("fim {}: golden has no answer ({e})", case.name))
             }
         }
     }

@@ -176,6 +176,7 @@ impl Backend for FakeBackend {
                     usage: Usage {
                         prompt_tokens,
                         completion_tokens: emitted,
+                        reasoning_tokens: 0,
                     },
                 })
                 .unwrap();

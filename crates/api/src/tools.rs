@@ -1,0 +1,358 @@
+//! Tool calling: `tools`, `tool_choice` and `parallel_tool_calls` validated, and the grammar
+//! that forces a call when `tool_choice` asks for one.
+//!
+//! A forced call (`required`, or a named function) is held by constrained decoding to the
+//! model's own call syntax with the arguments valid under the function's `parameters`
+//! schema, so it always parses and validates. With `auto` the model is free and its output
+//! is parsed (`output::OutputParser`).
+
+use engine::{ChatFormat, ConstraintSpec, ToolCallFormat};
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+
+/// What the model may do with the tools.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ToolChoice {
+    /// Never call: the output is not parsed for calls.
+    None,
+    /// Call or answer, as the model decides.
+    Auto,
+    /// Call at least one tool.
+    Required,
+    /// Call this function.
+    Function(String),
+}
+
+/// A request's tools, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ToolPlan {
+    /// The definitions, `{"type": "function", "function": {...}}`, as the client sent them.
+    pub(crate) tools: Vec<Value>,
+    pub(crate) choice: ToolChoice,
+    /// More than one call per turn allowed.
+    pub(crate) parallel: bool,
+}
+
+/// The longest function name OpenAI accepts.
+const MAX_NAME: usize = 64;
+
+/// Validates `tools`, `tool_choice` and `parallel_tool_calls`; `None` when the request has
+/// no tools.
+pub(crate) fn plan(
+    tools: Option<&Value>,
+    tool_choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolPlan>, ApiError> {
+    let tools = match tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items.clone(),
+        Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
+    };
+    for (i, tool) in tools.iter().enumerate() {
+        check_tool(i, tool)?;
+    }
+    let names: Vec<&str> = tools.iter().filter_map(function_name).collect();
+    let choice = match tool_choice {
+        None | Some(Value::Null) => {
+            if tools.is_empty() {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            }
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!(
+                        "`tool_choice` is `{other}`; expected `none`, `auto`, `required` or \
+                         {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+                    ),
+                ));
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "tool_choice",
+                        "`tool_choice` as an object needs `function.name`",
+                    )
+                })?;
+            if !names.contains(&name) {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("`tool_choice` names `{name}`, which is not among `tools`"),
+                ));
+            }
+            ToolChoice::Function(name.to_owned())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` must be a string or an object",
+            ));
+        }
+    };
+    if tools.is_empty() {
+        return match choice {
+            ToolChoice::None => Ok(None),
+            _ => Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` needs `tools` to choose from",
+            )),
+        };
+    }
+    Ok(Some(ToolPlan {
+        tools,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+fn function_name(tool: &Value) -> Option<&str> {
+    tool.get("function")?.get("name")?.as_str()
+}
+
+fn check_tool(i: usize, tool: &Value) -> Result<(), ApiError> {
+    let param = format!("tools[{i}]");
+    let bad = |msg: String| Err(ApiError::invalid(param.clone(), msg));
+    let Some(obj) = tool.as_object() else {
+        return bad(format!("`tools[{i}]` must be an object"));
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        _ => return bad(format!("`tools[{i}].type` must be `function`")),
+    }
+    let Some(function) = obj.get("function").and_then(Value::as_object) else {
+        return bad(format!("`tools[{i}].function` is required"));
+    };
+    let Some(name) = function.get("name").and_then(Value::as_str) else {
+        return bad(format!("`tools[{i}].function.name` is required"));
+    };
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return bad(format!(
+            "`tools[{i}].function.name` is `{name}`; it must be 1 to 64 of a-z, A-Z, 0-9, _ and -"
+        ));
+    }
+    match function.get("parameters") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+        Some(_) => bad(format!(
+            "`tools[{i}].function.parameters` must be a JSON schema object"
+        )),
+    }
+}
+
+impl ToolPlan {
+    /// The tools the template sees: none when `tool_choice` is `none`, only the named
+    /// one when a function is forced (as vLLM does).
+    pub(crate) fn visible_tools(&self) -> Option<Vec<Value>> {
+        match &self.choice {
+            ToolChoice::None => None,
+            ToolChoice::Function(name) => Some(
+                self.tools
+                    .iter()
+                    .filter(|t| function_name(t) == Some(name))
+                    .cloned()
+                    .collect(),
+            ),
+            _ => Some(self.tools.clone()),
+        }
+    }
+
+    /// The grammar that forces the call(s) `tool_choice` asks for, in the model's syntax;
+    /// `None` when the model is free. `token_id` finds the model's control tokens.
+    pub(crate) fn forcing_grammar(
+        &self,
+        format: &ChatFormat,
+        token_id: &dyn Fn(&str) -> Option<u32>,
+    ) -> Option<ConstraintSpec> {
+        let forced: Vec<&Value> = match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::Required => self.tools.iter().collect(),
+            ToolChoice::Function(name) => self
+                .tools
+                .iter()
+                .filter(|t| function_name(t) == Some(name.as_str()))
+                .collect(),
+        };
+        let functions: Vec<(&str, Value)> = forced
+            .iter()
+            .filter_map(|t| {
+                let name = function_name(t)?;
+                let params = t
+                    .get("function")
+                    .and_then(|f| f.get("parameters"))
+                    .filter(|p| p.is_object())
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object"}));
+                Some((name, params))
+            })
+            .collect();
+        // A marker as a control token when the vocabulary has it, else as text.
+        let marker = |text: &str| match token_id(text) {
+            Some(id) => format!("<[{id}]>"),
+            None => lark_string(text),
+        };
+        // A named function is called once (as OpenAI forces it); `required` lets the model
+        // make several calls when parallel calls are allowed.
+        let repeat = if self.parallel && self.choice == ToolChoice::Required {
+            "+"
+        } else {
+            ""
+        };
+        let grammar = match format.tool_calls {
+            ToolCallFormat::Hermes | ToolCallFormat::Prompted => {
+                let alts: Vec<String> = functions
+                    .iter()
+                    .map(|(name, params)| {
+                        let schema = engine::finite_json_schema(json!({
+                            "type": "object",
+                            "properties": {"name": {"const": name}, "arguments": params},
+                            "required": ["name", "arguments"],
+                            "additionalProperties": false,
+                        }));
+                        format!("%json {schema}")
+                    })
+                    .collect();
+                format!(
+                    "start: call{repeat}\ncall: {open} body \"\\n</tool_call>\\n\"\nbody: {}\n",
+                    alts.join(" | "),
+                    open = lark_string("<tool_call>\n"),
+                )
+            }
+            ToolCallFormat::Mistral { named: true } => {
+                let calls = marker("[TOOL_CALLS]");
+                let args = marker("[ARGS]");
+                let alts: Vec<String> = functions
+                    .iter()
+                    .map(|(name, params)| {
+                        format!(
+                            "{calls} {} {args} %json {}",
+                            lark_string(name),
+                            engine::finite_json_schema(params.clone())
+                        )
+                    })
+                    .collect();
+                format!("start: call{repeat}\ncall: {}\n", alts.join(" | "))
+            }
+            ToolCallFormat::Mistral { named: false } => {
+                let items: Vec<Value> = functions
+                    .iter()
+                    .map(|(name, params)| {
+                        json!({
+                            "type": "object",
+                            "properties": {"name": {"const": name}, "arguments": params},
+                            "required": ["name", "arguments"],
+                            "additionalProperties": false,
+                        })
+                    })
+                    .collect();
+                let mut list = json!({"type": "array", "items": {"anyOf": items}, "minItems": 1});
+                if repeat.is_empty() {
+                    list["maxItems"] = json!(1);
+                }
+                format!(
+                    "start: {} %json {}\n",
+                    marker("[TOOL_CALLS]"),
+                    engine::finite_json_schema(list)
+                )
+            }
+            _ => return None,
+        };
+        Some(ConstraintSpec::Lark(grammar))
+    }
+}
+
+/// A Lark string literal for `text`.
+fn lark_string(text: &str) -> String {
+    // Lark strings take JSON's escapes.
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}])
+    }
+
+    #[test]
+    fn choices_are_validated() {
+        let tools = weather();
+        assert_eq!(plan(None, None, None).unwrap(), None);
+        let p = plan(Some(&tools), None, None).unwrap().unwrap();
+        assert_eq!(p.choice, ToolChoice::Auto);
+        assert!(p.parallel);
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        let p = plan(Some(&tools), Some(&named), Some(false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.choice, ToolChoice::Function("get_weather".into()));
+        let unknown = json!({"type": "function", "function": {"name": "nope"}});
+        assert_eq!(
+            plan(Some(&tools), Some(&unknown), None)
+                .unwrap_err()
+                .param(),
+            Some("tool_choice")
+        );
+        assert!(plan(None, Some(&json!("required")), None).is_err());
+        assert!(plan(Some(&json!([{"type": "function"}])), None, None).is_err());
+        assert!(
+            plan(
+                Some(&json!([{"type": "function", "function": {"name": "a b"}}])),
+                None,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn forcing_grammars_name_the_function() {
+        let tools = weather();
+        let p = plan(Some(&tools), Some(&json!("required")), Some(false))
+            .unwrap()
+            .unwrap();
+        let hermes = ChatFormat {
+            tool_calls: ToolCallFormat::Prompted,
+            reasoning: None,
+            short_call_ids: false,
+        };
+        let Some(ConstraintSpec::Lark(g)) = p.forcing_grammar(&hermes, &|_| None) else {
+            panic!("no grammar");
+        };
+        assert!(g.starts_with("start: call\n"), "{g}");
+        assert!(g.contains("\"const\":\"get_weather\""), "{g}");
+        let mistral = ChatFormat {
+            tool_calls: ToolCallFormat::Mistral { named: true },
+            reasoning: None,
+            short_call_ids: true,
+        };
+        let Some(ConstraintSpec::Lark(g)) = p.forcing_grammar(&mistral, &|t| {
+            (t == "[TOOL_CALLS]")
+                .then_some(9)
+                .or((t == "[ARGS]").then_some(32))
+        }) else {
+            panic!("no grammar");
+        };
+        assert!(g.contains("<[9]> \"get_weather\" <[32]> %json"), "{g}");
+        let auto = plan(Some(&tools), None, None).unwrap().unwrap();
+        assert!(auto.forcing_grammar(&hermes, &|_| None).is_none());
+    }
+}
