@@ -389,11 +389,7 @@ fn parse_mistral(body: &str) -> Parse {
         None => head,
     }
     .trim();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !crate::tools::is_function_name(name) {
         return Parse::Invalid;
     }
     let json = &text[args_at + ARGS.len()..];

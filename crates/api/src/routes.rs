@@ -128,14 +128,10 @@ pub(crate) async fn chat_completions(
     admission: Option<Extension<Admission>>,
     Json(req): Json<ChatCompletionRequest>,
 ) -> Response {
-    let id = response_id("chatcmpl-");
-    tracing::Span::current().record("request_id", id.as_str());
-    // Errors become responses inside the span, so their log lines carry the request id.
-    match validate::chat(&req, app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, Endpoint::Chat, admission).await,
-        Err(err) => Err(err),
-    }
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(&app, admission, "chatcmpl-", Endpoint::Chat, |model| {
+        validate::chat(&req, model)
+    })
+    .await
 }
 
 /// `POST /v1/completions`.
@@ -145,13 +141,10 @@ pub(crate) async fn completions(
     admission: Option<Extension<Admission>>,
     Json(req): Json<CompletionRequest>,
 ) -> Response {
-    let id = response_id("cmpl-");
-    tracing::Span::current().record("request_id", id.as_str());
-    match validate::completion(&req, app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, Endpoint::Completion, admission).await,
-        Err(err) => Err(err),
-    }
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(&app, admission, "cmpl-", Endpoint::Completion, |model| {
+        validate::completion(&req, model)
+    })
+    .await
 }
 
 /// `POST /v1/fim/completions`: Mistral's fill-in-the-middle (`prompt` before the gap,
@@ -162,10 +155,25 @@ pub(crate) async fn fim_completions(
     admission: Option<Extension<Admission>>,
     Json(req): Json<CompletionRequest>,
 ) -> Response {
-    let id = response_id("cmpl-");
+    answer(&app, admission, "cmpl-", Endpoint::Chat, |model| {
+        validate::fim(&req, model)
+    })
+    .await
+}
+
+/// Names the request (recorded in the handler's span, so that every log line about it,
+/// errors included, carries the id), validates it against the served model and answers.
+async fn answer(
+    app: &AppState,
+    admission: Option<Extension<Admission>>,
+    id_prefix: &str,
+    endpoint: Endpoint,
+    validate: impl FnOnce(&str) -> Result<ValidRequest, ApiError>,
+) -> Response {
+    let id = response_id(id_prefix);
     tracing::Span::current().record("request_id", id.as_str());
-    match validate::fim(&req, app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, Endpoint::Chat, admission).await,
+    match validate(app.backend.model_id()) {
+        Ok(valid) => respond(app, id, valid, endpoint, admission).await,
         Err(err) => Err(err),
     }
     .unwrap_or_else(IntoResponse::into_response)
@@ -296,8 +304,7 @@ async fn start_generation(
             stop: valid.stop.clone(),
             stop_at_eog: true,
             logprobs: valid.logprobs,
-            prompt_logprobs: (echo.is_some() && valid.logprobs.is_some())
-                .then_some(valid.logprobs.unwrap_or(0)),
+            prompt_logprobs: valid.logprobs.filter(|_| echo.is_some()),
             constraint: constraint.clone(),
             keep_special: !encoded.parser.is_plain(),
             reasoning: encoded.reasoning.clone(),

@@ -184,18 +184,22 @@ impl ChunkStream {
         self.pending.push_back(SseEvent::default().data(chunk));
     }
 
+    /// The log-probabilities of choice `index`'s tokens not sent yet, in the endpoint's
+    /// shape, for the next chunk; `None` when there are none or none were asked for.
+    fn take_logprobs(&mut self, index: u32) -> Option<serde_json::Value> {
+        let choice = &mut self.choices[index as usize];
+        let logprobs = std::mem::take(&mut choice.token_logprobs);
+        (self.meta.logprobs && !logprobs.is_empty()).then(|| match self.meta.endpoint {
+            Endpoint::Chat => crate::logprobs::chat(&logprobs),
+            Endpoint::Completion => crate::logprobs::completion(&logprobs, choice.sent_chars),
+        })
+    }
+
     /// Turns parsed pieces of choice `index` into chunks.
     fn pieces(&mut self, index: u32, pieces: Vec<Piece>) {
         for piece in pieces {
+            let logprobs = self.take_logprobs(index);
             let choice = &mut self.choices[index as usize];
-            let logprobs = std::mem::take(&mut choice.token_logprobs);
-            let logprobs =
-                (self.meta.logprobs && !logprobs.is_empty()).then(|| match self.meta.endpoint {
-                    Endpoint::Chat => crate::logprobs::chat(&logprobs),
-                    Endpoint::Completion => {
-                        crate::logprobs::completion(&logprobs, choice.sent_chars)
-                    }
-                });
             let chunk = match &piece {
                 Piece::Content(text) => {
                     choice.sent_chars += text.chars().count();
@@ -306,17 +310,8 @@ impl ChunkStream {
             } => {
                 let pieces = choice.parser.finish();
                 self.pieces(index, pieces);
-                let choice = &mut self.choices[index as usize];
-                let calls = choice.parser.calls();
-                let logprobs = std::mem::take(&mut choice.token_logprobs);
-                let logprobs = (self.meta.logprobs && !logprobs.is_empty()).then(|| {
-                    match self.meta.endpoint {
-                        Endpoint::Chat => crate::logprobs::chat(&logprobs),
-                        Endpoint::Completion => {
-                            crate::logprobs::completion(&logprobs, choice.sent_chars)
-                        }
-                    }
-                });
+                let calls = self.choices[index as usize].parser.calls();
+                let logprobs = self.take_logprobs(index);
                 let text = match self.meta.endpoint {
                     Endpoint::Chat => None,
                     Endpoint::Completion => Some(""),

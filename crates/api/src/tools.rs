@@ -117,6 +117,14 @@ pub(crate) fn plan(
     }))
 }
 
+/// OpenAI's rule for function names: 1 to 64 of a-z, A-Z, 0-9, `_` and `-`.
+pub(crate) fn is_function_name(name: &str) -> bool {
+    (1..=MAX_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 fn function_name(tool: &Value) -> Option<&str> {
     tool.get("function")?.get("name")?.as_str()
 }
@@ -137,12 +145,7 @@ fn check_tool(i: usize, tool: &Value) -> Result<(), ApiError> {
     let Some(name) = function.get("name").and_then(Value::as_str) else {
         return bad(format!("`tools[{i}].function.name` is required"));
     };
-    if name.is_empty()
-        || name.len() > MAX_NAME
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !is_function_name(name) {
         return bad(format!(
             "`tools[{i}].function.name` is `{name}`; it must be 1 to 64 of a-z, A-Z, 0-9, _ and -"
         ));

@@ -194,7 +194,7 @@ impl ChatEncoder {
                 .ok_or_else(|| EngineError::Template("the model has no chat template".into()))?,
         };
         let (messages, tools) = match self.format.tool_calls {
-            ToolCallFormat::Prompted => (prompted_messages(request)?, None),
+            ToolCallFormat::Prompted => (prompted_messages(request), None),
             _ => (
                 template_messages(&request.messages),
                 request.tools.as_deref(),
@@ -299,9 +299,10 @@ fn tools_system_prompt(tools: &[Value]) -> String {
 /// For [`ToolCallFormat::Prompted`]: the tools described in the system message, calls in
 /// the history written in the Hermes format, tool results as user turns in
 /// `<tool_response>` tags (templates without tools rarely accept a `tool` role).
-fn prompted_messages(request: &ChatRequest) -> Result<Vec<Value>, EngineError> {
+fn prompted_messages(request: &ChatRequest) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::with_capacity(request.messages.len() + 1);
-    for m in &request.messages {
+    // Arguments already parsed into objects.
+    for m in &template_messages(&request.messages) {
         let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
         let content = m.get("content").and_then(Value::as_str).unwrap_or_default();
         match role {
@@ -316,10 +317,7 @@ fn prompted_messages(request: &ChatRequest) -> Result<Vec<Value>, EngineError> {
                     let name = call.pointer("/function/name").cloned().unwrap_or_default();
                     let args = call
                         .pointer("/function/arguments")
-                        .map(|a| match a.as_str() {
-                            Some(s) => serde_json::from_str(s).unwrap_or(Value::String(s.into())),
-                            None => a.clone(),
-                        })
+                        .cloned()
                         .unwrap_or_else(|| json!({}));
                     if !text.is_empty() {
                         text.push('\n');
@@ -351,7 +349,7 @@ fn prompted_messages(request: &ChatRequest) -> Result<Vec<Value>, EngineError> {
             _ => out.insert(0, json!({"role": "system", "content": instruction})),
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -373,7 +371,7 @@ mod tests {
             ]),
             template_kwargs: Map::new(),
         };
-        let out = prompted_messages(&req).unwrap();
+        let out = prompted_messages(&req);
         assert_eq!(out[0]["role"], "system");
         assert!(
             out[0]["content"]

@@ -35,6 +35,19 @@ use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{Event, FinishReason, GenerateRequest, TokenLogprobs, Usage};
 
+/// `token`'s log-probability under `logits` (raw) with the `k` most likely alternatives,
+/// each with its bytes.
+fn token_logprobs(text: &TextTokenizer, logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let bytes = |t: u32| text.token_bytes(t).unwrap_or_default();
+    let (logprob, top) = crate::sampler::logprobs(logits, token, k);
+    TokenLogprobs {
+        token,
+        bytes: bytes(token),
+        logprob,
+        top: top.into_iter().map(|(t, lp)| (t, bytes(t), lp)).collect(),
+    }
+}
+
 /// A request on its way to the engine thread.
 pub(crate) struct Job {
     pub(crate) request: GenerateRequest,
@@ -443,18 +456,12 @@ impl Scheduler {
         }
         let vocab = all.len() / n;
         let start = seq.n_computed;
-        let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default();
         for (j, row) in all.chunks_exact(vocab).enumerate() {
             let Some(&token) = seq.tokens.get(start + j + 1) else {
                 break;
             };
-            let (logprob, top) = crate::sampler::logprobs(row, token, k);
-            seq.prompt_lp.push(TokenLogprobs {
-                token,
-                bytes: bytes(token),
-                logprob,
-                top: top.into_iter().map(|(t, lp)| (t, bytes(t), lp)).collect(),
-            });
+            seq.prompt_lp
+                .push(token_logprobs(&self.tokenizer, row, token, k));
         }
         if start + n < seq.tokens.len() {
             return Vec::new();
@@ -516,14 +523,7 @@ impl Scheduler {
         if let Some((k, raw)) = raw
             && !ends_here
         {
-            let bytes = |t: u32| self.tokenizer.token_bytes(t).unwrap_or_default();
-            let (logprob, top) = crate::sampler::logprobs(&raw, token, k);
-            let event = Event::Logprobs(crate::TokenLogprobs {
-                token,
-                bytes: bytes(token),
-                logprob,
-                top: top.into_iter().map(|(t, lp)| (t, bytes(t), lp)).collect(),
-            });
+            let event = Event::Logprobs(token_logprobs(&self.tokenizer, &raw, token, k));
             if !send(seq, event) {
                 return Outcome::Finished;
             }
