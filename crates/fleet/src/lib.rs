@@ -31,12 +31,14 @@ pub mod client;
 pub mod config;
 pub mod picker;
 pub mod prefix;
+pub mod request;
 pub mod scrape;
 pub mod upstream;
 
 pub use crate::client::{HttpClient, http_client};
 pub use crate::config::{RouterConfig, RoutingConfig, Strategy, Weights};
 pub use crate::picker::{Pick, PickError, PickRequest, Picker, Scores};
+pub use crate::request::{RoutingKey, prompt_bytes, routing_key};
 pub use crate::upstream::{EngineKind, InFlight, Load, Pool, Upstream, UpstreamSpec};
 
 /// What can go wrong in the fleet layer.
