@@ -67,7 +67,7 @@ pub async fn serve_with_control(
 }
 
 /// The API error for a control-plane failure.
-pub(crate) fn refusal(err: ControlError) -> ApiError {
+pub fn refusal(err: ControlError) -> ApiError {
     let refused = |status, kind, code, param: Option<&str>, message: String, retry| {
         ApiError::Refused(Box::new(Refusal {
             status,
@@ -148,7 +148,7 @@ pub(crate) fn refusal(err: ControlError) -> ApiError {
 }
 
 /// The key in `Authorization: Bearer <key>`, or why there is none.
-pub(crate) fn bearer(headers: &HeaderMap) -> Result<String, Denial> {
+pub fn bearer(headers: &HeaderMap) -> Result<String, Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(Denial::MissingKey);

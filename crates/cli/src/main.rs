@@ -6,6 +6,7 @@
 mod admin;
 mod bench;
 mod inspect;
+mod route;
 mod synth;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -52,6 +53,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a random-weight GGUF model of a real model's shape (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Route the OpenAI API over many replicas (Souverain, vLLM, SGLang, llama.cpp, TGI),
+    /// with keys, budgets and residency enforced here.
+    Route(route::RouteArgs),
+    /// Serve the Gateway API Inference Extension's endpoint picker (Envoy ext_proc gRPC).
+    Picker(route::PickerArgs),
+    /// A stand-in engine with no model, for testing and benchmarking the router.
+    #[command(hide = true)]
+    Standin(route::StandinArgs),
 }
 
 #[derive(Args, Debug)]
@@ -187,6 +196,9 @@ fn main() -> std::process::ExitCode {
         Command::Inspect { path } => inspect::run(&path),
         Command::Bench(a) => bench::run(&a),
         Command::Synth(a) => synth::run(&a),
+        Command::Route(a) => route::route(a),
+        Command::Picker(a) => route::picker(a),
+        Command::Standin(a) => route::standin(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -299,6 +299,9 @@ impl RouterConfig {
             u.validate()?;
         }
         if let Some(k) = &self.discovery.kubernetes {
+            if !self.upstreams.is_empty() {
+                return bad("list [[upstream]]s or configure discovery.kubernetes, not both");
+            }
             if k.inference_pool.is_some() == k.service.is_some() {
                 return bad("discovery.kubernetes names exactly one of inference_pool and service");
             }

@@ -29,16 +29,25 @@
 
 pub mod client;
 pub mod config;
+pub mod discovery;
+pub mod extproc;
 pub mod picker;
 pub mod prefix;
+pub mod proxy;
 pub mod request;
 pub mod scrape;
+pub mod service;
+pub mod standin;
 pub mod upstream;
 
 pub use crate::client::{HttpClient, http_client};
 pub use crate::config::{RouterConfig, RoutingConfig, Strategy, Weights};
+pub use crate::discovery::spawn_kubernetes_discovery;
+pub use crate::extproc::serve_ext_proc;
 pub use crate::picker::{Pick, PickError, PickRequest, Picker, Scores};
+pub use crate::proxy::{FleetRouter, app};
 pub use crate::request::{RoutingKey, prompt_bytes, routing_key};
+pub use crate::service::Fleet;
 pub use crate::upstream::{EngineKind, InFlight, Load, Pool, Upstream, UpstreamSpec};
 
 /// What can go wrong in the fleet layer.

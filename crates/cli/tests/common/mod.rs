@@ -1,0 +1,49 @@
+//! What the CLI's end-to-end tests share: the default model, scratch directories, free ports.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The default model, or `None` (and a note) when it is missing and not required.
+pub(crate) fn model_path() -> Option<PathBuf> {
+    let path = [
+        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
+            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
+        );
+        eprintln!("skipping: default model not found (run scripts/fetch-model)");
+    }
+    path
+}
+
+/// A fresh scratch directory.
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "souverain_cli_{name}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port nothing listens on now.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
