@@ -250,6 +250,15 @@ async fn metrics(State(router): State<Arc<FleetRouter>>) -> Response {
         .into_response()
 }
 
+/// Refuses a request without a usable `Authorization` header (audited).
+async fn refuse_bearer(control: &Arc<ControlPlane>, denial: control::Denial) -> ApiError {
+    let audited = denial.clone();
+    let _ = control
+        .run(move |c| Err::<(), _>(c.refuse_authentication(audited)))
+        .await;
+    api::refusal(ControlError::Denied(denial))
+}
+
 /// Authenticates a request's key (audited when refused).
 async fn authenticate(
     control: &Arc<ControlPlane>,
@@ -257,13 +266,7 @@ async fn authenticate(
 ) -> Result<Arc<KeyContext>, ApiError> {
     let presented = match api::bearer(headers) {
         Ok(key) => key,
-        Err(denial) => {
-            let audited = denial.clone();
-            let _ = control
-                .run(move |c| Err::<(), _>(c.refuse_authentication(audited)))
-                .await;
-            return Err(api::refusal(ControlError::Denied(denial)));
-        }
+        Err(denial) => return Err(refuse_bearer(control, denial).await),
     };
     control
         .run(move |c| c.authenticate(&presented))
@@ -419,17 +422,21 @@ async fn admit(
     completion_limit: u64,
     started: Instant,
 ) -> Result<Metering, ApiError> {
-    let ctx = authenticate(control, headers).await?;
-    let checked = Arc::clone(&ctx);
+    let presented = match api::bearer(headers) {
+        Ok(key) => key,
+        Err(denial) => return Err(refuse_bearer(control, denial).await),
+    };
     let model = model.to_owned();
-    let result = control
+    // One trip to the blocking pool: authenticate, check, reserve (and record a refusal).
+    let (ctx, result) = control
         .run(move |c| {
+            let ctx = Arc::new(c.authenticate(&presented)?);
             let checks = (|| {
                 if !model.is_empty() {
-                    c.check_model(&checked, &model)?;
+                    c.check_model(&ctx, &model)?;
                 }
-                c.check_request_rate(&checked)?;
-                c.reserve(&checked, prompt_tokens, completion_limit)
+                c.check_request_rate(&ctx)?;
+                c.reserve(&ctx, prompt_tokens, completion_limit)
             })();
             if let Err(err) = &checks {
                 let status = api::refusal(err.clone()).status();
@@ -445,11 +452,11 @@ async fn admit(
                     http_status: status.as_u16(),
                     content: None,
                 };
-                if let Err(e) = c.settle(&checked, None, outcome) {
+                if let Err(e) = c.settle(&ctx, None, outcome) {
                     tracing::warn!(error = %e, "refusal not recorded yet");
                 }
             }
-            Ok(checks)
+            Ok((ctx, checks))
         })
         .await
         .map_err(api::refusal)?;

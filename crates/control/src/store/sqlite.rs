@@ -31,6 +31,42 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Set when the checkpointer thread should stop (the store was dropped).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// How often the background thread moves the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the write-ahead log from a connection of its own, so that no request waits on
+/// a checkpoint's disk flush (SQLite would otherwise run it inside the commit that crosses
+/// its threshold, holding the store's one connection).
+fn spawn_checkpointer(path: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let Ok(conn) = Connection::open(path) else {
+        return;
+    };
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-checkpoint".to_owned())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %err, "WAL checkpoint failed; retried later");
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "no checkpoint thread; SQLite checkpoints inline");
+    }
 }
 
 impl ToSql for Param {
@@ -117,7 +153,16 @@ impl SqliteStore {
         let conn = Connection::open(path).map_err(|e| StoreError::Unavailable {
             detail: format!("opening {}: {e}", path.display()),
         })?;
-        Self::from_connection(conn)
+        let mut store = Self::from_connection(conn)?;
+        // Checkpoints move to a thread of their own; the commits no longer run them.
+        store
+            .conn()
+            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(map_err)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_checkpointer(path, std::sync::Arc::clone(&stop));
+        store.stop = Some(stop);
+        Ok(store)
     }
 
     /// A private in-memory database (for tests and benchmarks).
@@ -136,6 +181,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            stop: None,
         })
     }
 
