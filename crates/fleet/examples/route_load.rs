@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! route_load latency  URL KEY RATE SECONDS
-//! route_load sessions URL KEY SESSIONS PROMPTS TURNS PROMPT_WORDS MAX_TOKENS
+//! route_load sessions URL KEY SESSIONS PROMPTS TURNS PROMPT_WORDS MAX_TOKENS [STAGGER_MS]
 //! route_load regions  URL KEYS_FILE REQUESTS UPSTREAM=REGION,...
 //! route_load budget   URL KEY PARALLEL MAX_TOKENS
 //! route_load failover URL KEY SECONDS CONCURRENCY
@@ -21,6 +21,11 @@ use serde_json::{Value, json};
 use souverain_fleet::{HttpClient, http_client};
 
 type Result<T> = std::result::Result<T, String>;
+
+/// The model asked for by `sessions` and `budget` (real replicas check it).
+fn model_id() -> String {
+    std::env::var("ROUTE_LOAD_MODEL").unwrap_or_else(|_| "SmolLM2-135M-Instruct.Q4_1".to_owned())
+}
 
 fn request(url: &str, path: &str, key: Option<&str>, body: &Value) -> axum::http::Request<Body> {
     let mut r = axum::http::Request::post(format!("{url}{path}"))
@@ -117,7 +122,7 @@ async fn stream_chat(
     messages: &[Value],
     max_tokens: u64,
 ) -> Result<(f64, f64, String)> {
-    let body = json!({"model": "m", "messages": messages, "max_tokens": max_tokens,
+    let body = json!({"model": model_id(), "messages": messages, "max_tokens": max_tokens,
                       "temperature": 0, "stream": true});
     let start = Instant::now();
     let response = client
@@ -147,6 +152,7 @@ async fn stream_chat(
             }
             if let Ok(v) = serde_json::from_str::<Value>(payload)
                 && let Some(piece) = v["choices"][0]["delta"]["content"].as_str()
+                && !piece.is_empty()
             {
                 ttft.get_or_insert_with(|| start.elapsed().as_secs_f64() * 1e3);
                 text.push_str(piece);
@@ -167,6 +173,7 @@ async fn sessions(
     turns: usize,
     words: usize,
     max_tokens: u64,
+    stagger: Duration,
 ) {
     let vocabulary = [
         "policy", "customer", "invoice", "contract", "region", "data", "service", "answer",
@@ -192,6 +199,9 @@ async fn sessions(
         let key = key.clone();
         let system = systems[s % prompts].clone();
         tasks.push(tokio::spawn(async move {
+            // Sessions open one after another (users do not all press enter in the same
+            // millisecond); all 64 are open together once the ramp is over.
+            tokio::time::sleep(stagger * u32::try_from(s).unwrap_or(0)).await;
             let mut messages = vec![json!({"role": "system", "content": system})];
             let mut out = Vec::new();
             for t in 0..turns {
@@ -218,7 +228,8 @@ async fn sessions(
         }
     }
     println!(
-        "sessions={sessions} prompts={prompts} turns={turns} errors={errors} wall_s={:.1} {}",
+        "sessions={sessions} prompts={prompts} turns={turns} stagger_ms={} errors={errors} wall_s={:.1} {}",
+        stagger.as_millis(),
         start.elapsed().as_secs_f64(),
         summary("ttft", ttfts)
     );
@@ -304,7 +315,7 @@ async fn budget(client: HttpClient, url: &str, key: &str, parallel: usize, max_t
             "/v1/chat/completions",
             Some(key),
             &json!({
-                "model": "m", "max_tokens": max_tokens, "temperature": 1, "seed": i,
+                "model": model_id(), "max_tokens": max_tokens, "temperature": 1, "seed": i,
                 "messages": [{"role": "user", "content": format!("Write about the number {i}.")}]
             }),
         );
@@ -401,6 +412,7 @@ async fn main() {
                 num(6) as usize,
                 num(7) as usize,
                 num(8) as u64,
+                Duration::from_millis(num(9) as u64),
             )
             .await;
         }
