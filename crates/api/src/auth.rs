@@ -288,7 +288,8 @@ pub(crate) async fn authenticate(
     response
 }
 
-fn rejected_outcome(model: &str, started: Instant, status: StatusCode) -> Outcome {
+/// The usage record of a request refused before it generated anything.
+pub fn rejected_outcome(model: &str, started: Instant, status: StatusCode) -> Outcome {
     Outcome {
         request_id: rejected_request_id(),
         model: model.to_owned(),

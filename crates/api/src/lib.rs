@@ -52,7 +52,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-pub use crate::auth::{bearer, refusal, router_with_control, serve_with_control};
+pub use crate::auth::{bearer, refusal, rejected_outcome, router_with_control, serve_with_control};
 pub use crate::backend::Backend;
 pub use crate::embeddings::{
     EmbeddingBackend, MAX_EMBEDDING_INPUTS, router_with_control_and_embedder, serve_with_embedder,

@@ -286,7 +286,16 @@ pub(crate) fn open(args: &StoreArgs, admin_key: Option<String>) -> Result<Arc<Co
 
 /// The control plane for `serve --auth`, with the admin key from its file or the
 /// environment.
-pub(crate) fn open_for_serve(args: &ServeAuthArgs) -> Result<Arc<ControlPlane>> {
+/// The control plane when `--auth` is given; `None` (no database opened) otherwise.
+pub(crate) fn open_if_asked(args: &ServeAuthArgs) -> Result<Option<Arc<ControlPlane>>> {
+    if args.auth {
+        open_for_serve(args).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn open_for_serve(args: &ServeAuthArgs) -> Result<Arc<ControlPlane>> {
     let admin_key = match &args.admin_key_file {
         Some(path) => Some(
             std::fs::read_to_string(path)

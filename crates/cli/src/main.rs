@@ -325,11 +325,7 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     // Opened before the weights load, so a bad database or flag fails at once.
-    let control = if args.auth.auth {
-        Some(admin::open_for_serve(&args.auth)?)
-    } else {
-        None
-    };
+    let control = admin::open_if_asked(&args.auth)?;
     let engine = Arc::new(load_engine(
         &args.model,
         args.model_id.clone(),

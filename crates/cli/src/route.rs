@@ -95,11 +95,7 @@ pub(crate) fn route(args: RouteArgs) -> Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    let control = if args.auth.auth {
-        Some(admin::open_for_serve(&args.auth)?)
-    } else {
-        None
-    };
+    let control = admin::open_if_asked(&args.auth)?;
     runtime()?.block_on(async move {
         let fleet = start_fleet(&config)?;
         let listen = args.listen.unwrap_or_else(|| config.listen.clone());
@@ -144,11 +140,7 @@ pub(crate) fn route(args: RouteArgs) -> Result<()> {
 
 pub(crate) fn picker(args: PickerArgs) -> Result<()> {
     let config = RouterConfig::load(&args.config)?;
-    let control = if args.auth.auth {
-        Some(admin::open_for_serve(&args.auth)?)
-    } else {
-        None
-    };
+    let control = admin::open_if_asked(&args.auth)?;
     runtime()?.block_on(async move {
         let fleet = start_fleet(&config)?;
         let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -3,9 +3,8 @@
 //! client received is found metered and audited.
 
 mod common;
-use common::{free_port, model_path, temp_dir};
+use common::{free_port, model_path, raw_http, temp_dir};
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -65,23 +64,10 @@ fn start_server(model: &Path, data: &Path, port: u16) -> Child {
 
 /// One HTTP/1.1 request; the status and body, or `None` if the connection broke first.
 fn http(port: u16, method: &str, path: &str, key: &str, body: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .ok()?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let (status, _, body) = raw_http(port, method, path, Some(key), body, Duration::from_secs(30))?;
     // A killed server may cut a body short; only a whole JSON body counts as received.
-    serde_json::from_str::<serde_json::Value>(body).ok()?;
-    Some((status, body.to_owned()))
+    serde_json::from_str::<serde_json::Value>(&body).ok()?;
+    Some((status, body))
 }
 
 #[test]

@@ -4,9 +4,8 @@
 //! router, and a replica killed under load without a failed request.
 
 mod common;
-use common::{free_port, model_path, temp_dir};
+use common::{free_port, model_path, raw_http, temp_dir};
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -75,28 +74,12 @@ struct Answer {
 }
 
 fn http(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> Option<Answer> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .ok()?;
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let (status, head, body) = raw_http(port, method, path, key, body, Duration::from_secs(120))?;
     let headers = head.to_ascii_lowercase();
     let body = if headers.contains("transfer-encoding: chunked") {
-        dechunk(body)
+        dechunk(&body)
     } else {
-        body.to_owned()
+        body
     };
     Some(Answer {
         status,

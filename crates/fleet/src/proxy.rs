@@ -440,18 +440,7 @@ async fn admit(
             })();
             if let Err(err) = &checks {
                 let status = api::refusal(err.clone()).status();
-                let outcome = Outcome {
-                    request_id: format!("req-{}", control::keys::random_base62(24)),
-                    model: model.clone(),
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    reasoning_tokens: 0,
-                    ttft_us: None,
-                    duration_us: micros(started),
-                    status: "rejected".to_owned(),
-                    http_status: status.as_u16(),
-                    content: None,
-                };
+                let outcome = api::rejected_outcome(&model, started, status);
                 if let Err(e) = c.settle(&ctx, None, outcome) {
                     tracing::warn!(error = %e, "refusal not recorded yet");
                 }
