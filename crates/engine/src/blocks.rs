@@ -154,6 +154,25 @@ impl BlockManager {
         out
     }
 
+    /// How many blocks from the start of `tokens` are cached, given their chained hashes
+    /// (`chain[i]` is block `i`'s; blocks past the end of `chain` are not looked at). Takes
+    /// no hold and changes no recency: it only answers what [`BlockManager::match_prefix`]
+    /// would find now, without hashing the tokens again.
+    pub(crate) fn cached_run(&self, chain: &[u64], tokens: &[u32]) -> usize {
+        chain
+            .iter()
+            .zip(tokens.chunks_exact(self.block_tokens))
+            .take_while(|&(hash, chunk)| {
+                self.by_hash.get(hash).is_some_and(|&id| {
+                    self.blocks[id as usize]
+                        .cached
+                        .as_ref()
+                        .is_some_and(|c| c.tokens == chunk)
+                })
+            })
+            .count()
+    }
+
     /// Records that block `id` (held by the caller) is full with `tokens`, whose chained
     /// hash is `hash`. If another block already caches the same prefix, this one stays
     /// private.
@@ -219,6 +238,26 @@ mod tests {
         assert!(m.match_prefix(&[1, 2]).is_empty());
         assert_eq!(m.match_prefix(&[3, 4]), y);
         assert_eq!(m.allocate(), None);
+    }
+
+    #[test]
+    fn cached_run_agrees_with_match_prefix_and_takes_no_hold() {
+        let mut m = BlockManager::new(8, 4);
+        let a: Vec<u32> = (0..12).collect();
+        fill(&mut m, &a[..8]);
+        let mut chain = Vec::new();
+        let mut parent = CHAIN_ROOT;
+        for chunk in a.chunks_exact(4) {
+            parent = chain_hash(parent, chunk);
+            chain.push(parent);
+        }
+        let in_use = m.in_use();
+        assert_eq!(m.cached_run(&chain, &a), 2);
+        assert_eq!(m.in_use(), in_use);
+        assert_eq!(m.cached_run(&chain[..1], &a), 1);
+        // Same hashes, other tokens: nothing matches.
+        assert_eq!(m.cached_run(&chain, &[9; 12]), 0);
+        assert_eq!(m.match_prefix(&a).len(), 2);
     }
 
     #[test]

@@ -8,17 +8,27 @@
 //! or their client goes away, at any step.
 //!
 //! Admission is first come, first served. A new sequence first looks its tokens up in the
-//! prefix cache and starts computing after the longest cached run of whole blocks. When a
-//! running sequence needs a block and none is free, the most recently admitted sequence is
-//! preempted: its blocks are released and it goes back to the front of the queue, to be
-//! recomputed (its cached prefix usually survives, so recomputing is cheap).
+//! prefix cache and starts computing after the longest cached run of whole blocks. A block
+//! enters the cache only once it is full and computed, so a sequence that arrives while
+//! another with the same prefix is still in its prompt would find little and compute the
+//! same blocks a second time: instead, a waiting sequence whose next uncached block is one
+//! that a running sequence's prompt is still going to compute (same chained hash) is
+//! deferred. It keeps its place in the queue, admission goes on with the sequences behind
+//! it, and it is admitted at a later step, once those blocks are cached or the running
+//! sequence is gone (finished, cancelled or preempted). A sequence that does not fit in the
+//! free blocks stops admission, so none behind it overtakes it. When a running sequence
+//! needs a block and none is free, the most recently admitted sequence is preempted: its
+//! blocks are released and it goes back to the front of the queue, to be recomputed (its
+//! cached prefix usually survives, so recomputing is cheap).
 //!
 //! A sequence that asks for its prompt's log-probabilities gets the logits of every prompt
 //! position (over however many steps its prompt takes) and skips the prefix cache, since a
 //! cached position is never computed; the list is sent once, when the prompt is done, and a
-//! recomputation after preemption does not send it again.
+//! recomputation after preemption does not send it again. Such a sequence is never deferred
+//! (it would not use the blocks it waited for), but its own prompt blocks are registered as
+//! any other's, so others may wait for them.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
@@ -81,6 +91,9 @@ struct Sequence {
     blocks: Vec<u32>,
     /// Chained hashes of the blocks registered in the prefix cache so far.
     hashes: Vec<u64>,
+    /// Chained hashes of the prompt's whole blocks, computed once on arrival: block `i` of
+    /// the prompt is registered under `prompt_chain[i]`.
+    prompt_chain: Vec<u64>,
     generated: usize,
     max_new: usize,
     stop_at_eog: bool,
@@ -100,9 +113,18 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(job: Job, context_length: usize, text: &TextTokenizer) -> Self {
+    fn new(job: Job, context_length: usize, block_tokens: usize, text: &TextTokenizer) -> Self {
         let r = job.request;
         let room = context_length.saturating_sub(r.prompt_tokens.len());
+        let mut parent = CHAIN_ROOT;
+        let prompt_chain = r
+            .prompt_tokens
+            .chunks_exact(block_tokens)
+            .map(|chunk| {
+                parent = chain_hash(parent, chunk);
+                parent
+            })
+            .collect();
         Self {
             events: job.events,
             queued: true,
@@ -113,6 +135,7 @@ impl Sequence {
             n_computed: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
+            prompt_chain,
             generated: 0,
             max_new: r.max_tokens.map_or(room, |m| m.min(room)),
             stop_at_eog: r.stop_at_eog,
@@ -125,6 +148,14 @@ impl Sequence {
             constraint: job.constraint,
             reasoning: r.reasoning.map(ReasoningCounter::new),
         }
+    }
+
+    /// Chained hashes of the prompt blocks this sequence (running) is still going to compute
+    /// and register: those past the ones it has registered. Empty once its prompt is done.
+    fn pending_prompt_blocks(&self) -> &[u64] {
+        self.prompt_chain
+            .get(self.hashes.len()..)
+            .unwrap_or_default()
     }
 
     fn usage(&self) -> Usage {
@@ -210,7 +241,12 @@ impl Scheduler {
     }
 
     fn enqueue(&mut self, job: Job) {
-        let seq = Sequence::new(job, self.limits.context_length, &self.tokenizer);
+        let seq = Sequence::new(
+            job,
+            self.limits.context_length,
+            self.blocks.block_tokens(),
+            &self.tokenizer,
+        );
         self.waiting.push_back(seq);
     }
 
@@ -253,18 +289,30 @@ impl Scheduler {
         }
     }
 
-    /// Moves waiting sequences into the running set while there is room, oldest first.
+    /// Moves waiting sequences into the running set while there is room, oldest first,
+    /// skipping (deferring) those whose next uncached block a running prompt is computing.
     fn admit(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
         let bt = self.blocks.block_tokens();
+        // Blocks that running prompts will register: sequences admitted in this call join,
+        // so requests that arrive together wait for the first of them.
+        let mut pending: HashSet<u64> = self
+            .running
+            .iter()
+            .flat_map(|s| s.pending_prompt_blocks().iter().copied())
+            .collect();
+        let mut i = 0;
         while self.running.len() < self.limits.max_seqs {
-            let Some(seq) = self.waiting.front() else {
+            let Some(seq) = self.waiting.get(i) else {
                 break;
             };
             let positions = seq.tokens.len();
             let needed = positions.div_ceil(bt);
             if needed > self.blocks.total() {
                 // Can never fit: the KV budget is smaller than this sequence.
-                if let Some(seq) = self.waiting.pop_front() {
+                if let Some(seq) = self.waiting.remove(i) {
                     let _ = seq.events.send(Event::Failed(format!(
                         "the sequence needs {positions} tokens of KV cache but the cache holds {}",
                         self.blocks.total() * bt
@@ -273,9 +321,22 @@ impl Scheduler {
                 }
                 continue;
             }
+            // A sequence asking for prompt log-probabilities skips the cache: nothing to wait
+            // for. The others wait when their next uncached block is on its way.
+            if seq.prompt_logprobs.is_none() && !pending.is_empty() {
+                let cached = self.blocks.cached_run(&seq.prompt_chain, &seq.tokens);
+                if seq
+                    .prompt_chain
+                    .get(cached)
+                    .is_some_and(|h| pending.contains(h))
+                {
+                    i += 1;
+                    continue;
+                }
+            }
             // Reuse the cached prefix; always leave at least one token to compute, since
             // its logits are what the next token is sampled from.
-            let Some(mut seq) = self.waiting.pop_front() else {
+            let Some(mut seq) = self.waiting.remove(i) else {
                 break;
             };
             // Cached positions are never computed, so they would have no logits.
@@ -290,14 +351,24 @@ impl Scheduler {
                 self.blocks.release(b);
             }
             if self.blocks.available() < needed - shared.len() {
+                // Does not fit now: it keeps its place and nothing behind it overtakes it.
                 for b in shared {
                     self.blocks.release(b);
                 }
-                self.waiting.push_front(seq);
+                self.waiting.insert(i, seq);
                 break;
             }
-            let mut parent = CHAIN_ROOT;
-            for chunk in seq.tokens.chunks_exact(bt).take(shared.len()) {
+            // The prompt's hashes are known; a recomputed sequence's shared run may go on
+            // into its generated tokens, which are hashed here.
+            seq.hashes
+                .extend(seq.prompt_chain.iter().take(shared.len()).copied());
+            let mut parent = seq.hashes.last().copied().unwrap_or(CHAIN_ROOT);
+            for chunk in seq
+                .tokens
+                .chunks_exact(bt)
+                .take(shared.len())
+                .skip(seq.hashes.len())
+            {
                 parent = chain_hash(parent, chunk);
                 seq.hashes.push(parent);
             }
@@ -324,6 +395,7 @@ impl Scheduler {
                     None => break, // cannot happen: availability was checked above
                 }
             }
+            pending.extend(seq.pending_prompt_blocks().iter().copied());
             self.running.push(seq);
         }
     }
@@ -483,8 +555,10 @@ impl Scheduler {
         while (seq.hashes.len() + 1) * bt <= seq.n_computed {
             let k = seq.hashes.len();
             let tokens = &seq.tokens[k * bt..(k + 1) * bt];
-            let parent = seq.hashes.last().copied().unwrap_or(CHAIN_ROOT);
-            let hash = chain_hash(parent, tokens);
+            let hash = match seq.prompt_chain.get(k) {
+                Some(&hash) => hash,
+                None => chain_hash(seq.hashes.last().copied().unwrap_or(CHAIN_ROOT), tokens),
+            };
             self.blocks.register(seq.blocks[k], hash, tokens);
             seq.hashes.push(hash);
         }

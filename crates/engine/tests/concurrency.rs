@@ -250,3 +250,71 @@ fn preemption_when_the_cache_runs_out_changes_no_output() {
     let m = wait_idle(&e);
     assert_eq!(m.kv_blocks_used, 0);
 }
+
+#[test]
+fn requests_arriving_together_compute_their_shared_prefix_once() {
+    // Steps of 32 tokens: the shared system prompt (over three steps' worth) takes the
+    // first request several steps, during which the others arrive and must wait for its
+    // blocks rather than compute the same prefix beside it.
+    let config = EngineConfig {
+        threads: 2,
+        max_seqs: 8,
+        max_batch_tokens: 32,
+        ..EngineConfig::default()
+    };
+    let Some(e) = engine(config.clone()) else {
+        return;
+    };
+    let system = "The following is a conversation with a helpful assistant. The assistant is \
+        friendly, precise and brief. It answers questions about geography, science, history, \
+        animals and everyday life, and when it does not know something it says so plainly \
+        rather than guessing. It never uses more words than it needs, it always writes in \
+        complete sentences, and it checks its facts before it answers. It is patient with \
+        beginners, it explains technical words when it must use them, and it gives an \
+        example whenever an example makes the answer clearer. When a question has \
+        several parts, it answers each part in turn, in the order they were asked.\n\n";
+    let questions = [
+        "Question: What is the capital of Italy?\nAnswer: The capital of Italy is",
+        "Question: Why is the sky blue?\nAnswer: The sky is blue because",
+        "Question: How many legs does a spider have?\nAnswer: A spider has",
+        "Question: What do bees make?\nAnswer: Bees make",
+    ];
+    let requests: Vec<_> = questions
+        .iter()
+        .map(|q| greedy(&e, &format!("{system}{q}"), 8))
+        .collect();
+    let bt = e.metrics().kv_block_tokens as usize;
+    let shared_tokens = e.tokenize(system).len();
+    assert!(
+        shared_tokens > 3 * config.max_batch_tokens,
+        "the prefix should take several steps: {shared_tokens} tokens"
+    );
+    // All submitted before reading any event: the engine has at most started the first.
+    let receivers: Vec<_> = requests
+        .iter()
+        .map(|r| e.generate(r.clone()).expect("submit"))
+        .collect();
+    let together: Vec<_> = receivers.into_iter().map(collect).collect();
+    let m = wait_idle(&e);
+    assert_eq!((m.kv_blocks_used, m.running, m.waiting), (0, 0, 0), "{m:?}");
+    // The engine is new: every hit is a later request reusing what the first computed. Each
+    // of the three later ones finds every whole block of the system prompt.
+    let whole = shared_tokens / bt * bt;
+    assert!(
+        m.prefix_hit_tokens as usize >= 3 * whole,
+        "hit {} tokens, want at least 3 x {whole}",
+        m.prefix_hit_tokens
+    );
+    drop(e);
+    // The same requests one at a time, on an engine of their own, answer the same.
+    let Some(alone) = engine(config) else {
+        return;
+    };
+    let one_at_a_time: Vec<_> = requests
+        .into_iter()
+        .map(|r| collect(alone.generate(r).expect("submit")))
+        .collect();
+    assert_eq!(together, one_at_a_time);
+    let distinct: std::collections::HashSet<_> = together.iter().map(|t| &t.0).collect();
+    assert!(distinct.len() >= 3, "{together:?}");
+}
