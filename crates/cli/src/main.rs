@@ -325,7 +325,7 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     // Opened before the weights load, so a bad database or flag fails at once.
-    let control = admin::open_if_asked(&args.auth)?;
+    let control = admin::open_if_asked(&args.auth, admin::HotDefaults::SERVE)?;
     let engine = Arc::new(load_engine(
         &args.model,
         args.model_id.clone(),
@@ -362,10 +362,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(address = %addr, model = engine.model_id(), "listening");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
-        };
+        let shutdown = route::shutdown();
         match (control, embedder) {
             (control, Some(embedder)) => {
                 api::serve_with_embedder(listener, engine, Some(embedder), control, shutdown).await

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -68,8 +69,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn shutdown() {
-    let _ = tokio::signal::ctrl_c().await;
+/// Resolves on Ctrl-C or, on Unix, SIGTERM (what Kubernetes sends a pod it stops).
+pub(crate) async fn shutdown() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
     tracing::info!("shutting down");
 }
 
@@ -95,7 +115,7 @@ pub(crate) fn route(args: RouteArgs) -> Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    let control = admin::open_if_asked(&args.auth)?;
+    let control = admin::open_if_asked(&args.auth, admin::HotDefaults::ROUTE)?;
     runtime()?.block_on(async move {
         let fleet = start_fleet(&config)?;
         let listen = args.listen.unwrap_or_else(|| config.listen.clone());
@@ -118,6 +138,7 @@ pub(crate) fn route(args: RouteArgs) -> Result<()> {
                 }
             });
         }
+        let control_at_exit = control.clone();
         let router = Arc::new(FleetRouter::new(
             Arc::clone(&fleet.picker),
             fleet.client.clone(),
@@ -134,13 +155,21 @@ pub(crate) fn route(args: RouteArgs) -> Result<()> {
         if let Some(m) = maintenance {
             m.abort();
         }
+        if let Some(c) = control_at_exit {
+            // Budget leases go back and queued usage records reach the store before exit.
+            let closed =
+                tokio::task::spawn_blocking(move || c.close(Duration::from_secs(10))).await;
+            if !matches!(closed, Ok(true)) {
+                tracing::warn!("some usage records or budget leases were not written before exit");
+            }
+        }
         result.context("serving HTTP")
     })
 }
 
 pub(crate) fn picker(args: PickerArgs) -> Result<()> {
     let config = RouterConfig::load(&args.config)?;
-    let control = admin::open_if_asked(&args.auth)?;
+    let control = admin::open_if_asked(&args.auth, admin::HotDefaults::ROUTE)?;
     runtime()?.block_on(async move {
         let fleet = start_fleet(&config)?;
         let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -28,6 +28,7 @@
 
 pub mod audit;
 mod error;
+mod hot;
 pub mod keys;
 mod plane;
 mod ratelimit;

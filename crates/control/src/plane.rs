@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::audit::{self, AuditDraft, AuditEntry, VerifyReport};
 use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
+use crate::hot::{self, KeyCache, Leases, Pending, Writer, give_back};
 use crate::keys;
 use crate::ratelimit::{RateLimiter, Which};
 use crate::store::{Mutation, Store};
@@ -48,6 +49,13 @@ pub struct ControlConfig {
     pub admin_key: Option<String>,
     /// How long a store call may take before the request is answered "unavailable".
     pub store_timeout: Duration,
+    /// How long an authenticated key may be used again without reading the store (zero: read
+    /// it for every request). Revocations and other admin changes made through this process
+    /// take effect at once; made by another process, within this time.
+    pub key_cache_ttl: Duration,
+    /// Tokens of a key's budget reserved in the store at a time and handed to requests from
+    /// memory (zero: every request reserves in the store). See [`ControlPlane::reserve`].
+    pub budget_lease_tokens: u64,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -56,19 +64,23 @@ impl std::fmt::Debug for ControlConfig {
             .field("region", &self.region)
             .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
             .field("store_timeout", &self.store_timeout)
+            .field("key_cache_ttl", &self.key_cache_ttl)
+            .field("budget_lease_tokens", &self.budget_lease_tokens)
             .finish_non_exhaustive()
     }
 }
 
 impl ControlConfig {
-    /// A configuration for `region` with the given hash secret, no admin key and a 5 s store
-    /// timeout.
+    /// A configuration for `region` with the given hash secret, no admin key, a 5 s store
+    /// timeout, no key cache and no budget leases.
     pub fn new(region: impl Into<String>, key_hash_secret: impl Into<Vec<u8>>) -> Self {
         ControlConfig {
             region: region.into(),
             key_hash_secret: key_hash_secret.into(),
             admin_key: None,
             store_timeout: Duration::from_secs(5),
+            key_cache_ttl: Duration::ZERO,
+            budget_lease_tokens: 0,
         }
     }
 }
@@ -91,6 +103,8 @@ pub struct Reservation {
     pub budget_period_start_ms: Option<i64>,
     /// Whether tokens were taken from the key's token-rate bucket.
     pub rate_limited: bool,
+    /// Whether the budget's tokens came from this process's lease (where unused ones go back).
+    pub leased: bool,
 }
 
 /// How a request ended, for [`ControlPlane::settle`].
@@ -118,8 +132,6 @@ pub struct Outcome {
     pub content: Option<(String, String)>,
 }
 
-type Pending = (Vec<Mutation>, Option<AuditDraft>);
-
 /// The control plane: the store, the rate limiter and the configuration.
 pub struct ControlPlane {
     store: Arc<dyn Store>,
@@ -127,6 +139,9 @@ pub struct ControlPlane {
     clock: Arc<dyn Clock>,
     limiter: RateLimiter,
     backlog: Mutex<VecDeque<Pending>>,
+    keys: KeyCache,
+    leases: Arc<Leases>,
+    writer: Writer,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -183,7 +198,11 @@ fn check_regions(regions: &[String]) -> Result<(), ControlError> {
 impl ControlPlane {
     /// A control plane over `store`.
     pub fn new(store: Arc<dyn Store>, config: ControlConfig) -> Self {
+        let leases = Arc::new(Leases::new(config.budget_lease_tokens));
         ControlPlane {
+            writer: Writer::new(Arc::clone(&store), Arc::clone(&leases), MAX_BACKLOG),
+            keys: KeyCache::new(config.key_cache_ttl),
+            leases,
             store,
             config,
             clock: Arc::new(SystemClock),
@@ -252,7 +271,10 @@ impl ControlPlane {
     }
 
     fn commit(&self, mutations: Vec<Mutation>, draft: AuditDraft) -> Result<(), ControlError> {
+        // An admin change may concern a cached key (revoked, its organisation's regions).
+        self.keys.clear();
         self.store.commit(&mutations, Some(&draft))?;
+        self.keys.clear();
         Ok(())
     }
 
@@ -529,7 +551,8 @@ impl ControlPlane {
             {
                 Denial::ExpiredKey
             }
-            Some(_) => {
+            Some(ctx) => {
+                self.keys.put(ctx);
                 return context.ok_or_else(|| Denial::UnknownKey.into());
             }
         };
@@ -579,24 +602,80 @@ impl ControlPlane {
             })
     }
 
+    /// The key's context from the key cache, when the cache is on and holds it: the presented
+    /// secret is checked against the stored hash, and the revocation mark and the expiry
+    /// date, as [`ControlPlane::authenticate`] does, without a trip to the store. `None` when
+    /// the cache cannot answer; then call `authenticate` (which reads the store, audits a
+    /// failure and fills the cache).
+    pub fn cached_key(&self, presented: &str) -> Option<Arc<KeyContext>> {
+        let parsed = keys::parse(presented).ok()?;
+        let ctx = self.keys.get(parsed.id)?;
+        let good = keys::verify(
+            &self.config.key_hash_secret,
+            &ctx.key.salt_hex,
+            &ctx.key.hash_hex,
+            parsed.secret,
+        ) && ctx.key.revoked_at_ms.is_none()
+            && ctx
+                .key
+                .policy
+                .expires_at_ms
+                .is_none_or(|at| at > self.now_ms());
+        good.then_some(ctx)
+    }
+
     /// Sets aside `prompt_tokens + completion_limit` tokens for a request: from the key's
     /// tokens-per-minute bucket, then from its budget, atomically in the store.
+    ///
+    /// With budget leases on ([`ControlConfig::budget_lease_tokens`]) the budget's tokens come
+    /// from this process's lease on the key's budget; when the lease is short, the shortfall
+    /// and a new lease (at most a sixteenth of the budget) are reserved in the store in one
+    /// step, or the shortfall alone at the budget's edge.
     pub fn reserve(
         &self,
         ctx: &KeyContext,
         prompt_tokens: u64,
         completion_limit: u64,
     ) -> Result<Reservation, ControlError> {
+        self.reserve_inner(ctx, prompt_tokens, completion_limit, true)
+            .unwrap_or_else(|| {
+                Err(ControlError::Task {
+                    detail: "a blocking reservation did not run".to_owned(),
+                })
+            })
+    }
+
+    /// [`ControlPlane::reserve`] when it can be done without waiting on the store (the key
+    /// has no budget, or its lease covers the request); `None` otherwise, with nothing taken.
+    pub fn try_reserve(
+        &self,
+        ctx: &KeyContext,
+        prompt_tokens: u64,
+        completion_limit: u64,
+    ) -> Option<Result<Reservation, ControlError>> {
+        self.reserve_inner(ctx, prompt_tokens, completion_limit, false)
+    }
+
+    fn reserve_inner(
+        &self,
+        ctx: &KeyContext,
+        prompt_tokens: u64,
+        completion_limit: u64,
+        may_block: bool,
+    ) -> Option<Result<Reservation, ControlError>> {
         let tokens = prompt_tokens.saturating_add(completion_limit);
         let policy = &ctx.key.policy;
-        if let Some(limit) = policy.tokens_per_minute {
-            self.limiter
-                .take(&ctx.key.id, Which::Tokens, limit, tokens, Instant::now())
-                .map_err(|retry_after_secs| Denial::RateLimited {
-                    kind: RateLimitKind::Tokens,
-                    limit,
-                    retry_after_secs,
-                })?;
+        if let Some(limit) = policy.tokens_per_minute
+            && let Err(retry_after_secs) =
+                self.limiter
+                    .take(&ctx.key.id, Which::Tokens, limit, tokens, Instant::now())
+        {
+            return Some(Err(Denial::RateLimited {
+                kind: RateLimitKind::Tokens,
+                limit,
+                retry_after_secs,
+            }
+            .into()));
         }
         let refund_rate = || {
             if policy.tokens_per_minute.is_some() {
@@ -604,42 +683,154 @@ impl ControlPlane {
             }
         };
         let mut budget_period_start_ms = None;
+        let leased = self.leases.enabled();
         if let Some(budget) = policy.budget {
             let now = self.now_ms();
             let start = budget.period.start_ms(now);
-            match self.store.reserve_budget(
-                &ctx.key.id,
-                start,
-                to_i64(budget.tokens),
-                to_i64(tokens),
-            ) {
-                Ok(Ok(_)) => budget_period_start_ms = Some(start),
-                Ok(Err(used)) => {
+            let taken = if leased {
+                self.take_from_lease(&ctx.key.id, budget.tokens, start, tokens, may_block)
+            } else if may_block {
+                Some(
+                    self.store
+                        .reserve_budget(&ctx.key.id, start, to_i64(budget.tokens), to_i64(tokens))
+                        .map(|r| {
+                            r.map(|_| ()).map_err(|used| {
+                                budget
+                                    .tokens
+                                    .saturating_sub(u64::try_from(used).unwrap_or(0))
+                            })
+                        }),
+                )
+            } else {
+                None
+            };
+            match taken {
+                Some(Ok(Ok(()))) => budget_period_start_ms = Some(start),
+                Some(Ok(Err(remaining))) => {
                     refund_rate();
-                    let remaining = budget
-                        .tokens
-                        .saturating_sub(u64::try_from(used).unwrap_or(0));
                     let retry_after_secs = budget
                         .period
                         .next_start_ms(now)
                         .map(|next| u64::try_from((next - now + 999) / 1000).unwrap_or(1).max(1));
-                    return Err(Denial::QuotaExceeded {
+                    return Some(Err(Denial::QuotaExceeded {
                         requested: tokens,
                         remaining,
                         retry_after_secs,
                     }
-                    .into());
+                    .into()));
                 }
-                Err(err) => {
+                Some(Err(err)) => {
                     refund_rate();
-                    return Err(err.into());
+                    return Some(Err(err.into()));
+                }
+                None => {
+                    refund_rate();
+                    return None;
                 }
             }
         }
-        Ok(Reservation {
+        Some(Ok(Reservation {
             tokens,
             budget_period_start_ms,
             rate_limited: policy.tokens_per_minute.is_some(),
+            leased,
+        }))
+    }
+
+    /// Takes `tokens` from the key's lease in the period starting at `start`, topping the
+    /// lease up from the store when it is short (only if `may_block`; else `None`). Returns
+    /// `Ok(Err(remaining))` when the budget cannot cover the request.
+    fn take_from_lease(
+        &self,
+        key_id: &str,
+        limit: u64,
+        start: i64,
+        tokens: u64,
+        may_block: bool,
+    ) -> Option<Result<Result<(), u64>, StoreError>> {
+        let lease = self.leases.of(key_id, start);
+        let mut lease = if may_block {
+            hot::lock(&lease)
+        } else {
+            lease.try_lock().ok()?
+        };
+        if lease.period_start_ms != start {
+            // A new period: what is left of the old one's lease goes back to its period.
+            if lease.available > 0 {
+                let back = give_back(key_id, lease.period_start_ms, lease.available);
+                if !self.writer.push((vec![back], None)) {
+                    tracing::error!(
+                        "a budget lease could not be given back: too many settlements wait"
+                    );
+                }
+            }
+            lease.period_start_ms = start;
+            lease.available = 0;
+        }
+        lease.last_used = Instant::now();
+        if lease.available >= tokens {
+            lease.available -= tokens;
+            return Some(Ok(Ok(())));
+        }
+        if !may_block {
+            return None;
+        }
+        let need = tokens - lease.available;
+        let ahead = self.leases.chunk.min(limit / 16);
+        let reserve = |n: u64| {
+            self.store
+                .reserve_budget(key_id, start, to_i64(limit), to_i64(n))
+        };
+        if ahead > 0 {
+            match reserve(need.saturating_add(ahead)) {
+                Ok(Ok(_)) => {
+                    lease.available = ahead;
+                    return Some(Ok(Ok(())));
+                }
+                Ok(Err(_)) => {}
+                Err(err) => return Some(Err(err)),
+            }
+        }
+        Some(match reserve(need) {
+            Ok(Ok(_)) => {
+                lease.available = 0;
+                Ok(Ok(()))
+            }
+            Ok(Err(used)) => Ok(Err(limit
+                .saturating_sub(u64::try_from(used).unwrap_or(0))
+                .saturating_add(lease.available))),
+            Err(err) => Err(err),
+        })
+    }
+
+    /// Gives the unused part of a leased reservation back to the lease (or charges the
+    /// lease for tokens used beyond it); what the lease cannot take right now (another
+    /// period, a lease being topped up) is settled in the store instead.
+    fn settle_lease(&self, key_id: &str, start: i64, reserved: u64, used: u64) -> Option<Mutation> {
+        let lease = self.leases.of(key_id, start);
+        if let Ok(mut lease) = lease.try_lock()
+            && lease.period_start_ms == start
+        {
+            lease.last_used = Instant::now();
+            if used <= reserved {
+                lease.available = lease.available.saturating_add(reserved - used);
+                return None;
+            }
+            let extra = used - reserved;
+            let covered = extra.min(lease.available);
+            lease.available -= covered;
+            return (extra > covered).then(|| Mutation::SettleBudget {
+                key_id: key_id.to_owned(),
+                period_start_ms: start,
+                reserved_tokens: 0,
+                actual_tokens: to_i64(extra - covered),
+            });
+        }
+        Some(Mutation::SettleBudget {
+            key_id: key_id.to_owned(),
+            period_start_ms: start,
+            reserved_tokens: to_i64(reserved),
+            actual_tokens: to_i64(used),
         })
     }
 
@@ -654,6 +845,23 @@ impl ControlPlane {
         outcome: Outcome,
     ) -> Result<(), ControlError> {
         self.flush_backlog();
+        let (mutations, draft) = self.settlement(ctx, reservation, outcome);
+        match self.store.commit(&mutations, Some(&draft)) {
+            Ok(_) => Ok(()),
+            Err(err @ StoreError::Unavailable { .. }) => {
+                self.push_backlog((mutations, Some(draft)));
+                Err(err.into())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn settlement(
+        &self,
+        ctx: &KeyContext,
+        reservation: Option<&Reservation>,
+        outcome: Outcome,
+    ) -> (Vec<Mutation>, AuditDraft) {
         let now = self.now_ms();
         let used = outcome
             .prompt_tokens
@@ -664,7 +872,11 @@ impl ControlPlane {
                 self.limiter
                     .give_back(&ctx.key.id, Which::Tokens, r.tokens - used);
             }
-            if let Some(period_start_ms) = r.budget_period_start_ms {
+            if let Some(period_start_ms) = r.budget_period_start_ms
+                && r.leased
+            {
+                mutations.extend(self.settle_lease(&ctx.key.id, period_start_ms, r.tokens, used));
+            } else if let Some(period_start_ms) = r.budget_period_start_ms {
                 mutations.push(Mutation::SettleBudget {
                     key_id: ctx.key.id.clone(),
                     period_start_ms,
@@ -713,14 +925,40 @@ impl ControlPlane {
                 "completion_tokens": outcome.completion_tokens,
             }),
         );
-        match self.store.commit(&mutations, Some(&draft)) {
-            Ok(_) => Ok(()),
-            Err(err @ StoreError::Unavailable { .. }) => {
-                self.push_backlog((mutations, Some(draft)));
-                Err(err.into())
-            }
-            Err(err) => Err(err.into()),
+        (mutations, draft)
+    }
+
+    /// [`ControlPlane::settle`] off the caller's path: the in-memory part (rate bucket,
+    /// budget lease) now, the store's part queued for the writer thread, which commits what
+    /// has queued up in one transaction. [`ControlPlane::flush_writes`] waits for it.
+    pub fn settle_later(
+        &self,
+        ctx: &KeyContext,
+        reservation: Option<&Reservation>,
+        outcome: Outcome,
+    ) {
+        let (mutations, draft) = self.settlement(ctx, reservation, outcome);
+        if !self.writer.push((mutations, Some(draft))) {
+            tracing::error!(
+                "the store has been down too long: a usage or audit record was dropped"
+            );
         }
+    }
+
+    /// Waits until the settlements queued by [`ControlPlane::settle_later`] before this call
+    /// are in the store, at most `timeout`; true when they are.
+    pub fn flush_writes(&self, timeout: Duration) -> bool {
+        self.writer.flush(timeout)
+    }
+
+    /// Gives every budget lease back to the store and waits (at most `timeout`) for the
+    /// queued settlements: for a process about to stop. True when all is written.
+    pub fn close(&self, timeout: Duration) -> bool {
+        let returns = self.leases.take_idle(Duration::ZERO);
+        if !returns.is_empty() && !self.writer.push((returns, None)) {
+            tracing::error!("budget leases could not be given back: too many settlements wait");
+        }
+        self.writer.flush(timeout)
     }
 
     /// Deletes retained content whose time is up and retries waiting settlements; returns
@@ -732,7 +970,12 @@ impl ControlPlane {
 
     /// Settlements waiting for the store.
     pub fn backlog_len(&self) -> usize {
-        self.backlog.lock().map(|b| b.len()).unwrap_or(0)
+        let queued = usize::try_from(self.writer.waiting()).unwrap_or(usize::MAX);
+        self.backlog
+            .lock()
+            .map(|b| b.len())
+            .unwrap_or(0)
+            .saturating_add(queued)
     }
 
     /// Starts the background task that enforces retention and retries waiting settlements

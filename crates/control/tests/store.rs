@@ -629,6 +629,180 @@ fn audit_verify_names_a_reordering(fx: &Fixture) {
 }
 
 /// Another fresh fixture of the same backend.
+/// A control plane over the fixture's store with the fast path's settings.
+fn hot_plane(
+    fx: &Fixture,
+    key_cache: Duration,
+    lease: u64,
+) -> (Arc<ControlPlane>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let mut config = ControlConfig::new(REGION, b"test server secret".to_vec());
+    config.key_cache_ttl = key_cache;
+    config.budget_lease_tokens = lease;
+    let plane = ControlPlane::new(Arc::clone(&fx.store), config).with_clock(clock.clone());
+    (Arc::new(plane), clock)
+}
+
+fn cached_keys_are_checked_and_forgotten(fx: &Fixture) {
+    let (plane, clock) = hot_plane(fx, Duration::from_secs(60), 0);
+    let policy = KeyPolicy {
+        expires_at_ms: Some(START_MS + 10_000),
+        ..KeyPolicy::default()
+    };
+    let (ctx, plaintext) = tenant(&plane, policy, None);
+    // `tenant` authenticated once: the key is cached, and each use checks the secret.
+    let cached = plane
+        .cached_key(&plaintext)
+        .expect("cached after authenticate");
+    assert_eq!(cached.key.id, ctx.key.id);
+    let mut forged = plaintext.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'a' { 'b' } else { 'a' });
+    assert!(plane.cached_key(&forged).is_none());
+    assert!(plane.cached_key("sk-sov-nonsense").is_none());
+    // Expiry is checked on every use, cached or not.
+    clock.advance_ms(10_000);
+    assert!(plane.cached_key(&plaintext).is_none());
+    clock.advance_ms(-10_000);
+    assert!(plane.cached_key(&plaintext).is_some());
+    // A revocation through this plane empties the cache at once.
+    plane.revoke_key("admin", &ctx.key.id).unwrap();
+    assert!(plane.cached_key(&plaintext).is_none());
+    assert!(plane.authenticate(&plaintext).is_err());
+
+    // Through another process (another plane on the same store): seen once the entry ages.
+    let (other, _) = hot_plane(fx, Duration::ZERO, 0);
+    let (short, _) = hot_plane(fx, Duration::from_millis(50), 0);
+    let (ctx2, plaintext2) = tenant(&short, KeyPolicy::default(), None);
+    assert!(short.cached_key(&plaintext2).is_some());
+    other.revoke_key("admin", &ctx2.key.id).unwrap();
+    std::thread::sleep(Duration::from_millis(80));
+    assert!(short.cached_key(&plaintext2).is_none());
+    assert!(short.authenticate(&plaintext2).is_err());
+    // Without a cache, nothing is ever answered from memory.
+    let (ctx3, plaintext3) = tenant(&other, KeyPolicy::default(), None);
+    assert!(other.authenticate(&plaintext3).is_ok());
+    assert!(other.cached_key(&plaintext3).is_none());
+    drop(ctx3);
+}
+
+fn leased_budgets_are_never_overspent(fx: &Fixture) {
+    // Two processes (two planes) share one key's budget, each holding leases.
+    let (a, clock) = hot_plane(fx, Duration::ZERO, 100);
+    let (b, _) = hot_plane(fx, Duration::ZERO, 100);
+    let policy = KeyPolicy {
+        budget: Some(Budget {
+            tokens: 1_000,
+            period: BudgetPeriod::Hour,
+        }),
+        ..KeyPolicy::default()
+    };
+    let (ctx, _) = tenant(&a, policy, None);
+    let ctx = Arc::new(ctx);
+    let period = BudgetPeriod::Hour.start_ms(START_MS);
+    let barrier = Arc::new(Barrier::new(64));
+    let threads: Vec<_> = (0..64)
+        .map(|i| {
+            let plane = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (ctx, barrier) = (ctx.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = plane.reserve(&ctx, 40, 60);
+                (i, r)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let granted: Vec<_> = results
+        .iter()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|r| (*i, r.clone())))
+        .collect();
+    // Never more than the budget; at most two leases (62 tokens each: a sixteenth of the
+    // budget) are held back from the requests.
+    assert!(granted.len() <= 10, "{} granted", granted.len());
+    assert!(granted.len() >= 8, "{} granted", granted.len());
+    assert!(granted.iter().all(|(_, r)| r.leased));
+    let used = fx.store.budget_used(&ctx.key.id, period).unwrap();
+    assert!(used <= 1_000, "{used}");
+    for (_, r) in results.iter().filter(|(_, r)| r.is_err()) {
+        assert!(matches!(
+            r,
+            Err(ControlError::Denied(Denial::QuotaExceeded { .. }))
+        ));
+    }
+    // Settled through the writer: unused tokens go back to the lease, then to the store.
+    for (n, (i, r)) in granted.iter().enumerate() {
+        let plane = if i % 2 == 0 { &a } else { &b };
+        plane.settle_later(&ctx, Some(r), outcome(&format!("req-{n}"), 40, 20));
+    }
+    assert!(a.close(Duration::from_secs(10)));
+    assert!(b.close(Duration::from_secs(10)));
+    let settled = i64::try_from(granted.len() * 60).unwrap();
+    assert_eq!(fx.store.budget_used(&ctx.key.id, period).unwrap(), settled);
+    let usage = a.usage(&UsageFilter::default()).unwrap();
+    assert_eq!(usage.len(), granted.len());
+
+    // A lease serves small requests from memory: the store moves only when it is topped up.
+    let first = a.reserve(&ctx, 10, 0).unwrap();
+    let after_first = fx.store.budget_used(&ctx.key.id, period).unwrap();
+    assert_eq!(after_first, settled + 10 + 62);
+    for _ in 0..6 {
+        let r = a.try_reserve(&ctx, 10, 0).expect("from the lease").unwrap();
+        assert!(r.leased);
+    }
+    assert_eq!(
+        fx.store.budget_used(&ctx.key.id, period).unwrap(),
+        after_first
+    );
+    // Short of the lease, `try_reserve` does not wait on the store.
+    assert!(a.try_reserve(&ctx, 100, 0).is_none());
+    a.settle_later(&ctx, Some(&first), outcome("req-small", 10, 0));
+    assert!(a.close(Duration::from_secs(10)));
+    assert_eq!(
+        fx.store.budget_used(&ctx.key.id, period).unwrap(),
+        settled + 10 + 60
+    );
+    // A new period starts a new lease; the old one's tokens go back to their period.
+    clock.advance_ms(3_600_000);
+    assert!(a.reserve(&ctx, 500, 400).is_ok());
+    assert!(a.flush_writes(Duration::from_secs(10)));
+    assert!(a.verify_audit().unwrap().is_intact());
+}
+
+fn queued_settlements_are_committed_in_groups(fx: &Fixture) {
+    let (plane, _) = hot_plane(fx, Duration::from_secs(60), 0);
+    let (ctx, _) = tenant(&plane, KeyPolicy::default(), Some(3600));
+    let ctx = Arc::new(ctx);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (plane, ctx) = (plane.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    plane.settle_later(&ctx, None, outcome(&format!("req-{t}-{i}"), 3, 4));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(plane.flush_writes(Duration::from_secs(20)));
+    assert_eq!(plane.backlog_len(), 0);
+    let usage = plane.usage(&UsageFilter::default()).unwrap();
+    assert_eq!(usage.len(), 400);
+    assert!(
+        usage
+            .iter()
+            .all(|u| u.prompt_tokens == 3 && u.completion_tokens == 4)
+    );
+    let entries = plane.audit_entries().unwrap();
+    assert_eq!(
+        entries.iter().filter(|e| e.action == "key.use").count(),
+        400
+    );
+    assert!(plane.verify_audit().unwrap().is_intact());
+}
+
 fn fresh(fx: &Fixture) -> Fixture {
     match fx.backend {
         "sqlite" => sqlite_fixture(),
@@ -672,6 +846,9 @@ store_suite!(
     audit_verify_names_a_deletion,
     audit_verify_names_an_insertion,
     audit_verify_names_a_reordering,
+    cached_keys_are_checked_and_forgotten,
+    leased_budgets_are_never_overspent,
+    queued_settlements_are_committed_in_groups,
 );
 
 // ---- PostgreSQL going away ------------------------------------------------------------------

@@ -578,9 +578,12 @@ async fn authorize(
             return Err(refusal(err).await);
         }
     };
-    let ctx = match control.run(move |c| c.authenticate(&presented)).await {
-        Ok(ctx) => ctx,
-        Err(err) => return Err(refusal(err).await),
+    let ctx = match control.cached_key(&presented) {
+        Some(ctx) => ctx,
+        None => match control.run(move |c| c.authenticate(&presented)).await {
+            Ok(ctx) => Arc::new(ctx),
+            Err(err) => return Err(refusal(err).await),
+        },
     };
     if !key.model.is_empty()
         && let Err(denial) = control.check_model(&ctx, &key.model)
@@ -593,7 +596,7 @@ async fn authorize(
         regions = ?ctx.org.allowed_regions,
         "ext_proc authenticated a request"
     );
-    Ok(ctx.org.allowed_regions)
+    Ok(ctx.org.allowed_regions.clone())
 }
 
 /// The immediate response the HTTP API would give for a control-plane refusal.

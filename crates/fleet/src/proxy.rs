@@ -359,13 +359,7 @@ struct Ticket {
 }
 
 impl Ticket {
-    async fn settle(
-        self,
-        usage: Usage,
-        ttft_us: Option<u64>,
-        status: &str,
-        http_status: StatusCode,
-    ) {
+    fn settle(self, usage: Usage, ttft_us: Option<u64>, status: &str, http_status: StatusCode) {
         let Some(m) = self.metering else {
             return;
         };
@@ -381,15 +375,10 @@ impl Ticket {
             http_status: http_status.as_u16(),
             content: None,
         };
-        let ctx = Arc::clone(&m.ctx);
-        let reservation = m.reservation;
-        if let Err(err) = m
-            .control
-            .run(move |c| c.settle(&ctx, Some(&reservation), outcome))
-            .await
-        {
-            tracing::warn!(error = %err, "usage not recorded yet");
-        }
+        // In memory now (budget lease, rate bucket); the store's part is group-committed by
+        // the control plane's writer thread, off the response's path.
+        m.control
+            .settle_later(&m.ctx, Some(&m.reservation), outcome);
     }
 }
 
@@ -427,6 +416,41 @@ async fn admit(
         Err(denial) => return Err(refuse_bearer(control, denial).await),
     };
     let model = model.to_owned();
+    // The fast path, all in memory: a key read recently, checked again against its hash,
+    // revocation and expiry; the budget's tokens from this process's lease.
+    if let Some(ctx) = control.cached_key(&presented) {
+        let checks = (|| {
+            if !model.is_empty() {
+                control.check_model(&ctx, &model)?;
+            }
+            control.check_request_rate(&ctx)?;
+            Ok::<(), control::ControlError>(())
+        })();
+        let result = match checks {
+            Err(err) => Err(err),
+            Ok(()) => match control.try_reserve(&ctx, prompt_tokens, completion_limit) {
+                Some(result) => result,
+                None => {
+                    let ctx = Arc::clone(&ctx);
+                    control
+                        .run(move |c| c.reserve(&ctx, prompt_tokens, completion_limit))
+                        .await
+                }
+            },
+        };
+        return match result {
+            Ok(reservation) => Ok(Metering {
+                control: Arc::clone(control),
+                ctx,
+                reservation,
+            }),
+            Err(err) => {
+                let status = api::refusal(err.clone()).status();
+                control.settle_later(&ctx, None, api::rejected_outcome(&model, started, status));
+                Err(api::refusal(err))
+            }
+        };
+    }
     // One trip to the blocking pool: authenticate, check, reserve (and record a refusal).
     let (ctx, result) = control
         .run(move |c| {
@@ -440,10 +464,7 @@ async fn admit(
             })();
             if let Err(err) = &checks {
                 let status = api::refusal(err.clone()).status();
-                let outcome = api::rejected_outcome(&model, started, status);
-                if let Err(e) = c.settle(&ctx, None, outcome) {
-                    tracing::warn!(error = %e, "refusal not recorded yet");
-                }
+                c.settle_later(&ctx, None, api::rejected_outcome(&model, started, status));
             }
             Ok((ctx, checks))
         })
@@ -614,9 +635,7 @@ async fn forward(
         if tried.len() > router.config.retries {
             router.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::BAD_GATEWAY;
-            ticket
-                .settle(Usage::default(), None, "failed", status)
-                .await;
+            ticket.settle(Usage::default(), None, "failed", status);
             return refused(
                 status,
                 "server_error",
@@ -656,9 +675,7 @@ async fn refuse_pick(
         ),
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    ticket
-        .settle(Usage::default(), None, "rejected", status)
-        .await;
+    ticket.settle(Usage::default(), None, "rejected", status);
     refused(status, kind, code, err.to_string()).into_response()
 }
 
@@ -722,7 +739,7 @@ async fn relay(
             router.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(upstream = upstream.name(), error = %err, "upstream answer failed");
             let s = StatusCode::BAD_GATEWAY;
-            ticket.settle(Usage::default(), None, "failed", s).await;
+            ticket.settle(Usage::default(), None, "failed", s);
             return refused(
                 s,
                 "server_error",
@@ -739,11 +756,9 @@ async fn relay(
             prompt: ticket.prompt_estimate,
             ..Usage::default()
         });
-        ticket.settle(usage, None, "ok", status).await;
+        ticket.settle(usage, None, "ok", status);
     } else {
-        ticket
-            .settle(Usage::default(), None, "rejected", status)
-            .await;
+        ticket.settle(Usage::default(), None, "rejected", status);
     }
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -834,7 +849,7 @@ async fn relay_stream(
                             completion: pieces,
                             reasoning: 0,
                         });
-                        t.settle(used, ttft_us, "ok", StatusCode::OK).await;
+                        t.settle(used, ttft_us, "ok", StatusCode::OK);
                     }
                 }
                 Some(json) => {
@@ -886,7 +901,7 @@ async fn relay_stream(
             "cancelled" => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             _ => StatusCode::BAD_GATEWAY,
         };
-        t.settle(used, ttft_us, outcome, status).await;
+        t.settle(used, ttft_us, outcome, status);
     }
 }
 

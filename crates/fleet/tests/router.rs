@@ -402,10 +402,11 @@ fn temp_db(tag: &str) -> std::path::PathBuf {
 
 fn control_plane(tag: &str) -> Arc<ControlPlane> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&temp_db(tag)).unwrap());
-    Arc::new(ControlPlane::new(
-        store,
-        ControlConfig::new("router", b"hash secret".to_vec()),
-    ))
+    // As `souverain route` sets it up: keys cached, budgets leased, settlements queued.
+    let mut config = ControlConfig::new("router", b"hash secret".to_vec());
+    config.key_cache_ttl = Duration::from_secs(1);
+    config.budget_lease_tokens = 4096;
+    Arc::new(ControlPlane::new(store, config))
 }
 
 fn key_for(control: &ControlPlane, regions: &[&str], policy: KeyPolicy) -> String {
@@ -488,6 +489,7 @@ async fn organisations_are_served_only_in_their_regions() {
     let a = post(&client, &routed.base, Some(&eu), &chat("s", "x", false)).await;
     assert_eq!(a.upstream.as_deref(), Some("stockholm"));
     // Every request was metered at the router, refusals included.
+    assert!(control.flush_writes(Duration::from_secs(10)));
     let usage = control.usage(&UsageFilter::default()).unwrap();
     assert_eq!(usage.iter().filter(|u| u.status == "ok").count(), 121);
     assert!(
@@ -562,6 +564,7 @@ async fn a_budget_is_exact_across_replicas() {
     }
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
     assert!(upstreams.len() >= 3, "{upstreams:?}");
+    assert!(control.close(Duration::from_secs(10)));
     let used: i64 = control
         .usage(&UsageFilter::default())
         .unwrap()

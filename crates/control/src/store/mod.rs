@@ -178,6 +178,19 @@ pub trait Store: Send + Sync + 'static {
         audit: Option<&AuditDraft>,
     ) -> Result<Option<AuditEntry>, StoreError>;
 
+    /// Commits each `(mutations, audit)` pair as [`Store::commit`] would, in order. A backend
+    /// that can should do it in one transaction (all or nothing): this one commits them one
+    /// by one and stops at the first error.
+    fn commit_batch(
+        &self,
+        batch: &[(Vec<Mutation>, Option<AuditDraft>)],
+    ) -> Result<(), StoreError> {
+        for (mutations, audit) in batch {
+            self.commit(mutations, audit.as_ref())?;
+        }
+        Ok(())
+    }
+
     /// Adds `tokens` to the key's use in the period starting at `period_start_ms` if that
     /// keeps it within `limit`; returns the use after the reservation, or `Err(used)` (the
     /// use as it stands) when it would not fit. Atomic: of many concurrent reservations, only

@@ -229,6 +229,39 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(map_err)
 }
 
+/// Applies `mutations` and appends the audit entry (if any) inside `tx`.
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    mutations: &[Mutation],
+    audit_draft: Option<&AuditDraft>,
+) -> Result<Option<AuditEntry>, StoreError> {
+    for mutation in mutations {
+        let ((sql, params), must_change) = mutation_sql(mutation);
+        let changed = tx
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
+            .map_err(map_err)?;
+        if changed == 0
+            && let Some((kind, id)) = must_change
+        {
+            return Err(StoreError::NotFound { kind, id });
+        }
+    }
+    let entry = match audit_draft {
+        Some(draft) => {
+            let entry = audit::seal(&read_head(tx)?, draft);
+            for (sql, params) in audit_append_sql(&entry) {
+                tx.prepare_cached(sql)
+                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
+                    .map_err(map_err)?;
+            }
+            Some(entry)
+        }
+        None => None,
+    };
+    Ok(entry)
+}
+
 impl Store for SqliteStore {
     fn backend_name(&self) -> &'static str {
         "sqlite"
@@ -260,32 +293,23 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(map_err)?;
-        for mutation in mutations {
-            let ((sql, params), must_change) = mutation_sql(mutation);
-            let changed = tx
-                .prepare_cached(sql)
-                .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
-                .map_err(map_err)?;
-            if changed == 0
-                && let Some((kind, id)) = must_change
-            {
-                return Err(StoreError::NotFound { kind, id });
-            }
-        }
-        let entry = match audit_draft {
-            Some(draft) => {
-                let entry = audit::seal(&read_head(&tx)?, draft);
-                for (sql, params) in audit_append_sql(&entry) {
-                    tx.prepare_cached(sql)
-                        .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
-                        .map_err(map_err)?;
-                }
-                Some(entry)
-            }
-            None => None,
-        };
+        let entry = apply(&tx, mutations, audit_draft)?;
         tx.commit().map_err(map_err)?;
         Ok(entry)
+    }
+
+    fn commit_batch(
+        &self,
+        batch: &[(Vec<Mutation>, Option<AuditDraft>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        for (mutations, audit_draft) in batch {
+            apply(&tx, mutations, audit_draft.as_ref())?;
+        }
+        tx.commit().map_err(map_err)
     }
 
     fn reserve_budget(
