@@ -249,7 +249,22 @@ fn router_in_front_of_real_replicas() {
     assert!(!a.body.contains("\"usage\":{"), "{}", a.body);
 
     // Metered at the router: the first request's record carries the replica's token counts.
-    let records = admin_json(&data, &["usage", "--format", "json"]);
+    // The router writes usage records behind the responses (grouped every 10 ms), so give
+    // them a moment to land.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = admin_json(&data, &["usage", "--format", "json"]);
+        let ok = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] == "ok")
+            .count();
+        if ok >= 5 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let records = records.as_array().unwrap();
     let ok: Vec<&Value> = records.iter().filter(|r| r["status"] == "ok").collect();
     assert_eq!(ok.len(), 5, "{records:?}");
