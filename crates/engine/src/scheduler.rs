@@ -661,10 +661,12 @@ impl Scheduler {
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
                 return Outcome::Finished;
             }
-            let reason = if complete {
-                FinishReason::Stop
-            } else {
+            // At the token limit the answer is cut ("length"), as llama.cpp reports it, even
+            // when that last token also completed the grammar.
+            let reason = if seq.generated >= seq.max_new {
                 FinishReason::Length
+            } else {
+                FinishReason::Stop
             };
             return done(seq, reason);
         }
