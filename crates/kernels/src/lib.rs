@@ -31,6 +31,7 @@ pub use half::{bf16, f16};
 mod dispatch;
 mod matmul;
 mod ops;
+mod packed;
 mod pool;
 mod quants;
 mod scalar;
@@ -48,6 +49,7 @@ mod tests;
 
 pub use matmul::{matmul, matmul_many};
 pub use ops::{RopeStyle, add_assign, gelu, layer_norm, rms_norm, rope, silu, softmax, swiglu};
+pub use packed::{PackedMatrix, matmul_packed};
 pub use pool::ThreadPool;
 pub use quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8K, QK_K,

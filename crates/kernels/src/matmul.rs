@@ -245,7 +245,12 @@ fn matmul_tiled(
     });
 }
 
-fn check_len(what: &'static str, actual: usize, a: usize, b: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    what: &'static str,
+    actual: usize,
+    a: usize,
+    b: usize,
+) -> Result<(), KernelError> {
     let expected = a
         .checked_mul(b)
         .ok_or(KernelError::Overflow { what, a, b })?;
@@ -278,9 +283,9 @@ fn quantize_rows(
 }
 
 /// A shared handle for writing disjoint elements of `y` from several tasks.
-struct DisjointOut {
-    ptr: *mut f32,
-    len: usize,
+pub(crate) struct DisjointOut {
+    pub(crate) ptr: *mut f32,
+    pub(crate) len: usize,
 }
 
 // SAFETY: `DisjointOut` is only a pointer to a `&mut [f32]` that `run` holds exclusively
@@ -294,7 +299,7 @@ impl DisjointOut {
     /// # Safety
     ///
     /// No other thread may access index `i` during the borrow this handle came from.
-    unsafe fn write(&self, i: usize, v: f32) {
+    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
         assert!(i < self.len, "output index in bounds");
         // SAFETY: `i < len`, the pointer comes from a live `&mut [f32]` of `len` elements,
         // and the caller guarantees exclusive access to index `i`.

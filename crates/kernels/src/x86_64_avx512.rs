@@ -39,9 +39,9 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 
-/// Rows and tokens per kernel call (8 accumulators of 32 registers; more tokens spill).
+/// Rows and tokens per kernel call (up to 16 accumulators of the 32 registers).
 const RMAX: usize = 4;
-const TMAX: usize = 2;
+const TMAX: usize = 4;
 
 /// (weight block bytes, activation block bytes) of a format.
 const fn sizes(f: u8) -> (usize, usize) {
@@ -107,22 +107,21 @@ fn tile<const F: u8>(w: &[&[u8]], x: &[&[u8]], out: &mut [f32]) {
             // SAFETY (both arms): this function is reachable only through `AVX512_VNNI`,
             // which `avx512vnni()` hands out after checking every feature `kernel` enables;
             // each row of `w` and `x` holds at least `nb` blocks (`common_blocks`).
-            let vals: [[f32; RMAX]; TMAX] = match (rn, tn) {
-                (RMAX, 1) => {
-                    // SAFETY: as above.
-                    widen(unsafe { kernel::<F, RMAX, 1>(ptrs(&w[r0..]), ptrs(&x[t0..]), nb) })
-                }
-                (RMAX, _) => {
-                    // SAFETY: as above.
-                    widen(unsafe { kernel::<F, RMAX, 2>(ptrs(&w[r0..]), ptrs(&x[t0..]), nb) })
-                }
-                (_, 1) => {
-                    // SAFETY: as above.
-                    widen(unsafe { kernel::<F, 1, 1>(ptrs(&w[r0..]), ptrs(&x[t0..]), nb) })
-                }
-                _ => {
-                    // SAFETY: as above.
-                    widen(unsafe { kernel::<F, 1, 2>(ptrs(&w[r0..]), ptrs(&x[t0..]), nb) })
+            let (wp, xp) = (&w[r0..], &x[t0..]);
+            // SAFETY: (every arm) this function is reachable only through `AVX512_VNNI`,
+            // which `avx512vnni()` hands out after checking every feature `kernel` enables;
+            // each row of `w` and `x` holds at least `nb` blocks (`common_blocks`), and
+            // `wp`/`xp` hold at least the `R`/`T` rows each arm reads.
+            let vals: [[f32; RMAX]; TMAX] = unsafe {
+                match (rn, tn) {
+                    (RMAX, 1) => widen(kernel::<F, RMAX, 1>(ptrs(wp), ptrs(xp), nb)),
+                    (RMAX, 2) => widen(kernel::<F, RMAX, 2>(ptrs(wp), ptrs(xp), nb)),
+                    (RMAX, 3) => widen(kernel::<F, RMAX, 3>(ptrs(wp), ptrs(xp), nb)),
+                    (RMAX, _) => widen(kernel::<F, RMAX, 4>(ptrs(wp), ptrs(xp), nb)),
+                    (_, 1) => widen(kernel::<F, 1, 1>(ptrs(wp), ptrs(xp), nb)),
+                    (_, 2) => widen(kernel::<F, 1, 2>(ptrs(wp), ptrs(xp), nb)),
+                    (_, 3) => widen(kernel::<F, 1, 3>(ptrs(wp), ptrs(xp), nb)),
+                    _ => widen(kernel::<F, 1, 4>(ptrs(wp), ptrs(xp), nb)),
                 }
             };
             for (t, row) in vals.iter().enumerate().take(tn) {

@@ -37,6 +37,16 @@ struct Block {
     ffn: Ffn,            // SwiGLU MLP or experts of ffn_dim
 }
 
+impl Block {
+    /// Repacks the block's matrices for the packed kernel where this CPU has one.
+    fn pack(&mut self, store: &Storage) -> Result<(), ModelError> {
+        for w in [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo] {
+            w.pack(store)?;
+        }
+        self.ffn.pack(store)
+    }
+}
+
 /// A loaded Llama-family model. Holds no per-request state.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -139,7 +149,7 @@ impl LlamaModel {
                     n_used: c.n_experts_used,
                 }
             };
-            let block = Block {
+            let mut block = Block {
                 attn_norm: t.vector(&name("attn_norm"), c.d_model)?,
                 wq: t.weight(&name("attn_q"), [d, q])?,
                 wk: t.weight(&name("attn_k"), [d, kv])?,
@@ -148,6 +158,7 @@ impl LlamaModel {
                 ffn_norm: t.vector(&name("ffn_norm"), c.d_model)?,
                 ffn,
             };
+            block.pack(&t.storage)?;
             let prefix = format!("blk.{i}.");
             let mut names: Vec<&String> =
                 t.index.keys().filter(|k| k.starts_with(&prefix)).collect();
@@ -301,9 +312,9 @@ impl LlamaModel {
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            kernels::matmul(pool, &self.matrix(&b.wq)?, &s.xn, n, &mut s.q)?;
-            kernels::matmul(pool, &self.matrix(&b.wk)?, &s.xn, n, &mut s.k)?;
-            kernels::matmul(pool, &self.matrix(&b.wv)?, &s.xn, n, &mut s.v)?;
+            self.store.matmul(pool, &b.wq, &s.xn, n, &mut s.q)?;
+            self.store.matmul(pool, &b.wk, &s.xn, n, &mut s.k)?;
+            self.store.matmul(pool, &b.wv, &s.xn, n, &mut s.v)?;
             for (r, &pos) in positions.iter().enumerate() {
                 let q = &mut s.q[r * qd..(r + 1) * qd];
                 kernels::rope(
@@ -333,7 +344,7 @@ impl LlamaModel {
                 positions: &positions,
             };
             attention(pool, c, kv, layer, &ctx, &s.q, &mut s.attn);
-            kernels::matmul(pool, &self.matrix(&b.wo)?, &s.attn, n, &mut s.proj)?;
+            self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
             kernels::add_assign(&mut s.x, &s.proj);
 
             // MLP sub-layer: down(silu(gate(x)) * up(x)), or a mixture of such experts.

@@ -41,15 +41,29 @@ impl Mlp {
         up: &mut [f32],
         out: &mut [f32],
     ) -> Result<(), ModelError> {
-        kernels::matmul(pool, &store.matrix(&self.gate)?, x, n, gate)?;
-        kernels::matmul(pool, &store.matrix(&self.up)?, x, n, up)?;
+        store.matmul(pool, &self.gate, x, n, gate)?;
+        store.matmul(pool, &self.up, x, n, up)?;
         kernels::swiglu(gate, up);
-        kernels::matmul(pool, &store.matrix(&self.down)?, gate, n, out)?;
+        store.matmul(pool, &self.down, gate, n, out)?;
         Ok(())
     }
 }
 
 impl Ffn {
+    /// Repacks the MLP matrices (every expert's) for the packed kernel where this CPU has one.
+    pub(crate) fn pack(&mut self, store: &Storage) -> Result<(), ModelError> {
+        let mlps = match self {
+            Ffn::Dense(mlp) => std::slice::from_mut(mlp),
+            Ffn::Experts { experts, .. } => experts.as_mut_slice(),
+        };
+        for mlp in mlps {
+            for w in [&mut mlp.gate, &mut mlp.up, &mut mlp.down] {
+                w.pack(store)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `out = ffn(xn)` for `n` rows of width `d_model` (`ffn_dim` is the MLP's hidden width).
     /// Every row's result is the same whatever the other rows are: experts run over the rows
     /// routed to them, and each row's matrix products do not depend on its neighbours.

@@ -67,6 +67,18 @@ pub(crate) struct Weight {
     pub(crate) len: usize,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
+    /// The same matrix repacked for the CPU's fastest matmul kernel, when it has one for
+    /// this type (see [`Weight::pack`]).
+    pub(crate) packed: Option<Arc<kernels::PackedMatrix>>,
+}
+
+impl Weight {
+    /// Repacks the matrix for the packed matmul kernel when this CPU runs it and the type
+    /// is one it takes (Q4_0, Q4_1); otherwise leaves it as stored.
+    pub(crate) fn pack(&mut self, storage: &Storage) -> Result<(), ModelError> {
+        self.packed = kernels::PackedMatrix::pack(&storage.matrix(self)?).map(Arc::new);
+        Ok(())
+    }
 }
 
 impl Storage {
@@ -85,6 +97,22 @@ impl Storage {
             .checked_add(len)
             .and_then(|end| whole.get(start..end))
             .unwrap_or(&[])
+    }
+
+    /// `y = W·x` for `n` rows of `x`, through the packed kernel when `w` was packed.
+    pub(crate) fn matmul(
+        &self,
+        pool: &kernels::ThreadPool,
+        w: &Weight,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        match &w.packed {
+            Some(p) => kernels::matmul_packed(pool, p, x, n, y)?,
+            None => kernels::matmul(pool, &self.matrix(w)?, x, n, y)?,
+        }
+        Ok(())
     }
 
     pub(crate) fn matrix(&self, w: &Weight) -> Result<Matrix<'_>, ModelError> {
@@ -163,6 +191,7 @@ impl Tensors {
             len: r.len,
             rows: dims[1] as usize,
             cols: dims[0] as usize,
+            packed: None,
         })
     }
 
@@ -195,6 +224,7 @@ impl Tensors {
                     len: each,
                     rows,
                     cols,
+                    packed: None,
                 })
             })
             .collect()

@@ -187,9 +187,15 @@ fn forward_pass_matches_llama_cpp() {
                     "{name} step {i}: greedy token differs (margin {margin})"
                 );
             } else {
+                // Near-tied in llama.cpp: ours may be either of its top two, or a third
+                // token that beats llama.cpp's choice here by less than llama.cpp's own noise
+                // (three-way ties happen).
                 assert!(
-                    ours == id || ours == second,
-                    "{name} step {i}: {ours} is neither of llama.cpp's near-tied top two"
+                    ours == id
+                        || ours == second
+                        || logits[ours as usize] - logits[id as usize] <= noise.max,
+                    "{name} step {i}: {ours} is neither of llama.cpp's near-tied top two \
+                     and beats its choice by more than its noise"
                 );
             }
             exact += usize::from(ours == id);
