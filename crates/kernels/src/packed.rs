@@ -1,4 +1,4 @@
-//! Q4_0 and Q4_1 weights repacked sixteen rows at a time, for the AVX-512 VNNI matmul.
+//! Q4_0, Q4_1 and Q8_0 weights repacked sixteen rows at a time, for the AVX-512 VNNI matmul.
 //!
 //! In GGUF a row's blocks are contiguous, so a dot product is one row against one token
 //! and ends in a horizontal sum; every block needs its nibbles spread into the token's
@@ -8,7 +8,9 @@
 //! - the 16 rows' scales `d` as f16, then their offsets `m` as f16 (Q4_0's value
 //!   `d·(q − 8)` is stored as `d·q + m` with `m = −8·d`, exact in f16), 64 bytes;
 //! - four 64-byte vectors of nibbles: in vector `j`, the four bytes of lane `r` hold row `r`'s
-//!   elements `4j..4j+4` in their low nibbles and `4j+16..4j+20` in their high ones.
+//!   elements `4j..4j+4` in their low nibbles and `4j+16..4j+20` in their high ones. Q8_0
+//!   has eight vectors of bytes instead (vector `i`, lane `r`: elements `4i..4i+4` of row `r`
+//!   as `q + 128`, so that they are unsigned, with `m = −128·d`).
 //!
 //! One `vpdpbusd` of such a (masked) vector against four activation bytes broadcast to every
 //! lane adds four products to each of the 16 rows' sums at once: 8 per block, no shuffles,
@@ -20,7 +22,7 @@
 //!
 //! Activations are quantised as for ggml's Q8_0/Q8_1 (32 signed bytes and an f16 scale per
 //! block); `s_x` is rounded to f16 for Q4_1 as in ggml's Q8_1, and kept in f32 for Q4_0 (whose
-//! `−8·Σ x` ggml computes exactly in integers). Each lane's operation sequence is fixed, so the scalar twin
+//! `−8·Σ x`, like Q8_0's `−128·Σ x`, ggml computes exactly in integers). Each lane's operation sequence is fixed, so the scalar twin
 //! ([`matmul_scalar`]) gives bit-identical results, and a (row, token) result depends neither
 //! on the other tokens of the batch nor on the thread count.
 #![allow(unsafe_code)]
@@ -30,12 +32,23 @@ use half::f16;
 use crate::dispatch;
 use crate::matmul::{DisjointOut, check_len};
 use crate::pool::ThreadPool;
-use crate::types::{BlockQ4_0, BlockQ4_1, KernelError, Matrix, QK, WeightType};
+use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, KernelError, Matrix, QK, WeightType};
 
 /// Rows per group.
 pub(crate) const GROUP: usize = 16;
-/// Bytes of one (group, block): scales, offsets, four nibble vectors.
+/// Bytes of one (group, block) of Q4_0/Q4_1: scales, offsets, four nibble vectors.
 const CELL: usize = 64 + 4 * 64;
+/// Bytes of one (group, block) of Q8_0: scales, offsets, eight byte vectors.
+const CELL8: usize = 64 + 8 * 64;
+
+/// The cell size of a packed source type.
+fn cell_bytes(source: WeightType) -> usize {
+    if source == WeightType::Q8_0 {
+        CELL8
+    } else {
+        CELL
+    }
+}
 /// Activation bytes per block: 32 quants.
 const XQ: usize = QK;
 /// Tokens per task.
@@ -83,7 +96,8 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// A Q4_0 or Q4_1 weight matrix repacked for the AVX-512 VNNI kernel (see the module docs).
+/// A Q4_0, Q4_1 or Q8_0 weight matrix repacked for the AVX-512 VNNI kernel (see the module
+/// docs).
 pub struct PackedMatrix {
     data: Buffer,
     rows: usize,
@@ -111,8 +125,8 @@ fn nibble(qs: &[u8], e: usize) -> u8 {
 }
 
 impl PackedMatrix {
-    /// Repacks `w` when this CPU runs the packed kernel (AVX-512 VNNI) and `w` is Q4_0 or
-    /// Q4_1; `None` otherwise (then use [`crate::matmul`]).
+    /// Repacks `w` when this CPU runs the packed kernel (AVX-512 VNNI) and `w` is Q4_0, Q4_1
+    /// or Q8_0; `None` otherwise (then use [`crate::matmul`]).
     pub fn pack(w: &Matrix<'_>) -> Option<Self> {
         if !fast_available() {
             return None;
@@ -121,35 +135,47 @@ impl PackedMatrix {
     }
 
     /// Repacks `w` whatever the CPU (the scalar twin can run it); `None` for other types or
-    /// a Q4_0 scale too large for its offset to fit in f16.
+    /// a scale too large for its offset to fit in f16.
     pub(crate) fn pack_any(w: &Matrix<'_>) -> Option<Self> {
-        let (block, qs_at, has_m) = match w.ty() {
-            WeightType::Q4_0 => (BlockQ4_0::BYTES, 2, false),
-            WeightType::Q4_1 => (BlockQ4_1::BYTES, 4, true),
+        // Offsets when the type has none: Q4_0 `d·(q − 8)`, Q8_0 stored as `q + 128`.
+        let (block, qs_at, m_from_d) = match w.ty() {
+            WeightType::Q4_0 => (BlockQ4_0::BYTES, 2, Some(-8.0)),
+            WeightType::Q4_1 => (BlockQ4_1::BYTES, 4, None),
+            WeightType::Q8_0 => (BlockQ8_0::BYTES, 2, Some(-128.0)),
             _ => return None,
         };
+        let cell_len = cell_bytes(w.ty());
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / QK;
         let groups = rows.div_ceil(GROUP);
-        let mut data = Buffer::zeroed(groups.checked_mul(nb)?.checked_mul(CELL)?);
+        let mut data = Buffer::zeroed(groups.checked_mul(nb)?.checked_mul(cell_len)?);
         for r in 0..rows {
             let (g, lane) = (r / GROUP, r % GROUP);
             let src = w.row(r);
             for b in 0..nb {
                 let blk = &src[b * block..(b + 1) * block];
-                let cell = &mut data[(g * nb + b) * CELL..][..CELL];
+                let cell = &mut data[(g * nb + b) * cell_len..][..cell_len];
                 let d = [blk[0], blk[1]];
-                let m = if has_m {
-                    [blk[2], blk[3]]
-                } else {
-                    let m = f16::from_f32(-8.0 * f16::from_le_bytes(d).to_f32());
-                    if !m.is_finite() {
-                        return None;
+                let m = match m_from_d {
+                    None => [blk[2], blk[3]],
+                    Some(k) => {
+                        // A power of two times an f16: exact unless it overflows.
+                        let m = f16::from_f32(k * f16::from_le_bytes(d).to_f32());
+                        if !m.is_finite() {
+                            return None;
+                        }
+                        m.to_le_bytes()
                     }
-                    m.to_le_bytes()
                 };
                 cell[2 * lane..2 * lane + 2].copy_from_slice(&d);
                 cell[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&m);
+                if w.ty() == WeightType::Q8_0 {
+                    // Vector `i`, lane `r`: row `r`'s elements `4i..4i+4`, as `q + 128`.
+                    for (e, &q) in blk[qs_at..qs_at + 32].iter().enumerate() {
+                        cell[64 + 64 * (e / 4) + 4 * lane + e % 4] = q ^ 0x80;
+                    }
+                    continue;
+                }
                 let qs = &blk[qs_at..qs_at + 16];
                 for j in 0..4 {
                     for k in 0..4 {
@@ -329,7 +355,9 @@ fn group_tokens(
     vals: &mut [[f32; GROUP]; 8],
 ) {
     let nb = w.blocks();
-    let cells = &w.data[g * nb * CELL..(g + 1) * nb * CELL];
+    let cell_len = cell_bytes(w.source);
+    let cells = &w.data[g * nb * cell_len..(g + 1) * nb * cell_len];
+    let bytes = w.source == WeightType::Q8_0;
     let qs = &act.qs[t0 * nb * XQ..(t0 + nt) * nb * XQ];
     let ds = &act.ds[t0 * nb..(t0 + nt) * nb];
     #[cfg(target_arch = "x86_64")]
@@ -342,7 +370,13 @@ fn group_tokens(
                         // AVX-512 VNNI one, which is handed out after checking every feature
                         // `kernel` enables; `cells` holds `nb` cells and `qs`/`ds` hold `nb`
                         // blocks for each of the `$n` tokens.
-                        let v = unsafe { avx512::kernel::<$n>(cells, qs, ds, nb) };
+                        let v = unsafe {
+                            if bytes {
+                                avx512::kernel::<$n, true>(cells, qs, ds, nb)
+                            } else {
+                                avx512::kernel::<$n, false>(cells, qs, ds, nb)
+                            }
+                        };
                         vals[..$n].copy_from_slice(&v);
                     })*
                     _ => {}
@@ -353,7 +387,7 @@ fn group_tokens(
         return;
     }
     let _ = fast;
-    scalar(cells, qs, ds, nb, nt, vals);
+    scalar(cells, qs, ds, nb, nt, bytes, vals);
 }
 
 /// The reference: each lane as the SIMD kernel computes it.
@@ -363,24 +397,33 @@ fn scalar(
     ds: &[[f32; 2]],
     nb: usize,
     nt: usize,
+    bytes: bool,
     vals: &mut [[f32; GROUP]; 8],
 ) {
+    let cell_len = if bytes { CELL8 } else { CELL };
     for t in 0..nt {
         let mut acc = [0f32; GROUP];
         let mut acc_m = [0f32; GROUP];
         for b in 0..nb {
-            let cell = &cells[b * CELL..(b + 1) * CELL];
+            let cell = &cells[b * cell_len..(b + 1) * cell_len];
             let xq = &qs[(t * nb + b) * XQ..][..XQ];
             let [dx, sx] = ds[t * nb + b];
             for (lane, (a, am)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
                 let dw = f16::from_le_bytes([cell[2 * lane], cell[2 * lane + 1]]).to_f32();
                 let mw = f16::from_le_bytes([cell[32 + 2 * lane], cell[33 + 2 * lane]]).to_f32();
                 let mut isum = 0i32;
-                for j in 0..4 {
-                    for k in 0..4 {
-                        let byte = cell[64 + 64 * j + 4 * lane + k];
-                        isum += i32::from(byte & 0x0F) * i32::from(xq[4 * j + k]);
-                        isum += i32::from(byte >> 4) * i32::from(xq[4 * j + 16 + k]);
+                if bytes {
+                    for (e, &x) in xq.iter().enumerate() {
+                        let byte = cell[64 + 64 * (e / 4) + 4 * lane + e % 4];
+                        isum += i32::from(byte) * i32::from(x);
+                    }
+                } else {
+                    for j in 0..4 {
+                        for k in 0..4 {
+                            let byte = cell[64 + 64 * j + 4 * lane + k];
+                            isum += i32::from(byte & 0x0F) * i32::from(xq[4 * j + k]);
+                            isum += i32::from(byte >> 4) * i32::from(xq[4 * j + 16 + k]);
+                        }
                     }
                 }
                 let d = dw * dx;
@@ -398,22 +441,26 @@ fn scalar(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{CELL, GROUP, XQ};
+    use super::{CELL, CELL8, GROUP, XQ};
 
-    /// 16 rows × `T` tokens over `nb` blocks; returns `[token][lane]`.
+    /// 16 rows × `T` tokens over `nb` blocks; returns `[token][lane]`. `BYTES`: Q8_0 cells
+    /// (eight byte vectors), else Q4 cells (four nibble vectors).
     ///
     /// # Safety
     ///
     /// The CPU must support AVX-512 F/BW/VNNI and F16C; `cells` must hold `nb` cells, `qs`
     /// `T·nb` blocks of 32 bytes and `ds` `T·nb` pairs.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn kernel<const T: usize>(
+    pub(super) unsafe fn kernel<const T: usize, const BYTES: bool>(
         cells: &[u8],
         qs: &[i8],
         ds: &[[f32; 2]],
         nb: usize,
     ) -> [[f32; GROUP]; T] {
-        debug_assert!(cells.len() >= nb * CELL && qs.len() >= T * nb * XQ && ds.len() >= T * nb);
+        let cell_len = if BYTES { CELL8 } else { CELL };
+        debug_assert!(
+            cells.len() >= nb * cell_len && qs.len() >= T * nb * XQ && ds.len() >= T * nb
+        );
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
         let mut acc_m = [_mm512_setzero_ps(); T];
@@ -422,15 +469,21 @@ mod avx512 {
         for b in 0..nb {
             // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells).
             let (dw, mw, w) = unsafe {
-                let cell = c.add(b * CELL);
+                let cell = c.add(b * cell_len);
                 let dm = _mm512_loadu_si512(cell.cast());
                 let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
                 let mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm));
                 let mut w = [_mm512_setzero_si512(); 8];
-                for j in 0..4 {
-                    let v = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
-                    w[j] = _mm512_and_si512(v, low);
-                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                if BYTES {
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        *wj = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
+                    }
+                } else {
+                    for j in 0..4 {
+                        let v = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
+                        w[j] = _mm512_and_si512(v, low);
+                        w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    }
                 }
                 (dw, mw, w)
             };
@@ -441,10 +494,12 @@ mod avx512 {
                     let xq = q.add(xb * XQ);
                     let mut isum = _mm512_setzero_si512();
                     for (i, wi) in w.iter().enumerate() {
-                        let x4 = xq
-                            .add(4 * (i % 4) + 16 * (i / 4))
-                            .cast::<i32>()
-                            .read_unaligned();
+                        let at = if BYTES {
+                            4 * i
+                        } else {
+                            4 * (i % 4) + 16 * (i / 4)
+                        };
+                        let x4 = xq.add(at).cast::<i32>().read_unaligned();
                         isum = _mm512_dpbusd_epi32(isum, *wi, _mm512_set1_epi32(x4));
                     }
                     isum
@@ -496,9 +551,9 @@ mod tests {
         #[test]
         fn packed_matmul_matches_scalar_and_unpacked(
             groups_rows in 1usize..40, nb in 1usize..12, n_tokens in 1usize..20, seed: u64,
-            q4_1: bool,
+            which in 0usize..3,
         ) {
-            let ty = if q4_1 { WeightType::Q4_1 } else { WeightType::Q4_0 };
+            let ty = [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0][which];
             let (rows, cols) = (groups_rows, nb * QK);
             let bytes = random_matrix(ty, rows, cols, seed);
             let w = Matrix::new(ty, &bytes, rows, cols).unwrap();

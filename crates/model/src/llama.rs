@@ -102,12 +102,14 @@ impl LlamaModel {
         step("token_embd.weight");
         let output_norm = t.vector("output_norm.weight", c.d_model)?;
         step("output_norm.weight");
-        let output = if t.has("output.weight") {
+        let mut output = if t.has("output.weight") {
             step("output.weight");
             t.weight("output.weight", [d, c.vocab_size as u64])?
         } else {
             token_embd.clone()
         };
+        // Tied or not, the head is a matmul of its own (the embeddings are read by row).
+        output.pack(&t.storage)?;
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
@@ -387,7 +389,7 @@ impl LlamaModel {
             );
         }
         let mut logits = vec![0.0; m * c.vocab_size];
-        kernels::matmul(pool, &self.matrix(&self.output)?, xn, m, &mut logits)?;
+        self.store.matmul(pool, &self.output, xn, m, &mut logits)?;
         for (&r, l) in wanted.iter().zip(logits.chunks_exact(c.vocab_size)) {
             out[rows[r].0].extend_from_slice(l);
         }

@@ -74,7 +74,7 @@ pub(crate) struct Weight {
 
 impl Weight {
     /// Repacks the matrix for the packed matmul kernel when this CPU runs it and the type
-    /// is one it takes (Q4_0, Q4_1); otherwise leaves it as stored.
+    /// is one it takes (Q4_0, Q4_1, Q8_0); otherwise leaves it as stored.
     pub(crate) fn pack(&mut self, storage: &Storage) -> Result<(), ModelError> {
         self.packed = kernels::PackedMatrix::pack(&storage.matrix(self)?).map(Arc::new);
         Ok(())
