@@ -401,8 +401,30 @@ fn completion_limit(path: &str, body: &Value, default: u64) -> u64 {
     limit.saturating_mul(n)
 }
 
-/// Authenticates, checks and reserves in one trip to the store; a refusal after the key is
-/// known is recorded as the key's use.
+/// The key's model list and request rate.
+fn check(c: &ControlPlane, ctx: &KeyContext, model: &str) -> Result<(), ControlError> {
+    if !model.is_empty() {
+        c.check_model(ctx, model)?;
+    }
+    c.check_request_rate(ctx)?;
+    Ok(())
+}
+
+/// Records a request refused after its key was known as the key's use.
+fn record_refusal(
+    c: &ControlPlane,
+    ctx: &KeyContext,
+    model: &str,
+    started: Instant,
+    err: &ControlError,
+) {
+    let status = api::refusal(err.clone()).status();
+    c.settle_later(ctx, None, api::rejected_outcome(model, started, status));
+}
+
+/// Authenticates, checks and reserves: in memory when the key cache and the budget lease can
+/// answer, else in one trip to the store; a refusal after the key is known is recorded as the
+/// key's use.
 async fn admit(
     control: &Arc<ControlPlane>,
     headers: &HeaderMap,
@@ -419,14 +441,7 @@ async fn admit(
     // The fast path, all in memory: a key read recently, checked again against its hash,
     // revocation and expiry; the budget's tokens from this process's lease.
     if let Some(ctx) = control.cached_key(&presented) {
-        let checks = (|| {
-            if !model.is_empty() {
-                control.check_model(&ctx, &model)?;
-            }
-            control.check_request_rate(&ctx)?;
-            Ok::<(), control::ControlError>(())
-        })();
-        let result = match checks {
+        let result = match check(control, &ctx, &model) {
             Err(err) => Err(err),
             Ok(()) => match control.try_reserve(&ctx, prompt_tokens, completion_limit) {
                 Some(result) => result,
@@ -438,33 +453,24 @@ async fn admit(
                 }
             },
         };
-        return match result {
-            Ok(reservation) => Ok(Metering {
-                control: Arc::clone(control),
-                ctx,
-                reservation,
-            }),
-            Err(err) => {
-                let status = api::refusal(err.clone()).status();
-                control.settle_later(&ctx, None, api::rejected_outcome(&model, started, status));
-                Err(api::refusal(err))
-            }
-        };
+        if let Err(err) = &result {
+            record_refusal(control, &ctx, &model, started, err);
+        }
+        let reservation = result.map_err(api::refusal)?;
+        return Ok(Metering {
+            control: Arc::clone(control),
+            ctx,
+            reservation,
+        });
     }
     // One trip to the blocking pool: authenticate, check, reserve (and record a refusal).
     let (ctx, result) = control
         .run(move |c| {
             let ctx = Arc::new(c.authenticate(&presented)?);
-            let checks = (|| {
-                if !model.is_empty() {
-                    c.check_model(&ctx, &model)?;
-                }
-                c.check_request_rate(&ctx)?;
-                c.reserve(&ctx, prompt_tokens, completion_limit)
-            })();
+            let checks = check(c, &ctx, &model)
+                .and_then(|()| c.reserve(&ctx, prompt_tokens, completion_limit));
             if let Err(err) = &checks {
-                let status = api::refusal(err.clone()).status();
-                c.settle_later(&ctx, None, api::rejected_outcome(&model, started, status));
+                record_refusal(c, &ctx, &model, started, err);
             }
             Ok((ctx, checks))
         })
