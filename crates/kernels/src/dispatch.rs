@@ -1,9 +1,10 @@
 //! The table of kernel implementations and the one-time choice among them.
 //!
-//! Each instruction set provides a `&'static Kernels` of plain safe function pointers. The
-//! SIMD tables are only reachable through constructors that check the CPU first (memchr's
-//! pattern), so holding a table is proof that its instructions are available. The choice is
-//! made once per process and cached in a `OnceLock`; a call costs one atomic load.
+//! Each instruction set provides one flat `&'static Kernels` of plain safe function pointers
+//! (`crate::arch`). The SIMD tables are only reachable through constructors that check the
+//! CPU first (memchr's pattern), so holding a table is proof that its instructions are
+//! available. The choice is made once per process and cached in a `OnceLock`; a call costs
+//! one atomic load.
 //!
 //! Contract for every entry: lengths are *not* checked against each other. Each kernel
 //! processes the largest whole prefix every argument can supply (e.g. `min(a.len(),
@@ -14,9 +15,36 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-/// One implementation of every SIMD-accelerated kernel.
+use crate::types::WeightType;
+
+/// A weight row · quantised activation row dot product.
+pub(crate) type DotFn = fn(&[u8], &[u8]) -> f32;
+
+/// Quantises one row of f32 activations into blocks.
+pub(crate) type QuantizeFn = fn(&[f32], &mut [u8]);
+
+/// A tile of quantised dot products, the inner loop of [`crate::matmul`] for Q4_0, Q4_1 and
+/// Q8_0: `out[t * w.len() + r] = dot(w[r], x[t])` for every weight row `w[r]` and
+/// activation row `x[t]` of one block format pair. Block counts are the fewest whole blocks
+/// any row holds ([`common_blocks`]); if `out` is shorter than `w.len() * x.len()`, only the
+/// tokens that fit are computed.
+///
+/// Why tiles: a matrix-vector product streams each weight block from memory once and uses
+/// it once, so its cost is unpacking plus one integer dot per block. For a batch of tokens (a
+/// prompt), a tile unpacks each weight block (nibbles to bytes, scale to f32) once and meets
+/// it with several tokens while it is in registers; each activation block likewise meets
+/// several rows. Every implementation keeps one accumulator per (row, token) pair, so each
+/// pair's result is bit-identical to the same table's single dot product, whatever the tile
+/// shape: results do not depend on how rows and tokens are grouped (or on the thread count).
+pub(crate) type TileFn = fn(&[&[u8]], &[&[u8]], &mut [f32]);
+
+/// One group of 16 packed rows against `nt` (≤ 8) tokens, the body of
+/// [`crate::matmul_packed`]: `(cells, qs, ds, nb, nt, bytes, vals)` as in `crate::packed`.
+pub(crate) type PackedFn = fn(&[u8], &[i8], &[[f32; 2]], usize, usize, bool, &mut [[f32; 16]; 8]);
+
+/// One implementation of every kernel that has SIMD variants.
 pub(crate) struct Kernels {
-    /// Name for logs: "scalar", "avx2".
+    /// Name for logs: "scalar", "avx2", "avx512vnni".
     pub(crate) name: &'static str,
     /// `Σ a[i]*b[i]`, ggml `ggml_vec_dot_f32` numerics.
     pub(crate) dot_f32: fn(&[f32], &[f32]) -> f32,
@@ -35,58 +63,140 @@ pub(crate) struct Kernels {
     /// Exact f16 → f32.
     pub(crate) f16_to_f32: fn(&[f16], &mut [f32]),
     /// Quantise f32 activations to Q8_0 blocks (x86 ggml `quantize_row_q8_0` numerics).
-    pub(crate) quantize_q8_0: fn(&[f32], &mut [u8]),
+    pub(crate) quantize_q8_0: QuantizeFn,
     /// Quantise f32 activations to Q8_1 blocks (x86 ggml `quantize_row_q8_1` numerics).
-    pub(crate) quantize_q8_1: fn(&[f32], &mut [u8]),
-    /// Q4_0 weight row · Q8_0 activations.
-    pub(crate) dot_q4_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    pub(crate) quantize_q8_1: QuantizeFn,
+    /// Quantise f32 activations to Q8_K blocks (ggml `quantize_row_q8_K`).
+    pub(crate) quantize_q8_k: QuantizeFn,
+    /// Q4_0 weight row · Q8_0 activations. The matmul reaches these three through the
+    /// tiles; the tests check each tile against its own table's single dot.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) dot_q4_0_q8_0: DotFn,
     /// Q4_1 weight row · Q8_1 activations.
-    pub(crate) dot_q4_1_q8_1: fn(&[u8], &[u8]) -> f32,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) dot_q4_1_q8_1: DotFn,
     /// Q8_0 weight row · Q8_0 activations.
-    pub(crate) dot_q8_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) dot_q8_0_q8_0: DotFn,
+    /// Q5_0 weight row · Q8_0 activations.
+    pub(crate) dot_q5_0_q8_0: DotFn,
+    /// Q5_1 weight row · Q8_1 activations.
+    pub(crate) dot_q5_1_q8_1: DotFn,
+    /// Q2_K weight row · Q8_K activations.
+    pub(crate) dot_q2_k_q8_k: DotFn,
+    /// Q3_K weight row · Q8_K activations.
+    pub(crate) dot_q3_k_q8_k: DotFn,
+    /// Q4_K weight row · Q8_K activations.
+    pub(crate) dot_q4_k_q8_k: DotFn,
+    /// Q5_K weight row · Q8_K activations.
+    pub(crate) dot_q5_k_q8_k: DotFn,
+    /// Q6_K weight row · Q8_K activations.
+    pub(crate) dot_q6_k_q8_k: DotFn,
     /// Q4_0 blocks → f32.
     pub(crate) dequantize_q4_0: fn(&[u8], &mut [f32]),
     /// Q4_1 blocks → f32.
     pub(crate) dequantize_q4_1: fn(&[u8], &mut [f32]),
     /// Q8_0 blocks → f32.
     pub(crate) dequantize_q8_0: fn(&[u8], &mut [f32]),
-    /// Q5_0, Q5_1 and K-quant kernels (`crate::quants`).
-    pub(crate) quants: &'static crate::quants::QuantKernels,
-    /// Tiles of Q4_0/Q4_1/Q8_0 dot products, the inner loop of `matmul` (`crate::tiles`).
-    pub(crate) tiles: &'static crate::tiles::TileKernels,
+    /// Tiles of Q4_0 weights × Q8_0 activations.
+    pub(crate) tile_q4_0_q8_0: TileFn,
+    /// Tiles of Q4_1 weights × Q8_1 activations.
+    pub(crate) tile_q4_1_q8_1: TileFn,
+    /// Tiles of Q8_0 weights × Q8_0 activations.
+    pub(crate) tile_q8_0_q8_0: TileFn,
+    /// The packed-matrix kernel, where this instruction set has one (its scalar twin,
+    /// `crate::arch::portable::packed_group`, runs everywhere but is only worth it there).
+    pub(crate) packed: Option<PackedFn>,
+}
+
+impl Kernels {
+    /// The dot product of a K-quant weight row with Q8_K activations; `None` for a type
+    /// whose activations are not Q8_K.
+    pub(crate) fn dot_q8_k(&self, ty: WeightType) -> Option<DotFn> {
+        match ty {
+            WeightType::Q2_K => Some(self.dot_q2_k_q8_k),
+            WeightType::Q3_K => Some(self.dot_q3_k_q8_k),
+            WeightType::Q4_K => Some(self.dot_q4_k_q8_k),
+            WeightType::Q5_K => Some(self.dot_q5_k_q8_k),
+            WeightType::Q6_K => Some(self.dot_q6_k_q8_k),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a `Kernels` table from the modules that hold its functions under the table's
+/// field names: `base` (float, Q4/Q8 and dequantisation kernels), `quants` (Q5 and K-quant
+/// dots), `tiles` (the `tile_*` entries). Each field is named once, here.
+macro_rules! kernel_table {
+    (
+        name: $name:literal,
+        base: $base:path,
+        quants: $quants:path,
+        tiles: $tiles:path,
+        quantize_q8_k: $q8k:expr,
+        packed: $packed:expr $(,)?
+    ) => {
+        $crate::dispatch::kernel_table!(@fields $name, $q8k, $packed,
+            $base => [
+                dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 f32_to_f16
+                f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
+                dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0
+            ],
+            $quants => [
+                dot_q5_0_q8_0 dot_q5_1_q8_1 dot_q2_k_q8_k dot_q3_k_q8_k dot_q4_k_q8_k
+                dot_q5_k_q8_k dot_q6_k_q8_k
+            ],
+            $tiles => [tile_q4_0_q8_0 tile_q4_1_q8_1 tile_q8_0_q8_0],
+        )
+    };
+    (@fields $name:literal, $q8k:expr, $packed:expr, $($module:path => [$($field:ident)*],)*) => {
+        $crate::dispatch::Kernels {
+            name: $name,
+            quantize_q8_k: $q8k,
+            packed: $packed,
+            $($($field: { use $module as m; m::$field },)*)*
+        }
+    };
+}
+pub(crate) use kernel_table;
+
+/// The number of whole blocks every row of a tile holds (`(wb, xb)`: the weight and
+/// activation block bytes).
+pub(crate) fn common_blocks(w: &[&[u8]], x: &[&[u8]], (wb, xb): (usize, usize)) -> usize {
+    let nw = w.iter().map(|r| r.len() / wb).min().unwrap_or(0);
+    let nx = x.iter().map(|r| r.len() / xb).min().unwrap_or(0);
+    nw.min(nx)
 }
 
 static ACTIVE: OnceLock<&'static Kernels> = OnceLock::new();
 
 /// The best implementation this CPU supports, detected on first use.
 pub(crate) fn active() -> &'static Kernels {
-    ACTIVE.get_or_init(detect)
+    ACTIVE.get_or_init(|| available().pop().unwrap_or(&crate::arch::portable::SCALAR))
 }
 
-fn detect() -> &'static Kernels {
-    // Best first; later work (NEON) adds its constructor in front.
-    #[cfg(target_arch = "x86_64")]
-    if let Some(k) = crate::x86_64_avx512::avx512vnni() {
-        return k;
+/// Names the best level a run may use (`scalar`, `avx2`, `avx512vnni`): benchmarks and
+/// tests of a slower path on a faster CPU. Unset, or a name not listed, means no limit.
+const LIMIT_VAR: &str = "SOUVERAIN_SIMD";
+
+/// Whether the `SOUVERAIN_SIMD` limit lets a table be used.
+fn allowed(name: &str) -> bool {
+    match std::env::var(LIMIT_VAR).as_deref() {
+        Ok("scalar") => name == "scalar",
+        Ok("avx2") => name != "avx512vnni",
+        _ => true,
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(k) = crate::x86_64::avx2() {
-        return k;
-    }
-    &crate::scalar::SCALAR
 }
 
-/// Every implementation this CPU can run, scalar first (for tests and benches).
-#[cfg(test)]
+/// Every implementation this CPU can run (within the `SOUVERAIN_SIMD` limit), scalar
+/// first and best last (tests compare them all).
 pub(crate) fn available() -> Vec<&'static Kernels> {
-    let mut all = vec![&crate::scalar::SCALAR];
+    let mut all = vec![&crate::arch::portable::SCALAR];
+    // Worst to best; later work (NEON) adds its constructors here.
     #[cfg(target_arch = "x86_64")]
-    if let Some(k) = crate::x86_64::avx2() {
-        all.push(k);
-    }
+    all.extend(crate::arch::x86_64::avx2::table());
     #[cfg(target_arch = "x86_64")]
-    if let Some(k) = crate::x86_64_avx512::avx512vnni() {
-        all.push(k);
-    }
+    all.extend(crate::arch::x86_64::avx512vnni::table());
+    all.retain(|k| allowed(k.name));
     all
 }

@@ -28,36 +28,32 @@
 
 pub use half::{bf16, f16};
 
+mod arch;
 mod dispatch;
+mod formats;
 mod matmul;
 mod ops;
 mod packed;
 mod pool;
-mod quants;
-mod scalar;
-mod tiles;
+mod reference;
 mod types;
-#[cfg(target_arch = "x86_64")]
-mod x86_64;
-#[cfg(target_arch = "x86_64")]
-mod x86_64_avx512;
-#[cfg(target_arch = "x86_64")]
-mod x86_64_tiles;
 
 #[cfg(test)]
 mod tests;
 
+pub use formats::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
+};
 pub use matmul::{matmul, matmul_many};
-pub use ops::{RopeStyle, add_assign, gelu, layer_norm, rms_norm, rope, silu, softmax, swiglu};
+pub use ops::{Rope, RopeStyle, add_assign, gelu, layer_norm, rms_norm, silu, softmax, swiglu};
 pub use packed::{PackedMatrix, matmul_packed};
 pub use pool::ThreadPool;
-pub use quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8K, QK_K,
-    quantize_row,
-};
-pub use types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
+pub use reference::quantize_row;
+pub use types::{KernelError, Matrix, WeightType};
 
-use types::checked_row_bytes;
+use arch::portable;
+use types::check_row_bytes;
 
 /// Name of the kernel implementation in use on this CPU: `"avx512vnni"`, `"avx2"` or
 /// `"scalar"`.
@@ -72,17 +68,7 @@ pub fn simd_level() -> &'static str {
 /// [`KernelError::NotBlockMultiple`] if `dst.len()` is not a whole number of blocks;
 /// [`KernelError::DataSize`] if `src` is not exactly the bytes of `dst.len()` elements.
 pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
-    let expected = checked_row_bytes(ty, dst.len())?;
-    if src.len() != expected {
-        return Err(KernelError::DataSize {
-            what: "dequantize_row source",
-            ty,
-            rows: 1,
-            cols: dst.len(),
-            expected,
-            actual: src.len(),
-        });
-    }
+    check_row_bytes("dequantize_row source", ty, dst.len(), src.len())?;
     let k = dispatch::active();
     match ty {
         WeightType::F32 => {
@@ -103,13 +89,13 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) -> Result<(),
         WeightType::Q4_0 => (k.dequantize_q4_0)(src, dst),
         WeightType::Q4_1 => (k.dequantize_q4_1)(src, dst),
         WeightType::Q8_0 => (k.dequantize_q8_0)(src, dst),
-        WeightType::Q5_0 => quants::scalar::dequantize_q5_0(src, dst),
-        WeightType::Q5_1 => quants::scalar::dequantize_q5_1(src, dst),
-        WeightType::Q2_K => quants::scalar::dequantize_q2_k(src, dst),
-        WeightType::Q3_K => quants::scalar::dequantize_q3_k(src, dst),
-        WeightType::Q4_K => quants::scalar::dequantize_q4_k(src, dst),
-        WeightType::Q5_K => quants::scalar::dequantize_q5_k(src, dst),
-        WeightType::Q6_K => quants::scalar::dequantize_q6_k(src, dst),
+        WeightType::Q5_0 => portable::dequantize_q5_0(src, dst),
+        WeightType::Q5_1 => portable::dequantize_q5_1(src, dst),
+        WeightType::Q2_K => portable::dequantize_q2_k(src, dst),
+        WeightType::Q3_K => portable::dequantize_q3_k(src, dst),
+        WeightType::Q4_K => portable::dequantize_q4_k(src, dst),
+        WeightType::Q5_K => portable::dequantize_q5_k(src, dst),
+        WeightType::Q6_K => portable::dequantize_q6_k(src, dst),
     }
     Ok(())
 }

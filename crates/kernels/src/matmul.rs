@@ -14,10 +14,10 @@
 
 use half::{bf16, f16};
 
-use crate::dispatch::{self, Kernels};
+use crate::dispatch::{self, Kernels, QuantizeFn, TileFn};
+use crate::formats::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
 use crate::pool::ThreadPool;
-use crate::tiles::TileFn;
-use crate::types::{BlockQ8_0, BlockQ8_1, KernelError, Matrix, QK, WeightType};
+use crate::types::{KernelError, Matrix, WeightType};
 
 /// Tokens per task.
 const TOKEN_CHUNK: usize = 32;
@@ -68,25 +68,25 @@ pub fn matmul(
             matmul_tiled(pool, &mut [(*w, y)], x, n_tokens);
         }
         WeightType::Q5_0 => {
-            let (q, stride) = quantize_rows(k.quantize_q8_0, BlockQ8_0::BYTES, x, cols);
+            let (q, stride) = quantize_rows(k.quantize_q8_0, Q8_0_ACTS, x, cols);
             run(pool, w, n_tokens, y, &|row, t| {
-                (k.quants.dot_q5_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
+                (k.dot_q5_0_q8_0)(row, &q[t * stride..(t + 1) * stride])
             });
         }
         WeightType::Q5_1 => {
-            let (q, stride) = quantize_rows(k.quantize_q8_1, BlockQ8_1::BYTES, x, cols);
+            let (q, stride) = quantize_rows(k.quantize_q8_1, Q8_1_ACTS, x, cols);
             run(pool, w, n_tokens, y, &|row, t| {
-                (k.quants.dot_q5_1_q8_1)(row, &q[t * stride..(t + 1) * stride])
+                (k.dot_q5_1_q8_1)(row, &q[t * stride..(t + 1) * stride])
             });
         }
-        // K-quants: activations to Q8_K (256-element blocks), see `crate::quants`.
+        // K-quants: activations to Q8_K (256-element blocks: an f32 scale and per-16 sums).
         ty @ (WeightType::Q2_K
         | WeightType::Q3_K
         | WeightType::Q4_K
         | WeightType::Q5_K
         | WeightType::Q6_K) => {
-            let (q, stride) = crate::quants::quantize_rows_q8_k(k.quants, x, cols);
-            if let Some(dot) = k.quants.dot_q8_k(ty) {
+            let (q, stride) = quantize_rows(k.quantize_q8_k, Q8_K_ACTS, x, cols);
+            if let Some(dot) = k.dot_q8_k(ty) {
                 run(pool, w, n_tokens, y, &|row, t| {
                     dot(row, &q[t * stride..(t + 1) * stride])
                 });
@@ -122,9 +122,9 @@ pub fn matmul_many(
         return Ok(());
     }
     let k = dispatch::active();
-    let act_bytes = |w: &Matrix<'_>| tile_of(k, w.ty()).map(|t| t.1);
-    let first = act_bytes(&outs[0].0);
-    if first.is_some() && outs.iter().all(|(w, _)| act_bytes(w) == first) {
+    let act_block = |w: &Matrix<'_>| tile_of(k, w.ty()).map(|t| t.1);
+    let first = act_block(&outs[0].0);
+    if first.is_some() && outs.iter().all(|(w, _)| act_block(w) == first) {
         matmul_tiled(pool, outs, x, n_tokens);
         return Ok(());
     }
@@ -134,15 +134,18 @@ pub fn matmul_many(
     Ok(())
 }
 
-/// Quantises one row of activations into blocks.
-type QuantizeFn = fn(&[f32], &mut [u8]);
+/// An activation block format: (elements, bytes) per block.
+type ActBlock = (usize, usize);
+const Q8_0_ACTS: ActBlock = (QK, BlockQ8_0::BYTES);
+const Q8_1_ACTS: ActBlock = (QK, BlockQ8_1::BYTES);
+const Q8_K_ACTS: ActBlock = (QK_K, BlockQ8K::BYTES);
 
-/// The activation quantiser, its block bytes, and the tile kernel of a tiled weight type.
-fn tile_of(k: &Kernels, ty: WeightType) -> Option<(QuantizeFn, usize, TileFn)> {
+/// The activation quantiser, its block format, and the tile kernel of a tiled weight type.
+fn tile_of(k: &Kernels, ty: WeightType) -> Option<(QuantizeFn, ActBlock, TileFn)> {
     match ty {
-        WeightType::Q4_0 => Some((k.quantize_q8_0, BlockQ8_0::BYTES, k.tiles.q4_0_q8_0)),
-        WeightType::Q4_1 => Some((k.quantize_q8_1, BlockQ8_1::BYTES, k.tiles.q4_1_q8_1)),
-        WeightType::Q8_0 => Some((k.quantize_q8_0, BlockQ8_0::BYTES, k.tiles.q8_0_q8_0)),
+        WeightType::Q4_0 => Some((k.quantize_q8_0, Q8_0_ACTS, k.tile_q4_0_q8_0)),
+        WeightType::Q4_1 => Some((k.quantize_q8_1, Q8_1_ACTS, k.tile_q4_1_q8_1)),
+        WeightType::Q8_0 => Some((k.quantize_q8_0, Q8_0_ACTS, k.tile_q8_0_q8_0)),
         _ => None,
     }
 }
@@ -174,11 +177,11 @@ fn matmul_tiled(
     n_tokens: usize,
 ) {
     let k = dispatch::active();
-    let Some((quantize, act_bytes, _)) = outs.first().and_then(|(w, _)| tile_of(k, w.ty())) else {
+    let Some((quantize, act_block, _)) = outs.first().and_then(|(w, _)| tile_of(k, w.ty())) else {
         return;
     };
     let cols = outs[0].0.cols();
-    let (q, stride) = quantize_rows(quantize, act_bytes, x, cols);
+    let (q, stride) = quantize_rows(quantize, act_block, x, cols);
     let xs: Vec<&[u8]> = if stride > 0 {
         q.chunks_exact(stride).collect()
     } else {
@@ -264,16 +267,17 @@ pub(crate) fn check_len(
     Ok(())
 }
 
-/// Quantises every `cols`-long token row of `x` into blocks; returns the buffer and the
-/// bytes per token. `cols` is a multiple of 32 (the weight matrix was checked).
+/// Quantises every `cols`-long token row of `x` into blocks of `(block_len, block_bytes)`;
+/// returns the buffer and the bytes per token. `cols` is a multiple of `block_len` (the
+/// weight matrix was checked).
 fn quantize_rows(
-    quantize: fn(&[f32], &mut [u8]),
-    block_bytes: usize,
+    quantize: QuantizeFn,
+    (block_len, block_bytes): ActBlock,
     x: &[f32],
     cols: usize,
 ) -> (Vec<u8>, usize) {
-    let stride = cols / QK * block_bytes;
-    let mut q = vec![0u8; x.len() / QK * block_bytes];
+    let stride = cols / block_len * block_bytes;
+    let mut q = vec![0u8; x.len() / block_len * block_bytes];
     if stride > 0 {
         for (xt, qt) in x.chunks_exact(cols).zip(q.chunks_exact_mut(stride)) {
             quantize(xt, qt);

@@ -33,56 +33,81 @@ pub enum RopeStyle {
     NeoX,
 }
 
-/// Rotary position embedding, in place.
+/// Rotary position embedding for one model's heads: the configuration (head width, how many
+/// leading dims rotate, the base frequency, the pairing) is fixed once, at load, and each call
+/// rotates the heads of one token at one position.
 ///
-/// Rotates `n_heads` heads of `head_dim` each, laid out contiguously in `x`, for position
-/// `pos`; only the first `rope_dim` dims of each head rotate; pair `i` turns by
-/// `theta_i = pos * freq_base^(-2i/rope_dim)`. As in ggml, `theta_i` is built by repeated
+/// Pair `i` of a head turns by `theta_i = pos * freq_base^(-2i/rope_dim)`; only the first
+/// `rope_dim` dims of each head rotate. As in ggml, `theta_i` is built by repeated
 /// multiplication by `freq_base^(-2/rope_dim)` in f32, and
 /// `(x0, x1) ← (x0 cos − x1 sin, x0 sin + x1 cos)`.
-///
-/// # Panics
-///
-/// If `x.len() != n_heads * head_dim`, `rope_dim > head_dim` or `rope_dim` is odd (shape
-/// bugs in the caller: a model validates its hyper-parameters when it loads).
-pub fn rope(
-    x: &mut [f32],
-    n_heads: usize,
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
     head_dim: usize,
     rope_dim: usize,
-    pos: usize,
-    freq_base: f32,
+    /// `freq_base^(-2/rope_dim)`, the ratio between consecutive pairs' angles.
+    theta_scale: f32,
     style: RopeStyle,
-) {
-    assert_eq!(
-        Some(x.len()),
-        n_heads.checked_mul(head_dim),
-        "rope: x length"
-    );
-    assert!(
-        rope_dim <= head_dim && rope_dim.is_multiple_of(2),
-        "rope: rope_dim {rope_dim} must be even and at most head_dim {head_dim}"
-    );
-    if rope_dim == 0 || head_dim == 0 {
-        return;
+}
+
+impl Rope {
+    /// The rotation of `head_dim`-wide heads whose first `rope_dim` dims rotate, with base
+    /// frequency `freq_base`, pairing dims as `style` says.
+    ///
+    /// # Panics
+    ///
+    /// If `rope_dim > head_dim` or `rope_dim` is odd (shape bugs in the caller: a model
+    /// validates its hyper-parameters when it loads).
+    pub fn new(head_dim: usize, rope_dim: usize, freq_base: f32, style: RopeStyle) -> Self {
+        assert!(
+            rope_dim <= head_dim && rope_dim.is_multiple_of(2),
+            "rope: rope_dim {rope_dim} must be even and at most head_dim {head_dim}"
+        );
+        Self {
+            head_dim,
+            rope_dim,
+            theta_scale: freq_base.powf(-2.0 / rope_dim as f32),
+            style,
+        }
     }
-    let half = rope_dim / 2;
-    let theta_scale = freq_base.powf(-2.0 / rope_dim as f32);
-    let mut theta = pos as f32;
-    let mut cos_sin = Vec::with_capacity(half);
-    for _ in 0..half {
-        cos_sin.push((theta.cos(), theta.sin()));
-        theta *= theta_scale;
-    }
-    for head in x.chunks_exact_mut(head_dim) {
-        for (i, &(c, s)) in cos_sin.iter().enumerate() {
-            let (a, b) = match style {
-                RopeStyle::Normal => (2 * i, 2 * i + 1),
-                RopeStyle::NeoX => (i, i + half),
-            };
-            let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * c - x1 * s;
-            head[b] = x0 * s + x1 * c;
+
+    /// Rotates, in place, the heads laid out contiguously in `x` (any number of them) for
+    /// position `pos`.
+    ///
+    /// # Panics
+    ///
+    /// If `x.len()` is not a whole number of heads (a shape bug in the caller).
+    pub fn apply(&self, pos: usize, x: &mut [f32]) {
+        if self.head_dim == 0 {
+            assert!(x.is_empty(), "rope: x length");
+            return;
+        }
+        assert!(
+            x.len().is_multiple_of(self.head_dim),
+            "rope: x length {} is not a whole number of {}-wide heads",
+            x.len(),
+            self.head_dim
+        );
+        if self.rope_dim == 0 {
+            return;
+        }
+        let half = self.rope_dim / 2;
+        let mut theta = pos as f32;
+        let mut cos_sin = Vec::with_capacity(half);
+        for _ in 0..half {
+            cos_sin.push((theta.cos(), theta.sin()));
+            theta *= self.theta_scale;
+        }
+        for head in x.chunks_exact_mut(self.head_dim) {
+            for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Normal => (2 * i, 2 * i + 1),
+                    RopeStyle::NeoX => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
         }
     }
 }

@@ -23,23 +23,25 @@
 //! Activations are quantised as for ggml's Q8_0/Q8_1 (32 signed bytes and an f16 scale per
 //! block); `s_x` is rounded to f16 for Q4_1 as in ggml's Q8_1, and kept in f32 for Q4_0 (whose
 //! `−8·Σ x`, like Q8_0's `−128·Σ x`, ggml computes exactly in integers). Each lane's operation sequence is fixed, so the scalar twin
-//! ([`matmul_scalar`]) gives bit-identical results, and a (row, token) result depends neither
+//! (`crate::arch::portable::packed_group`, through [`matmul_scalar`]) gives bit-identical results, and a (row, token) result depends neither
 //! on the other tokens of the batch nor on the thread count.
 #![allow(unsafe_code)]
 
 use half::f16;
 
-use crate::dispatch;
+use crate::arch::portable::packed_group;
+use crate::dispatch::{self, PackedFn};
+use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use crate::matmul::{DisjointOut, check_len};
 use crate::pool::ThreadPool;
-use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, KernelError, Matrix, QK, WeightType};
+use crate::types::{KernelError, Matrix, WeightType};
 
 /// Rows per group.
 pub(crate) const GROUP: usize = 16;
 /// Bytes of one (group, block) of Q4_0/Q4_1: scales, offsets, four nibble vectors.
-const CELL: usize = 64 + 4 * 64;
+pub(crate) const CELL: usize = 64 + 4 * 64;
 /// Bytes of one (group, block) of Q8_0: scales, offsets, eight byte vectors.
-const CELL8: usize = 64 + 8 * 64;
+pub(crate) const CELL8: usize = 64 + 8 * 64;
 
 /// The cell size of a packed source type.
 fn cell_bytes(source: WeightType) -> usize {
@@ -50,7 +52,7 @@ fn cell_bytes(source: WeightType) -> usize {
     }
 }
 /// Activation bytes per block: 32 quants.
-const XQ: usize = QK;
+pub(crate) const XQ: usize = QK;
 /// Tokens per task.
 const TOKEN_CHUNK: usize = 32;
 /// Tasks per thread to aim for.
@@ -220,14 +222,7 @@ impl PackedMatrix {
 
 /// Whether the packed kernel runs on this CPU.
 fn fast_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        dispatch::active().name == "avx512vnni"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    dispatch::active().packed.is_some()
 }
 
 /// Quantised activations: per token, `nb` blocks of 32 signed bytes, and per block
@@ -243,7 +238,7 @@ fn quantize(x: &[f32], cols: usize, round_s: bool) -> Activations {
     let mut qs = vec![0i8; n_tokens * nb * XQ];
     let mut ds = vec![[0f32; 2]; n_tokens * nb];
     let k = dispatch::active();
-    let mut block = [0u8; crate::types::BlockQ8_0::BYTES];
+    let mut block = [0u8; BlockQ8_0::BYTES];
     for (xb, (q, dsb)) in x
         .chunks_exact(QK)
         .zip(qs.chunks_exact_mut(XQ).zip(ds.iter_mut()))
@@ -308,6 +303,13 @@ fn run(
         return Ok(());
     }
     let act = quantize(x, w.cols, w.source == WeightType::Q4_1);
+    // The SIMD kernel where this CPU has one, else its scalar twin.
+    let fast_kernel = if fast {
+        dispatch::active().packed
+    } else {
+        None
+    };
+    let kernel = fast_kernel.unwrap_or(packed_group);
     let groups = w.groups();
     let group_chunk = groups.div_ceil(pool.n_threads() * TASKS_PER_THREAD).max(1);
     let group_tasks = groups.div_ceil(group_chunk);
@@ -326,7 +328,7 @@ fn run(
             let mut t0 = tt * TOKEN_CHUNK;
             while t0 < t1 {
                 let nt = (t1 - t0).min(8);
-                group_tokens(w, act, g, t0, nt, fast, &mut vals);
+                group_tokens(w, act, g, t0, nt, kernel, &mut vals);
                 let lanes = (w.rows - g * GROUP).min(GROUP);
                 for (i, v) in vals.iter().enumerate().take(nt) {
                     let at = (t0 + i) * w.rows + g * GROUP;
@@ -351,7 +353,7 @@ fn group_tokens(
     g: usize,
     t0: usize,
     nt: usize,
-    fast: bool,
+    kernel: PackedFn,
     vals: &mut [[f32; GROUP]; 8],
 ) {
     let nb = w.blocks();
@@ -360,163 +362,7 @@ fn group_tokens(
     let bytes = w.source == WeightType::Q8_0;
     let qs = &act.qs[t0 * nb * XQ..(t0 + nt) * nb * XQ];
     let ds = &act.ds[t0 * nb..(t0 + nt) * nb];
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        macro_rules! call {
-            ($($n:literal)*) => {
-                match nt {
-                    $($n => {
-                        // SAFETY: `fast` is set only when the active kernel table is the
-                        // AVX-512 VNNI one, which is handed out after checking every feature
-                        // `kernel` enables; `cells` holds `nb` cells and `qs`/`ds` hold `nb`
-                        // blocks for each of the `$n` tokens.
-                        let v = unsafe {
-                            if bytes {
-                                avx512::kernel::<$n, true>(cells, qs, ds, nb)
-                            } else {
-                                avx512::kernel::<$n, false>(cells, qs, ds, nb)
-                            }
-                        };
-                        vals[..$n].copy_from_slice(&v);
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        call!(1 2 3 4 5 6 7 8);
-        return;
-    }
-    let _ = fast;
-    scalar(cells, qs, ds, nb, nt, bytes, vals);
-}
-
-/// The reference: each lane as the SIMD kernel computes it.
-fn scalar(
-    cells: &[u8],
-    qs: &[i8],
-    ds: &[[f32; 2]],
-    nb: usize,
-    nt: usize,
-    bytes: bool,
-    vals: &mut [[f32; GROUP]; 8],
-) {
-    let cell_len = if bytes { CELL8 } else { CELL };
-    for t in 0..nt {
-        let mut acc = [0f32; GROUP];
-        let mut acc_m = [0f32; GROUP];
-        for b in 0..nb {
-            let cell = &cells[b * cell_len..(b + 1) * cell_len];
-            let xq = &qs[(t * nb + b) * XQ..][..XQ];
-            let [dx, sx] = ds[t * nb + b];
-            for (lane, (a, am)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
-                let dw = f16::from_le_bytes([cell[2 * lane], cell[2 * lane + 1]]).to_f32();
-                let mw = f16::from_le_bytes([cell[32 + 2 * lane], cell[33 + 2 * lane]]).to_f32();
-                let mut isum = 0i32;
-                if bytes {
-                    for (e, &x) in xq.iter().enumerate() {
-                        let byte = cell[64 + 64 * (e / 4) + 4 * lane + e % 4];
-                        isum += i32::from(byte) * i32::from(x);
-                    }
-                } else {
-                    for j in 0..4 {
-                        for k in 0..4 {
-                            let byte = cell[64 + 64 * j + 4 * lane + k];
-                            isum += i32::from(byte & 0x0F) * i32::from(xq[4 * j + k]);
-                            isum += i32::from(byte >> 4) * i32::from(xq[4 * j + 16 + k]);
-                        }
-                    }
-                }
-                let d = dw * dx;
-                *a = d.mul_add(isum as f32, *a);
-                *am = mw.mul_add(sx, *am);
-            }
-        }
-        for (v, (a, m)) in vals[t].iter_mut().zip(acc.iter().zip(&acc_m)) {
-            *v = a + m;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{CELL, CELL8, GROUP, XQ};
-
-    /// 16 rows × `T` tokens over `nb` blocks; returns `[token][lane]`. `BYTES`: Q8_0 cells
-    /// (eight byte vectors), else Q4 cells (four nibble vectors).
-    ///
-    /// # Safety
-    ///
-    /// The CPU must support AVX-512 F/BW/VNNI and F16C; `cells` must hold `nb` cells, `qs`
-    /// `T·nb` blocks of 32 bytes and `ds` `T·nb` pairs.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn kernel<const T: usize, const BYTES: bool>(
-        cells: &[u8],
-        qs: &[i8],
-        ds: &[[f32; 2]],
-        nb: usize,
-    ) -> [[f32; GROUP]; T] {
-        let cell_len = if BYTES { CELL8 } else { CELL };
-        debug_assert!(
-            cells.len() >= nb * cell_len && qs.len() >= T * nb * XQ && ds.len() >= T * nb
-        );
-        let low = _mm512_set1_epi8(0x0F);
-        let mut acc = [_mm512_setzero_ps(); T];
-        let mut acc_m = [_mm512_setzero_ps(); T];
-        let c = cells.as_ptr();
-        let q = qs.as_ptr();
-        for b in 0..nb {
-            // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells).
-            let (dw, mw, w) = unsafe {
-                let cell = c.add(b * cell_len);
-                let dm = _mm512_loadu_si512(cell.cast());
-                let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
-                let mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm));
-                let mut w = [_mm512_setzero_si512(); 8];
-                if BYTES {
-                    for (j, wj) in w.iter_mut().enumerate() {
-                        *wj = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
-                    }
-                } else {
-                    for j in 0..4 {
-                        let v = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
-                        w[j] = _mm512_and_si512(v, low);
-                        w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                    }
-                }
-                (dw, mw, w)
-            };
-            for t in 0..T {
-                let xb = t * nb + b;
-                // SAFETY: block `xb` of `qs` (32 bytes) is in bounds.
-                let isum = unsafe {
-                    let xq = q.add(xb * XQ);
-                    let mut isum = _mm512_setzero_si512();
-                    for (i, wi) in w.iter().enumerate() {
-                        let at = if BYTES {
-                            4 * i
-                        } else {
-                            4 * (i % 4) + 16 * (i / 4)
-                        };
-                        let x4 = xq.add(at).cast::<i32>().read_unaligned();
-                        isum = _mm512_dpbusd_epi32(isum, *wi, _mm512_set1_epi32(x4));
-                    }
-                    isum
-                };
-                let [dx, sx] = ds[xb];
-                let d = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
-                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), acc[t]);
-                acc_m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc_m[t]);
-            }
-        }
-        let mut out = [[0f32; GROUP]; T];
-        for ((o, a), m) in out.iter_mut().zip(acc).zip(acc_m) {
-            // SAFETY: `o` is 16 f32s.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), _mm512_add_ps(a, m)) };
-        }
-        out
-    }
+    kernel(cells, qs, ds, nb, nt, bytes, vals);
 }
 
 #[cfg(test)]

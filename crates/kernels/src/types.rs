@@ -1,9 +1,9 @@
-//! Weight types, ggml block layouts, the error type and the `Matrix` view.
+//! Weight types, the error type and the `Matrix` view.
 
-use half::f16;
-
-/// Elements per quantisation block in every 32-element ggml format here.
-pub const QK: usize = 32;
+use crate::formats::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, QK, QK_K,
+};
 
 /// How the elements of a weight matrix are stored (the subset of GGUF/ggml tensor types
 /// these kernels understand).
@@ -52,7 +52,7 @@ impl WeightType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1 => QK,
-            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => crate::quants::QK_K,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => QK_K,
         }
     }
 
@@ -61,16 +61,16 @@ impl WeightType {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
-            Self::Q4_0 => size_of::<BlockQ4_0>(),
-            Self::Q4_1 => size_of::<BlockQ4_1>(),
-            Self::Q8_0 => size_of::<BlockQ8_0>(),
-            Self::Q5_0 => crate::quants::BlockQ5_0::BYTES,
-            Self::Q5_1 => crate::quants::BlockQ5_1::BYTES,
-            Self::Q2_K => crate::quants::BlockQ2K::BYTES,
-            Self::Q3_K => crate::quants::BlockQ3K::BYTES,
-            Self::Q4_K => crate::quants::BlockQ4K::BYTES,
-            Self::Q5_K => crate::quants::BlockQ5K::BYTES,
-            Self::Q6_K => crate::quants::BlockQ6K::BYTES,
+            Self::Q4_0 => BlockQ4_0::BYTES,
+            Self::Q4_1 => BlockQ4_1::BYTES,
+            Self::Q8_0 => BlockQ8_0::BYTES,
+            Self::Q5_0 => BlockQ5_0::BYTES,
+            Self::Q5_1 => BlockQ5_1::BYTES,
+            Self::Q2_K => BlockQ2K::BYTES,
+            Self::Q3_K => BlockQ3K::BYTES,
+            Self::Q4_K => BlockQ4K::BYTES,
+            Self::Q5_K => BlockQ5K::BYTES,
+            Self::Q6_K => BlockQ6K::BYTES,
         }
     }
 
@@ -244,154 +244,26 @@ pub(crate) fn checked_row_bytes(ty: WeightType, cols: usize) -> Result<usize, Ke
     })
 }
 
-fn read_f16(b: &[u8], at: usize) -> f16 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-
-/// ggml `block_q4_0`: value `j` is `(nibble_j - 8) * d`; byte `k` of `qs` holds element `k`
-/// in its low nibble and element `k + 16` in its high nibble.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BlockQ4_0 {
-    /// Scale.
-    pub d: f16,
-    /// Packed 4-bit values.
-    pub qs: [u8; QK / 2],
-}
-
-/// ggml `block_q4_1`: value `j` is `nibble_j * d + m`, nibbles packed as in [`BlockQ4_0`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BlockQ4_1 {
-    /// Scale.
-    pub d: f16,
-    /// Minimum (offset).
-    pub m: f16,
-    /// Packed 4-bit values.
-    pub qs: [u8; QK / 2],
-}
-
-/// ggml `block_q8_0`: value `j` is `qs[j] * d`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BlockQ8_0 {
-    /// Scale.
-    pub d: f16,
-    /// Signed 8-bit values.
-    pub qs: [i8; QK],
-}
-
-/// ggml `block_q8_1` (activations only): value `j` is `qs[j] * d`; `s` is `d * sum(qs)`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BlockQ8_1 {
-    /// Scale.
-    pub d: f16,
-    /// `d * sum(qs)`, computed in f32 from the unrounded `d`, then stored as f16.
-    pub s: f16,
-    /// Signed 8-bit values.
-    pub qs: [i8; QK],
-}
-
-const _: () = assert!(size_of::<BlockQ4_0>() == 18);
-const _: () = assert!(size_of::<BlockQ4_1>() == 20);
-const _: () = assert!(size_of::<BlockQ8_0>() == 34);
-const _: () = assert!(size_of::<BlockQ8_1>() == 36);
-
-impl BlockQ4_0 {
-    /// Size in bytes.
-    pub const BYTES: usize = size_of::<Self>();
-
-    /// Parses a block from its little-endian byte form (any alignment).
-    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
-        let mut qs = [0u8; QK / 2];
-        qs.copy_from_slice(&b[2..]);
-        Self {
-            d: read_f16(b, 0),
-            qs,
-        }
+/// Checks that a buffer of `actual` bytes holds exactly one row of `elems` elements of `ty`
+/// (`what` names the buffer in the error).
+pub(crate) fn check_row_bytes(
+    what: &'static str,
+    ty: WeightType,
+    elems: usize,
+    actual: usize,
+) -> Result<(), KernelError> {
+    let expected = checked_row_bytes(ty, elems)?;
+    if actual != expected {
+        return Err(KernelError::DataSize {
+            what,
+            ty,
+            rows: 1,
+            cols: elems,
+            expected,
+            actual,
+        });
     }
-
-    /// Writes the block in its byte form.
-    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
-        let mut out = [0u8; Self::BYTES];
-        out[..2].copy_from_slice(&self.d.to_le_bytes());
-        out[2..].copy_from_slice(&self.qs);
-        out
-    }
-}
-
-impl BlockQ4_1 {
-    /// Size in bytes.
-    pub const BYTES: usize = size_of::<Self>();
-
-    /// Parses a block from its little-endian byte form (any alignment).
-    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
-        let mut qs = [0u8; QK / 2];
-        qs.copy_from_slice(&b[4..]);
-        Self {
-            d: read_f16(b, 0),
-            m: read_f16(b, 2),
-            qs,
-        }
-    }
-
-    /// Writes the block in its byte form.
-    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
-        let mut out = [0u8; Self::BYTES];
-        out[..2].copy_from_slice(&self.d.to_le_bytes());
-        out[2..4].copy_from_slice(&self.m.to_le_bytes());
-        out[4..].copy_from_slice(&self.qs);
-        out
-    }
-}
-
-impl BlockQ8_0 {
-    /// Size in bytes.
-    pub const BYTES: usize = size_of::<Self>();
-
-    /// Parses a block from its little-endian byte form (any alignment).
-    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
-        Self {
-            d: read_f16(b, 0),
-            qs: std::array::from_fn(|j| b[2 + j] as i8),
-        }
-    }
-
-    /// Writes the block in its byte form.
-    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
-        let mut out = [0u8; Self::BYTES];
-        out[..2].copy_from_slice(&self.d.to_le_bytes());
-        for (o, q) in out[2..].iter_mut().zip(self.qs) {
-            *o = q as u8;
-        }
-        out
-    }
-}
-
-impl BlockQ8_1 {
-    /// Size in bytes.
-    pub const BYTES: usize = size_of::<Self>();
-
-    /// Parses a block from its little-endian byte form (any alignment).
-    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
-        Self {
-            d: read_f16(b, 0),
-            s: read_f16(b, 2),
-            qs: std::array::from_fn(|j| b[4 + j] as i8),
-        }
-    }
-
-    /// Writes the block in its byte form.
-    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
-        let mut out = [0u8; Self::BYTES];
-        out[..2].copy_from_slice(&self.d.to_le_bytes());
-        out[2..4].copy_from_slice(&self.s.to_le_bytes());
-        for (o, q) in out[4..].iter_mut().zip(self.qs) {
-            *o = q as u8;
-        }
-        out
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -407,23 +279,5 @@ mod tests {
         assert_eq!(WeightType::Q4_0.row_bytes(64), Some(36));
         assert_eq!(WeightType::Q4_0.row_bytes(40), None);
         assert_eq!(WeightType::F32.row_bytes(usize::MAX), None);
-    }
-
-    #[test]
-    fn blocks_round_trip_through_bytes() {
-        let b = BlockQ4_1 {
-            d: f16::from_f32(0.5),
-            m: f16::from_f32(-2.0),
-            qs: std::array::from_fn(|i| i as u8 * 17),
-        };
-        assert_eq!(BlockQ4_1::from_bytes(&b.to_bytes()), b);
-        let b = BlockQ8_1 {
-            d: f16::from_f32(0.25),
-            s: f16::from_f32(3.0),
-            qs: std::array::from_fn(|i| i as i8 - 16),
-        };
-        assert_eq!(BlockQ8_1::from_bytes(&b.to_bytes()), b);
-        let bytes = b.to_bytes();
-        assert_eq!(&bytes[..2], &[0x00, 0x34]); // 0.25 in f16 is 0x3400, little-endian
     }
 }

@@ -3,8 +3,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use souverain_kernels::{
-    RopeStyle, add_assign, axpy_f16, dot_f16, dot_f32, f16, f16_to_f32_slice, f32_to_f16_slice,
-    rms_norm, rope, softmax, swiglu,
+    Rope, RopeStyle, add_assign, axpy_f16, dot_f16, dot_f32, f16, f16_to_f32_slice,
+    f32_to_f16_slice, rms_norm, softmax, swiglu,
 };
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -17,7 +17,7 @@ fn rope_at_position_zero_is_identity() {
     let x = rand_vec(&mut rng, 3 * 16);
     for style in [RopeStyle::Normal, RopeStyle::NeoX] {
         let mut y = x.clone();
-        rope(&mut y, 3, 16, 16, 0, 10000.0, style);
+        Rope::new(16, 16, 10000.0, style).apply(0, &mut y);
         assert_eq!(y, x, "{style:?}");
     }
 }
@@ -30,18 +30,18 @@ fn rope_pairs_and_known_angles() {
         .collect();
     // Normal: the pair (x[0], x[1]) = (1, 0) turns to (cos θ0, sin θ0).
     let mut x = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-    rope(&mut x, 1, 8, 8, 1, 10000.0, RopeStyle::Normal);
+    Rope::new(8, 8, 10000.0, RopeStyle::Normal).apply(1, &mut x);
     assert!((x[0] - angles[0].cos()).abs() < 1e-6 && (x[1] - angles[0].sin()).abs() < 1e-6);
     assert!(x[2..].iter().all(|&v| v == 0.0));
     // NeoX: element 1 pairs with element 1 + 4, turning by θ1.
     let mut x = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-    rope(&mut x, 1, 8, 8, 1, 10000.0, RopeStyle::NeoX);
+    Rope::new(8, 8, 10000.0, RopeStyle::NeoX).apply(1, &mut x);
     assert!((x[1] - angles[1].cos()).abs() < 1e-6);
     assert!((x[5] - angles[1].sin()).abs() < 1e-6);
     assert!(x[0] == 0.0 && x[2] == 0.0 && x[3] == 0.0 && x[4] == 0.0);
     // Position 3 on pair 0 turns by 3 radians.
     let mut x = [0.0, 2.0, 0.0, 0.0];
-    rope(&mut x, 1, 4, 4, 3, 500.0, RopeStyle::Normal);
+    Rope::new(4, 4, 500.0, RopeStyle::Normal).apply(3, &mut x);
     assert!((x[0] + 2.0 * 3f32.sin()).abs() < 1e-6 && (x[1] - 2.0 * 3f32.cos()).abs() < 1e-6);
 }
 
@@ -52,7 +52,7 @@ fn rope_preserves_pair_norms_and_leaves_tail_dims() {
     let x = rand_vec(&mut rng, n_heads * head_dim);
     for style in [RopeStyle::Normal, RopeStyle::NeoX] {
         let mut y = x.clone();
-        rope(&mut y, n_heads, head_dim, rope_dim, 1234, 10000.0, style);
+        Rope::new(head_dim, rope_dim, 10000.0, style).apply(1234, &mut y);
         for h in 0..n_heads {
             let (xh, yh) = (
                 &x[h * head_dim..][..head_dim],
@@ -80,24 +80,8 @@ fn rope_preserves_pair_norms_and_leaves_tail_dims() {
     }
     // The two styles pair different elements, so they disagree.
     let (mut a, mut b) = (x.clone(), x.clone());
-    rope(
-        &mut a,
-        n_heads,
-        head_dim,
-        rope_dim,
-        7,
-        10000.0,
-        RopeStyle::Normal,
-    );
-    rope(
-        &mut b,
-        n_heads,
-        head_dim,
-        rope_dim,
-        7,
-        10000.0,
-        RopeStyle::NeoX,
-    );
+    Rope::new(head_dim, rope_dim, 10000.0, RopeStyle::Normal).apply(7, &mut a);
+    Rope::new(head_dim, rope_dim, 10000.0, RopeStyle::NeoX).apply(7, &mut b);
     assert_ne!(a, b);
 }
 

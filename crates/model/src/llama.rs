@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use gguf::GgufFile;
-use kernels::{ThreadPool, f16};
+use kernels::{Rope, ThreadPool, f16};
 
 use crate::kv_cache::KvSlice;
 use crate::moe::{Ffn, Mlp};
@@ -56,6 +56,7 @@ pub struct LlamaModel {
     output_norm: Vec<f32>,
     output: Weight, // vocab × d_model (the embeddings when tied)
     blocks: Vec<Block>,
+    rope: Rope, // the same rotation for queries and keys of every layer
 }
 
 /// Per-call scratch buffers, sized for `n` tokens.
@@ -170,8 +171,10 @@ impl LlamaModel {
             }
             blocks.push(block);
         }
+        let rope = Rope::new(c.head_dim, c.rope_dim, c.rope_freq_base, c.rope_style);
         Ok(Self {
             store: tensors.storage,
+            rope,
             config,
             token_embd,
             output_norm,
@@ -248,9 +251,114 @@ impl LlamaModel {
         chunks: &[SeqChunk<'_>],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
+        let plan = BatchPlan::new(c, kv, chunks)?;
+        let n = plan.len();
+        if n == 0 {
+            return Ok(chunks.iter().map(|_| Vec::new()).collect());
+        }
+        let mut s = Scratch::new(c, n);
+        self.embed(&plan, &mut s.x)?;
+        for (layer, b) in self.blocks.iter().enumerate() {
+            // Attention sub-layer.
+            rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
+            self.store.matmul(pool, &b.wq, &s.xn, n, &mut s.q)?;
+            self.store.matmul(pool, &b.wk, &s.xn, n, &mut s.k)?;
+            self.store.matmul(pool, &b.wv, &s.xn, n, &mut s.v)?;
+            self.rope_and_cache(kv, layer, &plan, &mut s);
+            attention(pool, c, kv, layer, &plan, &s.q, &mut s.attn);
+            self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
+            kernels::add_assign(&mut s.x, &s.proj);
+
+            // MLP sub-layer: down(silu(gate(x)) * up(x)), or a mixture of such experts.
+            rms_norm_rows(&s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
+            let (d, f) = (c.d_model, c.ffn_dim);
+            b.ffn
+                .forward(pool, &self.store, &s.xn, n, d, f, &mut s.proj)?;
+            kernels::add_assign(&mut s.x, &s.proj);
+        }
+        self.head(pool, &plan, &mut s)
+    }
+
+    /// Embeddings: one row of the table, dequantised, per batch row.
+    fn embed(&self, plan: &BatchPlan<'_>, x: &mut [f32]) -> Result<(), ModelError> {
+        let embd = self.matrix(&self.token_embd)?;
+        for (r, row) in x.chunks_exact_mut(self.config.d_model).enumerate() {
+            let t = plan.token(r) as usize;
+            kernels::dequantize_row(embd.ty(), embd.row(t), row)?;
+        }
+        Ok(())
+    }
+
+    /// RoPE on every row's queries and keys at the row's position, then the row's key and
+    /// value into its cache slot of `layer`.
+    fn rope_and_cache(&self, kv: &mut KvPool, layer: usize, plan: &BatchPlan<'_>, s: &mut Scratch) {
+        let (qd, kd) = (self.config.q_dim(), self.config.kv_dim());
+        for (r, &pos) in plan.positions.iter().enumerate() {
+            self.rope.apply(pos, &mut s.q[r * qd..(r + 1) * qd]);
+            let k = &mut s.k[r * kd..(r + 1) * kd];
+            self.rope.apply(pos, k);
+            kv.write(layer, plan.offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
+        }
+    }
+
+    /// Final norm and output head, only for the rows whose logits were asked for; returns
+    /// each chunk's logits (empty where none were asked for).
+    fn head(
+        &self,
+        pool: &ThreadPool,
+        plan: &BatchPlan<'_>,
+        s: &mut Scratch,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let wanted = plan.logit_rows();
+        let mut out: Vec<Vec<f32>> = plan.chunks.iter().map(|_| Vec::new()).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let m = wanted.len();
+        let xn = &mut s.xn[..m * c.d_model];
+        for (&r, o) in wanted.iter().zip(xn.chunks_exact_mut(c.d_model)) {
+            let x = &s.x[r * c.d_model..(r + 1) * c.d_model];
+            kernels::rms_norm(x, &self.output_norm, c.rms_eps, o);
+        }
+        let mut logits = vec![0.0; m * c.vocab_size];
+        self.store.matmul(pool, &self.output, xn, m, &mut logits)?;
+        for (&r, l) in wanted.iter().zip(logits.chunks_exact(c.vocab_size)) {
+            out[plan.rows[r].0].extend_from_slice(l);
+        }
+        Ok(out)
+    }
+}
+
+impl Scratch {
+    fn new(c: &LlamaConfig, n: usize) -> Self {
+        Scratch {
+            x: vec![0.0; n * c.d_model],
+            xn: vec![0.0; n * c.d_model],
+            q: vec![0.0; n * c.q_dim()],
+            k: vec![0.0; n * c.kv_dim()],
+            v: vec![0.0; n * c.kv_dim()],
+            attn: vec![0.0; n * c.q_dim()],
+            proj: vec![0.0; n * c.d_model],
+        }
+    }
+}
+
+/// The rows of a batched step, checked: row `r` is token `rows[r].1` of chunk `rows[r].0`,
+/// at position `positions[r]`, cached at `offsets[r]` of the KV pool.
+struct BatchPlan<'a> {
+    chunks: &'a [SeqChunk<'a>],
+    rows: Vec<(usize, usize)>,
+    positions: Vec<usize>,
+    offsets: Vec<usize>,
+}
+
+impl<'a> BatchPlan<'a> {
+    /// Lays out the rows of `chunks`, checking that every chunk's block table covers its
+    /// positions inside `kv` and that every token is in the vocabulary.
+    fn new(c: &LlamaConfig, kv: &KvPool, chunks: &'a [SeqChunk<'a>]) -> Result<Self, ModelError> {
         kv.check_shape(c)?;
         let bt = kv.block_tokens();
-        // Row r of the batch is token `rows[r].1` of chunk `rows[r].0`.
         let mut rows: Vec<(usize, usize)> = Vec::new();
         for (ci, ch) in chunks.iter().enumerate() {
             let end = ch.start_pos + ch.tokens.len();
@@ -279,121 +387,52 @@ impl LlamaModel {
             }
             rows.extend((0..ch.tokens.len()).map(|i| (ci, i)));
         }
-        let n = rows.len();
-        if n == 0 {
-            return Ok(chunks.iter().map(|_| Vec::new()).collect());
-        }
-        let mut s = Scratch {
-            x: vec![0.0; n * c.d_model],
-            xn: vec![0.0; n * c.d_model],
-            q: vec![0.0; n * c.q_dim()],
-            k: vec![0.0; n * c.kv_dim()],
-            v: vec![0.0; n * c.kv_dim()],
-            attn: vec![0.0; n * c.q_dim()],
-            proj: vec![0.0; n * c.d_model],
-        };
-        // Position and KV offset of every row.
         let positions: Vec<usize> = rows
             .iter()
             .map(|&(ci, i)| chunks[ci].start_pos + i)
             .collect();
-        let offsets: Vec<usize> = rows
+        let offsets = rows
             .iter()
             .zip(&positions)
             .map(|(&(ci, _), &p)| kv.offset(chunks[ci].block_table, p))
             .collect();
+        Ok(Self {
+            chunks,
+            rows,
+            positions,
+            offsets,
+        })
+    }
 
-        // Embeddings: dequantise one row of the table per token.
-        let embd = self.matrix(&self.token_embd)?;
-        for (&(ci, i), row) in rows.iter().zip(s.x.chunks_exact_mut(c.d_model)) {
-            let t = chunks[ci].tokens[i] as usize;
-            kernels::dequantize_row(embd.ty(), embd.row(t), row)?;
-        }
+    /// Rows in the batch.
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
 
-        let (qd, kd) = (c.q_dim(), c.kv_dim());
-        for (layer, b) in self.blocks.iter().enumerate() {
-            // Attention sub-layer.
-            rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            self.store.matmul(pool, &b.wq, &s.xn, n, &mut s.q)?;
-            self.store.matmul(pool, &b.wk, &s.xn, n, &mut s.k)?;
-            self.store.matmul(pool, &b.wv, &s.xn, n, &mut s.v)?;
-            for (r, &pos) in positions.iter().enumerate() {
-                let q = &mut s.q[r * qd..(r + 1) * qd];
-                kernels::rope(
-                    q,
-                    c.n_heads,
-                    c.head_dim,
-                    c.rope_dim,
-                    pos,
-                    c.rope_freq_base,
-                    c.rope_style,
-                );
-                let k = &mut s.k[r * kd..(r + 1) * kd];
-                kernels::rope(
-                    k,
-                    c.n_kv_heads,
-                    c.head_dim,
-                    c.rope_dim,
-                    pos,
-                    c.rope_freq_base,
-                    c.rope_style,
-                );
-                kv.write(layer, offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
-            }
-            let ctx = AttentionRows {
-                chunks,
-                rows: &rows,
-                positions: &positions,
-            };
-            attention(pool, c, kv, layer, &ctx, &s.q, &mut s.attn);
-            self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
-            kernels::add_assign(&mut s.x, &s.proj);
+    /// The token of row `r`.
+    fn token(&self, r: usize) -> u32 {
+        let (ci, i) = self.rows[r];
+        self.chunks[ci].tokens[i]
+    }
 
-            // MLP sub-layer: down(silu(gate(x)) * up(x)), or a mixture of such experts.
-            rms_norm_rows(&s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            b.ffn.forward(
-                pool,
-                &self.store,
-                &s.xn,
-                n,
-                c.d_model,
-                c.ffn_dim,
-                &mut s.proj,
-            )?;
-            kernels::add_assign(&mut s.x, &s.proj);
-        }
+    /// The block table of row `r`'s sequence.
+    fn block_table(&self, r: usize) -> &'a [u32] {
+        self.chunks[self.rows[r].0].block_table
+    }
 
-        // Output head, only for the rows whose logits were asked for.
-        let wanted: Vec<usize> = rows
-            .iter()
-            .enumerate()
-            .filter(|&(_, &(ci, i))| match chunks[ci].logits {
-                Logits::All => true,
-                Logits::Last => i + 1 == chunks[ci].tokens.len(),
-                Logits::None => false,
+    /// The rows whose logits their chunk asked for, in order.
+    fn logit_rows(&self) -> Vec<usize> {
+        let chunks = self.chunks;
+        (0..self.len())
+            .filter(|&r| {
+                let (ci, i) = self.rows[r];
+                match chunks[ci].logits {
+                    Logits::All => true,
+                    Logits::Last => i + 1 == chunks[ci].tokens.len(),
+                    Logits::None => false,
+                }
             })
-            .map(|(r, _)| r)
-            .collect();
-        let mut out: Vec<Vec<f32>> = chunks.iter().map(|_| Vec::new()).collect();
-        if wanted.is_empty() {
-            return Ok(out);
-        }
-        let m = wanted.len();
-        let xn = &mut s.xn[..m * c.d_model];
-        for (&r, o) in wanted.iter().zip(xn.chunks_exact_mut(c.d_model)) {
-            kernels::rms_norm(
-                &s.x[r * c.d_model..(r + 1) * c.d_model],
-                &self.output_norm,
-                c.rms_eps,
-                o,
-            );
-        }
-        let mut logits = vec![0.0; m * c.vocab_size];
-        self.store.matmul(pool, &self.output, xn, m, &mut logits)?;
-        for (&r, l) in wanted.iter().zip(logits.chunks_exact(c.vocab_size)) {
-            out[rows[r].0].extend_from_slice(l);
-        }
-        Ok(out)
+            .collect()
     }
 }
 
@@ -418,13 +457,6 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32
     }
 }
 
-/// Where each batch row's sequence and position are, for attention.
-struct AttentionRows<'a> {
-    chunks: &'a [SeqChunk<'a>],
-    rows: &'a [(usize, usize)],
-    positions: &'a [usize],
-}
-
 /// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
 /// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`). With a
 /// sliding window `w`, the row at position `p` sees positions `p + 1 - w ..= p` only.
@@ -438,7 +470,7 @@ fn attention(
     c: &LlamaConfig,
     kv: &KvPool,
     layer: usize,
-    ctx: &AttentionRows<'_>,
+    plan: &BatchPlan<'_>,
     q: &[f32],
     out: &mut [f32],
 ) {
@@ -452,9 +484,9 @@ fn attention(
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
     pool.parallel_for(slots.len(), &|task| {
         let (r, h) = (task / n_heads, task % n_heads);
-        let table = ctx.chunks[ctx.rows[r].0].block_table;
+        let table = plan.block_table(r);
         let kv_h = h / group;
-        let n_ctx = ctx.positions[r] + 1;
+        let n_ctx = plan.positions[r] + 1;
         let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
         let at = |p: usize| kv.offset(table, p) + kv_h * hd;
         let qr = &q[task * hd..(task + 1) * hd];

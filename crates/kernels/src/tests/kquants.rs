@@ -1,22 +1,20 @@
-//! Property tests for the Q5 and K-quant kernels: every implementation this CPU supports
-//! against the scalar reference on random blocks, and the quantised dot products against the
-//! f32 dot of the dequantised weights with the *unquantised* activations, within a bound
-//! derived from the activation quantisation step.
-//!
-//! Random data comes from a `StdRng` seeded by a proptest-drawn seed; proptest itself runs
-//! with a fixed seed, so every run tests the same cases.
+//! Q5_0, Q5_1 and the K-quants: every implementation against the scalar reference on
+//! random blocks, and the quantised dots against the f32 dot of the dequantised weights with
+//! the *unquantised* activations, within a bound derived from the activation quantisation
+//! step.
 
 use half::f16;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::dispatch::{Kernels, available};
-use crate::quants::blocks::{BlockQ2K, BlockQ4K, BlockQ5_1, BlockQ5K, BlockQ8K, QK_K};
-use crate::quants::scalar;
-use crate::scalar::SCALAR;
-use crate::types::{BlockQ8_0, BlockQ8_1, QK, WeightType};
+use crate::arch::portable::{SCALAR, kquants};
+use crate::dispatch::{DotFn, Kernels, QuantizeFn, available};
+use crate::formats::{
+    BlockQ2K, BlockQ4K, BlockQ5_1, BlockQ5K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
+};
+use crate::types::WeightType;
 
 const TYPES: [WeightType; 7] = [
     WeightType::Q5_0,
@@ -29,36 +27,16 @@ const TYPES: [WeightType; 7] = [
 ];
 
 fn config() -> Config {
-    Config {
-        cases: 32,
-        rng_seed: RngSeed::Fixed(0x5eed_4b51),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    super::config(32, 0x5eed_4b51)
 }
 
-/// Activation-like data: mostly uniform in ±scale, a few outliers, sometimes an all-zero
-/// super-block (the `amax == 0` path of the quantisers).
+/// Activation-like data; sometimes an all-zero super-block.
 fn rand_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    let scale = rng.gen_range(0.01f32..8.0);
-    let mut x: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.gen_ratio(1, 50) {
-                rng.gen_range(-40.0f32..40.0)
-            } else {
-                rng.gen_range(-scale..scale)
-            }
-        })
-        .collect();
-    if n >= QK_K && rng.gen_ratio(1, 4) {
-        let b = rng.gen_range(0..n / QK_K);
-        x[b * QK_K..(b + 1) * QK_K].fill(0.0);
-    }
-    x
+    super::rand_acts(rng, n, QK_K)
 }
 
 fn f16_bytes(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
-    f16::from_f32(rng.gen_range(lo..hi)).to_le_bytes()
+    super::f16_bytes(rng, lo, hi)
 }
 
 /// A random weight row of `n` elements of `ty`: random quant and sub-scale bytes (every bit
@@ -131,56 +109,58 @@ fn min_terms(ty: WeightType, row: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
+/// Quantises `x` with `quantize` into blocks of `B` (`BYTES` each, 32 elements) and
+/// dequantises them with `values`.
+fn quantize_q8<B, const BYTES: usize>(
+    quantize: QuantizeFn,
+    parse: fn(&[u8; BYTES]) -> B,
+    values: fn(&B) -> [f32; QK],
+    x: &[f32],
+) -> (Vec<u8>, Vec<f32>) {
+    let mut q = vec![0u8; x.len() / QK * BYTES];
+    quantize(x, &mut q);
+    let mut deq = vec![0f32; x.len()];
+    for (b, o) in q
+        .as_chunks::<BYTES>()
+        .0
+        .iter()
+        .zip(deq.chunks_exact_mut(QK))
+    {
+        o.copy_from_slice(&values(&parse(b)));
+    }
+    (q, deq)
+}
+
 /// Activations in `ty`'s vec_dot format, quantised by `k`; and their dequantised values.
 fn quantize_acts(k: &Kernels, ty: WeightType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let mut deq = vec![0f32; x.len()];
     match ty {
-        WeightType::Q5_0 => {
-            let mut q = vec![0u8; x.len() / QK * BlockQ8_0::BYTES];
-            (k.quantize_q8_0)(x, &mut q);
-            for (b, o) in q
-                .as_chunks::<{ BlockQ8_0::BYTES }>()
-                .0
-                .iter()
-                .zip(deq.chunks_exact_mut(QK))
-            {
-                let b = BlockQ8_0::from_bytes(b);
-                for (o, v) in o.iter_mut().zip(b.qs) {
-                    *o = f32::from(v) * b.d.to_f32();
-                }
-            }
-            (q, deq)
-        }
-        WeightType::Q5_1 => {
-            let mut q = vec![0u8; x.len() / QK * BlockQ8_1::BYTES];
-            (k.quantize_q8_1)(x, &mut q);
-            for (b, o) in q
-                .as_chunks::<{ BlockQ8_1::BYTES }>()
-                .0
-                .iter()
-                .zip(deq.chunks_exact_mut(QK))
-            {
-                let b = BlockQ8_1::from_bytes(b);
-                for (o, v) in o.iter_mut().zip(b.qs) {
-                    *o = f32::from(v) * b.d.to_f32();
-                }
-            }
-            (q, deq)
-        }
+        WeightType::Q5_0 => quantize_q8(
+            k.quantize_q8_0,
+            BlockQ8_0::from_bytes,
+            |b| b.qs.map(|v| f32::from(v) * b.d.to_f32()),
+            x,
+        ),
+        WeightType::Q5_1 => quantize_q8(
+            k.quantize_q8_1,
+            BlockQ8_1::from_bytes,
+            |b| b.qs.map(|v| f32::from(v) * b.d.to_f32()),
+            x,
+        ),
         _ => {
             let mut q = vec![0u8; x.len() / QK_K * BlockQ8K::BYTES];
-            (k.quants.quantize_q8_k)(x, &mut q);
-            scalar::dequantize_q8_k(&q, &mut deq);
+            (k.quantize_q8_k)(x, &mut q);
+            let mut deq = vec![0f32; x.len()];
+            kquants::dequantize_q8_k(&q, &mut deq);
             (q, deq)
         }
     }
 }
 
-fn dot_of(k: &Kernels, ty: WeightType) -> crate::quants::DotFn {
+fn dot_of(k: &Kernels, ty: WeightType) -> DotFn {
     match ty {
-        WeightType::Q5_0 => k.quants.dot_q5_0_q8_0,
-        WeightType::Q5_1 => k.quants.dot_q5_1_q8_1,
-        _ => k.quants.dot_q8_k(ty).unwrap(),
+        WeightType::Q5_0 => k.dot_q5_0_q8_0,
+        WeightType::Q5_1 => k.dot_q5_1_q8_1,
+        _ => k.dot_q8_k(ty).unwrap(),
     }
 }
 

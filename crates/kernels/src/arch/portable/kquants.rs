@@ -7,52 +7,12 @@
 //! (the sub-block scales folded in as integers) and accumulate `d · sumi` in f32; SIMD twins
 //! only differ in the order of those f32 additions.
 
-use crate::quants::QuantKernels;
-use crate::quants::blocks::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8K, QK_K,
+use half::f16;
+
+use crate::formats::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    BlockQ8K, QK, QK_K, blocks, dequant_blocks,
 };
-use crate::types::{BlockQ8_0, BlockQ8_1, QK};
-
-/// The scalar table.
-pub(crate) static SCALAR_QUANTS: QuantKernels = QuantKernels {
-    quantize_q8_k,
-    dot_q5_0_q8_0,
-    dot_q5_1_q8_1,
-    dot_q2_k_q8_k,
-    dot_q3_k_q8_k,
-    dot_q4_k_q8_k,
-    dot_q5_k_q8_k,
-    dot_q6_k_q8_k,
-};
-
-/// Iterates the parsed block pairs of a weight row and an activation row (as many whole
-/// blocks as both hold).
-fn blocks<'a, W: 'a, X: 'a, const WB: usize, const XB: usize>(
-    w: &'a [u8],
-    x: &'a [u8],
-    pw: fn(&[u8; WB]) -> W,
-    px: fn(&[u8; XB]) -> X,
-) -> impl Iterator<Item = (W, X)> + 'a {
-    w.as_chunks::<WB>()
-        .0
-        .iter()
-        .zip(x.as_chunks::<XB>().0)
-        .map(move |(a, b)| (pw(a), px(b)))
-}
-
-/// Iterates (parsed block, its output slice) for dequantisation.
-fn dequant_blocks<'a, B: 'a, const N: usize>(
-    src: &'a [u8],
-    dst: &'a mut [f32],
-    elems: usize,
-    parse: fn(&[u8; N]) -> B,
-) -> impl Iterator<Item = (B, &'a mut [f32])> + 'a {
-    src.as_chunks::<N>()
-        .0
-        .iter()
-        .zip(dst.chunks_exact_mut(elems))
-        .map(move |(b, out)| (parse(b), out))
-}
 
 // ----------------------------------------------------------------------------------------
 // Quant levels, unpacked into element order
@@ -263,7 +223,7 @@ pub(crate) fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
 // ----------------------------------------------------------------------------------------
 
 /// Q5_0 weight row · Q8_0 activations, ggml `ggml_vec_dot_q5_0_q8_0` (generic).
-fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+pub(crate) fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
     let mut sumf = 0f32;
     for (bw, bx) in blocks(w, x, BlockQ5_0::from_bytes, BlockQ8_0::from_bytes) {
         let sumi: i32 = q5_levels(bw.qh, &bw.qs)
@@ -277,7 +237,7 @@ fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
 }
 
 /// Q5_1 weight row · Q8_1 activations: `Σ d_w d_x · Σq·y + m_w · s_x`.
-fn dot_q5_1_q8_1(w: &[u8], x: &[u8]) -> f32 {
+pub(crate) fn dot_q5_1_q8_1(w: &[u8], x: &[u8]) -> f32 {
     let mut sumf = 0f32;
     for (bw, bx) in blocks(w, x, BlockQ5_1::from_bytes, BlockQ8_1::from_bytes) {
         let sumi: i32 = q5_levels(bw.qh, &bw.qs)
@@ -313,7 +273,7 @@ fn scaled_isum<Q: Copy + Into<i32>, S: Copy + Into<i32>>(
 }
 
 /// Q2_K · Q8_K: `y.d·d · Σ sc·Σq·y − y.d·dmin · Σ m·bsum`.
-fn dot_q2_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+pub(crate) fn dot_q2_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
     let mut sumf = 0f32;
     for (bw, bx) in blocks(w, x, BlockQ2K::from_bytes, BlockQ8K::from_bytes) {
         let sc: [u8; 16] = bw.scales.map(|s| s & 0x0F);
@@ -332,7 +292,7 @@ fn dot_q2_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
 }
 
 /// Q3_K · Q8_K: `y.d·d · Σ (sc − 32)·Σq·y`.
-fn dot_q3_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+pub(crate) fn dot_q3_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
     let mut sumf = 0f32;
     for (bw, bx) in blocks(w, x, BlockQ3K::from_bytes, BlockQ8K::from_bytes) {
         let isum = scaled_isum(&q3k_levels(&bw), &bx.qs, &bw.unpacked_scales(), 16);
@@ -353,40 +313,42 @@ fn dot_k4(d: f32, dmin: f32, sm: &[(u8, u8); 8], q: &[u8; QK_K], bx: &BlockQ8K) 
     (d * bx.d) * isum as f32 - (dmin * bx.d) * summs as f32
 }
 
-/// Q4_K · Q8_K.
-fn dot_q4_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+/// The parts of a Q4_K/Q5_K block the shared dot needs: `d`, `dmin`, the (scale, minimum)
+/// pairs and the 256 levels.
+type K4Parts = (f16, f16, [(u8, u8); 8], [u8; QK_K]);
+
+/// A Q4_K or Q5_K row · Q8_K through [`dot_k4`], blocks parsed by `parse` and split by
+/// `parts`.
+fn dot_k4_row<B, const WB: usize>(
+    w: &[u8],
+    x: &[u8],
+    parse: fn(&[u8; WB]) -> B,
+    parts: fn(&B) -> K4Parts,
+) -> f32 {
     let mut sumf = 0f32;
-    for (bw, bx) in blocks(w, x, BlockQ4K::from_bytes, BlockQ8K::from_bytes) {
-        let q = k4_levels(&bw.qs);
-        sumf += dot_k4(
-            bw.d.to_f32(),
-            bw.dmin.to_f32(),
-            &bw.unpacked_scales(),
-            &q,
-            &bx,
-        );
+    for (bw, bx) in blocks(w, x, parse, BlockQ8K::from_bytes) {
+        let (d, dmin, sm, q) = parts(&bw);
+        sumf += dot_k4(d.to_f32(), dmin.to_f32(), &sm, &q, &bx);
     }
     sumf
+}
+
+/// Q4_K · Q8_K.
+pub(crate) fn dot_q4_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+    dot_k4_row(w, x, BlockQ4K::from_bytes, |b| {
+        (b.d, b.dmin, b.unpacked_scales(), k4_levels(&b.qs))
+    })
 }
 
 /// Q5_K · Q8_K.
-fn dot_q5_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (bw, bx) in blocks(w, x, BlockQ5K::from_bytes, BlockQ8K::from_bytes) {
-        let q = q5k_levels(&bw);
-        sumf += dot_k4(
-            bw.d.to_f32(),
-            bw.dmin.to_f32(),
-            &bw.unpacked_scales(),
-            &q,
-            &bx,
-        );
-    }
-    sumf
+pub(crate) fn dot_q5_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+    dot_k4_row(w, x, BlockQ5K::from_bytes, |b| {
+        (b.d, b.dmin, b.unpacked_scales(), q5k_levels(b))
+    })
 }
 
 /// Q6_K · Q8_K: `d·y.d · Σ sc·Σ(q − 32)·y`.
-fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+pub(crate) fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
     let mut sumf = 0f32;
     for (bw, bx) in blocks(w, x, BlockQ6K::from_bytes, BlockQ8K::from_bytes) {
         let isum = scaled_isum(&q6k_levels(&bw), &bx.qs, &bw.scales, 16);
@@ -397,8 +359,6 @@ fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use half::f16;
-
     use super::*;
 
     #[test]

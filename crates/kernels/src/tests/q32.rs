@@ -1,51 +1,27 @@
-//! Property tests: every table kernel of every implementation this CPU supports against the
-//! scalar reference, and the quantised dot products against an f32 reference within an
-//! error bound derived from the quantisation step.
-//!
-//! Random data comes from a `StdRng` seeded by a proptest-drawn seed; proptest itself runs
-//! with a fixed seed, so every run tests the same cases.
+//! The float kernels and the 32-element formats (Q4_0, Q4_1, Q8_0).
 
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::dispatch::{Kernels, available};
-use crate::scalar::SCALAR;
-use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, WeightType};
+use crate::arch::portable::SCALAR;
+use crate::dispatch::{Kernels, QuantizeFn, TileFn, available};
+use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use crate::types::WeightType;
 
 fn config() -> Config {
-    Config {
-        cases: 48,
-        rng_seed: RngSeed::Fixed(0x5eed_cafe),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    super::config(48, 0x5eed_cafe)
 }
 
-/// Activation-like data: mostly uniform in ±scale, some outliers, sometimes an all-zero
-/// block (the `amax == 0` path of the quantiser).
+/// Activation-like data; sometimes an all-zero 32-element block.
 fn rand_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    let scale = rng.gen_range(0.01f32..8.0);
-    let mut x: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.gen_ratio(1, 50) {
-                rng.gen_range(-40.0f32..40.0)
-            } else {
-                rng.gen_range(-scale..scale)
-            }
-        })
-        .collect();
-    if n >= QK && rng.gen_ratio(1, 4) {
-        let b = rng.gen_range(0..n / QK);
-        x[b * QK..(b + 1) * QK].fill(0.0);
-    }
-    x
+    super::rand_acts(rng, n, QK)
 }
 
 fn rand_f16_bits(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
-    f16::from_f32(rng.gen_range(lo..hi)).to_le_bytes()
+    super::f16_bytes(rng, lo, hi)
 }
 
 /// A random weight row of `nb` blocks of `ty` (quantised types only). Q8_0 quants stay in
@@ -73,9 +49,6 @@ fn rand_row(rng: &mut StdRng, ty: WeightType, nb: usize) -> Vec<u8> {
     row
 }
 
-/// The quantised activation format a weight type's dot product takes.
-type QuantizeFn = fn(&[f32], &mut [u8]);
-
 fn act_format(ty: WeightType) -> (fn(&Kernels) -> QuantizeFn, usize) {
     match ty {
         WeightType::Q4_1 => (|k| k.quantize_q8_1, BlockQ8_1::BYTES),
@@ -92,11 +65,11 @@ fn quant_dot(k: &Kernels, ty: WeightType) -> fn(&[u8], &[u8]) -> f32 {
     }
 }
 
-fn quant_tile(k: &Kernels, ty: WeightType) -> crate::tiles::TileFn {
+fn quant_tile(k: &Kernels, ty: WeightType) -> TileFn {
     match ty {
-        WeightType::Q4_0 => k.tiles.q4_0_q8_0,
-        WeightType::Q4_1 => k.tiles.q4_1_q8_1,
-        WeightType::Q8_0 => k.tiles.q8_0_q8_0,
+        WeightType::Q4_0 => k.tile_q4_0_q8_0,
+        WeightType::Q4_1 => k.tile_q4_1_q8_1,
+        WeightType::Q8_0 => k.tile_q8_0_q8_0,
         _ => unreachable!(),
     }
 }

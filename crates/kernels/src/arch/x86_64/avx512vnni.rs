@@ -1,8 +1,9 @@
 //! The AVX-512 table: the AVX2 kernels, with the Q4_0/Q4_1/Q8_0 dot products and matmul tiles
-//! replaced by 512-bit VNNI versions. Chosen when the CPU has AVX-512 F, BW, VL and VNNI
-//! besides what AVX2 needs.
+//! replaced by 512-bit VNNI versions, and the packed-matrix kernel (`crate::packed`). Chosen
+//! when the CPU has AVX-512 F, BW, VL and VNNI besides what AVX2 needs.
 //!
-//! The tile body (see `crate::tiles` for the contract) works on groups of 16 blocks:
+//! The tile body (see `crate::dispatch::TileFn` for the contract) works on groups of 16
+//! blocks:
 //!
 //! - Scales first: one masked gather per row reads the first four bytes of each of the 16
 //!   blocks (the f16 `d`, and for Q4_1 the f16 `m` next to it), and one per token reads its
@@ -26,50 +27,32 @@
 //! order of float additions differs from ggml's AVX2 loop (16 lanes instead of 8 plus a
 //! scalar minimum sum), a difference of the same kind as llama.cpp's own batch vs
 //! single-token kernels; the integer block sums are exactly ggml's.
-#![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
-use crate::dispatch::Kernels;
-use crate::tiles::{TileKernels, common_blocks};
-use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
-
-/// Format selectors for the const-generic kernel body.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
+use super::helpers::{Q4_0, Q4_1, Q8_0, sizes};
+use crate::dispatch::{Kernels, common_blocks};
+use crate::packed::{CELL, CELL8, GROUP, XQ};
 
 /// Rows and tokens per kernel call (up to 16 accumulators of the 32 registers).
 const RMAX: usize = 4;
 const TMAX: usize = 4;
 
-/// (weight block bytes, activation block bytes) of a format.
-const fn sizes(f: u8) -> (usize, usize) {
-    match f {
-        Q4_0 => (BlockQ4_0::BYTES, BlockQ8_0::BYTES),
-        Q4_1 => (BlockQ4_1::BYTES, BlockQ8_1::BYTES),
-        _ => (BlockQ8_0::BYTES, BlockQ8_0::BYTES),
-    }
-}
-
-static TILES: TileKernels = TileKernels {
-    q4_0_q8_0: tile::<Q4_0>,
-    q4_1_q8_1: tile::<Q4_1>,
-    q8_0_q8_0: tile::<Q8_0>,
-};
-
 static AVX512_VNNI: Kernels = Kernels {
     name: "avx512vnni",
-    tiles: &TILES,
+    tile_q4_0_q8_0: tile::<Q4_0>,
+    tile_q4_1_q8_1: tile::<Q4_1>,
+    tile_q8_0_q8_0: tile::<Q8_0>,
     dot_q4_0_q8_0: dot::<Q4_0>,
     dot_q4_1_q8_1: dot::<Q4_1>,
     dot_q8_0_q8_0: dot::<Q8_0>,
-    ..crate::x86_64::AVX2_TABLE
+    packed: Some(packed_group),
+    ..super::avx2::AVX2_TABLE
 };
 
 /// The AVX-512 VNNI table, or `None` when this CPU lacks any feature its kernels use.
-pub(crate) fn avx512vnni() -> Option<&'static Kernels> {
-    if crate::x86_64::avx2().is_some()
+pub(crate) fn table() -> Option<&'static Kernels> {
+    if super::avx2::table().is_some()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
@@ -105,11 +88,11 @@ fn tile<const F: u8>(w: &[&[u8]], x: &[&[u8]], out: &mut [f32]) {
         while t0 < nt {
             let tn = (nt - t0).min(TMAX);
             // SAFETY (both arms): this function is reachable only through `AVX512_VNNI`,
-            // which `avx512vnni()` hands out after checking every feature `kernel` enables;
+            // which `table()` hands out after checking every feature `kernel` enables;
             // each row of `w` and `x` holds at least `nb` blocks (`common_blocks`).
             let (wp, xp) = (&w[r0..], &x[t0..]);
             // SAFETY: (every arm) this function is reachable only through `AVX512_VNNI`,
-            // which `avx512vnni()` hands out after checking every feature `kernel` enables;
+            // which `table()` hands out after checking every feature `kernel` enables;
             // each row of `w` and `x` holds at least `nb` blocks (`common_blocks`), and
             // `wp`/`xp` hold at least the `R`/`T` rows each arm reads.
             let vals: [[f32; RMAX]; TMAX] = unsafe {
@@ -315,6 +298,118 @@ unsafe fn kernel<const F: u8, const R: usize, const T: usize>(
         for r in 0..R {
             out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
         }
+    }
+    out
+}
+
+/// The packed kernel's safe entry (the table's `packed`): group `cells` (`nb` cells) against
+/// `nt` ≤ 8 tokens of quantised activations, into `vals[t][lane]`.
+fn packed_group(
+    cells: &[u8],
+    qs: &[i8],
+    ds: &[[f32; 2]],
+    nb: usize,
+    nt: usize,
+    bytes: bool,
+    vals: &mut [[f32; GROUP]; 8],
+) {
+    let cell_len = if bytes { CELL8 } else { CELL };
+    // The kernel reads exactly these ranges; a short slice is a caller bug, not a read
+    // out of bounds.
+    assert!(cells.len() >= nb * cell_len && qs.len() >= nt * nb * XQ && ds.len() >= nt * nb);
+    macro_rules! call {
+        ($($n:literal)*) => {
+            match nt {
+                $($n => {
+                    // SAFETY: this function is reachable only through `AVX512_VNNI`, which
+                    // `table()` hands out after checking every feature `packed_kernel`
+                    // enables; `cells` holds `nb` cells and `qs`/`ds` hold `nb` blocks for
+                    // each of the `$n` tokens (checked above).
+                    let v = unsafe {
+                        if bytes {
+                            packed_kernel::<$n, true>(cells, qs, ds, nb)
+                        } else {
+                            packed_kernel::<$n, false>(cells, qs, ds, nb)
+                        }
+                    };
+                    vals[..$n].copy_from_slice(&v);
+                })*
+                _ => {}
+            }
+        };
+    }
+    call!(1 2 3 4 5 6 7 8);
+}
+
+/// 16 rows × `T` tokens over `nb` blocks; returns `[token][lane]`. `BYTES`: Q8_0 cells
+/// (eight byte vectors), else Q4 cells (four nibble vectors).
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F/BW/VNNI and F16C; `cells` must hold `nb` cells, `qs`
+/// `T·nb` blocks of 32 bytes and `ds` `T·nb` pairs.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn packed_kernel<const T: usize, const BYTES: bool>(
+    cells: &[u8],
+    qs: &[i8],
+    ds: &[[f32; 2]],
+    nb: usize,
+) -> [[f32; GROUP]; T] {
+    let cell_len = if BYTES { CELL8 } else { CELL };
+    debug_assert!(cells.len() >= nb * cell_len && qs.len() >= T * nb * XQ && ds.len() >= T * nb);
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc_m = [_mm512_setzero_ps(); T];
+    let c = cells.as_ptr();
+    let q = qs.as_ptr();
+    for b in 0..nb {
+        // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells).
+        let (dw, mw, w) = unsafe {
+            let cell = c.add(b * cell_len);
+            let dm = _mm512_loadu_si512(cell.cast());
+            let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+            let mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm));
+            let mut w = [_mm512_setzero_si512(); 8];
+            if BYTES {
+                for (j, wj) in w.iter_mut().enumerate() {
+                    *wj = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
+                }
+            } else {
+                for j in 0..4 {
+                    let v = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
+                    w[j] = _mm512_and_si512(v, low);
+                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                }
+            }
+            (dw, mw, w)
+        };
+        for t in 0..T {
+            let xb = t * nb + b;
+            // SAFETY: block `xb` of `qs` (32 bytes) is in bounds.
+            let isum = unsafe {
+                let xq = q.add(xb * XQ);
+                let mut isum = _mm512_setzero_si512();
+                for (i, wi) in w.iter().enumerate() {
+                    let at = if BYTES {
+                        4 * i
+                    } else {
+                        4 * (i % 4) + 16 * (i / 4)
+                    };
+                    let x4 = xq.add(at).cast::<i32>().read_unaligned();
+                    isum = _mm512_dpbusd_epi32(isum, *wi, _mm512_set1_epi32(x4));
+                }
+                isum
+            };
+            let [dx, sx] = ds[xb];
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+            acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), acc[t]);
+            acc_m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc_m[t]);
+        }
+    }
+    let mut out = [[0f32; GROUP]; T];
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(acc_m) {
+        // SAFETY: `o` is 16 f32s.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), _mm512_add_ps(a, m)) };
     }
     out
 }

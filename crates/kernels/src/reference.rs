@@ -10,10 +10,52 @@
 
 use half::f16;
 
-use crate::quants::blocks::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, QK_K,
+use crate::formats::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, QK, QK_K,
 };
-use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+use crate::types::{KernelError, WeightType, check_row_bytes};
+
+/// Quantises `src` into `dst` as weights of type `ty`, with llama.cpp's reference
+/// (non-imatrix) quantisers — what `llama-quantize` does without an importance matrix. For
+/// tests and synthetic models; float types are converted (F16 and BF16 round to nearest
+/// even).
+///
+/// # Errors
+///
+/// [`KernelError::NotBlockMultiple`] if `src.len()` is not a whole number of blocks;
+/// [`KernelError::DataSize`] if `dst` is not exactly the bytes of `src.len()` elements.
+pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
+    check_row_bytes("quantize_row destination", ty, src.len(), dst.len())?;
+    match ty {
+        WeightType::F32 => {
+            for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        WeightType::F16 => {
+            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::f16::from_f32(*s).to_le_bytes());
+            }
+        }
+        WeightType::BF16 => {
+            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(*s).to_le_bytes());
+            }
+        }
+        WeightType::Q4_0 => quantize_q4_0(src, dst),
+        WeightType::Q4_1 => quantize_q4_1(src, dst),
+        WeightType::Q8_0 => quantize_q8_0(src, dst),
+        WeightType::Q5_0 => quantize_q5_0(src, dst),
+        WeightType::Q5_1 => quantize_q5_1(src, dst),
+        WeightType::Q2_K => quantize_q2_k(src, dst),
+        WeightType::Q3_K => quantize_q3_k(src, dst),
+        WeightType::Q4_K => quantize_q4_k(src, dst),
+        WeightType::Q5_K => quantize_q5_k(src, dst),
+        WeightType::Q6_K => quantize_q6_k(src, dst),
+    }
+    Ok(())
+}
 
 /// ggml `GROUP_MAX_EPS`: groups whose largest magnitude is below this are all zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -48,7 +90,7 @@ fn per_block<const N: usize>(
 }
 
 /// Q4_0: `d = max/-8`, `q = min(15, trunc(x/d + 8.5))`.
-pub(crate) fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
+fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK, |xb| {
         let (max, _) = signed_max(xb);
         let d = max / -8.0;
@@ -64,7 +106,7 @@ pub(crate) fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// Q4_1: `d = (max - min)/15`, `m = min`, `q = min(15, trunc((x - min)/d + 0.5))`.
-pub(crate) fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
+fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK, |xb| {
         let min = xb.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
         let max = xb.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
@@ -82,7 +124,7 @@ pub(crate) fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
 }
 
 /// Q8_0: `d = amax/127`, `q = round_half_away(x/d)` (C `roundf`).
-pub(crate) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK, |xb| {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -106,7 +148,7 @@ fn pack_q5(levels: &[u8; QK]) -> ([u8; 4], [u8; QK / 2]) {
 }
 
 /// Q5_0: `d = max/-16`, `q = min(31, trunc(x/d + 16.5))`.
-pub(crate) fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
+fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK, |xb| {
         let (max, _) = signed_max(xb);
         let d = max / -16.0;
@@ -123,7 +165,7 @@ pub(crate) fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// Q5_1: `d = (max - min)/31`, `m = min`, `q = trunc((x - min)/d + 0.5)`.
-pub(crate) fn quantize_q5_1(x: &[f32], out: &mut [u8]) {
+fn quantize_q5_1(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK, |xb| {
         let min = xb.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
         let max = xb.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
@@ -306,6 +348,17 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
+/// Runs a symmetric fit (`make_q3_quants`, `make_qx_quants`) on each 16-element sub-block
+/// of a super-block: the levels of all 256 elements and the 16 sub-block scales.
+fn fit_sub_blocks(xb: &[f32], fit: impl Fn(&[f32], &mut [i8]) -> f32) -> ([i8; QK_K], [f32; 16]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    for (s, scale) in scales.iter_mut().enumerate() {
+        *scale = fit(&xb[16 * s..16 * s + 16], &mut l[16 * s..16 * s + 16]);
+    }
+    (l, scales)
+}
+
 /// Packs 256 two-bit levels in the Q2_K/Q3_K `qs` layout.
 fn pack_k2(levels: &[u8; QK_K]) -> [u8; QK_K / 4] {
     std::array::from_fn(|i| {
@@ -319,7 +372,7 @@ fn pack_k2(levels: &[u8; QK_K]) -> [u8; QK_K / 4] {
 /// Q2_K (`quantize_row_q2_K_ref`): per 16-element sub-block a `make_qkx2_quants` fit with
 /// |x| weights, the 16 scales and 16 minimums quantised to 4 bits against their maxima,
 /// then the elements re-quantised with the rounded scales.
-pub(crate) fn quantize_q2_k(x: &[f32], out: &mut [u8]) {
+fn quantize_q2_k(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK_K, |xb| {
         let mut levels = [0u8; QK_K];
         let mut scales = [0f32; 16];
@@ -340,12 +393,7 @@ pub(crate) fn quantize_q2_k(x: &[f32], out: &mut [u8]) {
         }
         let max_scale = scales.iter().fold(0f32, |m, &v| if v > m { v } else { m });
         let max_min = mins.iter().fold(0f32, |m, &v| if v > m { v } else { m });
-        let mut b = BlockQ2K {
-            scales: [0; 16],
-            qs: [0; 64],
-            d: f16::ZERO,
-            dmin: f16::ZERO,
-        };
+        let mut b = BlockQ2K::zeroed();
         if max_scale > 0.0 {
             let iscale = 15.0 / max_scale;
             for (o, &s) in b.scales.iter_mut().zip(&scales) {
@@ -378,20 +426,11 @@ pub(crate) fn quantize_q2_k(x: &[f32], out: &mut [u8]) {
 /// Q3_K (`quantize_row_q3_K_ref`): per 16-element sub-block a `make_q3_quants` fit, the
 /// 16 signed scales quantised to 6 bits against the one of largest magnitude, then the
 /// elements re-quantised to -4..4 with the rounded scales.
-pub(crate) fn quantize_q3_k(x: &[f32], out: &mut [u8]) {
+fn quantize_q3_k(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK_K, |xb| {
-        let mut l = [0i8; QK_K];
-        let mut scales = [0f32; 16];
-        for s in 0..16 {
-            scales[s] = make_q3_quants(4, &xb[16 * s..16 * s + 16], &mut l[16 * s..16 * s + 16]);
-        }
+        let (mut l, scales) = fit_sub_blocks(xb, |x, l| make_q3_quants(4, x, l));
         let (max_scale, _) = signed_max(&scales);
-        let mut b = BlockQ3K {
-            hmask: [0; 32],
-            qs: [0; 64],
-            scales: [0; 12],
-            d: f16::ZERO,
-        };
+        let mut b = BlockQ3K::zeroed();
         if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
             for (s, &sc) in scales.iter().enumerate() {
@@ -429,7 +468,7 @@ pub(crate) fn quantize_q3_k(x: &[f32], out: &mut [u8]) {
 }
 
 /// Packs eight 6-bit (scale, min) pairs the way `get_scale_min_k4` reads them.
-fn pack_k4_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+pub(crate) fn pack_k4_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     let mut q = [0u8; 12];
     for j in 0..8 {
         if j < 4 {
@@ -503,7 +542,7 @@ fn pack_k4(levels: &[u8; QK_K]) -> [u8; QK_K / 2] {
 }
 
 /// Q4_K (`quantize_row_q4_K_ref`).
-pub(crate) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
+fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK_K, |xb| {
         let (d, dmin, scales, levels) = k4_fit(xb, 15, -1.0, 20);
         BlockQ4K {
@@ -517,7 +556,7 @@ pub(crate) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
 }
 
 /// Q5_K (`quantize_row_q5_K_ref`).
-pub(crate) fn quantize_q5_k(x: &[f32], out: &mut [u8]) {
+fn quantize_q5_k(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK_K, |xb| {
         let (d, dmin, scales, levels) = k4_fit(xb, 31, -0.5, 15);
         let mut qh = [0u8; QK_K / 8];
@@ -538,20 +577,11 @@ pub(crate) fn quantize_q5_k(x: &[f32], out: &mut [u8]) {
 /// Q6_K (`quantize_row_q6_K_ref`): per 16-element sub-block a `make_qx_quants` fit, the 16
 /// scales quantised to signed 8 bits against the one of largest magnitude (`-128/max`), then
 /// the elements re-quantised to -32..32.
-pub(crate) fn quantize_q6_k(x: &[f32], out: &mut [u8]) {
+fn quantize_q6_k(x: &[f32], out: &mut [u8]) {
     per_block(x, out, QK_K, |xb| {
-        let mut l = [0i8; QK_K];
-        let mut scales = [0f32; 16];
-        for s in 0..16 {
-            scales[s] = make_qx_quants(32, &xb[16 * s..16 * s + 16], &mut l[16 * s..16 * s + 16]);
-        }
+        let (mut l, scales) = fit_sub_blocks(xb, |x, l| make_qx_quants(32, x, l));
         let (max_scale, max_abs) = signed_max(&scales);
-        let mut b = BlockQ6K {
-            ql: [0; 128],
-            qh: [0; 64],
-            scales: [0; 16],
-            d: f16::ZERO,
-        };
+        let mut b = BlockQ6K::zeroed();
         if max_abs < GROUP_MAX_EPS {
             return b.to_bytes();
         }

@@ -3,45 +3,36 @@
 //!
 //! Layout of every kernel: a private safe wrapper (the table entry) that clamps lengths and
 //! calls an `unsafe` `#[target_feature]` function on raw pointers. The wrappers are only
-//! reachable through [`avx2`], which checks the CPU first; that check is what makes the
+//! reachable through [`table`], which checks the CPU first; that check is what makes the
 //! `unsafe` calls in the wrappers sound.
-#![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use crate::dispatch::Kernels;
-use crate::types::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use super::helpers::{
+    block_dots, bytes_from_nibbles_32, hsum_float_8, load_f16, mul_sum_i8_pairs_float,
+    mul_sum_us8_pairs_float,
+};
+use crate::dispatch::{Kernels, kernel_table};
+use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 
 /// The AVX2 table as a constant, so that wider tables can start from it (`..AVX2_TABLE`).
-/// Its entries are sound to call only after [`avx2`]'s CPU check.
-pub(crate) const AVX2_TABLE: Kernels = Kernels {
+/// Its entries are sound to call only after [`table`]'s CPU check. ggml's x86 build
+/// quantises activations to Q8_K with the scalar reference, and so does this table.
+pub(crate) const AVX2_TABLE: Kernels = kernel_table! {
     name: "avx2",
-    dot_f32,
-    dot_f16,
-    dot_f32_bytes,
-    dot_f16_bytes,
-    dot_bf16_bytes,
-    axpy_f16,
-    f32_to_f16,
-    f16_to_f32,
-    quantize_q8_0,
-    quantize_q8_1,
-    dot_q4_0_q8_0,
-    dot_q4_1_q8_1,
-    dot_q8_0_q8_0,
-    dequantize_q4_0,
-    dequantize_q4_1,
-    dequantize_q8_0,
-    quants: &crate::quants::avx2::AVX2_QUANTS,
-    tiles: &crate::x86_64_tiles::avx2::TILES,
+    base: crate::arch::x86_64::avx2,
+    quants: crate::arch::x86_64::avx2_kquants,
+    tiles: crate::arch::x86_64::avx2_tiles,
+    quantize_q8_k: crate::arch::portable::quantize_q8_k,
+    packed: None,
 };
 
 static AVX2: Kernels = AVX2_TABLE;
 
 /// The AVX2 table, or `None` when this CPU lacks AVX2, FMA or F16C.
-pub(crate) fn avx2() -> Option<&'static Kernels> {
+pub(crate) fn table() -> Option<&'static Kernels> {
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
@@ -54,140 +45,104 @@ pub(crate) fn avx2() -> Option<&'static Kernels> {
 
 // ---------------------------------------------------------------------------------------
 // Safe wrappers (table entries). Each SAFETY comment relies on the same two facts: the
-// wrapper is only reachable through `AVX2`, which `avx2()` hands out after checking for
+// wrapper is only reachable through `AVX2`, which `table()` hands out after checking for
 // AVX2, FMA and F16C; and the element/block counts passed are clamped to what every slice
 // holds, so all pointer accesses stay in bounds.
 // ---------------------------------------------------------------------------------------
 
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    // SAFETY: CPU features checked by `avx2()`; `a` and `b` hold at least `n` elements.
+    // SAFETY: CPU features checked by `table()`; `a` and `b` hold at least `n` elements.
     unsafe { dot_f32_raw(a.as_ptr(), b.as_ptr(), n) }
 }
 
-fn dot_f32_bytes(w: &[u8], x: &[f32]) -> f32 {
+pub(crate) fn dot_f32_bytes(w: &[u8], x: &[f32]) -> f32 {
     let n = (w.len() / 4).min(x.len());
-    // SAFETY: CPU features checked by `avx2()`; `w` holds `n` little-endian f32 (read
+    // SAFETY: CPU features checked by `table()`; `w` holds `n` little-endian f32 (read
     // unaligned), `x` at least `n` elements.
     unsafe { dot_f32_raw(w.as_ptr().cast(), x.as_ptr(), n) }
 }
 
-fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+pub(crate) fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
     let n = a.len().min(b.len());
-    // SAFETY: CPU features checked by `avx2()`; `f16` is a transparent `u16`; both slices
+    // SAFETY: CPU features checked by `table()`; `f16` is a transparent `u16`; both slices
     // hold at least `n` elements.
     unsafe { dot_f16_raw(a.as_ptr().cast(), b.as_ptr().cast(), n) }
 }
 
-fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
+pub(crate) fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
     let n = (w.len() / 2).min(x.len());
-    // SAFETY: CPU features checked by `avx2()`; `w` holds `n` little-endian f16 (read
+    // SAFETY: CPU features checked by `table()`; `w` holds `n` little-endian f16 (read
     // unaligned), `x` at least `n` elements.
     unsafe { dot_f16_raw(w.as_ptr().cast(), x.as_ptr().cast(), n) }
 }
 
-fn dot_bf16_bytes(w: &[u8], x: &[bf16]) -> f32 {
+pub(crate) fn dot_bf16_bytes(w: &[u8], x: &[bf16]) -> f32 {
     let n = (w.len() / 2).min(x.len());
-    // SAFETY: CPU features checked by `avx2()`; `w` holds `n` little-endian bf16 (read
+    // SAFETY: CPU features checked by `table()`; `w` holds `n` little-endian bf16 (read
     // unaligned), `x` (transparent `u16`) at least `n` elements.
     unsafe { dot_bf16_raw(w.as_ptr().cast(), x.as_ptr().cast(), n) }
 }
 
-fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
+pub(crate) fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
     let n = y.len().min(x.len());
-    // SAFETY: CPU features checked by `avx2()`; `y` is writable and `x` readable for `n`
+    // SAFETY: CPU features checked by `table()`; `y` is writable and `x` readable for `n`
     // elements; they cannot overlap (one is `&mut`).
     unsafe { axpy_f16_raw(y.as_mut_ptr(), alpha, x.as_ptr().cast(), n) }
 }
 
-fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
     let n = src.len().min(dst.len());
-    // SAFETY: CPU features checked by `avx2()`; `src` readable and `dst` writable for `n`.
+    // SAFETY: CPU features checked by `table()`; `src` readable and `dst` writable for `n`.
     unsafe { f32_to_f16_raw(src.as_ptr(), dst.as_mut_ptr().cast(), n) }
 }
 
-fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+pub(crate) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
-    // SAFETY: CPU features checked by `avx2()`; `src` readable and `dst` writable for `n`.
+    // SAFETY: CPU features checked by `table()`; `src` readable and `dst` writable for `n`.
     unsafe { f16_to_f32_raw(src.as_ptr().cast(), dst.as_mut_ptr(), n) }
 }
 
-fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     let nb = (x.len() / QK).min(out.len() / BlockQ8_0::BYTES);
-    // SAFETY: CPU features checked by `avx2()`; `x` holds `nb * 32` floats and `out` room
+    // SAFETY: CPU features checked by `table()`; `x` holds `nb * 32` floats and `out` room
     // for `nb` blocks.
     unsafe { quantize_raw::<false>(x.as_ptr(), out.as_mut_ptr(), nb) }
 }
 
-fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
     let nb = (x.len() / QK).min(out.len() / BlockQ8_1::BYTES);
     // SAFETY: as in `quantize_q8_0`, with Q8_1 blocks.
     unsafe { quantize_raw::<true>(x.as_ptr(), out.as_mut_ptr(), nb) }
 }
 
-fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ4_0::BYTES).min(x.len() / BlockQ8_0::BYTES);
-    // SAFETY: CPU features checked by `avx2()`; both slices hold `nb` whole blocks.
-    unsafe { dot_q4_0_q8_0_raw(w.as_ptr(), x.as_ptr(), nb) }
+block_dots! {
+    dot_q4_0_q8_0 => dot_q4_0_q8_0_raw, BlockQ4_0, BlockQ8_0;
+    dot_q4_1_q8_1 => dot_q4_1_q8_1_raw, BlockQ4_1, BlockQ8_1;
+    dot_q8_0_q8_0 => dot_q8_0_q8_0_raw, BlockQ8_0, BlockQ8_0;
 }
 
-fn dot_q4_1_q8_1(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ4_1::BYTES).min(x.len() / BlockQ8_1::BYTES);
-    // SAFETY: CPU features checked by `avx2()`; both slices hold `nb` whole blocks.
-    unsafe { dot_q4_1_q8_1_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ8_0::BYTES).min(x.len() / BlockQ8_0::BYTES);
-    // SAFETY: CPU features checked by `avx2()`; both slices hold `nb` whole blocks.
-    unsafe { dot_q8_0_q8_0_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dequantize_q4_0(src: &[u8], dst: &mut [f32]) {
+pub(crate) fn dequantize_q4_0(src: &[u8], dst: &mut [f32]) {
     let nb = (src.len() / BlockQ4_0::BYTES).min(dst.len() / QK);
-    // SAFETY: CPU features checked by `avx2()`; `src` holds `nb` blocks, `dst` `nb * 32`.
+    // SAFETY: CPU features checked by `table()`; `src` holds `nb` blocks, `dst` `nb * 32`.
     unsafe { dequantize_q4_raw::<false>(src.as_ptr(), dst.as_mut_ptr(), nb) }
 }
 
-fn dequantize_q4_1(src: &[u8], dst: &mut [f32]) {
+pub(crate) fn dequantize_q4_1(src: &[u8], dst: &mut [f32]) {
     let nb = (src.len() / BlockQ4_1::BYTES).min(dst.len() / QK);
-    // SAFETY: CPU features checked by `avx2()`; `src` holds `nb` blocks, `dst` `nb * 32`.
+    // SAFETY: CPU features checked by `table()`; `src` holds `nb` blocks, `dst` `nb * 32`.
     unsafe { dequantize_q4_raw::<true>(src.as_ptr(), dst.as_mut_ptr(), nb) }
 }
 
-fn dequantize_q8_0(src: &[u8], dst: &mut [f32]) {
+pub(crate) fn dequantize_q8_0(src: &[u8], dst: &mut [f32]) {
     let nb = (src.len() / BlockQ8_0::BYTES).min(dst.len() / QK);
-    // SAFETY: CPU features checked by `avx2()`; `src` holds `nb` blocks, `dst` `nb * 32`.
+    // SAFETY: CPU features checked by `table()`; `src` holds `nb` blocks, `dst` `nb * 32`.
     unsafe { dequantize_q8_0_raw(src.as_ptr(), dst.as_mut_ptr(), nb) }
 }
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Reads a little-endian f16 at `p` and widens it (exact) with F16C, avoiding `half`'s
-/// per-call feature check in the per-block hot loops.
-///
-/// # Safety
-///
-/// F16C must be available and `p` readable for 2 bytes.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn load_f16(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees 2 readable bytes; no alignment is assumed.
-    let bits = u16::from_le(unsafe { p.cast::<u16>().read_unaligned() });
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-/// ggml `hsum_float_8`: (lo128 + hi128), then fold pairs.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum_float_8(x: __m256) -> f32 {
-    let mut r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
-}
 
 /// ggml `GGML_F32x8_REDUCE` over four accumulators: 0+=2, 1+=3, 0+=1, then two `hadd`s.
 #[inline]
@@ -199,38 +154,6 @@ fn reduce4(s: [__m256; 4]) -> f32 {
     let t0 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps::<1>(c));
     let t1 = _mm_hadd_ps(t0, t0);
     _mm_cvtss_f32(_mm_hadd_ps(t1, t1))
-}
-
-/// 16 packed bytes → 32 bytes: low nibbles in the low 128 bits (elements 0..16), high
-/// nibbles in the high 128 bits (elements 16..32).
-///
-/// # Safety
-///
-/// `p` must be readable for 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 16 readable bytes; `loadu` takes any alignment.
-    let tmp = unsafe { _mm_loadu_si128(p.cast()) };
-    let bytes = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
-    _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
-}
-
-/// Unsigned × signed bytes, summed in groups of four into eight i32, as f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
-    let dot = _mm256_maddubs_epi16(ax, sy);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-}
-
-/// Signed × signed bytes via the sign trick (|x| · sign(x)·y). Exact for `x` in -127..=127.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
-    let ax = _mm256_sign_epi8(x, x);
-    let sy = _mm256_sign_epi8(y, x);
-    mul_sum_us8_pairs_float(ax, sy)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,30 +9,20 @@
 //! Q8_K `bsums`, so the weights' minimums never enter the inner loop.
 //!
 //! Each table entry is a safe wrapper that clamps the block count and calls an `unsafe`
-//! `#[target_feature]` function. [`AVX2_QUANTS`] is installed only in the AVX2 `Kernels`
-//! table, which `crate::x86_64::avx2()` hands out after checking for AVX2, FMA and F16C:
-//! that check is what makes the calls in the wrappers sound.
-#![allow(unsafe_code)]
+//! `#[target_feature]` function. The wrappers are installed only in the AVX2 `Kernels`
+//! table (and the wider one built from it), which `super::avx2::table()` hands out after
+//! checking for AVX2, FMA and F16C: that check is what makes the calls in the wrappers
+//! sound.
 
 use std::arch::x86_64::*;
 
-use crate::quants::QuantKernels;
-use crate::quants::blocks::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8K, QK_K,
+use super::helpers::{
+    block_dots, bytes_from_bits_32, bytes_from_nibbles_32, hsum_float_8, hsum_i32_4, load_f16,
+    load_f32, load32, mul_sum_i8_pairs_float, mul_sum_us8_pairs_float,
 };
-use crate::types::{BlockQ8_0, BlockQ8_1};
-
-/// The AVX2 table. Only reference it from the AVX2 `Kernels` table (see the module docs).
-pub(crate) static AVX2_QUANTS: QuantKernels = QuantKernels {
-    // ggml's x86 build quantises activations to Q8_K with the scalar reference, too.
-    quantize_q8_k: crate::quants::scalar::quantize_q8_k,
-    dot_q5_0_q8_0,
-    dot_q5_1_q8_1,
-    dot_q2_k_q8_k,
-    dot_q3_k_q8_k,
-    dot_q4_k_q8_k,
-    dot_q5_k_q8_k,
-    dot_q6_k_q8_k,
+use crate::formats::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    BlockQ8K, QK_K,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -41,146 +31,19 @@ pub(crate) static AVX2_QUANTS: QuantKernels = QuantKernels {
 // slices hold, so every pointer access stays in bounds.
 // ---------------------------------------------------------------------------------------
 
-fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ5_0::BYTES).min(x.len() / BlockQ8_0::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q5_raw::<false>(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q5_1_q8_1(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ5_1::BYTES).min(x.len() / BlockQ8_1::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q5_raw::<true>(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q2_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ2K::BYTES).min(x.len() / BlockQ8K::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q2_k_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q3_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ3K::BYTES).min(x.len() / BlockQ8K::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q3_k_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q4_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ4K::BYTES).min(x.len() / BlockQ8K::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q4_k_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q5_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ5K::BYTES).min(x.len() / BlockQ8K::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q5_k_raw(w.as_ptr(), x.as_ptr(), nb) }
-}
-
-fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    let nb = (w.len() / BlockQ6K::BYTES).min(x.len() / BlockQ8K::BYTES);
-    // SAFETY: see the section comment.
-    unsafe { dot_q6_k_raw(w.as_ptr(), x.as_ptr(), nb) }
+block_dots! {
+    dot_q5_0_q8_0 => dot_q5_raw::<false>, BlockQ5_0, BlockQ8_0;
+    dot_q5_1_q8_1 => dot_q5_raw::<true>, BlockQ5_1, BlockQ8_1;
+    dot_q2_k_q8_k => dot_q2_k_raw, BlockQ2K, BlockQ8K;
+    dot_q3_k_q8_k => dot_q3_k_raw, BlockQ3K, BlockQ8K;
+    dot_q4_k_q8_k => dot_q4_k_raw, BlockQ4K, BlockQ8K;
+    dot_q5_k_q8_k => dot_q5_k_raw, BlockQ5K, BlockQ8K;
+    dot_q6_k_q8_k => dot_q6_k_raw, BlockQ6K, BlockQ8K;
 }
 
 // ---------------------------------------------------------------------------------------
 // Helpers (ggml's x86 helpers of the same names)
 // ---------------------------------------------------------------------------------------
-
-/// Reads a little-endian f16 at `p` and widens it with F16C.
-///
-/// # Safety
-///
-/// F16C must be available and `p` readable for 2 bytes.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn load_f16(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees 2 readable bytes; no alignment is assumed.
-    let bits = u16::from_le(unsafe { p.cast::<u16>().read_unaligned() });
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-/// Reads a little-endian f32 at `p`.
-///
-/// # Safety
-///
-/// `p` must be readable for 4 bytes.
-#[inline]
-unsafe fn load_f32(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees 4 readable bytes; no alignment is assumed.
-    f32::from_bits(u32::from_le(unsafe { p.cast::<u32>().read_unaligned() }))
-}
-
-/// (lo128 + hi128), then fold pairs.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum_float_8(x: __m256) -> f32 {
-    let mut r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
-}
-
-/// Sum of four i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum_i32_4(a: __m128i) -> i32 {
-    let hi64 = _mm_unpackhi_epi64(a, a);
-    let sum64 = _mm_add_epi32(hi64, a);
-    let hi32 = _mm_shuffle_epi32::<0b10_11_00_01>(sum64);
-    _mm_cvtsi128_si32(_mm_add_epi32(sum64, hi32))
-}
-
-/// 16 packed bytes → 32 bytes: low nibbles (elements 0..16), then high nibbles (16..32).
-///
-/// # Safety
-///
-/// `p` must be readable for 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 16 readable bytes; `loadu` takes any alignment.
-    let tmp = unsafe { _mm_loadu_si128(p.cast()) };
-    let bytes = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
-    _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F))
-}
-
-/// 32 bits (little-endian at `p`) → 32 bytes, 0xFF where the bit is set, else 0.
-///
-/// # Safety
-///
-/// `p` must be readable for 4 bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn bytes_from_bits_32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 4 readable bytes; no alignment is assumed.
-    let x32 = u32::from_le(unsafe { p.cast::<u32>().read_unaligned() });
-    // Byte k takes source byte k/8, then everything but bit k%8 is forced to 1.
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32 as i32), shuf);
-    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
-    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
-}
-
-/// u8 × i8 products, summed in fours into eight f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
-    let dot = _mm256_maddubs_epi16(ax, sy);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-}
-
-/// i8 × i8 products (via the sign trick), summed in fours into eight f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
-    mul_sum_us8_pairs_float(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-}
 
 /// ggml `get_scale_shuffle_k4(i)`: broadcasts 16-bit scale `i` of a 128-bit lane.
 const fn k4_shuffles() -> [[u8; 32]; 8] {
@@ -240,18 +103,6 @@ fn mask32(m: &[u8; 32]) -> __m256i {
     unsafe { _mm256_loadu_si256(m.as_ptr().cast()) }
 }
 
-/// Loads 32 bytes at `p`.
-///
-/// # Safety
-///
-/// `p` must be readable for 32 bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 32 readable bytes; `loadu` takes any alignment.
-    unsafe { _mm256_loadu_si256(p.cast()) }
-}
-
 /// The Q4_K/Q5_K scale bytes (12 at `p`) unpacked by ggml's `kmask` trick into 8 scales
 /// (bytes 0..8) and 8 minimums (bytes 8..16).
 ///
@@ -272,6 +123,40 @@ unsafe fn k4_scales_mins(p: *const u8) -> [u32; 4] {
         u1 & KMASK1,
         ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
     ]
+}
+
+/// The per-super-block head Q4_K and Q5_K share: `d = y.d·d`, `dmin = −y.d·dmin`, the
+/// four i32 lanes of `Σ m·(bsum pairs)` (ggml's minimum products) and the eight sub-block
+/// scales as i16, repeated in both 128-bit lanes.
+///
+/// # Safety
+///
+/// AVX2 and F16C must be available; `wb` readable for one Q4_K/Q5_K block head (16 bytes),
+/// `xb` for one Q8_K block.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn k4_head(wb: *const u8, xb: *const u8) -> (f32, f32, __m128i, __m256i) {
+    // SAFETY: the caller guarantees the block head and the Q8_K block are readable.
+    unsafe {
+        let yd = load_f32(xb);
+        let d = yd * load_f16(wb);
+        let dmin = -yd * load_f16(wb.add(2));
+        let u = k4_scales_mins(wb.add(4));
+        let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+            u[3] as i32,
+            u[2] as i32,
+            u[1] as i32,
+            u[0] as i32,
+        ));
+        let q8sums = load32(xb.add(4 + QK_K));
+        let q8s = _mm_hadd_epi16(
+            _mm256_extracti128_si256::<0>(q8sums),
+            _mm256_extracti128_si256::<1>(q8sums),
+        );
+        let prod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(mins_and_scales), q8s);
+        let sc128 = _mm256_extracti128_si256::<0>(mins_and_scales);
+        (d, dmin, prod, _mm256_set_m128i(sc128, sc128))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -470,26 +355,8 @@ unsafe fn dot_q4_k_raw(w: *const u8, x: *const u8, nb: usize) -> f32 {
         unsafe {
             let wb = w.add(i * BlockQ4K::BYTES);
             let xb = x.add(i * BlockQ8K::BYTES);
-            let yd = load_f32(xb);
-            let d = yd * load_f16(wb);
-            let dmin = -yd * load_f16(wb.add(2));
-            let u = k4_scales_mins(wb.add(4));
-            let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                u[3] as i32,
-                u[2] as i32,
-                u[1] as i32,
-                u[0] as i32,
-            ));
-            let q8sums = load32(xb.add(4 + QK_K));
-            let q8s = _mm_hadd_epi16(
-                _mm256_extracti128_si256::<0>(q8sums),
-                _mm256_extracti128_si256::<1>(q8sums),
-            );
-            let prod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(mins_and_scales), q8s);
+            let (d, dmin, prod, scales) = k4_head(wb, xb);
             acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-
-            let sc128 = _mm256_extracti128_si256::<0>(mins_and_scales);
-            let scales = _mm256_set_m128i(sc128, sc128);
             let mut sumi = _mm256_setzero_si256();
             for j in 0..QK_K / 64 {
                 let scale_l = _mm256_shuffle_epi8(scales, mask32(&K4_SHUFFLE[2 * j]));
@@ -528,26 +395,8 @@ unsafe fn dot_q5_k_raw(w: *const u8, x: *const u8, nb: usize) -> f32 {
         unsafe {
             let wb = w.add(i * BlockQ5K::BYTES);
             let xb = x.add(i * BlockQ8K::BYTES);
-            let yd = load_f32(xb);
-            let d = yd * load_f16(wb);
-            let dmin = -yd * load_f16(wb.add(2));
-            let u = k4_scales_mins(wb.add(4));
-            let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                u[3] as i32,
-                u[2] as i32,
-                u[1] as i32,
-                u[0] as i32,
-            ));
-            let q8sums = load32(xb.add(4 + QK_K));
-            let q8s = _mm_hadd_epi16(
-                _mm256_extracti128_si256::<0>(q8sums),
-                _mm256_extracti128_si256::<1>(q8sums),
-            );
-            let prod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(mins_and_scales), q8s);
+            let (d, dmin, prod, scales) = k4_head(wb, xb);
             summs += dmin * hsum_i32_4(prod) as f32;
-
-            let sc128 = _mm256_extracti128_si256::<0>(mins_and_scales);
-            let scales = _mm256_set_m128i(sc128, sc128);
             let hbits = load32(wb.add(16));
             let mut hmask = mone;
             let mut sumi = _mm256_setzero_si256();

@@ -1,0 +1,292 @@
+//! The portable reference implementation of every table kernel (`SCALAR`): float dots and
+//! conversions, activation quantisation, the 32-element formats here, Q5 and the K-quants in
+//! [`kquants`], the tiles as one dot per pair, and the scalar twin of the packed kernel.
+//!
+//! These follow ggml's generic C code: f32 dots accumulate in f64 (`ggml_float`), quantised
+//! dots sum exact integers per block and accumulate `d_w * d_x * sumi` in f32. Activation
+//! quantisation follows ggml's *x86* path (`127 / amax` as the inverse scale, round half to
+//! even), so that the scalar and AVX2 tables produce identical quantised activations and the
+//! numbers match what llama.cpp computes on the machines we compare against.
+
+use half::{bf16, f16};
+
+use crate::dispatch::{Kernels, common_blocks, kernel_table};
+use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, blocks, dequant_blocks};
+use crate::packed::{CELL, CELL8, GROUP, XQ};
+
+pub(crate) mod kquants;
+
+pub(crate) use kquants::{
+    dequantize_q2_k, dequantize_q3_k, dequantize_q4_k, dequantize_q5_0, dequantize_q5_1,
+    dequantize_q5_k, dequantize_q6_k, quantize_q8_k,
+};
+
+/// The scalar table.
+pub(crate) static SCALAR: Kernels = kernel_table! {
+    name: "scalar",
+    base: crate::arch::portable,
+    quants: crate::arch::portable::kquants,
+    tiles: crate::arch::portable,
+    quantize_q8_k: quantize_q8_k,
+    packed: None,
+};
+
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut sum = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        sum += f64::from(x * y);
+    }
+    sum as f32
+}
+
+pub(crate) fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    let mut sum = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        sum += f64::from(x.to_f32() * y.to_f32());
+    }
+    sum as f32
+}
+
+pub(crate) fn dot_f32_bytes(w: &[u8], x: &[f32]) -> f32 {
+    let mut sum = 0f64;
+    for (c, y) in w.chunks_exact(4).zip(x) {
+        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        sum += f64::from(v * y);
+    }
+    sum as f32
+}
+
+pub(crate) fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
+    let mut sum = 0f64;
+    for (c, y) in w.chunks_exact(2).zip(x) {
+        let v = f16::from_le_bytes([c[0], c[1]]).to_f32();
+        sum += f64::from(v * y.to_f32());
+    }
+    sum as f32
+}
+
+pub(crate) fn dot_bf16_bytes(w: &[u8], x: &[bf16]) -> f32 {
+    let mut sum = 0f64;
+    for (c, y) in w.chunks_exact(2).zip(x) {
+        let v = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+        sum += f64::from(v * y.to_f32());
+    }
+    sum as f32
+}
+
+pub(crate) fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += xi.to_f32() * alpha;
+    }
+}
+
+pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(*s);
+    }
+}
+
+pub(crate) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// Scale, inverse scale and the quantised values of one 32-element block, as ggml's x86
+/// `quantize_row_q8_0`/`q8_1` compute them.
+fn quantize_block(x: &[f32]) -> (f32, [i8; QK]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    // |x * id| <= 127 (+ rounding), so the saturating cast never clips a finite value.
+    let qs = std::array::from_fn(|j| (x[j] * id).round_ties_even() as i8);
+    (d, qs)
+}
+
+pub(crate) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x
+        .chunks_exact(QK)
+        .zip(out.chunks_exact_mut(BlockQ8_0::BYTES))
+    {
+        let (d, qs) = quantize_block(xb);
+        let block = BlockQ8_0 {
+            d: f16::from_f32(d),
+            qs,
+        };
+        ob.copy_from_slice(&block.to_bytes());
+    }
+}
+
+pub(crate) fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x
+        .chunks_exact(QK)
+        .zip(out.chunks_exact_mut(BlockQ8_1::BYTES))
+    {
+        let (d, qs) = quantize_block(xb);
+        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+        let block = BlockQ8_1 {
+            d: f16::from_f32(d),
+            s: f16::from_f32(d * sum as f32),
+            qs,
+        };
+        ob.copy_from_slice(&block.to_bytes());
+    }
+}
+
+pub(crate) fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (bw, bx) in blocks(w, x, BlockQ4_0::from_bytes, BlockQ8_0::from_bytes) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = i32::from(bw.qs[j] & 0x0F) - 8;
+            let hi = i32::from(bw.qs[j] >> 4) - 8;
+            sumi += lo * i32::from(bx.qs[j]) + hi * i32::from(bx.qs[j + QK / 2]);
+        }
+        sumf += sumi as f32 * bw.d.to_f32() * bx.d.to_f32();
+    }
+    sumf
+}
+
+pub(crate) fn dot_q4_1_q8_1(w: &[u8], x: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (bw, bx) in blocks(w, x, BlockQ4_1::from_bytes, BlockQ8_1::from_bytes) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = i32::from(bw.qs[j] & 0x0F);
+            let hi = i32::from(bw.qs[j] >> 4);
+            sumi += lo * i32::from(bx.qs[j]) + hi * i32::from(bx.qs[j + QK / 2]);
+        }
+        sumf += (bw.d.to_f32() * bx.d.to_f32()) * sumi as f32 + bw.m.to_f32() * bx.s.to_f32();
+    }
+    sumf
+}
+
+pub(crate) fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (bw, bx) in blocks(w, x, BlockQ8_0::from_bytes, BlockQ8_0::from_bytes) {
+        let sumi: i32 = bw
+            .qs
+            .iter()
+            .zip(bx.qs)
+            .map(|(&a, b)| i32::from(a) * i32::from(b))
+            .sum();
+        sumf += sumi as f32 * (bw.d.to_f32() * bx.d.to_f32());
+    }
+    sumf
+}
+
+pub(crate) fn dequantize_q4_0(src: &[u8], dst: &mut [f32]) {
+    for (b, out) in dequant_blocks(src, dst, QK, BlockQ4_0::from_bytes) {
+        let d = b.d.to_f32();
+        for j in 0..QK / 2 {
+            out[j] = (i32::from(b.qs[j] & 0x0F) - 8) as f32 * d;
+            out[j + QK / 2] = (i32::from(b.qs[j] >> 4) - 8) as f32 * d;
+        }
+    }
+}
+
+pub(crate) fn dequantize_q4_1(src: &[u8], dst: &mut [f32]) {
+    for (b, out) in dequant_blocks(src, dst, QK, BlockQ4_1::from_bytes) {
+        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        // Fused multiply-add, as the compiled ggml (and our AVX2 twin) computes `n * d + m`.
+        for j in 0..QK / 2 {
+            out[j] = f32::from(b.qs[j] & 0x0F).mul_add(d, m);
+            out[j + QK / 2] = f32::from(b.qs[j] >> 4).mul_add(d, m);
+        }
+    }
+}
+
+pub(crate) fn dequantize_q8_0(src: &[u8], dst: &mut [f32]) {
+    for (b, out) in dequant_blocks(src, dst, QK, BlockQ8_0::from_bytes) {
+        let d = b.d.to_f32();
+        for (o, q) in out.iter_mut().zip(b.qs) {
+            *o = f32::from(q) * d;
+        }
+    }
+}
+
+/// The scalar tile for Q4_0 weights: each pair through [`dot_q4_0_q8_0`].
+pub(crate) fn tile_q4_0_q8_0(w: &[&[u8]], x: &[&[u8]], out: &mut [f32]) {
+    let b = (BlockQ4_0::BYTES, BlockQ8_0::BYTES);
+    pairs(dot_q4_0_q8_0, b, w, x, out);
+}
+
+/// The scalar tile for Q4_1 weights: each pair through [`dot_q4_1_q8_1`].
+pub(crate) fn tile_q4_1_q8_1(w: &[&[u8]], x: &[&[u8]], out: &mut [f32]) {
+    let b = (BlockQ4_1::BYTES, BlockQ8_1::BYTES);
+    pairs(dot_q4_1_q8_1, b, w, x, out);
+}
+
+/// The scalar tile for Q8_0 weights: each pair through [`dot_q8_0_q8_0`].
+pub(crate) fn tile_q8_0_q8_0(w: &[&[u8]], x: &[&[u8]], out: &mut [f32]) {
+    let b = (BlockQ8_0::BYTES, BlockQ8_0::BYTES);
+    pairs(dot_q8_0_q8_0, b, w, x, out);
+}
+
+/// Fills a tile pair by pair with `dot`, over the blocks common to all rows.
+fn pairs(
+    dot: fn(&[u8], &[u8]) -> f32,
+    bytes: (usize, usize),
+    w: &[&[u8]],
+    x: &[&[u8]],
+    out: &mut [f32],
+) {
+    let nr = w.len();
+    if nr == 0 {
+        return;
+    }
+    let nb = common_blocks(w, x, bytes);
+    for (xt, o) in x.iter().zip(out.chunks_exact_mut(nr)) {
+        for (wr, v) in w.iter().zip(o.iter_mut()) {
+            *v = dot(&wr[..nb * bytes.0], &xt[..nb * bytes.1]);
+        }
+    }
+}
+
+/// The scalar twin of the packed kernel (see `crate::packed` for the layout): each lane as
+/// the SIMD kernel computes it, so the results are bit-identical.
+pub(crate) fn packed_group(
+    cells: &[u8],
+    qs: &[i8],
+    ds: &[[f32; 2]],
+    nb: usize,
+    nt: usize,
+    bytes: bool,
+    vals: &mut [[f32; GROUP]; 8],
+) {
+    let cell_len = if bytes { CELL8 } else { CELL };
+    for t in 0..nt {
+        let mut acc = [0f32; GROUP];
+        let mut acc_m = [0f32; GROUP];
+        for b in 0..nb {
+            let cell = &cells[b * cell_len..(b + 1) * cell_len];
+            let xq = &qs[(t * nb + b) * XQ..][..XQ];
+            let [dx, sx] = ds[t * nb + b];
+            for (lane, (a, am)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
+                let dw = f16::from_le_bytes([cell[2 * lane], cell[2 * lane + 1]]).to_f32();
+                let mw = f16::from_le_bytes([cell[32 + 2 * lane], cell[33 + 2 * lane]]).to_f32();
+                let mut isum = 0i32;
+                if bytes {
+                    for (e, &x) in xq.iter().enumerate() {
+                        let byte = cell[64 + 64 * (e / 4) + 4 * lane + e % 4];
+                        isum += i32::from(byte) * i32::from(x);
+                    }
+                } else {
+                    for j in 0..4 {
+                        for k in 0..4 {
+                            let byte = cell[64 + 64 * j + 4 * lane + k];
+                            isum += i32::from(byte & 0x0F) * i32::from(xq[4 * j + k]);
+                            isum += i32::from(byte >> 4) * i32::from(xq[4 * j + 16 + k]);
+                        }
+                    }
+                }
+                let d = dw * dx;
+                *a = d.mul_add(isum as f32, *a);
+                *am = mw.mul_add(sx, *am);
+            }
+        }
+        for (v, (a, m)) in vals[t].iter_mut().zip(acc.iter().zip(&acc_m)) {
+            *v = a + m;
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! x86-64 kernels: `avx2` (+FMA, F16C; with `avx2_kquants` and `avx2_tiles`) and
+//! `avx512vnni` (built on the AVX2 table), sharing the building blocks in `helpers`.
+//!
+//! Layout of every kernel: a safe wrapper (the table entry) that clamps lengths and calls
+//! an `unsafe` `#[target_feature]` function on raw pointers. The wrappers are only reachable
+//! through the tables, which each module's `table()` hands out after checking the CPU; that
+//! check is what makes the `unsafe` calls in the wrappers sound.
+#![allow(unsafe_code)]
+
+pub(crate) mod avx2;
+mod avx2_kquants;
+mod avx2_tiles;
+pub(crate) mod avx512vnni;
+mod helpers;
