@@ -20,13 +20,14 @@
 //! kernels' `matmul` as they are; vectors are converted to f32 once at load).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use kernels::{KernelError, Matrix, ThreadPool, WeightType};
 use serde_json::Value;
+
+use crate::safetensors::FileBytes;
 
 /// Why a BERT model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -255,21 +256,6 @@ struct Layer {
     output_norm: Norm,
 }
 
-#[derive(Debug)]
-enum Storage {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl Storage {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// One input sequence: token ids and, optionally, their token types (all 0 when empty).
 #[derive(Clone, Copy, Debug)]
 pub struct BertInput<'a> {
@@ -284,7 +270,7 @@ pub struct BertInput<'a> {
 #[derive(Debug)]
 pub struct BertModel {
     config: BertConfig,
-    storage: Storage,
+    storage: FileBytes,
     word_embeddings: MatrixRef,
     position_embeddings: MatrixRef,
     token_type_embeddings: MatrixRef,
@@ -302,27 +288,24 @@ impl BertModel {
         })?;
         let config = BertConfig::from_json(&text)?;
         let weights = dir.join("model.safetensors");
-        let io = |source| BertError::Io {
+        let storage = FileBytes::open(&weights).map_err(|source| BertError::Io {
             path: weights.clone(),
             source,
-        };
-        let file = File::open(&weights).map_err(io)?;
-        let storage = if file.metadata().map_err(io)?.len() == 0 {
-            // Mapping an empty file fails on some platforms; the parser reports it instead.
-            Storage::Owned(Vec::new())
-        } else {
-            Storage::Mapped(map_file(&file).map_err(io)?)
-        };
+        })?;
         Self::from_storage(config, storage, &weights)
     }
 
     /// Builds a model from a configuration and the bytes of a safetensors file (for tests
     /// and for callers that hold weights in memory).
     pub fn from_safetensors_bytes(config: BertConfig, bytes: Vec<u8>) -> Result<Self, BertError> {
-        Self::from_storage(config, Storage::Owned(bytes), Path::new("<memory>"))
+        Self::from_storage(config, FileBytes::Owned(bytes), Path::new("<memory>"))
     }
 
-    fn from_storage(config: BertConfig, storage: Storage, path: &Path) -> Result<Self, BertError> {
+    fn from_storage(
+        config: BertConfig,
+        storage: FileBytes,
+        path: &Path,
+    ) -> Result<Self, BertError> {
         let tensors = index_tensors(storage.bytes(), path)?;
         let bytes = storage.bytes();
         let c = &config;
@@ -655,34 +638,16 @@ fn index_tensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Entry>, Be
         path: path.to_path_buf(),
         reason,
     };
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("invalid safetensors file: {e}")))?;
-    let data_start = 8usize
-        .checked_add(header_len)
-        .ok_or_else(|| bad("header length overflows".into()))?;
     let mut out = HashMap::new();
-    for (name, info) in meta.tensors() {
-        let key = name.strip_prefix("bert.").unwrap_or(&name).to_owned();
-        let ty = match info.dtype {
-            safetensors::Dtype::F32 => Ok(WeightType::F32),
-            safetensors::Dtype::F16 => Ok(WeightType::F16),
-            safetensors::Dtype::BF16 => Ok(WeightType::BF16),
-            other => Err(format!("{other:?}")),
-        };
-        let (s, e) = info.data_offsets;
-        let range = data_start
-            .checked_add(s)
-            .zip(data_start.checked_add(e))
-            .filter(|&(a, b)| a <= b && b <= bytes.len())
-            .map(|(a, b)| a..b)
-            .ok_or_else(|| bad(format!("tensor {name:?} lies outside the file")))?;
-        let entry = ty.map(|ty| TensorRef {
+    for e in crate::safetensors::entries(bytes).map_err(bad)? {
+        let key = e.name.strip_prefix("bert.").unwrap_or(&e.name).to_owned();
+        let entry = e.ty.map(|ty| TensorRef {
             ty,
-            shape: info.shape.clone(),
-            bytes: range,
+            shape: e.shape,
+            bytes: e.bytes,
         });
         if out.insert(key, entry).is_some() {
-            return Err(bad(format!("tensor {name:?} appears twice")));
+            return Err(bad(format!("tensor {:?} appears twice", e.name)));
         }
     }
     Ok(out)
@@ -745,14 +710,6 @@ impl Tables<'_> {
         kernels::dequantize_row(t.ty, m.row(0), &mut out)?;
         Ok(out)
     }
-}
-
-#[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the map is read-only and lives as long as the model. As for every weight file,
-    // the contract is that it is not modified or truncated while a model is loaded from it;
-    // every tensor range was checked against the length at load.
-    unsafe { memmap2::Mmap::map(file) }
 }
 
 /// How sentence-transformers' `Pooling` module turns a sequence's token states into one

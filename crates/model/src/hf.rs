@@ -8,13 +8,13 @@
 //! adjacent pairs ([`RopeStyle::Normal`]). The golden tests check both against transformers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use kernels::{RopeStyle, WeightType};
 use serde_json::Value;
 
-use crate::weights::{ShardBytes, Storage, TensorRef, Tensors};
+use crate::safetensors::FileBytes;
+use crate::weights::{Storage, TensorRef, Tensors};
 use crate::{LlamaConfig, ModelError};
 
 /// Maps a tensor name of a layout to our internal name (`None`: not ours).
@@ -177,27 +177,28 @@ fn read_tensors(
     let mut shards = Vec::with_capacity(files.len());
     let mut index: HashMap<String, TensorRef> = HashMap::new();
     for (shard, path) in files.iter().enumerate() {
-        let bytes = map(path)?;
+        let bytes = FileBytes::open(path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let bad = |reason: String| ModelError::BadFile {
             path: path.clone(),
             reason,
         };
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes.bytes())
-            .map_err(|e| bad(format!("invalid safetensors file: {e}")))?;
-        let data_start = 8 + header_len;
-        for (name, info) in meta.tensors() {
-            let Some(ours) = rename(&name) else { continue };
-            let (s, e) = info.data_offsets;
+        for e in crate::safetensors::entries(bytes.bytes()).map_err(bad)? {
+            let Some(ours) = rename(&e.name) else {
+                continue;
+            };
             let r = TensorRef {
-                ty: weight_type(info.dtype),
+                ty: e.ty,
                 // safetensors shapes are outermost first; GGUF dims innermost first.
-                dims: info.shape.iter().rev().map(|&d| d as u64).collect(),
+                dims: e.shape.iter().rev().map(|&d| d as u64).collect(),
                 shard,
-                start: data_start + s,
-                len: e - s,
+                start: e.bytes.start,
+                len: e.bytes.len(),
             };
             if index.insert(ours.clone(), r).is_some() {
-                return Err(bad(format!("tensor {name:?} ({ours}) appears twice")));
+                return Err(bad(format!("tensor {:?} ({ours}) appears twice", e.name)));
             }
         }
         shards.push(bytes);
@@ -208,66 +209,80 @@ fn read_tensors(
     })
 }
 
-/// Memory-maps a safetensors file (an empty file is read, since mapping it fails on some
-/// platforms; the parser then reports it as truncated).
-fn map(path: &Path) -> Result<ShardBytes, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
+/// Whole-model tensors: (Hugging Face name, Mistral name, ours).
+const TOP_NAMES: [(&str, &str, &str); 3] = [
+    (
+        "model.embed_tokens.weight",
+        "tok_embeddings.weight",
+        "token_embd.weight",
+    ),
+    ("model.norm.weight", "norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight", "output.weight"),
+];
+
+/// A layer's tensors after `N.`: (Hugging Face, Mistral, ours without `blk.N.` and
+/// `.weight`).
+const LAYER_NAMES: [(&str, &str, &str); 10] = [
+    (
+        "input_layernorm.weight",
+        "attention_norm.weight",
+        "attn_norm",
+    ),
+    (
+        "post_attention_layernorm.weight",
+        "ffn_norm.weight",
+        "ffn_norm",
+    ),
+    ("self_attn.q_proj.weight", "attention.wq.weight", "attn_q"),
+    ("self_attn.k_proj.weight", "attention.wk.weight", "attn_k"),
+    ("self_attn.v_proj.weight", "attention.wv.weight", "attn_v"),
+    (
+        "self_attn.o_proj.weight",
+        "attention.wo.weight",
+        "attn_output",
+    ),
+    ("mlp.gate_proj.weight", "feed_forward.w1.weight", "ffn_gate"),
+    ("mlp.up_proj.weight", "feed_forward.w3.weight", "ffn_up"),
+    ("mlp.down_proj.weight", "feed_forward.w2.weight", "ffn_down"),
+    (
+        "block_sparse_moe.gate.weight",
+        "feed_forward.gate.weight",
+        "ffn_gate_inp",
+    ),
+];
+
+/// A layout's tensor name → GGUF's (`<layers>N.<rest>` → `blk.N.<ours>.weight`); `None`
+/// for tensors the model does not use.
+fn rename(layout: DirLayout, name: &str) -> Option<String> {
+    let theirs = |t: &(&'static str, &'static str, &'static str)| match layout {
+        DirLayout::HuggingFace => t.0,
+        DirLayout::Mistral => t.1,
     };
-    let file = File::open(path).map_err(io)?;
-    if file.metadata().map_err(io)?.len() == 0 {
-        return Ok(ShardBytes::Owned(Vec::new()));
+    let (layers_prefix, experts_prefix) = match layout {
+        DirLayout::HuggingFace => ("model.layers.", "block_sparse_moe.experts."),
+        DirLayout::Mistral => ("layers.", "feed_forward.experts."),
+    };
+    if let Some(t) = TOP_NAMES.iter().find(|t| theirs(t) == name) {
+        return Some(t.2.into());
     }
-    Ok(ShardBytes::Mapped(map_file(&file).map_err(io)?))
-}
-
-#[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the map is read-only and lives as long as the model; as for GGUF files, the
-    // documented contract is that weight files are not modified or truncated while a model
-    // is loaded from them (a truncated file would fault on access, not corrupt memory safety
-    // of other data: every range was checked against the length at open).
-    unsafe { memmap2::Mmap::map(file) }
-}
-
-fn weight_type(dtype: safetensors::Dtype) -> Result<WeightType, String> {
-    match dtype {
-        safetensors::Dtype::F32 => Ok(WeightType::F32),
-        safetensors::Dtype::F16 => Ok(WeightType::F16),
-        safetensors::Dtype::BF16 => Ok(WeightType::BF16),
-        other => Err(format!("{other:?}")),
-    }
+    let rest = name.strip_prefix(layers_prefix)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match LAYER_NAMES.iter().find(|t| theirs(t) == rest) {
+        Some(t) => t.2.to_owned(),
+        None => expert_name(rest.strip_prefix(experts_prefix)?)?,
+    };
+    Some(format!("blk.{layer}.{ours}.weight"))
 }
 
 /// `model.layers.N.<rest>` → `blk.N.<ours>`; `None` for tensors the model does not use.
 fn hf_name(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let ours = match rest {
-        "input_layernorm.weight" => "attn_norm".to_owned(),
-        "post_attention_layernorm.weight" => "ffn_norm".to_owned(),
-        "self_attn.q_proj.weight" => "attn_q".to_owned(),
-        "self_attn.k_proj.weight" => "attn_k".to_owned(),
-        "self_attn.v_proj.weight" => "attn_v".to_owned(),
-        "self_attn.o_proj.weight" => "attn_output".to_owned(),
-        "mlp.gate_proj.weight" => "ffn_gate".to_owned(),
-        "mlp.up_proj.weight" => "ffn_up".to_owned(),
-        "mlp.down_proj.weight" => "ffn_down".to_owned(),
-        "block_sparse_moe.gate.weight" => "ffn_gate_inp".to_owned(),
-        other => {
-            let expert = other.strip_prefix("block_sparse_moe.experts.")?;
-            expert_name(expert)?
-        }
-    };
-    Some(format!("blk.{layer}.{ours}.weight"))
+    rename(DirLayout::HuggingFace, name)
+}
+
+/// Mistral's names (`layers.N.attention.wq.weight`, ...) → GGUF's.
+fn mistral_name(name: &str) -> Option<String> {
+    rename(DirLayout::Mistral, name)
 }
 
 /// `E.w1.weight` → `ffn_gate.E` (w1 gate, w3 up, w2 down, in Mixtral's and Mistral's naming).
@@ -281,33 +296,6 @@ fn expert_name(rest: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("{which}.{e}"))
-}
-
-/// Mistral's names (`layers.N.attention.wq.weight`, ...) → GGUF's.
-fn mistral_name(name: &str) -> Option<String> {
-    match name {
-        "tok_embeddings.weight" => return Some("token_embd.weight".into()),
-        "norm.weight" => return Some("output_norm.weight".into()),
-        "output.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let ours = match rest {
-        "attention_norm.weight" => "attn_norm".to_owned(),
-        "ffn_norm.weight" => "ffn_norm".to_owned(),
-        "attention.wq.weight" => "attn_q".to_owned(),
-        "attention.wk.weight" => "attn_k".to_owned(),
-        "attention.wv.weight" => "attn_v".to_owned(),
-        "attention.wo.weight" => "attn_output".to_owned(),
-        "feed_forward.w1.weight" => "ffn_gate".to_owned(),
-        "feed_forward.w3.weight" => "ffn_up".to_owned(),
-        "feed_forward.w2.weight" => "ffn_down".to_owned(),
-        "feed_forward.gate.weight" => "ffn_gate_inp".to_owned(),
-        other => expert_name(other.strip_prefix("feed_forward.experts.")?)?,
-    };
-    Some(format!("blk.{layer}.{ours}.weight"))
 }
 
 /// A JSON object's fields, typed.
@@ -524,52 +512,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hugging_face_names_map_to_gguf_names() {
+    fn layout_names_map_to_gguf_names() {
+        // (layout's renaming, its name, ours; `None`: a tensor the model does not use).
+        let (hf, mistral): (RenameFn, RenameFn) = (hf_name, mistral_name);
+        #[rustfmt::skip] // one case a line
         let cases = [
-            ("model.embed_tokens.weight", Some("token_embd.weight")),
-            ("lm_head.weight", Some("output.weight")),
-            (
-                "model.layers.3.self_attn.k_proj.weight",
-                Some("blk.3.attn_k.weight"),
-            ),
-            (
-                "model.layers.0.block_sparse_moe.experts.7.w2.weight",
-                Some("blk.0.ffn_down.7.weight"),
-            ),
-            (
-                "model.layers.1.block_sparse_moe.gate.weight",
-                Some("blk.1.ffn_gate_inp.weight"),
-            ),
-            ("model.layers.x.mlp.up_proj.weight", None),
-            ("model.rotary_emb.inv_freq", None),
+            (hf, "model.embed_tokens.weight", Some("token_embd.weight")),
+            (hf, "lm_head.weight", Some("output.weight")),
+            (hf, "model.layers.3.self_attn.k_proj.weight", Some("blk.3.attn_k.weight")),
+            (hf, "model.layers.0.block_sparse_moe.experts.7.w2.weight", Some("blk.0.ffn_down.7.weight")),
+            (hf, "model.layers.1.block_sparse_moe.gate.weight", Some("blk.1.ffn_gate_inp.weight")),
+            (hf, "model.layers.x.mlp.up_proj.weight", None),
+            (hf, "model.rotary_emb.inv_freq", None),
+            (mistral, "tok_embeddings.weight", Some("token_embd.weight")),
+            (mistral, "norm.weight", Some("output_norm.weight")),
+            (mistral, "layers.2.attention.wo.weight", Some("blk.2.attn_output.weight")),
+            (mistral, "layers.0.feed_forward.w3.weight", Some("blk.0.ffn_up.weight")),
+            (mistral, "layers.1.feed_forward.experts.0.w1.weight", Some("blk.1.ffn_gate.0.weight")),
+            (mistral, "layers.1.feed_forward.experts.0.w4.weight", None),
+            (mistral, "vision_encoder.patch_conv.weight", None),
         ];
-        for (hf, ours) in cases {
-            assert_eq!(hf_name(hf).as_deref(), ours, "{hf}");
-        }
-    }
-
-    #[test]
-    fn mistral_names_map_to_gguf_names() {
-        let cases = [
-            ("tok_embeddings.weight", Some("token_embd.weight")),
-            ("norm.weight", Some("output_norm.weight")),
-            (
-                "layers.2.attention.wo.weight",
-                Some("blk.2.attn_output.weight"),
-            ),
-            (
-                "layers.0.feed_forward.w3.weight",
-                Some("blk.0.ffn_up.weight"),
-            ),
-            (
-                "layers.1.feed_forward.experts.0.w1.weight",
-                Some("blk.1.ffn_gate.0.weight"),
-            ),
-            ("layers.1.feed_forward.experts.0.w4.weight", None),
-            ("vision_encoder.patch_conv.weight", None),
-        ];
-        for (m, ours) in cases {
-            assert_eq!(mistral_name(m).as_deref(), ours, "{m}");
+        for (rename, name, ours) in cases {
+            assert_eq!(rename(name).as_deref(), ours, "{name}");
         }
     }
 

@@ -24,6 +24,7 @@ mod hf;
 mod kv_cache;
 mod llama;
 mod moe;
+mod safetensors;
 mod source;
 mod weights;
 

@@ -12,28 +12,14 @@ use gguf::{GgmlType, GgufFile};
 use kernels::{Matrix, WeightType};
 
 use crate::ModelError;
-
-/// The bytes of one safetensors file: memory-mapped, or read into memory.
-pub(crate) enum ShardBytes {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl ShardBytes {
-    pub(crate) fn bytes(&self) -> &[u8] {
-        match self {
-            ShardBytes::Mapped(m) => m,
-            ShardBytes::Owned(v) => v,
-        }
-    }
-}
+use crate::safetensors::FileBytes;
 
 /// The files that hold a model's weights.
 pub(crate) enum Storage {
     /// One GGUF file; a tensor's `shard` is its index in the file's tensor list.
     Gguf(Arc<GgufFile>),
     /// Safetensors files; a tensor's `shard` is the file's index here.
-    Safetensors(Vec<ShardBytes>),
+    Safetensors(Vec<FileBytes>),
 }
 
 impl fmt::Debug for Storage {
