@@ -180,10 +180,9 @@ impl Server {
     }
 
     fn app(&self) -> Router {
-        souverain_api::router_with_control(
-            Arc::clone(&self.fake) as Arc<dyn Backend>,
-            Arc::clone(&self.control),
-        )
+        souverain_api::App::new(Arc::clone(&self.fake) as Arc<dyn Backend>)
+            .with_control(Some(Arc::clone(&self.control)))
+            .router()
     }
 
     async fn admin(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -617,16 +616,8 @@ async fn budget_holds_under_64_parallel_requests_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budget_holds_under_64_parallel_requests_postgres() {
-    let url = match std::env::var("SOUVERAIN_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            assert!(
-                std::env::var("SOUVERAIN_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SOUVERAIN_REQUIRE_POSTGRES=1 but SOUVERAIN_TEST_DATABASE_URL is not set"
-            );
-            eprintln!("note: SOUVERAIN_TEST_DATABASE_URL is not set; PostgreSQL test skipped");
-            return;
-        }
+    let Some(url) = testkit::database_url() else {
+        return;
     };
     // A fresh schema: the test counts every usage row in it.
     let nanos = std::time::SystemTime::now()

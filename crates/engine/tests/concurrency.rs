@@ -1,33 +1,12 @@
 //! Continuous batching against one-at-a-time serving, on the default model.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use souverain_engine::{Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn model_path() -> Option<PathBuf> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-    }
-    path
-}
-
 fn engine(config: EngineConfig) -> Option<Engine> {
-    let path = model_path()?;
+    let path = testkit::default_model()?;
     Some(Engine::load(&path, config, &mut |_, _| {}).expect("load"))
 }
 

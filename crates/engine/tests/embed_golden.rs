@@ -25,26 +25,6 @@ struct Case {
     embedding: Vec<f64>,
 }
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = [
-        std::env::var_os("SOUVERAIN_EMBEDDING_MODEL").map(PathBuf::from),
-        std::env::var_os("SOUVERAIN_MODELS").map(|d| PathBuf::from(d).join("all-MiniLM-L6-v2")),
-        std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/souverain/models/all-MiniLM-L6-v2")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.join("model.safetensors").exists());
-    if dir.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the embedding model is missing"
-        );
-        eprintln!("skipping: embedding model not found (run scripts/fetch-embedding-model)");
-    }
-    dir
-}
-
 fn golden() -> Golden {
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/minilm-embeddings.json");
@@ -102,7 +82,9 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 
 #[test]
 fn vectors_match_sentence_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = testkit::embedding_model("model.safetensors") else {
+        return;
+    };
     let g = golden();
     assert_eq!(g.generated_by, "scripts/golden/sentence_transformers.py");
     assert_eq!(g.model_safetensors_sha256.len(), 64);
@@ -161,7 +143,9 @@ fn vectors_match_sentence_transformers() {
 
 #[test]
 fn batching_does_not_change_vectors() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = testkit::embedding_model("model.safetensors") else {
+        return;
+    };
     let g = golden();
     let e = embedder(&dir);
     let inputs: Vec<Vec<u32>> = g
@@ -189,7 +173,9 @@ fn batching_does_not_change_vectors() {
 
 #[test]
 fn inputs_over_the_limit_are_refused_not_truncated() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = testkit::embedding_model("model.safetensors") else {
+        return;
+    };
     let e = embedder(&dir);
     let long = "word ".repeat(300);
     let ids = e.tokenize(&long);

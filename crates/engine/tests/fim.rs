@@ -12,26 +12,6 @@ use gguf::{Array, GgufFile, GgufWriter, Value};
 use serde_json::Value as Json;
 use souverain_engine::{Engine, EngineConfig, EngineError};
 
-fn model_path() -> Option<PathBuf> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-    }
-    path
-}
-
 fn load(path: &Path) -> Engine {
     let config = EngineConfig {
         threads: 1,
@@ -84,7 +64,9 @@ fn derive(
 
 #[test]
 fn fim_prompts_follow_llama_cpp() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = testkit::default_model() else {
+        return;
+    };
     let golden = golden();
     let fim = &golden["fim"];
 

@@ -3,7 +3,6 @@
 //! every recorded string, and on the default model greedy grammar-constrained completions
 //! are valid and mostly identical to llama.cpp's.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
@@ -32,26 +31,6 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key]
         .as_str()
         .unwrap_or_else(|| panic!("{key} is not a string"))
-}
-
-fn model_path() -> Option<PathBuf> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-    }
-    path
 }
 
 /// A vocabulary of single bytes plus an end token: asks a grammar about any string.
@@ -120,7 +99,7 @@ fn converted_grammars_give_llama_cpps_verdicts() {
 
 #[test]
 fn greedy_completions_match_llama_cpp() {
-    let Some(path) = model_path() else {
+    let Some(path) = testkit::default_model() else {
         return;
     };
     let config = EngineConfig {

@@ -2,7 +2,6 @@
 //! JSON schemas always validate (checked by the `jsonschema` crate, an independent
 //! validator), and bad grammars are refused before anything is queued.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
@@ -14,28 +13,8 @@ use souverain_engine::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn model_path() -> Option<PathBuf> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-    }
-    path
-}
-
 fn engine() -> Option<Engine> {
-    let path = model_path()?;
+    let path = testkit::default_model()?;
     let config = EngineConfig {
         threads: 2,
         max_seqs: 16,

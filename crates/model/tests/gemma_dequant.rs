@@ -13,33 +13,12 @@
 //! `~/.cache/souverain/models`), or from `SOUVERAIN_TEST_GEMMA`. Without it the tests skip
 //! with a note, unless `SOUVERAIN_REQUIRE_MODEL` is set (as `scripts/test` does).
 
-use std::path::PathBuf;
-
 use kernels::{Matrix, ThreadPool, WeightType, dequantize_row, matmul, vec_dot_f32_reference};
 use serde_json::Value;
 use souverain_model::gguf::{GgmlType, GgufFile};
 
-const FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn model_path() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("SOUVERAIN_TEST_GEMMA").map(PathBuf::from),
-        std::env::var_os("SOUVERAIN_MODELS").map(|d| PathBuf::from(d).join(FILE)),
-        std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/souverain/models").join(FILE)),
-    ];
-    candidates.into_iter().flatten().find(|p| p.exists())
-}
-
 fn open() -> Option<GgufFile> {
-    let Some(path) = model_path() else {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but {FILE} is missing (run scripts/fetch-test-models)"
-        );
-        eprintln!("skipping: {FILE} not found (run scripts/fetch-test-models)");
-        return None;
-    };
+    let path = testkit::gemma_test_model()?;
     Some(GgufFile::open(&path).expect("open the Gemma test model"))
 }
 

@@ -23,7 +23,6 @@
 //! than its own largest deviation, where rounding, not the model, decides the order; then
 //! either of the two is accepted.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -69,25 +68,8 @@ impl Deviation {
     }
 }
 
-fn model_path() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ];
-    candidates.into_iter().flatten().find(|p| p.exists())
-}
-
 fn load() -> Option<(LlamaModel, Value)> {
-    let Some(path) = model_path() else {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing (run scripts/fetch-model)"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-        return None;
-    };
+    let path = testkit::default_model()?;
     let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open model"));
     let model = LlamaModel::load(file, &mut |_, _| {}).expect("load model");
     let golden: Value = serde_json::from_str(include_str!("golden/smollm2-q4_1-llamacpp.json"))

@@ -75,33 +75,10 @@ fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/mistral")
 }
 
-fn tokenizer_dir() -> PathBuf {
-    match std::env::var_os("SOUVERAIN_MISTRAL_TOKENIZERS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/souverain/mistral-common"),
-    }
-}
-
 /// The bytes of a shipped tokenizer file, or `None` (after a note) when absent and not required.
 fn tokenizer_file(name: &str) -> Option<Vec<u8>> {
-    let path = tokenizer_dir().join(name);
-    match std::fs::read(&path) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let required = std::env::var("SOUVERAIN_REQUIRE_MODEL").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "{}: {e} (run scripts/fetch-mistral-tokenizers)",
-                path.display()
-            );
-            eprintln!(
-                "skipping: {} not found (run scripts/fetch-mistral-tokenizers)",
-                path.display()
-            );
-            None
-        }
-    }
+    let path = testkit::mistral_tokenizer_file(name)?;
+    Some(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
 fn load(golden: &Golden) -> Option<MistralTokenizer> {

@@ -23,26 +23,6 @@ struct Case {
     token_ids: Vec<u32>,
 }
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = [
-        std::env::var_os("SOUVERAIN_EMBEDDING_MODEL").map(PathBuf::from),
-        std::env::var_os("SOUVERAIN_MODELS").map(|d| PathBuf::from(d).join("all-MiniLM-L6-v2")),
-        std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/souverain/models/all-MiniLM-L6-v2")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.join("tokenizer.json").exists());
-    if dir.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the embedding model is missing"
-        );
-        eprintln!("skipping: embedding model not found (run scripts/fetch-embedding-model)");
-    }
-    dir
-}
-
 fn golden() -> Golden {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/minilm-wordpiece.json");
     let text = std::fs::read_to_string(path).expect("read golden");
@@ -51,7 +31,9 @@ fn golden() -> Golden {
 
 #[test]
 fn every_string_tokenizes_as_hugging_face_does() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = testkit::embedding_model("tokenizer.json") else {
+        return;
+    };
     let g = golden();
     assert_eq!(g.generated_by, "scripts/golden/sentence_transformers.py");
     assert_eq!(g.tokenizer_json_sha256.len(), 64);
