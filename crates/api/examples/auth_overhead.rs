@@ -20,7 +20,7 @@ use axum::http::{Request, header};
 use control::{
     Budget, BudgetPeriod, ControlConfig, ControlPlane, KeyPolicy, PostgresStore, SqliteStore, Store,
 };
-use engine::{ChatMessage, EngineError, Event, FinishReason, GenerateRequest, Usage};
+use engine::{ChatPrompt, ChatRequest, EngineError, Event, FinishReason, GenerateRequest, Usage};
 use http_body_util::BodyExt;
 use souverain_api::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -36,8 +36,16 @@ impl Backend for Instant1 {
     fn context_length(&self) -> usize {
         4096
     }
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        Ok(messages.iter().map(|m| m.content.as_str()).collect())
+    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
+        let text: String = request
+            .messages
+            .iter()
+            .map(|m| m["content"].as_str().unwrap_or_default())
+            .collect();
+        Ok(ChatPrompt {
+            tokens: self.tokenize(&text),
+            reasoning_open: false,
+        })
     }
     fn tokenize(&self, text: &str) -> Vec<u32> {
         (0..text.split_whitespace().count() as u32).collect()
@@ -146,7 +154,7 @@ async fn main() {
     let backend: Arc<dyn Backend> = Arc::new(Instant1);
     println!("{n} sequential chat completions per configuration");
 
-    let plain = souverain_api::router(Arc::clone(&backend));
+    let plain = souverain_api::App::new(Arc::clone(&backend)).router();
     let base = measure(&plain, None, n).await;
     report("no --auth", &base, None);
 
@@ -155,7 +163,9 @@ async fn main() {
     let sqlite: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.join("bench.sqlite3")).unwrap_or_else(|e| panic!("{e}")));
     let (plane, key) = plane_with_key(sqlite);
-    let app = souverain_api::router_with_control(Arc::clone(&backend), plane);
+    let app = souverain_api::App::new(Arc::clone(&backend))
+        .with_control(Some(plane))
+        .router();
     let times = measure(&app, Some(&key), n).await;
     report("--auth, SQLite (WAL, file)", &times, Some(&base));
 
@@ -173,7 +183,9 @@ async fn main() {
                     tokio::task::spawn_blocking(move || plane_with_key(Arc::new(pg)))
                         .await
                         .unwrap_or_else(|e| panic!("{e}"));
-                let app = souverain_api::router_with_control(Arc::clone(&backend), plane);
+                let app = souverain_api::App::new(Arc::clone(&backend))
+                    .with_control(Some(plane))
+                    .router();
                 let times = measure(&app, Some(&key), n).await;
                 report("--auth, PostgreSQL (local TCP)", &times, Some(&base));
             }

@@ -28,9 +28,9 @@ use control::{Budget, BudgetPeriod, ControlPlane, KeyPolicy, UsageFilter};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{bearer, refusal};
 use crate::error::ApiError;
 use crate::extract::Json;
+use edge::bearer;
 
 /// Who admin actions are recorded as.
 const ACTOR: &str = "admin";
@@ -68,7 +68,7 @@ async fn admin_only(
         .await
     {
         Ok(()) => next.run(req).await,
-        Err(err) => refusal(err).into_response(),
+        Err(err) => ApiError::from(err).into_response(),
     }
 }
 
@@ -80,7 +80,7 @@ where
 {
     match control.run(f).await {
         Ok(value) => (status, axum::Json(value)).into_response(),
-        Err(err) => refusal(err).into_response(),
+        Err(err) => ApiError::from(err).into_response(),
     }
 }
 
@@ -311,7 +311,7 @@ async fn usage_report(
     };
     let records = match control.run(move |c| c.usage(&filter)).await {
         Ok(records) => records,
-        Err(err) => return refusal(err).into_response(),
+        Err(err) => return ApiError::from(err).into_response(),
     };
     let csv_response =
         |body: String| ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response();

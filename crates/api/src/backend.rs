@@ -1,7 +1,8 @@
-//! The seam between HTTP and inference: what the API needs from an engine.
+//! The seam between HTTP and inference: what the API needs from a chat model and from an
+//! embedding model, and their implementations by the engine's types.
 
 use engine::{
-    ChatFormat, ChatMessage, ChatPrompt, ChatRequest, EngineError, Event, GenerateRequest,
+    ChatFormat, ChatPrompt, ChatRequest, Embedder, Engine, EngineError, Event, GenerateRequest,
     MetricsSnapshot, ToolCallFormat,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -18,26 +19,6 @@ pub trait Backend: Send + Sync + 'static {
     /// The context window in tokens: prompt plus completion must fit in it.
     fn context_length(&self) -> usize;
 
-    /// Renders a conversation with the model's chat template, ending with the prompt of the
-    /// assistant's turn.
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
-
-    /// Tokenises text as a prompt (special tokens added as the model wants them).
-    fn tokenize(&self, text: &str) -> Vec<u32>;
-
-    /// Encodes a conversation to the prompt's token ids. By default the rendered chat is
-    /// tokenised; a model whose chat format is defined on tokens (Mistral's) encodes it
-    /// directly.
-    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        Ok(self.tokenize(&self.render_chat(messages)?))
-    }
-
-    /// Encodes a chat request given as JSON (OpenAI's shape, `tools` included) when the
-    /// model's chat format is defined on tokens (Mistral's); `None` otherwise.
-    fn tokenize_chat_json(&self, _json: &str) -> Option<Result<Vec<u32>, EngineError>> {
-        None
-    }
-
     /// How the model writes tool calls and reasoning. By default: no reasoning block, tools
     /// described in a system message and called in the Hermes format.
     fn chat_format(&self) -> ChatFormat {
@@ -48,33 +29,24 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
-    /// Encodes a chat request (tools, tool calls, template variables) to its prompt. By
-    /// default the messages' roles and text go through [`Backend::tokenize_chat`].
-    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
-        let messages: Vec<ChatMessage> = request
-            .messages
-            .iter()
-            .map(|m| ChatMessage {
-                role: m["role"].as_str().unwrap_or_default().to_owned(),
-                content: m["content"].as_str().unwrap_or_default().to_owned(),
-            })
-            .collect();
-        Ok(ChatPrompt {
-            tokens: self.tokenize_chat(&messages)?,
-            reasoning_open: false,
-        })
-    }
+    /// Encodes a chat request (messages, tools, template variables) to the prompt's token
+    /// ids, generation prompt included: the model's chat template, or the model's own chat
+    /// encoding (Mistral's tokenizers). The one way a chat becomes tokens.
+    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError>;
 
-    /// The id of a token by its vocabulary text (`[TOOL_CALLS]`); `None` by default.
-    fn token_id(&self, _text: &str) -> Option<u32> {
-        None
-    }
+    /// Tokenises text as a prompt (special tokens added as the model wants them).
+    fn tokenize(&self, text: &str) -> Vec<u32>;
 
     /// Encodes a fill-in-the-middle prompt; by default the model has no FIM tokens.
     fn tokenize_fim(&self, _prefix: &str, _suffix: &str) -> Result<Vec<u32>, EngineError> {
         Err(EngineError::InvalidRequest(
             "this model has no fill-in-the-middle tokens".into(),
         ))
+    }
+
+    /// The id of a token by its vocabulary text (`[TOOL_CALLS]`); `None` by default.
+    fn token_id(&self, _text: &str) -> Option<u32> {
+        None
     }
 
     /// The text of token ids (special tokens shown); an id outside the vocabulary is an
@@ -88,5 +60,90 @@ pub trait Backend: Send + Sync + 'static {
     /// The engine's measurements for `/metrics`; `None` when the backend keeps none.
     fn metrics(&self) -> Option<MetricsSnapshot> {
         None
+    }
+}
+
+/// What the HTTP layer needs from an embedding model. `engine::Embedder` implements it;
+/// tests use a fake. Every method may do CPU work: the API calls [`EmbeddingBackend::tokenize`]
+/// and [`EmbeddingBackend::embed`] off the async executor.
+pub trait EmbeddingBackend: Send + Sync + 'static {
+    /// The id clients name in `model` and that `/v1/models` lists.
+    fn model_id(&self) -> &str;
+
+    /// Length of every vector.
+    fn dimensions(&self) -> usize;
+
+    /// The longest input in tokens (special tokens included).
+    fn max_tokens(&self) -> usize;
+
+    /// The model's token ids for a text, special tokens included; may exceed
+    /// [`EmbeddingBackend::max_tokens`].
+    fn tokenize(&self, text: &str) -> Vec<u32>;
+
+    /// One vector per token sequence, in order.
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
+}
+
+impl Backend for Engine {
+    fn model_id(&self) -> &str {
+        Engine::model_id(self)
+    }
+
+    fn context_length(&self) -> usize {
+        Engine::context_length(self)
+    }
+
+    fn chat_format(&self) -> ChatFormat {
+        Engine::chat_format(self).clone()
+    }
+
+    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
+        Engine::encode_chat_request(self, request)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        Engine::tokenize(self, text)
+    }
+
+    fn tokenize_fim(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, EngineError> {
+        Engine::tokenize_fim(self, prefix, suffix)
+    }
+
+    fn token_id(&self, text: &str) -> Option<u32> {
+        Engine::token_id(self, text)
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        Engine::detokenize(self, tokens)
+    }
+
+    fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        Engine::generate(self, req)
+    }
+
+    fn metrics(&self) -> Option<MetricsSnapshot> {
+        Some(Engine::metrics(self))
+    }
+}
+
+impl EmbeddingBackend for Embedder {
+    fn model_id(&self) -> &str {
+        Embedder::model_id(self)
+    }
+
+    fn dimensions(&self) -> usize {
+        Embedder::dimensions(self)
+    }
+
+    fn max_tokens(&self) -> usize {
+        Embedder::max_tokens(self)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        Embedder::tokenize(self, text)
+    }
+
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        Embedder::embed(self, inputs)
     }
 }

@@ -18,117 +18,21 @@
 //! metered like a completion with no completion tokens: its prompt tokens are reserved
 //! after tokenisation and settled before the response leaves.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router, middleware};
-use control::ControlPlane;
-use engine::{EngineError, Event, FinishReason, Usage};
+use engine::{Event, FinishReason, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::Backend;
-use crate::auth::Admission;
-use crate::error::ApiError;
-use crate::extract::Json;
-use crate::routes::AppState;
+use crate::admission::{Admission, AdmittedJson, Meter, NamesModel};
+use crate::backend::EmbeddingBackend;
+use crate::error::{ApiError, engine_error};
+use crate::state::{AppState, response_id};
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
-
-/// What the HTTP layer needs from an embedding model. `engine::Embedder` implements it;
-/// tests use a fake. Every method may do CPU work: the API calls [`EmbeddingBackend::tokenize`]
-/// and [`EmbeddingBackend::embed`] off the async executor.
-pub trait EmbeddingBackend: Send + Sync + 'static {
-    /// The id clients name in `model` and that `/v1/models` lists.
-    fn model_id(&self) -> &str;
-
-    /// Length of every vector.
-    fn dimensions(&self) -> usize;
-
-    /// The longest input in tokens (special tokens included).
-    fn max_tokens(&self) -> usize;
-
-    /// The model's token ids for a text, special tokens included; may exceed
-    /// [`EmbeddingBackend::max_tokens`].
-    fn tokenize(&self, text: &str) -> Vec<u32>;
-
-    /// One vector per token sequence, in order.
-    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
-}
-
-impl EmbeddingBackend for engine::Embedder {
-    fn model_id(&self) -> &str {
-        engine::Embedder::model_id(self)
-    }
-
-    fn dimensions(&self) -> usize {
-        engine::Embedder::dimensions(self)
-    }
-
-    fn max_tokens(&self) -> usize {
-        engine::Embedder::max_tokens(self)
-    }
-
-    fn tokenize(&self, text: &str) -> Vec<u32> {
-        engine::Embedder::tokenize(self, text)
-    }
-
-    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        engine::Embedder::embed(self, inputs)
-    }
-}
-
-/// [`crate::router_with`] behind the control plane, as [`crate::router_with_control`] is.
-pub fn router_with_control_and_embedder(
-    backend: Arc<dyn Backend>,
-    embedder: Option<Arc<dyn EmbeddingBackend>>,
-    control: Arc<ControlPlane>,
-) -> Router {
-    crate::router_with(backend, embedder)
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&control),
-            crate::auth::authenticate,
-        ))
-        .nest("/admin/v1", crate::admin::router(control))
-}
-
-/// Serves a chat model and an embedding model side by side until `shutdown` completes; with
-/// `control`, behind the control plane (and its maintenance task), as
-/// [`crate::serve_with_control`] does.
-pub async fn serve_with_embedder(
-    listener: tokio::net::TcpListener,
-    backend: Arc<dyn Backend>,
-    embedder: Option<Arc<dyn EmbeddingBackend>>,
-    control: Option<Arc<ControlPlane>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(
-            %address,
-            model = backend.model_id(),
-            embedding_model = embedder.as_ref().map(|e| e.model_id()),
-            auth = control.is_some(),
-            "serving the OpenAI API"
-        );
-    }
-    let (app, maintenance) = match control {
-        Some(control) => (
-            router_with_control_and_embedder(backend, embedder, Arc::clone(&control)),
-            Some(control.spawn_maintenance(std::time::Duration::from_secs(60))),
-        ),
-        None => (crate::router_with(backend, embedder), None),
-    };
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    if let Some(m) = maintenance {
-        m.abort();
-    }
-    result
-}
 
 /// The body of `POST /v1/embeddings`, before validation.
 #[derive(Debug, Deserialize)]
@@ -313,27 +217,18 @@ struct EmbeddingList<'a> {
 }
 
 /// A request id for metering: `embd-` and 24 random alphanumerics.
-fn request_id() -> String {
-    use rand::Rng;
-    use rand::distributions::Alphanumeric;
-    let suffix: String = rand::thread_rng()
-        .sample_iter(&Alphanumeric)
-        .take(24)
-        .map(char::from)
-        .collect();
-    format!("embd-{suffix}")
-}
-
 /// `POST /v1/embeddings`.
 #[tracing::instrument(skip_all, fields(request_id))]
 pub(crate) async fn embeddings(
     State(app): State<AppState>,
-    admission: Option<Extension<Admission>>,
-    Json(req): Json<EmbeddingRequest>,
+    AdmittedJson {
+        body: req,
+        admission,
+    }: AdmittedJson<EmbeddingRequest>,
 ) -> Response {
-    let id = request_id();
+    let id = response_id("embd-");
     tracing::Span::current().record("request_id", id.as_str());
-    embeddings_inner(app, id, admission.map(|Extension(a)| a), req)
+    embeddings_inner(app, id, admission, req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -372,9 +267,7 @@ async fn embeddings_inner(
             .collect::<Vec<_>>()
     })
     .await
-    .map_err(|err| ApiError::Internal {
-        detail: format!("tokenisation task failed: {err}"),
-    })?;
+    .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))?;
     let max_tokens = embedder.max_tokens();
     for (i, ids) in token_ids.iter().enumerate() {
         if ids.len() > max_tokens {
@@ -390,10 +283,8 @@ async fn embeddings_inner(
     let worker = Arc::clone(&embedder);
     let embedded = tokio::task::spawn_blocking(move || worker.embed(&token_ids))
         .await
-        .map_err(|err| ApiError::Internal {
-            detail: format!("embedding task failed: {err}"),
-        })
-        .and_then(|r| r.map_err(ApiError::from));
+        .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
+        .and_then(|r| r.map_err(engine_error));
 
     if let Some(meter) = meter {
         settle(meter, &embedded, prompt_tokens).await;
@@ -427,11 +318,7 @@ async fn embeddings_inner(
 
 /// Records the request through the meter: the embedding's outcome goes through the same
 /// channel a generation's would, and the settlement commits before this returns.
-async fn settle(
-    meter: crate::auth::Meter,
-    embedded: &Result<Vec<Vec<f32>>, ApiError>,
-    prompt_tokens: usize,
-) {
+async fn settle(meter: Meter, embedded: &Result<Vec<Vec<f32>>, ApiError>, prompt_tokens: usize) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let event = match embedded {
         Ok(_) => Event::Done {
@@ -448,6 +335,12 @@ async fn settle(
     if let Ok(mut tracked) = meter.track(Ok(rx), 1) {
         // The meter forwards the last event only after the usage record is committed.
         while tracked.recv().await.is_some() {}
+    }
+}
+
+impl NamesModel for EmbeddingRequest {
+    fn model_name(&self) -> Option<&str> {
+        self.model.as_ref().and_then(Value::as_str)
     }
 }
 

@@ -6,10 +6,9 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use edge::MAX_BODY_BYTES;
 
-/// The largest request body accepted, in bytes (8 MiB): room for long prompts, not for abuse.
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+use crate::error::ApiError;
 
 /// A request body parsed as JSON into `T`.
 #[derive(Debug)]
@@ -23,25 +22,33 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !has_json_content_type(&req) {
-            return Err(ApiError::invalid_body(
-                "Expected a request body with `Content-Type: application/json`",
-            ));
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit_bytes: MAX_BODY_BYTES,
-                }
-            } else {
-                ApiError::invalid_body(format!(
-                    "Could not read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
+        let bytes = read_json_body(req, state).await?;
         parse_json(&bytes).map(Json)
     }
+}
+
+/// The body of a request that must be JSON (by its `Content-Type`), read whole.
+pub(crate) async fn read_json_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<Bytes, ApiError> {
+    if !has_json_content_type(&req) {
+        return Err(ApiError::invalid_body(
+            "Expected a request body with `Content-Type: application/json`",
+        ));
+    }
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit_bytes: MAX_BODY_BYTES,
+            }
+        } else {
+            ApiError::invalid_body(format!(
+                "Could not read the request body: {}",
+                rejection.body_text()
+            ))
+        }
+    })
 }
 
 /// True for `application/json` and `application/<anything>+json`, with any parameters.

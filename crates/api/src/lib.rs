@@ -5,16 +5,24 @@
 //! - `GET /v1/models`, `GET /v1/models/{id}`
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
-//! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model:
-//!   [`router_with`])
+//! - `POST /v1/fim/completions` (Mistral's fill in the middle)
+//! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model)
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
+//! - with a control plane: keys, limits, budgets, metering and residency on all of the above
+//!   (but `/health` and `/metrics`), and the admin API under `/admin/v1`
 //!
-//! Requests are validated once into a validated request (every bad field named in the error's
-//! `param`); every error, unknown routes and wrong methods included, is an OpenAI error object
-//! made by [`ApiError`]. The API knows nothing of batching: it renders and tokenises the
-//! prompt through the [`Backend`], calls [`Backend::generate`] and turns the event stream into
-//! JSON or SSE. A client that disconnects drops the event receiver, which cancels the
+//! Requests are parsed once and validated once into a validated request (every bad field
+//! named in the error's `param`); every error, unknown routes and wrong methods included, is
+//! an OpenAI error object made by [`ApiError`]. The API knows nothing of batching: it encodes
+//! the prompt through the [`Backend`], calls [`Backend::generate`] and turns the event stream
+//! into JSON or SSE. A client that disconnects drops the event receiver, which cancels the
 //! generation.
+//!
+//! Modules import in one direction, lowest first: `state` and `error`; the request shapes
+//! (`openai`, `extract`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
+//! under the control plane); `generation` (encode, start, fan-in); the responders (`whole`,
+//! `stream`); the handlers (`handlers`, `embeddings`, `tokenize`, `metrics`, `admin`); the
+//! `middleware`; this file, which assembles the [`App`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -24,83 +32,135 @@
 //!     let shutdown = async {
 //!         let _ = tokio::signal::ctrl_c().await;
 //!     };
-//!     souverain_api::serve(listener, backend, shutdown).await
+//!     souverain_api::App::new(backend).serve(listener, shutdown).await
 //! }
 //! ```
 
 mod admin;
-mod auth;
+mod admission;
 mod backend;
 mod embeddings;
-mod engine_backend;
 mod error;
 mod extract;
+mod generation;
+mod handlers;
 mod logprobs;
 mod metrics;
+mod middleware;
 mod openai;
 mod output;
-mod routes;
+mod state;
 mod stream;
 mod tokenize;
 mod tools;
 mod validate;
+mod whole;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use control::{ControlPlane, Settlement};
 
-pub use crate::auth::{bearer, refusal, rejected_outcome, router_with_control, serve_with_control};
-pub use crate::backend::Backend;
-pub use crate::embeddings::{
-    EmbeddingBackend, MAX_EMBEDDING_INPUTS, router_with_control_and_embedder, serve_with_embedder,
-};
-pub use crate::error::{ApiError, Refusal};
-pub use crate::extract::MAX_BODY_BYTES;
+pub use crate::backend::{Backend, EmbeddingBackend};
+pub use crate::embeddings::MAX_EMBEDDING_INPUTS;
+pub use crate::error::ApiError;
+pub use edge::MAX_BODY_BYTES;
 
-/// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
-pub fn router(backend: Arc<dyn Backend>) -> Router {
-    router_with(backend, None)
-}
-
-/// [`router`] serving an embedding model on `/v1/embeddings` beside the chat model (both
-/// listed by `/v1/models`). Without one, `/v1/embeddings` answers that no embedding model is
-/// served.
-pub fn router_with(
+/// The application: a chat model, optionally an embedding model beside it, optionally the
+/// control plane in front of both. The one way to build the router or to serve it.
+#[derive(Clone)]
+pub struct App {
     backend: Arc<dyn Backend>,
     embedder: Option<Arc<dyn EmbeddingBackend>>,
-) -> Router {
-    Router::new()
-        .route("/health", get(routes::health))
-        .route("/metrics", get(metrics::metrics))
-        .route("/v1/models", get(routes::list_models))
-        .route("/v1/models/{*id}", get(routes::get_model))
-        .route("/v1/chat/completions", post(routes::chat_completions))
-        .route("/v1/completions", post(routes::completions))
-        .route("/v1/fim/completions", post(routes::fim_completions))
-        .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        // After the routes: it applies to the routes present when it is called.
-        .method_not_allowed_fallback(routes::method_not_allowed)
-        .fallback(routes::unknown_url)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(routes::AppState::new(backend).with_embedder(embedder))
+    control: Option<Arc<ControlPlane>>,
 }
 
-/// Serves [`router`] on `listener` until `shutdown` completes, then stops taking connections
-/// and waits for the open ones (streams included) to finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    backend: Arc<dyn Backend>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, model = backend.model_id(), "serving the OpenAI API");
+impl App {
+    /// Serves `backend` on the OpenAI routes, without authentication.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        App {
+            backend,
+            embedder: None,
+            control: None,
+        }
     }
-    axum::serve(listener, router(backend))
-        .with_graceful_shutdown(shutdown)
-        .await
+
+    /// Serves `embedder` on `/v1/embeddings` beside the chat model (both listed by
+    /// `/v1/models`). Without one, `/v1/embeddings` answers that no embedding model is served.
+    pub fn with_embedder(self, embedder: Option<Arc<dyn EmbeddingBackend>>) -> Self {
+        App { embedder, ..self }
+    }
+
+    /// Puts the control plane in front: keys, limits, budgets, residency and metering on
+    /// `/v1/*` (each settlement committed before its answer ends), the admin API under
+    /// `/admin/v1`.
+    pub fn with_control(self, control: Option<Arc<ControlPlane>>) -> Self {
+        App { control, ..self }
+    }
+
+    /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
+    pub fn router(&self) -> Router {
+        let state = state::AppState::new(Arc::clone(&self.backend), self.embedder.clone());
+        let app = Router::new()
+            .route("/health", get(handlers::health))
+            .route("/metrics", get(metrics::metrics))
+            .route("/v1/models", get(handlers::list_models))
+            .route("/v1/models/{*id}", get(handlers::get_model))
+            .route("/v1/chat/completions", post(handlers::chat_completions))
+            .route("/v1/completions", post(handlers::completions))
+            .route("/v1/fim/completions", post(handlers::fim_completions))
+            .route("/v1/embeddings", post(embeddings::embeddings))
+            .route("/tokenize", post(tokenize::tokenize))
+            .route("/detokenize", post(tokenize::detokenize))
+            // After the routes: it applies to the routes present when it is called.
+            .method_not_allowed_fallback(handlers::method_not_allowed)
+            .fallback(handlers::unknown_url)
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(state);
+        match &self.control {
+            None => app,
+            Some(control) => app
+                .layer(axum::middleware::from_fn_with_state(
+                    edge::gate(Arc::clone(control), Settlement::Committed),
+                    middleware::authenticate,
+                ))
+                .nest("/admin/v1", admin::router(Arc::clone(control))),
+        }
+    }
+
+    /// Serves the application on `listener` until `shutdown` completes, then stops taking
+    /// connections and waits for the open ones (streams included) to finish. With a control
+    /// plane, its maintenance task (retention, queued records) runs every minute meanwhile.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(
+                %address,
+                model = self.backend.model_id(),
+                embedding_model = self.embedder.as_ref().map(|e| e.model_id()),
+                auth = self.control.is_some(),
+                region = self.control.as_ref().map(|c| c.config().region.clone()),
+                store = self.control.as_ref().map(|c| c.store().backend_name()),
+                "serving the OpenAI API"
+            );
+        }
+        let maintenance = self
+            .control
+            .as_ref()
+            .map(|c| c.spawn_maintenance(Duration::from_secs(60)));
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        if let Some(task) = maintenance {
+            task.abort();
+        }
+        result
+    }
 }

@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use engine::{HistogramSnapshot, MetricsSnapshot};
 
-use crate::routes::AppState;
+use crate::state::AppState;
 
 /// The handler.
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -14,38 +14,18 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use engine::{Event, FinishReason, TokenLogprobs, Usage};
+use engine::{Event, TokenLogprobs, Usage};
 use futures::Stream;
 use serde::Serialize;
 
+use crate::admission::Tagged;
 use crate::error::ApiError;
+use crate::generation::{ChunkMeta, Echo, Endpoint, Generation, finish_reason};
 use crate::openai::{
     ChatChunk, ChatChunkChoice, Delta, FunctionBody, Header, TextChoice, TextCompletion,
     ToolCallBody, UsageBody,
 };
 use crate::output::{OutputParser, Piece};
-use crate::routes::{Echo, Generation, Tagged};
-
-/// Which endpoint's chunk shape to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Endpoint {
-    /// `chat.completion.chunk` with deltas (chat, and Mistral's FIM).
-    Chat,
-    /// `text_completion` with `text` pieces.
-    Completion,
-}
-
-/// What every chunk of one response shares.
-#[derive(Debug, Clone)]
-pub(crate) struct ChunkMeta {
-    pub(crate) endpoint: Endpoint,
-    pub(crate) id: String,
-    pub(crate) created: u64,
-    pub(crate) model: String,
-    pub(crate) include_usage: bool,
-    /// The request asked for token log-probabilities.
-    pub(crate) logprobs: bool,
-}
 
 /// What one chunk says about one choice.
 #[derive(Debug, Default)]
@@ -134,9 +114,7 @@ impl ChunkMeta {
 pub(crate) fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|err| {
         tracing::error!(%err, "could not serialise a chunk");
-        error_json(&ApiError::Internal {
-            detail: err.to_string(),
-        })
+        error_json(&ApiError::internal(err.to_string()))
     })
 }
 
@@ -145,15 +123,6 @@ fn error_json(err: &ApiError) -> String {
         r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
             .to_owned()
     })
-}
-
-/// The OpenAI finish reason of a choice: `tool_calls` when it ended by calling tools.
-pub(crate) fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
-    if calls > 0 && reason == FinishReason::Stop {
-        "tool_calls"
-    } else {
-        reason.as_str()
-    }
 }
 
 /// One choice of a streamed response.
@@ -357,7 +326,7 @@ impl ChunkStream {
     fn fail(&mut self, detail: String) {
         self.receiver = None;
         tracing::error!(request_id = %self.meta.id, %detail, "generation failed mid-stream");
-        let err = ApiError::Internal { detail };
+        let err = ApiError::internal(detail);
         self.pending
             .push_back(SseEvent::default().data(error_json(&err)));
     }
@@ -428,6 +397,7 @@ pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response 
 mod tests {
     use super::*;
     use crate::output::ParserSpec;
+    use engine::FinishReason;
     use futures::StreamExt;
 
     fn meta(endpoint: Endpoint, include_usage: bool) -> ChunkMeta {

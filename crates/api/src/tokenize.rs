@@ -10,12 +10,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, engine_error};
 use crate::extract::{Json, parse_json};
 use crate::openai::RawMessage;
-use crate::routes::AppState;
+use crate::state::AppState;
 use crate::validate;
 
 /// The body of `POST /tokenize`.
@@ -26,7 +26,8 @@ pub(crate) struct TokenizeRequest {
     messages: Option<Vec<RawMessage>>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
-    tools: Option<serde_json::Value>,
+    continue_final_message: Option<bool>,
+    tools: Option<Value>,
 }
 
 /// The body of `POST /detokenize`.
@@ -62,34 +63,10 @@ async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError
         ));
     }
     let backend = app.backend.clone();
-    // A model with Mistral's chat format encodes the request as mistral-common does, tools
-    // and tool calls included, straight from the JSON (key order matters in tool schemas).
-    if req.messages.is_some() && req.prompt.is_none() {
-        let json = String::from_utf8_lossy(&body).into_owned();
-        let worker = backend.clone();
-        let encoded = tokio::task::spawn_blocking(move || worker.tokenize_chat_json(&json))
-            .await
-            .map_err(|e| ApiError::Internal {
-                detail: e.to_string(),
-            })?;
-        if let Some(tokens) = encoded {
-            return Ok(tokens_response(&app, tokens?));
-        }
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::invalid(
-            "tools",
-            "`tools` are not supported by this model's chat template yet",
-        ));
-    }
     let tokens = match (req.prompt, req.messages) {
-        (Some(prompt), None) => {
-            tokio::task::spawn_blocking(move || Ok::<_, ApiError>(backend.tokenize(&prompt)))
-                .await
-                .map_err(|e| ApiError::Internal {
-                    detail: e.to_string(),
-                })??
-        }
+        (Some(prompt), None) => tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenisation task failed: {e}")))?,
         (None, Some(raw)) => {
             if raw.is_empty() {
                 return Err(ApiError::invalid(
@@ -97,18 +74,19 @@ async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError
                     "`messages` must not be empty",
                 ));
             }
-            let messages = raw
-                .iter()
-                .enumerate()
-                .map(|(i, m)| validate::chat_message(i, m))
-                .collect::<Result<Vec<_>, _>>()?;
-            tokio::task::spawn_blocking(move || {
-                Ok::<_, ApiError>(backend.tokenize_chat(&messages)?)
-            })
-            .await
-            .map_err(|e| ApiError::Internal {
-                detail: e.to_string(),
-            })??
+            // The chat as `/v1/chat/completions` would encode it: the same validation, the
+            // model's template or its own chat encoding (Mistral's, tools included).
+            let mut request = validate::chat_request(&raw, req.tools.as_ref())?;
+            if req.continue_final_message == Some(true) {
+                request
+                    .template_kwargs
+                    .insert("continue_final_message".into(), Value::Bool(true));
+            }
+            tokio::task::spawn_blocking(move || backend.encode_chat(&request))
+                .await
+                .map_err(|e| ApiError::internal(format!("tokenisation task failed: {e}")))?
+                .map_err(engine_error)?
+                .tokens
         }
         _ => {
             return Err(ApiError::invalid_body(
@@ -153,6 +131,6 @@ fn detokenize_inner(app: AppState, req: DetokenizeRequest) -> Result<Response, A
             })
         })
         .collect::<Result<Vec<u32>, _>>()?;
-    let prompt = app.backend.detokenize(&tokens)?;
+    let prompt = app.backend.detokenize(&tokens).map_err(engine_error)?;
     Ok(ResponseJson(json!({ "prompt": prompt })).into_response())
 }

@@ -84,10 +84,9 @@ fn fake() -> (Arc<FakeBackend>, Arc<FakeEmbedder>) {
 }
 
 fn app(backend: &Arc<FakeBackend>, embedder: &Arc<FakeEmbedder>) -> Router {
-    souverain_api::router_with(
-        Arc::clone(backend) as Arc<dyn Backend>,
-        Some(Arc::clone(embedder) as Arc<dyn EmbeddingBackend>),
-    )
+    souverain_api::App::new(Arc::clone(backend) as Arc<dyn Backend>)
+        .with_embedder(Some(Arc::clone(embedder) as Arc<dyn EmbeddingBackend>))
+        .router()
 }
 
 async fn embed(app: Router, body: Value) -> (StatusCode, Value) {
@@ -356,11 +355,10 @@ async fn embeddings_are_authenticated_and_metered_with_their_prompt_tokens() {
     let control = Arc::new(ControlPlane::new(store, config));
     let (backend, embedder) = fake();
     let app = || {
-        souverain_api::router_with_control_and_embedder(
-            Arc::clone(&backend) as Arc<dyn Backend>,
-            Some(Arc::clone(&embedder) as Arc<dyn EmbeddingBackend>),
-            Arc::clone(&control),
-        )
+        souverain_api::App::new(Arc::clone(&backend) as Arc<dyn Backend>)
+            .with_embedder(Some(Arc::clone(&embedder) as Arc<dyn EmbeddingBackend>))
+            .with_control(Some(Arc::clone(&control)))
+            .router()
     };
     let admin = |uri: String, body: Value| {
         Request::post(uri)

@@ -584,7 +584,7 @@ async fn serve_answers_over_tcp_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(souverain_api::serve(listener, fake, async move {
+    let server = tokio::spawn(souverain_api::App::new(fake).serve(listener, async move {
         let _ = stopped.await;
     }));
 

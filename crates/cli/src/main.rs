@@ -363,16 +363,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(address = %addr, model = engine.model_id(), "listening");
         let shutdown = route::shutdown();
-        match (control, embedder) {
-            (control, Some(embedder)) => {
-                api::serve_with_embedder(listener, engine, Some(embedder), control, shutdown).await
-            }
-            (Some(control), None) => {
-                api::serve_with_control(listener, engine, control, shutdown).await
-            }
-            (None, None) => api::serve(listener, engine, shutdown).await,
-        }
-        .context("serving HTTP")
+        api::App::new(engine)
+            .with_embedder(embedder)
+            .with_control(control)
+            .serve(listener, shutdown)
+            .await
+            .context("serving HTTP")
     })
 }
 

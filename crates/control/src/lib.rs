@@ -26,6 +26,7 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod audit;
 mod error;
 mod hot;
@@ -37,6 +38,7 @@ pub mod time;
 mod types;
 pub mod usage;
 
+pub use crate::admission::{Checks, Gate, Settlement, rejected_outcome};
 pub use crate::audit::{AuditDraft, AuditEntry, AuditHead, Tamper, VerifyReport};
 pub use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
 pub use crate::plane::{

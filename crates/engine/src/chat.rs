@@ -243,6 +243,10 @@ impl ChatEncoder {
         if let Some(tools) = &request.tools {
             body.insert("tools".into(), Value::Array(tools.clone()));
         }
+        // The one template variable mistral-common's encoding knows.
+        if let Some(continued) = request.template_kwargs.get("continue_final_message") {
+            body.insert("continue_final_message".into(), continued.clone());
+        }
         // Through text, so that the request keeps its key order (serde_json preserves it)
         // into mistral-common's JSON encoding of tools and arguments.
         let json = Value::Object(body).to_string();

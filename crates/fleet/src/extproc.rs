@@ -46,8 +46,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
-use control::{ControlError, ControlPlane};
+use control::{Checks, ControlError, ControlPlane, Gate, Settlement};
+use edge::ApiError;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
@@ -92,7 +92,7 @@ const QUEUE: usize = 32;
 #[derive(Debug, Clone)]
 pub struct EndpointPicker {
     picker: Arc<Picker>,
-    control: Option<Arc<ControlPlane>>,
+    gate: Option<Gate>,
     max_body_bytes: usize,
 }
 
@@ -102,7 +102,7 @@ impl EndpointPicker {
     pub fn new(picker: Arc<Picker>, control: Option<Arc<ControlPlane>>) -> Self {
         EndpointPicker {
             picker,
-            control,
+            gate: control.map(|c| edge::gate(c, Settlement::Queued)),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
@@ -425,9 +425,9 @@ impl Exchange {
             }
         };
         let key = routing_key(&parsed, &self.headers, self.service.picker.config());
-        let regions = match &self.service.control {
+        let regions = match &self.service.gate {
             None => None,
-            Some(control) => match authorize(control, &self.headers, &key).await {
+            Some(gate) => match authorize(gate, &self.headers, &key).await {
                 Ok(regions) => Some(regions),
                 Err(response) => {
                     self.send(response).await?;
@@ -561,35 +561,19 @@ impl Exchange {
 /// Authenticates the request's key and checks it may use the model; returns its
 /// organisation's allowed regions, or the immediate response refusing it.
 async fn authorize(
-    control: &Arc<ControlPlane>,
+    gate: &Gate,
     headers: &HeaderMap,
     key: &RoutingKey,
 ) -> Result<Vec<String>, ep::ProcessingResponse> {
-    let presented = match api::bearer(headers) {
-        Ok(presented) => presented,
-        Err(denial) => {
-            let err = match control
-                .run(move |c| Err::<(), _>(c.refuse_authentication(denial)))
-                .await
-            {
-                Err(err) => err,
-                Ok(()) => ControlError::Denied(control::Denial::MissingKey),
-            };
-            return Err(refusal(err).await);
-        }
+    let ctx = gate
+        .authenticate(edge::bearer(headers))
+        .await
+        .map_err(refusal)?;
+    let checks = Checks {
+        model: &key.model,
+        ..Checks::default()
     };
-    let ctx = match control.cached_key(&presented) {
-        Some(ctx) => ctx,
-        None => match control.run(move |c| c.authenticate(&presented)).await {
-            Ok(ctx) => Arc::new(ctx),
-            Err(err) => return Err(refusal(err).await),
-        },
-    };
-    if !key.model.is_empty()
-        && let Err(denial) = control.check_model(&ctx, &key.model)
-    {
-        return Err(refusal(denial.into()).await);
-    }
+    gate.check(&ctx, checks).map_err(refusal)?;
     tracing::debug!(
         key = %ctx.key.id,
         org = %ctx.org.id,
@@ -600,20 +584,16 @@ async fn authorize(
 }
 
 /// The immediate response the HTTP API would give for a control-plane refusal.
-async fn refusal(err: ControlError) -> ep::ProcessingResponse {
+fn refusal(err: ControlError) -> ep::ProcessingResponse {
     let details = err.to_string();
     tracing::debug!(error = %details, "ext_proc refused a request");
-    let response = api::refusal(err).into_response();
-    let status = response.status();
-    let extra: Vec<(String, Vec<u8>)> = response
-        .headers()
-        .get(axum::http::header::RETRY_AFTER)
-        .map(|v| vec![("retry-after".to_owned(), v.as_bytes().to_vec())])
+    let err = ApiError::from(err);
+    let extra: Vec<(String, Vec<u8>)> = err
+        .retry_after_s()
+        .map(|s| vec![("retry-after".to_owned(), s.to_string().into_bytes())])
         .unwrap_or_default();
-    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap_or_default();
-    immediate(status, body.to_vec(), extra, &details)
+    let body = serde_json::to_vec(&err.body()).unwrap_or_default();
+    immediate(err.status(), body, extra, &details)
 }
 
 fn reply(response: Out) -> ep::ProcessingResponse {

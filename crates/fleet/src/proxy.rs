@@ -20,14 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{ApiError, MAX_BODY_BYTES, Refusal};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, OriginalUri, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use control::{ControlError, ControlPlane, KeyContext, Outcome, Reservation};
+use control::admission::micros_since;
+use control::{Checks, ControlPlane, Gate, KeyContext, Outcome, Reservation, Settlement};
+use edge::{ApiError, MAX_BODY_BYTES, Refusal};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -64,7 +65,7 @@ pub struct RouterStats {
 pub struct FleetRouter {
     picker: Arc<Picker>,
     client: HttpClient,
-    control: Option<Arc<ControlPlane>>,
+    gate: Option<Gate>,
     config: ProxyConfig,
     stats: RouterStats,
 }
@@ -81,7 +82,7 @@ impl FleetRouter {
         FleetRouter {
             picker,
             client,
-            control,
+            gate: control.map(|c| edge::gate(c, Settlement::Queued)),
             config,
             stats: RouterStats::default(),
         }
@@ -250,36 +251,11 @@ async fn metrics(State(router): State<Arc<FleetRouter>>) -> Response {
         .into_response()
 }
 
-/// Refuses a request without a usable `Authorization` header (audited).
-async fn refuse_bearer(control: &Arc<ControlPlane>, denial: control::Denial) -> ApiError {
-    let audited = denial.clone();
-    let _ = control
-        .run(move |c| Err::<(), _>(c.refuse_authentication(audited)))
-        .await;
-    api::refusal(ControlError::Denied(denial))
-}
-
-/// Authenticates a request's key (audited when refused).
-async fn authenticate(
-    control: &Arc<ControlPlane>,
-    headers: &HeaderMap,
-) -> Result<Arc<KeyContext>, ApiError> {
-    let presented = match api::bearer(headers) {
-        Ok(key) => key,
-        Err(denial) => return Err(refuse_bearer(control, denial).await),
-    };
-    control
-        .run(move |c| c.authenticate(&presented))
-        .await
-        .map(Arc::new)
-        .map_err(api::refusal)
-}
-
 async fn models(State(router): State<Arc<FleetRouter>>, headers: HeaderMap) -> Response {
-    let ctx = match &router.control {
-        Some(control) => match authenticate(control, &headers).await {
+    let ctx = match &router.gate {
+        Some(gate) => match gate.authenticate(edge::bearer(&headers)).await {
             Ok(ctx) => Some(ctx),
-            Err(err) => return err.into_response(),
+            Err(err) => return ApiError::from(err).into_response(),
         },
         None => None,
     };
@@ -342,7 +318,7 @@ fn usage_of(value: &Value) -> Option<Usage> {
 
 /// A request let through: what settling it needs.
 struct Metering {
-    control: Arc<ControlPlane>,
+    gate: Gate,
     ctx: Arc<KeyContext>,
     reservation: Reservation,
 }
@@ -359,7 +335,13 @@ struct Ticket {
 }
 
 impl Ticket {
-    fn settle(self, usage: Usage, ttft_us: Option<u64>, status: &str, http_status: StatusCode) {
+    async fn settle(
+        self,
+        usage: Usage,
+        ttft_us: Option<u64>,
+        status: &str,
+        http_status: StatusCode,
+    ) {
         let Some(m) = self.metering else {
             return;
         };
@@ -370,20 +352,15 @@ impl Ticket {
             completion_tokens: usage.completion,
             reasoning_tokens: usage.reasoning,
             ttft_us,
-            duration_us: micros(self.started),
+            duration_us: micros_since(self.started),
             status: status.to_owned(),
             http_status: http_status.as_u16(),
             content: None,
         };
         // In memory now (budget lease, rate bucket); the store's part is group-committed by
         // the control plane's writer thread, off the response's path.
-        m.control
-            .settle_later(&m.ctx, Some(&m.reservation), outcome);
+        m.gate.settle(&m.ctx, Some(m.reservation), outcome).await;
     }
-}
-
-fn micros(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The completion limit a request reserves: its `max_completion_tokens` or `max_tokens`
@@ -399,89 +376,6 @@ fn completion_limit(path: &str, body: &Value, default: u64) -> u64 {
         .unwrap_or(default);
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
     limit.saturating_mul(n)
-}
-
-/// The key's model list and request rate.
-fn check(c: &ControlPlane, ctx: &KeyContext, model: &str) -> Result<(), ControlError> {
-    if !model.is_empty() {
-        c.check_model(ctx, model)?;
-    }
-    c.check_request_rate(ctx)?;
-    Ok(())
-}
-
-/// Records a request refused after its key was known as the key's use.
-fn record_refusal(
-    c: &ControlPlane,
-    ctx: &KeyContext,
-    model: &str,
-    started: Instant,
-    err: &ControlError,
-) {
-    let status = api::refusal(err.clone()).status();
-    c.settle_later(ctx, None, api::rejected_outcome(model, started, status));
-}
-
-/// Authenticates, checks and reserves: in memory when the key cache and the budget lease can
-/// answer, else in one trip to the store; a refusal after the key is known is recorded as the
-/// key's use.
-async fn admit(
-    control: &Arc<ControlPlane>,
-    headers: &HeaderMap,
-    model: &str,
-    prompt_tokens: u64,
-    completion_limit: u64,
-    started: Instant,
-) -> Result<Metering, ApiError> {
-    let presented = match api::bearer(headers) {
-        Ok(key) => key,
-        Err(denial) => return Err(refuse_bearer(control, denial).await),
-    };
-    let model = model.to_owned();
-    // The fast path, all in memory: a key read recently, checked again against its hash,
-    // revocation and expiry; the budget's tokens from this process's lease.
-    if let Some(ctx) = control.cached_key(&presented) {
-        let result = match check(control, &ctx, &model) {
-            Err(err) => Err(err),
-            Ok(()) => match control.try_reserve(&ctx, prompt_tokens, completion_limit) {
-                Some(result) => result,
-                None => {
-                    let ctx = Arc::clone(&ctx);
-                    control
-                        .run(move |c| c.reserve(&ctx, prompt_tokens, completion_limit))
-                        .await
-                }
-            },
-        };
-        if let Err(err) = &result {
-            record_refusal(control, &ctx, &model, started, err);
-        }
-        let reservation = result.map_err(api::refusal)?;
-        return Ok(Metering {
-            control: Arc::clone(control),
-            ctx,
-            reservation,
-        });
-    }
-    // One trip to the blocking pool: authenticate, check, reserve (and record a refusal).
-    let (ctx, result) = control
-        .run(move |c| {
-            let ctx = Arc::new(c.authenticate(&presented)?);
-            let checks = check(c, &ctx, &model)
-                .and_then(|()| c.reserve(&ctx, prompt_tokens, completion_limit));
-            if let Err(err) = &checks {
-                record_refusal(c, &ctx, &model, started, err);
-            }
-            Ok((ctx, checks))
-        })
-        .await
-        .map_err(api::refusal)?;
-    let reservation = result.map_err(api::refusal)?;
-    Ok(Metering {
-        control: Arc::clone(control),
-        ctx,
-        reservation,
-    })
 }
 
 fn forwarded_headers(headers: &HeaderMap, session_header: &str) -> HeaderMap {
@@ -519,22 +413,31 @@ async fn forward(
     let key = routing_key(&json, &headers, router.picker.config());
     let prompt_estimate = body.len() as u64;
     let limit = completion_limit(&path, &json, router.config.default_max_tokens);
-    let metering = match &router.control {
-        Some(control) => {
-            match admit(
-                control,
-                &headers,
-                &key.model,
-                prompt_estimate,
-                limit,
-                started,
-            )
-            .await
-            {
-                Ok(m) => Some(m),
+    let metering = match &router.gate {
+        Some(gate) => {
+            let checks = Checks {
+                model: &key.model,
+                request_rate: true,
+                ..Checks::default()
+            };
+            let admitted = gate
+                .admit(
+                    edge::bearer(&headers),
+                    checks,
+                    prompt_estimate,
+                    limit,
+                    started,
+                )
+                .await;
+            match admitted {
+                Ok((ctx, reservation)) => Some(Metering {
+                    gate: gate.clone(),
+                    ctx,
+                    reservation,
+                }),
                 Err(err) => {
                     router.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    return err.into_response();
+                    return ApiError::from(err).into_response();
                 }
             }
         }
@@ -597,10 +500,8 @@ async fn forward(
         let request = match request.body(Body::from(body.clone())) {
             Ok(r) => r,
             Err(err) => {
-                let error = ApiError::Internal {
-                    detail: format!("building the upstream request: {err}"),
-                };
-                return error.into_response();
+                let error = format!("building the upstream request: {err}");
+                return ApiError::internal(error).into_response();
             }
         };
         let timeout = Duration::from_millis(router.config.connect_timeout_ms);
@@ -641,7 +542,9 @@ async fn forward(
         if tried.len() > router.config.retries {
             router.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::BAD_GATEWAY;
-            ticket.settle(Usage::default(), None, "failed", status);
+            ticket
+                .settle(Usage::default(), None, "failed", status)
+                .await;
             return refused(
                 status,
                 "server_error",
@@ -681,7 +584,9 @@ async fn refuse_pick(
         ),
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    ticket.settle(Usage::default(), None, "rejected", status);
+    ticket
+        .settle(Usage::default(), None, "rejected", status)
+        .await;
     refused(status, kind, code, err.to_string()).into_response()
 }
 
@@ -745,7 +650,7 @@ async fn relay(
             router.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(upstream = upstream.name(), error = %err, "upstream answer failed");
             let s = StatusCode::BAD_GATEWAY;
-            ticket.settle(Usage::default(), None, "failed", s);
+            ticket.settle(Usage::default(), None, "failed", s).await;
             return refused(
                 s,
                 "server_error",
@@ -762,9 +667,11 @@ async fn relay(
             prompt: ticket.prompt_estimate,
             ..Usage::default()
         });
-        ticket.settle(usage, None, "ok", status);
+        ticket.settle(usage, None, "ok", status).await;
     } else {
-        ticket.settle(Usage::default(), None, "rejected", status);
+        ticket
+            .settle(Usage::default(), None, "rejected", status)
+            .await;
     }
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -855,11 +762,11 @@ async fn relay_stream(
                             completion: pieces,
                             reasoning: 0,
                         });
-                        t.settle(used, ttft_us, "ok", StatusCode::OK);
+                        t.settle(used, ttft_us, "ok", StatusCode::OK).await;
                     }
                 }
                 Some(json) => {
-                    ttft_us.get_or_insert_with(|| micros(started));
+                    ttft_us.get_or_insert_with(|| micros_since(started));
                     pieces += 1;
                     if json.contains("\"usage\"")
                         && let Ok(value) = serde_json::from_str::<Value>(json)
@@ -907,7 +814,7 @@ async fn relay_stream(
             "cancelled" => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             _ => StatusCode::BAD_GATEWAY,
         };
-        t.settle(used, ttft_us, outcome, status);
+        t.settle(used, ttft_us, outcome, status).await;
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode, header};
-use engine::{ChatMessage, EngineError, Event, FinishReason, GenerateRequest, Usage};
+use engine::{ChatPrompt, ChatRequest, EngineError, Event, FinishReason, GenerateRequest, Usage};
 use http_body_util::BodyExt;
 use souverain_api::Backend;
 use tokio::sync::Notify;
@@ -73,7 +73,7 @@ impl FakeBackend {
     }
 
     pub fn app(self: &Arc<Self>) -> Router {
-        souverain_api::router(Arc::clone(self) as Arc<dyn Backend>)
+        souverain_api::App::new(Arc::clone(self) as Arc<dyn Backend>).router()
     }
 
     pub fn last_request(&self) -> GenerateRequest {
@@ -102,17 +102,22 @@ impl Backend for FakeBackend {
         self.context_length
     }
 
-    /// `role: content` lines, then `assistant:`; a message `TEMPLATE_ERROR` fails.
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    /// `role: content` lines, then `assistant:`, tokenised; a message `TEMPLATE_ERROR` fails.
+    fn encode_chat(&self, request: &ChatRequest) -> Result<ChatPrompt, EngineError> {
         let mut text = String::new();
-        for message in messages {
-            if message.content == "TEMPLATE_ERROR" {
+        for message in &request.messages {
+            let role = message["role"].as_str().unwrap_or_default();
+            let content = message["content"].as_str().unwrap_or_default();
+            if content == "TEMPLATE_ERROR" {
                 return Err(EngineError::Template("roles must alternate".into()));
             }
-            text.push_str(&format!("{}: {}\n", message.role, message.content));
+            text.push_str(&format!("{role}: {content}\n"));
         }
         text.push_str("assistant:");
-        Ok(text)
+        Ok(ChatPrompt {
+            tokens: self.tokenize(&text),
+            reasoning_open: false,
+        })
     }
 
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {

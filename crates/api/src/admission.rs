@@ -1,0 +1,332 @@
+//! A request under `--auth`, from the middleware's admission to its settlement.
+//!
+//! The middleware (`middleware::authenticate`) authenticates the key and checks the
+//! deployment's region, then hands the handler an [`Admission`]. The handler parses the body
+//! (once, with [`AdmittedJson`]), which names the model: the admission checks the key's model
+//! list and request rate. Once the prompt is tokenised the handler calls
+//! [`Admission::reserve`], which reserves prompt plus completion limit from the token bucket
+//! and the budget (429 `insufficient_quota`), and [`Meter::track`] wraps the engine's event
+//! channel so that the request is settled to its real token counts when it ends, however it
+//! ends (done, failed, client gone). The settlement commits before the last event reaches the
+//! client, so a response received is a response metered. Every step is the control plane's
+//! one admission flow ([`control::Gate`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use control::admission::micros_since;
+use control::{Checks, Gate, KeyContext, Outcome, Reservation};
+use engine::{EngineError, Event};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::error::{ApiError, engine_error};
+use crate::extract::{Json, parse_json, read_json_body};
+
+/// An engine event tagged with the index of the choice it belongs to.
+pub(crate) type Tagged = (u32, Event);
+
+/// A request body that names the model it asks for.
+pub(crate) trait NamesModel {
+    /// The `model` field, when it is a string.
+    fn model_name(&self) -> Option<&str>;
+}
+
+/// A JSON body parsed once into `T`; under `--auth` the model it names is then checked
+/// against the key's list and the key's request rate is taken, before the handler validates
+/// anything else (a 403 or 429 here, recorded as the key's use by the middleware).
+pub(crate) struct AdmittedJson<T> {
+    pub(crate) body: T,
+    pub(crate) admission: Option<Admission>,
+}
+
+impl<S, T> FromRequest<S> for AdmittedJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + NamesModel,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let admission = req.extensions().get::<Admission>().cloned();
+        let Some(admission) = admission else {
+            let Json(body) = Json::<T>::from_request(req, state).await?;
+            return Ok(AdmittedJson {
+                body,
+                admission: None,
+            });
+        };
+        let bytes = read_json_body(req, state).await?;
+        let body: T = parse_json(&bytes)?;
+        admission.admit(body.model_name().unwrap_or_default(), &bytes)?;
+        Ok(AdmittedJson {
+            body,
+            admission: Some(admission),
+        })
+    }
+}
+
+/// A request let through by the middleware, waiting for its body and then its prompt.
+#[derive(Clone)]
+pub(crate) struct Admission(Arc<AdmissionInner>);
+
+struct AdmissionInner {
+    gate: Gate,
+    ctx: Arc<KeyContext>,
+    /// The model the body names, once it is parsed.
+    model: OnceLock<String>,
+    /// The request body, kept only when the project retains content.
+    prompt: OnceLock<String>,
+    started: Instant,
+    /// Set once a [`Meter`] is responsible for recording the request.
+    metered: AtomicBool,
+}
+
+impl Admission {
+    /// A request of the key `ctx`, arrived at `started`.
+    pub(crate) fn new(gate: Gate, ctx: Arc<KeyContext>, started: Instant) -> Self {
+        Admission(Arc::new(AdmissionInner {
+            gate,
+            ctx,
+            model: OnceLock::new(),
+            prompt: OnceLock::new(),
+            started,
+            metered: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether a [`Meter`] has become responsible for recording the request.
+    pub(crate) fn is_metered(&self) -> bool {
+        self.0.metered.load(Ordering::SeqCst)
+    }
+
+    /// The model the body named (empty before it was read, or when it names none).
+    pub(crate) fn model(&self) -> &str {
+        self.0.model.get().map_or("", String::as_str)
+    }
+
+    /// The body is read: the key may use `model`, and one request is taken from its rate.
+    /// The body is kept for the usage record when the key's project retains content.
+    fn admit(&self, model: &str, body: &Bytes) -> Result<(), ApiError> {
+        let inner = &self.0;
+        let _ = inner.model.set(model.to_owned());
+        if inner.ctx.project.retention_secs.is_some() {
+            let _ = inner.prompt.set(String::from_utf8_lossy(body).into_owned());
+        }
+        let checks = Checks {
+            model,
+            request_rate: true,
+            ..Checks::default()
+        };
+        inner.gate.check(&inner.ctx, checks).map_err(ApiError::from)
+    }
+
+    /// Reserves `prompt_tokens + completion_limit` tokens for the request.
+    pub(crate) async fn reserve(
+        &self,
+        request_id: &str,
+        prompt_tokens: usize,
+        completion_limit: usize,
+    ) -> Result<Meter, ApiError> {
+        let inner = &self.0;
+        let (prompt, limit) = (prompt_tokens as u64, completion_limit as u64);
+        let reservation = inner
+            .gate
+            .reserve(&inner.ctx, prompt, limit)
+            .await
+            .map_err(ApiError::from)?;
+        inner.metered.store(true, Ordering::SeqCst);
+        Ok(Meter {
+            admission: self.clone(),
+            request_id: request_id.to_owned(),
+            reservation,
+            prompt_tokens: prompt,
+        })
+    }
+}
+
+/// Records one request's use when it ends.
+pub(crate) struct Meter {
+    admission: Admission,
+    request_id: String,
+    reservation: Reservation,
+    prompt_tokens: u64,
+}
+
+/// How a generation ended, as the meter saw it.
+enum Ending {
+    /// Every choice finished: the last `Done` (sent once the use is recorded) and the
+    /// request's totals.
+    Done(Tagged, engine::Usage),
+    Failed(Tagged),
+    Vanished,
+    Cancelled,
+}
+
+impl Meter {
+    /// Takes what starting the generation answered: an error is recorded and returned; a
+    /// channel of `n` choices' events is wrapped in one that records the request when every
+    /// choice has ended.
+    pub(crate) fn track(
+        self,
+        generated: Result<UnboundedReceiver<Tagged>, EngineError>,
+        n: usize,
+    ) -> Result<UnboundedReceiver<Tagged>, ApiError> {
+        let engine_rx = match generated {
+            Ok(rx) => rx,
+            Err(err) => {
+                let err = engine_error(err);
+                let status = err.status();
+                tokio::spawn(async move {
+                    self.settle(0, 0, 0, None, "failed", status, None).await;
+                });
+                return Err(err);
+            }
+        };
+        let (tx, rx) = unbounded_channel();
+        tokio::spawn(self.forward(engine_rx, tx, n.max(1)));
+        Ok(rx)
+    }
+
+    async fn forward(
+        self,
+        mut engine_rx: UnboundedReceiver<Tagged>,
+        tx: tokio::sync::mpsc::UnboundedSender<Tagged>,
+        n: usize,
+    ) {
+        let started = self.admission.0.started;
+        let mut ttft_us = None;
+        let mut pieces: u64 = 0;
+        let mut output = self.admission.0.prompt.get().map(|_| String::new());
+        let mut total = engine::Usage::default();
+        let mut done = 0;
+        let ending = loop {
+            tokio::select! {
+                event = engine_rx.recv() => match event {
+                    Some((index, Event::Text(text))) => {
+                        ttft_us.get_or_insert_with(|| micros_since(started));
+                        pieces += 1;
+                        if let Some(output) = &mut output {
+                            output.push_str(&text);
+                        }
+                        if tx.send((index, Event::Text(text))).is_err() {
+                            break Ending::Cancelled;
+                        }
+                    }
+                    Some(lp @ (_, Event::Logprobs(_) | Event::PromptLogprobs(_))) => {
+                        if tx.send(lp).is_err() {
+                            break Ending::Cancelled;
+                        }
+                    }
+                    Some((index, Event::Done { finish_reason, usage })) => {
+                        if done == 0 {
+                            total.prompt_tokens = usage.prompt_tokens;
+                        }
+                        total.completion_tokens += usage.completion_tokens;
+                        total.reasoning_tokens += usage.reasoning_tokens;
+                        done += 1;
+                        let event = (index, Event::Done { finish_reason, usage });
+                        if done == n {
+                            break Ending::Done(event, total);
+                        }
+                        if tx.send(event).is_err() {
+                            break Ending::Cancelled;
+                        }
+                    }
+                    Some(failed @ (_, Event::Failed(_))) => break Ending::Failed(failed),
+                    None => break Ending::Vanished,
+                },
+                () = tx.closed() => break Ending::Cancelled,
+            }
+        };
+        // Dropping the engine's receiver now cancels a generation whose client went away.
+        drop(engine_rx);
+        let prompt_tokens = self.prompt_tokens;
+        let error = StatusCode::INTERNAL_SERVER_ERROR;
+        match ending {
+            Ending::Done(last, total) => {
+                let (p, c, r) = (
+                    total.prompt_tokens as u64,
+                    total.completion_tokens as u64,
+                    total.reasoning_tokens as u64,
+                );
+                self.settle(p, c, r, ttft_us, "ok", StatusCode::OK, output)
+                    .await;
+                let _ = tx.send(last);
+            }
+            Ending::Failed(failed) => {
+                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
+                    .await;
+                let _ = tx.send(failed);
+            }
+            Ending::Vanished => {
+                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
+                    .await;
+            }
+            Ending::Cancelled => {
+                // Without a `Done`, the text pieces sent stand for the tokens generated.
+                let client_closed = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+                self.settle(
+                    prompt_tokens,
+                    pieces,
+                    0,
+                    ttft_us,
+                    "cancelled",
+                    client_closed,
+                    output,
+                )
+                .await;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        reasoning_tokens: u64,
+        ttft_us: Option<u64>,
+        status: &str,
+        http_status: StatusCode,
+        output: Option<String>,
+    ) {
+        let inner = &self.admission.0;
+        let content = match (inner.prompt.get(), output) {
+            (Some(prompt), Some(output)) => Some((prompt.clone(), output)),
+            _ => None,
+        };
+        let outcome = Outcome {
+            request_id: self.request_id,
+            model: self.admission.model().to_owned(),
+            prompt_tokens,
+            completion_tokens,
+            reasoning_tokens,
+            ttft_us,
+            duration_us: micros_since(inner.started),
+            status: status.to_owned(),
+            http_status: http_status.as_u16(),
+            content,
+        };
+        inner
+            .gate
+            .settle(&inner.ctx, Some(self.reservation), outcome)
+            .await;
+    }
+}
+
+impl NamesModel for crate::openai::ChatCompletionRequest {
+    fn model_name(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
+impl NamesModel for crate::openai::CompletionRequest {
+    fn model_name(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}

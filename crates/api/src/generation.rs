@@ -1,0 +1,255 @@
+//! A generation: the prompt encoded (chat template or the model's own chat encoding, FIM,
+//! plain text) on a blocking thread, checked against the context, reserved under `--auth`,
+//! and handed to the engine as `n` sequences whose events are merged into one channel.
+//! What the responders (`whole`, `stream`) need to shape the answer travels with it.
+
+use std::sync::Arc;
+
+use engine::{ConstraintSpec, Event, FinishReason, GenerateRequest, ToolCallFormat};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::admission::{Admission, Tagged};
+use crate::backend::Backend;
+use crate::error::{ApiError, engine_error};
+use crate::output::{CallSyntax, OutputParser, ParserSpec};
+use crate::tools::{ToolChoice, ToolPlan};
+use crate::validate::{Prompt, ValidRequest};
+
+/// Which endpoint's chunk shape to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `chat.completion.chunk` with deltas (chat, and Mistral's FIM).
+    Chat,
+    /// `text_completion` with `text` pieces.
+    Completion,
+}
+
+/// What every chunk of one response shares.
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkMeta {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) include_usage: bool,
+    /// The request asked for token log-probabilities.
+    pub(crate) logprobs: bool,
+}
+
+/// The OpenAI finish reason of a choice: `tool_calls` when it ended by calling tools.
+pub(crate) fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
+    if calls > 0 && reason == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        reason.as_str()
+    }
+}
+
+/// Completions' `echo`: the prompt text, and the text of its first token (which has no
+/// log-probability of its own).
+#[derive(Debug, Clone)]
+pub(crate) struct Echo {
+    pub(crate) prompt: String,
+    pub(crate) first_token: String,
+}
+
+/// A started generation: every choice's events on one channel, and a parser per choice.
+pub(crate) struct Generation {
+    pub(crate) receiver: UnboundedReceiver<Tagged>,
+    pub(crate) parsers: Vec<OutputParser>,
+    pub(crate) echo: Option<Echo>,
+}
+
+/// The prompt's tokens and what the model's format says about its output.
+struct Encoded {
+    tokens: Vec<u32>,
+    parser: ParserSpec,
+    reasoning: Option<engine::ReasoningSpec>,
+    forcing: Option<ConstraintSpec>,
+    first_token: String,
+}
+
+/// Renders and tokenises the prompt (off the executor: both are CPU work that grows with
+/// the prompt), checks that it fits the context, and hands the request's `n` choices to the
+/// engine. With `--auth`, the admission reserves the request's tokens once the prompt is
+/// counted, and meters the generation (`auth::Meter`).
+pub(crate) async fn start_generation(
+    backend: &Arc<dyn Backend>,
+    valid: ValidRequest,
+    admission: Option<(Admission, String)>,
+) -> Result<Generation, ApiError> {
+    let worker = Arc::clone(backend);
+    let prompt = valid.prompt.clone();
+    let tools = valid.tools.clone();
+    let echo = valid.echo;
+    let encoded = tokio::task::spawn_blocking(move || -> Result<Encoded, ApiError> {
+        encode(worker.as_ref(), prompt, tools.as_ref(), echo)
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))??;
+    let prompt_tokens = encoded.tokens;
+
+    let context_length = backend.context_length();
+    if prompt_tokens.len() >= context_length {
+        return Err(ApiError::ContextLengthExceeded {
+            prompt_tokens: prompt_tokens.len(),
+            context_length,
+        });
+    }
+    tracing::debug!(
+        prompt_tokens = prompt_tokens.len(),
+        max_tokens = valid.max_tokens,
+        n = valid.n,
+        "generation admitted"
+    );
+    let meter = match admission {
+        Some((admission, request_id)) => {
+            let room = context_length - prompt_tokens.len();
+            let limit = valid.max_tokens.map_or(room, |max| max.min(room));
+            Some(
+                admission
+                    .reserve(
+                        &request_id,
+                        prompt_tokens.len(),
+                        limit.saturating_mul(valid.n),
+                    )
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let echo = match &valid.prompt {
+        Prompt::Text(text) if valid.echo => Some(Echo {
+            prompt: text.clone(),
+            first_token: encoded.first_token.clone(),
+        }),
+        _ => None,
+    };
+    let constraint = valid.constraint.clone().or(encoded.forcing);
+    let mut receivers = Vec::with_capacity(valid.n);
+    let mut failure = None;
+    for i in 0..valid.n {
+        let mut sampling = valid.sampling.clone();
+        // Each choice its own random stream, reproducible from the request's seed.
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let request = GenerateRequest {
+            prompt_tokens: prompt_tokens.clone(),
+            sampling,
+            max_tokens: valid.max_tokens,
+            stop: valid.stop.clone(),
+            stop_at_eog: true,
+            logprobs: valid.logprobs,
+            prompt_logprobs: valid.logprobs.filter(|_| echo.is_some()),
+            constraint: constraint.clone(),
+            keep_special: !encoded.parser.is_plain(),
+            reasoning: encoded.reasoning.clone(),
+        };
+        match backend.generate(request) {
+            Ok(rx) => receivers.push(rx),
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    let generated = match failure {
+        // Dropping the receivers already made cancels those choices.
+        Some(err) => Err(err),
+        None => Ok(fan_in(receivers)),
+    };
+    let receiver = match meter {
+        Some(meter) => meter.track(generated, valid.n)?,
+        None => generated.map_err(engine_error)?,
+    };
+    Ok(Generation {
+        receiver,
+        parsers: (0..valid.n)
+            .map(|_| OutputParser::new(encoded.parser.clone()))
+            .collect(),
+        echo,
+    })
+}
+
+/// The prompt's tokens and output format, on a blocking thread.
+fn encode(
+    backend: &dyn Backend,
+    prompt: Prompt,
+    tools: Option<&ToolPlan>,
+    echo: bool,
+) -> Result<Encoded, ApiError> {
+    let plain = |tokens: Vec<u32>| Encoded {
+        tokens,
+        parser: ParserSpec::default(),
+        reasoning: None,
+        forcing: None,
+        first_token: String::new(),
+    };
+    match prompt {
+        Prompt::Text(text) => {
+            let mut encoded = plain(backend.tokenize(&text));
+            if echo && let Some(&first) = encoded.tokens.first() {
+                encoded.first_token = backend.detokenize(&[first]).map_err(engine_error)?;
+            }
+            Ok(encoded)
+        }
+        Prompt::Fim { prefix, suffix } => Ok(plain(
+            backend
+                .tokenize_fim(&prefix, &suffix)
+                .map_err(engine_error)?,
+        )),
+        Prompt::Chat(mut request) => {
+            let format = backend.chat_format();
+            request.tools = tools.and_then(ToolPlan::visible_tools);
+            let prompt = backend.encode_chat(&request).map_err(engine_error)?;
+            let calls =
+                tools
+                    .filter(|t| t.choice != ToolChoice::None)
+                    .map(|_| match format.tool_calls {
+                        ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
+                        _ => CallSyntax::Hermes,
+                    });
+            let forcing = tools
+                .and_then(|t| t.forcing_grammar(&format, &|text: &str| backend.token_id(text)));
+            let parser = ParserSpec {
+                calls,
+                single_call: tools.is_some_and(|t| !t.parallel),
+                reasoning: format.reasoning.clone(),
+                reasoning_open: prompt.reasoning_open,
+                short_ids: format.short_call_ids,
+            };
+            Ok(Encoded {
+                tokens: prompt.tokens,
+                reasoning: format.reasoning_spec(prompt.reasoning_open),
+                parser,
+                forcing,
+                first_token: String::new(),
+            })
+        }
+    }
+}
+
+/// Merges the choices' event channels into one, each event tagged with its choice. When the
+/// merged receiver is dropped (the client went away), every forwarding task stops and drops
+/// its engine receiver, which cancels that choice.
+fn fan_in(receivers: Vec<UnboundedReceiver<Event>>) -> UnboundedReceiver<Tagged> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for (index, mut engine_rx) in receivers.into_iter().enumerate() {
+        let tx = tx.clone();
+        let index = index as u32;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = engine_rx.recv() => {
+                        let Some(event) = event else { break };
+                        let last = matches!(event, Event::Done { .. } | Event::Failed(_));
+                        if tx.send((index, event)).is_err() || last {
+                            break;
+                        }
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+        });
+    }
+    rx
+}

@@ -1,0 +1,73 @@
+//! `serve --auth`: the control plane in front of `/v1/*` (and vLLM's `/tokenize`,
+//! `/detokenize`).
+//!
+//! For each such request the middleware authenticates the key (401) and checks the
+//! deployment's region against the key's organisation (403), headers only. A `POST` that may
+//! generate then gets an [`Admission`] for its handler, which checks the model and the rate
+//! once the body is parsed, reserves once the prompt is counted, and meters the generation
+//! (`admission`). A request that ends without a meter (refused, invalid) is recorded as the
+//! key's use with no tokens. Listing models and tokenising are authenticated, not metered.
+
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use control::{Checks, Gate};
+use edge::MAX_BODY_BYTES;
+
+use crate::admission::Admission;
+use crate::error::ApiError;
+
+/// The middleware on `/v1/*`.
+pub(crate) async fn authenticate(
+    State(gate): State<Gate>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let tokenizer_only = path == "/tokenize" || path == "/detokenize";
+    if !(path.starts_with("/v1/") || path == "/v1" || tokenizer_only) {
+        return next.run(req).await;
+    }
+    let started = Instant::now();
+    let ctx = match gate.authenticate(edge::bearer(req.headers())).await {
+        Ok(ctx) => ctx,
+        Err(err) => return ApiError::from(err).into_response(),
+    };
+    let region = Checks {
+        region: true,
+        ..Checks::default()
+    };
+    if let Err(err) = gate.check(&ctx, region) {
+        let response = ApiError::from(err).into_response();
+        gate.record_refusal(&ctx, "", started, response.status().as_u16())
+            .await;
+        return response;
+    }
+    if req.method() != Method::POST || tokenizer_only {
+        return next.run(req).await;
+    }
+    let declared_too_large = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len > MAX_BODY_BYTES);
+    if declared_too_large {
+        return ApiError::PayloadTooLarge {
+            limit_bytes: MAX_BODY_BYTES,
+        }
+        .into_response();
+    }
+    let admission = Admission::new(gate.clone(), ctx.clone(), started);
+    req.extensions_mut().insert(admission.clone());
+    let response = next.run(req).await;
+    if !admission.is_metered() {
+        // Refused or invalid before generation: a usage record with no tokens.
+        gate.record_refusal(&ctx, admission.model(), started, response.status().as_u16())
+            .await;
+    }
+    response
+}
