@@ -5,7 +5,9 @@ use axum::extract::{Path, State};
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 
-use crate::admission::{Admission, AdmittedJson};
+use serde::de::DeserializeOwned;
+
+use crate::admission::{Admission, AdmittedJson, NamesModel};
 use crate::error::ApiError;
 use crate::generation::{ChunkMeta, Endpoint, start_generation};
 use crate::openai::{ChatCompletionRequest, CompletionRequest, ModelList};
@@ -44,65 +46,65 @@ pub(crate) async fn get_model(
     }
 }
 
-/// `POST /v1/chat/completions`.
-#[tracing::instrument(skip_all, fields(request_id))]
-pub(crate) async fn chat_completions(
-    State(app): State<AppState>,
-    AdmittedJson {
-        body: req,
-        admission,
-    }: AdmittedJson<ChatCompletionRequest>,
-) -> Response {
-    answer(&app, admission, "chatcmpl-", Endpoint::Chat, |model| {
-        validate::chat(&req, model)
-    })
-    .await
+/// A request body that starts a generation: `/v1/chat/completions`, `/v1/completions` and
+/// Mistral's `/v1/fim/completions` differ only in these.
+pub(crate) trait GenerationRequest: DeserializeOwned + NamesModel + Send + 'static {
+    /// The response id's prefix.
+    const ID_PREFIX: &'static str;
+    /// The shape of the answer.
+    const ENDPOINT: Endpoint;
+    /// Validates the request against the served model `model_id`.
+    fn validate(&self, model_id: &str) -> Result<ValidRequest, ApiError>;
 }
 
-/// `POST /v1/completions`.
-#[tracing::instrument(skip_all, fields(request_id))]
-pub(crate) async fn completions(
-    State(app): State<AppState>,
-    AdmittedJson {
-        body: req,
-        admission,
-    }: AdmittedJson<CompletionRequest>,
-) -> Response {
-    answer(&app, admission, "cmpl-", Endpoint::Completion, |model| {
-        validate::completion(&req, model)
-    })
-    .await
+impl GenerationRequest for ChatCompletionRequest {
+    const ID_PREFIX: &'static str = "chatcmpl-";
+    const ENDPOINT: Endpoint = Endpoint::Chat;
+    fn validate(&self, model_id: &str) -> Result<ValidRequest, ApiError> {
+        validate::chat(self, model_id)
+    }
 }
 
-/// `POST /v1/fim/completions`: Mistral's fill-in-the-middle (`prompt` before the gap,
-/// `suffix` after it), answered in the chat completion's shape as Mistral's API does.
-#[tracing::instrument(skip_all, fields(request_id))]
-pub(crate) async fn fim_completions(
-    State(app): State<AppState>,
-    AdmittedJson {
-        body: req,
-        admission,
-    }: AdmittedJson<CompletionRequest>,
-) -> Response {
-    answer(&app, admission, "cmpl-", Endpoint::Chat, |model| {
-        validate::fim(&req, model)
-    })
-    .await
+impl GenerationRequest for CompletionRequest {
+    const ID_PREFIX: &'static str = "cmpl-";
+    const ENDPOINT: Endpoint = Endpoint::Completion;
+    fn validate(&self, model_id: &str) -> Result<ValidRequest, ApiError> {
+        validate::completion(self, model_id)
+    }
 }
 
-/// Names the request (recorded in the handler's span, so that every log line about it,
-/// errors included, carries the id), validates it against the served model and answers.
-async fn answer(
-    app: &AppState,
-    admission: Option<Admission>,
-    id_prefix: &str,
-    endpoint: Endpoint,
-    validate: impl FnOnce(&str) -> Result<ValidRequest, ApiError>,
+/// Mistral's fill-in-the-middle (`prompt` before the gap, `suffix` after it): a completion
+/// request answered in the chat completion's shape, as Mistral's API does.
+#[derive(Debug, serde::Deserialize)]
+#[serde(transparent)]
+pub(crate) struct FimRequest(CompletionRequest);
+
+impl NamesModel for FimRequest {
+    fn model_name(&self) -> Option<&str> {
+        self.0.model_name()
+    }
+}
+
+impl GenerationRequest for FimRequest {
+    const ID_PREFIX: &'static str = "cmpl-";
+    const ENDPOINT: Endpoint = Endpoint::Chat;
+    fn validate(&self, model_id: &str) -> Result<ValidRequest, ApiError> {
+        validate::fim(&self.0, model_id)
+    }
+}
+
+/// `POST /v1/chat/completions`, `/v1/completions`, `/v1/fim/completions`: names the request
+/// (recorded in the handler's span, so that every log line about it, errors included,
+/// carries the id), validates it against the served model and answers.
+#[tracing::instrument(skip_all, fields(request_id))]
+pub(crate) async fn generate<R: GenerationRequest>(
+    State(app): State<AppState>,
+    AdmittedJson { body, admission }: AdmittedJson<R>,
 ) -> Response {
-    let id = response_id(id_prefix);
+    let id = response_id(R::ID_PREFIX);
     tracing::Span::current().record("request_id", id.as_str());
-    match validate(app.backend.model_id()) {
-        Ok(valid) => respond(app, id, valid, endpoint, admission).await,
+    match body.validate(app.backend.model_id()) {
+        Ok(valid) => respond(&app, id, valid, R::ENDPOINT, admission).await,
         Err(err) => Err(err),
     }
     .unwrap_or_else(IntoResponse::into_response)

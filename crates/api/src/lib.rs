@@ -110,9 +110,18 @@ impl App {
             .route("/metrics", get(metrics::metrics))
             .route("/v1/models", get(handlers::list_models))
             .route("/v1/models/{*id}", get(handlers::get_model))
-            .route("/v1/chat/completions", post(handlers::chat_completions))
-            .route("/v1/completions", post(handlers::completions))
-            .route("/v1/fim/completions", post(handlers::fim_completions))
+            .route(
+                "/v1/chat/completions",
+                post(handlers::generate::<openai::ChatCompletionRequest>),
+            )
+            .route(
+                "/v1/completions",
+                post(handlers::generate::<openai::CompletionRequest>),
+            )
+            .route(
+                "/v1/fim/completions",
+                post(handlers::generate::<handlers::FimRequest>),
+            )
             .route("/v1/embeddings", post(embeddings::embeddings))
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))

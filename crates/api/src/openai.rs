@@ -9,87 +9,75 @@ use serde_json::Value;
 // missing field gets a message naming it. Unknown fields (`user`, `metadata`, ...) are ignored.
 // ---------------------------------------------------------------------------------------------
 
-/// `POST /v1/chat/completions` as received.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct ChatCompletionRequest {
-    pub(crate) model: Option<String>,
-    pub(crate) messages: Option<Vec<RawMessage>>,
-    pub(crate) max_tokens: Option<i64>,
-    pub(crate) max_completion_tokens: Option<i64>,
-    pub(crate) logprobs: Option<bool>,
-    pub(crate) top_logprobs: Option<i64>,
-    pub(crate) response_format: Option<ResponseFormat>,
-    pub(crate) temperature: Option<f64>,
-    pub(crate) top_p: Option<f64>,
-    pub(crate) n: Option<i64>,
-    pub(crate) stream: Option<bool>,
-    pub(crate) stream_options: Option<StreamOptions>,
-    pub(crate) stop: Option<Value>,
-    pub(crate) presence_penalty: Option<f64>,
-    pub(crate) frequency_penalty: Option<f64>,
-    pub(crate) seed: Option<serde_json::Number>,
-    pub(crate) top_k: Option<i64>,
-    pub(crate) min_p: Option<f64>,
-    pub(crate) repetition_penalty: Option<f64>,
-    pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
-    /// Mistral's name for `seed`.
-    pub(crate) random_seed: Option<serde_json::Number>,
-    /// Mistral's switch that puts its guardrail prompt before the conversation.
-    pub(crate) safe_prompt: Option<bool>,
-    /// llama.cpp's `grammar` (GBNF).
-    pub(crate) grammar: Option<String>,
-    /// vLLM's JSON schema.
-    pub(crate) guided_json: Option<Value>,
-    /// vLLM's regular expression.
-    pub(crate) guided_regex: Option<String>,
-    /// vLLM's context-free grammar (Lark syntax).
-    pub(crate) guided_grammar: Option<String>,
-    /// Functions the model may call.
-    pub(crate) tools: Option<Value>,
-    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
-    pub(crate) tool_choice: Option<Value>,
-    pub(crate) parallel_tool_calls: Option<bool>,
-    /// OpenAI's reasoning switch: `none`/`minimal` turn thinking off where the template
-    /// has a switch (`enable_thinking`), other values leave it on.
-    pub(crate) reasoning_effort: Option<String>,
-    /// vLLM's extra chat-template variables (`{"enable_thinking": false}`).
-    pub(crate) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+/// A request struct with the fields every generation endpoint takes (model, limits,
+/// sampling, streaming, stop, output constraints) and those of its own.
+macro_rules! generation_request {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Default, Deserialize)]
+        pub(crate) struct $name {
+            pub(crate) model: Option<String>,
+            pub(crate) max_tokens: Option<i64>,
+            pub(crate) temperature: Option<f64>,
+            pub(crate) top_p: Option<f64>,
+            pub(crate) n: Option<i64>,
+            pub(crate) stream: Option<bool>,
+            pub(crate) stream_options: Option<StreamOptions>,
+            pub(crate) stop: Option<Value>,
+            pub(crate) presence_penalty: Option<f64>,
+            pub(crate) frequency_penalty: Option<f64>,
+            pub(crate) seed: Option<serde_json::Number>,
+            pub(crate) top_k: Option<i64>,
+            pub(crate) min_p: Option<f64>,
+            pub(crate) repetition_penalty: Option<f64>,
+            pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+            /// Mistral's name for `seed`.
+            pub(crate) random_seed: Option<serde_json::Number>,
+            pub(crate) response_format: Option<ResponseFormat>,
+            /// llama.cpp's `grammar` (GBNF).
+            pub(crate) grammar: Option<String>,
+            /// vLLM's JSON schema.
+            pub(crate) guided_json: Option<Value>,
+            /// vLLM's regular expression.
+            pub(crate) guided_regex: Option<String>,
+            /// vLLM's context-free grammar (Lark syntax).
+            pub(crate) guided_grammar: Option<String>,
+            $($(#[$fmeta])* pub(crate) $field: $ty,)*
+        }
+    };
 }
 
-/// `POST /v1/completions` as received.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct CompletionRequest {
-    pub(crate) model: Option<String>,
-    pub(crate) prompt: Option<Value>,
-    pub(crate) max_tokens: Option<i64>,
-    pub(crate) echo: Option<bool>,
-    pub(crate) logprobs: Option<i64>,
-    pub(crate) best_of: Option<i64>,
-    pub(crate) suffix: Option<String>,
-    pub(crate) temperature: Option<f64>,
-    pub(crate) top_p: Option<f64>,
-    pub(crate) n: Option<i64>,
-    pub(crate) stream: Option<bool>,
-    pub(crate) stream_options: Option<StreamOptions>,
-    pub(crate) stop: Option<Value>,
-    pub(crate) presence_penalty: Option<f64>,
-    pub(crate) frequency_penalty: Option<f64>,
-    pub(crate) seed: Option<serde_json::Number>,
-    pub(crate) top_k: Option<i64>,
-    pub(crate) min_p: Option<f64>,
-    pub(crate) repetition_penalty: Option<f64>,
-    pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
-    /// Mistral's name for `seed`.
-    pub(crate) random_seed: Option<serde_json::Number>,
-    pub(crate) response_format: Option<ResponseFormat>,
-    /// llama.cpp's `grammar` (GBNF).
-    pub(crate) grammar: Option<String>,
-    /// vLLM's JSON schema.
-    pub(crate) guided_json: Option<Value>,
-    /// vLLM's regular expression.
-    pub(crate) guided_regex: Option<String>,
-    /// vLLM's context-free grammar (Lark syntax).
-    pub(crate) guided_grammar: Option<String>,
+generation_request! {
+    /// `POST /v1/chat/completions` as received.
+    ChatCompletionRequest {
+        messages: Option<Vec<RawMessage>>,
+        max_completion_tokens: Option<i64>,
+        logprobs: Option<bool>,
+        top_logprobs: Option<i64>,
+        /// Mistral's switch that puts its guardrail prompt before the conversation.
+        safe_prompt: Option<bool>,
+        /// Functions the model may call.
+        tools: Option<Value>,
+        /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+        tool_choice: Option<Value>,
+        parallel_tool_calls: Option<bool>,
+        /// OpenAI's reasoning switch: `none`/`minimal` turn thinking off where the template
+        /// has a switch (`enable_thinking`), other values leave it on.
+        reasoning_effort: Option<String>,
+        /// vLLM's extra chat-template variables (`{"enable_thinking": false}`).
+        chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    }
+}
+
+generation_request! {
+    /// `POST /v1/completions` (and Mistral's FIM) as received.
+    CompletionRequest {
+        prompt: Option<Value>,
+        echo: Option<bool>,
+        logprobs: Option<i64>,
+        best_of: Option<i64>,
+        suffix: Option<String>,
+    }
 }
 
 /// The fields both endpoints share, borrowed out of either request for one validation.
