@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::audit::AuditDraft;
 use crate::error::StoreError;
 use crate::store::{Mutation, Store};
+use crate::time::Clock;
 use crate::types::KeyContext;
 
 /// Keys kept at most; beyond this the cache starts over (keys are read again).
@@ -59,17 +60,18 @@ impl KeyCache {
         !self.ttl.is_zero()
     }
 
-    /// The key's context if it was read less than the configured time ago.
-    pub(crate) fn get(&self, key_id: &str) -> Option<Arc<KeyContext>> {
+    /// The key's context if it was read less than the configured time before `now`.
+    pub(crate) fn get(&self, key_id: &str, now: Instant) -> Option<Arc<KeyContext>> {
         if !self.enabled() {
             return None;
         }
         let keys = lock(&self.keys);
         let (ctx, read_at) = keys.get(key_id)?;
-        (read_at.elapsed() < self.ttl).then(|| Arc::clone(ctx))
+        (now.saturating_duration_since(*read_at) < self.ttl).then(|| Arc::clone(ctx))
     }
 
-    pub(crate) fn put(&self, ctx: &KeyContext) {
+    /// Keeps the key's context, read at `now`.
+    pub(crate) fn put(&self, ctx: &KeyContext, now: Instant) {
         if !self.enabled() {
             return;
         }
@@ -77,7 +79,7 @@ impl KeyCache {
         if keys.len() >= MAX_CACHED_KEYS {
             keys.clear();
         }
-        keys.insert(ctx.key.id.clone(), (Arc::new(ctx.clone()), Instant::now()));
+        keys.insert(ctx.key.id.clone(), (Arc::new(ctx.clone()), now));
     }
 
     pub(crate) fn clear(&self) {
@@ -113,28 +115,30 @@ impl Leases {
         self.chunk > 0
     }
 
-    /// The key's lease (empty when new).
-    pub(crate) fn of(&self, key_id: &str, period_start_ms: i64) -> Arc<Mutex<Lease>> {
+    /// The key's lease (empty when new, and last used `now`).
+    pub(crate) fn of(&self, key_id: &str, period_start_ms: i64, now: Instant) -> Arc<Mutex<Lease>> {
         let mut keys = lock(&self.keys);
         Arc::clone(keys.entry(key_id.to_owned()).or_insert_with(|| {
             Arc::new(Mutex::new(Lease {
                 period_start_ms,
                 available: 0,
-                last_used: Instant::now(),
+                last_used: now,
             }))
         }))
     }
 
-    /// Empties the leases not used for `idle` (all of them when `idle` is zero) and returns
-    /// the store updates that give their tokens back. A lease busy right now is left alone.
-    pub(crate) fn take_idle(&self, idle: Duration) -> Vec<Mutation> {
+    /// Empties the leases not used for `idle` before `now` (all of them when `idle` is zero)
+    /// and returns the store updates that give their tokens back. A lease busy right now is
+    /// left alone.
+    pub(crate) fn take_idle(&self, idle: Duration, now: Instant) -> Vec<Mutation> {
         let keys = lock(&self.keys);
         let mut out = Vec::new();
         for (key_id, lease) in keys.iter() {
             let Ok(mut lease) = lease.try_lock() else {
                 continue;
             };
-            if lease.available > 0 && (idle.is_zero() || lease.last_used.elapsed() >= idle) {
+            let unused_for = now.saturating_duration_since(lease.last_used);
+            if lease.available > 0 && (idle.is_zero() || unused_for >= idle) {
                 out.push(give_back(key_id, lease.period_start_ms, lease.available));
                 lease.available = 0;
             }
@@ -166,6 +170,8 @@ struct Progress {
 pub(crate) struct Writer {
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
+    /// Tells the thread when a lease has been idle long enough to go back.
+    pub(crate) clock: Arc<dyn Clock>,
     sender: Mutex<Option<mpsc::Sender<Pending>>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     max_waiting: usize,
@@ -178,10 +184,16 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(store: Arc<dyn Store>, leases: Arc<Leases>, max_waiting: usize) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        leases: Arc<Leases>,
+        clock: Arc<dyn Clock>,
+        max_waiting: usize,
+    ) -> Self {
         Writer {
             store,
             leases,
+            clock,
             sender: Mutex::new(None),
             progress: Arc::new((Mutex::new(Progress::default()), Condvar::new())),
             max_waiting,
@@ -224,10 +236,11 @@ impl Writer {
         let (tx, rx) = mpsc::channel();
         let store = Arc::clone(&self.store);
         let leases = Arc::clone(&self.leases);
+        let clock = Arc::clone(&self.clock);
         let progress = Arc::clone(&self.progress);
         let spawned = std::thread::Builder::new()
             .name("control-writer".to_owned())
-            .spawn(move || write_loop(&*store, &leases, &rx, &progress));
+            .spawn(move || write_loop(&*store, &leases, &*clock, &rx, &progress));
         if let Err(err) = spawned {
             tracing::error!(error = %err, "could not start the control plane's writer thread");
         }
@@ -261,6 +274,7 @@ pub(crate) const LEASE_IDLE: Duration = Duration::from_secs(1);
 fn write_loop(
     store: &dyn Store,
     leases: &Leases,
+    clock: &dyn Clock,
     rx: &mpsc::Receiver<Pending>,
     progress: &(Mutex<Progress>, Condvar),
 ) {
@@ -295,7 +309,8 @@ fn write_loop(
             }
         }
         // Once no sender is left the process is ending: every lease goes back.
-        let returns = leases.take_idle(if closed { Duration::ZERO } else { LEASE_IDLE });
+        let idle = if closed { Duration::ZERO } else { LEASE_IDLE };
+        let returns = leases.take_idle(idle, clock.instant());
         if !returns.is_empty() {
             batch.push((returns, None));
         }

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -199,20 +199,28 @@ impl ControlPlane {
     /// A control plane over `store`.
     pub fn new(store: Arc<dyn Store>, config: ControlConfig) -> Self {
         let leases = Arc::new(Leases::new(config.budget_lease_tokens));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         ControlPlane {
-            writer: Writer::new(Arc::clone(&store), Arc::clone(&leases), MAX_BACKLOG),
+            writer: Writer::new(
+                Arc::clone(&store),
+                Arc::clone(&leases),
+                Arc::clone(&clock),
+                MAX_BACKLOG,
+            ),
             keys: KeyCache::new(config.key_cache_ttl),
             leases,
             store,
             config,
-            clock: Arc::new(SystemClock),
+            clock,
             limiter: RateLimiter::new(),
             backlog: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// Replaces the clock (tests move time by hand).
+    /// Replaces the clock (tests move time by hand): dates, budget periods, the key cache's
+    /// time to live and the leases' idle time all follow it. Call it before the plane is used.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.writer.clock = Arc::clone(&clock);
         self.clock = clock;
         self
     }
@@ -552,7 +560,7 @@ impl ControlPlane {
                 Denial::ExpiredKey
             }
             Some(ctx) => {
-                self.keys.put(ctx);
+                self.keys.put(ctx, self.clock.instant());
                 return context.ok_or_else(|| Denial::UnknownKey.into());
             }
         };
@@ -594,7 +602,7 @@ impl ControlPlane {
             return Ok(());
         };
         self.limiter
-            .take(&ctx.key.id, Which::Requests, limit, 1, Instant::now())
+            .take(&ctx.key.id, Which::Requests, limit, 1, self.clock.instant())
             .map_err(|retry_after_secs| Denial::RateLimited {
                 kind: RateLimitKind::Requests,
                 limit,
@@ -609,7 +617,7 @@ impl ControlPlane {
     /// failure and fills the cache).
     pub fn cached_key(&self, presented: &str) -> Option<Arc<KeyContext>> {
         let parsed = keys::parse(presented).ok()?;
-        let ctx = self.keys.get(parsed.id)?;
+        let ctx = self.keys.get(parsed.id, self.clock.instant())?;
         let good = keys::verify(
             &self.config.key_hash_secret,
             &ctx.key.salt_hex,
@@ -666,9 +674,13 @@ impl ControlPlane {
         let tokens = prompt_tokens.saturating_add(completion_limit);
         let policy = &ctx.key.policy;
         if let Some(limit) = policy.tokens_per_minute
-            && let Err(retry_after_secs) =
-                self.limiter
-                    .take(&ctx.key.id, Which::Tokens, limit, tokens, Instant::now())
+            && let Err(retry_after_secs) = self.limiter.take(
+                &ctx.key.id,
+                Which::Tokens,
+                limit,
+                tokens,
+                self.clock.instant(),
+            )
         {
             return Some(Err(Denial::RateLimited {
                 kind: RateLimitKind::Tokens,
@@ -748,7 +760,7 @@ impl ControlPlane {
         tokens: u64,
         may_block: bool,
     ) -> Option<Result<Result<(), u64>, StoreError>> {
-        let lease = self.leases.of(key_id, start);
+        let lease = self.leases.of(key_id, start, self.clock.instant());
         let mut lease = if may_block {
             hot::lock(&lease)
         } else {
@@ -767,7 +779,7 @@ impl ControlPlane {
             lease.period_start_ms = start;
             lease.available = 0;
         }
-        lease.last_used = Instant::now();
+        lease.last_used = self.clock.instant();
         if lease.available >= tokens {
             lease.available -= tokens;
             return Some(Ok(Ok(())));
@@ -807,11 +819,11 @@ impl ControlPlane {
     /// lease for tokens used beyond it); what the lease cannot take right now (another
     /// period, a lease being topped up) is settled in the store instead.
     fn settle_lease(&self, key_id: &str, start: i64, reserved: u64, used: u64) -> Option<Mutation> {
-        let lease = self.leases.of(key_id, start);
+        let lease = self.leases.of(key_id, start, self.clock.instant());
         if let Ok(mut lease) = lease.try_lock()
             && lease.period_start_ms == start
         {
-            lease.last_used = Instant::now();
+            lease.last_used = self.clock.instant();
             if used <= reserved {
                 lease.available = lease.available.saturating_add(reserved - used);
                 return None;
@@ -954,7 +966,7 @@ impl ControlPlane {
     /// Gives every budget lease back to the store and waits (at most `timeout`) for the
     /// queued settlements: for a process about to stop. True when all is written.
     pub fn close(&self, timeout: Duration) -> bool {
-        let returns = self.leases.take_idle(Duration::ZERO);
+        let returns = self.leases.take_idle(Duration::ZERO, self.clock.instant());
         if !returns.is_empty() && !self.writer.push((returns, None)) {
             tracing::error!("budget leases could not be given back: too many settlements wait");
         }

@@ -3,7 +3,7 @@
 //! and parsing of the dates admins type.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const MS_PER_SECOND: i64 = 1_000;
 const MS_PER_HOUR: i64 = 3_600_000;
@@ -13,6 +13,12 @@ const MS_PER_DAY: i64 = 86_400_000;
 pub trait Clock: Send + Sync + 'static {
     /// Unix time in milliseconds.
     fn now_ms(&self) -> i64;
+
+    /// Now as a monotonic instant, for ages and idle times measured inside the process (the
+    /// key cache's entries, budget leases). The system clock answers [`Instant::now`].
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// The system's wall clock.
@@ -28,10 +34,15 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told: for tests of expiry, budget periods and retention.
-#[derive(Debug, Default)]
+/// A clock that moves only when told: for tests of expiry, budget periods, retention, the key
+/// cache's time to live and idle leases.
+#[derive(Debug)]
 pub struct ManualClock {
     now_ms: AtomicI64,
+    /// The Unix time and the instant at which the clock was made: its instants are this one
+    /// moved by as much as its Unix time has moved since.
+    origin_ms: i64,
+    origin: Instant,
 }
 
 impl ManualClock {
@@ -39,18 +50,39 @@ impl ManualClock {
     pub fn new(now_ms: i64) -> Self {
         ManualClock {
             now_ms: AtomicI64::new(now_ms),
+            origin_ms: now_ms,
+            origin: Instant::now(),
         }
     }
 
-    /// Moves the clock forward by `ms`.
+    /// Moves the clock forward by `ms` (back when negative).
     pub fn advance_ms(&self, ms: i64) {
         self.now_ms.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Default for ManualClock {
+    /// A clock stopped at the Unix epoch.
+    fn default() -> Self {
+        ManualClock::new(0)
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
         self.now_ms.load(Ordering::SeqCst)
+    }
+
+    fn instant(&self) -> Instant {
+        let moved = self.now_ms().saturating_sub(self.origin_ms);
+        let by = Duration::from_millis(moved.unsigned_abs());
+        let at = if moved >= 0 {
+            self.origin.checked_add(by)
+        } else {
+            self.origin.checked_sub(by)
+        };
+        // Out of `Instant`'s range only after centuries of advancing: stay at the origin.
+        at.unwrap_or(self.origin)
     }
 }
 
@@ -300,8 +332,12 @@ mod tests {
     #[test]
     fn manual_clock_moves_when_told() {
         let clock = ManualClock::new(10);
+        let start = clock.instant();
         clock.advance_ms(5);
         assert_eq!(clock.now_ms(), 15);
+        assert_eq!(clock.instant() - start, Duration::from_millis(5));
+        clock.advance_ms(-3);
+        assert_eq!(clock.instant() - start, Duration::from_millis(2));
         assert!(SystemClock.now_ms() > 1_600_000_000_000);
     }
 }

@@ -55,22 +55,8 @@ fn sqlite_fixture() -> Fixture {
     }
 }
 
-fn postgres_url() -> Option<String> {
-    match std::env::var("SOUVERAIN_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("SOUVERAIN_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SOUVERAIN_REQUIRE_POSTGRES=1 but SOUVERAIN_TEST_DATABASE_URL is not set"
-            );
-            eprintln!("note: SOUVERAIN_TEST_DATABASE_URL is not set; PostgreSQL test skipped");
-            None
-        }
-    }
-}
-
 fn postgres_fixture() -> Option<Fixture> {
-    let url = postgres_url()?;
+    let url = testkit::database_url()?;
     let schema = unique("t").to_lowercase();
     let store = PostgresStore::connect_in_schema(&url, Some(&schema)).unwrap();
     Some(Fixture {
@@ -672,11 +658,16 @@ fn cached_keys_are_checked_and_forgotten(fx: &Fixture) {
 
     // Through another process (another plane on the same store): seen once the entry ages.
     let (other, _) = hot_plane(fx, Duration::ZERO, 0);
-    let (short, _) = hot_plane(fx, Duration::from_millis(50), 0);
+    let (short, short_clock) = hot_plane(fx, Duration::from_millis(50), 0);
     let (ctx2, plaintext2) = tenant(&short, KeyPolicy::default(), None);
     assert!(short.cached_key(&plaintext2).is_some());
     other.revoke_key("admin", &ctx2.key.id).unwrap();
-    std::thread::sleep(Duration::from_millis(80));
+    short_clock.advance_ms(49);
+    assert!(
+        short.cached_key(&plaintext2).is_some(),
+        "within the time to live"
+    );
+    short_clock.advance_ms(1);
     assert!(short.cached_key(&plaintext2).is_none());
     assert!(short.authenticate(&plaintext2).is_err());
     // Without a cache, nothing is ever answered from memory.
@@ -915,7 +906,9 @@ impl Relay {
 
 #[test]
 fn postgres_outage_is_unavailable_then_recovers() {
-    let Some(url) = postgres_url() else { return };
+    let Some(url) = testkit::database_url() else {
+        return;
+    };
     let config: ::postgres::Config = url.parse().unwrap();
     let host = match config.get_hosts().first() {
         Some(::postgres::config::Host::Tcp(h)) => h.clone(),
