@@ -3,7 +3,8 @@
 //! client received is found metered and audited.
 
 mod common;
-use common::{free_port, model_path, raw_http, temp_dir};
+use common::{free_port, raw_http, temp_dir};
+use testkit::default_model;
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -158,7 +159,7 @@ fn rusqlite_free_edit(db: &Path) -> bool {
 
 #[test]
 fn killing_the_server_under_load_loses_no_committed_usage() {
-    let Some(model) = model_path() else { return };
+    let Some(model) = default_model() else { return };
     let data = temp_dir("kill");
     let org = admin_json(&data, &["org", "create", "Acme"]);
     let project = admin_json(

@@ -4,7 +4,8 @@
 //! router, and a replica killed under load without a failed request.
 
 mod common;
-use common::{free_port, model_path, raw_http, temp_dir};
+use common::{free_port, raw_http, temp_dir};
+use testkit::default_model;
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -124,7 +125,7 @@ fn metric(port: u16, name: &str) -> f64 {
 
 #[test]
 fn router_in_front_of_real_replicas() {
-    let Some(model) = model_path() else { return };
+    let Some(model) = default_model() else { return };
     let dir = temp_dir("fleet");
     let ports = [free_port(), free_port(), free_port()];
     let mut replicas: Vec<Option<Proc>> = ports.iter().map(|&p| Some(replica(&model, p))).collect();

@@ -21,24 +21,6 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = D / HEADS;
 
-fn mistral_files() -> Option<PathBuf> {
-    let dir = std::env::var_os("SOUVERAIN_MISTRAL_TOKENIZERS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/souverain/mistral-common"))
-        })?;
-    if dir.join("tekken_240911.json").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-        "SOUVERAIN_REQUIRE_MODEL is set but Mistral's tokenizer files are missing (run scripts/fetch-mistral-tokenizers)"
-    );
-    eprintln!("skipping: Mistral tokenizer files not found (run scripts/fetch-mistral-tokenizers)");
-    None
-}
-
 /// Deterministic small weights.
 fn weights(n: usize, seed: &mut u64) -> Vec<u8> {
     (0..n)
@@ -77,6 +59,20 @@ fn write_weights(path: &Path, vocab: usize, hf: bool) {
         vec![vocab, D],
         weights(vocab * D, &mut seed),
     ));
+    // Each layer's weights (Hugging Face name, Mistral name, shape), then its norms (ones).
+    let layer: [(&str, &str, [usize; 2]); 7] = [
+        ("self_attn.q_proj.weight", "attention.wq.weight", [D, D]),
+        ("self_attn.k_proj.weight", "attention.wk.weight", [kv, D]),
+        ("self_attn.v_proj.weight", "attention.wv.weight", [kv, D]),
+        ("self_attn.o_proj.weight", "attention.wo.weight", [D, D]),
+        ("mlp.gate_proj.weight", "feed_forward.w1.weight", [FFN, D]),
+        ("mlp.down_proj.weight", "feed_forward.w2.weight", [D, FFN]),
+        ("mlp.up_proj.weight", "feed_forward.w3.weight", [FFN, D]),
+    ];
+    let norms = [
+        ("input_layernorm.weight", "attention_norm.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ];
     for i in 0..LAYERS {
         let l = |hf_name: &str, m_name: &str| {
             name(
@@ -84,51 +80,13 @@ fn write_weights(path: &Path, vocab: usize, hf: bool) {
                 &format!("layers.{i}.{m_name}"),
             )
         };
-        tensors.push((
-            l("self_attn.q_proj.weight", "attention.wq.weight"),
-            vec![D, D],
-            weights(D * D, &mut seed),
-        ));
-        tensors.push((
-            l("self_attn.k_proj.weight", "attention.wk.weight"),
-            vec![kv, D],
-            weights(kv * D, &mut seed),
-        ));
-        tensors.push((
-            l("self_attn.v_proj.weight", "attention.wv.weight"),
-            vec![kv, D],
-            weights(kv * D, &mut seed),
-        ));
-        tensors.push((
-            l("self_attn.o_proj.weight", "attention.wo.weight"),
-            vec![D, D],
-            weights(D * D, &mut seed),
-        ));
-        tensors.push((
-            l("mlp.gate_proj.weight", "feed_forward.w1.weight"),
-            vec![FFN, D],
-            weights(FFN * D, &mut seed),
-        ));
-        tensors.push((
-            l("mlp.down_proj.weight", "feed_forward.w2.weight"),
-            vec![D, FFN],
-            weights(FFN * D, &mut seed),
-        ));
-        tensors.push((
-            l("mlp.up_proj.weight", "feed_forward.w3.weight"),
-            vec![FFN, D],
-            weights(FFN * D, &mut seed),
-        ));
-        tensors.push((
-            l("input_layernorm.weight", "attention_norm.weight"),
-            vec![D],
-            ones(),
-        ));
-        tensors.push((
-            l("post_attention_layernorm.weight", "ffn_norm.weight"),
-            vec![D],
-            ones(),
-        ));
+        for (hf_name, m_name, [rows, cols]) in layer {
+            let data = weights(rows * cols, &mut seed);
+            tensors.push((l(hf_name, m_name), vec![rows, cols], data));
+        }
+        for (hf_name, m_name) in norms {
+            tensors.push((l(hf_name, m_name), vec![D], ones()));
+        }
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
@@ -271,16 +229,16 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn hugging_face_layout_with_sentencepiece_serves_chats() {
-    let Some(files) = mistral_files() else { return };
+    let Some(tokenizer) =
+        testkit::mistral_tokenizer_file("mistral_instruct_tokenizer_240323.model.v3")
+    else {
+        return;
+    };
     let dir = temp_dir("hf-sp");
     let vocab = 32768;
     std::fs::write(dir.join("config.json"), hf_config(vocab).to_string()).expect("config");
     write_weights(&dir.join("model.safetensors"), vocab, true);
-    std::fs::copy(
-        files.join("mistral_instruct_tokenizer_240323.model.v3"),
-        dir.join("tokenizer.model.v3"),
-    )
-    .expect("tokenizer");
+    std::fs::copy(tokenizer, dir.join("tokenizer.model.v3")).expect("tokenizer");
     let server = serve(&dir);
     chat_works(&server);
     tokenize_matches_golden(
@@ -293,7 +251,9 @@ fn hugging_face_layout_with_sentencepiece_serves_chats() {
 
 #[test]
 fn mistral_layout_with_tekken_serves_chats() {
-    let Some(files) = mistral_files() else { return };
+    let Some(tokenizer) = testkit::mistral_tokenizer_file("tekken_240911.json") else {
+        return;
+    };
     let dir = temp_dir("mistral-tekken");
     let vocab = 131072;
     let params = json!({"dim": D, "n_layers": LAYERS, "head_dim": HEAD_DIM, "hidden_dim": FFN,
@@ -301,7 +261,7 @@ fn mistral_layout_with_tekken_serves_chats() {
                         "vocab_size": vocab, "rope_theta": 1000000.0});
     std::fs::write(dir.join("params.json"), params.to_string()).expect("params");
     write_weights(&dir.join("consolidated.safetensors"), vocab, false);
-    std::fs::copy(files.join("tekken_240911.json"), dir.join("tekken.json")).expect("tokenizer");
+    std::fs::copy(tokenizer, dir.join("tekken.json")).expect("tokenizer");
     let server = serve(&dir);
     chat_works(&server);
     tokenize_matches_golden(&server, &golden("tekken_240911.json.golden.json"));
@@ -316,16 +276,10 @@ fn golden(name: &str) -> PathBuf {
 }
 
 /// SmolLM2's vocabulary (read from the default GGUF model) written as the `tokenizer.json`
-/// and `tokenizer_config.json` Hugging Face ships for it.
+/// and `tokenizer_config.json` Hugging Face ships for it; `None` (after a note) without the
+/// default model, unless it is required.
 fn smollm2_hf_tokenizer(dir: &Path) -> Option<usize> {
-    let model = std::env::var_os("SOUVERAIN_TEST_MODEL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            })
-        })
-        .filter(|p| p.is_file())?;
+    let model = testkit::default_model()?;
     let file = gguf::GgufFile::open(&model).expect("open default model");
     let spec = engine::tokenizer_spec(file.metadata()).expect("spec");
     let types = spec.token_types.clone().unwrap_or_default();
@@ -367,11 +321,6 @@ fn smollm2_hf_tokenizer(dir: &Path) -> Option<usize> {
 fn hugging_face_layout_with_tokenizer_json_serves_chats() {
     let dir = temp_dir("hf-json");
     let Some(vocab) = smollm2_hf_tokenizer(&dir) else {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
         return;
     };
     std::fs::write(dir.join("config.json"), hf_config(vocab).to_string()).expect("config");
@@ -508,10 +457,13 @@ fn fim_works(server: &Server, golden_name: &str) {
 
 #[test]
 fn mistral_tokenizers_force_and_parse_tool_calls() {
-    let Some(files) = mistral_files() else { return };
+    let Some(v3_path) = testkit::mistral_tokenizer_file("tekken_240911.json") else {
+        return;
+    };
+    let files = v3_path.parent().expect("tokenizer directory");
     // v3 Tekken: `[TOOL_CALLS]` and a JSON list; derived v13: `[TOOL_CALLS]name[ARGS]{...}`.
-    let v3 = std::fs::read(files.join("tekken_240911.json")).expect("tekken");
-    for (name, tekken) in [("tools-v3", v3), ("tools-v13", derived_v13_tekken(&files))] {
+    let v3 = std::fs::read(&v3_path).expect("tekken");
+    for (name, tekken) in [("tools-v3", v3), ("tools-v13", derived_v13_tekken(files))] {
         let dir = mistral_dir(name, &tekken);
         let server = serve(&dir);
         forced_tool_calls_work(&server);

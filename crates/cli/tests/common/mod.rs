@@ -1,4 +1,4 @@
-//! What the CLI's end-to-end tests share: the default model, scratch directories, free ports.
+//! What the CLI's end-to-end tests share: scratch directories, free ports.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -6,27 +6,6 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-/// The default model, or `None` (and a note) when it is missing and not required.
-pub(crate) fn model_path() -> Option<PathBuf> {
-    let path = [
-        std::env::var_os("SOUVERAIN_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| {
-            PathBuf::from(h).join(".cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("SOUVERAIN_REQUIRE_MODEL").is_none(),
-            "SOUVERAIN_REQUIRE_MODEL is set but the default model is missing"
-        );
-        eprintln!("skipping: default model not found (run scripts/fetch-model)");
-    }
-    path
-}
 
 /// A fresh scratch directory.
 pub(crate) fn temp_dir(name: &str) -> PathBuf {
