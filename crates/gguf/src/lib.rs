@@ -31,6 +31,48 @@
 //! element is the worst case at 40x); no size read from the file is ever trusted for an
 //! allocation before it has been bounded by the bytes that remain.
 
+/// Declares a `#[repr(u32)]` enum of the format's numbered types from one list (doc, variant,
+/// numeric id, name) and writes `ALL`, `from_u32`, `id` and `name` from that list, so the ids
+/// and names are stated once.
+macro_rules! numbered_types {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[doc = $doc:expr])* $variant:ident = $id:literal => $text:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum $name {
+            $( $(#[doc = $doc])* $variant = $id, )*
+        }
+
+        impl $name {
+            /// Every type this crate knows, in id order.
+            pub const ALL: [$name; [$($id),*].len()] = [$($name::$variant),*];
+
+            /// The type with numeric id `id`, or `None` for an id the format does not define
+            /// (or has removed).
+            pub fn from_u32(id: u32) -> Option<$name> {
+                Self::ALL.iter().copied().find(|t| t.id() == id)
+            }
+
+            /// The numeric id of the type, as stored in the file.
+            pub fn id(self) -> u32 {
+                self as u32
+            }
+
+            /// The type's name as ggml writes it (`"f32"`, `"q4_K"`, `"string"`, ...).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )*
+                }
+            }
+        }
+    };
+}
+
 mod error;
 mod reader;
 mod types;

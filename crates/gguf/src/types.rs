@@ -2,169 +2,85 @@
 
 use std::fmt;
 
-/// The element type of a tensor, with ggml's numeric id as discriminant.
-///
-/// Every layout here (elements per block, bytes per block) was checked against ggml's
-/// `type_traits` table and the block structs of `ggml-common.h`. Ids that ggml has removed
-/// (4, 5, 31-33, 36-38) are not listed and are rejected when read.
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum GgmlType {
-    /// 32-bit IEEE float.
-    F32 = 0,
-    /// 16-bit IEEE float.
-    F16 = 1,
-    /// 4-bit, blocks of 32 with an f16 scale.
-    Q4_0 = 2,
-    /// 4-bit, blocks of 32 with an f16 scale and minimum.
-    Q4_1 = 3,
-    /// 5-bit, blocks of 32 with an f16 scale.
-    Q5_0 = 6,
-    /// 5-bit, blocks of 32 with an f16 scale and minimum.
-    Q5_1 = 7,
-    /// 8-bit, blocks of 32 with an f16 scale.
-    Q8_0 = 8,
-    /// 8-bit, blocks of 32 with an f16 scale and sum.
-    Q8_1 = 9,
-    /// 2-bit k-quant, super-blocks of 256.
-    Q2_K = 10,
-    /// 3-bit k-quant, super-blocks of 256.
-    Q3_K = 11,
-    /// 4-bit k-quant, super-blocks of 256.
-    Q4_K = 12,
-    /// 5-bit k-quant, super-blocks of 256.
-    Q5_K = 13,
-    /// 6-bit k-quant, super-blocks of 256.
-    Q6_K = 14,
-    /// 8-bit k-quant (dot-product intermediate), super-blocks of 256.
-    Q8_K = 15,
-    /// i-quant, 2.0625 bits per weight.
-    IQ2_XXS = 16,
-    /// i-quant, 2.3125 bits per weight.
-    IQ2_XS = 17,
-    /// i-quant, 3.0625 bits per weight.
-    IQ3_XXS = 18,
-    /// i-quant, 1.5625 bits per weight.
-    IQ1_S = 19,
-    /// Non-linear 4-bit, blocks of 32.
-    IQ4_NL = 20,
-    /// i-quant, 3.4375 bits per weight.
-    IQ3_S = 21,
-    /// i-quant, 2.5625 bits per weight.
-    IQ2_S = 22,
-    /// Non-linear 4-bit, super-blocks of 256.
-    IQ4_XS = 23,
-    /// 8-bit signed integer.
-    I8 = 24,
-    /// 16-bit signed integer.
-    I16 = 25,
-    /// 32-bit signed integer.
-    I32 = 26,
-    /// 64-bit signed integer.
-    I64 = 27,
-    /// 64-bit IEEE float.
-    F64 = 28,
-    /// i-quant, 1.75 bits per weight.
-    IQ1_M = 29,
-    /// bfloat16.
-    BF16 = 30,
-    /// Ternary, 1.6875 bits per weight.
-    TQ1_0 = 34,
-    /// Ternary, 2.0625 bits per weight.
-    TQ2_0 = 35,
-    /// Microscaling FP4, blocks of 32 with an E8M0 scale.
-    MXFP4 = 39,
+numbered_types! {
+    /// The element type of a tensor, with ggml's numeric id as discriminant.
+    ///
+    /// Every layout here (elements per block, bytes per block) was checked against ggml's
+    /// `type_traits` table and the block structs of `ggml-common.h`. Ids that ggml has removed
+    /// (4, 5, 31-33, 36-38) are not listed and are rejected when read.
+    #[allow(non_camel_case_types)]
+    pub enum GgmlType {
+        /// 32-bit IEEE float.
+        F32 = 0 => "f32",
+        /// 16-bit IEEE float.
+        F16 = 1 => "f16",
+        /// 4-bit, blocks of 32 with an f16 scale.
+        Q4_0 = 2 => "q4_0",
+        /// 4-bit, blocks of 32 with an f16 scale and minimum.
+        Q4_1 = 3 => "q4_1",
+        /// 5-bit, blocks of 32 with an f16 scale.
+        Q5_0 = 6 => "q5_0",
+        /// 5-bit, blocks of 32 with an f16 scale and minimum.
+        Q5_1 = 7 => "q5_1",
+        /// 8-bit, blocks of 32 with an f16 scale.
+        Q8_0 = 8 => "q8_0",
+        /// 8-bit, blocks of 32 with an f16 scale and sum.
+        Q8_1 = 9 => "q8_1",
+        /// 2-bit k-quant, super-blocks of 256.
+        Q2_K = 10 => "q2_K",
+        /// 3-bit k-quant, super-blocks of 256.
+        Q3_K = 11 => "q3_K",
+        /// 4-bit k-quant, super-blocks of 256.
+        Q4_K = 12 => "q4_K",
+        /// 5-bit k-quant, super-blocks of 256.
+        Q5_K = 13 => "q5_K",
+        /// 6-bit k-quant, super-blocks of 256.
+        Q6_K = 14 => "q6_K",
+        /// 8-bit k-quant (dot-product intermediate), super-blocks of 256.
+        Q8_K = 15 => "q8_K",
+        /// i-quant, 2.0625 bits per weight.
+        IQ2_XXS = 16 => "iq2_xxs",
+        /// i-quant, 2.3125 bits per weight.
+        IQ2_XS = 17 => "iq2_xs",
+        /// i-quant, 3.0625 bits per weight.
+        IQ3_XXS = 18 => "iq3_xxs",
+        /// i-quant, 1.5625 bits per weight.
+        IQ1_S = 19 => "iq1_s",
+        /// Non-linear 4-bit, blocks of 32.
+        IQ4_NL = 20 => "iq4_nl",
+        /// i-quant, 3.4375 bits per weight.
+        IQ3_S = 21 => "iq3_s",
+        /// i-quant, 2.5625 bits per weight.
+        IQ2_S = 22 => "iq2_s",
+        /// Non-linear 4-bit, super-blocks of 256.
+        IQ4_XS = 23 => "iq4_xs",
+        /// 8-bit signed integer.
+        I8 = 24 => "i8",
+        /// 16-bit signed integer.
+        I16 = 25 => "i16",
+        /// 32-bit signed integer.
+        I32 = 26 => "i32",
+        /// 64-bit signed integer.
+        I64 = 27 => "i64",
+        /// 64-bit IEEE float.
+        F64 = 28 => "f64",
+        /// i-quant, 1.75 bits per weight.
+        IQ1_M = 29 => "iq1_m",
+        /// bfloat16.
+        BF16 = 30 => "bf16",
+        /// Ternary, 1.6875 bits per weight.
+        TQ1_0 = 34 => "tq1_0",
+        /// Ternary, 2.0625 bits per weight.
+        TQ2_0 = 35 => "tq2_0",
+        /// Microscaling FP4, blocks of 32 with an E8M0 scale.
+        MXFP4 = 39 => "mxfp4",
+    }
 }
 
 /// Super-block length of the k-quants, i-quants and ternary types.
 const QK_K: u64 = 256;
 
 impl GgmlType {
-    /// Every type this crate knows, in id order.
-    pub const ALL: [GgmlType; 32] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q8_1,
-        GgmlType::Q2_K,
-        GgmlType::Q3_K,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-        GgmlType::Q8_K,
-        GgmlType::IQ2_XXS,
-        GgmlType::IQ2_XS,
-        GgmlType::IQ3_XXS,
-        GgmlType::IQ1_S,
-        GgmlType::IQ4_NL,
-        GgmlType::IQ3_S,
-        GgmlType::IQ2_S,
-        GgmlType::IQ4_XS,
-        GgmlType::I8,
-        GgmlType::I16,
-        GgmlType::I32,
-        GgmlType::I64,
-        GgmlType::F64,
-        GgmlType::IQ1_M,
-        GgmlType::BF16,
-        GgmlType::TQ1_0,
-        GgmlType::TQ2_0,
-        GgmlType::MXFP4,
-    ];
-
-    /// The type with ggml id `id`, or `None` for an unknown or removed id.
-    pub fn from_u32(id: u32) -> Option<GgmlType> {
-        GgmlType::ALL.iter().copied().find(|t| t.id() == id)
-    }
-
-    /// ggml's numeric id of the type, as stored in GGUF tensor infos.
-    pub fn id(self) -> u32 {
-        self as u32
-    }
-
-    /// ggml's name of the type (`"f32"`, `"q4_0"`, `"q4_K"`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "f32",
-            GgmlType::F16 => "f16",
-            GgmlType::Q4_0 => "q4_0",
-            GgmlType::Q4_1 => "q4_1",
-            GgmlType::Q5_0 => "q5_0",
-            GgmlType::Q5_1 => "q5_1",
-            GgmlType::Q8_0 => "q8_0",
-            GgmlType::Q8_1 => "q8_1",
-            GgmlType::Q2_K => "q2_K",
-            GgmlType::Q3_K => "q3_K",
-            GgmlType::Q4_K => "q4_K",
-            GgmlType::Q5_K => "q5_K",
-            GgmlType::Q6_K => "q6_K",
-            GgmlType::Q8_K => "q8_K",
-            GgmlType::IQ2_XXS => "iq2_xxs",
-            GgmlType::IQ2_XS => "iq2_xs",
-            GgmlType::IQ3_XXS => "iq3_xxs",
-            GgmlType::IQ1_S => "iq1_s",
-            GgmlType::IQ4_NL => "iq4_nl",
-            GgmlType::IQ3_S => "iq3_s",
-            GgmlType::IQ2_S => "iq2_s",
-            GgmlType::IQ4_XS => "iq4_xs",
-            GgmlType::I8 => "i8",
-            GgmlType::I16 => "i16",
-            GgmlType::I32 => "i32",
-            GgmlType::I64 => "i64",
-            GgmlType::F64 => "f64",
-            GgmlType::IQ1_M => "iq1_m",
-            GgmlType::BF16 => "bf16",
-            GgmlType::TQ1_0 => "tq1_0",
-            GgmlType::TQ2_0 => "tq2_0",
-            GgmlType::MXFP4 => "mxfp4",
-        }
-    }
-
     /// Elements per block (1 for the plain float and integer types).
     pub fn block_len(self) -> u64 {
         match self {

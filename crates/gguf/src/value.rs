@@ -4,83 +4,39 @@ use std::collections::HashMap;
 
 use crate::error::GgufError;
 
-/// The type tag of a metadata value, with GGUF's numeric id as discriminant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum ValueType {
-    /// `u8`.
-    U8 = 0,
-    /// `i8`.
-    I8 = 1,
-    /// `u16`.
-    U16 = 2,
-    /// `i16`.
-    I16 = 3,
-    /// `u32`.
-    U32 = 4,
-    /// `i32`.
-    I32 = 5,
-    /// `f32`.
-    F32 = 6,
-    /// One byte, 0 or 1.
-    Bool = 7,
-    /// UTF-8 string with a `u64` length prefix.
-    String = 8,
-    /// Element type, `u64` count, elements.
-    Array = 9,
-    /// `u64`.
-    U64 = 10,
-    /// `i64`.
-    I64 = 11,
-    /// `f64`.
-    F64 = 12,
+numbered_types! {
+    /// The type tag of a metadata value, with GGUF's numeric id as discriminant.
+    pub enum ValueType {
+        /// `u8`.
+        U8 = 0 => "u8",
+        /// `i8`.
+        I8 = 1 => "i8",
+        /// `u16`.
+        U16 = 2 => "u16",
+        /// `i16`.
+        I16 = 3 => "i16",
+        /// `u32`.
+        U32 = 4 => "u32",
+        /// `i32`.
+        I32 = 5 => "i32",
+        /// `f32`.
+        F32 = 6 => "f32",
+        /// One byte, 0 or 1.
+        Bool = 7 => "bool",
+        /// UTF-8 string with a `u64` length prefix.
+        String = 8 => "string",
+        /// Element type, `u64` count, elements.
+        Array = 9 => "array",
+        /// `u64`.
+        U64 = 10 => "u64",
+        /// `i64`.
+        I64 = 11 => "i64",
+        /// `f64`.
+        F64 = 12 => "f64",
+    }
 }
 
 impl ValueType {
-    /// The type with GGUF id `id`, or `None` if GGUF defines no such type.
-    pub fn from_u32(id: u32) -> Option<ValueType> {
-        Some(match id {
-            0 => ValueType::U8,
-            1 => ValueType::I8,
-            2 => ValueType::U16,
-            3 => ValueType::I16,
-            4 => ValueType::U32,
-            5 => ValueType::I32,
-            6 => ValueType::F32,
-            7 => ValueType::Bool,
-            8 => ValueType::String,
-            9 => ValueType::Array,
-            10 => ValueType::U64,
-            11 => ValueType::I64,
-            12 => ValueType::F64,
-            _ => return None,
-        })
-    }
-
-    /// GGUF's numeric id of the type.
-    pub fn id(self) -> u32 {
-        self as u32
-    }
-
-    /// A short name: `"u8"`, `"f32"`, `"string"`, `"array"`, ...
-    pub fn name(self) -> &'static str {
-        match self {
-            ValueType::U8 => "u8",
-            ValueType::I8 => "i8",
-            ValueType::U16 => "u16",
-            ValueType::I16 => "i16",
-            ValueType::U32 => "u32",
-            ValueType::I32 => "i32",
-            ValueType::F32 => "f32",
-            ValueType::Bool => "bool",
-            ValueType::String => "string",
-            ValueType::Array => "array",
-            ValueType::U64 => "u64",
-            ValueType::I64 => "i64",
-            ValueType::F64 => "f64",
-        }
-    }
-
     /// A name for an array of this type: `"array of string"`, ...
     pub fn array_name(self) -> &'static str {
         match self {
