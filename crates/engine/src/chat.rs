@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tokenizer::{ChatTemplate, MistralChatRequest, MistralVersion};
 
 use crate::text::TextTokenizer;
-use crate::{ChatMessage, EngineError, ReasoningSpec};
+use crate::{ChatMessage, EngineError, LoadError, ReasoningSpec};
 
 /// A chat request in OpenAI's shape.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -147,14 +147,12 @@ impl ChatEncoder {
     ) -> Result<Self, EngineError> {
         let override_template = match override_source {
             Some(_) if matches!(text, TextTokenizer::Mistral(_)) => {
-                return Err(EngineError::Load(
+                return Err(LoadError::Inconsistent(
                     "a chat template cannot replace a Mistral tokenizer's own chat encoding".into(),
-                ));
+                )
+                .into());
             }
-            Some(src) => Some(
-                ChatTemplate::new(src)
-                    .map_err(|e| EngineError::Load(format!("the chat template: {e}")))?,
-            ),
+            Some(src) => Some(ChatTemplate::new(src).map_err(LoadError::ChatTemplate)?),
             None => None,
         };
         let template = override_template

@@ -31,7 +31,7 @@ use model::{BertInput, BertModel, Pooling, ThreadPool};
 use serde_json::Value;
 use tokenizer::WordPiece;
 
-use crate::EngineError;
+use crate::{EngineError, LoadError};
 
 /// How an [`Embedder`] is set up.
 #[derive(Clone, Debug)]
@@ -97,12 +97,14 @@ struct Pipeline {
 impl Embedder {
     /// Loads the model directory `dir` (see the module docs for the files it reads).
     pub fn load(dir: &Path, config: EmbedderConfig) -> Result<Self, EngineError> {
-        let load = |m: String| EngineError::Load(m);
-        let model = BertModel::load(dir).map_err(|e| load(e.to_string()))?;
+        let load = |m: String| EngineError::Load(LoadError::Inconsistent(m));
+        let model = BertModel::load(dir).map_err(LoadError::from)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let json = read_text(&tokenizer_path)?;
-        let tokenizer = WordPiece::from_json(&json)
-            .map_err(|e| load(format!("{}: {e}", tokenizer_path.display())))?;
+        let tokenizer = WordPiece::from_json(&json).map_err(|source| LoadError::WordPiece {
+            path: tokenizer_path.clone(),
+            source,
+        })?;
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(load(format!(
                 "the tokenizer has {} tokens but the model's embedding table {} rows",
@@ -280,13 +282,17 @@ impl Embedder {
 }
 
 fn read_text(path: &Path) -> Result<String, EngineError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| EngineError::Load(format!("cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| LoadError::read(path, e).into())
 }
 
 fn parse_json(path: &Path, text: &str) -> Result<Value, EngineError> {
-    serde_json::from_str(text)
-        .map_err(|e| EngineError::Load(format!("{}: invalid JSON: {e}", path.display())))
+    serde_json::from_str(text).map_err(|source| {
+        LoadError::Json {
+            path: path.to_owned(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// The JSON content of `path`, or `None` when the file does not exist.
@@ -300,7 +306,7 @@ fn optional_json(path: &Path) -> Result<Option<Value>, EngineError> {
 
 /// Reads `modules.json` and the pooling module's config.
 fn read_pipeline(dir: &Path, hidden_size: usize) -> Result<Pipeline, EngineError> {
-    let load = |m: String| EngineError::Load(m);
+    let load = |m: String| EngineError::Load(LoadError::Inconsistent(m));
     let modules_path = dir.join("modules.json");
     let Some(modules) = optional_json(&modules_path)? else {
         tracing::info!(
@@ -357,7 +363,7 @@ fn is_plain_relative(path: &str) -> bool {
 }
 
 fn read_pooling(v: &Value, hidden_size: usize) -> Result<Pooling, EngineError> {
-    let load = |m: String| EngineError::Load(m);
+    let load = |m: String| EngineError::Load(LoadError::Inconsistent(m));
     let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
     if let Some(d) = v.get("word_embedding_dimension").and_then(Value::as_u64)
         && d != hidden_size as u64

@@ -21,6 +21,7 @@ mod blocks;
 mod chat;
 mod constraint;
 mod embed;
+mod error;
 mod fim;
 mod gbnf;
 mod metrics;
@@ -37,7 +38,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Instant;
 
-use model::gguf::Metadata;
+use model::gguf::{GgufError, Metadata};
 use model::{KvPool, LoadedModel, TokenizerSource};
 use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -46,6 +47,7 @@ use chat::ChatEncoder;
 pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
 use constraint::ConstraintCompiler;
 pub use embed::{Embedder, EmbedderConfig};
+pub use error::{EngineError, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
 pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
@@ -97,58 +99,6 @@ impl Default for EngineConfig {
         }
     }
 }
-
-/// Why a request (or the engine) failed.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum EngineError {
-    /// The prompt leaves no room to generate within the context window.
-    ContextLengthExceeded {
-        /// Tokens in the prompt.
-        prompt_tokens: usize,
-        /// The engine's context length.
-        context_length: usize,
-    },
-    /// The request is malformed in a way the caller should have caught.
-    InvalidRequest(String),
-    /// The chat template failed to render these messages.
-    Template(String),
-    /// The engine cannot take requests (its worker is gone).
-    Unavailable(String),
-    /// The waiting queue is full; the client should retry later.
-    Overloaded {
-        /// Requests already waiting.
-        waiting: usize,
-    },
-    /// The model could not be loaded.
-    Load(String),
-}
-
-impl std::fmt::Display for EngineError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EngineError::ContextLengthExceeded {
-                prompt_tokens,
-                context_length,
-            } => write!(
-                f,
-                "This model's maximum context length is {context_length} tokens. However, your \
-                 prompt resulted in {prompt_tokens} tokens, which leaves no room in the context \
-                 for a completion."
-            ),
-            EngineError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
-            EngineError::Template(m) => write!(f, "chat template error: {m}"),
-            EngineError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
-            EngineError::Overloaded { waiting } => write!(
-                f,
-                "the server is overloaded ({waiting} requests waiting); retry later"
-            ),
-            EngineError::Load(m) => write!(f, "cannot load model: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for EngineError {}
 
 impl GenerateRequest {
     /// A request for `prompt_tokens` with default sampling, no limit but the context, no stop
@@ -214,8 +164,7 @@ impl Engine {
         config: EngineConfig,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, EngineError> {
-        let loaded =
-            LoadedModel::open(path, progress).map_err(|e| EngineError::Load(e.to_string()))?;
+        let loaded = LoadedModel::open(path, progress)?;
         let model = loaded.model;
         let name = match &loaded.tokenizer {
             TokenizerSource::Gguf(file) => file
@@ -236,20 +185,22 @@ impl Engine {
         );
         // Embedding tables are often padded past the tokenizer's vocabulary, never shorter.
         if text.vocab_size() > model.config().vocab_size {
-            return Err(EngineError::Load(format!(
+            return Err(LoadError::Inconsistent(format!(
                 "tokenizer has {} tokens but the model's embedding has {} rows",
                 text.vocab_size(),
                 model.config().vocab_size
-            )));
+            ))
+            .into());
         }
         let chat = ChatEncoder::new(&text, config.chat_template.as_deref())?;
         let tokenizer = Arc::new(text);
         let trained = model.config().context_length;
         let context_length = match config.context_length {
             Some(n) if n == 0 || n > trained => {
-                return Err(EngineError::Load(format!(
+                return Err(LoadError::Inconsistent(format!(
                     "context length {n} must be in 1..={trained}"
-                )));
+                ))
+                .into());
             }
             Some(n) => n,
             None => trained,
@@ -264,23 +215,24 @@ impl Engine {
                 .unwrap_or_else(|| "model".into())
         });
         if config.max_seqs == 0 || config.max_batch_tokens == 0 {
-            return Err(EngineError::Load(
+            return Err(LoadError::Inconsistent(
                 "max_seqs and max_batch_tokens must be at least 1".into(),
-            ));
+            )
+            .into());
         }
         let default_kv = if config.max_seqs == 1 { 1 } else { 2 } * context_length;
         let kv_tokens = config.kv_cache_tokens.unwrap_or(default_kv);
         if kv_tokens < context_length {
-            return Err(EngineError::Load(format!(
+            return Err(LoadError::Inconsistent(format!(
                 "the KV cache ({kv_tokens} tokens) must hold at least one full context ({context_length} tokens)"
-            )));
+            )).into());
         }
         let kv = KvPool::new(
             model.config(),
             KV_BLOCK_TOKENS,
             kv_tokens.div_ceil(KV_BLOCK_TOKENS),
         )
-        .map_err(|e| EngineError::Load(e.to_string()))?;
+        .map_err(LoadError::from)?;
         let description = ModelDescription {
             architecture: model.config().architecture.clone(),
             name,
@@ -309,7 +261,7 @@ impl Engine {
         thread::Builder::new()
             .name("souverain-engine".into())
             .spawn(move || scheduler.run(rx))
-            .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
+            .map_err(LoadError::Thread)?;
         Ok(Self {
             model_id,
             context_length,
@@ -523,10 +475,7 @@ pub fn finite_json_schema(schema: serde_json::Value) -> serde_json::Value {
 
 /// Builds the tokenizer a model ships, wherever it is.
 fn text_tokenizer(source: &TokenizerSource) -> Result<TextTokenizer, EngineError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| EngineError::Load(format!("reading {}: {e}", p.display())))
-    };
-    let load = |e: &dyn std::fmt::Display| EngineError::Load(e.to_string());
+    let read = |p: &Path| std::fs::read(p).map_err(|e| LoadError::read(p, e));
     match source {
         TokenizerSource::Gguf(file) => gguf_text_tokenizer(file.metadata()),
         TokenizerSource::Tekken(p) | TokenizerSource::SentencePiece(p) => {
@@ -534,8 +483,8 @@ fn text_tokenizer(source: &TokenizerSource) -> Result<TextTokenizer, EngineError
                 .file_name()
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default();
-            let m =
-                tokenizer::MistralTokenizer::from_bytes(&name, &read(p)?).map_err(|e| load(&e))?;
+            let m = tokenizer::MistralTokenizer::from_bytes(&name, &read(p)?)
+                .map_err(LoadError::from)?;
             Ok(TextTokenizer::Mistral(m))
         }
         TokenizerSource::HuggingFace {
@@ -547,59 +496,54 @@ fn text_tokenizer(source: &TokenizerSource) -> Result<TextTokenizer, EngineError
                 None => None,
             };
             let h = tokenizer::HfTokenizer::from_json(&read(tokenizer_json)?, config.as_deref())
-                .map_err(|e| load(&e))?;
+                .map_err(LoadError::from)?;
             Ok(TextTokenizer::HuggingFace(h))
         }
-        _ => Err(EngineError::Load(
+        _ => Err(LoadError::Inconsistent(
             "the model directory has no tokenizer this build reads (tekken.json, \
              tokenizer.model.v*, or tokenizer.json)"
                 .into(),
-        )),
+        )
+        .into()),
     }
 }
 
 /// The tokenizer and chat template a GGUF file carries.
 fn gguf_text_tokenizer(md: &Metadata) -> Result<TextTokenizer, EngineError> {
-    let spec = tokenizer_spec(md).map_err(EngineError::Load)?;
+    let spec = tokenizer_spec(md).map_err(LoadError::from)?;
     let add_bos = spec.add_bos;
     let template = match &spec.chat_template {
-        Some(src) => Some(ChatTemplate::new(src).map_err(|e| EngineError::Load(e.to_string()))?),
+        Some(src) => Some(ChatTemplate::new(src).map_err(LoadError::from)?),
         None => None,
     };
-    let tokenizer = Tokenizer::from_spec(spec).map_err(|e| EngineError::Load(e.to_string()))?;
+    let tokenizer = Tokenizer::from_spec(spec).map_err(LoadError::from)?;
     Ok(TextTokenizer::bpe(tokenizer, template, add_bos))
 }
 
 /// Reads the tokenizer description out of GGUF metadata (`tokenizer.ggml.*`).
-pub fn tokenizer_spec(md: &Metadata) -> Result<TokenizerSpec, String> {
-    let e = |err: model::gguf::GgufError| err.to_string();
-    let model = md.get_str("tokenizer.ggml.model").map_err(e)?.to_owned();
+pub fn tokenizer_spec(md: &Metadata) -> Result<TokenizerSpec, GgufError> {
+    let model = md.get_str("tokenizer.ggml.model")?.to_owned();
     let tokens = md
-        .get_str_array("tokenizer.ggml.tokens")
-        .map_err(e)?
+        .get_str_array("tokenizer.ggml.tokens")?
         .into_iter()
         .map(str::to_owned)
         .collect();
     let token_types = match md.get("tokenizer.ggml.token_type") {
-        Some(_) => Some(md.get_i32_array("tokenizer.ggml.token_type").map_err(e)?),
+        Some(_) => Some(md.get_i32_array("tokenizer.ggml.token_type")?),
         None => None,
     };
     let merges = match md.get("tokenizer.ggml.merges") {
         Some(_) => md
-            .get_str_array("tokenizer.ggml.merges")
-            .map_err(e)?
+            .get_str_array("tokenizer.ggml.merges")?
             .into_iter()
             .map(str::to_owned)
             .collect(),
         None => Vec::new(),
     };
-    let id = |k: &str| md.opt_u32(k).map_err(e);
+    let id = |k: &str| md.opt_u32(k);
     Ok(TokenizerSpec {
         model,
-        pre: md
-            .opt_str("tokenizer.ggml.pre")
-            .map_err(e)?
-            .map(str::to_owned),
+        pre: md.opt_str("tokenizer.ggml.pre")?.map(str::to_owned),
         tokens,
         token_types,
         merges,
@@ -609,17 +553,12 @@ pub fn tokenizer_spec(md: &Metadata) -> Result<TokenizerSpec, String> {
         unk_id: id("tokenizer.ggml.unknown_token_id")?,
         pad_id: id("tokenizer.ggml.padding_token_id")?,
         add_bos: md
-            .opt_bool("tokenizer.ggml.add_bos_token")
-            .map_err(e)?
+            .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(false),
         add_eos: md
-            .opt_bool("tokenizer.ggml.add_eos_token")
-            .map_err(e)?
+            .opt_bool("tokenizer.ggml.add_eos_token")?
             .unwrap_or(false),
-        chat_template: md
-            .opt_str("tokenizer.chat_template")
-            .map_err(e)?
-            .map(str::to_owned),
+        chat_template: md.opt_str("tokenizer.chat_template")?.map(str::to_owned),
     })
 }
 
