@@ -1,10 +1,13 @@
-//! Serving one model: a request queue, the generation loop, sampling, stop sequences and
-//! streaming detokenisation.
+//! Serving one model to many users: a bounded request queue, continuous batching over a paged
+//! KV cache with a prefix cache, sampling and constraints, stop sequences and streaming
+//! detokenisation; and [`Embedder`] for embedding models.
 //!
 //! The engine runs the model on a thread of its own. Callers (the HTTP API, the CLI) submit a
 //! [`GenerateRequest`] and receive [`Event`]s over a channel; dropping the receiver cancels the
-//! generation at its next token. This first version runs one sequence at a time, in arrival
-//! order.
+//! generation at its next step and frees its KV blocks. Every step runs one batched forward
+//! pass over one decode token of each running sequence plus prompt chunks of the waiting ones
+//! (up to [`EngineConfig::max_batch_tokens`]), so sequences join and leave at every step, first
+//! come first served; a full queue answers [`EngineError::Overloaded`].
 //!
 //! ```no_run
 //! use souverain_engine::{Engine, EngineConfig, GenerateRequest, Event};

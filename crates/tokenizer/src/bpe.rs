@@ -1,6 +1,5 @@
 //! Byte-level BPE as llama.cpp runs it for `tokenizer.ggml.model = "gpt2"`.
 
-use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
@@ -774,20 +773,7 @@ struct Bigram {
     right_len: usize,
 }
 
-impl Ord for Bigram {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .rank
-            .cmp(&self.rank)
-            .then_with(|| other.left.cmp(&self.left))
-    }
-}
-
-impl PartialOrd for Bigram {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
+lowest_rank_first!(Bigram);
 
 /// Buffers reused across words.
 #[derive(Default)]

@@ -250,32 +250,36 @@ mod tests {
             .collect()
     }
 
+    /// Renders `pairs` (role, content) with `t`.
+    fn render(
+        t: &ChatTemplate,
+        pairs: &[(&str, &str)],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> String {
+        t.render(&msgs(pairs), add_generation_prompt, bos, eos)
+            .unwrap()
+    }
+
     /// SmolLM2-135M-Instruct's `tokenizer.chat_template`.
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
     fn smollm2_template_adds_default_system_prompt() {
         let t = ChatTemplate::new(SMOLLM2).unwrap();
-        let out = t
-            .render(
-                &msgs(&[("user", "Hi!")]),
-                true,
-                "<|im_start|>",
-                "<|im_end|>",
-            )
-            .unwrap();
+        let out = render(&t, &[("user", "Hi!")], true, "<|im_start|>", "<|im_end|>");
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t
-            .render(
-                &msgs(&[("system", "Be brief."), ("user", "Hi!")]),
-                false,
-                "",
-                "",
-            )
-            .unwrap();
+        let out = render(
+            &t,
+            &[("system", "Be brief."), ("user", "Hi!")],
+            false,
+            "",
+            "",
+        );
         assert_eq!(
             out,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
@@ -288,14 +292,13 @@ mod tests {
     #[test]
     fn llama3_template_uses_bos_and_trim() {
         let t = ChatTemplate::new(LLAMA3).unwrap();
-        let out = t
-            .render(
-                &msgs(&[("user", "  Hello  ")]),
-                true,
-                "<|begin_of_text|>",
-                "<|eot_id|>",
-            )
-            .unwrap();
+        let out = render(
+            &t,
+            &[("user", "  Hello  ")],
+            true,
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        );
         assert_eq!(
             out,
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"

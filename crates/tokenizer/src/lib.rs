@@ -36,6 +36,28 @@
 //! # Ok::<(), souverain_tokenizer::TokenizerError>(())
 //! ```
 
+/// Orders a queued BPE merge (a struct with `rank: u32` and `left: usize`) for
+/// `BinaryHeap`, a max-heap, so that the lowest rank pops first and, among equal ranks, the
+/// leftmost: the merge order of every BPE here.
+macro_rules! lowest_rank_first {
+    ($merge:ty) => {
+        impl Ord for $merge {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                other
+                    .rank
+                    .cmp(&self.rank)
+                    .then_with(|| other.left.cmp(&self.left))
+            }
+        }
+
+        impl PartialOrd for $merge {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+    };
+}
+
 mod bpe;
 mod chat;
 mod hf;

@@ -291,6 +291,36 @@ impl Piece<'_> {
         }
     }
 
+    /// The length (2 or 3) of the English contraction `'s 't 'm 'd 're 've 'll` at `pos`, or 0;
+    /// `any_case` also takes upper-case letters (Llama-3's `(?i:...)`).
+    fn contraction(&self, pos: usize, any_case: bool) -> usize {
+        if self.cpt(pos) != u32::from('\'') || pos + 1 >= self.end {
+            return 0;
+        }
+        let fold = |c: u32| {
+            if any_case && (u32::from('A')..=u32::from('Z')).contains(&c) {
+                c + 32
+            } else {
+                c
+            }
+        };
+        let next = fold(self.cpt(pos + 1));
+        if [b's', b't', b'm', b'd']
+            .iter()
+            .any(|&c| next == u32::from(c))
+        {
+            return 2;
+        }
+        if pos + 2 < self.end {
+            let next2 = fold(self.cpt(pos + 2));
+            let pair = |a: u8, b: u8| next == u32::from(a) && next2 == u32::from(b);
+            if pair(b'r', b'e') || pair(b'v', b'e') || pair(b'l', b'l') {
+                return 3;
+            }
+        }
+        0
+    }
+
     fn flags(&self, pos: usize) -> Flags {
         if self.ini <= pos && pos < self.end {
             self.cpts
@@ -300,6 +330,31 @@ impl Piece<'_> {
             Flags::NONE
         }
     }
+}
+
+/// Runs `split` over each piece (`lengths` are consecutive runs of `cpts`) and returns the
+/// lengths it emitted, in order.
+fn split_pieces(
+    cpts: &[u32],
+    lengths: &[usize],
+    mut split: impl FnMut(&Piece<'_>, &mut Emitter<'_>),
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(lengths.len());
+    let mut start = 0usize;
+    for &len in lengths {
+        let piece = Piece {
+            cpts,
+            ini: start,
+            end: start + len,
+        };
+        start += len;
+        let mut em = Emitter {
+            out: &mut out,
+            prev_end: piece.ini,
+        };
+        split(&piece, &mut em);
+    }
+    out
 }
 
 /// Emits pieces of a split; zero-length pieces are dropped.
@@ -321,40 +376,15 @@ impl Emitter<'_> {
 
 /// GPT-2: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
 fn split_gpt2(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(lengths.len());
-    let mut start = 0usize;
-    for &len in lengths {
-        let p = Piece {
-            cpts,
-            ini: start,
-            end: start + len,
-        };
-        start += len;
-        let mut em = Emitter {
-            out: &mut out,
-            prev_end: p.ini,
-        };
+    split_pieces(cpts, lengths, |p, em| {
         let mut pos = p.ini;
         while pos < p.end {
             let cpt = p.cpt(pos);
             let flags = p.flags(pos);
-            if cpt == u32::from('\'') && pos + 1 < p.end {
-                let next = p.cpt(pos + 1);
-                if [b's', b't', b'm', b'd']
-                    .iter()
-                    .any(|&c| next == u32::from(c))
-                {
-                    pos += em.add(pos + 2);
-                    continue;
-                }
-                if pos + 2 < p.end {
-                    let next2 = p.cpt(pos + 2);
-                    let pair = |a: u8, b: u8| next == u32::from(a) && next2 == u32::from(b);
-                    if pair(b'r', b'e') || pair(b'v', b'e') || pair(b'l', b'l') {
-                        pos += em.add(pos + 3);
-                        continue;
-                    }
-                }
+            let n = p.contraction(pos, false);
+            if n > 0 {
+                pos += em.add(pos + n);
+                continue;
             }
             let is_space = cpt == u32::from(' ');
             let mut f2 = if is_space { p.flags(pos + 1) } else { flags };
@@ -403,55 +433,22 @@ fn split_gpt2(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
             pos += 1;
             em.add(pos);
         }
-    }
-    out
+    })
 }
 
 /// Llama-3: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
 /// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
 fn split_llama3(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(lengths.len());
-    let mut start = 0usize;
     let is_crlf = |c: u32| c == u32::from('\r') || c == u32::from('\n');
-    let lower = |c: u32| {
-        if (u32::from('A')..=u32::from('Z')).contains(&c) {
-            c + 32
-        } else {
-            c
-        }
-    };
-    for &len in lengths {
-        let p = Piece {
-            cpts,
-            ini: start,
-            end: start + len,
-        };
-        start += len;
-        let mut em = Emitter {
-            out: &mut out,
-            prev_end: p.ini,
-        };
+    split_pieces(cpts, lengths, |p, em| {
         let mut pos = p.ini;
         while pos < p.end {
             let cpt = p.cpt(pos);
             let flags = p.flags(pos);
-            if cpt == u32::from('\'') && pos + 1 < p.end {
-                let next = lower(p.cpt(pos + 1));
-                if [b's', b't', b'm', b'd']
-                    .iter()
-                    .any(|&c| next == u32::from(c))
-                {
-                    pos += em.add(pos + 2);
-                    continue;
-                }
-                if pos + 2 < p.end {
-                    let next2 = lower(p.cpt(pos + 2));
-                    let pair = |a: u8, b: u8| next == u32::from(a) && next2 == u32::from(b);
-                    if pair(b'r', b'e') || pair(b'v', b'e') || pair(b'l', b'l') {
-                        pos += em.add(pos + 3);
-                        continue;
-                    }
-                }
+            let n = p.contraction(pos, true);
+            if n > 0 {
+                pos += em.add(pos + n);
+                continue;
             }
             if !(is_crlf(cpt) || flags.is_number())
                 && (flags.is_letter() || p.flags(pos + 1).is_letter())
@@ -520,8 +517,7 @@ fn split_llama3(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
             pos += 1;
             em.add(pos);
         }
-    }
-    out
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! concatenation has the lowest rank is merged (the leftmost on ties) until none is left.
 //! Special tokens are never produced from text.
 
-use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 use fancy_regex::Regex;
@@ -394,20 +393,7 @@ struct Pair {
     len: usize,
 }
 
-impl Ord for Pair {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .rank
-            .cmp(&self.rank)
-            .then_with(|| other.left.cmp(&self.left))
-    }
-}
-
-impl PartialOrd for Pair {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
+lowest_rank_first!(Pair);
 
 /// Standard base64 (with or without padding); `None` on any other character.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
