@@ -105,21 +105,17 @@ pub struct Budget {
 
 /// What a key may do. `None` limits are unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct KeyPolicy {
     /// Models the key may use; empty means all.
-    #[serde(default)]
     pub allowed_models: Vec<String>,
     /// Requests per minute.
-    #[serde(default)]
     pub requests_per_minute: Option<u64>,
     /// Tokens (prompt plus completion) per minute.
-    #[serde(default)]
     pub tokens_per_minute: Option<u64>,
     /// The token budget.
-    #[serde(default)]
     pub budget: Option<Budget>,
     /// When the key stops working.
-    #[serde(default)]
     pub expires_at_ms: Option<i64>,
 }
 
@@ -225,21 +221,17 @@ pub struct RetainedContent {
 
 /// Which usage records to read. `None` fields do not filter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UsageFilter {
     /// Records from this time on (inclusive).
-    #[serde(default)]
     pub from_ms: Option<i64>,
     /// Records before this time (exclusive).
-    #[serde(default)]
     pub to_ms: Option<i64>,
     /// Only this organisation's.
-    #[serde(default)]
     pub org_id: Option<String>,
     /// Only this project's.
-    #[serde(default)]
     pub project_id: Option<String>,
     /// Only this key's.
-    #[serde(default)]
     pub key_id: Option<String>,
 }
 
