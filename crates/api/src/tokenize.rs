@@ -9,6 +9,7 @@ use axum::Json as ResponseJson;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use engine::ChatRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -23,7 +24,7 @@ use crate::validate;
 pub(crate) struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
-    messages: Option<Vec<RawMessage>>,
+    messages: Option<Vec<Value>>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
     continue_final_message: Option<bool>,
@@ -74,14 +75,29 @@ async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError
                     "`messages` must not be empty",
                 ));
             }
-            // The chat as `/v1/chat/completions` would encode it: the same validation, the
-            // model's template or its own chat encoding (Mistral's, tools included).
-            let mut request = validate::chat_request(&raw, req.tools.as_ref())?;
-            if req.continue_final_message == Some(true) {
-                request
-                    .template_kwargs
-                    .insert("continue_final_message".into(), Value::Bool(true));
+            // Each message is checked as a chat completion's is, then handed on as sent
+            // (key order, content parts, tool calls): the model's template, or Mistral's
+            // encoding token for token as mistral-common's, sees the request itself.
+            for (i, message) in raw.iter().enumerate() {
+                let typed = RawMessage::deserialize(message).map_err(|e| {
+                    ApiError::invalid(format!("messages[{i}]"), format!("`messages[{i}]`: {e}"))
+                })?;
+                validate::chat_message(i, &typed)?;
             }
+            let tools = match req.tools {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(tools)) => Some(tools),
+                Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
+            };
+            let mut template_kwargs = serde_json::Map::new();
+            if let Some(continued) = req.continue_final_message {
+                template_kwargs.insert("continue_final_message".into(), Value::Bool(continued));
+            }
+            let request = ChatRequest {
+                messages: raw,
+                tools,
+                template_kwargs,
+            };
             tokio::task::spawn_blocking(move || backend.encode_chat(&request))
                 .await
                 .map_err(|e| ApiError::internal(format!("tokenisation task failed: {e}")))?

@@ -72,25 +72,6 @@ pub(crate) struct ValidRequest {
     pub(crate) echo: bool,
 }
 
-/// A chat given as `messages` (and `tools`) outside a chat completion (vLLM's `/tokenize`),
-/// validated as a chat completion's are, with the tools the model is shown.
-pub(crate) fn chat_request(
-    messages: &[RawMessage],
-    tools: Option<&Value>,
-) -> Result<ChatRequest, ApiError> {
-    let messages = messages
-        .iter()
-        .enumerate()
-        .map(|(index, message)| message_json(index, message))
-        .collect::<Result<Vec<_>, _>>()?;
-    let tools = tools::plan(tools, None, None)?;
-    Ok(ChatRequest {
-        messages,
-        tools: tools.as_ref().and_then(ToolPlan::visible_tools),
-        template_kwargs: serde_json::Map::new(),
-    })
-}
-
 /// Validates a chat completion request against the served model `model_id`.
 pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidRequest, ApiError> {
     check_model(req.model.as_deref(), model_id)?;

@@ -276,9 +276,28 @@ fn template_messages(messages: &[Value]) -> Vec<Value> {
             if m.get("content").is_none_or(Value::is_null) {
                 m["content"] = Value::String(String::new());
             }
+            // Content given as text parts reaches the template as one string, as the API's
+            // validation joins them for a chat completion.
+            if let Some(text) = m.get("content").and_then(joined_text_parts) {
+                m["content"] = Value::String(text);
+            }
             m
         })
         .collect()
+}
+
+/// The text of a content given as an array of `{"type": "text", "text": ...}` parts, joined;
+/// `None` for any other content.
+fn joined_text_parts(content: &Value) -> Option<String> {
+    let parts = content.as_array()?;
+    let mut text = String::new();
+    for part in parts {
+        if part.get("type").and_then(Value::as_str) != Some("text") {
+            return None;
+        }
+        text.push_str(part.get("text")?.as_str()?);
+    }
+    Some(text)
 }
 
 /// The instruction that teaches a template without tool support to call tools.
@@ -401,5 +420,8 @@ mod tests {
             json!({"a": 1})
         );
         assert_eq!(out[0]["content"], "");
+        let parts = template_messages(&[json!({"role": "user",
+            "content": [{"type": "text", "text": "al"}, {"type": "text", "text": "pha"}]})]);
+        assert_eq!(parts[0]["content"], "alpha");
     }
 }
