@@ -70,6 +70,28 @@ fn upstream_toml(name: &str, port: u16, engine: &str, region: &str) -> String {
     )
 }
 
+/// Three stand-ins shaped as vLLM, SGLang and llama.cpp, each given as (stand-in name, upstream
+/// name, region), started in that order, and the router configuration that lists them
+/// (scraped every 50 ms).
+async fn three_engines(replicas: [(&str, &str, &str); 3]) -> ([StandinHandle; 3], String) {
+    let kinds = [
+        (EngineKind::Vllm, "vllm"),
+        (EngineKind::Sglang, "sglang"),
+        (EngineKind::LlamaCpp, "llama-cpp"),
+    ];
+    let mut config = "[scrape]\ninterval_ms = 50\n".to_owned();
+    let mut handles = Vec::new();
+    for ((standin, upstream, region), (kind, engine)) in replicas.into_iter().zip(kinds) {
+        let handle = start_standin(standin, kind, 0).await;
+        config += &upstream_toml(upstream, handle.port, engine, region);
+        handles.push(handle);
+    }
+    let Ok(handles) = <[StandinHandle; 3]>::try_from(handles) else {
+        unreachable!("three replicas in, three handles out")
+    };
+    (handles, config)
+}
+
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
@@ -159,15 +181,12 @@ fn chat(system: &str, user: &str, stream: bool) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stand_in_engines_are_read_by_their_own_metrics_and_served_through_the_router() {
-    let a = start_standin("vllm-standin", EngineKind::Vllm, 0).await;
-    let b = start_standin("sglang-standin", EngineKind::Sglang, 0).await;
-    let c = start_standin("llamacpp-standin", EngineKind::LlamaCpp, 0).await;
-    let config = format!(
-        "[scrape]\ninterval_ms = 50\n{}{}{}",
-        upstream_toml("a", a.port, "vllm", "eu-west"),
-        upstream_toml("b", b.port, "sglang", "eu-west"),
-        upstream_toml("c", c.port, "llama-cpp", "eu-west"),
-    );
+    let ([a, b, c], config) = three_engines([
+        ("vllm-standin", "a", "eu-west"),
+        ("sglang-standin", "b", "eu-west"),
+        ("llamacpp-standin", "c", "eu-west"),
+    ])
+    .await;
     let routed = start_router(&config, None).await;
     let pool = Arc::clone(routed.fleet.picker.pool());
     b.standin.waiting.store(7, Ordering::Relaxed);
@@ -428,15 +447,12 @@ fn key_for(control: &ControlPlane, regions: &[&str], policy: KeyPolicy) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organisations_are_served_only_in_their_regions() {
-    let paris = start_standin("paris", EngineKind::Vllm, 0).await;
-    let stockholm = start_standin("stockholm", EngineKind::Sglang, 0).await;
-    let virginia = start_standin("virginia", EngineKind::LlamaCpp, 0).await;
-    let config = format!(
-        "[scrape]\ninterval_ms = 50\n{}{}{}",
-        upstream_toml("paris", paris.port, "vllm", "eu-west-paris"),
-        upstream_toml("stockholm", stockholm.port, "sglang", "eu-north-stockholm"),
-        upstream_toml("virginia", virginia.port, "llama-cpp", "us-east-virginia"),
-    );
+    let ([paris, stockholm, virginia], config) = three_engines([
+        ("paris", "paris", "eu-west-paris"),
+        ("stockholm", "stockholm", "eu-north-stockholm"),
+        ("virginia", "virginia", "us-east-virginia"),
+    ])
+    .await;
     let control = control_plane("regions");
     let eu = key_for(
         &control,
