@@ -447,7 +447,7 @@ fn key_for(control: &ControlPlane, regions: &[&str], policy: KeyPolicy) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organisations_are_served_only_in_their_regions() {
-    let ([paris, stockholm, virginia], config) = three_engines([
+    let ([paris, _stockholm, virginia], config) = three_engines([
         ("paris", "paris", "eu-west-paris"),
         ("stockholm", "stockholm", "eu-north-stockholm"),
         ("virginia", "virginia", "us-east-virginia"),
