@@ -328,7 +328,7 @@ async fn settle(meter: Meter, embedded: &Result<Vec<Vec<f32>>, ApiError>, prompt
                 ..Usage::default()
             },
         },
-        Err(err) => Event::Failed(err.to_string()),
+        Err(err) => Event::Failed(engine::Failure::other(ApiError::internal(err.to_string()))),
     };
     let _ = tx.send((0, event));
     drop(tx);

@@ -19,6 +19,8 @@ use futures::Stream;
 use serde::Serialize;
 
 use crate::admission::Tagged;
+use edge::{BoxError, Chain};
+
 use crate::error::ApiError;
 use crate::generation::{ChunkMeta, Echo, Endpoint, Generation, finish_reason};
 use crate::openai::{
@@ -252,11 +254,11 @@ impl ChunkStream {
             return;
         };
         let Some((index, event)) = receiver.recv().await else {
-            self.fail("the engine closed the stream without finishing it".to_owned());
+            self.fail("the engine closed the stream without finishing it".into());
             return;
         };
         let Some(choice) = self.choices.get_mut(index as usize) else {
-            self.fail(format!("an event for choice {index}, which does not exist"));
+            self.fail(format!("an event for choice {index}, which does not exist").into());
             return;
         };
         match event {
@@ -318,15 +320,16 @@ impl ChunkStream {
                     self.pending.push_back(SseEvent::default().data("[DONE]"));
                 }
             }
-            Event::Failed(detail) => self.fail(detail),
+            Event::Failed(failure) => self.fail(failure.into()),
         }
     }
 
     /// Ends the stream with an error object; the detail is logged, not sent.
-    fn fail(&mut self, detail: String) {
+    fn fail(&mut self, cause: BoxError) {
         self.receiver = None;
+        let detail = Chain(cause.as_ref()).to_string();
         tracing::error!(request_id = %self.meta.id, %detail, "generation failed mid-stream");
-        let err = ApiError::internal(detail);
+        let err = ApiError::internal(cause);
         self.pending
             .push_back(SseEvent::default().data(error_json(&err)));
     }
@@ -397,7 +400,7 @@ pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response 
 mod tests {
     use super::*;
     use crate::output::ParserSpec;
-    use engine::FinishReason;
+    use engine::{EngineError, Failure, FinishReason};
     use futures::StreamExt;
 
     fn meta(endpoint: Endpoint, include_usage: bool) -> ChunkMeta {
@@ -481,7 +484,8 @@ mod tests {
     async fn failure_ends_the_stream_with_an_error_and_no_done() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send((0, Event::Text("a".into()))).unwrap();
-        tx.send((0, Event::Failed("disk on fire".into()))).unwrap();
+        let fire = EngineError::Unavailable("disk on fire".into());
+        tx.send((0, Event::Failed(Failure::other(fire)))).unwrap();
         let events: Vec<_> = chunk_stream(
             meta(Endpoint::Chat, false),
             generation(rx, 1, ParserSpec::default()),

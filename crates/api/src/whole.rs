@@ -80,7 +80,7 @@ pub(crate) async fn whole_response(
                 usage.reasoning_tokens += u.reasoning_tokens;
                 done += 1;
             }
-            Event::Failed(detail) => return Err(ApiError::internal(detail)),
+            Event::Failed(failure) => return Err(ApiError::internal(failure)),
         }
     }
     drop(receiver);

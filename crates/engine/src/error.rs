@@ -111,3 +111,43 @@ impl From<model::ModelError> for EngineError {
         EngineError::Load(e.into())
     }
 }
+
+/// Why a generation failed after it was accepted, sent as [`crate::Event::Failed`]: the cause
+/// travels whole (cheap to clone) to the edge that logs it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The forward pass failed: a bug or a broken file, not a bad request.
+    #[error("the forward pass failed")]
+    Forward(#[source] std::sync::Arc<model::ModelError>),
+    /// The sequence can never fit in the KV cache.
+    #[error(
+        "the sequence needs {needed_tokens} tokens of KV cache but the cache holds {capacity_tokens}"
+    )]
+    KvCacheTooSmall {
+        /// Tokens the sequence needs.
+        needed_tokens: usize,
+        /// Tokens the whole cache holds.
+        capacity_tokens: usize,
+    },
+    /// The output constraint could not mask or advance.
+    #[error("the output constraint failed: {0}")]
+    Constraint(String),
+    /// A failure of a backend other than the engine, with its cause.
+    #[error(transparent)]
+    Other(std::sync::Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl Failure {
+    /// A failure caused by `err` (for backends other than the engine).
+    pub fn other(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Failure::Other(std::sync::Arc::new(err))
+    }
+}
+
+/// Failures are equal when they say the same (their causes are not comparable).
+impl PartialEq for Failure {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}

@@ -50,7 +50,7 @@ use chat::ChatEncoder;
 pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
 use constraint::ConstraintCompiler;
 pub use embed::{Embedder, EmbedderConfig};
-pub use error::{EngineError, LoadError};
+pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
 pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};

@@ -43,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::{Event, FinishReason, GenerateRequest, TokenLogprobs, Usage};
+use crate::{Event, Failure, FinishReason, GenerateRequest, TokenLogprobs, Usage};
 
 /// `token`'s log-probability under `logits` (raw) with the `k` most likely alternatives,
 /// each with its bytes.
@@ -231,8 +231,9 @@ impl Scheduler {
                 // A model error here is a bug or a broken file, not a bad request: fail the
                 // sequences of this step and keep serving.
                 tracing::error!(error = %e, "forward pass failed");
+                let failure = Failure::Forward(Arc::new(e));
                 for seq in std::mem::take(&mut self.running) {
-                    let _ = seq.events.send(Event::Failed(e.to_string()));
+                    let _ = seq.events.send(Event::Failed(failure.clone()));
                     self.finish(seq);
                 }
             }
@@ -313,10 +314,10 @@ impl Scheduler {
             if needed > self.blocks.total() {
                 // Can never fit: the KV budget is smaller than this sequence.
                 if let Some(seq) = self.waiting.remove(i) {
-                    let _ = seq.events.send(Event::Failed(format!(
-                        "the sequence needs {positions} tokens of KV cache but the cache holds {}",
-                        self.blocks.total() * bt
-                    )));
+                    let _ = seq.events.send(Event::Failed(Failure::KvCacheTooSmall {
+                        needed_tokens: positions,
+                        capacity_tokens: self.blocks.total() * bt,
+                    }));
                     self.finish(seq);
                 }
                 continue;
@@ -573,7 +574,7 @@ impl Scheduler {
         if let Some(c) = &mut seq.constraint
             && let Err(e) = c.mask(logits)
         {
-            let _ = seq.events.send(Event::Failed(e));
+            let _ = seq.events.send(Event::Failed(Failure::Constraint(e)));
             return Outcome::Finished;
         }
         let token = seq.sampler.sample(logits, &seq.tokens, seq.generated);
@@ -622,7 +623,7 @@ impl Scheduler {
         if let Some(c) = &mut seq.constraint
             && let Err(e) = c.commit(token)
         {
-            let _ = seq.events.send(Event::Failed(e));
+            let _ = seq.events.send(Event::Failed(Failure::Constraint(e)));
             return Outcome::Finished;
         }
         let piece = seq.decoder.push(&self.tokenizer, token);

@@ -189,5 +189,5 @@ pub enum Event {
         usage: Usage,
     },
     /// The generation failed after it was accepted.
-    Failed(String),
+    Failed(crate::Failure),
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode, header};
-use engine::{ChatPrompt, ChatRequest, EngineError, Event, FinishReason, GenerateRequest, Usage};
+use engine::{
+    ChatPrompt, ChatRequest, EngineError, Event, Failure, FinishReason, GenerateRequest, Usage,
+};
 use http_body_util::BodyExt;
 use souverain_api::Backend;
 use tokio::sync::Notify;
@@ -188,8 +190,10 @@ impl Backend for FakeBackend {
             }
             Mode::FailMidway => {
                 tx.send(Event::Text("partial ".into())).unwrap();
-                tx.send(Event::Failed("kv cache exploded at /secret/path".into()))
-                    .unwrap();
+                tx.send(Event::Failed(Failure::other(EngineError::Unavailable(
+                    "kv cache exploded at /secret/path".into(),
+                ))))
+                .unwrap();
             }
             Mode::Endless => {
                 let cancellations = Arc::clone(&self.cancellations);
