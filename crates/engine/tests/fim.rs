@@ -6,10 +6,12 @@
 //! suffix ids are llama.cpp's own tokenisation of them as its server's `/infill` tokenises
 //! them, from `scripts/golden/llamacpp_prompt_logprobs.py`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{ids, prompt_logprobs_golden};
 use gguf::{Array, GgufFile, GgufWriter, Value};
-use serde_json::Value as Json;
 use souverain_engine::{Engine, EngineConfig, EngineError};
 
 fn load(path: &Path) -> Engine {
@@ -20,20 +22,6 @@ fn load(path: &Path) -> Engine {
         ..EngineConfig::default()
     };
     Engine::load(path, config, &mut |_, _| {}).expect("load")
-}
-
-fn golden() -> Json {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/llamacpp-prompt-logprobs.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden")
-}
-
-fn ids(v: &Json) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|t| t.as_u64().expect("id") as u32)
-        .collect()
 }
 
 /// A copy of the GGUF file at `src` with its metadata changed by `edit` (same tensors).
@@ -67,7 +55,7 @@ fn fim_prompts_follow_llama_cpp() {
     let Some(path) = testkit::default_model() else {
         return;
     };
-    let golden = golden();
+    let golden = prompt_logprobs_golden();
     let fim = &golden["fim"];
 
     // The default model has no FIM tokens, for llama.cpp as for us.

@@ -3,9 +3,9 @@
 //!
 //! The golden file comes from `scripts/golden/llamacpp_prompt_logprobs.py`.
 
-use std::path::PathBuf;
+mod common;
 
-use serde_json::Value;
+use common::{ids, prompt_logprobs_golden};
 use souverain_engine::{Engine, EngineConfig, Event, GenerateRequest, TokenLogprobs};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -19,20 +19,6 @@ fn config() -> EngineConfig {
         threads: 2,
         ..EngineConfig::default()
     }
-}
-
-fn golden() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/llamacpp-prompt-logprobs.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|t| t.as_u64().expect("id") as u32)
-        .collect()
 }
 
 /// A greedy request for `tokens` that asks for the prompt's log-probabilities.
@@ -74,7 +60,7 @@ fn run(e: &Engine, tokens: &[u32], k: usize) -> Vec<TokenLogprobs> {
 #[test]
 fn prompt_logprobs_match_llama_cpp() {
     let Some(e) = engine(config()) else { return };
-    let golden = golden();
+    let golden = prompt_logprobs_golden();
     let k = golden["settings"]["top"].as_u64().expect("top") as usize;
     let (mut n, mut sum, mut max, mut top1_same) = (0usize, 0f64, 0f64, 0usize);
     for case in golden["cases"].as_array().expect("cases") {
@@ -132,7 +118,7 @@ fn chunked_prompts_cached_prefixes_and_preemption_change_nothing() {
     let Some(whole) = engine(config()) else {
         return;
     };
-    let golden = golden();
+    let golden = prompt_logprobs_golden();
     let cases = golden["cases"].as_array().expect("cases");
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["tokens"])).collect();
     let reference: Vec<_> = prompts.iter().map(|p| run(&whole, p, 3)).collect();

@@ -321,6 +321,19 @@ impl Piece<'_> {
         0
     }
 
+    /// Where the piece at `pos` ends when it begins with `n_ws` whitespace code points (none
+    /// matched a rule before): `\s+(?!\S)` leaves the last one to the word that follows,
+    /// `\s+` takes them all, and anything else is one code point on its own.
+    fn whitespace_end(&self, pos: usize, n_ws: usize) -> usize {
+        if n_ws > 1 && self.cpt(pos + n_ws) != OUT_OF_RANGE {
+            pos + n_ws - 1
+        } else if n_ws > 0 {
+            pos + n_ws
+        } else {
+            pos + 1
+        }
+    }
+
     fn flags(&self, pos: usize) -> Flags {
         if self.ini <= pos && pos < self.end {
             self.cpts
@@ -420,17 +433,7 @@ fn split_gpt2(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
             while p.flags(pos + n_ws).whitespace {
                 n_ws += 1;
             }
-            if n_ws > 1 && p.cpt(pos + n_ws) != OUT_OF_RANGE {
-                pos += n_ws - 1;
-                em.add(pos);
-                continue;
-            }
-            if n_ws > 0 {
-                pos += n_ws;
-                em.add(pos);
-                continue;
-            }
-            pos += 1;
+            pos = p.whitespace_end(pos, n_ws);
             em.add(pos);
         }
     })
@@ -504,17 +507,7 @@ fn split_llama3(cpts: &[u32], lengths: &[usize]) -> Vec<usize> {
                 em.add(pos);
                 continue;
             }
-            if n_ws > 1 && p.cpt(pos + n_ws) != OUT_OF_RANGE {
-                pos += n_ws - 1;
-                em.add(pos);
-                continue;
-            }
-            if n_ws > 0 {
-                pos += n_ws;
-                em.add(pos);
-                continue;
-            }
-            pos += 1;
+            pos = p.whitespace_end(pos, n_ws);
             em.add(pos);
         }
     })
