@@ -282,6 +282,21 @@ fn assert_error(status: StatusCode, json: &Value, want: StatusCode, kind: &str, 
     assert!(error.as_object().unwrap().contains_key("param"), "{json}");
 }
 
+/// A chat with `key` is refused as an invalid key (401, `invalid_api_key`) with a message that
+/// contains `reason`.
+async fn assert_key_refused(server: &Server, key: &str, reason: &str) {
+    let (status, json) = json_of(send(server.app(), chat(Some(key), "")).await).await;
+    assert_error(
+        status,
+        &json,
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+    );
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains(reason), "{message}");
+}
+
 #[tokio::test]
 async fn keys_work_and_bad_keys_get_401() {
     let server = Server::sqlite(Mode::Echo);
@@ -351,14 +366,7 @@ async fn keys_work_and_bad_keys_get_401() {
         "not-a-key",
         &format!("sk-sov-{}", "A".repeat(52)),
     ] {
-        let (status, json) = json_of(send(server.app(), chat(Some(bad), "")).await).await;
-        assert_error(
-            status,
-            &json,
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+        assert_key_refused(&server, bad, "").await;
     }
     let basic = Request::post("/v1/chat/completions")
         .header(header::AUTHORIZATION, "Basic dXNlcjpwYXNz")
@@ -392,20 +400,7 @@ async fn keys_work_and_bad_keys_get_401() {
         .admin("POST", &format!("/admin/v1/keys/{key_id}/revoke"), None)
         .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, json) = json_of(send(server.app(), chat(Some(&key), "")).await).await;
-    assert_error(
-        status,
-        &json,
-        StatusCode::UNAUTHORIZED,
-        "invalid_request_error",
-        "invalid_api_key",
-    );
-    assert!(
-        json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("revoked")
-    );
+    assert_key_refused(&server, &key, "revoked").await;
 
     // Expired.
     let expiring = json!({"name": "short-lived", "expires_at": "2026-06-01T00:00:00Z"});
@@ -415,20 +410,7 @@ async fn keys_work_and_bad_keys_get_401() {
         StatusCode::OK
     );
     server.clock.advance_ms(30 * 86_400_000);
-    let (status, json) = json_of(send(server.app(), chat(Some(&key), "")).await).await;
-    assert_error(
-        status,
-        &json,
-        StatusCode::UNAUTHORIZED,
-        "invalid_request_error",
-        "invalid_api_key",
-    );
-    assert!(
-        json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expired")
-    );
+    assert_key_refused(&server, &key, "expired").await;
 
     // Every authentication failure is audited.
     let (_, audit) = server.admin("GET", "/admin/v1/audit", None).await;
