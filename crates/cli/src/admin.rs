@@ -27,13 +27,18 @@ const ACTOR: &str = "admin-cli";
 pub(crate) struct StoreArgs {
     /// Directory for the SQLite database and the key-hash secret (default:
     /// `$XDG_DATA_HOME/souverain` or `~/.local/share/souverain`).
-    #[arg(long, env = "SOUVERAIN_DATA_DIR")]
+    #[arg(long, env = "SOUVERAIN_DATA_DIR", global = true)]
     pub(crate) data_dir: Option<PathBuf>,
     /// PostgreSQL instead of SQLite (`postgres://user:password@host:port/database`).
-    #[arg(long, env = "SOUVERAIN_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SOUVERAIN_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
     pub(crate) database_url: Option<String>,
     /// This deployment's region label; organisations list the regions they may be served in.
-    #[arg(long, env = "SOUVERAIN_REGION", default_value = "local")]
+    #[arg(long, env = "SOUVERAIN_REGION", default_value = "local", global = true)]
     pub(crate) region: String,
 }
 

@@ -104,6 +104,19 @@ fn admin_cli_manages_keys_and_verifies_the_audit_log() {
     let key_id = keys[0]["id"].as_str().unwrap();
     assert!(admin(&data, &["key", "revoke", key_id]).status.success());
 
+    // The store options are taken after the subcommand too, where users type them.
+    let verify = Command::new(BIN)
+        .args(["admin", "audit", "verify", "--region", REGION, "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "admin audit verify --data-dir: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
     // Mistakes are refused with a message, not a panic.
     for bad in [
         vec!["org", "create", ""],
