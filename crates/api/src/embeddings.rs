@@ -67,7 +67,7 @@ fn validate(
     match req.model {
         None | Some(Value::Null) => return Err(ApiError::invalid("model", "`model` is required")),
         Some(Value::String(m)) if m == embedder.model_id() => {}
-        Some(Value::String(m)) => return Err(ApiError::ModelNotFound { model: m }),
+        Some(Value::String(m)) => return Err(ApiError::model_not_found(&m)),
         Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
     }
     let base64 = match req.encoding_format {

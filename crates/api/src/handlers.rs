@@ -42,7 +42,7 @@ pub(crate) async fn get_model(
     } else if let Some(card) = app.embedder_card().filter(|c| c.id == id) {
         Ok(axum::Json(card).into_response())
     } else {
-        Err(ApiError::ModelNotFound { model: id })
+        Err(ApiError::model_not_found(&id))
     }
 }
 

@@ -288,9 +288,7 @@ pub(crate) fn check_model(model: Option<&str>, model_id: &str) -> Result<(), Api
     match model {
         None => Err(ApiError::invalid("model", "`model` is required")),
         Some(model) if model == model_id => Ok(()),
-        Some(model) => Err(ApiError::ModelNotFound {
-            model: model.to_owned(),
-        }),
+        Some(model) => Err(ApiError::model_not_found(model)),
     }
 }
 

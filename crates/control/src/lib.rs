@@ -42,7 +42,8 @@ pub use crate::admission::{Checks, Gate, Settlement, rejected_outcome};
 pub use crate::audit::{AuditDraft, AuditEntry, AuditHead, Tamper, VerifyReport};
 pub use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
 pub use crate::plane::{
-    ControlConfig, ControlPlane, CreatedKey, Outcome, Reservation, valid_region,
+    ControlConfig, ControlPlane, CreatedKey, MAX_STORED_FIELD_CHARS, Outcome, Reservation,
+    valid_region,
 };
 pub use crate::ratelimit::RateLimiter;
 pub use crate::store::{Mutation, PostgresStore, SqliteStore, Store};

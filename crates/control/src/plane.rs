@@ -32,6 +32,10 @@ use crate::types::{
 
 /// The longest a name may be, in characters.
 const MAX_NAME_CHARS: usize = 200;
+/// The most characters of a request's own strings (model name, status, request id) that a
+/// usage record or an audit entry keeps: a client's 3 MB `model` must not become 3 MB of
+/// storage (twice: record and audit).
+pub const MAX_STORED_FIELD_CHARS: usize = 256;
 /// The longest retention a project may ask for: ten years.
 const MAX_RETENTION_SECS: i64 = 10 * 366 * 86_400;
 /// Settlements kept in memory while the store is down; beyond this the oldest are dropped
@@ -175,6 +179,14 @@ fn check_name(field: &'static str, name: &str) -> Result<(), ControlError> {
         ));
     }
     Ok(())
+}
+
+/// `text` cut to its first [`MAX_STORED_FIELD_CHARS`] characters.
+fn bounded(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(MAX_STORED_FIELD_CHARS) {
+        text.truncate(cut);
+    }
+    text
 }
 
 /// Whether `region` is a valid region label: 1 to 64 of `a-z`, `0-9` and `-`.
@@ -874,6 +886,12 @@ impl ControlPlane {
         reservation: Option<&Reservation>,
         outcome: Outcome,
     ) -> (Vec<Mutation>, AuditDraft) {
+        let outcome = Outcome {
+            request_id: bounded(outcome.request_id),
+            model: bounded(outcome.model),
+            status: bounded(outcome.status),
+            ..outcome
+        };
         let now = self.now_ms();
         let used = outcome
             .prompt_tokens

@@ -14,8 +14,8 @@ use souverain_control::audit::entry_hash;
 use souverain_control::store::latest_schema_version;
 use souverain_control::{
     AuditDraft, Budget, BudgetPeriod, ControlConfig, ControlError, ControlPlane, Denial, GroupBy,
-    KeyContext, KeyPolicy, ManualClock, Outcome, PostgresStore, SqliteStore, Store, StoreError,
-    Tamper, UsageFilter, usage,
+    KeyContext, KeyPolicy, MAX_STORED_FIELD_CHARS, ManualClock, Outcome, PostgresStore,
+    SqliteStore, Store, StoreError, Tamper, UsageFilter, usage,
 };
 
 const REGION: &str = "eu-west-paris";
@@ -478,6 +478,28 @@ fn settlements_record_usage_content_and_audit(fx: &Fixture) {
     assert!(plane.verify_audit().unwrap().is_intact());
 }
 
+fn stored_request_strings_are_bounded(fx: &Fixture) {
+    let (plane, _) = fx.plane();
+    let (ctx, _) = tenant(&plane, KeyPolicy::default(), None);
+    // A client's 3 MB model name (multi-byte characters, to cut on a boundary).
+    let mut huge = outcome("big", 1, 0);
+    huge.model = "é".repeat(1_500_000);
+    huge.status = "x".repeat(10_000);
+    plane.settle(&ctx, None, huge).unwrap();
+    let usage = plane.usage(&UsageFilter::default()).unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].model, "é".repeat(MAX_STORED_FIELD_CHARS));
+    assert_eq!(usage[0].status.len(), MAX_STORED_FIELD_CHARS);
+    let entry = plane.audit_entries().unwrap().pop().unwrap();
+    assert_eq!(entry.action, "key.use");
+    assert!(
+        entry.detail.len() < 4 * MAX_STORED_FIELD_CHARS,
+        "{}",
+        entry.detail.len()
+    );
+    assert!(plane.verify_audit().unwrap().is_intact());
+}
+
 fn rate_limits_count_requests_and_tokens(fx: &Fixture) {
     let (plane, _) = fx.plane();
     let policy = KeyPolicy {
@@ -831,6 +853,7 @@ store_suite!(
     residency_follows_the_organisation,
     budget_reservations_are_exact_under_concurrency,
     settlements_record_usage_content_and_audit,
+    stored_request_strings_are_bounded,
     rate_limits_count_requests_and_tokens,
     concurrent_appends_from_two_connections_keep_the_chain,
     audit_verify_names_an_edit,

@@ -95,6 +95,9 @@ pub enum ApiError {
     },
 }
 
+/// The most characters of a client's name (a model) echoed in an error message.
+pub const ECHOED_NAME_CHARS: usize = 256;
+
 /// Any error, as the cause of a 500 or 503: kept whole (with its own causes) until it is
 /// logged.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -115,6 +118,17 @@ impl std::fmt::Display for Chain<'_> {
 }
 
 impl ApiError {
+    /// A 404 for a model this server does not serve. The name is echoed in the message cut to
+    /// its first [`ECHOED_NAME_CHARS`] characters (`…` marks a cut), so a huge `model` cannot
+    /// make a huge answer or log line.
+    pub fn model_not_found(model: &str) -> Self {
+        let model = match model.char_indices().nth(ECHOED_NAME_CHARS) {
+            Some((cut, _)) => format!("{}…", &model[..cut]),
+            None => model.to_owned(),
+        };
+        ApiError::ModelNotFound { model }
+    }
+
     /// A 500 caused by `source` (a typed error, or a message), which is logged, not sent.
     pub fn internal(source: impl Into<BoxError>) -> Self {
         ApiError::Internal {
@@ -317,6 +331,20 @@ mod tests {
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(!message.contains("secret"), "{message}");
         assert!(!message.is_empty());
+    }
+
+    #[test]
+    fn unknown_model_names_are_echoed_bounded() {
+        let short = ApiError::model_not_found("gpt-4");
+        assert_eq!(short.to_string(), "The model `gpt-4` does not exist");
+        let huge = ApiError::model_not_found(&"é".repeat(1_000_000));
+        let message = huge.to_string();
+        assert!(
+            message.chars().count() < ECHOED_NAME_CHARS + 40,
+            "{}",
+            message.len()
+        );
+        assert!(message.contains(&format!("{}…`", "é".repeat(ECHOED_NAME_CHARS))));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 use control::{ControlPlane, Denial, Gate, Settlement};
 
-pub use crate::error::{ApiError, BoxError, Chain, ErrorBody, Refusal};
+pub use crate::error::{ApiError, BoxError, Chain, ECHOED_NAME_CHARS, ErrorBody, Refusal};
 
 /// The largest request body accepted, in bytes (8 MiB): room for long prompts, not for abuse.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
