@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use engine::{ConstraintSpec, Event, FinishReason, GenerateRequest, ToolCallFormat};
+use engine::{ConstraintSpec, EngineError, Event, FinishReason, GenerateRequest, ToolCallFormat};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::admission::{Admission, Tagged};
@@ -126,36 +126,34 @@ pub(crate) async fn start_generation(
         _ => None,
     };
     let constraint = valid.constraint.clone().or(encoded.forcing);
-    let mut receivers = Vec::with_capacity(valid.n);
-    let mut failure = None;
-    for i in 0..valid.n {
-        let mut sampling = valid.sampling.clone();
-        // Each choice its own random stream, reproducible from the request's seed.
-        sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
-        let request = GenerateRequest {
-            prompt_tokens: prompt_tokens.clone(),
-            sampling,
-            max_tokens: valid.max_tokens,
-            stop: valid.stop.clone(),
-            stop_at_eog: true,
-            logprobs: valid.logprobs,
-            prompt_logprobs: valid.logprobs.filter(|_| echo.is_some()),
-            constraint: constraint.clone(),
-            keep_special: !encoded.parser.is_plain(),
-            reasoning: encoded.reasoning.clone(),
-        };
-        match backend.generate(request) {
-            Ok(rx) => receivers.push(rx),
-            Err(err) => {
-                failure = Some(err);
-                break;
+    let requests: Vec<GenerateRequest> = (0..valid.n)
+        .map(|i| {
+            let mut sampling = valid.sampling.clone();
+            // Each choice its own random stream, reproducible from the request's seed.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            GenerateRequest {
+                prompt_tokens: prompt_tokens.clone(),
+                sampling,
+                max_tokens: valid.max_tokens,
+                stop: valid.stop.clone(),
+                stop_at_eog: true,
+                logprobs: valid.logprobs,
+                prompt_logprobs: valid.logprobs.filter(|_| echo.is_some()),
+                constraint: constraint.clone(),
+                keep_special: !encoded.parser.is_plain(),
+                reasoning: encoded.reasoning.clone(),
             }
-        }
-    }
-    let generated = match failure {
-        // Dropping the receivers already made cancels those choices.
-        Some(err) => Err(err),
-        None => Ok(fan_in(receivers)),
+        })
+        .collect();
+    let generated = if constraint.is_some() {
+        // Starting a constrained generation compiles its grammar, which may take a while:
+        // off the async workers, so that other requests (and `/health`) go on meanwhile.
+        let worker = Arc::clone(backend);
+        tokio::task::spawn_blocking(move || start_all(worker.as_ref(), requests))
+            .await
+            .map_err(|err| ApiError::internal(format!("generation start failed: {err}")))?
+    } else {
+        start_all(backend.as_ref(), requests)
     };
     let receiver = match meter {
         Some(meter) => meter.track(generated, valid.n)?,
@@ -168,6 +166,19 @@ pub(crate) async fn start_generation(
             .collect(),
         echo,
     })
+}
+
+/// Starts every choice's sequence; the first refusal cancels those started (their receivers
+/// are dropped) and is the answer.
+fn start_all(
+    backend: &dyn Backend,
+    requests: Vec<GenerateRequest>,
+) -> Result<UnboundedReceiver<Tagged>, EngineError> {
+    let mut receivers = Vec::with_capacity(requests.len());
+    for request in requests {
+        receivers.push(backend.generate(request)?);
+    }
+    Ok(fan_in(receivers))
 }
 
 /// The prompt's tokens and output format, on a blocking thread.

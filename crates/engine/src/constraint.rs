@@ -8,8 +8,18 @@
 //! per engine, on the first constrained request, so unconstrained serving pays nothing.
 //! Each constrained request compiles its grammar into a [`TokenConstraint`] when it is
 //! submitted, so a bad grammar is refused before anything is queued.
+//!
+//! Compiling is the one thing a client can make arbitrarily deep or slow, so it never runs on
+//! the caller's stack: each compilation gets a thread of its own with a large stack (at most
+//! [`MAX_CONCURRENT_COMPILES`] at once; more are refused as overloaded), a size and nesting
+//! limit before it starts and a time limit while it runs, and its panics are caught. Compiled
+//! grammars are kept by content ([`CACHE_ENTRIES`] of them), so a repeated schema, or the `n`
+//! choices of one request, cost a copy. A grammar whose language is empty is refused.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
 
 use crate::ConstraintSpec;
 use crate::text::TextTokenizer;
@@ -82,11 +92,45 @@ impl VocabSpec {
     }
 }
 
+/// The stack of a compiling thread: llguidance's schema and grammar compilers recurse once per
+/// nesting level and `$ref` hop. Address space only; pages are committed as they are touched.
+const COMPILE_STACK_BYTES: usize = 256 << 20;
+/// Compilations running at once; more are refused as overloaded (503), never queued.
+pub(crate) const MAX_CONCURRENT_COMPILES: usize = 4;
+/// A compilation that takes longer is refused (its thread finishes in the background, still
+/// counted against [`MAX_CONCURRENT_COMPILES`]).
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Distinct compiled constraints kept for reuse.
+const CACHE_ENTRIES: usize = 64;
+/// The largest constraint, in bytes of its text (a schema as compact JSON).
+pub(crate) const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
+/// The deepest nesting of a JSON schema (objects and arrays within each other).
+pub(crate) const MAX_SCHEMA_DEPTH: usize = 64;
+
+/// Why a constraint was not compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CompileError {
+    /// The constraint is invalid, over a limit, or its language is empty (the client's to
+    /// fix). The message names the limit or the problem, never the library's internals.
+    Invalid(String),
+    /// [`MAX_CONCURRENT_COMPILES`] compilations are running; retry later.
+    Busy,
+}
+
 /// Compiles constraints for one engine's vocabulary. The trie and parser factory are built
 /// on first use and shared by every request after.
 pub(crate) struct ConstraintCompiler {
     text: Arc<TextTokenizer>,
     factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    running: Arc<AtomicUsize>,
+    cache: Mutex<Cache>,
+}
+
+/// Compiled constraints by content, oldest evicted first.
+#[derive(Default)]
+struct Cache {
+    matchers: HashMap<String, Matcher>,
+    order: VecDeque<String>,
 }
 
 impl ConstraintCompiler {
@@ -95,18 +139,137 @@ impl ConstraintCompiler {
         Self {
             text,
             factory: OnceLock::new(),
+            running: Arc::new(AtomicUsize::new(0)),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
     /// Compiles `spec` into a fresh per-request constraint, or says why it cannot be.
-    pub(crate) fn compile(&self, spec: &ConstraintSpec) -> Result<TokenConstraint, String> {
+    pub(crate) fn compile(&self, spec: &ConstraintSpec) -> Result<TokenConstraint, CompileError> {
+        let key = cache_key(spec);
+        if key.len() > MAX_CONSTRAINT_BYTES {
+            return Err(CompileError::Invalid(format!(
+                "the constraint is {} bytes; the limit is {MAX_CONSTRAINT_BYTES}",
+                key.len()
+            )));
+        }
+        if let ConstraintSpec::JsonSchema(schema) = spec
+            && depth(schema) > MAX_SCHEMA_DEPTH
+        {
+            return Err(CompileError::Invalid(format!(
+                "the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels"
+            )));
+        }
+        if let Some(matcher) = self.cached(&key) {
+            return Ok(TokenConstraint { matcher });
+        }
         let factory = self
             .factory
             .get_or_init(|| build_factory(VocabSpec::from_text(&self.text)))
             .as_ref()
-            .map_err(Clone::clone)?;
-        compile_with(factory, spec)
+            .map_err(|e| CompileError::Invalid(e.clone()))?;
+        let matcher = self.compile_apart(Arc::clone(factory), spec.clone())?;
+        self.remember(key, &matcher);
+        Ok(TokenConstraint { matcher })
     }
+
+    fn cached(&self, key: &str) -> Option<Matcher> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.matchers.get(key).map(Matcher::deep_clone)
+    }
+
+    fn remember(&self, key: String, matcher: &Matcher) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.matchers.contains_key(&key) {
+            return;
+        }
+        while cache.order.len() >= CACHE_ENTRIES {
+            if let Some(old) = cache.order.pop_front() {
+                cache.matchers.remove(&old);
+            }
+        }
+        cache.order.push_back(key.clone());
+        cache.matchers.insert(key, matcher.deep_clone());
+    }
+
+    /// Compiles on a thread of its own with a large stack, waiting at most
+    /// [`COMPILE_TIMEOUT`].
+    fn compile_apart(
+        &self,
+        factory: Arc<ParserFactory>,
+        spec: ConstraintSpec,
+    ) -> Result<Matcher, CompileError> {
+        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT_COMPILES {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            return Err(CompileError::Busy);
+        }
+        let slot = Slot(Arc::clone(&self.running));
+        let (tx, rx) = mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("constraint-compile".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn(move || {
+                let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    compile_with(&factory, &spec)
+                }))
+                .unwrap_or_else(|_| {
+                    Err("the grammar library could not compile it (an internal limit)".into())
+                });
+                // The place is free before the caller hears back, so a caller that compiles
+                // one constraint after another never finds its own last one still counted.
+                drop(slot);
+                let _ = tx.send(compiled);
+            });
+        if let Err(e) = spawned {
+            return Err(CompileError::Invalid(format!(
+                "no thread could be started to compile it: {e}"
+            )));
+        }
+        match rx.recv_timeout(COMPILE_TIMEOUT) {
+            Ok(compiled) => compiled.map_err(CompileError::Invalid),
+            Err(_) => Err(CompileError::Invalid(format!(
+                "compiling it took longer than {} s",
+                COMPILE_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// Gives a compilation's place back when its thread ends, however it ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The constraint's identity: its kind and its text (a schema as compact JSON, which keeps
+/// key order).
+fn cache_key(spec: &ConstraintSpec) -> String {
+    match spec {
+        ConstraintSpec::JsonObject => "object".to_owned(),
+        ConstraintSpec::JsonSchema(schema) => format!("schema:{schema}"),
+        ConstraintSpec::Lark(text) => format!("lark:{text}"),
+        ConstraintSpec::Regex(text) => format!("regex:{text}"),
+        ConstraintSpec::Gbnf(text) => format!("gbnf:{text}"),
+    }
+}
+
+/// How deep objects and arrays nest in `value`, without recursing (the value itself may be
+/// deep).
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 1)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Builds llguidance's parser factory over a vocabulary.
@@ -157,11 +320,14 @@ fn build_factory(vocab: VocabSpec) -> Result<Arc<ParserFactory>, String> {
     let mut factory = ParserFactory::new_simple(&env).map_err(|e| format!("{e:#}"))?;
     // llguidance logs warnings to stderr by default; the engine reports errors itself.
     factory.quiet();
+    // Errors name the problem, not the parser's state or the grammar (which may hold
+    // generated text: nothing of a request's content reaches an answer or a log).
+    factory.limits_mut().verbose_errors = false;
     Ok(Arc::new(factory))
 }
 
 /// Compiles one constraint with a factory.
-fn compile_with(factory: &ParserFactory, spec: &ConstraintSpec) -> Result<TokenConstraint, String> {
+fn compile_with(factory: &ParserFactory, spec: &ConstraintSpec) -> Result<Matcher, String> {
     let grammar = match spec {
         ConstraintSpec::JsonObject => TopLevelGrammar::from_json_schema(compact(json!({
             "type": "object"
@@ -182,7 +348,18 @@ fn compile_with(factory: &ParserFactory, spec: &ConstraintSpec) -> Result<TokenC
     if let Some(e) = matcher.get_error() {
         return Err(e);
     }
-    Ok(TokenConstraint { matcher })
+    // A grammar no string satisfies (`root ::= root`, a regex matching nothing, a schema
+    // whose only definition refers to itself) allows no first token and does not accept
+    // the empty output: refused now rather than failing at the first draw.
+    let mut probe = matcher.deep_clone();
+    let empty = match probe.compute_mask() {
+        Ok(mask) => mask.is_zero() && !probe.is_accepting().unwrap_or(false),
+        Err(_) => true,
+    };
+    if empty {
+        return Err("its language is empty: no output can satisfy it".into());
+    }
+    Ok(matcher)
 }
 
 /// The largest integer a JSON number keeps exactly in a double (2^53 - 1).
@@ -297,6 +474,31 @@ mod tests {
         .unwrap()
     }
 
+    fn constrain(f: &ParserFactory, spec: &ConstraintSpec) -> Result<TokenConstraint, String> {
+        compile_with(f, spec).map(|matcher| TokenConstraint { matcher })
+    }
+
+    #[test]
+    fn empty_languages_deep_schemas_and_huge_constraints_are_refused() {
+        let f = factory();
+        let empty = [
+            ConstraintSpec::Lark("start: start".into()),
+            ConstraintSpec::Gbnf("root ::= root".into()),
+            ConstraintSpec::JsonSchema(
+                json!({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
+            ),
+        ];
+        for spec in empty {
+            assert!(constrain(&f, &spec).is_err(), "{spec:?} accepted");
+        }
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..MAX_SCHEMA_DEPTH {
+            deep = json!({"type": "array", "items": deep});
+        }
+        assert!(depth(&deep) > MAX_SCHEMA_DEPTH);
+        assert_eq!(depth(&json!({"a": [1, {"b": 2}]})), 4);
+    }
+
     fn id(piece: &str) -> u32 {
         [
             "{", "}", "\"", ":", ",", "a", "b", "1", "2", "-", " ", "\n", "true", "false", "{\"",
@@ -320,7 +522,7 @@ mod tests {
     #[test]
     fn json_object_starts_with_a_brace_and_ends_only_when_closed() {
         let f = factory();
-        let mut c = compile_with(&f, &ConstraintSpec::JsonObject).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::JsonObject).unwrap();
         let first = allowed(&mut c);
         assert!(
             first.contains(&id("{")) && first.contains(&id("{\"")),
@@ -354,7 +556,7 @@ mod tests {
             "required": ["a"],
             "additionalProperties": false
         });
-        let mut c = compile_with(&f, &ConstraintSpec::JsonSchema(schema)).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::JsonSchema(schema)).unwrap();
         c.commit(id("{\"")).unwrap();
         assert_eq!(allowed(&mut c), vec![id("a")], "the only key is \"a\"");
         for t in ["a", "\":", "\""] {
@@ -378,14 +580,14 @@ mod tests {
     #[test]
     fn regex_and_lark_constrain_and_bad_grammars_are_errors() {
         let f = factory();
-        let mut c = compile_with(&f, &ConstraintSpec::Regex("-?[12]+".into())).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::Regex("-?[12]+".into())).unwrap();
         let first = allowed(&mut c);
         assert_eq!(first, vec![id("1"), id("2"), id("-")]);
         c.commit(id("1")).unwrap();
         assert!(allowed(&mut c).contains(&END), "one digit is a whole match");
 
         let lark = "start: \"true\" | \"false\"".to_owned();
-        let mut c = compile_with(&f, &ConstraintSpec::Lark(lark)).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::Lark(lark)).unwrap();
         let first = allowed(&mut c);
         assert!(
             first.contains(&id("true")) && first.contains(&id("false")),
@@ -393,10 +595,10 @@ mod tests {
         );
         assert!(!first.contains(&id("1")), "{first:?}");
 
-        assert!(compile_with(&f, &ConstraintSpec::Lark("start: (".into())).is_err());
-        assert!(compile_with(&f, &ConstraintSpec::Regex("(".into())).is_err());
+        assert!(constrain(&f, &ConstraintSpec::Lark("start: (".into())).is_err());
+        assert!(constrain(&f, &ConstraintSpec::Regex("(".into())).is_err());
         let bad_schema = json!({"type": "object", "properties": {"a": {"type": "nonsense"}}});
-        assert!(compile_with(&f, &ConstraintSpec::JsonSchema(bad_schema)).is_err());
+        assert!(constrain(&f, &ConstraintSpec::JsonSchema(bad_schema)).is_err());
     }
 
     #[test]
@@ -422,7 +624,7 @@ mod tests {
         // The bounded number grammar still compiles and cannot run past ten decimals.
         let f = factory();
         let number = json!({"type": "number"});
-        let mut c = compile_with(&f, &ConstraintSpec::JsonSchema(number)).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::JsonSchema(number)).unwrap();
         for t in ["1", "."] {
             c.commit(id(t)).unwrap();
         }
@@ -440,7 +642,7 @@ mod tests {
     fn special_tokens_are_never_grammar_text() {
         let f = factory();
         // A regex that matches the end token's text still cannot produce the token.
-        let mut c = compile_with(&f, &ConstraintSpec::Regex("a|<\\|end\\|>".into())).unwrap();
+        let mut c = constrain(&f, &ConstraintSpec::Regex("a|<\\|end\\|>".into())).unwrap();
         assert_eq!(allowed(&mut c), vec![id("a")]);
     }
 

@@ -48,7 +48,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use chat::ChatEncoder;
 pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
-use constraint::ConstraintCompiler;
+use constraint::{CompileError, ConstraintCompiler};
 pub use embed::{Embedder, EmbedderConfig};
 pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
@@ -387,10 +387,16 @@ impl Engine {
                 "logit_bias names token {bad}, outside the vocabulary of {vocab}"
             )));
         }
-        // Compiled here, on the caller's thread, so that a bad grammar is refused at once.
+        // Compiled before queueing, so that a bad grammar is refused at once; the caller
+        // waits while a thread of the compiler's own (large stack, time limit) compiles it.
         let constraint = match &request.constraint {
-            Some(spec) => Some(self.constraints.compile(spec).map_err(|e| {
-                EngineError::InvalidRequest(format!("the output constraint is invalid: {e}"))
+            Some(spec) => Some(self.constraints.compile(spec).map_err(|e| match e {
+                CompileError::Invalid(why) => {
+                    EngineError::InvalidRequest(format!("the output constraint is invalid: {why}"))
+                }
+                CompileError::Busy => EngineError::Overloaded {
+                    waiting: constraint::MAX_CONCURRENT_COMPILES,
+                },
             })?),
             None => None,
         };

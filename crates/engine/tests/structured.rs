@@ -236,3 +236,75 @@ fn json_object_regex_and_lark_hold_and_bad_grammars_are_refused() {
         }
     }
 }
+
+/// Starts `spec` from a thread with a small stack (as a tokio worker's is): compiling must
+/// not happen there. Returns what `generate` answered (the generation itself is cancelled).
+fn start_on_small_stack(
+    engine: &std::sync::Arc<Engine>,
+    spec: ConstraintSpec,
+) -> Result<(), String> {
+    let engine = std::sync::Arc::clone(engine);
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || {
+            let prompt = chat_prompt(&engine, "Write JSON.");
+            let mut r = request(prompt, 1, spec);
+            r.max_tokens = Some(1);
+            engine.generate(r).map(drop).map_err(|e| match e {
+                EngineError::InvalidRequest(why) => why,
+                other => panic!("not a client error: {other}"),
+            })
+        })
+        .expect("thread")
+        .join()
+        .expect("the thread that started the generation crashed")
+}
+
+#[test]
+fn deep_empty_and_repeated_constraints_never_crash_and_empty_ones_are_refused() {
+    let Some(engine) = engine() else { return };
+    let engine = std::sync::Arc::new(engine);
+    // A chain of 400 definitions, each referring to the next: compiled off the caller's stack.
+    let mut defs = Map::new();
+    for i in 0..400 {
+        let next = if i == 399 {
+            json!({"type": "integer"})
+        } else {
+            json!({"$ref": format!("#/$defs/d{}", i + 1)})
+        };
+        defs.insert(format!("d{i}"), next);
+    }
+    let chain = json!({"$ref": "#/$defs/d0", "$defs": defs});
+    let answered = start_on_small_stack(&engine, ConstraintSpec::JsonSchema(chain.clone()));
+    if let Err(why) = &answered {
+        assert!(!why.contains("panicked") && !why.contains(".rs:"), "{why}");
+    }
+    // The same schema again: from the cache, same answer.
+    assert_eq!(
+        start_on_small_stack(&engine, ConstraintSpec::JsonSchema(chain)),
+        answered
+    );
+    // A GBNF grammar whose rules chain 400 deep.
+    let mut gbnf = String::from("root ::= r0\n");
+    for i in 0..400 {
+        gbnf.push_str(&format!("r{i} ::= \"a\" r{} | \"b\"\n", i + 1));
+    }
+    gbnf.push_str("r400 ::= \"c\"\n");
+    let _ = start_on_small_stack(&engine, ConstraintSpec::Gbnf(gbnf));
+    // Languages with no string in them are the client's mistake, not a server error.
+    for empty in [
+        ConstraintSpec::Gbnf("root ::= root".into()),
+        ConstraintSpec::Lark("start: start".into()),
+        ConstraintSpec::JsonSchema(
+            json!({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
+        ),
+    ] {
+        let why = start_on_small_stack(&engine, empty.clone())
+            .expect_err(&format!("{empty:?} was accepted"));
+        assert!(why.contains("output constraint is invalid"), "{why}");
+    }
+    // Over the size limit: refused by name.
+    let huge = ConstraintSpec::Regex("a".repeat(300 << 10));
+    let why = start_on_small_stack(&engine, huge).expect_err("huge regex accepted");
+    assert!(why.contains("limit"), "{why}");
+}
