@@ -210,13 +210,14 @@ struct EmbeddingUsage {
 
 #[derive(Serialize)]
 struct EmbeddingList<'a> {
+    /// The request's id (Mistral's schema requires one; OpenAI's clients ignore it).
+    id: &'a str,
     object: &'static str,
     data: Vec<EmbeddingData>,
     model: &'a str,
     usage: EmbeddingUsage,
 }
 
-/// A request id for metering: `embd-` and 24 random alphanumerics.
 /// `POST /v1/embeddings`.
 #[tracing::instrument(skip_all, fields(request_id))]
 pub(crate) async fn embeddings(
@@ -305,6 +306,7 @@ async fn embeddings_inner(
         })
         .collect();
     Ok(axum::Json(EmbeddingList {
+        id: &id,
         object: "list",
         data,
         model: embedder.model_id(),

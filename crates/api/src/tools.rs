@@ -64,13 +64,14 @@ pub(crate) fn plan(
         Some(Value::String(s)) => match s.as_str() {
             "none" => ToolChoice::None,
             "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
+            // Mistral's API calls it `any`.
+            "required" | "any" => ToolChoice::Required,
             other => {
                 return Err(ApiError::invalid(
                     "tool_choice",
                     format!(
-                        "`tool_choice` is `{other}`; expected `none`, `auto`, `required` or \
-                         {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+                        "`tool_choice` is `{other}`; expected `none`, `auto`, `required` (or \
+                         Mistral's `any`) or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
                     ),
                 ));
             }
@@ -289,6 +290,10 @@ fn lark_string(text: &str) -> String {
 mod tests {
     use super::*;
 
+    fn tools_for_any() -> Value {
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    }
+
     fn weather() -> Value {
         json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -315,6 +320,8 @@ mod tests {
             Some("tool_choice")
         );
         assert!(plan(None, Some(&json!("required")), None).is_err());
+        let any = plan(Some(&tools_for_any()), Some(&json!("any")), None).unwrap();
+        assert_eq!(any.map(|p| p.choice), Some(ToolChoice::Required));
         assert!(plan(Some(&json!([{"type": "function"}])), None, None).is_err());
         assert!(
             plan(

@@ -118,25 +118,35 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
             _ => messages.insert(0, json!({"role": "system", "content": MISTRAL_SAFE_PROMPT})),
         }
     }
-    let constraint = constraint(req.raw_constraint())?;
+    let raw = req.raw_constraint();
+    let mut constraint = constraint(raw)?;
     let tools = tools::plan(
         req.tools.as_ref(),
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
     )?;
-    if constraint.is_some()
-        && tools.as_ref().is_some_and(|t| {
-            matches!(
-                t.choice,
-                tools::ToolChoice::Required | tools::ToolChoice::Function(_)
-            )
-        })
-    {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "a forced tool call cannot be combined with an output constraint \
-             (`response_format`, `grammar` or `guided_*`)",
-        ));
+    let forced = tools.as_ref().is_some_and(|t| {
+        matches!(
+            t.choice,
+            tools::ToolChoice::Required | tools::ToolChoice::Function(_)
+        )
+    });
+    if forced && constraint.is_some() {
+        let grammar_given = raw.grammar.is_some()
+            || raw.guided_json.is_some()
+            || raw.guided_regex.is_some()
+            || raw.guided_grammar.is_some();
+        if grammar_given {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a forced tool call cannot be combined with a grammar (`grammar` or \
+                 `guided_*`)",
+            ));
+        }
+        // As OpenAI does (the Agents SDK sends both for an agent with an output type): the
+        // call is constrained to the tool's schema, and `response_format` governs text
+        // content, of which a forced call has none.
+        constraint = None;
     }
     let mut template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
     if let Some(effort) = req.reasoning_effort.as_deref() {
@@ -947,6 +957,23 @@ mod tests {
     }
 
     #[test]
+    fn a_forced_call_takes_response_format_along_and_mistral_any_forces() {
+        for choice in [r#""required""#, r#""any""#] {
+            let valid = chat_json(&format!(
+                r#"{{"model":"test-model","messages":[{{"role":"user","content":"hi"}}],
+                "tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object"}}}}}}],
+                "tool_choice":{choice},"response_format":{{"type":"json_object"}}}}"#
+            ))
+            .unwrap_or_else(|e| panic!("{choice}: {e}"));
+            assert_eq!(valid.constraint, None, "the call's grammar governs");
+            assert_eq!(
+                valid.tools.map(|t| t.choice),
+                Some(tools::ToolChoice::Required)
+            );
+        }
+    }
+
+    #[test]
     fn unknown_model_is_not_found() {
         let err = chat_json(r#"{"model":"other","messages":[{"role":"user","content":"hi"}]}"#)
             .unwrap_err();
@@ -1074,7 +1101,7 @@ mod tests {
             (
                 format!(
                     r#"{{{m},"tools":[{{"type":"function","function":{{"name":"f"}}}}],
-                    "tool_choice":"required","response_format":{{"type":"json_object"}}}}"#
+                    "tool_choice":"required","guided_regex":"a+"}}"#
                 ),
                 "tool_choice",
             ),
