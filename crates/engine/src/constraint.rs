@@ -374,7 +374,11 @@ const NUMBER_RESOLUTION: f64 = 1e-10;
 ///   options), so a small model at a high temperature cannot emit blank lines forever;
 /// - integers and numbers without bounds get the bounds of exactly representable integers,
 ///   ±(2^53 - 1), and numbers without `multipleOf` get at most 10 fractional digits (as
-///   llama.cpp's JSON-schema grammars cap a number's digits), so no number runs on forever.
+///   llama.cpp's JSON-schema grammars cap a number's digits), so no number runs on forever;
+/// - objects that list `properties` and say nothing of other keys (`additionalProperties`,
+///   `patternProperties`, `unevaluatedProperties`) are closed, as llama.cpp's grammars close
+///   them, so a small model cannot add keys until its token limit (a schema that wants more
+///   keys says `additionalProperties: true`).
 pub(crate) fn compact(mut schema: Value) -> Value {
     bound_numbers(&mut schema);
     if let Value::Object(map) = &mut schema
@@ -385,8 +389,8 @@ pub(crate) fn compact(mut schema: Value) -> Value {
     schema
 }
 
-/// Adds the bounds of [`compact`] to every numeric subschema; literal values (`enum`,
-/// `const`, `default`, `examples`) are left alone.
+/// Adds the bounds of [`compact`] to every numeric subschema and closes the objects it says;
+/// literal values (`enum`, `const`, `default`, `examples`) are left alone.
 fn bound_numbers(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
@@ -407,6 +411,17 @@ fn bound_numbers(schema: &mut Value) {
             }
             if number && !integer && !map.contains_key("multipleOf") {
                 map.insert("multipleOf".into(), json!(NUMBER_RESOLUTION));
+            }
+            let open_keys = [
+                "additionalProperties",
+                "patternProperties",
+                "unevaluatedProperties",
+            ];
+            if is("object", map.get("type"))
+                && map.get("properties").is_some_and(Value::is_object)
+                && !open_keys.iter().any(|k| map.contains_key(*k))
+            {
+                map.insert("additionalProperties".into(), Value::Bool(false));
             }
             for (key, value) in map.iter_mut() {
                 if !matches!(key.as_str(), "enum" | "const" | "default" | "examples") {
@@ -599,6 +614,33 @@ mod tests {
         assert!(constrain(&f, &ConstraintSpec::Regex("(".into())).is_err());
         let bad_schema = json!({"type": "object", "properties": {"a": {"type": "nonsense"}}});
         assert!(constrain(&f, &ConstraintSpec::JsonSchema(bad_schema)).is_err());
+    }
+
+    #[test]
+    fn objects_with_properties_are_closed_unless_they_say_otherwise() {
+        let closed = compact(json!({"type": "object", "properties": {"a": {"type": "integer"}}}));
+        assert_eq!(closed["additionalProperties"], json!(false));
+        let open = compact(
+            json!({"type": "object", "properties": {"a": {"type": "integer"}},
+            "additionalProperties": true}),
+        );
+        assert_eq!(open["additionalProperties"], json!(true));
+        let free = compact(json!({"type": "object"}));
+        assert!(free.get("additionalProperties").is_none());
+        // Only `}` may follow the one listed key: no other key can start.
+        let f = factory();
+        let mut c = constrain(
+            &f,
+            &ConstraintSpec::JsonSchema(json!({"type": "object",
+            "properties": {"a": {"type": "integer"}}, "required": ["a"]})),
+        )
+        .unwrap();
+        for piece in ["{\"", "a", "\":", "1"] {
+            c.commit(id(piece)).unwrap();
+        }
+        let next = allowed(&mut c);
+        assert!(next.contains(&id("}")), "{next:?}");
+        assert!(!next.contains(&id(",")), "{next:?}");
     }
 
     #[test]
