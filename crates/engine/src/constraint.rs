@@ -11,14 +11,13 @@
 //!
 //! Compiling is the one thing a client can make arbitrarily deep or slow, so it never runs on
 //! the caller's stack: each compilation gets a thread of its own with a large stack (at most
-//! [`MAX_CONCURRENT_COMPILES`] at once; more are refused as overloaded), a size and nesting
+//! [`MAX_CONCURRENT_COMPILES`] at once; another waits for a place, bounded), a size and nesting
 //! limit before it starts and a time limit while it runs, and its panics are caught. Compiled
 //! grammars are kept by content ([`CACHE_ENTRIES`] of them), so a repeated schema, or the `n`
 //! choices of one request, cost a copy. A grammar whose language is empty is refused.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use crate::ConstraintSpec;
@@ -95,7 +94,8 @@ impl VocabSpec {
 /// The stack of a compiling thread: llguidance's schema and grammar compilers recurse once per
 /// nesting level and `$ref` hop. Address space only; pages are committed as they are touched.
 const COMPILE_STACK_BYTES: usize = 256 << 20;
-/// Compilations running at once; more are refused as overloaded (503), never queued.
+/// Compilations running at once; another waits for a place at most [`COMPILE_TIMEOUT`],
+/// then is refused as overloaded (503).
 pub(crate) const MAX_CONCURRENT_COMPILES: usize = 4;
 /// A compilation that takes longer is refused (its thread finishes in the background, still
 /// counted against [`MAX_CONCURRENT_COMPILES`]).
@@ -113,7 +113,8 @@ pub(crate) enum CompileError {
     /// The constraint is invalid, over a limit, or its language is empty (the client's to
     /// fix). The message names the limit or the problem, never the library's internals.
     Invalid(String),
-    /// [`MAX_CONCURRENT_COMPILES`] compilations are running; retry later.
+    /// [`MAX_CONCURRENT_COMPILES`] compilations kept running for [`COMPILE_TIMEOUT`];
+    /// retry later.
     Busy,
 }
 
@@ -122,7 +123,7 @@ pub(crate) enum CompileError {
 pub(crate) struct ConstraintCompiler {
     text: Arc<TextTokenizer>,
     factory: OnceLock<Result<Arc<ParserFactory>, String>>,
-    running: Arc<AtomicUsize>,
+    running: Arc<Places>,
     cache: Mutex<Cache>,
 }
 
@@ -139,7 +140,7 @@ impl ConstraintCompiler {
         Self {
             text,
             factory: OnceLock::new(),
-            running: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(Places::default()),
             cache: Mutex::new(Cache::default()),
         }
     }
@@ -199,11 +200,7 @@ impl ConstraintCompiler {
         factory: Arc<ParserFactory>,
         spec: ConstraintSpec,
     ) -> Result<Matcher, CompileError> {
-        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT_COMPILES {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            return Err(CompileError::Busy);
-        }
-        let slot = Slot(Arc::clone(&self.running));
+        let slot = Places::take(&self.running).ok_or(CompileError::Busy)?;
         let (tx, rx) = mpsc::sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("constraint-compile".into())
@@ -235,12 +232,37 @@ impl ConstraintCompiler {
     }
 }
 
+/// The compilations running, and a signal for those waiting for a place.
+#[derive(Default)]
+struct Places {
+    running: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Places {
+    /// A place among [`MAX_CONCURRENT_COMPILES`], waiting at most [`COMPILE_TIMEOUT`].
+    fn take(places: &Arc<Places>) -> Option<Slot> {
+        let running = places.running.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut running, _) = places
+            .freed
+            .wait_timeout_while(running, COMPILE_TIMEOUT, |n| *n >= MAX_CONCURRENT_COMPILES)
+            .unwrap_or_else(|e| e.into_inner());
+        if *running >= MAX_CONCURRENT_COMPILES {
+            return None;
+        }
+        *running += 1;
+        Some(Slot(Arc::clone(places)))
+    }
+}
+
 /// Gives a compilation's place back when its thread ends, however it ends.
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<Places>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running = running.saturating_sub(1);
+        self.0.freed.notify_one();
     }
 }
 
