@@ -110,6 +110,85 @@ def test_required_call_streams_like_openai(client: openai.OpenAI, model_id: str)
     assert json.loads(calls[0]["arguments"]) == json.loads(call.function.arguments)
 
 
+FORCED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_forced_call_arguments_stream_as_generated(client: openai.OpenAI, model_id: str) -> None:
+    """The arguments come in several deltas, as OpenAI streams them (progressive UIs,
+    instructor's partial objects), and make the whole response's arguments."""
+    kwargs = dict(
+        model=model_id,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice=FORCED_WEATHER,
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=80,
+    )
+    whole = client.chat.completions.create(**kwargs)
+    (call,) = whole.choices[0].message.tool_calls
+    check_call(call)
+    opening = None
+    pieces: list[str] = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                assert d.index == 0
+                if d.id:
+                    # The opening delta: id, type and name, arguments still empty.
+                    assert opening is None and not pieces
+                    opening = d
+                    assert d.type == "function"
+                    assert d.function.name == "get_weather"
+                    assert not d.function.arguments
+                else:
+                    assert opening is not None and not (d.function and d.function.name)
+                    pieces.append(d.function.arguments)
+    assert opening is not None
+    assert len(pieces) > 1, pieces
+    assert json.loads("".join(pieces)) == json.loads(call.function.arguments)
+
+
+# 6 tokens cut the default model's forced call before its name, 20 inside its arguments.
+@pytest.mark.parametrize(("max_tokens", "named"), [(6, False), (20, True)])
+def test_call_cut_by_max_tokens_leaks_no_markup(
+    client: openai.OpenAI, model_id: str, max_tokens: int, named: bool
+) -> None:
+    """A call cut by `max_tokens` is not content: with its name known it is a call with the
+    arguments so far (finish_reason `length`, as OpenAI's), else it is dropped."""
+    kwargs = dict(
+        model=model_id,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice=FORCED_WEATHER,
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    whole = client.chat.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length"
+    assert "tool_call" not in (choice.message.content or "")
+    calls = choice.message.tool_calls or []
+    assert len(calls) == (1 if named else 0), calls
+    for call in calls:
+        assert call.function.name == "get_weather"
+        # Cut: the start of the JSON, not all of it.
+        assert call.function.arguments.startswith("{") or not call.function.arguments
+        assert not call.function.arguments.endswith("}")
+    streamed_content, streamed_arguments, finish = "", "", None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            streamed_content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                streamed_arguments += (d.function and d.function.arguments) or ""
+            finish = c.finish_reason or finish
+    assert finish == "length"
+    assert streamed_content == (choice.message.content or "")
+    whole_arguments = "".join(c.function.arguments for c in calls)
+    assert streamed_arguments == whole_arguments
+
+
 def test_tool_results_in_the_history(client: openai.OpenAI, model_id: str) -> None:
     messages = ASK + [
         {

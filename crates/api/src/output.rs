@@ -13,7 +13,29 @@
 //! - Mistral: `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}` objects, or
 //!   `name[ARGS]{...}` (with `[CALL_ID]id` between in tokenizer v11), repeated.
 //!
-//! Text that looks like a call but does not parse stays content, as vLLM does.
+//! A call is given out as [`Piece::CallStart`], [`Piece::CallArguments`] fragments and
+//! [`Piece::CallEnd`], so a stream sends the arguments as the model writes them, as OpenAI
+//! does. A call starts streaming only once its opening is unambiguous, because a started
+//! call cannot be taken back:
+//! - Hermes and Mistral's list: the object opens as `{"name": "<function name>",
+//!   "arguments": {` (or `"parameters"`), the name complete and a valid function name;
+//! - Mistral's `name[ARGS]{`: the name valid and the arguments an object.
+//!
+//! A started call's arguments are the model's JSON text without the whitespace between its
+//! tokens (the same value, compact, in the model's key order), checked byte by byte: what is
+//! sent is always the start of a valid JSON value, and a complete call's arguments are
+//! valid JSON. Any other shape (arguments before the name, arguments as a string) is parsed
+//! when the call is complete and sent in one piece, re-serialised compactly.
+//!
+//! Text that looks like a call but does not parse before the call started stays content,
+//! as vLLM does. Once a call started, its markup never becomes content: if the JSON breaks
+//! (or the closing `</tool_call>` does not follow), the call ends with the arguments it had,
+//! and what follows is dropped up to the call's closing marker (`</tool_call>`, or the next
+//! `[TOOL_CALLS]` in Mistral's syntax, which has none).
+//!
+//! When the output ends inside a call (`max_tokens`), the markup is not content either: a
+//! call whose name is known is given out with the arguments generated so far (the finish
+//! reason stays `length`, as OpenAI's does); a call cut before its name is dropped.
 
 use serde_json::Value;
 
@@ -23,6 +45,9 @@ pub(crate) enum CallSyntax {
     Hermes,
     Mistral,
 }
+
+/// Hermes' closing marker.
+const HERMES_CLOSE: &str = "</tool_call>";
 
 impl CallSyntax {
     fn marker(self) -> &'static str {
@@ -55,29 +80,62 @@ impl ParserSpec {
     }
 }
 
-/// A parsed tool call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ParsedCall {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    /// The arguments as a JSON string (OpenAI's shape).
-    pub(crate) arguments: String,
-}
-
-/// A piece of output.
+/// A piece of output. A call comes as `CallStart`, then `CallArguments` fragments whose
+/// concatenation is its arguments (OpenAI's JSON string), then `CallEnd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Piece {
     Reasoning(String),
     Content(String),
-    Call(ParsedCall),
+    /// A call begins: its id and the function's name.
+    CallStart {
+        id: String,
+        name: String,
+    },
+    /// The next fragment of the current call's arguments.
+    CallArguments(String),
+    /// The current call is complete (or was cut).
+    CallEnd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Mode {
     /// Only whitespace so far: a reasoning block may open.
     Start,
     Reasoning,
     Content,
+    /// At a call marker or between calls, no call started.
+    Calls,
+    /// Inside a call that started.
+    Call(Inside),
+}
+
+/// Where the parser is inside a started call.
+#[derive(Debug)]
+enum Inside {
+    /// The current call's arguments, given out as they come.
+    Arguments {
+        scan: JsonScan,
+        /// The arguments are a member of a call object (Hermes, Mistral's list).
+        in_object: bool,
+        then: After,
+    },
+    /// The call object's members after the arguments, skipped up to its `}`.
+    ObjectTail { scan: JsonScan, then: After },
+    /// Hermes: `</tool_call>` comes next.
+    HermesClose,
+    /// Mistral's list: `,` and another call, or `]`.
+    ListNext,
+    /// Mistral's list: a call object comes next.
+    ListItem,
+    /// The call broke off: its markup is dropped up to its closing marker.
+    Skip,
+}
+
+/// What follows a call object (or Mistral's `[ARGS]` value).
+#[derive(Debug, Clone, Copy)]
+enum After {
+    HermesClose,
+    ListNext,
     Calls,
 }
 
@@ -91,6 +149,8 @@ pub(crate) struct OutputParser {
     /// Drop whitespace before the content that follows a reasoning block.
     trim_content: bool,
     calls: usize,
+    /// The current call is kept (only the first is with `single_call`).
+    emitting: bool,
     /// A call failed to parse: the rest is content.
     gave_up: bool,
 }
@@ -108,11 +168,12 @@ impl OutputParser {
             buf: String::new(),
             trim_content: false,
             calls: 0,
+            emitting: false,
             gave_up: false,
         }
     }
 
-    /// Calls parsed so far (kept ones).
+    /// Calls given out so far (kept ones).
     pub(crate) fn calls(&self) -> usize {
         self.calls
     }
@@ -129,6 +190,15 @@ impl OutputParser {
     pub(crate) fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         self.run(&mut out, true);
+        if let Mode::Call(inside) = &self.mode {
+            // Ended inside a started call (`max_tokens`): the call keeps the arguments it
+            // has, and the rest of its markup is not content.
+            if matches!(inside, Inside::Arguments { .. }) {
+                self.end_call(&mut out);
+            }
+            self.buf.clear();
+            self.mode = Mode::Content;
+        }
         let rest = std::mem::take(&mut self.buf);
         if !rest.is_empty() {
             match self.mode {
@@ -142,11 +212,15 @@ impl OutputParser {
 
     fn run(&mut self, out: &mut Vec<Piece>, end: bool) {
         loop {
-            let progressed = match self.mode {
+            let progressed = match &self.mode {
                 Mode::Start => self.start(),
                 Mode::Reasoning => self.reasoning(out),
                 Mode::Content => self.content(out),
                 Mode::Calls => self.tool_calls(out, end),
+                Mode::Call(_) => match std::mem::replace(&mut self.mode, Mode::Calls) {
+                    Mode::Call(inside) => self.inside_call(inside, out, end),
+                    _ => false,
+                },
             };
             if !progressed {
                 return;
@@ -230,13 +304,15 @@ impl OutputParser {
         false
     }
 
-    /// At a call marker (or between calls): parses whole calls off the front of the buffer.
+    /// At a call marker (or between calls): starts the call once its opening is
+    /// unambiguous, or parses a call of another shape once it is whole. The marker stays in
+    /// the buffer until then, so that a call that does not parse stays content.
     fn tool_calls(&mut self, out: &mut Vec<Piece>, end: bool) -> bool {
         let Some(syntax) = self.spec.calls else {
             self.mode = Mode::Content;
             return true;
         };
-        let lead = self.buf.len() - self.buf.trim_start().len();
+        let lead = ws_len(&self.buf);
         let rest = &self.buf[lead..];
         let marker = syntax.marker();
         if !rest.starts_with(marker) {
@@ -249,29 +325,40 @@ impl OutputParser {
             return true;
         }
         let body = &rest[marker.len()..];
-        let parsed = match syntax {
-            CallSyntax::Hermes => parse_hermes(body),
+        let opened = match syntax {
+            CallSyntax::Hermes => parse_hermes(body, end),
             CallSyntax::Mistral => parse_mistral(body),
         };
-        match parsed {
-            Parse::Done(calls, used) => {
-                let consumed = lead + marker.len() + used;
-                self.buf.drain(..consumed);
+        let head = lead + marker.len();
+        match opened {
+            Opened::Stream {
+                name,
+                used,
+                in_object,
+                then,
+            } => {
+                self.buf.drain(..head + used);
+                self.start_call(out, name);
+                self.mode = Mode::Call(Inside::Arguments {
+                    scan: JsonScan::new(),
+                    in_object,
+                    then,
+                });
+                true
+            }
+            Opened::Whole(calls, used) => {
+                self.buf.drain(..head + used);
                 for (name, arguments) in calls {
-                    if self.spec.single_call && self.calls >= 1 {
-                        continue;
-                    }
-                    self.calls += 1;
-                    out.push(Piece::Call(ParsedCall {
-                        id: call_id(self.spec.short_ids),
-                        name,
-                        arguments,
-                    }));
+                    self.whole_call(out, name, arguments);
                 }
                 true
             }
-            Parse::NeedMore if !end => false,
-            Parse::NeedMore | Parse::Invalid => {
+            Opened::NeedMore(_) if !end => false,
+            Opened::NeedMore(name) => {
+                self.cut_before_arguments(out, name);
+                true
+            }
+            Opened::Invalid => {
                 // Not a call after all: the rest is content.
                 self.gave_up = true;
                 self.mode = Mode::Content;
@@ -279,6 +366,224 @@ impl OutputParser {
             }
         }
     }
+
+    /// One step inside a started call; `self.mode` is `Calls` on entry and is set here.
+    fn inside_call(&mut self, inside: Inside, out: &mut Vec<Piece>, end: bool) -> bool {
+        match inside {
+            Inside::Arguments {
+                mut scan,
+                in_object,
+                then,
+            } => {
+                let (used, kept, state) = scan.run(&self.buf);
+                self.buf.drain(..used);
+                if self.emitting && !kept.is_empty() {
+                    out.push(Piece::CallArguments(kept));
+                }
+                match state {
+                    Scanned::Open => {
+                        self.mode = Mode::Call(Inside::Arguments {
+                            scan,
+                            in_object,
+                            then,
+                        });
+                        false
+                    }
+                    Scanned::Complete => {
+                        self.end_call(out);
+                        self.mode = if in_object {
+                            Mode::Call(Inside::ObjectTail {
+                                scan: JsonScan::after_member(),
+                                then,
+                            })
+                        } else {
+                            after(then)
+                        };
+                        true
+                    }
+                    Scanned::Broken => {
+                        self.end_call(out);
+                        self.mode = Mode::Call(Inside::Skip);
+                        true
+                    }
+                }
+            }
+            Inside::ObjectTail { mut scan, then } => {
+                let (used, _, state) = scan.run(&self.buf);
+                self.buf.drain(..used);
+                match state {
+                    Scanned::Open => {
+                        self.mode = Mode::Call(Inside::ObjectTail { scan, then });
+                        false
+                    }
+                    Scanned::Complete => {
+                        self.mode = after(then);
+                        true
+                    }
+                    Scanned::Broken => {
+                        self.mode = Mode::Call(Inside::Skip);
+                        true
+                    }
+                }
+            }
+            Inside::HermesClose => {
+                let lead = ws_len(&self.buf);
+                let rest = &self.buf[lead..];
+                if rest.starts_with(HERMES_CLOSE) {
+                    self.buf.drain(..lead + HERMES_CLOSE.len());
+                    true
+                } else if HERMES_CLOSE.starts_with(rest) {
+                    self.mode = Mode::Call(Inside::HermesClose);
+                    false
+                } else {
+                    self.mode = Mode::Call(Inside::Skip);
+                    true
+                }
+            }
+            Inside::ListNext => {
+                let lead = ws_len(&self.buf);
+                match self.buf[lead..].chars().next() {
+                    None => {
+                        self.mode = Mode::Call(Inside::ListNext);
+                        false
+                    }
+                    Some(',') => {
+                        self.buf.drain(..lead + 1);
+                        self.mode = Mode::Call(Inside::ListItem);
+                        true
+                    }
+                    Some(']') => {
+                        self.buf.drain(..lead + 1);
+                        true
+                    }
+                    Some(_) => {
+                        self.mode = Mode::Call(Inside::Skip);
+                        true
+                    }
+                }
+            }
+            Inside::ListItem => self.list_item(out, end),
+            Inside::Skip => {
+                let close = match self.spec.calls {
+                    Some(CallSyntax::Mistral) => CallSyntax::Mistral.marker(),
+                    _ => HERMES_CLOSE,
+                };
+                match self.buf.find(close) {
+                    // Mistral's marker opens the next call: it stays.
+                    Some(at) if close == HERMES_CLOSE => {
+                        self.buf.drain(..at + close.len());
+                        true
+                    }
+                    Some(at) => {
+                        self.buf.drain(..at);
+                        true
+                    }
+                    None => {
+                        let safe = safe_len(&self.buf, &[close]);
+                        self.buf.drain(..safe);
+                        self.mode = Mode::Call(Inside::Skip);
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Mistral's list after a started call: the next call object.
+    fn list_item(&mut self, out: &mut Vec<Piece>, end: bool) -> bool {
+        let lead = ws_len(&self.buf);
+        let text = &self.buf[lead..];
+        let name = match object_opening(text) {
+            Opening::Stream { name, used } => {
+                self.buf.drain(..lead + used);
+                self.start_call(out, name);
+                self.mode = Mode::Call(Inside::Arguments {
+                    scan: JsonScan::new(),
+                    in_object: true,
+                    then: After::ListNext,
+                });
+                return true;
+            }
+            Opening::Partial(name) => name,
+            Opening::Whole(name) => match json_prefix(text) {
+                Ok((value, used)) => {
+                    self.mode = match named_call(&value) {
+                        Some((name, arguments)) => {
+                            self.buf.drain(..lead + used);
+                            self.whole_call(out, name, arguments);
+                            Mode::Call(Inside::ListNext)
+                        }
+                        None => Mode::Call(Inside::Skip),
+                    };
+                    return true;
+                }
+                Err(true) => name,
+                Err(false) => {
+                    self.mode = Mode::Call(Inside::Skip);
+                    return true;
+                }
+            },
+        };
+        if end {
+            self.cut_before_arguments(out, name);
+            true
+        } else {
+            self.mode = Mode::Call(Inside::ListItem);
+            false
+        }
+    }
+
+    /// The output ended in a call's opening: a call whose name is known is given out with
+    /// no arguments; the markup is dropped either way.
+    fn cut_before_arguments(&mut self, out: &mut Vec<Piece>, name: Option<String>) {
+        self.buf.clear();
+        self.mode = Mode::Calls;
+        if let Some(name) = name {
+            self.start_call(out, name);
+            self.end_call(out);
+        }
+    }
+
+    fn start_call(&mut self, out: &mut Vec<Piece>, name: String) {
+        self.emitting = !(self.spec.single_call && self.calls >= 1);
+        if self.emitting {
+            self.calls += 1;
+            out.push(Piece::CallStart {
+                id: call_id(self.spec.short_ids),
+                name,
+            });
+        }
+    }
+
+    fn end_call(&mut self, out: &mut Vec<Piece>) {
+        if self.emitting {
+            out.push(Piece::CallEnd);
+        }
+        self.emitting = false;
+    }
+
+    /// A call parsed whole, given out in one go.
+    fn whole_call(&mut self, out: &mut Vec<Piece>, name: String, arguments: String) {
+        self.start_call(out, name);
+        if self.emitting && !arguments.is_empty() {
+            out.push(Piece::CallArguments(arguments));
+        }
+        self.end_call(out);
+    }
+}
+
+/// The mode after a call object or value.
+fn after(then: After) -> Mode {
+    match then {
+        After::HermesClose => Mode::Call(Inside::HermesClose),
+        After::ListNext => Mode::Call(Inside::ListNext),
+        After::Calls => Mode::Calls,
+    }
+}
+
+/// The bytes of JSON whitespace at the start of `text`.
+fn ws_len(text: &str) -> usize {
+    text.len() - text.trim_start_matches([' ', '\t', '\n', '\r']).len()
 }
 
 /// The length of the prefix of `buf` that cannot be the start of any marker.
@@ -296,11 +601,110 @@ fn safe_len(buf: &str, markers: &[&str]) -> usize {
     safe
 }
 
-enum Parse {
-    /// Calls (name, arguments JSON) and the bytes of the body they took.
-    Done(Vec<(String, String)>, usize),
-    NeedMore,
+/// What the text after a call marker is, before any call of it started.
+enum Opened {
+    /// A call whose arguments stream: `used` bytes of the body, up to the arguments' `{`.
+    Stream {
+        name: String,
+        used: usize,
+        in_object: bool,
+        then: After,
+    },
+    /// Calls of another shape, parsed whole (name, arguments JSON), and the bytes taken.
+    Whole(Vec<(String, String)>, usize),
+    /// More text could complete it; the call's name once it is certain.
+    NeedMore(Option<String>),
     Invalid,
+}
+
+/// How a call object (`{"name": ..., "arguments": ...}`) opens.
+enum Opening {
+    /// `{"name": "<name>", "arguments": ` and the value's `{`: `used` bytes before it.
+    Stream { name: String, used: usize },
+    /// Still a prefix of such an opening; the name once read.
+    Partial(Option<String>),
+    /// Some other shape (or not an object): parsed when whole; the name if it came first.
+    Whole(Option<String>),
+}
+
+/// Whether a literal came after whitespace.
+enum Step {
+    Matched,
+    Short,
+    Differs,
+}
+
+/// Skips whitespace at `*at`, then takes one of `options` if it is there.
+fn expect(text: &str, at: &mut usize, options: &[&str]) -> Step {
+    *at += ws_len(&text[*at..]);
+    let rest = &text[*at..];
+    if let Some(option) = options.iter().find(|o| rest.starts_with(**o)) {
+        *at += option.len();
+        Step::Matched
+    } else if options.iter().any(|o| o.starts_with(rest)) {
+        Step::Short
+    } else {
+        Step::Differs
+    }
+}
+
+/// Reads the opening of a call object at the start of `text`.
+fn object_opening(text: &str) -> Opening {
+    let mut at = 0;
+    for options in [&["{"][..], &["\"name\""], &[":"]] {
+        match expect(text, &mut at, options) {
+            Step::Matched => {}
+            Step::Short => return Opening::Partial(None),
+            Step::Differs => return Opening::Whole(None),
+        }
+    }
+    at += ws_len(&text[at..]);
+    let name = match json_string(&text[at..]) {
+        None => return Opening::Partial(None),
+        Some(Ok((name, used))) if crate::tools::is_function_name(&name) => {
+            at += used;
+            name
+        }
+        Some(_) => return Opening::Whole(None),
+    };
+    for options in [&[","][..], &["\"arguments\"", "\"parameters\""], &[":"]] {
+        match expect(text, &mut at, options) {
+            Step::Matched => {}
+            Step::Short => return Opening::Partial(Some(name)),
+            Step::Differs => return Opening::Whole(Some(name)),
+        }
+    }
+    at += ws_len(&text[at..]);
+    match text[at..].chars().next() {
+        None => Opening::Partial(Some(name)),
+        Some('{') => Opening::Stream { name, used: at },
+        Some(_) => Opening::Whole(Some(name)),
+    }
+}
+
+/// A JSON string at the start of `text` and its length in bytes; `None` until it closes.
+fn json_string(text: &str) -> Option<Result<(String, usize), ()>> {
+    let bytes = text.as_bytes();
+    match bytes.first() {
+        None => return None,
+        Some(b'"') => {}
+        Some(_) => return Some(Err(())),
+    }
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => {
+                return Some(
+                    serde_json::from_str::<String>(&text[..=i])
+                        .map(|s| (s, i + 1))
+                        .map_err(|_| ()),
+                );
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Reads one JSON value at the start of `text` (after whitespace): the value and the bytes
@@ -326,39 +730,75 @@ fn named_call(value: &Value) -> Option<(String, String)> {
     Some((name, arguments))
 }
 
-fn parse_hermes(body: &str) -> Parse {
-    const CLOSE: &str = "</tool_call>";
+/// A Hermes call after its marker. A call object parsed whole whose closing marker has not
+/// come is a call at the `end` of the output.
+fn parse_hermes(body: &str, end: bool) -> Opened {
+    let lead = ws_len(body);
+    let name = match object_opening(&body[lead..]) {
+        Opening::Stream { name, used } => {
+            return Opened::Stream {
+                name,
+                used: lead + used,
+                in_object: true,
+                then: After::HermesClose,
+            };
+        }
+        Opening::Partial(name) => return Opened::NeedMore(name),
+        Opening::Whole(name) => name,
+    };
     match json_prefix(body) {
         Ok((value, used)) => {
             let Some(call) = named_call(&value) else {
-                return Parse::Invalid;
+                return Opened::Invalid;
             };
             let after = &body[used..];
-            let lead = after.len() - after.trim_start().len();
+            let lead = ws_len(after);
             let after = &after[lead..];
-            if after.starts_with(CLOSE) {
-                Parse::Done(vec![call], used + lead + CLOSE.len())
-            } else if CLOSE.starts_with(after) {
-                Parse::NeedMore
+            if after.starts_with(HERMES_CLOSE) {
+                Opened::Whole(vec![call], used + lead + HERMES_CLOSE.len())
+            } else if HERMES_CLOSE.starts_with(after) {
+                if end {
+                    Opened::Whole(vec![call], body.len())
+                } else {
+                    Opened::NeedMore(Some(call.0))
+                }
             } else {
-                Parse::Invalid
+                Opened::Invalid
             }
         }
-        Err(true) => Parse::NeedMore,
-        Err(false) => Parse::Invalid,
+        Err(true) => Opened::NeedMore(name),
+        Err(false) => Opened::Invalid,
     }
 }
 
-fn parse_mistral(body: &str) -> Parse {
+fn parse_mistral(body: &str) -> Opened {
     const ARGS: &str = "[ARGS]";
     const CALL_ID: &str = "[CALL_ID]";
-    let lead = body.len() - body.trim_start().len();
+    let lead = ws_len(body);
     let text = &body[lead..];
     if text.is_empty() {
-        return Parse::NeedMore;
+        return Opened::NeedMore(None);
     }
     if text.starts_with('[') || text.starts_with('{') {
-        // Tokenizers v2 to v7: a JSON list of calls (or one call).
+        // Tokenizers v2 to v7: a JSON list of calls (or one call). A call object that
+        // opens with its name streams; any other shape is parsed whole.
+        let (skip, then) = if let Some(items) = text.strip_prefix('[') {
+            (1 + ws_len(items), After::ListNext)
+        } else {
+            (0, After::Calls)
+        };
+        let name = match object_opening(&text[skip..]) {
+            Opening::Stream { name, used } => {
+                return Opened::Stream {
+                    name,
+                    used: lead + skip + used,
+                    in_object: true,
+                    then,
+                };
+            }
+            Opening::Partial(name) => return Opened::NeedMore(name),
+            Opening::Whole(name) => name,
+        };
         return match json_prefix(text) {
             Ok((value, used)) => {
                 let items = match &value {
@@ -367,20 +807,28 @@ fn parse_mistral(body: &str) -> Parse {
                 };
                 let calls: Option<Vec<_>> = items.into_iter().map(named_call).collect();
                 match calls {
-                    Some(calls) if !calls.is_empty() => Parse::Done(calls, lead + used),
-                    _ => Parse::Invalid,
+                    Some(calls) if !calls.is_empty() => Opened::Whole(calls, lead + used),
+                    _ => Opened::Invalid,
                 }
             }
-            Err(true) => Parse::NeedMore,
-            Err(false) => Parse::Invalid,
+            Err(true) => Opened::NeedMore(name),
+            Err(false) => Opened::Invalid,
         };
     }
     // v11 and later: name [CALL_ID] id [ARGS] {json}.
     let Some(args_at) = text.find(ARGS) else {
+        if let Some(at) = text.find(CALL_ID) {
+            let name = text[..at].trim();
+            return if crate::tools::is_function_name(name) {
+                Opened::NeedMore(Some(name.to_owned()))
+            } else {
+                Opened::Invalid
+            };
+        }
         return if text.len() > 256 {
-            Parse::Invalid
+            Opened::Invalid
         } else {
-            Parse::NeedMore
+            Opened::NeedMore(None)
         };
     };
     let head = &text[..args_at];
@@ -390,16 +838,306 @@ fn parse_mistral(body: &str) -> Parse {
     }
     .trim();
     if !crate::tools::is_function_name(name) {
-        return Parse::Invalid;
+        return Opened::Invalid;
     }
-    let json = &text[args_at + ARGS.len()..];
-    match json_prefix(json) {
-        Ok((value, used)) => Parse::Done(
-            vec![(name.to_owned(), value.to_string())],
-            lead + args_at + ARGS.len() + used,
-        ),
-        Err(true) => Parse::NeedMore,
-        Err(false) => Parse::Invalid,
+    let start = args_at + ARGS.len();
+    let json = &text[start..];
+    let gap = ws_len(json);
+    match json[gap..].chars().next() {
+        None => Opened::NeedMore(Some(name.to_owned())),
+        Some('{') => Opened::Stream {
+            name: name.to_owned(),
+            used: lead + start + gap,
+            in_object: false,
+            then: After::Calls,
+        },
+        Some(_) => match json_prefix(json) {
+            Ok((value, used)) => Opened::Whole(
+                vec![(name.to_owned(), value.to_string())],
+                lead + start + used,
+            ),
+            Err(true) => Opened::NeedMore(Some(name.to_owned())),
+            Err(false) => Opened::Invalid,
+        },
+    }
+}
+
+/// How far a [`JsonScan`] got in the text it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scanned {
+    /// All of it taken; the value is not complete yet.
+    Open,
+    /// The value is complete: the text after it is not taken.
+    Complete,
+    /// The text cannot continue a JSON value: the rest is not taken.
+    Broken,
+}
+
+/// What a [`JsonScan`] expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// A value.
+    Value,
+    /// After `[`: a value or `]`.
+    FirstItem,
+    /// After `{`: a key or `}`.
+    FirstKey,
+    /// After `,` in an object: a key.
+    Key,
+    Colon,
+    /// After a value in a container: `,` or the container's close.
+    Next,
+    /// Inside a string (a key's when `key`), after a backslash when `escape`, in a `\u`
+    /// escape with `hex` digits to go.
+    Str {
+        key: bool,
+        escape: bool,
+        hex: u8,
+    },
+    Number(Num),
+    /// Inside `true`, `false` or `null`, `at` bytes of `word` read.
+    Literal {
+        word: &'static str,
+        at: usize,
+    },
+    Done,
+}
+
+/// Where a number is in JSON's number grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+impl Num {
+    /// The next state after `c`, if `c` continues the number.
+    fn next(self, c: char) -> Option<Num> {
+        let digit = c.is_ascii_digit();
+        match (self, c) {
+            (Num::Minus, '0') => Some(Num::Zero),
+            (Num::Minus, _) if digit => Some(Num::Int),
+            (Num::Int, _) if digit => Some(Num::Int),
+            (Num::Zero | Num::Int, '.') => Some(Num::Dot),
+            (Num::Dot | Num::Frac, _) if digit => Some(Num::Frac),
+            (Num::Zero | Num::Int | Num::Frac, 'e' | 'E') => Some(Num::Exp),
+            (Num::Exp, '+' | '-') => Some(Num::ExpSign),
+            (Num::Exp | Num::ExpSign | Num::ExpDigits, _) if digit => Some(Num::ExpDigits),
+            _ => None,
+        }
+    }
+
+    /// The number may end here.
+    fn complete(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+    }
+}
+
+/// What one character is to a [`JsonScan`].
+enum Char {
+    /// Part of the value.
+    Keep,
+    /// Whitespace between tokens: dropped from the compact text.
+    Space,
+    /// Cannot continue the value.
+    Bad,
+}
+
+/// An incremental JSON syntax check: it reads one value a character at a time, so a call's
+/// arguments can be given out as they come while what was given out stays the start of a
+/// valid value, and it knows where the value ends without waiting for more text.
+#[derive(Debug, Clone)]
+struct JsonScan {
+    /// The open containers, `{` or `[`.
+    stack: Vec<u8>,
+    expect: Expect,
+}
+
+impl JsonScan {
+    fn new() -> Self {
+        Self {
+            stack: Vec::new(),
+            expect: Expect::Value,
+        }
+    }
+
+    /// Inside an object, after a member's value: reads the object's other members and its
+    /// `}`.
+    fn after_member() -> Self {
+        Self {
+            stack: vec![b'{'],
+            expect: Expect::Next,
+        }
+    }
+
+    /// Reads the start of `text`: the bytes taken, the compact text of what they hold, and
+    /// how far the value got.
+    fn run(&mut self, text: &str) -> (usize, String, Scanned) {
+        let mut kept = String::new();
+        for (at, c) in text.char_indices() {
+            match self.push(c) {
+                Char::Keep => kept.push(c),
+                Char::Space => {}
+                Char::Bad => return (at, kept, Scanned::Broken),
+            }
+            if self.expect == Expect::Done {
+                return (at + c.len_utf8(), kept, Scanned::Complete);
+            }
+        }
+        (text.len(), kept, Scanned::Open)
+    }
+
+    /// A value ended: the container's next, or the end.
+    fn value_done(&mut self) {
+        self.expect = if self.stack.is_empty() {
+            Expect::Done
+        } else {
+            Expect::Next
+        };
+    }
+
+    fn push(&mut self, c: char) -> Char {
+        let space = matches!(c, ' ' | '\t' | '\n' | '\r');
+        match self.expect {
+            Expect::Str { key, escape, hex } => {
+                self.expect = match (escape, hex, c) {
+                    (_, 1.., _) if c.is_ascii_hexdigit() => Expect::Str {
+                        key,
+                        escape: false,
+                        hex: hex - 1,
+                    },
+                    (_, 1.., _) => return Char::Bad,
+                    (true, _, '"' | '\\' | '/' | 'b' | 'f' | 'n' | 'r' | 't') => Expect::Str {
+                        key,
+                        escape: false,
+                        hex: 0,
+                    },
+                    (true, _, 'u') => Expect::Str {
+                        key,
+                        escape: false,
+                        hex: 4,
+                    },
+                    (true, _, _) => return Char::Bad,
+                    (false, _, '"') if key => Expect::Colon,
+                    (false, _, '"') => {
+                        self.value_done();
+                        self.expect
+                    }
+                    (false, _, '\\') => Expect::Str {
+                        key,
+                        escape: true,
+                        hex: 0,
+                    },
+                    (false, _, _) if (c as u32) < 0x20 => return Char::Bad,
+                    (false, _, _) => self.expect,
+                };
+                Char::Keep
+            }
+            Expect::Number(num) => match num.next(c) {
+                Some(next) => {
+                    self.expect = Expect::Number(next);
+                    Char::Keep
+                }
+                None if num.complete() => {
+                    // The number ended before `c`, which the container reads.
+                    self.value_done();
+                    self.push(c)
+                }
+                None => Char::Bad,
+            },
+            Expect::Literal { word, at } => {
+                if word.as_bytes().get(at) != Some(&(c as u8)) || !c.is_ascii() {
+                    return Char::Bad;
+                }
+                if at + 1 == word.len() {
+                    self.value_done();
+                } else {
+                    self.expect = Expect::Literal { word, at: at + 1 };
+                }
+                Char::Keep
+            }
+            Expect::Done => Char::Bad,
+            _ if space => Char::Space,
+            Expect::Colon if c == ':' => {
+                self.expect = Expect::Value;
+                Char::Keep
+            }
+            Expect::Colon => Char::Bad,
+            Expect::FirstKey | Expect::Key if c == '"' => {
+                self.expect = Expect::Str {
+                    key: true,
+                    escape: false,
+                    hex: 0,
+                };
+                Char::Keep
+            }
+            Expect::FirstKey if c == '}' => self.close(b'{'),
+            Expect::FirstKey | Expect::Key => Char::Bad,
+            Expect::FirstItem if c == ']' => self.close(b'['),
+            Expect::Next => match (c, self.stack.last()) {
+                (',', Some(b'{')) => {
+                    self.expect = Expect::Key;
+                    Char::Keep
+                }
+                (',', _) => {
+                    self.expect = Expect::Value;
+                    Char::Keep
+                }
+                ('}', _) => self.close(b'{'),
+                (']', _) => self.close(b'['),
+                _ => Char::Bad,
+            },
+            Expect::Value | Expect::FirstItem => {
+                self.expect = match c {
+                    '{' => {
+                        self.stack.push(b'{');
+                        Expect::FirstKey
+                    }
+                    '[' => {
+                        self.stack.push(b'[');
+                        Expect::FirstItem
+                    }
+                    '"' => Expect::Str {
+                        key: false,
+                        escape: false,
+                        hex: 0,
+                    },
+                    '-' => Expect::Number(Num::Minus),
+                    '0' => Expect::Number(Num::Zero),
+                    '1'..='9' => Expect::Number(Num::Int),
+                    't' => Expect::Literal {
+                        word: "true",
+                        at: 1,
+                    },
+                    'f' => Expect::Literal {
+                        word: "false",
+                        at: 1,
+                    },
+                    'n' => Expect::Literal {
+                        word: "null",
+                        at: 1,
+                    },
+                    _ => return Char::Bad,
+                };
+                Char::Keep
+            }
+        }
+    }
+
+    /// `}` or `]`: closes the innermost container if it is of that kind.
+    fn close(&mut self, open: u8) -> Char {
+        if self.stack.last() != Some(&open) {
+            return Char::Bad;
+        }
+        self.stack.pop();
+        self.value_done();
+        Char::Keep
     }
 }
 
@@ -418,6 +1156,45 @@ fn call_id(short: bool) -> String {
     } else {
         format!("call_{suffix}")
     }
+}
+
+/// Outputs the responders' tests share, so that the stream's and the whole response's
+/// tests check the same calls.
+#[cfg(test)]
+pub(crate) mod samples {
+    /// A call as a model's tokens bring it, after some content.
+    pub(crate) const CALL: &[&str] = &[
+        "Let me look.",
+        "<tool_call>",
+        "\n{\"",
+        "name",
+        "\": \"",
+        "get",
+        "_weather",
+        "\",",
+        " \"arguments\": {\"",
+        "city",
+        "\": \"",
+        "Par",
+        "is\", \"",
+        "unit",
+        "\": \"",
+        "celsius",
+        "\"}}",
+        "\n</tool_call>\n",
+    ];
+    /// `CALL`'s arguments.
+    pub(crate) const CALL_ARGUMENTS: &str = r#"{"city":"Paris","unit":"celsius"}"#;
+    /// A call cut by `max_tokens` inside its arguments.
+    pub(crate) const CUT_IN_ARGUMENTS: &[&str] = &[
+        "<tool_call>",
+        "\n{\"name\": \"get_weather\", \"arguments\": {",
+        "\"city\": \"Pa",
+    ];
+    /// `CUT_IN_ARGUMENTS`' arguments.
+    pub(crate) const CUT_ARGUMENTS: &str = r#"{"city":"Pa"#;
+    /// A call cut by `max_tokens` before its name is known.
+    pub(crate) const CUT_BEFORE_NAME: &[&str] = &["<tool_call>", "\n{\"name\": \"get_wea"];
 }
 
 #[cfg(test)]
@@ -453,7 +1230,9 @@ mod tests {
             match piece {
                 Piece::Reasoning(t) => r.push_str(&t),
                 Piece::Content(t) => c.push_str(&t),
-                Piece::Call(call) => calls.push((call.name, call.arguments)),
+                Piece::CallStart { name, .. } => calls.push((name, String::new())),
+                Piece::CallArguments(t) => calls.last_mut().unwrap().1.push_str(&t),
+                Piece::CallEnd => {}
             }
         }
         (r, c, calls)
@@ -546,10 +1325,16 @@ mod tests {
         let (_, c, calls) = parse(spec(Some(CallSyntax::Hermes), false, false), text, 3);
         assert!(calls.is_empty());
         assert_eq!(c, text);
+        let nameless = "<tool_call>{\"name\": 5, \"arguments\": {}}</tool_call> after";
+        let (_, c, calls) = parse(spec(Some(CallSyntax::Hermes), false, false), nameless, 3);
+        assert!(calls.is_empty());
+        assert_eq!(c, nameless);
+        // Cut by the end of the output, a call whose name is known is a call (with the
+        // arguments it has), not content: see `calls_cut_by_the_end_leave_no_markup`.
         let cut = "<tool_call>{\"name\": \"a\", \"argu";
         let (_, c, calls) = parse(spec(Some(CallSyntax::Hermes), false, false), cut, 3);
-        assert!(calls.is_empty());
-        assert_eq!(c, cut);
+        assert_eq!(calls, vec![("a".to_owned(), String::new())]);
+        assert_eq!(c, "");
     }
 
     #[test]
@@ -559,6 +1344,278 @@ mod tests {
         let text = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
         let (_, _, calls) = parse(s, text, 7);
         assert_eq!(calls.len(), 1);
+    }
+
+    /// Feeds `text` in pieces of `step` bytes and returns every piece given out.
+    fn pieces(spec: ParserSpec, text: &str, step: usize) -> Vec<Piece> {
+        let mut p = OutputParser::new(spec);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < text.len() {
+            let mut j = (i + step).min(text.len());
+            while !text.is_char_boundary(j) {
+                j += 1;
+            }
+            out.extend(p.feed(&text[i..j]));
+            i = j;
+        }
+        out.extend(p.finish());
+        out
+    }
+
+    fn fragments(pieces: &[Piece]) -> Vec<&str> {
+        pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::CallArguments(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn arguments_stream_as_they_are_generated() {
+        let hermes = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris \\\"15e\\\"\", \"unit\": \"celsius\", \"days\": [1, 2.5e-3, true, null]}}\n</tool_call>\n";
+        let mistral_named = "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Nice\", \"days\": 3}";
+        let mistral_list = "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Nice\"}}, {\"name\": \"b\", \"parameters\": {\"x\": {}}}]";
+        let named = |name: &str, arguments: &str| (name.to_owned(), arguments.to_owned());
+        for (syntax, text, expected) in [
+            (
+                CallSyntax::Hermes,
+                hermes,
+                // The model's text without its whitespace (its numbers as it wrote them).
+                vec![named(
+                    "get_weather",
+                    "{\"city\":\"Paris \\\"15e\\\"\",\"unit\":\"celsius\",\"days\":[1,2.5e-3,true,null]}",
+                )],
+            ),
+            (
+                CallSyntax::Mistral,
+                mistral_named,
+                vec![named("get_weather", "{\"city\":\"Nice\",\"days\":3}")],
+            ),
+            (
+                CallSyntax::Mistral,
+                mistral_list,
+                vec![
+                    named("get_weather", "{\"city\":\"Nice\"}"),
+                    named("b", "{\"x\":{}}"),
+                ],
+            ),
+        ] {
+            let calls = expected.len();
+            let s = spec(Some(syntax), false, false);
+            let whole = parse(s.clone(), text, text.len());
+            assert_eq!(whole.1, "", "{text}");
+            assert_eq!(whole.2, expected, "{text}");
+            for (_, arguments) in &whole.2 {
+                serde_json::from_str::<Value>(arguments).unwrap();
+            }
+            for step in [1, 2, 3, 5] {
+                let out = pieces(s.clone(), text, step);
+                // More than one fragment per call, concatenating to the whole arguments.
+                assert!(fragments(&out).len() > calls, "step {step}: {out:?}");
+                assert_eq!(parse(s.clone(), text, step), whole, "step {step}");
+                // Each call opens before its first fragment and ends after its last.
+                let shape: Vec<u8> = out
+                    .iter()
+                    .map(|p| match p {
+                        Piece::CallStart { .. } => b'(',
+                        Piece::CallArguments(_) => b'a',
+                        Piece::CallEnd => b')',
+                        _ => b'.',
+                    })
+                    .filter(|&b| b != b'a')
+                    .collect();
+                assert_eq!(shape, b"()".repeat(calls), "step {step}");
+            }
+        }
+        // The opening goes out as soon as it is unambiguous, before the arguments end.
+        let mut p = OutputParser::new(spec(Some(CallSyntax::Hermes), false, false));
+        assert!(p.feed("<tool_call>{\"name\": \"get_weather\", ").is_empty());
+        let out = p.feed("\"arguments\": {\"ci");
+        assert!(matches!(&out[0], Piece::CallStart { name, .. } if name == "get_weather"));
+        assert_eq!(out[1], Piece::CallArguments("{\"ci".to_owned()));
+        assert_eq!(
+            p.feed("ty\": "),
+            vec![Piece::CallArguments("ty\":".to_owned())]
+        );
+    }
+
+    #[test]
+    fn other_call_shapes_come_whole() {
+        // Arguments before the name, or as a string: parsed when the call is complete.
+        let s = spec(Some(CallSyntax::Hermes), false, false);
+        let text = "<tool_call>{\"arguments\": {\"x\": 1}, \"name\": \"f\"}</tool_call><tool_call>{\"name\": \"g\", \"arguments\": \"{\\\"y\\\": 2}\"}</tool_call>";
+        for step in [1, 4, text.len()] {
+            let out = pieces(s.clone(), text, step);
+            assert_eq!(
+                fragments(&out),
+                vec!["{\"x\":1}", "{\"y\": 2}"],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn calls_cut_by_the_end_leave_no_markup() {
+        let hermes = spec(Some(CallSyntax::Hermes), false, false);
+        let mistral = spec(Some(CallSyntax::Mistral), false, false);
+        let named = |name: &str, arguments: &str| vec![(name.to_owned(), arguments.to_owned())];
+        for (s, text, calls) in [
+            // Inside the arguments: the arguments so far.
+            (
+                &hermes,
+                "Sure.<tool_call>\n{\"name\": \"get\", \"arguments\": {\"city\": \"Pa",
+                named("get", "{\"city\":\"Pa"),
+            ),
+            // The call is complete, its closing marker is not.
+            (
+                &hermes,
+                "Sure.<tool_call>{\"name\": \"get\", \"arguments\": {}}\n</tool_",
+                named("get", "{}"),
+            ),
+            (
+                &hermes,
+                "Sure.<tool_call>{\"arguments\": {}, \"name\": \"get\"}",
+                named("get", "{}"),
+            ),
+            // Before the name is known: dropped.
+            (&hermes, "Sure.<tool_call>\n{\"name\": \"ge", vec![]),
+            (&hermes, "Sure.<tool_call>", vec![]),
+            (&hermes, "Sure.<tool_call>{\"arguments\": {\"x\": ", vec![]),
+            (
+                &mistral,
+                "Sure.[TOOL_CALLS]get[ARGS]{\"city\": \"Ly",
+                named("get", "{\"city\":\"Ly"),
+            ),
+            (
+                &mistral,
+                "Sure.[TOOL_CALLS]get[CALL_ID]abc123def",
+                named("get", ""),
+            ),
+            (&mistral, "Sure.[TOOL_CALLS]get_wea", vec![]),
+            (
+                &mistral,
+                "Sure.[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"x\": 1}}, {\"name\": \"b\", \"arguments\": {\"y\": [",
+                vec![
+                    ("a".to_owned(), "{\"x\":1}".to_owned()),
+                    ("b".to_owned(), "{\"y\":[".to_owned()),
+                ],
+            ),
+            (
+                &mistral,
+                "Sure.[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"argu",
+                vec![
+                    ("a".to_owned(), "{}".to_owned()),
+                    ("b".to_owned(), String::new()),
+                ],
+            ),
+        ] {
+            for step in [1, 3, text.len()] {
+                let (_, c, got) = parse(s.clone(), text, step);
+                assert_eq!(c, "Sure.", "{text} step {step}");
+                assert_eq!(got, calls, "{text} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_started_call_that_breaks_keeps_its_markup_out_of_content() {
+        let s = spec(Some(CallSyntax::Hermes), false, false);
+        for (text, arguments) in [
+            (
+                "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": nope}}</tool_call>\nAfter.",
+                // `n` may still begin `null`.
+                "{\"a\":n",
+            ),
+            (
+                "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}}</tool_call> After.",
+                "{\"a\":1}",
+            ),
+            (
+                "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}, \"id\": [2]}</tool_call>After.",
+                "{\"a\":1}",
+            ),
+        ] {
+            for step in [1, 3, text.len()] {
+                let (_, c, calls) = parse(s.clone(), text, step);
+                assert_eq!(
+                    calls,
+                    vec![("f".to_owned(), arguments.to_owned())],
+                    "{text}"
+                );
+                assert_eq!(c, "After.", "{text} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn single_call_drops_the_later_calls_fragments() {
+        let mut s = spec(Some(CallSyntax::Hermes), false, false);
+        s.single_call = true;
+        let text = "<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": 1}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {\"y\": 2}}</tool_call>";
+        let out = pieces(s, text, 2);
+        assert_eq!(fragments(&out).concat(), "{\"x\":1}");
+        assert_eq!(out.iter().filter(|p| **p == Piece::CallEnd).count(), 1);
+    }
+
+    #[test]
+    fn the_scan_reads_json_as_serde_does() {
+        for good in [
+            "{}",
+            "{ \"a\" : [ ] , \"b\":[1,-0.5E+3, 0, -12e4,\"\\u00e9\\n\\/\"],\"c\":{\"d\":false}}",
+            "{\"é ü\": \"日本\", \"t\": true, \"n\": null, \"z\": [[[]]]}",
+        ] {
+            let mut scan = JsonScan::new();
+            let text = format!("{good} tail");
+            let (used, kept, state) = scan.run(&text);
+            assert_eq!((used, state), (good.len(), Scanned::Complete), "{good}");
+            let a: Value = serde_json::from_str(&kept).unwrap();
+            let b: Value = serde_json::from_str(good).unwrap();
+            assert_eq!(a, b);
+            // The same, a character at a time.
+            let mut scan = JsonScan::new();
+            let mut pieces = String::new();
+            for c in good.chars() {
+                let (_, kept, _) = scan.run(&c.to_string());
+                pieces.push_str(&kept);
+            }
+            assert_eq!(pieces, kept);
+        }
+        for (bad, at) in [
+            ("{\"a\" 1}", 5),
+            ("{\"a\": 01}", 7),
+            ("{\"a\": tru}", 9),
+            ("{\"a\": [1,]}", 9),
+            ("{\"a\": \"\\x\"}", 8),
+            ("{\"a\": 1]", 7),
+            ("{a: 1}", 1),
+            ("{\"a\": -}", 7),
+        ] {
+            let (used, _, state) = JsonScan::new().run(bad);
+            assert_eq!((used, state), (at, Scanned::Broken), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err());
+        }
+        let (_, _, state) = JsonScan::new().run("{\"a\": [1, 2");
+        assert_eq!(state, Scanned::Open);
+    }
+
+    #[test]
+    fn the_shared_samples_parse_as_the_responders_expect() {
+        use super::samples::*;
+        let s = spec(Some(CallSyntax::Hermes), false, false);
+        let run = |tokens: &[&str]| {
+            let mut p = OutputParser::new(s.clone());
+            let mut out: Vec<Piece> = tokens.iter().flat_map(|t| p.feed(t)).collect();
+            out.extend(p.finish());
+            out
+        };
+        let out = run(CALL);
+        assert!(fragments(&out).len() > 5);
+        assert_eq!(fragments(&out).concat(), CALL_ARGUMENTS);
+        assert_eq!(fragments(&run(CUT_IN_ARGUMENTS)).concat(), CUT_ARGUMENTS);
+        assert!(run(CUT_BEFORE_NAME).is_empty());
     }
 
     #[test]

@@ -134,6 +134,8 @@ struct StreamChoice {
     token_logprobs: Vec<TokenLogprobs>,
     /// Characters of text sent so far (completions' `text_offset`).
     sent_chars: usize,
+    /// Tool calls started so far: the next call's `index`.
+    calls_started: usize,
 }
 
 /// The state of one streamed response.
@@ -166,14 +168,15 @@ impl ChunkStream {
         })
     }
 
-    /// Turns parsed pieces of choice `index` into chunks.
+    /// Turns parsed pieces of choice `index` into chunks. A call is sent as OpenAI sends
+    /// one: a delta with its `index`, `id`, `type` and name (arguments `""`), then a delta
+    /// per fragment of its arguments as the parser gives them out.
     fn pieces(&mut self, index: u32, pieces: Vec<Piece>) {
         for piece in pieces {
-            let logprobs = self.take_logprobs(index);
-            let choice = &mut self.choices[index as usize];
             let chunk = match &piece {
                 Piece::Content(text) => {
-                    choice.sent_chars += text.chars().count();
+                    let logprobs = self.take_logprobs(index);
+                    self.choices[index as usize].sent_chars += text.chars().count();
                     self.meta.chunk(
                         index,
                         ChunkBody {
@@ -183,33 +186,43 @@ impl ChunkStream {
                         },
                     )
                 }
-                Piece::Reasoning(text) => self.meta.chunk(
-                    index,
-                    ChunkBody {
-                        reasoning: Some(text),
-                        logprobs,
-                        ..ChunkBody::default()
-                    },
-                ),
-                Piece::Call(call) => {
-                    let k = choice.parser.calls() - 1;
-                    let opening = self.meta.chunk(
+                Piece::Reasoning(text) => {
+                    let logprobs = self.take_logprobs(index);
+                    self.meta.chunk(
+                        index,
+                        ChunkBody {
+                            reasoning: Some(text),
+                            logprobs,
+                            ..ChunkBody::default()
+                        },
+                    )
+                }
+                Piece::CallStart { id, name } => {
+                    let logprobs = self.take_logprobs(index);
+                    let choice = &mut self.choices[index as usize];
+                    let k = choice.calls_started;
+                    choice.calls_started += 1;
+                    self.meta.chunk(
                         index,
                         ChunkBody {
                             tool_calls: vec![ToolCallBody {
                                 index: Some(k),
-                                id: Some(&call.id),
+                                id: Some(id),
                                 kind: Some("function"),
                                 function: FunctionBody {
-                                    name: Some(&call.name),
+                                    name: Some(name),
                                     arguments: "",
                                 },
                             }],
                             logprobs,
                             ..ChunkBody::default()
                         },
-                    );
-                    self.push(opening);
+                    )
+                }
+                Piece::CallArguments(arguments) => {
+                    let logprobs = self.take_logprobs(index);
+                    // The call the fragment belongs to is the last one started.
+                    let k = self.choices[index as usize].calls_started.saturating_sub(1);
                     self.meta.chunk(
                         index,
                         ChunkBody {
@@ -219,13 +232,16 @@ impl ChunkStream {
                                 kind: None,
                                 function: FunctionBody {
                                     name: None,
-                                    arguments: &call.arguments,
+                                    arguments,
                                 },
                             }],
+                            logprobs,
                             ..ChunkBody::default()
                         },
                     )
                 }
+                // The client knows a call is complete from the next call or the finish.
+                Piece::CallEnd => continue,
             };
             self.push(chunk);
         }
@@ -354,6 +370,7 @@ pub(crate) fn chunk_stream(
                 parser,
                 token_logprobs: Vec::new(),
                 sent_chars: 0,
+                calls_started: 0,
             })
             .collect(),
         echo: generation.echo,
@@ -538,5 +555,132 @@ mod tests {
         .await;
         // 2 role chunks, 2 text chunks, 2 finish chunks, usage, [DONE].
         assert_eq!(data(&events), 8);
+    }
+
+    /// The events of one choice that writes `pieces` then stops for `reason`.
+    fn events(
+        pieces: &[&str],
+        reason: FinishReason,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Tagged> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for piece in pieces {
+            tx.send((0, Event::Text((*piece).into()))).unwrap();
+        }
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: pieces.len(),
+            reasoning_tokens: 0,
+        };
+        tx.send((
+            0,
+            Event::Done {
+                finish_reason: reason,
+                usage,
+            },
+        ))
+        .unwrap();
+        rx
+    }
+
+    async fn body(response: Response) -> String {
+        use http_body_util::BodyExt;
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// The chunks of a streamed chat response.
+    async fn chunks(
+        pieces: &[&str],
+        reason: FinishReason,
+        spec: &ParserSpec,
+    ) -> Vec<serde_json::Value> {
+        let response = sse_response(
+            meta(Endpoint::Chat, false),
+            generation(events(pieces, reason), 1, spec.clone()),
+        );
+        body(response)
+            .await
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect()
+    }
+
+    fn hermes() -> ParserSpec {
+        ParserSpec {
+            calls: Some(crate::output::CallSyntax::Hermes),
+            ..ParserSpec::default()
+        }
+    }
+
+    /// The tool-call deltas of a chat stream.
+    fn call_deltas(chunks: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect()
+    }
+
+    /// The arguments of the stream's call deltas, concatenated.
+    fn streamed_arguments(deltas: &[&serde_json::Value]) -> String {
+        deltas
+            .iter()
+            .filter_map(|d| d["function"]["arguments"].as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn call_arguments_stream_in_pieces_that_make_the_whole_ones() {
+        use crate::output::samples::{CALL, CALL_ARGUMENTS};
+        let chunks = chunks(CALL, FinishReason::Stop, &hermes()).await;
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, "Let me look.");
+        let deltas = call_deltas(&chunks);
+        // The opening: index, id, type, name and no arguments yet.
+        assert_eq!(deltas[0]["index"], 0);
+        assert_eq!(deltas[0]["type"], "function");
+        assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(deltas[0]["function"]["name"], "get_weather");
+        assert_eq!(deltas[0]["function"]["arguments"], "");
+        // Then the arguments, as they were generated: the whole response's, in pieces
+        // (`whole::tests` checks the whole response gives `CALL_ARGUMENTS`).
+        let rest = &deltas[1..];
+        assert!(rest.len() > 5, "{rest:?}");
+        assert!(rest.iter().all(|d| d["index"] == 0
+            && d.get("id").is_none()
+            && d["function"].get("name").is_none()));
+        assert_eq!(streamed_arguments(rest), CALL_ARGUMENTS);
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_max_tokens_leaves_no_markup() {
+        use crate::output::samples::{CUT_ARGUMENTS, CUT_BEFORE_NAME, CUT_IN_ARGUMENTS};
+        for (tokens, arguments) in [
+            (CUT_IN_ARGUMENTS, Some(CUT_ARGUMENTS)),
+            (CUT_BEFORE_NAME, None),
+        ] {
+            let chunks = chunks(tokens, FinishReason::Length, &hermes()).await;
+            let content: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(content, "", "{tokens:?}");
+            let deltas = call_deltas(&chunks);
+            match arguments {
+                Some(arguments) => {
+                    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+                    assert_eq!(streamed_arguments(&deltas), arguments);
+                }
+                None => assert!(deltas.is_empty(), "{deltas:?}"),
+            }
+            let last = chunks.last().unwrap();
+            assert_eq!(last["choices"][0]["finish_reason"], "length");
+        }
     }
 }

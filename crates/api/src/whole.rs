@@ -11,7 +11,17 @@ use crate::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, FunctionBody, Header, TextChoice, TextCompletion,
     ToolCallBody, UsageBody,
 };
-use crate::output::{ParsedCall, Piece};
+use crate::output::Piece;
+
+/// A tool call of a whole response, assembled from its pieces.
+#[derive(Debug)]
+struct ParsedCall {
+    id: String,
+    name: String,
+    /// The arguments as a JSON string (OpenAI's shape): the concatenation of the
+    /// `Piece::CallArguments` fragments, exactly what a stream sends.
+    arguments: String,
+}
 
 /// One choice of a whole response, as its events arrive.
 #[derive(Default)]
@@ -30,7 +40,17 @@ impl WholeChoice {
             match piece {
                 Piece::Content(t) => self.content.push_str(&t),
                 Piece::Reasoning(t) => self.reasoning.push_str(&t),
-                Piece::Call(c) => self.calls.push(c),
+                Piece::CallStart { id, name } => self.calls.push(ParsedCall {
+                    id,
+                    name,
+                    arguments: String::new(),
+                }),
+                Piece::CallArguments(t) => {
+                    if let Some(call) = self.calls.last_mut() {
+                        call.arguments.push_str(&t);
+                    }
+                }
+                Piece::CallEnd => {}
             }
         }
     }
@@ -188,5 +208,84 @@ fn completion_logprobs(choice: &WholeChoice, echo: Option<&Echo>) -> Value {
             &choice.token_logprobs,
             echo.map_or(0, |e| e.prompt.chars().count()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Tagged;
+    use crate::output::samples::{
+        CALL, CALL_ARGUMENTS, CUT_ARGUMENTS, CUT_BEFORE_NAME, CUT_IN_ARGUMENTS,
+    };
+    use crate::output::{CallSyntax, OutputParser, ParserSpec};
+    use http_body_util::BodyExt;
+
+    /// The whole chat response's first choice when the model writes `tokens` then stops for
+    /// `reason`.
+    async fn choice(tokens: &[&str], reason: FinishReason) -> Value {
+        let (tx, receiver) = tokio::sync::mpsc::unbounded_channel::<Tagged>();
+        for token in tokens {
+            tx.send((0, Event::Text((*token).into()))).unwrap();
+        }
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: tokens.len(),
+            reasoning_tokens: 0,
+        };
+        tx.send((
+            0,
+            Event::Done {
+                finish_reason: reason,
+                usage,
+            },
+        ))
+        .unwrap();
+        let spec = ParserSpec {
+            calls: Some(CallSyntax::Hermes),
+            ..ParserSpec::default()
+        };
+        let meta = ChunkMeta {
+            endpoint: Endpoint::Chat,
+            id: "chatcmpl-x".to_owned(),
+            created: 7,
+            model: "m".to_owned(),
+            include_usage: false,
+            logprobs: false,
+        };
+        let generation = Generation {
+            receiver,
+            parsers: vec![OutputParser::new(spec)],
+            echo: None,
+        };
+        let response = whole_response(meta, generation).await.unwrap();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        json["choices"][0].clone()
+    }
+
+    /// The whole response's arguments are the ones `stream::tests` sees streamed in pieces.
+    #[tokio::test]
+    async fn calls_carry_the_arguments_the_stream_sends() {
+        let choice = choice(CALL, FinishReason::Stop).await;
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], "Let me look.");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], CALL_ARGUMENTS);
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_max_tokens_leaves_no_markup() {
+        let cut = choice(CUT_IN_ARGUMENTS, FinishReason::Length).await;
+        assert_eq!(cut["finish_reason"], "length");
+        assert_eq!(cut["message"]["content"], Value::Null);
+        let call = &cut["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], CUT_ARGUMENTS);
+        let nameless = choice(CUT_BEFORE_NAME, FinishReason::Length).await;
+        assert_eq!(nameless["finish_reason"], "length");
+        assert_eq!(nameless["message"]["content"], "");
+        assert!(nameless["message"].get("tool_calls").is_none());
     }
 }
