@@ -264,3 +264,33 @@ fn fan_in(receivers: Vec<UnboundedReceiver<Event>>) -> UnboundedReceiver<Tagged>
     }
     rx
 }
+
+/// Test support for the responders: one choice's events.
+#[cfg(test)]
+pub(crate) mod test_events {
+    use engine::{Event, FinishReason, Usage};
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use crate::admission::Tagged;
+
+    /// The events of one choice that writes `pieces` then stops for `reason`.
+    pub(crate) fn one_choice(pieces: &[&str], reason: FinishReason) -> UnboundedReceiver<Tagged> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for piece in pieces {
+            let _ = tx.send((0, Event::Text((*piece).into())));
+        }
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: pieces.len(),
+            reasoning_tokens: 0,
+        };
+        let _ = tx.send((
+            0,
+            Event::Done {
+                finish_reason: reason,
+                usage,
+            },
+        ));
+        rx
+    }
+}

@@ -1213,18 +1213,7 @@ mod tests {
 
     /// Feeds `text` in pieces of `step` bytes (on char boundaries) and merges the pieces.
     fn parse(spec: ParserSpec, text: &str, step: usize) -> (String, String, Vec<(String, String)>) {
-        let mut p = OutputParser::new(spec);
-        let mut pieces = Vec::new();
-        let mut i = 0;
-        while i < text.len() {
-            let mut j = (i + step).min(text.len());
-            while !text.is_char_boundary(j) {
-                j += 1;
-            }
-            pieces.extend(p.feed(&text[i..j]));
-            i = j;
-        }
-        pieces.extend(p.finish());
+        let pieces = pieces(spec, text, step);
         let (mut r, mut c, mut calls) = (String::new(), String::new(), Vec::new());
         for piece in pieces {
             match piece {

@@ -416,6 +416,7 @@ pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generation::test_events::one_choice;
     use crate::output::ParserSpec;
     use engine::{EngineError, Failure, FinishReason};
     use futures::StreamExt;
@@ -557,31 +558,6 @@ mod tests {
         assert_eq!(data(&events), 8);
     }
 
-    /// The events of one choice that writes `pieces` then stops for `reason`.
-    fn events(
-        pieces: &[&str],
-        reason: FinishReason,
-    ) -> tokio::sync::mpsc::UnboundedReceiver<Tagged> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        for piece in pieces {
-            tx.send((0, Event::Text((*piece).into()))).unwrap();
-        }
-        let usage = Usage {
-            prompt_tokens: 3,
-            completion_tokens: pieces.len(),
-            reasoning_tokens: 0,
-        };
-        tx.send((
-            0,
-            Event::Done {
-                finish_reason: reason,
-                usage,
-            },
-        ))
-        .unwrap();
-        rx
-    }
-
     async fn body(response: Response) -> String {
         use http_body_util::BodyExt;
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -596,7 +572,7 @@ mod tests {
     ) -> Vec<serde_json::Value> {
         let response = sse_response(
             meta(Endpoint::Chat, false),
-            generation(events(pieces, reason), 1, spec.clone()),
+            generation(one_choice(pieces, reason), 1, spec.clone()),
         );
         body(response)
             .await

@@ -214,7 +214,7 @@ fn completion_logprobs(choice: &WholeChoice, echo: Option<&Echo>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::Tagged;
+    use crate::generation::test_events::one_choice;
     use crate::output::samples::{
         CALL, CALL_ARGUMENTS, CUT_ARGUMENTS, CUT_BEFORE_NAME, CUT_IN_ARGUMENTS,
     };
@@ -224,23 +224,7 @@ mod tests {
     /// The whole chat response's first choice when the model writes `tokens` then stops for
     /// `reason`.
     async fn choice(tokens: &[&str], reason: FinishReason) -> Value {
-        let (tx, receiver) = tokio::sync::mpsc::unbounded_channel::<Tagged>();
-        for token in tokens {
-            tx.send((0, Event::Text((*token).into()))).unwrap();
-        }
-        let usage = Usage {
-            prompt_tokens: 3,
-            completion_tokens: tokens.len(),
-            reasoning_tokens: 0,
-        };
-        tx.send((
-            0,
-            Event::Done {
-                finish_reason: reason,
-                usage,
-            },
-        ))
-        .unwrap();
+        let receiver = one_choice(tokens, reason);
         let spec = ParserSpec {
             calls: Some(CallSyntax::Hermes),
             ..ParserSpec::default()
