@@ -358,6 +358,18 @@ pub(crate) fn dequant_blocks<'a, B: 'a, const N: usize>(
         .map(move |(b, out)| (parse(b), out))
 }
 
+// ---- The packed layout (packed matrices, read by the packed kernels) -----------------------
+
+/// Rows per group of a packed matrix.
+pub(crate) const GROUP: usize = 16;
+/// Bytes of one (group, block) cell of packed Q4_0/Q4_1: scales, offsets, four nibble
+/// vectors.
+pub(crate) const CELL: usize = 64 + 4 * 64;
+/// Bytes of one (group, block) cell of packed Q8_0: scales, offsets, eight byte vectors.
+pub(crate) const CELL8: usize = 64 + 8 * 64;
+/// Activation bytes per block the packed kernels read: 32 quants.
+pub(crate) const XQ: usize = QK;
+
 #[cfg(test)]
 mod tests {
     use super::*;

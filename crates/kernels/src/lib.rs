@@ -36,6 +36,7 @@ mod ops;
 mod packed;
 mod pool;
 mod reference;
+mod table;
 mod types;
 
 #[cfg(test)]

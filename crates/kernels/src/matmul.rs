@@ -14,9 +14,10 @@
 
 use half::{bf16, f16};
 
-use crate::dispatch::{self, Kernels, QuantizeFn, TileFn};
+use crate::dispatch;
 use crate::formats::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
 use crate::pool::ThreadPool;
+use crate::table::{Kernels, QuantizeFn, TileFn};
 use crate::types::{KernelError, Matrix, WeightType};
 
 /// Tokens per task.

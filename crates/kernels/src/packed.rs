@@ -30,18 +30,13 @@
 use half::f16;
 
 use crate::arch::portable::packed_group;
-use crate::dispatch::{self, PackedFn};
+use crate::dispatch;
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+use crate::formats::{CELL, CELL8, GROUP, XQ};
 use crate::matmul::{DisjointOut, check_len};
 use crate::pool::ThreadPool;
+use crate::table::PackedFn;
 use crate::types::{KernelError, Matrix, WeightType};
-
-/// Rows per group.
-pub(crate) const GROUP: usize = 16;
-/// Bytes of one (group, block) of Q4_0/Q4_1: scales, offsets, four nibble vectors.
-pub(crate) const CELL: usize = 64 + 4 * 64;
-/// Bytes of one (group, block) of Q8_0: scales, offsets, eight byte vectors.
-pub(crate) const CELL8: usize = 64 + 8 * 64;
 
 /// The cell size of a packed source type.
 fn cell_bytes(source: WeightType) -> usize {
@@ -51,8 +46,6 @@ fn cell_bytes(source: WeightType) -> usize {
         CELL
     }
 }
-/// Activation bytes per block: 32 quants.
-pub(crate) const XQ: usize = QK;
 /// Tokens per task.
 const TOKEN_CHUNK: usize = 32;
 /// Tasks per thread to aim for.

@@ -72,14 +72,6 @@ impl MistralVersion {
     }
 }
 
-/// The numeric part of a version string mistral-common knows (`"v15"` -> 15).
-pub(crate) fn version_number(s: &str) -> Option<u32> {
-    match s {
-        "v1" | "v2" | "v3" | "v7" | "v11" | "v13" | "v15" => s.get(1..)?.parse().ok(),
-        _ => None,
-    }
-}
-
 /// The text tokenizer under the instruct format.
 #[derive(Debug)]
 enum TextModel {
@@ -1374,6 +1366,7 @@ fn sort_tool_results(tools: &mut [Msg], latest_call_ids: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tekken::version_number;
 
     fn text(t: &str) -> Content {
         Content::Text(t.into())

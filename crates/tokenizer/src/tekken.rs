@@ -95,7 +95,7 @@ impl Tekken {
             .config
             .version
             .ok_or_else(|| MistralError::TekkenJson("config.version is missing".into()))?;
-        let version_num = crate::mistral_chat::version_number(&version)
+        let version_num = version_number(&version)
             .ok_or_else(|| MistralError::UnsupportedVersion(version.clone()))?;
         let num_special = file.config.default_num_special_tokens;
         let vocab_size = file.config.default_vocab_size;
@@ -418,6 +418,14 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// The numeric part of a version string mistral-common knows (`"v15"` -> 15).
+pub(crate) fn version_number(s: &str) -> Option<u32> {
+    match s {
+        "v1" | "v2" | "v3" | "v7" | "v11" | "v13" | "v15" => s.get(1..)?.parse().ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

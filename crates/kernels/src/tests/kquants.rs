@@ -10,10 +10,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::arch::portable::{SCALAR, kquants};
-use crate::dispatch::{DotFn, Kernels, QuantizeFn, available};
+use crate::dispatch::available;
 use crate::formats::{
     BlockQ2K, BlockQ4K, BlockQ5_1, BlockQ5K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
 };
+use crate::table::{DotFn, Kernels, QuantizeFn};
 use crate::types::WeightType;
 
 const TYPES: [WeightType; 7] = [

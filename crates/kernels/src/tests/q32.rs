@@ -7,8 +7,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::arch::portable::SCALAR;
-use crate::dispatch::{Kernels, QuantizeFn, TileFn, available};
+use crate::dispatch::available;
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use crate::table::{Kernels, QuantizeFn, TileFn};
 use crate::types::WeightType;
 
 fn config() -> Config {

@@ -10,9 +10,9 @@
 
 use half::{bf16, f16};
 
-use crate::dispatch::{Kernels, common_blocks, kernel_table};
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, blocks, dequant_blocks};
-use crate::packed::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::table::{Kernels, common_blocks, kernel_table};
 
 pub(crate) mod kquants;
 
@@ -243,7 +243,7 @@ fn pairs(
     }
 }
 
-/// The scalar twin of the packed kernel (see `crate::packed` for the layout): each lane as
+/// The scalar twin of the packed kernel (the packed layout: `crate::formats`): each lane as
 /// the SIMD kernel computes it, so the results are bit-identical.
 pub(crate) fn packed_group(
     cells: &[u8],

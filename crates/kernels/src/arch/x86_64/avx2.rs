@@ -14,8 +14,8 @@ use super::helpers::{
     block_dots, bytes_from_nibbles_32, hsum_float_8, load_f16, mul_sum_i8_pairs_float,
     mul_sum_us8_pairs_float,
 };
-use crate::dispatch::{Kernels, kernel_table};
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use crate::table::{Kernels, kernel_table};
 
 /// The AVX2 table as a constant, so that wider tables can start from it (`..AVX2_TABLE`).
 /// Its entries are sound to call only after [`table`]'s CPU check. ggml's x86 build

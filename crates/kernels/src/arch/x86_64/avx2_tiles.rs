@@ -1,4 +1,4 @@
-//! AVX2 tile kernels (see `crate::dispatch::TileFn` for the contract); the AVX-512 table
+//! AVX2 tile kernels (see `crate::table::TileFn` for the contract); the AVX-512 table
 //! has its own 512-bit body in `super::avx512vnni`.
 //!
 //! The loop over blocks, per block: unpack each of the R weight blocks (nibbles → bytes, f16
@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use super::helpers::{
     Q4_0, Q4_1, Q8_0, bcast_f16, bytes_from_nibbles_32, hsum_float_8, load_f16, sizes,
 };
-use crate::dispatch::common_blocks;
+use crate::table::common_blocks;
 
 /// Rows and tokens per kernel call: 4 × 2 (8 accumulators of 16 registers).
 const RMAX: usize = 4;

@@ -1,8 +1,8 @@
 //! The AVX-512 table: the AVX2 kernels, with the Q4_0/Q4_1/Q8_0 dot products and matmul tiles
-//! replaced by 512-bit VNNI versions, and the packed-matrix kernel (`crate::packed`). Chosen
+//! replaced by 512-bit VNNI versions, and the packed-matrix kernel. Chosen
 //! when the CPU has AVX-512 F, BW, VL and VNNI besides what AVX2 needs.
 //!
-//! The tile body (see `crate::dispatch::TileFn` for the contract) works on groups of 16
+//! The tile body (see `crate::table::TileFn` for the contract) works on groups of 16
 //! blocks:
 //!
 //! - Scales first: one masked gather per row reads the first four bytes of each of the 16
@@ -31,8 +31,8 @@
 use std::arch::x86_64::*;
 
 use super::helpers::{Q4_0, Q4_1, Q8_0, sizes};
-use crate::dispatch::{Kernels, common_blocks};
-use crate::packed::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::table::{Kernels, common_blocks};
 
 /// Rows and tokens per kernel call (up to 16 accumulators of the 32 registers).
 const RMAX: usize = 4;
