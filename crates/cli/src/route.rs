@@ -38,6 +38,9 @@ pub(crate) struct PickerArgs {
     /// Where the ext_proc gRPC server (and gRPC health) listens.
     #[arg(long, default_value = "0.0.0.0:9002")]
     listen: String,
+    /// Also serve `/metrics` (Prometheus) and `/health` over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     auth: admin::ServeAuthArgs,
 }
@@ -175,8 +178,21 @@ pub(crate) fn picker(args: PickerArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
+        let service = fleet::extproc::EndpointPicker::new(Arc::clone(&fleet.picker), control);
+        if let Some(addr) = &args.metrics_listen {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            tracing::info!(address = %addr, "serving the picker's metrics");
+            let metrics = fleet::extproc::serve_metrics(http, &service, shutdown());
+            tokio::spawn(async move {
+                if let Err(err) = metrics.await {
+                    tracing::error!(error = %err, "metrics server stopped");
+                }
+            });
+        }
         tracing::info!(address = %args.listen, "serving the endpoint picker (ext_proc)");
-        fleet::serve_ext_proc(listener, Arc::clone(&fleet.picker), control, shutdown())
+        fleet::extproc::serve_endpoint_picker(listener, service, shutdown())
             .await
             .context("serving gRPC")
     })

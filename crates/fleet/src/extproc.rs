@@ -26,6 +26,12 @@
 //! while the pool has a healthy member, `NOT_SERVING` otherwise; `liveness` is always
 //! `SERVING`.
 //!
+//! Metrics: [`metrics_app`] is a small HTTP application (`/metrics`, `/health`) for a port of
+//! its own (`souverain picker --metrics-listen`, as the reference picker serves its metrics
+//! apart from gRPC): `souverain_picker_requests_total` by outcome (`placed`, `shed` 429,
+//! `unavailable` 503, `refused` 401/403, `invalid` 400/413) and, per upstream, health,
+//! requests placed and the scraped load, written as the router writes its own.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use souverain_fleet::{Picker, Pool, RoutingConfig, serve_ext_proc};
@@ -40,12 +46,16 @@
 //! # }
 //! ```
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::routing::get;
 use control::{Checks, ControlError, ControlPlane, Gate, Settlement};
 use edge::ApiError;
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -62,6 +72,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::FleetError;
+use crate::exposition;
 use crate::picker::{PickError, PickRequest, Picker};
 use crate::request::{RoutingKey, routing_key};
 use crate::upstream::Pool;
@@ -88,12 +99,62 @@ const CHUNK_BYTES: usize = 64 << 10;
 /// Responses queued per stream before the stream's task waits for the gateway.
 const QUEUE: usize = 32;
 
+/// Counts kept by the endpoint picker, for its `/metrics`: one per answer to the gateway.
+#[derive(Debug, Default)]
+pub struct ExtProcStats {
+    placed: AtomicU64,
+    shed: AtomicU64,
+    unavailable: AtomicU64,
+    refused: AtomicU64,
+    invalid: AtomicU64,
+}
+
+/// How the picker answered one request.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// A destination endpoint.
+    Placed,
+    /// 429: every eligible replica saturated.
+    Shed,
+    /// 503: no replica eligible.
+    Unavailable,
+    /// 401/403: the control plane refused the key (or 429 for its limits).
+    Refused,
+    /// 400/413: the body.
+    Invalid,
+}
+
+impl ExtProcStats {
+    fn count(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Placed => &self.placed,
+            Outcome::Shed => &self.shed,
+            Outcome::Unavailable => &self.unavailable,
+            Outcome::Refused => &self.refused,
+            Outcome::Invalid => &self.invalid,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(outcome label, count)` for every outcome.
+    pub fn outcomes(&self) -> [(&'static str, u64); 5] {
+        [
+            ("placed", self.placed.load(Ordering::Relaxed)),
+            ("shed", self.shed.load(Ordering::Relaxed)),
+            ("unavailable", self.unavailable.load(Ordering::Relaxed)),
+            ("refused", self.refused.load(Ordering::Relaxed)),
+            ("invalid", self.invalid.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 /// The `ExternalProcessor` service: places each request the gateway asks about.
 #[derive(Debug, Clone)]
 pub struct EndpointPicker {
     picker: Arc<Picker>,
     gate: Option<Gate>,
     max_body_bytes: usize,
+    stats: Arc<ExtProcStats>,
 }
 
 impl EndpointPicker {
@@ -104,7 +165,18 @@ impl EndpointPicker {
             picker,
             gate: control.map(|c| edge::gate(c, Settlement::Queued)),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            stats: Arc::new(ExtProcStats::default()),
         }
+    }
+
+    /// Its counts, for [`metrics_app`].
+    pub fn stats(&self) -> &Arc<ExtProcStats> {
+        &self.stats
+    }
+
+    /// The picker it places with.
+    pub fn picker(&self) -> &Arc<Picker> {
+        &self.picker
     }
 
     /// Sets the largest request body buffered (default [`DEFAULT_MAX_BODY_BYTES`]).
@@ -165,6 +237,65 @@ pub async fn serve_ext_proc(
     control: Option<Arc<ControlPlane>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FleetError> {
+    serve_endpoint_picker(listener, EndpointPicker::new(picker, control), shutdown).await
+}
+
+/// The picker's HTTP side, for a port of its own: `/metrics` (Prometheus text) and `/health`
+/// (200 while the pool has a healthy member, else 503).
+pub fn metrics_app(service: &EndpointPicker) -> Router {
+    Router::new()
+        .route("/metrics", get(picker_metrics))
+        .route("/health", get(picker_health))
+        .with_state((Arc::clone(&service.picker), Arc::clone(&service.stats)))
+}
+
+/// Serves [`metrics_app`] on `listener` until `shutdown` completes.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    service: &EndpointPicker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
+    axum::serve(listener, metrics_app(service))
+        .with_graceful_shutdown(shutdown)
+        .into_future()
+}
+
+type MetricsState = (Arc<Picker>, Arc<ExtProcStats>);
+
+async fn picker_metrics(State((picker, stats)): State<MetricsState>) -> axum::response::Response {
+    let mut out = String::new();
+    exposition::write_counter(
+        &mut out,
+        "souverain_picker_requests_total",
+        "Requests the endpoint picker answered the gateway about, by outcome.",
+        "outcome",
+        &stats.outcomes(),
+    );
+    exposition::write_upstreams(
+        &mut out,
+        "souverain_picker_upstream",
+        &picker.pool().snapshot(),
+        &exposition::SHARED,
+    );
+    exposition::response(out)
+}
+
+async fn picker_health(State((picker, _)): State<MetricsState>) -> StatusCode {
+    if pool_serving(picker.pool()) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// Serves `service` (`envoy.service.ext_proc.v3.ExternalProcessor`) and the gRPC health
+/// service on `listener` until `shutdown` completes.
+pub async fn serve_endpoint_picker(
+    listener: tokio::net::TcpListener,
+    service: EndpointPicker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), FleetError> {
+    let picker = Arc::clone(&service.picker);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("liveness", ServingStatus::Serving)
@@ -177,9 +308,7 @@ pub async fn serve_ext_proc(
     tracing::info!(addr = ?local, "endpoint picker (ext_proc) listening");
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(ExternalProcessorServer::new(EndpointPicker::new(
-            picker, control,
-        )))
+        .add_service(ExternalProcessorServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
@@ -373,6 +502,7 @@ impl Exchange {
         let max = self.service.max_body_bytes;
         if self.body.len().saturating_add(body.body.len()) > max {
             tracing::debug!(max, "request body too large");
+            self.service.stats.count(Outcome::Invalid);
             let message = format!("The request body is larger than {max} bytes.");
             let _ = self
                 .send(immediate(
@@ -430,6 +560,7 @@ impl Exchange {
             Some(gate) => match authorize(gate, &self.headers, &key).await {
                 Ok(regions) => Some(regions),
                 Err(response) => {
+                    self.service.stats.count(Outcome::Refused);
                     self.send(response).await?;
                     return Flow::Break(());
                 }
@@ -459,6 +590,7 @@ impl Exchange {
             }
             Err(PickError::Saturated) => {
                 tracing::debug!(model = %key.model, "every eligible replica saturated: 429");
+                self.service.stats.count(Outcome::Shed);
                 let _ = self
                     .send(immediate(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -539,13 +671,23 @@ impl Exchange {
         }
         self.body = Vec::new();
         self.stage = Stage::Placed;
+        self.service.stats.count(Outcome::Placed);
+        pick.upstream.placed();
         self.service
             .picker
             .routed(&pick.upstream, &key.prefix, key.session.as_deref());
         Flow::Continue(())
     }
 
+    /// Answers the gateway with an error (400 or 503) and ends the stream.
     async fn refuse(&self, status: StatusCode, message: &str, kind: &str, code: &str) -> Flow {
+        self.service
+            .stats
+            .count(if status == StatusCode::SERVICE_UNAVAILABLE {
+                Outcome::Unavailable
+            } else {
+                Outcome::Invalid
+            });
         let _ = self
             .send(immediate(
                 status,

@@ -30,6 +30,7 @@
 pub mod client;
 pub mod config;
 pub mod discovery;
+mod exposition;
 pub mod extproc;
 pub mod picker;
 pub mod prefix;

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::client::HttpClient;
 use crate::config::ProxyConfig;
+use crate::exposition;
 use crate::picker::{PickError, PickRequest, Picker};
 use crate::request::routing_key;
 use crate::upstream::Upstream;
@@ -164,25 +165,20 @@ async fn health(State(router): State<Arc<FleetRouter>>) -> Response {
 async fn metrics(State(router): State<Arc<FleetRouter>>) -> Response {
     let mut out = String::new();
     let s = &router.stats;
-    let _ = writeln!(
-        out,
-        "# HELP souverain_router_requests_total Requests the router answered, by outcome.\n\
-         # TYPE souverain_router_requests_total counter"
+    exposition::write_counter(
+        &mut out,
+        "souverain_router_requests_total",
+        "Requests the router answered, by outcome.",
+        "outcome",
+        &[
+            ("ok", s.ok.load(Ordering::Relaxed)),
+            ("refused", s.refused.load(Ordering::Relaxed)),
+            ("shed", s.shed.load(Ordering::Relaxed)),
+            ("unavailable", s.unavailable.load(Ordering::Relaxed)),
+            ("upstream_failed", s.upstream_failed.load(Ordering::Relaxed)),
+            ("cancelled", s.cancelled.load(Ordering::Relaxed)),
+        ],
     );
-    for (outcome, counter) in [
-        ("ok", &s.ok),
-        ("refused", &s.refused),
-        ("shed", &s.shed),
-        ("unavailable", &s.unavailable),
-        ("upstream_failed", &s.upstream_failed),
-        ("cancelled", &s.cancelled),
-    ] {
-        let _ = writeln!(
-            out,
-            "souverain_router_requests_total{{outcome=\"{outcome}\"}} {}",
-            counter.load(Ordering::Relaxed)
-        );
-    }
     let _ = writeln!(
         out,
         "# HELP souverain_router_retries_total Requests sent to another upstream after a failure.\n\
@@ -190,65 +186,38 @@ async fn metrics(State(router): State<Arc<FleetRouter>>) -> Response {
         s.retries.load(Ordering::Relaxed)
     );
     let members = router.picker.pool().snapshot();
-    type Gauge = (&'static str, &'static str, fn(&Upstream) -> f64);
-    let gauges: [Gauge; 7] = [
-        (
-            "souverain_router_upstream_healthy",
-            "1 if the upstream is healthy.",
-            |u| f64::from(u8::from(u.is_healthy())),
-        ),
-        (
-            "souverain_router_upstream_in_flight",
-            "Requests in flight to the upstream.",
-            |u| u.in_flight() as f64,
-        ),
-        (
-            "souverain_router_upstream_in_flight_tokens",
-            "Tokens reserved by requests in flight to the upstream.",
-            |u| u.in_flight_tokens() as f64,
-        ),
-        (
-            "souverain_router_upstream_routed_total",
-            "Requests routed to the upstream.",
-            |u| u.routed() as f64,
-        ),
-        (
-            "souverain_router_upstream_failures_total",
-            "Failed connections to the upstream.",
-            |u| u.failures() as f64,
-        ),
-        (
-            "souverain_router_upstream_waiting",
-            "Requests waiting at the upstream, as last scraped.",
-            |u| u.load().waiting,
-        ),
-        (
-            "souverain_router_upstream_kv_cache_usage",
-            "The upstream's KV cache usage, as last scraped.",
-            |u| u.load().kv_usage,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for u in members.iter() {
-            let label = u.name().replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(
-                out,
-                "{name}{{upstream=\"{label}\",region=\"{}\",engine=\"{}\"}} {}",
-                u.spec().region,
-                u.spec().engine.as_str(),
-                value(u)
-            );
-        }
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
+    exposition::write_upstreams(
+        &mut out,
+        "souverain_router_upstream",
+        &members,
+        &exposition::SHARED,
+    );
+    exposition::write_upstreams(
+        &mut out,
+        "souverain_router_upstream",
+        &members,
+        &[
+            exposition::UpstreamSeries {
+                suffix: "in_flight",
+                help: "Requests in flight to the upstream.",
+                kind: "gauge",
+                value: |u| u.in_flight() as f64,
+            },
+            exposition::UpstreamSeries {
+                suffix: "in_flight_tokens",
+                help: "Tokens reserved by requests in flight to the upstream.",
+                kind: "gauge",
+                value: |u| u.in_flight_tokens() as f64,
+            },
+            exposition::UpstreamSeries {
+                suffix: "failures_total",
+                help: "Failed connections to the upstream.",
+                kind: "counter",
+                value: |u| u.failures() as f64,
+            },
+        ],
+    );
+    exposition::response(out)
 }
 
 async fn models(State(router): State<Arc<FleetRouter>>, headers: HeaderMap) -> Response {

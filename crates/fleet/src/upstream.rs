@@ -234,6 +234,12 @@ impl Upstream {
         self.set_healthy(false);
     }
 
+    /// Counts a request placed on it by the endpoint picker, which hands the request to the
+    /// gateway and so never sees it end (nothing is counted in flight).
+    pub fn placed(&self) {
+        self.routed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a request of `tokens` as in flight until the guard drops.
     pub fn begin(self: &Arc<Self>, tokens: u64) -> InFlight {
         self.routed.fetch_add(1, Ordering::Relaxed);

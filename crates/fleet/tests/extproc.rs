@@ -15,8 +15,8 @@ use ep::processing_request::Request as In;
 use ep::processing_response::Response as Out;
 use serde_json::{Value, json};
 use souverain_fleet::extproc::{
-    DESTINATION_ENDPOINT, DESTINATION_NAMESPACE, SERVICE_NAME, SUBSET_HINT_KEY,
-    SUBSET_HINT_NAMESPACE,
+    DESTINATION_ENDPOINT, DESTINATION_NAMESPACE, EndpointPicker, SERVICE_NAME, SUBSET_HINT_KEY,
+    SUBSET_HINT_NAMESPACE, metrics_app, serve_endpoint_picker,
 };
 use souverain_fleet::{
     EngineKind, FleetError, Load, Picker, Pool, RoutingConfig, UpstreamSpec, serve_ext_proc,
@@ -642,4 +642,107 @@ async fn health_follows_the_pool() {
     assert!(back, "never SERVING again");
     drop(health);
     server.shut_down().await.unwrap();
+}
+
+/// The picker's `/metrics` page.
+async fn metrics_page(app: &axum::Router) -> (u16, String) {
+    use tower::ServiceExt;
+    let response = app
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_count_every_answer_and_each_upstreams_placements() {
+    let picker = picker(&[("a", "eu"), ("b", "eu")]);
+    let service = EndpointPicker::new(Arc::clone(&picker), None);
+    let app = metrics_app(&service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_endpoint_picker(listener, service, async {
+        let _ = stopped.await;
+    }));
+    let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut placed = Vec::new();
+    for i in 0..3 {
+        placed.push(place(&mut client, &[], None, &chat("s", &format!("q{i}"))).await);
+    }
+    // 400, 503 (an empty subset), 429 (all saturated).
+    let bad = exchange(
+        &mut client,
+        vec![headers(&[], false, None), body(b"[1]", true)],
+    )
+    .await;
+    assert_eq!(immediate(&bad).0, 400);
+    let none = exchange(
+        &mut client,
+        vec![headers(&[], false, Some(&[])), body(&chat("s", "q"), true)],
+    )
+    .await;
+    assert_eq!(immediate(&none).0, 503);
+    let members = picker.pool().snapshot();
+    for u in members.iter() {
+        u.set_load(Load {
+            waiting: picker.config().queue_saturation,
+            ..Load::default()
+        });
+    }
+    let shed = exchange(
+        &mut client,
+        vec![headers(&[], false, None), body(&chat("s", "q"), true)],
+    )
+    .await;
+    assert_eq!(immediate(&shed).0, 429);
+
+    let (status, page) = metrics_page(&app).await;
+    assert_eq!(status, 200);
+    for (outcome, count) in [
+        ("placed", 3),
+        ("shed", 1),
+        ("unavailable", 1),
+        ("refused", 0),
+        ("invalid", 1),
+    ] {
+        let line = format!("souverain_picker_requests_total{{outcome=\"{outcome}\"}} {count}\n");
+        assert!(page.contains(&line), "{line} not in\n{page}");
+    }
+    assert!(page.contains("# TYPE souverain_picker_upstream_routed_total counter"));
+    for u in members.iter() {
+        let on = placed.iter().filter(|e| *e == u.authority()).count();
+        let labels = format!(
+            "{{upstream=\"{}\",region=\"eu\",engine=\"vllm\"}}",
+            u.name()
+        );
+        for line in [
+            format!("souverain_picker_upstream_routed_total{labels} {on}\n"),
+            format!("souverain_picker_upstream_healthy{labels} 1\n"),
+            format!(
+                "souverain_picker_upstream_waiting{labels} {}\n",
+                picker.config().queue_saturation
+            ),
+        ] {
+            assert!(page.contains(&line), "{line} not in\n{page}");
+        }
+    }
+    drop(client);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
 }
