@@ -1,0 +1,25 @@
+//! Capacity and energy planning for a Souverain site: what must be built (GPUs, racks,
+//! megawatts) to serve a demand within its latency promises, now and as the site grows.
+//!
+//! Pure computation from data files: model shapes ([`model`]), GPU systems ([`device`]), a
+//! step-time and power model fitted to ML.ENERGY's measurements ([`perf`], [`mlenergy`]), a
+//! discrete-event simulation of our scheduler's continuous batching ([`sim`]), the search
+//! for replica shapes under SLOs and a power envelope ([`search`]), and reports ([`report`]).
+//! The CPU engine is described by the same simulation with a measured step-time profile
+//! ([`cpu`]).
+//!
+//! ```
+//! let data = souverain_plan::mlenergy::dataset();
+//! let eff = data.fit(|_| true);
+//! assert!(eff.hopper.time.iter().all(|c| *c >= 0.0));
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod device;
+mod error;
+pub mod mlenergy;
+pub mod model;
+pub mod perf;
+
+pub use error::PlanError;
