@@ -502,6 +502,9 @@ def check_picker_listen(objs: list[dict]) -> list[str]:
         listen = arg_value(container_args(c), "--listen")
         if listen is None or not port_resolves(int(listen.rsplit(":", 1)[1]), c):
             errs.append(f"Deployment {name(d)}: --listen {listen} is not a container port")
+        metrics = arg_value(container_args(c), "--metrics-listen")
+        if metrics is not None and not port_resolves(int(metrics.rsplit(":", 1)[1]), c):
+            errs.append(f"Deployment {name(d)}: --metrics-listen {metrics} is not a container port")
     return errs
 
 
@@ -841,6 +844,8 @@ def _container_of(sub):
          lambda o: o["spec"]["template"]["metadata"]["labels"].pop("topology.kubernetes.io/region")),
         (check_picker_listen, "Deployment", "souverain-picker",
          lambda o: replica_container(o)["args"].__setitem__(4, "0.0.0.0:9100")),
+        (check_picker_listen, "Deployment", "souverain-picker",
+         lambda o: replica_container(o)["args"].__setitem__(6, "0.0.0.0:9191")),
         (check_replicas, "Deployment", "souverain-replica",
          lambda o: replica_container(o)["volumeMounts"][0].update(readOnly=False)),
         (check_replicas, "Deployment", "souverain-replica",
