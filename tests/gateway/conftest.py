@@ -291,8 +291,10 @@ class Envoy:
         finally:
             conn.close()
 
-    def stream(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> "Answer":
-        """A streamed request: the answer's `events` are the SSE data lines as they came."""
+    def stream(self, path: str, body: dict[str, Any], timeout: float = 60.0,
+               on_event: Callable[[], None] | None = None) -> "Answer":
+        """A streamed request: the answer's `events` are the SSE data lines as they came;
+        `on_event` is called after each."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode()
@@ -309,6 +311,8 @@ class Envoy:
                 text = line.decode().strip()
                 if text.startswith("data:"):
                     events.append(text[len("data:"):].strip())
+                    if on_event is not None:
+                        on_event()
             return Answer(resp.status, headers, raw, events)
         finally:
             conn.close()

@@ -124,6 +124,28 @@ def test_a_stream_arrives_through_envoy_as_server_sent_events(
     assert delta(routed(picker), picked_before) == {replica.name: 1.0}
 
 
+def test_a_body_larger_than_envoys_buffer_reaches_the_replica_whole(
+    envoy: Envoy, replicas: list[Replica]
+) -> None:
+    """256 KiB of prompt: Envoy streams it to the picker in chunks (FULL_DUPLEX_STREAMED,
+    32 KiB connection buffers), the picker gives it back, the replica tokenises all of it:
+    the same count as the replica gives for the same body sent to it directly."""
+    words = " ".join(f"word{i % 1000}" for i in range(40000))
+    body = {"model": MODEL_ID, "prompt": words}
+    assert len(json.dumps(body)) > 8 * 32768
+    answer = envoy.post("/tokenize", body)
+    assert answer.status == 200, answer.raw
+    replica = served_by(replicas, answer)
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", replica.port, timeout=60)
+    conn.request("POST", "/tokenize", body=json.dumps(body),
+                 headers={"content-type": "application/json"})
+    direct = json.loads(conn.getresponse().read())
+    conn.close()
+    assert answer.json()["count"] == direct["count"] > 40000
+
+
 def test_a_503_from_the_picker_reaches_the_client_with_its_json_body(
     envoy: Envoy, picker: Picker, replicas: list[Replica]
 ) -> None:
@@ -224,10 +246,23 @@ def test_killing_the_picker_under_load_fails_closed_and_recovers(
 ) -> None:
     """FailClose (the InferencePool's default failure mode, `failure_mode_allow: false`):
     while the picker is down every request is dropped with a 5xx from Envoy and none reaches
-    a replica; once a picker listens on the port again, requests succeed without touching
-    Envoy."""
+    a replica; a stream placed before the kill runs to its end (the picker's part ended with
+    the placement); once a picker listens on the port again, requests succeed without
+    touching Envoy."""
+    streaming = threading.Event()
+    streamed: list[Answer] = []
+    stream_ended: list[float] = []
+
+    def long_stream() -> None:
+        streamed.append(envoy.stream(CHAT, chat("Tell a long story.", max_tokens=400, stream=True,
+                                                 logit_bias=NO_END), on_event=streaming.set))
+        stream_ended.append(time.monotonic())
+
+    stream = threading.Thread(target=long_stream)
     with Load(envoy, clients=3) as load:
         start = time.monotonic()
+        stream.start()
+        wait_until(streaming.is_set, 30, "the long stream's first event")
         wait_until(lambda: load.count_after(start) >= 6, 30, "requests before the kill")
         picker.proc.kill()
         killed = time.monotonic()
@@ -257,7 +292,15 @@ def test_killing_the_picker_under_load_fails_closed_and_recovers(
         wait_until(lambda: load.count_after(settle) >= 10, 30, "requests after recovery")
     after = load.between(settle, float("inf"))
     assert all(status == 200 for _, status, _, _ in after), after
+    stream.join(timeout=60)
+    assert streamed and streamed[0].status == 200
+    assert streamed[0].events[-1] == "[DONE]"
+    assert stream_ended[0] > killed, "the stream ended before the kill: nothing was shown"
+    last = json.loads(streamed[0].events[-2])
+    assert last["choices"][0]["finish_reason"] == "length", last  # all 400 tokens came
     print(
+        f"a stream placed before the kill ended with [DONE] after {len(streamed[0].events)} events, "
+        f"{stream_ended[0] - killed:.2f} s after the kill; "
         f"picker killed: {len(down)} requests in {outage_end - outage_start:.2f} s all "
         f"{sorted({s for _, s, _, _ in down})}; first success {first_ok - back:.2f} s after "
         f"it listened again ({back - killed:.2f} s after the kill)"
@@ -287,6 +330,8 @@ def test_killing_a_replica_under_load_moves_requests_to_the_others(
             time.sleep(0.3)  # requests placed before the picker noticed end
             settle = time.monotonic()
             wait_until(lambda: load.count_after(settle) >= 15, 60, "requests after the kill")
+        served_before = {u for _, _, u, _ in load.between(start, killed)}
+        assert victim.authority in served_before, "the victim served nothing before the kill"
         window = load.between(killed, settle)
         after = load.between(settle, float("inf"))
         assert after and all(status == 200 for _, status, _, _ in after), after
