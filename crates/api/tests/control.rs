@@ -68,6 +68,8 @@ impl Store for FlakyStore {
     }
     fn reserve_budget(
         &self,
+        holder: &control::Holder,
+        now_ms: i64,
         key_id: &str,
         period_start_ms: i64,
         limit: i64,
@@ -75,7 +77,11 @@ impl Store for FlakyStore {
     ) -> Result<Result<i64, i64>, StoreError> {
         self.check()?;
         self.inner
-            .reserve_budget(key_id, period_start_ms, limit, tokens)
+            .reserve_budget(holder, now_ms, key_id, period_start_ms, limit, tokens)
+    }
+    fn holders(&self) -> Result<Vec<control::HolderRow>, StoreError> {
+        self.check()?;
+        self.inner.holders()
     }
     fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError> {
         self.check()?;

@@ -193,6 +193,12 @@ enum KeyCommand {
         /// The key's id.
         key: String,
     },
+    /// Show a key's budget in the current period: the limit and the tokens counted against
+    /// it (used, reserved by requests in flight, held by budget leases).
+    Budget {
+        /// The key's id.
+        key: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -438,6 +444,10 @@ pub(crate) fn run(args: AdminArgs) -> Result<()> {
             print_json(&serde_json::json!({"key": created.plaintext, "record": created.record}))
         }
         AdminCommand::Key(KeyCommand::List { project }) => print_json(&plane.list_keys(&project)?),
+        AdminCommand::Key(KeyCommand::Budget { key }) => match plane.budget_status(&key)? {
+            Some(status) => print_json(&status),
+            None => bail!("key {key} has no budget"),
+        },
         AdminCommand::Key(KeyCommand::Revoke { key }) => {
             plane.revoke_key(ACTOR, &key)?;
             eprintln!("revoked {key}");

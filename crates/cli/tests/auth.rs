@@ -17,11 +17,38 @@ const BIN: &str = env!("CARGO_BIN_EXE_souverain");
 const REGION: &str = "eu-west-paris";
 const ADMIN_KEY: &str = "admin-key-for-the-cli-test";
 
+/// Where a test's control plane lives: a data directory (with SQLite, unless `database_url`
+/// names a PostgreSQL database).
+struct StoreAt {
+    data: std::path::PathBuf,
+    database_url: Option<String>,
+}
+
+impl StoreAt {
+    fn sqlite(data: &Path) -> Self {
+        StoreAt {
+            data: data.to_owned(),
+            database_url: None,
+        }
+    }
+
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = vec!["--data-dir".into(), self.data.clone().into_os_string()];
+        if let Some(url) = &self.database_url {
+            args.extend(["--database-url".into(), url.into()]);
+        }
+        args
+    }
+}
+
 fn admin(data: &Path, args: &[&str]) -> Output {
+    admin_at(&StoreAt::sqlite(data), args)
+}
+
+fn admin_at(store: &StoreAt, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("admin")
-        .arg("--data-dir")
-        .arg(data)
+        .args(store.args())
         .args(["--region", REGION])
         .args(args)
         .env("RUST_LOG", "warn")
@@ -30,7 +57,11 @@ fn admin(data: &Path, args: &[&str]) -> Output {
 }
 
 fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
-    let out = admin(data, args);
+    admin_json_at(&StoreAt::sqlite(data), args)
+}
+
+fn admin_json_at(store: &StoreAt, args: &[&str]) -> serde_json::Value {
+    let out = admin_at(store, args);
     assert!(
         out.status.success(),
         "admin {args:?}: {}",
@@ -39,14 +70,13 @@ fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn start_server(model: &Path, data: &Path, port: u16) -> Child {
+fn start_server(model: &Path, store: &StoreAt, port: u16) -> Child {
     let child = Command::new(BIN)
         .arg("serve")
         .arg("-m")
         .arg(model)
         .args(["--threads", "1", "--port", &port.to_string(), "--auth"])
-        .arg("--data-dir")
-        .arg(data)
+        .args(store.args())
         .args(["--region", REGION])
         .env("SOUVERAIN_ADMIN_KEY", ADMIN_KEY)
         .env("RUST_LOG", "warn")
@@ -171,22 +201,87 @@ fn rusqlite_free_edit(db: &Path) -> bool {
 }
 
 #[test]
-fn killing_the_server_under_load_loses_no_committed_usage() {
+fn killing_the_server_under_load_loses_no_committed_usage_on_sqlite() {
     let Some(model) = default_model() else { return };
     let data = temp_dir("kill");
-    let org = admin_json(&data, &["org", "create", "Acme"]);
-    let project = admin_json(
-        &data,
+    kill_under_load(&model, &StoreAt::sqlite(&data));
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn killing_the_server_under_load_loses_no_committed_usage_on_postgres() {
+    let Some(model) = default_model() else { return };
+    let Some(url) = testkit::database_url() else {
+        return;
+    };
+    // A database of its own, dropped at the end.
+    let name = format!("souverain_kill_{}", std::process::id());
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // One statement per call: neither may run inside a transaction block.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client.batch_execute(&sql).unwrap();
+    }
+    let own_url = match url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("a database URL ends with the database: {url}"),
+    };
+    let data = temp_dir("kill-pg");
+    kill_under_load(
+        &model,
+        &StoreAt {
+            data: data.clone(),
+            database_url: Some(own_url),
+        },
+    );
+    let _ = std::fs::remove_dir_all(&data);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .unwrap();
+}
+
+/// The key's budget counter and the tokens of its usage records.
+fn counted_and_recorded(store: &StoreAt, key_id: &str) -> (u64, u64) {
+    let budget = admin_json_at(store, &["key", "budget", key_id]);
+    let usage = admin_json_at(store, &["usage", "--key", key_id]);
+    let recorded = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+        .sum();
+    (budget["counted_tokens"].as_u64().unwrap(), recorded)
+}
+
+/// Load, `kill -9`, restart: every answer received is metered and audited, and once the
+/// restarted server has given back what the killed one held for requests in flight, the
+/// key's budget counter equals the sum of its usage records.
+fn kill_under_load(model: &Path, store: &StoreAt) {
+    let org = admin_json_at(store, &["org", "create", "Acme"]);
+    let project = admin_json_at(
+        store,
         &["project", "create", org["id"].as_str().unwrap(), "bot"],
     );
-    let key = admin_json(
-        &data,
-        &["key", "create", project["id"].as_str().unwrap(), "load"],
+    let key = admin_json_at(
+        store,
+        &[
+            "key",
+            "create",
+            project["id"].as_str().unwrap(),
+            "load",
+            "--budget-tokens",
+            "100000000",
+            "--budget-period",
+            "month",
+        ],
     );
+    let key_id = key["record"]["id"].as_str().unwrap().to_owned();
     let key = key["key"].as_str().unwrap().to_owned();
 
     let port = free_port();
-    let mut server = start_server(&model, &data, port);
+    let mut server = start_server(model, store, port);
     let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","prompt":"The capital of France is","max_tokens":3,"temperature":0}"#;
     // The served model id is the file name: check the key works before loading.
     let (status, first) =
@@ -239,8 +334,8 @@ fn killing_the_server_under_load_loses_no_committed_usage() {
         received.len()
     );
 
-    // Restart on the same data: every answer a client received was metered and audited.
-    let usage = admin_json(&data, &["usage"]);
+    // Every answer a client received was metered and audited.
+    let usage = admin_json_at(store, &["usage"]);
     let metered: Vec<&str> = usage
         .as_array()
         .unwrap()
@@ -253,17 +348,35 @@ fn killing_the_server_under_load_loses_no_committed_usage() {
             "{id} was answered but not metered"
         );
     }
-    let out = admin(&data, &["audit", "verify"]);
+    let out = admin_at(store, &["audit", "verify"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let entries: usize = stdout.split(' ').next().unwrap().parse().unwrap();
     assert!(entries >= 3 + metered.len(), "{stdout}");
+    // The killed server's reservations for requests in flight are still counted.
+    let (counted, recorded) = counted_and_recorded(store, &key_id);
+    assert!(counted >= recorded, "{counted} < {recorded}");
+    eprintln!("after kill -9: budget counter {counted}, usage records {recorded}");
 
-    // And the server comes back on the same data.
-    let mut server = start_server(&model, &data, port);
+    // The server comes back on the same data and gives back what the dead one held.
+    let mut server = start_server(model, store, port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = counted_and_recorded(store, &key_id);
+    while now.0 != now.1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        now = counted_and_recorded(store, &key_id);
+    }
+    assert_eq!(
+        now.0, now.1,
+        "budget counter vs usage records after the restart"
+    );
     let answer = http(port, "POST", "/v1/completions", &key, body);
     server.kill().unwrap();
     server.wait().unwrap();
     assert_eq!(answer.map(|(s, _)| s), Some(200));
-    let _ = std::fs::remove_dir_all(&data);
+    if counted > recorded {
+        let log = admin_at(store, &["audit", "list"]);
+        let log = String::from_utf8_lossy(&log.stdout);
+        assert!(log.contains("\"budget.release\""), "{log}");
+    }
 }

@@ -100,14 +100,39 @@ pub(crate) struct Lease {
 pub(crate) struct Leases {
     /// Tokens reserved ahead at a time (0: leases are off).
     pub(crate) chunk: u64,
+    /// The process holding them in the store ([`crate::store::Holder::id`]).
+    pub(crate) holder: String,
     keys: Mutex<HashMap<String, Arc<Mutex<Lease>>>>,
 }
 
 impl Leases {
-    pub(crate) fn new(chunk: u64) -> Self {
+    pub(crate) fn new(chunk: u64, holder: String) -> Self {
         Leases {
             chunk,
+            holder,
             keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets what every lease holds, without giving it back: for when the store has
+    /// already released this process's holds (it was taken for dead). Reservations taken
+    /// from the old leases then settle in the store, not back into a lease.
+    pub(crate) fn forget_all(&self) {
+        for lease in lock(&self.keys).values() {
+            let mut lease = lock(lease);
+            lease.available = 0;
+            lease.period_start_ms = i64::MIN;
+        }
+    }
+
+    /// The store update that returns `tokens` reserved in a period without using them.
+    pub(crate) fn give_back(&self, key_id: &str, period_start_ms: i64, tokens: u64) -> Mutation {
+        Mutation::SettleBudget {
+            holder: self.holder.clone(),
+            key_id: key_id.to_owned(),
+            period_start_ms,
+            reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
+            actual_tokens: 0,
         }
     }
 
@@ -139,21 +164,11 @@ impl Leases {
             };
             let unused_for = now.saturating_duration_since(lease.last_used);
             if lease.available > 0 && (idle.is_zero() || unused_for >= idle) {
-                out.push(give_back(key_id, lease.period_start_ms, lease.available));
+                out.push(self.give_back(key_id, lease.period_start_ms, lease.available));
                 lease.available = 0;
             }
         }
         out
-    }
-}
-
-/// The store update that returns `tokens` reserved in a period without using them.
-pub(crate) fn give_back(key_id: &str, period_start_ms: i64, tokens: u64) -> Mutation {
-    Mutation::SettleBudget {
-        key_id: key_id.to_owned(),
-        period_start_ms,
-        reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
-        actual_tokens: 0,
     }
 }
 

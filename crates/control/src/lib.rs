@@ -42,11 +42,11 @@ pub use crate::admission::{Checks, Gate, Settlement, rejected_outcome};
 pub use crate::audit::{AuditDraft, AuditEntry, AuditHead, Tamper, VerifyReport};
 pub use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
 pub use crate::plane::{
-    ControlConfig, ControlPlane, CreatedKey, MAX_STORED_FIELD_CHARS, Outcome, Reservation,
-    valid_region,
+    BudgetStatus, ControlConfig, ControlPlane, CreatedKey, HOLDER_BEAT, HOLDER_TIMEOUT,
+    MAX_STORED_FIELD_CHARS, Outcome, Reservation, valid_region,
 };
 pub use crate::ratelimit::RateLimiter;
-pub use crate::store::{Mutation, PostgresStore, SqliteStore, Store};
+pub use crate::store::{Holder, HolderRow, Mutation, PostgresStore, SqliteStore, Store};
 pub use crate::time::{Clock, ManualClock, SystemClock};
 pub use crate::types::{
     Budget, BudgetPeriod, KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent,

@@ -20,10 +20,10 @@ use serde_json::json;
 
 use crate::audit::{self, AuditDraft, AuditEntry, VerifyReport};
 use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
-use crate::hot::{self, KeyCache, Leases, Pending, Writer, give_back};
+use crate::hot::{self, KeyCache, Leases, Pending, Writer};
 use crate::keys;
 use crate::ratelimit::{RateLimiter, Which};
-use crate::store::{Mutation, Store};
+use crate::store::{Holder, HolderRow, Mutation, Store};
 use crate::time::{Clock, SystemClock};
 use crate::types::{
     KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent, UsageFilter,
@@ -41,6 +41,49 @@ const MAX_RETENTION_SECS: i64 = 10 * 366 * 86_400;
 /// Settlements kept in memory while the store is down; beyond this the oldest are dropped
 /// (and logged).
 const MAX_BACKLOG: usize = 100_000;
+
+/// How often a serving process tells the store it is alive ([`ControlPlane::keep_alive`]).
+pub const HOLDER_BEAT: Duration = Duration::from_secs(5);
+/// How long a holder of budget reservations may go unseen before another process takes it
+/// for dead and gives back what it held.
+pub const HOLDER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The machine, boot and process namespace this process runs in: two processes with the
+/// same value see the same pids.
+fn process_host() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let host = format!(
+        "{}/{}/{}",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id"),
+        pid_ns
+    );
+    host.chars().take(MAX_STORED_FIELD_CHARS).collect()
+}
+
+/// Whether process `pid` of this namespace is running (not gone, not a zombie). Where
+/// `/proc` is missing the answer is yes, and only the timeout tells a dead holder.
+fn process_alive(pid: i64) -> bool {
+    if !std::path::Path::new("/proc/self").exists() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
+}
 
 /// How the control plane is set up.
 #[derive(Clone)]
@@ -111,6 +154,21 @@ pub struct Reservation {
     pub leased: bool,
 }
 
+/// A key's budget in the current period ([`ControlPlane::budget_status`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BudgetStatus {
+    /// The key.
+    pub key_id: String,
+    /// `hour`, `day` or `month`.
+    pub period: String,
+    /// When the current period started.
+    pub period_start_ms: i64,
+    /// The budget.
+    pub limit_tokens: u64,
+    /// Tokens counted against it: used, reserved by requests in flight, held by leases.
+    pub counted_tokens: u64,
+}
+
 /// How a request ended, for [`ControlPlane::settle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -146,6 +204,10 @@ pub struct ControlPlane {
     keys: KeyCache,
     leases: Arc<Leases>,
     writer: Writer,
+    /// This process, as the holder of its budget reservations in the store.
+    holder: Holder,
+    /// Whether this process has registered itself as a holder (by a keep-alive).
+    registered: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -210,8 +272,14 @@ fn check_regions(regions: &[String]) -> Result<(), ControlError> {
 impl ControlPlane {
     /// A control plane over `store`.
     pub fn new(store: Arc<dyn Store>, config: ControlConfig) -> Self {
-        let leases = Arc::new(Leases::new(config.budget_lease_tokens));
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let holder = Holder {
+            id: keys::random_base62(22),
+            host: process_host(),
+            pid: i64::from(std::process::id()),
+            started_at_ms: clock.now_ms(),
+        };
+        let leases = Arc::new(Leases::new(config.budget_lease_tokens, holder.id.clone()));
         ControlPlane {
             writer: Writer::new(
                 Arc::clone(&store),
@@ -226,6 +294,8 @@ impl ControlPlane {
             clock,
             limiter: RateLimiter::new(),
             backlog: Mutex::new(VecDeque::new()),
+            holder,
+            registered: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -476,6 +546,31 @@ impl ControlPlane {
         Ok(self.store.list_keys(project_id)?)
     }
 
+    /// A key's budget in the current period: its limit and the tokens counted against it
+    /// (used, plus reserved by requests in flight and held by budget leases). `None` for a
+    /// key without a budget; an unknown key is `NotFound`.
+    pub fn budget_status(&self, key_id: &str) -> Result<Option<BudgetStatus>, ControlError> {
+        let ctx = self
+            .store
+            .key_context(key_id)?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "key",
+                id: key_id.to_owned(),
+            })?;
+        let Some(budget) = ctx.key.policy.budget else {
+            return Ok(None);
+        };
+        let period_start_ms = budget.period.start_ms(self.now_ms());
+        Ok(Some(BudgetStatus {
+            key_id: key_id.to_owned(),
+            period: budget.period.as_str().to_owned(),
+            period_start_ms,
+            limit_tokens: budget.tokens,
+            counted_tokens: u64::try_from(self.store.budget_used(key_id, period_start_ms)?)
+                .unwrap_or(0),
+        }))
+    }
+
     /// Revokes a key: it fails authentication from now on, in every process.
     pub fn revoke_key(&self, actor: &str, key_id: &str) -> Result<(), ControlError> {
         let draft = self.draft(actor, "key.revoke", key_id, json!({}));
@@ -715,8 +810,7 @@ impl ControlPlane {
                 self.take_from_lease(&ctx.key.id, budget.tokens, start, tokens, may_block)
             } else if may_block {
                 Some(
-                    self.store
-                        .reserve_budget(&ctx.key.id, start, to_i64(budget.tokens), to_i64(tokens))
+                    self.reserve_in_store(&ctx.key.id, start, budget.tokens, tokens)
                         .map(|r| {
                             r.map(|_| ()).map_err(|used| {
                                 budget
@@ -781,7 +875,9 @@ impl ControlPlane {
         if lease.period_start_ms != start {
             // A new period: what is left of the old one's lease goes back to its period.
             if lease.available > 0 {
-                let back = give_back(key_id, lease.period_start_ms, lease.available);
+                let back = self
+                    .leases
+                    .give_back(key_id, lease.period_start_ms, lease.available);
                 if !self.writer.push((vec![back], None)) {
                     tracing::error!(
                         "a budget lease could not be given back: too many settlements wait"
@@ -801,10 +897,7 @@ impl ControlPlane {
         }
         let need = tokens - lease.available;
         let ahead = self.leases.chunk.min(limit / 16);
-        let reserve = |n: u64| {
-            self.store
-                .reserve_budget(key_id, start, to_i64(limit), to_i64(n))
-        };
+        let reserve = |n: u64| self.reserve_in_store(key_id, start, limit, n);
         if ahead > 0 {
             match reserve(need.saturating_add(ahead)) {
                 Ok(Ok(_)) => {
@@ -827,10 +920,43 @@ impl ControlPlane {
         })
     }
 
+    /// Reserves `tokens` of a key's budget in the store, held by this process.
+    fn reserve_in_store(
+        &self,
+        key_id: &str,
+        start: i64,
+        limit: u64,
+        tokens: u64,
+    ) -> Result<Result<i64, i64>, StoreError> {
+        let reserved = self.store.reserve_budget(
+            &self.holder,
+            self.now_ms(),
+            key_id,
+            start,
+            to_i64(limit),
+            to_i64(tokens),
+        );
+        if matches!(reserved, Ok(Ok(_))) {
+            // The reservation registered this process as a holder.
+            self.registered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        reserved
+    }
+
     /// Gives the unused part of a leased reservation back to the lease (or charges the
     /// lease for tokens used beyond it); what the lease cannot take right now (another
-    /// period, a lease being topped up) is settled in the store instead.
-    fn settle_lease(&self, key_id: &str, start: i64, reserved: u64, used: u64) -> Option<Mutation> {
+    /// period, a lease being topped up) is settled in the store instead. Either way the
+    /// store learns what was used: tokens used stop being held by this process (so that a
+    /// crash releases only what was never used), tokens back in the lease stay held.
+    fn settle_lease(&self, key_id: &str, start: i64, reserved: u64, used: u64) -> Mutation {
+        let settle = |reserved_tokens: u64| Mutation::SettleBudget {
+            holder: self.holder.id.clone(),
+            key_id: key_id.to_owned(),
+            period_start_ms: start,
+            reserved_tokens: to_i64(reserved_tokens),
+            actual_tokens: to_i64(used),
+        };
         let lease = self.leases.of(key_id, start, self.clock.instant());
         if let Ok(mut lease) = lease.try_lock()
             && lease.period_start_ms == start
@@ -838,24 +964,16 @@ impl ControlPlane {
             lease.last_used = self.clock.instant();
             if used <= reserved {
                 lease.available = lease.available.saturating_add(reserved - used);
-                return None;
+                // The used tokens move from held to used; the rest stays held (the lease).
+                return settle(used);
             }
             let extra = used - reserved;
             let covered = extra.min(lease.available);
             lease.available -= covered;
-            return (extra > covered).then(|| Mutation::SettleBudget {
-                key_id: key_id.to_owned(),
-                period_start_ms: start,
-                reserved_tokens: 0,
-                actual_tokens: to_i64(extra - covered),
-            });
+            // `reserved + covered` held tokens were used, the rest of `used` is new.
+            return settle(reserved + covered);
         }
-        Some(Mutation::SettleBudget {
-            key_id: key_id.to_owned(),
-            period_start_ms: start,
-            reserved_tokens: to_i64(reserved),
-            actual_tokens: to_i64(used),
-        })
+        settle(reserved)
     }
 
     /// Records how a request ended: settles its reservation (if any) to the tokens used and
@@ -905,9 +1023,10 @@ impl ControlPlane {
             if let Some(period_start_ms) = r.budget_period_start_ms
                 && r.leased
             {
-                mutations.extend(self.settle_lease(&ctx.key.id, period_start_ms, r.tokens, used));
+                mutations.push(self.settle_lease(&ctx.key.id, period_start_ms, r.tokens, used));
             } else if let Some(period_start_ms) = r.budget_period_start_ms {
                 mutations.push(Mutation::SettleBudget {
+                    holder: self.holder.id.clone(),
                     key_id: ctx.key.id.clone(),
                     period_start_ms,
                     reserved_tokens: to_i64(r.tokens),
@@ -988,7 +1107,98 @@ impl ControlPlane {
         if !returns.is_empty() && !self.writer.push((returns, None)) {
             tracing::error!("budget leases could not be given back: too many settlements wait");
         }
+        // What this process still holds (requests that never ended) is given back by the
+        // next process's keep-alive, as after a crash.
         self.writer.flush(timeout)
+    }
+
+    /// This process as the holder of its budget reservations.
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    /// Tells the store this process is alive, and gives back what dead processes held:
+    /// reservations of requests that were in flight when a process was killed (and its
+    /// budget leases) are never settled, so without this a crash would charge keys for work
+    /// never done. A holder is dead when it has not been seen for [`HOLDER_TIMEOUT`], or at
+    /// once when it ran on this host and its process is gone. Each release is audited
+    /// (`budget.release`). Returns the tokens given back.
+    pub fn keep_alive(&self) -> Result<u64, ControlError> {
+        use std::sync::atomic::Ordering;
+        let now = self.now_ms();
+        let seen = Mutation::HolderSeen {
+            holder: self.holder.id.clone(),
+            seen_ms: now,
+        };
+        match self.store.commit(&[seen], None) {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => {
+                if self.registered.swap(true, Ordering::Relaxed) {
+                    // Another process took us for dead (the store was out of reach for
+                    // longer than the timeout) and gave back what we held: the leases'
+                    // tokens are no longer ours to hand out.
+                    tracing::warn!(
+                        "this process's budget holds were released by another: its leases are dropped"
+                    );
+                    self.leases.forget_all();
+                }
+                let register = Mutation::RegisterHolder {
+                    holder: self.holder.clone(),
+                    seen_ms: now,
+                };
+                self.store.commit(&[register], None)?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        self.registered.store(true, Ordering::Relaxed);
+        let mut released = 0u64;
+        for dead in self
+            .store
+            .holders()?
+            .into_iter()
+            .filter(|h| self.is_dead(h, now))
+        {
+            let (host, pid, seen_ms) = dead.seen.clone().unwrap_or_default();
+            let draft = self.draft(
+                "control",
+                "budget.release",
+                &format!("holder:{}", dead.id),
+                json!({
+                    "tokens": dead.held_tokens,
+                    "host": host,
+                    "pid": pid,
+                    "last_seen_ms": seen_ms,
+                }),
+            );
+            let release = Mutation::ReleaseHolder {
+                holder: dead.id.clone(),
+            };
+            self.store.commit(&[release], Some(&draft))?;
+            tracing::info!(
+                holder = %dead.id,
+                tokens = dead.held_tokens,
+                "released the budget held by a process that is gone"
+            );
+            released = released.saturating_add(u64::try_from(dead.held_tokens).unwrap_or(0));
+        }
+        Ok(released)
+    }
+
+    fn is_dead(&self, h: &HolderRow, now_ms: i64) -> bool {
+        if h.id == self.holder.id {
+            return false;
+        }
+        let Some((host, pid, seen_ms)) = &h.seen else {
+            // Holds whose holder was released already: nobody will settle them.
+            return true;
+        };
+        let timeout_ms = i64::try_from(HOLDER_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+        if now_ms.saturating_sub(*seen_ms) > timeout_ms {
+            return true;
+        }
+        // On this host (same machine, boot and process namespace) a holder whose process is
+        // gone is dead now. (One whose pid was reused since waits for the timeout.)
+        *host == self.holder.host && !process_alive(*pid)
     }
 
     /// Deletes retained content whose time is up and retries waiting settlements; returns
@@ -1009,14 +1219,25 @@ impl ControlPlane {
     }
 
     /// Starts the background task that enforces retention and retries waiting settlements
-    /// every `every`. It ends when the runtime shuts down or the handle is aborted.
+    /// every `every`, and keeps this process registered as a live holder of its budget
+    /// reservations (releasing dead ones' holds, [`ControlPlane::keep_alive`]) every
+    /// [`HOLDER_BEAT`], starting now. It ends when the runtime shuts down or the handle is
+    /// aborted.
     pub fn spawn_maintenance(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let plane = Arc::clone(self);
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut beats = tokio::time::interval(HOLDER_BEAT.min(every));
+            beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_retention = tokio::time::Instant::now();
             loop {
-                ticks.tick().await;
+                beats.tick().await;
+                if let Err(err) = plane.run(|p| p.keep_alive()).await {
+                    tracing::warn!(error = %err, "budget keep-alive failed");
+                }
+                if last_retention.elapsed() < every {
+                    continue;
+                }
+                last_retention = tokio::time::Instant::now();
                 match plane.run(|p| p.enforce_retention()).await {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, "retention: expired content deleted"),

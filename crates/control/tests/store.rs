@@ -14,8 +14,8 @@ use souverain_control::audit::entry_hash;
 use souverain_control::store::latest_schema_version;
 use souverain_control::{
     AuditDraft, Budget, BudgetPeriod, ControlConfig, ControlError, ControlPlane, Denial, GroupBy,
-    KeyContext, KeyPolicy, MAX_STORED_FIELD_CHARS, ManualClock, Outcome, PostgresStore,
-    SqliteStore, Store, StoreError, Tamper, UsageFilter, usage,
+    HOLDER_TIMEOUT, Holder, KeyContext, KeyPolicy, MAX_STORED_FIELD_CHARS, ManualClock, Outcome,
+    PostgresStore, SqliteStore, Store, StoreError, Tamper, UsageFilter, usage,
 };
 
 const REGION: &str = "eu-west-paris";
@@ -782,6 +782,107 @@ fn leased_budgets_are_never_overspent(fx: &Fixture) {
     assert!(a.verify_audit().unwrap().is_intact());
 }
 
+/// Tokens of a key's usage records, and of its budget counter in the period.
+fn recorded_and_counted(fx: &Fixture, plane: &ControlPlane, ctx: &KeyContext) -> (i64, i64) {
+    let filter = UsageFilter {
+        key_id: Some(ctx.key.id.clone()),
+        ..UsageFilter::default()
+    };
+    let recorded = plane
+        .usage(&filter)
+        .unwrap()
+        .iter()
+        .map(|u| u.prompt_tokens + u.completion_tokens)
+        .sum();
+    let period = BudgetPeriod::Hour.start_ms(START_MS);
+    (recorded, fx.store.budget_used(&ctx.key.id, period).unwrap())
+}
+
+fn a_dead_processs_reservations_are_released(fx: &Fixture) {
+    // Process A (budget leases on) reserves for seven requests; three end and are settled,
+    // four are in flight when A stops being heard from (killed).
+    let (a, _) = hot_plane(fx, Duration::ZERO, 100);
+    let policy = KeyPolicy {
+        budget: Some(Budget {
+            tokens: 100_000,
+            period: BudgetPeriod::Hour,
+        }),
+        ..KeyPolicy::default()
+    };
+    let (ctx, _) = tenant(&a, policy, None);
+    let reserved: Vec<_> = (0..7).map(|_| a.reserve(&ctx, 40, 60).unwrap()).collect();
+    for (n, r) in reserved[..3].iter().enumerate() {
+        a.settle(&ctx, Some(r), outcome(&format!("a-{n}"), 40, 25))
+            .unwrap();
+    }
+    // Process B (no leases) has one request in flight.
+    let (b, b_clock) = hot_plane(fx, Duration::ZERO, 0);
+    let in_flight_b = b.reserve(&ctx, 40, 60).unwrap();
+    let (recorded, counted) = recorded_and_counted(fx, &b, &ctx);
+    assert_eq!(recorded, 3 * 65);
+    assert!(counted > recorded + 4 * 100 + 100, "{counted} {recorded}");
+
+    // A was seen a moment ago and its process (this one) runs: B leaves it alone.
+    assert_eq!(b.keep_alive().unwrap(), 0);
+    assert_eq!(recorded_and_counted(fx, &b, &ctx).1, counted);
+    // Past the timeout without a word from A, B gives back all A held: the four requests
+    // in flight and A's lease. Only B's own request stays reserved.
+    b_clock.advance_ms(i64::try_from(HOLDER_TIMEOUT.as_millis()).unwrap() + 1_000);
+    let released = b.keep_alive().unwrap();
+    assert_eq!(i64::try_from(released).unwrap(), counted - recorded - 100);
+    assert_eq!(
+        recorded_and_counted(fx, &b, &ctx),
+        (recorded, recorded + 100)
+    );
+    b.settle(&ctx, Some(&in_flight_b), outcome("b-0", 40, 10))
+        .unwrap();
+    let (recorded, counted) = recorded_and_counted(fx, &b, &ctx);
+    assert_eq!(counted, recorded);
+    // Nothing more to release; the release is in the audit log.
+    assert_eq!(b.keep_alive().unwrap(), 0);
+    let releases: Vec<_> = b
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "budget.release")
+        .collect();
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].target, format!("holder:{}", a.holder().id));
+
+    // A was only cut off and comes back: it learns its holds were released (its lease's
+    // tokens are no longer its to hand out) and its late settlements are not given back twice.
+    assert_eq!(a.keep_alive().unwrap(), 0);
+    a.settle(&ctx, Some(&reserved[3]), outcome("a-late", 40, 30))
+        .unwrap();
+    let (recorded, counted) = recorded_and_counted(fx, &b, &ctx);
+    assert_eq!(counted, recorded);
+    // Its next request reserves afresh in the store rather than from the dropped lease.
+    assert!(a.try_reserve(&ctx, 10, 0).is_none());
+
+    // A holder on this host whose process is gone is dead at once, seen or not.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = i64::from(child.id());
+    child.wait().unwrap();
+    let ghost = Holder {
+        id: "ghost".to_owned(),
+        host: b.holder().host.clone(),
+        pid: gone_pid,
+        started_at_ms: START_MS,
+    };
+    let period = BudgetPeriod::Hour.start_ms(START_MS);
+    let now = b.now_ms();
+    assert!(
+        fx.store
+            .reserve_budget(&ghost, now, &ctx.key.id, period, 100_000, 77)
+            .unwrap()
+            .is_ok()
+    );
+    assert_eq!(recorded_and_counted(fx, &b, &ctx).1, counted + 77);
+    assert_eq!(b.keep_alive().unwrap(), 77);
+    assert_eq!(recorded_and_counted(fx, &b, &ctx).1, counted);
+    assert!(b.verify_audit().unwrap().is_intact());
+}
+
 fn queued_settlements_are_committed_in_groups(fx: &Fixture) {
     let (plane, _) = hot_plane(fx, Duration::from_secs(60), 0);
     let (ctx, _) = tenant(&plane, KeyPolicy::default(), Some(3600));
@@ -862,6 +963,7 @@ store_suite!(
     audit_verify_names_a_reordering,
     cached_keys_are_checked_and_forgotten,
     leased_budgets_are_never_overspent,
+    a_dead_processs_reservations_are_released,
     queued_settlements_are_committed_in_groups,
 );
 

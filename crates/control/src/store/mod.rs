@@ -110,6 +110,23 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX retained_content_by_expiry ON retained_content(expires_at_ms);
         CREATE INDEX usage_by_key ON usage_records(key_id, created_at_ms);",
     ),
+    (
+        3,
+        "CREATE TABLE holders (
+            holder TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            started_at_ms BIGINT NOT NULL,
+            seen_ms BIGINT NOT NULL
+        );
+        CREATE TABLE budget_holds (
+            holder TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            period_start_ms BIGINT NOT NULL,
+            tokens BIGINT NOT NULL,
+            PRIMARY KEY (holder, key_id, period_start_ms)
+        );",
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -141,8 +158,13 @@ pub enum Mutation {
         /// When.
         at_ms: i64,
     },
-    /// Turn a budget reservation into what was used: `used -= reserved; used += actual`.
+    /// Turn a budget reservation into what was used: `used -= reserved; used += actual`, and
+    /// the holder's hold on the key's budget drops by `reserved`. When the hold is smaller
+    /// than `reserved` (it was released as a dead holder's meanwhile), only what is still
+    /// held is taken back, so no token is given back twice.
     SettleBudget {
+        /// The process whose reservation this was ([`Holder::id`]).
+        holder: String,
         /// The key.
         key_id: String,
         /// The period the reservation was made in.
@@ -156,6 +178,54 @@ pub enum Mutation {
     InsertUsage(UsageRecord),
     /// Keep a prompt and its output (projects that opted in only).
     InsertContent(RetainedContent),
+    /// Record that a holder is alive at `seen_ms` (changes no row when it is not registered).
+    HolderSeen {
+        /// The holder's id.
+        holder: String,
+        /// When.
+        seen_ms: i64,
+    },
+    /// Register a holder, alive at `seen_ms` (a no-op when it is registered).
+    RegisterHolder {
+        /// The holder.
+        holder: Holder,
+        /// When.
+        seen_ms: i64,
+    },
+    /// Give back every token a holder holds (it is dead: its reservations will never be
+    /// settled) and forget it.
+    ReleaseHolder {
+        /// The holder's id.
+        holder: String,
+    },
+}
+
+/// A process that reserves budget in the store: what it holds (reserved and not yet
+/// settled, its budget leases included) is recorded under its id, so that when it dies
+/// without settling, another process (or its own restart) gives those tokens back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Unique per process start.
+    pub id: String,
+    /// The machine and process namespace it runs in (host name, boot id, pid namespace):
+    /// a holder of the same `host` whose `pid` is gone is dead at once.
+    pub host: String,
+    /// Its process id.
+    pub pid: i64,
+    /// When it started.
+    pub started_at_ms: i64,
+}
+
+/// A holder as the store knows it: registered (`seen_ms` set) or only named by holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderRow {
+    /// The holder's id.
+    pub id: String,
+    /// Its host, pid and when it was last seen; `None` for holds whose holder is not
+    /// registered (left by a holder already released).
+    pub seen: Option<(String, i64, i64)>,
+    /// Tokens it holds, over all keys and periods.
+    pub held_tokens: i64,
 }
 
 /// The control plane's storage. Implementations must make [`Store::commit`] atomic and
@@ -195,13 +265,21 @@ pub trait Store: Send + Sync + 'static {
     /// keeps it within `limit`; returns the use after the reservation, or `Err(used)` (the
     /// use as it stands) when it would not fit. Atomic: of many concurrent reservations, only
     /// those that fit succeed.
+    ///
+    /// A successful reservation is recorded as held by `holder` (registered as alive at
+    /// `now_ms`) in the same transaction.
     fn reserve_budget(
         &self,
+        holder: &Holder,
+        now_ms: i64,
         key_id: &str,
         period_start_ms: i64,
         limit: i64,
         tokens: i64,
     ) -> Result<Result<i64, i64>, StoreError>;
+
+    /// Every holder registered or named by a hold, with the tokens it holds.
+    fn holders(&self) -> Result<Vec<HolderRow>, StoreError>;
 
     /// Tokens used (reserved included) by a key in a period.
     fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError>;
@@ -277,12 +355,133 @@ fn json_list(items: &[String]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// The statements a mutation runs, and the kind and id of the row it must change (for the
-/// ones that update: changing no row means the row does not exist).
-pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, String)>) {
+fn settle_sql(
+    holder: &str,
+    key_id: &str,
+    start: i64,
+    reserved: i64,
+    actual: i64,
+) -> Vec<Statement> {
+    let hold = |p: &mut Vec<Param>| {
+        p.extend([
+            reserved.into(),
+            reserved.into(),
+            holder.into(),
+            key_id.into(),
+            start.into(),
+        ]);
+    };
+    let mut used = vec![actual.into()];
+    hold(&mut used);
+    used.extend([key_id.into(), start.into()]);
+    vec![
+        // A reservation whose row is gone (a hand-cleaned table) must not lose the usage:
+        // no row must change.
+        (SETTLE_USED_SQL, used),
+        (
+            "UPDATE budget_holds SET tokens = CASE WHEN tokens < ? THEN 0 ELSE tokens - ? END \
+             WHERE holder = ? AND key_id = ? AND period_start_ms = ?",
+            vec![
+                reserved.into(),
+                reserved.into(),
+                holder.into(),
+                key_id.into(),
+                start.into(),
+            ],
+        ),
+    ]
+}
+
+const SETTLE_USED_SQL: &str = concat!(
+    "UPDATE budget_usage SET used_tokens = used_tokens + ? - ",
+    "COALESCE((SELECT CASE WHEN h.tokens < ? THEN h.tokens ELSE ? END \
+     FROM budget_holds h WHERE h.holder = ? AND h.key_id = ? AND h.period_start_ms = ?), 0)",
+    " WHERE key_id = ? AND period_start_ms = ?"
+);
+
+fn release_sql(holder: &str) -> Vec<Statement> {
+    vec![
+        (
+            "UPDATE budget_usage SET used_tokens = used_tokens - COALESCE((SELECT h.tokens \
+             FROM budget_holds h WHERE h.holder = ? AND h.key_id = budget_usage.key_id \
+             AND h.period_start_ms = budget_usage.period_start_ms), 0) \
+             WHERE EXISTS (SELECT 1 FROM budget_holds h WHERE h.holder = ? \
+             AND h.key_id = budget_usage.key_id AND h.period_start_ms = budget_usage.period_start_ms)",
+            vec![holder.into(), holder.into()],
+        ),
+        (
+            "DELETE FROM budget_holds WHERE holder = ?",
+            vec![holder.into()],
+        ),
+        ("DELETE FROM holders WHERE holder = ?", vec![holder.into()]),
+    ]
+}
+
+/// What a successful reservation of `tokens` adds to `holder`'s hold (and its sign of life).
+pub(crate) fn hold_sql(
+    holder: &Holder,
+    now_ms: i64,
+    key_id: &str,
+    period_start_ms: i64,
+    tokens: i64,
+) -> [Statement; 2] {
+    [
+        register_sql(holder, now_ms),
+        (
+            "INSERT INTO budget_holds (holder, key_id, period_start_ms, tokens) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (holder, key_id, period_start_ms) \
+             DO UPDATE SET tokens = budget_holds.tokens + excluded.tokens",
+            vec![
+                holder.id.as_str().into(),
+                key_id.into(),
+                period_start_ms.into(),
+                tokens.into(),
+            ],
+        ),
+    ]
+}
+
+fn register_sql(holder: &Holder, now_ms: i64) -> Statement {
+    (
+        "INSERT INTO holders (holder, host, pid, started_at_ms, seen_ms) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT (holder) DO UPDATE SET seen_ms = excluded.seen_ms",
+        vec![
+            holder.id.as_str().into(),
+            holder.host.as_str().into(),
+            holder.pid.into(),
+            holder.started_at_ms.into(),
+            now_ms.into(),
+        ],
+    )
+}
+
+/// The holders, registered or named by holds, with what they hold.
+pub(crate) const HOLDERS_SQL: &str = "SELECT r.holder, r.host, r.pid, r.seen_ms, \
+     COALESCE((SELECT CAST(SUM(b.tokens) AS BIGINT) FROM budget_holds b \
+     WHERE b.holder = r.holder), 0) \
+     FROM holders r \
+     UNION ALL SELECT b.holder, NULL, NULL, NULL, CAST(SUM(b.tokens) AS BIGINT) FROM budget_holds b \
+     WHERE b.holder NOT IN (SELECT holder FROM holders) GROUP BY b.holder";
+
+pub(crate) fn holder_from_row(row: &dyn Row) -> Result<HolderRow, StoreError> {
+    let id = row.text(0)?;
+    let seen = match (row.opt_text(1)?, row.opt_int(2)?, row.opt_int(3)?) {
+        (Some(host), Some(pid), Some(seen_ms)) => Some((host, pid, seen_ms)),
+        _ => None,
+    };
+    Ok(HolderRow {
+        id,
+        seen,
+        held_tokens: row.int(4)?,
+    })
+}
+
+/// The statements a mutation runs, and the kind and id of the row its first statement must
+/// change (for the ones that update: changing no row means the row does not exist).
+pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static str, String)>) {
     match m {
         Mutation::InsertOrg(org) => (
-            (
+            vec![(
                 "INSERT INTO organizations (id, name, allowed_regions, created_at_ms) VALUES (?, ?, ?, ?)",
                 vec![
                     org.id.as_str().into(),
@@ -290,18 +489,18 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, St
                     json_list(&org.allowed_regions).into(),
                     org.created_at_ms.into(),
                 ],
-            ),
+            )],
             None,
         ),
         Mutation::SetOrgRegions { org_id, regions } => (
-            (
+            vec![(
                 "UPDATE organizations SET allowed_regions = ? WHERE id = ?",
                 vec![json_list(regions).into(), org_id.as_str().into()],
-            ),
+            )],
             Some(("organization", org_id.clone())),
         ),
         Mutation::InsertProject(p) => (
-            (
+            vec![(
                 "INSERT INTO projects (id, org_id, name, retention_secs, created_at_ms) VALUES (?, ?, ?, ?, ?)",
                 vec![
                     p.id.as_str().into(),
@@ -310,11 +509,11 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, St
                     p.retention_secs.into(),
                     p.created_at_ms.into(),
                 ],
-            ),
+            )],
             None,
         ),
         Mutation::InsertKey(k) => (
-            (
+            vec![(
                 "INSERT INTO api_keys (id, project_id, name, salt, hash, allowed_models, \
                  requests_per_minute, tokens_per_minute, budget_tokens, budget_period, \
                  expires_at_ms, created_at_ms, revoked_at_ms) \
@@ -334,37 +533,18 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, St
                     k.created_at_ms.into(),
                     k.revoked_at_ms.into(),
                 ],
-            ),
+            )],
             None,
         ),
         Mutation::RevokeKey { key_id, at_ms } => (
-            (
+            vec![(
                 "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?",
                 vec![(*at_ms).into(), key_id.as_str().into()],
-            ),
+            )],
             Some(("key", key_id.clone())),
         ),
-        Mutation::SettleBudget {
-            key_id,
-            period_start_ms,
-            reserved_tokens,
-            actual_tokens,
-        } => (
-            (
-                "UPDATE budget_usage SET used_tokens = used_tokens - ? + ? \
-                 WHERE key_id = ? AND period_start_ms = ?",
-                vec![
-                    (*reserved_tokens).into(),
-                    (*actual_tokens).into(),
-                    key_id.as_str().into(),
-                    (*period_start_ms).into(),
-                ],
-            ),
-            // A reservation whose row is gone (a hand-cleaned table) must not lose the usage.
-            None,
-        ),
         Mutation::InsertUsage(u) => (
-            (
+            vec![(
                 "INSERT INTO usage_records (id, created_at_ms, org_id, project_id, key_id, model, \
                  prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, \
                  http_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -383,11 +563,11 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, St
                     u.status.as_str().into(),
                     u.http_status.into(),
                 ],
-            ),
+            )],
             None,
         ),
         Mutation::InsertContent(c) => (
-            (
+            vec![(
                 "INSERT INTO retained_content (request_id, project_id, key_id, created_at_ms, \
                  expires_at_ms, prompt, output) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 vec![
@@ -399,9 +579,36 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Statement, Option<(&'static str, St
                     c.prompt.as_str().into(),
                     c.output.as_str().into(),
                 ],
+            )],
+            None,
+        ),
+        Mutation::HolderSeen { holder, seen_ms } => (
+            vec![(
+                "UPDATE holders SET seen_ms = ? WHERE holder = ?",
+                vec![(*seen_ms).into(), holder.as_str().into()],
+            )],
+            Some(("holder", holder.clone())),
+        ),
+        Mutation::RegisterHolder { holder, seen_ms } => {
+            (vec![register_sql(holder, *seen_ms)], None)
+        }
+        Mutation::SettleBudget {
+            holder,
+            key_id,
+            period_start_ms,
+            reserved_tokens,
+            actual_tokens,
+        } => (
+            settle_sql(
+                holder,
+                key_id,
+                *period_start_ms,
+                *reserved_tokens,
+                *actual_tokens,
             ),
             None,
         ),
+        Mutation::ReleaseHolder { holder } => (release_sql(holder), None),
     }
 }
 
@@ -642,7 +849,7 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(versions, sorted);
-        assert_eq!(latest_schema_version(), 2);
+        assert_eq!(latest_schema_version(), 3);
     }
 
     #[test]

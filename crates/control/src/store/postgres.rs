@@ -15,10 +15,11 @@ use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls, Transaction};
 
 use super::{
-    AUDIT_COLUMNS, CONTENT_COLUMNS, KEY_COLUMNS, KEY_CONTEXT_SQL, MIGRATIONS, Mutation, Param, Row,
-    Store, USAGE_COLUMNS, audit_append_sql, audit_from_row, content_from_row, key_context_from_row,
-    key_from_row, latest_schema_version, mutation_sql, numbered_placeholders, org_from_row,
-    project_from_row, usage_from_row, usage_where,
+    AUDIT_COLUMNS, CONTENT_COLUMNS, HOLDERS_SQL, Holder, HolderRow, KEY_COLUMNS, KEY_CONTEXT_SQL,
+    MIGRATIONS, Mutation, Param, Row, Store, USAGE_COLUMNS, audit_append_sql, audit_from_row,
+    content_from_row, hold_sql, holder_from_row, key_context_from_row, key_from_row,
+    latest_schema_version, mutation_sql, numbered_placeholders, org_from_row, project_from_row,
+    usage_from_row, usage_where,
 };
 use crate::audit::{self, AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
@@ -302,11 +303,14 @@ impl Store for PostgresStore {
     ) -> Result<Option<AuditEntry>, StoreError> {
         self.in_transaction(|tx| {
             for mutation in mutations {
-                let ((sql, params), must_change) = mutation_sql(mutation);
-                if execute(tx, sql, &params)? == 0
-                    && let Some((kind, id)) = must_change
-                {
-                    return Err(StoreError::NotFound { kind, id });
+                let (statements, must_change) = mutation_sql(mutation);
+                for (i, (sql, params)) in statements.iter().enumerate() {
+                    if execute(tx, sql, params)? == 0
+                        && i == 0
+                        && let Some((kind, id)) = must_change.clone()
+                    {
+                        return Err(StoreError::NotFound { kind, id });
+                    }
                 }
             }
             let Some(draft) = audit_draft else {
@@ -337,6 +341,8 @@ impl Store for PostgresStore {
 
     fn reserve_budget(
         &self,
+        holder: &Holder,
+        now_ms: i64,
         key_id: &str,
         period_start_ms: i64,
         limit: i64,
@@ -360,7 +366,11 @@ impl Store for PostgresStore {
                 )
                 .map_err(map_err)?;
             if let Some(row) = reserved {
-                return Ok(Ok(row.try_get(0).map_err(decode_err)?));
+                let used = row.try_get(0).map_err(decode_err)?;
+                for (sql, params) in hold_sql(holder, now_ms, key_id, period_start_ms, tokens) {
+                    execute(tx, sql, &params)?;
+                }
+                return Ok(Ok(used));
             }
             let used: i64 = tx
                 .query_one(
@@ -371,6 +381,10 @@ impl Store for PostgresStore {
                 .map_err(map_err)?;
             Ok(Err(used))
         })
+    }
+
+    fn holders(&self) -> Result<Vec<HolderRow>, StoreError> {
+        self.with_client(|c| query(c, HOLDERS_SQL, &[], holder_from_row))
     }
 
     fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError> {

@@ -13,10 +13,11 @@ use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::{
-    AUDIT_COLUMNS, CONTENT_COLUMNS, KEY_COLUMNS, KEY_CONTEXT_SQL, MIGRATIONS, Mutation, Param, Row,
-    Store, USAGE_COLUMNS, audit_append_sql, audit_from_row, content_from_row, key_context_from_row,
-    key_from_row, latest_schema_version, mutation_sql, org_from_row, project_from_row,
-    usage_from_row, usage_where,
+    AUDIT_COLUMNS, CONTENT_COLUMNS, HOLDERS_SQL, Holder, HolderRow, KEY_COLUMNS, KEY_CONTEXT_SQL,
+    MIGRATIONS, Mutation, Param, Row, Store, USAGE_COLUMNS, audit_append_sql, audit_from_row,
+    content_from_row, hold_sql, holder_from_row, key_context_from_row, key_from_row,
+    latest_schema_version, mutation_sql, org_from_row, project_from_row, usage_from_row,
+    usage_where,
 };
 use crate::audit::{self, AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
@@ -229,6 +230,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(map_err)
 }
 
+/// Runs one statement; returns how many rows it changed.
+fn execute(conn: &Connection, sql: &str, params: &[Param]) -> Result<usize, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
+        .map_err(map_err)
+}
+
 /// Applies `mutations` and appends the audit entry (if any) inside `tx`.
 fn apply(
     tx: &rusqlite::Transaction<'_>,
@@ -236,24 +244,22 @@ fn apply(
     audit_draft: Option<&AuditDraft>,
 ) -> Result<Option<AuditEntry>, StoreError> {
     for mutation in mutations {
-        let ((sql, params), must_change) = mutation_sql(mutation);
-        let changed = tx
-            .prepare_cached(sql)
-            .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
-            .map_err(map_err)?;
-        if changed == 0
-            && let Some((kind, id)) = must_change
-        {
-            return Err(StoreError::NotFound { kind, id });
+        let (statements, must_change) = mutation_sql(mutation);
+        for (i, (sql, params)) in statements.iter().enumerate() {
+            let changed = execute(tx, sql, params)?;
+            if i == 0
+                && changed == 0
+                && let Some((kind, id)) = must_change.clone()
+            {
+                return Err(StoreError::NotFound { kind, id });
+            }
         }
     }
     let entry = match audit_draft {
         Some(draft) => {
             let entry = audit::seal(&read_head(tx)?, draft);
             for (sql, params) in audit_append_sql(&entry) {
-                tx.prepare_cached(sql)
-                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(params.iter())))
-                    .map_err(map_err)?;
+                execute(tx, sql, &params)?;
             }
             Some(entry)
         }
@@ -314,6 +320,8 @@ impl Store for SqliteStore {
 
     fn reserve_budget(
         &self,
+        holder: &Holder,
+        now_ms: i64,
         key_id: &str,
         period_start_ms: i64,
         limit: i64,
@@ -351,8 +359,17 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(map_err)?;
+        if changed == 1 {
+            for (sql, params) in hold_sql(holder, now_ms, key_id, period_start_ms, tokens) {
+                execute(&tx, sql, &params)?;
+            }
+        }
         tx.commit().map_err(map_err)?;
         Ok(if changed == 1 { Ok(used) } else { Err(used) })
+    }
+
+    fn holders(&self) -> Result<Vec<HolderRow>, StoreError> {
+        query(&self.conn(), HOLDERS_SQL, &[], holder_from_row)
     }
 
     fn budget_used(&self, key_id: &str, period_start_ms: i64) -> Result<i64, StoreError> {
