@@ -20,12 +20,12 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use control::admission::micros_since;
 use control::{Checks, Gate, KeyContext, Outcome, Reservation};
+use edge::{Json, parse_json, read_json_body};
 use engine::{EngineError, Event};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::error::{ApiError, engine_error};
-use crate::extract::{Json, parse_json, read_json_body};
 
 /// An engine event tagged with the index of the choice it belongs to.
 pub(crate) type Tagged = (u32, Event);

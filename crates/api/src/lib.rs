@@ -10,6 +10,7 @@
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //! - with a control plane: keys, limits, budgets, metering and residency on all of the above
 //!   (but `/health` and `/metrics`), and the admin API under `/admin/v1`
+//! - `GET /console/`: the browser console (`souverain-console`)
 //!
 //! Requests are parsed once and validated once into a validated request (every bad field
 //! named in the error's `param`); every error, unknown routes and wrong methods included, is
@@ -19,9 +20,9 @@
 //! generation.
 //!
 //! Modules import in one direction, lowest first: `state` and `error`; the request shapes
-//! (`openai`, `extract`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
+//! (`openai`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
 //! under the control plane); `generation` (encode, start, fan-in); the responders (`whole`,
-//! `stream`); the handlers (`handlers`, `embeddings`, `tokenize`, `metrics`, `admin`); the
+//! `stream`); the handlers (`handlers`, `embeddings`, `tokenize`, `metrics`); the
 //! `middleware`; this file, which assembles the [`App`].
 //!
 //! ```no_run
@@ -36,12 +37,10 @@
 //! }
 //! ```
 
-mod admin;
 mod admission;
 mod backend;
 mod embeddings;
 mod error;
-mod extract;
 mod generation;
 mod handlers;
 mod logprobs;
@@ -130,6 +129,8 @@ impl App {
             .fallback(handlers::unknown_url)
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(state);
+        // The browser console: static assets, no credentials needed to load them.
+        let app = app.merge(console::router());
         match &self.control {
             None => app,
             Some(control) => app
@@ -137,7 +138,10 @@ impl App {
                     edge::gate(Arc::clone(control), Settlement::Committed),
                     middleware::authenticate,
                 ))
-                .nest("/admin/v1", admin::router(Arc::clone(control))),
+                .nest(
+                    "/admin/v1",
+                    edge::admin::router(Arc::clone(control), Router::new()),
+                ),
         }
     }
 

@@ -14,10 +14,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, engine_error};
-use crate::extract::{Json, parse_json};
 use crate::openai::RawMessage;
 use crate::state::AppState;
 use crate::validate;
+use edge::{Json, parse_json};
 
 /// The body of `POST /tokenize`.
 #[derive(Debug, Deserialize)]

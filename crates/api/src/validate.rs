@@ -734,7 +734,7 @@ fn stop_sequences(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extract::parse_json;
+    use edge::parse_json;
 
     const MODEL: &str = "test-model";
 

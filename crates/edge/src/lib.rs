@@ -9,6 +9,9 @@
 //! - [`gate`]: the control plane's admission flow ([`control::Gate`]) recording refusals with
 //!   the statuses [`ApiError`] answers them with.
 //! - [`MAX_BODY_BYTES`]: the largest request body any front reads.
+//! - [`Json`]: the JSON body extractor whose rejection is an [`ApiError`] naming the field.
+//! - [`admin::router`]: the admin API under `/admin/v1` (organisations, projects, keys,
+//!   usage, audit), served by `serve --auth` and `route --auth` alike.
 //!
 //! ```
 //! use control::{ControlError, Denial};
@@ -18,7 +21,9 @@
 //! assert_eq!(err.status().as_u16(), 401);
 //! ```
 
+pub mod admin;
 mod error;
+mod json;
 mod refusal;
 
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use axum::http::{HeaderMap, header};
 use control::{ControlPlane, Denial, Gate, Settlement};
 
 pub use crate::error::{ApiError, BoxError, Chain, ECHOED_NAME_CHARS, ErrorBody, Refusal};
+pub use crate::json::{Json, parse_json, read_json_body};
 
 /// The largest request body accepted, in bytes (8 MiB): room for long prompts, not for abuse.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;

@@ -8,6 +8,7 @@
 //! - [`prefix`]: chained hashes of prompt blocks and the index of which replica saw which.
 //! - [`picker`]: filters (health, model, region, subset) and weighted scorers.
 //! - [`config`]: the router's TOML file.
+//! - [`replicas`]: `GET /admin/v1/replicas`, the replicas as the router sees them.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -35,6 +36,7 @@ pub mod extproc;
 pub mod picker;
 pub mod prefix;
 pub mod proxy;
+pub mod replicas;
 pub mod request;
 pub mod scrape;
 pub mod service;

@@ -33,6 +33,9 @@ struct PerUpstream {
     stamps: HashMap<u64, u64>,
     /// when → hash, oldest first.
     order: BTreeMap<u64, u64>,
+    /// Prompt blocks routed here, and how many of them were leading blocks it held already.
+    blocks_routed: u64,
+    blocks_held: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,30 +62,38 @@ impl PrefixIndex {
         }
     }
 
-    /// Records that a prompt of these block hashes went to `upstream`.
-    pub fn insert(&self, upstream: &str, hashes: &[u64]) {
+    /// Records that a prompt of these block hashes went to `upstream`; returns how many of
+    /// its leading blocks `upstream` held already (the prompt's hits in its prefix cache, as
+    /// far as the router can tell).
+    pub fn insert(&self, upstream: &str, hashes: &[u64]) -> usize {
         let Ok(mut inner) = self.inner.lock() else {
-            return;
+            return 0;
         };
         let inner = &mut *inner;
         let per = inner.upstreams.entry(upstream.to_owned()).or_default();
+        let mut first_missing = hashes.len();
         // Stamped last block first: when blocks must go, a prompt's tail goes before its head,
         // which is what every longer prompt shares.
-        for &hash in hashes.iter().rev() {
+        for (i, &hash) in hashes.iter().enumerate().rev() {
             inner.clock += 1;
             let now = inner.clock;
             match per.stamps.insert(hash, now) {
                 Some(old) => {
                     per.order.remove(&old);
                 }
-                None => inner
-                    .holders
-                    .entry(hash)
-                    .or_default()
-                    .push(upstream.to_owned()),
+                None => {
+                    first_missing = i;
+                    inner
+                        .holders
+                        .entry(hash)
+                        .or_default()
+                        .push(upstream.to_owned());
+                }
             }
             per.order.insert(now, hash);
         }
+        per.blocks_routed = per.blocks_routed.saturating_add(hashes.len() as u64);
+        per.blocks_held = per.blocks_held.saturating_add(first_missing as u64);
         while per.stamps.len() > self.capacity {
             let Some((_, oldest)) = per.order.pop_first() else {
                 break;
@@ -95,6 +106,15 @@ impl PrefixIndex {
                 }
             }
         }
+        first_missing
+    }
+
+    /// The share of the prompt blocks routed to `upstream` that it held already (leading
+    /// blocks only), or `None` before any prompt block went there.
+    pub fn hit_rate(&self, upstream: &str) -> Option<f64> {
+        let inner = self.inner.lock().ok()?;
+        let per = inner.upstreams.get(upstream)?;
+        (per.blocks_routed > 0).then(|| per.blocks_held as f64 / per.blocks_routed as f64)
     }
 
     /// For each upstream holding the first block: how many leading blocks it holds.
@@ -208,5 +228,23 @@ mod tests {
         // The first prompt's tail went; its head still matches.
         assert_eq!(index.matches(&first).get("a"), Some(&4));
         assert_eq!(index.matches(&second).get("a"), Some(&4));
+    }
+
+    #[test]
+    fn hits_are_the_leading_blocks_held_when_routed() {
+        let index = PrefixIndex::new(100);
+        let long = block_hashes(&[3u8; 40], 4);
+        assert_eq!(index.hit_rate("a"), None);
+        assert_eq!(index.insert("a", &long[..4]), 0);
+        assert_eq!(index.hit_rate("a"), Some(0.0));
+        // The next turn extends the first: its 4 leading blocks were held, 6 were new.
+        assert_eq!(index.insert("a", &long), 4);
+        assert_eq!(index.hit_rate("a"), Some(4.0 / 14.0));
+        // A block held further in does not count when an earlier one is missing.
+        let mut gap = long.clone();
+        gap[0] = 42;
+        assert_eq!(index.insert("a", &gap), 0);
+        assert_eq!(index.hit_rate("a"), Some(4.0 / 24.0));
+        assert_eq!(index.hit_rate("b"), None);
     }
 }

@@ -95,9 +95,14 @@ impl FleetRouter {
     }
 }
 
-/// The router's application.
+/// The router's application: the OpenAI API, the browser console under `/console`, and with
+/// a control plane the admin API under `/admin/v1` (with `/replicas`).
 pub fn app(router: Arc<FleetRouter>) -> Router {
-    Router::new()
+    let admin = router.gate.as_ref().map(|gate| {
+        let replicas = crate::replicas::router(Arc::clone(&router.picker));
+        edge::admin::router(Arc::clone(gate.control()), replicas)
+    });
+    let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
@@ -108,6 +113,11 @@ pub fn app(router: Arc<FleetRouter>) -> Router {
         .fallback(unknown)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(router)
+        .merge(console::router());
+    match admin {
+        Some(admin) => app.nest("/admin/v1", admin),
+        None => app,
+    }
 }
 
 /// Serves [`app`] until `shutdown` completes.

@@ -9,6 +9,7 @@
 //!   `GET /projects/{project}/keys`, `POST /keys/{key}/revoke`
 //! - `GET /usage?from=&to=&org=&project=&key=&group_by=org,model,day&format=json|csv`
 //! - `GET /audit`, `GET /audit/verify`
+//! - what the front adds (`souverain route`: `GET /replicas`)
 //!
 //! Every change is made by the control plane together with its audit entry; bad payloads
 //! get the same OpenAI-shaped 400 as the public API, unknown ids 404.
@@ -28,15 +29,16 @@ use control::{Budget, BudgetPeriod, ControlPlane, KeyPolicy, UsageFilter};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::bearer;
 use crate::error::ApiError;
-use crate::extract::Json;
-use edge::bearer;
+use crate::json::Json;
 
 /// Who admin actions are recorded as.
 const ACTOR: &str = "admin";
 
-/// The admin routes, to nest under `/admin/v1`.
-pub(crate) fn router(control: Arc<ControlPlane>) -> Router {
+/// The admin routes, to nest under `/admin/v1`, with `extra`: routes of the front's own (the
+/// router's `/replicas`) behind the same admin key.
+pub fn router(control: Arc<ControlPlane>, extra: Router) -> Router {
     Router::new()
         .route("/organizations", post(create_org).get(list_orgs))
         .route("/organizations/{org}", patch(update_org))
@@ -49,11 +51,9 @@ pub(crate) fn router(control: Arc<ControlPlane>) -> Router {
         .route("/usage", get(usage_report))
         .route("/audit", get(audit_log))
         .route("/audit/verify", get(audit_verify))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&control),
-            admin_only,
-        ))
-        .with_state(control)
+        .with_state(Arc::clone(&control))
+        .merge(extra)
+        .route_layer(middleware::from_fn_with_state(control, admin_only))
 }
 
 /// Lets through requests that carry the admin key.
@@ -158,7 +158,7 @@ async fn list_projects(
 /// A key as an admin asks for it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NewKey {
+struct NewKey {
     name: String,
     #[serde(default)]
     allowed_models: Vec<String>,

@@ -6,13 +6,12 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use edge::MAX_BODY_BYTES;
-
+use crate::MAX_BODY_BYTES;
 use crate::error::ApiError;
 
 /// A request body parsed as JSON into `T`.
 #[derive(Debug)]
-pub(crate) struct Json<T>(pub(crate) T);
+pub struct Json<T>(pub T);
 
 impl<S, T> FromRequest<S> for Json<T>
 where
@@ -28,10 +27,7 @@ where
 }
 
 /// The body of a request that must be JSON (by its `Content-Type`), read whole.
-pub(crate) async fn read_json_body<S: Send + Sync>(
-    req: Request,
-    state: &S,
-) -> Result<Bytes, ApiError> {
+pub async fn read_json_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     if !has_json_content_type(&req) {
         return Err(ApiError::invalid_body(
             "Expected a request body with `Content-Type: application/json`",
@@ -71,7 +67,7 @@ fn has_json_content_type(req: &Request) -> bool {
 
 /// Parses `bytes` into `T`. Syntax errors and type errors are told apart, and a type error
 /// names the path of the field (`messages[0].role`) both in the message and in `param`.
-pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
