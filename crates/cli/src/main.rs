@@ -6,6 +6,7 @@
 mod admin;
 mod bench;
 mod inspect;
+mod plan;
 mod route;
 mod synth;
 
@@ -53,6 +54,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a random-weight GGUF model of a real model's shape (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Size a site (GPUs, racks, megawatts) for a demand within its latency promises.
+    Plan(plan::PlanArgs),
     /// Route the OpenAI API over many replicas (Souverain, vLLM, SGLang, llama.cpp, TGI),
     /// with keys, budgets and residency enforced here.
     Route(route::RouteArgs),
@@ -196,6 +199,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect { path } => inspect::run(&path),
         Command::Bench(a) => bench::run(&a),
         Command::Synth(a) => synth::run(&a),
+        Command::Plan(a) => plan::run(&a),
         Command::Route(a) => route::route(a),
         Command::Picker(a) => route::picker(a),
         Command::Standin(a) => route::standin(a),

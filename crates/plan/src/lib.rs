@@ -5,8 +5,7 @@
 //! step-time and power model fitted to ML.ENERGY's measurements ([`perf`], [`mlenergy`]), a
 //! discrete-event simulation of our scheduler's continuous batching ([`sim`]), the search
 //! for replica shapes under SLOs and a power envelope ([`search`]), and reports ([`report`]).
-//! The CPU engine is described by the same simulation with a measured step-time profile
-//! ([`cpu`]).
+//! A site file ([`site`]) says what is on offer and what is asked.
 //!
 //! ```
 //! let data = souverain_plan::mlenergy::dataset();
@@ -21,5 +20,9 @@ mod error;
 pub mod mlenergy;
 pub mod model;
 pub mod perf;
+pub mod report;
+pub mod search;
+pub mod sim;
+pub mod site;
 
 pub use error::PlanError;

@@ -1,0 +1,355 @@
+//! A discrete-event simulation of one replica's continuous batching, with the policy of the
+//! engine's `Scheduler` (`crates/engine/src/scheduler.rs`):
+//!
+//! - admission is first come, first served, while fewer than `max_seqs` run and the
+//!   sequence's prompt fits in the free KV; one that does not fit stops admission (nothing
+//!   overtakes it);
+//! - every step runs one decode token for each sequence whose prompt is done, then prompt
+//!   chunks, oldest first, up to `max_batch_tokens` in all;
+//! - a sequence whose prompt finishes in a step samples its first token at the end of that
+//!   step; each later step gives it one more; it leaves after its last token;
+//! - when a decoding sequence needs KV and none is free, the most recently admitted is
+//!   preempted: its KV is released and it returns to the front of the queue, to be
+//!   recomputed (its prompt and the tokens it had generated).
+//!
+//! Step times come from a [`StepCost`]: the fitted GPU model or the CPU profile.
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+/// What a step costs, in seconds.
+pub trait StepCost {
+    /// Seconds for a step with `decode_seqs` decoding sequences (at `mean_context` positions
+    /// on average) and `prefill_tokens` prompt tokens.
+    fn step_seconds(&self, decode_seqs: usize, prefill_tokens: usize, mean_context: f64) -> f64;
+}
+
+/// The scheduler's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Limits {
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// Most tokens per step.
+    pub max_batch_tokens: usize,
+    /// KV capacity in tokens.
+    pub kv_tokens: usize,
+}
+
+/// One request: when it arrives and how long it is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Request {
+    /// Arrival, seconds.
+    pub arrival_s: f64,
+    /// Prompt tokens (at least 1).
+    pub prompt_tokens: usize,
+    /// Tokens to generate (at least 1).
+    pub output_tokens: usize,
+}
+
+/// Latency and throughput of a simulated run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SimResult {
+    /// Requests that finished.
+    pub finished: usize,
+    /// Generated tokens.
+    pub tokens: usize,
+    /// First arrival to last finish, seconds.
+    pub wall_s: f64,
+    /// Generated tokens per second over `wall_s`.
+    pub tokens_per_s: f64,
+    /// Time to first token percentiles (50, 90, 99), seconds.
+    pub ttft_s: [f64; 3],
+    /// Inter-token latency percentiles (50, 90, 99), seconds.
+    pub itl_s: [f64; 3],
+    /// Mean decoding sequences per step.
+    pub mean_batch: f64,
+    /// Steps run.
+    pub steps: usize,
+    /// Preemptions.
+    pub preemptions: usize,
+}
+
+struct Seq {
+    idx: usize,
+    /// Tokens whose KV is computed.
+    computed: usize,
+    /// Tokens known (prompt + generated).
+    known: usize,
+    generated: usize,
+    last_token_s: Option<f64>,
+}
+
+/// The `p`-th percentile (0..=100) of `v` by nearest rank on the sorted values; 0 for none.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+/// Runs `requests` (sorted by arrival) through the scheduler's policy. A request whose
+/// prompt alone exceeds the KV capacity is dropped, as the engine fails it.
+pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> SimResult {
+    let max_seqs = limits.max_seqs.max(1);
+    let budget_max = limits.max_batch_tokens.max(1);
+    let mut next = 0;
+    let mut waiting: VecDeque<Seq> = VecDeque::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut now = requests.first().map_or(0.0, |r| r.arrival_s);
+    let start = now;
+    let mut ttft = Vec::with_capacity(requests.len());
+    let mut itl = Vec::new();
+    let mut out = SimResult::default();
+    let mut batch_sum = 0.0;
+    let mut last_finish = now;
+    let kv_used = |running: &[Seq]| running.iter().map(|s| s.known).sum::<usize>();
+    loop {
+        while next < requests.len() && requests[next].arrival_s <= now {
+            let r = requests[next];
+            waiting.push_back(Seq {
+                idx: next,
+                computed: 0,
+                known: r.prompt_tokens.max(1),
+                generated: 0,
+                last_token_s: None,
+            });
+            next += 1;
+        }
+        // Admission, oldest first, no overtaking.
+        while running.len() < max_seqs {
+            let Some(front) = waiting.front() else { break };
+            if front.known > limits.kv_tokens {
+                waiting.pop_front();
+                continue;
+            }
+            if kv_used(&running) + front.known > limits.kv_tokens {
+                break;
+            }
+            if let Some(s) = waiting.pop_front() {
+                running.push(s);
+            }
+        }
+        if running.is_empty() {
+            if next >= requests.len() {
+                break;
+            }
+            now = now.max(requests[next].arrival_s);
+            continue;
+        }
+        // Decoding sequences need one more position each; preempt the youngest when full.
+        while kv_used(&running) + running.iter().filter(|s| s.known - s.computed == 1).count()
+            > limits.kv_tokens
+            && running.len() > 1
+        {
+            if let Some(mut victim) = running.pop() {
+                victim.computed = 0;
+                out.preemptions += 1;
+                waiting.push_front(victim);
+            }
+        }
+        // The step's plan: decode tokens first, then prompt chunks.
+        let mut budget = budget_max;
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        let mut decode = 0;
+        let mut context = 0.0;
+        for (i, s) in running.iter().enumerate() {
+            if s.known - s.computed == 1 {
+                plan.push((i, 1));
+                decode += 1;
+                context += s.known as f64;
+                budget = budget.saturating_sub(1);
+            }
+        }
+        let mut prefill = 0;
+        for (i, s) in running.iter().enumerate() {
+            let todo = s.known - s.computed;
+            if todo > 1 && budget > 0 {
+                let n = todo.min(budget);
+                plan.push((i, n));
+                prefill += n;
+                budget -= n;
+            }
+        }
+        let mean_context = if decode > 0 {
+            context / decode as f64
+        } else {
+            0.0
+        };
+        now += cost.step_seconds(decode, prefill, mean_context);
+        out.steps += 1;
+        batch_sum += decode as f64;
+        let mut done = Vec::new();
+        for &(i, n) in &plan {
+            let s = &mut running[i];
+            s.computed += n;
+            if s.computed < s.known {
+                continue;
+            }
+            // The last known token is computed: sample the next one.
+            let r = &requests[s.idx];
+            s.generated += 1;
+            out.tokens += 1;
+            match s.last_token_s {
+                None => ttft.push(now - r.arrival_s),
+                Some(t) => itl.push(now - t),
+            }
+            s.last_token_s = Some(now);
+            if s.generated >= r.output_tokens.max(1) {
+                done.push(i);
+            } else {
+                s.known += 1;
+            }
+        }
+        done.sort_unstable();
+        for i in done.into_iter().rev() {
+            running.remove(i);
+            out.finished += 1;
+            last_finish = now;
+        }
+    }
+    out.wall_s = (last_finish - start).max(1e-9);
+    out.tokens_per_s = out.tokens as f64 / out.wall_s;
+    out.mean_batch = batch_sum / out.steps.max(1) as f64;
+    for (k, p) in [50.0, 90.0, 99.0].into_iter().enumerate() {
+        out.ttft_s[k] = percentile(&mut ttft, p);
+        out.itl_s[k] = percentile(&mut itl, p);
+    }
+    out
+}
+
+/// A small deterministic generator (splitmix64) for arrivals and lengths.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// A uniform draw in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// An exponential draw of mean `mean`.
+    pub fn exponential(&mut self, mean: f64) -> f64 {
+        -mean * self.uniform().ln()
+    }
+
+    /// A lognormal draw with mean `mean` and coefficient of variation `cv` (0: constant).
+    pub fn lognormal(&mut self, mean: f64, cv: f64) -> f64 {
+        if cv <= 0.0 {
+            return mean;
+        }
+        let s2 = (1.0 + cv * cv).ln();
+        let mu = mean.ln() - s2 / 2.0;
+        // Box–Muller.
+        let z = (-2.0 * self.uniform().ln()).sqrt()
+            * (2.0 * std::f64::consts::PI * self.uniform()).cos();
+        (mu + s2.sqrt() * z).exp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each step costs 1 ms plus 0.1 ms per token.
+    struct Linear;
+    impl StepCost for Linear {
+        fn step_seconds(&self, decode: usize, prefill: usize, _: f64) -> f64 {
+            1e-3 + 1e-4 * (decode + prefill) as f64
+        }
+    }
+
+    fn limits(max_seqs: usize) -> Limits {
+        Limits {
+            max_seqs,
+            max_batch_tokens: 512,
+            kv_tokens: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn one_request_takes_its_prompt_step_then_one_step_per_token() {
+        let r = [Request {
+            arrival_s: 0.0,
+            prompt_tokens: 100,
+            output_tokens: 10,
+        }];
+        let out = simulate(&r, limits(4), &Linear);
+        assert_eq!(out.tokens, 10);
+        assert_eq!(out.steps, 10);
+        assert!((out.ttft_s[0] - 0.011).abs() < 1e-12, "{:?}", out.ttft_s);
+        assert!((out.itl_s[0] - 0.0011).abs() < 1e-12, "{:?}", out.itl_s);
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_and_decoding_goes_first() {
+        // A running stream keeps decoding while a 1,200-token prompt takes three chunks.
+        let r = [
+            Request {
+                arrival_s: 0.0,
+                prompt_tokens: 10,
+                output_tokens: 50,
+            },
+            Request {
+                arrival_s: 0.0015,
+                prompt_tokens: 1200,
+                output_tokens: 1,
+            },
+        ];
+        let out = simulate(&r, limits(4), &Linear);
+        assert_eq!(out.finished, 2);
+        // The stream's worst gap is one step with a full 512-token batch: 1 ms + 51.2 ms.
+        assert!(out.itl_s[2] <= 0.0523, "{:?}", out.itl_s);
+    }
+
+    #[test]
+    fn max_seqs_bounds_the_batch_and_queues_the_rest() {
+        let r: Vec<Request> = (0..8)
+            .map(|_| Request {
+                arrival_s: 0.0,
+                prompt_tokens: 4,
+                output_tokens: 20,
+            })
+            .collect();
+        let two = simulate(&r, limits(2), &Linear);
+        let eight = simulate(&r, limits(8), &Linear);
+        assert_eq!(two.tokens, 160);
+        assert!(two.mean_batch <= 2.0 + 1e-9);
+        assert!(eight.tokens_per_s > two.tokens_per_s);
+        assert!(two.ttft_s[2] > eight.ttft_s[2]);
+    }
+
+    #[test]
+    fn a_full_kv_cache_preempts_and_still_finishes_everything() {
+        let r: Vec<Request> = (0..4)
+            .map(|_| Request {
+                arrival_s: 0.0,
+                prompt_tokens: 10,
+                output_tokens: 30,
+            })
+            .collect();
+        let out = simulate(
+            &r,
+            Limits {
+                max_seqs: 4,
+                max_batch_tokens: 64,
+                kv_tokens: 100,
+            },
+            &Linear,
+        );
+        assert_eq!(out.finished, 4);
+        assert!(out.preemptions > 0);
+    }
+}
