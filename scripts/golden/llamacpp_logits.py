@@ -83,11 +83,27 @@ def token_text(llm: Llama, token_id: int) -> str:
     return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
 
+# The template Souverain uses for a model whose GGUF carries none, by architecture (the
+# engine's crates/engine/src/templates/), so that both sides render the same text.
+FALLBACK_TEMPLATES = {"gemma3": "crates/engine/src/templates/gemma.jinja"}
+
+
+def chat_template(llm: Llama) -> tuple[str, str]:
+    """The model's chat template and where it came from."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template:
+        return template, "tokenizer.chat_template from GGUF metadata"
+    arch = llm.metadata.get("general.architecture", "")
+    path = FALLBACK_TEMPLATES.get(arch)
+    if not path:
+        sys.exit("model has no tokenizer.chat_template in its metadata")
+    with open(path, encoding="utf-8") as f:
+        return f.read(), f"{path} (the GGUF has no tokenizer.chat_template)"
+
+
 def render_chat(llm: Llama, user_text: str) -> str:
     """Render one user turn with the model's own chat template (and its default system turn)."""
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        sys.exit("model has no tokenizer.chat_template in its metadata")
+    template, _ = chat_template(llm)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     bos = token_text(llm, llm.token_bos()) if llm.token_bos() >= 0 else ""
     eos = token_text(llm, llm.token_eos()) if llm.token_eos() >= 0 else ""
@@ -204,7 +220,7 @@ def main() -> None:
         "seed": SEED,
         "tokenize_add_bos": ADD_BOS,
         "tokenize_special": PARSE_SPECIAL,
-        "chat_template": "tokenizer.chat_template from GGUF metadata, rendered with jinja2 "
+        "chat_template": chat_template(llm)[1] + ", rendered with jinja2 "
         "(trim_blocks, lstrip_blocks), one user message, add_generation_prompt=True",
         "greedy_steps": GREEDY_STEPS,
         "greedy_rule": "argmax of raw logits (ties to lower id); decoding continues past "

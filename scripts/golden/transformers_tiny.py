@@ -21,6 +21,18 @@ header naming this script and the library versions. The directories:
 - mistral-swa-consolidated, mixtral-consolidated: the mistral-swa and mixtral weights in
   Mistral's own layout (params.json + consolidated.safetensors), converted below; their
   oracle is the logits of the model they were converted from.
+- gemma3:       Gemma3ForCausalLM (text), 6 layers: five with sliding_window = 4 (shorter
+                than the prompts) and RoPE base 10000, the sixth global with base 1e6;
+                query_pre_attn_scalar 12 (not head_dim), tied embeddings scaled by
+                sqrt(hidden); also the logits of its weights rounded to bfloat16. Beside it,
+                gemma3.gguf: the same weights as llama.cpp's convert_hf_to_gguf.py writes a
+                `gemma3` GGUF (F32; tensor and key names of llama.cpp, the 1 of Gemma's
+                `1 + w` norms folded into the weights, q/k rows in Hugging Face's order),
+                written with the `gguf` package. llama.cpp makes every sixth layer of a
+                `gemma3` file global (which is why the model has six) and scales queries by
+                1/sqrt(head_dim) whatever query_pre_attn_scalar was (except for 62-layer
+                files, Gemma 3 27B), so the GGUF's oracle is `logits_gguf_reading`: the same
+                weights run by transformers with query_pre_attn_scalar = head_dim.
 
 The logits of rounded weights are computed in float32 from the rounded weights, so the tests
 can store the same weights as BF16 / F16 safetensors and differ from them only by how the
@@ -50,6 +62,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -244,6 +258,63 @@ def to_consolidated(model, path):
         f.write("\n")
 
 
+def write_gemma3_gguf(model, path):
+    """The model as llama.cpp's converter writes a `gemma3` GGUF (F32)."""
+    import gguf  # noqa: E402 (only this model needs it)
+    import numpy as np  # noqa: E402
+
+    c = model.config
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+    w.add_sliding_window(c.sliding_window)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    sd = model.state_dict()
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+
+    def add(name, t, norm=False):
+        t = t.detach().float()
+        if norm:
+            t = t + 1.0  # the converter folds Gemma's (1 + w)
+        w.add_tensor(name, t.numpy().astype(np.float32))
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"], norm=True)
+    for n in range(c.num_hidden_layers):
+        for theirs, ours in names.items():
+            add(
+                f"blk.{n}.{ours}.weight",
+                sd[f"model.layers.{n}.{theirs}.weight"],
+                norm=ours.endswith("norm"),
+            )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -297,6 +368,48 @@ def main():
     save_hf(mixtral, path)
     write_logits(path, mixtral, "4 experts, top-2 routing")
     to_consolidated(mixtral, os.path.join(out, "mixtral-consolidated"))
+
+    torch.manual_seed(SEED)
+    gemma_cfg = {k: v for k, v in COMMON.items() if k != "rope_theta"}
+    gemma_cfg.update(
+        num_hidden_layers=6,
+        sliding_window=4,
+        query_pre_attn_scalar=12,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    cfg = Gemma3TextConfig(**gemma_cfg)
+    cfg._attn_implementation = "eager"
+    gemma = randomise(Gemma3ForCausalLM(cfg).eval(), SEED)
+    gemma.seed = SEED
+    assert cfg.layer_types == ["sliding_attention"] * 5 + ["full_attention"], cfg.layer_types
+    path = os.path.join(out, "gemma3")
+    save_hf(gemma, path)
+    write_logits(
+        path,
+        gemma,
+        "6 layers: 5 with sliding_window 4 (RoPE base 1e4), the last global (1e6); "
+        "query_pre_attn_scalar 12; tied embeddings",
+        bf16=True,
+    )
+    write_gemma3_gguf(gemma, os.path.join(path, "gemma3.gguf"))
+    # What a gemma3 GGUF means to llama.cpp: queries scaled by 1/sqrt(head_dim).
+    import copy
+
+    as_gguf = copy.deepcopy(gemma)
+    for layer in as_gguf.model.layers:
+        layer.self_attn.scaling = cfg.head_dim**-0.5
+    with open(os.path.join(path, "logits.json")) as f:
+        body = json.load(f)
+    body["logits_gguf_reading"] = logits_of(as_gguf)
+    body["notes"] += "; logits_gguf_reading: the same weights with query_pre_attn_scalar = head_dim"
+    with open(os.path.join(path, "logits.json"), "w") as f:
+        json.dump(body, f, separators=(",", ":"))
+        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ pub(crate) fn run(path: &Path) -> Result<()> {
         }
     );
 
-    if arch != "llama" {
+    if !matches!(arch, "llama" | "gemma3") {
         println!(
             "runnable:       no (architecture {arch:?} is not supported yet; the file itself is valid)"
         );
@@ -94,8 +94,62 @@ pub(crate) fn run(path: &Path) -> Result<()> {
         "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
+    describe_layers(c);
     println!("runnable:       yes");
     Ok(())
+}
+
+/// What differs between architectures of the family: attention per layer, RoPE bases, the
+/// MLP's activation, norms, and the KV bytes a token costs.
+fn describe_layers(c: &model::LlamaConfig) {
+    let windowed: Vec<usize> = (0..c.n_layers)
+        .filter(|&l| c.layer_attention(l).window.is_some())
+        .collect();
+    match c.sliding_window {
+        Some(w) if windowed.len() == c.n_layers => {
+            println!("attention:      sliding window {w} in every layer")
+        }
+        Some(w) => {
+            let global: Vec<String> = (0..c.n_layers)
+                .filter(|l| !windowed.contains(l))
+                .map(|l| l.to_string())
+                .collect();
+            println!(
+                "attention:      {} layers with a sliding window of {w}, {} global (layers {})",
+                windowed.len(),
+                global.len(),
+                global.join(", ")
+            );
+        }
+        None => println!("attention:      global in every layer"),
+    }
+    match c.rope_freq_base_swa {
+        Some(local) if !windowed.is_empty() => println!(
+            "rope:           base {} (global layers), {local} (windowed layers), {:?} pairs",
+            c.rope_freq_base, c.rope_style
+        ),
+        _ => println!(
+            "rope:           base {}, {:?} pairs",
+            c.rope_freq_base, c.rope_style
+        ),
+    }
+    let mut extras = vec![format!("{:?} MLP", c.activation)];
+    if c.qk_norm {
+        extras.push("QK-norm".into());
+    }
+    if c.post_norms {
+        extras.push("post-norms".into());
+    }
+    if c.embedding_scale != 1.0 {
+        extras.push(format!("embeddings x{}", c.embedding_scale));
+    }
+    extras.push(format!("attention scale {}", c.attention_scale));
+    println!("blocks:         {}", extras.join(", "));
+    println!(
+        "KV per token:   {} bytes in all layers, {} in the global ones",
+        model::KvPool::bytes_per_token(c),
+        model::KvPool::bytes_per_token_global(c)
+    );
 }
 
 /// A model directory: loads it completely (every tensor checked) and describes it.
@@ -130,14 +184,7 @@ fn run_dir(path: &Path) -> Result<()> {
         "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
-    println!(
-        "rope:           base {}, {:?} pairs",
-        c.rope_freq_base, c.rope_style
-    );
-    match c.sliding_window {
-        Some(w) => println!("sliding window: {w}"),
-        None => println!("sliding window: none"),
-    }
+    describe_layers(c);
     if c.n_experts > 0 {
         println!(
             "experts:        {} ({} per token)",

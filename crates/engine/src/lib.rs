@@ -568,6 +568,11 @@ pub fn tokenizer_spec(md: &Metadata) -> Result<TokenizerSpec, GgufError> {
             .opt_bool("tokenizer.ggml.add_eos_token")?
             .unwrap_or(false),
         chat_template: md.opt_str("tokenizer.chat_template")?.map(str::to_owned),
+        scores: match md.get("tokenizer.ggml.scores") {
+            Some(_) => Some(md.get_f32_array("tokenizer.ggml.scores")?),
+            None => None,
+        },
+        add_space_prefix: md.opt_bool("tokenizer.ggml.add_space_prefix")?,
     })
 }
 

@@ -485,6 +485,7 @@ impl Scheduler {
                     } else {
                         Logits::None
                     },
+                    window_table: &[],
                 }
             })
             .collect();

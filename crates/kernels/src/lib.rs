@@ -47,7 +47,10 @@ pub use formats::{
     BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K,
 };
 pub use matmul::{matmul, matmul_many};
-pub use ops::{Rope, RopeStyle, add_assign, gelu, layer_norm, rms_norm, silu, softmax, swiglu};
+pub use ops::{
+    Rope, RopeStyle, add_assign, geglu_tanh, gelu, gelu_tanh, layer_norm, rms_norm, silu, softmax,
+    swiglu,
+};
 pub use packed::{PackedMatrix, matmul_packed};
 pub use pool::ThreadPool;
 pub use reference::quantize_row;

@@ -1,5 +1,5 @@
 //! Element-wise and per-vector operations: RMSNorm, LayerNorm, RoPE, softmax, SiLU, SwiGLU,
-//! GELU, residual add. These are a small share of the work per token and stay scalar; each follows ggml's
+//! GELU (exact and tanh), GeGLU, residual add. These are a small share of the work per token and stay scalar; each follows ggml's
 //! CPU formula so results track llama.cpp.
 
 /// RMS normalisation: `out[i] = x[i] * (1 / sqrt(mean(x²) + eps)) * weight[i]`.
@@ -154,6 +154,42 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`, ggml's
+/// `ggml_gelu_f32`): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in f32.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh())
+}
+
+/// GeGLU gate, in place: `gate[i] = gelu_tanh(gate[i]) * up[i]` (Gemma's MLP).
+///
+/// With `f16_table`, the GELU is computed as ggml's CPU path does: inputs at or below -10
+/// give 0, at or above 10 pass through, and others are rounded to f16, looked up in a table
+/// of `gelu_tanh` of every f16 value, itself rounded to f16. llama.cpp's numbers for f16-cached
+/// models carry that rounding; float32 references (transformers) do not, hence the switch.
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn geglu_tanh(gate: &mut [f32], up: &[f32], f16_table: bool) {
+    assert_eq!(gate.len(), up.len(), "geglu: lengths");
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = if !f16_table {
+            gelu_tanh(x)
+        } else if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            let h = half::f16::from_f32(x).to_f32();
+            half::f16::from_f32(gelu_tanh(h)).to_f32()
+        };
+        *g = y * u;
+    }
+}
+
 /// Layer normalisation (BERT's `LayerNorm`):
 /// `out[i] = (x[i] - mean(x)) / sqrt(var(x) + eps) * weight[i] + bias[i]`, with the biased
 /// variance. Mean and variance accumulate in f64.
@@ -296,6 +332,32 @@ mod tests {
         }
         assert_eq!(gelu(-40.0), -0.0);
         assert_eq!(gelu(40.0), 40.0);
+    }
+
+    #[test]
+    fn gelu_tanh_known_values_and_geglu() {
+        // PyTorch's gelu(x, approximate="tanh") at these points.
+        for (x, want) in [(1.0f32, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363)] {
+            assert!(
+                (gelu_tanh(x) - want).abs() < 1e-5,
+                "gelu_tanh({x}) = {}",
+                gelu_tanh(x)
+            );
+        }
+        let mut g = [1.0f32, -1.0, 20.0, -20.0, 0.3];
+        let up = [2.0f32, 1.0, 0.5, 3.0, -1.0];
+        geglu_tanh(&mut g, &up, false);
+        assert!((g[0] - 2.0 * 0.841_192).abs() < 1e-5);
+        assert_eq!(g[2], 10.0);
+        assert_eq!(g[3], -0.0);
+        let mut h = [1.0f32, -1.0, 20.0, -20.0, 0.3];
+        geglu_tanh(&mut h, &up, true);
+        assert_eq!(h[2], 10.0);
+        assert_eq!(h[3], 0.0);
+        // The table rounds to f16: within f16's relative step of the exact value.
+        for (a, b) in g.iter().zip(&h) {
+            assert!((a - b).abs() <= 2e-3 * a.abs().max(1e-3), "{a} vs {b}");
+        }
     }
 
     #[test]

@@ -2,8 +2,32 @@ use crate::ModelError;
 use gguf::{GgufFile, Metadata};
 use kernels::RopeStyle;
 
-/// Hyperparameters of a Llama-family model (Llama, Mistral, Mixtral), read from GGUF metadata
-/// (`{arch}.*` keys), a Hugging Face `config.json` or a Mistral `params.json`.
+/// The activation of the MLP's gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Activation {
+    /// SiLU: `down(silu(gate(x)) * up(x))` (Llama, Mistral).
+    Silu,
+    /// GELU, tanh approximation: `down(gelu(gate(x)) * up(x))` (Gemma).
+    GeluTanh,
+}
+
+/// How one layer attends: its window and its RoPE base (Gemma 3 alternates windowed layers,
+/// with a base of their own, and global ones).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerAttention {
+    /// `Some(w)`: the token at position `p` sees positions `p + 1 - w ..= p` only.
+    pub window: Option<usize>,
+    /// RoPE base frequency of this layer.
+    pub rope_freq_base: f32,
+}
+
+/// Hyperparameters of a Llama-family model (Llama, Mistral, Mixtral, Gemma 3), read from GGUF
+/// metadata (`{arch}.*` keys), a Hugging Face `config.json` or a Mistral `params.json`.
+///
+/// What differs between the family's members is data here, read by one forward pass: the
+/// activation, the embedding scale, QK-norm and post-norms, the attention scale, and per layer
+/// the window and RoPE base ([`LlamaConfig::layer_attention`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     /// `general.architecture`, e.g. `llama`.
@@ -44,6 +68,27 @@ pub struct LlamaConfig {
     /// Cache keys and values as f32 instead of f16: set by the safetensors loader for models
     /// whose weights are all f32, so that they compute as their float32 reference does.
     pub kv_f32: bool,
+    /// Which layers use `sliding_window`: `None` means all of them (Mistral); otherwise one
+    /// entry per layer (Gemma 3: five windowed layers, then one global).
+    pub window_layers: Option<Vec<bool>>,
+    /// RoPE base of the windowed layers when it differs from `rope_freq_base` (Gemma 3's
+    /// `rope_local_base_freq`, 10000).
+    pub rope_freq_base_swa: Option<f32>,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Factor applied to the token embeddings (Gemma: `sqrt(d_model)`; 1 otherwise).
+    pub embedding_scale: f32,
+    /// Per-head RMSNorm of queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of each sub-layer's output before the residual add (`post_attention_norm`,
+    /// `post_ffw_norm`).
+    pub post_norms: bool,
+    /// Added to every RMSNorm weight at load: Gemma's Hugging Face weights `w` scale by
+    /// `1 + w`; llama.cpp's converter folds the 1 into GGUF files, so there it is 0.
+    pub norm_weight_offset: f32,
+    /// Factor on query-key dot products: `1/sqrt(head_dim)`, or Gemma's
+    /// `query_pre_attn_scalar^-1/2`.
+    pub attention_scale: f32,
 }
 
 /// A generous bound on every dimension, so that a hostile file cannot make us allocate
@@ -55,9 +100,11 @@ impl LlamaConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let md = file.metadata();
         let architecture = md.get_str("general.architecture")?.to_owned();
-        if architecture != "llama" {
-            return Err(ModelError::UnsupportedArchitecture(architecture));
-        }
+        let gemma3 = match architecture.as_str() {
+            "llama" => false,
+            "gemma3" => true,
+            _ => return Err(ModelError::UnsupportedArchitecture(architecture)),
+        };
         let key = |k: &str| format!("{architecture}.{k}");
         let n_layers = dim(md, &key("block_count"))?;
         let d_model = dim(md, &key("embedding_length"))?;
@@ -135,8 +182,8 @@ impl LlamaConfig {
                 });
             }
         };
-        Self {
-            architecture,
+        let mut config = Self {
+            architecture: architecture.clone(),
             n_layers,
             d_model,
             n_heads,
@@ -153,8 +200,53 @@ impl LlamaConfig {
             n_experts,
             n_experts_used,
             kv_f32: false,
+            window_layers: None,
+            rope_freq_base_swa: None,
+            activation: Activation::Silu,
+            embedding_scale: 1.0,
+            qk_norm: false,
+            post_norms: false,
+            norm_weight_offset: 0.0,
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        if gemma3 {
+            // llama.cpp's reading of `gemma3` (llama-model.cpp): every sixth layer is global,
+            // the others windowed with RoPE base 10000 (`rope.freq_base_swa` when a file
+            // names one); the converter folded Gemma's `1 + w` into the norm weights.
+            let window = sliding_window.ok_or_else(|| {
+                ModelError::BadConfig(format!("{} is missing", key("attention.sliding_window")))
+            })?;
+            config.sliding_window = Some(window);
+            config.window_layers = Some(gemma3_window_layers(n_layers, GEMMA3_PATTERN));
+            config.rope_freq_base_swa = Some(
+                md.opt_f32(&key("rope.freq_base_swa"))?
+                    .unwrap_or(GEMMA3_LOCAL_ROPE_BASE),
+            );
+            // llama.cpp rotates Gemma's halves (NeoX); its converter keeps Hugging Face's
+            // row order for Gemma (it reorders q/k rows only for `llama`).
+            config.rope_style = RopeStyle::NeoX;
+            config.activation = Activation::GeluTanh;
+            config.embedding_scale = (d_model as f32).sqrt();
+            config.qk_norm = true;
+            config.post_norms = true;
+            // Gemma 3 27B (62 layers) scales by 1/sqrt(d_model / n_heads) (its
+            // query_pre_attn_scalar); the others by 1/sqrt(head_dim), as llama.cpp does.
+            let scalar = if n_layers == 62 {
+                d_model / n_heads
+            } else {
+                head_dim
+            };
+            config.attention_scale = 1.0 / (scalar as f32).sqrt();
+            for k in ["final_logit_softcapping", "attn_logit_softcapping"] {
+                if md.opt_f32(&key(k))?.is_some_and(|v| v != 0.0) {
+                    return Err(ModelError::BadConfig(format!(
+                        "{} (logit soft-capping) is not supported",
+                        key(k)
+                    )));
+                }
+            }
         }
-        .checked()
+        config.checked()
     }
 
     /// Checks the relations between the hyperparameters that every source must satisfy.
@@ -201,6 +293,42 @@ impl LlamaConfig {
                 self.rms_eps
             )));
         }
+        if let Some(layers) = &self.window_layers {
+            if layers.len() != self.n_layers {
+                return Err(ModelError::BadConfig(format!(
+                    "{} layer types for {} layers",
+                    layers.len(),
+                    self.n_layers
+                )));
+            }
+            if layers.iter().any(|&w| w) && self.sliding_window.is_none() {
+                return Err(ModelError::BadConfig(
+                    "sliding-window layers without a sliding_window".into(),
+                ));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return Err(ModelError::BadConfig("sliding_window is 0".into()));
+        }
+        for (what, v) in [
+            (
+                "RoPE base of the windowed layers",
+                self.rope_freq_base_swa.unwrap_or(1.0),
+            ),
+            ("embedding scale", self.embedding_scale),
+            ("attention scale", self.attention_scale),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ModelError::BadConfig(format!(
+                    "{what} {v} must be positive"
+                )));
+            }
+        }
+        if !self.norm_weight_offset.is_finite() {
+            return Err(ModelError::BadConfig(
+                "norm weight offset is not finite".into(),
+            ));
+        }
         if self.n_experts > 0
             && (self.n_experts > 1024
                 || self.n_experts_used == 0
@@ -214,6 +342,29 @@ impl LlamaConfig {
         Ok(self)
     }
 
+    /// How layer `layer` attends: its window (if it is a windowed layer) and RoPE base.
+    pub fn layer_attention(&self, layer: usize) -> LayerAttention {
+        let windowed = self.sliding_window.is_some()
+            && self
+                .window_layers
+                .as_ref()
+                .is_none_or(|l| l.get(layer).copied().unwrap_or(false));
+        LayerAttention {
+            window: if windowed { self.sliding_window } else { None },
+            rope_freq_base: match (windowed, self.rope_freq_base_swa) {
+                (true, Some(base)) => base,
+                _ => self.rope_freq_base,
+            },
+        }
+    }
+
+    /// Layers that attend to the whole sequence (the others hold only their window).
+    pub fn n_global_layers(&self) -> usize {
+        (0..self.n_layers)
+            .filter(|&l| self.layer_attention(l).window.is_none())
+            .count()
+    }
+
     /// Width of all query heads together.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
@@ -223,6 +374,19 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+}
+
+/// Gemma 3's layer pattern: of every `GEMMA3_PATTERN` layers, the last is global.
+pub(crate) const GEMMA3_PATTERN: usize = 6;
+/// The RoPE base of Gemma 3's windowed layers (`rope_local_base_freq`).
+pub(crate) const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
+
+/// Which of `n_layers` layers are windowed when every `pattern`-th is global (llama.cpp's
+/// `set_swa_pattern`: layer `i` is windowed when `i % pattern < pattern - 1`).
+pub(crate) fn gemma3_window_layers(n_layers: usize, pattern: usize) -> Vec<bool> {
+    (0..n_layers)
+        .map(|i| pattern == 0 || i % pattern < pattern - 1)
+        .collect()
 }
 
 fn dim(md: &Metadata, key: &str) -> Result<usize, ModelError> {

@@ -72,8 +72,9 @@ impl fmt::Display for ModelError {
             ModelError::UnsupportedArchitecture(a) => {
                 write!(
                     f,
-                    "unsupported architecture {a:?} (supported: llama, and from safetensors \
-                     LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM)"
+                    "unsupported architecture {a:?} (supported: llama, gemma3, and from \
+                     safetensors LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, \
+                     Gemma3ForCausalLM)"
                 )
             }
             ModelError::BadConfig(m) => write!(f, "bad model hyperparameters: {m}"),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use kernels::{RopeStyle, WeightType};
 use serde_json::Value;
 
+use crate::config::{Activation, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN, gemma3_window_layers};
 use crate::safetensors::FileBytes;
 use crate::weights::{Storage, TensorRef, Tensors};
 use crate::{LlamaConfig, ModelError};
@@ -52,22 +53,34 @@ pub(crate) fn layout(dir: &Path) -> Result<DirLayout, ModelError> {
 /// Reads the configuration and the tensor table of a model directory.
 pub(crate) fn open_dir(dir: &Path) -> Result<(DirLayout, LlamaConfig, Tensors), ModelError> {
     let layout = layout(dir)?;
+    let json_path = dir.join(match layout {
+        DirLayout::HuggingFace => "config.json",
+        DirLayout::Mistral => "params.json",
+    });
+    let json = read_json(&json_path)?;
+    // Gemma names its norms differently (and has more of them): its own table.
     let (files, rename): (Vec<PathBuf>, RenameFn) = match layout {
+        DirLayout::HuggingFace if hf_architecture(&json) == Some("Gemma3ForCausalLM") => {
+            (hf_files(dir)?, gemma_name)
+        }
         DirLayout::HuggingFace => (hf_files(dir)?, hf_name),
         DirLayout::Mistral => (mistral_files(dir)?, mistral_name),
     };
     let tensors = read_tensors(&files, rename)?;
     let config = match layout {
-        DirLayout::HuggingFace => {
-            let path = dir.join("config.json");
-            hf_config(&read_json(&path)?, &tensors).map_err(|e| in_file(&path, e))?
-        }
-        DirLayout::Mistral => {
-            let path = dir.join("params.json");
-            mistral_config(&read_json(&path)?, &tensors).map_err(|e| in_file(&path, e))?
-        }
-    };
+        DirLayout::HuggingFace => hf_config(&json, &tensors),
+        DirLayout::Mistral => mistral_config(&json, &tensors),
+    }
+    .map_err(|e| in_file(&json_path, e))?;
     Ok((layout, config, tensors))
+}
+
+/// `architectures[0]` of a Hugging Face `config.json`.
+fn hf_architecture(json: &Value) -> Option<&str> {
+    json.get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
 }
 
 /// Names a hyperparameter error after the file it came from.
@@ -275,6 +288,36 @@ fn rename(layout: DirLayout, name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{ours}.weight"))
 }
 
+/// A Gemma 3 layer's tensors after `model.layers.N.` (Hugging Face) → ours (llama.cpp's
+/// names for `gemma3`): four norms per block, and the per-head query and key norms.
+const GEMMA_LAYER_NAMES: [(&str, &str); 13] = [
+    ("input_layernorm.weight", "attn_norm"),
+    ("post_attention_layernorm.weight", "post_attention_norm"),
+    ("pre_feedforward_layernorm.weight", "ffn_norm"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm"),
+    ("self_attn.q_norm.weight", "attn_q_norm"),
+    ("self_attn.k_norm.weight", "attn_k_norm"),
+    ("self_attn.q_proj.weight", "attn_q"),
+    ("self_attn.k_proj.weight", "attn_k"),
+    ("self_attn.v_proj.weight", "attn_v"),
+    ("self_attn.o_proj.weight", "attn_output"),
+    ("mlp.gate_proj.weight", "ffn_gate"),
+    ("mlp.up_proj.weight", "ffn_up"),
+    ("mlp.down_proj.weight", "ffn_down"),
+];
+
+/// Gemma 3's Hugging Face names → GGUF's.
+fn gemma_name(name: &str) -> Option<String> {
+    if let Some(t) = TOP_NAMES.iter().find(|t| t.0 == name) {
+        return Some(t.2.into());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = GEMMA_LAYER_NAMES.iter().find(|t| t.0 == rest)?.1;
+    Some(format!("blk.{layer}.{ours}.weight"))
+}
+
 /// `model.layers.N.<rest>` → `blk.N.<ours>`; `None` for tensors the model does not use.
 fn hf_name(name: &str) -> Option<String> {
     rename(DirLayout::HuggingFace, name)
@@ -353,12 +396,11 @@ fn all_f32(tensors: &Tensors) -> bool {
 /// The hyperparameters of a Hugging Face `config.json`.
 fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
     let f = Fields(json);
-    let arch = json
-        .get("architectures")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .and_then(Value::as_str)
+    let arch = hf_architecture(json)
         .ok_or_else(|| ModelError::BadConfig("architectures is missing".into()))?;
+    if arch == "Gemma3ForCausalLM" {
+        return gemma3_config(json, tensors);
+    }
     if !matches!(
         arch,
         "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM"
@@ -434,6 +476,162 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         n_experts,
         n_experts_used,
         kv_f32: all_f32(tensors),
+        window_layers: None,
+        rope_freq_base_swa: None,
+        activation: Activation::Silu,
+        embedding_scale: 1.0,
+        qk_norm: false,
+        post_norms: false,
+        norm_weight_offset: 0.0,
+        attention_scale: 1.0 / (head_dim as f32).sqrt(),
+    }
+    .checked()
+}
+
+/// The hyperparameters of a Gemma 3 text model's `config.json` (`Gemma3ForCausalLM`,
+/// `model_type` `gemma3_text`), as transformers' `Gemma3TextConfig` reads them: which layers
+/// are windowed from `layer_types` (or every `sliding_window_pattern`-th layer global), the
+/// RoPE bases of global and windowed layers (`rope_parameters.full_attention` /
+/// `.sliding_attention`, or `rope_theta` / `rope_local_base_freq`), and
+/// `query_pre_attn_scalar`. Norm weights scale by `1 + w`.
+fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
+    let f = Fields(json);
+    let act = f
+        .str("hidden_activation")
+        .or_else(|| f.str("hidden_act"))
+        .unwrap_or("gelu_pytorch_tanh");
+    if act != "gelu_pytorch_tanh" {
+        return Err(ModelError::BadConfig(format!(
+            "hidden_activation {act:?} (only gelu_pytorch_tanh is supported)"
+        )));
+    }
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if f.get(key).is_some() {
+            return Err(ModelError::BadConfig(format!(
+                "{key} (logit soft-capping) is not supported"
+            )));
+        }
+    }
+    for key in ["attention_bias", "use_bidirectional_attention"] {
+        if f.bool(key) {
+            return Err(ModelError::BadConfig(format!("{key} is not supported")));
+        }
+    }
+    let n_layers = f.need("num_hidden_layers")?;
+    let d_model = f.need("hidden_size")?;
+    let n_heads = f.need("num_attention_heads")?;
+    let head_dim = match f.usize("head_dim")? {
+        Some(h) => h,
+        None if n_heads > 0 && d_model % n_heads == 0 => d_model / n_heads,
+        None => {
+            return Err(ModelError::BadConfig(format!(
+                "hidden_size {d_model} is not a multiple of num_attention_heads {n_heads}"
+            )));
+        }
+    };
+    let window_layers = match f.get("layer_types") {
+        Some(types) => {
+            let types = types.as_array().ok_or_else(|| {
+                ModelError::BadConfig(format!("layer_types = {types} is not a list"))
+            })?;
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(ModelError::BadConfig(format!(
+                        "layer_types entry {t} is neither \"sliding_attention\" nor \"full_attention\""
+                    ))),
+                })
+                .collect::<Result<Vec<bool>, _>>()?
+        }
+        None => {
+            let pattern = match f.usize("sliding_window_pattern")? {
+                Some(p) => p,
+                None => f
+                    .usize("_sliding_window_pattern")?
+                    .unwrap_or(GEMMA3_PATTERN),
+            };
+            if pattern == 0 {
+                return Err(ModelError::BadConfig("sliding_window_pattern is 0".into()));
+            }
+            gemma3_window_layers(n_layers, pattern)
+        }
+    };
+    let sliding_window = f.need("sliding_window")?;
+    // transformers 5: rope_parameters per layer type; earlier: rope_theta and
+    // rope_local_base_freq (and rope_scaling, for the global layers).
+    let (global_base, local_base) = match f.get("rope_parameters") {
+        Some(rp) if rp.get("full_attention").is_some() || rp.get("sliding_attention").is_some() => {
+            let base = |kind: &str, default: f32| -> Result<f32, ModelError> {
+                let Some(p) = rp.get(kind) else {
+                    return Ok(default);
+                };
+                let p = Fields(p);
+                if let Some(t) = p.str("rope_type")
+                    && t != "default"
+                {
+                    return Err(ModelError::BadConfig(format!(
+                        "rope_parameters.{kind}.rope_type {t:?} is not supported yet"
+                    )));
+                }
+                Ok(p.f32("rope_theta")?.unwrap_or(default))
+            };
+            (
+                base("full_attention", 1_000_000.0)?,
+                base("sliding_attention", GEMMA3_LOCAL_ROPE_BASE)?,
+            )
+        }
+        _ => {
+            if let Some(s) = f.get("rope_scaling") {
+                let s = Fields(s);
+                if let Some(t) = s.str("rope_type").or_else(|| s.str("type"))
+                    && t != "default"
+                {
+                    return Err(ModelError::BadConfig(format!(
+                        "rope_scaling {t:?} is not supported yet"
+                    )));
+                }
+            }
+            (
+                f.f32("rope_theta")?.unwrap_or(1_000_000.0),
+                f.f32("rope_local_base_freq")?
+                    .unwrap_or(GEMMA3_LOCAL_ROPE_BASE),
+            )
+        }
+    };
+    let query_pre_attn_scalar = f.f32("query_pre_attn_scalar")?.unwrap_or(head_dim as f32);
+    if !(query_pre_attn_scalar.is_finite() && query_pre_attn_scalar > 0.0) {
+        return Err(ModelError::BadConfig(format!(
+            "query_pre_attn_scalar {query_pre_attn_scalar} must be positive"
+        )));
+    }
+    LlamaConfig {
+        architecture: "Gemma3ForCausalLM".to_owned(),
+        n_layers,
+        d_model,
+        n_heads,
+        n_kv_heads: f.usize("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim,
+        ffn_dim: f.need("intermediate_size")?,
+        vocab_size: f.need("vocab_size")?,
+        context_length: f.need("max_position_embeddings")?,
+        rope_freq_base: global_base,
+        rope_dim: head_dim,
+        rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_style: RopeStyle::NeoX,
+        sliding_window: (sliding_window > 0).then_some(sliding_window),
+        n_experts: 0,
+        n_experts_used: 0,
+        kv_f32: all_f32(tensors),
+        window_layers: Some(window_layers),
+        rope_freq_base_swa: Some(local_base),
+        activation: Activation::GeluTanh,
+        embedding_scale: (d_model as f32).sqrt(),
+        qk_norm: true,
+        post_norms: true,
+        norm_weight_offset: 1.0,
+        attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
     }
     .checked()
 }
@@ -488,6 +686,14 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         n_experts,
         n_experts_used,
         kv_f32: all_f32(tensors),
+        window_layers: None,
+        rope_freq_base_swa: None,
+        activation: Activation::Silu,
+        embedding_scale: 1.0,
+        qk_norm: false,
+        post_norms: false,
+        norm_weight_offset: 0.0,
+        attention_scale: 1.0 / (head_dim as f32).sqrt(),
     }
     .checked()
 }
@@ -524,6 +730,10 @@ mod tests {
             (hf, "model.layers.1.block_sparse_moe.gate.weight", Some("blk.1.ffn_gate_inp.weight")),
             (hf, "model.layers.x.mlp.up_proj.weight", None),
             (hf, "model.rotary_emb.inv_freq", None),
+            (gemma_name, "model.layers.2.pre_feedforward_layernorm.weight", Some("blk.2.ffn_norm.weight")),
+            (gemma_name, "model.layers.0.post_attention_layernorm.weight", Some("blk.0.post_attention_norm.weight")),
+            (gemma_name, "model.layers.1.self_attn.k_norm.weight", Some("blk.1.attn_k_norm.weight")),
+            (gemma_name, "model.norm.weight", Some("output_norm.weight")),
             (mistral, "tok_embeddings.weight", Some("token_embd.weight")),
             (mistral, "norm.weight", Some("output_norm.weight")),
             (mistral, "layers.2.attention.wo.weight", Some("blk.2.attn_output.weight")),

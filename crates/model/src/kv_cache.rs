@@ -13,12 +13,22 @@ const MAX_POOL_BYTES: usize = 1 << 40;
 /// `table[p / block_tokens]`, slot `p % block_tokens`. The pool knows nothing of which block
 /// belongs to whom; the engine's block manager decides that (free list, reference counts,
 /// prefix sharing).
+///
+/// Sliding-window layers (Gemma 3's local layers, Mistral's) have blocks of their own, the
+/// pool's window blocks, with a table of their own per sequence
+/// ([`crate::SeqChunk::window_table`]): a sequence needs only the window blocks that hold its
+/// last `window` positions, so its owner can give the older ones back, and a long sequence's
+/// memory grows with the full-attention layers only. A pool made by [`KvPool::new`] has as
+/// many window blocks as blocks, and sequences may use one table for both.
 #[derive(Debug)]
 pub struct KvPool {
     n_layers: usize,
     kv_dim: usize,
     block_tokens: usize,
     n_blocks: usize,
+    n_window_blocks: usize,
+    /// Per layer: does it use the window blocks.
+    windowed: Vec<bool>,
     k: Vec<KvData>,
     v: Vec<KvData>,
 }
@@ -55,39 +65,71 @@ pub(crate) enum KvSlice<'a> {
 }
 
 impl KvPool {
-    /// A pool of `n_blocks` blocks of `block_tokens` positions each, for a model of this shape.
+    /// A pool of `n_blocks` blocks of `block_tokens` positions each, for a model of this shape;
+    /// its windowed layers have as many blocks (one block table serves both).
     pub fn new(
         config: &LlamaConfig,
         block_tokens: usize,
         n_blocks: usize,
     ) -> Result<Self, ModelError> {
-        if block_tokens == 0 || n_blocks == 0 {
+        Self::with_window_blocks(config, block_tokens, n_blocks, n_blocks)
+    }
+
+    /// A pool of `n_blocks` blocks for the full-attention layers and `n_window_blocks` for the
+    /// sliding-window layers (ignored when the model has none).
+    pub fn with_window_blocks(
+        config: &LlamaConfig,
+        block_tokens: usize,
+        n_blocks: usize,
+        n_window_blocks: usize,
+    ) -> Result<Self, ModelError> {
+        let windowed: Vec<bool> = (0..config.n_layers)
+            .map(|l| config.layer_attention(l).window.is_some())
+            .collect();
+        let n_windowed = windowed.iter().filter(|&&w| w).count();
+        let n_window_blocks = if n_windowed == 0 { 0 } else { n_window_blocks };
+        if block_tokens == 0 || n_blocks == 0 || (n_windowed > 0 && n_window_blocks == 0) {
             return Err(ModelError::BadConfig(
                 "a KV pool needs at least one block of at least one token".into(),
             ));
         }
-        let per_layer = n_blocks
-            .checked_mul(block_tokens)
-            .and_then(|n| n.checked_mul(config.kv_dim()))
-            .filter(|&n| {
-                n.saturating_mul(2 * elem_bytes(config) * config.n_layers) <= MAX_POOL_BYTES
-            })
-            .ok_or_else(|| {
-                ModelError::BadConfig(format!(
-                    "a KV pool of {n_blocks} blocks x {block_tokens} tokens is too large"
-                ))
-            })?;
+        let elems = |blocks: usize| {
+            blocks
+                .checked_mul(block_tokens)
+                .and_then(|n| n.checked_mul(config.kv_dim()))
+        };
+        let too_large = || {
+            ModelError::BadConfig(format!(
+                "a KV pool of {n_blocks} blocks ({n_window_blocks} for windowed layers) x \
+                 {block_tokens} tokens is too large"
+            ))
+        };
+        let (global, local) = (
+            elems(n_blocks).ok_or_else(too_large)?,
+            elems(n_window_blocks).ok_or_else(too_large)?,
+        );
+        let total = global
+            .saturating_mul(config.n_layers - n_windowed)
+            .saturating_add(local.saturating_mul(n_windowed))
+            .saturating_mul(2 * elem_bytes(config));
+        if total > MAX_POOL_BYTES {
+            return Err(too_large());
+        }
+        let data = || {
+            windowed
+                .iter()
+                .map(|&w| KvData::zeros(if w { local } else { global }, config.kv_f32))
+                .collect()
+        };
         Ok(Self {
             n_layers: config.n_layers,
             kv_dim: config.kv_dim(),
             block_tokens,
             n_blocks,
-            k: (0..config.n_layers)
-                .map(|_| KvData::zeros(per_layer, config.kv_f32))
-                .collect(),
-            v: (0..config.n_layers)
-                .map(|_| KvData::zeros(per_layer, config.kv_f32))
-                .collect(),
+            n_window_blocks,
+            k: data(),
+            v: data(),
+            windowed,
         })
     }
 
@@ -101,24 +143,72 @@ impl KvPool {
         self.n_blocks
     }
 
+    /// Blocks of the sliding-window layers (0 when the model has none).
+    pub fn n_window_blocks(&self) -> usize {
+        self.n_window_blocks
+    }
+
+    /// Whether `layer` keeps its keys and values in the window blocks.
+    pub fn is_windowed(&self, layer: usize) -> bool {
+        self.windowed.get(layer).copied().unwrap_or(false)
+    }
+
     /// Bytes of key and value storage.
     pub fn bytes(&self) -> usize {
         let elem = match self.k.first() {
             Some(KvData::F32(_)) => 4,
             _ => 2,
         };
-        2 * self.n_layers * self.n_blocks * self.block_tokens * self.kv_dim * elem
+        let n_windowed = self.windowed.iter().filter(|&&w| w).count();
+        let block_elems = self.block_tokens * self.kv_dim;
+        let blocks =
+            (self.n_layers - n_windowed) * self.n_blocks + n_windowed * self.n_window_blocks;
+        2 * blocks * block_elems * elem
     }
 
-    /// Bytes one cached token costs (keys and values of every layer).
+    /// Bytes one cached token costs in every layer (keys and values).
     pub fn bytes_per_token(config: &LlamaConfig) -> usize {
         2 * config.n_layers * config.kv_dim() * elem_bytes(config)
     }
 
+    /// Bytes one cached token costs in the full-attention layers only: what a long
+    /// sequence's memory grows by per token when its windowed layers hold only their window.
+    pub fn bytes_per_token_global(config: &LlamaConfig) -> usize {
+        2 * config.n_global_layers() * config.kv_dim() * elem_bytes(config)
+    }
+
+    /// Bytes of keys and values a sequence of `n_tokens` holds: in every layer when
+    /// `windowed_release` is false; otherwise its windowed layers hold only the blocks of its
+    /// last `window` positions (as the engine keeps them), at `block_tokens` per block.
+    pub fn sequence_bytes(
+        config: &LlamaConfig,
+        n_tokens: usize,
+        block_tokens: usize,
+        windowed_release: bool,
+    ) -> usize {
+        let bt = block_tokens.max(1);
+        let blocks = n_tokens.div_ceil(bt);
+        let per_block_layer = 2 * bt * config.kv_dim() * elem_bytes(config);
+        (0..config.n_layers)
+            .map(|l| match config.layer_attention(l).window {
+                Some(w) if windowed_release && n_tokens > 0 => {
+                    // The blocks from the one holding position n - w (the next token sees
+                    // n + 1 - w onwards) to the last.
+                    let first = (n_tokens + 1).saturating_sub(w) / bt;
+                    (blocks - first.min(blocks)) * per_block_layer
+                }
+                _ => blocks * per_block_layer,
+            })
+            .sum()
+    }
+
     pub(crate) fn check_shape(&self, config: &LlamaConfig) -> Result<(), ModelError> {
         let f32 = matches!(self.k.first(), Some(KvData::F32(_)));
+        let windowed_layers = (0..config.n_layers)
+            .all(|l| self.is_windowed(l) == config.layer_attention(l).window.is_some());
         if self.n_layers != config.n_layers
             || self.kv_dim != config.kv_dim()
+            || !windowed_layers
             || (self.n_layers > 0 && f32 != config.kv_f32)
         {
             return Err(ModelError::CacheMismatch);
@@ -166,10 +256,18 @@ fn elem_bytes(config: &LlamaConfig) -> usize {
 /// The cache of a single sequence: a [`KvPool`] whose blocks all belong to it, in order. The
 /// simple interface for one sequence at a time (tests, `generate`); servers use the pool and
 /// [`crate::LlamaModel::forward_batch`] directly.
+///
+/// Sliding-window layers keep a ring of window blocks: position `p`'s block is
+/// `(p / block_tokens) % ring`, with enough blocks in the ring for a window plus one chunk of
+/// [`KvCache::MAX_CHUNK`] tokens (the forward pass splits longer inputs), so a chunk never
+/// overwrites a position one of its own rows still reads.
 #[derive(Debug)]
 pub struct KvCache {
     pool: KvPool,
     table: Vec<u32>,
+    /// The ring of window blocks, one entry per block of `table`; empty when the windowed
+    /// layers use `table` (no window, or a ring would not be smaller).
+    window_table: Vec<u32>,
     capacity: usize,
     len: usize,
 }
@@ -178,6 +276,9 @@ pub struct KvCache {
 const SINGLE_BLOCK_TOKENS: usize = 16;
 
 impl KvCache {
+    /// The most tokens one forward pass writes into a cache whose windowed layers keep a ring.
+    pub const MAX_CHUNK: usize = 512;
+
     /// An empty cache for a model of this shape holding at most `capacity` tokens.
     pub fn new(config: &LlamaConfig, capacity: usize) -> Result<Self, ModelError> {
         if capacity == 0 || capacity > config.context_length {
@@ -187,10 +288,23 @@ impl KvCache {
             )));
         }
         let n_blocks = capacity.div_ceil(SINGLE_BLOCK_TOKENS);
-        let pool = KvPool::new(config, SINGLE_BLOCK_TOKENS, n_blocks)?;
+        let ring = config
+            .sliding_window
+            .map(|w| (w + Self::MAX_CHUNK).div_ceil(SINGLE_BLOCK_TOKENS) + 1);
+        let (pool, window_table) = match ring {
+            Some(ring) if ring < n_blocks => (
+                KvPool::with_window_blocks(config, SINGLE_BLOCK_TOKENS, n_blocks, ring)?,
+                (0..n_blocks).map(|b| (b % ring) as u32).collect(),
+            ),
+            _ => (
+                KvPool::new(config, SINGLE_BLOCK_TOKENS, n_blocks)?,
+                Vec::new(),
+            ),
+        };
         Ok(Self {
             pool,
             table: (0..n_blocks as u32).collect(),
+            window_table,
             capacity,
             len: 0,
         })
@@ -211,18 +325,34 @@ impl KvCache {
         self.capacity
     }
 
+    /// Bytes of key and value storage the cache holds.
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes()
+    }
+
     /// Forgets every token.
     pub fn clear(&mut self) {
         self.len = 0;
     }
 
-    /// Keeps only the first `len` tokens (no effect if it holds fewer).
+    /// Keeps only the first `len` tokens (no effect if it holds fewer). With a ring, the
+    /// windowed layers' older positions are gone, so only a truncation that keeps the last
+    /// [`KvCache::MAX_CHUNK`] tokens' window is exact; callers that rewind further clear.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
-    pub(crate) fn parts(&mut self) -> (&mut KvPool, &[u32], usize) {
-        (&mut self.pool, &self.table, self.len)
+    /// The most tokens one forward pass may add (the whole capacity without a ring).
+    pub(crate) fn max_chunk(&self) -> usize {
+        if self.window_table.is_empty() {
+            usize::MAX
+        } else {
+            Self::MAX_CHUNK
+        }
+    }
+
+    pub(crate) fn parts(&mut self) -> (&mut KvPool, &[u32], &[u32], usize) {
+        (&mut self.pool, &self.table, &self.window_table, self.len)
     }
 
     pub(crate) fn commit(&mut self, n: usize) {

@@ -29,7 +29,7 @@ mod source;
 mod weights;
 
 pub use bert::{BertConfig, BertError, BertInput, BertModel, Pooling, l2_normalize, pool};
-pub use config::LlamaConfig;
+pub use config::{Activation, LayerAttention, LlamaConfig};
 pub use error::ModelError;
 pub use kernels::RopeStyle;
 pub use kv_cache::{KvCache, KvPool};

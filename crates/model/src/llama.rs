@@ -1,8 +1,12 @@
 //! The Llama architecture as GGUF describes it (`general.architecture = llama`), which also
-//! covers the Mistral family (sliding-window attention; Mixtral's mixture of experts) from
-//! GGUF or safetensors: token embeddings, then per block RMSNorm → grouped-query attention
-//! with RoPE → residual → RMSNorm → SwiGLU MLP (or experts, `moe.rs`) → residual, then a final
-//! RMSNorm and the output head (tied to the embeddings when `output.weight` is absent).
+//! covers the Mistral family (sliding-window attention; Mixtral's mixture of experts) and
+//! Gemma 3 (`gemma3`), from GGUF or safetensors: token embeddings (scaled by
+//! `embedding_scale`), then per block RMSNorm → grouped-query attention with RoPE (queries and
+//! keys RMS-normalised per head first when `qk_norm`; the layer's own RoPE base and window) →
+//! [RMSNorm when `post_norms`] → residual → RMSNorm → gated MLP (SiLU or GELU; or experts,
+//! `moe.rs`) → [RMSNorm] → residual, then a final RMSNorm and the output head (tied to the
+//! embeddings when `output.weight` is absent). Gemma's differences are data on the config and
+//! the blocks, read by this one forward pass.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +16,7 @@ use kernels::{Rope, ThreadPool, f16};
 use crate::kv_cache::KvSlice;
 use crate::moe::{Ffn, Mlp};
 use crate::weights::{Storage, Tensors, Weight};
-use crate::{KvCache, KvPool, LlamaConfig, ModelError};
+use crate::{Activation, KvCache, KvPool, LlamaConfig, ModelError};
 
 /// Which positions' logits [`LlamaModel::forward`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +38,15 @@ struct Block {
     wv: Weight,          // kv_dim × d_model
     wo: Weight,          // d_model × q_dim
     ffn_norm: Vec<f32>,  // d_model
-    ffn: Ffn,            // SwiGLU MLP or experts of ffn_dim
+    ffn: Ffn,            // gated MLP or experts of ffn_dim
+    /// Per-head RMSNorm weights of queries and keys (`qk_norm`), head_dim each.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// RMSNorm weights of the attention's and the MLP's outputs (`post_norms`), d_model each.
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
+    /// This layer's rotation (its own RoPE base), built once at load.
+    rope: Rope,
+    /// `Some(w)`: a sliding-window layer.
+    window: Option<usize>,
 }
 
 impl Block {
@@ -56,7 +68,9 @@ pub struct LlamaModel {
     output_norm: Vec<f32>,
     output: Weight, // vocab × d_model (the embeddings when tied)
     blocks: Vec<Block>,
-    rope: Rope, // the same rotation for queries and keys of every layer
+    /// GELU through ggml's f16 table (GGUF models, whose oracle is llama.cpp) or exact
+    /// (safetensors, whose oracle is transformers in float32).
+    gelu_f16_table: bool,
 }
 
 /// Per-call scratch buffers, sized for `n` tokens.
@@ -101,7 +115,15 @@ impl LlamaModel {
         };
         let token_embd = t.weight("token_embd.weight", [d, c.vocab_size as u64])?;
         step("token_embd.weight");
-        let output_norm = t.vector("output_norm.weight", c.d_model)?;
+        // Every RMSNorm weight, with Gemma's `1 + w` applied where the file stores `w`.
+        let norm = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+            let mut w = t.vector(name, len)?;
+            if c.norm_weight_offset != 0.0 {
+                w.iter_mut().for_each(|x| *x += c.norm_weight_offset);
+            }
+            Ok(w)
+        };
+        let output_norm = norm("output_norm.weight", c.d_model)?;
         step("output_norm.weight");
         let mut output = if t.has("output.weight") {
             step("output.weight");
@@ -152,14 +174,38 @@ impl LlamaModel {
                     n_used: c.n_experts_used,
                 }
             };
+            let attention = c.layer_attention(i);
             let mut block = Block {
-                attn_norm: t.vector(&name("attn_norm"), c.d_model)?,
+                attn_norm: norm(&name("attn_norm"), c.d_model)?,
                 wq: t.weight(&name("attn_q"), [d, q])?,
                 wk: t.weight(&name("attn_k"), [d, kv])?,
                 wv: t.weight(&name("attn_v"), [d, kv])?,
                 wo: t.weight(&name("attn_output"), [q, d])?,
-                ffn_norm: t.vector(&name("ffn_norm"), c.d_model)?,
+                ffn_norm: norm(&name("ffn_norm"), c.d_model)?,
                 ffn,
+                qk_norm: if c.qk_norm {
+                    Some((
+                        norm(&name("attn_q_norm"), c.head_dim)?,
+                        norm(&name("attn_k_norm"), c.head_dim)?,
+                    ))
+                } else {
+                    None
+                },
+                post_norms: if c.post_norms {
+                    Some((
+                        norm(&name("post_attention_norm"), c.d_model)?,
+                        norm(&name("post_ffw_norm"), c.d_model)?,
+                    ))
+                } else {
+                    None
+                },
+                rope: Rope::new(
+                    c.head_dim,
+                    c.rope_dim,
+                    attention.rope_freq_base,
+                    c.rope_style,
+                ),
+                window: attention.window,
             };
             block.pack(&t.storage)?;
             let prefix = format!("blk.{i}.");
@@ -171,10 +217,10 @@ impl LlamaModel {
             }
             blocks.push(block);
         }
-        let rope = Rope::new(c.head_dim, c.rope_dim, c.rope_freq_base, c.rope_style);
+        let gelu_f16_table = matches!(tensors.storage, Storage::Gguf(_));
         Ok(Self {
             store: tensors.storage,
-            rope,
+            gelu_f16_table,
             config,
             token_embd,
             output_norm,
@@ -225,16 +271,43 @@ impl LlamaModel {
                 capacity: kv.capacity(),
             });
         }
-        let (kv_pool, table, start_pos) = kv.parts();
-        let chunk = SeqChunk {
-            tokens,
-            start_pos,
-            block_table: table,
-            logits: which,
-        };
-        let mut out = self.forward_batch(pool, kv_pool, &[chunk])?;
-        kv.commit(tokens.len());
-        Ok(out.pop().unwrap_or_default())
+        // Checked before any piece runs, so that a failure cannot come after a piece has
+        // overwritten the windowed layers' ring.
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                token: bad,
+                vocab_size: vocab,
+            });
+        }
+        // A cache whose windowed layers keep a ring takes at most `max_chunk` tokens a pass.
+        let pieces: Vec<&[u32]> = tokens.chunks(kv.max_chunk().min(tokens.len())).collect();
+        let mut logits = Vec::new();
+        let start = kv.len();
+        for (i, piece) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            let (kv_pool, table, window_table, start_pos) = kv.parts();
+            let chunk = SeqChunk {
+                tokens: piece,
+                start_pos,
+                block_table: table,
+                logits: match which {
+                    Logits::Last if !last => Logits::None,
+                    other => other,
+                },
+                window_table,
+            };
+            match self.forward_batch(pool, kv_pool, &[chunk]) {
+                Ok(mut out) => logits.append(&mut out.pop().unwrap_or_default()),
+                Err(e) => {
+                    // Leave the cache as it was before this call.
+                    kv.truncate(start);
+                    return Err(e);
+                }
+            }
+            kv.commit(piece.len());
+        }
+        Ok(logits)
     }
 
     /// One step for many sequences at once: every chunk's tokens go through each weight
@@ -258,47 +331,55 @@ impl LlamaModel {
         }
         let mut s = Scratch::new(c, n);
         self.embed(&plan, &mut s.x)?;
+        let f16_table = self.gelu_f16_table;
+        let glu = |gate: &mut [f32], up: &[f32]| match c.activation {
+            Activation::Silu => kernels::swiglu(gate, up),
+            Activation::GeluTanh => kernels::geglu_tanh(gate, up, f16_table),
+        };
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
             self.store.matmul(pool, &b.wq, &s.xn, n, &mut s.q)?;
             self.store.matmul(pool, &b.wk, &s.xn, n, &mut s.k)?;
             self.store.matmul(pool, &b.wv, &s.xn, n, &mut s.v)?;
-            self.rope_and_cache(kv, layer, &plan, &mut s);
-            attention(pool, c, kv, layer, &plan, &s.q, &mut s.attn);
+            if let Some((q_norm, k_norm)) = &b.qk_norm {
+                rms_norm_in_place(&mut s.q, q_norm, c.rms_eps);
+                rms_norm_in_place(&mut s.k, k_norm, c.rms_eps);
+            }
+            rope_and_cache(c, b, kv, layer, &plan, &mut s);
+            attention(pool, c, kv, layer, b.window, &plan, &s.q, &mut s.attn);
             self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
+            if let Some((post_attn, _)) = &b.post_norms {
+                rms_norm_in_place(&mut s.proj, post_attn, c.rms_eps);
+            }
             kernels::add_assign(&mut s.x, &s.proj);
 
-            // MLP sub-layer: down(silu(gate(x)) * up(x)), or a mixture of such experts.
+            // MLP sub-layer: down(act(gate(x)) * up(x)), or a mixture of such experts.
             rms_norm_rows(&s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
             let (d, f) = (c.d_model, c.ffn_dim);
             b.ffn
-                .forward(pool, &self.store, &s.xn, n, d, f, &mut s.proj)?;
+                .forward(pool, &self.store, &s.xn, n, d, f, &mut s.proj, &glu)?;
+            if let Some((_, post_ffn)) = &b.post_norms {
+                rms_norm_in_place(&mut s.proj, post_ffn, c.rms_eps);
+            }
             kernels::add_assign(&mut s.x, &s.proj);
         }
         self.head(pool, &plan, &mut s)
     }
 
-    /// Embeddings: one row of the table, dequantised, per batch row.
+    /// Embeddings: one row of the table, dequantised, per batch row (times
+    /// `embedding_scale`).
     fn embed(&self, plan: &BatchPlan<'_>, x: &mut [f32]) -> Result<(), ModelError> {
         let embd = self.matrix(&self.token_embd)?;
+        let scale = self.config.embedding_scale;
         for (r, row) in x.chunks_exact_mut(self.config.d_model).enumerate() {
             let t = plan.token(r) as usize;
             kernels::dequantize_row(embd.ty(), embd.row(t), row)?;
+            if scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
         }
         Ok(())
-    }
-
-    /// RoPE on every row's queries and keys at the row's position, then the row's key and
-    /// value into its cache slot of `layer`.
-    fn rope_and_cache(&self, kv: &mut KvPool, layer: usize, plan: &BatchPlan<'_>, s: &mut Scratch) {
-        let (qd, kd) = (self.config.q_dim(), self.config.kv_dim());
-        for (r, &pos) in plan.positions.iter().enumerate() {
-            self.rope.apply(pos, &mut s.q[r * qd..(r + 1) * qd]);
-            let k = &mut s.k[r * kd..(r + 1) * kd];
-            self.rope.apply(pos, k);
-            kv.write(layer, plan.offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
-        }
     }
 
     /// Final norm and output head, only for the rows whose logits were asked for; returns
@@ -330,6 +411,26 @@ impl LlamaModel {
     }
 }
 
+/// RoPE (the block's own) on every row's queries and keys at the row's position, then the
+/// row's key and value into its cache slot of `layer` (its window block for a windowed layer).
+fn rope_and_cache(
+    c: &LlamaConfig,
+    b: &Block,
+    kv: &mut KvPool,
+    layer: usize,
+    plan: &BatchPlan<'_>,
+    s: &mut Scratch,
+) {
+    let (qd, kd) = (c.q_dim(), c.kv_dim());
+    let offsets = plan.offsets_of(kv.is_windowed(layer));
+    for (r, &pos) in plan.positions.iter().enumerate() {
+        b.rope.apply(pos, &mut s.q[r * qd..(r + 1) * qd]);
+        let k = &mut s.k[r * kd..(r + 1) * kd];
+        b.rope.apply(pos, k);
+        kv.write(layer, offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
+    }
+}
+
 impl Scratch {
     fn new(c: &LlamaConfig, n: usize) -> Self {
         Scratch {
@@ -345,12 +446,14 @@ impl Scratch {
 }
 
 /// The rows of a batched step, checked: row `r` is token `rows[r].1` of chunk `rows[r].0`,
-/// at position `positions[r]`, cached at `offsets[r]` of the KV pool.
+/// at position `positions[r]`, cached at `offsets[r]` of the KV pool's full-attention layers
+/// and at `window_offsets[r]` of its windowed layers.
 struct BatchPlan<'a> {
     chunks: &'a [SeqChunk<'a>],
     rows: Vec<(usize, usize)>,
     positions: Vec<usize>,
     offsets: Vec<usize>,
+    window_offsets: Vec<usize>,
 }
 
 impl<'a> BatchPlan<'a> {
@@ -379,6 +482,27 @@ impl<'a> BatchPlan<'a> {
                     kv.n_blocks()
                 )));
             }
+            if !ch.window_table.is_empty() {
+                // The windowed layers read back to `start_pos + 1 - window` and write to `end`.
+                let window = c.sliding_window.unwrap_or(usize::MAX);
+                let first = (ch.start_pos + 1).saturating_sub(window) / bt;
+                if ch.window_table.len() < needed {
+                    return Err(ModelError::ContextFull {
+                        cached: ch.start_pos,
+                        adding: ch.tokens.len(),
+                        capacity: ch.window_table.len() * bt,
+                    });
+                }
+                if let Some(&b) = ch.window_table[first..needed]
+                    .iter()
+                    .find(|&&b| b as usize >= kv.n_window_blocks())
+                {
+                    return Err(ModelError::BadConfig(format!(
+                        "window block {b} is outside the KV pool's {} window blocks",
+                        kv.n_window_blocks()
+                    )));
+                }
+            }
             if let Some(&bad) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 return Err(ModelError::TokenOutOfRange {
                     token: bad,
@@ -396,12 +520,27 @@ impl<'a> BatchPlan<'a> {
             .zip(&positions)
             .map(|(&(ci, _), &p)| kv.offset(chunks[ci].block_table, p))
             .collect();
+        let window_offsets = rows
+            .iter()
+            .zip(&positions)
+            .map(|(&(ci, _), &p)| kv.offset(chunks[ci].window_blocks(), p))
+            .collect();
         Ok(Self {
             chunks,
             rows,
             positions,
             offsets,
+            window_offsets,
         })
+    }
+
+    /// Every row's cache offset in a windowed layer or a full-attention one.
+    fn offsets_of(&self, windowed: bool) -> &[usize] {
+        if windowed {
+            &self.window_offsets
+        } else {
+            &self.offsets
+        }
     }
 
     /// Rows in the batch.
@@ -415,9 +554,14 @@ impl<'a> BatchPlan<'a> {
         self.chunks[ci].tokens[i]
     }
 
-    /// The block table of row `r`'s sequence.
-    fn block_table(&self, r: usize) -> &'a [u32] {
-        self.chunks[self.rows[r].0].block_table
+    /// The block table of row `r`'s sequence, for a windowed layer or a full-attention one.
+    fn block_table(&self, r: usize, windowed: bool) -> &'a [u32] {
+        let chunk = &self.chunks[self.rows[r].0];
+        if windowed {
+            chunk.window_blocks()
+        } else {
+            chunk.block_table
+        }
     }
 
     /// The rows whose logits their chunk asked for, in order.
@@ -448,6 +592,32 @@ pub struct SeqChunk<'a> {
     pub block_table: &'a [u32],
     /// Which logits to return for this chunk.
     pub logits: Logits,
+    /// Where the sliding-window layers keep this sequence's keys and values, indexed like
+    /// `block_table` (position `p` in block `window_table[p / block_tokens]` of the pool's
+    /// window blocks). Only the entries from the block of `start_pos + 1 - window` on are
+    /// read: blocks that left the window may have been given back. Empty: the windowed
+    /// layers use `block_table` (a pool made by [`KvPool::new`]).
+    pub window_table: &'a [u32],
+}
+
+impl<'a> SeqChunk<'a> {
+    /// The table the windowed layers use.
+    fn window_blocks(&self) -> &'a [u32] {
+        if self.window_table.is_empty() {
+            self.block_table
+        } else {
+            self.window_table
+        }
+    }
+}
+
+/// RMSNorm of each `weight.len()`-wide piece of `x` (a row, or one head of a row), in place.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mut tmp = vec![0.0; weight.len()];
+    for piece in x.chunks_exact_mut(weight.len()) {
+        kernels::rms_norm(piece, weight, eps, &mut tmp);
+        piece.copy_from_slice(&tmp);
+    }
 }
 
 /// RMSNorm of each `dim`-wide row of `x` into `out`.
@@ -459,32 +629,35 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32
 
 /// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
 /// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`). With a
-/// sliding window `w`, the row at position `p` sees positions `p + 1 - w ..= p` only.
+/// sliding window `w` (the layer's), the row at position `p` sees positions `p + 1 - w ..= p`
+/// only. Scores are scaled by the config's `attention_scale`.
 ///
 /// Numerics of an f16 cache follow llama.cpp's CPU path: queries are rounded to f16 for the
 /// dot products with the f16 keys, and the softmax weights are rounded to f16 before they
 /// scale the f16 values. An f32 cache computes in f32 throughout.
 /// Each (row, head) pair is an independent task on the pool; its output slice is its own.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &ThreadPool,
     c: &LlamaConfig,
     kv: &KvPool,
     layer: usize,
+    window: Option<usize>,
     plan: &BatchPlan<'_>,
     q: &[f32],
     out: &mut [f32],
 ) {
     let hd = c.head_dim;
     let group = c.n_heads / c.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.attention_scale;
     let keys = kv.keys(layer);
     let values = kv.values(layer);
     let n_heads = c.n_heads;
-    let window = c.sliding_window;
+    let windowed = kv.is_windowed(layer);
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
     pool.parallel_for(slots.len(), &|task| {
         let (r, h) = (task / n_heads, task % n_heads);
-        let table = plan.block_table(r);
+        let table = plan.block_table(r, windowed);
         let kv_h = h / group;
         let n_ctx = plan.positions[r] + 1;
         let first = window.map_or(0, |w| n_ctx.saturating_sub(w));

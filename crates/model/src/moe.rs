@@ -1,4 +1,5 @@
-//! The MLP sub-layer: one SwiGLU MLP (Llama, Mistral), or a sparse mixture of SwiGLU experts
+//! The MLP sub-layer: one gated MLP (SwiGLU for Llama and Mistral, GeGLU for Gemma; the
+//! gate's activation is the caller's [`Glu`]), or a sparse mixture of SwiGLU experts
 //! (Mixtral): a router scores every expert for each token, the `k` best are kept, their
 //! softmax weights renormalised to sum to 1 (transformers' `MixtralSparseMoeBlock`: softmax
 //! over all experts, top-k, divide by the sum; the same as a softmax over the top-k logits),
@@ -9,7 +10,10 @@ use kernels::ThreadPool;
 use crate::ModelError;
 use crate::weights::{Storage, Weight};
 
-/// One SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+/// The gated activation in place: `gate = act(gate) * up`.
+pub(crate) type Glu<'a> = &'a dyn Fn(&mut [f32], &[f32]);
+
+/// One gated MLP: `down(act(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub(crate) struct Mlp {
     pub(crate) gate: Weight, // ffn_dim × d_model
@@ -40,10 +44,11 @@ impl Mlp {
         gate: &mut [f32],
         up: &mut [f32],
         out: &mut [f32],
+        glu: Glu<'_>,
     ) -> Result<(), ModelError> {
         store.matmul(pool, &self.gate, x, n, gate)?;
         store.matmul(pool, &self.up, x, n, up)?;
-        kernels::swiglu(gate, up);
+        glu(gate, up);
         store.matmul(pool, &self.down, gate, n, out)?;
         Ok(())
     }
@@ -77,12 +82,13 @@ impl Ffn {
         d_model: usize,
         ffn_dim: usize,
         out: &mut [f32],
+        glu: Glu<'_>,
     ) -> Result<(), ModelError> {
         match self {
             Ffn::Dense(mlp) => {
                 let mut gate = vec![0.0; n * ffn_dim];
                 let mut up = vec![0.0; n * ffn_dim];
-                mlp.forward(pool, store, xn, n, &mut gate, &mut up, out)
+                mlp.forward(pool, store, xn, n, &mut gate, &mut up, out, glu)
             }
             Ffn::Experts {
                 router,
@@ -112,7 +118,7 @@ impl Ffn {
                     let mut gate = vec![0.0; m * ffn_dim];
                     let mut up = vec![0.0; m * ffn_dim];
                     let mut y = vec![0.0; m * d_model];
-                    mlp.forward(pool, store, &x, m, &mut gate, &mut up, &mut y)?;
+                    mlp.forward(pool, store, &x, m, &mut gate, &mut up, &mut y, glu)?;
                     for (&(r, w), y) in rows.iter().zip(y.chunks_exact(d_model)) {
                         for (o, &v) in out[r * d_model..(r + 1) * d_model].iter_mut().zip(y) {
                             *o += w * v;

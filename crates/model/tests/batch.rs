@@ -37,6 +37,7 @@ fn batched_steps_equal_single_sequence_steps() {
             start_pos: 0,
             block_table: &tables[i],
             logits: Logits::Last,
+            window_table: &[],
         })
         .collect();
     let first = m
@@ -48,6 +49,7 @@ fn batched_steps_equal_single_sequence_steps() {
             start_pos: prompts[i].len(),
             block_table: &tables[i],
             logits: Logits::Last,
+            window_table: &[],
         })
         .collect();
     let second = m.forward_batch(&pool, &mut kv, &step2).expect("batch step");
@@ -62,6 +64,7 @@ fn batched_steps_equal_single_sequence_steps() {
         start_pos: 0,
         block_table: &[1],
         logits: Logits::None,
+        window_table: &[],
     };
     assert_eq!(
         m.forward_batch(&pool, &mut kv, &[none]).expect("none"),
@@ -72,6 +75,7 @@ fn batched_steps_equal_single_sequence_steps() {
         start_pos: 0,
         block_table: &[1],
         logits: Logits::Last,
+        window_table: &[],
     };
     assert!(m.forward_batch(&pool, &mut kv, &[short]).is_err());
     let outside = SeqChunk {

@@ -139,12 +139,14 @@ fn check_f32(dir: &str, golden_of: &str) -> LoadedModel {
             start_pos: 0,
             block_table: &tables[0],
             logits: Logits::All,
+            window_table: &[],
         },
         SeqChunk {
             tokens: &g.prompts[1],
             start_pos: 0,
             block_table: &tables[1],
             logits: Logits::Last,
+            window_table: &[],
         },
     ];
     let batch = model
@@ -294,7 +296,17 @@ fn rounded_weights() {
         fn(f32) -> [u8; 2],
         f32,
     );
-    let cases: [Case; 2] = [
+    let cases: [Case; 3] = [
+        // Six layers whose post-norms re-amplify each sub-layer's output: rounding the
+        // weights to bf16 moves transformers' own logits by 0.097 here against 0.027 for the
+        // two-layer llama (the golden file shows both), so the bound scales with it.
+        (
+            "gemma3",
+            "logits_bf16_weights",
+            "BF16",
+            |v| half::bf16::from_f32(v).to_le_bytes(),
+            0.2,
+        ),
         (
             "llama",
             "logits_bf16_weights",
@@ -559,6 +571,97 @@ fn q8_0_gguf() {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Gemma 3 from its Hugging Face directory: GELU (tanh) MLP, `1 + w` norms before and after
+/// both sub-layers, QK-norm, embeddings times sqrt(hidden), five layers with a window of 4
+/// (shorter than the prompts) and RoPE base 1e4 to one global layer with 1e6, and
+/// `query_pre_attn_scalar` 12 instead of head_dim 8: within the F32 bound of transformers.
+#[test]
+fn gemma3_matches_transformers() {
+    let m = check_f32("gemma3", "gemma3");
+    let c = m.model.config();
+    assert_eq!(
+        c.window_layers.as_deref(),
+        Some(&[true, true, true, true, true, false][..])
+    );
+    assert_eq!(c.sliding_window, Some(4));
+    assert_eq!(c.layer_attention(0).rope_freq_base, 10_000.0);
+    assert_eq!(c.layer_attention(5).rope_freq_base, 1_000_000.0);
+    assert_eq!(c.layer_attention(5).window, None);
+    assert!((c.attention_scale - 12f32.sqrt().recip()).abs() < 1e-7);
+}
+
+/// The same weights as llama.cpp's converter writes a `gemma3` GGUF (`gemma3.gguf`, written
+/// by the golden script with the `gguf` package: llama.cpp's tensor and key names, the norms'
+/// 1 folded in). llama.cpp reads such a file with every sixth layer global and queries scaled
+/// by 1/sqrt(head_dim); the oracle is transformers on the same weights with that scale
+/// (`logits_gguf_reading`). Only the f16 KV cache and ggml's f16 GELU table separate us from
+/// it. This six-layer model is about 3.6 times as sensitive to rounding as the two-layer ones
+/// (see `rounded_weights`), so the F32 GGUF bound below (1e-2) becomes 4e-2.
+#[test]
+fn gemma3_gguf_as_llama_cpp_writes_it() {
+    let g = golden("gemma3");
+    let expected: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(g.json["logits_gguf_reading"].clone()).expect("gguf logits");
+    let m = open(&tiny("gemma3").join("gemma3.gguf"));
+    let c = m.model.config();
+    assert_eq!(c.architecture, "gemma3");
+    assert_eq!(c.rope_style, RopeStyle::NeoX);
+    assert_eq!(c.n_global_layers(), 1);
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &expected);
+    eprintln!("gemma3 GGUF vs transformers: max |diff| {d:e} at {at}");
+    assert!(d <= 4e-2, "gemma3 GGUF: max |diff| {d} at {at}");
+    // The scale matters: the Hugging Face reading (query_pre_attn_scalar 12) is far off.
+    let (far, _) = max_diff(&ours, &g.logits);
+    assert!(far > 0.05, "query_pre_attn_scalar changed nothing ({far})");
+}
+
+/// Windowed layers that keep only their window: a sequence decoded token by token through a
+/// pool whose windowed layers have 3 blocks of 2 positions (the window of 4 needs at most 3),
+/// reused as a ring as positions leave the window, while the global layer keeps every block,
+/// gives exactly the logits of a cache that keeps everything.
+#[test]
+fn gemma3_window_blocks_given_back_change_nothing() {
+    let g = golden("gemma3");
+    let m = open(&tiny("gemma3"));
+    let model = &m.model;
+    let pool = ThreadPool::new(2);
+    let p0 = &g.prompts[0];
+    let full = run(model, &g.prompts[..1], true);
+    let mut kv = KvPool::with_window_blocks(model.config(), 2, 8, 3).expect("pool");
+    assert_eq!(kv.n_window_blocks(), 3);
+    let table: Vec<u32> = (0..8).collect();
+    let mut window_table = vec![u32::MAX; 8];
+    let vocab = model.config().vocab_size;
+    for (pos, &t) in p0.iter().enumerate() {
+        // The block of `pos` takes the ring slot of a block that has left the window.
+        window_table[pos / 2] = (pos / 2 % 3) as u32;
+        if let Some(old) = (pos / 2).checked_sub(3) {
+            window_table[old] = u32::MAX;
+        }
+        let chunk = SeqChunk {
+            tokens: &[t],
+            start_pos: pos,
+            block_table: &table,
+            logits: Logits::Last,
+            window_table: &window_table,
+        };
+        let out = model.forward_batch(&pool, &mut kv, &[chunk]).expect("step");
+        assert_eq!(out[0].len(), vocab);
+        assert_eq!(out[0], full[0][pos], "position {pos}");
+    }
+    // A table that dropped a block still inside the window is refused, not read.
+    window_table[(p0.len() - 3) / 2] = u32::MAX;
+    let chunk = SeqChunk {
+        tokens: &[1],
+        start_pos: p0.len() - 1,
+        block_table: &table,
+        logits: Logits::Last,
+        window_table: &window_table,
+    };
+    assert!(model.forward_batch(&pool, &mut kv, &[chunk]).is_err());
 }
 
 /// The same conversion with F32 matrices isolates the GGUF path's reordering, stacking and

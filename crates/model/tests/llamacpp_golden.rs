@@ -1,6 +1,9 @@
-//! The forward pass against llama.cpp on the default model (SmolLM2-135M-Instruct, Q4_1).
+//! The forward pass against llama.cpp on the default model (SmolLM2-135M-Instruct, Q4_1) and
+//! on Gemma 3 270M (Q4_K_M: GELU, QK-norm, post-norms, scaled embeddings, five windowed
+//! layers with their own RoPE base to one global).
 //!
-//! `tests/golden/smollm2-q4_1-llamacpp.json` was written by `scripts/golden/llamacpp_logits.py`
+//! `tests/golden/smollm2-q4_1-llamacpp.json` (and `gemma3-270m-q4_k_m-llamacpp.json`) were
+//! written by `scripts/golden/llamacpp_logits.py`
 //! with llama-cpp-python (its header names the version and the model's SHA-256). For each
 //! prompt it holds the prompt's token ids, the top-10 logits at the first generated position and
 //! 32 greedy steps (chosen token, its logit, the runner-up and its logit).
@@ -68,13 +71,32 @@ impl Deviation {
     }
 }
 
-fn load() -> Option<(LlamaModel, Value)> {
-    let path = testkit::default_model()?;
+/// Which model and golden file a test checks.
+#[derive(Clone, Copy)]
+enum Subject {
+    SmolLm2,
+    Gemma3,
+}
+
+fn load_subject(subject: Subject) -> Option<(LlamaModel, Value)> {
+    let (path, golden) = match subject {
+        Subject::SmolLm2 => (
+            testkit::default_model()?,
+            include_str!("golden/smollm2-q4_1-llamacpp.json"),
+        ),
+        Subject::Gemma3 => (
+            testkit::gemma_test_model()?,
+            include_str!("golden/gemma3-270m-q4_k_m-llamacpp.json"),
+        ),
+    };
     let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open model"));
     let model = LlamaModel::load(file, &mut |_, _| {}).expect("load model");
-    let golden: Value = serde_json::from_str(include_str!("golden/smollm2-q4_1-llamacpp.json"))
-        .expect("golden JSON");
+    let golden: Value = serde_json::from_str(golden).expect("golden JSON");
     Some((model, golden))
+}
+
+fn load() -> Option<(LlamaModel, Value)> {
+    load_subject(Subject::SmolLm2)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -129,7 +151,16 @@ fn check_top(ours: &[f32], top: &Value, noise: &Noise, dev: &mut Deviation, what
 
 #[test]
 fn forward_pass_matches_llama_cpp() {
-    let Some((model, golden)) = load() else {
+    check_forward_pass(Subject::SmolLm2);
+}
+
+#[test]
+fn gemma3_forward_pass_matches_llama_cpp() {
+    check_forward_pass(Subject::Gemma3);
+}
+
+fn check_forward_pass(subject: Subject) {
+    let Some((model, golden)) = load_subject(subject) else {
         return;
     };
     let noise = Noise::of(&golden);
@@ -205,7 +236,16 @@ fn forward_pass_matches_llama_cpp() {
 
 #[test]
 fn batched_prompt_logits_match_llama_cpp_at_every_position() {
-    let Some((model, golden)) = load() else {
+    check_prompt_positions(Subject::SmolLm2);
+}
+
+#[test]
+fn gemma3_batched_prompt_logits_match_llama_cpp_at_every_position() {
+    check_prompt_positions(Subject::Gemma3);
+}
+
+fn check_prompt_positions(subject: Subject) {
+    let Some((model, golden)) = load_subject(subject) else {
         return;
     };
     let pool = kernels_pool();

@@ -1,4 +1,9 @@
-//! Byte-level BPE as llama.cpp runs it for `tokenizer.ggml.model = "gpt2"`.
+//! The GGUF tokenizers as llama.cpp runs them: byte-level BPE for
+//! `tokenizer.ggml.model = "gpt2"`, and SentencePiece BPE for `"llama"` (Gemma, Llama 2):
+//! spaces become `▁`, characters merge pairwise, the best-scoring vocabulary entry
+//! (`tokenizer.ggml.scores`) first, leftmost on ties, and what stays out of the vocabulary
+//! falls back to `<0xXX>` byte tokens. Both share the special-token partitioning, the
+//! end-of-generation rules and the decoder.
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -9,9 +14,9 @@ use crate::pretokenize::PreTokenizer;
 use crate::unicode::{byte_to_char, char_to_byte};
 
 /// Everything needed to build a [`Tokenizer`], as read from GGUF `tokenizer.*` metadata.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenizerSpec {
-    /// `tokenizer.ggml.model`; only `"gpt2"` (byte-level BPE) is supported.
+    /// `tokenizer.ggml.model`: `"gpt2"` (byte-level BPE) or `"llama"` (SentencePiece BPE).
     pub model: String,
     /// `tokenizer.ggml.pre`, e.g. `"smollm"`, `"llama-bpe"`, `"qwen2"`; `None` means
     /// `"default"`, as in llama.cpp.
@@ -51,6 +56,13 @@ pub struct TokenizerSpec {
     /// `tokenizer.chat_template`.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// `tokenizer.ggml.scores`: each token's merge score (SentencePiece vocabularies).
+    #[serde(default)]
+    pub scores: Option<Vec<f32>>,
+    /// `tokenizer.ggml.add_space_prefix`: SentencePiece puts a space before text that starts
+    /// the input or follows a special token (llama.cpp's default: true).
+    #[serde(default)]
+    pub add_space_prefix: Option<bool>,
 }
 
 /// Token attributes, as llama.cpp derives them from token types (a bit set).
@@ -149,7 +161,22 @@ pub struct Tokenizer {
     eos_id: Option<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// Set for a SentencePiece (`"llama"`) vocabulary.
+    spm: Option<Spm>,
 }
+
+/// What a SentencePiece vocabulary adds.
+#[derive(Debug)]
+struct Spm {
+    scores: Vec<f32>,
+    add_space_prefix: bool,
+    /// The `<0xXX>` token of each byte.
+    byte_ids: Vec<Option<u32>>,
+    unk_id: Option<u32>,
+}
+
+/// SentencePiece's whitespace symbol.
+const SPM_SPACE: char = '\u{2581}';
 
 /// Part of the input during special-token partitioning.
 #[derive(Clone, Copy, Debug)]
@@ -167,10 +194,17 @@ impl Tokenizer {
     /// of the wrong length, malformed merges or merges naming unknown tokens, special ids
     /// outside the vocabulary, `add_bos`/`add_eos` without the token.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
-        if spec.model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(spec.model));
-        }
-        let pre = PreTokenizer::new(spec.pre.as_deref().unwrap_or("default"))?;
+        let spm_vocab = match spec.model.as_str() {
+            "gpt2" => false,
+            "llama" => true,
+            _ => return Err(TokenizerError::UnsupportedModel(spec.model)),
+        };
+        // A SentencePiece vocabulary has no pre-tokeniser (llama.cpp ignores the key).
+        let pre = PreTokenizer::new(if spm_vocab {
+            "default"
+        } else {
+            spec.pre.as_deref().unwrap_or("default")
+        })?;
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocabulary);
@@ -271,10 +305,31 @@ impl Tokenizer {
         special_by_length
             .sort_by_key(|&id| std::cmp::Reverse(tokens.get(id as usize).map_or(0, String::len)));
 
+        let spm = if spm_vocab {
+            let scores = spec.scores.unwrap_or_default();
+            if scores.len() != n {
+                return Err(TokenizerError::ScoreCount {
+                    scores: scores.len(),
+                    tokens: n,
+                });
+            }
+            let byte_ids = (0..=255u8)
+                .map(|b| token_to_id.get(&format!("<0x{b:02X}>")).copied())
+                .collect();
+            Some(Spm {
+                scores,
+                add_space_prefix: spec.add_space_prefix.unwrap_or(true),
+                byte_ids,
+                unk_id: spec.unk_id,
+            })
+        } else {
+            None
+        };
+
         let pieces = tokens
             .iter()
             .zip(&attrs)
-            .map(|(text, &attr)| piece(text, attr, true).into_boxed_slice())
+            .map(|(text, &attr)| piece(text, attr, spm_vocab).into_boxed_slice())
             .collect();
 
         Ok(Tokenizer {
@@ -290,6 +345,7 @@ impl Tokenizer {
             eos_id: spec.eos_id,
             add_bos: spec.add_bos,
             add_eos: spec.add_eos,
+            spm,
         })
     }
 
@@ -307,13 +363,23 @@ impl Tokenizer {
             out.push(bos);
         }
         let mut scratch = Scratch::default();
+        // SentencePiece: a space before text at the start or after a special token.
+        let mut after_special = true;
         for fragment in self.partition(text, parse_special) {
             match fragment {
-                Fragment::Token(id) => out.push(id),
+                Fragment::Token(id) => {
+                    out.push(id);
+                    after_special = true;
+                }
                 Fragment::Text(start, end) => {
-                    if let Some(t) = text.get(start..end) {
-                        self.encode_text(t, &mut scratch, &mut out);
+                    let Some(t) = text.get(start..end) else {
+                        continue;
+                    };
+                    match &self.spm {
+                        Some(spm) => self.spm_encode(spm, t, after_special, &mut scratch, &mut out),
+                        None => self.encode_text(t, &mut scratch, &mut out),
                     }
+                    after_special = false;
                 }
             }
         }
@@ -392,24 +458,7 @@ impl Tokenizer {
     fn bpe_word(&self, scratch: &mut Scratch, out: &mut Vec<u32>) {
         let word = scratch.encoded.as_str();
         let symbols = &mut scratch.symbols;
-        symbols.clear();
-        let mut offset = 0;
-        for c in word.chars() {
-            let n = c.len_utf8();
-            symbols.push(Symbol {
-                start: offset,
-                len: n,
-                prev: symbols.len().checked_sub(1),
-                next: None,
-            });
-            offset += n;
-        }
-        let count = symbols.len();
-        for (i, s) in symbols.iter_mut().enumerate() {
-            if i + 1 < count {
-                s.next = Some(i + 1);
-            }
-        }
+        let count = one_symbol_per_char(word, symbols);
         let heap = &mut scratch.heap;
         heap.clear();
         let key = &mut scratch.key;
@@ -459,6 +508,92 @@ impl Tokenizer {
                         .and_then(|t| self.token_to_id.get(t))
                     {
                         out.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// SentencePiece BPE over one stretch of text with no special tokens in it (llama.cpp's
+    /// `llm_tokenizer_spm_session`): spaces become `▁` (one is put first when
+    /// `add_space_prefix` and `after_special`), each character is a symbol, and the adjacent
+    /// pair whose concatenation is the best-scoring token merges first, the leftmost on equal
+    /// scores, until no pair is a token. A symbol that is no token becomes its bytes' `<0xXX>`
+    /// tokens (the unknown token where the vocabulary lacks one).
+    fn spm_encode(
+        &self,
+        spm: &Spm,
+        text: &str,
+        after_special: bool,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
+        let word = &mut scratch.encoded;
+        word.clear();
+        if spm.add_space_prefix && after_special {
+            word.push(SPM_SPACE);
+        }
+        word.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
+        let word = word.as_str();
+        let symbols = &mut scratch.symbols;
+        let count = one_symbol_per_char(word, symbols);
+        let mut heap: BinaryHeap<SpmBigram> = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<SpmBigram>, symbols: &[Symbol], l: usize, r: usize| {
+            let (Some(ls), Some(rs)) = (symbols.get(l), symbols.get(r)) else {
+                return;
+            };
+            let Some(joined) = word.get(ls.start..rs.start + rs.len) else {
+                return;
+            };
+            if let Some(&id) = self.token_to_id.get(joined) {
+                heap.push(SpmBigram {
+                    score: spm.scores.get(id as usize).copied().unwrap_or(f32::MIN),
+                    left: l,
+                    right: r,
+                    size: joined.len(),
+                });
+            }
+        };
+        for i in 1..count {
+            push(&mut heap, symbols, i - 1, i);
+        }
+        while let Some(b) = heap.pop() {
+            let (Some(l), Some(r)) = (symbols.get(b.left), symbols.get(b.right)) else {
+                continue;
+            };
+            // Stale entry: one side has merged since it was queued.
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.size {
+                continue;
+            }
+            let (r_len, r_next) = (r.len, r.next);
+            if let Some(l) = symbols.get_mut(b.left) {
+                l.len += r_len;
+                l.next = r_next;
+            }
+            if let Some(r) = symbols.get_mut(b.right) {
+                r.len = 0;
+            }
+            if let Some(nx) = r_next.and_then(|i| symbols.get_mut(i)) {
+                nx.prev = Some(b.left);
+            }
+            if let Some(p) = symbols.get(b.left).and_then(|s| s.prev) {
+                push(&mut heap, symbols, p, b.left);
+            }
+            if let Some(nx) = r_next {
+                push(&mut heap, symbols, b.left, nx);
+            }
+        }
+        for s in symbols.iter().filter(|s| s.len > 0) {
+            let Some(text) = word.get(s.start..s.start + s.len) else {
+                continue;
+            };
+            match self.token_to_id.get(text) {
+                Some(&id) => out.push(id),
+                None => {
+                    for b in text.bytes() {
+                        if let Some(id) = spm.byte_ids[b as usize].or(spm.unk_id) {
+                            out.push(id);
+                        }
                     }
                 }
             }
@@ -522,10 +657,18 @@ impl Tokenizer {
             ids = ids.get(..ids.len() - 1).unwrap_or(&[]);
         }
         let mut bytes = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            bytes.extend_from_slice(self.piece_bytes(id, skip_special)?);
+        for (i, &id) in ids.iter().enumerate() {
+            let mut piece = self.piece_bytes(id, skip_special)?;
+            // SentencePiece with a space prefix: the first token's leading spaces were the
+            // prefix, not text (llama.cpp strips them).
+            if i == 0 && self.spm.as_ref().is_some_and(|s| s.add_space_prefix) {
+                while let [b' ', rest @ ..] = piece {
+                    piece = rest;
+                }
+            }
+            bytes.extend_from_slice(piece);
         }
-        if self.pre.clean_spaces {
+        if self.spm.is_none() && self.pre.clean_spaces {
             bytes = clean_spaces(&bytes);
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -660,17 +803,21 @@ fn end_of_generation_ids(
     eog
 }
 
-/// The bytes a token renders as (llama.cpp's `token_to_piece`).
-fn piece(text: &str, attr: u8, special: bool) -> Vec<u8> {
+/// The bytes a token renders as, special tokens shown (llama.cpp's `token_to_piece`): for a
+/// SentencePiece vocabulary (`spm`) a normal token's `▁` are spaces and the unknown token is
+/// `▅`; for byte-level BPE its characters map back to bytes.
+fn piece(text: &str, attr: u8, spm: bool) -> Vec<u8> {
+    if spm && attr & ATTR_UNKNOWN != 0 {
+        return "\u{2585}".as_bytes().to_vec();
+    }
     if attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
-        return if special {
-            text.as_bytes().to_vec()
-        } else {
-            Vec::new()
-        };
+        return text.as_bytes().to_vec();
     }
     if attr & ATTR_USER_DEFINED != 0 {
         return text.as_bytes().to_vec();
+    }
+    if spm && attr & ATTR_NORMAL != 0 {
+        return text.replace(SPM_SPACE, " ").into_bytes();
     }
     if attr & ATTR_NORMAL != 0 {
         let mut out = Vec::with_capacity(text.len());
@@ -754,6 +901,29 @@ fn clean_spaces(text: &[u8]) -> Vec<u8> {
     c
 }
 
+/// Fills `symbols` with one symbol per character of `word`, linked in order; returns how many.
+fn one_symbol_per_char(word: &str, symbols: &mut Vec<Symbol>) -> usize {
+    symbols.clear();
+    let mut offset = 0;
+    for c in word.chars() {
+        let n = c.len_utf8();
+        symbols.push(Symbol {
+            start: offset,
+            len: n,
+            prev: symbols.len().checked_sub(1),
+            next: None,
+        });
+        offset += n;
+    }
+    let count = symbols.len();
+    for (i, s) in symbols.iter_mut().enumerate() {
+        if i + 1 < count {
+            s.next = Some(i + 1);
+        }
+    }
+    count
+}
+
 /// One symbol during BPE: a byte range of the encoded word, linked to its neighbours.
 #[derive(Clone, Copy, Debug)]
 struct Symbol {
@@ -774,6 +944,32 @@ struct Bigram {
 }
 
 lowest_rank_first!(Bigram);
+
+/// A candidate SentencePiece merge; the heap yields the highest score, then the leftmost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SpmBigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    /// Bytes of the merged text, to tell stale entries.
+    size: usize,
+}
+
+impl Eq for SpmBigram {}
+
+impl Ord for SpmBigram {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for SpmBigram {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 /// Buffers reused across words.
 #[derive(Default)]
@@ -913,10 +1109,17 @@ mod tests {
             Err(TokenizerError::DuplicateToken { .. })
         ));
         let mut s = toy_spec();
-        s.model = "llama".into();
+        s.model = "rwkv".into();
         assert!(
-            matches!(Tokenizer::from_spec(s), Err(TokenizerError::UnsupportedModel(ref m)) if m == "llama")
+            matches!(Tokenizer::from_spec(s), Err(TokenizerError::UnsupportedModel(ref m)) if m == "rwkv")
         );
+        // A SentencePiece vocabulary needs one score per token.
+        let mut s = toy_spec();
+        s.model = "llama".into();
+        assert!(matches!(
+            Tokenizer::from_spec(s),
+            Err(TokenizerError::ScoreCount { scores: 0, .. })
+        ));
         let mut s = toy_spec();
         s.pre = Some("martian".into());
         assert!(matches!(
@@ -942,5 +1145,102 @@ mod tests {
         assert_eq!(clean_spaces(b"Hello , world !"), b"Hello, world!");
         assert_eq!(clean_spaces(b"a ' b"), b"a'b");
         assert_eq!(clean_spaces(b"it 's we 're I 'll"), b"it's we're I 'll");
+    }
+
+    /// A toy SentencePiece vocabulary: control tokens, the 256 byte tokens, then pieces with
+    /// scores (higher merges first).
+    fn spm_spec(add_space_prefix: bool) -> TokenizerSpec {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<bos>".into(), "<eos>".into()];
+        let mut types = vec![2, 3, 3];
+        let mut scores = vec![0.0, 0.0, 0.0];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (t, score) in [
+            ("\u{2581}", -1.0),
+            ("h", -2.0),
+            ("e", -2.0),
+            ("l", -2.0),
+            ("o", -2.0),
+            ("w", -2.0),
+            ("r", -2.0),
+            ("d", -2.0),
+            ("ll", -3.0),
+            ("he", -4.0),
+            ("llo", -5.0),
+            ("hello", -6.0),
+            ("\u{2581}hello", -7.0),
+            ("\u{2581}w", -8.0),
+            ("or", -9.0),
+        ] {
+            tokens.push(t.into());
+            types.push(1);
+            scores.push(score);
+        }
+        tokens.push("<start_of_turn>".into());
+        types.push(3);
+        scores.push(0.0);
+        TokenizerSpec {
+            model: "llama".into(),
+            tokens,
+            token_types: Some(types),
+            scores: Some(scores),
+            bos_id: Some(1),
+            eos_id: Some(2),
+            unk_id: Some(0),
+            add_bos: true,
+            add_space_prefix: Some(add_space_prefix),
+            ..TokenizerSpec::default()
+        }
+    }
+
+    #[test]
+    fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
+        let t = Tokenizer::from_spec(spm_spec(false)).expect("spm");
+        let id = |s: &str| t.token_to_id(s).expect(s);
+        // "hello" merges ll, he, llo, hello (best scores first); " w" then "or"; "l" and "d"
+        // stay single; "!" is no piece: its byte token.
+        assert_eq!(
+            t.encode("hello world!", true, false),
+            [
+                1,
+                id("hello"),
+                id("\u{2581}w"),
+                id("or"),
+                id("l"),
+                id("d"),
+                id("<0x21>")
+            ]
+        );
+        assert_eq!(
+            t.decode(&t.encode("hello world!", false, false), false)
+                .expect("decode"),
+            "hello world!"
+        );
+        // A special token resets the space prefix only when the vocabulary asks for one.
+        assert_eq!(
+            t.encode("<start_of_turn>hello", false, true),
+            [id("<start_of_turn>"), id("hello")]
+        );
+        let p = Tokenizer::from_spec(spm_spec(true)).expect("spm");
+        assert_eq!(
+            p.encode("<start_of_turn>hello", false, true),
+            [id("<start_of_turn>"), id("\u{2581}hello")]
+        );
+        // The prefix space is not text: decoding drops it.
+        assert_eq!(
+            p.decode(&p.encode("hello", false, false), false)
+                .expect("decode"),
+            "hello"
+        );
+        // UTF-8 outside the vocabulary: one byte token per byte.
+        assert_eq!(t.encode("é", false, false), [id("<0xC3>"), id("<0xA9>")]);
+        assert_eq!(
+            t.decode(&[id("<0xC3>"), id("<0xA9>")], false)
+                .expect("decode"),
+            "é"
+        );
     }
 }

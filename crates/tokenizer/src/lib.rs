@@ -97,8 +97,17 @@ pub enum TokenizerError {
     #[error("Hugging Face tokenizer: {0}")]
     HfJson(String),
     /// `tokenizer.ggml.model` names a tokenizer this crate does not implement.
-    #[error("unsupported tokenizer model {0:?} (supported: \"gpt2\")")]
+    #[error("unsupported tokenizer model {0:?} (supported: \"gpt2\", \"llama\")")]
     UnsupportedModel(String),
+    /// `tokenizer.ggml.scores` (needed by SentencePiece vocabularies) is missing or does not
+    /// have one entry per token.
+    #[error("{scores} token scores for {tokens} tokens (tokenizer.ggml.scores)")]
+    ScoreCount {
+        /// Number of scores given.
+        scores: usize,
+        /// Number of tokens.
+        tokens: usize,
+    },
     /// `tokenizer.ggml.pre` names a pre-tokeniser this crate does not implement.
     #[error("unsupported pre-tokenizer {0:?}")]
     UnsupportedPreTokenizer(String),
