@@ -521,12 +521,23 @@ fn text_tokenizer(source: &TokenizerSource) -> Result<TextTokenizer, EngineError
 fn gguf_text_tokenizer(md: &Metadata) -> Result<TextTokenizer, EngineError> {
     let spec = tokenizer_spec(md).map_err(LoadError::from)?;
     let add_bos = spec.add_bos;
-    let template = match &spec.chat_template {
+    let arch = md.opt_str("general.architecture").ok().flatten();
+    let template = match spec.chat_template.as_deref().or(fallback_template(arch)) {
         Some(src) => Some(ChatTemplate::new(src).map_err(LoadError::from)?),
         None => None,
     };
     let tokenizer = Tokenizer::from_spec(spec).map_err(LoadError::from)?;
     Ok(TextTokenizer::bpe(tokenizer, template, add_bos))
+}
+
+/// The chat template of an architecture whose GGUF files may carry none: Gemma's turn format
+/// (`templates/gemma.jinja`; llama.cpp's converter writes the template only when the
+/// Hugging Face files have one, and some Gemma 3 GGUF files lack it).
+fn fallback_template(architecture: Option<&str>) -> Option<&'static str> {
+    match architecture? {
+        "gemma3" => Some(include_str!("templates/gemma.jinja")),
+        _ => None,
+    }
 }
 
 /// Reads the tokenizer description out of GGUF metadata (`tokenizer.ggml.*`).
