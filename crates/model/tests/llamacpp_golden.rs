@@ -326,3 +326,63 @@ fn errors_leave_the_cache_usable() {
 fn kernels_pool() -> model::ThreadPool {
     model::ThreadPool::new(2)
 }
+
+/// Gemma 3's windowed layers keep only their window: a single-sequence cache for a 32k
+/// context holds a ring of window blocks in its 15 windowed layers and every position only in
+/// its 3 global ones; and a sequence longer than the window (700 tokens, window 512: a
+/// 650-token prompt, then 50 steps) through a cache whose windowed layers use their own
+/// window blocks gives exactly the logits of a pool whose layers share one table. (The ring's
+/// reuse of blocks that left the window is checked on the tiny model in `hf_golden.rs`,
+/// where it wraps many times.)
+#[test]
+fn gemma3_windowed_layers_hold_only_their_window() {
+    let Some((model, _)) = load_subject(Subject::Gemma3) else {
+        return;
+    };
+    let c = model.config();
+    let n = 32_768;
+    let everything = model::KvPool::sequence_bytes(c, n, 16, false);
+    let windowed = model::KvPool::sequence_bytes(c, n, 16, true);
+    let ring = model.new_kv_cache(n).expect("kv").bytes();
+    eprintln!(
+        "KV bytes of a {n}-token Gemma 3 270M sequence: {everything} in every layer, \
+         {windowed} with windowed layers holding their window (blocks of 16), {ring} in a \
+         KvCache (ring of window + 512)"
+    );
+    assert_eq!(everything, n * model::KvPool::bytes_per_token(c));
+    assert!(windowed < everything / 5 && ring < everything / 5);
+    assert!(windowed >= n * model::KvPool::bytes_per_token_global(c));
+
+    let pool = kernels_pool();
+    let tokens: Vec<u32> = (0..700u32).map(|i| 1000 + (i * 7919) % 50_000).collect();
+    let mut kv = model.new_kv_cache(2048).expect("kv");
+    assert!(kv.bytes() < model::KvPool::sequence_bytes(c, 2048, 16, false));
+    let mut ring_logits = model
+        .forward(&pool, &tokens[..650], &mut kv, Logits::Last)
+        .expect("prompt");
+    for &t in &tokens[650..] {
+        ring_logits = model
+            .forward(&pool, &[t], &mut kv, Logits::Last)
+            .expect("step");
+    }
+    let mut full = model::KvPool::new(c, 16, 44).expect("pool");
+    let table: Vec<u32> = (0..44).collect();
+    let mut full_logits = Vec::new();
+    for (start, piece) in [(0, &tokens[..650])]
+        .into_iter()
+        .chain((650..700).map(|p| (p, &tokens[p..p + 1])))
+    {
+        let chunk = model::SeqChunk {
+            tokens: piece,
+            start_pos: start,
+            block_table: &table,
+            logits: Logits::Last,
+            window_table: &[],
+        };
+        full_logits = model
+            .forward_batch(&pool, &mut full, &[chunk])
+            .expect("full")
+            .remove(0);
+    }
+    assert_eq!(ring_logits, full_logits);
+}
