@@ -84,10 +84,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _serve(extra_args: list[str], embedding_model: str | None) -> Iterator[Server]:
-    """Starts `souverain serve` on the model with `extra_args`; stops it on exit."""
+def _serve(
+    extra_args: list[str], embedding_model: str | None, model: Path | None = None
+) -> Iterator[Server]:
+    """Starts `souverain serve` on the model (the default one unless `model` names another)
+    with `extra_args`; stops it on exit."""
     binary = Path(os.environ.get("SOUVERAIN_BIN", str(DEFAULT_BIN)))
-    model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
+    if model is None:
+        model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
     if not binary.is_file():
         pytest.fail(f"server binary {binary} not found (set SOUVERAIN_BIN or build it)")
     if not model.is_file():
@@ -174,6 +178,22 @@ THINKING_TEMPLATE = Path(__file__).resolve().parent / "templates" / "hermes-thin
 def thinking_server() -> Iterator[Server]:
     """The default model served with THINKING_TEMPLATE (`--chat-template-file`)."""
     with _serve(["--chat-template-file", str(THINKING_TEMPLATE)], None) as s:
+        yield s
+
+
+# Gemma 3 270M (Q4_K_M), the test-only model of scripts/fetch-test-models.
+GEMMA_MODEL = Path(
+    os.environ.get(
+        "SOUVERAIN_TEST_GEMMA", "~/.cache/souverain/models/gemma-3-270m-q4_k_m.gguf"
+    )
+).expanduser()
+
+
+@pytest.fixture(scope="session")
+def gemma_server() -> Iterator[Server]:
+    """Gemma 3 270M served with a 4096-token context (its trained 32k would allocate far more
+    KV cache than two short requests need)."""
+    with _serve(["--ctx-size", "4096"], None, model=GEMMA_MODEL) as s:
         yield s
 
 
