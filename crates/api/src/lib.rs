@@ -168,7 +168,12 @@ impl App {
             .control
             .as_ref()
             .map(|c| c.spawn_maintenance(Duration::from_secs(60)));
-        let result = axum::serve(listener, self.router())
+        // Hyper's own answers to unparsable requests get the error object too, and header
+        // sections past edge's limit a JSON 431.
+        let app = self
+            .router()
+            .layer(axum::middleware::from_fn(edge::header_limit));
+        let result = axum::serve(edge::JsonParseErrors(listener), app)
             .with_graceful_shutdown(shutdown)
             .await;
         if let Some(task) = maintenance {

@@ -616,6 +616,74 @@ async fn serve_answers_over_tcp_and_shuts_down() {
 }
 
 #[tokio::test]
+async fn malformed_and_oversized_heads_get_the_error_object() {
+    let fake = FakeBackend::new(Mode::Echo);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(souverain_api::App::new(fake).serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let send = move |request: Vec<u8>| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        // The server may answer and close before it has read all of a huge head.
+        let _ = stream.write_all(&request);
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    let big = |n: usize| {
+        let mut r = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+        r.extend(std::iter::repeat_n(b'a', n));
+        r.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        r
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, "malformed_request"),
+        (
+            b"GET /health HTTP/1.1\r\nBad Header: v\r\n\r\n".to_vec(),
+            400,
+            "malformed_request",
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nX: \x01\r\n\r\n".to_vec(),
+            400,
+            "malformed_request",
+        ),
+        // Past our limit, within hyper's buffer: the middleware's 431.
+        (big(100_000), 431, "request_header_fields_too_large"),
+        // Past hyper's buffer: hyper's own 431, rewritten.
+        (big(1_000_000), 431, "request_header_fields_too_large"),
+    ];
+    for (request, status, code) in cases {
+        let reply = tokio::task::spawn_blocking(move || send(request))
+            .await
+            .unwrap();
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{reply}"
+        );
+        let body = reply.split_once("\r\n\r\n").unwrap().1;
+        let json: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], code, "{reply}");
+    }
+    // A good request on the same server still works.
+    let reply = tokio::task::spawn_blocking(move || send(big(10)))
+        .await
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    stop.send(()).unwrap();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+}
+
+#[tokio::test]
 async fn a_full_queue_is_503_with_retry_after() {
     let fake = FakeBackend::new(Mode::Refuse(RefuseWith::Overloaded));
     let response = send(

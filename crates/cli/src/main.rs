@@ -6,6 +6,7 @@
 mod admin;
 mod bench;
 mod inspect;
+mod panics;
 mod plan;
 mod route;
 mod synth;
@@ -223,6 +224,7 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    panics::install();
 }
 
 /// Where `scripts/fetch-model` puts the default model.

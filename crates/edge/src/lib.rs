@@ -12,6 +12,8 @@
 //! - [`Json`]: the JSON body extractor whose rejection is an [`ApiError`] naming the field.
 //! - [`admin::router`]: the admin API under `/admin/v1` (organisations, projects, keys,
 //!   usage, audit), served by `serve --auth` and `route --auth` alike.
+//! - [`JsonParseErrors`]: a listener whose connections answer hyper's own parse errors (bad
+//!   request line or header, headers too large) with the error object instead of no body.
 //!
 //! ```
 //! use control::{ControlError, Denial};
@@ -25,6 +27,7 @@ pub mod admin;
 mod error;
 mod json;
 mod refusal;
+mod wire;
 
 use std::sync::Arc;
 
@@ -33,6 +36,7 @@ use control::{ControlPlane, Denial, Gate, Settlement};
 
 pub use crate::error::{ApiError, BoxError, Chain, ECHOED_NAME_CHARS, ErrorBody, Refusal};
 pub use crate::json::{Json, parse_json, read_json_body};
+pub use crate::wire::{JsonParseErrors, MAX_HEADER_BYTES, ParseErrorBodies, header_limit};
 
 /// The largest request body accepted, in bytes (8 MiB): room for long prompts, not for abuse.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;

@@ -126,7 +126,10 @@ pub async fn serve(
     router: Arc<FleetRouter>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(router))
+    // Hyper's own answers to unparsable requests get the error object too, and header
+    // sections past edge's limit a JSON 431.
+    let app = app(router).layer(axum::middleware::from_fn(edge::header_limit));
+    axum::serve(edge::JsonParseErrors(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
