@@ -106,6 +106,8 @@ const CACHE_ENTRIES: usize = 64;
 pub(crate) const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
 /// The deepest nesting of a JSON schema (objects and arrays within each other).
 pub(crate) const MAX_SCHEMA_DEPTH: usize = 64;
+/// The longest chain of `$ref`s a JSON schema may make the compiler follow.
+pub(crate) const MAX_REF_DEPTH: usize = 128;
 
 /// Why a constraint was not compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +161,13 @@ impl ConstraintCompiler {
         {
             return Err(CompileError::Invalid(format!(
                 "the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels"
+            )));
+        }
+        if let ConstraintSpec::JsonSchema(schema) = spec
+            && ref_depth(schema) > MAX_REF_DEPTH
+        {
+            return Err(CompileError::Invalid(format!(
+                "the JSON schema's $ref chains are longer than {MAX_REF_DEPTH} references"
             )));
         }
         if let Some(matcher) = self.cached(&key) {
@@ -280,6 +289,70 @@ fn cache_key(spec: &ConstraintSpec) -> String {
 
 /// How deep objects and arrays nest in `value`, without recursing (the value itself may be
 /// deep).
+/// The local `$ref`s (`#...`) anywhere in `value`, not following them.
+fn local_refs(value: &Value) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref")
+                    && r.starts_with('#')
+                {
+                    out.push(r.as_str());
+                }
+                stack.extend(map.values());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The longest chain of local `$ref`s the schema makes a compiler follow, one definition
+/// referring to the next (a reference back into the chain, recursion, ends it: a recursive
+/// schema is legitimate and compiled lazily). Walked without recursion, each target once.
+fn ref_depth(schema: &Value) -> usize {
+    // The chain length starting at each target, once known.
+    let mut done: HashMap<&str, usize> = HashMap::new();
+    let mut deepest = 0;
+    for root in local_refs(schema) {
+        // (target, the targets it refers to, the longest chain among those seen so far)
+        let mut path: Vec<(&str, Vec<&str>, usize)> = Vec::new();
+        let resolve = |r: &str| -> Vec<&str> {
+            match schema.pointer(&r[1..]) {
+                Some(target) => local_refs(target),
+                None => Vec::new(),
+            }
+        };
+        if !done.contains_key(root) {
+            path.push((root, resolve(root), 0));
+        }
+        while let Some(last) = path.len().checked_sub(1) {
+            match path[last].1.pop() {
+                Some(child) => {
+                    if let Some(&n) = done.get(child) {
+                        path[last].2 = path[last].2.max(n);
+                    } else if !path.iter().any(|(t, _, _)| *t == child) {
+                        let children = resolve(child);
+                        path.push((child, children, 0));
+                    }
+                }
+                None => {
+                    let (target, _, longest) = path.swap_remove(last);
+                    done.insert(target, longest + 1);
+                    if let Some((_, _, parent)) = path.last_mut() {
+                        *parent = (*parent).max(longest + 1);
+                    }
+                }
+            }
+        }
+        deepest = deepest.max(done.get(root).copied().unwrap_or(0));
+    }
+    deepest
+}
+
 fn depth(value: &Value) -> usize {
     let mut deepest = 0;
     let mut stack = vec![(value, 1)];
@@ -493,6 +566,34 @@ impl TokenConstraint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ref_chains_are_measured_and_recursion_ends_them() {
+        let chain = |n: usize| {
+            let mut defs = serde_json::Map::new();
+            for i in 0..n {
+                let next = if i + 1 == n {
+                    json!({"type": "integer"})
+                } else {
+                    json!({"$ref": format!("#/$defs/d{}", i + 1)})
+                };
+                defs.insert(format!("d{i}"), next);
+            }
+            json!({"$ref": "#/$defs/d0", "$defs": defs})
+        };
+        assert_eq!(ref_depth(&json!({"type": "string"})), 0);
+        assert_eq!(ref_depth(&chain(1)), 1);
+        assert_eq!(ref_depth(&chain(400)), 400);
+        // Recursion (a tree, a schema referring to itself) is legitimate and short.
+        let tree = json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object",
+            "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}});
+        assert_eq!(ref_depth(&tree), 1);
+        assert_eq!(ref_depth(&json!({"properties": {"a": {"$ref": "#"}}})), 1);
+        // Two branches: the longer counts; a dangling reference counts as one.
+        let forked = json!({"anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/missing"}],
+            "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/c"}, "c": {}}});
+        assert_eq!(ref_depth(&forked), 3);
+    }
 
     /// A tiny vocabulary: single characters, a few multi-byte pieces, and an end token.
     fn factory() -> Arc<ParserFactory> {
