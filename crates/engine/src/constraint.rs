@@ -537,10 +537,12 @@ pub(crate) struct TokenConstraint {
 impl TokenConstraint {
     /// Sets the logit of every token the grammar does not allow next to `-inf`.
     pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        // The library's error describes its parser state, which holds the generated text and
+        // the client's grammar: neither may reach an answer or a log, so it is not kept.
         let mask = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| format!("constraint failed: {e:#}"))?;
+            .map_err(|_| "the grammar could not compute the next allowed tokens".to_owned())?;
         let allowed = mask.len();
         for (id, logit) in logits.iter_mut().enumerate() {
             if id >= allowed || !mask.is_allowed(id as TokenId) {
@@ -552,9 +554,10 @@ impl TokenConstraint {
 
     /// Advances the grammar past the sampled `token`.
     pub(crate) fn commit(&mut self, token: u32) -> Result<(), String> {
+        // As in `mask`: the library's message holds request text, so it is not kept.
         self.matcher
             .consume_token(token)
-            .map_err(|e| format!("constraint failed: {e:#}"))
+            .map_err(|_| format!("the grammar refused token {token}"))
     }
 
     /// Whether the grammar is complete and allows nothing more than ending.
