@@ -38,7 +38,7 @@ pub(crate) struct ChunkMeta {
 
 /// The OpenAI finish reason of a choice: `tool_calls` when it ended by calling tools.
 pub(crate) fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
-    if calls > 0 && reason == FinishReason::Stop {
+    if calls > 0 && reason != FinishReason::Length {
         "tool_calls"
     } else {
         reason.as_str()
@@ -58,6 +58,8 @@ pub(crate) struct Generation {
     pub(crate) receiver: UnboundedReceiver<Tagged>,
     pub(crate) parsers: Vec<OutputParser>,
     pub(crate) echo: Option<Echo>,
+    /// Tokens in the prompt (Anthropic's stream gives them before any output).
+    pub(crate) prompt_tokens: usize,
 }
 
 /// The prompt's tokens and what the model's format says about its output.
@@ -165,7 +167,23 @@ pub(crate) async fn start_generation(
             .map(|_| OutputParser::new(encoded.parser.clone()))
             .collect(),
         echo,
+        prompt_tokens: prompt_tokens.len(),
     })
+}
+
+/// The number of tokens the request's prompt encodes to (tools included), as a generation
+/// would count it; nothing is generated or metered.
+pub(crate) async fn count_prompt_tokens(
+    backend: &Arc<dyn Backend>,
+    valid: ValidRequest,
+) -> Result<usize, ApiError> {
+    let worker = Arc::clone(backend);
+    tokio::task::spawn_blocking(move || {
+        encode(worker.as_ref(), valid.prompt, valid.tools.as_ref(), false)
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))?
+    .map(|encoded| encoded.tokens.len())
 }
 
 /// Starts every choice's sequence; the first refusal cancels those started (their receivers

@@ -6,6 +6,9 @@
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
 //! - `POST /v1/fim/completions` (Mistral's fill in the middle)
+//! - `POST /v1/messages` (Anthropic's Messages API: JSON or its server-sent events),
+//!   `POST /v1/messages/count_tokens`; errors there in Anthropic's shape, and `x-api-key`
+//!   taken as the key
 //! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model)
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //! - with a control plane: keys, limits, budgets, metering and residency on all of the above
@@ -20,9 +23,9 @@
 //! generation.
 //!
 //! Modules import in one direction, lowest first: `state` and `error`; the request shapes
-//! (`openai`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
+//! (`openai`, `anthropic`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
 //! under the control plane); `generation` (encode, start, fan-in); the responders (`whole`,
-//! `stream`); the handlers (`handlers`, `embeddings`, `tokenize`, `metrics`); the
+//! `stream`); the handlers (`handlers`, `messages`, `embeddings`, `tokenize`, `metrics`); the
 //! `middleware`; this file, which assembles the [`App`].
 //!
 //! ```no_run
@@ -38,12 +41,14 @@
 //! ```
 
 mod admission;
+mod anthropic;
 mod backend;
 mod embeddings;
 mod error;
 mod generation;
 mod handlers;
 mod logprobs;
+mod messages;
 mod metrics;
 mod middleware;
 mod openai;
@@ -121,6 +126,8 @@ impl App {
                 "/v1/fim/completions",
                 post(handlers::generate::<handlers::FimRequest>),
             )
+            .route("/v1/messages", post(messages::messages))
+            .route("/v1/messages/count_tokens", post(messages::count_tokens))
             .route("/v1/embeddings", post(embeddings::embeddings))
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))
@@ -131,17 +138,21 @@ impl App {
             .with_state(state);
         // The browser console: static assets, no credentials needed to load them.
         let app = app.merge(console::router());
+        let app = match &self.control {
+            None => app,
+            Some(control) => app.layer(axum::middleware::from_fn_with_state(
+                edge::gate(Arc::clone(control), Settlement::Committed),
+                middleware::authenticate,
+            )),
+        };
+        // Outermost, so that the authentication's refusals are re-shaped too.
+        let app = app.layer(axum::middleware::from_fn(middleware::anthropic_errors));
         match &self.control {
             None => app,
-            Some(control) => app
-                .layer(axum::middleware::from_fn_with_state(
-                    edge::gate(Arc::clone(control), Settlement::Committed),
-                    middleware::authenticate,
-                ))
-                .nest(
-                    "/admin/v1",
-                    edge::admin::router(Arc::clone(control), Router::new()),
-                ),
+            Some(control) => app.nest(
+                "/admin/v1",
+                edge::admin::router(Arc::clone(control), Router::new()),
+            ),
         }
     }
 

@@ -6,7 +6,11 @@
 //! generate then gets an [`Admission`] for its handler, which checks the model and the rate
 //! once the body is parsed, reserves once the prompt is counted, and meters the generation
 //! (`admission`). A request that ends without a meter (refused, invalid) is recorded as the
-//! key's use with no tokens. Listing models and tokenising are authenticated, not metered.
+//! key's use with no tokens. Listing models and tokenising (Anthropic's `count_tokens`
+//! included) are authenticated, not metered.
+//!
+//! [`anthropic_errors`], outermost, answers every error on `/v1/messages*` (this
+//! middleware's 401s and 403s included) in Anthropic's shape, with the same status.
 
 use std::time::Instant;
 
@@ -15,6 +19,7 @@ use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use control::{Checks, Gate};
+use edge::ErrorFacts;
 use edge::MAX_BODY_BYTES;
 
 use crate::admission::Admission;
@@ -27,7 +32,8 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    let tokenizer_only = path == "/tokenize" || path == "/detokenize";
+    let tokenizer_only =
+        path == "/tokenize" || path == "/detokenize" || path == "/v1/messages/count_tokens";
     if !(path.starts_with("/v1/") || path == "/v1" || tokenizer_only) {
         return next.run(req).await;
     }
@@ -70,4 +76,26 @@ pub(crate) async fn authenticate(
             .await;
     }
     response
+}
+
+/// Errors on Anthropic's routes (`/v1/messages`, `/v1/messages/count_tokens`) in Anthropic's
+/// shape: every `ApiError` response carries its [`ErrorFacts`], re-rendered here with the same
+/// status and headers (`Retry-After`).
+pub(crate) async fn anthropic_errors(req: Request, next: Next) -> Response {
+    let anthropic = req.uri().path().starts_with("/v1/messages");
+    let response = next.run(req).await;
+    if !anthropic {
+        return response;
+    }
+    let Some(facts) = response.extensions().get::<ErrorFacts>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    let body = axum::Json(facts.anthropic_body()).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let (body_parts, body) = body.into_parts();
+    if let Some(kind) = body_parts.headers.get(header::CONTENT_TYPE) {
+        parts.headers.insert(header::CONTENT_TYPE, kind.clone());
+    }
+    Response::from_parts(parts, body)
 }

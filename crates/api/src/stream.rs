@@ -441,6 +441,7 @@ mod tests {
             receiver: rx,
             parsers: (0..n).map(|_| OutputParser::new(spec.clone())).collect(),
             echo: None,
+            prompt_tokens: 3,
         }
     }
 

@@ -66,6 +66,7 @@ pub(crate) async fn whole_response(
         mut receiver,
         mut parsers,
         echo,
+        ..
     } = generation;
     let n = parsers.len();
     let mut choices: Vec<WholeChoice> = (0..n).map(|_| WholeChoice::default()).collect();
@@ -241,6 +242,7 @@ mod tests {
             receiver,
             parsers: vec![OutputParser::new(spec)],
             echo: None,
+            prompt_tokens: 3,
         };
         let response = whole_response(meta, generation).await.unwrap();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();

@@ -921,3 +921,47 @@ async fn audit_verify_reports_tampering_over_http() {
     assert_eq!(report["problems"], json!([{"kind": "edited", "seq": 2}]));
     assert_eq!(report["messages"], json!(["entry #2 was edited"]));
 }
+
+#[tokio::test]
+async fn anthropic_messages_take_x_api_key_and_are_metered_like_chats() {
+    let server = Server::sqlite(Mode::Echo);
+    let (key, _) = server
+        .tenant(json!([REGION]), Value::Null, default_key())
+        .await;
+    let message = |key: Option<&str>| {
+        let body = json!({"model": MODEL, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hello there"}]});
+        let mut builder =
+            Request::post("/v1/messages").header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            builder = builder.header("x-api-key", key);
+        }
+        builder.body(Body::from(body.to_string())).unwrap()
+    };
+    let (status, json) = json_of(send(server.app(), message(Some(&key))).await).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["type"], "message");
+    // Refusals come in Anthropic's shape too.
+    let (status, json) = json_of(send(server.app(), message(None)).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    assert_eq!(json["error"]["type"], "authentication_error", "{json}");
+    let (status, json) = json_of(send(server.app(), message(Some("sk-sov-wrong"))).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    assert_eq!(json["type"], "error", "{json}");
+    // Counting tokens is authenticated, not metered.
+    let count = Request::post("/v1/messages/count_tokens")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-api-key", &key)
+        .body(Body::from(
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+        ))
+        .unwrap();
+    let (status, json) = json_of(send(server.app(), count).await).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+
+    let usage = server.usage().await;
+    assert_eq!(usage.len(), 1, "{usage:#?}");
+    assert_eq!(usage[0].status, "ok");
+    assert_eq!((usage[0].prompt_tokens, usage[0].completion_tokens), (4, 4));
+    assert!(usage[0].id.starts_with("msg_"), "{:?}", usage[0].id);
+}

@@ -8,12 +8,12 @@ use std::path::Path;
 /// Lowest first. A module may use the modules of the layers before its own.
 const LAYERS: &[&[&str]] = &[
     &["error", "openai", "logprobs", "backend"],
-    &["state", "tools"],
+    &["state", "tools", "anthropic"],
     &["output", "validate"],
     &["admission"],
     &["generation"],
     &["whole", "stream"],
-    &["handlers", "embeddings", "tokenize", "metrics"],
+    &["handlers", "messages", "embeddings", "tokenize", "metrics"],
     &["middleware"],
 ];
 

@@ -287,10 +287,49 @@ struct ErrorObject<'a> {
     code: Option<&'static str>,
 }
 
+/// What an error response said, kept in the response's extensions so that a front speaking
+/// another API (Anthropic's) can answer the same error in that API's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFacts {
+    /// The status it is answered with.
+    pub status: StatusCode,
+    /// The message for the client.
+    pub message: String,
+}
+
+impl ErrorFacts {
+    /// The error in Anthropic's shape.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        anthropic_error_body(self.status, &self.message)
+    }
+}
+
+/// Anthropic's error object, `{"type": "error", "error": {"type", "message"}}`, with the type
+/// Anthropic gives the status (400 `invalid_request_error`, 401 `authentication_error`, 403
+/// `permission_error`, 404 `not_found_error`, 413 `request_too_large`, 429
+/// `rate_limit_error`, 503 and 529 `overloaded_error`, other server faults `api_error`).
+pub fn anthropic_error_body(status: StatusCode, message: &str) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        402 | 403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    };
+    serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
         let mut response = (self.status(), Json(self.body())).into_response();
+        response.extensions_mut().insert(ErrorFacts {
+            status: self.status(),
+            message: self.to_string(),
+        });
         if let Some(seconds) = self.retry_after_s() {
             response
                 .headers_mut()

@@ -4,8 +4,10 @@
 //! - [`ApiError`]: the one error type of the HTTP fronts, answered as OpenAI's error object,
 //!   with `From<ControlError>` mapping every control-plane refusal to its status, type, code
 //!   and `Retry-After`.
-//! - [`bearer`]: the key in `Authorization: Bearer ...`, or the [`Denial`] saying why there
-//!   is none.
+//! - [`bearer`]: the key in `Authorization: Bearer ...` (or, without that header,
+//!   Anthropic's `x-api-key`), or the [`Denial`] saying why there is none.
+//! - [`anthropic_error_body`] and [`ErrorFacts`]: an error in Anthropic's shape, for the
+//!   fronts that speak its Messages API.
 //! - [`gate`]: the control plane's admission flow ([`control::Gate`]) recording refusals with
 //!   the statuses [`ApiError`] answers them with.
 //! - [`MAX_BODY_BYTES`]: the largest request body any front reads.
@@ -34,7 +36,10 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 use control::{ControlPlane, Denial, Gate, Settlement};
 
-pub use crate::error::{ApiError, BoxError, Chain, ECHOED_NAME_CHARS, ErrorBody, Refusal};
+pub use crate::error::{
+    ApiError, BoxError, Chain, ECHOED_NAME_CHARS, ErrorBody, ErrorFacts, Refusal,
+    anthropic_error_body,
+};
 pub use crate::json::{Json, parse_json, read_json_body};
 pub use crate::wire::{JsonParseErrors, MAX_HEADER_BYTES, ParseErrorBodies, header_limit};
 
@@ -49,11 +54,12 @@ pub fn gate(control: Arc<ControlPlane>, settlement: Settlement) -> Gate {
     })
 }
 
-/// The key in `Authorization: Bearer <key>`, or why there is none.
+/// The key in `Authorization: Bearer <key>`, or why there is none. Without an
+/// `Authorization` header, the key in `x-api-key: <key>` (how Anthropic's SDKs send it).
 pub fn bearer(headers: &HeaderMap) -> Result<String, Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Err(Denial::MissingKey);
+        return api_key(headers);
     };
     if values.next().is_some() {
         return Err(Denial::MalformedKey {
@@ -76,6 +82,26 @@ pub fn bearer(headers: &HeaderMap) -> Result<String, Denial> {
         return Err(Denial::MissingKey);
     }
     Ok(key.to_owned())
+}
+
+/// The key in `x-api-key`, or why there is none.
+fn api_key(headers: &HeaderMap) -> Result<String, Denial> {
+    let mut values = headers.get_all("x-api-key").iter();
+    let Some(value) = values.next() else {
+        return Err(Denial::MissingKey);
+    };
+    if values.next().is_some() {
+        return Err(Denial::MalformedKey {
+            reason: "more than one x-api-key header".to_owned(),
+        });
+    }
+    let key = value.to_str().map_err(|_| Denial::MalformedKey {
+        reason: "the x-api-key header is not visible ASCII".to_owned(),
+    })?;
+    match key.trim() {
+        "" => Err(Denial::MissingKey),
+        key => Ok(key.to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +138,17 @@ mod tests {
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
         headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         assert!(matches!(bearer(&headers), Err(Denial::MalformedKey { .. })));
+    }
+
+    #[test]
+    fn x_api_key_is_the_key_without_authorization() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static(" sk-sov-z "));
+        assert_eq!(bearer(&headers).unwrap(), "sk-sov-z");
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        assert_eq!(bearer(&headers).unwrap(), "a");
+        headers.remove(header::AUTHORIZATION);
+        headers.insert("x-api-key", HeaderValue::from_static(""));
+        assert_eq!(bearer(&headers), Err(Denial::MissingKey));
     }
 }

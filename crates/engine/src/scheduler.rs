@@ -637,11 +637,11 @@ impl Scheduler {
                     return Outcome::Finished;
                 }
             }
-            StopOutcome::Stopped(text) => {
+            StopOutcome::Stopped(text, index) => {
                 if !text.is_empty() && !send(seq, Event::Text(text)) {
                     return Outcome::Finished;
                 }
-                return done(seq, FinishReason::Stop);
+                return done(seq, FinishReason::StopSequence(index));
             }
         }
         // A complete grammar allows only the end: finish now rather than spend a step on it.
@@ -653,11 +653,11 @@ impl Scheduler {
             let rest = seq.decoder.finish(&self.tokenizer);
             let rest = match seq.stops.push(&rest) {
                 StopOutcome::Continue(t) => t + &seq.stops.finish(),
-                StopOutcome::Stopped(t) => {
+                StopOutcome::Stopped(t, index) => {
                     if !t.is_empty() && !send(seq, Event::Text(t)) {
                         return Outcome::Finished;
                     }
-                    return done(seq, FinishReason::Stop);
+                    return done(seq, FinishReason::StopSequence(index));
                 }
             };
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {

@@ -3,7 +3,8 @@
 
 /// Holds generated text until it is safe to release.
 pub(crate) struct StopMatcher {
-    stops: Vec<String>,
+    /// The non-empty stop strings, each with its index in the request's list.
+    stops: Vec<(usize, String)>,
     pending: String,
 }
 
@@ -12,13 +13,18 @@ pub(crate) struct StopMatcher {
 pub(crate) enum StopOutcome {
     /// Send this (possibly empty) text and continue.
     Continue(String),
-    /// Send this text, then stop: a stop sequence matched right after it.
-    Stopped(String),
+    /// Send this text, then stop: the stop sequence of this index (in the request's list)
+    /// matched right after it.
+    Stopped(String, usize),
 }
 
 impl StopMatcher {
     pub(crate) fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let stops = stops
+            .into_iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
         Self {
             stops,
             pending: String::new(),
@@ -28,19 +34,20 @@ impl StopMatcher {
     /// Adds generated text; returns what may be sent now.
     pub(crate) fn push(&mut self, text: &str) -> StopOutcome {
         self.pending.push_str(text);
-        if let Some(at) = self
+        // The earliest match wins; at one position, the first stop in the request's list.
+        if let Some((at, index)) = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
+            .filter_map(|(index, s)| self.pending.find(s.as_str()).map(|at| (at, *index)))
             .min()
         {
             let out = self.pending[..at].to_owned();
             self.pending.clear();
-            return StopOutcome::Stopped(out);
+            return StopOutcome::Stopped(out, index);
         }
         // Keep the longest suffix of `pending` that is a proper prefix of some stop string.
         let mut keep = 0;
-        for s in &self.stops {
+        for (_, s) in &self.stops {
             for (i, _) in s.char_indices().skip(1) {
                 if i > keep && self.pending.ends_with(&s[..i]) {
                     keep = i;
@@ -69,7 +76,7 @@ mod tests {
         for p in pieces {
             match m.push(p) {
                 StopOutcome::Continue(t) => out += &t,
-                StopOutcome::Stopped(t) => return (out + &t, true),
+                StopOutcome::Stopped(t, _) => return (out + &t, true),
             }
         }
         (out + &m.finish(), false)
@@ -92,6 +99,13 @@ mod tests {
         assert_eq!(run(&["é!", "b"], &["aé", "!b"]), ("a".into(), true));
         assert_eq!(run(&["ü"], &["aéü"]), ("aé".into(), true));
         assert_eq!(run(&[], &["x", "y"]), ("xy".into(), false));
+    }
+
+    #[test]
+    fn the_matched_stop_is_named_by_its_index_in_the_request() {
+        let mut m = StopMatcher::new(vec!["".into(), "zz".into(), "END".into()]);
+        assert_eq!(m.push("ab EN"), StopOutcome::Continue("ab ".into()));
+        assert_eq!(m.push("D"), StopOutcome::Stopped(String::new(), 2));
     }
 
     #[test]

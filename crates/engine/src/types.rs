@@ -131,8 +131,10 @@ pub struct TokenLogprobs {
 /// Why a generation ended, named as OpenAI names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
-    /// End-of-generation token or a stop sequence.
+    /// End-of-generation token (or a complete grammar).
     Stop,
+    /// The request's stop sequence of this index (in `GenerateRequest::stop`) matched.
+    StopSequence(usize),
     /// `max_tokens` reached or the context is full.
     Length,
 }
@@ -141,7 +143,7 @@ impl FinishReason {
     /// The OpenAI wire name: `"stop"` or `"length"`.
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Stop => "stop",
+            FinishReason::Stop | FinishReason::StopSequence(_) => "stop",
             FinishReason::Length => "length",
         }
     }
