@@ -8,6 +8,8 @@ Usage (from the repository root):
     .venv-tf/bin/pip install torch transformers safetensors
     .venv-tf/bin/python scripts/golden/transformers_tiny.py crates/model/tests/golden/tiny
 
+(`--rope-only` after the directory writes only the llama-rope-* models.)
+
 For every model it writes a directory in the Hugging Face layout (config.json and
 model.safetensors, or shards with model.safetensors.index.json) and a `logits.json` with a
 header naming this script and the library versions. The directories:
@@ -33,6 +35,18 @@ header naming this script and the library versions. The directories:
                 1/sqrt(head_dim) whatever query_pre_attn_scalar was (except for 62-layer
                 files, Gemma 3 27B), so the GGUF's oracle is `logits_gguf_reading`: the same
                 weights run by transformers with query_pre_attn_scalar = head_dim.
+- llama-rope-linear, llama-rope-llama3, llama-rope-yarn: LlamaForCausalLM (untied) with
+                RoPE scaling, max_position_embeddings 64 and prompts of up to 48 tokens
+                (LONG_PROMPTS), longer than the original context: `linear` (factor 4),
+                `llama3` (factor 8, low/high frequency factors 1 / 4, original context 32,
+                rope_theta 100 so that the 4 pairs of a head fall in all three bands: kept,
+                blended, divided) and `yarn` (factor 4, original context 16, beta_fast 8,
+                beta_slow 0.5, rope_theta 100 so that the ramp blends pairs 0 and 1;
+                attention factor 0.1 ln 4 + 1 by default). Beside each, model.gguf: the same
+                weights as llama.cpp's converter writes a `llama` GGUF (F32; q/k rows
+                reordered for adjacent pairs), with `llama.rope.scaling.*` keys for linear
+                and yarn, and for llama3 the `rope_freqs.weight` tensor of divisors the
+                converter computes (no scaling keys).
 
 The logits of rounded weights are computed in float32 from the rounded weights, so the tests
 can store the same weights as BF16 / F16 safetensors and differ from them only by how the
@@ -82,6 +96,13 @@ PROMPTS = [
     [2, 100, 31, 8, 190],
 ]
 
+# Longer than the scaled models' original context (16 or 32).
+LONG_PROMPTS = [
+    [1] + [(i * 37 + 11) % 256 for i in range(47)],
+    [1] + [(i * 101 + 3) % 256 for i in range(39)],
+    [2] + [(i * 13 + 200) % 256 for i in range(19)],
+]
+
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -117,10 +138,10 @@ def randomise(model, seed=SEED):
     return model
 
 
-def logits_of(model, every_position=True):
+def logits_of(model, every_position=True, prompts=None):
     out = []
     with torch.no_grad():
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(prompts or PROMPTS):
             ids = torch.tensor([prompt])
             logits = model(input_ids=ids).logits[0].float()
             rows = logits if i == 0 and every_position else logits[-1:]
@@ -144,7 +165,8 @@ def router_margin(model):
     return worst
 
 
-def write_logits(path, model, notes, bf16=False, f16=False):
+def write_logits(path, model, notes, bf16=False, f16=False, prompts=None):
+    prompts = prompts or PROMPTS
     body = {
         "generator": "scripts/golden/transformers_tiny.py",
         "transformers": transformers.__version__,
@@ -153,9 +175,9 @@ def write_logits(path, model, notes, bf16=False, f16=False):
         "seed": getattr(model, "seed", SEED),
         "architecture": model.config.architectures[0],
         "notes": notes,
-        "prompts": PROMPTS,
+        "prompts": prompts,
         "logits_positions": "prompt 0: every position; the others: the last position",
-        "logits": logits_of(model),
+        "logits": logits_of(model, prompts=prompts),
     }
     # Weights rounded to bf16 / f16 (round to nearest even, as torch's .to() does), then run
     # in float32: the oracle for the same weights stored as BF16 / F16.
@@ -258,13 +280,9 @@ def to_consolidated(model, path):
         f.write("\n")
 
 
-def write_gemma3_gguf(model, path):
-    """The model as llama.cpp's converter writes a `gemma3` GGUF (F32)."""
-    import gguf  # noqa: E402 (only this model needs it)
-    import numpy as np  # noqa: E402
-
-    c = model.config
-    w = gguf.GGUFWriter(path, "gemma3")
+def gguf_writer(gguf, path, arch, c):
+    """A GGUF writer for `arch` with the shape keys every converted model carries."""
+    w = gguf.GGUFWriter(path, arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -273,6 +291,16 @@ def write_gemma3_gguf(model, path):
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
+    return w
+
+
+def write_gemma3_gguf(model, path):
+    """The model as llama.cpp's converter writes a `gemma3` GGUF (F32)."""
+    import gguf  # noqa: E402 (only this model needs it)
+    import numpy as np  # noqa: E402
+
+    c = model.config
+    w = gguf_writer(gguf, path, "gemma3", c)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
     w.add_sliding_window(c.sliding_window)
@@ -315,6 +343,127 @@ def write_gemma3_gguf(model, path):
     w.close()
 
 
+def llama3_rope_factors(c):
+    """The `rope_freqs` divisors llama.cpp's convert_hf_to_gguf.py computes for `llama3`."""
+    import math
+
+    p = c.rope_parameters
+    base, dim = p["rope_theta"], c.head_dim
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def write_llama_gguf(model, path):
+    """The model as llama.cpp's converter writes a `llama` GGUF (F32): q/k rows reordered
+    for adjacent pairs, RoPE scaling as `llama.rope.scaling.*` keys, or for `llama3` the
+    `rope_freqs.weight` tensor."""
+    import gguf  # noqa: E402
+    import numpy as np  # noqa: E402
+
+    c = model.config
+    p = c.rope_parameters
+    w = gguf_writer(gguf, path, "llama", c)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(p["rope_theta"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    kind = p["rope_type"]
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(p["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(p["factor"])
+        w.add_rope_scaling_orig_ctx_len(p["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(p["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(p["beta_slow"])
+
+    def add(name, t):
+        w.add_tensor(name, t.detach().float().numpy().astype(np.float32))
+
+    sd = model.state_dict()
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    if kind == "llama3":
+        add("rope_freqs.weight", llama3_rope_factors(c))
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for n in range(c.num_hidden_layers):
+        pre = f"model.layers.{n}."
+        for theirs, ours in names.items():
+            add(f"blk.{n}.{ours}.weight", sd[f"{pre}{theirs}.weight"])
+        q = hf_to_interleaved(sd[pre + "self_attn.q_proj.weight"], c.num_attention_heads, c.head_dim)
+        k = hf_to_interleaved(sd[pre + "self_attn.k_proj.weight"], c.num_key_value_heads, c.head_dim)
+        add(f"blk.{n}.attn_q.weight", q)
+        add(f"blk.{n}.attn_k.weight", k)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 100.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 100.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "beta_fast": 8.0,
+        "beta_slow": 0.5,
+    },
+}
+
+
+def write_rope_scaled(out):
+    for name, params in ROPE_SCALINGS.items():
+        torch.manual_seed(SEED)
+        common = {k: v for k, v in COMMON.items() if k != "rope_theta"}
+        common["max_position_embeddings"] = 64
+        cfg = LlamaConfig(**common, rope_parameters=dict(params), tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        model = randomise(LlamaForCausalLM(cfg).eval(), SEED)
+        model.seed = SEED
+        path = os.path.join(out, f"llama-rope-{name}")
+        save_hf(model, path)
+        write_logits(
+            path,
+            model,
+            f"RoPE scaling {params}; max_position_embeddings 64; prompts longer than the "
+            "original context",
+            prompts=LONG_PROMPTS,
+        )
+        write_llama_gguf(model, os.path.join(path, "model.gguf"))
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -328,6 +477,9 @@ def main():
     out = sys.argv[1]
     torch.set_num_threads(1)
     os.makedirs(out, exist_ok=True)
+    write_rope_scaled(out)
+    if "--rope-only" in sys.argv[2:]:
+        return
 
     llama = build(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
     path = os.path.join(out, "llama")

@@ -133,6 +133,7 @@ fn describe_layers(c: &model::LlamaConfig) {
             c.rope_freq_base, c.rope_style
         ),
     }
+    println!("rope scaling:   {}", describe_rope_scaling(&c.rope_scaling));
     let mut extras = vec![format!("{:?} MLP", c.activation)];
     if c.qk_norm {
         extras.push("QK-norm".into());
@@ -211,4 +212,32 @@ fn run_dir(path: &Path) -> Result<()> {
     println!("tokenizer:      {tok}");
     println!("runnable:       yes (weights)");
     Ok(())
+}
+
+/// The RoPE scaling and its parameters, as `inspect` prints them.
+fn describe_rope_scaling(s: &model::RopeScaling) -> String {
+    match s {
+        model::RopeScaling::Linear { factor } => format!("linear, factor {factor}"),
+        model::RopeScaling::FreqFactors(d) => {
+            let (lo, hi) = d.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            format!(
+                "llama3, frequency divisors per pair {lo} .. {hi} ({} of {} pairs scaled)",
+                d.iter().filter(|&&v| v != 1.0).count(),
+                d.len()
+            )
+        }
+        model::RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+        } => format!(
+            "yarn, factor {factor}, original context {original_context}, beta_fast {beta_fast}, \
+             beta_slow {beta_slow}, attention factor {attention_factor}"
+        ),
+        other => other.name().to_owned(),
+    }
 }

@@ -48,8 +48,8 @@ pub use formats::{
 };
 pub use matmul::{matmul, matmul_many};
 pub use ops::{
-    Rope, RopeStyle, add_assign, geglu_tanh, gelu, gelu_tanh, layer_norm, rms_norm, silu, softmax,
-    swiglu,
+    Rope, RopeScaling, RopeStyle, add_assign, geglu_tanh, gelu, gelu_tanh, layer_norm, rms_norm,
+    silu, softmax, swiglu,
 };
 pub use packed::{PackedMatrix, matmul_packed};
 pub use pool::ThreadPool;

@@ -33,21 +33,83 @@ pub enum RopeStyle {
     NeoX,
 }
 
-/// Rotary position embedding for one model's heads: the configuration (head width, how many
-/// leading dims rotate, the base frequency, the pairing) is fixed once, at load, and each call
-/// rotates the heads of one token at one position.
+/// How a model stretches RoPE past the context it was trained on. The parameters are the
+/// model's (Hugging Face `rope_scaling`, GGUF `{arch}.rope.scaling.*`); [`Rope::scaled`]
+/// turns them into per-pair angles once, at load.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Position interpolation: every angle divided by `factor` (ggml's `freq_scale = 1/factor`).
+    Linear {
+        /// How much longer than trained the context may be.
+        factor: f32,
+    },
+    /// Each pair's angle divided by its own factor: Llama 3.1's `llama3` scaling, which
+    /// llama.cpp's converter stores as the `rope_freqs.weight` tensor (one divisor per pair).
+    FreqFactors(Vec<f32>),
+    /// YaRN: pairs that turn fast (more than `beta_fast` turns over the original context)
+    /// keep their angle, pairs that turn slowly (fewer than `beta_slow`) are divided by
+    /// `factor`, and the ones between blend linearly; cos and sin are multiplied by
+    /// `attention_factor` (the paper's `0.1 ln(factor) + 1` unless the model says otherwise),
+    /// which scales attention logits by its square.
+    Yarn {
+        /// Context extension factor.
+        factor: f32,
+        /// Context length the model was trained on before the extension.
+        original_context: usize,
+        /// Turns above which a pair is left alone (32 in the paper).
+        beta_fast: f32,
+        /// Turns below which a pair is fully interpolated (1 in the paper).
+        beta_slow: f32,
+        /// Multiplier of cos and sin.
+        attention_factor: f32,
+    },
+}
+
+impl RopeScaling {
+    /// The scaling's name as configuration files spell it (`none`, `linear`, `llama3`,
+    /// `yarn`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RopeScaling::None => "none",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::FreqFactors(_) => "llama3",
+            RopeScaling::Yarn { .. } => "yarn",
+        }
+    }
+}
+
+/// What [`RopeScaling`] makes of each pair, precomputed: ggml's `rope_yarn` with frequency
+/// factors, `theta_extrap = theta / divisor`, `theta_interp = freq_scale * theta_extrap`,
+/// `theta = theta_interp (1 - mix) + theta_extrap mix`, cos and sin times `mscale`.
+#[derive(Clone, Debug, PartialEq)]
+struct Scaled {
+    freq_scale: f32,
+    mscale: f32,
+    /// Per pair: the frequency divisor and YaRN's extrapolation mix (0: interpolate fully).
+    pairs: Vec<(f32, f32)>,
+}
+
+/// Rotary position embedding for one layer's heads: the configuration (head width, how many
+/// leading dims rotate, the base frequency, the pairing, any context scaling) is fixed once,
+/// at load, and each call rotates the heads of one token at one position.
 ///
 /// Pair `i` of a head turns by `theta_i = pos * freq_base^(-2i/rope_dim)`; only the first
 /// `rope_dim` dims of each head rotate. As in ggml, `theta_i` is built by repeated
 /// multiplication by `freq_base^(-2/rope_dim)` in f32, and
-/// `(x0, x1) ← (x0 cos − x1 sin, x0 sin + x1 cos)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// `(x0, x1) ← (x0 cos − x1 sin, x0 sin + x1 cos)`. Scaling ([`Rope::scaled`]) changes
+/// `theta_i` and the magnitude of cos and sin as ggml's `rope_yarn` does.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     head_dim: usize,
     rope_dim: usize,
     /// `freq_base^(-2/rope_dim)`, the ratio between consecutive pairs' angles.
     theta_scale: f32,
     style: RopeStyle,
+    /// `None`: plain RoPE, the fast path.
+    scaled: Option<Scaled>,
 }
 
 impl Rope {
@@ -68,7 +130,95 @@ impl Rope {
             rope_dim,
             theta_scale: freq_base.powf(-2.0 / rope_dim as f32),
             style,
+            scaled: None,
         }
+    }
+
+    /// Like [`Rope::new`], with context scaling. [`RopeScaling::None`] gives exactly
+    /// `Rope::new`'s rotation.
+    ///
+    /// YaRN's blend follows ggml (`ggml_rope_yarn_corr_dims`, `rope_yarn_ramp`) and
+    /// transformers (`_compute_yarn_parameters`): pair `d` turns
+    /// `L / (2π freq_base^(2d/rope_dim))` times over the original context `L`, so the pairs
+    /// that turn `beta` times sit at `d(beta) = rope_dim ln(L / (2π beta)) / (2 ln freq_base)`;
+    /// `low = max(0, floor(d(beta_fast)))`, `high = min(rope_dim - 1, ceil(d(beta_slow)))`,
+    /// and pair `i` keeps `1 - clamp((i - low) / max(0.001, high - low), 0, 1)` of its
+    /// original angle.
+    ///
+    /// # Panics
+    ///
+    /// As [`Rope::new`], and if a scaling parameter is not finite and positive or
+    /// [`RopeScaling::FreqFactors`] does not hold `rope_dim / 2` of them (the model checks
+    /// its configuration when it loads).
+    pub fn scaled(
+        head_dim: usize,
+        rope_dim: usize,
+        freq_base: f32,
+        style: RopeStyle,
+        scaling: &RopeScaling,
+    ) -> Self {
+        let mut rope = Self::new(head_dim, rope_dim, freq_base, style);
+        let half = rope_dim / 2;
+        let positive = |what: &str, v: f32| {
+            assert!(
+                v.is_finite() && v > 0.0,
+                "rope: {what} {v} must be positive"
+            );
+        };
+        rope.scaled = match scaling {
+            RopeScaling::None => None,
+            &RopeScaling::Linear { factor } => {
+                positive("linear factor", factor);
+                Some(Scaled {
+                    freq_scale: 1.0 / factor,
+                    mscale: 1.0,
+                    pairs: vec![(1.0, 0.0); half],
+                })
+            }
+            RopeScaling::FreqFactors(divisors) => {
+                assert_eq!(divisors.len(), half, "rope: one frequency factor per pair");
+                for &d in divisors {
+                    positive("frequency factor", d);
+                }
+                Some(Scaled {
+                    freq_scale: 1.0,
+                    mscale: 1.0,
+                    pairs: divisors.iter().map(|&d| (d, 1.0)).collect(),
+                })
+            }
+            &RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+            } => {
+                positive("YaRN factor", factor);
+                positive("YaRN beta_fast", beta_fast);
+                positive("YaRN beta_slow", beta_slow);
+                positive("YaRN attention factor", attention_factor);
+                assert!(original_context > 0, "rope: YaRN original context is 0");
+                let corr_dim = |turns: f32| {
+                    rope_dim as f32
+                        * (original_context as f32 / (turns * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * freq_base.ln())
+                };
+                let low = corr_dim(beta_fast).floor().max(0.0);
+                let high = corr_dim(beta_slow).ceil().min(rope_dim as f32 - 1.0);
+                let pairs = (0..half)
+                    .map(|i| {
+                        let y = (i as f32 - low) / (high - low).max(0.001);
+                        (1.0, 1.0 - y.clamp(0.0, 1.0))
+                    })
+                    .collect();
+                Some(Scaled {
+                    freq_scale: 1.0 / factor,
+                    mscale: attention_factor,
+                    pairs,
+                })
+            }
+        };
+        rope
     }
 
     /// Rotates, in place, the heads laid out contiguously in `x` (any number of them) for
@@ -94,9 +244,26 @@ impl Rope {
         let half = self.rope_dim / 2;
         let mut theta = pos as f32;
         let mut cos_sin = Vec::with_capacity(half);
-        for _ in 0..half {
-            cos_sin.push((theta.cos(), theta.sin()));
-            theta *= self.theta_scale;
+        match &self.scaled {
+            None => {
+                for _ in 0..half {
+                    cos_sin.push((theta.cos(), theta.sin()));
+                    theta *= self.theta_scale;
+                }
+            }
+            Some(s) => {
+                for &(divisor, mix) in &s.pairs {
+                    let extrap = theta / divisor;
+                    let interp = s.freq_scale * extrap;
+                    let t = if mix == 0.0 {
+                        interp
+                    } else {
+                        interp * (1.0 - mix) + extrap * mix
+                    };
+                    cos_sin.push((t.cos() * s.mscale, t.sin() * s.mscale));
+                    theta *= self.theta_scale;
+                }
+            }
         }
         for head in x.chunks_exact_mut(self.head_dim) {
             for (i, &(c, s)) in cos_sin.iter().enumerate() {

@@ -3,7 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use souverain_kernels::{
-    Rope, RopeStyle, add_assign, axpy_f16, dot_f16, dot_f32, f16, f16_to_f32_slice,
+    Rope, RopeScaling, RopeStyle, add_assign, axpy_f16, dot_f16, dot_f32, f16, f16_to_f32_slice,
     f32_to_f16_slice, rms_norm, softmax, swiglu,
 };
 
@@ -83,6 +83,122 @@ fn rope_preserves_pair_norms_and_leaves_tail_dims() {
     Rope::new(head_dim, rope_dim, 10000.0, RopeStyle::Normal).apply(7, &mut a);
     Rope::new(head_dim, rope_dim, 10000.0, RopeStyle::NeoX).apply(7, &mut b);
     assert_ne!(a, b);
+}
+
+/// Rotates one NeoX head in f64 by the given per-pair angles, cos and sin times `mscale`.
+fn rotate_f64(x: &[f32], angles: &[f64], mscale: f64) -> Vec<f32> {
+    let half = angles.len();
+    let mut y = x.to_vec();
+    for (i, &t) in angles.iter().enumerate() {
+        let (x0, x1) = (f64::from(x[i]), f64::from(x[i + half]));
+        let (c, s) = (t.cos() * mscale, t.sin() * mscale);
+        y[i] = (x0 * c - x1 * s) as f32;
+        y[i + half] = (x0 * s + x1 * c) as f32;
+    }
+    y
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(u, v)| (u - v).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn rope_without_scaling_is_the_plain_rotation_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let x = rand_vec(&mut rng, 3 * 24);
+    for style in [RopeStyle::Normal, RopeStyle::NeoX] {
+        let plain = Rope::new(24, 16, 500_000.0, style);
+        let scaled = Rope::scaled(24, 16, 500_000.0, style, &RopeScaling::None);
+        assert_eq!(plain, scaled);
+        for pos in [0, 1, 17, 4095] {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            plain.apply(pos, &mut a);
+            scaled.apply(pos, &mut b);
+            assert_eq!(a, b, "{style:?} pos {pos}");
+        }
+    }
+}
+
+/// Each scaling against an f64 evaluation of its definition (transformers'
+/// `modeling_rope_utils.py`): the angles of pair `i` at position `p`, and the magnitude.
+#[test]
+fn rope_scalings_match_their_definitions() {
+    let (d, base) = (32usize, 10_000f64);
+    let half = d / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| base.powf(-2.0 * i as f64 / d as f64))
+        .collect();
+    let divisors: Vec<f32> = (0..half).map(|i| 1.0 + i as f32 * 0.5).collect();
+    // YaRN with factor 4 over an original context of 64: low = floor(d(32)) = 0 (clamped),
+    // high = ceil(d(1)) = 5, so pairs 0..5 blend and 5.. are fully interpolated.
+    let (factor, orig, beta_fast, beta_slow) = (4.0f64, 64usize, 32.0f64, 1.0f64);
+    let corr = |turns: f64| {
+        d as f64 * (orig as f64 / (turns * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+    };
+    let (low, high) = (
+        corr(beta_fast).floor().max(0.0),
+        corr(beta_slow).ceil().min(d as f64 - 1.0),
+    );
+    assert_eq!((low, high), (0.0, 5.0));
+    let yarn_freq: Vec<f64> = inv_freq
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            f / factor * (1.0 - keep) + f * keep
+        })
+        .collect();
+    let mscale = 0.1 * factor.ln() + 1.0;
+    let cases: Vec<(RopeScaling, Vec<f64>, f64)> = vec![
+        (
+            RopeScaling::Linear { factor: 4.0 },
+            inv_freq.iter().map(|f| f / 4.0).collect(),
+            1.0,
+        ),
+        (
+            RopeScaling::FreqFactors(divisors.clone()),
+            inv_freq
+                .iter()
+                .zip(&divisors)
+                .map(|(f, &q)| f / f64::from(q))
+                .collect(),
+            1.0,
+        ),
+        (
+            RopeScaling::Yarn {
+                factor: factor as f32,
+                original_context: orig,
+                beta_fast: beta_fast as f32,
+                beta_slow: beta_slow as f32,
+                attention_factor: mscale as f32,
+            },
+            yarn_freq,
+            mscale,
+        ),
+    ];
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = rand_vec(&mut rng, d);
+    for (scaling, freqs, m) in cases {
+        let rope = Rope::scaled(d, d, base as f32, RopeStyle::NeoX, &scaling);
+        for pos in [0usize, 1, 5, 63, 200] {
+            let mut ours = x.clone();
+            rope.apply(pos, &mut ours);
+            let angles: Vec<f64> = freqs.iter().map(|f| f * pos as f64).collect();
+            let want = rotate_f64(&x, &angles, m);
+            let diff = max_abs_diff(&ours, &want);
+            // Angles up to 200 rad in f32 (relative 6e-8 per step, 16 steps): ~2e-4 rad.
+            assert!(diff < 1e-3, "{} pos {pos}: {diff}", scaling.name());
+        }
+        // Scaling changes late positions, not position 0's identity (up to the magnitude).
+        let mut plain = x.clone();
+        Rope::new(d, d, base as f32, RopeStyle::NeoX).apply(40, &mut plain);
+        let mut scaled = x.clone();
+        rope.apply(40, &mut scaled);
+        assert!(max_abs_diff(&plain, &scaled) > 0.1, "{}", scaling.name());
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 use crate::ModelError;
 use gguf::{GgufFile, Metadata};
-use kernels::RopeStyle;
+use kernels::{Rope, RopeScaling, RopeStyle};
 
 /// The activation of the MLP's gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +55,12 @@ pub struct LlamaConfig {
     pub rope_dim: usize,
     /// RMSNorm epsilon (`attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
+    /// Context scaling of RoPE (linear, Llama 3.1's frequency factors, YaRN): GGUF's
+    /// `rope.scaling.*` keys and `rope_freqs.weight`, Hugging Face's `rope_scaling` /
+    /// `rope_parameters`. It applies to every layer except windowed layers that have a RoPE
+    /// base of their own (Gemma 3 scales only its global layers, as transformers and
+    /// llama.cpp do).
+    pub rope_scaling: RopeScaling,
     /// Which dimensions RoPE pairs: adjacent ones for GGUF and Mistral's own layout (their
     /// query/key rows are ordered for it), split halves for Hugging Face weights.
     pub rope_style: RopeStyle,
@@ -152,13 +158,8 @@ impl LlamaConfig {
                 "rope.dimension_count {rope_dim} must be even and in 2..={head_dim}"
             )));
         }
-        if let Some(kind) = md.opt_str(&key("rope.scaling.type"))?
-            && kind != "none"
-        {
-            return Err(ModelError::BadConfig(format!(
-                "RoPE scaling {kind:?} is not supported yet"
-            )));
-        }
+        let rope_scaling =
+            crate::rope_scaling::from_gguf(file, &architecture, context_length, rope_dim)?;
         let rope_freq_base = md.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let rms_eps = md
             .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
@@ -195,6 +196,7 @@ impl LlamaConfig {
             rope_freq_base,
             rope_dim,
             rms_eps,
+            rope_scaling,
             rope_style: RopeStyle::Normal,
             sliding_window,
             n_experts,
@@ -287,6 +289,7 @@ impl LlamaConfig {
                 self.rope_freq_base
             )));
         }
+        crate::rope_scaling::check(&self.rope_scaling, self.rope_dim)?;
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return Err(ModelError::BadConfig(format!(
                 "RMSNorm epsilon {} must be positive",
@@ -356,6 +359,24 @@ impl LlamaConfig {
                 _ => self.rope_freq_base,
             },
         }
+    }
+
+    /// Layer `layer`'s rotation: its RoPE base, and the model's scaling unless it is a
+    /// windowed layer with a base of its own. Built once per layer, at load.
+    pub fn layer_rope(&self, layer: usize) -> Rope {
+        let attention = self.layer_attention(layer);
+        let scaling = if attention.window.is_some() && self.rope_freq_base_swa.is_some() {
+            &RopeScaling::None
+        } else {
+            &self.rope_scaling
+        };
+        Rope::scaled(
+            self.head_dim,
+            self.rope_dim,
+            attention.rope_freq_base,
+            self.rope_style,
+            scaling,
+        )
     }
 
     /// Layers that attend to the whole sequence (the others hold only their window).

@@ -10,6 +10,14 @@ pub enum ModelError {
     UnsupportedArchitecture(String),
     /// A hyperparameter is missing, zero, or inconsistent with the others.
     BadConfig(String),
+    /// The model asks for a RoPE scaling this build does not implement.
+    UnsupportedRopeScaling {
+        /// The configuration key that names it (`llama.rope.scaling.type`,
+        /// `rope_parameters.rope_type`, ...).
+        key: String,
+        /// Its value.
+        value: String,
+    },
     /// A tensor the architecture needs is absent.
     MissingTensor(String),
     /// A tensor has a shape other than the hyperparameters imply.
@@ -78,6 +86,10 @@ impl fmt::Display for ModelError {
                 )
             }
             ModelError::BadConfig(m) => write!(f, "bad model hyperparameters: {m}"),
+            ModelError::UnsupportedRopeScaling { key, value } => write!(
+                f,
+                "{key} = {value:?}: unsupported RoPE scaling (supported: none, linear, llama3, yarn)"
+            ),
             ModelError::MissingTensor(n) => write!(f, "missing tensor {n:?}"),
             ModelError::BadShape {
                 name,

@@ -10,10 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use kernels::{RopeStyle, WeightType};
+use kernels::{RopeScaling, RopeStyle, WeightType};
 use serde_json::Value;
 
 use crate::config::{Activation, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN, gemma3_window_layers};
+use crate::rope_scaling::{YARN_BETA_FAST, YARN_BETA_SLOW, llama3_divisors, positive, yarn_mscale};
 use crate::safetensors::FileBytes;
 use crate::weights::{Storage, TensorRef, Tensors};
 use crate::{LlamaConfig, ModelError};
@@ -384,6 +385,121 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The RoPE scaling of a Hugging Face configuration, as transformers'
+/// `modeling_rope_utils.py` computes it from `params` (`rope_parameters`, or the older
+/// `rope_scaling`; `prefix` names it in errors): `default`, `linear` (`factor`), `llama3`
+/// (`factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`;
+/// turned into per-pair divisors here) and `yarn` (`factor`, or
+/// `max_position_embeddings / original_max_position_embeddings` without one;
+/// `beta_fast`/`beta_slow`, 32 / 1 when absent or 0; `attention_factor`, else
+/// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are given, else
+/// `mscale(factor, 1)`). `original_max_position_embeddings` defaults to the model's own
+/// (a top-level one wins, as for Phi-3).
+fn hf_rope_scaling(
+    top: &Fields<'_>,
+    params: &Fields<'_>,
+    prefix: &str,
+    base: f32,
+    rope_dim: usize,
+) -> Result<RopeScaling, ModelError> {
+    let (type_key, kind) = match (params.str("rope_type"), params.str("type")) {
+        (Some(t), _) => (format!("{prefix}.rope_type"), t),
+        (None, Some(t)) => (format!("{prefix}.type"), t),
+        (None, None) => return Ok(RopeScaling::None),
+    };
+    let key = |k: &str| format!("{prefix}.{k}");
+    let need = |k: &str| -> Result<f32, ModelError> {
+        let v = params
+            .f32(k)?
+            .ok_or_else(|| ModelError::BadConfig(format!("{} is missing", key(k))))?;
+        positive(&key(k), v)
+    };
+    let max_pos = top.need("max_position_embeddings")?;
+    let original = match (
+        top.usize("original_max_position_embeddings")?,
+        params.usize("original_max_position_embeddings")?,
+    ) {
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => max_pos,
+    };
+    if original == 0 {
+        return Err(ModelError::BadConfig(format!(
+            "{} is 0",
+            key("original_max_position_embeddings")
+        )));
+    }
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => {
+            let factor = need("factor")?;
+            if factor == 1.0 {
+                RopeScaling::None
+            } else {
+                RopeScaling::Linear { factor }
+            }
+        }
+        "llama3" => {
+            let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
+            if low == high {
+                return Err(ModelError::BadConfig(format!(
+                    "{} equals {}",
+                    key("low_freq_factor"),
+                    key("high_freq_factor")
+                )));
+            }
+            RopeScaling::FreqFactors(llama3_divisors(
+                base,
+                rope_dim,
+                need("factor")?,
+                low,
+                high,
+                original as f32,
+            ))
+        }
+        "yarn" => {
+            if params.get("truncate").and_then(Value::as_bool) == Some(false) {
+                return Err(ModelError::UnsupportedRopeScaling {
+                    key: key("truncate"),
+                    value: "false".into(),
+                });
+            }
+            let factor = match params.f32("factor")? {
+                Some(f) => positive(&key("factor"), f)?,
+                None => max_pos as f32 / original as f32,
+            };
+            let beta = |k: &str, default: f32| -> Result<f32, ModelError> {
+                match params.f32(k)? {
+                    None | Some(0.0) => Ok(default),
+                    Some(v) => positive(&key(k), v),
+                }
+            };
+            let attention_factor = match params.f32("attention_factor")? {
+                Some(a) => positive(&key("attention_factor"), a)?,
+                None => match (params.f32("mscale")?, params.f32("mscale_all_dim")?) {
+                    (Some(m), Some(all)) if m != 0.0 && all != 0.0 => positive(
+                        &key("mscale_all_dim"),
+                        yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                    )?,
+                    _ => yarn_mscale(factor, 1.0),
+                },
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_context: original,
+                beta_fast: beta("beta_fast", YARN_BETA_FAST)?,
+                beta_slow: beta("beta_slow", YARN_BETA_SLOW)?,
+                attention_factor,
+            }
+        }
+        other => {
+            return Err(ModelError::UnsupportedRopeScaling {
+                key: type_key,
+                value: other.to_owned(),
+            });
+        }
+    })
+}
+
 /// True when every tensor of the table is f32: such a model computes, and caches keys and
 /// values, in f32.
 fn all_f32(tensors: &Tensors) -> bool {
@@ -426,21 +542,6 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         Some(Some(t)) => t,
         _ => f.f32("rope_theta")?.unwrap_or(10_000.0),
     };
-    let scaling = rope
-        .as_ref()
-        .and_then(|r| r.str("rope_type"))
-        .or_else(|| {
-            f.get("rope_scaling")
-                .and_then(|s| Fields(s).str("rope_type"))
-        })
-        .or_else(|| f.get("rope_scaling").and_then(|s| Fields(s).str("type")));
-    if let Some(kind) = scaling
-        && kind != "default"
-    {
-        return Err(ModelError::BadConfig(format!(
-            "RoPE scaling {kind:?} is not supported yet"
-        )));
-    }
     let d_model = f.need("hidden_size")?;
     let n_heads = f.need("num_attention_heads")?;
     if n_heads == 0 || d_model % n_heads != 0 && f.usize("head_dim")?.is_none() {
@@ -449,6 +550,11 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         )));
     }
     let head_dim = f.usize("head_dim")?.unwrap_or(d_model / n_heads.max(1));
+    let rope_scaling = match (rope, f.get("rope_scaling")) {
+        (Some(r), _) => hf_rope_scaling(&f, &r, "rope_parameters", rope_theta, head_dim)?,
+        (None, Some(s)) => hf_rope_scaling(&f, &Fields(s), "rope_scaling", rope_theta, head_dim)?,
+        (None, None) => RopeScaling::None,
+    };
     let (n_experts, n_experts_used) = if arch == "MixtralForCausalLM" {
         (f.need("num_local_experts")?, f.need("num_experts_per_tok")?)
     } else {
@@ -467,6 +573,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         rope_freq_base: rope_theta,
         rope_dim: head_dim,
         rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_scaling,
         rope_style: RopeStyle::NeoX,
         sliding_window: if arch == "LlamaForCausalLM" {
             None
@@ -561,42 +668,39 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
     let sliding_window = f.need("sliding_window")?;
     // transformers 5: rope_parameters per layer type; earlier: rope_theta and
     // rope_local_base_freq (and rope_scaling, for the global layers).
-    let (global_base, local_base) = match f.get("rope_parameters") {
+    // Scaling applies to the global layers only (Gemma 3 4B and larger: linear, factor 8).
+    let (global_base, local_base, rope_scaling) = match f.get("rope_parameters") {
         Some(rp) if rp.get("full_attention").is_some() || rp.get("sliding_attention").is_some() => {
-            let base = |kind: &str, default: f32| -> Result<f32, ModelError> {
+            let params = |kind: &str, default: f32| -> Result<(f32, RopeScaling), ModelError> {
                 let Some(p) = rp.get(kind) else {
-                    return Ok(default);
+                    return Ok((default, RopeScaling::None));
                 };
                 let p = Fields(p);
-                if let Some(t) = p.str("rope_type")
-                    && t != "default"
-                {
-                    return Err(ModelError::BadConfig(format!(
-                        "rope_parameters.{kind}.rope_type {t:?} is not supported yet"
-                    )));
-                }
-                Ok(p.f32("rope_theta")?.unwrap_or(default))
+                let base = p.f32("rope_theta")?.unwrap_or(default);
+                let prefix = format!("rope_parameters.{kind}");
+                Ok((base, hf_rope_scaling(&f, &p, &prefix, base, head_dim)?))
             };
-            (
-                base("full_attention", 1_000_000.0)?,
-                base("sliding_attention", GEMMA3_LOCAL_ROPE_BASE)?,
-            )
+            let (global, scaling) = params("full_attention", 1_000_000.0)?;
+            let (local, local_scaling) = params("sliding_attention", GEMMA3_LOCAL_ROPE_BASE)?;
+            if local_scaling != RopeScaling::None {
+                return Err(ModelError::UnsupportedRopeScaling {
+                    key: "rope_parameters.sliding_attention.rope_type".into(),
+                    value: local_scaling.name().into(),
+                });
+            }
+            (global, local, scaling)
         }
         _ => {
-            if let Some(s) = f.get("rope_scaling") {
-                let s = Fields(s);
-                if let Some(t) = s.str("rope_type").or_else(|| s.str("type"))
-                    && t != "default"
-                {
-                    return Err(ModelError::BadConfig(format!(
-                        "rope_scaling {t:?} is not supported yet"
-                    )));
-                }
-            }
+            let global = f.f32("rope_theta")?.unwrap_or(1_000_000.0);
+            let scaling = match f.get("rope_scaling") {
+                Some(s) => hf_rope_scaling(&f, &Fields(s), "rope_scaling", global, head_dim)?,
+                None => RopeScaling::None,
+            };
             (
-                f.f32("rope_theta")?.unwrap_or(1_000_000.0),
+                global,
                 f.f32("rope_local_base_freq")?
                     .unwrap_or(GEMMA3_LOCAL_ROPE_BASE),
+                scaling,
             )
         }
     };
@@ -619,6 +723,7 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
         rope_freq_base: global_base,
         rope_dim: head_dim,
         rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_scaling,
         rope_style: RopeStyle::NeoX,
         sliding_window: (sliding_window > 0).then_some(sliding_window),
         n_experts: 0,
@@ -680,6 +785,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         },
         rope_freq_base: f.f32("rope_theta")?.unwrap_or(10_000.0),
         rope_dim: head_dim,
+        rope_scaling: RopeScaling::None,
         rms_eps: f.f32("norm_eps")?.unwrap_or(1e-5),
         rope_style: RopeStyle::Normal,
         sliding_window: f.usize("sliding_window")?.filter(|&w| w > 0),

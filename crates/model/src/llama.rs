@@ -199,12 +199,7 @@ impl LlamaModel {
                 } else {
                     None
                 },
-                rope: Rope::new(
-                    c.head_dim,
-                    c.rope_dim,
-                    attention.rope_freq_base,
-                    c.rope_style,
-                ),
+                rope: c.layer_rope(i),
                 window: attention.window,
             };
             block.pack(&t.storage)?;

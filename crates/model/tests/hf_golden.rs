@@ -15,14 +15,17 @@
 //!   even, as torch does) and compares with transformers' float32 logits of the rounded
 //!   weights, so only our rounding of activations differs (see `rounded_weights`).
 //! - Q8_0 GGUF: see `q8_0_gguf`.
+//! - RoPE scaling (`llama-rope-*`: linear, llama3, yarn): prompts of up to 48 tokens, past the
+//!   original context, within the same 1e-4 from safetensors, and within the F32 GGUF bound
+//!   (1e-2) from the GGUF files llama.cpp's converter would write; see `rope_scaling_*`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use souverain_model::{
-    KvPool, LlamaModel, LoadedModel, Logits, ModelFormat, RopeStyle, SeqChunk, ThreadPool,
-    TokenizerSource,
+    KvPool, LlamaModel, LoadedModel, Logits, ModelFormat, RopeScaling, RopeStyle, SeqChunk,
+    ThreadPool, TokenizerSource,
 };
 
 const F32_TOL: f32 = 1e-4;
@@ -131,8 +134,18 @@ fn check_f32(dir: &str, golden_of: &str) -> LoadedModel {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(d <= 1e-5, "{dir}: chunked prompt differs by {d}");
-    let mut pool_kv = KvPool::new(model.config(), 4, 16).expect("pool");
-    let tables: [Vec<u32>; 2] = [vec![7, 2, 9, 0], vec![3, 1, 15]];
+    // Blocks of 4 positions, scattered: the short prompts' fixed tables, or for longer ones
+    // every block of the pool handed out in reverse order.
+    let (b0, b1) = (p0.len().div_ceil(4), g.prompts[1].len().div_ceil(4));
+    let tables: [Vec<u32>; 2] = if b0 <= 4 && b1 <= 3 {
+        [vec![7, 2, 9, 0], vec![3, 1, 15]]
+    } else {
+        let n = (b0 + b1) as u32;
+        let all: Vec<u32> = (0..n).rev().collect();
+        [all[..b0].to_vec(), all[b0..].to_vec()]
+    };
+    let n_blocks = tables.iter().flatten().max().map_or(0, |&m| m as usize + 1);
+    let mut pool_kv = KvPool::new(model.config(), 4, n_blocks.max(16)).expect("pool");
     let chunks = [
         SeqChunk {
             tokens: p0,
@@ -682,4 +695,110 @@ fn f32_gguf() {
         assert!(d <= 1e-2, "{name} F32 GGUF: max |diff| {d} at {at}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+// ---- RoPE scaling ------------------------------------------------------------------------
+
+/// The GGUF file beside a llama-rope-* model (`model.gguf`, written by the golden script as
+/// llama.cpp's converter writes it) against transformers, within the F32 GGUF bound.
+fn check_rope_gguf(name: &str) -> LoadedModel {
+    let g = golden(name);
+    let m = open(&tiny(name).join("model.gguf"));
+    assert_eq!(m.model.config().architecture, "llama");
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &g.logits);
+    eprintln!("{name} GGUF vs transformers: max |diff| {d:e} at {at}");
+    assert!(d <= 1e-2, "{name} GGUF: max |diff| {d} at {at}");
+    m
+}
+
+/// The same weights with RoPE unscaled (`rope_type` default) are far from transformers'
+/// scaled logits: the scaling is exercised, not a no-op.
+fn unscaled_differs(name: &str) {
+    let g = golden(name);
+    let dir = temp_dir(&format!("{name}-unscaled"));
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(tiny(name).join(f), dir.join(f)).expect("copy");
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("config")).expect("json");
+    cfg["rope_parameters"]["rope_type"] = "default".into();
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write config");
+    let m = open(&dir);
+    assert_eq!(m.model.config().rope_scaling, RopeScaling::None);
+    // A type this build does not implement is refused, naming the key.
+    cfg["rope_parameters"]["rope_type"] = "dynamic".into();
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write config");
+    match LoadedModel::open(&dir, &mut |_, _| {}) {
+        Err(souverain_model::ModelError::UnsupportedRopeScaling { key, value }) => {
+            assert_eq!(
+                (key.as_str(), value.as_str()),
+                ("rope_parameters.rope_type", "dynamic")
+            );
+        }
+        Err(e) => panic!("{name}: {e}"),
+        Ok(_) => panic!("{name}: dynamic scaling accepted"),
+    }
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, _) = max_diff(&ours, &g.logits);
+    eprintln!("{name} unscaled vs transformers scaled: max |diff| {d:e}");
+    assert!(d > 0.05, "{name}: scaling changes nothing ({d})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Linear scaling (factor 4): every angle divided by 4.
+#[test]
+fn rope_scaling_linear_matches_transformers() {
+    let m = check_f32("llama-rope-linear", "llama-rope-linear");
+    let expected = RopeScaling::Linear { factor: 4.0 };
+    assert_eq!(m.model.config().rope_scaling, expected);
+    unscaled_differs("llama-rope-linear");
+    let g = check_rope_gguf("llama-rope-linear");
+    assert_eq!(g.model.config().rope_scaling, expected);
+}
+
+/// Llama 3.1's `llama3` scaling from `rope_parameters` (divisors computed at load) and from
+/// the GGUF `rope_freqs.weight` tensor the converter writes: the 4 pairs of a head fall in
+/// all three bands (kept, blended, divided by 8).
+#[test]
+fn rope_scaling_llama3_matches_transformers() {
+    let m = check_f32("llama-rope-llama3", "llama-rope-llama3");
+    let RopeScaling::FreqFactors(hf) = m.model.config().rope_scaling.clone() else {
+        panic!("llama3 scaling: {:?}", m.model.config().rope_scaling);
+    };
+    assert_eq!(hf.len(), 4);
+    assert_eq!((hf[0], hf[2], hf[3]), (1.0, 8.0, 8.0));
+    assert!(hf[1] > 1.0 && hf[1] < 8.0, "a blended pair: {hf:?}");
+    unscaled_differs("llama-rope-llama3");
+    let g = check_rope_gguf("llama-rope-llama3");
+    let RopeScaling::FreqFactors(file) = g.model.config().rope_scaling.clone() else {
+        panic!("rope_freqs: {:?}", g.model.config().rope_scaling);
+    };
+    for (a, b) in hf.iter().zip(&file) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a,
+            "divisors {hf:?} vs rope_freqs {file:?}"
+        );
+    }
+}
+
+/// YaRN (factor 4 over an original context of 16, beta_fast 8, beta_slow 0.5: pair 0 keeps
+/// its angle, pair 1 blends, pairs 2 and 3 are interpolated) with the default attention
+/// factor 0.1 ln 4 + 1 on cos and sin, from `rope_parameters` and from
+/// `llama.rope.scaling.*` keys.
+#[test]
+fn rope_scaling_yarn_matches_transformers() {
+    let m = check_f32("llama-rope-yarn", "llama-rope-yarn");
+    let expected = RopeScaling::Yarn {
+        factor: 4.0,
+        original_context: 16,
+        beta_fast: 8.0,
+        beta_slow: 0.5,
+        attention_factor: 0.1 * 4f32.ln() + 1.0,
+    };
+    assert_eq!(m.model.config().rope_scaling, expected);
+    unscaled_differs("llama-rope-yarn");
+    let g = check_rope_gguf("llama-rope-yarn");
+    assert_eq!(g.model.config().rope_scaling, expected);
 }
