@@ -11,7 +11,7 @@
 //!    from this process's budget lease when it covers them, else in the store.
 //! 4. [`Gate::settle`]: the request's real use, however it ended; committed before the
 //!    answer ends ([`Settlement::Committed`], `serve`) or queued for the group-committing
-//!    writer ([`Settlement::Queued`], the router).
+//!    writer, whose commit it awaits ([`Settlement::Queued`], the router).
 //!
 //! A request refused after its key is known is recorded as the key's use with no tokens
 //! ([`Gate::record_refusal`]). The gate knows nothing of HTTP: the front gives it the status
@@ -30,10 +30,16 @@ pub enum Settlement {
     /// Before [`Gate::settle`] returns: a response received is a response metered.
     Committed,
     /// Queued for the control plane's writer thread, which commits settlements in groups
-    /// ([`ControlPlane::settle_later`]); the in-memory part (rate bucket, lease) is done at
-    /// once.
+    /// ([`ControlPlane::settle_queued`]); the in-memory part (rate bucket, lease) is done at
+    /// once, and [`Gate::settle`] returns when the group is committed (at most
+    /// [`QUEUED_COMMIT_WAIT`]), or at once while the store is down: a response received is a
+    /// response metered, `kill -9` included, yet many share one transaction.
     Queued,
 }
+
+/// How long [`Gate::settle`] waits for a queued settlement's commit before the answer goes
+/// on without it (the settlement stays queued).
+pub const QUEUED_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Which in-memory checks [`Gate::check`] makes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -148,8 +154,13 @@ impl Gate {
     ) {
         match self.settlement {
             Settlement::Queued => {
-                self.control
-                    .settle_later(ctx, reservation.as_ref(), outcome);
+                if !self
+                    .control
+                    .settle_queued(ctx, reservation.as_ref(), outcome, QUEUED_COMMIT_WAIT)
+                    .await
+                {
+                    tracing::warn!("usage not recorded yet");
+                }
             }
             Settlement::Committed => {
                 let ctx = Arc::clone(ctx);

@@ -15,7 +15,10 @@
 //! - **Group commit.** Settlements (budget, usage record, audit entry) go to one writer
 //!   thread, which commits whatever has queued up in one transaction. The chain of the audit
 //!   log is sealed in queue order. A store outage delays the records (the writer retries),
-//!   it does not lose them, unless the process dies meanwhile.
+//!   it does not lose them, unless the process dies meanwhile. A front that must not answer
+//!   before its record is in the store (the router) waits for its group's commit
+//!   ([`Writer::committed`]): the transaction is still shared, and while the store is down
+//!   nobody waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
@@ -181,8 +184,18 @@ struct Progress {
     done: u64,
 }
 
+/// What the writer thread has done, for those waiting on it without a thread of their own:
+/// settlements committed (or dropped) in queue order, and whether its last commit failed
+/// because the store is down.
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    done: u64,
+    store_down: bool,
+}
+
 /// The writer thread's end of things: started on first use.
 pub(crate) struct Writer {
+    written: Arc<tokio::sync::watch::Sender<Written>>,
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
     /// Tells the thread when a lease has been idle long enough to go back.
@@ -206,6 +219,7 @@ impl Writer {
         max_waiting: usize,
     ) -> Self {
         Writer {
+            written: Arc::new(tokio::sync::watch::Sender::new(Written::default())),
             store,
             leases,
             clock,
@@ -223,13 +237,20 @@ impl Writer {
 
     /// Queues a settlement; false (and nothing queued) when too many already wait.
     pub(crate) fn push(&self, pending: Pending) -> bool {
-        {
+        self.push_numbered(pending).is_some()
+    }
+
+    /// Queues a settlement and returns its place in the queue (for [`Writer::committed`]);
+    /// `None` (and nothing queued) when too many already wait.
+    pub(crate) fn push_numbered(&self, pending: Pending) -> Option<u64> {
+        let number = {
             let mut p = lock(&self.progress.0);
             if p.queued - p.done >= self.max_waiting as u64 {
-                return false;
+                return None;
             }
             p.queued += 1;
-        }
+            p.queued
+        };
         let mut sender = lock(&self.sender);
         let tx = sender.get_or_insert_with(|| self.start());
         if let Err(mpsc::SendError(pending)) = tx.send(pending) {
@@ -241,10 +262,22 @@ impl Writer {
             if !sent {
                 let mut p = lock(&self.progress.0);
                 p.queued -= 1;
-                return false;
+                return None;
             }
         }
-        true
+        Some(number)
+    }
+
+    /// Waits until the settlement queued as `number` is committed: true then; false at once
+    /// when the store is (or goes) down, or when `timeout` passes first (the settlement stays
+    /// queued either way).
+    pub(crate) async fn committed(&self, number: u64, timeout: Duration) -> bool {
+        let mut rx = self.written.subscribe();
+        let wait = rx.wait_for(|w| w.done >= number || w.store_down);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(w)) => w.done >= number,
+            _ => false,
+        }
     }
 
     fn start(&self) -> mpsc::Sender<Pending> {
@@ -253,9 +286,10 @@ impl Writer {
         let leases = Arc::clone(&self.leases);
         let clock = Arc::clone(&self.clock);
         let progress = Arc::clone(&self.progress);
+        let written = Arc::clone(&self.written);
         let spawned = std::thread::Builder::new()
             .name("control-writer".to_owned())
-            .spawn(move || write_loop(&*store, &leases, &*clock, &rx, &progress));
+            .spawn(move || write_loop(&*store, &leases, &*clock, &rx, (&progress, &written)));
         if let Err(err) = spawned {
             tracing::error!(error = %err, "could not start the control plane's writer thread");
         }
@@ -291,7 +325,10 @@ fn write_loop(
     leases: &Leases,
     clock: &dyn Clock,
     rx: &mpsc::Receiver<Pending>,
-    progress: &(Mutex<Progress>, Condvar),
+    (progress, written): (
+        &(Mutex<Progress>, Condvar),
+        &tokio::sync::watch::Sender<Written>,
+    ),
 ) {
     let mut backoff = Duration::from_millis(50);
     // A group the store could not take yet, and how many queued settlements it holds.
@@ -333,16 +370,28 @@ fn write_loop(
             if let Err(err) = commit_group(store, &mut batch) {
                 // The store is down: keep what is left and try again, later each time.
                 tracing::warn!(error = %err, waiting = batch.len(), "settlements wait for the store");
+                written.send_modify(|w| w.store_down = true);
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
             backoff = Duration::from_millis(50);
+            if written.borrow().store_down {
+                written.send_modify(|w| w.store_down = false);
+            }
         }
         if n > 0 {
             let (m, cv) = progress;
-            lock(m).done += n;
+            let done = {
+                let mut p = lock(m);
+                p.done += n;
+                p.done
+            };
             cv.notify_all();
+            written.send_replace(Written {
+                done,
+                store_down: false,
+            });
             n = 0;
         }
         if closed {

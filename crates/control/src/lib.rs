@@ -38,7 +38,7 @@ pub mod time;
 mod types;
 pub mod usage;
 
-pub use crate::admission::{Checks, Gate, Settlement, rejected_outcome};
+pub use crate::admission::{Checks, Gate, QUEUED_COMMIT_WAIT, Settlement, rejected_outcome};
 pub use crate::audit::{AuditDraft, AuditEntry, AuditHead, Tamper, VerifyReport};
 pub use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
 pub use crate::plane::{

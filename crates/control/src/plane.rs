@@ -1094,6 +1094,29 @@ impl ControlPlane {
         }
     }
 
+    /// [`ControlPlane::settle_later`], then waits (at most `timeout`) for the transaction
+    /// that commits it, so that an answer that ends after this is metered even if the process
+    /// is killed next. True when it is in the store; false when the store is down or slow
+    /// (the settlement stays queued and is retried; nobody waits on a store known down).
+    pub async fn settle_queued(
+        &self,
+        ctx: &KeyContext,
+        reservation: Option<&Reservation>,
+        outcome: Outcome,
+        timeout: Duration,
+    ) -> bool {
+        let (mutations, draft) = self.settlement(ctx, reservation, outcome);
+        match self.writer.push_numbered((mutations, Some(draft))) {
+            Some(number) => self.writer.committed(number, timeout).await,
+            None => {
+                tracing::error!(
+                    "the store has been down too long: a usage or audit record was dropped"
+                );
+                false
+            }
+        }
+    }
+
     /// Waits until the settlements queued by [`ControlPlane::settle_later`] before this call
     /// are in the store, at most `timeout`; true when they are.
     pub fn flush_writes(&self, timeout: Duration) -> bool {
