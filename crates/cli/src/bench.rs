@@ -5,14 +5,22 @@
 //! both after one untimed warm-up pass of each kind; the report gives the median, the mean, the
 //! standard deviation and the range of tokens per second over the repetitions. Weights are
 //! paged in (and the warm-up run) before any timing starts.
+//!
+//! `--profile OUT.json` measures instead what the planner's CPU step model needs
+//! (`plan::cpu`): batched forward passes through the engine's paged path
+//! (`LlamaModel::forward_batch`, the one the scheduler runs) with 1 to 64 sequences decoding
+//! one token each at two context lengths, single prompt chunks of 16 to 512 tokens, and
+//! steps mixing both, each the median of the repetitions after one untimed run; then it
+//! fits the step-time coefficients and writes the profile with `serve`'s scheduler defaults.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use model::{LlamaModel, Logits, ThreadPool, gguf::GgufFile};
+use model::{KvPool, LlamaModel, Logits, SeqChunk, ThreadPool, gguf::GgufFile};
+use plan::cpu::{CpuMachine, CpuModel, CpuPoint, CpuProfile, PROFILE_FORMAT, ServeDefaults};
 
 /// Flags of `souverain bench`.
 #[derive(Args, Debug)]
@@ -38,6 +46,10 @@ pub(crate) struct BenchArgs {
     /// Seed of the random token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Measure the planner's CPU profile (batched decode steps, prompt chunks, mixed steps)
+    /// and write it here as JSON, instead of the pp and tg tests.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 /// Tokens per second over the repetitions of one test.
@@ -129,7 +141,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
-    if args.n_prompt == 0 && args.n_gen == 0 {
+    if args.n_prompt == 0 && args.n_gen == 0 && args.profile.is_none() {
         bail!("nothing to measure: both -p and -n are 0");
     }
     let file = Arc::new(
@@ -143,6 +155,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         args.threads
     };
     let pool = ThreadPool::new(threads);
+    if let Some(out) = &args.profile {
+        return profile(args, &model, &pool, out);
+    }
     let vocab = model.config().vocab_size;
     let capacity = args.n_prompt.max(args.n_gen).max(1);
     if capacity > model.config().context_length {
@@ -254,6 +269,161 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         row(format!("tg{}", args.n_gen), &tg);
     }
     Ok(())
+}
+
+/// Decoding sequences, their context, and the prompt chunk of one measured step.
+const PROFILE_STEPS: &[(usize, usize, usize)] = &[
+    (1, 128, 0),
+    (2, 128, 0),
+    (4, 128, 0),
+    (8, 128, 0),
+    (16, 128, 0),
+    (32, 128, 0),
+    (64, 128, 0),
+    (1, 768, 0),
+    (4, 768, 0),
+    (16, 768, 0),
+    (0, 0, 16),
+    (0, 0, 64),
+    (0, 0, 128),
+    (0, 0, 256),
+    (0, 0, 512),
+    (16, 128, 128),
+    (4, 128, 384),
+];
+
+/// `souverain bench --profile`: measures [`PROFILE_STEPS`] and writes the planner's profile.
+fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) -> Result<()> {
+    let c = model.config();
+    let defaults = engine::EngineConfig::default();
+    // As `serve` sizes it: two contexts' worth of cache when several sequences run.
+    let kv_cache_tokens = 2 * c.context_length;
+    let block_tokens = engine::KV_BLOCK_TOKENS;
+    let mut kv = KvPool::new(c, block_tokens, kv_cache_tokens.div_ceil(block_tokens))
+        .context("allocating the KV cache")?;
+    let mut rng = SplitMix(args.seed);
+    let mut points = Vec::new();
+    for &(decode, context, prompt) in PROFILE_STEPS {
+        // Every sequence gets blocks of its own, as in the engine (attention reads memory
+        // that is not shared, so the cache hierarchy sees what it sees when serving).
+        let blocks = |positions: usize| positions.div_ceil(block_tokens);
+        let needed = decode * blocks(context + 1) + blocks(prompt);
+        if needed > kv.n_blocks() || context + 1 > c.context_length {
+            bail!(
+                "the step ({decode} sequences at {context} positions + {prompt} prompt tokens) \
+                 does not fit the model's KV cache of {kv_cache_tokens} tokens"
+            );
+        }
+        let mut next = 0u32;
+        let mut table = |n: usize| -> Vec<u32> {
+            let t: Vec<u32> = (next..next + n as u32).collect();
+            next += n as u32;
+            t
+        };
+        let decode_tables: Vec<Vec<u32>> =
+            (0..decode).map(|_| table(blocks(context + 1))).collect();
+        let prompt_table = table(blocks(prompt));
+        let decode_tokens = rng.tokens(decode, c.vocab_size);
+        let prompt_tokens = rng.tokens(prompt, c.vocab_size);
+        let mut chunks: Vec<SeqChunk<'_>> = decode_tables
+            .iter()
+            .zip(&decode_tokens)
+            .map(|(t, tok)| SeqChunk {
+                tokens: std::slice::from_ref(tok),
+                start_pos: context,
+                block_table: t,
+                logits: Logits::Last,
+                window_table: &[],
+            })
+            .collect();
+        if prompt > 0 {
+            chunks.push(SeqChunk {
+                tokens: &prompt_tokens,
+                start_pos: 0,
+                block_table: &prompt_table,
+                logits: Logits::Last,
+                window_table: &[],
+            });
+        }
+        let mut samples = Vec::with_capacity(args.reps);
+        for rep in 0..=args.reps {
+            let t0 = Instant::now();
+            let logits = model.forward_batch(pool, &mut kv, &chunks)?;
+            let secs = t0.elapsed().as_secs_f64();
+            std::hint::black_box(logits);
+            if rep > 0 {
+                samples.push(secs);
+            }
+        }
+        let seconds = Stats { samples }.median();
+        eprintln!(
+            "decode {decode:>2} @ {context:>3} + prompt {prompt:>3}: {:8.2} ms",
+            seconds * 1e3
+        );
+        points.push(CpuPoint {
+            decode_seqs: decode,
+            prefill_tokens: prompt,
+            context,
+            seconds,
+        });
+    }
+    let fit = plan::cpu::fit(&points);
+    let profile = CpuProfile {
+        format: PROFILE_FORMAT,
+        machine: CpuMachine {
+            cpu: cpu_name(),
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            simd: model::kernels_simd_level().to_string(),
+        },
+        threads: pool.n_threads(),
+        model: CpuModel {
+            file: args
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            layers: c.n_layers,
+            width: c.d_model,
+            vocab: c.vocab_size,
+            context_length: c.context_length,
+        },
+        serve_defaults: ServeDefaults {
+            max_batch_tokens: defaults.max_batch_tokens,
+            max_seqs: defaults.max_seqs,
+            kv_cache_tokens,
+            kv_block_tokens: block_tokens,
+        },
+        fit_median_relative_error: fit.median_relative_error(&points),
+        points,
+        fit,
+    };
+    let text = serde_json::to_string_pretty(&profile)?;
+    std::fs::write(out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "profile: {} ({} threads): step = {:.3} ms + {:.3} ms/decode seq + {:.3} ms/prompt token + {:.4} ms/decode seq/1k context (median error {:.1}%), written to {}",
+        profile.model.file,
+        profile.threads,
+        fit.fixed_s * 1e3,
+        fit.per_decode_seq_s * 1e3,
+        fit.per_prompt_token_s * 1e3,
+        fit.per_decode_seq_per_1k_context_s * 1e3,
+        profile.fit_median_relative_error * 100.0,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The processor's name from `/proc/cpuinfo`, or the architecture where there is none.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 #[cfg(test)]

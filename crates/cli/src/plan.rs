@@ -1,9 +1,11 @@
 //! `souverain plan`: sizes a site (GPUs, racks, megawatts) for a demand within its latency
 //! promises, from a site file; prints a summary, writes JSON for machines and an HTML report
 //! with plots for people. `--validate` prints the leave-one-model-out table against
-//! ML.ENERGY's measurements instead.
+//! ML.ENERGY's measurements instead. `--cpu-profile P.json --predict-serve-load 1,4,16,64`
+//! predicts `scripts/bench/serve-load` on our CPU engine from a profile measured by
+//! `souverain bench --profile`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -27,10 +29,78 @@ pub(crate) struct PlanArgs {
     /// Print the leave-one-model-out validation against ML.ENERGY's v3 measurements.
     #[arg(long)]
     validate: bool,
+    /// A CPU profile of our engine on this machine, from `souverain bench --profile`.
+    #[arg(long, requires = "predict_serve_load")]
+    cpu_profile: Option<PathBuf>,
+    /// Predict `scripts/bench/serve-load` at these concurrencies (streams started together,
+    /// `serve --max-seqs` equal to their number) from `--cpu-profile`.
+    #[arg(long, value_delimiter = ',', requires = "cpu_profile")]
+    predict_serve_load: Vec<usize>,
+    /// Prompt tokens the engine computes per request (what the prefix cache does not hold;
+    /// serve-load's chat prompts are 43 to 48 tokens with SmolLM2's template).
+    #[arg(long, default_value_t = 46)]
+    prompt_tokens: usize,
+    /// Tokens generated per request (serve-load's --max-tokens).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+}
+
+/// `--predict-serve-load`: the simulated scheduler with the profile's step times.
+fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
+    let profile = plan::cpu::CpuProfile::load(path)?;
+    let f = profile.fit;
+    println!(
+        "CPU profile {} ({}, {} threads, {}): step = {:.3} ms + {:.3} ms/decode seq + {:.3} ms/prompt token + {:.4} ms/decode seq/1k context (median error {:.1}% over {} steps)",
+        path.display(),
+        profile.model.file,
+        profile.threads,
+        profile.machine.cpu,
+        f.fixed_s * 1e3,
+        f.per_decode_seq_s * 1e3,
+        f.per_prompt_token_s * 1e3,
+        f.per_decode_seq_per_1k_context_s * 1e3,
+        profile.fit_median_relative_error * 100.0,
+        profile.points.len()
+    );
+    println!(
+        "serve-load: {} prompt tokens computed, {} generated per request, max batch tokens {}\n",
+        args.prompt_tokens, args.max_tokens, profile.serve_defaults.max_batch_tokens
+    );
+    println!("| streams | tokens/s | TTFT p50 ms | ITL p50 ms | steps | mean decode batch |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for &streams in &args.predict_serve_load {
+        if streams == 0 {
+            bail!("--predict-serve-load: a concurrency must be at least 1");
+        }
+        let load = plan::cpu::ServeLoad {
+            streams,
+            prompt_tokens: args.prompt_tokens,
+            max_tokens: args.max_tokens,
+        };
+        let r = plan::cpu::predict_serve_load(&profile, load);
+        println!(
+            "| {streams} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
+            r.tokens_per_s,
+            r.ttft_s[0] * 1e3,
+            r.itl_s[0] * 1e3,
+            r.steps,
+            r.mean_batch
+        );
+        rows.push(serde_json::json!({ "load": load, "predicted": r }));
+    }
+    if let Some(out) = &args.json {
+        let text = serde_json::to_string_pretty(&rows)?;
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
 }
 
 /// Runs `souverain plan`.
 pub(crate) fn run(args: &PlanArgs) -> Result<()> {
+    if let Some(path) = &args.cpu_profile {
+        return predict(args, path);
+    }
     if args.validate {
         let data = plan::mlenergy::dataset();
         let v = data.leave_one_model_out();

@@ -62,8 +62,8 @@ pub use types::{
 use scheduler::{Job, Limits, Scheduler};
 use text::TextTokenizer;
 
-/// Positions per KV block.
-const KV_BLOCK_TOKENS: usize = 16;
+/// Positions per KV block (the prefix cache shares whole blocks).
+pub const KV_BLOCK_TOKENS: usize = 16;
 
 /// How the engine is set up.
 #[derive(Clone, Debug)]

@@ -5,6 +5,8 @@
 //! step-time and power model fitted to ML.ENERGY's measurements ([`perf`], [`mlenergy`]), a
 //! discrete-event simulation of our scheduler's continuous batching ([`sim`]), the search
 //! for replica shapes under SLOs and a power envelope ([`search`]), and reports ([`report`]).
+//! Our own CPU engine is described by a profile measured with `souverain bench --profile`
+//! ([`cpu`]), whose step times drive the same simulation.
 //! A site file ([`site`]) says what is on offer and what is asked.
 //!
 //! ```
@@ -15,6 +17,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cpu;
 pub mod device;
 mod error;
 pub mod mlenergy;
