@@ -62,6 +62,7 @@ impl Backend for Instant1 {
                 prompt_tokens: req.prompt_tokens.len(),
                 completion_tokens: 1,
                 reasoning_tokens: 0,
+                energy: None,
             },
         });
         Ok(rx)

@@ -182,7 +182,8 @@ impl Meter {
                 let err = engine_error(err);
                 let status = err.status();
                 tokio::spawn(async move {
-                    self.settle(0, 0, 0, None, "failed", status, None).await;
+                    self.settle(0, 0, 0, None, "failed", status, None, None)
+                        .await;
                 });
                 return Err(err);
             }
@@ -223,11 +224,7 @@ impl Meter {
                         }
                     }
                     Some((index, Event::Done { finish_reason, usage })) => {
-                        if done == 0 {
-                            total.prompt_tokens = usage.prompt_tokens;
-                        }
-                        total.completion_tokens += usage.completion_tokens;
-                        total.reasoning_tokens += usage.reasoning_tokens;
+                        total.add_choice(&usage);
                         done += 1;
                         let event = (index, Event::Done { finish_reason, usage });
                         if done == n {
@@ -254,18 +251,32 @@ impl Meter {
                     total.completion_tokens as u64,
                     total.reasoning_tokens as u64,
                 );
-                self.settle(p, c, r, ttft_us, "ok", StatusCode::OK, output)
+                let energy = total.energy.map(|e| control::EnergyUse {
+                    microjoules: e.microjoules,
+                    source: match e.kind {
+                        engine::EnergyKind::Measured => control::EnergySource::Measured,
+                        engine::EnergyKind::Modelled => control::EnergySource::Modelled,
+                    },
+                });
+                self.settle(p, c, r, ttft_us, "ok", StatusCode::OK, output, energy)
                     .await;
                 let _ = tx.send(last);
             }
-            Ending::Failed(failed) => {
-                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
-                    .await;
-                let _ = tx.send(failed);
-            }
-            Ending::Vanished => {
-                self.settle(prompt_tokens, pieces, 0, ttft_us, "failed", error, output)
-                    .await;
+            ending @ (Ending::Failed(_) | Ending::Vanished) => {
+                self.settle(
+                    prompt_tokens,
+                    pieces,
+                    0,
+                    ttft_us,
+                    "failed",
+                    error,
+                    output,
+                    None,
+                )
+                .await;
+                if let Ending::Failed(failed) = ending {
+                    let _ = tx.send(failed);
+                }
             }
             Ending::Cancelled => {
                 // Without a `Done`, the text pieces sent stand for the tokens generated.
@@ -278,6 +289,7 @@ impl Meter {
                     "cancelled",
                     client_closed,
                     output,
+                    None,
                 )
                 .await;
             }
@@ -294,6 +306,7 @@ impl Meter {
         status: &str,
         http_status: StatusCode,
         output: Option<String>,
+        energy: Option<control::EnergyUse>,
     ) {
         let inner = &self.admission.0;
         let content = match (inner.prompt.get(), output) {
@@ -311,6 +324,7 @@ impl Meter {
             status: status.to_owned(),
             http_status: http_status.as_u16(),
             content,
+            energy,
         };
         inner
             .gate

@@ -301,6 +301,7 @@ pub(crate) mod test_events {
             prompt_tokens: 3,
             completion_tokens: pieces.len(),
             reasoning_tokens: 0,
+            energy: None,
         };
         let _ = tx.send((
             0,

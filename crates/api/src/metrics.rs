@@ -176,7 +176,27 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
     for (name, help, h) in histograms {
         histogram(&mut out, name, help, &label, h);
     }
+    energy(&mut out, &label, &m.energy);
     out
+}
+
+/// Energy counters, labelled by source (`measured` or `modelled`), meter (`rapl`, `nvml`,
+/// `model`) and where the joules went (`requests`: steps, split across their sequences;
+/// `idle`: between steps). Their sum is the meter's total since start.
+fn energy(out: &mut String, label: &str, e: &engine::EnergySnapshot) {
+    let name = "souverain_energy_joules_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Energy since start by source and by where it went (requests or idle).\n# TYPE {name} counter"
+    );
+    let (source, meter) = (e.kind.as_str(), e.meter);
+    for (kind, uj) in [("requests", e.requests_uj), ("idle", e.idle_uj)] {
+        let _ = writeln!(
+            out,
+            "{name}{{{label},source=\"{source}\",meter=\"{meter}\",kind=\"{kind}\"}} {}",
+            uj as f64 / 1e6
+        );
+    }
 }
 
 fn metric(out: &mut String, name: &str, help: &str, kind: &str, label: &str, value: f64) {
@@ -222,6 +242,12 @@ mod tests {
             time_to_first_token: hist.clone(),
             inter_token_latency: hist.clone(),
             request_latency: hist,
+            energy: engine::EnergySnapshot {
+                meter: "model",
+                kind: engine::EnergyKind::Modelled,
+                requests_uj: 2_500_000,
+                idle_uj: 500,
+            },
         }
     }
 
@@ -237,6 +263,8 @@ mod tests {
             "souverain_time_to_first_token_seconds_bucket{model_name=\"m\\\"x\",le=\"+Inf\"} 4",
             "vllm:inter_token_latency_seconds_count{model_name=\"m\\\"x\"} 4",
             "# TYPE souverain_generation_tokens_total counter",
+            "souverain_energy_joules_total{model_name=\"m\\\"x\",source=\"modelled\",meter=\"model\",kind=\"requests\"} 2.5",
+            "souverain_energy_joules_total{model_name=\"m\\\"x\",source=\"modelled\",meter=\"model\",kind=\"idle\"} 0.0005",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -204,6 +204,12 @@ pub(crate) struct UsageBody {
     pub(crate) completion_tokens: usize,
     pub(crate) total_tokens: usize,
     pub(crate) completion_tokens_details: CompletionTokensDetails,
+    /// Souverain's extension (clients that do not know it ignore it): the energy the answer
+    /// took, joules, and whether it was `measured` or `modelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) energy_joules: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) energy_source: Option<&'static str>,
 }
 
 /// `usage.completion_tokens_details`.
@@ -221,6 +227,8 @@ impl From<engine::Usage> for UsageBody {
             completion_tokens_details: CompletionTokensDetails {
                 reasoning_tokens: usage.reasoning_tokens,
             },
+            energy_joules: usage.energy.map(|e| e.joules()),
+            energy_source: usage.energy.map(|e| e.kind.as_str()),
         }
     }
 }

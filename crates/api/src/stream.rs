@@ -313,11 +313,7 @@ impl ChunkStream {
                     },
                 );
                 self.push(finish);
-                if self.done == 0 {
-                    self.usage.prompt_tokens = usage.prompt_tokens;
-                }
-                self.usage.completion_tokens += usage.completion_tokens;
-                self.usage.reasoning_tokens += usage.reasoning_tokens;
+                self.usage.add_choice(&usage);
                 self.done += 1;
                 tracing::info!(
                     request_id = %self.meta.id,
@@ -488,6 +484,7 @@ mod tests {
             prompt_tokens: 2,
             completion_tokens: 3,
             reasoning_tokens: 1,
+            energy: None,
         }))
         .unwrap();
         assert_eq!(last["choices"], serde_json::json!([]));
@@ -543,6 +540,7 @@ mod tests {
                 prompt_tokens: 4,
                 completion_tokens: n,
                 reasoning_tokens: 0,
+                energy: None,
             },
         };
         tx.send((1, Event::Text("b".into()))).unwrap();

@@ -94,11 +94,7 @@ pub(crate) async fn whole_response(
             } => {
                 choice.absorb(parser.finish());
                 choice.finish = Some(finish_reason);
-                if done == 0 {
-                    usage.prompt_tokens = u.prompt_tokens;
-                }
-                usage.completion_tokens += u.completion_tokens;
-                usage.reasoning_tokens += u.reasoning_tokens;
+                usage.add_choice(&u);
                 done += 1;
             }
             Event::Failed(failure) => return Err(ApiError::internal(failure)),
@@ -112,6 +108,7 @@ pub(crate) async fn whole_response(
         "completion finished"
     );
     let usage_body = UsageBody::from(usage);
+    let energy = usage.energy;
     let header = |object| Header {
         id: &meta.id,
         object,
@@ -185,8 +182,29 @@ pub(crate) async fn whole_response(
             .into_response()
         }
     };
-    Ok(response)
+    Ok(with_energy_headers(response, energy))
 }
+
+/// The energy header of a whole answer: `x-souverain-energy-joules` (the joules of every
+/// choice) and `x-souverain-energy-source` (`measured` or `modelled`).
+fn with_energy_headers(mut response: Response, energy: Option<engine::Energy>) -> Response {
+    if let Some(e) = energy {
+        let headers = response.headers_mut();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{:.6}", e.joules())) {
+            headers.insert(ENERGY_JOULES_HEADER, v);
+        }
+        headers.insert(
+            ENERGY_SOURCE_HEADER,
+            axum::http::HeaderValue::from_static(e.kind.as_str()),
+        );
+    }
+    response
+}
+
+/// The joules an answer took.
+pub(crate) const ENERGY_JOULES_HEADER: &str = "x-souverain-energy-joules";
+/// `measured` or `modelled`.
+pub(crate) const ENERGY_SOURCE_HEADER: &str = "x-souverain-energy-source";
 
 /// A completion choice's `logprobs`, the echoed prompt's first when there is one.
 fn completion_logprobs(choice: &WholeChoice, echo: Option<&Echo>) -> Value {

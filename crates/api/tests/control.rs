@@ -654,11 +654,14 @@ async fn usage_is_metered_and_exported() {
         assert!(u.ttft_us.is_some_and(|t| t <= u.duration_us));
         assert_eq!(u.model, MODEL);
         assert!(u.id.starts_with("chatcmpl-"));
+        // The engine's energy (the fake's: 1 mJ per token, modelled) is in the record.
+        assert_eq!(u.energy_uj, Some(8000));
+        assert_eq!(u.energy_source, Some(control::EnergySource::Modelled));
     }
     assert!(
         usage
             .iter()
-            .any(|u| u.status == "rejected" && u.http_status == 400)
+            .any(|u| u.status == "rejected" && u.http_status == 400 && u.energy_uj.is_none())
     );
 
     let (status, grouped) = server
@@ -677,6 +680,9 @@ async fn usage_is_metered_and_exported() {
         .unwrap();
     assert_eq!(ok_group["total_tokens"], 16);
     assert_eq!(ok_group["requests"], 2);
+    // What the console's energy chart reads.
+    assert_eq!(ok_group["energy_joules"], 0.016);
+    assert_eq!(ok_group["energy_source"], "modelled");
 
     let request = Request::get("/admin/v1/usage?format=csv")
         .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))

@@ -83,7 +83,8 @@ async fn chat_completion_shape() {
     assert_eq!(
         json["usage"],
         json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
-               "completion_tokens_details": {"reasoning_tokens": 0}})
+               "completion_tokens_details": {"reasoning_tokens": 0},
+               "energy_joules": 0.008, "energy_source": "modelled"})
     );
     let req = fake.last_request();
     assert_eq!(req.max_tokens, None);
@@ -206,7 +207,8 @@ async fn chat_stream_include_usage() {
     assert_eq!(
         last["usage"],
         json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
-               "completion_tokens_details": {"reasoning_tokens": 0}})
+               "completion_tokens_details": {"reasoning_tokens": 0},
+               "energy_joules": 0.008, "energy_source": "modelled"})
     );
     assert_eq!(last["id"], earlier[0]["id"]);
 }
@@ -230,7 +232,8 @@ async fn completion_shape_and_default_max_tokens() {
     assert_eq!(
         json["usage"],
         json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
-               "completion_tokens_details": {"reasoning_tokens": 0}})
+               "completion_tokens_details": {"reasoning_tokens": 0},
+               "energy_joules": 0.006, "energy_source": "modelled"})
     );
     assert_eq!(fake.last_request().max_tokens, Some(16));
 }
@@ -263,6 +266,51 @@ async fn completion_stream_shape_with_usage() {
     assert_eq!(chunks[3]["choices"], json!([]));
     assert_eq!(chunks[3]["usage"]["total_tokens"], 5);
     assert_eq!(fake.last_request().stop, vec!["x".to_owned()]);
+}
+
+#[tokio::test]
+async fn answers_carry_their_energy_in_usage_and_headers() {
+    let fake = FakeBackend::new(Mode::Echo);
+    // Two choices: the answer's energy is theirs summed (the fake gives 1 mJ per token).
+    let response = send(
+        fake.app(),
+        post_json("/v1/completions", &completion_body(r#""n":2"#)),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        header("x-souverain-energy-joules").as_deref(),
+        Some("0.012000")
+    );
+    assert_eq!(
+        header("x-souverain-energy-source").as_deref(),
+        Some("modelled")
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["usage"]["energy_joules"], 0.012);
+    assert_eq!(json["usage"]["energy_source"], "modelled");
+    // The stream's usage chunk carries it too.
+    let (_, data) = send_sse(
+        fake.app(),
+        post_json(
+            "/v1/chat/completions",
+            &chat_body(r#""stream":true,"stream_options":{"include_usage":true}"#),
+        ),
+    )
+    .await;
+    let chunks = parse_chunks(&data);
+    let usage = &chunks.last().unwrap()["usage"];
+    let tokens = usage["total_tokens"].as_f64().unwrap();
+    assert_eq!(usage["energy_joules"].as_f64(), Some(tokens / 1000.0));
+    assert_eq!(usage["energy_source"], "modelled");
 }
 
 async fn expect_error(

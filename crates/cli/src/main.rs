@@ -126,6 +126,24 @@ struct BatchingArgs {
     /// Most tokens per forward pass (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    #[command(flatten)]
+    energy: EnergyArgs,
+}
+
+/// Where the energy reported per request comes from.
+#[derive(Args, Debug)]
+struct EnergyArgs {
+    /// Energy source: auto (RAPL when readable, else the model), rapl (Linux powercap,
+    /// measured), nvml (NVIDIA GPUs, measured), model (the CPU power model, modelled).
+    #[arg(long, default_value = "auto", value_parser = clap::builder::ValueParser::new(
+        |s: &str| s.parse::<engine::EnergySourceChoice>()))]
+    energy_source: engine::EnergySourceChoice,
+    /// The power model's CPU package power at rest, watts.
+    #[arg(long, default_value_t = engine::EnergyConfig::default().idle_watts)]
+    energy_idle_watts: f64,
+    /// The power model's power per worker thread while a step computes, watts.
+    #[arg(long, default_value_t = engine::EnergyConfig::default().active_watts_per_thread)]
+    energy_active_watts: f64,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +292,11 @@ fn load_engine(
             max_waiting: b.max_waiting,
             kv_cache_tokens: b.kv_cache_tokens,
             max_batch_tokens: b.max_batch_tokens,
+            energy: engine::EnergyConfig {
+                source: b.energy.energy_source,
+                idle_watts: b.energy.energy_idle_watts,
+                active_watts_per_thread: b.energy.energy_active_watts,
+            },
         },
         // One user at the terminal: one sequence, one context's worth of cache.
         None => EngineConfig {

@@ -228,6 +228,7 @@ pub fn rejected_outcome(model: &str, started: Instant, http_status: u16) -> Outc
         status: "rejected".to_owned(),
         http_status,
         content: None,
+        energy: None,
     }
 }
 

@@ -49,7 +49,7 @@ pub use crate::ratelimit::RateLimiter;
 pub use crate::store::{Holder, HolderRow, Mutation, PostgresStore, SqliteStore, Store};
 pub use crate::time::{Clock, ManualClock, SystemClock};
 pub use crate::types::{
-    Budget, BudgetPeriod, KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent,
-    UsageFilter, UsageRecord,
+    Budget, BudgetPeriod, EnergySource, EnergyUse, KeyContext, KeyPolicy, KeyRecord, Organisation,
+    Project, RetainedContent, UsageFilter, UsageRecord,
 };
 pub use crate::usage::{GroupBy, UsageGroup};

@@ -26,8 +26,8 @@ use crate::ratelimit::{RateLimiter, Which};
 use crate::store::{Holder, HolderRow, Mutation, Store};
 use crate::time::{Clock, SystemClock};
 use crate::types::{
-    KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent, UsageFilter,
-    UsageRecord,
+    EnergyUse, KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent,
+    UsageFilter, UsageRecord,
 };
 
 /// The longest a name may be, in characters.
@@ -192,6 +192,8 @@ pub struct Outcome {
     pub http_status: u16,
     /// The prompt and output, kept only if the project retains content.
     pub content: Option<(String, String)>,
+    /// The energy the request took, where the engine metered it.
+    pub energy: Option<EnergyUse>,
 }
 
 /// The control plane: the store, the rate limiter and the configuration.
@@ -1048,6 +1050,8 @@ impl ControlPlane {
             duration_us: to_i64(outcome.duration_us),
             status: outcome.status.clone(),
             http_status: i64::from(outcome.http_status),
+            energy_uj: outcome.energy.map(|e| to_i64(e.microjoules)),
+            energy_source: outcome.energy.map(|e| e.source),
         }));
         if let (Some(retention_secs), Some((prompt, output))) =
             (ctx.project.retention_secs, outcome.content)

@@ -191,6 +191,51 @@ pub struct UsageRecord {
     pub status: String,
     /// The HTTP status answered (499 for a client that went away).
     pub http_status: i64,
+    /// Energy the engine attributed to the request, microjoules; absent where nothing
+    /// metered it (failed, cancelled or refused requests, embeddings, older records).
+    #[serde(default)]
+    pub energy_uj: Option<i64>,
+    /// Whether that energy was measured or modelled.
+    #[serde(default)]
+    pub energy_source: Option<EnergySource>,
+}
+
+/// Where a request's joules came from: a hardware counter or a power model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnergySource {
+    /// Read from a hardware energy counter (RAPL, NVML).
+    Measured,
+    /// Computed from a power model.
+    Modelled,
+}
+
+impl EnergySource {
+    /// `measured` or `modelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergySource::Measured => "measured",
+            EnergySource::Modelled => "modelled",
+        }
+    }
+
+    /// The inverse of [`EnergySource::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "measured" => Some(EnergySource::Measured),
+            "modelled" => Some(EnergySource::Modelled),
+            _ => None,
+        }
+    }
+}
+
+/// Energy attributed to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnergyUse {
+    /// Microjoules.
+    pub microjoules: u64,
+    /// Measured or modelled.
+    pub source: EnergySource,
 }
 
 impl UsageRecord {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::time;
-use crate::types::UsageRecord;
+use crate::types::{EnergySource, UsageRecord};
 
 /// A dimension to group usage by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -76,7 +76,7 @@ impl GroupBy {
 }
 
 /// The totals of one group.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageGroup {
     /// The group's value for each dimension, by dimension name.
     pub group: BTreeMap<String, String>,
@@ -94,6 +94,29 @@ pub struct UsageGroup {
     pub total_tokens: i64,
     /// The summed duration of the requests, microseconds.
     pub duration_us: i64,
+    /// Requests that carry energy (the others were not metered: failed, cancelled, refused,
+    /// embeddings).
+    pub energy_requests: u64,
+    /// Their summed energy, joules (summed in microjoules, so exact to the microjoule);
+    /// absent when none carries energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_joules: Option<f64>,
+    /// `measured` or `modelled` when every metered request says the same, `mixed` when they
+    /// differ; absent when none carries energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<String>,
+    /// The exact sum behind `energy_joules`.
+    #[serde(skip)]
+    energy_uj: i64,
+}
+
+/// The label of energy summed from records labelled `a` and `b`.
+fn merge_source(a: Option<String>, b: EnergySource) -> String {
+    match a {
+        None => b.as_str().to_owned(),
+        Some(a) if a == b.as_str() => a,
+        Some(_) => "mixed".to_owned(),
+    }
 }
 
 /// Groups records by `group_by` (no dimensions: one group with everything), in the order of
@@ -117,6 +140,12 @@ pub fn aggregate(records: &[UsageRecord], group_by: &[GroupBy]) -> Vec<UsageGrou
         group.reasoning_tokens = group.reasoning_tokens.saturating_add(r.reasoning_tokens);
         group.total_tokens = group.total_tokens.saturating_add(r.total_tokens());
         group.duration_us = group.duration_us.saturating_add(r.duration_us);
+        if let (Some(uj), Some(source)) = (r.energy_uj, r.energy_source) {
+            group.energy_requests += 1;
+            group.energy_uj = group.energy_uj.saturating_add(uj);
+            group.energy_joules = Some(group.energy_uj as f64 / 1e6);
+            group.energy_source = Some(merge_source(group.energy_source.take(), source));
+        }
     }
     groups.into_values().collect()
 }
@@ -146,6 +175,13 @@ fn csv_line(fields: &[String]) -> String {
     line
 }
 
+/// Microjoules written as joules with six decimals (exact).
+fn joules(uj: i64) -> String {
+    let sign = if uj < 0 { "-" } else { "" };
+    let uj = uj.unsigned_abs();
+    format!("{sign}{}.{:06}", uj / 1_000_000, uj % 1_000_000)
+}
+
 /// Records as CSV, one line per request, with a header line.
 pub fn records_csv(records: &[UsageRecord]) -> String {
     let mut out = csv_line(
@@ -164,6 +200,8 @@ pub fn records_csv(records: &[UsageRecord]) -> String {
             "duration_us",
             "status",
             "http_status",
+            "energy_joules",
+            "energy_source",
         ]
         .map(str::to_owned),
     );
@@ -183,6 +221,10 @@ pub fn records_csv(records: &[UsageRecord]) -> String {
             r.duration_us.to_string(),
             r.status.clone(),
             r.http_status.to_string(),
+            r.energy_uj.map(joules).unwrap_or_default(),
+            r.energy_source
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
         ]));
     }
     out
@@ -200,6 +242,9 @@ pub fn groups_csv(groups: &[UsageGroup], group_by: &[GroupBy]) -> String {
             "reasoning_tokens",
             "total_tokens",
             "duration_us",
+            "energy_requests",
+            "energy_joules",
+            "energy_source",
         ]
         .map(str::to_owned),
     );
@@ -217,6 +262,13 @@ pub fn groups_csv(groups: &[UsageGroup], group_by: &[GroupBy]) -> String {
             g.reasoning_tokens.to_string(),
             g.total_tokens.to_string(),
             g.duration_us.to_string(),
+            g.energy_requests.to_string(),
+            if g.energy_requests > 0 {
+                joules(g.energy_uj)
+            } else {
+                String::new()
+            },
+            g.energy_source.clone().unwrap_or_default(),
         ]);
         out.push_str(&csv_line(&fields));
     }
@@ -242,6 +294,8 @@ mod tests {
             duration_us: 100,
             status: "ok".into(),
             http_status: 200,
+            energy_uj: None,
+            energy_source: None,
         }
     }
 
@@ -272,6 +326,51 @@ mod tests {
     }
 
     #[test]
+    fn energy_sums_exactly_and_keeps_its_label() {
+        let metered = |id: &str, uj: i64, source| UsageRecord {
+            energy_uj: Some(uj),
+            energy_source: Some(source),
+            ..record(id, "a", 0, 1, 1)
+        };
+        let records = [
+            metered("1", 1_500_001, EnergySource::Modelled),
+            metered("2", 2, EnergySource::Modelled),
+            // Not metered (a cancelled request): counted as a request, not in the energy.
+            record("3", "a", 0, 1, 0),
+        ];
+        let groups = aggregate(&records, &[GroupBy::Model]);
+        assert_eq!(groups[0].requests, 3);
+        assert_eq!(groups[0].energy_requests, 2);
+        assert_eq!(groups[0].energy_joules, Some(1.500003));
+        assert_eq!(groups[0].energy_source.as_deref(), Some("modelled"));
+        let json = serde_json::to_value(&groups[0]).unwrap();
+        assert_eq!(json["energy_joules"], 1.500003);
+        assert_eq!(json["energy_source"], "modelled");
+        let csv = groups_csv(&groups, &[GroupBy::Model]);
+        assert!(csv.ends_with(",2,1.500003,modelled\r\n"), "{csv}");
+        let lines = records_csv(&records);
+        assert!(lines.contains(",200,1.500001,modelled\r\n"), "{lines}");
+        assert!(
+            lines.contains(",499,,\r\n") || lines.contains(",200,,\r\n"),
+            "{lines}"
+        );
+        // Measured and modelled joules summed together are labelled as such, never measured.
+        let mixed = [
+            metered("1", 1, EnergySource::Measured),
+            metered("2", 1, EnergySource::Modelled),
+        ];
+        assert_eq!(
+            aggregate(&mixed, &[])[0].energy_source.as_deref(),
+            Some("mixed")
+        );
+        assert!(
+            aggregate(&[record("1", "a", 0, 1, 1)], &[])[0]
+                .energy_joules
+                .is_none()
+        );
+    }
+
+    #[test]
     fn csv_quotes_and_defuses() {
         let mut r = record("1", "model, \"quoted\"", 0, 1, 2);
         r.key_id = "=HYPERLINK(1)".into();
@@ -290,7 +389,7 @@ mod tests {
         let csv = groups_csv(&groups, &[GroupBy::Model]);
         assert_eq!(
             csv,
-            "model,requests,errors,prompt_tokens,completion_tokens,reasoning_tokens,total_tokens,duration_us\r\nm,1,0,1,2,0,3,100\r\n"
+            "model,requests,errors,prompt_tokens,completion_tokens,reasoning_tokens,total_tokens,duration_us,energy_requests,energy_joules,energy_source\r\nm,1,0,1,2,0,3,100,0,,\r\n"
         );
     }
 

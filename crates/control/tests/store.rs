@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use souverain_control::audit::entry_hash;
 use souverain_control::store::latest_schema_version;
 use souverain_control::{
-    AuditDraft, Budget, BudgetPeriod, ControlConfig, ControlError, ControlPlane, Denial, GroupBy,
-    HOLDER_TIMEOUT, Holder, KeyContext, KeyPolicy, MAX_STORED_FIELD_CHARS, ManualClock, Outcome,
-    PostgresStore, SqliteStore, Store, StoreError, Tamper, UsageFilter, usage,
+    AuditDraft, Budget, BudgetPeriod, ControlConfig, ControlError, ControlPlane, Denial,
+    EnergySource, EnergyUse, GroupBy, HOLDER_TIMEOUT, Holder, KeyContext, KeyPolicy,
+    MAX_STORED_FIELD_CHARS, ManualClock, Outcome, PostgresStore, SqliteStore, Store, StoreError,
+    Tamper, UsageFilter, usage,
 };
 
 const REGION: &str = "eu-west-paris";
@@ -144,6 +145,7 @@ fn outcome(id: &str, prompt: u64, completion: u64) -> Outcome {
         status: "ok".to_owned(),
         http_status: 200,
         content: Some(("the prompt".to_owned(), "the output".to_owned())),
+        energy: None,
     }
 }
 
@@ -407,7 +409,12 @@ fn settlements_record_usage_content_and_audit(fx: &Fixture) {
     let (plane, clock) = fx.plane();
     let (keeper, _) = tenant(&plane, KeyPolicy::default(), Some(60));
     let (forgetter, _) = tenant(&plane, KeyPolicy::default(), None);
-    plane.settle(&keeper, None, outcome("a", 3, 4)).unwrap();
+    let mut metered = outcome("a", 3, 4);
+    metered.energy = Some(EnergyUse {
+        microjoules: 1_234_567,
+        source: EnergySource::Modelled,
+    });
+    plane.settle(&keeper, None, metered).unwrap();
     clock.advance_ms(1_000);
     plane.settle(&forgetter, None, outcome("b", 5, 6)).unwrap();
     let mut failed = outcome("c", 1, 0);
@@ -422,6 +429,10 @@ fn settlements_record_usage_content_and_audit(fx: &Fixture) {
     );
     assert_eq!(all[0].org_id, keeper.org.id);
     assert_eq!(all[0].ttft_us, Some(100));
+    // Energy survives the store (migration 4) with its label; unmetered requests have none.
+    assert_eq!(all[0].energy_uj, Some(1_234_567));
+    assert_eq!(all[0].energy_source, Some(EnergySource::Modelled));
+    assert_eq!((all[1].energy_uj, all[1].energy_source), (None, None));
     let keeper_only = plane
         .usage(&UsageFilter {
             key_id: Some(keeper.key.id.clone()),

@@ -24,6 +24,7 @@ mod blocks;
 mod chat;
 mod constraint;
 mod embed;
+mod energy;
 mod error;
 mod fim;
 mod gbnf;
@@ -50,12 +51,13 @@ use chat::ChatEncoder;
 pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
 use constraint::{CompileError, ConstraintCompiler};
 pub use embed::{Embedder, EmbedderConfig};
+pub use energy::{EnergyConfig, EnergyKind, EnergySourceChoice};
 pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
-pub use metrics::{HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
+pub use metrics::{EnergySnapshot, HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
 pub use types::{
-    ChatMessage, ConstraintSpec, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
+    ChatMessage, ConstraintSpec, Energy, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
     ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
 };
 
@@ -86,6 +88,8 @@ pub struct EngineConfig {
     /// A Jinja chat template (its source) to use instead of the model's own, as
     /// llama.cpp's `--chat-template-file` and vLLM's `--chat-template`.
     pub chat_template: Option<String>,
+    /// How energy is metered and attributed to requests.
+    pub energy: EnergyConfig,
 }
 
 impl Default for EngineConfig {
@@ -99,6 +103,7 @@ impl Default for EngineConfig {
             kv_cache_tokens: None,
             max_batch_tokens: 512,
             chat_template: None,
+            energy: EnergyConfig::default(),
         }
     }
 }
@@ -246,7 +251,19 @@ impl Engine {
             kv_cache_tokens: kv.n_blocks() * kv.block_tokens(),
             kv_cache_bytes: kv.bytes(),
         };
+        config.energy.validate().map_err(LoadError::Inconsistent)?;
+        let meter = energy::open_meter(&config.energy, threads).map_err(LoadError::Inconsistent)?;
+        tracing::info!(
+            source = meter.name(),
+            kind = meter.kind().as_str(),
+            "energy metering"
+        );
+        let cost = {
+            let c = model.config();
+            energy::CostModel::new(loaded.tensors.n_params, c.n_layers, c.n_heads, c.head_dim)
+        };
         let metrics = Arc::new(Metrics::default());
+        let energy = energy::EnergyLedger::new(meter, metrics.clone());
         let limits = Limits {
             max_seqs: config.max_seqs,
             max_batch_tokens: config.max_batch_tokens,
@@ -260,6 +277,7 @@ impl Engine {
             kv,
             limits,
             metrics.clone(),
+            (energy, cost),
         );
         thread::Builder::new()
             .name("souverain-engine".into())

@@ -1,7 +1,10 @@
 //! Counters, gauges and histograms the engine keeps while it runs, read without locks by
 //! whoever exports them (the API's `/metrics`).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::energy::EnergyKind;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 pub const LATENCY_BUCKETS_S: [f64; 16] = [
@@ -76,6 +79,25 @@ pub(crate) struct Metrics {
     pub(crate) time_to_first_token: Histogram,
     pub(crate) inter_token_latency: Histogram,
     pub(crate) request_latency: Histogram,
+    /// The energy meter's name and kind, set once when the engine starts.
+    pub(crate) energy_source: OnceLock<(&'static str, EnergyKind)>,
+    /// Microjoules of steps, attributed to their sequences.
+    pub(crate) energy_requests_uj: AtomicU64,
+    /// Microjoules between steps.
+    pub(crate) energy_idle_uj: AtomicU64,
+}
+
+/// The engine's energy totals since it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnergySnapshot {
+    /// The source: `rapl`, `nvml` or `model`.
+    pub meter: &'static str,
+    /// Measured or modelled.
+    pub kind: EnergyKind,
+    /// Microjoules of steps, attributed to the requests in them.
+    pub requests_uj: u64,
+    /// Microjoules between steps (waiting for requests, bookkeeping), attributed to none.
+    pub idle_uj: u64,
 }
 
 /// The engine's measurements at one moment.
@@ -111,6 +133,8 @@ pub struct MetricsSnapshot {
     pub inter_token_latency: HistogramSnapshot,
     /// Seconds from arrival to the end of a request.
     pub request_latency: HistogramSnapshot,
+    /// Energy by where it went.
+    pub energy: EnergySnapshot,
 }
 
 impl Metrics {
@@ -132,6 +156,19 @@ impl Metrics {
             time_to_first_token: self.time_to_first_token.snapshot(),
             inter_token_latency: self.inter_token_latency.snapshot(),
             request_latency: self.request_latency.snapshot(),
+            energy: {
+                let (meter, kind) = self
+                    .energy_source
+                    .get()
+                    .copied()
+                    .unwrap_or(("model", EnergyKind::Modelled));
+                EnergySnapshot {
+                    meter,
+                    kind,
+                    requests_uj: self.energy_requests_uj.load(Relaxed),
+                    idle_uj: self.energy_idle_uj.load(Relaxed),
+                }
+            },
         }
     }
 }

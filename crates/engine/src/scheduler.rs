@@ -31,7 +31,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::text::{TextDecoder, TextTokenizer};
 use model::{KvPool, LlamaModel, Logits, SeqChunk, ThreadPool};
@@ -39,11 +39,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::{BlockManager, CHAIN_ROOT, chain_hash};
 use crate::constraint::TokenConstraint;
+use crate::energy::{CostModel, EnergyLedger};
 use crate::metrics::Metrics;
 use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::{Event, Failure, FinishReason, GenerateRequest, TokenLogprobs, Usage};
+use crate::{Energy, Event, Failure, FinishReason, GenerateRequest, TokenLogprobs, Usage};
 
 /// `token`'s log-probability under `logits` (raw) with the `k` most likely alternatives,
 /// each with its bytes.
@@ -110,6 +111,8 @@ struct Sequence {
     constraint: Option<TokenConstraint>,
     /// Counts the tokens inside the reasoning block, when asked.
     reasoning: Option<ReasoningCounter>,
+    /// Microjoules of the steps it was in (recomputation after preemption included).
+    energy_uj: u64,
 }
 
 impl Sequence {
@@ -147,6 +150,7 @@ impl Sequence {
             stops: StopMatcher::new(r.stop),
             constraint: job.constraint,
             reasoning: r.reasoning.map(ReasoningCounter::new),
+            energy_uj: 0,
         }
     }
 
@@ -158,8 +162,12 @@ impl Sequence {
             .unwrap_or_default()
     }
 
-    fn usage(&self) -> Usage {
+    fn usage(&self, energy: &EnergyLedger) -> Usage {
         Usage {
+            energy: Some(Energy {
+                microjoules: self.energy_uj,
+                kind: energy.kind(),
+            }),
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated,
             reasoning_tokens: self.reasoning.as_ref().map_or(0, ReasoningCounter::count),
@@ -178,13 +186,22 @@ pub(crate) struct Scheduler {
     metrics: Arc<Metrics>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    energy: EnergyLedger,
+    cost: CostModel,
 }
 
 /// What happened to a sequence in a step.
 enum Outcome {
     Continue,
+    /// Ended without `Done` (failed, or its client went away).
     Finished,
+    /// Ended normally: `Done` is sent once the step's energy is known.
+    Done(FinishReason),
 }
+
+/// How long the idle engine waits for a job before reading the energy meter again (so that
+/// idle energy shows in `/metrics` and a wrapping counter is never read too rarely).
+const IDLE_METER_PERIOD: Duration = Duration::from_secs(1);
 
 impl Scheduler {
     pub(crate) fn new(
@@ -194,6 +211,7 @@ impl Scheduler {
         kv: KvPool,
         limits: Limits,
         metrics: Arc<Metrics>,
+        (energy, cost): (EnergyLedger, CostModel),
     ) -> Self {
         let blocks = BlockManager::new(kv.n_blocks(), kv.block_tokens());
         metrics.kv_blocks_total.store(kv.n_blocks() as u64, Relaxed);
@@ -210,6 +228,8 @@ impl Scheduler {
             metrics,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            energy,
+            cost,
         }
     }
 
@@ -217,9 +237,13 @@ impl Scheduler {
     pub(crate) fn run(mut self, jobs: mpsc::Receiver<Job>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                match jobs.recv() {
+                match jobs.recv_timeout(IDLE_METER_PERIOD) {
                     Ok(job) => self.enqueue(job),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.energy.idle();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(job) = jobs.try_recv() {
@@ -489,12 +513,23 @@ impl Scheduler {
                 }
             })
             .collect();
-        let logits = self
-            .model
-            .forward_batch(&self.pool, &mut self.kv, &chunks)?;
+        let weights: Vec<f64> = plan
+            .iter()
+            .map(|&(i, n)| self.cost.chunk(self.running[i].n_computed, n))
+            .collect();
+        // What came since the last reading (between steps) is idle; the step starts now.
+        self.energy.idle();
+        let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);
         drop(chunks);
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.charge_step(&plan, &weights);
+                return Err(e);
+            }
+        };
 
-        let mut finished = Vec::new();
+        let mut ended = Vec::new();
         for (&(i, n), mut logits) in plan.iter().zip(logits) {
             if self.running[i].prompt_logprobs.is_some() {
                 logits = self.gather_prompt_logprobs(i, n, logits);
@@ -504,16 +539,37 @@ impl Scheduler {
             if logits.is_empty() {
                 continue;
             }
-            if let Outcome::Finished = self.sample_and_emit(i, &mut logits) {
-                finished.push(i);
+            match self.sample_and_emit(i, &mut logits) {
+                Outcome::Continue => {}
+                outcome => ended.push((i, outcome)),
             }
         }
-        finished.sort_unstable();
-        for i in finished.into_iter().rev() {
+        // The step (forward pass and sampling) is over: its energy goes to its sequences
+        // before those that ended are told their usage.
+        self.charge_step(&plan, &weights);
+        ended.sort_unstable_by_key(|&(i, _)| i);
+        for (i, outcome) in ended.into_iter().rev() {
             let seq = self.running.remove(i);
+            if let Outcome::Done(finish_reason) = outcome {
+                let usage = seq.usage(&self.energy);
+                let _ = seq.events.send(Event::Done {
+                    finish_reason,
+                    usage,
+                });
+            }
             self.finish(seq);
         }
         Ok(())
+    }
+
+    /// Reads the meter at the end of a step and adds each chunk's share to its sequence.
+    fn charge_step(&mut self, plan: &[(usize, usize)], weights: &[f64]) {
+        let parts = self.energy.step(weights);
+        for (&(i, _), uj) in plan.iter().zip(parts) {
+            if let Some(seq) = self.running.get_mut(i) {
+                seq.energy_uj = seq.energy_uj.saturating_add(uj);
+            }
+        }
     }
 
     /// Takes the logits of every position of sequence `i`'s `n`-token chunk (not yet counted
@@ -604,22 +660,12 @@ impl Scheduler {
                 return Outcome::Finished;
             }
         }
-        let done = |seq: &Sequence, reason| {
-            send(
-                seq,
-                Event::Done {
-                    finish_reason: reason,
-                    usage: seq.usage(),
-                },
-            );
-            Outcome::Finished
-        };
         if ends_here {
             let rest = seq.decoder.finish(&self.tokenizer) + &seq.stops.finish();
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
                 return Outcome::Finished;
             }
-            return done(seq, FinishReason::Stop);
+            return Outcome::Done(FinishReason::Stop);
         }
         if let Some(c) = &mut seq.constraint
             && let Err(e) = c.commit(token)
@@ -641,7 +687,7 @@ impl Scheduler {
                 if !text.is_empty() && !send(seq, Event::Text(text)) {
                     return Outcome::Finished;
                 }
-                return done(seq, FinishReason::StopSequence(index));
+                return Outcome::Done(FinishReason::StopSequence(index));
             }
         }
         // A complete grammar allows only the end: finish now rather than spend a step on it.
@@ -657,7 +703,7 @@ impl Scheduler {
                     if !t.is_empty() && !send(seq, Event::Text(t)) {
                         return Outcome::Finished;
                     }
-                    return done(seq, FinishReason::StopSequence(index));
+                    return Outcome::Done(FinishReason::StopSequence(index));
                 }
             };
             if !rest.is_empty() && !send(seq, Event::Text(rest)) {
@@ -670,7 +716,7 @@ impl Scheduler {
             } else {
                 FinishReason::Stop
             };
-            return done(seq, reason);
+            return Outcome::Done(reason);
         }
         Outcome::Continue
     }

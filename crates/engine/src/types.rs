@@ -165,6 +165,53 @@ pub struct Usage {
     /// Of the tokens generated, those inside the reasoning block (markers included), when
     /// [`GenerateRequest::reasoning`] asked for the count.
     pub reasoning_tokens: usize,
+    /// Energy the generation took (its share of every step it was in); `None` where nothing
+    /// metered it.
+    pub energy: Option<Energy>,
+}
+
+impl Usage {
+    /// Adds another choice of the same prompt: the prompt counted once, completions,
+    /// reasoning and energy summed.
+    pub fn add_choice(&mut self, other: &Usage) {
+        self.prompt_tokens = other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.energy = Energy::add(self.energy, other.energy);
+    }
+}
+
+/// Energy attributed to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Energy {
+    /// Microjoules.
+    pub microjoules: u64,
+    /// Measured by a hardware counter or modelled.
+    pub kind: crate::EnergyKind,
+}
+
+impl Energy {
+    /// Joules.
+    pub fn joules(&self) -> f64 {
+        self.microjoules as f64 / 1e6
+    }
+
+    /// The sum of two requests' energy (choices of one answer); a sum of a measured and a
+    /// modelled part is modelled.
+    pub fn add(a: Option<Energy>, b: Option<Energy>) -> Option<Energy> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Energy {
+                microjoules: a.microjoules.saturating_add(b.microjoules),
+                kind: if a.kind == b.kind {
+                    a.kind
+                } else {
+                    crate::EnergyKind::Modelled
+                },
+            }),
+            (a, None) => a,
+            (None, b) => b,
+        }
+    }
 }
 
 /// What the engine sends back for one request, in order: `PromptLogprobs` once if asked for,

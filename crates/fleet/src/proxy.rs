@@ -338,6 +338,7 @@ impl Ticket {
             status: status.to_owned(),
             http_status: http_status.as_u16(),
             content: None,
+            energy: None,
         };
         // In memory now (budget lease, rate bucket); the store's part is group-committed by
         // the control plane's writer thread, off the response's path.

@@ -184,6 +184,11 @@ impl Backend for FakeBackend {
                         prompt_tokens,
                         completion_tokens: emitted,
                         reasoning_tokens: 0,
+                        // 1 mJ per token, modelled, as the engine's model would label it.
+                        energy: Some(engine::Energy {
+                            microjoules: 1000 * (prompt_tokens + emitted) as u64,
+                            kind: engine::EnergyKind::Modelled,
+                        }),
                     },
                 })
                 .unwrap();

@@ -17,7 +17,8 @@ pub use self::sqlite::SqliteStore;
 use crate::audit::{AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
 use crate::types::{
-    KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter, UsageRecord,
+    EnergySource, KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter,
+    UsageRecord,
 };
 
 /// The schema, one step per version. A database records the versions applied in
@@ -126,6 +127,11 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
             tokens BIGINT NOT NULL,
             PRIMARY KEY (holder, key_id, period_start_ms)
         );",
+    ),
+    (
+        4,
+        "ALTER TABLE usage_records ADD COLUMN energy_uj BIGINT;
+        ALTER TABLE usage_records ADD COLUMN energy_source TEXT;",
     ),
 ];
 
@@ -547,7 +553,8 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static st
             vec![(
                 "INSERT INTO usage_records (id, created_at_ms, org_id, project_id, key_id, model, \
                  prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, \
-                 http_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 http_status, energy_uj, energy_source) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 vec![
                     u.id.as_str().into(),
                     u.created_at_ms.into(),
@@ -562,6 +569,8 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static st
                     u.duration_us.into(),
                     u.status.as_str().into(),
                     u.http_status.into(),
+                    u.energy_uj.into(),
+                    u.energy_source.map(|s| s.as_str().to_owned()).into(),
                 ],
             )],
             None,
@@ -643,7 +652,8 @@ pub(crate) fn usage_where(filter: &UsageFilter) -> (String, Vec<Param>) {
 }
 
 pub(crate) const USAGE_COLUMNS: &str = "id, created_at_ms, org_id, project_id, key_id, model, \
-    prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, http_status";
+    prompt_tokens, completion_tokens, reasoning_tokens, ttft_us, duration_us, status, http_status, \
+    energy_uj, energy_source";
 
 pub(crate) const KEY_CONTEXT_SQL: &str = "SELECT k.id, k.project_id, k.name, k.salt, k.hash, \
     k.allowed_models, k.requests_per_minute, k.tokens_per_minute, k.budget_tokens, \
@@ -761,6 +771,19 @@ pub(crate) fn usage_from_row(row: &dyn Row) -> Result<UsageRecord, StoreError> {
         duration_us: row.int(10)?,
         status: row.text(11)?,
         http_status: row.int(12)?,
+        energy_uj: row.opt_int(13)?,
+        energy_source: match row.opt_text(14)? {
+            None => None,
+            Some(text) => Some(EnergySource::parse(&text).ok_or_else(|| {
+                corrupt(
+                    "usage_records",
+                    format!(
+                        "energy source {:?}",
+                        text.chars().take(32).collect::<String>()
+                    ),
+                )
+            })?),
+        },
     })
 }
 
@@ -849,7 +872,7 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(versions, sorted);
-        assert_eq!(latest_schema_version(), 3);
+        assert_eq!(latest_schema_version(), 4);
     }
 
     #[test]

@@ -1,0 +1,665 @@
+//! Energy per request: a meter read around every step, its joules split across the step's
+//! sequences by a cost model, and the energy between steps kept apart as idle.
+//!
+//! Sources, chosen once at start ([`EnergyConfig::source`]) and named in logs and `/metrics`:
+//! - `rapl`: Linux powercap (`/sys/class/powercap/intel-rapl:N/energy_uj`, package domains;
+//!   AMD's packages appear there too), **measured**. Present only when every package counter is
+//!   readable (since 2020 kernels make them root-only by default). The counters wrap at
+//!   `max_energy_range_uj`; a reading below the last one is taken as one wrap, and the meter is
+//!   read at least once a second while the engine idles, well within a wrap (a 262 kJ range
+//!   lasts over 40 minutes at 100 W).
+//! - `nvml`: NVIDIA's `nvmlDeviceGetTotalEnergyConsumption` (millijoules since the driver
+//!   loaded, summed over the GPUs), **measured**. `libnvidia-ml.so.1` is opened at run time, so
+//!   nothing is needed to build; without the library or a GPU the source is simply absent.
+//! - `model`: a power model of the CPU, **modelled**: `idle_watts` always, plus
+//!   `active_watts_per_thread` for each worker thread while a step computes. The defaults are
+//!   rough figures for a current server CPU: 5 W per busy thread is a package's TDP over its
+//!   cores (AMD EPYC 9654: 360 W / 96 = 3.75 W; Intel Xeon Platinum 8480+: 350 W / 56 =
+//!   6.25 W), 10 W idle is a package at rest. Measure your machine and set them
+//!   (`--energy-idle-watts`, `--energy-active-watts`).
+//!
+//! `auto` takes RAPL when it is readable, else the model. It does not take NVML: this engine
+//! computes on the CPU, and a GPU's counter would meter work that is not ours.
+//!
+//! Attribution. The meter is read when a step starts (what came since the last reading is
+//! idle: waiting for requests, admission, bookkeeping between steps) and when it ends (forward
+//! pass and sampling: the step's energy). A step's energy, in integer microjoules, is split
+//! across its chunks in proportion to their [`CostModel`] weight, remainders to the largest
+//! fractions, so the parts sum exactly to the step's energy: over any interval, the requests'
+//! microjoules plus idle equal the meter's total.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use crate::metrics::Metrics;
+
+/// Whether joules come from a meter or from a model. Nothing modelled is ever labelled
+/// `measured`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EnergyKind {
+    /// Read from a hardware energy counter (RAPL, NVML).
+    Measured,
+    /// Computed from a power model of the device.
+    Modelled,
+}
+
+impl EnergyKind {
+    /// `"measured"` or `"modelled"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergyKind::Measured => "measured",
+            EnergyKind::Modelled => "modelled",
+        }
+    }
+}
+
+/// Which energy source to use, as `--energy-source` names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnergySourceChoice {
+    /// RAPL when readable, else the model.
+    #[default]
+    Auto,
+    /// Linux powercap RAPL; an error when it is absent or unreadable.
+    Rapl,
+    /// NVIDIA NVML; an error when the library or a GPU is absent.
+    Nvml,
+    /// The CPU power model.
+    Model,
+}
+
+impl FromStr for EnergySourceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "rapl" => Ok(Self::Rapl),
+            "nvml" => Ok(Self::Nvml),
+            "model" => Ok(Self::Model),
+            other => Err(format!(
+                "unknown energy source {other:?}: expected auto, rapl, nvml or model"
+            )),
+        }
+    }
+}
+
+/// How energy is metered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnergyConfig {
+    /// The source.
+    pub source: EnergySourceChoice,
+    /// The model's package power at rest, watts.
+    pub idle_watts: f64,
+    /// The model's power per worker thread while a step computes, watts.
+    pub active_watts_per_thread: f64,
+}
+
+impl Default for EnergyConfig {
+    fn default() -> Self {
+        Self {
+            source: EnergySourceChoice::Auto,
+            idle_watts: 10.0,
+            active_watts_per_thread: 5.0,
+        }
+    }
+}
+
+impl EnergyConfig {
+    /// Checks the model's parameters: finite, not negative, at most 100 kW.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, w) in [
+            ("idle watts", self.idle_watts),
+            ("active watts per thread", self.active_watts_per_thread),
+        ] {
+            if !(0.0..=100_000.0).contains(&w) {
+                return Err(format!(
+                    "energy model {name} must be in 0..=100000, got {w}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A source of energy readings.
+pub(crate) trait EnergyMeter: Send {
+    /// `rapl`, `nvml` or `model`.
+    fn name(&self) -> &'static str;
+    /// Measured or modelled.
+    fn kind(&self) -> EnergyKind;
+    /// Microjoules since the previous call (or since the meter was made). `busy` says the
+    /// engine computed during that interval; a model uses it, a hardware meter ignores it.
+    fn delta_uj(&mut self, busy: bool) -> u64;
+}
+
+/// Opens the configured source. Errors name why a requested meter is absent.
+pub(crate) fn open_meter(
+    config: &EnergyConfig,
+    threads: usize,
+) -> Result<Box<dyn EnergyMeter>, String> {
+    let model = || -> Box<dyn EnergyMeter> {
+        Box::new(Modelled::new(
+            config.idle_watts,
+            config.active_watts_per_thread * threads as f64,
+        ))
+    };
+    match config.source {
+        EnergySourceChoice::Model => Ok(model()),
+        EnergySourceChoice::Rapl => Ok(Box::new(Rapl::open(Path::new(POWERCAP))?)),
+        EnergySourceChoice::Nvml => Ok(Box::new(nvml::Nvml::open()?)),
+        EnergySourceChoice::Auto => match Rapl::open(Path::new(POWERCAP)) {
+            Ok(r) => Ok(Box::new(r)),
+            Err(why) => {
+                tracing::debug!(%why, "no RAPL meter; energy is modelled");
+                Ok(model())
+            }
+        },
+    }
+}
+
+/// The CPU power model: `idle_watts` over every interval, plus `busy_watts` over the intervals
+/// the engine computed. Time is measured with the monotonic clock, in whole microseconds
+/// carried over between readings so that nothing is lost to rounding.
+pub(crate) struct Modelled {
+    idle_watts: f64,
+    busy_watts: f64,
+    last: Instant,
+    /// Energy not yet handed out: the fraction of a microjoule below the last reading.
+    carry_uj: f64,
+}
+
+impl Modelled {
+    pub(crate) fn new(idle_watts: f64, busy_watts: f64) -> Self {
+        Self {
+            idle_watts,
+            busy_watts,
+            last: Instant::now(),
+            carry_uj: 0.0,
+        }
+    }
+
+    /// Microjoules for an interval of `seconds`.
+    fn energy_uj(&mut self, seconds: f64, busy: bool) -> u64 {
+        let watts = self.idle_watts + if busy { self.busy_watts } else { 0.0 };
+        let uj = watts * seconds * 1e6 + self.carry_uj;
+        let whole = uj.floor();
+        self.carry_uj = uj - whole;
+        whole as u64
+    }
+}
+
+impl EnergyMeter for Modelled {
+    fn name(&self) -> &'static str {
+        "model"
+    }
+    fn kind(&self) -> EnergyKind {
+        EnergyKind::Modelled
+    }
+    fn delta_uj(&mut self, busy: bool) -> u64 {
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        self.energy_uj(seconds, busy)
+    }
+}
+
+/// Where Linux exposes powercap zones.
+const POWERCAP: &str = "/sys/class/powercap";
+
+/// Linux RAPL package counters.
+pub(crate) struct Rapl {
+    /// Per package: its `energy_uj` file, counter range and last reading.
+    packages: Vec<RaplPackage>,
+}
+
+struct RaplPackage {
+    energy: PathBuf,
+    range_uj: u64,
+    last_uj: u64,
+}
+
+fn read_u64(path: &Path) -> Result<u64, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{}: not a counter: {:?}", path.display(), text.trim()))
+}
+
+impl Rapl {
+    /// The package domains under `root` (`intel-rapl:N`, not their `intel-rapl:N:M`
+    /// subdomains, which the package already counts). Absent when there are none or one of
+    /// them cannot be read.
+    pub(crate) fn open(root: &Path) -> Result<Self, String> {
+        let entries = fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let mut packages = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(index) = name.strip_prefix("intel-rapl:") else {
+                continue;
+            };
+            if index.contains(':') {
+                continue;
+            }
+            let dir = entry.path();
+            let energy = dir.join("energy_uj");
+            let last_uj = read_u64(&energy)?;
+            let range_uj = read_u64(&dir.join("max_energy_range_uj"))?;
+            if range_uj == 0 {
+                return Err(format!("{}: zero counter range", dir.display()));
+            }
+            packages.push(RaplPackage {
+                energy,
+                range_uj,
+                last_uj,
+            });
+        }
+        if packages.is_empty() {
+            return Err(format!("no RAPL package domain under {}", root.display()));
+        }
+        packages.sort_by(|a, b| a.energy.cmp(&b.energy));
+        Ok(Self { packages })
+    }
+}
+
+/// Microjoules from `last` to `now` on a counter that wraps past `range` back to 0.
+fn wrapped_delta(last: u64, now: u64, range: u64) -> u64 {
+    if now >= last {
+        now - last
+    } else {
+        range.saturating_sub(last) + now
+    }
+}
+
+impl EnergyMeter for Rapl {
+    fn name(&self) -> &'static str {
+        "rapl"
+    }
+    fn kind(&self) -> EnergyKind {
+        EnergyKind::Measured
+    }
+    fn delta_uj(&mut self, _busy: bool) -> u64 {
+        let mut total = 0;
+        for p in &mut self.packages {
+            // A failed read (the file went away) adds nothing and keeps the last reading.
+            if let Ok(now) = read_u64(&p.energy) {
+                total += wrapped_delta(p.last_uj, now, p.range_uj);
+                p.last_uj = now;
+            }
+        }
+        total
+    }
+}
+
+/// NVIDIA's management library, opened at run time.
+#[allow(unsafe_code)]
+mod nvml {
+    use super::{EnergyKind, EnergyMeter};
+    use libloading::Library;
+
+    type Device = *mut std::ffi::c_void;
+    type InitFn = unsafe extern "C" fn() -> i32;
+    type CountFn = unsafe extern "C" fn(*mut u32) -> i32;
+    type HandleFn = unsafe extern "C" fn(u32, *mut Device) -> i32;
+    type EnergyFn = unsafe extern "C" fn(Device, *mut u64) -> i32;
+
+    /// NVML's total-energy counters (millijoules) of every GPU.
+    pub(crate) struct Nvml {
+        energy: EnergyFn,
+        devices: Vec<Device>,
+        last_mj: Vec<u64>,
+        /// Keeps the library (and so `energy`) loaded.
+        _lib: Library,
+    }
+
+    // SAFETY: NVML's device handles are plain identifiers valid for the library's lifetime
+    // and its API is thread-safe (NVML documents every call as such); the meter is used from
+    // one thread at a time (the engine thread).
+    unsafe impl Send for Nvml {}
+
+    impl Nvml {
+        pub(crate) fn open() -> Result<Self, String> {
+            // SAFETY: loading NVML runs its initialisers, which have no preconditions.
+            let lib = unsafe { Library::new("libnvidia-ml.so.1") }
+                .map_err(|e| format!("NVML not available: {e}"))?;
+            // SAFETY: the symbols' types are NVML's documented C signatures (nvml.h).
+            let (init, count, handle, energy) = unsafe {
+                let init: InitFn = *lib.get::<InitFn>(b"nvmlInit_v2\0").map_err(sym)?;
+                let count: CountFn = *lib
+                    .get::<CountFn>(b"nvmlDeviceGetCount_v2\0")
+                    .map_err(sym)?;
+                let handle: HandleFn = *lib
+                    .get::<HandleFn>(b"nvmlDeviceGetHandleByIndex_v2\0")
+                    .map_err(sym)?;
+                let energy: EnergyFn = *lib
+                    .get::<EnergyFn>(b"nvmlDeviceGetTotalEnergyConsumption\0")
+                    .map_err(sym)?;
+                (init, count, handle, energy)
+            };
+            // SAFETY: nvmlInit_v2 takes no arguments; 0 is NVML_SUCCESS.
+            let rc = unsafe { init() };
+            if rc != 0 {
+                return Err(format!("nvmlInit failed (NVML error {rc})"));
+            }
+            let mut n = 0u32;
+            // SAFETY: `n` is a valid out-pointer for the call.
+            let rc = unsafe { count(&mut n) };
+            if rc != 0 || n == 0 {
+                return Err(format!("no NVIDIA GPU (NVML error {rc}, {n} devices)"));
+            }
+            let mut devices = Vec::new();
+            let mut last_mj = Vec::new();
+            for i in 0..n.min(64) {
+                let mut d: Device = std::ptr::null_mut();
+                let mut mj = 0u64;
+                // SAFETY: valid out-pointers; `d` is used only after NVML_SUCCESS.
+                let ok = unsafe { handle(i, &mut d) == 0 && energy(d, &mut mj) == 0 };
+                if !ok {
+                    return Err(format!("GPU {i} has no total-energy counter"));
+                }
+                devices.push(d);
+                last_mj.push(mj);
+            }
+            Ok(Self {
+                energy,
+                devices,
+                last_mj,
+                _lib: lib,
+            })
+        }
+    }
+
+    fn sym(e: libloading::Error) -> String {
+        format!("NVML lacks a function: {e}")
+    }
+
+    impl EnergyMeter for Nvml {
+        fn name(&self) -> &'static str {
+            "nvml"
+        }
+        fn kind(&self) -> EnergyKind {
+            EnergyKind::Measured
+        }
+        fn delta_uj(&mut self, _busy: bool) -> u64 {
+            let mut total = 0;
+            for (d, last) in self.devices.iter().zip(&mut self.last_mj) {
+                let mut mj = 0u64;
+                // SAFETY: `d` came from NVML and the library is still loaded.
+                if unsafe { (self.energy)(*d, &mut mj) } == 0 {
+                    total += mj.saturating_sub(*last) * 1000;
+                    *last = mj;
+                }
+            }
+            total
+        }
+    }
+}
+
+/// What a chunk of a step costs, in floating-point operations: the weight by which a step's
+/// energy is split.
+///
+/// Every token of a step, prompt or decode, goes through the same batched matrix products, so
+/// a token's dense cost is `2 × parameters` (one multiply-add per weight) and the weights'
+/// trip from memory is shared by every token of the step: a decode token and a prompt token
+/// at the same position cost the same (`c_prefill = c_decode`). What differs is attention: a
+/// token at position `p` multiplies its query with `p + 1` keys and its weights with as many
+/// values, `4 × layers × heads × head_dim × (p + 1)` operations, so late positions (long
+/// prompts, long answers) weigh more. Sliding windows and experts are not modelled (each
+/// token counts every parameter and every position).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CostModel {
+    pub(crate) dense_flops_per_token: f64,
+    pub(crate) attention_flops_per_position: f64,
+}
+
+impl CostModel {
+    pub(crate) fn new(n_params: u64, n_layers: usize, n_heads: usize, head_dim: usize) -> Self {
+        Self {
+            dense_flops_per_token: 2.0 * n_params as f64,
+            attention_flops_per_position: 4.0 * (n_layers * n_heads * head_dim) as f64,
+        }
+    }
+
+    /// The cost of `n` tokens at positions `start..start + n`.
+    pub(crate) fn chunk(&self, start: usize, n: usize) -> f64 {
+        let (s, n) = (start as f64, n as f64);
+        // Σ_{p = start}^{start + n - 1} (p + 1) = n·start + n(n + 1)/2
+        let positions = n * s + n * (n + 1.0) / 2.0;
+        n * self.dense_flops_per_token + positions * self.attention_flops_per_position
+    }
+}
+
+/// Splits `total` into parts proportional to `weights` that sum exactly to `total`: each part
+/// is its share rounded down, and what rounding left goes one microjoule at a time to the
+/// largest remainders. Weights that are all zero (or not finite) share equally.
+pub(crate) fn split(total: u64, weights: &[f64]) -> Vec<u64> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let usable = weights.iter().all(|w| w.is_finite() && *w >= 0.0);
+    let sum: f64 = if usable { weights.iter().sum() } else { 0.0 };
+    let shares: Vec<f64> = if sum > 0.0 {
+        weights.iter().map(|w| total as f64 * w / sum).collect()
+    } else {
+        vec![total as f64 / weights.len() as f64; weights.len()]
+    };
+    let mut parts: Vec<u64> = shares.iter().map(|s| s.floor() as u64).collect();
+    // Rounding of the shares themselves may overshoot by a few units at huge totals: trim.
+    while parts.iter().sum::<u64>() > total {
+        if let Some(p) = parts.iter_mut().filter(|p| **p > 0).max() {
+            *p -= 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| {
+        let ra = shares[a] - shares[a].floor();
+        let rb = shares[b] - shares[b].floor();
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    let mut left = total - parts.iter().sum::<u64>();
+    for &i in order.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        parts[i] += 1;
+        left -= 1;
+    }
+    parts
+}
+
+/// The engine thread's energy accounts: the meter and the totals it publishes.
+pub(crate) struct EnergyLedger {
+    meter: Box<dyn EnergyMeter>,
+    metrics: Arc<Metrics>,
+}
+
+impl EnergyLedger {
+    pub(crate) fn new(meter: Box<dyn EnergyMeter>, metrics: Arc<Metrics>) -> Self {
+        let _ = metrics.energy_source.set((meter.name(), meter.kind()));
+        Self { meter, metrics }
+    }
+
+    /// Measured or modelled.
+    pub(crate) fn kind(&self) -> EnergyKind {
+        self.meter.kind()
+    }
+
+    /// Reads the meter: what came since the last reading was idle.
+    pub(crate) fn idle(&mut self) -> u64 {
+        let uj = self.meter.delta_uj(false);
+        self.metrics.energy_idle_uj.fetch_add(uj, Relaxed);
+        uj
+    }
+
+    /// Reads the meter at the end of a step: what came since the last reading was the step,
+    /// split by `weights` (one per chunk), parts summing to the step's energy.
+    pub(crate) fn step(&mut self, weights: &[f64]) -> Vec<u64> {
+        let uj = self.meter.delta_uj(true);
+        if weights.is_empty() {
+            self.metrics.energy_idle_uj.fetch_add(uj, Relaxed);
+            return Vec::new();
+        }
+        self.metrics.energy_requests_uj.fetch_add(uj, Relaxed);
+        split(uj, weights)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A meter that hands out scripted microjoules, labelled as a model.
+    struct Scripted {
+        next: std::vec::IntoIter<u64>,
+        total: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl EnergyMeter for Scripted {
+        fn name(&self) -> &'static str {
+            "model"
+        }
+        fn kind(&self) -> EnergyKind {
+            EnergyKind::Modelled
+        }
+        fn delta_uj(&mut self, _busy: bool) -> u64 {
+            let uj = self.next.next().unwrap_or(0);
+            self.total.fetch_add(uj, Relaxed);
+            uj
+        }
+    }
+
+    #[test]
+    fn split_sums_exactly_and_follows_weights() {
+        assert_eq!(split(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(split(0, &[2.0, 5.0]), vec![0, 0]);
+        assert_eq!(split(7, &[0.0, 0.0]), vec![4, 3]);
+        assert_eq!(split(100, &[3.0, 1.0]), vec![75, 25]);
+        assert_eq!(split(5, &[f64::NAN, 1.0]), vec![3, 2]);
+        assert!(split(9, &[]).is_empty());
+        let big = split(u64::MAX / 2, &[1.0, 3.0, 1e-9]);
+        assert_eq!(big.iter().sum::<u64>(), u64::MAX / 2);
+    }
+
+    #[test]
+    fn cost_model_weighs_positions_and_tokens() {
+        let c = CostModel::new(1000, 2, 3, 4);
+        // 1 token at position 0: 2000 dense + 96 × 1 attention.
+        assert_eq!(c.chunk(0, 1), 2096.0);
+        // A chunk costs what its tokens cost one by one (prefill = decode at equal positions).
+        let by_token: f64 = (5..9).map(|p| c.chunk(p, 1)).sum();
+        assert_eq!(c.chunk(5, 4), by_token);
+        assert!(c.chunk(100, 1) > c.chunk(0, 1));
+    }
+
+    #[test]
+    fn rapl_reads_packages_handles_wrap_and_is_absent_when_unreadable() {
+        let root = std::env::temp_dir().join(format!("souverain-rapl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let write = |dir: &str, file: &str, v: &str| {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join(file), v).unwrap();
+        };
+        assert!(Rapl::open(&root.join("missing")).is_err());
+        write("intel-rapl:0", "energy_uj", "999000\n");
+        write("intel-rapl:0", "max_energy_range_uj", "1000000\n");
+        // A subdomain (counted in its package already) and another zone type are ignored.
+        write("intel-rapl:0:0", "energy_uj", "5\n");
+        write("intel-rapl:0:0", "max_energy_range_uj", "10\n");
+        write("intel-rapl-mmio:0", "energy_uj", "5\n");
+        write("intel-rapl:1", "energy_uj", "100\n");
+        write("intel-rapl:1", "max_energy_range_uj", "1000000\n");
+        let mut rapl = Rapl::open(&root).unwrap();
+        assert_eq!(rapl.kind(), EnergyKind::Measured);
+        assert_eq!(rapl.packages.len(), 2);
+        // Package 0 wraps: 999000 → 1000000 → 500 is 1500 µJ; package 1 adds 50.
+        write("intel-rapl:0", "energy_uj", "500\n");
+        write("intel-rapl:1", "energy_uj", "150\n");
+        assert_eq!(rapl.delta_uj(true), 1550);
+        assert_eq!(rapl.delta_uj(false), 0);
+        write("intel-rapl:1", "energy_uj", "garbage\n");
+        assert!(Rapl::open(&root).is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn nvml_is_absent_without_the_library_and_auto_falls_back_to_the_model() {
+        // This machine has no NVIDIA driver: asking for NVML is a clear error, never a panic.
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            return;
+        }
+        let nvml = EnergyConfig {
+            source: EnergySourceChoice::Nvml,
+            ..EnergyConfig::default()
+        };
+        let err = open_meter(&nvml, 2).err().unwrap();
+        assert!(err.contains("NVML"), "{err}");
+        let auto = open_meter(&EnergyConfig::default(), 2).unwrap();
+        if Rapl::open(Path::new(POWERCAP)).is_err() {
+            assert_eq!(auto.name(), "model");
+            assert_eq!(auto.kind(), EnergyKind::Modelled);
+        }
+    }
+
+    #[test]
+    fn model_charges_idle_watts_always_and_busy_watts_while_computing() {
+        let mut m = Modelled::new(10.0, 40.0);
+        assert_eq!(m.kind(), EnergyKind::Modelled);
+        assert_eq!(m.energy_uj(0.5, false), 5_000_000);
+        assert_eq!(m.energy_uj(0.5, true), 25_000_000);
+        // Fractions of a microjoule are carried, not lost.
+        let parts: u64 = (0..1000).map(|_| m.energy_uj(1e-9, true)).sum();
+        assert_eq!(parts, 50);
+        assert!(EnergyConfig::default().validate().is_ok());
+        let bad = EnergyConfig {
+            idle_watts: -1.0,
+            ..EnergyConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        assert!("sun".parse::<EnergySourceChoice>().is_err());
+        assert_eq!("nvml".parse(), Ok(EnergySourceChoice::Nvml));
+    }
+
+    #[test]
+    fn requests_and_idle_sum_to_the_meter_total() {
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Uneven readings, idle gaps between steps, steps of 1 to 5 chunks.
+        let readings: Vec<u64> = (0..400u64).map(|i| (i * 7919) % 100_003).collect();
+        let meter = Scripted {
+            next: readings.into_iter(),
+            total: total.clone(),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut ledger = EnergyLedger::new(Box::new(meter), metrics.clone());
+        assert_eq!(ledger.kind(), EnergyKind::Modelled);
+        let cost = CostModel::new(135_000_000, 30, 9, 64);
+        let mut requests = 0u64;
+        let mut idle = 0u64;
+        for step in 0..200usize {
+            if step % 3 == 0 {
+                idle += ledger.idle();
+            }
+            // Mixed chunks: decode tokens at growing positions, prompt chunks of many tokens.
+            let weights: Vec<f64> = (0..=step % 5)
+                .map(|k| {
+                    if k % 2 == 0 {
+                        cost.chunk(step + k * 10, 1)
+                    } else {
+                        cost.chunk(0, 1 + step % 64)
+                    }
+                })
+                .collect();
+            requests += ledger.step(&weights).iter().sum::<u64>();
+        }
+        let snap = metrics.snapshot();
+        assert_eq!(requests + idle, total.load(Relaxed));
+        assert_eq!(snap.energy.requests_uj, requests);
+        assert_eq!(snap.energy.idle_uj, idle);
+        assert!(idle > 0 && requests > 0);
+        // A modelled source is never labelled measured.
+        assert_eq!(snap.energy.kind, EnergyKind::Modelled);
+    }
+}
