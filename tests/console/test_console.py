@@ -209,8 +209,11 @@ def test_the_audit_log_verifies_and_searches(console: Console) -> None:
 def test_usage_is_charted_and_exported(console: Console) -> None:
     page = console.page
     go(console, "usage")
-    expect(page.locator("#usage-charts figure")).to_have_count(2)
-    expect(page.locator("#usage-charts figure h2")).to_have_text(["Tokens", "Requests"])
+    # Usage records carry each request's energy (modelled here), so its chart is drawn too.
+    expect(page.locator("#usage-charts figure")).to_have_count(3)
+    expect(page.locator("#usage-charts figure h2")).to_have_text(
+        ["Tokens", "Requests", "Energy (J)"]
+    )
     assert page.locator("#usage-charts svg rect").count() >= 2
     expect(page.locator("#usage-charts .legend").first).to_contain_text(HOSTILE)
     expect(page.locator("#usage-table tbody tr")).to_have_count(1)
