@@ -35,27 +35,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
+pub use crate::metrics::EnergyKind;
 use crate::metrics::Metrics;
-
-/// Whether joules come from a meter or from a model. Nothing modelled is ever labelled
-/// `measured`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EnergyKind {
-    /// Read from a hardware energy counter (RAPL, NVML).
-    Measured,
-    /// Computed from a power model of the device.
-    Modelled,
-}
-
-impl EnergyKind {
-    /// `"measured"` or `"modelled"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EnergyKind::Measured => "measured",
-            EnergyKind::Modelled => "modelled",
-        }
-    }
-}
 
 /// Which energy source to use, as `--energy-source` names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

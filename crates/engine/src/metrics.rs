@@ -4,8 +4,6 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::energy::EnergyKind;
-
 /// Upper bounds (seconds) of the latency histograms' buckets.
 pub const LATENCY_BUCKETS_S: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -189,5 +187,25 @@ mod tests {
         assert_eq!(snap.buckets[2], (0.005, 3));
         assert_eq!(snap.buckets.last().map(|b| b.1), Some(4)); // 100 s is only in +Inf
         assert!((snap.sum_seconds - 100.2065).abs() < 1e-4);
+    }
+}
+
+/// Whether joules come from a meter or from a model. Nothing modelled is ever labelled
+/// `measured`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EnergyKind {
+    /// Read from a hardware energy counter (RAPL, NVML).
+    Measured,
+    /// Computed from a power model of the device.
+    Modelled,
+}
+
+impl EnergyKind {
+    /// `"measured"` or `"modelled"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergyKind::Measured => "measured",
+            EnergyKind::Modelled => "modelled",
+        }
     }
 }
