@@ -33,7 +33,7 @@ use crate::types::KeyContext;
 /// Keys kept at most; beyond this the cache starts over (keys are read again).
 const MAX_CACHED_KEYS: usize = 100_000;
 /// Settlements committed in one transaction at most.
-const MAX_GROUP: usize = 512;
+pub(crate) const MAX_GROUP: usize = 512;
 /// How long the writer gathers settlements after the first before it commits them.
 const GROUP_WINDOW: Duration = Duration::from_millis(10);
 /// How often the writer wakes when nothing is queued, to give idle leases back.
@@ -404,7 +404,7 @@ fn write_loop(
 /// being down, commits the settlements one by one so that one bad record does not hold back
 /// the others (the bad one is logged and dropped). What was committed (or dropped) leaves
 /// `batch`; `Err` only when the store is down.
-fn commit_group(store: &dyn Store, batch: &mut Vec<Pending>) -> Result<(), StoreError> {
+pub(crate) fn commit_group(store: &dyn Store, batch: &mut Vec<Pending>) -> Result<(), StoreError> {
     match store.commit_batch(batch) {
         Ok(()) => {
             batch.clear();

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::audit::{self, AuditDraft, AuditEntry, VerifyReport};
 use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
-use crate::hot::{self, KeyCache, Leases, Pending, Writer};
+use crate::hot::{self, KeyCache, Leases, MAX_GROUP, Pending, Writer, commit_group};
 use crate::keys;
 use crate::ratelimit::{RateLimiter, Which};
 use crate::store::{Holder, HolderRow, Mutation, Store};
@@ -988,14 +988,21 @@ impl ControlPlane {
         reservation: Option<&Reservation>,
         outcome: Outcome,
     ) -> Result<(), ControlError> {
-        self.flush_backlog();
         let (mutations, draft) = self.settlement(ctx, reservation, outcome);
-        match self.store.commit(&mutations, Some(&draft)) {
-            Ok(_) => Ok(()),
-            Err(err @ StoreError::Unavailable { .. }) => {
-                self.push_backlog((mutations, Some(draft)));
-                Err(err.into())
-            }
+        if self.backlog_is_empty() {
+            return match self.store.commit(&mutations, Some(&draft)) {
+                Ok(_) => Ok(()),
+                Err(err @ StoreError::Unavailable { .. }) => {
+                    self.push_backlog((mutations, Some(draft)));
+                    Err(err.into())
+                }
+                Err(err) => Err(err.into()),
+            };
+        }
+        // Records wait already: this one goes after them, in the same transactions.
+        self.push_backlog((mutations, Some(draft)));
+        match self.flush_backlog() {
+            Ok(()) => Ok(()),
             Err(err) => Err(err.into()),
         }
     }
@@ -1231,7 +1238,7 @@ impl ControlPlane {
     /// Deletes retained content whose time is up and retries waiting settlements; returns
     /// how many content rows were deleted.
     pub fn enforce_retention(&self) -> Result<u64, ControlError> {
-        self.flush_backlog();
+        self.flush_backlog()?;
         Ok(self.store.purge_expired_content(self.now_ms())?)
     }
 
@@ -1245,10 +1252,9 @@ impl ControlPlane {
             .saturating_add(queued)
     }
 
-    /// Starts the background task that enforces retention and retries waiting settlements
-    /// every `every`, and keeps this process registered as a live holder of its budget
-    /// reservations (releasing dead ones' holds, [`ControlPlane::keep_alive`]) every
-    /// [`HOLDER_BEAT`], starting now. It ends when the runtime shuts down or the handle is
+    /// Starts the background task that enforces retention every `every`, and, every
+    /// [`HOLDER_BEAT`], retries settlements waiting for the store and keeps this process registered as a live holder of its budget
+    /// reservations (releasing dead ones' holds, [`ControlPlane::keep_alive`]), starting now. It ends when the runtime shuts down or the handle is
     /// aborted.
     pub fn spawn_maintenance(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let plane = Arc::clone(self);
@@ -1258,6 +1264,15 @@ impl ControlPlane {
             let mut last_retention = tokio::time::Instant::now();
             loop {
                 beats.tick().await;
+                // Records queued while the store was down go in as soon as it is back, not
+                // only when the next request settles.
+                if !plane.backlog_is_empty()
+                    && let Err(err) = plane
+                        .run(|p| p.flush_backlog().map_err(ControlError::from))
+                        .await
+                {
+                    tracing::warn!(error = %err, waiting = plane.backlog_len(), "queued records still wait for the store");
+                }
                 if let Err(err) = plane.run(|p| p.keep_alive()).await {
                     tracing::warn!(error = %err, "budget keep-alive failed");
                 }
@@ -1295,26 +1310,37 @@ impl ControlPlane {
         backlog.push_back(pending);
     }
 
-    /// Commits waiting settlements in order; stops at the first failure.
-    fn flush_backlog(&self) {
+    fn backlog_is_empty(&self) -> bool {
+        self.backlog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Commits waiting settlements in order, many to a transaction; stops at the first
+    /// failure of the store (what is left stays queued, in order).
+    ///
+    /// One transaction per group, not per record: after an outage the backlog (every
+    /// refusal and settlement of the outage) would otherwise rewrite the same table and
+    /// index pages once per record, and on a volume that has just been freed that
+    /// write-ahead log growth could take the space back before a checkpoint moves it into
+    /// the database, which then cannot grow: the store would stay full for good.
+    fn flush_backlog(&self) -> Result<(), StoreError> {
         loop {
-            let next = {
+            let mut group: Vec<Pending> = {
                 let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
-                backlog.pop_front()
+                let n = backlog.len().min(MAX_GROUP);
+                backlog.drain(..n).collect()
             };
-            let Some((mutations, draft)) = next else {
-                return;
-            };
-            match self.store.commit(&mutations, draft.as_ref()) {
-                Ok(_) => {}
-                Err(StoreError::Unavailable { .. }) => {
-                    let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
-                    backlog.push_front((mutations, draft));
-                    return;
+            if group.is_empty() {
+                return Ok(());
+            }
+            if let Err(err) = commit_group(&*self.store, &mut group) {
+                let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+                for pending in group.into_iter().rev() {
+                    backlog.push_front(pending);
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "a queued record was refused by the store and dropped");
-                }
+                return Err(err);
             }
         }
     }

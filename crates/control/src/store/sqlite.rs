@@ -44,6 +44,9 @@ impl Drop for SqliteStore {
     }
 }
 
+/// The size the write-ahead log file is cut back to when it restarts, in bytes.
+const WAL_SIZE_LIMIT: u64 = 1 << 20;
+
 /// How often the background thread moves the write-ahead log into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -155,10 +158,16 @@ impl SqliteStore {
             detail: format!("opening {}: {e}", path.display()),
         })?;
         let mut store = Self::from_connection(conn)?;
-        // Checkpoints move to a thread of their own; the commits no longer run them.
+        // Checkpoints move to a thread of their own; the commits no longer run them. A
+        // write-ahead log that grew (a burst, a backlog after an outage) goes back to at most
+        // `WAL_SIZE_LIMIT` bytes when it restarts, so that the space comes back to the
+        // database: on a volume that was full, the database must be able to grow for a
+        // checkpoint to complete at all.
         store
             .conn()
-            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+            ))
             .map_err(map_err)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         spawn_checkpointer(path, std::sync::Arc::clone(&stop));
