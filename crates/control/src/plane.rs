@@ -27,7 +27,7 @@ use crate::store::{Holder, HolderRow, Mutation, Store};
 use crate::time::{Clock, SystemClock};
 use crate::types::{
     EnergyUse, KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent,
-    UsageFilter, UsageRecord,
+    StoredResponse, UsageFilter, UsageRecord,
 };
 
 /// The longest a name may be, in characters.
@@ -36,6 +36,9 @@ const MAX_NAME_CHARS: usize = 200;
 /// usage record or an audit entry keeps: a client's 3 MB `model` must not become 3 MB of
 /// storage (twice: record and audit).
 pub const MAX_STORED_FIELD_CHARS: usize = 256;
+/// The most bytes a stored response may hold, its input items and its response object
+/// together: a chain of `previous_response_id`s cannot grow a row without bound.
+pub const MAX_STORED_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// The longest retention a project may ask for: ten years.
 const MAX_RETENTION_SECS: i64 = 10 * 366 * 86_400;
 /// Settlements kept in memory while the store is down; beyond this the oldest are dropped
@@ -1235,11 +1238,116 @@ impl ControlPlane {
         *host == self.holder.host && !process_alive(*pid)
     }
 
-    /// Deletes retained content whose time is up and retries waiting settlements; returns
-    /// how many content rows were deleted.
+    /// Deletes retained content and stored responses whose time is up and retries waiting
+    /// settlements; returns how many rows were deleted.
     pub fn enforce_retention(&self) -> Result<u64, ControlError> {
         self.flush_backlog()?;
-        Ok(self.store.purge_expired_content(self.now_ms())?)
+        let now = self.now_ms();
+        let content = self.store.purge_expired_content(now)?;
+        let responses = self.store.purge_expired_responses(now)?;
+        Ok(content.saturating_add(responses))
+    }
+
+    // ---- stored responses (OpenAI's Responses API) -------------------------------------
+
+    /// Keeps response `id` (its input items and the response object, both JSON) for the
+    /// key's project until the project's retention ends; audited as `response.store`. A
+    /// project with zero retention (the default) keeps nothing: `Invalid` (`store`), as is a
+    /// response larger than [`MAX_STORED_RESPONSE_BYTES`] or an id that is not one of ours.
+    pub fn store_response(
+        &self,
+        ctx: &KeyContext,
+        id: &str,
+        input: String,
+        response: String,
+    ) -> Result<StoredResponse, ControlError> {
+        let Some(retention_secs) = ctx.project.retention_secs else {
+            return Err(ControlError::invalid(
+                "store",
+                format!(
+                    "project {} keeps no content (zero retention), so no response is stored",
+                    ctx.project.id
+                ),
+            ));
+        };
+        if id.is_empty()
+            || id.len() > MAX_STORED_FIELD_CHARS
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(ControlError::invalid(
+                "id",
+                "a response id is 1 to 256 ASCII letters, digits and underscores",
+            ));
+        }
+        let bytes = input.len().saturating_add(response.len());
+        if bytes > MAX_STORED_RESPONSE_BYTES {
+            return Err(ControlError::invalid(
+                "store",
+                format!(
+                    "the response and its input are {bytes} bytes; at most \
+                     {MAX_STORED_RESPONSE_BYTES} bytes are stored"
+                ),
+            ));
+        }
+        let now = self.now_ms();
+        let stored = StoredResponse {
+            id: id.to_owned(),
+            org_id: ctx.org.id.clone(),
+            project_id: ctx.project.id.clone(),
+            key_id: ctx.key.id.clone(),
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(retention_secs.saturating_mul(1000)),
+            input,
+            response,
+        };
+        let draft = self.draft(
+            &format!("key:{}", ctx.key.id),
+            "response.store",
+            id,
+            json!({"bytes": bytes, "expires_at_ms": stored.expires_at_ms}),
+        );
+        self.store
+            .commit(&[Mutation::InsertResponse(stored.clone())], Some(&draft))?;
+        Ok(stored)
+    }
+
+    /// Response `id` if the key's project stored it and its retention has not ended; another
+    /// project's (another organisation's included) is `None`, as a missing one is.
+    pub fn get_response(
+        &self,
+        ctx: &KeyContext,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, ControlError> {
+        if id.len() > MAX_STORED_FIELD_CHARS {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .get_response(id, &ctx.project.id, self.now_ms())?)
+    }
+
+    /// Deletes response `id` of the key's project; audited as `response.delete`. True when it
+    /// was there (another project's is not touched, and is false).
+    pub fn delete_response(&self, ctx: &KeyContext, id: &str) -> Result<bool, ControlError> {
+        if self.get_response(ctx, id)?.is_none() {
+            return Ok(false);
+        }
+        let draft = self.draft(
+            &format!("key:{}", ctx.key.id),
+            "response.delete",
+            id,
+            json!({}),
+        );
+        let delete = Mutation::DeleteResponse {
+            id: id.to_owned(),
+            project_id: ctx.project.id.clone(),
+        };
+        match self.store.commit(&[delete], Some(&draft)) {
+            Ok(_) => Ok(true),
+            // Deleted meanwhile (by another request, or the retention task).
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Settlements waiting for the store.

@@ -264,6 +264,30 @@ pub struct RetainedContent {
     pub output: String,
 }
 
+/// A response of OpenAI's Responses API kept for `GET /v1/responses/{id}` and
+/// `previous_response_id`: only for projects whose retention allows keeping content, owned by
+/// the project that made it, deleted when its retention ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// The response's id (`resp_...`).
+    pub id: String,
+    /// The organisation that made it.
+    pub org_id: String,
+    /// The project that made it (the only one that may read or delete it).
+    pub project_id: String,
+    /// The key it was made with.
+    pub key_id: String,
+    /// When it was stored.
+    pub created_at_ms: i64,
+    /// When the retention task deletes it.
+    pub expires_at_ms: i64,
+    /// The conversation's input items up to this response (earlier responses' included), a
+    /// JSON array.
+    pub input: String,
+    /// The response object as answered, JSON.
+    pub response: String,
+}
+
 /// Which usage records to read. `None` fields do not filter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

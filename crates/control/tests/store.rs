@@ -15,8 +15,8 @@ use souverain_control::store::latest_schema_version;
 use souverain_control::{
     AuditDraft, Budget, BudgetPeriod, ControlConfig, ControlError, ControlPlane, Denial,
     EnergySource, EnergyUse, GroupBy, HOLDER_TIMEOUT, Holder, KeyContext, KeyPolicy,
-    MAX_STORED_FIELD_CHARS, ManualClock, Outcome, PostgresStore, SqliteStore, Store, StoreError,
-    Tamper, UsageFilter, usage,
+    MAX_STORED_FIELD_CHARS, MAX_STORED_RESPONSE_BYTES, ManualClock, Outcome, PostgresStore,
+    SqliteStore, Store, StoreError, Tamper, UsageFilter, usage,
 };
 
 const REGION: &str = "eu-west-paris";
@@ -486,6 +486,104 @@ fn settlements_record_usage_content_and_audit(fx: &Fixture) {
         .filter(|e| e.action == "key.use")
         .count();
     assert_eq!(uses, 3);
+    assert!(plane.verify_audit().unwrap().is_intact());
+}
+
+fn stored_responses_are_owned_bounded_and_expire(fx: &Fixture) {
+    let (plane, clock) = fx.plane();
+    let (keeper, _) = tenant(&plane, KeyPolicy::default(), Some(60));
+    let (forgetter, _) = tenant(&plane, KeyPolicy::default(), None);
+    // Another project of the keeper's organisation, and another organisation's.
+    let sibling_project = plane
+        .create_project("admin", &keeper.org.id, "other", Some(60))
+        .unwrap();
+    let sibling_key = plane
+        .create_key("admin", &sibling_project.id, "k", KeyPolicy::default())
+        .unwrap();
+    let sibling = plane.authenticate(&sibling_key.plaintext).unwrap();
+    let (stranger, _) = tenant(&plane, KeyPolicy::default(), Some(60));
+
+    let input = r#"[{"role":"user","content":"hi"}]"#.to_owned();
+    let body = r#"{"id":"resp_a","object":"response"}"#.to_owned();
+    let stored = plane
+        .store_response(&keeper, "resp_a", input.clone(), body.clone())
+        .unwrap();
+    assert_eq!(stored.expires_at_ms, START_MS + 60_000);
+    let got = plane.get_response(&keeper, "resp_a").unwrap().unwrap();
+    assert_eq!(
+        (got.input.as_str(), got.response.as_str()),
+        (input.as_str(), body.as_str())
+    );
+    assert_eq!(got.org_id, keeper.org.id);
+    // Owned by its project: neither another project nor another organisation sees it or can
+    // delete it.
+    for other in [&sibling, &stranger] {
+        assert_eq!(plane.get_response(other, "resp_a").unwrap(), None);
+        assert!(!plane.delete_response(other, "resp_a").unwrap());
+    }
+    assert!(plane.get_response(&keeper, "resp_a").unwrap().is_some());
+    assert_eq!(
+        plane.get_response(&keeper, &"x".repeat(100_000)).unwrap(),
+        None
+    );
+
+    // Zero retention keeps nothing; bad ids and oversized rows are refused.
+    let refused = plane
+        .store_response(&forgetter, "resp_b", input.clone(), body.clone())
+        .unwrap_err();
+    assert!(
+        matches!(refused, ControlError::Invalid { field: "store", .. }),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("zero retention"), "{refused}");
+    assert!(
+        plane
+            .store_response(&keeper, "resp b'", input.clone(), body.clone())
+            .is_err()
+    );
+    let huge = "x".repeat(MAX_STORED_RESPONSE_BYTES);
+    let too_big = plane
+        .store_response(&keeper, "resp_c", input.clone(), huge)
+        .unwrap_err();
+    assert!(
+        matches!(too_big, ControlError::Invalid { field: "store", .. }),
+        "{too_big:?}"
+    );
+    assert_eq!(plane.get_response(&keeper, "resp_c").unwrap(), None);
+
+    // Deleting: once, audited.
+    plane
+        .store_response(&keeper, "resp_d", input.clone(), body.clone())
+        .unwrap();
+    assert!(plane.delete_response(&keeper, "resp_d").unwrap());
+    assert!(!plane.delete_response(&keeper, "resp_d").unwrap());
+    assert_eq!(plane.get_response(&keeper, "resp_d").unwrap(), None);
+    let actions: Vec<String> = plane
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .filter(|a| a.starts_with("response."))
+        .collect();
+    assert_eq!(
+        actions,
+        ["response.store", "response.store", "response.delete"]
+    );
+
+    // Retention: unreadable once its time is up, deleted by the retention pass.
+    clock.advance_ms(59_999);
+    assert!(plane.get_response(&keeper, "resp_a").unwrap().is_some());
+    assert_eq!(plane.enforce_retention().unwrap(), 0);
+    clock.advance_ms(1);
+    assert_eq!(plane.get_response(&keeper, "resp_a").unwrap(), None);
+    assert_eq!(plane.enforce_retention().unwrap(), 1);
+    assert_eq!(
+        fx.store
+            .get_response("resp_a", &keeper.project.id, 0)
+            .unwrap(),
+        None,
+        "the row itself is gone"
+    );
     assert!(plane.verify_audit().unwrap().is_intact());
 }
 
@@ -965,6 +1063,7 @@ store_suite!(
     residency_follows_the_organisation,
     budget_reservations_are_exact_under_concurrency,
     settlements_record_usage_content_and_audit,
+    stored_responses_are_owned_bounded_and_expire,
     stored_request_strings_are_bounded,
     rate_limits_count_requests_and_tokens,
     concurrent_appends_from_two_connections_keep_the_chain,

@@ -17,8 +17,8 @@ pub use self::sqlite::SqliteStore;
 use crate::audit::{AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
 use crate::types::{
-    EnergySource, KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter,
-    UsageRecord,
+    EnergySource, KeyContext, KeyRecord, Organisation, Project, RetainedContent, StoredResponse,
+    UsageFilter, UsageRecord,
 };
 
 /// The schema, one step per version. A database records the versions applied in
@@ -133,6 +133,20 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE usage_records ADD COLUMN energy_uj BIGINT;
         ALTER TABLE usage_records ADD COLUMN energy_source TEXT;",
     ),
+    (
+        5,
+        "CREATE TABLE stored_responses (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL,
+            project_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            input TEXT NOT NULL,
+            response TEXT NOT NULL
+        );
+        CREATE INDEX stored_responses_by_expiry ON stored_responses(expires_at_ms);",
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -184,6 +198,16 @@ pub enum Mutation {
     InsertUsage(UsageRecord),
     /// Keep a prompt and its output (projects that opted in only).
     InsertContent(RetainedContent),
+    /// Keep a Responses API response (projects whose retention allows it only).
+    InsertResponse(StoredResponse),
+    /// Delete a stored response of a project (changing no row: it is not the project's, or
+    /// gone).
+    DeleteResponse {
+        /// The response's id.
+        id: String,
+        /// The project that must own it.
+        project_id: String,
+    },
     /// Record that a holder is alive at `seen_ms` (changes no row when it is not registered).
     HolderSeen {
         /// The holder's id.
@@ -315,6 +339,17 @@ pub trait Store: Send + Sync + 'static {
     fn retained_content(&self, project_id: &str) -> Result<Vec<RetainedContent>, StoreError>;
     /// Deletes retained content whose time is up; returns how many rows went.
     fn purge_expired_content(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// A stored response, if project `project_id` owns it and its retention has not ended by
+    /// `now_ms` (a row the retention task has not reached yet is already gone to readers).
+    fn get_response(
+        &self,
+        id: &str,
+        project_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<StoredResponse>, StoreError>;
+    /// Deletes stored responses whose retention has ended; returns how many rows went.
+    fn purge_expired_responses(&self, now_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// A parameter of the shared SQL.
@@ -591,6 +626,30 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static st
             )],
             None,
         ),
+        Mutation::InsertResponse(r) => (
+            vec![(
+                "INSERT INTO stored_responses (id, org_id, project_id, key_id, created_at_ms, \
+                 expires_at_ms, input, response) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                vec![
+                    r.id.as_str().into(),
+                    r.org_id.as_str().into(),
+                    r.project_id.as_str().into(),
+                    r.key_id.as_str().into(),
+                    r.created_at_ms.into(),
+                    r.expires_at_ms.into(),
+                    r.input.as_str().into(),
+                    r.response.as_str().into(),
+                ],
+            )],
+            None,
+        ),
+        Mutation::DeleteResponse { id, project_id } => (
+            vec![(
+                "DELETE FROM stored_responses WHERE id = ? AND project_id = ?",
+                vec![id.as_str().into(), project_id.as_str().into()],
+            )],
+            Some(("response", id.clone())),
+        ),
         Mutation::HolderSeen { holder, seen_ms } => (
             vec![(
                 "UPDATE holders SET seen_ms = ? WHERE holder = ?",
@@ -671,6 +730,11 @@ pub(crate) const AUDIT_COLUMNS: &str = "seq, at_ms, actor, action, target, detai
 
 pub(crate) const CONTENT_COLUMNS: &str =
     "request_id, project_id, key_id, created_at_ms, expires_at_ms, prompt, output";
+
+/// One stored response of its project, unexpired.
+pub(crate) const GET_RESPONSE_SQL: &str = "SELECT id, org_id, project_id, key_id, created_at_ms, \
+    expires_at_ms, input, response FROM stored_responses \
+    WHERE id = ? AND project_id = ? AND expires_at_ms > ?";
 
 /// A row read the same way from both drivers: column `i` as the type asked for.
 pub(crate) trait Row {
@@ -812,6 +876,19 @@ pub(crate) fn content_from_row(row: &dyn Row) -> Result<RetainedContent, StoreEr
     })
 }
 
+pub(crate) fn response_from_row(row: &dyn Row) -> Result<StoredResponse, StoreError> {
+    Ok(StoredResponse {
+        id: row.text(0)?,
+        org_id: row.text(1)?,
+        project_id: row.text(2)?,
+        key_id: row.text(3)?,
+        created_at_ms: row.int(4)?,
+        expires_at_ms: row.int(5)?,
+        input: row.text(6)?,
+        response: row.text(7)?,
+    })
+}
+
 /// The audit statements of one append: the new entry and the new head.
 pub(crate) fn audit_append_sql(entry: &AuditEntry) -> [Statement; 2] {
     [
@@ -872,7 +949,7 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(versions, sorted);
-        assert_eq!(latest_schema_version(), 4);
+        assert_eq!(latest_schema_version(), 5);
     }
 
     #[test]

@@ -13,16 +13,17 @@ use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::{
-    AUDIT_COLUMNS, CONTENT_COLUMNS, HOLDERS_SQL, Holder, HolderRow, KEY_COLUMNS, KEY_CONTEXT_SQL,
-    MIGRATIONS, Mutation, Param, Row, Store, USAGE_COLUMNS, audit_append_sql, audit_from_row,
-    content_from_row, hold_sql, holder_from_row, key_context_from_row, key_from_row,
-    latest_schema_version, mutation_sql, org_from_row, project_from_row, usage_from_row,
-    usage_where,
+    AUDIT_COLUMNS, CONTENT_COLUMNS, GET_RESPONSE_SQL, HOLDERS_SQL, Holder, HolderRow, KEY_COLUMNS,
+    KEY_CONTEXT_SQL, MIGRATIONS, Mutation, Param, Row, Store, USAGE_COLUMNS, audit_append_sql,
+    audit_from_row, content_from_row, hold_sql, holder_from_row, key_context_from_row,
+    key_from_row, latest_schema_version, mutation_sql, org_from_row, project_from_row,
+    response_from_row, usage_from_row, usage_where,
 };
 use crate::audit::{self, AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
 use crate::types::{
-    KeyContext, KeyRecord, Organisation, Project, RetainedContent, UsageFilter, UsageRecord,
+    KeyContext, KeyRecord, Organisation, Project, RetainedContent, StoredResponse, UsageFilter,
+    UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock before giving up.
@@ -482,6 +483,27 @@ impl Store for SqliteStore {
             .conn()
             .execute(
                 "DELETE FROM retained_content WHERE expires_at_ms <= ?",
+                [now_ms],
+            )
+            .map_err(map_err)?;
+        Ok(deleted as u64)
+    }
+    fn get_response(
+        &self,
+        id: &str,
+        project_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let params = [id.into(), project_id.into(), now_ms.into()];
+        let rows = query(&self.conn(), GET_RESPONSE_SQL, &params, response_from_row)?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn purge_expired_responses(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let deleted = self
+            .conn()
+            .execute(
+                "DELETE FROM stored_responses WHERE expires_at_ms <= ?",
                 [now_ms],
             )
             .map_err(map_err)?;
