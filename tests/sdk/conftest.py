@@ -32,6 +32,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "target" / "release" / "souverain"
+
+
+def server_binary() -> Path:
+    """The `souverain` binary under test (SOUVERAIN_BIN, else the release build)."""
+    return Path(os.environ.get("SOUVERAIN_BIN", str(DEFAULT_BIN)))
 DEFAULT_MODEL = Path("~/.cache/souverain/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 
 STARTUP_TIMEOUT_S = 120.0
@@ -85,11 +90,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def _serve(
-    extra_args: list[str], embedding_model: str | None, model: Path | None = None
+    extra_args: list[str],
+    embedding_model: str | None,
+    model: Path | None = None,
+    api_key: str = "unused",
 ) -> Iterator[Server]:
     """Starts `souverain serve` on the model (the default one unless `model` names another)
-    with `extra_args`; stops it on exit."""
-    binary = Path(os.environ.get("SOUVERAIN_BIN", str(DEFAULT_BIN)))
+    with `extra_args`; stops it on exit. The client sends `api_key` (a real key for a server
+    started with `--auth`)."""
+    binary = server_binary()
     if model is None:
         model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
     if not binary.is_file():
@@ -138,7 +147,7 @@ def _serve(
 
             client = openai.OpenAI(
                 base_url=f"{root_url}/v1",
-                api_key="unused",
+                api_key=api_key,
                 timeout=REQUEST_TIMEOUT_S,
                 # Retries would hide a failing request behind a later success.
                 max_retries=0,

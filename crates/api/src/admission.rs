@@ -70,6 +70,40 @@ where
     }
 }
 
+/// The key behind an authenticated request and the gate it came through: what a handler
+/// needs to read or write the key's own state (its project's stored responses). Put in every
+/// authenticated request's extensions by the middleware.
+#[derive(Clone)]
+pub(crate) struct Caller {
+    pub(crate) gate: Gate,
+    pub(crate) ctx: Arc<KeyContext>,
+}
+
+impl Caller {
+    /// Whether the key's project keeps content (a retention is set): zero retention, the
+    /// default, keeps nothing.
+    pub(crate) fn retains(&self) -> bool {
+        self.ctx.project.retention_secs.is_some()
+    }
+
+    /// Runs `f` with the control plane and the key on the blocking pool, within the store's
+    /// time limit.
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&control::ControlPlane, &KeyContext) -> Result<T, control::ControlError>
+            + Send
+            + 'static,
+    {
+        let ctx = Arc::clone(&self.ctx);
+        self.gate
+            .control()
+            .run(move |plane| f(plane, &ctx))
+            .await
+            .map_err(ApiError::from)
+    }
+}
+
 /// A request let through by the middleware, waiting for its body and then its prompt.
 #[derive(Clone)]
 pub(crate) struct Admission(Arc<AdmissionInner>);

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::admission::{Admission, Tagged};
 use crate::backend::Backend;
 use crate::error::{ApiError, engine_error};
-use crate::output::{CallSyntax, OutputParser, ParserSpec};
+use crate::output::{CallSyntax, OutputParser, ParserSpec, Piece};
 use crate::tools::{ToolChoice, ToolPlan};
 use crate::validate::{Prompt, ValidRequest};
 
@@ -171,6 +171,82 @@ pub(crate) async fn start_generation(
     })
 }
 
+/// The one choice of an answer that has one (Anthropic's message, a Responses response):
+/// its events, parsed. Whole answers and streams read it the same way, so they agree.
+pub(crate) struct OneChoice {
+    /// `None` once the generation ended; dropping it is what cancels the engine.
+    receiver: Option<UnboundedReceiver<Tagged>>,
+    parser: OutputParser,
+}
+
+/// What [`OneChoice::next`] found.
+pub(crate) enum Step {
+    /// Output, parsed.
+    Pieces(Vec<Piece>),
+    /// The end: what the parser held back, why it ended and what it used.
+    Done {
+        pieces: Vec<Piece>,
+        reason: FinishReason,
+        usage: engine::Usage,
+    },
+    /// The generation failed (the cause is for the log, not the client).
+    Failed(edge::BoxError),
+}
+
+impl OneChoice {
+    /// The first choice of `generation`.
+    pub(crate) fn new(generation: Generation) -> Self {
+        let Generation {
+            receiver,
+            mut parsers,
+            ..
+        } = generation;
+        OneChoice {
+            receiver: Some(receiver),
+            parser: parsers
+                .pop()
+                .unwrap_or_else(|| OutputParser::new(ParserSpec::default())),
+        }
+    }
+
+    /// Whether the generation goes on.
+    pub(crate) fn is_open(&self) -> bool {
+        self.receiver.is_some()
+    }
+
+    /// Waits for the next output or the end; after the end, the receiver is dropped.
+    pub(crate) async fn next(&mut self) -> Step {
+        let Some(receiver) = self.receiver.as_mut() else {
+            return Step::Failed("the generation has ended already".into());
+        };
+        let step = loop {
+            match receiver.recv().await {
+                None => {
+                    break Step::Failed("the engine closed the stream without finishing it".into());
+                }
+                Some((_, Event::Text(text))) => return Step::Pieces(self.parser.feed(&text)),
+                Some((_, Event::Logprobs(_) | Event::PromptLogprobs(_))) => {}
+                Some((
+                    _,
+                    Event::Done {
+                        finish_reason,
+                        usage,
+                    },
+                )) => {
+                    break Step::Done {
+                        pieces: self.parser.finish(),
+                        reason: finish_reason,
+                        usage,
+                    };
+                }
+                Some((_, Event::Failed(failure))) => break Step::Failed(failure.into()),
+            }
+        };
+        self.receiver = None;
+        step
+    }
+}
+
 /// The number of tokens the request's prompt encodes to (tools included), as a generation
 /// would count it; nothing is generated or metered.
 pub(crate) async fn count_prompt_tokens(
@@ -290,6 +366,16 @@ pub(crate) mod test_events {
     use tokio::sync::mpsc::UnboundedReceiver;
 
     use crate::admission::Tagged;
+
+    /// A one-choice generation that writes `pieces` then stops for `reason`.
+    pub(crate) fn one_generation(pieces: &[&str], reason: FinishReason) -> super::Generation {
+        super::Generation {
+            receiver: one_choice(pieces, reason),
+            parsers: vec![crate::output::OutputParser::new(Default::default())],
+            echo: None,
+            prompt_tokens: 3,
+        }
+    }
 
     /// The events of one choice that writes `pieces` then stops for `reason`.
     pub(crate) fn one_choice(pieces: &[&str], reason: FinishReason) -> UnboundedReceiver<Tagged> {

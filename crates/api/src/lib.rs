@@ -9,6 +9,9 @@
 //! - `POST /v1/messages` (Anthropic's Messages API: JSON or its server-sent events),
 //!   `POST /v1/messages/count_tokens`; errors there in Anthropic's shape, and `x-api-key`
 //!   taken as the key
+//! - `POST /v1/responses` (OpenAI's Responses API: JSON or its server-sent events),
+//!   `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`; stored responses (`store`,
+//!   `previous_response_id`) only under a control plane whose project retention allows it
 //! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model)
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //! - with a control plane: keys, limits, budgets, metering and residency on all of the above
@@ -23,10 +26,12 @@
 //! generation.
 //!
 //! Modules import in one direction, lowest first: `state` and `error`; the request shapes
-//! (`openai`, `anthropic`, `validate`, `tools`, `output`, `logprobs`); `admission` (a request
-//! under the control plane); `generation` (encode, start, fan-in); the responders (`whole`,
-//! `stream`); the handlers (`handlers`, `messages`, `embeddings`, `tokenize`, `metrics`); the
-//! `middleware`; this file, which assembles the [`App`].
+//! (`openai`, `anthropic`, `responses`, `validate`, `tools`, `output`, `logprobs`);
+//! `admission` (a request under the control plane); `generation` (encode, start, fan-in, one
+//! choice read as parsed steps); the responders (`whole`, `stream`, whose `EventSource` every
+//! streamed dialect implements); the handlers (`handlers`, `messages`, `responding`,
+//! `embeddings`, `tokenize`, `metrics`); the `middleware`; this file, which assembles the
+//! [`App`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -53,6 +58,8 @@ mod metrics;
 mod middleware;
 mod openai;
 mod output;
+mod responding;
+mod responses;
 mod state;
 mod stream;
 mod tokenize;
@@ -128,6 +135,11 @@ impl App {
             )
             .route("/v1/messages", post(messages::messages))
             .route("/v1/messages/count_tokens", post(messages::count_tokens))
+            .route("/v1/responses", post(responding::create))
+            .route(
+                "/v1/responses/{id}",
+                get(responding::retrieve).delete(responding::delete),
+            )
             .route("/v1/embeddings", post(embeddings::embeddings))
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))

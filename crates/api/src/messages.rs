@@ -9,23 +9,22 @@
 //! after a stream started is an `error` event.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use engine::{Event, FinishReason};
+use engine::FinishReason;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, AdmittedJson, NamesModel, Tagged};
+use crate::admission::{Admission, AdmittedJson, NamesModel};
 use crate::anthropic::{
     ContentBlock, MessageBody, MessageUsage, MessagesRequest, Purpose, stop_reason, to_chat,
 };
 use crate::error::ApiError;
-use crate::generation::{Generation, count_prompt_tokens, start_generation};
-use crate::output::{OutputParser, Piece};
+use crate::generation::{Generation, OneChoice, Step, count_prompt_tokens, start_generation};
+use crate::output::Piece;
 use crate::state::{AppState, response_id};
-use crate::stream::to_json;
+use crate::stream::{EventSource, sse, to_json};
 use crate::validate;
 
 impl NamesModel for MessagesRequest {
@@ -64,9 +63,7 @@ async fn respond(
     let admission = admission.map(|admission| (admission, meta.id.clone()));
     let generation = start_generation(&app.backend, valid, admission).await?;
     if stream {
-        Ok(Sse::new(event_stream(meta, generation))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        Ok(sse(message_stream(meta, generation)))
     } else {
         whole_message(meta, generation).await
     }
@@ -154,35 +151,22 @@ impl Blocks {
 
 /// Waits for the whole generation and answers one `message`.
 async fn whole_message(meta: Meta, generation: Generation) -> Result<Response, ApiError> {
-    let Generation {
-        mut receiver,
-        mut parsers,
-        ..
-    } = generation;
-    let Some(mut parser) = parsers.pop() else {
-        return Err(ApiError::internal("a message generation without a choice"));
-    };
+    let mut choice = OneChoice::new(generation);
     let mut blocks = Blocks::default();
     let (reason, usage) = loop {
-        let Some((_, event)) = receiver.recv().await else {
-            return Err(ApiError::internal(
-                "the engine closed the stream without finishing it",
-            ));
-        };
-        match event {
-            Event::Text(piece) => blocks.absorb(parser.feed(&piece)),
-            Event::Logprobs(_) | Event::PromptLogprobs(_) => {}
-            Event::Done {
-                finish_reason,
+        match choice.next().await {
+            Step::Pieces(pieces) => blocks.absorb(pieces),
+            Step::Done {
+                pieces,
+                reason,
                 usage,
             } => {
-                blocks.absorb(parser.finish());
-                break (finish_reason, usage);
+                blocks.absorb(pieces);
+                break (reason, usage);
             }
-            Event::Failed(failure) => return Err(ApiError::internal(failure)),
+            Step::Failed(cause) => return Err(ApiError::internal(cause)),
         }
     };
-    drop(receiver);
     tracing::info!(
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
@@ -216,9 +200,7 @@ enum Open {
 /// The state of one streamed message.
 struct MessageStream {
     meta: Meta,
-    /// `None` once the generation ended; dropping it is what cancels the engine.
-    receiver: Option<tokio::sync::mpsc::UnboundedReceiver<Tagged>>,
-    parser: OutputParser,
+    choice: OneChoice,
     pending: VecDeque<SseEvent>,
     /// The open block and its index.
     open: Option<(Open, usize)>,
@@ -303,9 +285,7 @@ impl MessageStream {
         }
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: engine::Usage) {
-        self.receiver = None;
-        let pieces = self.parser.finish();
+    fn finish(&mut self, pieces: Vec<Piece>, reason: FinishReason, usage: engine::Usage) {
         self.pieces(pieces);
         self.close();
         let (stop, stop_sequence) = stop_reason(reason, self.calls, &self.meta.stops);
@@ -330,33 +310,32 @@ impl MessageStream {
 
     /// Ends the stream with an `error` event; the detail is logged, not sent.
     fn fail(&mut self, cause: edge::BoxError) {
-        self.receiver = None;
         let detail = edge::Chain(cause.as_ref()).to_string();
         tracing::error!(request_id = %self.meta.id, %detail, "generation failed mid-stream");
         let err = ApiError::internal(cause);
         let body = edge::anthropic_error_body(err.status(), &err.to_string());
         self.send("error", body);
     }
+}
+
+impl EventSource for MessageStream {
+    fn next_event(&mut self) -> Option<SseEvent> {
+        self.pending.pop_front()
+    }
+
+    fn is_open(&self) -> bool {
+        self.choice.is_open()
+    }
 
     async fn pull(&mut self) {
-        let Some(receiver) = self.receiver.as_mut() else {
-            return;
-        };
-        match receiver.recv().await {
-            None => self.fail("the engine closed the stream without finishing it".into()),
-            Some((_, Event::Text(text))) => {
-                let pieces = self.parser.feed(&text);
-                self.pieces(pieces);
-            }
-            Some((_, Event::Logprobs(_) | Event::PromptLogprobs(_))) => {}
-            Some((
-                _,
-                Event::Done {
-                    finish_reason,
-                    usage,
-                },
-            )) => self.finish(finish_reason, usage),
-            Some((_, Event::Failed(failure))) => self.fail(failure.into()),
+        match self.choice.next().await {
+            Step::Pieces(pieces) => self.pieces(pieces),
+            Step::Done {
+                pieces,
+                reason,
+                usage,
+            } => self.finish(pieces, reason, usage),
+            Step::Failed(cause) => self.fail(cause),
         }
     }
 }
@@ -364,17 +343,7 @@ impl MessageStream {
 /// Anthropic's event sequence: `message_start`, `ping`, then per content block
 /// `content_block_start`, its deltas (`text_delta`, `thinking_delta`, `input_json_delta`) and
 /// `content_block_stop`; then `message_delta` (stop reason, usage) and `message_stop`.
-fn event_stream(
-    meta: Meta,
-    generation: Generation,
-) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    let Generation {
-        receiver,
-        mut parsers,
-        prompt_tokens,
-        ..
-    } = generation;
-    let parser = parsers.pop();
+fn message_stream(meta: Meta, generation: Generation) -> MessageStream {
     let start = MessageBody {
         id: &meta.id,
         kind: "message",
@@ -384,14 +353,13 @@ fn event_stream(
         stop_reason: None,
         stop_sequence: None,
         usage: MessageUsage {
-            input_tokens: prompt_tokens,
+            input_tokens: generation.prompt_tokens,
             output_tokens: 0,
         },
     };
     let start = json!({"type": "message_start", "message": start});
     let mut state = MessageStream {
-        receiver: Some(receiver),
-        parser: parser.unwrap_or_else(|| OutputParser::new(Default::default())),
+        choice: OneChoice::new(generation),
         pending: VecDeque::new(),
         open: None,
         started: 0,
@@ -400,32 +368,15 @@ fn event_stream(
     };
     state.send("message_start", start);
     state.send("ping", json!({"type": "ping"}));
-    futures::stream::unfold(state, |mut state| async move {
-        loop {
-            if let Some(event) = state.pending.pop_front() {
-                return Some((Ok(event), state));
-            }
-            state.receiver.as_ref()?;
-            state.pull().await;
-        }
-    })
+    state
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generation::test_events::one_choice;
-    use crate::output::ParserSpec;
+    use crate::generation::test_events::one_generation;
+    use crate::stream::events;
     use futures::StreamExt;
-
-    fn generation(pieces: &[&str], reason: FinishReason) -> Generation {
-        Generation {
-            receiver: one_choice(pieces, reason),
-            parsers: vec![OutputParser::new(ParserSpec::default())],
-            echo: None,
-            prompt_tokens: 3,
-        }
-    }
 
     fn meta() -> Meta {
         Meta {
@@ -437,16 +388,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_is_anthropics_event_sequence_and_matches_the_whole_message() {
-        let events: Vec<_> = event_stream(
+        let events: Vec<_> = events(message_stream(
             meta(),
-            generation(&["Hel", "lo"], FinishReason::StopSequence(0)),
-        )
+            one_generation(&["Hel", "lo"], FinishReason::StopSequence(0)),
+        ))
         .collect()
         .await;
         assert_eq!(events.len(), 8, "{events:?}");
         let whole = whole_message(
             meta(),
-            generation(&["Hel", "lo"], FinishReason::StopSequence(0)),
+            one_generation(&["Hel", "lo"], FinishReason::StopSequence(0)),
         )
         .await
         .expect("whole");

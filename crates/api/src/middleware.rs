@@ -22,7 +22,7 @@ use control::{Checks, Gate};
 use edge::ErrorFacts;
 use edge::MAX_BODY_BYTES;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Caller};
 use crate::error::ApiError;
 
 /// The middleware on `/v1/*`.
@@ -52,6 +52,10 @@ pub(crate) async fn authenticate(
             .await;
         return response;
     }
+    req.extensions_mut().insert(Caller {
+        gate: gate.clone(),
+        ctx: ctx.clone(),
+    });
     if req.method() != Method::POST || tokenizer_only {
         return next.run(req).await;
     }

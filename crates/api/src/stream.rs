@@ -350,10 +350,7 @@ impl ChunkStream {
 /// The SSE stream of one generation: for chat a first chunk with the assistant role for
 /// each choice, then a chunk per piece of output, a chunk with each choice's finish reason,
 /// the usage chunk if asked for, and `[DONE]`.
-pub(crate) fn chunk_stream(
-    meta: ChunkMeta,
-    generation: Generation,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+fn chunk_state(meta: ChunkMeta, generation: Generation) -> ChunkStream {
     let n = generation.parsers.len();
     let mut state = ChunkStream {
         meta,
@@ -390,23 +387,63 @@ pub(crate) fn chunk_stream(
             state.echo(index, None);
         }
     }
-    futures::stream::unfold(state, |mut state| async move {
+    state
+}
+
+impl EventSource for ChunkStream {
+    fn next_event(&mut self) -> Option<SseEvent> {
+        self.pending.pop_front()
+    }
+
+    fn is_open(&self) -> bool {
+        self.receiver.is_some()
+    }
+
+    async fn pull(&mut self) {
+        ChunkStream::pull(self).await;
+    }
+}
+
+/// The state of one streamed answer, whatever its dialect: events waiting to be sent, and
+/// the generation that makes more.
+pub(crate) trait EventSource: Send + 'static {
+    /// The next event waiting to be sent.
+    fn next_event(&mut self) -> Option<SseEvent>;
+    /// Whether more events may come (the generation has not ended).
+    fn is_open(&self) -> bool;
+    /// Waits for the generation's next event and turns it into events to send.
+    fn pull(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// The events of `source` until it is spent: what is waiting first, then what the next
+/// engine event makes.
+pub(crate) fn events<S: EventSource>(
+    source: S,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    futures::stream::unfold(source, |mut source| async move {
         loop {
-            if let Some(event) = state.pending.pop_front() {
-                return Some((Ok(event), state));
+            if let Some(event) = source.next_event() {
+                return Some((Ok(event), source));
             }
-            state.receiver.as_ref()?;
-            state.pull().await;
+            if !source.is_open() {
+                return None;
+            }
+            source.pull().await;
         }
     })
 }
 
-/// The streamed response: `text/event-stream`, with keep-alive comments so proxies do not
-/// cut a connection that waits on a long prompt.
-pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response {
-    Sse::new(chunk_stream(meta, generation))
+/// A streamed answer: `text/event-stream`, with keep-alive comments so proxies do not cut a
+/// connection that waits on a long prompt.
+pub(crate) fn sse<S: EventSource>(source: S) -> Response {
+    Sse::new(events(source))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// The streamed chat or text completion.
+pub(crate) fn sse_response(meta: ChunkMeta, generation: Generation) -> Response {
+    sse(chunk_state(meta, generation))
 }
 
 #[cfg(test)]
@@ -502,10 +539,10 @@ mod tests {
         tx.send((0, Event::Text("a".into()))).unwrap();
         let fire = EngineError::Unavailable("disk on fire".into());
         tx.send((0, Event::Failed(Failure::other(fire)))).unwrap();
-        let events: Vec<_> = chunk_stream(
+        let events: Vec<_> = events(chunk_state(
             meta(Endpoint::Chat, false),
             generation(rx, 1, ParserSpec::default()),
-        )
+        ))
         .collect()
         .await;
         // role chunk, text chunk, error
@@ -522,10 +559,10 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send((0, Event::Text("a".into()))).unwrap();
         drop(tx);
-        let events: Vec<_> = chunk_stream(
+        let events: Vec<_> = events(chunk_state(
             meta(Endpoint::Completion, false),
             generation(rx, 1, ParserSpec::default()),
-        )
+        ))
         .collect()
         .await;
         assert_eq!(data(&events), 2, "text chunk then error");
@@ -547,10 +584,10 @@ mod tests {
         tx.send((0, Event::Text("a".into()))).unwrap();
         tx.send((1, done(1))).unwrap();
         tx.send((0, done(2))).unwrap();
-        let events: Vec<_> = chunk_stream(
+        let events: Vec<_> = events(chunk_state(
             meta(Endpoint::Chat, true),
             generation(rx, 2, ParserSpec::default()),
-        )
+        ))
         .collect()
         .await;
         // 2 role chunks, 2 text chunks, 2 finish chunks, usage, [DONE].

@@ -137,6 +137,19 @@ impl Store for FlakyStore {
         self.check()?;
         self.inner.purge_expired_content(now_ms)
     }
+    fn get_response(
+        &self,
+        id: &str,
+        project_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<control::StoredResponse>, StoreError> {
+        self.check()?;
+        self.inner.get_response(id, project_id, now_ms)
+    }
+    fn purge_expired_responses(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.purge_expired_responses(now_ms)
+    }
 }
 
 fn temp_db() -> std::path::PathBuf {

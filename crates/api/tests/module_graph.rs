@@ -8,12 +8,19 @@ use std::path::Path;
 /// Lowest first. A module may use the modules of the layers before its own.
 const LAYERS: &[&[&str]] = &[
     &["error", "openai", "logprobs", "backend"],
-    &["state", "tools", "anthropic"],
+    &["state", "tools", "anthropic", "responses"],
     &["output", "validate"],
     &["admission"],
     &["generation"],
     &["whole", "stream"],
-    &["handlers", "messages", "embeddings", "tokenize", "metrics"],
+    &[
+        "handlers",
+        "messages",
+        "responding",
+        "embeddings",
+        "tokenize",
+        "metrics",
+    ],
     &["middleware"],
 ];
 
