@@ -280,8 +280,9 @@ impl Meter {
         let error = StatusCode::INTERNAL_SERVER_ERROR;
         match ending {
             Ending::Done(last, total) => {
+                // The prompt as reserved: every prompt of a batch once, not once per choice.
                 let (p, c, r) = (
-                    total.prompt_tokens as u64,
+                    prompt_tokens,
                     total.completion_tokens as u64,
                     total.reasoning_tokens as u64,
                 );

@@ -34,6 +34,8 @@ pub(crate) struct ChunkMeta {
     pub(crate) include_usage: bool,
     /// The request asked for token log-probabilities.
     pub(crate) logprobs: bool,
+    /// How the log-probabilities name tokens.
+    pub(crate) token_names: crate::logprobs::TokenNames,
 }
 
 /// The OpenAI finish reason of a choice: `tool_calls` when it ended by calling tools.
@@ -45,20 +47,22 @@ pub(crate) fn finish_reason(reason: FinishReason, calls: usize) -> &'static str 
     }
 }
 
-/// Completions' `echo`: the prompt text, and the text of its first token (which has no
-/// log-probability of its own).
+/// Completions' `echo`: the prompt text, and the id and text of its first token (which has
+/// no log-probability of its own).
 #[derive(Debug, Clone)]
 pub(crate) struct Echo {
     pub(crate) prompt: String,
-    pub(crate) first_token: String,
+    pub(crate) first_token: (u32, String),
 }
 
 /// A started generation: every choice's events on one channel, and a parser per choice.
 pub(crate) struct Generation {
     pub(crate) receiver: UnboundedReceiver<Tagged>,
     pub(crate) parsers: Vec<OutputParser>,
-    pub(crate) echo: Option<Echo>,
-    /// Tokens in the prompt (Anthropic's stream gives them before any output).
+    /// Completions' `echo` of each choice's prompt (empty when not asked for).
+    pub(crate) echo: Vec<Option<Echo>>,
+    /// Tokens in the prompt, every prompt of a batch counted once (Anthropic's stream gives
+    /// them before any output; the usage reports them).
     pub(crate) prompt_tokens: usize,
 }
 
@@ -68,13 +72,15 @@ struct Encoded {
     parser: ParserSpec,
     reasoning: Option<engine::ReasoningSpec>,
     forcing: Option<ConstraintSpec>,
-    first_token: String,
+    /// Completions' `echo`, when asked for.
+    echo: Option<Echo>,
 }
 
 /// Renders and tokenises the prompt (off the executor: both are CPU work that grows with
 /// the prompt), checks that it fits the context, and hands the request's `n` choices to the
-/// engine. With `--auth`, the admission reserves the request's tokens once the prompt is
-/// counted, and meters the generation (`auth::Meter`).
+/// engine (`n` for each prompt of a batch, choice `p * n + i` being prompt `p`'s `i`-th).
+/// With `--auth`, the admission reserves the request's tokens once the prompt is counted,
+/// and meters the generation (`auth::Meter`).
 pub(crate) async fn start_generation(
     backend: &Arc<dyn Backend>,
     valid: ValidRequest,
@@ -84,70 +90,76 @@ pub(crate) async fn start_generation(
     let prompt = valid.prompt.clone();
     let tools = valid.tools.clone();
     let echo = valid.echo;
-    let encoded = tokio::task::spawn_blocking(move || -> Result<Encoded, ApiError> {
-        encode(worker.as_ref(), prompt, tools.as_ref(), echo)
+    let encoded = tokio::task::spawn_blocking(move || {
+        encode_all(worker.as_ref(), prompt, tools.as_ref(), echo)
     })
     .await
     .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))??;
-    let prompt_tokens = encoded.tokens;
 
     let context_length = backend.context_length();
-    if prompt_tokens.len() >= context_length {
+    if let Some(long) = encoded.iter().find(|e| e.tokens.len() >= context_length) {
         return Err(ApiError::ContextLengthExceeded {
-            prompt_tokens: prompt_tokens.len(),
+            prompt_tokens: long.tokens.len(),
             context_length,
         });
     }
+    let prompt_tokens: usize = encoded.iter().map(|e| e.tokens.len()).sum();
+    let sequences = encoded.len() * valid.n;
     tracing::debug!(
-        prompt_tokens = prompt_tokens.len(),
+        prompt_tokens,
+        prompts = encoded.len(),
         max_tokens = valid.max_tokens,
         n = valid.n,
         "generation admitted"
     );
     let meter = match admission {
         Some((admission, request_id)) => {
-            let room = context_length - prompt_tokens.len();
-            let limit = valid.max_tokens.map_or(room, |max| max.min(room));
+            // Each sequence may run to `max_tokens` or to the end of its context.
+            let completion_limit: usize = encoded
+                .iter()
+                .map(|e| {
+                    let room = context_length - e.tokens.len();
+                    valid.max_tokens.map_or(room, |max| max.min(room))
+                })
+                .sum();
             Some(
                 admission
                     .reserve(
                         &request_id,
-                        prompt_tokens.len(),
-                        limit.saturating_mul(valid.n),
+                        prompt_tokens,
+                        completion_limit.saturating_mul(valid.n),
                     )
                     .await?,
             )
         }
         None => None,
     };
-    let echo = match &valid.prompt {
-        Prompt::Text(text) if valid.echo => Some(Echo {
-            prompt: text.clone(),
-            first_token: encoded.first_token.clone(),
-        }),
-        _ => None,
-    };
-    let constraint = valid.constraint.clone().or(encoded.forcing);
-    let requests: Vec<GenerateRequest> = (0..valid.n)
-        .map(|i| {
+    let mut requests: Vec<GenerateRequest> = Vec::with_capacity(sequences);
+    let mut parsers = Vec::with_capacity(sequences);
+    let mut echoes = Vec::with_capacity(sequences);
+    for prompt in encoded {
+        let constraint = valid.constraint.clone().or(prompt.forcing);
+        for i in 0..valid.n {
             let mut sampling = valid.sampling.clone();
             // Each choice its own random stream, reproducible from the request's seed.
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
-            GenerateRequest {
-                prompt_tokens: prompt_tokens.clone(),
+            requests.push(GenerateRequest {
+                prompt_tokens: prompt.tokens.clone(),
                 sampling,
                 max_tokens: valid.max_tokens,
                 stop: valid.stop.clone(),
                 stop_at_eog: true,
                 logprobs: valid.logprobs,
-                prompt_logprobs: valid.logprobs.filter(|_| echo.is_some()),
+                prompt_logprobs: valid.logprobs.filter(|_| prompt.echo.is_some()),
                 constraint: constraint.clone(),
-                keep_special: !encoded.parser.is_plain(),
-                reasoning: encoded.reasoning.clone(),
-            }
-        })
-        .collect();
-    let generated = if constraint.is_some() {
+                keep_special: !prompt.parser.is_plain(),
+                reasoning: prompt.reasoning.clone(),
+            });
+            parsers.push(OutputParser::new(prompt.parser.clone()));
+            echoes.push(prompt.echo.clone());
+        }
+    }
+    let generated = if requests.iter().any(|r| r.constraint.is_some()) {
         // Starting a constrained generation compiles its grammar, which may take a while:
         // off the async workers, so that other requests (and `/health`) go on meanwhile.
         let worker = Arc::clone(backend);
@@ -158,16 +170,14 @@ pub(crate) async fn start_generation(
         start_all(backend.as_ref(), requests)
     };
     let receiver = match meter {
-        Some(meter) => meter.track(generated, valid.n)?,
+        Some(meter) => meter.track(generated, sequences)?,
         None => generated.map_err(engine_error)?,
     };
     Ok(Generation {
         receiver,
-        parsers: (0..valid.n)
-            .map(|_| OutputParser::new(encoded.parser.clone()))
-            .collect(),
-        echo,
-        prompt_tokens: prompt_tokens.len(),
+        parsers,
+        echo: echoes,
+        prompt_tokens,
     })
 }
 
@@ -247,19 +257,19 @@ impl OneChoice {
     }
 }
 
-/// The number of tokens the request's prompt encodes to (tools included), as a generation
-/// would count it; nothing is generated or metered.
+/// The number of tokens the request's prompt encodes to (tools included; every prompt of a
+/// batch), as a generation would count it; nothing is generated or metered.
 pub(crate) async fn count_prompt_tokens(
     backend: &Arc<dyn Backend>,
     valid: ValidRequest,
 ) -> Result<usize, ApiError> {
     let worker = Arc::clone(backend);
     tokio::task::spawn_blocking(move || {
-        encode(worker.as_ref(), valid.prompt, valid.tools.as_ref(), false)
+        encode_all(worker.as_ref(), valid.prompt, valid.tools.as_ref(), false)
     })
     .await
     .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))?
-    .map(|encoded| encoded.tokens.len())
+    .map(|encoded| encoded.iter().map(|e| e.tokens.len()).sum())
 }
 
 /// Starts every choice's sequence; the first refusal cancels those started (their receivers
@@ -275,6 +285,22 @@ fn start_all(
     Ok(fan_in(receivers))
 }
 
+/// Every prompt of the request (one, or each of a batch), encoded.
+fn encode_all(
+    backend: &dyn Backend,
+    prompt: Prompt,
+    tools: Option<&ToolPlan>,
+    echo: bool,
+) -> Result<Vec<Encoded>, ApiError> {
+    match prompt {
+        Prompt::Batch(prompts) => prompts
+            .into_iter()
+            .map(|p| encode(backend, p, tools, echo))
+            .collect(),
+        one => Ok(vec![encode(backend, one, tools, echo)?]),
+    }
+}
+
 /// The prompt's tokens and output format, on a blocking thread.
 fn encode(
     backend: &dyn Backend,
@@ -287,16 +313,41 @@ fn encode(
         parser: ParserSpec::default(),
         reasoning: None,
         forcing: None,
-        first_token: String::new(),
+        echo: None,
+    };
+    // Completions' echo: the prompt's text, and its first token's (which has no
+    // log-probability of its own).
+    let echoed = |text: String, tokens: &[u32]| -> Result<Option<Echo>, ApiError> {
+        if !echo {
+            return Ok(None);
+        }
+        let first_token = match tokens.first() {
+            Some(&first) => (first, backend.detokenize(&[first]).map_err(engine_error)?),
+            None => (0, String::new()),
+        };
+        Ok(Some(Echo {
+            prompt: text,
+            first_token,
+        }))
     };
     match prompt {
         Prompt::Text(text) => {
             let mut encoded = plain(backend.tokenize(&text));
-            if echo && let Some(&first) = encoded.tokens.first() {
-                encoded.first_token = backend.detokenize(&[first]).map_err(engine_error)?;
-            }
+            encoded.echo = echoed(text, &encoded.tokens)?;
             Ok(encoded)
         }
+        Prompt::Tokens(tokens) => {
+            // Decoding checks that every id is in the vocabulary (a 400 names the first
+            // that is not), and gives the text to echo.
+            let text = backend.detokenize(&tokens).map_err(engine_error)?;
+            let mut encoded = plain(tokens);
+            encoded.echo = echoed(text, &encoded.tokens)?;
+            Ok(encoded)
+        }
+        Prompt::Batch(_) => Err(ApiError::invalid(
+            "prompt",
+            "a batch of prompts cannot hold another batch",
+        )),
         Prompt::Fim { prefix, suffix } => Ok(plain(
             backend
                 .tokenize_fim(&prefix, &suffix)
@@ -327,7 +378,7 @@ fn encode(
                 reasoning: format.reasoning_spec(prompt.reasoning_open),
                 parser,
                 forcing,
-                first_token: String::new(),
+                echo: None,
             })
         }
     }
@@ -372,7 +423,7 @@ pub(crate) mod test_events {
         super::Generation {
             receiver: one_choice(pieces, reason),
             parsers: vec![crate::output::OutputParser::new(Default::default())],
-            echo: None,
+            echo: Vec::new(),
             prompt_tokens: 3,
         }
     }

@@ -125,6 +125,9 @@ async fn respond(
         model: app.backend.model_id().to_owned(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
+        token_names: crate::logprobs::TokenNames {
+            ids: valid.token_ids,
+        },
     };
     let stream = valid.stream;
     let admission = admission.map(|admission| (admission, meta.id.clone()));

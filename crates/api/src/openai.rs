@@ -42,6 +42,8 @@ macro_rules! generation_request {
             pub(crate) guided_regex: Option<String>,
             /// vLLM's context-free grammar (Lark syntax).
             pub(crate) guided_grammar: Option<String>,
+            /// vLLM's switch that names tokens `token_id:<id>` in log-probabilities.
+            pub(crate) return_tokens_as_token_ids: Option<bool>,
             $($(#[$fmeta])* pub(crate) $field: $ty,)*
         }
     };

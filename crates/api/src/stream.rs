@@ -146,10 +146,13 @@ struct ChunkStream {
     /// Events ready to send before reading the receiver again.
     pending: VecDeque<SseEvent>,
     choices: Vec<StreamChoice>,
-    /// Completions' `echo`: the prompt, sent first (with its log-probabilities when asked).
-    echo: Option<Echo>,
+    /// Completions' `echo` of each choice: the prompt, sent first (with its
+    /// log-probabilities when asked).
+    echo: Vec<Option<Echo>>,
     done: usize,
     usage: Usage,
+    /// Every prompt's tokens, each counted once (choices of a batch have their own).
+    prompt_tokens: usize,
 }
 
 impl ChunkStream {
@@ -163,8 +166,10 @@ impl ChunkStream {
         let choice = &mut self.choices[index as usize];
         let logprobs = std::mem::take(&mut choice.token_logprobs);
         (self.meta.logprobs && !logprobs.is_empty()).then(|| match self.meta.endpoint {
-            Endpoint::Chat => crate::logprobs::chat(&logprobs),
-            Endpoint::Completion => crate::logprobs::completion(&logprobs, choice.sent_chars),
+            Endpoint::Chat => crate::logprobs::chat(&logprobs, self.meta.token_names),
+            Endpoint::Completion => {
+                crate::logprobs::completion(&logprobs, choice.sent_chars, self.meta.token_names)
+            }
         })
     }
 
@@ -247,9 +252,14 @@ impl ChunkStream {
         }
     }
 
+    /// What choice `index` echoes, if anything.
+    fn echo_of(&self, index: u32) -> Option<&Echo> {
+        self.echo.get(index as usize).and_then(Option::as_ref)
+    }
+
     /// The echoed prompt of choice `index`.
     fn echo(&mut self, index: u32, prompt_logprobs: Option<serde_json::Value>) {
-        let Some(prompt) = self.echo.as_ref().map(|e| e.prompt.clone()) else {
+        let Some(prompt) = self.echo_of(index).map(|e| e.prompt.clone()) else {
             return;
         };
         self.choices[index as usize].sent_chars += prompt.chars().count();
@@ -285,9 +295,14 @@ impl ChunkStream {
             Event::Logprobs(lp) => choice.token_logprobs.push(lp),
             Event::PromptLogprobs(prompt) => {
                 if self.meta.logprobs
-                    && let Some(first) = self.echo.as_ref().map(|e| e.first_token.clone())
+                    && let Some((first_id, first_text)) =
+                        self.echo_of(index).map(|e| e.first_token.clone())
                 {
-                    let logprobs = crate::logprobs::completion_echo(&first, &prompt);
+                    let logprobs = crate::logprobs::completion_echo(
+                        (first_id, &first_text),
+                        &prompt,
+                        self.meta.token_names,
+                    );
                     self.echo(index, Some(logprobs));
                 }
             }
@@ -314,6 +329,7 @@ impl ChunkStream {
                 );
                 self.push(finish);
                 self.usage.add_choice(&usage);
+                self.usage.prompt_tokens = self.prompt_tokens;
                 self.done += 1;
                 tracing::info!(
                     request_id = %self.meta.id,
@@ -369,6 +385,7 @@ fn chunk_state(meta: ChunkMeta, generation: Generation) -> ChunkStream {
         echo: generation.echo,
         done: 0,
         usage: Usage::default(),
+        prompt_tokens: generation.prompt_tokens,
     };
     for index in 0..n as u32 {
         if state.meta.endpoint == Endpoint::Chat {
@@ -456,6 +473,7 @@ mod tests {
 
     fn meta(endpoint: Endpoint, include_usage: bool) -> ChunkMeta {
         ChunkMeta {
+            token_names: crate::logprobs::TokenNames::default(),
             endpoint,
             id: "chatcmpl-x".to_owned(),
             created: 7,
@@ -473,7 +491,7 @@ mod tests {
         Generation {
             receiver: rx,
             parsers: (0..n).map(|_| OutputParser::new(spec.clone())).collect(),
-            echo: None,
+            echo: Vec::new(),
             prompt_tokens: 3,
         }
     }

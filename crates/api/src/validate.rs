@@ -14,6 +14,10 @@ use crate::tools::{self, ToolPlan};
 /// The most choices one request may ask for (`n`).
 pub(crate) const MAX_CHOICES: usize = 16;
 
+/// The most prompts one completion request may batch, and the most sequences (prompts times
+/// `n`) it may start.
+pub(crate) const MAX_BATCH_PROMPTS: usize = 64;
+
 /// OpenAI's default `max_tokens` for `/v1/completions`.
 pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
@@ -38,6 +42,13 @@ pub(crate) enum Prompt {
     Chat(ChatRequest),
     /// Raw text (`/v1/completions`).
     Text(String),
+    /// Token ids, fed to the model as they are (`/v1/completions` with `prompt` as a list of
+    /// integers, as OpenAI and vLLM take it).
+    Tokens(Vec<u32>),
+    /// Several prompts in one request (`/v1/completions` with a list of strings or of token
+    /// lists: OpenAI's batched form), each a [`Prompt::Text`] or a [`Prompt::Tokens`]; choice
+    /// `p * n + i` is the `i`-th choice of prompt `p`.
+    Batch(Vec<Prompt>),
     /// Fill in the middle between a prefix and a suffix (`/v1/fim/completions`, or
     /// `/v1/completions` with `suffix`).
     Fim {
@@ -70,6 +81,8 @@ pub(crate) struct ValidRequest {
     /// Completions: return the prompt before the completion (with its log-probabilities
     /// when `logprobs` is set).
     pub(crate) echo: bool,
+    /// vLLM's `return_tokens_as_token_ids`: log-probabilities name tokens `token_id:<id>`.
+    pub(crate) token_ids: bool,
 }
 
 /// Validates a chat completion request against the served model `model_id`.
@@ -182,6 +195,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
         n: common.n,
         tools,
         echo: false,
+        token_ids: req.return_tokens_as_token_ids == Some(true),
         sampling: common.sampling,
         max_tokens: max_completion_tokens.or(max_tokens),
         stop: common.stop,
@@ -216,30 +230,51 @@ pub(crate) fn completion(
             "Only `best_of` = 1 is supported by this server",
         ));
     }
-    let prompt = match req.suffix.as_deref() {
-        Some(suffix) if !suffix.is_empty() => {
+    let prompt = match (req.suffix.as_deref(), prompt) {
+        (Some(suffix), prompt) if !suffix.is_empty() => {
             if echo {
                 return Err(ApiError::invalid(
                     "echo",
                     "`echo` cannot be combined with `suffix` (fill in the middle)",
                 ));
             }
+            let Prompt::Text(prefix) = prompt else {
+                return Err(ApiError::invalid(
+                    "suffix",
+                    "`suffix` (fill in the middle) needs `prompt` as one string",
+                ));
+            };
             Prompt::Fim {
-                prefix: prompt,
+                prefix,
                 suffix: suffix.to_owned(),
             }
         }
-        _ => Prompt::Text(prompt),
+        (_, prompt) => prompt,
     };
     let constraint = constraint(req.raw_constraint())?;
     let max_tokens =
         positive("max_tokens", req.max_tokens)?.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let common = common(req.raw_sampling())?;
+    if let Prompt::Batch(prompts) = &prompt
+        && prompts.len().saturating_mul(common.n) > MAX_BATCH_PROMPTS
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts with `n` = {} would start {} sequences; at most \
+                 {MAX_BATCH_PROMPTS} are taken in one request",
+                prompts.len(),
+                common.n,
+                prompts.len() * common.n
+            ),
+        ));
+    }
     Ok(ValidRequest {
         prompt,
         n: common.n,
         tools: None,
         echo,
+        token_ids: req.return_tokens_as_token_ids == Some(true),
         sampling: common.sampling,
         max_tokens: Some(max_tokens),
         stop: common.stop,
@@ -284,6 +319,7 @@ pub(crate) fn fim(req: &CompletionRequest, model_id: &str) -> Result<ValidReques
         n: common.n,
         tools: None,
         echo: false,
+        token_ids: false,
         sampling: common.sampling,
         max_tokens: positive("max_tokens", req.max_tokens)?,
         stop: common.stop,
@@ -434,23 +470,78 @@ fn text_part(part: &Value) -> Option<&str> {
     object.get("text")?.as_str()
 }
 
-fn completion_prompt(prompt: Option<&Value>) -> Result<String, ApiError> {
-    let not_supported = || {
+/// `/v1/completions`' `prompt`: a string, a list of token ids, or a batch (a list of strings
+/// or a list of token-id lists); a list of one string is that string.
+fn completion_prompt(prompt: Option<&Value>) -> Result<Prompt, ApiError> {
+    let shape = || {
         ApiError::invalid(
             "prompt",
-            "`prompt` must be a string or an array of exactly one string; token id prompts \
-             and batches are not supported by this server yet",
+            "`prompt` must be a string, a list of token ids, a list of strings or a list of \
+             token-id lists",
         )
     };
-    match prompt {
-        None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
-        Some(Value::String(text)) => Ok(text.clone()),
-        Some(Value::Array(items)) => match items.as_slice() {
-            [Value::String(text)] => Ok(text.clone()),
-            _ => Err(not_supported()),
-        },
-        Some(_) => Err(not_supported()),
+    let items = match prompt {
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("prompt", "`prompt` is required"));
+        }
+        Some(Value::String(text)) => return Ok(Prompt::Text(text.clone())),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(shape()),
+    };
+    match items.first() {
+        None => Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must not be an empty list",
+        )),
+        Some(Value::Number(_)) => token_ids(items, "prompt").map(Prompt::Tokens),
+        Some(Value::String(_) | Value::Array(_)) => {
+            if items.len() > MAX_BATCH_PROMPTS {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!(
+                        "`prompt` lists {} prompts; at most {MAX_BATCH_PROMPTS} are taken in one \
+                         request",
+                        items.len()
+                    ),
+                ));
+            }
+            let mut prompts = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(text) => Ok(Prompt::Text(text.clone())),
+                    Value::Array(ids) if !ids.is_empty() => {
+                        token_ids(ids, &format!("prompt[{i}]")).map(Prompt::Tokens)
+                    }
+                    _ => Err(shape()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(if prompts.len() == 1 {
+                prompts.remove(0)
+            } else {
+                Prompt::Batch(prompts)
+            })
+        }
+        Some(_) => Err(shape()),
     }
+}
+
+/// A list of token ids (each an integer from 0 to 2^32 - 1); whether each is in the model's
+/// vocabulary is checked where the tokenizer is known.
+fn token_ids(items: &[Value], field: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "prompt",
+                        format!("`{field}` must hold token ids (integers from 0), not {v}"),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// The output constraint of a request: OpenAI's `response_format`, or one of vLLM's
@@ -1011,14 +1102,44 @@ mod tests {
         .unwrap();
         assert_eq!(one.prompt, Prompt::Text("Once".into()));
         assert_eq!(one.max_tokens, Some(3));
+        let ids = completion_json(r#"{"model":"test-model","prompt":[1,2,4294967295]}"#).unwrap();
+        assert_eq!(ids.prompt, Prompt::Tokens(vec![1, 2, u32::MAX]));
+        let batch =
+            completion_json(r#"{"model":"test-model","prompt":["a",[7,8],"c"],"n":2}"#).unwrap();
+        assert_eq!(
+            batch.prompt,
+            Prompt::Batch(vec![
+                Prompt::Text("a".into()),
+                Prompt::Tokens(vec![7, 8]),
+                Prompt::Text("c".into())
+            ])
+        );
+        let many = format!(
+            r#"{{"model":"test-model","prompt":[{}]}}"#,
+            vec!["\"x\""; MAX_BATCH_PROMPTS + 1].join(",")
+        );
+        assert!(completion_json(&many).is_err());
     }
 
     #[test]
     fn completion_rejections_name_their_field() {
         let cases = [
             (r#"{"model":"test-model"}"#, "prompt"),
-            (r#"{"model":"test-model","prompt":["a","b"]}"#, "prompt"),
-            (r#"{"model":"test-model","prompt":[1,2,3]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":[]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":[1,-2]}"#, "prompt"),
+            (
+                r#"{"model":"test-model","prompt":[1,4294967296]}"#,
+                "prompt",
+            ),
+            (r#"{"model":"test-model","prompt":[1.5]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":["a",[1],[]]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":["a",{"b":1}]}"#, "prompt"),
+            (r#"{"model":"test-model","prompt":{"a":1}}"#, "prompt"),
+            (
+                r#"{"model":"test-model","prompt":[1],"suffix":"b"}"#,
+                "suffix",
+            ),
+            (r#"{"model":"test-model","prompt":["a","b"],"n":33}"#, "n"),
             (
                 r#"{"model":"test-model","prompt":"a","echo":true,"suffix":"b"}"#,
                 "echo",

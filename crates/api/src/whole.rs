@@ -66,7 +66,7 @@ pub(crate) async fn whole_response(
         mut receiver,
         mut parsers,
         echo,
-        ..
+        prompt_tokens,
     } = generation;
     let n = parsers.len();
     let mut choices: Vec<WholeChoice> = (0..n).map(|_| WholeChoice::default()).collect();
@@ -95,6 +95,8 @@ pub(crate) async fn whole_response(
                 choice.absorb(parser.finish());
                 choice.finish = Some(finish_reason);
                 usage.add_choice(&u);
+                // The choices of a batch have prompts of their own: each counts once.
+                usage.prompt_tokens = prompt_tokens;
                 done += 1;
             }
             Event::Failed(failure) => return Err(ApiError::internal(failure)),
@@ -147,7 +149,7 @@ pub(crate) async fn whole_response(
                     },
                     logprobs: meta
                         .logprobs
-                        .then(|| crate::logprobs::chat(&c.token_logprobs)),
+                        .then(|| crate::logprobs::chat(&c.token_logprobs, meta.token_names)),
                     finish_reason: reason(c),
                 })
                 .collect(),
@@ -156,9 +158,11 @@ pub(crate) async fn whole_response(
         })
         .into_response(),
         Endpoint::Completion => {
+            let echo_of = |i: usize| echo.get(i).and_then(Option::as_ref);
             let texts: Vec<String> = choices
                 .iter()
-                .map(|c| match &echo {
+                .enumerate()
+                .map(|(i, c)| match echo_of(i) {
                     Some(e) => format!("{}{}", e.prompt, c.content),
                     None => c.content.clone(),
                 })
@@ -172,7 +176,9 @@ pub(crate) async fn whole_response(
                     .map(|(index, (c, text))| TextChoice {
                         text,
                         index: index as u32,
-                        logprobs: meta.logprobs.then(|| completion_logprobs(c, echo.as_ref())),
+                        logprobs: meta
+                            .logprobs
+                            .then(|| completion_logprobs(c, echo_of(index), meta.token_names)),
                         finish_reason: Some(reason(c)),
                     })
                     .collect(),
@@ -207,12 +213,17 @@ pub(crate) const ENERGY_JOULES_HEADER: &str = "x-souverain-energy-joules";
 pub(crate) const ENERGY_SOURCE_HEADER: &str = "x-souverain-energy-source";
 
 /// A completion choice's `logprobs`, the echoed prompt's first when there is one.
-fn completion_logprobs(choice: &WholeChoice, echo: Option<&Echo>) -> Value {
+fn completion_logprobs(
+    choice: &WholeChoice,
+    echo: Option<&Echo>,
+    names: crate::logprobs::TokenNames,
+) -> Value {
     match (echo, &choice.prompt_logprobs) {
         (Some(echo), Some(prompt)) => {
-            let mut all = crate::logprobs::completion_echo(&echo.first_token, prompt);
+            let (first_id, first_text) = &echo.first_token;
+            let mut all = crate::logprobs::completion_echo((*first_id, first_text), prompt, names);
             let offset = echo.prompt.chars().count();
-            let generated = crate::logprobs::completion(&choice.token_logprobs, offset);
+            let generated = crate::logprobs::completion(&choice.token_logprobs, offset, names);
             for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
                 if let (Some(items), Some(more)) = (
                     all.get_mut(key).and_then(Value::as_array_mut),
@@ -226,6 +237,7 @@ fn completion_logprobs(choice: &WholeChoice, echo: Option<&Echo>) -> Value {
         _ => crate::logprobs::completion(
             &choice.token_logprobs,
             echo.map_or(0, |e| e.prompt.chars().count()),
+            names,
         ),
     }
 }
@@ -249,6 +261,7 @@ mod tests {
             ..ParserSpec::default()
         };
         let meta = ChunkMeta {
+            token_names: crate::logprobs::TokenNames::default(),
             endpoint: Endpoint::Chat,
             id: "chatcmpl-x".to_owned(),
             created: 7,
@@ -259,7 +272,7 @@ mod tests {
         let generation = Generation {
             receiver,
             parsers: vec![OutputParser::new(spec)],
-            echo: None,
+            echo: Vec::new(),
             prompt_tokens: 3,
         };
         let response = whole_response(meta, generation).await.unwrap();

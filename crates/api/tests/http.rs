@@ -393,9 +393,9 @@ async fn completion_bad_requests_are_400() {
             "cannot be combined",
         ),
         (
-            format!(r#"{{"model":"{MODEL}","prompt":[[1,2,3]]}}"#),
+            format!(r#"{{"model":"{MODEL}","prompt":[[1,2,3],[]]}}"#),
             "prompt",
-            "not supported",
+            "token-id lists",
         ),
         (completion_body(r#""n":0"#), "n", "between 1 and 16"),
         (

@@ -395,6 +395,11 @@ impl Engine {
     ) -> Result<UnboundedReceiver<Event>, EngineError> {
         validate(&request, self.context_length)?;
         let vocab = self.tokenizer.vocab_size();
+        if let Some(&bad) = request.prompt_tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt holds token {bad}, outside the vocabulary of {vocab}"
+            )));
+        }
         if let Some(&(bad, _)) = request
             .sampling
             .logit_bias
