@@ -398,10 +398,27 @@ pub(crate) fn stop_reason(
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(crate) struct MessageUsage {
     pub(crate) input_tokens: usize,
     pub(crate) output_tokens: usize,
+    /// Souverain's extension, as in OpenAI-shaped usage (clients that do not know it ignore
+    /// it): the energy the answer took, in joules, and `measured` or `modelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) energy_joules: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) energy_source: Option<&'static str>,
+}
+
+impl From<&engine::Usage> for MessageUsage {
+    fn from(usage: &engine::Usage) -> Self {
+        MessageUsage {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            energy_joules: usage.energy.map(|e| e.joules()),
+            energy_source: usage.energy.map(|e| e.kind.as_str()),
+        }
+    }
 }
 
 /// One content block of the assistant's message.

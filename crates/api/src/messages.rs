@@ -181,10 +181,7 @@ async fn whole_message(meta: Meta, generation: Generation) -> Result<Response, A
         content: blocks.finish(),
         stop_reason: Some(stop),
         stop_sequence,
-        usage: MessageUsage {
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
-        },
+        usage: MessageUsage::from(&usage),
     })
     .into_response())
 }
@@ -301,8 +298,7 @@ impl MessageStream {
             json!({
                 "type": "message_delta",
                 "delta": {"stop_reason": stop, "stop_sequence": stop_sequence},
-                "usage": {"input_tokens": usage.prompt_tokens,
-                          "output_tokens": usage.completion_tokens},
+                "usage": MessageUsage::from(&usage),
             }),
         );
         self.send("message_stop", json!({"type": "message_stop"}));
@@ -354,7 +350,7 @@ fn message_stream(meta: Meta, generation: Generation) -> MessageStream {
         stop_sequence: None,
         usage: MessageUsage {
             input_tokens: generation.prompt_tokens,
-            output_tokens: 0,
+            ..MessageUsage::default()
         },
     };
     let start = json!({"type": "message_start", "message": start});
