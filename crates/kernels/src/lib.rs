@@ -51,7 +51,7 @@ pub use ops::{
     Rope, RopeScaling, RopeStyle, add_assign, geglu_tanh, gelu, gelu_tanh, layer_norm, rms_norm,
     silu, softmax, swiglu,
 };
-pub use packed::{PackedMatrix, matmul_packed};
+pub use packed::{PackedMatrix, matmul_packed, matmul_packed_many};
 pub use pool::ThreadPool;
 pub use reference::quantize_row;
 pub use types::{KernelError, Matrix, WeightType};

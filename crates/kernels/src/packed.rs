@@ -1,4 +1,6 @@
-//! Q4_0, Q4_1 and Q8_0 weights repacked sixteen rows at a time, for the AVX-512 VNNI matmul.
+//! Q4_0, Q4_1 and Q8_0 weights repacked sixteen rows at a time, for the packed matmul
+//! kernels (AVX-512 VNNI: `crate::arch::x86_64::avx512vnni`; AVX2:
+//! `crate::arch::x86_64::avx2_packed`, which reads each 16-row vector as two halves).
 //!
 //! In GGUF a row's blocks are contiguous, so a dot product is one row against one token
 //! and ends in a horizontal sum; every block needs its nibbles spread into the token's
@@ -14,17 +16,20 @@
 //!
 //! One `vpdpbusd` of such a (masked) vector against four activation bytes broadcast to every
 //! lane adds four products to each of the 16 rows' sums at once: 8 per block, no shuffles,
-//! no horizontal sums, the scales loaded as vectors (lane = row). Per block and token each
+//! no horizontal sums, the scales loaded as vectors (lane = row); AVX2 does the same with
+//! `vpmaddubsw` pairs summed in i16 and one `vpmaddwd` per block. Per block and token each
 //! lane then does `acc = fma(d_w·d_x, Σ q·x, acc)` and `acc_m = fma(m_w, s_x, acc_m)` with
 //! `s_x = d_x·Σ x_q`, and the result is `acc + acc_m` (the offsets' sum apart, as ggml keeps
-//! it). The unpacked nibbles stay in registers while they meet up to eight
-//! tokens.
+//! it). The unpacked nibbles stay in registers while they meet several tokens.
 //!
-//! Activations are quantised as for ggml's Q8_0/Q8_1 (32 signed bytes and an f16 scale per
-//! block); `s_x` is rounded to f16 for Q4_1 as in ggml's Q8_1, and kept in f32 for Q4_0 (whose
-//! `−8·Σ x`, like Q8_0's `−128·Σ x`, ggml computes exactly in integers). Each lane's operation sequence is fixed, so the scalar twin
-//! (`crate::arch::portable::packed_group`, through [`matmul_scalar`]) gives bit-identical results, and a (row, token) result depends neither
-//! on the other tokens of the batch nor on the thread count.
+//! Activations are quantised once per call as for ggml's Q8_0/Q8_1 (32 signed bytes and an
+//! f16 scale per block), also when several matrices share them ([`matmul_packed_many`]);
+//! `s_x` is rounded to f16 for Q4_1 as in ggml's Q8_1, and kept in f32 for Q4_0 (whose
+//! `−8·Σ x`, like Q8_0's `−128·Σ x`, ggml computes exactly in integers). Each lane's
+//! operation sequence is fixed and the integer sums are exact, so every kernel (VNNI, AVX2)
+//! and the scalar twin (`crate::arch::portable::packed_group`) give bit-identical results,
+//! and a (row, token) result depends neither on the other tokens of the batch nor on the
+//! thread count.
 #![allow(unsafe_code)]
 
 use half::f16;
@@ -91,7 +96,7 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// A Q4_0, Q4_1 or Q8_0 weight matrix repacked for the AVX-512 VNNI kernel (see the module
+/// A Q4_0, Q4_1 or Q8_0 weight matrix repacked for the packed kernels (see the module
 /// docs).
 pub struct PackedMatrix {
     data: Buffer,
@@ -120,8 +125,9 @@ fn nibble(qs: &[u8], e: usize) -> u8 {
 }
 
 impl PackedMatrix {
-    /// Repacks `w` when this CPU runs the packed kernel (AVX-512 VNNI) and `w` is Q4_0, Q4_1
-    /// or Q8_0; `None` otherwise (then use [`crate::matmul`]).
+    /// Repacks `w` when this CPU runs a packed kernel (AVX2 or AVX-512 VNNI, within the
+    /// `SOUVERAIN_SIMD` limit) and `w` is Q4_0, Q4_1 or Q8_0; `None` otherwise (then use
+    /// [`crate::matmul`]).
     pub fn pack(w: &Matrix<'_>) -> Option<Self> {
         if !fast_available() {
             return None;
@@ -213,29 +219,48 @@ impl PackedMatrix {
     }
 }
 
-/// Whether the packed kernel runs on this CPU.
+/// Whether a packed kernel runs on this CPU (AVX2 or AVX-512 VNNI).
 fn fast_available() -> bool {
     dispatch::active().packed.is_some()
 }
 
 /// Quantised activations: per token, `nb` blocks of 32 signed bytes, and per block
-/// `(d_x, s_x)` in f32.
+/// `(d_x, s_x)` in f32, `s_x` exact (`ds`, for Q4_0 and Q8_0) and rounded to f16 as ggml's
+/// Q8_1 keeps it (`ds_f16`, for Q4_1); each only when a matrix of the call needs it.
 struct Activations {
     qs: Vec<i8>,
     ds: Vec<[f32; 2]>,
+    ds_f16: Vec<[f32; 2]>,
 }
 
-fn quantize(x: &[f32], cols: usize, round_s: bool) -> Activations {
+impl Activations {
+    /// The `(d_x, s_x)` pairs a matrix packed from `source` reads.
+    fn scales(&self, source: WeightType) -> &[[f32; 2]] {
+        if rounds_s(source) {
+            &self.ds_f16
+        } else {
+            &self.ds
+        }
+    }
+}
+
+/// Whether `source`'s offsets meet `s_x` rounded to f16 (ggml's Q8_1, for Q4_1); Q4_0's
+/// `−8·Σ x` and Q8_0's `−128·Σ x` ggml computes exactly in integers.
+fn rounds_s(source: WeightType) -> bool {
+    source == WeightType::Q4_1
+}
+
+/// Quantises `x` (rows of `cols`) once for every matrix of a call: `exact` and `rounded`
+/// say which `s_x` flavours they read.
+fn quantize(x: &[f32], cols: usize, exact: bool, rounded: bool) -> Activations {
     let nb = cols / QK;
     let n_tokens = x.len().checked_div(cols).unwrap_or(0);
     let mut qs = vec![0i8; n_tokens * nb * XQ];
-    let mut ds = vec![[0f32; 2]; n_tokens * nb];
+    let mut ds = vec![[0f32; 2]; if exact { n_tokens * nb } else { 0 }];
+    let mut ds_f16 = vec![[0f32; 2]; if rounded { n_tokens * nb } else { 0 }];
     let k = dispatch::active();
     let mut block = [0u8; BlockQ8_0::BYTES];
-    for (xb, (q, dsb)) in x
-        .chunks_exact(QK)
-        .zip(qs.chunks_exact_mut(XQ).zip(ds.iter_mut()))
-    {
+    for (i, (xb, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(XQ)).enumerate() {
         (k.quantize_q8_0)(xb, &mut block);
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         let mut sum = 0i32;
@@ -244,15 +269,14 @@ fn quantize(x: &[f32], cols: usize, round_s: bool) -> Activations {
             sum += i32::from(b as i8);
         }
         let s = d * sum as f32;
-        // ggml's Q8_1 keeps `s` in f16 for Q4_1; Q4_0's `−8·Σ x` term needs it exact.
-        let s = if round_s {
-            f16::from_f32(s).to_f32()
-        } else {
-            s
-        };
-        *dsb = [d, s];
+        if let Some(p) = ds.get_mut(i) {
+            *p = [d, s];
+        }
+        if let Some(p) = ds_f16.get_mut(i) {
+            *p = [d, f16::from_f32(s).to_f32()];
+        }
     }
-    Activations { qs, ds }
+    Activations { qs, ds, ds_f16 }
 }
 
 /// `y[t*rows + r] = W row r · x[t*cols..]` through the packed kernel, on `pool`.
@@ -267,69 +291,120 @@ pub fn matmul_packed(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    run(pool, w, x, n_tokens, y, fast_available())
+    matmul_packed_many(pool, &mut [(w, y)], x, n_tokens)
 }
 
-/// The scalar twin of [`matmul_packed`] (bit-identical), on `pool`.
+/// Several packed matrices applied to the same activations (`outs[i].1 = outs[i].0 · x`,
+/// bit-identical to one [`matmul_packed`] each): the activations are quantised once and
+/// every product runs in one parallel pass over the pool. The attention projections Q, K, V
+/// and the MLP's gate and up share their input.
+///
+/// # Errors
+///
+/// As [`matmul_packed`], for any pair; [`KernelError::LengthMismatch`] also when the matrices
+/// do not all have `x.len() / n_tokens` columns.
+pub fn matmul_packed_many(
+    pool: &ThreadPool,
+    outs: &mut [(&PackedMatrix, &mut [f32])],
+    x: &[f32],
+    n_tokens: usize,
+) -> Result<(), KernelError> {
+    // The SIMD kernel where this CPU has one, else its scalar twin.
+    let kernel = dispatch::active().packed.unwrap_or(packed_group);
+    run(pool, outs, x, n_tokens, kernel)
+}
+
+/// [`matmul_packed`] through a given kernel: the scalar twin, or any table's (tests compare
+/// them all).
 #[cfg(test)]
-pub(crate) fn matmul_scalar(
+pub(crate) fn matmul_with(
     pool: &ThreadPool,
     w: &PackedMatrix,
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
+    kernel: PackedFn,
 ) -> Result<(), KernelError> {
-    run(pool, w, x, n_tokens, y, false)
+    run(pool, &mut [(w, y)], x, n_tokens, kernel)
+}
+
+/// One matrix of a pass and its share of the task indices.
+struct Part<'a> {
+    w: &'a PackedMatrix,
+    act: &'a [[f32; 2]],
+    out: DisjointOut,
+    group_chunk: usize,
+    group_tasks: usize,
+    first_task: usize,
 }
 
 fn run(
     pool: &ThreadPool,
-    w: &PackedMatrix,
+    outs: &mut [(&PackedMatrix, &mut [f32])],
     x: &[f32],
     n_tokens: usize,
-    y: &mut [f32],
-    fast: bool,
+    kernel: PackedFn,
 ) -> Result<(), KernelError> {
-    check_len("matmul_packed x", x.len(), n_tokens, w.cols)?;
-    check_len("matmul_packed y", y.len(), n_tokens, w.rows)?;
-    if n_tokens == 0 || w.rows == 0 {
+    for (w, y) in outs.iter() {
+        check_len("matmul_packed x", x.len(), n_tokens, w.cols)?;
+        check_len("matmul_packed y", y.len(), n_tokens, w.rows)?;
+    }
+    let Some(cols) = outs.first().map(|(w, _)| w.cols) else {
+        return Ok(());
+    };
+    if n_tokens == 0 {
         return Ok(());
     }
-    let act = quantize(x, w.cols, w.source == WeightType::Q4_1);
-    // The SIMD kernel where this CPU has one, else its scalar twin.
-    let fast_kernel = if fast {
-        dispatch::active().packed
-    } else {
-        None
-    };
-    let kernel = fast_kernel.unwrap_or(packed_group);
-    let groups = w.groups();
-    let group_chunk = groups.div_ceil(pool.n_threads() * TASKS_PER_THREAD).max(1);
-    let group_tasks = groups.div_ceil(group_chunk);
+    let exact = outs.iter().any(|(w, _)| !rounds_s(w.source));
+    let rounded = outs.iter().any(|(w, _)| rounds_s(w.source));
+    let act = quantize(x, cols, exact, rounded);
     let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
-    let out = DisjointOut {
-        ptr: y.as_mut_ptr(),
-        len: y.len(),
-    };
-    let (out, act) = (&out, &act);
-    pool.parallel_for(group_tasks * token_tasks, &|task| {
-        let (gt, tt) = (task % group_tasks, task / group_tasks);
-        let g1 = ((gt + 1) * group_chunk).min(groups);
+    let target = pool.n_threads() * TASKS_PER_THREAD;
+    let mut parts = Vec::with_capacity(outs.len());
+    let mut n_tasks = 0;
+    for (w, y) in outs.iter_mut() {
+        let groups = w.groups();
+        let group_chunk = groups.div_ceil(target).max(1);
+        let group_tasks = groups.div_ceil(group_chunk);
+        parts.push(Part {
+            w,
+            act: act.scales(w.source),
+            out: DisjointOut {
+                ptr: y.as_mut_ptr(),
+                len: y.len(),
+            },
+            group_chunk,
+            group_tasks,
+            first_task: n_tasks,
+        });
+        n_tasks += group_tasks * token_tasks;
+    }
+    let (parts, qs) = (&parts, &act.qs);
+    pool.parallel_for(n_tasks, &|task| {
+        let Some(p) = parts.iter().rev().find(|p| p.first_task <= task) else {
+            return;
+        };
+        let w = p.w;
+        let local = task - p.first_task;
+        let (gt, tt) = (local % p.group_tasks, local / p.group_tasks);
+        let g1 = ((gt + 1) * p.group_chunk).min(w.groups());
         let t1 = ((tt + 1) * TOKEN_CHUNK).min(n_tokens);
         let mut vals = [[0f32; GROUP]; 8];
-        for g in gt * group_chunk..g1 {
+        for g in gt * p.group_chunk..g1 {
             let mut t0 = tt * TOKEN_CHUNK;
             while t0 < t1 {
                 let nt = (t1 - t0).min(8);
-                group_tokens(w, act, g, t0, nt, kernel, &mut vals);
+                group_tokens(w, qs, p.act, g, t0, nt, kernel, &mut vals);
                 let lanes = (w.rows - g * GROUP).min(GROUP);
                 for (i, v) in vals.iter().enumerate().take(nt) {
                     let at = (t0 + i) * w.rows + g * GROUP;
                     for (l, &val) in v.iter().enumerate().take(lanes) {
                         // SAFETY: this task alone owns the rows of group `g` × tokens
-                        // [t0, t0 + nt), and `y` stays exclusively borrowed until
-                        // `parallel_for` returns.
-                        unsafe { out.write(at + l, val) };
+                        // [t0, t0 + nt) of this part's output (distinct tasks of a part
+                        // differ in group or token range; distinct parts write distinct
+                        // buffers), and every output stays exclusively borrowed by `outs`
+                        // until `parallel_for` returns.
+                        unsafe { p.out.write(at + l, val) };
                     }
                 }
                 t0 += nt;
@@ -340,9 +415,11 @@ fn run(
 }
 
 /// Group `g`'s 16 rows against tokens `t0..t0 + nt` (`nt` ≤ 8) into `vals[t][lane]`.
+#[allow(clippy::too_many_arguments)]
 fn group_tokens(
     w: &PackedMatrix,
-    act: &Activations,
+    qs: &[i8],
+    ds: &[[f32; 2]],
     g: usize,
     t0: usize,
     nt: usize,
@@ -353,14 +430,16 @@ fn group_tokens(
     let cell_len = cell_bytes(w.source);
     let cells = &w.data[g * nb * cell_len..(g + 1) * nb * cell_len];
     let bytes = w.source == WeightType::Q8_0;
-    let qs = &act.qs[t0 * nb * XQ..(t0 + nt) * nb * XQ];
-    let ds = &act.ds[t0 * nb..(t0 + nt) * nb];
+    let qs = &qs[t0 * nb * XQ..(t0 + nt) * nb * XQ];
+    let ds = &ds[t0 * nb..(t0 + nt) * nb];
     kernel(cells, qs, ds, nb, nt, bytes, vals);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::BlockQ8_1;
+    use crate::table::{DotFn, Kernels, QuantizeFn};
     use proptest::prelude::*;
 
     fn random_matrix(ty: WeightType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
@@ -383,10 +462,74 @@ mod tests {
         out
     }
 
+    /// `n` activation-like values in ±2, from `seed`.
+    fn random_acts(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005) | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % 4001) as f32 / 1000.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// Today's row-wise result of table `k`: each (row, token) through the table's own
+    /// block dot on the table's quantised activations (as `crate::matmul` computes it).
+    fn row_wise(k: &Kernels, w: &Matrix<'_>, x: &[f32], n_tokens: usize) -> Vec<f32> {
+        let (quantize, act_bytes, dot): (QuantizeFn, usize, DotFn) = match w.ty() {
+            WeightType::Q4_0 => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q4_0_q8_0),
+            WeightType::Q4_1 => (k.quantize_q8_1, BlockQ8_1::BYTES, k.dot_q4_1_q8_1),
+            _ => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q8_0_q8_0),
+        };
+        let cols = w.cols();
+        let stride = cols / QK * act_bytes;
+        let mut q = vec![0u8; n_tokens * stride];
+        for (xt, qt) in x.chunks_exact(cols).zip(q.chunks_exact_mut(stride)) {
+            quantize(xt, qt);
+        }
+        let mut y = vec![0f32; n_tokens * w.rows()];
+        for (qt, yt) in q.chunks_exact(stride).zip(y.chunks_exact_mut(w.rows())) {
+            for (r, v) in yt.iter_mut().enumerate() {
+                *v = dot(w.row(r), qt);
+            }
+        }
+        y
+    }
+
+    /// Runs `p · x` through every packed kernel this CPU has and through the scalar twin;
+    /// checks they are bit-identical and returns the result.
+    fn every_kernel(
+        p: &PackedMatrix,
+        x: &[f32],
+        n_tokens: usize,
+    ) -> Result<Vec<f32>, TestCaseError> {
+        let pool = ThreadPool::new(2);
+        let mut slow = vec![0f32; n_tokens * p.rows()];
+        matmul_with(&pool, p, x, n_tokens, &mut slow, packed_group).unwrap();
+        let kernels: Vec<_> = dispatch::available()
+            .iter()
+            .filter_map(|k| k.packed)
+            .collect();
+        // Every x86-64 CPU with AVX2, FMA and F16C runs at least the AVX2 kernel.
+        #[cfg(target_arch = "x86_64")]
+        if dispatch::available().iter().any(|k| k.name == "avx2") {
+            prop_assert!(!kernels.is_empty());
+        }
+        for kernel in kernels {
+            let mut fast = vec![0f32; n_tokens * p.rows()];
+            matmul_with(&pool, p, x, n_tokens, &mut fast, kernel).unwrap();
+            prop_assert_eq!(&fast, &slow);
+        }
+        Ok(slow)
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
-        /// The SIMD kernel equals its scalar twin bit for bit, and both agree with the
-        /// unpacked matmul up to float rounding, for Q4_0 and Q4_1, any shape.
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Every SIMD packed kernel (AVX2, AVX-512 VNNI: each level the CPU has) equals the
+        /// scalar twin bit for bit, and agrees with today's row-wise matmul of every level up
+        /// to float rounding, for Q4_0, Q4_1 and Q8_0, any shape and batch size.
         #[test]
         fn packed_matmul_matches_scalar_and_unpacked(
             groups_rows in 1usize..40, nb in 1usize..12, n_tokens in 1usize..20, seed: u64,
@@ -397,31 +540,93 @@ mod tests {
             let bytes = random_matrix(ty, rows, cols, seed);
             let w = Matrix::new(ty, &bytes, rows, cols).unwrap();
             let p = PackedMatrix::pack_any(&w).unwrap();
-            let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-            let x: Vec<f32> = (0..n_tokens * cols).map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) % 4001) as f32 / 1000.0 - 2.0
-            }).collect();
+            let x = random_acts(n_tokens * cols, seed);
+            let packed = every_kernel(&p, &x, n_tokens)?;
             let pool = ThreadPool::new(2);
-            let mut fast = vec![0f32; n_tokens * rows];
-            let mut slow = vec![0f32; n_tokens * rows];
-            let mut plain = vec![0f32; n_tokens * rows];
-            matmul_packed(&pool, &p, &x, n_tokens, &mut fast).unwrap();
-            matmul_scalar(&pool, &p, &x, n_tokens, &mut slow).unwrap();
-            crate::matmul(&pool, &w, &x, n_tokens, &mut plain).unwrap();
-            prop_assert_eq!(&fast, &slow);
-            // The unpacked Q4_1 path rounds `s_x` to f16 as ggml does; this one keeps it in
-            // f32: the two differ by a rounding of the size of the terms, not of the sum.
-            for (t, (a, b)) in fast.chunks_exact(rows).zip(plain.chunks_exact(rows)).enumerate() {
-                let scale: f32 = x[t * cols..(t + 1) * cols].iter().map(|v| v.abs()).sum();
-                for (a, b) in a.iter().zip(b) {
-                    prop_assert!((a - b).abs() <= 2e-3 * (1.0 + scale), "{} vs {}", a, b);
+            let mut active = vec![0f32; n_tokens * rows];
+            matmul_packed(&pool, &p, &x, n_tokens, &mut active).unwrap();
+            prop_assert_eq!(&active, &packed);
+            for k in dispatch::available() {
+                // The packed sums run in another float order than the row-wise ones (lanes
+                // and the offsets' sum apart): a rounding of the size of the terms.
+                let plain = row_wise(k, &w, &x, n_tokens);
+                for (t, (a, b)) in packed.chunks_exact(rows).zip(plain.chunks_exact(rows)).enumerate() {
+                    let scale: f32 = x[t * cols..(t + 1) * cols].iter().map(|v| v.abs()).sum();
+                    for (a, b) in a.iter().zip(b) {
+                        prop_assert!((a - b).abs() <= 2e-3 * (1.0 + scale), "{}: {} vs {}", k.name, a, b);
+                    }
                 }
             }
             // A token's result does not depend on the others in the batch.
             let mut one = vec![0f32; rows];
             matmul_packed(&pool, &p, &x[..cols], 1, &mut one).unwrap();
-            prop_assert_eq!(&one[..], &fast[..rows]);
+            prop_assert_eq!(&one[..], &packed[..rows]);
+        }
+
+        /// Matrices of mixed types sharing their input, in one call, give each matrix's own
+        /// result bit for bit.
+        #[test]
+        fn packed_many_equals_one_by_one(
+            rows in proptest::collection::vec(1usize..40, 1..4), nb in 1usize..8,
+            n_tokens in 1usize..12, seed: u64,
+        ) {
+            let cols = nb * QK;
+            let types = [WeightType::Q4_1, WeightType::Q4_0, WeightType::Q8_0];
+            let bytes: Vec<_> = rows.iter().enumerate().map(|(i, &r)| {
+                random_matrix(types[i % 3], r, cols, seed.wrapping_add(i as u64))
+            }).collect();
+            let packed: Vec<_> = rows.iter().zip(&bytes).enumerate().map(|(i, (&r, b))| {
+                PackedMatrix::pack_any(&Matrix::new(types[i % 3], b, r, cols).unwrap()).unwrap()
+            }).collect();
+            let x = random_acts(n_tokens * cols, seed);
+            let pool = ThreadPool::new(2);
+            let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; n_tokens * r]).collect();
+            let mut outs: Vec<_> = packed.iter().zip(ys.iter_mut()).map(|(p, y)| (p, &mut y[..])).collect();
+            matmul_packed_many(&pool, &mut outs, &x, n_tokens).unwrap();
+            for (p, y) in packed.iter().zip(&ys) {
+                let mut one = vec![0f32; y.len()];
+                matmul_packed(&pool, p, &x, n_tokens, &mut one).unwrap();
+                prop_assert_eq!(&one, y);
+            }
+        }
+    }
+
+    /// The largest byte products each format can meet (all nibbles 15, Q8_0 quants at ±127,
+    /// activations at ±127 in every block): the AVX2 kernel's i16 sums must stay exact, so
+    /// every kernel still equals the scalar twin, which sums in i32.
+    #[test]
+    fn extreme_values_stay_exact() {
+        let nb = 5;
+        let cols = nb * QK;
+        for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0] {
+            for (wsign, xsign) in [(1i8, 1f32), (1, -1.0), (-1, 1.0), (-1, -1.0)] {
+                let rows = 19;
+                let mut bytes = Vec::new();
+                for _ in 0..rows * nb {
+                    bytes.extend(f16::from_f32(0.01).to_le_bytes());
+                    match ty {
+                        WeightType::Q4_0 => bytes.extend([if wsign > 0 { 0xFF } else { 0x00 }; 16]),
+                        WeightType::Q4_1 => {
+                            bytes.extend(f16::from_f32(-0.5).to_le_bytes());
+                            bytes.extend([0xFF; 16]);
+                        }
+                        _ => bytes.extend([(127 * wsign) as u8; 32]),
+                    }
+                }
+                let w = Matrix::new(ty, &bytes, rows, cols).unwrap();
+                let p = PackedMatrix::pack_any(&w).unwrap();
+                for n_tokens in 1..=9 {
+                    let x = vec![3.0 * xsign; n_tokens * cols];
+                    let y = every_kernel(&p, &x, n_tokens).unwrap();
+                    let want = row_wise(&crate::arch::portable::SCALAR, &w, &x, n_tokens);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                            "{ty:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -26,7 +26,7 @@ pub(crate) const AVX2_TABLE: Kernels = kernel_table! {
     quants: crate::arch::x86_64::avx2_kquants,
     tiles: crate::arch::x86_64::avx2_tiles,
     quantize_q8_k: crate::arch::portable::quantize_q8_k,
-    packed: None,
+    packed: Some(crate::arch::x86_64::avx2_packed::packed_group),
 };
 
 static AVX2: Kernels = AVX2_TABLE;

@@ -1,5 +1,6 @@
-//! x86-64 kernels: `avx2` (+FMA, F16C; with `avx2_kquants` and `avx2_tiles`) and
-//! `avx512vnni` (built on the AVX2 table), sharing the building blocks in `helpers`.
+//! x86-64 kernels: `avx2` (+FMA, F16C; with `avx2_kquants`, `avx2_tiles` and the packed
+//! kernel `avx2_packed`) and `avx512vnni` (built on the AVX2 table), sharing the building
+//! blocks in `helpers`.
 //!
 //! Layout of every kernel: a safe wrapper (the table entry) that clamps lengths and calls
 //! an `unsafe` `#[target_feature]` function on raw pointers. The wrappers are only reachable
@@ -9,6 +10,7 @@
 
 pub(crate) mod avx2;
 mod avx2_kquants;
+mod avx2_packed;
 mod avx2_tiles;
 pub(crate) mod avx512vnni;
 mod helpers;

@@ -1,0 +1,184 @@
+//! The packed-matrix kernel for AVX2 CPUs (the AVX2 table's `packed`): the same 16-row
+//! interleaved layout as the AVX-512 VNNI kernel (`crate::packed`, `crate::formats`), read
+//! as two halves of eight rows, and the same per-lane float sequence, so its results are
+//! bit-identical to the VNNI kernel's and to the scalar twin
+//! (`crate::arch::portable::packed_group`).
+//!
+//! A 64-byte vector of a cell holds rows 0..8 in its first 32 bytes and rows 8..16 in the
+//! others: one 256-bit load per half, where lane `r` (four bytes) belongs to row `r`. AVX2
+//! has no `vpdpbusd`; its byte product `vpmaddubsw` (unsigned × signed bytes, adjacent pairs
+//! summed into i16 lanes) saturates at ±32767, and a nibble (0..15) times an activation byte
+//! (|x| ≤ 128) pair is at most 3840, so the eight products of one block (four nibble vectors,
+//! low and high) are summed exactly in i16, and one `vpmaddwd` by ones per block and token
+//! turns each row's pairs into its i32 block sum: 8 `vpmaddubsw`, 7 `vpaddw` and one
+//! `vpmaddwd` per block, eight rows and token, no shuffles and no horizontal sums (lane =
+//! row). Q8_0 cells hold `q + 128` (0..255, too large for an exact pair sum); each byte is
+//! split into its nibbles, `u = lo + 16·hi`, both halves summed as above and combined as
+//! `madd(lo, 1) + madd(hi, 16)`: exactly the integer `Σ u·x` the VNNI kernel computes.
+//!
+//! Float work per block and token is then what the VNNI kernel does lane for lane:
+//! `acc = fma(d_w·d_x, isum, acc)`; the offsets' `acc_m = fma(m_w, s_x, acc_m)` run in a
+//! second pass over the block scales (fewer live registers in the hot loop; the sequence of
+//! each lane's operations is unchanged); the result is `acc + acc_m`.
+//!
+//! The unpacked weights of a block stay in registers while they meet up to four tokens
+//! (two for Q8_0, whose two i16 sums per token take twice the registers); a call with more
+//! tokens walks the half-group again per four (the half-group's cells are then in L1/L2).
+
+use std::arch::x86_64::*;
+
+use crate::formats::{CELL, CELL8, GROUP, XQ};
+
+/// Rows per half of a 16-row group (the lanes of one 256-bit vector).
+const HALF: usize = GROUP / 2;
+
+/// The packed kernel's safe entry (the AVX2 table's `packed`): group `cells` (`nb` cells)
+/// against `nt` ≤ 8 tokens of quantised activations, into `vals[t][lane]`.
+pub(crate) fn packed_group(
+    cells: &[u8],
+    qs: &[i8],
+    ds: &[[f32; 2]],
+    nb: usize,
+    nt: usize,
+    bytes: bool,
+    vals: &mut [[f32; GROUP]; 8],
+) {
+    let cell_len = if bytes { CELL8 } else { CELL };
+    let nt = nt.min(8);
+    // The kernel reads exactly these ranges; a short slice is a caller bug, not a read
+    // out of bounds.
+    assert!(cells.len() >= nb * cell_len && qs.len() >= nt * nb * XQ && ds.len() >= nt * nb);
+    // Tokens per kernel call: as many as the registers hold.
+    let per_call = if bytes { 2 } else { 4 };
+    for half in 0..2 {
+        let mut t0 = 0;
+        while t0 < nt {
+            let tn = (nt - t0).min(per_call);
+            let (q, d) = (&qs[t0 * nb * XQ..], &ds[t0 * nb..]);
+            macro_rules! call {
+                ($($n:literal)*) => {
+                    match tn {
+                        $($n => {
+                            // SAFETY: this function is reachable only through the AVX2
+                            // table, which `avx2::table()` hands out after checking for
+                            // AVX2, FMA and F16C (all `half_kernel` enables); `cells` holds
+                            // `nb` cells and `q`/`d` hold `nb` blocks for each of the `$n`
+                            // tokens (checked above: `t0 + $n ≤ nt`).
+                            let v = unsafe {
+                                if bytes {
+                                    half_kernel::<$n, true>(cells, q, d, nb, half)
+                                } else {
+                                    half_kernel::<$n, false>(cells, q, d, nb, half)
+                                }
+                            };
+                            for (o, v) in vals[t0..t0 + $n].iter_mut().zip(v) {
+                                o[half * HALF..(half + 1) * HALF].copy_from_slice(&v);
+                            }
+                        })*
+                        _ => {}
+                    }
+                };
+            }
+            call!(1 2 3 4);
+            t0 += tn;
+        }
+    }
+}
+
+/// Rows `8·half..8·half + 8` of the group × `T` tokens over `nb` blocks; returns
+/// `[token][row in half]`. `BYTES`: Q8_0 cells (eight byte vectors), else Q4 cells (four
+/// nibble vectors).
+///
+/// # Safety
+///
+/// The CPU must support AVX2, FMA and F16C; `half` < 2; `cells` must hold `nb` cells, `qs`
+/// `T·nb` blocks of 32 bytes and `ds` `T·nb` pairs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_kernel<const T: usize, const BYTES: bool>(
+    cells: &[u8],
+    qs: &[i8],
+    ds: &[[f32; 2]],
+    nb: usize,
+    half: usize,
+) -> [[f32; HALF]; T] {
+    let cell_len = if BYTES { CELL8 } else { CELL };
+    debug_assert!(half < 2);
+    debug_assert!(cells.len() >= nb * cell_len && qs.len() >= T * nb * XQ && ds.len() >= T * nb);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let sixteen = _mm256_set1_epi16(16);
+    // This half's bytes of a cell: scales at 2·8·half, offsets 32 bytes on, vectors at 64.
+    let c = cells.as_ptr();
+    let q = qs.as_ptr();
+    let dsp = ds.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells); every offset below is
+        // inside its `cell_len` bytes (`half` < 2), and block `t·nb + b` of `qs` (32 bytes)
+        // is in bounds for each `t` < `T`.
+        unsafe {
+            let cell = c.add(b * cell_len);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
+            let vecs = cell.add(64 + 32 * half);
+            // Per token the block's byte products, summed in i16 lanes (see the module docs
+            // for why they cannot overflow); for Q8_0 the low and high nibbles apart.
+            let mut lo16 = [_mm256_setzero_si256(); T];
+            let mut hi16 = [_mm256_setzero_si256(); T];
+            if BYTES {
+                for i in 0..8 {
+                    let v = _mm256_loadu_si256(vecs.add(64 * i).cast());
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    for t in 0..T {
+                        let xq = q.add((t * nb + b) * XQ);
+                        let x = _mm256_set1_epi32(xq.add(4 * i).cast::<i32>().read_unaligned());
+                        lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, x));
+                        hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, x));
+                    }
+                }
+            } else {
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(vecs.add(64 * j).cast());
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    for (t, s) in lo16.iter_mut().enumerate() {
+                        let xq = q.add((t * nb + b) * XQ);
+                        let xl = _mm256_set1_epi32(xq.add(4 * j).cast::<i32>().read_unaligned());
+                        let xh =
+                            _mm256_set1_epi32(xq.add(4 * j + 16).cast::<i32>().read_unaligned());
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xl),
+                            _mm256_maddubs_epi16(hi, xh),
+                        );
+                        *s = _mm256_add_epi16(*s, p);
+                    }
+                }
+            }
+            for t in 0..T {
+                let mut isum = _mm256_madd_epi16(lo16[t], ones);
+                if BYTES {
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(hi16[t], sixteen));
+                }
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps((*dsp.add(t * nb + b))[0]));
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[t]);
+            }
+        }
+    }
+    let mut out = [[0f32; HALF]; T];
+    for (t, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+        let mut acc_m = _mm256_setzero_ps();
+        for b in 0..nb {
+            // SAFETY: the offsets of cell `b` and pair `t·nb + b` of `ds` (in bounds, as
+            // above).
+            let (mw, sx) = unsafe {
+                let cell = c.add(b * cell_len);
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(32 + 2 * HALF * half).cast()));
+                (mw, (*dsp.add(t * nb + b))[1])
+            };
+            acc_m = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc_m);
+        }
+        // SAFETY: `o` is 8 f32s.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, acc_m)) };
+    }
+    out
+}
