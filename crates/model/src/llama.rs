@@ -334,9 +334,12 @@ impl LlamaModel {
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            self.store.matmul(pool, &b.wq, &s.xn, n, &mut s.q)?;
-            self.store.matmul(pool, &b.wk, &s.xn, n, &mut s.k)?;
-            self.store.matmul(pool, &b.wv, &s.xn, n, &mut s.v)?;
+            let mut qkv = [
+                (&b.wq, &mut s.q[..]),
+                (&b.wk, &mut s.k[..]),
+                (&b.wv, &mut s.v[..]),
+            ];
+            self.store.matmul_many(pool, &mut qkv, &s.xn, n)?;
             if let Some((q_norm, k_norm)) = &b.qk_norm {
                 rms_norm_in_place(&mut s.q, q_norm, c.rms_eps);
                 rms_norm_in_place(&mut s.k, k_norm, c.rms_eps);

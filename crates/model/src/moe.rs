@@ -46,8 +46,12 @@ impl Mlp {
         out: &mut [f32],
         glu: Glu<'_>,
     ) -> Result<(), ModelError> {
-        store.matmul(pool, &self.gate, x, n, gate)?;
-        store.matmul(pool, &self.up, x, n, up)?;
+        store.matmul_many(
+            pool,
+            &mut [(&self.gate, &mut *gate), (&self.up, &mut *up)],
+            x,
+            n,
+        )?;
         glu(gate, up);
         store.matmul(pool, &self.down, gate, n, out)?;
         Ok(())

@@ -59,8 +59,9 @@ pub(crate) struct Weight {
 }
 
 impl Weight {
-    /// Repacks the matrix for the packed matmul kernel when this CPU runs it and the type
-    /// is one it takes (Q4_0, Q4_1, Q8_0); otherwise leaves it as stored.
+    /// Repacks the matrix for the packed matmul kernel when this CPU runs one (AVX2 or
+    /// AVX-512 VNNI) and the type is one it takes (Q4_0, Q4_1, Q8_0); otherwise leaves it
+    /// as stored.
     pub(crate) fn pack(&mut self, storage: &Storage) -> Result<(), ModelError> {
         self.packed = kernels::PackedMatrix::pack(&storage.matrix(self)?).map(Arc::new);
         Ok(())
@@ -97,6 +98,43 @@ impl Storage {
         match &w.packed {
             Some(p) => kernels::matmul_packed(pool, p, x, n, y)?,
             None => kernels::matmul(pool, &self.matrix(w)?, x, n, y)?,
+        }
+        Ok(())
+    }
+
+    /// `outs[i].1 = outs[i].0 · x` for matrices that share their input `x` (`n` rows), as
+    /// [`Storage::matmul`] computes each (bit-identical): when all are packed the
+    /// activations are quantised once and all products run in one pass over the pool
+    /// (`kernels::matmul_packed_many`); when none is, `kernels::matmul_many` does the same
+    /// for the row-wise kernels; a mix runs one product after another.
+    pub(crate) fn matmul_many(
+        &self,
+        pool: &kernels::ThreadPool,
+        outs: &mut [(&Weight, &mut [f32])],
+        x: &[f32],
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let packed: Vec<&kernels::PackedMatrix> = outs
+            .iter()
+            .filter_map(|(w, _)| w.packed.as_deref())
+            .collect();
+        if packed.len() == outs.len() {
+            let mut pairs: Vec<_> = packed
+                .into_iter()
+                .zip(outs.iter_mut())
+                .map(|(p, (_, y))| (p, &mut **y))
+                .collect();
+            kernels::matmul_packed_many(pool, &mut pairs, x, n)?;
+        } else if packed.is_empty() {
+            let mut pairs = Vec::with_capacity(outs.len());
+            for (w, y) in outs.iter_mut() {
+                pairs.push((self.matrix(w)?, &mut **y));
+            }
+            kernels::matmul_many(pool, &mut pairs, x, n)?;
+        } else {
+            for (w, y) in outs.iter_mut() {
+                self.matmul(pool, w, x, n, y)?;
+            }
         }
         Ok(())
     }
