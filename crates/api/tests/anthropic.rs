@@ -80,7 +80,9 @@ async fn a_message_has_anthropics_shape() {
     assert_eq!(json["stop_sequence"], Value::Null);
     assert_eq!(
         json["usage"],
-        json!({"input_tokens": 4, "output_tokens": 4})
+        // The fake backend reports 1 mJ per token (prompt and output), modelled: our extension.
+        json!({"input_tokens": 4, "output_tokens": 4,
+               "energy_joules": 0.008, "energy_source": "modelled"})
     );
 }
 
