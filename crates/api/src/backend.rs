@@ -61,6 +61,34 @@ pub trait Backend: Send + Sync + 'static {
     fn metrics(&self) -> Option<MetricsSnapshot> {
         None
     }
+
+    /// What the model is (Ollama's `/api/tags`, `/api/show`, `/api/ps`); by default nothing
+    /// is known beyond the model's id and context.
+    fn facts(&self) -> ModelFacts {
+        ModelFacts::default()
+    }
+}
+
+/// Facts about a served model: its file, size and metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelFacts {
+    /// `gguf` or `safetensors`; empty if unknown.
+    pub format: String,
+    /// The architecture (`llama`, `gemma3`, `bert`); empty if unknown.
+    pub architecture: String,
+    /// Parameters, counted from the tensors; 0 if unknown.
+    pub parameters: u64,
+    /// Bytes of the model's files; 0 if unknown.
+    pub file_bytes: u64,
+    /// Bytes the served model holds in memory beyond its files (its KV cache).
+    pub cache_bytes: u64,
+    /// When the model's files last changed, Unix seconds; 0 if unknown.
+    pub modified_unix_s: u64,
+    /// The model file's scalar metadata (GGUF keys such as `general.architecture`,
+    /// `llama.context_length`, `general.file_type`).
+    pub metadata: Vec<(String, serde_json::Value)>,
+    /// The chat template the model file carries, if any.
+    pub chat_template: Option<String>,
 }
 
 /// What the HTTP layer needs from an embedding model. `engine::Embedder` implements it;
@@ -82,6 +110,11 @@ pub trait EmbeddingBackend: Send + Sync + 'static {
 
     /// One vector per token sequence, in order.
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
+
+    /// What the model is; by default nothing is known.
+    fn facts(&self) -> ModelFacts {
+        ModelFacts::default()
+    }
 }
 
 impl Backend for Engine {
@@ -124,6 +157,20 @@ impl Backend for Engine {
     fn metrics(&self) -> Option<MetricsSnapshot> {
         Some(Engine::metrics(self))
     }
+
+    fn facts(&self) -> ModelFacts {
+        let d = Engine::description(self);
+        ModelFacts {
+            format: d.format.to_owned(),
+            architecture: d.architecture.clone(),
+            parameters: d.n_params,
+            file_bytes: d.file_bytes,
+            cache_bytes: d.kv_cache_bytes as u64,
+            modified_unix_s: d.modified_unix_s,
+            metadata: d.metadata.clone(),
+            chat_template: d.chat_template.clone(),
+        }
+    }
 }
 
 impl EmbeddingBackend for Embedder {
@@ -145,5 +192,14 @@ impl EmbeddingBackend for Embedder {
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
         Embedder::embed(self, inputs)
+    }
+
+    fn facts(&self) -> ModelFacts {
+        ModelFacts {
+            format: "safetensors".to_owned(),
+            architecture: "bert".to_owned(),
+            parameters: Embedder::n_params(self) as u64,
+            ..ModelFacts::default()
+        }
     }
 }

@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::admission::{Admission, AdmittedJson, Meter, NamesModel};
 use crate::backend::EmbeddingBackend;
 use crate::error::{ApiError, engine_error};
-use crate::state::{AppState, response_id};
+use crate::state::{AppState, traced_id};
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
@@ -48,7 +48,7 @@ pub(crate) struct EmbeddingRequest {
 
 /// One input, as given.
 #[derive(Debug, Clone, PartialEq)]
-enum Input {
+pub(crate) enum Input {
     Text(String),
     Tokens(Vec<u32>),
 }
@@ -84,19 +84,25 @@ fn validate(
     match req.dimensions {
         None | Some(Value::Null) => {}
         Some(Value::Number(n)) if n.as_u64() == Some(embedder.dimensions() as u64) => {}
-        Some(other) => {
-            return Err(ApiError::invalid(
-                "dimensions",
-                format!(
-                    "`dimensions` {other} is not supported: this model's vectors have {} \
-                     dimensions and cannot be shortened",
-                    embedder.dimensions()
-                ),
-            ));
-        }
+        Some(other) => return Err(dimensions_refused(other, embedder)),
     }
     let inputs = parse_input(req.input)?;
     Ok(ValidEmbeddingRequest { inputs, base64 })
+}
+
+/// The 400 for a `dimensions` other than the model's.
+pub(crate) fn dimensions_refused(
+    asked: impl std::fmt::Display,
+    embedder: &dyn EmbeddingBackend,
+) -> ApiError {
+    ApiError::invalid(
+        "dimensions",
+        format!(
+            "`dimensions` {asked} is not supported: this model's vectors have {} dimensions \
+             and cannot be shortened",
+            embedder.dimensions()
+        ),
+    )
 }
 
 fn parse_input(input: Option<Value>) -> Result<Vec<Input>, ApiError> {
@@ -227,8 +233,7 @@ pub(crate) async fn embeddings(
         admission,
     }: AdmittedJson<EmbeddingRequest>,
 ) -> Response {
-    let id = response_id("embd-");
-    tracing::Span::current().record("request_id", id.as_str());
+    let id = traced_id("embd-");
     embeddings_inner(app, id, admission, req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
@@ -240,58 +245,23 @@ async fn embeddings_inner(
     admission: Option<Admission>,
     req: EmbeddingRequest,
 ) -> Result<Response, ApiError> {
-    let Some(embedder) = app.embedder.clone() else {
-        let model = match &req.model {
-            Some(Value::String(m)) => m.clone(),
-            _ => String::new(),
-        };
-        return Err(ApiError::InvalidRequest {
-            message: format!(
-                "The model `{model}` does not support embeddings: this server runs no \
-                 embedding model (start it with --embedding-model)"
-            ),
-            param: Some("model".to_owned()),
-            code: Some("model_not_found"),
-        });
+    let model = match &req.model {
+        Some(Value::String(m)) => m.clone(),
+        _ => String::new(),
     };
+    let embedder = served_embedder(&app, &model)?;
     let valid = validate(req, embedder.as_ref())?;
-
-    let worker = Arc::clone(&embedder);
-    let inputs = valid.inputs;
-    let token_ids = tokio::task::spawn_blocking(move || {
-        inputs
-            .into_iter()
-            .map(|input| match input {
-                Input::Text(text) => worker.tokenize(&text),
-                Input::Tokens(ids) => ids,
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))?;
-    let max_tokens = embedder.max_tokens();
-    for (i, ids) in token_ids.iter().enumerate() {
-        if ids.len() > max_tokens {
-            return Err(too_long(i, ids.len(), max_tokens));
-        }
-    }
-    let prompt_tokens: usize = token_ids.iter().map(Vec::len).sum();
-    let meter = match &admission {
-        Some(admission) => Some(admission.reserve(&id, prompt_tokens, 0).await?),
-        None => None,
-    };
-
-    let worker = Arc::clone(&embedder);
-    let embedded = tokio::task::spawn_blocking(move || worker.embed(&token_ids))
-        .await
-        .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
-        .and_then(|r| r.map_err(engine_error));
-
-    if let Some(meter) = meter {
-        settle(meter, &embedded, prompt_tokens).await;
-    }
-    let vectors = embedded?;
-    tracing::info!(inputs = vectors.len(), prompt_tokens, "embeddings computed");
+    let Embedded {
+        vectors,
+        prompt_tokens,
+    } = embed(
+        &embedder,
+        &id,
+        admission.as_ref(),
+        valid.inputs,
+        Overlong::Refuse,
+    )
+    .await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -316,6 +286,104 @@ async fn embeddings_inner(
         },
     })
     .into_response())
+}
+
+/// The embedding model served, or the 400 saying that none is (naming `model`).
+pub(crate) fn served_embedder(
+    app: &AppState,
+    model: &str,
+) -> Result<Arc<dyn EmbeddingBackend>, ApiError> {
+    app.embedder
+        .clone()
+        .ok_or_else(|| ApiError::InvalidRequest {
+            message: format!(
+                "The model `{model}` does not support embeddings: this server runs no embedding \
+             model (start it with --embedding-model)"
+            ),
+            param: Some("model".to_owned()),
+            code: Some("model_not_found"),
+        })
+}
+
+/// What to do with an input longer than the model takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Overlong {
+    /// A 400 naming the input (OpenAI's way).
+    Refuse,
+    /// Cut to the model's limit, keeping the closing special token (Ollama's `truncate`, as
+    /// sentence-transformers' tokenizer truncates).
+    Truncate,
+}
+
+/// Vectors and the tokens they took.
+pub(crate) struct Embedded {
+    pub(crate) vectors: Vec<Vec<f32>>,
+    pub(crate) prompt_tokens: usize,
+}
+
+/// Tokenises and embeds `inputs` on blocking threads; under `--auth` the prompt tokens are
+/// reserved first and the request is settled before this returns.
+pub(crate) async fn embed(
+    embedder: &Arc<dyn EmbeddingBackend>,
+    id: &str,
+    admission: Option<&Admission>,
+    inputs: Vec<Input>,
+    overlong: Overlong,
+) -> Result<Embedded, ApiError> {
+    let worker = Arc::clone(embedder);
+    let token_ids = tokio::task::spawn_blocking(move || {
+        inputs
+            .into_iter()
+            .map(|input| match input {
+                Input::Text(text) => worker.tokenize(&text),
+                Input::Tokens(ids) => ids,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))?;
+    let max_tokens = embedder.max_tokens();
+    let mut token_ids = token_ids;
+    for (i, ids) in token_ids.iter_mut().enumerate() {
+        if ids.len() > max_tokens {
+            match overlong {
+                Overlong::Refuse => return Err(too_long(i, ids.len(), max_tokens)),
+                Overlong::Truncate => truncate(ids, max_tokens),
+            }
+        }
+    }
+    let prompt_tokens: usize = token_ids.iter().map(Vec::len).sum();
+    let meter = match admission {
+        Some(admission) => Some(admission.reserve(id, prompt_tokens, 0).await?),
+        None => None,
+    };
+
+    let worker = Arc::clone(embedder);
+    let embedded = tokio::task::spawn_blocking(move || worker.embed(&token_ids))
+        .await
+        .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
+        .and_then(|r| r.map_err(engine_error));
+
+    if let Some(meter) = meter {
+        settle(meter, &embedded, prompt_tokens).await;
+    }
+    let vectors = embedded?;
+    tracing::info!(inputs = vectors.len(), prompt_tokens, "embeddings computed");
+    Ok(Embedded {
+        vectors,
+        prompt_tokens,
+    })
+}
+
+/// Cuts `ids` to `max` tokens, keeping its last token (the closing `[SEP]`).
+fn truncate(ids: &mut Vec<u32>, max: usize) {
+    if max == 0 {
+        ids.clear();
+        return;
+    }
+    let last = ids.last().copied();
+    ids.truncate(max - 1);
+    ids.extend(last);
 }
 
 /// Records the request through the meter: the embedding's outcome goes through the same
@@ -378,6 +446,13 @@ mod tests {
         assert_eq!(base64_f32_le(&[1.0, -2.5]), "AACAPwAAIMA=");
         assert_eq!(base64_f32_le(&[1.0, -2.5, 0.0]), "AACAPwAAIMAAAAAA");
         assert_eq!(base64_f32_le(&[]), "");
+    }
+
+    #[test]
+    fn truncation_keeps_the_closing_token() {
+        let mut ids = vec![101, 1, 2, 3, 4, 102];
+        truncate(&mut ids, 4);
+        assert_eq!(ids, [101, 1, 2, 102]);
     }
 
     #[test]

@@ -96,7 +96,11 @@ pub(crate) async fn start_generation(
     .await
     .map_err(|err| ApiError::internal(format!("tokenisation task failed: {err}")))??;
 
-    let context_length = backend.context_length();
+    let context_length = valid
+        .context_limit
+        .map_or(backend.context_length(), |limit| {
+            limit.min(backend.context_length())
+        });
     if let Some(long) = encoded.iter().find(|e| e.tokens.len() >= context_length) {
         return Err(ApiError::ContextLengthExceeded {
             prompt_tokens: long.tokens.len(),
@@ -139,6 +143,14 @@ pub(crate) async fn start_generation(
     let mut echoes = Vec::with_capacity(sequences);
     for prompt in encoded {
         let constraint = valid.constraint.clone().or(prompt.forcing);
+        // Under a context smaller than the model's, the completion stops where it ends.
+        let max_tokens = match valid.context_limit {
+            Some(_) => {
+                let room = context_length - prompt.tokens.len();
+                Some(valid.max_tokens.map_or(room, |max| max.min(room)))
+            }
+            None => valid.max_tokens,
+        };
         for i in 0..valid.n {
             let mut sampling = valid.sampling.clone();
             // Each choice its own random stream, reproducible from the request's seed.
@@ -146,7 +158,7 @@ pub(crate) async fn start_generation(
             requests.push(GenerateRequest {
                 prompt_tokens: prompt.tokens.clone(),
                 sampling,
-                max_tokens: valid.max_tokens,
+                max_tokens,
                 stop: valid.stop.clone(),
                 stop_at_eog: true,
                 logprobs: valid.logprobs,

@@ -13,6 +13,9 @@
 //!   `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`; stored responses (`store`,
 //!   `previous_response_id`) only under a control plane whose project retention allows it
 //! - `POST /v1/embeddings` (when an [`EmbeddingBackend`] is served beside the chat model)
+//! - Ollama's API: `POST /api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`,
+//!   `/api/show`, `GET /api/tags`, `/api/ps`, `/api/version` (NDJSON streams, streaming by
+//!   default; errors there as `{"error": "..."}`)
 //! - `POST /tokenize`, `POST /detokenize` (vLLM's shapes)
 //! - with a control plane: keys, limits, budgets, metering and residency on all of the above
 //!   (but `/health` and `/metrics`), and the admin API under `/admin/v1`
@@ -27,11 +30,11 @@
 //!
 //! Modules import in one direction, lowest first: `state` and `error`; the request shapes
 //! (`openai`, `anthropic`, `responses`, `validate`, `tools`, `output`, `logprobs`);
-//! `admission` (a request under the control plane); `generation` (encode, start, fan-in, one
-//! choice read as parsed steps); the responders (`whole`, `stream`, whose `EventSource` every
-//! streamed dialect implements); the handlers (`handlers`, `messages`, `responding`,
-//! `embeddings`, `tokenize`, `metrics`); the `middleware`; this file, which assembles the
-//! [`App`].
+//! `admission` (a request under the control plane) and `ollama` (Ollama's requests
+//! translated); `generation` (encode, start, fan-in, one choice read as parsed steps); the
+//! responders (`whole`, `stream`, whose `EventSource` every streamed dialect implements) and
+//! `embeddings`; the handlers (`handlers`, `messages`, `responding`, `ollama_api`,
+//! `tokenize`, `metrics`); the `middleware`; this file, which assembles the [`App`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -56,6 +59,8 @@ mod logprobs;
 mod messages;
 mod metrics;
 mod middleware;
+mod ollama;
+mod ollama_api;
 mod openai;
 mod output;
 mod responding;
@@ -76,7 +81,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use control::{ControlPlane, Settlement};
 
-pub use crate::backend::{Backend, EmbeddingBackend};
+pub use crate::backend::{Backend, EmbeddingBackend, ModelFacts};
 pub use crate::embeddings::MAX_EMBEDDING_INPUTS;
 pub use crate::error::ApiError;
 pub use edge::MAX_BODY_BYTES;
@@ -88,6 +93,20 @@ pub struct App {
     backend: Arc<dyn Backend>,
     embedder: Option<Arc<dyn EmbeddingBackend>>,
     control: Option<Arc<ControlPlane>>,
+}
+
+/// Ollama's routes; their bodies are JSON whatever they are declared as.
+fn ollama_routes() -> Router<state::AppState> {
+    Router::new()
+        .route("/api/chat", post(ollama_api::chat))
+        .route("/api/generate", post(ollama_api::generate))
+        .route("/api/embed", post(ollama_api::embed_route))
+        .route("/api/embeddings", post(ollama_api::embeddings_route))
+        .route("/api/show", post(ollama_api::show))
+        .route("/api/tags", get(ollama_api::tags))
+        .route("/api/ps", get(ollama_api::ps))
+        .route("/api/version", get(ollama_api::version))
+        .route_layer(axum::middleware::from_fn(middleware::json_bodies))
 }
 
 impl App {
@@ -143,6 +162,7 @@ impl App {
             .route("/v1/embeddings", post(embeddings::embeddings))
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))
+            .merge(ollama_routes())
             // After the routes: it applies to the routes present when it is called.
             .method_not_allowed_fallback(handlers::method_not_allowed)
             .fallback(handlers::unknown_url)
@@ -158,7 +178,7 @@ impl App {
             )),
         };
         // Outermost, so that the authentication's refusals are re-shaped too.
-        let app = app.layer(axum::middleware::from_fn(middleware::anthropic_errors));
+        let app = app.layer(axum::middleware::from_fn(middleware::dialect_errors));
         match &self.control {
             None => app,
             Some(control) => app.nest(

@@ -5,7 +5,7 @@
 //! goes the one way every chat goes: `validate::chat`, the admission under `--auth`,
 //! `start_generation`. Only the answer's shape is Anthropic's: the same `OutputParser` splits
 //! the output into thinking, text and tool calls, which become content blocks. Errors on these
-//! routes are re-rendered in Anthropic's shape by `middleware::anthropic_errors`; an error
+//! routes are re-rendered in Anthropic's shape by `middleware::dialect_errors`; an error
 //! after a stream started is an `error` event.
 
 use std::collections::VecDeque;

@@ -1,5 +1,5 @@
-//! `serve --auth`: the control plane in front of `/v1/*` (and vLLM's `/tokenize`,
-//! `/detokenize`).
+//! `serve --auth`: the control plane in front of `/v1/*`, Ollama's `/api/*` (and vLLM's
+//! `/tokenize`, `/detokenize`).
 //!
 //! For each such request the middleware authenticates the key (401) and checks the
 //! deployment's region against the key's organisation (403), headers only. A `POST` that may
@@ -7,10 +7,11 @@
 //! once the body is parsed, reserves once the prompt is counted, and meters the generation
 //! (`admission`). A request that ends without a meter (refused, invalid) is recorded as the
 //! key's use with no tokens. Listing models and tokenising (Anthropic's `count_tokens`
-//! included) are authenticated, not metered.
+//! included) and Ollama's `/api/show` are authenticated, not metered.
 //!
-//! [`anthropic_errors`], outermost, answers every error on `/v1/messages*` (this
-//! middleware's 401s and 403s included) in Anthropic's shape, with the same status.
+//! [`dialect_errors`], outermost, answers every error on `/v1/messages*` (this
+//! middleware's 401s and 403s included) in Anthropic's shape and on `/api/*` in Ollama's,
+//! with the same status.
 
 use std::time::Instant;
 
@@ -32,9 +33,12 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    let tokenizer_only =
-        path == "/tokenize" || path == "/detokenize" || path == "/v1/messages/count_tokens";
-    if !(path.starts_with("/v1/") || path == "/v1" || tokenizer_only) {
+    let tokenizer_only = path == "/tokenize"
+        || path == "/detokenize"
+        || path == "/v1/messages/count_tokens"
+        || path == "/api/show";
+    let guarded = path.starts_with("/v1/") || path == "/v1" || path.starts_with("/api/");
+    if !(guarded || tokenizer_only) {
         return next.run(req).await;
     }
     let started = Instant::now();
@@ -82,20 +86,39 @@ pub(crate) async fn authenticate(
     response
 }
 
-/// Errors on Anthropic's routes (`/v1/messages`, `/v1/messages/count_tokens`) in Anthropic's
-/// shape: every `ApiError` response carries its [`ErrorFacts`], re-rendered here with the same
-/// status and headers (`Retry-After`).
-pub(crate) async fn anthropic_errors(req: Request, next: Next) -> Response {
-    let anthropic = req.uri().path().starts_with("/v1/messages");
+/// Ollama's routes read every body as JSON whatever its `Content-Type` (its documentation's
+/// `curl -d` examples send none of JSON's), so on them the body is declared JSON before the
+/// extractor, which requires that, reads it.
+pub(crate) async fn json_bodies(mut req: Request, next: Next) -> Response {
+    req.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    next.run(req).await
+}
+
+/// Errors in the shape of the API a route speaks: on Anthropic's routes (`/v1/messages`,
+/// `/v1/messages/count_tokens`) Anthropic's error object, on Ollama's (`/api/*`)
+/// `{"error": "..."}`. Every `ApiError` response carries its [`ErrorFacts`], re-rendered here
+/// with the same status and headers (`Retry-After`).
+pub(crate) async fn dialect_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let anthropic = path.starts_with("/v1/messages");
+    let ollama = path.starts_with("/api/");
     let response = next.run(req).await;
-    if !anthropic {
+    if !(anthropic || ollama) {
         return response;
     }
     let Some(facts) = response.extensions().get::<ErrorFacts>().cloned() else {
         return response;
     };
+    let body = if anthropic {
+        facts.anthropic_body()
+    } else {
+        serde_json::json!({ "error": facts.message })
+    };
     let (mut parts, _) = response.into_parts();
-    let body = axum::Json(facts.anthropic_body()).into_response();
+    let body = axum::Json(body).into_response();
     parts.headers.remove(header::CONTENT_LENGTH);
     let (body_parts, body) = body.into_parts();
     if let Some(kind) = body_parts.headers.get(header::CONTENT_TYPE) {

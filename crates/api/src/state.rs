@@ -69,6 +69,14 @@ pub(crate) fn response_id(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
+/// A fresh response id (see [`response_id`]), recorded as the current span's `request_id`
+/// so that every log line about the request carries it.
+pub(crate) fn traced_id(prefix: &str) -> String {
+    let id = response_id(prefix);
+    tracing::Span::current().record("request_id", id.as_str());
+    id
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

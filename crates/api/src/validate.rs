@@ -83,6 +83,9 @@ pub(crate) struct ValidRequest {
     pub(crate) echo: bool,
     /// vLLM's `return_tokens_as_token_ids`: log-probabilities name tokens `token_id:<id>`.
     pub(crate) token_ids: bool,
+    /// A context smaller than the served model's that prompt plus completion must fit in
+    /// (Ollama's `num_ctx`); `None`: the model's whole context.
+    pub(crate) context_limit: Option<usize>,
 }
 
 /// Validates a chat completion request against the served model `model_id`.
@@ -196,6 +199,7 @@ pub(crate) fn chat(req: &ChatCompletionRequest, model_id: &str) -> Result<ValidR
         tools,
         echo: false,
         token_ids: req.return_tokens_as_token_ids == Some(true),
+        context_limit: None,
         sampling: common.sampling,
         max_tokens: max_completion_tokens.or(max_tokens),
         stop: common.stop,
@@ -275,6 +279,7 @@ pub(crate) fn completion(
         tools: None,
         echo,
         token_ids: req.return_tokens_as_token_ids == Some(true),
+        context_limit: None,
         sampling: common.sampling,
         max_tokens: Some(max_tokens),
         stop: common.stop,
@@ -320,6 +325,7 @@ pub(crate) fn fim(req: &CompletionRequest, model_id: &str) -> Result<ValidReques
         tools: None,
         echo: false,
         token_ids: false,
+        context_limit: None,
         sampling: common.sampling,
         max_tokens: positive("max_tokens", req.max_tokens)?,
         stop: common.stop,

@@ -161,6 +161,83 @@ pub struct ModelDescription {
     pub kv_cache_tokens: usize,
     /// Bytes of the KV cache.
     pub kv_cache_bytes: usize,
+    /// `gguf`, or `safetensors` for a Hugging Face or Mistral directory.
+    pub format: &'static str,
+    /// Bytes of the model's files on disk (a directory: its files, not recursing).
+    pub file_bytes: u64,
+    /// When the model file (or directory) was last modified, Unix seconds; 0 if unknown.
+    pub modified_unix_s: u64,
+    /// The GGUF file's scalar metadata (numbers, booleans, strings cut to
+    /// [`MAX_METADATA_STRING`] bytes), in the file's order; arrays (the vocabulary) and the
+    /// chat template are left out. Empty for a model directory.
+    pub metadata: Vec<(String, serde_json::Value)>,
+    /// The chat template in the GGUF file (`tokenizer.chat_template`), if any.
+    pub chat_template: Option<String>,
+}
+
+/// The longest metadata string [`ModelDescription::metadata`] keeps, in bytes.
+pub const MAX_METADATA_STRING: usize = 4096;
+
+/// The scalar metadata of a GGUF file, as JSON values (see [`ModelDescription::metadata`]).
+fn scalar_metadata(md: &Metadata) -> Vec<(String, serde_json::Value)> {
+    use model::gguf::Value as V;
+    md.iter()
+        .filter(|(key, _)| !key.starts_with("tokenizer.chat_template"))
+        .filter_map(|(key, value)| {
+            let json = match value {
+                V::Bool(b) => serde_json::Value::Bool(*b),
+                V::String(s) => {
+                    let mut end = s.len().min(MAX_METADATA_STRING);
+                    while !s.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    serde_json::Value::String(s[..end].to_owned())
+                }
+                V::Array(_) => return None,
+                // Through its shortest decimal form, so that 1e-5 reads 1e-5, not f32's
+                // 9.999999747378752e-6 widened.
+                V::F32(x) => serde_json::Value::from(x.to_string().parse::<f64>().ok()?),
+                other => match (other.as_integer(), other.as_float()) {
+                    (Some(i), _) => match i64::try_from(i) {
+                        Ok(i) => serde_json::Value::from(i),
+                        Err(_) => serde_json::Value::from(u64::try_from(i).ok()?),
+                    },
+                    (None, Some(f)) => serde_json::Value::from(f),
+                    (None, None) => return None,
+                },
+            };
+            Some((key.to_owned(), json))
+        })
+        .collect()
+}
+
+/// Bytes of a model on disk (a file, or a directory's files) and when it last changed.
+fn disk_facts(path: &Path) -> (u64, u64) {
+    let modified = |m: &std::fs::Metadata| {
+        m.modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    };
+    let Ok(meta) = std::fs::metadata(path) else {
+        return (0, 0);
+    };
+    if !meta.is_dir() {
+        return (meta.len(), modified(&meta));
+    }
+    let mut bytes = 0u64;
+    let mut latest = modified(&meta);
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if let Ok(m) = entry.metadata()
+                && m.is_file()
+            {
+                bytes = bytes.saturating_add(m.len());
+                latest = latest.max(modified(&m));
+            }
+        }
+    }
+    (bytes, latest)
 }
 
 impl Engine {
@@ -174,6 +251,22 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let loaded = LoadedModel::open(path, progress)?;
         let model = loaded.model;
+        let (metadata, chat_template) = match &loaded.tokenizer {
+            TokenizerSource::Gguf(file) => (
+                scalar_metadata(file.metadata()),
+                file.metadata()
+                    .opt_str("tokenizer.chat_template")
+                    .ok()
+                    .flatten()
+                    .map(str::to_owned),
+            ),
+            _ => (Vec::new(), None),
+        };
+        let format = match loaded.format {
+            model::ModelFormat::Gguf => "gguf",
+            _ => "safetensors",
+        };
+        let (file_bytes, modified_unix_s) = disk_facts(path);
         let name = match &loaded.tokenizer {
             TokenizerSource::Gguf(file) => file
                 .metadata()
@@ -250,6 +343,11 @@ impl Engine {
             threads,
             kv_cache_tokens: kv.n_blocks() * kv.block_tokens(),
             kv_cache_bytes: kv.bytes(),
+            format,
+            file_bytes,
+            modified_unix_s,
+            metadata,
+            chat_template,
         };
         config.energy.validate().map_err(LoadError::Inconsistent)?;
         let meter = energy::open_meter(&config.energy, threads).map_err(LoadError::Inconsistent)?;
