@@ -4,7 +4,9 @@
 - `tool_choice="any"` (Mistral's word for OpenAI's `required`) forces a call to a tool, whose
   arguments are valid JSON for its parameters;
 - a forced call sent together with a `response_format` (as agents with an output type send it)
-  is answered with the call, not refused.
+  is answered with the call, not refused;
+- a stream ends with usage without being asked (Mistral's API always sends it), and the
+  usage agrees with the same request answered whole.
 """
 
 from __future__ import annotations
@@ -52,6 +54,27 @@ def test_embeddings_parse_with_the_mistral_sdk(server: Server, mistral: Mistral)
         assert len(vector) == 384
         assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, rel_tol=1e-4)
     assert answer.usage.prompt_tokens > 0
+
+
+def test_a_stream_ends_with_usage_unasked(server: Server, mistral: Mistral) -> None:
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = mistral.chat.complete(
+        model=server.model_id, messages=messages, max_tokens=12, temperature=0
+    )
+    events = list(
+        mistral.chat.stream(model=server.model_id, messages=messages, max_tokens=12, temperature=0)
+    )
+    chunks = [event.data for event in events]
+    assert chunks, "no chunks"
+    *earlier, last = chunks
+    assert all(chunk.usage is None for chunk in earlier)
+    assert last.choices and last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.usage is not None
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens > 0
+    assert last.usage.completion_tokens == whole.usage.completion_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
 
 
 @pytest.mark.parametrize("response_format", [None, {"type": "json_object"}])

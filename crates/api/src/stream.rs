@@ -60,6 +60,22 @@ impl ChunkMeta {
 
     /// One chunk for choice `index`.
     pub(crate) fn chunk(&self, index: u32, body: ChunkBody<'_>) -> String {
+        self.chunk_with_usage(index, body, self.usage_placeholder())
+    }
+
+    /// The chunk that ends the last choice when usage was not asked for: it carries the
+    /// request's usage, as Mistral's API and llama.cpp's server end every stream (Mistral's
+    /// SDK reads it there); clients that asked for the usage chunk get that instead.
+    fn closing_chunk(&self, index: u32, body: ChunkBody<'_>, usage: Usage) -> String {
+        self.chunk_with_usage(index, body, Some(Some(UsageBody::from(usage))))
+    }
+
+    fn chunk_with_usage(
+        &self,
+        index: u32,
+        body: ChunkBody<'_>,
+        usage: Option<Option<UsageBody>>,
+    ) -> String {
         match self.endpoint {
             Endpoint::Chat => to_json(&ChatChunk {
                 header: self.header(),
@@ -75,7 +91,7 @@ impl ChunkMeta {
                     logprobs: body.logprobs,
                     finish_reason: body.finish,
                 }],
-                usage: self.usage_placeholder(),
+                usage,
             }),
             Endpoint::Completion => to_json(&TextCompletion {
                 header: self.header(),
@@ -85,7 +101,7 @@ impl ChunkMeta {
                     logprobs: body.logprobs,
                     finish_reason: body.finish,
                 }],
-                usage: self.usage_placeholder(),
+                usage,
                 system_fingerprint: None,
             }),
         }
@@ -318,19 +334,21 @@ impl ChunkStream {
                     Endpoint::Chat => None,
                     Endpoint::Completion => Some(""),
                 };
-                let finish = self.meta.chunk(
-                    index,
-                    ChunkBody {
-                        text,
-                        finish: Some(finish_reason(reason, calls)),
-                        logprobs,
-                        ..ChunkBody::default()
-                    },
-                );
-                self.push(finish);
                 self.usage.add_choice(&usage);
                 self.usage.prompt_tokens = self.prompt_tokens;
                 self.done += 1;
+                let body = ChunkBody {
+                    text,
+                    finish: Some(finish_reason(reason, calls)),
+                    logprobs,
+                    ..ChunkBody::default()
+                };
+                let finish = if self.done == self.choices.len() && !self.meta.include_usage {
+                    self.meta.closing_chunk(index, body, self.usage)
+                } else {
+                    self.meta.chunk(index, body)
+                };
+                self.push(finish);
                 tracing::info!(
                     request_id = %self.meta.id,
                     choice = index,
@@ -610,6 +628,46 @@ mod tests {
         .await;
         // 2 role chunks, 2 text chunks, 2 finish chunks, usage, [DONE].
         assert_eq!(data(&events), 8);
+    }
+
+    #[tokio::test]
+    async fn without_the_usage_chunk_the_last_finish_chunk_carries_usage() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let done = |n| Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage {
+                prompt_tokens: 4,
+                completion_tokens: n,
+                reasoning_tokens: 0,
+                energy: None,
+            },
+        };
+        tx.send((1, Event::Text("b".into()))).unwrap();
+        tx.send((1, done(1))).unwrap();
+        tx.send((0, Event::Text("a".into()))).unwrap();
+        tx.send((0, done(2))).unwrap();
+        let response = sse_response(
+            meta(Endpoint::Chat, false),
+            generation(rx, 2, ParserSpec::default()),
+        );
+        let chunks: Vec<serde_json::Value> = body(response)
+            .await
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let (last, earlier) = chunks.split_last().unwrap();
+        assert!(
+            earlier.iter().all(|c| c.get("usage").is_none()),
+            "{chunks:?}"
+        );
+        assert_eq!(last["choices"][0]["index"], 0);
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        // The prompt counted once (the generation's 3 tokens), both choices' completions.
+        assert_eq!(last["usage"]["prompt_tokens"], 3);
+        assert_eq!(last["usage"]["completion_tokens"], 3);
+        assert_eq!(last["usage"]["total_tokens"], 6);
     }
 
     async fn body(response: Response) -> String {
