@@ -274,6 +274,20 @@ fn router_in_front_of_real_replicas() {
             .any(|r| r["prompt_tokens"] == usage["prompt_tokens"]
                 && r["completion_tokens"] == usage["completion_tokens"])
     );
+    // ...and the energy the replica's engine attributed to it (streams included).
+    let joules = usage["energy_joules"].as_f64().unwrap();
+    assert!(
+        ok.iter().any(
+            |r| r["energy_uj"].as_i64() == Some((joules * 1e6).round() as i64)
+                && r["energy_source"] == "modelled"
+        ),
+        "{ok:?}"
+    );
+    assert!(
+        ok.iter()
+            .all(|r| r["energy_uj"].as_i64().is_some_and(|uj| uj > 0)),
+        "{ok:?}"
+    );
 
     // Kill the Paris replica that is not home... and then home itself: Paris-only requests
     // that had not begun keep being served while a Paris replica lives.

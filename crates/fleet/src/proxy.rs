@@ -278,13 +278,19 @@ async fn models(State(router): State<Arc<FleetRouter>>, headers: HeaderMap) -> R
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
-/// Tokens used, as an upstream reported them.
+/// Tokens used, and the energy spent, as an upstream reported them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Usage {
     prompt: u64,
     completion: u64,
     reasoning: u64,
+    /// A Souverain replica's `energy_joules`/`energy_source`; other engines report none.
+    energy: Option<control::EnergyUse>,
 }
+
+/// Most joules one request's usage may claim (a replica's report beyond it is dropped, not
+/// stored): a day of a 100 kW machine.
+const MAX_REPORTED_JOULES: f64 = 100e3 * 86_400.0;
 
 fn usage_of(value: &Value) -> Option<Usage> {
     let usage = value.get("usage")?.as_object()?;
@@ -295,6 +301,21 @@ fn usage_of(value: &Value) -> Option<Usage> {
         reasoning: n(usage
             .get("completion_tokens_details")
             .and_then(|d| d.get("reasoning_tokens"))),
+        energy: energy_of(usage),
+    })
+}
+
+/// The energy an upstream's usage reports: finite, not negative, bounded, with a known source.
+fn energy_of(usage: &serde_json::Map<String, Value>) -> Option<control::EnergyUse> {
+    let joules = usage.get("energy_joules")?.as_f64()?;
+    let source = control::EnergySource::parse(usage.get("energy_source")?.as_str()?)?;
+    if !joules.is_finite() || !(0.0..=MAX_REPORTED_JOULES).contains(&joules) {
+        return None;
+    }
+    Some(control::EnergyUse {
+        // In range by the check above: at most 8.64e15 µJ.
+        microjoules: (joules * 1e6).round() as u64,
+        source,
     })
 }
 
@@ -338,7 +359,7 @@ impl Ticket {
             status: status.to_owned(),
             http_status: http_status.as_u16(),
             content: None,
-            energy: None,
+            energy: usage.energy,
         };
         // In memory now (budget lease, rate bucket); the store's part is group-committed by
         // the control plane's writer thread, off the response's path.
@@ -743,7 +764,7 @@ async fn relay_stream(
                         let used = usage.unwrap_or(Usage {
                             prompt: t.prompt_estimate,
                             completion: pieces,
-                            reasoning: 0,
+                            ..Usage::default()
                         });
                         t.settle(used, ttft_us, "ok", StatusCode::OK).await;
                     }
@@ -790,7 +811,7 @@ async fn relay_stream(
         let used = usage.unwrap_or(Usage {
             prompt: t.prompt_estimate,
             completion: pieces,
-            reasoning: 0,
+            ..Usage::default()
         });
         let status = match outcome {
             "ok" => StatusCode::OK,
@@ -836,9 +857,44 @@ mod tests {
             Some(Usage {
                 prompt: 5,
                 completion: 2,
-                reasoning: 1
+                reasoning: 1,
+                energy: None,
             })
         );
         assert_eq!(usage_of(&serde_json::json!({"usage": null})), None);
+        // A Souverain replica's energy is kept to the microjoule; a report that is not a
+        // finite, bounded, non-negative figure with a known source is dropped.
+        let with = |joules: Value, source: Value| {
+            usage_of(
+                &serde_json::json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                "energy_joules": joules, "energy_source": source}}),
+            )
+            .unwrap()
+            .energy
+        };
+        assert_eq!(
+            with(serde_json::json!(3.452406), serde_json::json!("modelled")),
+            Some(control::EnergyUse {
+                microjoules: 3_452_406,
+                source: control::EnergySource::Modelled
+            })
+        );
+        assert_eq!(
+            with(serde_json::json!(0.5), serde_json::json!("measured")).map(|e| e.source),
+            Some(control::EnergySource::Measured)
+        );
+        for (joules, source) in [
+            (serde_json::json!(-1.0), serde_json::json!("modelled")),
+            (serde_json::json!(1e300), serde_json::json!("modelled")),
+            (serde_json::json!("3"), serde_json::json!("modelled")),
+            (serde_json::json!(1.0), serde_json::json!("guessed")),
+            (serde_json::json!(1.0), Value::Null),
+        ] {
+            assert_eq!(
+                with(joules.clone(), source.clone()),
+                None,
+                "{joules} {source}"
+            );
+        }
     }
 }

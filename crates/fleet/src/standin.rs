@@ -164,8 +164,13 @@ async fn complete(State(s): State<Arc<Standin>>, body: Bytes) -> Response {
     let prompt_tokens = (body.len() as u64).div_ceil(4);
     let chat = request.get("messages").is_some();
     let id = format!("standin-{}", s.served.load(Ordering::Relaxed));
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
-                       "total_tokens": prompt_tokens + tokens});
+    let mut usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                           "total_tokens": prompt_tokens + tokens});
+    if s.flavour == EngineKind::Souverain {
+        // As a Souverain replica reports its engine's energy: 1 mJ per generated token.
+        usage["energy_joules"] = json!(tokens as f64 / 1000.0);
+        usage["energy_source"] = json!("modelled");
+    }
     let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
     if !stream {
         tokio::time::sleep(s.token_delay * u32::try_from(tokens).unwrap_or(u32::MAX)).await;

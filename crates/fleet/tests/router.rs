@@ -519,6 +519,53 @@ async fn organisations_are_served_only_in_their_regions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_records_the_energy_a_souverain_replica_reports() {
+    // A stand-in shaped as a Souverain replica reports 1 mJ per generated token in its usage
+    // (as `serve` reports its engine's joules); one shaped as vLLM reports none.
+    let ours = start_standin("ours", EngineKind::Souverain, 0).await;
+    let theirs = start_standin("theirs", EngineKind::Vllm, 0).await;
+    let config = format!(
+        "[scrape]\ninterval_ms = 50\n{}{}",
+        upstream_toml("ours", ours.port, "souverain", "eu-west-paris"),
+        upstream_toml("theirs", theirs.port, "vllm", "eu-north-stockholm"),
+    );
+    let control = control_plane("energy");
+    let paris = key_for(&control, &["eu-west-paris"], KeyPolicy::default());
+    let stockholm = key_for(&control, &["eu-north-stockholm"], KeyPolicy::default());
+    let routed = start_router(&config, Some(Arc::clone(&control))).await;
+    let client = reqwest_lite::Client::new();
+    for stream in [false, true] {
+        for key in [&paris, &stockholm] {
+            let a = post(&client, &routed.base, Some(key), &chat("s", "x", stream)).await;
+            assert_eq!(a.status, 200, "{}", a.body);
+        }
+    }
+    assert!(control.flush_writes(Duration::from_secs(10)));
+    let usage = control.usage(&UsageFilter::default()).unwrap();
+    assert_eq!(usage.len(), 4, "{usage:?}");
+    for u in &usage {
+        assert_eq!(u.status, "ok");
+        assert_eq!(u.completion_tokens, 4);
+    }
+    let metered: Vec<_> = usage.iter().filter(|u| u.energy_uj.is_some()).collect();
+    assert_eq!(
+        metered.len(),
+        2,
+        "the Souverain replica's two answers: {usage:?}"
+    );
+    for u in metered {
+        assert_eq!(u.energy_uj, Some(4_000), "4 tokens at 1 mJ");
+        assert_eq!(u.energy_source, Some(control::EnergySource::Modelled));
+    }
+    assert!(
+        usage
+            .iter()
+            .filter(|u| u.energy_uj.is_none())
+            .all(|u| u.energy_source.is_none())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_is_exact_across_replicas() {
     let handles = [
         start_standin("b0", EngineKind::Vllm, 0).await,
