@@ -152,6 +152,31 @@ pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
     (dispatch::active().axpy_f16)(y, alpha, x);
 }
 
+/// Attention scores of one query over a run of keys `stride` elements apart (one KV
+/// block's slots of one KV head): `out[j] = Σ_i q[i] * keys[j * stride + i]`, `i <
+/// q.len()`.
+///
+/// # Panics
+///
+/// If `keys` does not hold `out.len()` such rows.
+pub fn dot_f16_rows(q: &[f16], keys: &[f16], stride: usize, out: &mut [f32]) {
+    let fit = portable::rows_that_fit(keys.len(), q.len(), stride, out.len());
+    assert_eq!(fit, out.len(), "dot_f16_rows: keys hold {fit} rows");
+    (dispatch::active().dot_f16_rows)(q, keys, stride, out);
+}
+
+/// A run of values `stride` elements apart, weighted into `y`: `y[i] += Σ_j w[j] *
+/// values[j * stride + i]`, `i < y.len()`, each `y[i]` accumulated over `j` in order.
+///
+/// # Panics
+///
+/// If `values` does not hold `w.len()` such rows.
+pub fn axpy_f16_rows(y: &mut [f32], w: &[f32], values: &[f16], stride: usize) {
+    let fit = portable::rows_that_fit(values.len(), y.len(), stride, w.len());
+    assert_eq!(fit, w.len(), "axpy_f16_rows: values hold {fit} rows");
+    (dispatch::active().axpy_f16_rows)(y, w, values, stride);
+}
+
 /// f32 → f16, rounding to nearest even.
 ///
 /// # Panics

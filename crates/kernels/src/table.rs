@@ -14,6 +14,14 @@ use crate::types::WeightType;
 /// A weight row · quantised activation row dot product.
 pub(crate) type DotFn = fn(&[u8], &[u8]) -> f32;
 
+/// `(q, keys, stride, out)`: see [`Kernels::dot_f16_rows`]. Rows that do not fit in `keys`
+/// are left unwritten.
+pub(crate) type DotRowsFn = fn(&[f16], &[f16], usize, &mut [f32]);
+
+/// `(y, w, values, stride)`: see [`Kernels::axpy_f16_rows`]. Rows that do not fit in
+/// `values` are skipped.
+pub(crate) type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
+
 /// Quantises one row of f32 activations into blocks.
 pub(crate) type QuantizeFn = fn(&[f32], &mut [u8]);
 
@@ -53,6 +61,12 @@ pub(crate) struct Kernels {
     pub(crate) dot_bf16_bytes: fn(&[u8], &[bf16]) -> f32,
     /// `y[i] += alpha * x[i]`.
     pub(crate) axpy_f16: fn(&mut [f32], f32, &[f16]),
+    /// Attention scores of one query over a run of keys: `out[j] = Σ q[i] * k[j*stride + i]`
+    /// for `i < q.len()` (the run's keys are `stride` apart: one KV block's slots).
+    pub(crate) dot_f16_rows: DotRowsFn,
+    /// Attention weights × a run of values: `y[i] += Σ_j w[j] * v[j*stride + i]` for
+    /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
+    pub(crate) axpy_f16_rows: AxpyRowsFn,
     /// Round-to-nearest-even f32 → f16.
     pub(crate) f32_to_f16: fn(&[f32], &mut [f16]),
     /// Exact f16 → f32.
@@ -133,7 +147,8 @@ macro_rules! kernel_table {
     ) => {
         $crate::table::kernel_table!(@fields $name, $q8k, $packed,
             $base => [
-                dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 f32_to_f16
+                dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
+                axpy_f16_rows f32_to_f16
                 f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
                 dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0
             ],

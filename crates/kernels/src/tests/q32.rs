@@ -309,6 +309,63 @@ proptest! {
         }
     }
 
+    /// Attention scores over a strided run of keys (head sizes with and without a SIMD
+    /// tail, gaps between rows, runs of any length) match the scalar twin, which is one
+    /// `dot_f16` per key.
+    #[test]
+    fn dot_f16_rows_matches_scalar(hd in 0usize..200, gap in 0usize..40, rows in 0usize..24, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let stride = hd + gap;
+        let len = (rows * stride).saturating_sub(gap);
+        let q: Vec<f16> = rand_acts(&mut rng, hd).iter().map(|&v| f16::from_f32(v)).collect();
+        let k: Vec<f16> = rand_acts(&mut rng, len).iter().map(|&v| f16::from_f32(v)).collect();
+        let mut want = vec![f32::NAN; rows];
+        (SCALAR.dot_f16_rows)(&q, &k, stride, &mut want);
+        for j in 0..rows {
+            let row = &k[j * stride..j * stride + hd];
+            prop_assert_eq!(want[j].to_bits(), (SCALAR.dot_f16)(&q, row).to_bits());
+        }
+        for kt in available() {
+            let mut got = vec![f32::NAN; rows];
+            (kt.dot_f16_rows)(&q, &k, stride, &mut got);
+            for j in 0..rows {
+                let row = &k[j * stride..j * stride + hd];
+                let abs: f32 = q.iter().zip(row).map(|(a, b)| (a.to_f32() * b.to_f32()).abs()).sum();
+                let tol = 1e-5 * abs + f32::MIN_POSITIVE;
+                prop_assert!(close(got[j], want[j], tol), "{} dot_f16_rows row {}: {} vs {}", kt.name, j, got[j], want[j]);
+            }
+        }
+    }
+
+    /// A strided run of values weighted into an output row matches the scalar twin (one
+    /// `axpy_f16` per row, in order) within one rounding of each product.
+    #[test]
+    fn axpy_f16_rows_matches_scalar(hd in 0usize..200, gap in 0usize..40, rows in 0usize..24, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let stride = hd + gap;
+        let len = (rows * stride).saturating_sub(gap);
+        let y0 = rand_acts(&mut rng, hd);
+        let w: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+        let v: Vec<f16> = rand_acts(&mut rng, len).iter().map(|&x| f16::from_f32(x)).collect();
+        let mut want = y0.clone();
+        (SCALAR.axpy_f16_rows)(&mut want, &w, &v, stride);
+        let mut one_by_one = y0.clone();
+        for (j, &a) in w.iter().enumerate() {
+            (SCALAR.axpy_f16)(&mut one_by_one, a, &v[j * stride..j * stride + hd]);
+        }
+        prop_assert_eq!(&want, &one_by_one);
+        for kt in available() {
+            let mut got = y0.clone();
+            (kt.axpy_f16_rows)(&mut got, &w, &v, stride);
+            for i in 0..hd {
+                let abs: f32 = y0[i].abs()
+                    + (0..rows).map(|j| (w[j] * v[j * stride + i].to_f32()).abs()).sum::<f32>();
+                let tol = 2.0 * (rows as f32 + 1.0) * f32::EPSILON * abs;
+                prop_assert!(close(got[i], want[i], tol), "{} axpy_f16_rows lane {}: {} vs {}", kt.name, i, got[i], want[i]);
+            }
+        }
+    }
+
     /// f16 conversions are exact/round-to-nearest-even in every implementation, across the
     /// whole range (subnormals and overflow to infinity included).
     #[test]

@@ -80,6 +80,40 @@ pub(crate) fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
     }
 }
 
+/// Row `j` of a strided run: `hd` elements from `j * stride`, or `None` past the end.
+fn strided_row<T>(x: &[T], j: usize, stride: usize, hd: usize) -> Option<&[T]> {
+    let start = j.checked_mul(stride)?;
+    x.get(start..start.checked_add(hd)?)
+}
+
+/// How many of the first `want` rows of `hd` elements, `stride` apart, lie within `len`
+/// elements (the contract of the strided attention kernels).
+pub(crate) fn rows_that_fit(len: usize, hd: usize, stride: usize, want: usize) -> usize {
+    if len < hd {
+        return 0;
+    }
+    // A stride of 0 reads the same row every time.
+    ((len - hd).checked_div(stride)).map_or(want, |n| want.min(n + 1))
+}
+
+pub(crate) fn dot_f16_rows(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let Some(row) = strided_row(k, j, stride, q.len()) else {
+            return;
+        };
+        *o = dot_f16(q, row);
+    }
+}
+
+pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    for (j, &a) in w.iter().enumerate() {
+        let Some(row) = strided_row(v, j, stride, y.len()) else {
+            return;
+        };
+        axpy_f16(y, a, row);
+    }
+}
+
 pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f16::from_f32(*s);

@@ -1,5 +1,6 @@
 //! The AVX-512 table: the AVX2 kernels, with the Q4_0/Q4_1/Q8_0 dot products and matmul tiles
-//! replaced by 512-bit VNNI versions, and the packed-matrix kernel. Chosen
+//! replaced by 512-bit VNNI versions, the packed-matrix kernel, and 512-bit attention kernels
+//! (`super::attn`). Chosen
 //! when the CPU has AVX-512 F, BW, VL and VNNI besides what AVX2 needs.
 //!
 //! The tile body (see `crate::table::TileFn` for the contract) works on groups of 16
@@ -47,6 +48,8 @@ static AVX512_VNNI: Kernels = Kernels {
     dot_q4_1_q8_1: dot::<Q4_1>,
     dot_q8_0_q8_0: dot::<Q8_0>,
     packed: Some(packed_group),
+    dot_f16_rows: super::attn::dot_f16_rows_512,
+    axpy_f16_rows: super::attn::axpy_f16_rows_512,
     ..super::avx2::AVX2_TABLE
 };
 

@@ -1,0 +1,284 @@
+//! Attention kernels over runs of the paged f16 KV cache, for the AVX2 and the AVX-512
+//! tables: the scores of one query against a run of keys (`dot_f16_rows`) and a run of
+//! values weighted into an output row (`axpy_f16_rows`). A run is one KV block's slots of one
+//! KV head: `hd` elements every `stride` (the pool's `kv_dim`).
+//!
+//! Scores: several keys at a time (one accumulator each), the query chunk loaded once per
+//! step for all of them, one horizontal sum per key at the end. Values: the output row stays
+//! in registers (up to 64 f32 lanes at a time) while every weighted value row is added to
+//! it, one fused multiply-add per element and row, in row order: each output element gets
+//! the same operations as a sequence of single-row `axpy_f16` calls.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::helpers::hsum_float_8;
+use crate::arch::portable::rows_that_fit;
+
+/// Keys scored together (one accumulator each).
+const KEYS: usize = 4;
+
+// ---------------------------------------------------------------------------------------
+// Safe wrappers (table entries). The AVX2 ones are reachable only through the AVX2 table
+// (and the AVX-512 table built on it), handed out after checking AVX2, FMA and F16C; the
+// AVX-512 ones only through the AVX-512 table, handed out after checking AVX-512 F, BW and
+// VL besides. Row counts are clamped to the rows every slice holds (`rows_that_fit`), so
+// every pointer access stays in bounds.
+// ---------------------------------------------------------------------------------------
+
+pub(crate) fn dot_f16_rows(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {
+    let n = rows_that_fit(k.len(), q.len(), stride, out.len());
+    let (qp, kp, hd) = (q.as_ptr().cast::<u16>(), k.as_ptr().cast::<u16>(), q.len());
+    // SAFETY (both closures): CPU features checked by the table; `by_keys` asks only for
+    // keys below `n`, whose `hd` elements from `j * stride` are in bounds.
+    by_keys(
+        out,
+        n,
+        // SAFETY: keys j..j + KEYS are below `n` (see above).
+        |j| unsafe { dot_keys_avx2::<KEYS>(qp, hd, kp.add(j * stride), stride) },
+        // SAFETY: key j is below `n`.
+        |j| unsafe { dot_keys_avx2::<1>(qp, hd, kp.add(j * stride), stride) }[0],
+    );
+}
+
+pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    let n = rows_that_fit(v.len(), y.len(), stride, w.len());
+    // SAFETY: as in `dot_f16_rows`: rows `0..n` of `v` (`y.len()` elements each) are in
+    // bounds, `w` holds `n` weights.
+    unsafe { axpy_rows_avx2(y, &w[..n], v.as_ptr().cast(), stride) }
+}
+
+pub(crate) fn dot_f16_rows_512(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {
+    let n = rows_that_fit(k.len(), q.len(), stride, out.len());
+    let (qp, kp, hd) = (q.as_ptr().cast::<u16>(), k.as_ptr().cast::<u16>(), q.len());
+    // SAFETY (both closures): CPU features checked by the AVX-512 table; bounds as in
+    // `dot_f16_rows`.
+    by_keys(
+        out,
+        n,
+        // SAFETY: keys j..j + KEYS are below `n` (see above).
+        |j| unsafe { dot_keys_512::<KEYS>(qp, hd, kp.add(j * stride), stride) },
+        // SAFETY: key j is below `n`.
+        |j| unsafe { dot_keys_512::<1>(qp, hd, kp.add(j * stride), stride) }[0],
+    );
+}
+
+pub(crate) fn axpy_f16_rows_512(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    let n = rows_that_fit(v.len(), y.len(), stride, w.len());
+    // SAFETY: CPU features checked by the AVX-512 table; bounds as in `axpy_f16_rows`.
+    unsafe { axpy_rows_512(y, &w[..n], v.as_ptr().cast(), stride) }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C
+// ---------------------------------------------------------------------------------------
+
+/// `out[j]` for `j < n`: [`KEYS`] keys at a time by `group(j)`, the rest one at a time by
+/// `one(j)`.
+fn by_keys(
+    out: &mut [f32],
+    n: usize,
+    group: impl Fn(usize) -> [f32; KEYS],
+    one: impl Fn(usize) -> f32,
+) {
+    let mut j = 0;
+    while j + KEYS <= n {
+        out[j..j + KEYS].copy_from_slice(&group(j));
+        j += KEYS;
+    }
+    while j < n {
+        out[j] = one(j);
+        j += 1;
+    }
+}
+
+/// The dots of `q` with `R` keys `stride` apart from `k`: 8 lanes per step, the tail of
+/// `hd % 8` elements in f32 added after the horizontal sum.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C must be available; `q` readable for `hd` u16, and `k` for `hd` u16
+/// from each `r * stride`, `r < R`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_keys_avx2<const R: usize>(
+    q: *const u16,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+) -> [f32; R] {
+    let body = hd & !7;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 8 <= hd elements of the query and of every key are readable.
+        unsafe {
+            let qv = _mm256_cvtph_ps(_mm_loadu_si128(q.add(i).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.add(r * stride + i).cast()));
+                *a = _mm256_fmadd_ps(qv, kv, *a);
+            }
+        }
+        i += 8;
+    }
+    let mut out = [0f32; R];
+    for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+        let mut tail = 0f32;
+        for t in body..hd {
+            // SAFETY: t < hd.
+            let (x, y) = unsafe {
+                (
+                    q.add(t).read_unaligned(),
+                    k.add(r * stride + t).read_unaligned(),
+                )
+            };
+            tail += f16::from_bits(x).to_f32() * f16::from_bits(y).to_f32();
+        }
+        *o = hsum_float_8(a) + tail;
+    }
+    out
+}
+
+/// `y[i] += Σ_j w[j] * v_j[i]`, 32 output lanes in registers at a time, then 8, then the
+/// scalar tail.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C must be available; `v` readable for `y.len()` u16 from each
+/// `j * stride` (`j < w.len()`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_rows_avx2(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) {
+    let hd = y.len();
+    let yp = y.as_mut_ptr();
+    let mut c = 0;
+    while c + 32 <= hd {
+        // SAFETY: lanes c..c + 32 of `y` and of every value row are in bounds.
+        unsafe { axpy_lanes_avx2::<4>(yp.add(c), w, v.add(c), stride) };
+        c += 32;
+    }
+    while c + 8 <= hd {
+        // SAFETY: lanes c..c + 8 are in bounds.
+        unsafe { axpy_lanes_avx2::<1>(yp.add(c), w, v.add(c), stride) };
+        c += 8;
+    }
+    while c < hd {
+        let mut acc = y[c];
+        for (j, &a) in w.iter().enumerate() {
+            // SAFETY: element c of value row j is in bounds.
+            let x = unsafe { v.add(j * stride + c).read_unaligned() };
+            acc += f16::from_bits(x).to_f32() * a;
+        }
+        y[c] = acc;
+        c += 1;
+    }
+}
+
+/// `8 * L` lanes of [`axpy_rows_avx2`].
+///
+/// # Safety
+///
+/// `y` readable and writable for `8 * L` f32, `v` readable for `8 * L` u16 from each
+/// `j * stride`; AVX2, FMA and F16C available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_lanes_avx2<const L: usize>(y: *mut f32, w: &[f32], v: *const u16, stride: usize) {
+    // SAFETY: bounds by the caller's contract.
+    unsafe {
+        let mut acc: [__m256; L] = std::array::from_fn(|l| _mm256_loadu_ps(y.add(8 * l)));
+        for (j, &a) in w.iter().enumerate() {
+            let va = _mm256_set1_ps(a);
+            let row = v.add(j * stride);
+            for (l, s) in acc.iter_mut().enumerate() {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * l).cast()));
+                *s = _mm256_fmadd_ps(x, va, *s);
+            }
+        }
+        for (l, s) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(8 * l), *s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 F + BW + VL
+// ---------------------------------------------------------------------------------------
+
+/// The lanes of a 16-lane step at element `i` of `n`: all 16, or the `n - i` left.
+#[inline]
+fn lane_mask(i: usize, n: usize) -> __mmask16 {
+    let left = n.saturating_sub(i);
+    if left >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+/// The dots of `q` with `R` keys `stride` apart from `k`, 16 lanes per step (the last step
+/// masked: masked-off lanes are neither read nor summed).
+///
+/// # Safety
+///
+/// AVX-512 F, BW and VL must be available; `q` readable for `hd` u16, and `k` for `hd`
+/// u16 from each `r * stride`, `r < R`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn dot_keys_512<const R: usize>(
+    q: *const u16,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut i = 0;
+    while i < hd {
+        let m = lane_mask(i, hd);
+        // SAFETY: the lanes `m` selects (elements i.. < hd) are in bounds for the query and
+        // every key; masked-off lanes are not accessed.
+        unsafe {
+            let qv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, q.add(i).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let kv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, k.add(r * stride + i).cast()));
+                *a = _mm512_fmadd_ps(qv, kv, *a);
+            }
+        }
+        i += 16;
+    }
+    acc.map(|a| _mm512_reduce_add_ps(a))
+}
+
+/// As [`axpy_rows_avx2`] with 64 output lanes in registers at a time, the last ones masked.
+///
+/// # Safety
+///
+/// AVX-512 F, BW and VL must be available; bounds as [`axpy_rows_avx2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn axpy_rows_512(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) {
+    let hd = y.len();
+    let yp = y.as_mut_ptr();
+    let mut c = 0;
+    while c < hd {
+        let masks: [__mmask16; 4] = std::array::from_fn(|l| lane_mask(c + 16 * l, hd));
+        // SAFETY: only the lanes `masks` select are accessed, all below `hd` in `y` and in
+        // every value row; pointers to lanes past the end are formed with `wrapping_add`
+        // and never dereferenced (their mask is empty).
+        unsafe {
+            let mut acc: [__m512; 4] = std::array::from_fn(|l| {
+                _mm512_maskz_loadu_ps(masks[l], yp.wrapping_add(c + 16 * l))
+            });
+            for (j, &a) in w.iter().enumerate() {
+                let va = _mm512_set1_ps(a);
+                let row = v.wrapping_add(j * stride + c);
+                for (l, s) in acc.iter_mut().enumerate() {
+                    let h = _mm256_maskz_loadu_epi16(masks[l], row.wrapping_add(16 * l).cast());
+                    *s = _mm512_fmadd_ps(_mm512_cvtph_ps(h), va, *s);
+                }
+            }
+            for (l, s) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(yp.wrapping_add(c + 16 * l), masks[l], *s);
+            }
+        }
+        c += 64;
+    }
+}
