@@ -8,12 +8,12 @@
 //! embeddings when `output.weight` is absent). Gemma's differences are data on the config and
 //! the blocks, read by this one forward pass.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use gguf::GgufFile;
-use kernels::{Rope, ThreadPool, f16};
+use kernels::{Rope, ThreadPool};
 
-use crate::kv_cache::KvSlice;
+use crate::attention::{self, Heads, Row};
 use crate::moe::{Ffn, Mlp};
 use crate::weights::{Storage, Tensors, Weight};
 use crate::{Activation, KvCache, KvPool, LlamaConfig, ModelError};
@@ -626,14 +626,11 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32
 }
 
 /// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
-/// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`). With a
-/// sliding window `w` (the layer's), the row at position `p` sees positions `p + 1 - w ..= p`
-/// only. Scores are scaled by the config's `attention_scale`.
-///
-/// Numerics of an f16 cache follow llama.cpp's CPU path: queries are rounded to f16 for the
-/// dot products with the f16 keys, and the softmax weights are rounded to f16 before they
-/// scale the f16 values. An f32 cache computes in f32 throughout.
-/// Each (row, head) pair is an independent task on the pool; its output slice is its own.
+/// own sequence's cached keys and values of `layer`, written to `out` (`n × q_dim`), by
+/// [`crate::attention`]: the paged KV read in blocks with an online softmax, all query heads
+/// of a KV head together, on the pool. With a sliding window `w` (the layer's), the row at
+/// position `p` sees positions `p + 1 - w ..= p` only. Scores are scaled by the config's
+/// `attention_scale`.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &ThreadPool,
@@ -645,51 +642,19 @@ fn attention(
     q: &[f32],
     out: &mut [f32],
 ) {
-    let hd = c.head_dim;
-    let group = c.n_heads / c.n_kv_heads;
-    let scale = c.attention_scale;
-    let keys = kv.keys(layer);
-    let values = kv.values(layer);
-    let n_heads = c.n_heads;
     let windowed = kv.is_windowed(layer);
-    let slots: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
-    pool.parallel_for(slots.len(), &|task| {
-        let (r, h) = (task / n_heads, task % n_heads);
-        let table = plan.block_table(r, windowed);
-        let kv_h = h / group;
-        let n_ctx = plan.positions[r] + 1;
-        let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
-        let at = |p: usize| kv.offset(table, p) + kv_h * hd;
-        let qr = &q[task * hd..(task + 1) * hd];
-        let mut scores: Vec<f32> = match keys {
-            KvSlice::F16(keys) => {
-                let mut q16 = vec![f16::ZERO; hd];
-                kernels::f32_to_f16_slice(qr, &mut q16);
-                (first..n_ctx)
-                    .map(|p| kernels::dot_f16(&q16, &keys[at(p)..][..hd]) * scale)
-                    .collect()
-            }
-            KvSlice::F32(keys) => (first..n_ctx)
-                .map(|p| kernels::dot_f32(qr, &keys[at(p)..][..hd]) * scale)
-                .collect(),
-        };
-        kernels::softmax(&mut scores);
-        let Ok(mut o) = slots[task].lock() else {
-            return;
-        };
-        o.fill(0.0);
-        for (p, &w) in (first..n_ctx).zip(&scores) {
-            match values {
-                KvSlice::F16(values) => {
-                    let w = f16::from_f32(w).to_f32();
-                    kernels::axpy_f16(&mut o, w, &values[at(p)..][..hd]);
-                }
-                KvSlice::F32(values) => {
-                    for (o, &v) in o.iter_mut().zip(&values[at(p)..][..hd]) {
-                        *o += w * v;
-                    }
-                }
-            }
-        }
-    });
+    let rows: Vec<Row<'_>> = (0..plan.len())
+        .map(|r| Row {
+            pos: plan.positions[r],
+            table: plan.block_table(r, windowed),
+        })
+        .collect();
+    let heads = Heads {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        scale: c.attention_scale,
+        window,
+    };
+    attention::attention(pool, heads, kv, layer, &rows, q, out);
 }
