@@ -34,6 +34,10 @@ pub(crate) struct BenchArgs {
     /// Tokens generated one at a time (0 skips the tg test).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens already in the context before the tg test (untimed; llama-bench's `-d`):
+    /// generation speed at that position.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
     /// Threads (default: all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
@@ -159,7 +163,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         return profile(args, &model, &pool, out);
     }
     let vocab = model.config().vocab_size;
-    let capacity = args.n_prompt.max(args.n_gen).max(1);
+    let capacity = args.n_prompt.max(args.n_depth + args.n_gen).max(1);
     if capacity > model.config().context_length {
         bail!(
             "{capacity} tokens exceed the model's context length {}",
@@ -177,13 +181,22 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         std::hint::black_box(logits);
         Ok(args.n_prompt as f64 / secs)
     };
+    // The context the tg test starts from (filled once; each repetition truncates back).
+    let mut depth_kv = model.new_kv_cache(capacity)?;
+    if args.n_depth > 0 {
+        let context = rng.tokens(args.n_depth, vocab);
+        model.forward(&pool, &context, &mut depth_kv, Logits::None)?;
+    }
+    let depth_kv = std::cell::RefCell::new(depth_kv);
     let tg_once = |rng: &mut SplitMix, n: usize| -> Result<f64> {
         let first = rng.tokens(1, vocab);
-        let mut kv = model.new_kv_cache(capacity)?;
+        let mut kv = depth_kv.borrow_mut();
+        kv.truncate(args.n_depth);
+        let kv = &mut *kv;
         let mut token = first[0];
         let t0 = Instant::now();
         for _ in 0..n {
-            let logits = model.forward(&pool, &[token], &mut kv, Logits::Last)?;
+            let logits = model.forward(&pool, &[token], kv, Logits::Last)?;
             // Feed back a token derived from the logits so no pass can be skipped.
             token = (logits
                 .iter()
@@ -228,6 +241,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             format!("\"simd\":\"{}\"", model::kernels_simd_level()),
             format!("\"n_prompt\":{}", args.n_prompt),
             format!("\"n_gen\":{}", args.n_gen),
+            format!("\"n_depth\":{}", args.n_depth),
         ];
         if args.n_prompt > 0 {
             fields.push(format!("\"pp\":{}", pp.json()));
@@ -265,7 +279,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     if args.n_prompt > 0 {
         row(format!("pp{}", args.n_prompt), &pp);
     }
-    if args.n_gen > 0 {
+    if args.n_gen > 0 && args.n_depth > 0 {
+        row(format!("tg{} @ d{}", args.n_gen, args.n_depth), &tg);
+    } else if args.n_gen > 0 {
         row(format!("tg{}", args.n_gen), &tg);
     }
     Ok(())
