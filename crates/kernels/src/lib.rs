@@ -177,6 +177,14 @@ pub fn axpy_f16_rows(y: &mut [f32], w: &[f32], values: &[f16], stride: usize) {
     (dispatch::active().axpy_f16_rows)(y, w, values, stride);
 }
 
+/// The softmax's exponentials in place, `x[i] = exp(x[i] - sub)`, and their sum: the same
+/// value for each element on every instruction set (a polynomial with fused multiply-adds,
+/// within a few ulps of `f32::exp`; below `-87.33` and NaN give 0), summed in an order that
+/// depends on the instruction set.
+pub fn exp_sum(x: &mut [f32], sub: f32) -> f32 {
+    (dispatch::active().exp_sum)(x, sub)
+}
+
 /// f32 → f16, rounding to nearest even.
 ///
 /// # Panics

@@ -67,6 +67,11 @@ pub(crate) struct Kernels {
     /// Attention weights × a run of values: `y[i] += Σ_j w[j] * v[j*stride + i]` for
     /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
     pub(crate) axpy_f16_rows: AxpyRowsFn,
+    /// The softmax's exponentials: `x[i] = exp(x[i] - sub)`, returning their sum. Every
+    /// table computes each exponential with the same operations (`crate::arch::portable::
+    /// exp_poly`: Cephes' polynomial, fused multiply-adds), so the values are bit-identical
+    /// across tables; only the sum's order differs.
+    pub(crate) exp_sum: fn(&mut [f32], f32) -> f32,
     /// Round-to-nearest-even f32 → f16.
     pub(crate) f32_to_f16: fn(&[f32], &mut [f16]),
     /// Exact f16 → f32.
@@ -148,7 +153,7 @@ macro_rules! kernel_table {
         $crate::table::kernel_table!(@fields $name, $q8k, $packed,
             $base => [
                 dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
-                axpy_f16_rows f32_to_f16
+                axpy_f16_rows exp_sum f32_to_f16
                 f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
                 dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0
             ],

@@ -12,7 +12,7 @@
 //!   `kernels::dot_f16_rows` and its values by one `kernels::axpy_f16_rows`.
 //!
 //! Per (row, query head) and segment, pass one computes the scaled scores, their maximum
-//! `m_s` and `exp(score - m_s)` with its sum `l_s` (kept, not the keys: the keys are read
+//! `m_s` and `exp(score - m_s)` with its sum `l_s` by `kernels::exp_sum` (kept, not the keys: the keys are read
 //! once). Merging the segments' `(m_s, l_s)` gives the softmax's maximum and sum; pass two
 //! scales each kept exponential by `exp(m_s - m) / l` to its final weight and adds the
 //! segment's values times those weights into a partial output; the partials are summed in
@@ -347,13 +347,9 @@ impl<'a> Attention<'a> {
                     *v *= self.h.scale;
                     max = max.max(*v);
                 }
-                let mut sum = 0f64;
-                for v in sc.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += f64::from(*v);
-                }
+                let sum = kernels::exp_sum(sc, max);
                 out.m[p] = max;
-                out.l[p] = sum;
+                out.l[p] = f64::from(sum);
             }
         });
         out
@@ -364,6 +360,7 @@ impl<'a> Attention<'a> {
     fn weighted(&self, t: &Tile, kvh: usize, s: usize, seg: &Scores, norm: &Norm, o: &mut [f32]) {
         let (hd, group, kv_dim) = (self.h.head_dim, self.group, self.kv_dim);
         let mut w = vec![0f32; SEGMENT];
+        let mut w16 = vec![f16::ZERO; SEGMENT];
         self.runs(t, kvh, s, |i, from, runs| {
             let n = runs.iter().map(|r| r.0 + r.2).max().unwrap_or(0);
             for g in 0..group {
@@ -376,9 +373,8 @@ impl<'a> Attention<'a> {
                 }
                 match self.values {
                     KvSlice::F16(values) => {
-                        for w in &mut w[..n] {
-                            *w = f16::from_f32(*w).to_f32();
-                        }
+                        kernels::f32_to_f16_slice(&w[..n], &mut w16[..n]);
+                        kernels::f16_to_f32_slice(&w16[..n], &mut w[..n]);
                         for &(j, at, len) in runs {
                             kernels::axpy_f16_rows(o, &w[j..j + len], &values[at..], kv_dim);
                         }

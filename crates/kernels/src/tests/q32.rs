@@ -366,6 +366,50 @@ proptest! {
         }
     }
 
+    /// The softmax's exponentials: every table's values equal the scalar twin's bit for bit
+    /// (the same operations lane by lane), each within 4 ulps of the exact exponential, 0
+    /// below the cut-off, for -inf and for NaN, finite above; the sums agree to rounding.
+    #[test]
+    fn exp_sum_matches_scalar(n in 0usize..300, seed: u64, sub in -10.0f32..10.0) {
+        use crate::arch::portable::{EXP_HI, EXP_LO};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x0: Vec<f32> = (0..n)
+            .map(|i| match i % 23 {
+                0 => -200.0,
+                1 => f32::NEG_INFINITY,
+                2 => f32::NAN,
+                3 => rng.gen_range(80.0f32..120.0),
+                4 => EXP_LO + sub,
+                _ => rng.gen_range(-100.0f32..10.0),
+            })
+            .collect();
+        let mut want = x0.clone();
+        let want_sum = (SCALAR.exp_sum)(&mut want, sub);
+        let mut exact_sum = 0f64;
+        for (&x, &e) in x0.iter().zip(&want) {
+            let d = x - sub;
+            if d.is_nan() || d < EXP_LO {
+                prop_assert_eq!(e.to_bits(), 0, "exp({}) = {}", d, e);
+            } else {
+                let exact = f64::from(d.min(EXP_HI)).exp();
+                let rel = ((f64::from(e) - exact) / exact).abs();
+                prop_assert!(rel <= 4.0 * f64::from(f32::EPSILON), "exp({}) = {} vs {}", d, e, exact);
+            }
+            exact_sum += f64::from(e);
+        }
+        // Sums are compared where they fit in f32 (a few exp(88) overflow it).
+        let finite = exact_sum < 1e38;
+        let tol = 1e-6 * exact_sum as f32 + f32::MIN_POSITIVE;
+        prop_assert!(!finite || close(want_sum, exact_sum as f32, tol), "scalar sum {} vs {}", want_sum, exact_sum);
+        for k in available() {
+            let mut got = x0.clone();
+            let sum = (k.exp_sum)(&mut got, sub);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got), bits(&want), "{} exp_sum values", k.name);
+            prop_assert!(!finite || close(sum, want_sum, tol), "{} exp_sum sum {} vs {}", k.name, sum, want_sum);
+        }
+    }
+
     /// f16 conversions are exact/round-to-nearest-even in every implementation, across the
     /// whole range (subnormals and overflow to infinity included).
     #[test]

@@ -114,6 +114,58 @@ pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) 
     }
 }
 
+/// Inputs below this give 0 (`exp` of it is the smallest normal f32, `2^-126`).
+pub(crate) const EXP_LO: f32 = -87.336_54;
+/// Inputs above this are taken as this (so that `2^n` stays finite).
+pub(crate) const EXP_HI: f32 = 88.0;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// `ln 2` split in two, the first part exact in few bits (Cephes' `C1`, `C2`).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' minimax polynomial for `(exp(r) - 1 - r) / r²` on `|r| ≤ ln 2 / 2`, highest
+/// power first.
+pub(crate) const EXP_P: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5, // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
+];
+
+/// `exp(x)` in f32 as every SIMD table computes it, lane by lane: `x = n ln 2 + r` with `n =
+/// floor(x log2 e + 1/2)`, `exp(r) = 1 + r + r² p(r)`, times `2^n` built in the exponent
+/// bits. Relative error within a few ulps; below [`EXP_LO`] (and NaN) 0, above [`EXP_HI`]
+/// `exp(EXP_HI)`.
+pub(crate) fn exp_poly(x: f32) -> f32 {
+    // Negated so that NaN (no ordering) takes this branch, as the SIMD mask does.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    if !(x >= EXP_LO) {
+        return 0.0;
+    }
+    let x = x.min(EXP_HI);
+    let n = x.mul_add(LOG2E, 0.5).floor();
+    let r = (-n).mul_add(LN2_HI, x);
+    let r = (-n).mul_add(LN2_LO, r);
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    // n is an integer in [-126, 127]: 2^n is a normal f32.
+    let pow2n = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    y * pow2n
+}
+
+pub(crate) fn exp_sum(x: &mut [f32], sub: f32) -> f32 {
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = exp_poly(*v - sub);
+        sum += *v;
+    }
+    sum
+}
+
 pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f16::from_f32(*s);

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::helpers::hsum_float_8;
-use crate::arch::portable::rows_that_fit;
+use crate::arch::portable::{self, rows_that_fit};
 
 /// Keys scored together (one accumulator each).
 const KEYS: usize = 4;
@@ -281,4 +281,115 @@ unsafe fn axpy_rows_512(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) 
         }
         c += 64;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The softmax's exponentials: `crate::arch::portable::exp_poly` lane by lane, the same
+// operations in the same order (fused multiply-adds where it has `mul_add`), so every lane
+// equals the scalar twin's value bit for bit; the tail goes through the scalar function.
+// ---------------------------------------------------------------------------------------
+
+pub(crate) fn exp_sum(x: &mut [f32], sub: f32) -> f32 {
+    let whole = x.len() / 8 * 8;
+    let (body, tail) = x.split_at_mut(whole);
+    // SAFETY: CPU features checked by the table; `exp_sum_avx2` touches `body.len()`
+    // elements, a multiple of 8.
+    let mut sum = unsafe { exp_sum_avx2(body, sub) };
+    for v in tail {
+        *v = portable::exp_poly(*v - sub);
+        sum += *v;
+    }
+    sum
+}
+
+pub(crate) fn exp_sum_512(x: &mut [f32], sub: f32) -> f32 {
+    let whole = x.len() / 16 * 16;
+    let (body, tail) = x.split_at_mut(whole);
+    // SAFETY: CPU features checked by the AVX-512 table; `exp_sum_avx512` touches
+    // `body.len()` elements, a multiple of 16.
+    let mut sum = unsafe { exp_sum_avx512(body, sub) };
+    for v in tail {
+        *v = portable::exp_poly(*v - sub);
+        sum += *v;
+    }
+    sum
+}
+
+/// # Safety
+///
+/// AVX2 and FMA must be available; `x.len()` a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sum_avx2(x: &mut [f32], sub: f32) -> f32 {
+    let vsub = _mm256_set1_ps(sub);
+    let mut acc = _mm256_setzero_ps();
+    for chunk in x.chunks_exact_mut(8) {
+        // SAFETY: the chunk holds 8 f32.
+        let v = _mm256_sub_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, vsub);
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(v, _mm256_set1_ps(portable::EXP_LO));
+        let v = _mm256_min_ps(v, _mm256_set1_ps(portable::EXP_HI));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            v,
+            _mm256_set1_ps(portable::LOG2E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(portable::LN2_HI), v);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(portable::LN2_LO), r);
+        let mut p = _mm256_set1_ps(portable::EXP_P[0]);
+        for c in &portable::EXP_P[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        // Lanes below EXP_LO may hold any n; they are masked to 0 below.
+        let n = _mm256_max_ps(n, _mm256_set1_ps(-126.0));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let out = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+        // SAFETY: as the load.
+        unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), out) };
+        acc = _mm256_add_ps(acc, out);
+    }
+    hsum_float_8(acc)
+}
+
+/// # Safety
+///
+/// AVX-512 F must be available; `x.len()` a multiple of 16.
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sum_avx512(x: &mut [f32], sub: f32) -> f32 {
+    let vsub = _mm512_set1_ps(sub);
+    let mut acc = _mm512_setzero_ps();
+    for chunk in x.chunks_exact_mut(16) {
+        // SAFETY: the chunk holds 16 f32.
+        let v = _mm512_sub_ps(unsafe { _mm512_loadu_ps(chunk.as_ptr()) }, vsub);
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, _mm512_set1_ps(portable::EXP_LO));
+        let v = _mm512_min_ps(v, _mm512_set1_ps(portable::EXP_HI));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_fmadd_ps(v, _mm512_set1_ps(portable::LOG2E), _mm512_set1_ps(0.5)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(portable::LN2_HI), v);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(portable::LN2_LO), r);
+        let mut p = _mm512_set1_ps(portable::EXP_P[0]);
+        for c in &portable::EXP_P[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        let n = _mm512_max_ps(n, _mm512_set1_ps(-126.0));
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvttps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let out = _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+        // SAFETY: as the load.
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), out) };
+        acc = _mm512_add_ps(acc, out);
+    }
+    _mm512_reduce_add_ps(acc)
 }
