@@ -287,6 +287,7 @@ unsafe fn axpy_rows_512(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) 
 // The softmax's exponentials: `crate::arch::portable::exp_poly` lane by lane, the same
 // operations in the same order (fused multiply-adds where it has `mul_add`), so every lane
 // equals the scalar twin's value bit for bit; the tail goes through the scalar function.
+// The AVX-512 table uses this one too (no 16-lane variant: none could be run here).
 // ---------------------------------------------------------------------------------------
 
 pub(crate) fn exp_sum(x: &mut [f32], sub: f32) -> f32 {
@@ -295,19 +296,6 @@ pub(crate) fn exp_sum(x: &mut [f32], sub: f32) -> f32 {
     // SAFETY: CPU features checked by the table; `exp_sum_avx2` touches `body.len()`
     // elements, a multiple of 8.
     let mut sum = unsafe { exp_sum_avx2(body, sub) };
-    for v in tail {
-        *v = portable::exp_poly(*v - sub);
-        sum += *v;
-    }
-    sum
-}
-
-pub(crate) fn exp_sum_512(x: &mut [f32], sub: f32) -> f32 {
-    let whole = x.len() / 16 * 16;
-    let (body, tail) = x.split_at_mut(whole);
-    // SAFETY: CPU features checked by the AVX-512 table; `exp_sum_avx512` touches
-    // `body.len()` elements, a multiple of 16.
-    let mut sum = unsafe { exp_sum_avx512(body, sub) };
     for v in tail {
         *v = portable::exp_poly(*v - sub);
         sum += *v;
@@ -354,42 +342,4 @@ unsafe fn exp_sum_avx2(x: &mut [f32], sub: f32) -> f32 {
         acc = _mm256_add_ps(acc, out);
     }
     hsum_float_8(acc)
-}
-
-/// # Safety
-///
-/// AVX-512 F must be available; `x.len()` a multiple of 16.
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_sum_avx512(x: &mut [f32], sub: f32) -> f32 {
-    let vsub = _mm512_set1_ps(sub);
-    let mut acc = _mm512_setzero_ps();
-    for chunk in x.chunks_exact_mut(16) {
-        // SAFETY: the chunk holds 16 f32.
-        let v = _mm512_sub_ps(unsafe { _mm512_loadu_ps(chunk.as_ptr()) }, vsub);
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, _mm512_set1_ps(portable::EXP_LO));
-        let v = _mm512_min_ps(v, _mm512_set1_ps(portable::EXP_HI));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
-            _mm512_fmadd_ps(v, _mm512_set1_ps(portable::LOG2E), _mm512_set1_ps(0.5)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(portable::LN2_HI), v);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(portable::LN2_LO), r);
-        let mut p = _mm512_set1_ps(portable::EXP_P[0]);
-        for c in &portable::EXP_P[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
-        }
-        let y = _mm512_add_ps(
-            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
-            _mm512_set1_ps(1.0),
-        );
-        let n = _mm512_max_ps(n, _mm512_set1_ps(-126.0));
-        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvttps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        let out = _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
-        // SAFETY: as the load.
-        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), out) };
-        acc = _mm512_add_ps(acc, out);
-    }
-    _mm512_reduce_add_ps(acc)
 }

@@ -50,7 +50,6 @@ static AVX512_VNNI: Kernels = Kernels {
     packed: Some(packed_group),
     dot_f16_rows: super::attn::dot_f16_rows_512,
     axpy_f16_rows: super::attn::axpy_f16_rows_512,
-    exp_sum: super::attn::exp_sum_512,
     ..super::avx2::AVX2_TABLE
 };
 
