@@ -58,10 +58,19 @@ def test_json_schema_output_validates(client: openai.OpenAI, model_id: str, seed
     jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
 
 
+# json_object bounds nothing: a prompt that leaves the shape open ("Describe a person as
+# JSON.") lets a 135M model's greedy path nest keys until max_tokens on some float roundings
+# and close at 70 tokens on others. Naming the keys gives the same short object on every
+# kernel variant tried (the per-head and the blocked attention, libm and polynomial exp).
+OBJECT_MESSAGES = [
+    {"role": "user", "content": "Describe a person as a JSON object with the keys name and age."}
+]
+
+
 def test_json_object_output_is_an_object(client: openai.OpenAI, model_id: str) -> None:
     r = client.chat.completions.create(
         model=model_id,
-        messages=MESSAGES,
+        messages=OBJECT_MESSAGES,
         temperature=0,
         max_tokens=300,
         response_format={"type": "json_object"},
