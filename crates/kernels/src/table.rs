@@ -68,9 +68,9 @@ pub(crate) struct Kernels {
     /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
     pub(crate) axpy_f16_rows: AxpyRowsFn,
     /// The softmax's exponentials: `x[i] = exp(x[i] - sub)`, returning their sum. Every
-    /// table computes each exponential with the same operations (`crate::arch::portable::
-    /// exp_poly`: Cephes' polynomial, fused multiply-adds), so the values are bit-identical
-    /// across tables; only the sum's order differs.
+    /// table computes each exponential with the same operations (the portable `exp_poly`:
+    /// Cephes' polynomial, fused multiply-adds), so the values are bit-identical across
+    /// tables; only the sum's order differs.
     pub(crate) exp_sum: fn(&mut [f32], f32) -> f32,
     /// Round-to-nearest-even f32 → f16.
     pub(crate) f32_to_f16: fn(&[f32], &mut [f16]),
