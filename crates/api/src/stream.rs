@@ -604,10 +604,9 @@ mod tests {
         assert_eq!(data(&events), 2, "text chunk then error");
     }
 
-    #[tokio::test]
-    async fn choices_finish_separately_and_done_comes_last() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let done = |n| Event::Done {
+    /// A choice's end: `n` completion tokens after a 4-token prompt.
+    fn done(n: usize) -> Event {
+        Event::Done {
             finish_reason: FinishReason::Stop,
             usage: Usage {
                 prompt_tokens: 4,
@@ -615,7 +614,12 @@ mod tests {
                 reasoning_tokens: 0,
                 energy: None,
             },
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn choices_finish_separately_and_done_comes_last() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send((1, Event::Text("b".into()))).unwrap();
         tx.send((0, Event::Text("a".into()))).unwrap();
         tx.send((1, done(1))).unwrap();
@@ -633,15 +637,6 @@ mod tests {
     #[tokio::test]
     async fn without_the_usage_chunk_the_last_finish_chunk_carries_usage() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let done = |n| Event::Done {
-            finish_reason: FinishReason::Stop,
-            usage: Usage {
-                prompt_tokens: 4,
-                completion_tokens: n,
-                reasoning_tokens: 0,
-                energy: None,
-            },
-        };
         tx.send((1, Event::Text("b".into()))).unwrap();
         tx.send((1, done(1))).unwrap();
         tx.send((0, Event::Text("a".into()))).unwrap();
