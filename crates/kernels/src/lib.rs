@@ -34,6 +34,7 @@ mod formats;
 mod matmul;
 mod ops;
 mod packed;
+mod packed_k;
 mod pool;
 mod reference;
 mod table;

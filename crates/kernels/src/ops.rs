@@ -341,6 +341,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// If the lengths differ.
 pub fn geglu_tanh(gate: &mut [f32], up: &[f32], f16_table: bool) {
     assert_eq!(gate.len(), up.len(), "geglu: lengths");
+    let table = if f16_table { gelu_f16_table() } else { &[] };
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
         let y = if !f16_table {
@@ -350,11 +351,21 @@ pub fn geglu_tanh(gate: &mut [f32], up: &[f32], f16_table: bool) {
         } else if x >= 10.0 {
             x
         } else {
-            let h = half::f16::from_f32(x).to_f32();
-            half::f16::from_f32(gelu_tanh(h)).to_f32()
+            table[usize::from(half::f16::from_f32(x).to_bits())].to_f32()
         };
         *g = y * u;
     }
+}
+
+/// [`gelu_tanh`] of every f16 value, rounded to f16 (ggml's `ggml_table_gelu_f16`), indexed
+/// by the f16's bits; built on first use (65,536 evaluations, 128 KiB).
+fn gelu_f16_table() -> &'static [half::f16] {
+    static TABLE: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| half::f16::from_f32(gelu_tanh(half::f16::from_bits(b).to_f32())))
+            .collect()
+    })
 }
 
 /// Layer normalisation (BERT's `LayerNorm`):
@@ -524,6 +535,14 @@ mod tests {
         // The table rounds to f16: within f16's relative step of the exact value.
         for (a, b) in g.iter().zip(&h) {
             assert!((a - b).abs() <= 2e-3 * a.abs().max(1e-3), "{a} vs {b}");
+        }
+        // The table holds exactly f16(gelu_tanh(f16(x))) for every x between the cut-offs.
+        let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.004_99).collect();
+        let mut t = xs.clone();
+        geglu_tanh(&mut t, &vec![1.0; xs.len()], true);
+        for (&x, &y) in xs.iter().zip(&t) {
+            let h = half::f16::from_f32(x).to_f32();
+            assert_eq!(y, half::f16::from_f32(gelu_tanh(h)).to_f32(), "{x}");
         }
     }
 

@@ -39,8 +39,9 @@ use crate::dispatch;
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use crate::formats::{CELL, CELL8, GROUP, XQ};
 use crate::matmul::{DisjointOut, check_len};
+use crate::packed_k::{self, KActivations, KLayout, kpacked_group};
 use crate::pool::ThreadPool;
-use crate::table::PackedFn;
+use crate::table::{KPackedFn, PackedFn};
 use crate::types::{KernelError, Matrix, WeightType};
 
 /// The cell size of a packed source type.
@@ -96,13 +97,15 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// A Q4_0, Q4_1 or Q8_0 weight matrix repacked for the packed kernels (see the module
-/// docs).
+/// A weight matrix repacked for the packed kernels: Q4_0, Q4_1 or Q8_0 in the cells of the
+/// module docs, or Q5_0, Q5_1, Q4_K, Q5_K or Q6_K in the K layouts of `crate::packed_k`.
 pub struct PackedMatrix {
     data: Buffer,
     rows: usize,
     cols: usize,
     source: WeightType,
+    /// The K layout, for the types `crate::packed_k` packs.
+    k: Option<KLayout>,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -125,19 +128,39 @@ fn nibble(qs: &[u8], e: usize) -> u8 {
 }
 
 impl PackedMatrix {
-    /// Repacks `w` when this CPU runs a packed kernel (AVX2 or AVX-512 VNNI, within the
-    /// `SOUVERAIN_SIMD` limit) and `w` is Q4_0, Q4_1 or Q8_0; `None` otherwise (then use
-    /// [`crate::matmul`]).
+    /// Repacks `w` when this CPU runs a packed kernel for its type (AVX2 or AVX-512 VNNI,
+    /// within the `SOUVERAIN_SIMD` limit) and `w` is Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
+    /// Q5_K or Q6_K; `None` otherwise (then use [`crate::matmul`]).
     pub fn pack(w: &Matrix<'_>) -> Option<Self> {
-        if !fast_available() {
+        let fast = if KLayout::of(w.ty()).is_some() {
+            packed_k::fast_available()
+        } else {
+            fast_available()
+        };
+        if !fast {
             return None;
         }
         Self::pack_any(w)
     }
 
-    /// Repacks `w` whatever the CPU (the scalar twin can run it); `None` for other types or
-    /// a scale too large for its offset to fit in f16.
+    /// Repacks `w` whatever the CPU (the scalar twins can run it); `None` for other types,
+    /// a shape the layout cannot hold, or a scale too large for its offset to fit in f16.
     pub(crate) fn pack_any(w: &Matrix<'_>) -> Option<Self> {
+        if let Some(l) = KLayout::of(w.ty()) {
+            if !w.cols().is_multiple_of(l.sb) {
+                return None;
+            }
+            let cells = w.rows().div_ceil(GROUP).checked_mul(w.cols() / l.sb)?;
+            let mut data = Buffer::zeroed(cells.checked_mul(l.cell_bytes())?);
+            packed_k::pack(w, &mut data)?;
+            return Some(PackedMatrix {
+                data,
+                rows: w.rows(),
+                cols: w.cols(),
+                source: w.ty(),
+                k: Some(l),
+            });
+        }
         // Offsets when the type has none: Q4_0 `d·(q − 8)`, Q8_0 stored as `q + 128`.
         let (block, qs_at, m_from_d) = match w.ty() {
             WeightType::Q4_0 => (BlockQ4_0::BYTES, 2, Some(-8.0)),
@@ -192,6 +215,7 @@ impl PackedMatrix {
             rows,
             cols,
             source: w.ty(),
+            k: None,
         })
     }
 
@@ -210,8 +234,9 @@ impl PackedMatrix {
         self.source
     }
 
+    /// Blocks (Q4/Q8 cells) or super-blocks (K layouts) per row.
     fn blocks(&self) -> usize {
-        self.cols / QK
+        self.cols / self.k.map_or(QK, |l| l.sb)
     }
 
     fn groups(&self) -> usize {
@@ -309,12 +334,23 @@ pub fn matmul_packed_many(
     x: &[f32],
     n_tokens: usize,
 ) -> Result<(), KernelError> {
-    // The SIMD kernel where this CPU has one, else its scalar twin.
-    let kernel = dispatch::active().packed.unwrap_or(packed_group);
-    run(pool, outs, x, n_tokens, kernel)
+    // The SIMD kernels where this CPU has them, else their scalar twins.
+    let k = dispatch::active();
+    let fns = Fns {
+        packed: k.packed.unwrap_or(packed_group),
+        kpacked: k.kpacked.unwrap_or(kpacked_group),
+    };
+    run(pool, outs, x, n_tokens, fns)
 }
 
-/// [`matmul_packed`] through a given kernel: the scalar twin, or any table's (tests compare
+/// The kernels a pass runs: one for the Q4/Q8 cells, one for the K layouts.
+#[derive(Clone, Copy)]
+pub(crate) struct Fns {
+    pub(crate) packed: PackedFn,
+    pub(crate) kpacked: KPackedFn,
+}
+
+/// [`matmul_packed`] through given kernels: the scalar twins, or any table's (tests compare
 /// them all).
 #[cfg(test)]
 pub(crate) fn matmul_with(
@@ -323,15 +359,23 @@ pub(crate) fn matmul_with(
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
-    kernel: PackedFn,
+    fns: Fns,
 ) -> Result<(), KernelError> {
-    run(pool, &mut [(w, y)], x, n_tokens, kernel)
+    run(pool, &mut [(w, y)], x, n_tokens, fns)
+}
+
+/// The activations one matrix of a pass reads.
+enum Act<'a> {
+    /// `(d_x, s_x)` per block, with the shared quantised bytes (Q4/Q8 cells).
+    Cells(&'a [[f32; 2]]),
+    /// Per super-block quantisation (K layouts).
+    K(&'a KActivations),
 }
 
 /// One matrix of a pass and its share of the task indices.
 struct Part<'a> {
     w: &'a PackedMatrix,
-    act: &'a [[f32; 2]],
+    act: Act<'a>,
     out: DisjointOut,
     group_chunk: usize,
     group_tasks: usize,
@@ -343,7 +387,7 @@ fn run(
     outs: &mut [(&PackedMatrix, &mut [f32])],
     x: &[f32],
     n_tokens: usize,
-    kernel: PackedFn,
+    fns: Fns,
 ) -> Result<(), KernelError> {
     for (w, y) in outs.iter() {
         check_len("matmul_packed x", x.len(), n_tokens, w.cols)?;
@@ -355,9 +399,19 @@ fn run(
     if n_tokens == 0 {
         return Ok(());
     }
-    let exact = outs.iter().any(|(w, _)| !rounds_s(w.source));
-    let rounded = outs.iter().any(|(w, _)| rounds_s(w.source));
+    let cells = |w: &&PackedMatrix| w.k.is_none();
+    let exact = outs.iter().any(|(w, _)| cells(w) && !rounds_s(w.source));
+    let rounded = outs.iter().any(|(w, _)| cells(w) && rounds_s(w.source));
     let act = quantize(x, cols, exact, rounded);
+    // One K quantisation per super-block size the pass needs (32 and/or 256).
+    let mut kacts: Vec<KActivations> = Vec::new();
+    for (w, _) in outs.iter() {
+        if let Some(l) = w.k
+            && !kacts.iter().any(|a| a.sb == l.sb)
+        {
+            kacts.push(KActivations::quantize(x, cols, l.sb));
+        }
+    }
     let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
     let target = pool.n_threads() * TASKS_PER_THREAD;
     let mut parts = Vec::with_capacity(outs.len());
@@ -366,9 +420,16 @@ fn run(
         let groups = w.groups();
         let group_chunk = groups.div_ceil(target).max(1);
         let group_tasks = groups.div_ceil(group_chunk);
+        let act = match w.k {
+            Some(l) => match kacts.iter().find(|a| a.sb == l.sb) {
+                Some(a) => Act::K(a),
+                None => return Ok(()),
+            },
+            None => Act::Cells(act.scales(w.source)),
+        };
         parts.push(Part {
             w,
-            act: act.scales(w.source),
+            act,
             out: DisjointOut {
                 ptr: y.as_mut_ptr(),
                 len: y.len(),
@@ -394,7 +455,10 @@ fn run(
             let mut t0 = tt * TOKEN_CHUNK;
             while t0 < t1 {
                 let nt = (t1 - t0).min(8);
-                group_tokens(w, qs, p.act, g, t0, nt, kernel, &mut vals);
+                match p.act {
+                    Act::Cells(ds) => group_tokens(w, qs, ds, g, t0, nt, fns.packed, &mut vals),
+                    Act::K(a) => k_group_tokens(w, a, g, t0, nt, fns.kpacked, &mut vals),
+                }
                 let lanes = (w.rows - g * GROUP).min(GROUP);
                 for (i, v) in vals.iter().enumerate().take(nt) {
                     let at = (t0 + i) * w.rows + g * GROUP;
@@ -435,10 +499,29 @@ fn group_tokens(
     kernel(cells, qs, ds, nb, nt, bytes, vals);
 }
 
+/// [`group_tokens`] for a matrix in a K layout.
+fn k_group_tokens(
+    w: &PackedMatrix,
+    a: &KActivations,
+    g: usize,
+    t0: usize,
+    nt: usize,
+    kernel: KPackedFn,
+    vals: &mut [[f32; GROUP]; 8],
+) {
+    let Some(l) = w.k else { return };
+    let (nsb, cb, ns) = (w.blocks(), l.cell_bytes(), l.n_sub());
+    let cells = &w.data[g * nsb * cb..(g + 1) * nsb * cb];
+    let qs = &a.qs[t0 * w.cols..(t0 + nt) * w.cols];
+    let d = &a.d[t0 * nsb..(t0 + nt) * nsb];
+    let sums = &a.sums(&l)[t0 * nsb * ns..(t0 + nt) * nsb * ns];
+    kernel(&l, cells, qs, d, sums, nsb, nt, vals);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::BlockQ8_1;
+    use crate::formats::{BlockQ8_1, BlockQ8K, QK_K};
     use crate::table::{DotFn, Kernels, QuantizeFn};
     use proptest::prelude::*;
 
@@ -478,13 +561,18 @@ mod tests {
     /// Today's row-wise result of table `k`: each (row, token) through the table's own
     /// block dot on the table's quantised activations (as `crate::matmul` computes it).
     fn row_wise(k: &Kernels, w: &Matrix<'_>, x: &[f32], n_tokens: usize) -> Vec<f32> {
-        let (quantize, act_bytes, dot): (QuantizeFn, usize, DotFn) = match w.ty() {
-            WeightType::Q4_0 => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q4_0_q8_0),
-            WeightType::Q4_1 => (k.quantize_q8_1, BlockQ8_1::BYTES, k.dot_q4_1_q8_1),
-            _ => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q8_0_q8_0),
+        let (quantize, act_bytes, dot, block): (QuantizeFn, usize, DotFn, usize) = match w.ty() {
+            WeightType::Q4_0 => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q4_0_q8_0, QK),
+            WeightType::Q4_1 => (k.quantize_q8_1, BlockQ8_1::BYTES, k.dot_q4_1_q8_1, QK),
+            WeightType::Q5_0 => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q5_0_q8_0, QK),
+            WeightType::Q5_1 => (k.quantize_q8_1, BlockQ8_1::BYTES, k.dot_q5_1_q8_1, QK),
+            ty => match k.dot_q8_k(ty) {
+                Some(dot) => (k.quantize_q8_k, BlockQ8K::BYTES, dot, QK_K),
+                None => (k.quantize_q8_0, BlockQ8_0::BYTES, k.dot_q8_0_q8_0, QK),
+            },
         };
         let cols = w.cols();
-        let stride = cols / QK * act_bytes;
+        let stride = cols / block * act_bytes;
         let mut q = vec![0u8; n_tokens * stride];
         for (xt, qt) in x.chunks_exact(cols).zip(q.chunks_exact_mut(stride)) {
             quantize(xt, qt);
@@ -507,10 +595,19 @@ mod tests {
     ) -> Result<Vec<f32>, TestCaseError> {
         let pool = ThreadPool::new(2);
         let mut slow = vec![0f32; n_tokens * p.rows()];
-        matmul_with(&pool, p, x, n_tokens, &mut slow, packed_group).unwrap();
+        let scalar = Fns {
+            packed: packed_group,
+            kpacked: kpacked_group,
+        };
+        matmul_with(&pool, p, x, n_tokens, &mut slow, scalar).unwrap();
         let kernels: Vec<_> = dispatch::available()
             .iter()
-            .filter_map(|k| k.packed)
+            .filter_map(|k| {
+                Some(Fns {
+                    packed: k.packed?,
+                    kpacked: k.kpacked?,
+                })
+            })
             .collect();
         // Every x86-64 CPU with AVX2, FMA and F16C runs at least the AVX2 kernel.
         #[cfg(target_arch = "x86_64")]
@@ -587,6 +684,146 @@ mod tests {
                 let mut one = vec![0f32; y.len()];
                 matmul_packed(&pool, p, &x, n_tokens, &mut one).unwrap();
                 prop_assert_eq!(&one, y);
+            }
+        }
+    }
+
+    /// The types packed in K layouts, and their super-block size.
+    const K_TYPES: [(WeightType, usize); 5] = [
+        (WeightType::Q5_0, QK),
+        (WeightType::Q5_1, QK),
+        (WeightType::Q4_K, QK_K),
+        (WeightType::Q5_K, QK_K),
+        (WeightType::Q6_K, QK_K),
+    ];
+
+    /// Checks `packed` (for `w` · `x`) against the row-wise matmul of every table.
+    fn near_row_wise(
+        w: &Matrix<'_>,
+        x: &[f32],
+        n_tokens: usize,
+        packed: &[f32],
+    ) -> Result<(), TestCaseError> {
+        let (rows, cols) = (w.rows(), w.cols());
+        for k in dispatch::available() {
+            let plain = row_wise(k, w, x, n_tokens);
+            for (t, (a, b)) in packed
+                .chunks_exact(rows)
+                .zip(plain.chunks_exact(rows))
+                .enumerate()
+            {
+                let scale: f32 = x[t * cols..(t + 1) * cols].iter().map(|v| v.abs()).sum();
+                for (a, b) in a.iter().zip(b) {
+                    prop_assert!(
+                        (a - b).abs() <= 2e-3 * (1.0 + scale),
+                        "{:?} {}: {} vs {}",
+                        w.ty(),
+                        k.name,
+                        a,
+                        b
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K packed: every SIMD kernel equals the scalar twin
+        /// bit for bit, and agrees with today's row-wise dots (ggml's) of every level up to
+        /// float rounding; a token's result does not depend on the batch.
+        #[test]
+        fn k_packed_matmul_matches_scalar_and_unpacked(
+            rows in 1usize..40, nb in 1usize..4, n_tokens in 1usize..12, seed: u64,
+            which in 0usize..5,
+        ) {
+            let (ty, sb) = K_TYPES[which];
+            let cols = nb * sb * if sb == QK { 3 } else { 1 };
+            let bytes = random_matrix(ty, rows, cols, seed);
+            let w = Matrix::new(ty, &bytes, rows, cols).unwrap();
+            let p = PackedMatrix::pack_any(&w).unwrap();
+            let x = random_acts(n_tokens * cols, seed);
+            let packed = every_kernel(&p, &x, n_tokens)?;
+            let pool = ThreadPool::new(2);
+            let mut active = vec![0f32; n_tokens * rows];
+            matmul_packed(&pool, &p, &x, n_tokens, &mut active).unwrap();
+            prop_assert_eq!(&active, &packed);
+            near_row_wise(&w, &x, n_tokens, &packed)?;
+            let mut one = vec![0f32; rows];
+            matmul_packed(&pool, &p, &x[..cols], 1, &mut one).unwrap();
+            prop_assert_eq!(&one[..], &packed[..rows]);
+        }
+
+        /// A pass mixing the Q4/Q8 cells and K layouts of both super-block sizes gives each
+        /// matrix its own result bit for bit.
+        #[test]
+        fn k_and_cells_mixed_in_one_pass(
+            rows in proptest::collection::vec(1usize..40, 1..6), n_tokens in 1usize..10,
+            seed: u64,
+        ) {
+            let cols = 2 * QK_K;
+            let types = [
+                WeightType::Q4_K, WeightType::Q4_1, WeightType::Q6_K, WeightType::Q5_0,
+                WeightType::Q8_0, WeightType::Q5_1,
+            ];
+            let bytes: Vec<_> = rows.iter().enumerate().map(|(i, &r)| {
+                random_matrix(types[i], r, cols, seed.wrapping_add(i as u64))
+            }).collect();
+            let packed: Vec<_> = rows.iter().zip(&bytes).enumerate().map(|(i, (&r, b))| {
+                PackedMatrix::pack_any(&Matrix::new(types[i], b, r, cols).unwrap()).unwrap()
+            }).collect();
+            let x = random_acts(n_tokens * cols, seed);
+            let pool = ThreadPool::new(2);
+            let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; n_tokens * r]).collect();
+            let mut outs: Vec<_> = packed.iter().zip(ys.iter_mut()).map(|(p, y)| (p, &mut y[..])).collect();
+            matmul_packed_many(&pool, &mut outs, &x, n_tokens).unwrap();
+            for (p, y) in packed.iter().zip(&ys) {
+                let mut one = vec![0f32; y.len()];
+                matmul_packed(&pool, p, &x, n_tokens, &mut one).unwrap();
+                prop_assert_eq!(&one, y);
+            }
+        }
+    }
+
+    /// The K layouts at their extremes (every level at its maximum, scales and minimums at
+    /// their largest magnitudes, activations at ±127): the AVX2 kernel's i16 sums must stay
+    /// exact, so every kernel equals the scalar twin.
+    #[test]
+    fn k_extremes_stay_exact() {
+        for (ty, sb) in K_TYPES {
+            let cols = 2 * QK_K;
+            let rows = 21;
+            for (fill, xsign) in [(0xFFu8, 1f32), (0xFF, -1.0), (0x80, 1.0), (0x80, -1.0)] {
+                let mut bytes = random_matrix(ty, rows, cols, 3);
+                let block = ty.block_bytes();
+                for blk in bytes.chunks_exact_mut(block) {
+                    // Keep the f16 scales finite and small; every other byte at `fill`.
+                    let scales: &[usize] = match ty {
+                        WeightType::Q5_0 => &[0, 1],
+                        WeightType::Q5_1 | WeightType::Q4_K | WeightType::Q5_K => &[0, 1, 2, 3],
+                        _ => &[block - 2, block - 1],
+                    };
+                    for (i, b) in blk.iter_mut().enumerate() {
+                        if !scales.contains(&i) {
+                            *b = fill;
+                        }
+                    }
+                }
+                let w = Matrix::new(ty, &bytes, rows, cols).unwrap();
+                let p = PackedMatrix::pack_any(&w).unwrap();
+                assert_eq!(p.blocks(), cols / sb);
+                for n_tokens in 1..=9 {
+                    let x = vec![3.0 * xsign; n_tokens * cols];
+                    let y = every_kernel(&p, &x, n_tokens).unwrap();
+                    let want = row_wise(&crate::arch::portable::SCALAR, &w, &x, n_tokens);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                            "{ty:?}: {a} vs {b}"
+                        );
+                    }
+                }
             }
         }
     }

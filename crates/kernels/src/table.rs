@@ -45,6 +45,12 @@ pub(crate) type TileFn = fn(&[&[u8]], &[&[u8]], &mut [f32]);
 /// `crate::formats`.
 pub(crate) type PackedFn = fn(&[u8], &[i8], &[[f32; 2]], usize, usize, bool, &mut [[f32; 16]; 8]);
 
+/// One group of 16 rows of a K-layout packed matrix (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) against
+/// `nt` (≤ 8) tokens: `(layout, cells, qs, d, sums, nsb, nt, vals)`, see
+/// `crate::packed_k::kpacked_group` (the scalar twin).
+pub(crate) type KPackedFn =
+    fn(&crate::packed_k::KLayout, &[u8], &[i8], &[f32], &[i16], usize, usize, &mut [[f32; 16]; 8]);
+
 /// One implementation of every kernel that has SIMD variants.
 pub(crate) struct Kernels {
     /// Name for logs: "scalar", "avx2", "avx512vnni".
@@ -121,6 +127,9 @@ pub(crate) struct Kernels {
     /// The packed-matrix kernel, where this instruction set has one (its scalar twin,
     /// the portable `packed_group`, runs everywhere but is only worth it there).
     pub(crate) packed: Option<PackedFn>,
+    /// The packed kernel of the K layouts (`crate::packed_k`), where this instruction set
+    /// has one (its scalar twin is `crate::packed_k::kpacked_group`).
+    pub(crate) kpacked: Option<KPackedFn>,
 }
 
 impl Kernels {
@@ -148,9 +157,10 @@ macro_rules! kernel_table {
         quants: $quants:path,
         tiles: $tiles:path,
         quantize_q8_k: $q8k:expr,
-        packed: $packed:expr $(,)?
+        packed: $packed:expr,
+        kpacked: $kpacked:expr $(,)?
     ) => {
-        $crate::table::kernel_table!(@fields $name, $q8k, $packed,
+        $crate::table::kernel_table!(@fields $name, $q8k, $packed, $kpacked,
             $base => [
                 dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
                 axpy_f16_rows exp_sum f32_to_f16
@@ -164,11 +174,13 @@ macro_rules! kernel_table {
             $tiles => [tile_q4_0_q8_0 tile_q4_1_q8_1 tile_q8_0_q8_0],
         )
     };
-    (@fields $name:literal, $q8k:expr, $packed:expr, $($module:path => [$($field:ident)*],)*) => {
+    (@fields $name:literal, $q8k:expr, $packed:expr, $kpacked:expr,
+        $($module:path => [$($field:ident)*],)*) => {
         $crate::table::Kernels {
             name: $name,
             quantize_q8_k: $q8k,
             packed: $packed,
+            kpacked: $kpacked,
             $($($field: { use $module as m; m::$field },)*)*
         }
     };

@@ -59,9 +59,9 @@ pub(crate) struct Weight {
 }
 
 impl Weight {
-    /// Repacks the matrix for the packed matmul kernel when this CPU runs one (AVX2 or
-    /// AVX-512 VNNI) and the type is one it takes (Q4_0, Q4_1, Q8_0); otherwise leaves it
-    /// as stored.
+    /// Repacks the matrix for the packed matmul kernels when this CPU runs one (AVX2 or
+    /// AVX-512 VNNI) and the type is one they take (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
+    /// Q5_K, Q6_K); otherwise leaves it as stored.
     pub(crate) fn pack(&mut self, storage: &Storage) -> Result<(), ModelError> {
         self.packed = kernels::PackedMatrix::pack(&storage.matrix(self)?).map(Arc::new);
         Ok(())

@@ -194,6 +194,24 @@ proptest! {
         }
     }
 
+    /// Halfway products (`iscale = 1`, values `n + 0.5`) round half to even in every table,
+    /// and a block with a NaN or an infinity gives every table the same bytes.
+    #[test]
+    fn q8_k_quantisation_ties_and_non_finite(seed: u64, bad in 0usize..3) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut x: Vec<f32> = (0..2 * QK_K)
+            .map(|_| rng.gen_range(-126i32..126) as f32 + 0.5)
+            .collect();
+        x[rng.gen_range(0..QK_K)] = -127.0;
+        x[QK_K + rng.gen_range(0..QK_K)] = [f32::NAN, f32::INFINITY, -127.0][bad];
+        x[QK_K + 7] = -127.0;
+        let (want, _) = quantize_acts(&SCALAR, WeightType::Q4_K, &x);
+        for k in available() {
+            let (got, _) = quantize_acts(k, WeightType::Q4_K, &x);
+            prop_assert_eq!(&got, &want, "{}", k.name);
+        }
+    }
+
     /// SIMD dots against the scalar reference. The integer super-block sums are exact in
     /// both; they differ only in the order of the f32 accumulation (8 lanes, separate
     /// minimum accumulators, a horizontal sum) and in converting partial vs whole integer

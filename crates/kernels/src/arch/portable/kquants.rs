@@ -19,7 +19,7 @@ use crate::formats::{
 // ----------------------------------------------------------------------------------------
 
 /// The 32 five-bit levels (0..32) of a Q5_0/Q5_1 block.
-fn q5_levels(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
+pub(crate) fn q5_levels(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
     let qh = u32::from_le_bytes(qh);
     std::array::from_fn(|j| {
         let nib = if j < QK / 2 {
@@ -49,7 +49,7 @@ fn q3k_levels(b: &BlockQ3K) -> [i8; QK_K] {
 }
 
 /// The 256 four-bit levels of a Q4_K/Q5_K `qs` array.
-fn k4_levels(qs: &[u8; QK_K / 2]) -> [u8; QK_K] {
+pub(crate) fn k4_levels(qs: &[u8; QK_K / 2]) -> [u8; QK_K] {
     std::array::from_fn(|e| {
         let (n, h, l) = (e / 64, (e / 32) % 2, e % 32);
         (qs[32 * n + l] >> (4 * h)) & 0x0F
@@ -57,13 +57,13 @@ fn k4_levels(qs: &[u8; QK_K / 2]) -> [u8; QK_K] {
 }
 
 /// The 256 five-bit Q5_K levels (0..32).
-fn q5k_levels(b: &BlockQ5K) -> [u8; QK_K] {
+pub(crate) fn q5k_levels(b: &BlockQ5K) -> [u8; QK_K] {
     let low = k4_levels(&b.qs);
     std::array::from_fn(|e| low[e] | (((b.qh[e % 32] >> (e / 32)) & 1) << 4))
 }
 
 /// The 256 signed Q6_K levels (-32..32).
-fn q6k_levels(b: &BlockQ6K) -> [i8; QK_K] {
+pub(crate) fn q6k_levels(b: &BlockQ6K) -> [i8; QK_K] {
     std::array::from_fn(|e| {
         let (n, k, l) = (e / 128, (e / 32) % 4, e % 32);
         let byte = b.ql[64 * n + l + 32 * (k & 1)];

@@ -29,6 +29,7 @@ pub(crate) static SCALAR: Kernels = kernel_table! {
     tiles: crate::arch::portable,
     quantize_q8_k: quantize_q8_k,
     packed: None,
+    kpacked: None,
 };
 
 pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

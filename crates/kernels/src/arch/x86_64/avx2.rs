@@ -28,8 +28,9 @@ pub(crate) const AVX2_TABLE: Kernels = kernel_table! {
     base: crate::arch::x86_64::avx2,
     quants: crate::arch::x86_64::avx2_kquants,
     tiles: crate::arch::x86_64::avx2_tiles,
-    quantize_q8_k: crate::arch::portable::quantize_q8_k,
+    quantize_q8_k: crate::arch::x86_64::avx2_kquants::quantize_q8_k,
     packed: Some(crate::arch::x86_64::avx2_packed::packed_group),
+    kpacked: Some(crate::arch::x86_64::avx2_kpacked::kpacked_group),
 };
 
 static AVX2: Kernels = AVX2_TABLE;

@@ -31,6 +31,94 @@ use crate::formats::{
 // slices hold, so every pointer access stays in bounds.
 // ---------------------------------------------------------------------------------------
 
+/// ggml `quantize_row_q8_K`, byte for byte the portable `quantize_q8_k` (the scalar path
+/// rounds through a libm call per element): the block's largest magnitude in vectors, the
+/// first element of that magnitude found by a scalar scan, the products rounded half to
+/// even by `vroundps`. A block holding a NaN or an infinity takes the scalar path (whose
+/// casts saturate where `vcvtps2dq` would not).
+pub(crate) fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x
+        .as_chunks::<QK_K>()
+        .0
+        .iter()
+        .zip(out.as_chunks_mut::<{ BlockQ8K::BYTES }>().0)
+    {
+        // SAFETY: reachable only through the AVX2 table (see the wrappers above); `xb` is
+        // 256 floats.
+        let (amax, finite) = unsafe { amax_256(xb.as_ptr()) };
+        if !finite || amax == 0.0 {
+            crate::arch::portable::quantize_q8_k(xb, ob);
+            continue;
+        }
+        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+        let iscale = -127.0 / max;
+        let mut qs = [0i8; QK_K];
+        // SAFETY: as above; `qs` has room for 256 bytes.
+        unsafe { scale_round_256(xb.as_ptr(), iscale, qs.as_mut_ptr()) };
+        let mut bsums = [0i16; QK_K / 16];
+        for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+            *s = g.iter().map(|&q| i16::from(q)).sum();
+        }
+        *ob = BlockQ8K {
+            d: 1.0 / iscale,
+            qs,
+            bsums,
+        }
+        .to_bytes();
+    }
+}
+
+/// The largest magnitude of 256 floats, and whether all are finite.
+///
+/// # Safety
+///
+/// AVX2; `x` readable for 256 floats.
+#[target_feature(enable = "avx2")]
+unsafe fn amax_256(x: *const f32) -> (f32, bool) {
+    let sign = _mm256_set1_ps(-0.0);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut m = _mm256_setzero_ps();
+    let mut bad = _mm256_setzero_ps();
+    for i in 0..QK_K / 8 {
+        // SAFETY: the caller's contract.
+        let a = _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(x.add(8 * i)) });
+        // NaN compares unordered, infinity equal to `inf`: both mark the block.
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
+        m = _mm256_max_ps(m, a);
+    }
+    let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_shuffle_ps::<1>(h, h));
+    (_mm_cvtss_f32(h), _mm256_movemask_ps(bad) == 0)
+}
+
+/// `q[i] = min(127, round_half_even(iscale·x[i]))` for 256 finite floats with
+/// `|iscale·x| ≤ 127` (plus rounding).
+///
+/// # Safety
+///
+/// AVX2; `x` readable for 256 floats, `q` writable for 256 bytes.
+#[target_feature(enable = "avx2")]
+unsafe fn scale_round_256(x: *const f32, iscale: f32, q: *mut i8) {
+    let s = _mm256_set1_ps(iscale);
+    let top = _mm256_set1_epi32(127);
+    // `packs` interleaves 128-bit halves: this puts the 32 bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for i in 0..QK_K / 32 {
+        let v: [__m256i; 4] = std::array::from_fn(|k| {
+            // SAFETY: the caller's contract.
+            let f = _mm256_mul_ps(s, unsafe { _mm256_loadu_ps(x.add(32 * i + 8 * k)) });
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+            _mm256_min_epi32(_mm256_cvtps_epi32(r), top)
+        });
+        let a = _mm256_packs_epi32(v[0], v[1]);
+        let b = _mm256_packs_epi32(v[2], v[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_storeu_si256(q.add(32 * i).cast(), bytes) };
+    }
+}
+
 block_dots! {
     dot_q5_0_q8_0 => dot_q5_raw::<false>, BlockQ5_0, BlockQ8_0;
     dot_q5_1_q8_1 => dot_q5_raw::<true>, BlockQ5_1, BlockQ8_1;

@@ -10,6 +10,7 @@
 
 mod attn;
 pub(crate) mod avx2;
+mod avx2_kpacked;
 mod avx2_kquants;
 mod avx2_packed;
 mod avx2_tiles;

@@ -1,0 +1,317 @@
+//! The AVX2 kernel of the K-layout packed matrices (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: see
+//! `crate::packed_k` for the layout and the arithmetic), the AVX2 table's `kpacked` (the
+//! AVX-512 VNNI table uses it too). Each lane's integer sums are exact and its float
+//! operations are the scalar twin's (`crate::packed_k::kpacked_group`) in the same order, so
+//! the results are bit-identical to it.
+//!
+//! As in `avx2_packed`, a 64-byte vector of a cell is read as two halves of eight rows
+//! (lane = row, four bytes each); a nibble vector is split into its low and high nibbles,
+//! the extra bits of 5- and 6-bit levels are shifted in from their planes (one shift and
+//! one mask per vector and bit), and `vpmaddubsw` against four activation bytes broadcast to
+//! every lane sums adjacent products into i16. A pair is at most `2·63·127 = 16002`, so the
+//! i16 sums are flushed before they could overflow: once per 32 elements for 4 bits, every
+//! 16 elements for 5 bits, and every 8 elements of each half (low nibbles, high nibbles:
+//! Q6_K's two sub-blocks) for 6 bits. The flush is a `vpmaddwd` by the rows' sub-block
+//! scales, each widened to an (i16, i16) pair, so the scale costs nothing per token. The
+//! offset term (`Σ mn_s·x_s`) is one `vpmaddwd` per two sub-blocks, in a second pass.
+
+use std::arch::x86_64::*;
+
+use crate::formats::GROUP;
+use crate::packed_k::{KLayout, Offset, kpacked_group as scalar_twin};
+
+/// Rows per half of a 16-row group (the lanes of one 256-bit vector).
+const HALF: usize = GROUP / 2;
+
+/// Whether the SIMD kernel handles layout `l` (every layout `crate::packed_k` makes);
+/// others run the scalar twin, which gives the same bits.
+fn handled(l: &KLayout) -> bool {
+    let shape = matches!((l.bits, l.sub), (4 | 5, 32) | (6, 16));
+    let pairs = matches!(l.offset, Offset::Sum(_)) || l.n_sub().is_multiple_of(2);
+    let scaled = l.scaled || (l.sub == l.sb && !matches!(l.offset, Offset::Scales(_)));
+    shape && pairs && scaled && l.sb >= 32 && l.sb.is_multiple_of(32) && l.sb.is_multiple_of(l.sub)
+}
+
+/// The kernel's safe entry: group `cells` (`nsb` cells of layout `l`) against `nt` ≤ 8
+/// tokens, into `vals[t][lane]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kpacked_group(
+    l: &KLayout,
+    cells: &[u8],
+    qs: &[i8],
+    d: &[f32],
+    sums: &[i16],
+    nsb: usize,
+    nt: usize,
+    vals: &mut [[f32; GROUP]; 8],
+) {
+    let nt = nt.min(8);
+    if !handled(l) {
+        scalar_twin(l, cells, qs, d, sums, nsb, nt, vals);
+        return;
+    }
+    // The kernel reads exactly these ranges; a short slice is a caller bug, not a read out
+    // of bounds.
+    assert!(
+        cells.len() >= nsb * l.cell_bytes()
+            && qs.len() >= nt * nsb * l.sb
+            && d.len() >= nt * nsb
+            && sums.len() >= nt * nsb * l.n_sub()
+    );
+    // Tokens per kernel call: as many as the registers hold (6-bit levels keep two i16
+    // sums per token).
+    let per_call = if l.bits == 6 { 2 } else { 4 };
+    for half in 0..2 {
+        let mut t0 = 0;
+        while t0 < nt {
+            let tn = (nt - t0).min(per_call);
+            let (q, dt, st) = (
+                &qs[t0 * nsb * l.sb..],
+                &d[t0 * nsb..],
+                &sums[t0 * nsb * l.n_sub()..],
+            );
+            macro_rules! call {
+                ($($n:literal)*) => {
+                    match tn {
+                        $($n => {
+                            // SAFETY: reachable only through the AVX2 and AVX-512 tables,
+                            // handed out after checking for AVX2, FMA and F16C (all
+                            // `half_kernel` enables); `l` is handled (checked above), `cells`
+                            // holds `nsb` cells and `q`, `dt`, `st` hold `nsb` super-blocks
+                            // for each of the `$n` tokens (`t0 + $n ≤ nt`, checked above).
+                            let v = unsafe {
+                                match l.bits {
+                                    4 => half_kernel::<$n, 4>(l, cells, q, dt, st, nsb, half),
+                                    5 => half_kernel::<$n, 5>(l, cells, q, dt, st, nsb, half),
+                                    _ => half_kernel::<$n, 6>(l, cells, q, dt, st, nsb, half),
+                                }
+                            };
+                            for (o, v) in vals[t0..t0 + $n].iter_mut().zip(v) {
+                                o[half * HALF..(half + 1) * HALF].copy_from_slice(&v);
+                            }
+                        })*
+                        _ => {}
+                    }
+                };
+            }
+            call!(1 2 3 4);
+            t0 += tn;
+        }
+    }
+}
+
+/// Eight rows' i8 sub-block scales at `p`, each widened to an (i16, i16) pair per i32 lane:
+/// a `vpmaddwd` by it multiplies a lane's two i16 sums by its row's scale and adds them.
+///
+/// # Safety
+///
+/// AVX2; `p` must be readable for 8 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn scale_pairs(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    let v = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) });
+    _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
+}
+
+/// Bit `bit` of every byte of `plane` moved to bit `to` (every other bit cleared). A 16-bit
+/// shift by at most 5 carries bits across bytes only into positions the mask clears.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn extra_bit(plane: __m256i, bit: i32, to: i32) -> __m256i {
+    let sh = to - bit;
+    let v = if sh >= 0 {
+        _mm256_sll_epi16(plane, _mm_cvtsi32_si128(sh))
+    } else {
+        _mm256_srl_epi16(plane, _mm_cvtsi32_si128(-sh))
+    };
+    _mm256_and_si256(v, _mm256_set1_epi8(1 << to))
+}
+
+/// `Σ_s v_s·xs_s` per lane over `ns` (even) sub-blocks, the i8 values `v` laid out
+/// `[sub-block][row]` (16 bytes apart) from `p` (this half's first row), one `vpmaddwd` per
+/// two sub-blocks against their two i16 sums read as one i32.
+///
+/// # Safety
+///
+/// AVX2; `p` readable for `16·(ns − 1) + 8` bytes, `xs` for `ns` i16s.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_dot(p: *const u8, xs: *const i16, ns: usize) -> __m256i {
+    let mut r = _mm256_setzero_si256();
+    for pr in 0..ns / 2 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = _mm_loadl_epi64(p.add(GROUP * 2 * pr).cast());
+            let b = _mm_loadl_epi64(p.add(GROUP * (2 * pr + 1)).cast());
+            let v = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+            let x = _mm256_set1_epi32(xs.add(2 * pr).cast::<i32>().read_unaligned());
+            r = _mm256_add_epi32(r, _mm256_madd_epi16(v, x));
+        }
+    }
+    r
+}
+
+/// Rows `8·half..8·half + 8` of the group × `T` tokens over `nsb` super-blocks of `BITS`-bit
+/// levels; returns `[token][row in half]`.
+///
+/// # Safety
+///
+/// The CPU must support AVX2, FMA and F16C; `half` < 2; `l` handled with `l.bits == BITS`;
+/// `cells` must hold `nsb` cells, `qs` `T·nsb·sb` bytes, `d` `T·nsb` scales and `sums`
+/// `T·nsb·n_sub` sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_kernel<const T: usize, const BITS: u32>(
+    l: &KLayout,
+    cells: &[u8],
+    qs: &[i8],
+    d: &[f32],
+    sums: &[i16],
+    nsb: usize,
+    half: usize,
+) -> [[f32; HALF]; T] {
+    let (cb, ns, sb) = (l.cell_bytes(), l.n_sub(), l.sb);
+    let (sc_at, runs_at, run_b) = (l.sc_at(), l.runs_at(), l.run_bytes());
+    debug_assert!(half < 2 && l.bits == BITS && handled(l));
+    debug_assert!(cells.len() >= nsb * cb && qs.len() >= T * nsb * sb && d.len() >= T * nsb);
+    let sub16 = BITS == 6;
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let zero = _mm256_setzero_si256();
+    let c = cells.as_ptr();
+    let q = qs.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); T];
+    for s in 0..nsb {
+        // SAFETY: cell `s` is in bounds (`cells` holds `nsb` cells) and every offset below
+        // is inside its `cb` bytes (the layout's offsets, `half` < 2); super-block `s` of
+        // each token `t` < `T` (`sb` bytes of `qs`) is in bounds.
+        unsafe {
+            let cell = c.add(s * cb);
+            let mut isum = [zero; T];
+            for run in 0..sb / 32 {
+                let base = cell.add(runs_at + run * run_b);
+                let (sp0, sp1) = if !l.scaled {
+                    (ones, ones)
+                } else if sub16 {
+                    (
+                        scale_pairs(cell.add(sc_at + GROUP * 2 * run + HALF * half)),
+                        scale_pairs(cell.add(sc_at + GROUP * (2 * run + 1) + HALF * half)),
+                    )
+                } else {
+                    let p = scale_pairs(cell.add(sc_at + GROUP * run + HALF * half));
+                    (p, p)
+                };
+                let p4 = if BITS >= 5 {
+                    _mm256_loadu_si256(base.add(256 + 32 * half).cast())
+                } else {
+                    zero
+                };
+                let p5 = if BITS == 6 {
+                    _mm256_loadu_si256(base.add(320 + 32 * half).cast())
+                } else {
+                    zero
+                };
+                let mut s_lo = [zero; T];
+                let mut s_hi = [zero; T];
+                for j in 0..4i32 {
+                    let v = _mm256_loadu_si256(base.add(64 * j as usize + 32 * half).cast());
+                    let mut lo = _mm256_and_si256(v, low);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    if BITS >= 5 {
+                        lo = _mm256_or_si256(lo, extra_bit(p4, 2 * j, 4));
+                        hi = _mm256_or_si256(hi, extra_bit(p4, 2 * j + 1, 4));
+                    }
+                    if BITS == 6 {
+                        lo = _mm256_or_si256(lo, extra_bit(p5, 2 * j, 5));
+                        hi = _mm256_or_si256(hi, extra_bit(p5, 2 * j + 1, 5));
+                    }
+                    for t in 0..T {
+                        let xp = q.add((t * nsb + s) * sb + run * 32 + 4 * j as usize);
+                        let xl = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        let xh = _mm256_set1_epi32(xp.add(16).cast::<i32>().read_unaligned());
+                        if sub16 {
+                            s_lo[t] = _mm256_add_epi16(s_lo[t], _mm256_maddubs_epi16(lo, xl));
+                            s_hi[t] = _mm256_add_epi16(s_hi[t], _mm256_maddubs_epi16(hi, xh));
+                        } else {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, xl),
+                                _mm256_maddubs_epi16(hi, xh),
+                            );
+                            s_lo[t] = _mm256_add_epi16(s_lo[t], p);
+                        }
+                    }
+                    if j == 3 || (BITS > 4 && j == 1) {
+                        for t in 0..T {
+                            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s_lo[t], sp0));
+                            s_lo[t] = zero;
+                            if sub16 {
+                                isum[t] =
+                                    _mm256_add_epi32(isum[t], _mm256_madd_epi16(s_hi[t], sp1));
+                                s_hi[t] = zero;
+                            }
+                        }
+                    }
+                }
+            }
+            let a = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let mut tot = isum[t];
+                if !l.b_stored {
+                    // `b = a`: the offset joins the integer sum.
+                    tot = _mm256_add_epi32(
+                        tot,
+                        offset(l, cell, &sums[(t * nsb + s) * ns..][..ns], half),
+                    );
+                }
+                let dd = _mm256_mul_ps(a, _mm256_set1_ps(d[t * nsb + s]));
+                *acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(tot), *acc);
+            }
+        }
+    }
+    let mut out = [[0f32; HALF]; T];
+    for (t, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+        let mut acc_m = _mm256_setzero_ps();
+        if l.b_stored {
+            for s in 0..nsb {
+                // SAFETY: as above: cell `s`'s `b`, scales and minimums are inside its bytes.
+                let (b, imin) = unsafe {
+                    let cell = c.add(s * cb);
+                    let b = _mm256_cvtph_ps(_mm_loadu_si128(
+                        cell.add(l.b_at() + 2 * HALF * half).cast(),
+                    ));
+                    (b, offset(l, cell, &sums[(t * nsb + s) * ns..][..ns], half))
+                };
+                let dd = _mm256_mul_ps(b, _mm256_set1_ps(d[t * nsb + s]));
+                acc_m = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(imin), acc_m);
+            }
+        }
+        // SAFETY: `o` is 8 f32s.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, acc_m)) };
+    }
+    out
+}
+
+/// The offset's integer `imin` of this half's rows for one cell and token (`xs`: the
+/// token's sub-block sums of this super-block).
+///
+/// # Safety
+///
+/// AVX2; `cell` must hold a whole cell of the handled layout `l`; `half` < 2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn offset(l: &KLayout, cell: *const u8, xs: &[i16], half: usize) -> __m256i {
+    let ns = l.n_sub();
+    debug_assert!(xs.len() >= ns);
+    // SAFETY: the minimums and scales are inside the cell (the layout's offsets); `xs`
+    // holds `ns` sums.
+    unsafe {
+        match l.offset {
+            Offset::Mins => pair_dot(cell.add(l.mn_at() + HALF * half), xs.as_ptr(), ns),
+            Offset::Scales(k) => _mm256_mullo_epi32(
+                pair_dot(cell.add(l.sc_at() + HALF * half), xs.as_ptr(), ns),
+                _mm256_set1_epi32(k),
+            ),
+            Offset::Sum(k) => _mm256_set1_epi32(k * xs.iter().map(|&v| i32::from(v)).sum::<i32>()),
+        }
+    }
+}
