@@ -102,6 +102,11 @@ pub(crate) enum SynthType {
     Q5K,
     /// ggml Q6_K.
     Q6K,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output head and for `attn_v` and
+    /// `ffn_down` in the layers llama.cpp gives more bits (`use_more_bits`); a row that is
+    /// not a multiple of 256 falls back to Q5_0 (Q8_0 for Q6_K), as llama.cpp does.
+    #[value(name = "q4-k-m")]
+    Q4KM,
 }
 
 impl SynthType {
@@ -115,7 +120,7 @@ impl SynthType {
             Self::Q5_0 => GgmlType::Q5_0,
             Self::Q5_1 => GgmlType::Q5_1,
             Self::Q8_0 => GgmlType::Q8_0,
-            Self::Q4K => GgmlType::Q4_K,
+            Self::Q4K | Self::Q4KM => GgmlType::Q4_K,
             Self::Q5K => GgmlType::Q5_K,
             Self::Q6K => GgmlType::Q6_K,
         }
@@ -131,8 +136,9 @@ impl SynthType {
             Self::Q8_0 => 7,
             Self::Q5_0 => 8,
             Self::Q5_1 => 9,
-            Self::Q4K => 15,
-            Self::Q5K => 17,
+            Self::Q4K => 14,
+            Self::Q4KM => 15,
+            Self::Q5K => 16,
             Self::Q6K => 18,
             Self::Bf16 => 32,
         }
@@ -148,7 +154,8 @@ pub(crate) struct SynthArgs {
     /// The shape to imitate; the flags below override single dimensions.
     #[arg(long, value_enum, default_value_t = Preset::Mistral7b)]
     preset: Preset,
-    /// Type of every weight matrix (embeddings and output head included).
+    /// Type of every weight matrix (embeddings and output head included), or a mix
+    /// (`q4-k-m`).
     #[arg(long = "type", value_enum, default_value_t = SynthType::Q4_0)]
     ty: SynthType,
     /// Transformer blocks.
@@ -314,7 +321,33 @@ fn metadata(s: Shape, ty: SynthType) -> Vec<(String, Value)> {
     ]
 }
 
-fn tensors(s: Shape, ty: GgmlType) -> Vec<TensorSpec> {
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third
+/// one between them.
+fn use_more_bits(i: u64, n: u64) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+}
+
+/// The type of matrix `name` (`output`, `attn_v`, ... ; `layer` of the model's `n` layers)
+/// with rows of `row` elements, for `ty`: one type for all, or llama.cpp's Q4_K_M choice
+/// (`llama_tensor_get_type`) with its fallbacks for rows that are not whole super-blocks.
+fn matrix_type(ty: SynthType, name: &str, layer: u64, n: u64, row: u64) -> GgmlType {
+    if ty != SynthType::Q4KM {
+        return ty.ggml();
+    }
+    let more = match name {
+        "output" => true,
+        "attn_v" | "ffn_down" => use_more_bits(layer, n),
+        _ => false,
+    };
+    match (more, row.is_multiple_of(256)) {
+        (true, true) => GgmlType::Q6_K,
+        (true, false) => GgmlType::Q8_0,
+        (false, true) => GgmlType::Q4_K,
+        (false, false) => GgmlType::Q5_0,
+    }
+}
+
+fn tensors(s: Shape, ty: SynthType) -> Vec<TensorSpec> {
     let head_dim = s.d_model / s.n_heads;
     let kv = head_dim * s.n_kv_heads;
     let t = |name: String, dims: &[u64], ty: GgmlType| TensorSpec {
@@ -322,23 +355,32 @@ fn tensors(s: Shape, ty: GgmlType) -> Vec<TensorSpec> {
         dims: dims.to_vec(),
         ty,
     };
+    let m = |name: &str, layer: u64, dims: &[u64]| {
+        let ty = matrix_type(ty, name, layer, s.n_layers, dims[0]);
+        let full = if name == "token_embd" || name == "output" {
+            format!("{name}.weight")
+        } else {
+            format!("blk.{layer}.{name}.weight")
+        };
+        t(full, dims, ty)
+    };
     let (d, f) = (s.d_model, s.ffn_dim);
     let mut out = vec![
-        t("token_embd.weight".into(), &[d, s.vocab], ty),
+        m("token_embd", 0, &[d, s.vocab]),
         t("output_norm.weight".into(), &[d], GgmlType::F32),
-        t("output.weight".into(), &[d, s.vocab], ty),
+        m("output", 0, &[d, s.vocab]),
     ];
     for i in 0..s.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         out.push(t(n("attn_norm"), &[d], GgmlType::F32));
-        out.push(t(n("attn_q"), &[d, d], ty));
-        out.push(t(n("attn_k"), &[d, kv], ty));
-        out.push(t(n("attn_v"), &[d, kv], ty));
-        out.push(t(n("attn_output"), &[d, d], ty));
+        out.push(m("attn_q", i, &[d, d]));
+        out.push(m("attn_k", i, &[d, kv]));
+        out.push(m("attn_v", i, &[d, kv]));
+        out.push(m("attn_output", i, &[d, d]));
         out.push(t(n("ffn_norm"), &[d], GgmlType::F32));
-        out.push(t(n("ffn_gate"), &[d, f], ty));
-        out.push(t(n("ffn_up"), &[d, f], ty));
-        out.push(t(n("ffn_down"), &[f, d], ty));
+        out.push(m("ffn_gate", i, &[d, f]));
+        out.push(m("ffn_up", i, &[d, f]));
+        out.push(m("ffn_down", i, &[f, d]));
     }
     out
 }
@@ -346,7 +388,7 @@ fn tensors(s: Shape, ty: GgmlType) -> Vec<TensorSpec> {
 /// Writes the model; returns the file size in bytes.
 pub(crate) fn write(path: &std::path::Path, s: Shape, ty: SynthType, seed: u64) -> Result<u64> {
     check_shape(s)?;
-    let specs = tensors(s, ty.ggml());
+    let specs = tensors(s, ty);
     let kvs = metadata(s, ty);
     let mut header = Vec::new();
     raw::put_header(&mut header, 3, specs.len() as u64, kvs.len() as u64);
@@ -531,6 +573,7 @@ mod tests {
             SynthType::Q4_1,
             SynthType::Q8_0,
             SynthType::F16,
+            SynthType::Q4KM,
         ] {
             let path = dir.join(format!("{ty:?}.gguf"));
             let size = write(&path, tiny(), ty, 1).expect("write");
@@ -550,6 +593,45 @@ mod tests {
             assert!(spread > 0.0, "{ty:?}: logits all zero");
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Q4_K_M as llama.cpp chooses it for a 32-layer model: Q6_K for the output head and
+    /// for `attn_v`/`ffn_down` in layers 0-3, 6, 9, ..., 27 and 28-31; Q4_K elsewhere; Q5_0
+    /// and Q8_0 where a row is not a multiple of 256.
+    #[test]
+    fn q4_k_m_chooses_as_llama_cpp() {
+        let s = Preset::Mistral7b.shape();
+        let specs = tensors(s, SynthType::Q4KM);
+        let ty = |name: &str| specs.iter().find(|t| t.name == name).expect(name).ty;
+        assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("token_embd.weight"), GgmlType::Q4_K);
+        let more: Vec<u64> = (0..32)
+            .filter(|&i| ty(&format!("blk.{i}.attn_v.weight")) == GgmlType::Q6_K)
+            .collect();
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        for i in 0..32 {
+            assert_eq!(
+                ty(&format!("blk.{i}.ffn_down.weight")),
+                ty(&format!("blk.{i}.attn_v.weight"))
+            );
+            assert_eq!(ty(&format!("blk.{i}.attn_q.weight")), GgmlType::Q4_K);
+            assert_eq!(ty(&format!("blk.{i}.ffn_up.weight")), GgmlType::Q4_K);
+        }
+        assert_eq!(
+            matrix_type(SynthType::Q4KM, "attn_q", 5, 32, 640),
+            GgmlType::Q5_0
+        );
+        assert_eq!(
+            matrix_type(SynthType::Q4KM, "output", 0, 32, 640),
+            GgmlType::Q8_0
+        );
+        assert_eq!(
+            matrix_type(SynthType::Q8_0, "output", 0, 32, 640),
+            GgmlType::Q8_0
+        );
     }
 
     #[test]

@@ -58,9 +58,9 @@ pub(crate) fn kpacked_group(
             && d.len() >= nt * nsb
             && sums.len() >= nt * nsb * l.n_sub()
     );
-    // Tokens per kernel call: as many as the registers hold (6-bit levels keep two i16
-    // sums per token).
-    let per_call = if l.bits == 6 { 2 } else { 4 };
+    // Tokens per kernel call: all of them (the unpacked levels of a 32-element run stay in
+    // registers while every token meets them; each token's sums are only two registers).
+    let per_call = 8;
     for half in 0..2 {
         let mut t0 = 0;
         while t0 < nt {
@@ -94,7 +94,7 @@ pub(crate) fn kpacked_group(
                     }
                 };
             }
-            call!(1 2 3 4);
+            call!(1 2 3 4 5 6 7 8);
             t0 += tn;
         }
     }
@@ -211,43 +211,47 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
                 } else {
                     zero
                 };
-                let mut s_lo = [zero; T];
-                let mut s_hi = [zero; T];
-                for j in 0..4i32 {
-                    let v = _mm256_loadu_si256(base.add(64 * j as usize + 32 * half).cast());
-                    let mut lo = _mm256_and_si256(v, low);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                // The run's levels, unpacked once for all `T` tokens.
+                let mut lo = [zero; 4];
+                let mut hi = [zero; 4];
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(base.add(64 * j + 32 * half).cast());
+                    lo[j] = _mm256_and_si256(v, low);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    let b = 2 * j as i32;
                     if BITS >= 5 {
-                        lo = _mm256_or_si256(lo, extra_bit(p4, 2 * j, 4));
-                        hi = _mm256_or_si256(hi, extra_bit(p4, 2 * j + 1, 4));
+                        lo[j] = _mm256_or_si256(lo[j], extra_bit(p4, b, 4));
+                        hi[j] = _mm256_or_si256(hi[j], extra_bit(p4, b + 1, 4));
                     }
                     if BITS == 6 {
-                        lo = _mm256_or_si256(lo, extra_bit(p5, 2 * j, 5));
-                        hi = _mm256_or_si256(hi, extra_bit(p5, 2 * j + 1, 5));
+                        lo[j] = _mm256_or_si256(lo[j], extra_bit(p5, b, 5));
+                        hi[j] = _mm256_or_si256(hi[j], extra_bit(p5, b + 1, 5));
                     }
-                    for t in 0..T {
-                        let xp = q.add((t * nsb + s) * sb + run * 32 + 4 * j as usize);
-                        let xl = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
-                        let xh = _mm256_set1_epi32(xp.add(16).cast::<i32>().read_unaligned());
+                }
+                for (t, isum) in isum.iter_mut().enumerate() {
+                    let xp = q.add((t * nsb + s) * sb + run * 32);
+                    let mut s_lo = zero;
+                    let mut s_hi = zero;
+                    for j in 0..4 {
+                        let xl = _mm256_set1_epi32(xp.add(4 * j).cast::<i32>().read_unaligned());
+                        let xh =
+                            _mm256_set1_epi32(xp.add(4 * j + 16).cast::<i32>().read_unaligned());
                         if sub16 {
-                            s_lo[t] = _mm256_add_epi16(s_lo[t], _mm256_maddubs_epi16(lo, xl));
-                            s_hi[t] = _mm256_add_epi16(s_hi[t], _mm256_maddubs_epi16(hi, xh));
+                            s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo[j], xl));
+                            s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi[j], xh));
                         } else {
                             let p = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo, xl),
-                                _mm256_maddubs_epi16(hi, xh),
+                                _mm256_maddubs_epi16(lo[j], xl),
+                                _mm256_maddubs_epi16(hi[j], xh),
                             );
-                            s_lo[t] = _mm256_add_epi16(s_lo[t], p);
+                            s_lo = _mm256_add_epi16(s_lo, p);
                         }
-                    }
-                    if j == 3 || (BITS > 4 && j == 1) {
-                        for t in 0..T {
-                            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s_lo[t], sp0));
-                            s_lo[t] = zero;
+                        if j == 3 || (BITS > 4 && j == 1) {
+                            *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s_lo, sp0));
+                            s_lo = zero;
                             if sub16 {
-                                isum[t] =
-                                    _mm256_add_epi32(isum[t], _mm256_madd_epi16(s_hi[t], sp1));
-                                s_hi[t] = zero;
+                                *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s_hi, sp1));
+                                s_hi = zero;
                             }
                         }
                     }
