@@ -324,7 +324,7 @@ fn metadata(s: Shape, ty: SynthType) -> Vec<(String, Value)> {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third
 /// one between them.
 fn use_more_bits(i: u64, n: u64) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The type of matrix `name` (`output`, `attn_v`, ... ; `layer` of the model's `n` layers)
