@@ -310,6 +310,22 @@ impl DisjointOut {
         // and the caller guarantees exclusive access to index `i`.
         unsafe { *self.ptr.add(i) = v };
     }
+
+    /// Writes `v` at `i..i + v.len()`.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may access those indices during the borrow this handle came from.
+    pub(crate) unsafe fn write_slice(&self, i: usize, v: &[f32]) {
+        assert!(
+            i.checked_add(v.len()).is_some_and(|end| end <= self.len),
+            "output range in bounds"
+        );
+        // SAFETY: the range is inside the `len` elements of a live `&mut [f32]`, `v` is
+        // another allocation (a task's local values), and the caller guarantees exclusive
+        // access to the range.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i), v.len()) };
+    }
 }
 
 /// Evaluates `dot(row_bytes, token)` for every (row, token) pair into `y[token*rows + row]`.

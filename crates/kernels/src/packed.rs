@@ -462,14 +462,12 @@ fn run(
                 let lanes = (w.rows - g * GROUP).min(GROUP);
                 for (i, v) in vals.iter().enumerate().take(nt) {
                     let at = (t0 + i) * w.rows + g * GROUP;
-                    for (l, &val) in v.iter().enumerate().take(lanes) {
-                        // SAFETY: this task alone owns the rows of group `g` × tokens
-                        // [t0, t0 + nt) of this part's output (distinct tasks of a part
-                        // differ in group or token range; distinct parts write distinct
-                        // buffers), and every output stays exclusively borrowed by `outs`
-                        // until `parallel_for` returns.
-                        unsafe { p.out.write(at + l, val) };
-                    }
+                    // SAFETY: this task alone owns the rows of group `g` × tokens
+                    // [t0, t0 + nt) of this part's output (distinct tasks of a part differ
+                    // in group or token range; distinct parts write distinct buffers), and
+                    // every output stays exclusively borrowed by `outs` until
+                    // `parallel_for` returns.
+                    unsafe { p.out.write_slice(at, &v[..lanes]) };
                 }
                 t0 += nt;
             }

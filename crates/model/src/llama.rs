@@ -327,13 +327,18 @@ impl LlamaModel {
         let mut s = Scratch::new(c, n);
         self.embed(&plan, &mut s.x)?;
         let f16_table = self.gelu_f16_table;
-        let glu = |gate: &mut [f32], up: &[f32]| match c.activation {
-            Activation::Silu => kernels::swiglu(gate, up),
-            Activation::GeluTanh => kernels::geglu_tanh(gate, up, f16_table),
+        let glu = |gate: &mut [f32], up: &[f32]| {
+            par_rows(pool, gate, c.ffn_dim, &|r0, g| {
+                let u = &up[r0 * c.ffn_dim..][..g.len()];
+                match c.activation {
+                    Activation::Silu => kernels::swiglu(g, u),
+                    Activation::GeluTanh => kernels::geglu_tanh(g, u, f16_table),
+                }
+            })
         };
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
-            rms_norm_rows(&s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
+            rms_norm_rows(pool, &s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
             let mut qkv = [
                 (&b.wq, &mut s.q[..]),
                 (&b.wk, &mut s.k[..]),
@@ -341,26 +346,26 @@ impl LlamaModel {
             ];
             self.store.matmul_many(pool, &mut qkv, &s.xn, n)?;
             if let Some((q_norm, k_norm)) = &b.qk_norm {
-                rms_norm_in_place(&mut s.q, q_norm, c.rms_eps);
-                rms_norm_in_place(&mut s.k, k_norm, c.rms_eps);
+                rms_norm_in_place(pool, &mut s.q, q_norm, c.rms_eps);
+                rms_norm_in_place(pool, &mut s.k, k_norm, c.rms_eps);
             }
-            rope_and_cache(c, b, kv, layer, &plan, &mut s);
+            rope_and_cache(pool, c, b, kv, layer, &plan, &mut s);
             attention(pool, c, kv, layer, b.window, &plan, &s.q, &mut s.attn);
             self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
             if let Some((post_attn, _)) = &b.post_norms {
-                rms_norm_in_place(&mut s.proj, post_attn, c.rms_eps);
+                rms_norm_in_place(pool, &mut s.proj, post_attn, c.rms_eps);
             }
-            kernels::add_assign(&mut s.x, &s.proj);
+            add_rows(pool, &mut s.x, &s.proj, c.d_model);
 
             // MLP sub-layer: down(act(gate(x)) * up(x)), or a mixture of such experts.
-            rms_norm_rows(&s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
+            rms_norm_rows(pool, &s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
             let (d, f) = (c.d_model, c.ffn_dim);
             b.ffn
                 .forward(pool, &self.store, &s.xn, n, d, f, &mut s.proj, &glu)?;
             if let Some((_, post_ffn)) = &b.post_norms {
-                rms_norm_in_place(&mut s.proj, post_ffn, c.rms_eps);
+                rms_norm_in_place(pool, &mut s.proj, post_ffn, c.rms_eps);
             }
-            kernels::add_assign(&mut s.x, &s.proj);
+            add_rows(pool, &mut s.x, &s.proj, c.d_model);
         }
         self.head(pool, &plan, &mut s)
     }
@@ -412,6 +417,7 @@ impl LlamaModel {
 /// RoPE (the block's own) on every row's queries and keys at the row's position, then the
 /// row's key and value into its cache slot of `layer` (its window block for a windowed layer).
 fn rope_and_cache(
+    pool: &ThreadPool,
     c: &LlamaConfig,
     b: &Block,
     kv: &mut KvPool,
@@ -420,12 +426,23 @@ fn rope_and_cache(
     s: &mut Scratch,
 ) {
     let (qd, kd) = (c.q_dim(), c.kv_dim());
+    let rope = |x: &mut [f32], dim: usize| {
+        par_rows(pool, x, dim, &|r0, rows| {
+            for (i, row) in rows.chunks_exact_mut(dim).enumerate() {
+                b.rope.apply(plan.positions[r0 + i], row);
+            }
+        })
+    };
+    rope(&mut s.q, qd);
+    rope(&mut s.k, kd);
     let offsets = plan.offsets_of(kv.is_windowed(layer));
-    for (r, &pos) in plan.positions.iter().enumerate() {
-        b.rope.apply(pos, &mut s.q[r * qd..(r + 1) * qd]);
-        let k = &mut s.k[r * kd..(r + 1) * kd];
-        b.rope.apply(pos, k);
-        kv.write(layer, offsets[r], k, &s.v[r * kd..(r + 1) * kd]);
+    for (r, &at) in offsets.iter().enumerate() {
+        kv.write(
+            layer,
+            at,
+            &s.k[r * kd..(r + 1) * kd],
+            &s.v[r * kd..(r + 1) * kd],
+        );
     }
 }
 
@@ -609,20 +626,68 @@ impl<'a> SeqChunk<'a> {
     }
 }
 
-/// RMSNorm of each `weight.len()`-wide piece of `x` (a row, or one head of a row), in place.
-fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let mut tmp = vec![0.0; weight.len()];
-    for piece in x.chunks_exact_mut(weight.len()) {
-        kernels::rms_norm(piece, weight, eps, &mut tmp);
-        piece.copy_from_slice(&tmp);
+/// Below this many elements a row-wise operation runs on the calling thread (a decode
+/// step's rows are not worth waking the pool for).
+const PAR_MIN_ELEMENTS: usize = 1 << 14;
+
+/// `f(first_row, rows)` over `x` cut into runs of whole `dim`-wide rows, two runs per
+/// thread, on the pool (inline when `x` is small). Each run is its own `&mut` slice; `f`
+/// reads any inputs by row index.
+fn par_rows(pool: &ThreadPool, x: &mut [f32], dim: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let rows = x.len().checked_div(dim).unwrap_or(0);
+    if rows <= 1 || x.len() < PAR_MIN_ELEMENTS || pool.n_threads() == 1 {
+        f(0, x);
+        return;
     }
+    let per = rows.div_ceil(2 * pool.n_threads());
+    let runs: Vec<std::sync::Mutex<(usize, &mut [f32])>> = x
+        .chunks_mut(per * dim)
+        .enumerate()
+        .map(|(i, c)| std::sync::Mutex::new((i * per, c)))
+        .collect();
+    pool.parallel_for(runs.len(), &|i| {
+        // Each run is locked by its one task only: never contended, never poisoned
+        // before its use.
+        if let Ok(mut run) = runs[i].lock() {
+            let (r0, ref mut rows) = *run;
+            f(r0, rows);
+        }
+    });
+}
+
+/// `x += y`, row-parallel.
+fn add_rows(pool: &ThreadPool, x: &mut [f32], y: &[f32], dim: usize) {
+    par_rows(pool, x, dim, &|r0, rows| {
+        kernels::add_assign(rows, &y[r0 * dim..][..rows.len()]);
+    });
+}
+
+/// RMSNorm of each `weight.len()`-wide piece of `x` (a row, or one head of a row), in place.
+fn rms_norm_in_place(pool: &ThreadPool, x: &mut [f32], weight: &[f32], eps: f32) {
+    par_rows(pool, x, weight.len(), &|_, rows| {
+        let mut tmp = vec![0.0; weight.len()];
+        for piece in rows.chunks_exact_mut(weight.len()) {
+            kernels::rms_norm(piece, weight, eps, &mut tmp);
+            piece.copy_from_slice(&tmp);
+        }
+    });
 }
 
 /// RMSNorm of each `dim`-wide row of `x` into `out`.
-fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
-    for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        kernels::rms_norm(row, weight, eps, o);
-    }
+fn rms_norm_rows(
+    pool: &ThreadPool,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    dim: usize,
+    out: &mut [f32],
+) {
+    par_rows(pool, out, dim, &|r0, rows| {
+        let x = &x[r0 * dim..][..rows.len()];
+        for (row, o) in x.chunks_exact(dim).zip(rows.chunks_exact_mut(dim)) {
+            kernels::rms_norm(row, weight, eps, o);
+        }
+    });
 }
 
 /// Causal grouped-query attention of every batch row's queries (`q`, `n × q_dim`) over its
