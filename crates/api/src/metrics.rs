@@ -96,7 +96,7 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
         &label,
         kv_usage,
     );
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "souverain_prompt_tokens_total",
             "Prompt tokens processed.",
@@ -131,6 +131,16 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
             "souverain_preemptions_total",
             "Sequences preempted for lack of KV cache.",
             m.preemptions,
+        ),
+        (
+            "vllm:spec_decode_num_draft_tokens_total",
+            "Draft tokens proposed by speculative decoding (vLLM name).",
+            m.spec_draft_tokens,
+        ),
+        (
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "Draft tokens accepted by speculative decoding (vLLM name).",
+            m.spec_accepted_tokens,
         ),
         (
             "vllm:prompt_tokens_total",
@@ -239,6 +249,8 @@ mod tests {
             requests_finished: 3,
             requests_rejected: 0,
             preemptions: 0,
+            spec_draft_tokens: 12,
+            spec_accepted_tokens: 9,
             time_to_first_token: hist.clone(),
             inter_token_latency: hist.clone(),
             request_latency: hist,

@@ -126,8 +126,38 @@ struct BatchingArgs {
     /// Most tokens per forward pass (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// Speculative decoding: `ngram` drafts tokens from each sequence's own earlier tokens
+    /// (prompt lookup, as vLLM's `ngram` and llama.cpp's lookup decoding) and verifies them
+    /// in one forward pass; lossless (greedy and seeded output unchanged).
+    #[arg(long, value_enum, default_value_t = Speculate::None)]
+    speculate: Speculate,
+    /// Most draft tokens per step (with --speculate).
+    #[arg(long, default_value_t = engine::Speculation::default().draft_max)]
+    draft_max: usize,
+    /// Longest n-gram looked up for a draft (with --speculate ngram).
+    #[arg(long, default_value_t = engine::Speculation::default().ngram_max)]
+    ngram_max: usize,
     #[command(flatten)]
     energy: EnergyArgs,
+}
+
+/// Speculative decoding methods.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Speculate {
+    /// One token per step.
+    None,
+    /// Prompt-lookup (n-gram) drafts.
+    Ngram,
+}
+
+impl BatchingArgs {
+    fn speculation(&self) -> Option<engine::Speculation> {
+        (self.speculate == Speculate::Ngram).then(|| engine::Speculation {
+            draft_max: self.draft_max,
+            ngram_max: self.ngram_max,
+            ..engine::Speculation::default()
+        })
+    }
 }
 
 /// Where the energy reported per request comes from.
@@ -292,6 +322,7 @@ fn load_engine(
             max_waiting: b.max_waiting,
             kv_cache_tokens: b.kv_cache_tokens,
             max_batch_tokens: b.max_batch_tokens,
+            speculation: b.speculation(),
             energy: engine::EnergyConfig {
                 source: b.energy.energy_source,
                 idle_watts: b.energy.energy_idle_watts,

@@ -32,6 +32,7 @@ mod metrics;
 mod reasoning;
 mod sampler;
 mod scheduler;
+mod speculate;
 mod stop;
 mod text;
 mod types;
@@ -56,6 +57,7 @@ pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
 pub use metrics::{EnergySnapshot, HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
+pub use speculate::Speculation;
 pub use types::{
     ChatMessage, ConstraintSpec, Energy, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
     ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
@@ -90,6 +92,8 @@ pub struct EngineConfig {
     pub chat_template: Option<String>,
     /// How energy is metered and attributed to requests.
     pub energy: EnergyConfig,
+    /// N-gram (prompt-lookup) speculative decoding; `None` generates one token per step.
+    pub speculation: Option<Speculation>,
 }
 
 impl Default for EngineConfig {
@@ -104,6 +108,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             chat_template: None,
             energy: EnergyConfig::default(),
+            speculation: None,
         }
     }
 }
@@ -362,10 +367,14 @@ impl Engine {
         };
         let metrics = Arc::new(Metrics::default());
         let energy = energy::EnergyLedger::new(meter, metrics.clone());
+        if let Some(s) = &config.speculation {
+            s.validate().map_err(LoadError::Inconsistent)?;
+        }
         let limits = Limits {
             max_seqs: config.max_seqs,
             max_batch_tokens: config.max_batch_tokens,
             context_length,
+            speculation: config.speculation,
         };
         let (jobs, rx) = mpsc::channel::<Job>();
         let scheduler = Scheduler::new(

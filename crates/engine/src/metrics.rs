@@ -74,6 +74,9 @@ pub(crate) struct Metrics {
     pub(crate) requests_finished: AtomicU64,
     pub(crate) requests_rejected: AtomicU64,
     pub(crate) preemptions: AtomicU64,
+    /// Draft tokens proposed by speculation, and of those, accepted.
+    pub(crate) spec_draft_tokens: AtomicU64,
+    pub(crate) spec_accepted_tokens: AtomicU64,
     pub(crate) time_to_first_token: Histogram,
     pub(crate) inter_token_latency: Histogram,
     pub(crate) request_latency: Histogram,
@@ -125,6 +128,10 @@ pub struct MetricsSnapshot {
     pub requests_rejected: u64,
     /// Sequences preempted (their cache dropped, to be recomputed) for lack of KV blocks.
     pub preemptions: u64,
+    /// Draft tokens proposed by speculative decoding.
+    pub spec_draft_tokens: u64,
+    /// Of those, tokens the model accepted (sampled the same token).
+    pub spec_accepted_tokens: u64,
     /// Seconds from arrival to the first generated token.
     pub time_to_first_token: HistogramSnapshot,
     /// Seconds between consecutive generated tokens of one sequence.
@@ -151,6 +158,8 @@ impl Metrics {
             requests_finished: self.requests_finished.load(Relaxed),
             requests_rejected: self.requests_rejected.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
+            spec_draft_tokens: self.spec_draft_tokens.load(Relaxed),
+            spec_accepted_tokens: self.spec_accepted_tokens.load(Relaxed),
             time_to_first_token: self.time_to_first_token.snapshot(),
             inter_token_latency: self.inter_token_latency.snapshot(),
             request_latency: self.request_latency.snapshot(),

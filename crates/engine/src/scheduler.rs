@@ -43,6 +43,7 @@ use crate::energy::{CostModel, EnergyLedger};
 use crate::metrics::Metrics;
 use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
+use crate::speculate::Speculation;
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{Energy, Event, Failure, FinishReason, GenerateRequest, TokenLogprobs, Usage};
 
@@ -74,6 +75,8 @@ pub(crate) struct Limits {
     pub(crate) max_seqs: usize,
     pub(crate) max_batch_tokens: usize,
     pub(crate) context_length: usize,
+    /// N-gram speculation for generating sequences, when enabled.
+    pub(crate) speculation: Option<Speculation>,
 }
 
 /// One request in flight.
@@ -482,6 +485,17 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
+        // Drafts of the generating sequences (`crate::speculate`), in the budget left by the
+        // decode tokens and before prompt chunks; each goes with its sequence's plan entry.
+        let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); plan.len()];
+        if let Some(spec) = self.limits.speculation {
+            for (p, d) in drafts.iter_mut().enumerate() {
+                let i = plan[p].0;
+                *d = self.draft_for(&spec, i, budget);
+                budget -= d.len();
+                plan[p].1 += d.len();
+            }
+        }
         for (i, seq) in self.running.iter().enumerate() {
             let todo = seq.tokens.len() - seq.n_computed;
             if todo > 1 && budget > 0 {
@@ -493,10 +507,36 @@ impl Scheduler {
         if plan.is_empty() {
             return Ok(());
         }
+        // Prompt chunks have no draft.
+        drafts.resize(plan.len(), Vec::new());
+        // A speculating sequence runs its pending token and its draft.
+        let spec_tokens: Vec<Vec<u32>> = plan
+            .iter()
+            .zip(&drafts)
+            .map(|(&(i, _), d)| {
+                if d.is_empty() {
+                    return Vec::new();
+                }
+                let s = &self.running[i];
+                let mut t = vec![s.tokens[s.n_computed]];
+                t.extend_from_slice(d);
+                t
+            })
+            .collect();
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
-            .map(|&(i, n)| {
+            .zip(&spec_tokens)
+            .map(|(&(i, n), spec)| {
                 let s = &self.running[i];
+                if !spec.is_empty() {
+                    return SeqChunk {
+                        tokens: spec,
+                        start_pos: s.n_computed,
+                        block_table: &s.blocks,
+                        logits: Logits::All,
+                        window_table: &[],
+                    };
+                }
                 let end = s.n_computed + n;
                 SeqChunk {
                     tokens: &s.tokens[s.n_computed..end],
@@ -530,7 +570,14 @@ impl Scheduler {
         };
 
         let mut ended = Vec::new();
-        for (&(i, n), mut logits) in plan.iter().zip(logits) {
+        for ((&(i, n), mut logits), draft) in plan.iter().zip(logits).zip(&drafts) {
+            if !draft.is_empty() {
+                match self.verify(i, draft, &mut logits) {
+                    Outcome::Continue => {}
+                    outcome => ended.push((i, outcome)),
+                }
+                continue;
+            }
             if self.running[i].prompt_logprobs.is_some() {
                 logits = self.gather_prompt_logprobs(i, n, logits);
             }
@@ -560,6 +607,65 @@ impl Scheduler {
             self.finish(seq);
         }
         Ok(())
+    }
+
+    /// The draft for generating sequence `i` (at most `budget` tokens), with the KV blocks
+    /// its positions need taken from the free ones (a draft never preempts anyone; it is
+    /// cut where the free blocks, the context or the token limit end).
+    fn draft_for(&mut self, spec: &Speculation, i: usize, budget: usize) -> Vec<u32> {
+        let seq = &self.running[i];
+        let pos = seq.n_computed;
+        // Positions pos + 1 ..= pos + k must be inside the context, and the step emits at
+        // most k + 1 tokens.
+        let limit = budget
+            .min(self.limits.context_length.saturating_sub(pos + 1))
+            .min(seq.max_new.saturating_sub(seq.generated + 1));
+        let mut draft = spec.draft(&seq.tokens, limit);
+        let bt = self.blocks.block_tokens();
+        while self.running[i].blocks.len() * bt <= pos + draft.len() {
+            match self.blocks.allocate() {
+                Some(b) => self.running[i].blocks.push(b),
+                None => {
+                    let room = (self.running[i].blocks.len() * bt).saturating_sub(pos + 1);
+                    draft.truncate(room);
+                    break;
+                }
+            }
+        }
+        draft
+    }
+
+    /// Verifies sequence `i`'s draft against the logits of its pending token and draft
+    /// positions (`(draft.len() + 1) × vocab`): samples position by position as a step
+    /// without speculation would, and stops at the first token that differs from the draft
+    /// (emitted: it is the model's) or when the sequence ends. The positions up to the last
+    /// accepted draft token hold valid keys and values.
+    fn verify(&mut self, i: usize, draft: &[u32], logits: &mut [f32]) -> Outcome {
+        let n = draft.len() + 1;
+        let vocab = logits.len() / n;
+        let mut accepted = 0;
+        let mut outcome = Outcome::Continue;
+        if vocab > 0 {
+            for (j, row) in logits.chunks_exact_mut(vocab).enumerate() {
+                outcome = self.sample_and_emit(i, row);
+                if !matches!(outcome, Outcome::Continue) {
+                    break;
+                }
+                match draft.get(j) {
+                    Some(&d) if self.running[i].tokens.last() == Some(&d) => accepted += 1,
+                    _ => break,
+                }
+            }
+        }
+        self.metrics
+            .spec_draft_tokens
+            .fetch_add(draft.len() as u64, Relaxed);
+        self.metrics
+            .spec_accepted_tokens
+            .fetch_add(accepted as u64, Relaxed);
+        self.running[i].n_computed += 1 + accepted;
+        self.register_full_blocks(i);
+        outcome
     }
 
     /// Reads the meter at the end of a step and adds each chunk's share to its sequence.

@@ -1,0 +1,138 @@
+//! Speculative decoding with n-gram (prompt-lookup) drafts.
+//!
+//! A generating sequence often repeats what it has already seen: an edited text copies most
+//! of its source, code repeats identifiers, answers quote their question. Before a decode
+//! step, the sequence's last `n` tokens (`n` from `ngram_max` down to `ngram_min`) are looked
+//! up in its own earlier tokens (prompt and output); the tokens that followed the most recent
+//! earlier occurrence are the draft. The step then runs the pending token and the draft in
+//! one forward pass (one read of the weights for up to `draft_max + 1` positions), and the
+//! scheduler verifies position by position: it samples each position's token exactly as a
+//! step without speculation would (same sampler, same history, same random draws) and keeps
+//! going only while the sampled token equals the draft's. The first position whose token
+//! differs ends the step with that token; positions after it are discarded (their keys and
+//! values sit beyond the sequence's length and are overwritten later).
+//!
+//! This is lossless: every emitted token is drawn from the model's distribution given the
+//! tokens before it, with the random draws in the same order as without speculation, so
+//! greedy output is identical and seeded sampling gives the same text. For a draft that is a
+//! single proposed token (a point mass), accepting it exactly when the sampled token equals
+//! it has acceptance probability `p(draft)`, the optimum of speculative sampling.
+
+/// Speculation settings (`--speculate ngram`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Speculation {
+    /// Most draft tokens per step.
+    pub draft_max: usize,
+    /// Longest suffix looked up.
+    pub ngram_max: usize,
+    /// Shortest suffix looked up.
+    pub ngram_min: usize,
+}
+
+impl Default for Speculation {
+    fn default() -> Self {
+        // llama.cpp's `--draft-max` default.
+        Self {
+            draft_max: 16,
+            ngram_max: 3,
+            ngram_min: 1,
+        }
+    }
+}
+
+impl Speculation {
+    /// Checks the settings; the message names the flag.
+    ///
+    /// # Errors
+    ///
+    /// A draft length of 0 or above 64, or n-gram bounds out of order or above 16.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.draft_max == 0 || self.draft_max > 64 {
+            return Err(format!(
+                "--draft-max must be between 1 and 64, got {}",
+                self.draft_max
+            ));
+        }
+        if self.ngram_min == 0 || self.ngram_min > self.ngram_max || self.ngram_max > 16 {
+            return Err(format!(
+                "n-gram sizes must satisfy 1 <= min ({}) <= max ({}) <= 16",
+                self.ngram_min, self.ngram_max
+            ));
+        }
+        Ok(())
+    }
+
+    /// The draft after `tokens` (at most `limit` tokens): what followed the most recent
+    /// earlier occurrence of the longest suffix of `tokens` that occurs earlier, trying
+    /// suffix lengths from `ngram_max` down to `ngram_min`. Empty when none occurs.
+    pub(crate) fn draft(&self, tokens: &[u32], limit: usize) -> Vec<u32> {
+        let limit = limit.min(self.draft_max);
+        if limit == 0 {
+            return Vec::new();
+        }
+        let len = tokens.len();
+        for n in (self.ngram_min..=self.ngram_max).rev() {
+            if n >= len {
+                continue;
+            }
+            let suffix = &tokens[len - n..];
+            // Most recent earlier start `s` (s + n < len: the match ends before the suffix
+            // starts being itself), scanning backwards.
+            for s in (0..len - n).rev() {
+                if &tokens[s..s + n] == suffix {
+                    let from = s + n;
+                    let to = (from + limit).min(len);
+                    if from < to {
+                        return tokens[from..to].to_vec();
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drafts_continue_the_most_recent_match_of_the_longest_suffix() {
+        let s = Speculation {
+            draft_max: 3,
+            ngram_max: 3,
+            ngram_min: 1,
+        };
+        // Suffix [7, 8, 9] occurs at 1..4 and is followed by 10, 11, 12.
+        let t = [1, 7, 8, 9, 10, 11, 12, 13, 5, 7, 8, 9];
+        assert_eq!(s.draft(&t, 8), vec![10, 11, 12]);
+        assert_eq!(s.draft(&t, 2), vec![10, 11]);
+        // The most recent occurrence wins: [4] occurs at 0 (then 5) and 2 (then 6).
+        assert_eq!(s.draft(&[4, 5, 4, 6, 4], 8), vec![6, 4]);
+        // Only the 1-gram matches here.
+        assert_eq!(s.draft(&[3, 1, 2, 9, 2], 8), vec![9, 2]);
+        // Nothing repeats: no draft.
+        assert!(s.draft(&[1, 2, 3, 4], 8).is_empty());
+        assert!(s.draft(&[], 8).is_empty());
+        assert!(s.draft(&t, 0).is_empty());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(Speculation::default().validate().is_ok());
+        let bad = |d, lo, hi| {
+            Speculation {
+                draft_max: d,
+                ngram_min: lo,
+                ngram_max: hi,
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(bad(0, 1, 3));
+        assert!(bad(65, 1, 3));
+        assert!(bad(4, 0, 3));
+        assert!(bad(4, 4, 3));
+        assert!(bad(4, 1, 17));
+    }
+}
