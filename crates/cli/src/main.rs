@@ -126,6 +126,11 @@ struct BatchingArgs {
     /// Most tokens per forward pass (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// How the KV cache stores keys and values: f16 (default) or q8_0 (53% of the bytes;
+    /// llama.cpp's `--cache-type-k/-v q8_0`).
+    #[arg(long, default_value = "f16", value_parser = clap::builder::ValueParser::new(
+        |s: &str| s.parse::<engine::KvType>()))]
+    kv_cache_type: engine::KvType,
     /// Speculative decoding: `ngram` drafts tokens from each sequence's own earlier tokens
     /// (prompt lookup, as vLLM's `ngram` and llama.cpp's lookup decoding) and verifies them
     /// in one forward pass; lossless (greedy and seeded output unchanged).
@@ -323,6 +328,7 @@ fn load_engine(
             kv_cache_tokens: b.kv_cache_tokens,
             max_batch_tokens: b.max_batch_tokens,
             speculation: b.speculation(),
+            kv_cache_type: b.kv_cache_type,
             energy: engine::EnergyConfig {
                 source: b.energy.energy_source,
                 idle_watts: b.energy.energy_idle_watts,

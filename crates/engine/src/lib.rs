@@ -57,6 +57,7 @@ pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
 pub use metrics::{EnergySnapshot, HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
+pub use model::KvType;
 pub use speculate::Speculation;
 pub use types::{
     ChatMessage, ConstraintSpec, Energy, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
@@ -94,6 +95,8 @@ pub struct EngineConfig {
     pub energy: EnergyConfig,
     /// N-gram (prompt-lookup) speculative decoding; `None` generates one token per step.
     pub speculation: Option<Speculation>,
+    /// How the KV cache stores keys and values (f16, or Q8_0 at 53% of the bytes).
+    pub kv_cache_type: model::KvType,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +112,7 @@ impl Default for EngineConfig {
             chat_template: None,
             energy: EnergyConfig::default(),
             speculation: None,
+            kv_cache_type: model::KvType::F16,
         }
     }
 }
@@ -333,10 +337,13 @@ impl Engine {
                 "the KV cache ({kv_tokens} tokens) must hold at least one full context ({context_length} tokens)"
             )).into());
         }
-        let kv = KvPool::new(
+        let kv_blocks = kv_tokens.div_ceil(KV_BLOCK_TOKENS);
+        let kv = KvPool::typed(
             model.config(),
             KV_BLOCK_TOKENS,
-            kv_tokens.div_ceil(KV_BLOCK_TOKENS),
+            kv_blocks,
+            kv_blocks,
+            config.kv_cache_type,
         )
         .map_err(LoadError::from)?;
         let description = ModelDescription {

@@ -178,6 +178,41 @@ pub fn axpy_f16_rows(y: &mut [f32], w: &[f32], values: &[f16], stride: usize) {
     (dispatch::active().axpy_f16_rows)(y, w, values, stride);
 }
 
+/// Attention scores of one f32 query over a run of keys in a Q8_0 cache (i8 `keys`, one f16
+/// scale per 32 of them in `scales`, rows `stride` elements apart; `keys` and `scales` start
+/// at the run's first element and block): `out[j] = Σ_b d_jb · Σ_i q[32b+i]·k[j·stride+32b+i]`.
+///
+/// # Panics
+///
+/// If `q.len()` or `stride` is not a multiple of 32, or the slices do not hold `out.len()`
+/// rows.
+pub fn dot_q8_0_rows(q: &[f32], keys: &[i8], scales: &[f16], stride: usize, out: &mut [f32]) {
+    check_q8_rows("dot_q8_0_rows", q.len(), keys, scales, stride, out.len());
+    (dispatch::active().dot_q8_0_rows)(q, keys, scales, stride, out);
+}
+
+/// A run of Q8_0 values weighted into `y` (as [`axpy_f16_rows`], the values' blocks scaled
+/// by their f16 scales): `y[i] += Σ_j w[j]·d_j(i)·v[j·stride + i]`.
+///
+/// # Panics
+///
+/// As [`dot_q8_0_rows`], with `y.len()` for `q.len()` and `w.len()` rows.
+pub fn axpy_q8_0_rows(y: &mut [f32], w: &[f32], values: &[i8], scales: &[f16], stride: usize) {
+    check_q8_rows("axpy_q8_0_rows", y.len(), values, scales, stride, w.len());
+    (dispatch::active().axpy_q8_0_rows)(y, w, values, scales, stride);
+}
+
+fn check_q8_rows(what: &str, n: usize, v: &[i8], d: &[f16], stride: usize, rows: usize) {
+    assert!(
+        n.is_multiple_of(QK) && stride.is_multiple_of(QK),
+        "{what}: {n} elements, stride {stride}: not multiples of 32"
+    );
+    let fit = (0..rows)
+        .take_while(|&j| portable::q8_row(v, d, j, stride, n).is_some())
+        .count();
+    assert_eq!(fit, rows, "{what}: the cache holds {fit} rows");
+}
+
 /// The softmax's exponentials in place, `x[i] = exp(x[i] - sub)`, and their sum: the same
 /// value for each element on every instruction set (a polynomial with fused multiply-adds,
 /// within a few ulps of `f32::exp`; below `-87.33` and NaN give 0), summed in an order that

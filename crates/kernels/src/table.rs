@@ -22,6 +22,12 @@ pub(crate) type DotRowsFn = fn(&[f16], &[f16], usize, &mut [f32]);
 /// `values` are skipped.
 pub(crate) type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
 
+/// `(q, keys, scales, stride, out)`: see [`Kernels::dot_q8_0_rows`].
+pub(crate) type DotQ8RowsFn = fn(&[f32], &[i8], &[f16], usize, &mut [f32]);
+
+/// `(y, w, values, scales, stride)`: see [`Kernels::axpy_q8_0_rows`].
+pub(crate) type AxpyQ8RowsFn = fn(&mut [f32], &[f32], &[i8], &[f16], usize);
+
 /// Quantises one row of f32 activations into blocks.
 pub(crate) type QuantizeFn = fn(&[f32], &mut [u8]);
 
@@ -73,6 +79,12 @@ pub(crate) struct Kernels {
     /// Attention weights × a run of values: `y[i] += Σ_j w[j] * v[j*stride + i]` for
     /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
     pub(crate) axpy_f16_rows: AxpyRowsFn,
+    /// Attention scores of one f32 query over a run of Q8_0 keys (`(q, keys, scales,
+    /// stride, out)`: i8 values and one f16 scale per 32, rows `stride` elements apart).
+    pub(crate) dot_q8_0_rows: DotQ8RowsFn,
+    /// Weights × a run of Q8_0 values (`(y, w, values, scales, stride)`), as
+    /// `axpy_f16_rows`.
+    pub(crate) axpy_q8_0_rows: AxpyQ8RowsFn,
     /// The softmax's exponentials: `x[i] = exp(x[i] - sub)`, returning their sum. Every
     /// table computes each exponential with the same operations (the portable `exp_poly`:
     /// Cephes' polynomial, fused multiply-adds), so the values are bit-identical across
@@ -163,7 +175,7 @@ macro_rules! kernel_table {
         $crate::table::kernel_table!(@fields $name, $q8k, $packed, $kpacked,
             $base => [
                 dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
-                axpy_f16_rows exp_sum f32_to_f16
+                axpy_f16_rows dot_q8_0_rows axpy_q8_0_rows exp_sum f32_to_f16
                 f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
                 dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0
             ],

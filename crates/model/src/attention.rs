@@ -341,6 +341,13 @@ impl<'a> Attention<'a> {
                             }
                         }
                     }
+                    KvSlice::Q8(keys, scales) => {
+                        let q = q_at(i, g);
+                        for &(j, at, len) in runs {
+                            let (k, d) = (&keys[at..], &scales[at / 32..]);
+                            kernels::dot_q8_0_rows(q, k, d, kv_dim, &mut sc[j..j + len]);
+                        }
+                    }
                 }
                 let mut max = f32::NEG_INFINITY;
                 for v in sc.iter_mut() {
@@ -389,6 +396,12 @@ impl<'a> Attention<'a> {
                             }
                         }
                     }
+                    KvSlice::Q8(values, scales) => {
+                        for &(j, at, len) in runs {
+                            let (v, d) = (&values[at..], &scales[at / 32..]);
+                            kernels::axpy_q8_0_rows(o, &w[j..j + len], v, d, kv_dim);
+                        }
+                    }
                 }
             }
         });
@@ -413,7 +426,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::{Activation, LlamaConfig};
+    use crate::{Activation, KvType, LlamaConfig};
     use kernels::{RopeScaling, RopeStyle};
 
     fn config(n_heads: usize, n_kv_heads: usize, head_dim: usize, kv_f32: bool) -> LlamaConfig {
@@ -469,6 +482,11 @@ mod tests {
                     .map(|v| f64::from(v.to_f32()))
                     .collect(),
                 KvSlice::F32(x) => x[at..at + hd].iter().map(|&v| f64::from(v)).collect(),
+                KvSlice::Q8(x, d) => x[at..at + hd]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| f64::from(d[(at + i) / 32].to_f32()) * f64::from(v))
+                    .collect(),
             }
         };
         let f16_cache = matches!(kv.keys(0), KvSlice::F16(_));
@@ -534,10 +552,15 @@ mod tests {
             block_tokens in 1usize..40,
             window in prop::option::of(1usize..300),
             kv_f32 in prop::bool::weighted(0.25),
+            kv_q8 in prop::bool::weighted(0.25),
             seed: u64,
         ) {
             let mut rng = StdRng::seed_from_u64(seed);
             let n_heads = n_kv_heads * group;
+            // A Q8_0 cache (f16 models only) holds whole 32-element blocks per head.
+            let kv_q8 = kv_q8 && !kv_f32;
+            let head_dim = if kv_q8 { head_dim.div_ceil(32) * 32 } else { head_dim };
+            let ty = if kv_q8 { KvType::Q8_0 } else { KvType::F16 };
             let c = config(n_heads, n_kv_heads, head_dim, kv_f32);
             // One to three sequences, contexts up to ~700 (crossing segment boundaries),
             // each with a few query rows at its end (a prompt chunk or a decode step).
@@ -549,7 +572,7 @@ mod tests {
             let n_blocks: usize = blocks_of.iter().sum::<usize>() + 2;
             let mut ids: Vec<u32> = (0..n_blocks as u32).collect();
             ids.shuffle(&mut rng);
-            let mut kv = KvPool::new(&c, block_tokens, n_blocks).expect("pool");
+            let mut kv = KvPool::typed(&c, block_tokens, n_blocks, n_blocks, ty).expect("pool");
             let kv_dim = c.kv_dim();
             let mut taken = 0;
             let seqs: Vec<Seq> = lens
@@ -565,7 +588,7 @@ mod tests {
             // The same keys and values also in a pool of another block size, tables in order.
             let bt2 = rng.gen_range(1..40);
             let n2: usize = lens.iter().map(|l| l.div_ceil(bt2)).sum();
-            let mut kv2 = KvPool::new(&c, bt2, n2).expect("pool");
+            let mut kv2 = KvPool::typed(&c, bt2, n2, n2, ty).expect("pool");
             let mut tables2: Vec<Vec<u32>> = Vec::new();
             for s in &seqs {
                 let first = tables2.iter().map(Vec::len).sum::<usize>() as u32;
@@ -594,7 +617,8 @@ mod tests {
             // f32 rounding; with an f16 cache also a weight rounded to the other side of an
             // f16 boundary now and then (at most one f16 step of the largest weight, 2^-11;
             // a position too many or too few moves the output by a weight, ~1/700 or more).
-            let tol = if kv_f32 { 2e-5 } else { 2e-5 + 2f64.powi(-11) };
+            // A Q8_0 cache computes in f32 on the dequantised values (as `naive` reads them).
+            let tol = if kv_f32 || kv_q8 { 2e-5 } else { 2e-5 + 2f64.powi(-11) };
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 prop_assert!((f64::from(g) - w).abs() <= tol, "element {}: {} vs {}", i, g, w);
             }

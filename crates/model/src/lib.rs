@@ -34,7 +34,7 @@ pub use bert::{BertConfig, BertError, BertInput, BertModel, Pooling, l2_normaliz
 pub use config::{Activation, LayerAttention, LlamaConfig};
 pub use error::ModelError;
 pub use kernels::{RopeScaling, RopeStyle};
-pub use kv_cache::{KvCache, KvPool};
+pub use kv_cache::{KvCache, KvPool, KvType};
 pub use llama::{LlamaModel, Logits, SeqChunk};
 pub use source::{LoadedModel, ModelFormat, TensorSummary, TokenizerSource};
 

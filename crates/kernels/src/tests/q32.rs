@@ -337,6 +337,49 @@ proptest! {
         }
     }
 
+    /// Scores over a strided run of Q8_0 keys (head sizes of 1-6 blocks, gaps of whole
+    /// blocks) match the f64 dot of the dequantised keys on every level, within f32
+    /// rounding of the products; Q8_0 values weighted into a row are bit-identical on every
+    /// level (each lane does the scalar twin's `fma(w·d, v, y)`).
+    #[test]
+    fn q8_0_rows_match_scalar_and_f64(blocks in 1usize..7, gap in 0usize..3, rows in 0usize..20, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let hd = blocks * QK;
+        let stride = hd + gap * QK;
+        let len = rows * stride;
+        let q = rand_acts(&mut rng, hd);
+        let v: Vec<i8> = (0..len).map(|_| rng.gen_range(-127i32..=127) as i8).collect();
+        let d: Vec<f16> = (0..len / QK).map(|_| f16::from_f32(rng.gen_range(0.0f32..0.05))).collect();
+        let deq = |j: usize, i: usize| {
+            let e = j * stride + i;
+            f64::from(d[e / QK].to_f32()) * f64::from(v[e])
+        };
+        for kt in available() {
+            let mut got = vec![f32::NAN; rows];
+            (kt.dot_q8_0_rows)(&q, &v, &d, stride, &mut got);
+            for (j, &g) in got.iter().enumerate() {
+                let want: f64 = (0..hd).map(|i| f64::from(q[i]) * deq(j, i)).sum();
+                let abs: f64 = (0..hd).map(|i| (f64::from(q[i]) * deq(j, i)).abs()).sum();
+                let tol = 4.0 * (hd as f64) * f64::from(f32::EPSILON) * abs + 1e-30;
+                prop_assert!((f64::from(g) - want).abs() <= tol, "{} dot row {}: {} vs {}", kt.name, j, g, want);
+            }
+        }
+        let y0 = rand_acts(&mut rng, hd);
+        let w: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+        let mut want = y0.clone();
+        (SCALAR.axpy_q8_0_rows)(&mut want, &w, &v, &d, stride);
+        for i in 0..hd {
+            let exact = f64::from(y0[i]) + (0..rows).map(|j| f64::from(w[j]) * deq(j, i)).sum::<f64>();
+            let abs = f64::from(y0[i].abs()) + (0..rows).map(|j| (f64::from(w[j]) * deq(j, i)).abs()).sum::<f64>();
+            prop_assert!((f64::from(want[i]) - exact).abs() <= 4.0 * (rows as f64 + 1.0) * f64::from(f32::EPSILON) * abs + 1e-30);
+        }
+        for kt in available() {
+            let mut got = y0.clone();
+            (kt.axpy_q8_0_rows)(&mut got, &w, &v, &d, stride);
+            prop_assert_eq!(&got, &want, "{}", kt.name);
+        }
+    }
+
     /// A strided run of values weighted into an output row matches the scalar twin (one
     /// `axpy_f16` per row, in order) within one rounding of each product.
     #[test]

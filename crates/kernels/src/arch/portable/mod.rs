@@ -115,6 +115,54 @@ pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) 
     }
 }
 
+/// Row `j` of a Q8_0 run: its `n` values and their `n / 32` scales, if both slices hold them
+/// (`stride` a multiple of 32).
+pub(crate) fn q8_row<'a>(
+    v: &'a [i8],
+    d: &'a [f16],
+    j: usize,
+    stride: usize,
+    n: usize,
+) -> Option<(&'a [i8], &'a [f16])> {
+    let base = j.checked_mul(stride)?;
+    let vals = v.get(base..base.checked_add(n)?)?;
+    let scales = d.get(base / QK..base / QK + n / QK)?;
+    Some((vals, scales))
+}
+
+pub(crate) fn dot_q8_0_rows(q: &[f32], k: &[i8], d: &[f16], stride: usize, out: &mut [f32]) {
+    let n = q.len() / QK * QK;
+    for (j, o) in out.iter_mut().enumerate() {
+        let Some((row, scales)) = q8_row(k, d, j, stride, n) else {
+            return;
+        };
+        let mut s = 0f32;
+        for ((qb, kb), &sc) in q.chunks_exact(QK).zip(row.chunks_exact(QK)).zip(scales) {
+            let p = qb
+                .iter()
+                .zip(kb)
+                .fold(0f32, |a, (&q, &k)| q.mul_add(f32::from(k), a));
+            s = sc.to_f32().mul_add(p, s);
+        }
+        *o = s;
+    }
+}
+
+pub(crate) fn axpy_q8_0_rows(y: &mut [f32], w: &[f32], v: &[i8], d: &[f16], stride: usize) {
+    let n = y.len() / QK * QK;
+    for (j, &a) in w.iter().enumerate() {
+        let Some((row, scales)) = q8_row(v, d, j, stride, n) else {
+            return;
+        };
+        for ((yb, vb), &sc) in y.chunks_exact_mut(QK).zip(row.chunks_exact(QK)).zip(scales) {
+            let c = a * sc.to_f32();
+            for (y, &v) in yb.iter_mut().zip(vb) {
+                *y = c.mul_add(f32::from(v), *y);
+            }
+        }
+    }
+}
+
 /// Inputs below this give 0 (`exp` of it is the smallest normal f32, `2^-126`).
 pub(crate) const EXP_LO: f32 = -87.336_54;
 /// Inputs above this are taken as this (so that `2^n` stays finite).

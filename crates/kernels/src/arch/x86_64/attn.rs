@@ -15,6 +15,7 @@ use half::f16;
 
 use super::helpers::hsum_float_8;
 use crate::arch::portable::{self, rows_that_fit};
+use crate::formats::QK;
 
 /// Keys scored together (one accumulator each).
 const KEYS: usize = 4;
@@ -70,9 +71,97 @@ pub(crate) fn axpy_f16_rows_512(y: &mut [f32], w: &[f32], v: &[f16], stride: usi
     unsafe { axpy_rows_512(y, &w[..n], v.as_ptr().cast(), stride) }
 }
 
+pub(crate) fn dot_q8_0_rows(q: &[f32], k: &[i8], d: &[f16], stride: usize, out: &mut [f32]) {
+    let n = q.len() / QK * QK;
+    for (j, o) in out.iter_mut().enumerate() {
+        let Some((row, scales)) = portable::q8_row(k, d, j, stride, n) else {
+            return;
+        };
+        // SAFETY: CPU features checked by the table; `row` holds `n` values and `scales`
+        // `n / 32` scales, `q` at least `n` floats.
+        *o = unsafe { dot_q8_row_avx2(q.as_ptr(), row.as_ptr(), scales.as_ptr().cast(), n / QK) };
+    }
+}
+
+pub(crate) fn axpy_q8_0_rows(y: &mut [f32], w: &[f32], v: &[i8], d: &[f16], stride: usize) {
+    let n = y.len() / QK * QK;
+    for (j, &a) in w.iter().enumerate() {
+        let Some((row, scales)) = portable::q8_row(v, d, j, stride, n) else {
+            return;
+        };
+        // SAFETY: as in `dot_q8_0_rows`; `y` holds at least `n` floats.
+        unsafe {
+            axpy_q8_row_avx2(
+                y.as_mut_ptr(),
+                a,
+                row.as_ptr(),
+                scales.as_ptr().cast(),
+                n / QK,
+            )
+        };
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C
 // ---------------------------------------------------------------------------------------
+
+/// Eight i8 values at `p` as f32.
+///
+/// # Safety
+///
+/// AVX2; `p` readable for 8 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn i8x8_to_ps(p: *const i8) -> __m256 {
+    // SAFETY: the caller's contract.
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
+}
+
+/// `Σ_b d[b] · Σ_i q[32b + i] · k[32b + i]` over `nb` blocks: per block a product in eight
+/// lanes, scaled into the row's accumulator, one horizontal sum at the end.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C; `q` and `k` readable for `32·nb` elements, `d` for `nb` f16 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_row_avx2(q: *const f32, k: *const i8, d: *const u16, nb: usize) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        // SAFETY: block `b` is in bounds (the caller's contract).
+        unsafe {
+            let mut p = _mm256_setzero_ps();
+            for c in 0..QK / 8 {
+                let at = b * QK + 8 * c;
+                p = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(at)), i8x8_to_ps(k.add(at)), p);
+            }
+            let sc = _mm256_set1_ps(f16::from_bits(d.add(b).read_unaligned()).to_f32());
+            acc = _mm256_fmadd_ps(sc, p, acc);
+        }
+    }
+    hsum_float_8(acc)
+}
+
+/// `y[32b + i] = fma(a·d[b], v[32b + i], y[32b + i])`: the scalar twin's operations lane for
+/// lane, so the results are bit-identical to it.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C; `y` and `v` valid for `32·nb` elements, `d` readable for `nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_q8_row_avx2(y: *mut f32, a: f32, v: *const i8, d: *const u16, nb: usize) {
+    for b in 0..nb {
+        // SAFETY: block `b` is in bounds (the caller's contract).
+        unsafe {
+            let c = _mm256_set1_ps(a * f16::from_bits(d.add(b).read_unaligned()).to_f32());
+            for k in 0..QK / 8 {
+                let at = b * QK + 8 * k;
+                let r = _mm256_fmadd_ps(c, i8x8_to_ps(v.add(at)), _mm256_loadu_ps(y.add(at)));
+                _mm256_storeu_ps(y.add(at), r);
+            }
+        }
+    }
+}
 
 /// `out[j]` for `j < n`: [`KEYS`] keys at a time by `group(j)`, the rest one at a time by
 /// `one(j)`.
