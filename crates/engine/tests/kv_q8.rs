@@ -99,6 +99,6 @@ fn q8_0_cache_halves_the_bytes_and_keeps_the_perplexity() {
         100.0 * top_agree
     );
     assert!((pq / pf - 1.0).abs() < 0.03, "perplexity {pf} -> {pq}");
-    assert!(top_agree > 0.95, "top-1 agreement {top_agree}");
+    assert!(top_agree > 0.9, "top-1 agreement {top_agree}");
     assert!(!tq.is_empty() && !tf.is_empty());
 }

@@ -178,17 +178,69 @@ pub fn axpy_f16_rows(y: &mut [f32], w: &[f32], values: &[f16], stride: usize) {
     (dispatch::active().axpy_f16_rows)(y, w, values, stride);
 }
 
-/// Attention scores of one f32 query over a run of keys in a Q8_0 cache (i8 `keys`, one f16
-/// scale per 32 of them in `scales`, rows `stride` elements apart; `keys` and `scales` start
-/// at the run's first element and block): `out[j] = Σ_b d_jb · Σ_i q[32b+i]·k[j·stride+32b+i]`.
+/// A query quantised for scores over a Q8_0 cache, as ggml quantises the activations of a
+/// Q8_0 product (its vec_dot type): 32 signed bytes and a scale per block. Quantise once per
+/// query and head ([`Q8Query::set`]), then score any number of key runs with it.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Query {
+    qs: Vec<i8>,
+    ds: Vec<f32>,
+}
+
+impl Q8Query {
+    /// Quantises `q` (its whole 32-element blocks) in place of the previous query.
+    pub fn set(&mut self, q: &[f32]) {
+        let nb = q.len() / QK;
+        self.qs.resize(nb * QK, 0);
+        self.ds.resize(nb, 0.0);
+        let quantize = dispatch::active().quantize_q8_0;
+        let mut block = [0u8; BlockQ8_0::BYTES];
+        for ((xb, qb), d) in q
+            .chunks_exact(QK)
+            .zip(self.qs.chunks_exact_mut(QK))
+            .zip(self.ds.iter_mut())
+        {
+            quantize(xb, &mut block);
+            *d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (o, &b) in qb.iter_mut().zip(&block[2..]) {
+                *o = b as i8;
+            }
+        }
+    }
+
+    /// Elements quantised.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether no element is.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// The quantised query's values, `d·q` (tests compare scores against exact dots of
+    /// these).
+    pub fn values(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(QK)
+            .zip(&self.ds)
+            .flat_map(|(b, &d)| b.iter().map(move |&v| d * f32::from(v)))
+            .collect()
+    }
+}
+
+/// Attention scores of a quantised query over a run of keys in a Q8_0 cache (i8 `keys`,
+/// one f16 scale per 32 of them in `scales`, rows `stride` elements apart; `keys` and
+/// `scales` start at the run's first element and block), as ggml's `vec_dot_q8_0_q8_0`:
+/// `out[j] = Σ_b dq_b·d_jb·Σ_i qq[32b+i]·k[j·stride+32b+i]`, the integer sums exact; every
+/// level gives the same bits.
 ///
 /// # Panics
 ///
-/// If `q.len()` or `stride` is not a multiple of 32, or the slices do not hold `out.len()`
-/// rows.
-pub fn dot_q8_0_rows(q: &[f32], keys: &[i8], scales: &[f16], stride: usize, out: &mut [f32]) {
+/// If `stride` is not a multiple of 32, or the slices do not hold `out.len()` rows.
+pub fn dot_q8_0_rows(q: &Q8Query, keys: &[i8], scales: &[f16], stride: usize, out: &mut [f32]) {
     check_q8_rows("dot_q8_0_rows", q.len(), keys, scales, stride, out.len());
-    (dispatch::active().dot_q8_0_rows)(q, keys, scales, stride, out);
+    (dispatch::active().dot_q8_0_rows)(&q.qs, &q.ds, keys, scales, stride, out);
 }
 
 /// A run of Q8_0 values weighted into `y` (as [`axpy_f16_rows`], the values' blocks scaled
@@ -207,10 +259,9 @@ fn check_q8_rows(what: &str, n: usize, v: &[i8], d: &[f16], stride: usize, rows:
         n.is_multiple_of(QK) && stride.is_multiple_of(QK),
         "{what}: {n} elements, stride {stride}: not multiples of 32"
     );
-    let fit = (0..rows)
-        .take_while(|&j| portable::q8_row(v, d, j, stride, n).is_some())
-        .count();
-    assert_eq!(fit, rows, "{what}: the cache holds {fit} rows");
+    // Row offsets grow with the row: the last one fitting means all do.
+    let fits = rows == 0 || portable::q8_row(v, d, rows - 1, stride, n).is_some();
+    assert!(fits, "{what}: the cache does not hold {rows} rows");
 }
 
 /// The softmax's exponentials in place, `x[i] = exp(x[i] - sub)`, and their sum: the same

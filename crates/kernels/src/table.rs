@@ -22,8 +22,8 @@ pub(crate) type DotRowsFn = fn(&[f16], &[f16], usize, &mut [f32]);
 /// `values` are skipped.
 pub(crate) type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
 
-/// `(q, keys, scales, stride, out)`: see [`Kernels::dot_q8_0_rows`].
-pub(crate) type DotQ8RowsFn = fn(&[f32], &[i8], &[f16], usize, &mut [f32]);
+/// `(query bytes, query scales, keys, scales, stride, out)`: see [`Kernels::dot_q8_0_rows`].
+pub(crate) type DotQ8RowsFn = fn(&[i8], &[f32], &[i8], &[f16], usize, &mut [f32]);
 
 /// `(y, w, values, scales, stride)`: see [`Kernels::axpy_q8_0_rows`].
 pub(crate) type AxpyQ8RowsFn = fn(&mut [f32], &[f32], &[i8], &[f16], usize);
@@ -79,8 +79,8 @@ pub(crate) struct Kernels {
     /// Attention weights × a run of values: `y[i] += Σ_j w[j] * v[j*stride + i]` for
     /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
     pub(crate) axpy_f16_rows: AxpyRowsFn,
-    /// Attention scores of one f32 query over a run of Q8_0 keys (`(q, keys, scales,
-    /// stride, out)`: i8 values and one f16 scale per 32, rows `stride` elements apart).
+    /// Attention scores of one query quantised to Q8_0 over a run of Q8_0 keys (i8 values
+    /// and one f16 scale per 32, rows `stride` elements apart).
     pub(crate) dot_q8_0_rows: DotQ8RowsFn,
     /// Weights × a run of Q8_0 values (`(y, w, values, scales, stride)`), as
     /// `axpy_f16_rows`.

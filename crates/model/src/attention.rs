@@ -320,6 +320,7 @@ impl<'a> Attention<'a> {
             &self.q[r * q_dim + h * hd..r * q_dim + (h + 1) * hd]
         };
         let mut q16 = vec![f16::ZERO; hd];
+        let mut q8 = kernels::Q8Query::default();
         self.runs(t, kvh, s, |i, from, runs| {
             let n = runs.iter().map(|r| r.0 + r.2).max().unwrap_or(0);
             for g in 0..group {
@@ -342,10 +343,10 @@ impl<'a> Attention<'a> {
                         }
                     }
                     KvSlice::Q8(keys, scales) => {
-                        let q = q_at(i, g);
+                        q8.set(q_at(i, g));
                         for &(j, at, len) in runs {
                             let (k, d) = (&keys[at..], &scales[at / 32..]);
-                            kernels::dot_q8_0_rows(q, k, d, kv_dim, &mut sc[j..j + len]);
+                            kernels::dot_q8_0_rows(&q8, k, d, kv_dim, &mut sc[j..j + len]);
                         }
                     }
                 }
@@ -490,11 +491,21 @@ mod tests {
             }
         };
         let f16_cache = matches!(kv.keys(0), KvSlice::F16(_));
+        let q8_cache = matches!(kv.keys(0), KvSlice::Q8(..));
         let mut out = vec![0f64; q.len()];
         for (r, row) in rows.iter().enumerate() {
             let first = h.window.map_or(0, |w| (row.pos + 1).saturating_sub(w));
             for head in 0..h.n_heads {
-                let qh: Vec<f64> = q[(r * h.n_heads + head) * hd..][..hd]
+                let q_head = &q[(r * h.n_heads + head) * hd..][..hd];
+                // A Q8_0 cache's scores use the query quantised to Q8_0.
+                let q_head = if q8_cache {
+                    let mut qq = kernels::Q8Query::default();
+                    qq.set(q_head);
+                    qq.values()
+                } else {
+                    q_head.to_vec()
+                };
+                let qh: Vec<f64> = q_head
                     .iter()
                     .map(|&v| {
                         f64::from(if f16_cache {

@@ -304,7 +304,7 @@ impl KvPool {
                         let scale = amax / 127.0;
                         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
                         for (o, &x) in qb.iter_mut().zip(xb) {
-                            *o = (x * inv).round().clamp(-127.0, 127.0) as i8;
+                            *o = round_half_away(x * inv).clamp(-127, 127) as i8;
                         }
                         *d = f16::from_f32(scale);
                     }
@@ -322,6 +322,14 @@ impl KvPool {
     pub(crate) fn values(&self, layer: usize) -> KvSlice<'_> {
         self.v[layer].view()
     }
+}
+
+/// `roundf` (halves away from zero) for |v| < 2^23, without a libm call: the truncation is
+/// exact, and so is the fraction left.
+fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let frac = v - t as f32;
+    t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
 }
 
 /// Bytes of one cached f16 (or f32) element.
@@ -442,5 +450,29 @@ impl KvCache {
 
     pub(crate) fn commit(&mut self, n: usize) {
         self.len += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn round_half_away_is_roundf() {
+        for i in -300_000..300_000 {
+            let v = i as f32 * 0.000_43 + 0.25 * (i % 7) as f32;
+            assert_eq!(super::round_half_away(v), v.round() as i32, "{v}");
+        }
+        for v in [
+            0.5f32,
+            -0.5,
+            1.5,
+            -1.5,
+            126.5,
+            -126.5,
+            0.499_999_97,
+            -0.499_999_97,
+            0.0,
+        ] {
+            assert_eq!(super::round_half_away(v), v.round() as i32, "{v}");
+        }
     }
 }

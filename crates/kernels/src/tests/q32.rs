@@ -354,15 +354,33 @@ proptest! {
             let e = j * stride + i;
             f64::from(d[e / QK].to_f32()) * f64::from(v[e])
         };
+        // The query as the dot quantises it.
+        let mut query = crate::Q8Query::default();
+        query.set(&q);
+        let qq = query.values();
+        let (qs, dq): (Vec<i8>, Vec<f32>) = {
+            let mut block = [0u8; BlockQ8_0::BYTES];
+            let mut qs = Vec::new();
+            let mut dq = Vec::new();
+            for xb in q.chunks_exact(QK) {
+                (SCALAR.quantize_q8_0)(xb, &mut block);
+                dq.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+                qs.extend(block[2..].iter().map(|&b| b as i8));
+            }
+            (qs, dq)
+        };
+        let mut scalar = vec![f32::NAN; rows];
+        (SCALAR.dot_q8_0_rows)(&qs, &dq, &v, &d, stride, &mut scalar);
+        for (j, &g) in scalar.iter().enumerate() {
+            let want: f64 = (0..hd).map(|i| f64::from(qq[i]) * deq(j, i)).sum();
+            let abs: f64 = (0..hd).map(|i| (f64::from(qq[i]) * deq(j, i)).abs()).sum();
+            let tol = 4.0 * (hd as f64) * f64::from(f32::EPSILON) * abs + 1e-30;
+            prop_assert!((f64::from(g) - want).abs() <= tol, "dot row {}: {} vs {}", j, g, want);
+        }
         for kt in available() {
             let mut got = vec![f32::NAN; rows];
-            (kt.dot_q8_0_rows)(&q, &v, &d, stride, &mut got);
-            for (j, &g) in got.iter().enumerate() {
-                let want: f64 = (0..hd).map(|i| f64::from(q[i]) * deq(j, i)).sum();
-                let abs: f64 = (0..hd).map(|i| (f64::from(q[i]) * deq(j, i)).abs()).sum();
-                let tol = 4.0 * (hd as f64) * f64::from(f32::EPSILON) * abs + 1e-30;
-                prop_assert!((f64::from(g) - want).abs() <= tol, "{} dot row {}: {} vs {}", kt.name, j, g, want);
-            }
+            (kt.dot_q8_0_rows)(&qs, &dq, &v, &d, stride, &mut got);
+            prop_assert_eq!(&got, &scalar, "{}", kt.name);
         }
         let y0 = rand_acts(&mut rng, hd);
         let w: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();

@@ -130,19 +130,31 @@ pub(crate) fn q8_row<'a>(
     Some((vals, scales))
 }
 
-pub(crate) fn dot_q8_0_rows(q: &[f32], k: &[i8], d: &[f16], stride: usize, out: &mut [f32]) {
-    let n = q.len() / QK * QK;
+/// Scores over Q8_0 keys as ggml's `vec_dot_q8_0_q8_0` computes them, for a query already
+/// quantised to Q8_0 (`qs`, scales `dq`): per block an exact integer sum,
+/// `s = fma(d_q·d_k, isum, s)` block after block.
+pub(crate) fn dot_q8_0_rows(
+    qs: &[i8],
+    dq: &[f32],
+    k: &[i8],
+    d: &[f16],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let n = (qs.len() / QK).min(dq.len()) * QK;
     for (j, o) in out.iter_mut().enumerate() {
         let Some((row, scales)) = q8_row(k, d, j, stride, n) else {
             return;
         };
         let mut s = 0f32;
-        for ((qb, kb), &sc) in q.chunks_exact(QK).zip(row.chunks_exact(QK)).zip(scales) {
-            let p = qb
+        let blocks = qs.chunks_exact(QK).zip(row.chunks_exact(QK));
+        for ((qb, kb), (&sk, &sq)) in blocks.zip(scales.iter().zip(dq)) {
+            let isum: i32 = qb
                 .iter()
                 .zip(kb)
-                .fold(0f32, |a, (&q, &k)| q.mul_add(f32::from(k), a));
-            s = sc.to_f32().mul_add(p, s);
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            s = (sq * sk.to_f32()).mul_add(isum as f32, s);
         }
         *o = s;
     }

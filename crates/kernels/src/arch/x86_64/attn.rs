@@ -71,34 +71,57 @@ pub(crate) fn axpy_f16_rows_512(y: &mut [f32], w: &[f32], v: &[f16], stride: usi
     unsafe { axpy_rows_512(y, &w[..n], v.as_ptr().cast(), stride) }
 }
 
-pub(crate) fn dot_q8_0_rows(q: &[f32], k: &[i8], d: &[f16], stride: usize, out: &mut [f32]) {
-    let n = q.len() / QK * QK;
-    for (j, o) in out.iter_mut().enumerate() {
-        let Some((row, scales)) = portable::q8_row(k, d, j, stride, n) else {
-            return;
-        };
-        // SAFETY: CPU features checked by the table; `row` holds `n` values and `scales`
-        // `n / 32` scales, `q` at least `n` floats.
-        *o = unsafe { dot_q8_row_avx2(q.as_ptr(), row.as_ptr(), scales.as_ptr().cast(), n / QK) };
+pub(crate) fn dot_q8_0_rows(
+    qs: &[i8],
+    dq: &[f32],
+    k: &[i8],
+    d: &[f16],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let nb = (qs.len() / QK).min(dq.len());
+    // The rows the slices hold (the scalar twin stops at the first that does not fit).
+    let rows = (0..out.len())
+        .rev()
+        .find(|&j| portable::q8_row(k, d, j, stride, nb * QK).is_some())
+        .map_or(0, |j| j + 1);
+    // SAFETY: CPU features checked by the table; rows `0..rows` of `k` (`32·nb` values from
+    // `j·stride`) and their `nb` scales are in bounds (row offsets grow with `j`, so the
+    // last row fitting means all before it do), `qs`/`dq` hold `nb` blocks.
+    unsafe {
+        dot_q8_rows_avx2(
+            qs.as_ptr(),
+            dq,
+            k.as_ptr(),
+            d.as_ptr().cast(),
+            stride,
+            &mut out[..rows],
+        );
     }
 }
 
 pub(crate) fn axpy_q8_0_rows(y: &mut [f32], w: &[f32], v: &[i8], d: &[f16], stride: usize) {
     let n = y.len() / QK * QK;
-    for (j, &a) in w.iter().enumerate() {
-        let Some((row, scales)) = portable::q8_row(v, d, j, stride, n) else {
-            return;
-        };
-        // SAFETY: as in `dot_q8_0_rows`; `y` holds at least `n` floats.
-        unsafe {
-            axpy_q8_row_avx2(
-                y.as_mut_ptr(),
-                a,
-                row.as_ptr(),
-                scales.as_ptr().cast(),
-                n / QK,
-            )
-        };
+    // The rows the slices hold (the scalar twin stops at the first that does not fit).
+    let rows = (0..w.len())
+        .rev()
+        .find(|&j| portable::q8_row(v, d, j, stride, n).is_some())
+        .map_or(0, |j| j + 1);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: CPU features checked by the table; rows `0..rows` of `v` (`n` values from
+    // `j·stride`) and their scales (`n / 32` from `j·stride / 32`) are in bounds, `y` holds
+    // `n` floats and `w` `rows` weights.
+    unsafe {
+        axpy_q8_rows_avx2(
+            y.as_mut_ptr(),
+            &w[..rows],
+            v.as_ptr(),
+            d.as_ptr().cast(),
+            stride,
+            n / QK,
+        );
     }
 }
 
@@ -118,46 +141,88 @@ unsafe fn i8x8_to_ps(p: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
 }
 
-/// `Σ_b d[b] · Σ_i q[32b + i] · k[32b + i]` over `nb` blocks: per block a product in eight
-/// lanes, scaled into the row's accumulator, one horizontal sum at the end.
+/// Rows `0..out.len()` of [`dot_q8_0_rows`]: per row and block the exact integer sum, then
+/// the scalar twin's `s = fma(d_q·d_k, isum, s)`, so the results are bit-identical to it.
 ///
 /// # Safety
 ///
-/// AVX2, FMA and F16C; `q` and `k` readable for `32·nb` elements, `d` for `nb` f16 bits.
+/// AVX2, FMA and F16C; `qs` readable for `32·dq.len()` bytes; for each row `j`, `k` for
+/// `32·dq.len()` bytes from `j·stride` and `d` for `dq.len()` f16s from `j·stride / 32`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_row_avx2(q: *const f32, k: *const i8, d: *const u16, nb: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        // SAFETY: block `b` is in bounds (the caller's contract).
-        unsafe {
-            let mut p = _mm256_setzero_ps();
-            for c in 0..QK / 8 {
-                let at = b * QK + 8 * c;
-                p = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(at)), i8x8_to_ps(k.add(at)), p);
+unsafe fn dot_q8_rows_avx2(
+    qs: *const i8,
+    dq: &[f32],
+    k: *const i8,
+    d: *const u16,
+    stride: usize,
+    out: &mut [f32],
+) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut s = 0f32;
+        for (b, &sq) in dq.iter().enumerate() {
+            // SAFETY: block `b` of the query and of row `j` is in bounds (the contract).
+            unsafe {
+                let sk = f16::from_bits(d.add(j * stride / QK + b).read_unaligned()).to_f32();
+                let isum = dot_i8_32(qs.add(QK * b), k.add(j * stride + QK * b));
+                s = (sq * sk).mul_add(isum as f32, s);
             }
-            let sc = _mm256_set1_ps(f16::from_bits(d.add(b).read_unaligned()).to_f32());
-            acc = _mm256_fmadd_ps(sc, p, acc);
         }
+        *o = s;
     }
-    hsum_float_8(acc)
 }
 
-/// `y[32b + i] = fma(a·d[b], v[32b + i], y[32b + i])`: the scalar twin's operations lane for
-/// lane, so the results are bit-identical to it.
+/// The exact `Σ_i a[i]·b[i]` of 32 signed bytes each (values in -127..=127): `vpsignb`
+/// moves `a`'s signs onto `b` so that `vpmaddubsw` multiplies |a| (unsigned) by them, a pair
+/// at most 2·127·127 < 2^15.
 ///
 /// # Safety
 ///
-/// AVX2, FMA and F16C; `y` and `v` valid for `32·nb` elements, `d` readable for `nb`.
+/// AVX2; `a` and `b` readable for 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_i8_32(a: *const i8, b: *const i8) -> i32 {
+    // SAFETY: the caller's contract.
+    let (x, y) = unsafe { (_mm256_loadu_si256(a.cast()), _mm256_loadu_si256(b.cast())) };
+    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    let s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    let h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
+    let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h));
+    _mm_cvtsi128_si32(h)
+}
+
+/// For each row `j` in order, `y[32b + i] = fma(w[j]·d_j[b], v_j[32b + i], y[32b + i])`: the
+/// scalar twin's operations lane for lane (bit-identical results), with each 32-element
+/// block of `y` held in registers across all the rows.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C; `y` valid for `32·nb` floats; for each `j < w.len()`, `v` readable
+/// for `32·nb` values from `j·stride` and `d` for `nb` f16s from `j·stride / 32`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_q8_row_avx2(y: *mut f32, a: f32, v: *const i8, d: *const u16, nb: usize) {
+unsafe fn axpy_q8_rows_avx2(
+    y: *mut f32,
+    w: &[f32],
+    v: *const i8,
+    d: *const u16,
+    stride: usize,
+    nb: usize,
+) {
     for b in 0..nb {
-        // SAFETY: block `b` is in bounds (the caller's contract).
+        // SAFETY: block `b` of `y` and of every row is in bounds (the caller's contract).
         unsafe {
-            let c = _mm256_set1_ps(a * f16::from_bits(d.add(b).read_unaligned()).to_f32());
-            for k in 0..QK / 8 {
-                let at = b * QK + 8 * k;
-                let r = _mm256_fmadd_ps(c, i8x8_to_ps(v.add(at)), _mm256_loadu_ps(y.add(at)));
-                _mm256_storeu_ps(y.add(at), r);
+            let yb = y.add(b * QK);
+            let mut acc: [__m256; QK / 8] = std::array::from_fn(|k| _mm256_loadu_ps(yb.add(8 * k)));
+            for (j, &a) in w.iter().enumerate() {
+                let sc = f16::from_bits(d.add(j * stride / QK + b).read_unaligned()).to_f32();
+                let c = _mm256_set1_ps(a * sc);
+                let vb = v.add(j * stride + b * QK);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(c, i8x8_to_ps(vb.add(8 * k)), *acc);
+                }
+            }
+            for (k, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(yb.add(8 * k), *acc);
             }
         }
     }
