@@ -615,6 +615,11 @@ impl Scheduler {
     fn draft_for(&mut self, spec: &Speculation, i: usize, budget: usize) -> Vec<u32> {
         let seq = &self.running[i];
         let pos = seq.n_computed;
+        // A prompt whose log-probabilities are still to be sent ends through the plain path
+        // (which gathers and sends them before any text).
+        if seq.prompt_logprobs.is_some() {
+            return Vec::new();
+        }
         // Positions pos + 1 ..= pos + k must be inside the context, and the step emits at
         // most k + 1 tokens.
         let limit = budget

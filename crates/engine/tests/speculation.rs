@@ -69,4 +69,41 @@ fn speculation_changes_no_output_and_accepts_drafts() {
     // A request that ends inside an accepted draft stops at its limit.
     let (_, n) = run(&spec, 0.0, None, 5);
     assert_eq!(n, 5);
+    // Prompt log-probabilities still come first, once, with the same text after them, also
+    // when the prompt's last token is computed alone (a step of one pending token, which
+    // could otherwise carry a draft).
+    let n_prompt = spec.tokenize(EDIT).len();
+    let path = testkit::default_model().expect("model");
+    let config = EngineConfig {
+        speculation: Some(Speculation::default()),
+        max_batch_tokens: n_prompt - 1,
+        ..EngineConfig::default()
+    };
+    let spec = Engine::load(&path, config, &mut |_, _| {}).expect("load");
+    let mut r = GenerateRequest::new(spec.tokenize(EDIT));
+    r.sampling.temperature = 0.0;
+    r.max_tokens = Some(32);
+    r.prompt_logprobs = Some(1);
+    let mut rx = spec.generate(r).expect("generate");
+    let (mut events, mut text) = (Vec::new(), String::new());
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::PromptLogprobs(lp) => events.push(format!("prompt {}", lp.len())),
+            Event::Text(t) => {
+                events.push("text".into());
+                text.push_str(&t);
+            }
+            Event::Logprobs(_) => {}
+            Event::Done { .. } => break,
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    let n_prompt = spec.tokenize(EDIT).len();
+    assert_eq!(
+        events.first(),
+        Some(&format!("prompt {}", n_prompt - 1)),
+        "{events:?}"
+    );
+    assert_eq!(events.iter().filter(|e| e.starts_with("prompt")).count(), 1);
+    assert!(greedy.0.starts_with(&text), "{text:?} vs {:?}", greedy.0);
 }

@@ -279,7 +279,12 @@ fn rounds_s(source: WeightType) -> bool {
 /// say which `s_x` flavours they read.
 fn quantize(x: &[f32], cols: usize, exact: bool, rounded: bool) -> Activations {
     let nb = cols / QK;
-    let n_tokens = x.len().checked_div(cols).unwrap_or(0);
+    // A pass of K layouts only reads none of it.
+    let n_tokens = if exact || rounded {
+        x.len().checked_div(cols).unwrap_or(0)
+    } else {
+        0
+    };
     let mut qs = vec![0i8; n_tokens * nb * XQ];
     let mut ds = vec![[0f32; 2]; if exact { n_tokens * nb } else { 0 }];
     let mut ds_f16 = vec![[0f32; 2]; if rounded { n_tokens * nb } else { 0 }];

@@ -195,7 +195,8 @@ proptest! {
     }
 
     /// Halfway products (`iscale = 1`, values `n + 0.5`) round half to even in every table,
-    /// and a block with a NaN or an infinity gives every table the same bytes.
+    /// and a block with a NaN or an infinity, or of values too small for a finite inverse
+    /// scale, gives every table the same bytes.
     #[test]
     fn q8_k_quantisation_ties_and_non_finite(seed: u64, bad in 0usize..3) {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -205,6 +206,8 @@ proptest! {
         x[rng.gen_range(0..QK_K)] = -127.0;
         x[QK_K + rng.gen_range(0..QK_K)] = [f32::NAN, f32::INFINITY, -127.0][bad];
         x[QK_K + 7] = -127.0;
+        // A block so small that -127 / max overflows to infinity.
+        x.extend((0..QK_K).map(|i| if i % 3 == 0 { 1e-38f32 } else { -2e-39 }));
         let (want, _) = quantize_acts(&SCALAR, WeightType::Q4_K, &x);
         for k in available() {
             let (got, _) = quantize_acts(k, WeightType::Q4_K, &x);

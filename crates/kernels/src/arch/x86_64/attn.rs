@@ -91,7 +91,7 @@ pub(crate) fn dot_q8_0_rows(
     unsafe {
         dot_q8_rows_avx2(
             qs.as_ptr(),
-            dq,
+            &dq[..nb],
             k.as_ptr(),
             d.as_ptr().cast(),
             stride,

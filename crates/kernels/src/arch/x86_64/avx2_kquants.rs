@@ -52,6 +52,11 @@ pub(crate) fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
         }
         let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
         let iscale = -127.0 / max;
+        if !iscale.is_finite() {
+            // A block of tiny values (|max| < 127 / f32::MAX): the scalar casts saturate.
+            crate::arch::portable::quantize_q8_k(xb, ob);
+            continue;
+        }
         let mut qs = [0i8; QK_K];
         // SAFETY: as above; `qs` has room for 256 bytes.
         unsafe { scale_round_256(xb.as_ptr(), iscale, qs.as_mut_ptr()) };
