@@ -370,6 +370,122 @@ pub(crate) const CELL8: usize = 64 + 8 * 64;
 /// Activation bytes per block the packed kernels read: 32 quants.
 pub(crate) const XQ: usize = QK;
 
+// ---- The K layouts (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K repacked; see the packing module) -------
+
+/// How a super-block's offset term is formed (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Offset {
+    /// `Σ_s mn_s·x_s` with the minimums stored per row and sub-block (Q4_K, Q5_K).
+    Mins,
+    /// `k·Σ_s sc_s·x_s` (Q6_K: `k = −32`).
+    Scales(i32),
+    /// `k·Σ x` over the super-block (Q5_0: `−16`; Q5_1: `1`).
+    Sum(i32),
+}
+
+/// The packed layout of one of these types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KLayout {
+    /// Columns per super-block (one `a`, `b` and activation scale each): 256 or 32.
+    pub(crate) sb: usize,
+    /// Columns per sub-block with its own integer scale: 32 or 16 (`sb` when unscaled).
+    pub(crate) sub: usize,
+    /// Bits per level: 4, 5 or 6.
+    pub(crate) bits: u32,
+    /// Whether sub-block scales are stored (else every `sc_s` is 1).
+    pub(crate) scaled: bool,
+    /// Whether `b` is stored (else `b = a`).
+    pub(crate) b_stored: bool,
+    /// The offset term.
+    pub(crate) offset: Offset,
+}
+
+impl KLayout {
+    /// Sub-blocks per super-block.
+    pub(crate) fn n_sub(&self) -> usize {
+        self.sb / self.sub
+    }
+
+    /// Offset of the `b` values in a cell.
+    pub(crate) fn b_at(&self) -> usize {
+        2 * GROUP
+    }
+
+    /// Offset of the sub-block scales.
+    pub(crate) fn sc_at(&self) -> usize {
+        self.b_at() + if self.b_stored { 2 * GROUP } else { 0 }
+    }
+
+    /// Offset of the minimums.
+    pub(crate) fn mn_at(&self) -> usize {
+        self.sc_at() + if self.scaled { GROUP * self.n_sub() } else { 0 }
+    }
+
+    /// Offset of the first 32-element run's nibble vectors.
+    pub(crate) fn runs_at(&self) -> usize {
+        self.mn_at()
+            + if self.offset == Offset::Mins {
+                GROUP * self.n_sub()
+            } else {
+                0
+            }
+    }
+
+    /// Bytes per 32-element run: four nibble vectors and a plane per extra bit.
+    pub(crate) fn run_bytes(&self) -> usize {
+        64 * self.bits as usize
+    }
+
+    /// Bytes per cell (16 rows × one super-block).
+    pub(crate) fn cell_bytes(&self) -> usize {
+        self.runs_at() + self.sb / QK * self.run_bytes()
+    }
+
+    /// The level of element `e` of row `lane` in `cell` (the scalar twin reads it so).
+    pub(crate) fn level(&self, cell: &[u8], lane: usize, e: usize) -> i32 {
+        let (run, i) = (e / QK, e % QK);
+        let high = i >= 16;
+        let (j, k) = ((i % 16) / 4, i % 4);
+        let at = self.runs_at() + run * self.run_bytes();
+        let byte = cell[at + 64 * j + 4 * lane + k];
+        let mut q = i32::from(if high { byte >> 4 } else { byte & 0x0F });
+        let bit = 2 * j + usize::from(high);
+        for extra in 0..self.bits as usize - 4 {
+            let plane = cell[at + 256 + 64 * extra + 4 * lane + k];
+            q |= i32::from((plane >> bit) & 1) << (4 + extra);
+        }
+        q
+    }
+
+    /// `(a, b)` of row `lane` in `cell`.
+    pub(crate) fn ab(&self, cell: &[u8], lane: usize) -> (f32, f32) {
+        let f = |at: usize| f16::from_le_bytes([cell[at + 2 * lane], cell[at + 2 * lane + 1]]);
+        let a = f(0).to_f32();
+        (
+            a,
+            if self.b_stored {
+                f(self.b_at()).to_f32()
+            } else {
+                a
+            },
+        )
+    }
+
+    /// The scale of sub-block `s` of row `lane` (1 when unscaled).
+    pub(crate) fn scale(&self, cell: &[u8], lane: usize, s: usize) -> i32 {
+        if self.scaled {
+            i32::from(cell[self.sc_at() + GROUP * s + lane] as i8)
+        } else {
+            1
+        }
+    }
+
+    /// The stored minimum of sub-block `s` of row `lane` ([`Offset::Mins`] only).
+    pub(crate) fn min(&self, cell: &[u8], lane: usize, s: usize) -> i32 {
+        i32::from(cell[self.mn_at() + GROUP * s + lane] as i8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

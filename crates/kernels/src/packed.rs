@@ -34,12 +34,14 @@
 
 use half::f16;
 
+use crate::arch::portable::kpacked::kpacked_group;
 use crate::arch::portable::packed_group;
 use crate::dispatch;
+use crate::formats::KLayout;
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use crate::formats::{CELL, CELL8, GROUP, XQ};
 use crate::matmul::{DisjointOut, check_len};
-use crate::packed_k::{self, KActivations, KLayout, kpacked_group};
+use crate::packed_k::{self, KActivations, layout_of};
 use crate::pool::ThreadPool;
 use crate::table::{KPackedFn, PackedFn};
 use crate::types::{KernelError, Matrix, WeightType};
@@ -132,7 +134,7 @@ impl PackedMatrix {
     /// within the `SOUVERAIN_SIMD` limit) and `w` is Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
     /// Q5_K or Q6_K; `None` otherwise (then use [`crate::matmul`]).
     pub fn pack(w: &Matrix<'_>) -> Option<Self> {
-        let fast = if KLayout::of(w.ty()).is_some() {
+        let fast = if layout_of(w.ty()).is_some() {
             packed_k::fast_available()
         } else {
             fast_available()
@@ -146,7 +148,7 @@ impl PackedMatrix {
     /// Repacks `w` whatever the CPU (the scalar twins can run it); `None` for other types,
     /// a shape the layout cannot hold, or a scale too large for its offset to fit in f16.
     pub(crate) fn pack_any(w: &Matrix<'_>) -> Option<Self> {
-        if let Some(l) = KLayout::of(w.ty()) {
+        if let Some(l) = layout_of(w.ty()) {
             if !w.cols().is_multiple_of(l.sb) {
                 return None;
             }

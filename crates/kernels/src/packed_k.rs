@@ -1,6 +1,5 @@
 //! The 5- and 6-bit formats and the K-quants (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) repacked sixteen
-//! rows at a time for the packed matmul (`crate::packed`), the other half of
-//! [`crate::PackedMatrix`]: GGUF's Q4_K_M files are mostly Q4_K with Q6_K (and Q5_0 where a
+//! rows at a time for the packed matmul, the other half of a `PackedMatrix`: GGUF's Q4_K_M files are mostly Q4_K with Q6_K (and Q5_0 where a
 //! row is not a multiple of 256) for some tensors.
 //!
 //! Every one of these types has a value of the form `a·sc_s·q + b·mn_s` for an unsigned
@@ -24,12 +23,12 @@
 //! offset is added to the integer sum instead, `acc = fma(a·d_x, isum + imin, acc)`, as
 //! ggml's dots for those types subtract it in integers.
 //!
-//! A cell holds one group of 16 rows × one super-block (`KLayout` gives the offsets):
+//! A cell holds one group of 16 rows × one super-block (`crate::formats::KLayout` gives the
+//! offsets; the scalar twin of the kernel is `crate::arch::portable::kpacked`):
 //! - `a` as f16 for the 16 rows (32 bytes); then `b` likewise where it is stored;
 //! - where the type has them, the sub-block scales as i8, `[sub-block][row]` (16 bytes per
 //!   sub-block), then the minimums the same way;
-//! - per 32 elements, four 64-byte nibble vectors laid out as the Q4 cells of
-//!   `crate::packed` (vector `j`, lane `r`: row `r`'s elements `4j..4j+4` in the low nibbles,
+//! - per 32 elements, four 64-byte nibble vectors laid out as the packed Q4 cells (vector `j`, lane `r`: row `r`'s elements `4j..4j+4` in the low nibbles,
 //!   `4j+16..4j+20` in the high ones), then for 5 and 6 bits one 64-byte plane per extra
 //!   bit: byte `k` of lane `r` has at bit `2j` the extra bit of element `4j+k` and at bit
 //!   `2j+1` that of element `4j+16+k`, so that one shift and one mask per vector put it in
@@ -43,151 +42,36 @@ use half::f16;
 
 use crate::arch::portable::kquants::{k4_levels, q5_levels, q5k_levels, q6k_levels};
 use crate::dispatch;
-use crate::formats::{
-    BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, GROUP, QK, QK_K,
-};
+use crate::formats::{BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K};
+use crate::formats::{GROUP, KLayout, Offset, QK, QK_K};
 use crate::types::{Matrix, WeightType};
 
-/// How a super-block's offset term is formed (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Offset {
-    /// `Σ_s mn_s·x_s` with the minimums stored per row and sub-block (Q4_K, Q5_K).
-    Mins,
-    /// `k·Σ_s sc_s·x_s` (Q6_K: `k = −32`).
-    Scales(i32),
-    /// `k·Σ x` over the super-block (Q5_0: `−16`; Q5_1: `1`).
-    Sum(i32),
-}
-
-/// The packed layout of one of these types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct KLayout {
-    /// Columns per super-block (one `a`, `b` and activation scale each): 256 or 32.
-    pub(crate) sb: usize,
-    /// Columns per sub-block with its own integer scale: 32 or 16 (`sb` when unscaled).
-    pub(crate) sub: usize,
-    /// Bits per level: 4, 5 or 6.
-    pub(crate) bits: u32,
-    /// Whether sub-block scales are stored (else every `sc_s` is 1).
-    pub(crate) scaled: bool,
-    /// Whether `b` is stored (else `b = a`).
-    pub(crate) b_stored: bool,
-    /// The offset term.
-    pub(crate) offset: Offset,
-}
-
-impl KLayout {
-    /// The layout of `ty`, if it is one of these types.
-    pub(crate) fn of(ty: WeightType) -> Option<Self> {
-        let k = |bits, sub, b_stored, offset| KLayout {
-            sb: QK_K,
-            sub,
-            bits,
-            scaled: true,
-            b_stored,
-            offset,
-        };
-        let five = |b_stored, offset| KLayout {
-            sb: QK,
-            sub: QK,
-            bits: 5,
-            scaled: false,
-            b_stored,
-            offset,
-        };
-        Some(match ty {
-            WeightType::Q4_K => k(4, 32, true, Offset::Mins),
-            WeightType::Q5_K => k(5, 32, true, Offset::Mins),
-            WeightType::Q6_K => k(6, 16, false, Offset::Scales(-32)),
-            WeightType::Q5_0 => five(false, Offset::Sum(-16)),
-            WeightType::Q5_1 => five(true, Offset::Sum(1)),
-            _ => return None,
-        })
-    }
-
-    /// Sub-blocks per super-block.
-    pub(crate) fn n_sub(&self) -> usize {
-        self.sb / self.sub
-    }
-
-    /// Offset of the `b` values in a cell.
-    pub(crate) fn b_at(&self) -> usize {
-        2 * GROUP
-    }
-
-    /// Offset of the sub-block scales.
-    pub(crate) fn sc_at(&self) -> usize {
-        self.b_at() + if self.b_stored { 2 * GROUP } else { 0 }
-    }
-
-    /// Offset of the minimums.
-    pub(crate) fn mn_at(&self) -> usize {
-        self.sc_at() + if self.scaled { GROUP * self.n_sub() } else { 0 }
-    }
-
-    /// Offset of the first 32-element run's nibble vectors.
-    pub(crate) fn runs_at(&self) -> usize {
-        self.mn_at()
-            + if self.offset == Offset::Mins {
-                GROUP * self.n_sub()
-            } else {
-                0
-            }
-    }
-
-    /// Bytes per 32-element run: four nibble vectors and a plane per extra bit.
-    pub(crate) fn run_bytes(&self) -> usize {
-        64 * self.bits as usize
-    }
-
-    /// Bytes per cell (16 rows × one super-block).
-    pub(crate) fn cell_bytes(&self) -> usize {
-        self.runs_at() + self.sb / QK * self.run_bytes()
-    }
-
-    /// The level of element `e` of row `lane` in `cell` (the scalar twin reads it so).
-    pub(crate) fn level(&self, cell: &[u8], lane: usize, e: usize) -> i32 {
-        let (run, i) = (e / QK, e % QK);
-        let high = i >= 16;
-        let (j, k) = ((i % 16) / 4, i % 4);
-        let at = self.runs_at() + run * self.run_bytes();
-        let byte = cell[at + 64 * j + 4 * lane + k];
-        let mut q = i32::from(if high { byte >> 4 } else { byte & 0x0F });
-        let bit = 2 * j + usize::from(high);
-        for extra in 0..self.bits as usize - 4 {
-            let plane = cell[at + 256 + 64 * extra + 4 * lane + k];
-            q |= i32::from((plane >> bit) & 1) << (4 + extra);
-        }
-        q
-    }
-
-    /// `(a, b)` of row `lane` in `cell`.
-    pub(crate) fn ab(&self, cell: &[u8], lane: usize) -> (f32, f32) {
-        let f = |at: usize| f16::from_le_bytes([cell[at + 2 * lane], cell[at + 2 * lane + 1]]);
-        let a = f(0).to_f32();
-        (
-            a,
-            if self.b_stored {
-                f(self.b_at()).to_f32()
-            } else {
-                a
-            },
-        )
-    }
-
-    /// The scale of sub-block `s` of row `lane` (1 when unscaled).
-    pub(crate) fn scale(&self, cell: &[u8], lane: usize, s: usize) -> i32 {
-        if self.scaled {
-            i32::from(cell[self.sc_at() + GROUP * s + lane] as i8)
-        } else {
-            1
-        }
-    }
-
-    /// The stored minimum of sub-block `s` of row `lane` ([`Offset::Mins`] only).
-    pub(crate) fn min(&self, cell: &[u8], lane: usize, s: usize) -> i32 {
-        i32::from(cell[self.mn_at() + GROUP * s + lane] as i8)
-    }
+/// The K layout of `ty`, if it is one of these types.
+pub(crate) fn layout_of(ty: WeightType) -> Option<KLayout> {
+    let k = |bits, sub, b_stored, offset| KLayout {
+        sb: QK_K,
+        sub,
+        bits,
+        scaled: true,
+        b_stored,
+        offset,
+    };
+    let five = |b_stored, offset| KLayout {
+        sb: QK,
+        sub: QK,
+        bits: 5,
+        scaled: false,
+        b_stored,
+        offset,
+    };
+    Some(match ty {
+        WeightType::Q4_K => k(4, 32, true, Offset::Mins),
+        WeightType::Q5_K => k(5, 32, true, Offset::Mins),
+        WeightType::Q6_K => k(6, 16, false, Offset::Scales(-32)),
+        WeightType::Q5_0 => five(false, Offset::Sum(-16)),
+        WeightType::Q5_1 => five(true, Offset::Sum(1)),
+        _ => return None,
+    })
 }
 
 /// One row's super-block, unpacked: `a`, `b` (as f16 bytes), per-sub-block scales and
@@ -258,7 +142,7 @@ pub(crate) fn fast_available() -> bool {
 /// Repacks `w` (of a type with a [`KLayout`]) into `data`, `groups × super-blocks` cells;
 /// `None` for another type or a shape the layout cannot hold.
 pub(crate) fn pack(w: &Matrix<'_>, data: &mut [u8]) -> Option<()> {
-    let l = KLayout::of(w.ty())?;
+    let l = layout_of(w.ty())?;
     let (rows, cols) = (w.rows(), w.cols());
     if !cols.is_multiple_of(l.sb) {
         return None;
@@ -361,64 +245,6 @@ impl KActivations {
             &self.sums16
         } else {
             &self.sums32
-        }
-    }
-}
-
-/// The scalar twin of the K-layout packed kernel (`crate::table::KPackedFn`): group `cells`
-/// (`nsb` cells) against `nt` ≤ 8 tokens (`qs`: `nt·nsb·sb` bytes; `d`: `nt·nsb` scales;
-/// `sums`: `nt·nsb·n_sub` sub-block sums) into `vals[t][lane]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn kpacked_group(
-    l: &KLayout,
-    cells: &[u8],
-    qs: &[i8],
-    d: &[f32],
-    sums: &[i16],
-    nsb: usize,
-    nt: usize,
-    vals: &mut [[f32; GROUP]; 8],
-) {
-    let (cb, ns) = (l.cell_bytes(), l.n_sub());
-    for t in 0..nt.min(8) {
-        let mut acc = [0f32; GROUP];
-        let mut acc_m = [0f32; GROUP];
-        for s in 0..nsb {
-            let cell = &cells[s * cb..(s + 1) * cb];
-            let x = &qs[(t * nsb + s) * l.sb..][..l.sb];
-            let dx = d[t * nsb + s];
-            let xs = &sums[(t * nsb + s) * ns..][..ns];
-            for (lane, (a_acc, m_acc)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
-                let mut isum = 0i32;
-                for sub in 0..ns {
-                    let part: i32 = (sub * l.sub..(sub + 1) * l.sub)
-                        .map(|e| l.level(cell, lane, e) * i32::from(x[e]))
-                        .sum();
-                    isum += l.scale(cell, lane, sub) * part;
-                }
-                let imin: i32 = match l.offset {
-                    Offset::Mins => (0..ns)
-                        .map(|s| l.min(cell, lane, s) * i32::from(xs[s]))
-                        .sum(),
-                    Offset::Scales(k) => {
-                        k * (0..ns)
-                            .map(|s| l.scale(cell, lane, s) * i32::from(xs[s]))
-                            .sum::<i32>()
-                    }
-                    Offset::Sum(k) => k * xs.iter().map(|&v| i32::from(v)).sum::<i32>(),
-                };
-                let (a, b) = l.ab(cell, lane);
-                if l.b_stored {
-                    *a_acc = (a * dx).mul_add(isum as f32, *a_acc);
-                    *m_acc = (b * dx).mul_add(imin as f32, *m_acc);
-                } else {
-                    // `b = a`: the offset joins the integer sum (exact: |isum| < 2²⁹).
-                    *a_acc = (a * dx).mul_add((isum + imin) as f32, *a_acc);
-                }
-            }
-        }
-        for (v, (a, m)) in vals[t].iter_mut().zip(acc.iter().zip(&acc_m)) {
-            *v = a + m;
         }
     }
 }

@@ -53,9 +53,9 @@ pub(crate) type PackedFn = fn(&[u8], &[i8], &[[f32; 2]], usize, usize, bool, &mu
 
 /// One group of 16 rows of a K-layout packed matrix (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) against
 /// `nt` (≤ 8) tokens: `(layout, cells, qs, d, sums, nsb, nt, vals)`, see
-/// `crate::packed_k::kpacked_group` (the scalar twin).
+/// the portable `kpacked_group` (the scalar twin).
 pub(crate) type KPackedFn =
-    fn(&crate::packed_k::KLayout, &[u8], &[i8], &[f32], &[i16], usize, usize, &mut [[f32; 16]; 8]);
+    fn(&crate::formats::KLayout, &[u8], &[i8], &[f32], &[i16], usize, usize, &mut [[f32; 16]; 8]);
 
 /// One implementation of every kernel that has SIMD variants.
 pub(crate) struct Kernels {
@@ -139,8 +139,8 @@ pub(crate) struct Kernels {
     /// The packed-matrix kernel, where this instruction set has one (its scalar twin,
     /// the portable `packed_group`, runs everywhere but is only worth it there).
     pub(crate) packed: Option<PackedFn>,
-    /// The packed kernel of the K layouts (`crate::packed_k`), where this instruction set
-    /// has one (its scalar twin is `crate::packed_k::kpacked_group`).
+    /// The packed kernel of the K layouts (Q5_0, Q5_1 and the K-quants repacked), where
+    /// this instruction set has one (its scalar twin is the portable `kpacked_group`).
     pub(crate) kpacked: Option<KPackedFn>,
 }
 

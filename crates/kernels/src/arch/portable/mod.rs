@@ -14,6 +14,7 @@ use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, blocks, deq
 use crate::formats::{CELL, CELL8, GROUP, XQ};
 use crate::table::{Kernels, common_blocks, kernel_table};
 
+pub(crate) mod kpacked;
 pub(crate) mod kquants;
 
 pub(crate) use kquants::{

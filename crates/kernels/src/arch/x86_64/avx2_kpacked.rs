@@ -1,7 +1,7 @@
 //! The AVX2 kernel of the K-layout packed matrices (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: see
 //! `crate::packed_k` for the layout and the arithmetic), the AVX2 table's `kpacked` (the
 //! AVX-512 VNNI table uses it too). Each lane's integer sums are exact and its float
-//! operations are the scalar twin's (`crate::packed_k::kpacked_group`) in the same order, so
+//! operations are the scalar twin's (`crate::arch::portable::kpacked`) in the same order, so
 //! the results are bit-identical to it.
 //!
 //! As in `avx2_packed`, a 64-byte vector of a cell is read as two halves of eight rows
@@ -17,8 +17,9 @@
 
 use std::arch::x86_64::*;
 
+use crate::arch::portable::kpacked::kpacked_group as scalar_twin;
 use crate::formats::GROUP;
-use crate::packed_k::{KLayout, Offset, kpacked_group as scalar_twin};
+use crate::formats::{KLayout, Offset};
 
 /// Rows per half of a 16-row group (the lanes of one 256-bit vector).
 const HALF: usize = GROUP / 2;
