@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,15 @@ def sse_text(body):
             for choice in chunk.get("choices", []):
                 text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
     return text
+
+
+def traced_children(pid):
+    """The processes strace `pid` started (its direct children)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
 
 
 def main():
@@ -163,13 +173,23 @@ def main():
         assert listed.returncode == 0 and b"key.use" in listed.stdout, listed
     finally:
         for p in procs:
-            # SIGTERM: the processes end as an operator would stop them.
+            # SIGTERM to the traced process itself: it ends as an operator would stop it, and
+            # strace (its parent here) ends with it. Told to stop first, strace would detach
+            # and leave the process running after the test.
+            for child in traced_children(p.pid):
+                try:
+                    os.kill(child, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             if p.poll() is None:
-                p.terminate()
                 try:
                     p.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    stop(p)
+                    p.terminate()
+                    try:
+                        p.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        stop(p)
 
     # 1. Every destination is loopback or a local socket.
     calls, bad = 0, []
