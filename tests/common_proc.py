@@ -4,6 +4,7 @@ with the standard library only (no virtual environment, nothing fetched)."""
 import http.client
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -19,10 +20,27 @@ ADMIN_KEY = "sk-admin-faults-and-sovereignty-0123456789"
 REGION = "eu-west-paris"
 
 
+_GIVEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to now, never one this process was given before, and below the
+    kernel's ephemeral range. Port 0 would do neither: the kernel may hand the same port to two
+    callers before either server binds it (a router then "listening" on its replica's port), and
+    client sockets take ephemeral ports at any time."""
+    rng = random.Random()
+    for _ in range(10_000):
+        port = rng.randint(20_000, 32_000)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def wait_port(port, proc=None, timeout=90):
