@@ -8,6 +8,20 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use gguf::GgufFile;
 
+/// `println!` that ends the command quietly when its reader has gone
+/// (`souverain inspect F | head`), as command-line tools do, instead of panicking; any other
+/// write error is the command's error.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        match writeln!(std::io::stdout().lock(), $($t)*) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }};
+}
+
 /// Validates the GGUF structure, then (for architectures this build runs) every weight's
 /// shape and type and the tokenizer, and prints what it found.
 pub(crate) fn run(path: &Path) -> Result<()> {
@@ -94,14 +108,14 @@ pub(crate) fn run(path: &Path) -> Result<()> {
         "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
-    describe_layers(c);
+    describe_layers(c)?;
     println!("runnable:       yes");
     Ok(())
 }
 
 /// What differs between architectures of the family: attention per layer, RoPE bases, the
 /// MLP's activation, norms, and the KV bytes a token costs.
-fn describe_layers(c: &model::LlamaConfig) {
+fn describe_layers(c: &model::LlamaConfig) -> Result<()> {
     let windowed: Vec<usize> = (0..c.n_layers)
         .filter(|&l| c.layer_attention(l).window.is_some())
         .collect();
@@ -151,6 +165,7 @@ fn describe_layers(c: &model::LlamaConfig) {
         model::KvPool::bytes_per_token(c),
         model::KvPool::bytes_per_token_global(c)
     );
+    Ok(())
 }
 
 /// A model directory: loads it completely (every tensor checked) and describes it.
@@ -185,7 +200,7 @@ fn run_dir(path: &Path) -> Result<()> {
         "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
-    describe_layers(c);
+    describe_layers(c)?;
     if c.n_experts > 0 {
         println!(
             "experts:        {} ({} per token)",

@@ -175,6 +175,24 @@ fn inspect_and_generate_a_synthetic_model() {
     );
     assert!(stdout.contains("runnable:       yes"), "{stdout}");
 
+    // A reader that goes away after the first line (`| head -1`) ends it quietly.
+    let mut child = Command::new(BIN)
+        .args(["inspect", path.to_str().expect("utf-8")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run souverain");
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().expect("wait");
+    assert!(closed.status.success(), "{}", text(&closed.stderr));
+    assert!(
+        !text(&closed.stderr).contains("panicked"),
+        "{}",
+        text(&closed.stderr)
+    );
+
     let first = generate(&path);
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert!(text(&first.stdout).starts_with("hello"));
