@@ -259,9 +259,8 @@ fn check_q8_rows(what: &str, n: usize, v: &[i8], d: &[f16], stride: usize, rows:
         n.is_multiple_of(QK) && stride.is_multiple_of(QK),
         "{what}: {n} elements, stride {stride}: not multiples of 32"
     );
-    // Row offsets grow with the row: the last one fitting means all do.
-    let fits = rows == 0 || portable::q8_row(v, d, rows - 1, stride, n).is_some();
-    assert!(fits, "{what}: the cache does not hold {rows} rows");
+    let fit = portable::q8_rows_that_fit(v.len(), d.len(), n, stride, rows);
+    assert_eq!(fit, rows, "{what}: the cache holds {fit} rows");
 }
 
 /// The softmax's exponentials in place, `x[i] = exp(x[i] - sub)`, and their sum: the same

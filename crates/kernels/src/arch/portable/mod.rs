@@ -116,6 +116,19 @@ pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) 
     }
 }
 
+/// [`rows_that_fit`] for a Q8_0 run: how many of the first `want` rows of `n` values (a
+/// multiple of 32), `stride` apart, both `v_len` values and `d_len` scales hold (row `j`'s
+/// scales end where its values end, divided by 32).
+pub(crate) fn q8_rows_that_fit(
+    v_len: usize,
+    d_len: usize,
+    n: usize,
+    stride: usize,
+    want: usize,
+) -> usize {
+    rows_that_fit(v_len.min(d_len.saturating_mul(QK)), n, stride, want)
+}
+
 /// Row `j` of a Q8_0 run: its `n` values and their `n / 32` scales, if both slices hold them
 /// (`stride` a multiple of 32).
 pub(crate) fn q8_row<'a>(

@@ -80,14 +80,10 @@ pub(crate) fn dot_q8_0_rows(
     out: &mut [f32],
 ) {
     let nb = (qs.len() / QK).min(dq.len());
-    // The rows the slices hold (the scalar twin stops at the first that does not fit).
-    let rows = (0..out.len())
-        .rev()
-        .find(|&j| portable::q8_row(k, d, j, stride, nb * QK).is_some())
-        .map_or(0, |j| j + 1);
+    let rows = portable::q8_rows_that_fit(k.len(), d.len(), nb * QK, stride, out.len());
     // SAFETY: CPU features checked by the table; rows `0..rows` of `k` (`32·nb` values from
-    // `j·stride`) and their `nb` scales are in bounds (row offsets grow with `j`, so the
-    // last row fitting means all before it do), `qs`/`dq` hold `nb` blocks.
+    // `j·stride`) and their `nb` scales are in bounds (`q8_rows_that_fit`), `qs`/`dq` hold
+    // `nb` blocks.
     unsafe {
         dot_q8_rows_avx2(
             qs.as_ptr(),
@@ -102,11 +98,7 @@ pub(crate) fn dot_q8_0_rows(
 
 pub(crate) fn axpy_q8_0_rows(y: &mut [f32], w: &[f32], v: &[i8], d: &[f16], stride: usize) {
     let n = y.len() / QK * QK;
-    // The rows the slices hold (the scalar twin stops at the first that does not fit).
-    let rows = (0..w.len())
-        .rev()
-        .find(|&j| portable::q8_row(v, d, j, stride, n).is_some())
-        .map_or(0, |j| j + 1);
+    let rows = portable::q8_rows_that_fit(v.len(), d.len(), n, stride, w.len());
     if rows == 0 || n == 0 {
         return;
     }
