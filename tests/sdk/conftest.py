@@ -94,10 +94,12 @@ def _serve(
     embedding_model: str | None,
     model: Path | None = None,
     api_key: str = "unused",
+    chat_models: int = 1,
 ) -> Iterator[Server]:
     """Starts `souverain serve` on the model (the default one unless `model` names another)
     with `extra_args`; stops it on exit. The client sends `api_key` (a real key for a server
-    started with `--auth`)."""
+    started with `--auth`). `chat_models` is how many chat models `/v1/models` must list
+    (more than one when `extra_args` add models)."""
     binary = server_binary()
     if model is None:
         model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
@@ -153,8 +155,8 @@ def _serve(
                 max_retries=0,
             )
             models = client.models.list().data
-            # The chat model is listed first, then the embedding model when one is served.
-            expected = 2 if embedding_model else 1
+            # The chat models are listed first, then the embedding model when one is served.
+            expected = chat_models + (1 if embedding_model else 0)
             if len(models) != expected:
                 pytest.fail(f"expected {expected} served model(s), got {models!r}")
             yield Server(
@@ -162,7 +164,7 @@ def _serve(
                 base_url=f"{root_url}/v1",
                 root_url=root_url,
                 model_id=models[0].id,
-                embedding_model_id=models[1].id if embedding_model else None,
+                embedding_model_id=models[chat_models].id if embedding_model else None,
             )
         finally:
             _stop(proc)

@@ -1,6 +1,8 @@
 //! The OpenAI handlers: thin, because requests arrive validated and responses are built by
 //! the responders (`whole`, `stream`) from a started generation.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
@@ -8,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use crate::admission::{Admission, AdmittedJson, NamesModel};
+use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::generation::{ChunkMeta, Endpoint, start_generation};
 use crate::openai::{ChatCompletionRequest, CompletionRequest, ModelList};
@@ -25,7 +28,9 @@ pub(crate) async fn health() -> Response {
 pub(crate) async fn list_models(State(app): State<AppState>) -> Response {
     axum::Json(ModelList {
         object: "list",
-        data: std::iter::once(app.model_card())
+        data: app
+            .model_cards()
+            .into_iter()
             .chain(app.embedder_card())
             .collect(),
     })
@@ -37,8 +42,8 @@ pub(crate) async fn get_model(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if id == app.backend.model_id() {
-        Ok(axum::Json(app.model_card()).into_response())
+    if let Some(card) = app.model_cards().into_iter().find(|c| c.id == id) {
+        Ok(axum::Json(card).into_response())
     } else if let Some(card) = app.embedder_card().filter(|c| c.id == id) {
         Ok(axum::Json(card).into_response())
     } else {
@@ -103,16 +108,18 @@ pub(crate) async fn generate<R: GenerationRequest>(
 ) -> Response {
     let id = response_id(R::ID_PREFIX);
     tracing::Span::current().record("request_id", id.as_str());
-    match body.validate(app.backend.model_id()) {
-        Ok(valid) => respond(&app, id, valid, R::ENDPOINT, admission).await,
-        Err(err) => Err(err),
+    async {
+        let served = app.model(body.model_name()).await?;
+        let valid = body.validate(&served.name)?;
+        respond(&served.backend, id, valid, R::ENDPOINT, admission).await
     }
+    .await
     .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Starts the generation and answers with a stream or, once it is done, a whole response.
 async fn respond(
-    app: &AppState,
+    backend: &Arc<dyn Backend>,
     id: String,
     valid: ValidRequest,
     endpoint: Endpoint,
@@ -122,7 +129,7 @@ async fn respond(
         endpoint,
         id,
         created: unix_now(),
-        model: app.backend.model_id().to_owned(),
+        model: backend.model_id().to_owned(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         token_names: crate::logprobs::TokenNames {
@@ -131,7 +138,7 @@ async fn respond(
     };
     let stream = valid.stream;
     let admission = admission.map(|admission| (admission, meta.id.clone()));
-    let generation = start_generation(&app.backend, valid, admission).await?;
+    let generation = start_generation(backend, valid, admission).await?;
     if stream {
         Ok(sse_response(meta, generation))
     } else {
@@ -153,4 +160,50 @@ pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         method,
         path: uri.path().to_owned(),
     }
+}
+
+/// The body of `POST /models/load` and `/models/unload` (llama.cpp's router shape).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelAction {
+    model: String,
+}
+
+/// `GET /models` (`/admin/v1/models` under `--auth`): every chat model and where it is.
+pub(crate) async fn model_states(State(app): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": app.model_cards(),
+    }))
+    .into_response()
+}
+
+/// `POST /models/load`: loads a model (unloading the least recently used others if the
+/// memory budget needs it) and answers once it is loaded.
+pub(crate) async fn load_model(
+    State(app): State<AppState>,
+    edge::Json(body): edge::Json<ModelAction>,
+) -> Result<Response, ApiError> {
+    let id = app.models.load(&body.model).await?;
+    Ok(axum::Json(serde_json::json!({
+        "success": true,
+        "model": id,
+        "status": "loaded",
+    }))
+    .into_response())
+}
+
+/// `POST /models/unload`: unloads a model; its running requests finish first.
+pub(crate) async fn unload_model(
+    State(app): State<AppState>,
+    edge::Json(body): edge::Json<ModelAction>,
+) -> Result<Response, ApiError> {
+    let was_loaded = app.models.unload(&body.model)?;
+    Ok(axum::Json(serde_json::json!({
+        "success": true,
+        "model": body.model,
+        "status": "unloaded",
+        "was_loaded": was_loaded,
+    }))
+    .into_response())
 }

@@ -2,7 +2,10 @@
 //!
 //! - `GET /health`
 //! - `GET /metrics` (Prometheus text: the engine's gauges, counters and latency histograms)
-//! - `GET /v1/models`, `GET /v1/models/{id}`
+//! - `GET /v1/models`, `GET /v1/models/{id}` (each chat model with its `status`: `loaded`,
+//!   `loading`, `unloaded`)
+//! - `GET /models`, `POST /models/load`, `POST /models/unload` (llama.cpp's router routes;
+//!   under `/admin/v1`, with the admin key, when a control plane is in front)
 //! - `POST /v1/chat/completions` (JSON or server-sent events)
 //! - `POST /v1/completions` (JSON or server-sent events)
 //! - `POST /v1/fim/completions` (Mistral's fill in the middle)
@@ -28,7 +31,8 @@
 //! into JSON or SSE. A client that disconnects drops the event receiver, which cancels the
 //! generation.
 //!
-//! Modules import in one direction, lowest first: `state` and `error`; the request shapes
+//! Modules import in one direction, lowest first: `error` and `backend`; `models` (the
+//! served models, loaded on demand); `state`; the request shapes
 //! (`openai`, `anthropic`, `responses`, `validate`, `tools`, `output`, `logprobs`);
 //! `admission` (a request under the control plane) and `ollama` (Ollama's requests
 //! translated); `generation` (encode, start, fan-in, one choice read as parsed steps); the
@@ -59,6 +63,7 @@ mod logprobs;
 mod messages;
 mod metrics;
 mod middleware;
+mod models;
 mod ollama;
 mod ollama_api;
 mod openai;
@@ -84,13 +89,18 @@ use control::{ControlPlane, Settlement};
 pub use crate::backend::{Backend, EmbeddingBackend, ModelFacts};
 pub use crate::embeddings::MAX_EMBEDDING_INPUTS;
 pub use crate::error::ApiError;
+pub use crate::models::{
+    Loader, MAX_MODEL_NAME_CHARS, MAX_MODEL_NAMES, MAX_MODELS, ModelEntry, ModelSet, ModelSetError,
+    ModelState, ModelStatus,
+};
 pub use edge::MAX_BODY_BYTES;
 
-/// The application: a chat model, optionally an embedding model beside it, optionally the
-/// control plane in front of both. The one way to build the router or to serve it.
+/// The application: chat models (one, or several loaded on demand), optionally an embedding
+/// model beside them, optionally the control plane in front. The one way to build the
+/// router or to serve it.
 #[derive(Clone)]
 pub struct App {
-    backend: Arc<dyn Backend>,
+    models: Arc<ModelSet>,
     embedder: Option<Arc<dyn EmbeddingBackend>>,
     control: Option<Arc<ControlPlane>>,
 }
@@ -109,11 +119,26 @@ fn ollama_routes() -> Router<state::AppState> {
         .route_layer(axum::middleware::from_fn(middleware::json_bodies))
 }
 
+/// Loading and unloading models: open without a control plane (as llama.cpp's router mode),
+/// under `/admin/v1` with the admin key under one.
+fn model_admin_routes() -> Router<state::AppState> {
+    Router::new()
+        .route("/models", get(handlers::model_states))
+        .route("/models/load", post(handlers::load_model))
+        .route("/models/unload", post(handlers::unload_model))
+}
+
 impl App {
     /// Serves `backend` on the OpenAI routes, without authentication.
     pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self::with_models(Arc::new(ModelSet::single(backend)))
+    }
+
+    /// Serves every model of `models`, each loaded on first use (or by `POST
+    /// /models/load`), without authentication.
+    pub fn with_models(models: Arc<ModelSet>) -> Self {
         App {
-            backend,
+            models,
             embedder: None,
             control: None,
         }
@@ -134,7 +159,8 @@ impl App {
 
     /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
     pub fn router(&self) -> Router {
-        let state = state::AppState::new(Arc::clone(&self.backend), self.embedder.clone());
+        let state = state::AppState::new(Arc::clone(&self.models), self.embedder.clone());
+        let model_state = state.clone();
         let app = Router::new()
             .route("/health", get(handlers::health))
             .route("/metrics", get(metrics::metrics))
@@ -163,6 +189,10 @@ impl App {
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))
             .merge(ollama_routes())
+            .merge(match &self.control {
+                None => model_admin_routes(),
+                Some(_) => Router::new(),
+            })
             // After the routes: it applies to the routes present when it is called.
             .method_not_allowed_fallback(handlers::method_not_allowed)
             .fallback(handlers::unknown_url)
@@ -183,7 +213,10 @@ impl App {
             None => app,
             Some(control) => app.nest(
                 "/admin/v1",
-                edge::admin::router(Arc::clone(control), Router::new()),
+                edge::admin::router(
+                    Arc::clone(control),
+                    model_admin_routes().with_state(model_state),
+                ),
             ),
         }
     }
@@ -199,7 +232,8 @@ impl App {
         if let Ok(address) = listener.local_addr() {
             tracing::info!(
                 %address,
-                model = self.backend.model_id(),
+                model = self.models.default_id(),
+                models = self.models.ids().count(),
                 embedding_model = self.embedder.as_ref().map(|e| e.model_id()),
                 auth = self.control.is_some(),
                 region = self.control.as_ref().map(|c| c.config().region.clone()),

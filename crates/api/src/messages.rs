@@ -53,15 +53,16 @@ async fn respond(
     admission: Option<Admission>,
 ) -> Result<Response, ApiError> {
     let chat = to_chat(body, Purpose::Generate)?;
-    let valid = validate::chat(&chat, app.backend.model_id())?;
+    let served = app.model(chat.model_name()).await?;
+    let valid = validate::chat(&chat, &served.name)?;
     let stream = valid.stream;
     let meta = Meta {
         id,
-        model: app.backend.model_id().to_owned(),
+        model: served.backend.model_id().to_owned(),
         stops: valid.stop.clone(),
     };
     let admission = admission.map(|admission| (admission, meta.id.clone()));
-    let generation = start_generation(&app.backend, valid, admission).await?;
+    let generation = start_generation(&served.backend, valid, admission).await?;
     if stream {
         Ok(sse(message_stream(meta, generation)))
     } else {
@@ -76,8 +77,9 @@ pub(crate) async fn count_tokens(
     edge::Json(body): edge::Json<MessagesRequest>,
 ) -> Result<Response, ApiError> {
     let chat = to_chat(&body, Purpose::CountTokens)?;
-    let valid = validate::chat(&chat, app.backend.model_id())?;
-    let input_tokens = count_prompt_tokens(&app.backend, valid).await?;
+    let served = app.model(chat.model_name()).await?;
+    let valid = validate::chat(&chat, &served.name)?;
+    let input_tokens = count_prompt_tokens(&served.backend, valid).await?;
     Ok(axum::Json(json!({ "input_tokens": input_tokens })).into_response())
 }
 

@@ -15,10 +15,14 @@ use crate::state::AppState;
 
 /// The handler.
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = match state.backend.metrics() {
-        Some(m) => render(state.backend.model_id(), &m),
-        None => String::new(),
-    };
+    let rendered: Vec<String> = state
+        .models
+        .loaded()
+        .iter()
+        .filter_map(|b| b.metrics().map(|m| render(b.model_id(), &m)))
+        .collect();
+    let mut body = merge(&rendered);
+    models_loaded(&mut body, &state);
     (
         [(
             header::CONTENT_TYPE,
@@ -209,6 +213,59 @@ fn energy(out: &mut String, label: &str, e: &engine::EnergySnapshot) {
     }
 }
 
+/// `souverain_model_loaded`: 1 for each chat model in memory, 0 for the others (a router
+/// sends a model's requests where it is loaded).
+fn models_loaded(out: &mut String, state: &AppState) {
+    let name = "souverain_model_loaded";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Whether the model is loaded (1) or not (0).\n# TYPE {name} gauge"
+    );
+    for status in state.models.statuses() {
+        let model = status.id.replace('\\', "\\\\").replace('"', "\\\"");
+        let loaded = u8::from(status.state == crate::models::ModelState::Loaded);
+        let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {loaded}");
+    }
+}
+
+/// Several models' exposition texts as one: each metric family's `# HELP` and `# TYPE` once,
+/// then every model's samples of it (the format allows a family only once).
+fn merge(texts: &[String]) -> String {
+    if let [one] = texts {
+        return one.clone();
+    }
+    // (family name, its header lines, its samples), in first-seen order.
+    let mut families: Vec<(String, String, String)> = Vec::new();
+    for text in texts {
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                let found = families.iter().position(|f| f.0 == name);
+                current = Some(found.unwrap_or_else(|| {
+                    families.push((name.to_owned(), format!("{line}\n"), String::new()));
+                    families.len() - 1
+                }));
+            } else if let Some(i) = current {
+                let family = &mut families[i];
+                if line.starts_with("# TYPE ") {
+                    if !family.1.contains("# TYPE ") {
+                        family.1.push_str(line);
+                        family.1.push('\n');
+                    }
+                } else {
+                    family.2.push_str(line);
+                    family.2.push('\n');
+                }
+            }
+        }
+    }
+    families
+        .into_iter()
+        .map(|(_, header, samples)| header + &samples)
+        .collect()
+}
+
 fn metric(out: &mut String, name: &str, help: &str, kind: &str, label: &str, value: f64) {
     let _ = writeln!(
         out,
@@ -283,5 +340,21 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn several_models_share_each_family_header() {
+        let text = merge(&[render("a", &snapshot()), render("b", &snapshot())]);
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len(), "{text}");
+        let at = |line: &str| text.lines().position(|l| l == line).unwrap();
+        let header = at("# TYPE souverain_requests_running gauge");
+        let a = at("souverain_requests_running{model_name=\"a\"} 2");
+        let b = at("souverain_requests_running{model_name=\"b\"} 2");
+        assert!(header < a && a + 1 == b, "{text}");
+        assert_eq!(merge(&[render("a", &snapshot())]), render("a", &snapshot()));
     }
 }

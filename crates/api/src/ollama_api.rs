@@ -16,6 +16,7 @@
 //! (`middleware::dialect_errors`); one after a stream started is a last line of that shape.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -26,10 +27,11 @@ use engine::{Event, FinishReason};
 use serde_json::{Map, Value, json};
 
 use crate::admission::{Admission, AdmittedJson, NamesModel, Tagged};
-use crate::backend::ModelFacts;
+use crate::backend::{Backend, ModelFacts};
 use crate::embeddings::{Embedded, Input, Overlong, dimensions_refused, embed, served_embedder};
 use crate::error::ApiError;
 use crate::generation::{Generation, start_generation};
+use crate::models::Served;
 use crate::ollama::{
     self, GenerateAs, Limits, OllamaChat, OllamaEmbed, OllamaGenerate, OllamaShow, Translated,
     model_name,
@@ -82,13 +84,17 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The served chat model's name, or the 404 for another.
-fn check_model(app: &AppState, model: Option<&str>) -> Result<(), ApiError> {
-    validate::check_model(model.map(model_name), app.backend.model_id())
+/// The chat model a request names (loaded), a 400 when it names none, the 404 for a name
+/// no model has.
+async fn named_model(app: &AppState, model: Option<&str>) -> Result<Served, ApiError> {
+    let Some(model) = model.map(model_name) else {
+        return Err(ApiError::invalid("model", "`model` is required"));
+    };
+    app.model(Some(model)).await
 }
 
-fn thinks(app: &AppState) -> bool {
-    app.backend.chat_format().reasoning.is_some()
+fn thinks(backend: &dyn Backend) -> bool {
+    backend.chat_format().reasoning.is_some()
 }
 
 /// `POST /api/chat`.
@@ -99,14 +105,18 @@ pub(crate) async fn chat(
 ) -> Response {
     let started = (Instant::now(), traced_id("ollama-"));
     let how = (Shape::Chat, body.model.as_deref(), body.stream);
-    respond(&app, started, admission, how, |model| {
-        match ollama::chat(&body, thinks(&app), model)? {
+    respond(
+        &app,
+        started,
+        admission,
+        how,
+        |model, thinks| match ollama::chat(&body, thinks, model)? {
             None => Ok(None),
             Some(Translated { request, limits }) => {
                 Ok(Some((validate::chat(&request, model)?, limits)))
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -118,8 +128,8 @@ pub(crate) async fn generate(
 ) -> Response {
     let started = (Instant::now(), traced_id("ollama-"));
     let how = (Shape::Generate, body.model.as_deref(), body.stream);
-    respond(&app, started, admission, how, |model| {
-        Ok(Some(match ollama::generate(&body, thinks(&app), model)? {
+    respond(&app, started, admission, how, |model, thinks| {
+        Ok(Some(match ollama::generate(&body, thinks, model)? {
             GenerateAs::Load => return Ok(None),
             GenerateAs::Chat(t) => (validate::chat(&t.request, model)?, t.limits),
             GenerateAs::Completion(t) => (validate::completion(&t.request, model)?, t.limits),
@@ -135,14 +145,15 @@ async fn respond(
     (arrived, id): (Instant, String),
     admission: Option<Admission>,
     (shape, asked, stream): (Shape, Option<&str>, Option<bool>),
-    translate: impl FnOnce(&str) -> Result<Option<(ValidRequest, Limits)>, ApiError>,
+    translate: impl FnOnce(&str, bool) -> Result<Option<(ValidRequest, Limits)>, ApiError>,
 ) -> Response {
     async {
-        check_model(app, asked)?;
-        match translate(app.backend.model_id())? {
-            None => Ok(load_answer(app, shape, stream)),
+        let served = named_model(app, asked).await?;
+        let backend = &served.backend;
+        match translate(&served.name, thinks(backend.as_ref()))? {
+            None => Ok(load_answer(backend.model_id(), shape, stream)),
             Some((valid, limits)) => {
-                answer(app, id, shape, valid, limits, admission, arrived).await
+                answer(backend, id, shape, valid, limits, admission, arrived).await
             }
         }
     }
@@ -151,9 +162,9 @@ async fn respond(
 }
 
 /// The answer to a request without a prompt: Ollama loads the model and says so.
-fn load_answer(app: &AppState, shape: Shape, stream: Option<bool>) -> Response {
+fn load_answer(model: &str, shape: Shape, stream: Option<bool>) -> Response {
     let mut object = Map::new();
-    object.insert("model".into(), app.backend.model_id().into());
+    object.insert("model".into(), model.into());
     object.insert("created_at".into(), now().into());
     match shape {
         Shape::Chat => {
@@ -193,7 +204,7 @@ fn ndjson(lines: impl futures::Stream<Item = Bytes> + Send + 'static) -> Respons
 
 /// Applies Ollama's limits, starts the generation and answers, streamed or whole.
 async fn answer(
-    app: &AppState,
+    backend: &Arc<dyn Backend>,
     id: String,
     shape: Shape,
     mut valid: ValidRequest,
@@ -202,14 +213,14 @@ async fn answer(
     arrived: Instant,
 ) -> Result<Response, ApiError> {
     valid.max_tokens = limits.max_tokens();
-    let context = limits.context(app.backend.context_length());
-    valid.context_limit = (context < app.backend.context_length()).then_some(context);
+    let context = limits.context(backend.context_length());
+    valid.context_limit = (context < backend.context_length()).then_some(context);
     let stream = valid.stream;
     let admission = admission.map(|admission| (admission, id));
-    let generation = start_generation(&app.backend, valid, admission).await?;
+    let generation = start_generation(backend, valid, admission).await?;
     let reply = Replies {
         shape,
-        model: app.backend.model_id().to_owned(),
+        model: backend.model_id().to_owned(),
         timing: Timing {
             arrived,
             handed: Instant::now(),
@@ -503,7 +514,7 @@ async fn embed_any(
         Some(model) if Some(model) == app.embedder.as_ref().map(|e| e.model_id()) => {
             served_embedder(&app, model)?
         }
-        Some(model) if model == app.backend.model_id() => {
+        Some(model) if app.models.serves(model) => {
             return Err(ApiError::invalid(
                 "model",
                 format!("\"{model}\" does not support embeddings"),
@@ -556,28 +567,53 @@ pub(crate) async fn version() -> Response {
 }
 
 /// A served model as Ollama describes it.
-struct Served {
+struct ModelDescription {
     name: String,
     facts: ModelFacts,
     context_length: usize,
     capabilities: Vec<&'static str>,
 }
 
-fn served(app: &AppState) -> Vec<Served> {
-    let backend = &app.backend;
-    let mut capabilities = vec!["completion", "tools"];
-    if backend.chat_format().reasoning.is_some() {
-        capabilities.push("thinking");
+/// Every chat model (described from its file when it is not loaded), then the embedding
+/// model; `loaded_only` keeps the models in memory.
+fn served(app: &AppState, loaded_only: bool) -> Vec<ModelDescription> {
+    let mut out = Vec::new();
+    for (name, known) in app.models.each() {
+        let mut capabilities = vec!["completion", "tools"];
+        out.push(match known {
+            Ok(backend) => {
+                if backend.chat_format().reasoning.is_some() {
+                    capabilities.push("thinking");
+                }
+                if backend.tokenize_fim("", "").is_ok() {
+                    capabilities.push("insert");
+                }
+                ModelDescription {
+                    name,
+                    facts: backend.facts(),
+                    context_length: backend.context_length(),
+                    capabilities,
+                }
+            }
+            Err(_) if loaded_only => continue,
+            Err(facts) => {
+                // Not loaded: the trained context its file states.
+                let context_length = facts
+                    .metadata
+                    .iter()
+                    .find(|(k, _)| k.ends_with(".context_length"))
+                    .and_then(|(_, v)| v.as_u64())
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(0);
+                ModelDescription {
+                    name,
+                    facts,
+                    context_length,
+                    capabilities,
+                }
+            }
+        });
     }
-    if backend.tokenize_fim("", "").is_ok() {
-        capabilities.push("insert");
-    }
-    let mut out = vec![Served {
-        name: backend.model_id().to_owned(),
-        facts: backend.facts(),
-        context_length: backend.context_length(),
-        capabilities,
-    }];
     if let Some(embedder) = &app.embedder {
         let mut facts = embedder.facts();
         let arch = facts.architecture.clone();
@@ -594,7 +630,7 @@ fn served(app: &AppState) -> Vec<Served> {
                 ),
             ];
         }
-        out.push(Served {
+        out.push(ModelDescription {
             name: embedder.model_id().to_owned(),
             facts,
             context_length: embedder.max_tokens(),
@@ -642,7 +678,7 @@ fn parameter_size(n: u64) -> String {
     }
 }
 
-impl Served {
+impl ModelDescription {
     fn tagged(&self) -> String {
         format!("{}:latest", self.name)
     }
@@ -692,7 +728,7 @@ impl Served {
 
 /// `GET /api/tags`: the models served.
 pub(crate) async fn tags(State(app): State<AppState>) -> Response {
-    let models: Vec<Value> = served(&app)
+    let models: Vec<Value> = served(&app, false)
         .iter()
         .map(|m| {
             json!({
@@ -708,10 +744,10 @@ pub(crate) async fn tags(State(app): State<AppState>) -> Response {
     axum::Json(json!({ "models": models })).into_response()
 }
 
-/// `GET /api/ps`: the models in memory, which are all of them, always (no `expires_at`:
-/// they are never unloaded).
+/// `GET /api/ps`: the models in memory (no `expires_at`: a model is unloaded only to make
+/// room for another, or by an admin).
 pub(crate) async fn ps(State(app): State<AppState>) -> Response {
-    let models: Vec<Value> = served(&app)
+    let models: Vec<Value> = served(&app, true)
         .iter()
         .map(|m| {
             json!({
@@ -737,7 +773,7 @@ pub(crate) async fn show(
         .model_name()
         .map(model_name)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let all = served(&app);
+    let all = served(&app, false);
     let Some(m) = all.iter().find(|m| m.name == asked) else {
         return Err(ApiError::model_not_found(asked));
     };

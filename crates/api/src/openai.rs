@@ -354,10 +354,26 @@ pub(crate) struct TextChoice<'a> {
 /// One entry of `/v1/models`.
 #[derive(Debug, Serialize)]
 pub(crate) struct ModelCard<'a> {
-    pub(crate) id: &'a str,
+    pub(crate) id: std::borrow::Cow<'a, str>,
     pub(crate) object: &'static str,
     pub(crate) created: u64,
     pub(crate) owned_by: &'static str,
+    /// Where a chat model is (`loaded`, `loading`, `unloaded`), as llama.cpp's router lists
+    /// it; OpenAI's clients ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) status: Option<ModelStatusValue>,
+}
+
+/// A model card's `status`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelStatusValue {
+    pub(crate) value: &'static str,
+    /// The model's other names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) aliases: Vec<String>,
+    /// Its last load failed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) failed: bool,
 }
 
 /// `/v1/models`.

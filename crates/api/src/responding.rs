@@ -128,12 +128,13 @@ async fn respond(
         input,
         settings,
     } = translate(body, &history)?;
-    let valid = validate::chat(&chat, app.backend.model_id())?;
+    let served = app.model(chat.model_name()).await?;
+    let valid = validate::chat(&chat, &served.name)?;
     let stream = valid.stream;
     let meta = Meta {
         id,
         created_at: unix_now(),
-        model: app.backend.model_id().to_owned(),
+        model: served.backend.model_id().to_owned(),
         settings,
         saving: store.then(|| Saving {
             caller: caller.clone(),
@@ -141,7 +142,7 @@ async fn respond(
         }),
     };
     let admission = admission.map(|admission| (admission, meta.id.clone()));
-    let generation = start_generation(&app.backend, valid, admission).await?;
+    let generation = start_generation(&served.backend, valid, admission).await?;
     if stream {
         Ok(sse(response_stream(meta, generation)))
     } else {

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backend, EmbeddingBackend};
-use crate::openai::ModelCard;
+use crate::backend::EmbeddingBackend;
+use crate::error::ApiError;
+use crate::models::{ModelSet, Served};
+use crate::openai::{ModelCard, ModelStatusValue};
 
 /// The handlers' state.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) backend: Arc<dyn Backend>,
+    /// The chat models, each loaded on first use.
+    pub(crate) models: Arc<ModelSet>,
     /// The embedding model served beside the chat model, if any (`/v1/embeddings`).
     pub(crate) embedder: Option<Arc<dyn EmbeddingBackend>>,
     /// Unix seconds when the router was built: the model's `created`.
@@ -17,12 +20,9 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(
-        backend: Arc<dyn Backend>,
-        embedder: Option<Arc<dyn EmbeddingBackend>>,
-    ) -> Self {
+    pub(crate) fn new(models: Arc<ModelSet>, embedder: Option<Arc<dyn EmbeddingBackend>>) -> Self {
         AppState {
-            backend,
+            models,
             embedder,
             started_at: unix_now(),
         }
@@ -31,21 +31,37 @@ impl AppState {
     /// The card of the embedding model, if one is served.
     pub(crate) fn embedder_card(&self) -> Option<ModelCard<'_>> {
         self.embedder.as_ref().map(|e| ModelCard {
-            id: e.model_id(),
+            id: e.model_id().into(),
             object: "model",
             created: self.started_at,
             owned_by: "souverain",
+            status: None,
         })
     }
 
-    /// The card of the chat model.
-    pub(crate) fn model_card(&self) -> ModelCard<'_> {
-        ModelCard {
-            id: self.backend.model_id(),
-            object: "model",
-            created: self.started_at,
-            owned_by: "souverain",
-        }
+    /// The cards of the chat models, with where each is (llama.cpp's router `status`).
+    pub(crate) fn model_cards(&self) -> Vec<ModelCard<'static>> {
+        self.models
+            .statuses()
+            .into_iter()
+            .map(|s| ModelCard {
+                id: s.id.into(),
+                object: "model",
+                created: self.started_at,
+                owned_by: "souverain",
+                status: Some(ModelStatusValue {
+                    value: s.state.as_str(),
+                    aliases: s.aliases,
+                    failed: s.error.is_some(),
+                }),
+            })
+            .collect()
+    }
+
+    /// The chat model `name` names (the default when `None`), loaded: 404 for a name no
+    /// model has, 503 while it loads past the wait or when its load failed.
+    pub(crate) async fn model(&self, name: Option<&str>) -> Result<Served, ApiError> {
+        self.models.get(name).await
     }
 }
 

@@ -5,6 +5,8 @@
 //! as a chat completion is) and answers `{"tokens": [...], "count": N, "max_model_len": N}`.
 //! `/detokenize` takes `{"tokens": [...]}` and answers `{"prompt": "..."}`.
 
+use std::sync::Arc;
+
 use axum::Json as ResponseJson;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,6 +15,7 @@ use engine::ChatRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::backend::Backend;
 use crate::error::{ApiError, engine_error};
 use crate::openai::RawMessage;
 use crate::state::AppState;
@@ -47,10 +50,8 @@ pub(crate) async fn tokenize(State(app): State<AppState>, body: Bytes) -> Respon
 
 async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError> {
     let req: TokenizeRequest = parse_json(&body)?;
-    // `model` is optional here, as in vLLM; when given it must be the served one.
-    if req.model.is_some() {
-        validate::check_model(req.model.as_deref(), app.backend.model_id())?;
-    }
+    // `model` is optional here, as in vLLM (the default model); when given it must be served.
+    let served = app.model(req.model.as_deref()).await?;
     if req.add_special_tokens == Some(false) {
         return Err(ApiError::invalid(
             "add_special_tokens",
@@ -63,7 +64,7 @@ async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError
             "`add_generation_prompt: false` is not supported; chats are encoded as for a completion",
         ));
     }
-    let backend = app.backend.clone();
+    let backend = Arc::clone(&served.backend);
     let tokens = match (req.prompt, req.messages) {
         (Some(prompt), None) => tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
             .await
@@ -110,13 +111,13 @@ async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError
             ));
         }
     };
-    Ok(tokens_response(&app, tokens))
+    Ok(tokens_response(served.backend.as_ref(), tokens))
 }
 
-fn tokens_response(app: &AppState, tokens: Vec<u32>) -> Response {
+fn tokens_response(backend: &dyn Backend, tokens: Vec<u32>) -> Response {
     ResponseJson(json!({
         "count": tokens.len(),
-        "max_model_len": app.backend.context_length(),
+        "max_model_len": backend.context_length(),
         "tokens": tokens,
     }))
     .into_response()
@@ -127,13 +128,13 @@ pub(crate) async fn detokenize(
     State(app): State<AppState>,
     Json(req): Json<DetokenizeRequest>,
 ) -> Response {
-    detokenize_inner(app, req).unwrap_or_else(IntoResponse::into_response)
+    detokenize_inner(app, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn detokenize_inner(app: AppState, req: DetokenizeRequest) -> Result<Response, ApiError> {
-    if req.model.is_some() {
-        validate::check_model(req.model.as_deref(), app.backend.model_id())?;
-    }
+async fn detokenize_inner(app: AppState, req: DetokenizeRequest) -> Result<Response, ApiError> {
+    let served = app.model(req.model.as_deref()).await?;
     let tokens = req
         .tokens
         .iter()
@@ -147,6 +148,6 @@ fn detokenize_inner(app: AppState, req: DetokenizeRequest) -> Result<Response, A
             })
         })
         .collect::<Result<Vec<u32>, _>>()?;
-    let prompt = app.backend.detokenize(&tokens).map_err(engine_error)?;
+    let prompt = served.backend.detokenize(&tokens).map_err(engine_error)?;
     Ok(ResponseJson(json!({ "prompt": prompt })).into_response())
 }

@@ -205,14 +205,7 @@ impl Server {
     }
 
     async fn admin(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-            .unwrap();
-        json_of(send(self.app(), request).await).await
+        admin_on(self.app(), method, uri, body).await
     }
 
     /// An org, a project and a key with `key_body`; returns the key and the project id.
@@ -255,6 +248,23 @@ impl Server {
             .await
             .unwrap()
     }
+}
+
+/// An admin-key request to `app`, answered as JSON.
+async fn admin_on(
+    app: Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    json_of(send(app, request).await).await
 }
 
 async fn json_of(response: axum::http::Response<Body>) -> (StatusCode, Value) {
@@ -983,4 +993,45 @@ async fn anthropic_messages_take_x_api_key_and_are_metered_like_chats() {
     assert_eq!(usage[0].status, "ok");
     assert_eq!((usage[0].prompt_tokens, usage[0].completion_tokens), (4, 4));
     assert!(usage[0].id.starts_with("msg_"), "{:?}", usage[0].id);
+}
+
+#[tokio::test]
+async fn loading_and_unloading_models_takes_the_admin_key() {
+    let server = Server::sqlite(Mode::Echo);
+    let (key, _) = server
+        .tenant(json!([REGION]), Value::Null, default_key())
+        .await;
+    let model = json!({ "model": common::MODEL });
+    // One application throughout: the loaded models are its state.
+    let app = server.app();
+    // Not at llama.cpp's open paths under a control plane, even with a tenant's key.
+    let request = Request::post("/models/unload")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(model.to_string()))
+        .unwrap();
+    let (status, json) = json_of(send(app.clone(), request).await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+    let request = Request::post("/admin/v1/models/unload")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(model.to_string()))
+        .unwrap();
+    let (status, json) = json_of(send(app.clone(), request).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    let (status, json) = admin_on(
+        app.clone(),
+        "POST",
+        "/admin/v1/models/unload",
+        Some(model.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["was_loaded"], true);
+    let (status, json) = admin_on(app.clone(), "GET", "/admin/v1/models", None).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["data"][0]["status"]["value"], "unloaded");
+    let (status, json) = admin_on(app.clone(), "POST", "/admin/v1/models/load", Some(model)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["status"], "loaded");
 }

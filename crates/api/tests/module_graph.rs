@@ -8,6 +8,7 @@ use std::path::Path;
 /// Lowest first. A module may use the modules of the layers before its own.
 const LAYERS: &[&[&str]] = &[
     &["error", "openai", "logprobs", "backend"],
+    &["models"],
     &["state", "tools", "anthropic", "responses"],
     &["output", "validate"],
     &["admission", "ollama"],

@@ -39,7 +39,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve a model behind an OpenAI-compatible HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage organisations, projects, API keys, usage and the audit log (for `serve --auth`).
     Admin(admin::AdminArgs),
     /// Complete one prompt and print the result.
@@ -67,11 +67,13 @@ enum Command {
     Standin(route::StandinArgs),
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// GGUF model file (default: the default model in the model cache).
+    /// GGUF model file, or a Hugging Face / Mistral model directory (default: the default
+    /// model in the model cache). `serve` takes it more than once: the first is loaded at
+    /// start and is the default, the others on first use.
     #[arg(long, short = 'm', env = "SOUVERAIN_MODEL")]
-    model: Option<PathBuf>,
+    model: Vec<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', default_value_t = 0)]
     threads: usize,
@@ -94,9 +96,24 @@ struct ServeArgs {
     /// Port to listen on.
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Name the model is served under (default: the file name without extension).
+    /// Name the (first) model is served under (default: the file name without extension).
     #[arg(long)]
     model_id: Option<String>,
+    /// Serve every GGUF file in this directory too (each under its file name without
+    /// extension), loaded on first use, as llama.cpp's `--models-dir`.
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// Another name for a served model, `ALIAS=ID` (repeatable).
+    #[arg(long = "model-alias", value_name = "ALIAS=ID")]
+    model_aliases: Vec<String>,
+    /// Most bytes the loaded models may hold (weights and KV caches; suffixes K, M, G, T
+    /// in powers of 1024): loading one more unloads the least recently used (default: no
+    /// bound).
+    #[arg(long, value_parser = clap::builder::ValueParser::new(parse_bytes))]
+    max_loaded_bytes: Option<u64>,
+    /// Longest a request waits for its model to load, seconds; then 503 with Retry-After.
+    #[arg(long, default_value_t = 600)]
+    model_load_timeout: u64,
     #[command(flatten)]
     batching: BatchingArgs,
     #[command(flatten)]
@@ -112,7 +129,7 @@ struct ServeArgs {
 }
 
 /// How many users are served at once, and with how much memory.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct BatchingArgs {
     /// Most sequences generated at once (continuous batching; llama-server's -np).
     #[arg(long, default_value_t = 16)]
@@ -166,7 +183,7 @@ impl BatchingArgs {
 }
 
 /// Where the energy reported per request comes from.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct EnergyArgs {
     /// Energy source: auto (RAPL when readable, else the model), rapl (Linux powercap,
     /// measured), nvml (NVIDIA GPUs, measured), model (the CPU power model, modelled).
@@ -246,7 +263,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Admin(a) => admin::run(a),
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
@@ -292,14 +309,32 @@ fn default_model_path() -> Result<PathBuf> {
     Ok(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
-fn load_engine(
-    args: &ModelArgs,
-    model_id: Option<String>,
-    batching: Option<&BatchingArgs>,
-) -> Result<Engine> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => {
+/// A byte count: digits, optionally followed by K, M, G or T (powers of 1024; `KiB`,
+/// `GiB`... and `KB`, `GB`... are read the same).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count (e.g. 8G, 512M, 1073741824)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches('B') {
+        "" => 0,
+        "K" | "KI" => 10,
+        "M" | "MI" => 20,
+        "G" | "GI" => 30,
+        "T" | "TI" => 40,
+        _ => return Err(format!("`{text}`: unknown unit (use K, M, G or T)")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// The one model file of a command that runs one model (`run`, `chat`, `bench`).
+fn one_model_path(args: &ModelArgs) -> Result<PathBuf> {
+    match args.model.as_slice() {
+        [] => {
             let p = default_model_path()?;
             if !p.exists() {
                 bail!(
@@ -307,9 +342,30 @@ fn load_engine(
                     p.display()
                 );
             }
-            p
+            Ok(p)
         }
-    };
+        [one] => Ok(one.clone()),
+        _ => bail!("this command runs one model; give --model once"),
+    }
+}
+
+fn load_engine(
+    args: &ModelArgs,
+    model_id: Option<String>,
+    batching: Option<&BatchingArgs>,
+) -> Result<Engine> {
+    load_engine_at(&one_model_path(args)?, args, model_id, batching, true)
+}
+
+/// Loads the model at `path` with the command's settings; `progress` draws a bar while the
+/// weights load (when stderr is a terminal).
+fn load_engine_at(
+    path: &Path,
+    args: &ModelArgs,
+    model_id: Option<String>,
+    batching: Option<&BatchingArgs>,
+    progress: bool,
+) -> Result<Engine> {
     let chat_template = match &args.chat_template_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -345,8 +401,8 @@ fn load_engine(
             ..EngineConfig::default()
         },
     };
-    let bar = progress_bar(&path);
-    let engine = Engine::load(&path, config, &mut |done, total| {
+    let bar = if progress { progress_bar(path) } else { None };
+    let engine = Engine::load(path, config, &mut |done, total| {
         if let Some(bar) = &bar {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -389,14 +445,90 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
+/// The models `serve` serves: every `--model` and every GGUF file of `--models-dir` (the
+/// default model when there are none), the first loaded now, the others on first use.
+fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
+    let mut paths = args.model.model.clone();
+    if let Some(dir) = &args.models_dir {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading --models-dir {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        found.sort();
+        if found.is_empty() && paths.is_empty() {
+            bail!("--models-dir {} holds no .gguf file", dir.display());
+        }
+        paths.extend(found);
+    }
+    if paths.is_empty() {
+        paths.push(one_model_path(&args.model)?);
+    }
+    let mut entries = Vec::with_capacity(paths.len());
+    for (i, path) in paths.into_iter().enumerate() {
+        let id = match (i, &args.model_id) {
+            (0, Some(id)) => id.clone(),
+            _ => engine::default_model_id(&path),
+        };
+        let d = engine::describe_file(&path)
+            .with_context(|| format!("reading the model {}", path.display()))?;
+        let facts = api::ModelFacts {
+            format: d.format.to_owned(),
+            architecture: d.architecture,
+            parameters: d.n_params,
+            file_bytes: d.file_bytes,
+            cache_bytes: 0,
+            modified_unix_s: d.modified_unix_s,
+            metadata: d.metadata,
+            chat_template: d.chat_template,
+        };
+        let (model_args, batching, first) = (args.model.clone(), args.batching.clone(), i == 0);
+        let loader_id = id.clone();
+        let loader: api::Loader = Arc::new(move || {
+            load_engine_at(
+                &path,
+                &model_args,
+                Some(loader_id.clone()),
+                Some(&batching),
+                first,
+            )
+            .map(|engine| Arc::new(engine) as Arc<dyn api::Backend>)
+            .map_err(|e| format!("{e:#}"))
+        });
+        entries.push(api::ModelEntry {
+            id,
+            aliases: Vec::new(),
+            facts,
+            loader,
+        });
+    }
+    for alias in &args.model_aliases {
+        let Some((alias, id)) = alias.split_once('=') else {
+            bail!("--model-alias `{alias}` is not ALIAS=ID");
+        };
+        let Some(entry) = entries.iter_mut().find(|e| e.id == id) else {
+            let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            bail!(
+                "--model-alias {alias}={id}: no model `{id}` (served: {})",
+                ids.join(", ")
+            );
+        };
+        entry.aliases.push(alias.to_owned());
+    }
+    let first = entries[0].id.clone();
+    let set = api::ModelSet::new(
+        entries,
+        args.max_loaded_bytes,
+        std::time::Duration::from_secs(args.model_load_timeout),
+    )?;
+    set.load_now(&first)?;
+    Ok(set)
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     // Opened before the weights load, so a bad database or flag fails at once.
     let control = admin::open_if_asked(&args.auth, admin::HotDefaults::SERVE)?;
-    let engine = Arc::new(load_engine(
-        &args.model,
-        args.model_id.clone(),
-        Some(&args.batching),
-    )?);
+    let models = Arc::new(served_models(&args)?);
     let embedder: Option<Arc<dyn api::EmbeddingBackend>> = match &args.embedding_model {
         Some(dir) => {
             let config = engine::EmbedderConfig {
@@ -427,9 +559,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(address = %addr, model = engine.model_id(), "listening");
+        tracing::info!(address = %addr, model = models.default_id(), "listening");
         let shutdown = route::shutdown();
-        api::App::new(engine)
+        api::App::with_models(models)
             .with_embedder(embedder)
             .with_control(control)
             .serve(listener, shutdown)

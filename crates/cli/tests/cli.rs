@@ -330,3 +330,75 @@ fn chat_reads_turns_from_stdin_and_streams_replies() {
     assert!(kept.starts_with(&first));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn serving_several_models_checks_them_before_listening() {
+    let dir = temp_dir("several");
+    let good = dir.join("tiny.gguf");
+    tiny_model_writer().write(&good).expect("write");
+    let good = good.to_str().expect("utf-8");
+    // Every case fails before listening (and "no such host" could not be bound anyway, so a
+    // check that wrongly passed fails the test instead of serving forever).
+    // One bad file among several: refused at start, naming it.
+    let out = run(&[
+        "serve",
+        "--model",
+        good,
+        "--model",
+        "/nonexistent/other.gguf",
+        "--host",
+        "no such host",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/other.gguf"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Two files with the same name would answer to one id.
+    let twin = dir.join("twin");
+    std::fs::create_dir_all(&twin).expect("dir");
+    std::fs::copy(good, twin.join("tiny.gguf")).expect("copy");
+    let out = run(&[
+        "serve",
+        "--model",
+        good,
+        "--model",
+        twin.join("tiny.gguf").to_str().expect("utf-8"),
+        "--host",
+        "no such host",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("names two models"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A budget smaller than a model, a bad byte count, an alias of nothing.
+    for (args, says) in [
+        (vec!["--max-loaded-bytes", "1K"], "memory budget"),
+        (vec!["--max-loaded-bytes", "12 parsecs"], "unknown unit"),
+        (vec!["--model-alias", "a=nothing"], "no model `nothing`"),
+        (vec!["--model-alias", "no-equals"], "is not ALIAS=ID"),
+    ] {
+        let mut all = vec!["serve", "--model", good, "--host", "no such host"];
+        all.extend(args);
+        let out = run(&all);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains(says),
+            "{says}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Commands that run one model say so.
+    let out = run(&[
+        "generate", "--model", good, "--model", good, "--prompt", "hi",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("runs one model"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -249,6 +249,62 @@ fn disk_facts(path: &Path) -> (u64, u64) {
     (bytes, latest)
 }
 
+/// The name a model is served under when none is given: its file (or directory) name
+/// without extension.
+pub fn default_model_id(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// What a model file says about itself without its weights being read: its header's facts
+/// (for listing a model that is not loaded).
+pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
+    let (file_bytes, modified_unix_s) = disk_facts(path);
+    let mut d = ModelDescription {
+        architecture: String::new(),
+        name: None,
+        n_params: 0,
+        trained_context_length: 0,
+        simd: "",
+        threads: 0,
+        kv_cache_tokens: 0,
+        kv_cache_bytes: 0,
+        format: "safetensors",
+        file_bytes,
+        modified_unix_s,
+        metadata: Vec::new(),
+        chat_template: None,
+    };
+    if path.is_dir() {
+        return Ok(d);
+    }
+    let file = model::gguf::GgufFile::open(path).map_err(LoadError::Metadata)?;
+    let md = file.metadata();
+    d.format = "gguf";
+    d.architecture = md
+        .opt_str("general.architecture")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+        .to_owned();
+    d.name = md.opt_str("general.name").ok().flatten().map(str::to_owned);
+    d.chat_template = md
+        .opt_str("tokenizer.chat_template")
+        .ok()
+        .flatten()
+        .map(str::to_owned);
+    d.n_params = file.tensors().iter().map(|t| t.n_elements).sum();
+    d.metadata = scalar_metadata(md);
+    d.trained_context_length = md
+        .opt_u64(&format!("{}.context_length", d.architecture))
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    Ok(d)
+}
+
 impl Engine {
     /// Opens and validates a model (a GGUF file, or a directory in the Hugging Face or
     /// Mistral layout), builds its tokenizer and starts the worker thread.
@@ -319,11 +375,7 @@ impl Engine {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let model_id = config.model_id.unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        });
+        let model_id = config.model_id.unwrap_or_else(|| default_model_id(path));
         if config.max_seqs == 0 || config.max_batch_tokens == 0 {
             return Err(LoadError::Inconsistent(
                 "max_seqs and max_batch_tokens must be at least 1".into(),

@@ -172,7 +172,7 @@ impl Picker {
                 reason: "the pool is empty",
             });
         }
-        narrow(&|u| u.spec().serves(req.model), "none serves this model")?;
+        narrow(&|u| u.serves(req.model), "none serves this model")?;
         if let Some(regions) = req.regions {
             narrow(
                 &|u| regions.iter().any(|r| *r == u.spec().region),
@@ -193,6 +193,11 @@ impl Picker {
         eligible.retain(|u| !self.saturated(u));
         if eligible.is_empty() {
             return Err(PickError::Saturated);
+        }
+        // A replica with the model in memory answers now; one that would have to load it
+        // first (seconds to minutes) is picked only when none has it loaded.
+        if eligible.iter().any(|u| u.has_loaded(req.model)) {
+            eligible.retain(|u| u.has_loaded(req.model));
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let matches = if req.prefix.is_empty() {
@@ -371,6 +376,58 @@ mod tests {
             }),
             Err(PickError::NoneEligible { .. })
         ));
+    }
+
+    #[test]
+    fn replicas_of_several_models_get_only_theirs_and_loaded_ones_first() {
+        let p = pool(&[("a", "eu"), ("b", "eu"), ("c", "eu")]);
+        let picker = Picker::new(Arc::clone(&p), RoutingConfig::default());
+        let text = |loaded: &[(&str, u8)]| {
+            let mut t = String::from("# TYPE souverain_model_loaded gauge\n");
+            for (m, v) in loaded {
+                t.push_str(&format!(
+                    "souverain_model_loaded{{model_name=\"{m}\"}} {v}\n"
+                ));
+            }
+            t
+        };
+        let seen = |page: String| crate::scrape::models_from_metrics(&page).unwrap();
+        p.get("a")
+            .unwrap()
+            .set_models(seen(text(&[("x", 1), ("y", 0)])));
+        p.get("b")
+            .unwrap()
+            .set_models(seen(text(&[("x", 0), ("y", 1)])));
+        p.get("c").unwrap().set_models(seen(text(&[("z", 1)])));
+        let pick = |model: &str| {
+            picker
+                .pick(&PickRequest {
+                    model,
+                    ..Default::default()
+                })
+                .map(|p| p.upstream.name().to_owned())
+        };
+        for _ in 0..6 {
+            assert_eq!(pick("x").unwrap(), "a");
+            assert_eq!(pick("y").unwrap(), "b");
+            assert_eq!(pick("z").unwrap(), "c");
+        }
+        assert!(matches!(pick("w"), Err(PickError::NoneEligible { .. })));
+        // Where it is loaded is saturated: a replica that would load it takes the request.
+        p.get("a").unwrap().set_load(Load {
+            waiting: 1000.0,
+            running: 16.0,
+            kv_usage: 1.0,
+        });
+        assert_eq!(pick("x").unwrap(), "b");
+        // Label values are unescaped; other series are ignored.
+        assert_eq!(
+            crate::scrape::models_from_metrics(
+                "souverain_model_loaded{model_name=\"q\\\"r\"} 1\nvllm:x{model_name=\"s\"} 1\n"
+            ),
+            Some(vec![("q\"r".to_owned(), true)])
+        );
+        assert_eq!(crate::scrape::models_from_metrics("vllm:x 1\n"), None);
     }
 
     #[test]

@@ -158,6 +158,43 @@ pub fn load_from_metrics(kind: EngineKind, text: &str) -> Option<Load> {
     })
 }
 
+/// The models a Souverain replica serves and whether each is loaded
+/// (`souverain_model_loaded{model_name="..."} 0|1`); `None` when the page has no such series.
+pub fn models_from_metrics(text: &str) -> Option<Vec<(String, bool)>> {
+    let models: Vec<(String, bool)> = parse_metrics(text)
+        .iter()
+        .filter(|s| s.name == "souverain_model_loaded")
+        .filter_map(|s| Some((label(s.labels, "model_name")?, s.value >= 1.0)))
+        .collect();
+    (!models.is_empty()).then_some(models)
+}
+
+/// The value of label `key` in a sample's label text (`a="x",b="y\"z"`), unescaped; names
+/// longer than 256 characters are dropped.
+fn label(labels: &str, key: &str) -> Option<String> {
+    let mut rest = labels;
+    loop {
+        let (name, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        if name.trim_start_matches(',').trim() == key {
+            return (value.chars().count() <= 256).then_some(value);
+        }
+        rest = &after[end + 1..];
+    }
+}
+
 /// GETs `url` and returns the body if the answer is a 2xx within `timeout` and `limit` bytes.
 pub(crate) async fn get_text(
     client: &HttpClient,
@@ -211,14 +248,19 @@ pub async fn scrape_once(client: &HttpClient, upstream: &Upstream, timeout: Dura
         return;
     };
     match get_text(client, &format!("{base}{path}"), timeout, MAX_METRICS_BYTES).await {
-        Ok(text) => match load_from_metrics(spec.engine, &text) {
-            Some(load) => upstream.set_load(load),
-            None => tracing::debug!(
-                upstream = upstream.name(),
-                engine = spec.engine.as_str(),
-                "metrics page has none of the engine's load series"
-            ),
-        },
+        Ok(text) => {
+            if let Some(models) = models_from_metrics(&text) {
+                upstream.set_models(models);
+            }
+            match load_from_metrics(spec.engine, &text) {
+                Some(load) => upstream.set_load(load),
+                None => tracing::debug!(
+                    upstream = upstream.name(),
+                    engine = spec.engine.as_str(),
+                    "metrics page has none of the engine's load series"
+                ),
+            }
+        }
         Err(error) => tracing::debug!(upstream = upstream.name(), %error, "metrics read failed"),
     }
 }

@@ -122,6 +122,9 @@ impl UpstreamSpec {
     }
 }
 
+/// Most models remembered per upstream from its metrics.
+pub const MAX_SEEN_MODELS: usize = 1024;
+
 /// An upstream's load as its metrics last said.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Load {
@@ -140,6 +143,9 @@ pub struct Upstream {
     authority: String,
     healthy: AtomicBool,
     load: RwLock<(Load, Option<Instant>)>,
+    /// The models its metrics list (`souverain_model_loaded`) and whether each is loaded;
+    /// empty until a scrape finds them.
+    models: RwLock<Vec<(String, bool)>>,
     in_flight: AtomicU64,
     in_flight_tokens: AtomicU64,
     routed: AtomicU64,
@@ -155,6 +161,7 @@ impl Upstream {
             authority,
             healthy: AtomicBool::new(true),
             load: RwLock::new((Load::default(), None)),
+            models: RwLock::new(Vec::new()),
             in_flight: AtomicU64::new(0),
             in_flight_tokens: AtomicU64::new(0),
             routed: AtomicU64::new(0),
@@ -194,6 +201,33 @@ impl Upstream {
     /// Its load as last scraped (the default before the first scrape).
     pub fn load(&self) -> Load {
         self.load.read().map(|l| l.0).unwrap_or_default()
+    }
+
+    /// Whether it serves `model`: as configured, else as its metrics list its models (a
+    /// replica serving several), else whatever is asked.
+    pub fn serves(&self, model: &str) -> bool {
+        if !self.spec.models.is_empty() {
+            return self.spec.serves(model);
+        }
+        match self.models.read() {
+            Ok(seen) if !seen.is_empty() => seen.iter().any(|(m, _)| m == model),
+            _ => true,
+        }
+    }
+
+    /// Whether its metrics say `model` is loaded (in memory, no load to wait for).
+    pub fn has_loaded(&self, model: &str) -> bool {
+        self.models
+            .read()
+            .is_ok_and(|seen| seen.iter().any(|(m, loaded)| *loaded && m == model))
+    }
+
+    /// Records the models its metrics list, at most [`MAX_SEEN_MODELS`].
+    pub fn set_models(&self, mut models: Vec<(String, bool)>) {
+        models.truncate(MAX_SEEN_MODELS);
+        if let Ok(mut seen) = self.models.write() {
+            *seen = models;
+        }
     }
 
     /// When its load was last scraped.

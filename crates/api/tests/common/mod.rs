@@ -44,6 +44,10 @@ pub enum RefuseWith {
 /// A backend whose "tokenizer" gives each distinct whitespace-separated word an id and whose
 /// "model" echoes the prompt's words.
 pub struct FakeBackend {
+    /// Its model id ([`MODEL`] unless made by [`FakeBackend::sized`]).
+    pub id: String,
+    /// The bytes it says it holds (`facts().file_bytes`).
+    pub bytes: u64,
     pub mode: Mode,
     pub context_length: usize,
     vocab: Mutex<Vec<String>>,
@@ -64,6 +68,8 @@ impl FakeBackend {
 
     pub fn with_context(mode: Mode, context_length: usize) -> Arc<Self> {
         Arc::new(FakeBackend {
+            id: MODEL.to_owned(),
+            bytes: 0,
             mode,
             context_length,
             vocab: Mutex::new(Vec::new()),
@@ -72,6 +78,14 @@ impl FakeBackend {
             cancelled: Arc::new(Notify::new()),
             started: Arc::new(Notify::new()),
         })
+    }
+
+    /// An echoing model named `id` that says it holds `bytes`.
+    pub fn sized(id: &str, bytes: u64) -> Arc<Self> {
+        let mut fake = Arc::into_inner(Self::new(Mode::Echo)).expect("fresh");
+        fake.id = id.to_owned();
+        fake.bytes = bytes;
+        Arc::new(fake)
     }
 
     pub fn app(self: &Arc<Self>) -> Router {
@@ -97,7 +111,14 @@ impl FakeBackend {
 
 impl Backend for FakeBackend {
     fn model_id(&self) -> &str {
-        MODEL
+        &self.id
+    }
+
+    fn facts(&self) -> souverain_api::ModelFacts {
+        souverain_api::ModelFacts {
+            file_bytes: self.bytes,
+            ..souverain_api::ModelFacts::default()
+        }
     }
 
     fn context_length(&self) -> usize {
