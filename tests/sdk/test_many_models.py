@@ -10,6 +10,9 @@ file): the model loaded on demand is the real model, answering as llama.cpp does
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +21,16 @@ from typing import Iterator
 import ollama
 import openai
 import pytest
-from conftest import GEMMA_MODEL, Server, _serve
+from conftest import (
+    GEMMA_MODEL,
+    Server,
+    _free_port,
+    _health_ok,
+    _read_log,
+    _serve,
+    _stop,
+    server_binary,
+)
 
 GOLDEN = (
     Path(__file__).resolve().parents[2]
@@ -118,3 +130,59 @@ def test_ollama_lists_every_model_and_shows_the_loaded_ones(two_models: Server) 
     running = {m.model for m in client.ps().models}
     assert f"{GEMMA_ID}:latest" in running
     assert f"{two_models.model_id}:latest" not in running
+
+
+def test_the_router_sends_each_model_where_it_is_served_and_loaded(two_models: Server) -> None:
+    """`souverain route` in front of a one-model replica (SmolLM2) and the two-model one: it
+    reads from each replica's metrics which models it serves and which are in memory, so
+    Gemma always goes to the replica that serves it, and SmolLM2 to the one that has it
+    loaded rather than to the one that would unload Gemma to load it again."""
+    post(two_models, "/models/load", {"model": GEMMA_ID})
+    with _serve([], None) as single, tempfile.TemporaryDirectory(prefix="souverain-route-") as tmp:
+        config = Path(tmp) / "router.toml"
+        lines = ["[scrape]", "interval_ms = 100"]
+        for name, replica in (("single", single), ("pair", two_models)):
+            lines += [
+                "[[upstream]]",
+                f'name = "{name}"',
+                f'url = "{replica.root_url}"',
+                'engine = "souverain"',
+                'region = "eu-west-paris"',
+            ]
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        port = _free_port()
+        log_path = Path(tmp) / "route.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [str(server_binary()), "route", "--config", str(config), "--listen",
+                 f"127.0.0.1:{port}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            root = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while not _health_ok(root):
+                assert proc.poll() is None, _read_log(log_path)
+                assert time.monotonic() < deadline, _read_log(log_path)
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few scrapes: each replica's models are known
+            client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+            assert {m.id for m in client.models.list().data} == {single.model_id, GEMMA_ID}
+            for _ in range(6):
+                reply = client.chat.completions.create(
+                    model=GEMMA_ID,
+                    messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=2,
+                )
+                assert reply.model == GEMMA_ID
+                reply = client.chat.completions.create(
+                    model=single.model_id,
+                    messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=2,
+                )
+                assert reply.model == single.model_id
+            # SmolLM2 never went to the pair's replica: Gemma stayed loaded there.
+            assert states(two_models) == {two_models.model_id: "unloaded", GEMMA_ID: "loaded"}
+        finally:
+            _stop(proc)
