@@ -15,6 +15,12 @@ use crate::output::{CallSyntax, OutputParser, ParserSpec, Piece};
 use crate::tools::{ToolChoice, ToolPlan};
 use crate::validate::{Prompt, ValidRequest};
 
+tokio::task_local! {
+    /// The priority of the generations started in this task: interactive unless the Batch
+    /// API's runner set it (`batch`) around the requests it makes of the app.
+    pub(crate) static PRIORITY: engine::Priority;
+}
+
 /// Which endpoint's chunk shape to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
@@ -166,6 +172,7 @@ pub(crate) async fn start_generation(
                 constraint: constraint.clone(),
                 keep_special: !prompt.parser.is_plain(),
                 reasoning: prompt.reasoning.clone(),
+                priority: PRIORITY.try_with(|p| *p).unwrap_or_default(),
             });
             parsers.push(OutputParser::new(prompt.parser.clone()));
             echoes.push(prompt.echo.clone());

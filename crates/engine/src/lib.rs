@@ -61,7 +61,7 @@ pub use model::KvType;
 pub use speculate::Speculation;
 pub use types::{
     ChatMessage, ConstraintSpec, Energy, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
-    ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
+    Priority, ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
 };
 
 use scheduler::{Job, Limits, Scheduler};
@@ -132,6 +132,7 @@ impl GenerateRequest {
             keep_special: false,
             reasoning: None,
             constraint: None,
+            priority: Priority::Interactive,
         }
     }
 }

@@ -7,7 +7,9 @@
 //! samples its next token. Sequences join when they are admitted and leave when they finish
 //! or their client goes away, at any step.
 //!
-//! Admission is first come, first served. A new sequence first looks its tokens up in the
+//! Admission is first come, first served within a priority: interactive requests queue ahead
+//! of every batch request (the Batch API's), and batch sequences hold at most half of the
+//! running slots, so an interactive arrival never waits behind batch work. A new sequence first looks its tokens up in the
 //! prefix cache and starts computing after the longest cached run of whole blocks. A block
 //! enters the cache only once it is full and computed, so a sequence that arrives while
 //! another with the same prefix is still in its prompt would find little and compute the
@@ -17,8 +19,9 @@
 //! it, and it is admitted at a later step, once those blocks are cached or the running
 //! sequence is gone (finished, cancelled or preempted). A sequence that does not fit in the
 //! free blocks stops admission, so none behind it overtakes it. When a running sequence
-//! needs a block and none is free, the most recently admitted sequence is preempted: its
-//! blocks are released and it goes back to the front of the queue, to be recomputed (its
+//! needs a block and none is free, the last running sequence (the most recently admitted
+//! batch one if any, else the most recently admitted) is preempted: its blocks are released
+//! and it goes back to the front of its class in the queue, to be recomputed (its
 //! cached prefix usually survives, so recomputing is cheap).
 //!
 //! A sequence that asks for its prompt's log-probabilities gets the logits of every prompt
@@ -45,7 +48,9 @@ use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
 use crate::speculate::Speculation;
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::{Energy, Event, Failure, FinishReason, GenerateRequest, TokenLogprobs, Usage};
+use crate::{
+    Energy, Event, Failure, FinishReason, GenerateRequest, Priority, TokenLogprobs, Usage,
+};
 
 /// `token`'s log-probability under `logits` (raw) with the `k` most likely alternatives,
 /// each with its bytes.
@@ -116,6 +121,7 @@ struct Sequence {
     reasoning: Option<ReasoningCounter>,
     /// Microjoules of the steps it was in (recomputation after preemption included).
     energy_uj: u64,
+    priority: Priority,
 }
 
 impl Sequence {
@@ -154,6 +160,7 @@ impl Sequence {
             constraint: job.constraint,
             reasoning: r.reasoning.map(ReasoningCounter::new),
             energy_uj: 0,
+            priority: r.priority,
         }
     }
 
@@ -275,7 +282,29 @@ impl Scheduler {
             self.blocks.block_tokens(),
             &self.tokenizer,
         );
-        self.waiting.push_back(seq);
+        self.wait(seq, false);
+    }
+
+    /// Queues `seq`: interactive sequences before every batch one, each class in arrival
+    /// order; `front` puts it first in its class (a preempted sequence).
+    fn wait(&mut self, seq: Sequence, front: bool) {
+        let class_start = |q: &VecDeque<Sequence>, p: Priority| {
+            q.iter().position(|s| s.priority == p).unwrap_or(q.len())
+        };
+        let at = match (seq.priority, front) {
+            (Priority::Interactive, true) => 0,
+            (Priority::Interactive, false) | (Priority::Batch, true) => {
+                class_start(&self.waiting, Priority::Batch)
+            }
+            (Priority::Batch, false) => self.waiting.len(),
+        };
+        self.waiting.insert(at, seq);
+    }
+
+    /// Most batch sequences running at once: half the slots, so that interactive requests
+    /// always find room.
+    fn batch_slots(&self) -> usize {
+        (self.limits.max_seqs / 2).max(1)
     }
 
     fn publish_gauges(&self) {
@@ -332,10 +361,20 @@ impl Scheduler {
             .flat_map(|s| s.pending_prompt_blocks().iter().copied())
             .collect();
         let mut i = 0;
+        let mut batch_running = self
+            .running
+            .iter()
+            .filter(|s| s.priority == Priority::Batch)
+            .count();
         while self.running.len() < self.limits.max_seqs {
             let Some(seq) = self.waiting.get(i) else {
                 break;
             };
+            // Batch sequences queue behind every interactive one: past the batch share,
+            // nothing further can start.
+            if seq.priority == Priority::Batch && batch_running >= self.batch_slots() {
+                break;
+            }
             let positions = seq.tokens.len();
             let needed = positions.div_ceil(bt);
             if needed > self.blocks.total() {
@@ -424,7 +463,22 @@ impl Scheduler {
                 }
             }
             pending.extend(seq.pending_prompt_blocks().iter().copied());
-            self.running.push(seq);
+            // Interactive sequences run ahead of batch ones (their prompt chunks get the
+            // step's tokens first), and batch ones, last, are the first preempted.
+            match seq.priority {
+                Priority::Interactive => {
+                    let at = self
+                        .running
+                        .iter()
+                        .position(|s| s.priority == Priority::Batch)
+                        .unwrap_or(self.running.len());
+                    self.running.insert(at, seq);
+                }
+                Priority::Batch => {
+                    batch_running += 1;
+                    self.running.push(seq);
+                }
+            }
         }
     }
 
@@ -459,7 +513,7 @@ impl Scheduler {
         seq.n_computed = 0;
         // Gathered again from the start when the prompt is recomputed.
         seq.prompt_lp.clear();
-        self.waiting.push_front(seq);
+        self.wait(seq, true);
     }
 
     /// One batched forward pass and its sampling.

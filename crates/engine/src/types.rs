@@ -76,6 +76,21 @@ pub struct GenerateRequest {
     /// Count the tokens generated inside the model's reasoning block
     /// ([`Usage::reasoning_tokens`]); `None` counts none.
     pub reasoning: Option<ReasoningSpec>,
+    /// Interactive (the default) or batch work, which only uses what interactive requests
+    /// leave.
+    pub priority: Priority,
+}
+
+/// How urgent a request is. Interactive requests are admitted before any batch request and
+/// preempt batch sequences first when the KV cache runs out; batch sequences hold at most half
+/// of the running slots, so an interactive arrival always finds one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Priority {
+    /// A client is waiting (every HTTP request).
+    #[default]
+    Interactive,
+    /// Work that can wait (the Batch API).
+    Batch,
 }
 
 /// How a model marks its reasoning (`<think>`...`</think>`, `[THINK]`...`[/THINK]`) and

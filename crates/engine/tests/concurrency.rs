@@ -297,3 +297,48 @@ fn requests_arriving_together_compute_their_shared_prefix_once() {
     let distinct: std::collections::HashSet<_> = together.iter().map(|t| &t.0).collect();
     assert!(distinct.len() >= 3, "{together:?}");
 }
+
+/// Batch work uses what interactive requests leave: at most half the running slots, and an
+/// interactive request that arrives behind queued batch ones starts before them. Its output
+/// is the one it has served alone.
+#[test]
+fn batch_requests_yield_to_interactive_ones() {
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        max_seqs: 2,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let alone = collect(e.generate(greedy(&e, PROMPTS[0], 12)).unwrap()).0;
+    let batch = |p: &str| {
+        // Long enough (no early end) to outlast the interactive request.
+        let mut r = greedy(&e, p, 200);
+        r.stop_at_eog = false;
+        r.priority = souverain_engine::Priority::Batch;
+        r
+    };
+    let mut queued: Vec<_> = (0..3)
+        .map(|i| {
+            let rx = e.generate(batch(PROMPTS[1 + i])).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            rx
+        })
+        .collect();
+    // One batch sequence runs (half of two slots); the others wait.
+    std::thread::sleep(Duration::from_millis(100));
+    let m = e.metrics();
+    assert_eq!((m.running, m.waiting), (1, 2), "{m:?}");
+    let (text, _, _) = collect(e.generate(greedy(&e, PROMPTS[0], 12)).unwrap());
+    assert_eq!(text, alone);
+    // The interactive request went ahead of the waiting batch ones: they have not started.
+    for rx in &mut queued[1..] {
+        assert!(
+            rx.try_recv().is_err(),
+            "a queued batch request started first"
+        );
+    }
+    for rx in queued {
+        assert_eq!(collect(rx).2, 200);
+    }
+}
