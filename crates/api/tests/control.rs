@@ -150,6 +150,28 @@ impl Store for FlakyStore {
         self.check()?;
         self.inner.purge_expired_responses(now_ms)
     }
+    fn get_object(
+        &self,
+        kind: control::ObjectKind,
+        id: &str,
+        project_id: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<control::StoredObject>, StoreError> {
+        self.check()?;
+        self.inner.get_object(kind, id, project_id, now_ms)
+    }
+    fn list_objects(
+        &self,
+        filter: &control::ObjectFilter,
+        now_ms: i64,
+    ) -> Result<Vec<control::StoredObject>, StoreError> {
+        self.check()?;
+        self.inner.list_objects(filter, now_ms)
+    }
+    fn purge_expired_objects(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.purge_expired_objects(now_ms)
+    }
 }
 
 fn temp_db() -> std::path::PathBuf {

@@ -43,13 +43,15 @@ pub use crate::audit::{AuditDraft, AuditEntry, AuditHead, Tamper, VerifyReport};
 pub use crate::error::{ControlError, Denial, RateLimitKind, StoreError};
 pub use crate::plane::{
     BudgetStatus, ControlConfig, ControlPlane, CreatedKey, HOLDER_BEAT, HOLDER_TIMEOUT,
-    MAX_STORED_FIELD_CHARS, MAX_STORED_RESPONSE_BYTES, Outcome, Reservation, valid_region,
+    MAX_STORED_FIELD_CHARS, MAX_STORED_RESPONSE_BYTES, ObjectAudit, Outcome, Reservation,
+    valid_region,
 };
 pub use crate::ratelimit::RateLimiter;
 pub use crate::store::{Holder, HolderRow, Mutation, PostgresStore, SqliteStore, Store};
 pub use crate::time::{Clock, ManualClock, SystemClock};
 pub use crate::types::{
-    Budget, BudgetPeriod, EnergySource, EnergyUse, KeyContext, KeyPolicy, KeyRecord, Organisation,
-    Project, RetainedContent, StoredResponse, UsageFilter, UsageRecord,
+    Budget, BudgetPeriod, EnergySource, EnergyUse, KeyContext, KeyPolicy, KeyRecord, ObjectFilter,
+    ObjectKind, Organisation, Project, RetainedContent, StoredObject, StoredResponse, UsageFilter,
+    UsageRecord,
 };
 pub use crate::usage::{GroupBy, UsageGroup};

@@ -26,8 +26,8 @@ use crate::ratelimit::{RateLimiter, Which};
 use crate::store::{Holder, HolderRow, Mutation, Store};
 use crate::time::{Clock, SystemClock};
 use crate::types::{
-    EnergyUse, KeyContext, KeyPolicy, KeyRecord, Organisation, Project, RetainedContent,
-    StoredResponse, UsageFilter, UsageRecord,
+    EnergyUse, KeyContext, KeyPolicy, KeyRecord, ObjectFilter, ObjectKind, Organisation, Project,
+    RetainedContent, StoredObject, StoredResponse, UsageFilter, UsageRecord,
 };
 
 /// The longest a name may be, in characters.
@@ -197,6 +197,19 @@ pub struct Outcome {
     pub content: Option<(String, String)>,
     /// The energy the request took, where the engine metered it.
     pub energy: Option<EnergyUse>,
+}
+
+/// Who changed a Batch API object, for the audit log.
+#[derive(Debug, Clone)]
+pub struct ObjectAudit<'a> {
+    /// The key that made or changed it.
+    pub key_id: &'a str,
+    /// `file.create`, `batch.create`, `batch.cancel`...
+    pub action: &'a str,
+    /// The object's id.
+    pub target: &'a str,
+    /// Details, JSON.
+    pub detail: serde_json::Value,
 }
 
 /// The control plane: the store, the rate limiter and the configuration.
@@ -1245,7 +1258,8 @@ impl ControlPlane {
         let now = self.now_ms();
         let content = self.store.purge_expired_content(now)?;
         let responses = self.store.purge_expired_responses(now)?;
-        Ok(content.saturating_add(responses))
+        let objects = self.store.purge_expired_objects(now)?;
+        Ok(content.saturating_add(responses).saturating_add(objects))
     }
 
     // ---- stored responses (OpenAI's Responses API) -------------------------------------
@@ -1348,6 +1362,64 @@ impl ControlPlane {
             Err(StoreError::NotFound { .. }) => Ok(false),
             Err(err) => Err(err.into()),
         }
+    }
+
+    // ---- the Batch API's files, batches and results --------------------------------------
+
+    /// Commits Batch API objects in one transaction (`PutObject`, `DeleteObject`,
+    /// `DeleteResults` only), audited as `action` by key `key_id` on `target` when an action
+    /// is given (files and batches made, cancelled, ended, deleted; not each result).
+    pub fn commit_objects(
+        &self,
+        mutations: Vec<Mutation>,
+        audit: Option<ObjectAudit<'_>>,
+    ) -> Result<(), ControlError> {
+        if let Some(other) = mutations.iter().find(|m| {
+            !matches!(
+                m,
+                Mutation::PutObject(_)
+                    | Mutation::DeleteObject { .. }
+                    | Mutation::DeleteResults { .. }
+            )
+        }) {
+            return Err(ControlError::invalid(
+                "mutations",
+                format!("not a Batch API object change: {other:?}"),
+            ));
+        }
+        let draft =
+            audit.map(|a| self.draft(&format!("key:{}", a.key_id), a.action, a.target, a.detail));
+        self.store.commit(&mutations, draft.as_ref())?;
+        Ok(())
+    }
+
+    /// A Batch API object, if it exists, has not expired and belongs to `project_id` (any
+    /// project's when `None`: the batch runner's reads).
+    pub fn get_object(
+        &self,
+        kind: ObjectKind,
+        id: &str,
+        project_id: Option<&str>,
+    ) -> Result<Option<StoredObject>, ControlError> {
+        if id.len() > MAX_STORED_FIELD_CHARS {
+            return Ok(None);
+        }
+        Ok(self.store.get_object(kind, id, project_id, self.now_ms())?)
+    }
+
+    /// The Batch API objects `filter` selects (unexpired).
+    pub fn list_objects(&self, filter: &ObjectFilter) -> Result<Vec<StoredObject>, ControlError> {
+        Ok(self.store.list_objects(filter, self.now_ms())?)
+    }
+
+    /// The key `key_id` with its project and organisation, if it still authenticates (not
+    /// revoked, not expired): whose name a batch runs in.
+    pub fn context_of_key(&self, key_id: &str) -> Result<Option<KeyContext>, ControlError> {
+        let now = self.now_ms();
+        Ok(self.store.key_context(key_id)?.filter(|ctx| {
+            ctx.key.revoked_at_ms.is_none()
+                && ctx.key.policy.expires_at_ms.is_none_or(|at| at > now)
+        }))
     }
 
     /// Settlements waiting for the store.

@@ -288,6 +288,74 @@ pub struct StoredResponse {
     pub response: String,
 }
 
+/// One object of the Batch API kept in the store: an uploaded or produced file, a batch, or
+/// one finished request of a running batch. Owned by a project; deleted by the retention
+/// task once `expires_at_ms` passes (`None`: kept until its batch sets a time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredObject {
+    /// `file`, `batch` or `result`.
+    pub kind: ObjectKind,
+    /// Its id (`file-...`, `batch_...`; a result: its batch's id and line number).
+    pub id: String,
+    /// The project that owns it (the only one that may read or delete it).
+    pub project_id: String,
+    /// A result's batch; `None` for the others.
+    pub parent: Option<String>,
+    /// A batch's status; `None` for the others.
+    pub status: Option<String>,
+    /// When it was made.
+    pub created_at_ms: i64,
+    /// When the retention task deletes it; `None`: not before its batch decides.
+    pub expires_at_ms: Option<i64>,
+    /// The object as the API shows it, JSON.
+    pub meta: String,
+    /// A file's bytes, a result's line; `None` for a batch.
+    pub content: Option<String>,
+}
+
+/// What a [`StoredObject`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    /// A file (`/v1/files`).
+    File,
+    /// A batch (`/v1/batches`).
+    Batch,
+    /// One finished request of a batch that is still running.
+    Result,
+}
+
+impl ObjectKind {
+    /// Its name in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::File => "file",
+            ObjectKind::Batch => "batch",
+            ObjectKind::Result => "result",
+        }
+    }
+}
+
+/// Which stored objects to list: one kind, optionally of one project, one parent, one of
+/// some statuses; oldest first, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectFilter {
+    /// The kind.
+    pub kind: ObjectKind,
+    /// Only this project's.
+    pub project_id: Option<String>,
+    /// Only this batch's results.
+    pub parent: Option<String>,
+    /// Only objects in one of these statuses (empty: any).
+    pub statuses: Vec<String>,
+    /// Only objects whose id sorts after this one.
+    pub after_id: Option<String>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
+    /// At most this many.
+    pub limit: usize,
+}
+
 /// Which usage records to read. `None` fields do not filter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -489,6 +489,208 @@ fn settlements_record_usage_content_and_audit(fx: &Fixture) {
     assert!(plane.verify_audit().unwrap().is_intact());
 }
 
+fn batch_objects_are_owned_listed_replaced_and_expire(fx: &Fixture) {
+    use souverain_control::{Mutation, ObjectAudit, ObjectFilter, ObjectKind, StoredObject};
+    let (plane, clock) = fx.plane();
+    let (owner, _) = tenant(&plane, KeyPolicy::default(), None);
+    let (stranger, _) = tenant(&plane, KeyPolicy::default(), None);
+    let object =
+        |kind, id: &str, parent: Option<&str>, status: Option<&str>, at: i64| StoredObject {
+            kind,
+            id: id.to_owned(),
+            project_id: owner.project.id.clone(),
+            parent: parent.map(str::to_owned),
+            status: status.map(str::to_owned),
+            created_at_ms: START_MS + at,
+            expires_at_ms: None,
+            meta: format!(r#"{{"id":"{id}"}}"#),
+            content: Some(format!("content of {id}")),
+        };
+    let put = |o: StoredObject| Mutation::PutObject(o);
+    plane
+        .commit_objects(
+            vec![
+                put(object(ObjectKind::File, "file-a", None, None, 0)),
+                put(object(
+                    ObjectKind::Batch,
+                    "batch_a",
+                    None,
+                    Some("in_progress"),
+                    1,
+                )),
+                put(object(
+                    ObjectKind::Batch,
+                    "batch_b",
+                    None,
+                    Some("completed"),
+                    2,
+                )),
+                put(object(
+                    ObjectKind::Result,
+                    "batch_a:00000001",
+                    Some("batch_a"),
+                    None,
+                    3,
+                )),
+                put(object(
+                    ObjectKind::Result,
+                    "batch_a:00000000",
+                    Some("batch_a"),
+                    None,
+                    4,
+                )),
+            ],
+            Some(ObjectAudit {
+                key_id: &owner.key.id,
+                action: "batch.create",
+                target: "batch_a",
+                detail: serde_json::json!({}),
+            }),
+        )
+        .unwrap();
+    // Owned: another project sees nothing; the runner (no project) sees it.
+    let got = plane
+        .get_object(ObjectKind::File, "file-a", Some(&owner.project.id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.content.as_deref(), Some("content of file-a"));
+    assert_eq!(
+        plane
+            .get_object(ObjectKind::File, "file-a", Some(&stranger.project.id))
+            .unwrap(),
+        None
+    );
+    assert!(
+        plane
+            .get_object(ObjectKind::Batch, "batch_a", None)
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        plane.get_object(ObjectKind::Batch, "file-a", None).unwrap(),
+        None
+    );
+    // Lists: by status across projects, by parent, newest first with a cursor.
+    let filter = |kind| ObjectFilter {
+        kind,
+        project_id: None,
+        parent: None,
+        statuses: Vec::new(),
+        after_id: None,
+        newest_first: false,
+        limit: 100,
+    };
+    let running = plane
+        .list_objects(&ObjectFilter {
+            statuses: vec!["in_progress".into(), "cancelling".into()],
+            ..filter(ObjectKind::Batch)
+        })
+        .unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, "batch_a");
+    let results = plane
+        .list_objects(&ObjectFilter {
+            parent: Some("batch_a".into()),
+            ..filter(ObjectKind::Result)
+        })
+        .unwrap();
+    assert_eq!(results.len(), 2);
+    let newest = plane
+        .list_objects(&ObjectFilter {
+            project_id: Some(owner.project.id.clone()),
+            newest_first: true,
+            limit: 1,
+            ..filter(ObjectKind::Batch)
+        })
+        .unwrap();
+    assert_eq!(newest[0].id, "batch_b");
+    let next = plane
+        .list_objects(&ObjectFilter {
+            project_id: Some(owner.project.id.clone()),
+            newest_first: true,
+            after_id: Some("batch_b".into()),
+            ..filter(ObjectKind::Batch)
+        })
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, "batch_a");
+    // Replaced in place; results deleted together; a stranger cannot delete.
+    let mut done = object(ObjectKind::Batch, "batch_a", None, Some("completed"), 1);
+    done.expires_at_ms = Some(START_MS + 10_000);
+    plane
+        .commit_objects(
+            vec![
+                put(done),
+                Mutation::DeleteResults {
+                    batch_id: "batch_a".into(),
+                },
+            ],
+            None,
+        )
+        .unwrap();
+    let got = plane
+        .get_object(ObjectKind::Batch, "batch_a", None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.status.as_deref(), Some("completed"));
+    assert!(
+        plane
+            .list_objects(&ObjectFilter {
+                parent: Some("batch_a".into()),
+                ..filter(ObjectKind::Result)
+            })
+            .unwrap()
+            .is_empty()
+    );
+    let delete = |project: &str| Mutation::DeleteObject {
+        kind: ObjectKind::File,
+        id: "file-a".into(),
+        project_id: project.to_owned(),
+    };
+    assert!(
+        plane
+            .commit_objects(vec![delete(&stranger.project.id)], None)
+            .is_err()
+    );
+    plane
+        .commit_objects(vec![delete(&owner.project.id)], None)
+        .unwrap();
+    // Only object changes go through here.
+    assert!(
+        plane
+            .commit_objects(
+                vec![Mutation::HolderSeen {
+                    holder: "h".into(),
+                    seen_ms: 0
+                }],
+                None
+            )
+            .is_err()
+    );
+    // Expiry: gone to readers at once, from the store at the retention pass.
+    clock.advance_ms(11_000);
+    assert_eq!(
+        plane
+            .get_object(ObjectKind::Batch, "batch_a", None)
+            .unwrap(),
+        None
+    );
+    assert_eq!(plane.enforce_retention().unwrap(), 1);
+    assert!(
+        plane
+            .get_object(ObjectKind::Batch, "batch_b", None)
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        plane
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "batch.create" && e.target == "batch_a")
+    );
+}
+
 fn stored_responses_are_owned_bounded_and_expire(fx: &Fixture) {
     let (plane, clock) = fx.plane();
     let (keeper, _) = tenant(&plane, KeyPolicy::default(), Some(60));
@@ -1064,6 +1266,7 @@ store_suite!(
     budget_reservations_are_exact_under_concurrency,
     settlements_record_usage_content_and_audit,
     stored_responses_are_owned_bounded_and_expire,
+    batch_objects_are_owned_listed_replaced_and_expire,
     stored_request_strings_are_bounded,
     rate_limits_count_requests_and_tokens,
     concurrent_appends_from_two_connections_keep_the_chain,

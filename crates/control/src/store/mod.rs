@@ -17,8 +17,8 @@ pub use self::sqlite::SqliteStore;
 use crate::audit::{AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
 use crate::types::{
-    EnergySource, KeyContext, KeyRecord, Organisation, Project, RetainedContent, StoredResponse,
-    UsageFilter, UsageRecord,
+    EnergySource, KeyContext, KeyRecord, ObjectFilter, ObjectKind, Organisation, Project,
+    RetainedContent, StoredObject, StoredResponse, UsageFilter, UsageRecord,
 };
 
 /// The schema, one step per version. A database records the versions applied in
@@ -147,6 +147,24 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         );
         CREATE INDEX stored_responses_by_expiry ON stored_responses(expires_at_ms);",
     ),
+    (
+        6,
+        "CREATE TABLE stored_objects (
+            kind TEXT NOT NULL,
+            id TEXT NOT NULL,
+            project_id TEXT NOT NULL,
+            parent TEXT,
+            status TEXT,
+            created_at_ms BIGINT NOT NULL,
+            expires_at_ms BIGINT,
+            meta TEXT NOT NULL,
+            content TEXT,
+            PRIMARY KEY (kind, id)
+        );
+        CREATE INDEX stored_objects_by_parent ON stored_objects(parent);
+        CREATE INDEX stored_objects_by_status ON stored_objects(kind, status);
+        CREATE INDEX stored_objects_by_expiry ON stored_objects(expires_at_ms);",
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -207,6 +225,22 @@ pub enum Mutation {
         id: String,
         /// The project that must own it.
         project_id: String,
+    },
+    /// Keep a Batch API object, replacing the one of the same kind and id.
+    PutObject(StoredObject),
+    /// Delete a Batch API object of a project (changing no row: not the project's, or gone).
+    DeleteObject {
+        /// Its kind.
+        kind: ObjectKind,
+        /// Its id.
+        id: String,
+        /// The project that must own it.
+        project_id: String,
+    },
+    /// Delete every result of a batch (however many there are, none included).
+    DeleteResults {
+        /// The batch's id.
+        batch_id: String,
     },
     /// Record that a holder is alive at `seen_ms` (changes no row when it is not registered).
     HolderSeen {
@@ -350,6 +384,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<StoredResponse>, StoreError>;
     /// Deletes stored responses whose retention has ended; returns how many rows went.
     fn purge_expired_responses(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// A Batch API object of `kind`, if it exists, is `project_id`'s (any project's when
+    /// `None`) and has not expired by `now_ms`.
+    fn get_object(
+        &self,
+        kind: ObjectKind,
+        id: &str,
+        project_id: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<StoredObject>, StoreError>;
+    /// The Batch API objects `filter` selects that have not expired by `now_ms`.
+    fn list_objects(
+        &self,
+        filter: &ObjectFilter,
+        now_ms: i64,
+    ) -> Result<Vec<StoredObject>, StoreError>;
+    /// Deletes Batch API objects whose time has come; returns how many rows went.
+    fn purge_expired_objects(&self, now_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// A parameter of the shared SQL.
@@ -650,6 +702,49 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static st
             )],
             Some(("response", id.clone())),
         ),
+        Mutation::PutObject(o) => (
+            vec![(
+                "INSERT INTO stored_objects (kind, id, project_id, parent, status, created_at_ms, \
+                 expires_at_ms, meta, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (kind, id) DO UPDATE SET parent = excluded.parent, \
+                 status = excluded.status, expires_at_ms = excluded.expires_at_ms, \
+                 meta = excluded.meta, content = excluded.content",
+                vec![
+                    o.kind.as_str().into(),
+                    o.id.as_str().into(),
+                    o.project_id.as_str().into(),
+                    o.parent.clone().into(),
+                    o.status.clone().into(),
+                    o.created_at_ms.into(),
+                    o.expires_at_ms.into(),
+                    o.meta.as_str().into(),
+                    o.content.clone().into(),
+                ],
+            )],
+            None,
+        ),
+        Mutation::DeleteObject {
+            kind,
+            id,
+            project_id,
+        } => (
+            vec![(
+                "DELETE FROM stored_objects WHERE kind = ? AND id = ? AND project_id = ?",
+                vec![
+                    kind.as_str().into(),
+                    id.as_str().into(),
+                    project_id.as_str().into(),
+                ],
+            )],
+            Some((kind.as_str(), id.clone())),
+        ),
+        Mutation::DeleteResults { batch_id } => (
+            vec![(
+                "DELETE FROM stored_objects WHERE kind = 'result' AND parent = ?",
+                vec![batch_id.as_str().into()],
+            )],
+            None,
+        ),
         Mutation::HolderSeen { holder, seen_ms } => (
             vec![(
                 "UPDATE holders SET seen_ms = ? WHERE holder = ?",
@@ -735,6 +830,91 @@ pub(crate) const CONTENT_COLUMNS: &str =
 pub(crate) const GET_RESPONSE_SQL: &str = "SELECT id, org_id, project_id, key_id, created_at_ms, \
     expires_at_ms, input, response FROM stored_responses \
     WHERE id = ? AND project_id = ? AND expires_at_ms > ?";
+
+pub(crate) const OBJECT_COLUMNS: &str =
+    "kind, id, project_id, parent, status, created_at_ms, expires_at_ms, meta, content";
+
+/// One object of one kind, unexpired, optionally of one project.
+pub(crate) fn get_object_sql(
+    kind: ObjectKind,
+    id: &str,
+    project_id: Option<&str>,
+    now_ms: i64,
+) -> (String, Vec<Param>) {
+    let mut sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM stored_objects WHERE kind = ? AND id = ? \
+         AND (expires_at_ms IS NULL OR expires_at_ms > ?)"
+    );
+    let mut params = vec![kind.as_str().into(), id.into(), now_ms.into()];
+    if let Some(project) = project_id {
+        sql.push_str(" AND project_id = ?");
+        params.push(project.into());
+    }
+    (sql, params)
+}
+
+/// The objects a filter selects, unexpired.
+pub(crate) fn list_objects_sql(filter: &ObjectFilter, now_ms: i64) -> (String, Vec<Param>) {
+    let mut sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM stored_objects WHERE kind = ? \
+         AND (expires_at_ms IS NULL OR expires_at_ms > ?)"
+    );
+    let mut params: Vec<Param> = vec![filter.kind.as_str().into(), now_ms.into()];
+    if let Some(project) = &filter.project_id {
+        sql.push_str(" AND project_id = ?");
+        params.push(project.as_str().into());
+    }
+    if let Some(parent) = &filter.parent {
+        sql.push_str(" AND parent = ?");
+        params.push(parent.as_str().into());
+    }
+    if !filter.statuses.is_empty() {
+        let marks = vec!["?"; filter.statuses.len()].join(", ");
+        sql.push_str(&format!(" AND status IN ({marks})"));
+        params.extend(filter.statuses.iter().map(|s| s.as_str().into()));
+    }
+    if let Some(after) = &filter.after_id {
+        sql.push_str(if filter.newest_first {
+            " AND (created_at_ms, id) < (SELECT created_at_ms, id FROM stored_objects WHERE kind = ? AND id = ?)"
+        } else {
+            " AND (created_at_ms, id) > (SELECT created_at_ms, id FROM stored_objects WHERE kind = ? AND id = ?)"
+        });
+        params.push(filter.kind.as_str().into());
+        params.push(after.as_str().into());
+    }
+    let order = if filter.newest_first { "DESC" } else { "ASC" };
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    sql.push_str(&format!(
+        " ORDER BY created_at_ms {order}, id {order} LIMIT ?"
+    ));
+    params.push(limit.into());
+    (sql, params)
+}
+
+pub(crate) fn object_from_row(row: &dyn Row) -> Result<StoredObject, StoreError> {
+    let kind = match row.text(0)?.as_str() {
+        "file" => ObjectKind::File,
+        "batch" => ObjectKind::Batch,
+        "result" => ObjectKind::Result,
+        other => {
+            return Err(StoreError::Corrupt {
+                table: "stored_objects",
+                detail: format!("unknown kind `{other}`"),
+            });
+        }
+    };
+    Ok(StoredObject {
+        kind,
+        id: row.text(1)?,
+        project_id: row.text(2)?,
+        parent: row.opt_text(3)?,
+        status: row.opt_text(4)?,
+        created_at_ms: row.int(5)?,
+        expires_at_ms: row.opt_int(6)?,
+        meta: row.text(7)?,
+        content: row.opt_text(8)?,
+    })
+}
 
 /// A row read the same way from both drivers: column `i` as the type asked for.
 pub(crate) trait Row {
@@ -949,7 +1129,7 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(versions, sorted);
-        assert_eq!(latest_schema_version(), 5);
+        assert_eq!(latest_schema_version(), 6);
     }
 
     #[test]

@@ -15,15 +15,16 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehav
 use super::{
     AUDIT_COLUMNS, CONTENT_COLUMNS, GET_RESPONSE_SQL, HOLDERS_SQL, Holder, HolderRow, KEY_COLUMNS,
     KEY_CONTEXT_SQL, MIGRATIONS, Mutation, Param, Row, Store, USAGE_COLUMNS, audit_append_sql,
-    audit_from_row, content_from_row, hold_sql, holder_from_row, key_context_from_row,
-    key_from_row, latest_schema_version, mutation_sql, org_from_row, project_from_row,
-    response_from_row, usage_from_row, usage_where,
+    audit_from_row, content_from_row, get_object_sql, hold_sql, holder_from_row,
+    key_context_from_row, key_from_row, latest_schema_version, list_objects_sql, mutation_sql,
+    object_from_row, org_from_row, project_from_row, response_from_row, usage_from_row,
+    usage_where,
 };
 use crate::audit::{self, AuditDraft, AuditEntry, AuditHead};
 use crate::error::StoreError;
 use crate::types::{
-    KeyContext, KeyRecord, Organisation, Project, RetainedContent, StoredResponse, UsageFilter,
-    UsageRecord,
+    KeyContext, KeyRecord, ObjectFilter, ObjectKind, Organisation, Project, RetainedContent,
+    StoredObject, StoredResponse, UsageFilter, UsageRecord,
 };
 
 /// How long a statement waits for another process's write lock before giving up.
@@ -504,6 +505,38 @@ impl Store for SqliteStore {
             .conn()
             .execute(
                 "DELETE FROM stored_responses WHERE expires_at_ms <= ?",
+                [now_ms],
+            )
+            .map_err(map_err)?;
+        Ok(deleted as u64)
+    }
+
+    fn get_object(
+        &self,
+        kind: ObjectKind,
+        id: &str,
+        project_id: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<StoredObject>, StoreError> {
+        let (sql, params) = get_object_sql(kind, id, project_id, now_ms);
+        let rows = query(&self.conn(), &sql, &params, object_from_row)?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn list_objects(
+        &self,
+        filter: &ObjectFilter,
+        now_ms: i64,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        let (sql, params) = list_objects_sql(filter, now_ms);
+        query(&self.conn(), &sql, &params, object_from_row)
+    }
+
+    fn purge_expired_objects(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let deleted = self
+            .conn()
+            .execute(
+                "DELETE FROM stored_objects WHERE expires_at_ms <= ?",
                 [now_ms],
             )
             .map_err(map_err)?;
