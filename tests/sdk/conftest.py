@@ -95,11 +95,12 @@ def _serve(
     model: Path | None = None,
     api_key: str = "unused",
     chat_models: int = 1,
+    port: int | None = None,
 ) -> Iterator[Server]:
     """Starts `souverain serve` on the model (the default one unless `model` names another)
     with `extra_args`; stops it on exit. The client sends `api_key` (a real key for a server
     started with `--auth`). `chat_models` is how many chat models `/v1/models` must list
-    (more than one when `extra_args` add models)."""
+    (more than one when `extra_args` add models). `port` reuses a port (a restart)."""
     binary = server_binary()
     if model is None:
         model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
@@ -108,7 +109,7 @@ def _serve(
     if not model.is_file():
         pytest.fail(f"model {model} not found (set SOUVERAIN_MODEL)")
 
-    port = _free_port()
+    port = port or _free_port()
     root_url = f"http://127.0.0.1:{port}"
     cmd = [
         str(binary),

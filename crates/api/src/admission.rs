@@ -104,6 +104,13 @@ impl Caller {
     }
 }
 
+/// A batch's request, sent in-process by the Batch API's runner: the key it runs as. The
+/// middleware takes it instead of a presented key; no client can set a request extension.
+#[derive(Clone)]
+pub(crate) struct BatchIdentity {
+    pub(crate) ctx: Arc<KeyContext>,
+}
+
 /// A request let through by the middleware, waiting for its body and then its prompt.
 #[derive(Clone)]
 pub(crate) struct Admission(Arc<AdmissionInner>);

@@ -55,6 +55,7 @@
 mod admission;
 mod anthropic;
 mod backend;
+mod batches;
 mod embeddings;
 mod error;
 mod generation;
@@ -87,6 +88,7 @@ use axum::routing::{get, post};
 use control::{ControlPlane, Settlement};
 
 pub use crate::backend::{Backend, EmbeddingBackend, ModelFacts};
+pub use crate::batches::{MAX_BATCH_REQUESTS, MAX_FILE_BYTES, check_batch_file};
 pub use crate::embeddings::MAX_EMBEDDING_INPUTS;
 pub use crate::error::ApiError;
 pub use crate::models::{
@@ -101,6 +103,8 @@ pub use edge::MAX_BODY_BYTES;
 #[derive(Clone)]
 pub struct App {
     models: Arc<ModelSet>,
+    batches: Arc<state::BatchSignals>,
+    batch_concurrency: usize,
     embedder: Option<Arc<dyn EmbeddingBackend>>,
     control: Option<Arc<ControlPlane>>,
 }
@@ -139,6 +143,8 @@ impl App {
     pub fn with_models(models: Arc<ModelSet>) -> Self {
         App {
             models,
+            batches: Arc::default(),
+            batch_concurrency: 8,
             embedder: None,
             control: None,
         }
@@ -157,9 +163,22 @@ impl App {
         App { control, ..self }
     }
 
+    /// How many requests of a batch the Batch API's runner sends at once (default 8; the
+    /// engine runs batch work in at most half its slots whatever this is).
+    pub fn with_batch_concurrency(self, batch_concurrency: usize) -> Self {
+        App {
+            batch_concurrency: batch_concurrency.max(1),
+            ..self
+        }
+    }
+
     /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
     pub fn router(&self) -> Router {
-        let state = state::AppState::new(Arc::clone(&self.models), self.embedder.clone());
+        let state = state::AppState::new(
+            Arc::clone(&self.models),
+            self.embedder.clone(),
+            Arc::clone(&self.batches),
+        );
         let model_state = state.clone();
         let app = Router::new()
             .route("/health", get(handlers::health))
@@ -186,6 +205,23 @@ impl App {
                 get(responding::retrieve).delete(responding::delete),
             )
             .route("/v1/embeddings", post(embeddings::embeddings))
+            .route(
+                "/v1/files",
+                post(batches::upload)
+                    .get(batches::list_files)
+                    .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + (1 << 20))),
+            )
+            .route(
+                "/v1/files/{id}",
+                get(batches::retrieve_file).delete(batches::delete_file),
+            )
+            .route("/v1/files/{id}/content", get(batches::file_content))
+            .route(
+                "/v1/batches",
+                post(batches::create_batch).get(batches::list_batches),
+            )
+            .route("/v1/batches/{id}", get(batches::retrieve_batch))
+            .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
             .route("/tokenize", post(tokenize::tokenize))
             .route("/detokenize", post(tokenize::detokenize))
             .merge(ollama_routes())
@@ -245,6 +281,25 @@ impl App {
             .control
             .as_ref()
             .map(|c| c.spawn_maintenance(Duration::from_secs(60)));
+        // The Batch API's runner sends batch requests through the application itself.
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let runner_id = format!(
+            "{}:{}",
+            host.trim(),
+            listener.local_addr().map_or(0, |a| a.port())
+        );
+        let runner = self.control.as_ref().map(|c| {
+            batches::spawn_runner(
+                self.router(),
+                Arc::clone(c),
+                Arc::clone(&self.batches),
+                self.batch_concurrency,
+                runner_id,
+            )
+        });
         // Hyper's own answers to unparsable requests get the error object too, and header
         // sections past edge's limit a JSON 431.
         let app = self
@@ -253,7 +308,7 @@ impl App {
         let result = axum::serve(edge::JsonParseErrors(listener), app)
             .with_graceful_shutdown(shutdown)
             .await;
-        if let Some(task) = maintenance {
+        for task in maintenance.into_iter().chain(runner) {
             task.abort();
         }
         result

@@ -23,7 +23,7 @@ use control::{Checks, Gate};
 use edge::ErrorFacts;
 use edge::MAX_BODY_BYTES;
 
-use crate::admission::{Admission, Caller};
+use crate::admission::{Admission, BatchIdentity, Caller};
 use crate::error::ApiError;
 
 /// The middleware on `/v1/*`.
@@ -33,18 +33,31 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
+    // Authenticated, never metered: tokenising, and the Files and Batch APIs (the batch's
+    // requests are metered one by one when the runner sends them).
     let tokenizer_only = path == "/tokenize"
         || path == "/detokenize"
         || path == "/v1/messages/count_tokens"
-        || path == "/api/show";
+        || path == "/api/show"
+        || path.starts_with("/v1/files")
+        || path.starts_with("/v1/batches");
     let guarded = path.starts_with("/v1/") || path == "/v1" || path.starts_with("/api/");
     if !(guarded || tokenizer_only) {
         return next.run(req).await;
     }
     let started = Instant::now();
-    let ctx = match gate.authenticate(edge::bearer(req.headers())).await {
-        Ok(ctx) => ctx,
-        Err(err) => return ApiError::from(err).into_response(),
+    // A batch's request, sent in-process by the runner in its key's name (an extension no
+    // client can set); any other request shows its key.
+    let internal = req
+        .extensions()
+        .get::<BatchIdentity>()
+        .map(|b| b.ctx.clone());
+    let ctx = match internal {
+        Some(ctx) => ctx,
+        None => match gate.authenticate(edge::bearer(req.headers())).await {
+            Ok(ctx) => ctx,
+            Err(err) => return ApiError::from(err).into_response(),
+        },
     };
     let region = Checks {
         region: true,

@@ -13,6 +13,8 @@ use crate::openai::{ModelCard, ModelStatusValue};
 pub(crate) struct AppState {
     /// The chat models, each loaded on first use.
     pub(crate) models: Arc<ModelSet>,
+    /// What the Batch API's handlers tell its runner.
+    pub(crate) batches: Arc<BatchSignals>,
     /// The embedding model served beside the chat model, if any (`/v1/embeddings`).
     pub(crate) embedder: Option<Arc<dyn EmbeddingBackend>>,
     /// Unix seconds when the router was built: the model's `created`.
@@ -20,9 +22,14 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(models: Arc<ModelSet>, embedder: Option<Arc<dyn EmbeddingBackend>>) -> Self {
+    pub(crate) fn new(
+        models: Arc<ModelSet>,
+        embedder: Option<Arc<dyn EmbeddingBackend>>,
+        batches: Arc<BatchSignals>,
+    ) -> Self {
         AppState {
             models,
+            batches,
             embedder,
             started_at: unix_now(),
         }
@@ -62,6 +69,42 @@ impl AppState {
     /// model has, 503 while it loads past the wait or when its load failed.
     pub(crate) async fn model(&self, name: Option<&str>) -> Result<Served, ApiError> {
         self.models.get(name).await
+    }
+}
+
+/// What the Batch API's handlers tell its runner: a batch was created (wake up) or
+/// cancelled (stop sending its requests).
+#[derive(Default)]
+pub(crate) struct BatchSignals {
+    wake: tokio::sync::Notify,
+    cancelled: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl BatchSignals {
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Completes at the next [`BatchSignals::wake`] (or at once if one came meanwhile).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    pub(crate) fn cancel(&self, id: &str) {
+        if let Ok(mut set) = self.cancelled.lock() {
+            set.insert(id.to_owned());
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self, id: &str) -> bool {
+        self.cancelled.lock().is_ok_and(|set| set.contains(id))
+    }
+
+    /// The batch ended: nothing more to say about it.
+    pub(crate) fn forget(&self, id: &str) {
+        if let Ok(mut set) = self.cancelled.lock() {
+            set.remove(id);
+        }
     }
 }
 

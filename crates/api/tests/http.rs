@@ -828,3 +828,20 @@ async fn tokenize_and_detokenize_round_trip() {
     let (status, _) = send_json(fake.app(), post_json("/detokenize", r#"{"tokens": [999]}"#)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn batches_and_files_need_the_control_plane() {
+    let app = FakeBackend::new(Mode::Echo).app();
+    let (status, json) = send_json(
+        app.clone(),
+        post_json(
+            "/v1/batches",
+            r#"{"input_file_id":"file-x","endpoint":"/v1/chat/completions","completion_window":"24h"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_object(status, &json)["code"], "batches_unavailable");
+    let (status, json) = send_json(app, get("/v1/files")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
+}

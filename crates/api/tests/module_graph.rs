@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "ollama_api",
         "tokenize",
         "metrics",
+        "batches",
     ],
     &["middleware"],
 ];

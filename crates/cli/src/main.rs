@@ -114,6 +114,10 @@ struct ServeArgs {
     /// Longest a request waits for its model to load, seconds; then 503 with Retry-After.
     #[arg(long, default_value_t = 600)]
     model_load_timeout: u64,
+    /// Requests of a batch (Batch API, with --auth) sent at once; the engine runs batch work
+    /// in at most half its slots, behind every interactive request.
+    #[arg(long, default_value_t = 8)]
+    batch_concurrency: usize,
     #[command(flatten)]
     batching: BatchingArgs,
     #[command(flatten)]
@@ -562,6 +566,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!(address = %addr, model = models.default_id(), "listening");
         let shutdown = route::shutdown();
         api::App::with_models(models)
+            .with_batch_concurrency(args.batch_concurrency)
             .with_embedder(embedder)
             .with_control(control)
             .serve(listener, shutdown)
