@@ -9,7 +9,11 @@
 //!
 //! Admission is first come, first served within a priority: interactive requests queue ahead
 //! of every batch request (the Batch API's), and batch sequences hold at most half of the
-//! running slots, so an interactive arrival never waits behind batch work. A new sequence first looks its tokens up in the
+//! running slots, so an interactive arrival never waits behind batch work. While an
+//! interactive prompt is being processed, batch sequences sit its steps out, and batch
+//! prompts take at most an eighth of a step's tokens: the step a request arrives during ends
+//! soon and its own prompt's steps are as short as without batch work
+//! (`scripts/bench/batch-ttft`). A new sequence first looks its tokens up in the
 //! prefix cache and starts computing after the longest cached run of whole blocks. A block
 //! enters the cache only once it is full and computed, so a sequence that arrives while
 //! another with the same prefix is still in its prompt would find little and compute the
@@ -529,12 +533,19 @@ impl Scheduler {
                 i += 1;
             }
         }
-        // Plan: (sequence index, number of tokens to run this step).
+        // Plan: (sequence index, number of tokens to run this step). While an interactive
+        // prompt is being processed, batch sequences sit the step out: the prompt's step is as
+        // short as without them, so batch work does not delay a first token.
         let mut budget = self.limits.max_batch_tokens;
         let mut plan: Vec<(usize, usize)> = Vec::new();
+        let interactive_prompt = self
+            .running
+            .iter()
+            .any(|s| s.priority == Priority::Interactive && s.tokens.len() - s.n_computed > 1);
+        let steps = |seq: &Sequence| !(interactive_prompt && seq.priority == Priority::Batch);
         for (i, seq) in self.running.iter().enumerate() {
             let todo = seq.tokens.len() - seq.n_computed;
-            if todo == 1 {
+            if todo == 1 && steps(seq) {
                 plan.push((i, 1));
                 budget = budget.saturating_sub(1);
             }
@@ -550,12 +561,24 @@ impl Scheduler {
                 plan[p].1 += d.len();
             }
         }
+        // Batch prompts take at most an eighth of a step's tokens, so that a step an
+        // interactive request arrives during ends soon.
+        let mut batch_budget = (self.limits.max_batch_tokens / 8).max(1);
         for (i, seq) in self.running.iter().enumerate() {
             let todo = seq.tokens.len() - seq.n_computed;
-            if todo > 1 && budget > 0 {
-                let n = todo.min(budget);
+            let batch = seq.priority == Priority::Batch;
+            let room = if batch {
+                budget.min(batch_budget)
+            } else {
+                budget
+            };
+            if todo > 1 && room > 0 && steps(seq) {
+                let n = todo.min(room);
                 plan.push((i, n));
                 budget -= n;
+                if batch {
+                    batch_budget -= n;
+                }
             }
         }
         if plan.is_empty() {
