@@ -840,15 +840,22 @@ impl Runner {
     }
 
     /// Whether the batch was cancelled (here or in the store) since it was read.
+    /// Whether the batch was cancelled (here or in the store) since it was read, or its key
+    /// no longer authenticates (revoked, expired: its requests stop too).
     async fn cancelled(&self, batch: &Running) -> Result<bool, Failure> {
         if self.signals.is_cancelled(&batch.row.id) {
             return Ok(true);
         }
-        let id = batch.row.id.clone();
-        let now = self
-            .store(move |plane| plane.get_object(ObjectKind::Batch, &id, None))
+        let (id, key_id) = (batch.row.id.clone(), batch.internal.key_id.clone());
+        let (row, key) = self
+            .store(move |plane| {
+                Ok((
+                    plane.get_object(ObjectKind::Batch, &id, None)?,
+                    plane.context_of_key(&key_id)?,
+                ))
+            })
             .await?;
-        Ok(now.is_none_or(|row| row.status.as_deref() == Some("cancelling")))
+        Ok(key.is_none() || row.is_none_or(|row| row.status.as_deref() == Some("cancelling")))
     }
 
     async fn run(&self, mut batch: Running) -> Result<(), Failure> {
@@ -1135,10 +1142,27 @@ impl Runner {
             .unwrap_or_default()
             .to_owned();
         let project = batch.row.project_id.clone();
-        let input = self
-            .store(move |plane| plane.get_object(ObjectKind::File, &input_id, Some(&project)))
+        let this = batch.row.id.clone();
+        let (input, shared) = self
+            .store(move |plane| {
+                let input = plane.get_object(ObjectKind::File, &input_id, Some(&project))?;
+                // Another running batch of the project reading the same file keeps it.
+                let others = plane.list_objects(&ObjectFilter {
+                    kind: ObjectKind::Batch,
+                    project_id: Some(project),
+                    parent: None,
+                    statuses: RUNNING.iter().map(|s| (*s).to_owned()).collect(),
+                    after_id: None,
+                    newest_first: false,
+                    limit: 10_000,
+                })?;
+                let shared = others
+                    .iter()
+                    .any(|b| b.id != this && batch_view(b)["input_file_id"] == input_id.as_str());
+                Ok((input, shared))
+            })
             .await?;
-        if let Some(mut input) = input {
+        if let Some(mut input) = input.filter(|_| !shared) {
             input.expires_at_ms = Some(now + keep);
             extra.push(Mutation::PutObject(input));
         }
