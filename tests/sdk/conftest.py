@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -54,6 +55,22 @@ class Server:
     model_id: str
     # The embedding model's id when one is served (SOUVERAIN_EMBEDDING_MODEL), else None.
     embedding_model_id: str | None = None
+
+
+def admin(data_dir: Path, *args: str):
+    """Runs `souverain admin --data-dir DIR ARGS...` and returns its JSON (a list of entries
+    for `audit list`, which prints one per line)."""
+    out = subprocess.run(
+        [str(server_binary()), "admin", "--data-dir", str(data_dir), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    text = out.stdout.strip()
+    if args[:2] == ("audit", "list"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
 def _free_port() -> int:

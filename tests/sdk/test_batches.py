@@ -19,23 +19,9 @@ from typing import Iterator
 
 import openai
 import pytest
-from conftest import Server, _serve, server_binary
+from conftest import Server, _serve, admin
 
 EMBEDDING_MODEL = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
-
-
-def _admin(data_dir: Path, *args: str):
-    out = subprocess.run(
-        [str(server_binary()), "admin", "--data-dir", str(data_dir), *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    text = out.stdout.strip()
-    if args[:2] == ("audit", "list"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
 
 
 class Site:
@@ -51,13 +37,13 @@ class Site:
 
 
 def make_keys(data_dir: Path) -> dict[str, str]:
-    org = _admin(data_dir, "org", "create", "acme")["id"]
-    keeper = _admin(data_dir, "project", "create", org, "keeper", "--retention-secs", "3600")
-    forgetful = _admin(data_dir, "project", "create", org, "forgetful")
-    other_org = _admin(data_dir, "org", "create", "globex")["id"]
-    other = _admin(data_dir, "project", "create", other_org, "theirs")
+    org = admin(data_dir, "org", "create", "acme")["id"]
+    keeper = admin(data_dir, "project", "create", org, "keeper", "--retention-secs", "3600")
+    forgetful = admin(data_dir, "project", "create", org, "forgetful")
+    other_org = admin(data_dir, "org", "create", "globex")["id"]
+    other = admin(data_dir, "project", "create", other_org, "theirs")
     return {
-        name: _admin(data_dir, "key", "create", project["id"], name)["key"]
+        name: admin(data_dir, "key", "create", project["id"], name)["key"]
         for name, project in (("keeper", keeper), ("forgetful", forgetful), ("other", other))
     }
 
@@ -145,7 +131,7 @@ def test_a_chat_batch_answers_as_requests_sent_one_by_one(site: Site) -> None:
         )
         assert r["response"]["body"]["choices"][0]["message"]["content"] == alone.choices[0].message.content
     # Each request of the batch was metered as the key's use.
-    usage = _admin(site.data_dir, "usage")
+    usage = admin(site.data_dir, "usage")
     ids = {u["id"] for u in usage}
     assert all(r["response"]["body"]["id"] in ids for r in out)
     # Listed, newest first; files listed; the project's retention keeps the output.
@@ -186,7 +172,7 @@ def test_completions_embeddings_and_responses_batches(site: Site) -> None:
 
 def test_bad_input_is_refused_and_nothing_is_kept(site: Site) -> None:
     client = site.clients["keeper"]
-    before = [e for e in _admin(site.data_dir, "audit", "list") if e["action"].startswith(("file.", "batch."))]
+    before = [e for e in admin(site.data_dir, "audit", "list") if e["action"].startswith(("file.", "batch."))]
     with pytest.raises(openai.BadRequestError, match="line 2"):
         client.files.create(file=("x.jsonl", b'{"custom_id":"a","method":"POST","url":"/v1/completions","body":{}}\nnot json\n'), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="purpose"):
@@ -210,7 +196,7 @@ def test_bad_input_is_refused_and_nothing_is_kept(site: Site) -> None:
         other.files.retrieve(good.id)
     with pytest.raises(openai.BadRequestError):
         other.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
-    after = [e for e in _admin(site.data_dir, "audit", "list") if e["action"].startswith(("file.", "batch."))]
+    after = [e for e in admin(site.data_dir, "audit", "list") if e["action"].startswith(("file.", "batch."))]
     # Only the one good upload was kept.
     assert [e["action"] for e in after[len(before):]] == ["file.create"]
     client.files.delete(good.id)
@@ -280,5 +266,5 @@ def test_a_batch_resumes_after_the_server_is_killed() -> None:
             assert [r["custom_id"] for r in out] == [f"k{i}" for i in range(24)]
         # Requests finished before the kill were not sent again: at most the two in flight
         # when it came were (each metered once per time it ran).
-        sent = [u for u in _admin(data_dir, "usage") if u["status"] == "ok"]
+        sent = [u for u in admin(data_dir, "usage") if u["status"] == "ok"]
         assert 24 <= len(sent) <= 26, len(sent)

@@ -12,7 +12,6 @@ default), and another organisation.
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import Server, THINKING_TEMPLATE, _serve, server_binary
+from conftest import Server, THINKING_TEMPLATE, _serve, admin
 
 STORY = "Tell me a short story about a cat."
 WEATHER = {
@@ -363,20 +362,6 @@ def test_reasoning_item_carries_the_thinking(thinking_server: Server) -> None:
 # ---- with --auth: stored responses --------------------------------------------------------
 
 
-def _admin(data_dir: Path, *args: str):
-    out = subprocess.run(
-        [str(server_binary()), "admin", "--data-dir", str(data_dir), *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    text = out.stdout.strip()
-    if args[:2] == ("audit", "list"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
-
-
 class Tenants:
     """The data directory, and a client per key of the stored half."""
 
@@ -392,20 +377,20 @@ class Tenants:
         }
 
     def stored_actions(self) -> list[str]:
-        return [e["action"] for e in _admin(self.data_dir, "audit", "list") if e["action"].startswith("response.")]
+        return [e["action"] for e in admin(self.data_dir, "audit", "list") if e["action"].startswith("response.")]
 
 
 @pytest.fixture(scope="module")
 def tenants() -> Iterator[Tenants]:
     with tempfile.TemporaryDirectory(prefix="souverain-responses-") as tmp:
         data_dir = Path(tmp)
-        acme = _admin(data_dir, "org", "create", "acme")["id"]
-        keeper = _admin(data_dir, "project", "create", acme, "keeper", "--retention-secs", "3600")
-        forgetful = _admin(data_dir, "project", "create", acme, "forgetful")
-        other_org = _admin(data_dir, "org", "create", "globex")["id"]
-        other = _admin(data_dir, "project", "create", other_org, "theirs", "--retention-secs", "3600")
+        acme = admin(data_dir, "org", "create", "acme")["id"]
+        keeper = admin(data_dir, "project", "create", acme, "keeper", "--retention-secs", "3600")
+        forgetful = admin(data_dir, "project", "create", acme, "forgetful")
+        other_org = admin(data_dir, "org", "create", "globex")["id"]
+        other = admin(data_dir, "project", "create", other_org, "theirs", "--retention-secs", "3600")
         keys = {
-            name: _admin(data_dir, "key", "create", project["id"], name)["key"]
+            name: admin(data_dir, "key", "create", project["id"], name)["key"]
             for name, project in (("keeper", keeper), ("forgetful", forgetful), ("other", other))
         }
         args = ["--auth", "--data-dir", str(data_dir)]
@@ -510,7 +495,7 @@ def test_zero_retention_refuses_store(tenants: Tenants) -> None:
 
 def test_bad_input_stores_and_meters_nothing(tenants: Tenants) -> None:
     client, model = tenants.clients["keeper"], tenants.model_id
-    before_usage = _admin(tenants.data_dir, "usage")
+    before_usage = admin(tenants.data_dir, "usage")
     before_actions = tenants.stored_actions()
     bad = [
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
@@ -520,7 +505,7 @@ def test_bad_input_stores_and_meters_nothing(tenants: Tenants) -> None:
     for body in bad:
         with pytest.raises((openai.BadRequestError, openai.NotFoundError)):
             client.post("/responses", body={"model": model, **body}, cast_to=object)
-    after_usage = _admin(tenants.data_dir, "usage")
+    after_usage = admin(tenants.data_dir, "usage")
     new = after_usage[len(before_usage) :]
     assert len(new) == len(bad)
     assert all(u["status"] == "rejected" for u in new), new

@@ -323,12 +323,42 @@ fn keep_ms(ctx: &KeyContext) -> i64 {
         .map_or(0, |s| s.saturating_mul(1000))
 }
 
-async fn get_file(caller: &Caller, id: String) -> Result<StoredObject, ApiError> {
+/// The key's project's file or batch `id`; a 404 for any other.
+async fn get_owned(
+    caller: &Caller,
+    kind: ObjectKind,
+    id: String,
+) -> Result<StoredObject, ApiError> {
     let wanted = id.clone();
     caller
-        .run(move |plane, ctx| plane.get_object(ObjectKind::File, &wanted, Some(&ctx.project.id)))
+        .run(move |plane, ctx| plane.get_object(kind, &wanted, Some(&ctx.project.id)))
         .await?
-        .ok_or_else(|| not_found("file", &id))
+        .ok_or_else(|| not_found(kind.as_str(), &id))
+}
+
+async fn get_file(caller: &Caller, id: String) -> Result<StoredObject, ApiError> {
+    get_owned(caller, ObjectKind::File, id).await
+}
+
+/// Deletes the key's project's file `id`, audited with `detail`.
+async fn delete_owned_file(caller: &Caller, id: String, detail: Value) -> Result<(), ApiError> {
+    caller
+        .run(move |plane, ctx| {
+            plane.commit_objects(
+                vec![Mutation::DeleteObject {
+                    kind: ObjectKind::File,
+                    id: id.clone(),
+                    project_id: ctx.project.id.clone(),
+                }],
+                Some(ObjectAudit {
+                    key_id: &ctx.key.id,
+                    action: "file.delete",
+                    target: &id,
+                    detail,
+                }),
+            )
+        })
+        .await
 }
 
 /// `GET /v1/files/{id}`.
@@ -351,23 +381,8 @@ pub(crate) async fn file_content(
     let content = stored.content.clone().unwrap_or_default();
     let output = stored.parent.is_some();
     if output && !caller.retains() {
-        caller
-            .run(move |plane, ctx| {
-                plane.commit_objects(
-                    vec![Mutation::DeleteObject {
-                        kind: ObjectKind::File,
-                        id: stored.id.clone(),
-                        project_id: ctx.project.id.clone(),
-                    }],
-                    Some(ObjectAudit {
-                        key_id: &ctx.key.id,
-                        action: "file.delete",
-                        target: &stored.id,
-                        detail: json!({"reason": "downloaded under zero retention"}),
-                    }),
-                )
-            })
-            .await?;
+        let reason = json!({"reason": "downloaded under zero retention"});
+        delete_owned_file(&caller, stored.id.clone(), reason).await?;
     }
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], content).into_response())
 }
@@ -379,23 +394,7 @@ pub(crate) async fn delete_file(
 ) -> Result<Response, ApiError> {
     let caller = caller(c)?;
     let stored = get_file(&caller, id.clone()).await?;
-    caller
-        .run(move |plane, ctx| {
-            plane.commit_objects(
-                vec![Mutation::DeleteObject {
-                    kind: ObjectKind::File,
-                    id: stored.id.clone(),
-                    project_id: ctx.project.id.clone(),
-                }],
-                Some(ObjectAudit {
-                    key_id: &ctx.key.id,
-                    action: "file.delete",
-                    target: &stored.id,
-                    detail: json!({}),
-                }),
-            )
-        })
-        .await?;
+    delete_owned_file(&caller, stored.id, json!({})).await?;
     Ok(axum::Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
@@ -650,11 +649,7 @@ fn batch_view(stored: &StoredObject) -> Value {
 }
 
 async fn get_batch(caller: &Caller, id: String) -> Result<StoredObject, ApiError> {
-    let wanted = id.clone();
-    caller
-        .run(move |plane, ctx| plane.get_object(ObjectKind::Batch, &wanted, Some(&ctx.project.id)))
-        .await?
-        .ok_or_else(|| not_found("batch", &id))
+    get_owned(caller, ObjectKind::Batch, id).await
 }
 
 /// `GET /v1/batches/{id}`.
