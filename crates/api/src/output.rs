@@ -319,6 +319,11 @@ impl OutputParser {
             if marker.starts_with(rest) && !end {
                 return false;
             }
+            if end && !rest.is_empty() && marker.starts_with(rest) {
+                // A further call cut (`max_tokens`) inside its marker: markup, not content.
+                self.buf.clear();
+                return false;
+            }
             // Text after the calls is content again (the whitespace between them dropped).
             self.mode = Mode::Content;
             self.trim_content = self.calls > 0;
@@ -1484,6 +1489,17 @@ mod tests {
                 named("get", ""),
             ),
             (&mistral, "Sure.[TOOL_CALLS]get_wea", vec![]),
+            // A second call cut inside its marker: the first call, no markup.
+            (
+                &hermes,
+                "Sure.<tool_call>{\"name\": \"get\", \"arguments\": {}}</tool_call>\n<tool",
+                named("get", "{}"),
+            ),
+            (
+                &hermes,
+                "Sure.<tool_call>{\"name\": \"get\", \"arguments\": {}}</tool_call>\n<tool_call",
+                named("get", "{}"),
+            ),
             (
                 &mistral,
                 "Sure.[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"x\": 1}}, {\"name\": \"b\", \"arguments\": {\"y\": [",
