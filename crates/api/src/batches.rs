@@ -11,9 +11,15 @@
 //!
 //! Retention: a batch's files hold prompts and outputs, so they are kept only as long as the
 //! batch needs them and the project's retention allows. An input file not used by a batch
-//! goes after a day; a batch's input file goes when the batch ends (after the project's
-//! retention when it has one); its output and error files stay for the project's retention,
-//! at least a day, and with zero retention (the default) they are deleted once downloaded.
+//! goes after the project's retention or a day, whichever is longer; a batch's input file goes
+//! when the batch ends (after the project's retention when it has one, and not while another
+//! running batch reads it); its output and error files stay for the project's retention, at
+//! least a day, and with zero retention (the default) they go ten minutes after their first
+//! download. A project keeps at most 1,000 files and 4 GiB; a batch's results at most 256 MiB.
+//!
+//! One runner per store: several servers sharing a store each run batches, and a batch whose
+//! server makes no progress for a minute is taken over by another; a server that stalls that
+//! long (and then goes on) can send some requests of the batch twice.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +29,7 @@ use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{Request, StatusCode, header};
+use axum::http::{Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use control::{
     ControlPlane, KeyContext, Mutation, ObjectAudit, ObjectFilter, ObjectKind, StoredObject,
@@ -41,6 +47,13 @@ use crate::state::{AppState, BatchSignals as Signals, response_id};
 
 /// The largest file `POST /v1/files` takes.
 pub const MAX_FILE_BYTES: usize = 64 << 20;
+/// How long a zero-retention project's output file stays once downloaded.
+const DOWNLOADED_GRACE_MS: i64 = 10 * 60_000;
+/// Most files a project keeps, and most bytes in them.
+const MAX_PROJECT_FILES: usize = 1000;
+const MAX_PROJECT_FILE_BYTES: u64 = 4 << 30;
+/// Most bytes of results one batch may produce: past it, it stops and fails.
+const MAX_BATCH_OUTPUT_BYTES: usize = 256 << 20;
 /// Most requests in one batch.
 pub const MAX_BATCH_REQUESTS: usize = 50_000;
 const MAX_CUSTOM_ID_CHARS: usize = 512;
@@ -287,6 +300,31 @@ pub(crate) async fn upload(
     let size = text.len();
     let stored = caller
         .run(move |plane, ctx| {
+            // A project holds a bounded number and size of files.
+            let held = plane.list_objects(&ObjectFilter {
+                kind: ObjectKind::File,
+                project_id: Some(ctx.project.id.clone()),
+                parent: None,
+                statuses: Vec::new(),
+                after_id: None,
+                newest_first: false,
+                limit: MAX_PROJECT_FILES,
+                with_content: false,
+            })?;
+            let held_bytes: u64 = held.iter().map(|f| file_view(f)["bytes"].as_u64().unwrap_or(0)).sum();
+            if held.len() >= MAX_PROJECT_FILES
+                || held_bytes.saturating_add(size as u64) > MAX_PROJECT_FILE_BYTES
+            {
+                return Err(control::ControlError::Invalid {
+                    field: "file",
+                    message: format!(
+                        "project {} holds {} files of {held_bytes} bytes; at most {MAX_PROJECT_FILES} \
+                         files and {MAX_PROJECT_FILE_BYTES} bytes are kept: delete some first",
+                        ctx.project.id,
+                        held.len()
+                    ),
+                });
+            }
             let now = plane.now_ms();
             let expires = now + keep_ms(ctx).max(DAY_MS);
             let meta = file_object(&id, size, now, &filename, "batch", Some(expires));
@@ -371,18 +409,33 @@ pub(crate) async fn retrieve_file(
 }
 
 /// `GET /v1/files/{id}/content`: the file's bytes. With zero retention a batch's output or
-/// error file is deleted once it has been read.
+/// error file goes [`DOWNLOADED_GRACE_MS`] after it was first read (time to retry a transfer
+/// that broke; a `HEAD` reads nothing and changes nothing).
 pub(crate) async fn file_content(
+    method: Method,
     c: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let caller = caller(c)?;
-    let stored = get_file(&caller, id).await?;
-    let content = stored.content.clone().unwrap_or_default();
+    let mut stored = get_file(&caller, id).await?;
+    let content = stored.content.take().unwrap_or_default();
     let output = stored.parent.is_some();
-    if output && !caller.retains() {
-        let reason = json!({"reason": "downloaded under zero retention"});
-        delete_owned_file(&caller, stored.id.clone(), reason).await?;
+    if output && !caller.retains() && method == Method::GET {
+        caller
+            .run(move |plane, _| {
+                let soon = plane.now_ms() + DOWNLOADED_GRACE_MS;
+                if stored.expires_at_ms.is_none_or(|at| at > soon) {
+                    // Re-read with its bytes, so that the write keeps them.
+                    let full =
+                        plane.get_object(ObjectKind::File, &stored.id, Some(&stored.project_id))?;
+                    if let Some(mut full) = full {
+                        full.expires_at_ms = Some(soon);
+                        plane.commit_objects(vec![Mutation::PutObject(full)], None)?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
     }
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], content).into_response())
 }
@@ -398,7 +451,7 @@ pub(crate) async fn delete_file(
     Ok(axum::Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
-/// `GET /v1/files` and `GET /v1/batches`: `limit` (1 to 100, default 20 / 10000 for files),
+/// `GET /v1/files` and `GET /v1/batches`: `limit` (1 to 10000, default 20 / 10000 for files),
 /// `after` (a cursor: the last id of the previous page), `purpose` (files).
 #[derive(Debug, Deserialize)]
 pub(crate) struct ListQuery {
@@ -428,6 +481,7 @@ async fn list(
                 after_id: after,
                 newest_first: true,
                 limit: limit + 1,
+                with_content: false,
             })
         })
         .await?;
@@ -678,9 +732,24 @@ pub(crate) async fn cancel_batch(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let caller = caller(c)?;
-    let mut stored = get_batch(&caller, id.clone()).await?;
-    let status = stored.status.clone().unwrap_or_default();
-    if status == "in_progress" || status == "validating" {
+    // Written only while the batch is still running (a conditional update): a batch the
+    // runner ends meanwhile is answered as it ended, never brought back as `cancelling`.
+    for _ in 0..3 {
+        let mut stored = get_batch(&caller, id.clone()).await?;
+        let status = stored.status.clone().unwrap_or_default();
+        if status == "cancelling" || status == "cancelled" {
+            return Ok(axum::Json(batch_view(&stored)).into_response());
+        }
+        if status != "in_progress" && status != "validating" {
+            return Err(ApiError::Refused(Box::new(edge::Refusal {
+                status: StatusCode::CONFLICT,
+                kind: "invalid_request_error",
+                code: None,
+                param: None,
+                message: format!("Cannot cancel a batch with status '{status}'."),
+                retry_after_s: None,
+            })));
+        }
         let mut object = batch_view(&stored);
         object["status"] = "cancelling".into();
         let now = caller.run(|plane, _| Ok(plane.now_ms())).await?;
@@ -688,32 +757,38 @@ pub(crate) async fn cancel_batch(
         stored.meta = object.to_string();
         stored.status = Some("cancelling".to_owned());
         let write = stored.clone();
-        caller
+        let target = id.clone();
+        let written = caller
             .run(move |plane, ctx| {
-                plane.commit_objects(
-                    vec![Mutation::PutObject(write)],
-                    Some(ObjectAudit {
-                        key_id: &ctx.key.id,
-                        action: "batch.cancel",
-                        target: &id,
-                        detail: json!({}),
-                    }),
-                )
+                let put = Mutation::PutObjectIf {
+                    object: write,
+                    statuses: vec!["in_progress".to_owned(), "validating".to_owned()],
+                };
+                let audit = ObjectAudit {
+                    key_id: &ctx.key.id,
+                    action: "batch.cancel",
+                    target: &target,
+                    detail: json!({}),
+                };
+                match plane.commit_objects(vec![put], Some(audit)) {
+                    Ok(()) => Ok(true),
+                    Err(control::ControlError::Store(control::StoreError::NotFound { .. })) => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await?;
-        app.batches.cancel(&stored.id);
-        app.batches.wake();
-    } else if status != "cancelling" && status != "cancelled" {
-        return Err(ApiError::Refused(Box::new(edge::Refusal {
-            status: StatusCode::CONFLICT,
-            kind: "invalid_request_error",
-            code: None,
-            param: None,
-            message: format!("Cannot cancel a batch with status '{status}'."),
-            retry_after_s: None,
-        })));
+        if written {
+            app.batches.cancel(&stored.id);
+            app.batches.wake();
+            return Ok(axum::Json(batch_view(&stored)).into_response());
+        }
+        // The runner wrote it meanwhile: look again.
     }
-    Ok(axum::Json(batch_view(&stored)).into_response())
+    Err(ApiError::unavailable(
+        "the batch kept changing while being cancelled",
+    ))
 }
 
 // ---- the runner ----------------------------------------------------------------------------
@@ -795,6 +870,7 @@ impl Runner {
                     after_id: None,
                     newest_first: false,
                     limit: 64,
+                    with_content: true,
                 })
             })
             .await?;
@@ -822,6 +898,8 @@ impl Runner {
     }
 
     /// Writes the batch's row (with `extra` changes in the same transaction).
+    /// Writes the batch's row (with `extra` changes in the same transaction). A cancel that
+    /// came meanwhile is seen at the next result's check (`cancelled`).
     async fn save(&self, batch: &mut Running, extra: Vec<Mutation>) -> Result<(), Failure> {
         batch.internal.claimed_by = Some(self.id.clone());
         batch.internal.claimed_at_ms = self.control.now_ms();
@@ -834,7 +912,6 @@ impl Runner {
             .await
     }
 
-    /// Whether the batch was cancelled (here or in the store) since it was read.
     /// Whether the batch was cancelled (here or in the store) since it was read, or its key
     /// no longer authenticates (revoked, expired: its requests stop too).
     async fn cancelled(&self, batch: &Running) -> Result<bool, Failure> {
@@ -874,6 +951,7 @@ impl Runner {
                     after_id: None,
                     newest_first: false,
                     limit: MAX_BATCH_REQUESTS + 1,
+                    with_content: true,
                 })?;
                 Ok((ctx, input, done))
             })
@@ -890,6 +968,10 @@ impl Runner {
         };
         let ctx = Arc::new(ctx);
         let finished: HashSet<usize> = done.iter().filter_map(|r| line_of(&r.id)).collect();
+        let mut output_bytes: usize = done
+            .iter()
+            .map(|r| r.content.as_ref().map_or(0, String::len))
+            .sum();
         if batch.object["status"] == "in_progress" {
             self.save(&mut batch, Vec::new()).await?;
             tracing::info!(batch = %id, requests = lines.len(), resumed = finished.len(), "running batch");
@@ -919,6 +1001,7 @@ impl Runner {
                 let Some((ok, line)) = sent else {
                     continue;
                 };
+                output_bytes = output_bytes.saturating_add(line.len());
                 let counts = &mut batch.object["request_counts"];
                 let field = if ok { "completed" } else { "failed" };
                 counts[field] = (counts[field].as_u64().unwrap_or(0) + 1).into();
@@ -936,6 +1019,16 @@ impl Runner {
                 if !stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     let stop = if self.cancelled(&batch).await? {
                         Some(("cancelling", "cancelling_at"))
+                    } else if output_bytes > MAX_BATCH_OUTPUT_BYTES {
+                        let why = format!(
+                            "the batch's results passed {MAX_BATCH_OUTPUT_BYTES} bytes; split it"
+                        );
+                        batch.object["errors"] = json!({
+                            "object": "list",
+                            "data": [{"code": "output_too_large", "message": why,
+                                      "param": null, "line": n + 1}],
+                        });
+                        Some(("finalizing", "failed_at"))
                     } else if self.control.now_ms() > deadline_ms {
                         Some(("finalizing", "expired_at"))
                     } else {
@@ -1042,6 +1135,7 @@ impl Runner {
                     after_id: None,
                     newest_first: false,
                     limit: MAX_BATCH_REQUESTS + 1,
+                    with_content: true,
                 })
             })
             .await?
@@ -1106,6 +1200,7 @@ impl Runner {
             .to_owned();
         let (end, at) = match status.as_str() {
             "cancelling" => ("cancelled", "cancelled_at"),
+            "finalizing" if !batch.object["errors"].is_null() => ("failed", "failed_at"),
             "finalizing" if !batch.object["expired_at"].is_null() => ("expired", "expired_at"),
             _ => ("completed", "completed_at"),
         };
@@ -1150,6 +1245,7 @@ impl Runner {
                     after_id: None,
                     newest_first: false,
                     limit: 10_000,
+                    with_content: false,
                 })?;
                 let shared = others
                     .iter()

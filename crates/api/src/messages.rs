@@ -74,10 +74,17 @@ async fn respond(
 /// model's template renders them), `{"input_tokens": n}`.
 pub(crate) async fn count_tokens(
     State(app): State<AppState>,
+    caller: Option<axum::Extension<crate::admission::Caller>>,
     edge::Json(body): edge::Json<MessagesRequest>,
 ) -> Result<Response, ApiError> {
     let chat = to_chat(&body, Purpose::CountTokens)?;
-    let served = app.model(chat.model_name()).await?;
+    let caller = caller.map(|axum::Extension(c)| c);
+    if chat.model_name().is_none() {
+        return Err(ApiError::invalid("model", "`model` is required"));
+    }
+    let served = app
+        .optional_model(chat.model_name(), caller.as_ref().map(|c| c.ctx.as_ref()))
+        .await?;
     let valid = validate::chat(&chat, &served.name)?;
     let input_tokens = count_prompt_tokens(&served.backend, valid).await?;
     Ok(axum::Json(json!({ "input_tokens": input_tokens })).into_response())

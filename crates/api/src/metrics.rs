@@ -213,18 +213,28 @@ fn energy(out: &mut String, label: &str, e: &engine::EnergySnapshot) {
     }
 }
 
-/// `souverain_model_loaded`: 1 for each chat model in memory, 0 for the others (a router
-/// sends a model's requests where it is loaded).
+/// `souverain_model_loaded`: 1 for each model in memory, 0 for the others, under every name
+/// it answers to (a router sends a model's requests where it is served and loaded).
 fn models_loaded(out: &mut String, state: &AppState) {
     let name = "souverain_model_loaded";
     let _ = writeln!(
         out,
         "# HELP {name} Whether the model is loaded (1) or not (0).\n# TYPE {name} gauge"
     );
+    // Every name a request may use: each chat model's id and aliases, and the embedding
+    // model (always loaded), so that a router sends each where it is served.
+    let mut names: Vec<(String, bool)> = Vec::new();
     for status in state.models.statuses() {
-        let model = status.id.replace('\\', "\\\\").replace('"', "\\\"");
-        let loaded = u8::from(status.state == crate::models::ModelState::Loaded);
-        let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {loaded}");
+        let loaded = status.state == crate::models::ModelState::Loaded;
+        names.push((status.id, loaded));
+        names.extend(status.aliases.into_iter().map(|a| (a, loaded)));
+    }
+    if let Some(embedder) = &state.embedder {
+        names.push((embedder.model_id().to_owned(), true));
+    }
+    for (model, loaded) in names {
+        let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {}", u8::from(loaded));
     }
 }
 

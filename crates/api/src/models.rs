@@ -4,7 +4,7 @@
 //! (one engine and KV pool each); a request holds its model's `Arc` until it ends, so an
 //! unload never cuts a generation short: the memory goes when the last request lets go.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -107,9 +107,18 @@ pub enum ModelSetError {
     },
 }
 
+/// How long after a failed load requests for the model get that failure without another
+/// try (an admin's load tries at once): a broken file must not unload the others at every
+/// request.
+const FAILED_BACKOFF: Duration = Duration::from_secs(10);
+
 enum Slot {
     Unloaded {
-        error: Option<String>,
+        /// Why its last load failed, and when.
+        error: Option<(String, Instant)>,
+        /// The backend it had, while requests still hold it: its memory is still in use (and
+        /// counted), and a request for it takes it back instead of loading a second copy.
+        draining: Option<(Weak<dyn Backend>, u64)>,
     },
     Loading {
         done: watch::Receiver<bool>,
@@ -183,7 +192,10 @@ impl ModelSet {
         }
         let slots = entries
             .iter()
-            .map(|_| Slot::Unloaded { error: None })
+            .map(|_| Slot::Unloaded {
+                error: None,
+                draining: None,
+            })
             .collect();
         Ok(ModelSet {
             entries,
@@ -248,9 +260,11 @@ impl ModelSet {
             .zip(slots.iter())
             .map(|(entry, slot)| {
                 let (state, bytes, error) = match slot {
-                    Slot::Unloaded { error } => {
-                        (ModelState::Unloaded, estimate(&entry.facts), error.clone())
-                    }
+                    Slot::Unloaded { error, .. } => (
+                        ModelState::Unloaded,
+                        estimate(&entry.facts),
+                        error.as_ref().map(|(e, _)| e.clone()),
+                    ),
                     Slot::Loading { reserved, .. } => (ModelState::Loading, *reserved, None),
                     Slot::Loaded { bytes, .. } => (ModelState::Loaded, *bytes, None),
                 };
@@ -313,6 +327,15 @@ impl ModelSet {
     /// for its load at most the set's wait: 404 for an unknown name, 503 while it is still
     /// loading or when its load failed.
     pub(crate) async fn get(self: &Arc<Self>, name: Option<&str>) -> Result<Served, ApiError> {
+        self.get_or_load(name, false).await
+    }
+
+    /// [`ModelSet::get`]; `force` tries a load even within [`FAILED_BACKOFF`] of a failure.
+    async fn get_or_load(
+        self: &Arc<Self>,
+        name: Option<&str>,
+        force: bool,
+    ) -> Result<Served, ApiError> {
         let index = match name {
             None => 0,
             Some(name) => self
@@ -335,7 +358,32 @@ impl ModelSet {
                         });
                     }
                     Slot::Loading { done, .. } => done.clone(),
-                    Slot::Unloaded { .. } => self.start_load(&mut slots, index),
+                    Slot::Unloaded {
+                        draining: Some((weak, bytes)),
+                        ..
+                    } if weak.strong_count() > 0 => {
+                        // Still held by requests: loaded again at no cost.
+                        let (weak, bytes) = (weak.clone(), *bytes);
+                        if let Some(backend) = weak.upgrade() {
+                            slots[index] = Slot::Loaded {
+                                backend: Arc::clone(&backend),
+                                bytes,
+                                last_used: Instant::now(),
+                            };
+                            return Ok(Served {
+                                backend,
+                                name: served_name,
+                            });
+                        }
+                        continue;
+                    }
+                    Slot::Unloaded {
+                        error: Some((error, at)),
+                        ..
+                    } if !force && at.elapsed() < FAILED_BACKOFF => {
+                        return Err(load_failed(&self.entries[index].id, error));
+                    }
+                    Slot::Unloaded { .. } => self.start_load(&mut slots, index)?,
                 }
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -345,16 +393,21 @@ impl ModelSet {
             {
                 return Err(still_loading(&self.entries[index].id));
             }
-            if let Slot::Unloaded { error: Some(error) } = &self.lock()[index] {
+            if let Slot::Unloaded {
+                error: Some((error, _)),
+                ..
+            } = &self.lock()[index]
+            {
                 return Err(load_failed(&self.entries[index].id, error));
             }
             // Loaded now (or unloaded again to make room for another): look again.
         }
     }
 
-    /// Loads the model `name` names (an admin's request); waits for the load like [`get`].
+    /// Loads the model `name` names (an admin's request, tried even just after a failure);
+    /// waits for the load like [`ModelSet::get`].
     pub(crate) async fn load(self: &Arc<Self>, name: &str) -> Result<String, ApiError> {
-        self.get(Some(name))
+        self.get_or_load(Some(name), true)
             .await
             .map(|s| s.backend.model_id().to_owned())
     }
@@ -376,8 +429,12 @@ impl ModelSet {
                 ),
                 None,
             )),
-            Slot::Loaded { .. } => {
-                slots[index] = Slot::Unloaded { error: None };
+            Slot::Loaded { backend, bytes, .. } => {
+                let draining = Some((Arc::downgrade(backend), *bytes));
+                slots[index] = Slot::Unloaded {
+                    error: None,
+                    draining,
+                };
                 tracing::info!(model = %self.entries[index].id, "model unloaded");
                 Ok(true)
             }
@@ -386,9 +443,24 @@ impl ModelSet {
 
     /// Marks `index` loading, makes room for it and starts its loader on a blocking thread;
     /// returns what to wait on.
-    fn start_load(self: &Arc<Self>, slots: &mut [Slot], index: usize) -> watch::Receiver<bool> {
+    fn start_load(
+        self: &Arc<Self>,
+        slots: &mut [Slot],
+        index: usize,
+    ) -> Result<watch::Receiver<bool>, ApiError> {
         let reserved = estimate(&self.entries[index].facts);
-        self.make_room(slots, index, reserved);
+        if !self.make_room(slots, index, reserved) {
+            // What holds the memory is loading, or still serving requests after its unload.
+            return Err(refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "The model `{}` does not fit in the memory budget until other models finish \
+                     loading or their running requests end; retry later",
+                    self.entries[index].id
+                ),
+                Some(5),
+            ));
+        }
         let (tell, done) = watch::channel(false);
         slots[index] = Slot::Loading {
             done: done.clone(),
@@ -414,20 +486,33 @@ impl ModelSet {
                 }
                 Err(error) => {
                     tracing::error!(model = %set.entries[index].id, %error, "model failed to load");
-                    set.lock()[index] = Slot::Unloaded { error: Some(error) };
+                    set.lock()[index] = Slot::Unloaded {
+                        error: Some((error, Instant::now())),
+                        draining: None,
+                    };
                 }
             }
             let _ = tell.send(true);
         });
-        done
+        Ok(done)
     }
 
     /// Puts a loaded backend in its slot and unloads others if its real size needs it.
     fn install(&self, index: usize, backend: Arc<dyn Backend>) {
         let bytes = loaded_bytes(&self.entries[index], backend.as_ref());
         let mut slots = self.lock();
-        slots[index] = Slot::Unloaded { error: None };
-        self.make_room(&mut slots, index, bytes);
+        slots[index] = Slot::Unloaded {
+            error: None,
+            draining: None,
+        };
+        if !self.make_room(&mut slots, index, bytes) {
+            tracing::warn!(
+                model = %self.entries[index].id,
+                bytes,
+                "loaded past the memory budget: its real size (weights and KV cache) and what \
+                 is still in use leave no room"
+            );
+        }
         slots[index] = Slot::Loaded {
             backend,
             bytes,
@@ -437,9 +522,12 @@ impl ModelSet {
 
     /// Unloads the least recently used loaded models other than `keep` until `need` more
     /// bytes fit in the budget (or nothing more can be unloaded).
-    fn make_room(&self, slots: &mut [Slot], keep: usize, need: u64) {
+    /// Unloads the least recently used loaded models other than `keep` until `need` more
+    /// bytes fit in the budget; false when they cannot (what holds the memory is loading, or
+    /// unloaded but still serving requests).
+    fn make_room(&self, slots: &mut [Slot], keep: usize, need: u64) -> bool {
         let Some(budget) = self.budget else {
-            return;
+            return true;
         };
         loop {
             let used: u64 = slots
@@ -447,13 +535,17 @@ impl ModelSet {
                 .enumerate()
                 .filter(|(i, _)| *i != keep)
                 .map(|(_, slot)| match slot {
+                    Slot::Unloaded {
+                        draining: Some((weak, bytes)),
+                        ..
+                    } if weak.strong_count() > 0 => *bytes,
                     Slot::Unloaded { .. } => 0,
                     Slot::Loading { reserved, .. } => *reserved,
                     Slot::Loaded { bytes, .. } => *bytes,
                 })
                 .sum();
             if used.saturating_add(need) <= budget {
-                return;
+                return true;
             }
             let victim = slots
                 .iter()
@@ -465,16 +557,15 @@ impl ModelSet {
                 })
                 .min_by_key(|(_, last_used)| *last_used);
             let Some((victim, _)) = victim else {
-                // Nothing left to unload: the others are loading, or this model's real size
-                // (weights and KV cache) passes the budget alone.
-                tracing::warn!(
-                    model = %self.entries[keep].id,
-                    used, need, budget,
-                    "over the memory budget with nothing left to unload"
-                );
-                return;
+                return false;
             };
-            slots[victim] = Slot::Unloaded { error: None };
+            if let Slot::Loaded { backend, bytes, .. } = &slots[victim] {
+                let draining = Some((Arc::downgrade(backend), *bytes));
+                slots[victim] = Slot::Unloaded {
+                    error: None,
+                    draining,
+                };
+            }
             tracing::info!(
                 model = %self.entries[victim].id,
                 for_model = %self.entries[keep].id,

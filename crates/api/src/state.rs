@@ -65,9 +65,34 @@ impl AppState {
             .collect()
     }
 
-    /// The chat model `name` names (the default when `None`), loaded: 404 for a name no
-    /// model has, 503 while it loads past the wait or when its load failed.
+    /// The chat model `name` names, loaded: a 400 when the request names none (before any
+    /// model is loaded for it), 404 for a name no model has, 503 while it loads past the wait
+    /// or when its load failed.
     pub(crate) async fn model(&self, name: Option<&str>) -> Result<Served, ApiError> {
+        let Some(name) = name else {
+            return Err(ApiError::invalid("model", "`model` is required"));
+        };
+        self.models.get(Some(name)).await
+    }
+
+    /// The model a route where `model` is optional names (the default one when `None`),
+    /// loaded, once the key (under `--auth`) may use it: these routes are not admitted as
+    /// generations are, so the key's model list is checked here (403).
+    pub(crate) async fn optional_model(
+        &self,
+        name: Option<&str>,
+        key: Option<&control::KeyContext>,
+    ) -> Result<Served, ApiError> {
+        let asked = name.unwrap_or(self.models.default_id());
+        if let Some(key) = key
+            && !key.key.policy.allows_model(asked)
+        {
+            return Err(ApiError::from(control::ControlError::from(
+                control::Denial::ModelNotAllowed {
+                    model: asked.chars().take(edge::ECHOED_NAME_CHARS).collect(),
+                },
+            )));
+        }
         self.models.get(name).await
     }
 }

@@ -15,6 +15,7 @@ use engine::ChatRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::admission::Caller;
 use crate::backend::Backend;
 use crate::error::{ApiError, engine_error};
 use crate::openai::RawMessage;
@@ -42,16 +43,29 @@ pub(crate) struct DetokenizeRequest {
 }
 
 /// `POST /tokenize`.
-pub(crate) async fn tokenize(State(app): State<AppState>, body: Bytes) -> Response {
-    tokenize_inner(app, body)
+pub(crate) async fn tokenize(
+    State(app): State<AppState>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Bytes,
+) -> Response {
+    tokenize_inner(app, caller.map(|axum::Extension(c)| c), body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn tokenize_inner(app: AppState, body: Bytes) -> Result<Response, ApiError> {
+async fn tokenize_inner(
+    app: AppState,
+    caller: Option<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: TokenizeRequest = parse_json(&body)?;
     // `model` is optional here, as in vLLM (the default model); when given it must be served.
-    let served = app.model(req.model.as_deref()).await?;
+    let served = app
+        .optional_model(
+            req.model.as_deref(),
+            caller.as_ref().map(|c| c.ctx.as_ref()),
+        )
+        .await?;
     if req.add_special_tokens == Some(false) {
         return Err(ApiError::invalid(
             "add_special_tokens",
@@ -126,15 +140,25 @@ fn tokens_response(backend: &dyn Backend, tokens: Vec<u32>) -> Response {
 /// `POST /detokenize`.
 pub(crate) async fn detokenize(
     State(app): State<AppState>,
+    caller: Option<axum::Extension<Caller>>,
     Json(req): Json<DetokenizeRequest>,
 ) -> Response {
-    detokenize_inner(app, req)
+    detokenize_inner(app, caller.map(|axum::Extension(c)| c), req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn detokenize_inner(app: AppState, req: DetokenizeRequest) -> Result<Response, ApiError> {
-    let served = app.model(req.model.as_deref()).await?;
+async fn detokenize_inner(
+    app: AppState,
+    caller: Option<Caller>,
+    req: DetokenizeRequest,
+) -> Result<Response, ApiError> {
+    let served = app
+        .optional_model(
+            req.model.as_deref(),
+            caller.as_ref().map(|c| c.ctx.as_ref()),
+        )
+        .await?;
     let tokens = req
         .tokens
         .iter()

@@ -1378,6 +1378,7 @@ impl ControlPlane {
             !matches!(
                 m,
                 Mutation::PutObject(_)
+                    | Mutation::PutObjectIf { .. }
                     | Mutation::DeleteObject { .. }
                     | Mutation::DeleteResults { .. }
             )

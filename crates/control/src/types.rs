@@ -354,6 +354,8 @@ pub struct ObjectFilter {
     pub newest_first: bool,
     /// At most this many.
     pub limit: usize,
+    /// Read each object's `content` too (a listing of files leaves their bytes out).
+    pub with_content: bool,
 }
 
 /// Which usage records to read. `None` fields do not filter.

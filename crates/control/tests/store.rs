@@ -579,6 +579,7 @@ fn batch_objects_are_owned_listed_replaced_and_expire(fx: &Fixture) {
         after_id: None,
         newest_first: false,
         limit: 100,
+        with_content: true,
     };
     let running = plane
         .list_objects(&ObjectFilter {

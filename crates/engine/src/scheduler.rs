@@ -370,10 +370,16 @@ impl Scheduler {
             .iter()
             .filter(|s| s.priority == Priority::Batch)
             .count();
-        while self.running.len() < self.limits.max_seqs {
-            let Some(seq) = self.waiting.get(i) else {
+        while let Some(seq) = self.waiting.get(i) {
+            if self.running.len() >= self.limits.max_seqs {
+                // Full: an interactive sequence takes a batch sequence's slot (the batch one
+                // goes back to the queue, to be recomputed later); anything else waits.
+                if seq.priority == Priority::Interactive && self.preempt_batch() {
+                    batch_running = batch_running.saturating_sub(1);
+                    continue;
+                }
                 break;
-            };
+            }
             // Batch sequences queue behind every interactive one: past the batch share,
             // nothing further can start.
             if seq.priority == Priority::Batch && batch_running >= self.batch_slots() {
@@ -422,11 +428,17 @@ impl Scheduler {
                 self.blocks.release(b);
             }
             if self.blocks.available() < needed - shared.len() {
-                // Does not fit now: it keeps its place and nothing behind it overtakes it.
+                // Does not fit now: it keeps its place and nothing behind it overtakes it. An
+                // interactive sequence first takes the blocks of batch sequences.
                 for b in shared {
                     self.blocks.release(b);
                 }
+                let interactive = seq.priority == Priority::Interactive;
                 self.waiting.insert(i, seq);
+                if interactive && self.preempt_batch() {
+                    batch_running = batch_running.saturating_sub(1);
+                    continue;
+                }
                 break;
             }
             // The prompt's hashes are known; a recomputed sequence's shared run may go on
@@ -505,6 +517,25 @@ impl Scheduler {
             }
         }
         true
+    }
+
+    /// Preempts the most recently admitted running batch sequence (running sequences keep
+    /// batch ones last); false when none runs.
+    fn preempt_batch(&mut self) -> bool {
+        if self
+            .running
+            .last()
+            .is_none_or(|s| s.priority != Priority::Batch)
+        {
+            return false;
+        }
+        match self.running.pop() {
+            Some(victim) => {
+                self.preempt(victim);
+                true
+            }
+            None => false,
+        }
     }
 
     fn preempt(&mut self, mut seq: Sequence) {

@@ -342,3 +342,48 @@ fn batch_requests_yield_to_interactive_ones() {
         assert_eq!(collect(rx).2, 200);
     }
 }
+
+/// With every slot taken by batch work, an interactive request takes a batch sequence's
+/// slot: the batch one is preempted and recomputed later, and both answers are those they
+/// give alone.
+#[test]
+fn an_interactive_request_takes_a_batch_sequences_slot() {
+    let Some(e) = engine(EngineConfig {
+        threads: 2,
+        max_seqs: 1,
+        ..EngineConfig::default()
+    }) else {
+        return;
+    };
+    let batch = || {
+        let mut r = greedy(&e, PROMPTS[2], 120);
+        r.stop_at_eog = false;
+        r.priority = souverain_engine::Priority::Batch;
+        r
+    };
+    let batch_alone = collect(e.generate(batch()).unwrap());
+    let alone = collect(e.generate(greedy(&e, PROMPTS[0], 8)).unwrap()).0;
+    let mut running = e.generate(batch()).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let (text, _, _) = collect(e.generate(greedy(&e, PROMPTS[0], 8)).unwrap());
+    assert_eq!(text, alone);
+    // The batch answer is not done yet (120 tokens), and comes out whole and unchanged.
+    let mut got = String::new();
+    let mut done = None;
+    while let Some(event) = running.blocking_recv() {
+        match event {
+            Event::Text(t) => got.push_str(&t),
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
+                done = Some((finish_reason, usage.completion_tokens));
+                break;
+            }
+            Event::Logprobs(_) | Event::PromptLogprobs(_) => {}
+            Event::Failed(e) => panic!("batch failed: {e}"),
+        }
+    }
+    assert_eq!((got, done.unwrap().1), (batch_alone.0, batch_alone.2));
+    assert!(e.metrics().preemptions >= 1);
+}

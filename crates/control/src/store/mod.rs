@@ -228,6 +228,15 @@ pub enum Mutation {
     },
     /// Keep a Batch API object, replacing the one of the same kind and id.
     PutObject(StoredObject),
+    /// Replace a Batch API object only while its status is one of `statuses` (one or two;
+    /// changing no row otherwise: another writer moved it on, e.g. a cancel, or the runner
+    /// ended it).
+    PutObjectIf {
+        /// The object as it is to be.
+        object: StoredObject,
+        /// The statuses it may have now.
+        statuses: Vec<String>,
+    },
     /// Delete a Batch API object of a project (changing no row: not the project's, or gone).
     DeleteObject {
         /// Its kind.
@@ -723,6 +732,32 @@ pub(crate) fn mutation_sql(m: &Mutation) -> (Vec<Statement>, Option<(&'static st
             )],
             None,
         ),
+        Mutation::PutObjectIf {
+            object: o,
+            statuses,
+        } => {
+            // One or two statuses (a second one repeats the first when there is one).
+            let first = statuses.first().cloned();
+            let second = statuses.get(1).cloned().or_else(|| first.clone());
+            (
+                vec![(
+                    "UPDATE stored_objects SET parent = ?, status = ?, expires_at_ms = ?, \
+                     meta = ?, content = ? WHERE kind = ? AND id = ? AND status IN (?, ?)",
+                    vec![
+                        o.parent.clone().into(),
+                        o.status.clone().into(),
+                        o.expires_at_ms.into(),
+                        o.meta.as_str().into(),
+                        o.content.clone().into(),
+                        o.kind.as_str().into(),
+                        o.id.as_str().into(),
+                        first.into(),
+                        second.into(),
+                    ],
+                )],
+                Some((o.kind.as_str(), o.id.clone())),
+            )
+        }
         Mutation::DeleteObject {
             kind,
             id,
@@ -855,8 +890,13 @@ pub(crate) fn get_object_sql(
 
 /// The objects a filter selects, unexpired.
 pub(crate) fn list_objects_sql(filter: &ObjectFilter, now_ms: i64) -> (String, Vec<Param>) {
+    let columns = if filter.with_content {
+        OBJECT_COLUMNS.to_owned()
+    } else {
+        OBJECT_COLUMNS.replace("content", "NULL")
+    };
     let mut sql = format!(
-        "SELECT {OBJECT_COLUMNS} FROM stored_objects WHERE kind = ? \
+        "SELECT {columns} FROM stored_objects WHERE kind = ? \
          AND (expires_at_ms IS NULL OR expires_at_ms > ?)"
     );
     let mut params: Vec<Param> = vec![filter.kind.as_str().into(), now_ms.into()];
