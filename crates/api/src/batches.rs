@@ -92,10 +92,6 @@ fn caller(caller: Option<Extension<Caller>>) -> Result<Caller, ApiError> {
         })
 }
 
-fn invalid(param: &str, message: impl Into<String>) -> ApiError {
-    ApiError::invalid(param, message)
-}
-
 fn not_found(what: &str, id: &str) -> ApiError {
     let id: String = id.chars().take(edge::ECHOED_NAME_CHARS).collect();
     ApiError::Refused(Box::new(edge::Refusal {
@@ -241,7 +237,7 @@ pub(crate) async fn upload(
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|e| invalid("file", format!("the multipart body is malformed: {e}")))?
+        .map_err(|e| ApiError::invalid("file", format!("the multipart body is malformed: {e}")))?
     {
         match field.name() {
             Some("purpose") => {
@@ -249,15 +245,14 @@ pub(crate) async fn upload(
                     field
                         .text()
                         .await
-                        .map_err(|e| invalid("purpose", e.to_string()))?,
+                        .map_err(|e| ApiError::invalid("purpose", e.to_string()))?,
                 );
             }
             Some("file") => {
                 let filename = field.file_name().unwrap_or("upload.jsonl").to_owned();
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| invalid("file", format!("the file could not be read: {e}")))?;
+                let bytes = field.bytes().await.map_err(|e| {
+                    ApiError::invalid("file", format!("the file could not be read: {e}"))
+                })?;
                 file = Some((filename, bytes));
             }
             // Fields we do not use (`expires_after[...]`) are read and dropped.
@@ -268,24 +263,24 @@ pub(crate) async fn upload(
         Some("batch") => {}
         Some(other) => {
             let other: String = other.chars().take(64).collect();
-            return Err(invalid(
+            return Err(ApiError::invalid(
                 "purpose",
                 format!("`purpose` is `{other}`; this server takes files for `batch` only"),
             ));
         }
-        None => return Err(invalid("purpose", "`purpose` is required")),
+        None => return Err(ApiError::invalid("purpose", "`purpose` is required")),
     }
     let Some((filename, bytes)) = file else {
-        return Err(invalid("file", "`file` is required"));
+        return Err(ApiError::invalid("file", "`file` is required"));
     };
     if filename.chars().count() > MAX_FILENAME_CHARS || filename.chars().any(char::is_control) {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "file",
             format!("the file name must be at most {MAX_FILENAME_CHARS} printable characters"),
         ));
     }
     if bytes.len() > MAX_FILE_BYTES {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "file",
             format!(
                 "the file is {} bytes; at most {MAX_FILE_BYTES} are taken",
@@ -294,8 +289,9 @@ pub(crate) async fn upload(
         ));
     }
     let text = String::from_utf8(bytes.to_vec())
-        .map_err(|_| invalid("file", "the file is not UTF-8 text"))?;
-    parse_lines(&text).map_err(|e| invalid("file", format!("not a batch input file: {e}")))?;
+        .map_err(|_| ApiError::invalid("file", "the file is not UTF-8 text"))?;
+    parse_lines(&text)
+        .map_err(|e| ApiError::invalid("file", format!("not a batch input file: {e}")))?;
     let id = response_id("file-");
     let size = text.len();
     let stored = caller
@@ -418,20 +414,15 @@ pub(crate) async fn file_content(
 ) -> Result<Response, ApiError> {
     let caller = caller(c)?;
     let mut stored = get_file(&caller, id).await?;
-    let content = stored.content.take().unwrap_or_default();
+    let content = stored.content.clone().unwrap_or_default();
     let output = stored.parent.is_some();
     if output && !caller.retains() && method == Method::GET {
         caller
             .run(move |plane, _| {
                 let soon = plane.now_ms() + DOWNLOADED_GRACE_MS;
                 if stored.expires_at_ms.is_none_or(|at| at > soon) {
-                    // Re-read with its bytes, so that the write keeps them.
-                    let full =
-                        plane.get_object(ObjectKind::File, &stored.id, Some(&stored.project_id))?;
-                    if let Some(mut full) = full {
-                        full.expires_at_ms = Some(soon);
-                        plane.commit_objects(vec![Mutation::PutObject(full)], None)?;
-                    }
+                    stored.expires_at_ms = Some(soon);
+                    plane.commit_objects(vec![Mutation::PutObject(stored)], None)?;
                 }
                 Ok(())
             })
@@ -468,7 +459,10 @@ async fn list(
 ) -> Result<(Vec<StoredObject>, bool), ApiError> {
     let limit = q.limit.unwrap_or(default_limit);
     if !(1..=10_000).contains(&limit) {
-        return Err(invalid("limit", "`limit` must be between 1 and 10000"));
+        return Err(ApiError::invalid(
+            "limit",
+            "`limit` must be between 1 and 10000",
+        ));
     }
     let after = q.after.filter(|a| !a.is_empty());
     let objects = caller
@@ -555,7 +549,7 @@ fn check_metadata(metadata: &Option<Map<String, Value>>) -> Result<Value, ApiErr
         return Ok(json!({}));
     };
     if map.len() > MAX_METADATA_PAIRS {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "metadata",
             format!(
                 "`metadata` has {} keys; at most {MAX_METADATA_PAIRS}",
@@ -568,7 +562,7 @@ fn check_metadata(metadata: &Option<Map<String, Value>>) -> Result<Value, ApiErr
             && v.as_str()
                 .is_some_and(|v| v.chars().count() <= MAX_METADATA_VALUE_CHARS);
         if !fits {
-            return Err(invalid(
+            return Err(ApiError::invalid(
                 "metadata",
                 format!(
                     "`metadata` keys are at most {MAX_METADATA_KEY_CHARS} characters and values \
@@ -590,13 +584,13 @@ pub(crate) async fn create_batch(
 ) -> Result<Response, ApiError> {
     let caller = caller(c)?;
     if !ENDPOINTS.contains(&body.endpoint.as_str()) {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "endpoint",
             format!("`endpoint` must be one of {}", ENDPOINTS.join(", ")),
         ));
     }
     if body.completion_window != "24h" {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "completion_window",
             "`completion_window` must be \"24h\"",
         ));
@@ -606,21 +600,22 @@ pub(crate) async fn create_batch(
     let input = get_file(&caller, body.input_file_id.clone())
         .await
         .map_err(|_| {
-            invalid(
+            ApiError::invalid(
                 "input_file_id",
                 "`input_file_id` names no file of this project",
             )
         })?;
     if input.parent.is_some() || file_view(&input)["purpose"] != "batch" {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "input_file_id",
             "the input file's purpose must be `batch`",
         ));
     }
-    let lines = parse_lines(input.content.as_deref().unwrap_or_default())
-        .map_err(|e| invalid("input_file_id", format!("the input file is not valid: {e}")))?;
+    let lines = parse_lines(input.content.as_deref().unwrap_or_default()).map_err(|e| {
+        ApiError::invalid("input_file_id", format!("the input file is not valid: {e}"))
+    })?;
     if let Some(line) = lines.iter().position(|l| l.url != body.endpoint) {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "input_file_id",
             format!(
                 "request {} of the input file calls {}, not the batch's endpoint {}",

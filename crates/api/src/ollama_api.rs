@@ -87,10 +87,7 @@ fn nanos(d: Duration) -> u64 {
 /// The chat model a request names (loaded), a 400 when it names none, the 404 for a name
 /// no model has.
 async fn named_model(app: &AppState, model: Option<&str>) -> Result<Served, ApiError> {
-    let Some(model) = model.map(model_name) else {
-        return Err(ApiError::invalid("model", "`model` is required"));
-    };
-    app.model(Some(model)).await
+    app.model(model.map(model_name)).await
 }
 
 fn thinks(backend: &dyn Backend) -> bool {

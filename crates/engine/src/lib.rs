@@ -258,6 +258,11 @@ pub fn default_model_id(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// A string key of GGUF metadata, if present and a string.
+fn meta_string(md: &Metadata, key: &str) -> Option<String> {
+    md.opt_str(key).ok().flatten().map(str::to_owned)
+}
+
 /// What a model file says about itself without its weights being read: its header's facts
 /// (for listing a model that is not loaded).
 pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
@@ -283,18 +288,9 @@ pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
     let file = model::gguf::GgufFile::open(path).map_err(LoadError::Metadata)?;
     let md = file.metadata();
     d.format = "gguf";
-    d.architecture = md
-        .opt_str("general.architecture")
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-        .to_owned();
-    d.name = md.opt_str("general.name").ok().flatten().map(str::to_owned);
-    d.chat_template = md
-        .opt_str("tokenizer.chat_template")
-        .ok()
-        .flatten()
-        .map(str::to_owned);
+    d.architecture = meta_string(md, "general.architecture").unwrap_or_default();
+    d.name = meta_string(md, "general.name");
+    d.chat_template = meta_string(md, "tokenizer.chat_template");
     d.n_params = file.tensors().iter().map(|t| t.n_elements).sum();
     d.metadata = scalar_metadata(md);
     d.trained_context_length = md
@@ -320,11 +316,7 @@ impl Engine {
         let (metadata, chat_template) = match &loaded.tokenizer {
             TokenizerSource::Gguf(file) => (
                 scalar_metadata(file.metadata()),
-                file.metadata()
-                    .opt_str("tokenizer.chat_template")
-                    .ok()
-                    .flatten()
-                    .map(str::to_owned),
+                meta_string(file.metadata(), "tokenizer.chat_template"),
             ),
             _ => (Vec::new(), None),
         };
@@ -334,12 +326,7 @@ impl Engine {
         };
         let (file_bytes, modified_unix_s) = disk_facts(path);
         let name = match &loaded.tokenizer {
-            TokenizerSource::Gguf(file) => file
-                .metadata()
-                .opt_str("general.name")
-                .ok()
-                .flatten()
-                .map(str::to_owned),
+            TokenizerSource::Gguf(file) => meta_string(file.metadata(), "general.name"),
             _ => None,
         };
         let text = text_tokenizer(&loaded.tokenizer)?;
