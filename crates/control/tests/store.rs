@@ -1405,3 +1405,52 @@ fn postgres_outage_is_unavailable_then_recovers() {
         .connect(::postgres::NoTls)
         .and_then(|mut c| c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")));
 }
+
+// ---- SQLite's write-ahead log under steady writes --------------------------------------------
+
+/// Commits without a pause for three seconds: the write-ahead log must stay within a few MiB
+/// (its limit is 1 MiB), not grow for as long as writes go on. A passive checkpoint alone never
+/// reaches the end of a log that is always being written, so the log never restarts; on a
+/// volume that fills up that log then holds the space a checkpoint needs, and the store stays
+/// unable to write even after space is freed (tests/faults, `sqlite-full`, found it).
+#[test]
+fn sqlite_write_ahead_log_stays_bounded_under_steady_writes() {
+    let fx = sqlite_fixture();
+    let (plane, _) = fx.plane();
+    let (ctx, _) = tenant(&plane, KeyPolicy::default(), Some(3600));
+    let mut wal = fx.path.clone().unwrap().into_os_string();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                plane
+                    .settle(&ctx, None, outcome(&format!("req-{n}"), 3, 4))
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut largest = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let commits = writer.join().unwrap();
+    eprintln!(
+        "{commits} commits; the log was at most {} KiB",
+        largest >> 10
+    );
+    assert!(commits > 100, "only {commits} commits");
+    assert!(
+        largest <= 16 << 20,
+        "the write-ahead log grew to {} KiB under {commits} commits",
+        largest >> 10
+    );
+}

@@ -6,7 +6,7 @@
 //! time anyway, and other processes (the `souverain admin` commands) wait on the busy timeout.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, Value};
@@ -34,16 +34,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
-    /// Set when the checkpointer thread should stop (the store was dropped).
-    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        if let Some(stop) = &self.stop {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
+    /// The write-ahead log's file (none for an in-memory database): whoever takes the
+    /// connection and finds it past [`WAL_SIZE_LIMIT`] checkpoints it to nothing first.
+    wal: Option<std::path::PathBuf>,
+    /// Tells the checkpoint thread that the store is gone.
+    alive: Arc<()>,
 }
 
 /// The size the write-ahead log file is cut back to when it restarts, in bytes.
@@ -54,8 +49,20 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Checkpoints the write-ahead log from a connection of its own, so that no request waits on
 /// a checkpoint's disk flush (SQLite would otherwise run it inside the commit that crosses
-/// its threshold, holding the store's one connection).
-fn spawn_checkpointer(path: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// its threshold, holding the store's one connection). The thread ends once the store is
+/// dropped.
+///
+/// A passive checkpoint never blocks a writer, so under a steady stream of commits it seldom
+/// reaches the end of the log, the log seldom restarts, and it grows for as long as the
+/// stream lasts. On a volume that fills up, that is a trap: a checkpoint can need the
+/// database to grow by a few pages while the log holds all the space, and then neither can
+/// move, and the store refuses every write for good, even once space is freed (the log takes
+/// it back first). So [`SqliteStore::conn`] also looks at the log's size: past
+/// [`WAL_SIZE_LIMIT`], the next user of the connection runs a truncating checkpoint before its
+/// own statement. Writers take turns with it instead of starving it (as they starve a
+/// checkpoint from another connection), so the log stays near the limit and the space it frees
+/// comes back at once.
+fn spawn_checkpointer(path: &Path, alive: std::sync::Weak<()>) {
     let Ok(conn) = Connection::open(path) else {
         return;
     };
@@ -63,7 +70,7 @@ fn spawn_checkpointer(path: &Path, stop: std::sync::Arc<std::sync::atomic::Atomi
     let spawned = std::thread::Builder::new()
         .name("sqlite-checkpoint".to_owned())
         .spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while alive.strong_count() > 0 {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::debug!(error = %err, "WAL checkpoint failed; retried later");
@@ -171,9 +178,10 @@ impl SqliteStore {
                 "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
             ))
             .map_err(map_err)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        spawn_checkpointer(path, std::sync::Arc::clone(&stop));
-        store.stop = Some(stop);
+        spawn_checkpointer(path, Arc::downgrade(&store.alive));
+        let mut wal = path.as_os_str().to_os_string();
+        wal.push("-wal");
+        store.wal = Some(wal.into());
         Ok(store)
     }
 
@@ -193,14 +201,25 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
-            stop: None,
+            wal: None,
+            alive: Arc::new(()),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (the transaction rolls back
         // when dropped), so a poisoned lock is safe to take over.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let long = |wal: &std::path::PathBuf| {
+            std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_SIZE_LIMIT)
+        };
+        if self.wal.as_ref().is_some_and(long)
+            && let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            // Tried again by the next user of the connection.
+            tracing::debug!(error = %err, "truncating WAL checkpoint failed");
+        }
+        conn
     }
 }
 
