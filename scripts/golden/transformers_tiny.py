@@ -8,7 +8,8 @@ Usage (from the repository root):
     .venv-tf/bin/pip install torch transformers safetensors
     .venv-tf/bin/python scripts/golden/transformers_tiny.py crates/model/tests/golden/tiny
 
-(`--rope-only` after the directory writes only the llama-rope-* models.)
+(`--rope-only` after the directory writes only the llama-rope-* models, `--qwen-only` only the
+qwen2 and qwen3 models.)
 
 For every model it writes a directory in the Hugging Face layout (config.json and
 model.safetensors, or shards with model.safetensors.index.json) and a `logits.json` with a
@@ -47,6 +48,15 @@ header naming this script and the library versions. The directories:
                 reordered for adjacent pairs), with `llama.rope.scaling.*` keys for linear
                 and yarn, and for llama3 the `rope_freqs.weight` tensor of divisors the
                 converter computes (no scaling keys).
+- qwen2:        Qwen2ForCausalLM, biases on the query, key and value projections, tied
+                embeddings; also the logits of its weights rounded to bfloat16.
+- qwen3:        Qwen3ForCausalLM, per-head RMSNorm of queries and keys (QK-norm) before RoPE,
+                head_dim 16 (not hidden / heads = 8), untied; also the logits of its weights
+                rounded to bfloat16.
+                Beside each, model.gguf: the same weights as llama.cpp's converter writes a
+                `qwen2` / `qwen3` GGUF (F32; q/k rows in Hugging Face's order, since llama.cpp
+                rotates these architectures' halves (NeoX); biases as `blk.N.attn_q.bias`,
+                QK-norms as `blk.N.attn_q_norm.weight`).
 
 The logits of rounded weights are computed in float32 from the rounded weights, so the tests
 can store the same weights as BF16 / F16 safetensors and differ from them only by how the
@@ -84,6 +94,10 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SEED = 1234
@@ -464,6 +478,70 @@ def write_rope_scaled(out):
         write_llama_gguf(model, os.path.join(path, "model.gguf"))
 
 
+def write_qwen_gguf(model, path, arch):
+    """The model as llama.cpp's converter writes a `qwen2` / `qwen3` GGUF (F32): Hugging
+    Face's tensor order kept, biases and QK-norms under llama.cpp's names."""
+    import gguf  # noqa: E402
+    import numpy as np  # noqa: E402
+
+    c = model.config
+    w = gguf_writer(gguf, path, arch, c)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    def add(name, t):
+        w.add_tensor(name, t.detach().float().numpy().astype(np.float32))
+
+    sd = model.state_dict()
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        add("output.weight", sd["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for n in range(c.num_hidden_layers):
+        for theirs, ours in names.items():
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{n}.{theirs}.{kind}"
+                if key in sd:
+                    add(f"blk.{n}.{ours}.{kind}", sd[key])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_qwen(out):
+    qwen2 = build(Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=True, use_sliding_window=False)
+    path = os.path.join(out, "qwen2")
+    save_hf(qwen2, path)
+    write_logits(path, qwen2, "q/k/v biases, tied embeddings", bf16=True)
+    write_qwen_gguf(qwen2, os.path.join(path, "model.gguf"), "qwen2")
+
+    common = dict(COMMON, head_dim=16)
+    torch.manual_seed(SEED)
+    cfg = Qwen3Config(**common, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    qwen3 = randomise(Qwen3ForCausalLM(cfg).eval(), SEED)
+    qwen3.seed = SEED
+    path = os.path.join(out, "qwen3")
+    save_hf(qwen3, path)
+    write_logits(path, qwen3, "QK-norm, head_dim 16 (hidden / heads = 8), untied", bf16=True)
+    write_qwen_gguf(qwen3, os.path.join(path, "model.gguf"), "qwen3")
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -477,6 +555,9 @@ def main():
     out = sys.argv[1]
     torch.set_num_threads(1)
     os.makedirs(out, exist_ok=True)
+    if "--qwen-only" in sys.argv[2:]:
+        write_qwen(out)
+        return
     write_rope_scaled(out)
     if "--rope-only" in sys.argv[2:]:
         return
@@ -562,6 +643,7 @@ def main():
     with open(os.path.join(path, "logits.json"), "w") as f:
         json.dump(body, f, separators=(",", ":"))
         f.write("\n")
+    write_qwen(out)
 
 
 if __name__ == "__main__":

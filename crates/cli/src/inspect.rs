@@ -83,7 +83,7 @@ pub(crate) fn run(path: &Path) -> Result<()> {
         }
     );
 
-    if !matches!(arch, "llama" | "gemma3") {
+    if !model::GGUF_ARCHITECTURES.contains(&arch) {
         println!(
             "runnable:       no (architecture {arch:?} is not supported yet; the file itself is valid)"
         );
@@ -151,6 +151,9 @@ fn describe_layers(c: &model::LlamaConfig) -> Result<()> {
     let mut extras = vec![format!("{:?} MLP", c.activation)];
     if c.qk_norm {
         extras.push("QK-norm".into());
+    }
+    if c.attn_bias {
+        extras.push("q/k/v biases".into());
     }
     if c.post_norms {
         extras.push("post-norms".into());

@@ -455,6 +455,7 @@ mod tests {
             activation: Activation::Silu,
             embedding_scale: 1.0,
             qk_norm: false,
+            attn_bias: false,
             post_norms: false,
             norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),

@@ -86,6 +86,8 @@ pub struct LlamaConfig {
     pub embedding_scale: f32,
     /// Per-head RMSNorm of queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`).
     pub qk_norm: bool,
+    /// Biases added to the query, key and value projections (`attn_q.bias`, ...: Qwen2).
+    pub attn_bias: bool,
     /// RMSNorm of each sub-layer's output before the residual add (`post_attention_norm`,
     /// `post_ffw_norm`).
     pub post_norms: bool,
@@ -97,6 +99,9 @@ pub struct LlamaConfig {
     pub attention_scale: f32,
 }
 
+/// The GGUF architectures (`general.architecture`) this crate runs.
+pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "gemma3", "qwen2", "qwen3"];
+
 /// A generous bound on every dimension, so that a hostile file cannot make us allocate
 /// absurd scratch buffers before a shape check fails.
 const MAX_DIM: usize = 1 << 20;
@@ -106,9 +111,10 @@ impl LlamaConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let md = file.metadata();
         let architecture = md.get_str("general.architecture")?.to_owned();
-        let gemma3 = match architecture.as_str() {
-            "llama" => false,
-            "gemma3" => true,
+        let (gemma3, qwen) = match architecture.as_str() {
+            "llama" => (false, false),
+            "gemma3" => (true, false),
+            "qwen2" | "qwen3" => (false, true),
             _ => return Err(ModelError::UnsupportedArchitecture(architecture)),
         };
         let key = |k: &str| format!("{architecture}.{k}");
@@ -207,10 +213,23 @@ impl LlamaConfig {
             activation: Activation::Silu,
             embedding_scale: 1.0,
             qk_norm: false,
+            attn_bias: false,
             post_norms: false,
             norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
         };
+        if qwen {
+            // llama.cpp rotates Qwen's halves (NeoX) and its converter keeps Hugging Face's
+            // q/k row order; `qwen2` has biases on q, k and v, `qwen3` per-head QK-norm.
+            config.rope_style = RopeStyle::NeoX;
+            config.attn_bias = architecture == "qwen2";
+            config.qk_norm = architecture == "qwen3";
+        }
+        // A bias on the queries where the architecture has none (llama.cpp loads one when a
+        // `llama` file carries it).
+        if file.tensor("blk.0.attn_q.bias").is_some() {
+            config.attn_bias = true;
+        }
         if gemma3 {
             // llama.cpp's reading of `gemma3` (llama-model.cpp): every sixth layer is global,
             // the others windowed with RoPE base 10000 (`rope.freq_base_swa` when a file

@@ -319,9 +319,25 @@ fn gemma_name(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{ours}.weight"))
 }
 
+/// Tensors after `model.layers.N.` that only some Hugging Face architectures have (Qwen2's
+/// q/k/v biases, Qwen3's per-head QK-norms) → ours after `blk.N.` (llama.cpp's names).
+const HF_EXTRA_LAYER_NAMES: [(&str, &str); 5] = [
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+];
+
 /// `model.layers.N.<rest>` → `blk.N.<ours>`; `None` for tensors the model does not use.
 fn hf_name(name: &str) -> Option<String> {
-    rename(DirLayout::HuggingFace, name)
+    rename(DirLayout::HuggingFace, name).or_else(|| {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let ours = HF_EXTRA_LAYER_NAMES.iter().find(|t| t.0 == rest)?.1;
+        Some(format!("blk.{layer}.{ours}"))
+    })
 }
 
 /// Mistral's names (`layers.N.attention.wq.weight`, ...) → GGUF's.
@@ -519,9 +535,22 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
     }
     if !matches!(
         arch,
-        "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM"
+        "LlamaForCausalLM"
+            | "MistralForCausalLM"
+            | "MixtralForCausalLM"
+            | "Qwen2ForCausalLM"
+            | "Qwen3ForCausalLM"
     ) {
         return Err(ModelError::UnsupportedArchitecture(arch.to_owned()));
+    }
+    // Qwen2 always has q/k/v biases (transformers builds them whatever the config says);
+    // Qwen3 normalises each query and key head (QK-norm). Neither windows attention unless
+    // `use_sliding_window` says so, which is refused below.
+    let (qwen2, qwen3) = (arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM");
+    if (qwen2 || qwen3) && f.bool("use_sliding_window") {
+        return Err(ModelError::BadConfig(
+            "use_sliding_window (windowed attention in the later layers) is not supported".into(),
+        ));
     }
     if let Some(act) = f.str("hidden_act")
         && act != "silu"
@@ -575,7 +604,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
         rope_scaling,
         rope_style: RopeStyle::NeoX,
-        sliding_window: if arch == "LlamaForCausalLM" {
+        sliding_window: if arch == "LlamaForCausalLM" || qwen2 || qwen3 {
             None
         } else {
             f.usize("sliding_window")?.filter(|&w| w > 0)
@@ -587,7 +616,8 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         rope_freq_base_swa: None,
         activation: Activation::Silu,
         embedding_scale: 1.0,
-        qk_norm: false,
+        qk_norm: qwen3,
+        attn_bias: qwen2,
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -734,6 +764,7 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
         activation: Activation::GeluTanh,
         embedding_scale: (d_model as f32).sqrt(),
         qk_norm: true,
+        attn_bias: false,
         post_norms: true,
         norm_weight_offset: 1.0,
         attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
@@ -797,6 +828,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         activation: Activation::Silu,
         embedding_scale: 1.0,
         qk_norm: false,
+        attn_bias: false,
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -836,6 +868,9 @@ mod tests {
             (hf, "model.layers.1.block_sparse_moe.gate.weight", Some("blk.1.ffn_gate_inp.weight")),
             (hf, "model.layers.x.mlp.up_proj.weight", None),
             (hf, "model.rotary_emb.inv_freq", None),
+            (hf, "model.layers.4.self_attn.v_proj.bias", Some("blk.4.attn_v.bias")),
+            (hf, "model.layers.0.self_attn.q_norm.weight", Some("blk.0.attn_q_norm.weight")),
+            (hf, "model.layers.0.self_attn.o_proj.bias", None),
             (gemma_name, "model.layers.2.pre_feedforward_layernorm.weight", Some("blk.2.ffn_norm.weight")),
             (gemma_name, "model.layers.0.post_attention_layernorm.weight", Some("blk.0.post_attention_norm.weight")),
             (gemma_name, "model.layers.1.self_attn.k_norm.weight", Some("blk.1.attn_k_norm.weight")),

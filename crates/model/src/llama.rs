@@ -41,6 +41,8 @@ struct Block {
     ffn: Ffn,            // gated MLP or experts of ffn_dim
     /// Per-head RMSNorm weights of queries and keys (`qk_norm`), head_dim each.
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Biases of the query, key and value projections (`attn_bias`): q_dim, kv_dim, kv_dim.
+    qkv_bias: Option<[Vec<f32>; 3]>,
     /// RMSNorm weights of the attention's and the MLP's outputs (`post_norms`), d_model each.
     post_norms: Option<(Vec<f32>, Vec<f32>)>,
     /// This layer's rotation (its own RoPE base), built once at load.
@@ -188,6 +190,14 @@ impl LlamaModel {
                         norm(&name("attn_q_norm"), c.head_dim)?,
                         norm(&name("attn_k_norm"), c.head_dim)?,
                     ))
+                } else {
+                    None
+                },
+                qkv_bias: if c.attn_bias {
+                    let bias = |t_name: &str, len: u64| {
+                        t.vector(&format!("blk.{i}.{t_name}.bias"), len as usize)
+                    };
+                    Some([bias("attn_q", q)?, bias("attn_k", kv)?, bias("attn_v", kv)?])
                 } else {
                     None
                 },
@@ -345,6 +355,13 @@ impl LlamaModel {
                 (&b.wv, &mut s.v[..]),
             ];
             self.store.matmul_many(pool, &mut qkv, &s.xn, n)?;
+            if let Some([bq, bk, bv]) = &b.qkv_bias {
+                for (out, bias) in [(&mut s.q, bq), (&mut s.k, bk), (&mut s.v, bv)] {
+                    out.chunks_exact_mut(bias.len()).for_each(|row| {
+                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                    });
+                }
+            }
             if let Some((q_norm, k_norm)) = &b.qk_norm {
                 rms_norm_in_place(pool, &mut s.q, q_norm, c.rms_eps);
                 rms_norm_in_place(pool, &mut s.k, k_norm, c.rms_eps);

@@ -309,7 +309,7 @@ fn rounded_weights() {
         fn(f32) -> [u8; 2],
         f32,
     );
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         // Six layers whose post-norms re-amplify each sub-layer's output: rounding the
         // weights to bf16 moves transformers' own logits by 0.097 here against 0.027 for the
         // two-layer llama (the golden file shows both), so the bound scales with it.
@@ -322,6 +322,20 @@ fn rounded_weights() {
         ),
         (
             "llama",
+            "logits_bf16_weights",
+            "BF16",
+            |v| half::bf16::from_f32(v).to_le_bytes(),
+            0.05,
+        ),
+        (
+            "qwen2",
+            "logits_bf16_weights",
+            "BF16",
+            |v| half::bf16::from_f32(v).to_le_bytes(),
+            0.05,
+        ),
+        (
+            "qwen3",
             "logits_bf16_weights",
             "BF16",
             |v| half::bf16::from_f32(v).to_le_bytes(),
@@ -695,6 +709,70 @@ fn f32_gguf() {
         assert!(d <= 1e-2, "{name} F32 GGUF: max |diff| {d} at {at}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+// ---- Qwen2 and Qwen3 ------------------------------------------------------------------------
+
+/// Qwen2: biases on the query, key and value projections (always, whatever the config says),
+/// RoPE on halves, tied embeddings: within the F32 bound of transformers.
+#[test]
+fn qwen2_matches_transformers() {
+    let m = check_f32("qwen2", "qwen2");
+    let c = m.model.config();
+    assert!(c.attn_bias && !c.qk_norm);
+    assert_eq!(c.rope_style, RopeStyle::NeoX);
+    assert_eq!(c.sliding_window, None);
+}
+
+/// Qwen3: per-head RMSNorm of queries and keys before RoPE, and a head size of its own (16,
+/// where hidden / heads is 8): within the F32 bound of transformers.
+#[test]
+fn qwen3_matches_transformers() {
+    let m = check_f32("qwen3", "qwen3");
+    let c = m.model.config();
+    assert!(c.qk_norm && !c.attn_bias);
+    assert_eq!((c.head_dim, c.q_dim(), c.d_model), (16, 64, 32));
+}
+
+/// The same weights as llama.cpp's converter writes a `qwen2` / `qwen3` GGUF (`model.gguf`,
+/// written by the golden script: llama.cpp's names, Hugging Face's q/k row order), against
+/// transformers within the F32 GGUF bound; without the biases (Qwen2) or the QK-norms
+/// (Qwen3) the logits are far off, so both are exercised.
+#[test]
+fn qwen_gguf_as_llama_cpp_writes_it() {
+    for name in ["qwen2", "qwen3"] {
+        let g = golden(name);
+        let m = open(&tiny(name).join("model.gguf"));
+        let c = m.model.config();
+        assert_eq!(c.architecture, name);
+        assert_eq!(c.rope_style, RopeStyle::NeoX);
+        assert_eq!((c.attn_bias, c.qk_norm), (name == "qwen2", name == "qwen3"));
+        let ours = run(&m.model, &g.prompts, true);
+        let (d, at) = max_diff(&ours, &g.logits);
+        eprintln!("{name} GGUF vs transformers: max |diff| {d:e} at {at}");
+        assert!(d <= 1e-2, "{name} GGUF: max |diff| {d} at {at}");
+    }
+}
+
+/// A Qwen2 directory that asks for windowed attention (`use_sliding_window`) is refused with
+/// an error naming the key, and a `qwen2` GGUF without its biases names the missing tensor.
+#[test]
+fn qwen_configurations_that_do_not_add_up_are_refused() {
+    let dir = temp_dir("qwen2-swa");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny("qwen2").join("config.json")).unwrap()).unwrap();
+    config["use_sliding_window"] = serde_json::Value::Bool(true);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        tiny("qwen2").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let Err(err) = LoadedModel::open(&dir, &mut |_, _| {}) else {
+        panic!("a Qwen2 directory with use_sliding_window loaded");
+    };
+    assert!(err.to_string().contains("use_sliding_window"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- RoPE scaling ------------------------------------------------------------------------
