@@ -9,7 +9,7 @@ Usage (from the repository root):
     .venv-tf/bin/python scripts/golden/transformers_tiny.py crates/model/tests/golden/tiny
 
 (`--rope-only` after the directory writes only the llama-rope-* models, `--qwen-only` only the
-qwen2 and qwen3 models.)
+qwen2 and qwen3 models, `--mistral3-only` only the ministral3 and mistral3-vlm models.)
 
 For every model it writes a directory in the Hugging Face layout (config.json and
 model.safetensors, or shards with model.safetensors.index.json) and a `logits.json` with a
@@ -57,6 +57,19 @@ header naming this script and the library versions. The directories:
                 `qwen2` / `qwen3` GGUF (F32; q/k rows in Hugging Face's order, since llama.cpp
                 rotates these architectures' halves (NeoX); biases as `blk.N.attn_q.bias`,
                 QK-norms as `blk.N.attn_q_norm.weight`).
+- ministral3:   Ministral3ForCausalLM (Ministral 3's text model): YaRN (factor 4, original
+                context 16, beta_fast 8, beta_slow 0.5, mscale = mscale_all_dim = 1, so no
+                magnitude correction, rope_theta 100) and Llama 4's attention temperature
+                (llama_4_scaling_beta 0.5, larger than the real 0.1 so that it moves the
+                logits clearly: queries times 1 + 0.5 ln(1 + floor(pos / 16))), prompts of up
+                to 48 tokens (LONG_PROMPTS); also `logits_without_temperature` (the same
+                weights with beta 0), which shows the prompts exercise it. Beside it,
+                model.gguf: the weights as llama.cpp's converter writes a `mistral3` GGUF (F32;
+                q/k rows reordered for adjacent pairs, `mistral3.rope.scaling.*` and
+                `mistral3.attention.temperature_scale` / `temperature_length`).
+- mistral3-vlm: Mistral3ForConditionalGeneration (Mistral 3's image-text checkpoints) with a
+                tiny Pixtral vision tower and the ministral3 weights as its language model: its
+                text logits are ministral3's.
 
 The logits of rounded weights are computed in float32 from the rounded weights, so the tests
 can store the same weights as BF16 / F16 safetensors and differ from them only by how the
@@ -94,6 +107,11 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Ministral3Config,
+    Ministral3ForCausalLM,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralVisionConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -204,6 +222,19 @@ def write_logits(path, model, notes, bf16=False, f16=False, prompts=None):
     with open(os.path.join(path, "logits.json"), "w") as f:
         json.dump(body, f, separators=(",", ":"))
         f.write("\n")
+
+
+def add_logits(path, key, logits, note=None):
+    """Adds a further set of logits (and a note on it) to a model's logits.json."""
+    with open(os.path.join(path, "logits.json")) as f:
+        body = json.load(f)
+    body[key] = logits
+    if note:
+        body["notes"] += "; " + note
+    with open(os.path.join(path, "logits.json"), "w") as f:
+        json.dump(body, f, separators=(",", ":"))
+        f.write("\n")
+    return body
 
 
 def save_hf(model, path, **kw):
@@ -379,16 +410,19 @@ def llama3_rope_factors(c):
     return torch.tensor(out, dtype=torch.float32)
 
 
-def write_llama_gguf(model, path):
+def write_llama_gguf(model, path, arch="llama", extra_keys=None):
     """The model as llama.cpp's converter writes a `llama` GGUF (F32): q/k rows reordered
     for adjacent pairs, RoPE scaling as `llama.rope.scaling.*` keys, or for `llama3` the
-    `rope_freqs.weight` tensor."""
+    `rope_freqs.weight` tensor. `arch` names another architecture of the same layout, and
+    `extra_keys(writer)` adds its own keys."""
     import gguf  # noqa: E402
     import numpy as np  # noqa: E402
 
     c = model.config
     p = c.rope_parameters
-    w = gguf_writer(gguf, path, "llama", c)
+    w = gguf_writer(gguf, path, arch, c)
+    if extra_keys:
+        extra_keys(w)
     w.add_rope_dimension_count(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(p["rope_theta"])
@@ -455,6 +489,11 @@ ROPE_SCALINGS = {
         "beta_slow": 0.5,
     },
 }
+
+
+MINISTRAL3_ROPE = dict(
+    ROPE_SCALINGS["yarn"], mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5
+)
 
 
 def write_rope_scaled(out):
@@ -542,6 +581,63 @@ def write_qwen(out):
     write_qwen_gguf(qwen3, os.path.join(path, "model.gguf"), "qwen3")
 
 
+
+
+def write_mistral3_gguf(model, path):
+    """The model as llama.cpp's converter writes a `mistral3` GGUF (F32): as `llama` (q/k rows
+    reordered for adjacent pairs, YaRN as keys), with the attention temperature's keys."""
+    p = model.config.rope_parameters
+
+    def temperature(w):
+        w.add_float32("mistral3.attention.temperature_scale", p["llama_4_scaling_beta"])
+        w.add_uint32("mistral3.attention.temperature_length", p["original_max_position_embeddings"])
+
+    write_llama_gguf(model, path, arch="mistral3", extra_keys=temperature)
+
+
+def write_mistral3(out):
+    import copy
+
+    common = {k: v for k, v in COMMON.items() if k != "rope_theta"}
+    common["max_position_embeddings"] = 64
+    torch.manual_seed(SEED)
+    cfg = Ministral3Config(**common, rope_parameters=dict(MINISTRAL3_ROPE), tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = randomise(Ministral3ForCausalLM(cfg).eval(), SEED)
+    model.seed = SEED
+    path = os.path.join(out, "ministral3")
+    save_hf(model, path)
+    write_logits(
+        path,
+        model,
+        f"YaRN and Llama 4 attention temperature {MINISTRAL3_ROPE}; max_position_embeddings 64",
+        prompts=LONG_PROMPTS,
+    )
+    cold = copy.deepcopy(model)
+    cold.config.rope_parameters["llama_4_scaling_beta"] = 0.0
+    body = add_logits(path, "logits_without_temperature", logits_of(cold, prompts=LONG_PROMPTS))
+    write_mistral3_gguf(model, os.path.join(path, "model.gguf"))
+
+    # The smallest Pixtral tower: only its presence matters (its tensors are not loaded).
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
+    vlm_cfg = Mistral3Config(
+        vision_config=vision, text_config=copy.deepcopy(cfg), tie_word_embeddings=False
+    )
+    vlm_cfg._attn_implementation = "eager"
+    vlm = Mistral3ForConditionalGeneration(vlm_cfg).eval()
+    randomise(vlm, SEED + 1)
+    with torch.no_grad():
+        vlm.model.language_model.load_state_dict(model.model.state_dict())
+        vlm.lm_head.weight.copy_(model.lm_head.weight)
+    path = os.path.join(out, "mistral3-vlm")
+    save_hf(vlm, path)
+    text_logits = logits_of(vlm, prompts=LONG_PROMPTS)
+    worst = max(abs(a - b) for p, q in zip(text_logits, body["logits"]) for r, s in zip(p, q) for a, b in zip(r, s))
+    print("mistral3-vlm: text logits vs ministral3 max diff", worst)
+    assert worst < 1e-4, f"the image-text model's text logits differ by {worst}"
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -557,6 +653,9 @@ def main():
     os.makedirs(out, exist_ok=True)
     if "--qwen-only" in sys.argv[2:]:
         write_qwen(out)
+        return
+    if "--mistral3-only" in sys.argv[2:]:
+        write_mistral3(out)
         return
     write_rope_scaled(out)
     if "--rope-only" in sys.argv[2:]:
@@ -636,14 +735,14 @@ def main():
     as_gguf = copy.deepcopy(gemma)
     for layer in as_gguf.model.layers:
         layer.self_attn.scaling = cfg.head_dim**-0.5
-    with open(os.path.join(path, "logits.json")) as f:
-        body = json.load(f)
-    body["logits_gguf_reading"] = logits_of(as_gguf)
-    body["notes"] += "; logits_gguf_reading: the same weights with query_pre_attn_scalar = head_dim"
-    with open(os.path.join(path, "logits.json"), "w") as f:
-        json.dump(body, f, separators=(",", ":"))
-        f.write("\n")
+    add_logits(
+        path,
+        "logits_gguf_reading",
+        logits_of(as_gguf),
+        "logits_gguf_reading: the same weights with query_pre_attn_scalar = head_dim",
+    )
     write_qwen(out)
+    write_mistral3(out)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ fn describe_layers(c: &model::LlamaConfig) -> Result<()> {
     if c.attn_bias {
         extras.push("q/k/v biases".into());
     }
+    if let Some(t) = &c.attn_temperature {
+        extras.push(format!(
+            "attention temperature 1 + {} ln(1 + floor(pos / {}))",
+            t.scale, t.length
+        ));
+    }
     if c.post_norms {
         extras.push("post-norms".into());
     }

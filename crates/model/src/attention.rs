@@ -456,6 +456,7 @@ mod tests {
             embedding_scale: 1.0,
             qk_norm: false,
             attn_bias: false,
+            attn_temperature: None,
             post_norms: false,
             norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),

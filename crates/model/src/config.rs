@@ -88,6 +88,9 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Biases added to the query, key and value projections (`attn_q.bias`, ...: Qwen2).
     pub attn_bias: bool,
+    /// Llama 4's attention temperature (Ministral 3): queries times
+    /// `1 + scale · ln(1 + floor(pos / length))` after RoPE.
+    pub attn_temperature: Option<AttnTemperature>,
     /// RMSNorm of each sub-layer's output before the residual add (`post_attention_norm`,
     /// `post_ffw_norm`).
     pub post_norms: bool,
@@ -100,7 +103,44 @@ pub struct LlamaConfig {
 }
 
 /// The GGUF architectures (`general.architecture`) this crate runs.
-pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "gemma3", "qwen2", "qwen3"];
+pub const GGUF_ARCHITECTURES: [&str; 5] = ["llama", "mistral3", "gemma3", "qwen2", "qwen3"];
+
+/// Llama 4's position-dependent query scaling, which Ministral 3 uses for long contexts
+/// (transformers' `get_llama_4_attn_scale`, llama.cpp's `attn_temp` input with offset 0):
+/// queries are multiplied by `1 + scale · ln(1 + floor(pos / length))` after RoPE, so 1 below
+/// `length`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnTemperature {
+    /// `llama_4_scaling_beta`, GGUF `{arch}.attention.temperature_scale`.
+    pub scale: f32,
+    /// `original_max_position_embeddings`, GGUF `{arch}.attention.temperature_length`.
+    pub length: usize,
+}
+
+impl AttnTemperature {
+    /// The factor on the queries at position `pos`.
+    pub fn factor(&self, pos: usize) -> f32 {
+        1.0 + self.scale * ((pos / self.length) as f32 + 1.0).ln()
+    }
+
+    /// Checks the pair read from `scale_key` / `length_key`.
+    pub(crate) fn new(
+        scale: f32,
+        length: usize,
+        scale_key: &str,
+        length_key: &str,
+    ) -> Result<Self, ModelError> {
+        if !scale.is_finite() || scale < 0.0 {
+            return Err(ModelError::BadConfig(format!(
+                "{scale_key} = {scale} must be finite and not negative"
+            )));
+        }
+        if length == 0 {
+            return Err(ModelError::BadConfig(format!("{length_key} is 0")));
+        }
+        Ok(Self { scale, length })
+    }
+}
 
 /// A generous bound on every dimension, so that a hostile file cannot make us allocate
 /// absurd scratch buffers before a shape check fails.
@@ -112,7 +152,7 @@ impl LlamaConfig {
         let md = file.metadata();
         let architecture = md.get_str("general.architecture")?.to_owned();
         let (gemma3, qwen) = match architecture.as_str() {
-            "llama" => (false, false),
+            "llama" | "mistral3" => (false, false),
             "gemma3" => (true, false),
             "qwen2" | "qwen3" => (false, true),
             _ => return Err(ModelError::UnsupportedArchitecture(architecture)),
@@ -214,10 +254,36 @@ impl LlamaConfig {
             embedding_scale: 1.0,
             qk_norm: false,
             attn_bias: false,
+            attn_temperature: None,
             post_norms: false,
             norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
         };
+        if architecture == "mistral3" {
+            // llama.cpp's `mistral3` graph passes RoPE an attention factor that cancels
+            // YaRN's magnitude correction (as Ministral 3's mscale = mscale_all_dim = 1
+            // does in transformers), and scales queries by the Llama 4 temperature when the
+            // file names one.
+            if let RopeScaling::Yarn {
+                attention_factor, ..
+            } = &mut config.rope_scaling
+            {
+                *attention_factor = 1.0;
+            }
+            let scale_key = key("attention.temperature_scale");
+            let length_key = key("attention.temperature_length");
+            if let Some(scale) = md.opt_f32(&scale_key)?.filter(|&s| s != 0.0) {
+                let length = md
+                    .opt_u32(&length_key)?
+                    .ok_or_else(|| ModelError::BadConfig(format!("{length_key} is missing")))?;
+                config.attn_temperature = Some(AttnTemperature::new(
+                    scale,
+                    length as usize,
+                    &scale_key,
+                    &length_key,
+                )?);
+            }
+        }
         if qwen {
             // llama.cpp rotates Qwen's halves (NeoX) and its converter keeps Hugging Face's
             // q/k row order; `qwen2` has biases on q, k and v, `qwen3` per-head QK-norm.

@@ -64,6 +64,15 @@ pub(crate) fn open_dir(dir: &Path) -> Result<(DirLayout, LlamaConfig, Tensors), 
         DirLayout::HuggingFace if hf_architecture(&json) == Some("Gemma3ForCausalLM") => {
             (hf_files(dir)?, gemma_name)
         }
+        DirLayout::HuggingFace
+            if hf_architecture(&json) == Some("Mistral3ForConditionalGeneration") =>
+        {
+            tracing::info!(
+                dir = %dir.display(),
+                "Mistral3ForConditionalGeneration: the language model is loaded; the vision tower and its projector are skipped (image input is not supported)"
+            );
+            (hf_files(dir)?, mistral3_vlm_name)
+        }
         DirLayout::HuggingFace => (hf_files(dir)?, hf_name),
         DirLayout::Mistral => (mistral_files(dir)?, mistral_name),
     };
@@ -340,6 +349,20 @@ fn hf_name(name: &str) -> Option<String> {
     })
 }
 
+/// Mistral 3's image-text checkpoints (`Mistral3ForConditionalGeneration`): the language
+/// model's tensors under `model.language_model.` (transformers 5; `language_model.model.` and
+/// `language_model.lm_head.` before) → GGUF's; the vision tower and projector → `None`.
+fn mistral3_vlm_name(name: &str) -> Option<String> {
+    if name == "lm_head.weight" {
+        return hf_name(name);
+    }
+    let text = match name.strip_prefix("model.language_model.") {
+        Some(rest) => format!("model.{rest}"),
+        None => name.strip_prefix("language_model.")?.to_owned(),
+    };
+    hf_name(&text)
+}
+
 /// Mistral's names (`layers.N.attention.wq.weight`, ...) → GGUF's.
 fn mistral_name(name: &str) -> Option<String> {
     rename(DirLayout::Mistral, name)
@@ -527,16 +550,37 @@ fn all_f32(tensors: &Tensors) -> bool {
 
 /// The hyperparameters of a Hugging Face `config.json`.
 fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
-    let f = Fields(json);
-    let arch = hf_architecture(json)
+    let outer = hf_architecture(json)
         .ok_or_else(|| ModelError::BadConfig("architectures is missing".into()))?;
-    if arch == "Gemma3ForCausalLM" {
+    if outer == "Gemma3ForCausalLM" {
         return gemma3_config(json, tensors);
     }
+    // An image-text Mistral 3 checkpoint runs its language model: `text_config`, a
+    // Ministral 3 (YaRN and the Llama 4 temperature) or a Mistral (Mistral Small 3.1/3.2,
+    // Magistral Small: the plain graph).
+    let (json, arch) = if outer == "Mistral3ForConditionalGeneration" {
+        let text = json
+            .get("text_config")
+            .ok_or_else(|| ModelError::BadConfig("text_config is missing".into()))?;
+        let arch = match text.get("model_type").and_then(Value::as_str) {
+            Some("ministral3") => "Ministral3ForCausalLM",
+            Some("mistral") | None => "MistralForCausalLM",
+            Some(other) => {
+                return Err(ModelError::UnsupportedArchitecture(format!(
+                    "{outer} with text_config.model_type {other:?}"
+                )));
+            }
+        };
+        (text, arch)
+    } else {
+        (json, outer)
+    };
+    let f = Fields(json);
     if !matches!(
         arch,
         "LlamaForCausalLM"
             | "MistralForCausalLM"
+            | "Ministral3ForCausalLM"
             | "MixtralForCausalLM"
             | "Qwen2ForCausalLM"
             | "Qwen3ForCausalLM"
@@ -584,13 +628,35 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         (None, Some(s)) => hf_rope_scaling(&f, &Fields(s), "rope_scaling", rope_theta, head_dim)?,
         (None, None) => RopeScaling::None,
     };
+    // Ministral 3: queries scaled by Llama 4's temperature, its length the original context.
+    let attn_temperature = match f.get("rope_parameters").or_else(|| f.get("rope_scaling")) {
+        Some(p) if arch == "Ministral3ForCausalLM" => {
+            let p = Fields(p);
+            match p.f32("llama_4_scaling_beta")?.filter(|&b| b != 0.0) {
+                Some(beta) => {
+                    let length_key = "rope_parameters.original_max_position_embeddings";
+                    let length = p
+                        .usize("original_max_position_embeddings")?
+                        .ok_or_else(|| ModelError::BadConfig(format!("{length_key} is missing")))?;
+                    Some(crate::config::AttnTemperature::new(
+                        beta,
+                        length,
+                        "rope_parameters.llama_4_scaling_beta",
+                        length_key,
+                    )?)
+                }
+                None => None,
+            }
+        }
+        _ => None,
+    };
     let (n_experts, n_experts_used) = if arch == "MixtralForCausalLM" {
         (f.need("num_local_experts")?, f.need("num_experts_per_tok")?)
     } else {
         (0, 0)
     };
     LlamaConfig {
-        architecture: arch.to_owned(),
+        architecture: outer.to_owned(),
         n_layers: f.need("num_hidden_layers")?,
         d_model,
         n_heads,
@@ -618,6 +684,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         embedding_scale: 1.0,
         qk_norm: qwen3,
         attn_bias: qwen2,
+        attn_temperature,
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -765,6 +832,7 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
         embedding_scale: (d_model as f32).sqrt(),
         qk_norm: true,
         attn_bias: false,
+        attn_temperature: None,
         post_norms: true,
         norm_weight_offset: 1.0,
         attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
@@ -829,6 +897,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         embedding_scale: 1.0,
         qk_norm: false,
         attn_bias: false,
+        attn_temperature: None,
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),

@@ -367,6 +367,14 @@ impl LlamaModel {
                 rms_norm_in_place(pool, &mut s.k, k_norm, c.rms_eps);
             }
             rope_and_cache(pool, c, b, kv, layer, &plan, &mut s);
+            if let Some(t) = &c.attn_temperature {
+                for (r, q) in s.q.chunks_exact_mut(c.q_dim()).enumerate() {
+                    let f = t.factor(plan.positions[r]);
+                    if f != 1.0 {
+                        q.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
+            }
             attention(pool, c, kv, layer, b.window, &plan, &s.q, &mut s.attn);
             self.store.matmul(pool, &b.wo, &s.attn, n, &mut s.proj)?;
             if let Some((post_attn, _)) = &b.post_norms {

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use souverain_model::{
-    KvPool, LlamaModel, LoadedModel, Logits, ModelFormat, RopeScaling, RopeStyle, SeqChunk,
-    ThreadPool, TokenizerSource,
+    AttnTemperature, KvPool, LlamaModel, LoadedModel, Logits, ModelFormat, RopeScaling, RopeStyle,
+    SeqChunk, ThreadPool, TokenizerSource,
 };
 
 const F32_TOL: f32 = 1e-4;
@@ -879,4 +879,72 @@ fn rope_scaling_yarn_matches_transformers() {
     unscaled_differs("llama-rope-yarn");
     let g = check_rope_gguf("llama-rope-yarn");
     assert_eq!(g.model.config().rope_scaling, expected);
+}
+
+// ---- Mistral 3 ---------------------------------------------------------------------------
+
+/// Ministral 3's text model: YaRN without magnitude correction (mscale = mscale_all_dim = 1)
+/// and Llama 4's attention temperature (queries times 1 + 0.5 ln(1 + floor(pos / 16)); the
+/// golden's beta is 0.5, not the real 0.1, so that it moves the logits clearly), over
+/// prompts of up to 48 tokens: within the F32 bound of transformers. The oracle without the
+/// temperature is far from the one with it, so the prompts exercise it.
+#[test]
+fn ministral3_yarn_and_temperature_match_transformers() {
+    let m = check_f32("ministral3", "ministral3");
+    let c = m.model.config();
+    assert_eq!(
+        c.attn_temperature,
+        Some(AttnTemperature {
+            scale: 0.5,
+            length: 16
+        })
+    );
+    assert!(
+        matches!(c.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor == 1.0),
+        "{:?}",
+        c.rope_scaling
+    );
+    let g = golden("ministral3");
+    let cold: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(g.json["logits_without_temperature"].clone()).expect("logits");
+    let (d, _) = max_diff(&cold, &g.logits);
+    assert!(d > 0.05, "the temperature changes nothing ({d})");
+}
+
+/// The same weights as llama.cpp's converter writes a `mistral3` GGUF (q/k rows reordered for
+/// adjacent pairs, YaRN and the temperature as keys): within the F32 GGUF bound.
+#[test]
+fn ministral3_gguf_as_llama_cpp_writes_it() {
+    let g = golden("ministral3");
+    let m = open(&tiny("ministral3").join("model.gguf"));
+    let c = m.model.config();
+    assert_eq!(c.architecture, "mistral3");
+    assert_eq!(c.rope_style, RopeStyle::Normal);
+    assert_eq!(
+        c.attn_temperature,
+        Some(AttnTemperature {
+            scale: 0.5,
+            length: 16
+        })
+    );
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &g.logits);
+    eprintln!("ministral3 GGUF vs transformers: max |diff| {d:e} at {at}");
+    assert!(d <= 1e-2, "ministral3 GGUF: max |diff| {d} at {at}");
+}
+
+/// Mistral 3's image-text checkpoints (`Mistral3ForConditionalGeneration`, as transformers
+/// saves one: `language_model.model.*`, a Pixtral `vision_tower.*`, a projector) run their
+/// language model and leave the vision tower unloaded: the text logits are Ministral 3's.
+#[test]
+fn mistral3_image_text_checkpoint_runs_its_language_model() {
+    let g = golden("ministral3");
+    let m = open(&tiny("mistral3-vlm"));
+    let c = m.model.config();
+    assert_eq!(c.architecture, "Mistral3ForConditionalGeneration");
+    assert!(c.attn_temperature.is_some());
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &g.logits);
+    eprintln!("mistral3-vlm vs transformers (ministral3): max |diff| {d:e} at {at}");
+    assert!(d <= F32_TOL, "mistral3-vlm: max |diff| {d} at {at}");
 }
