@@ -67,6 +67,9 @@ header naming this script and the library versions. The directories:
                 model.gguf: the weights as llama.cpp's converter writes a `mistral3` GGUF (F32;
                 q/k rows reordered for adjacent pairs, `mistral3.rope.scaling.*` and
                 `mistral3.attention.temperature_scale` / `temperature_length`).
+- ministral3-consolidated: the ministral3 weights in Mistral's layout, with params.json's
+                `yarn` ({factor, beta, alpha, original_max_position_embeddings, apply_scale})
+                and `llama_4_scaling` ({beta, original_max_position_embeddings}).
 - mistral3-vlm: Mistral3ForConditionalGeneration (Mistral 3's image-text checkpoints) with a
                 tiny Pixtral vision tower and the ministral3 weights as its language model: its
                 text logits are ministral3's.
@@ -320,6 +323,24 @@ def to_consolidated(model, path):
         params["sliding_window"] = c.sliding_window
     if moe:
         params["moe"] = {"num_experts": moe, "num_experts_per_tok": c.num_experts_per_tok}
+    rope = getattr(c, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "yarn":
+        # As Mistral ships Ministral 3: beta / alpha are beta_fast / beta_slow, and
+        # apply_scale false is mscale = mscale_all_dim (no magnitude correction).
+        assert rope["mscale"] == rope["mscale_all_dim"]
+        params["max_position_embeddings"] = c.max_position_embeddings
+        params["yarn"] = {
+            "factor": rope["factor"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": rope["beta_fast"],
+            "alpha": rope["beta_slow"],
+            "apply_scale": False,
+        }
+    if rope.get("llama_4_scaling_beta"):
+        params["llama_4_scaling"] = {
+            "beta": rope["llama_4_scaling_beta"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        }
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(params, f, indent=2)
         f.write("\n")
@@ -617,6 +638,7 @@ def write_mistral3(out):
     cold.config.rope_parameters["llama_4_scaling_beta"] = 0.0
     body = add_logits(path, "logits_without_temperature", logits_of(cold, prompts=LONG_PROMPTS))
     write_mistral3_gguf(model, os.path.join(path, "model.gguf"))
+    to_consolidated(model, os.path.join(out, "ministral3-consolidated"))
 
     # The smallest Pixtral tower: only its presence matters (its tensors are not loaded).
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,

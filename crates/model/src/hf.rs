@@ -867,6 +867,58 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         None => (0, 0),
     };
     let vocab_size = f.need("vocab_size")?;
+    // Ministral 3 and later: `yarn` ({factor, beta: fast, alpha: slow,
+    // original_max_position_embeddings, apply_scale: whether YaRN's magnitude correction
+    // applies}) and `llama_4_scaling` ({beta, original_max_position_embeddings}).
+    let rope_scaling = match f.get("yarn") {
+        Some(y) => {
+            let y = Fields(y);
+            let need = |k: &str| -> Result<f32, ModelError> {
+                let v = y
+                    .f32(k)?
+                    .ok_or_else(|| ModelError::BadConfig(format!("yarn.{k} is missing")))?;
+                positive(&format!("yarn.{k}"), v)
+            };
+            let factor = need("factor")?;
+            let original_context = y.need("original_max_position_embeddings")?;
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast: y
+                    .f32("beta")?
+                    .map_or(Ok(YARN_BETA_FAST), |v| positive("yarn.beta", v))?,
+                beta_slow: y
+                    .f32("alpha")?
+                    .map_or(Ok(YARN_BETA_SLOW), |v| positive("yarn.alpha", v))?,
+                attention_factor: if y.bool("apply_scale") {
+                    yarn_mscale(factor, 1.0)
+                } else {
+                    1.0
+                },
+            }
+        }
+        None => RopeScaling::None,
+    };
+    let attn_temperature = match f.get("llama_4_scaling") {
+        Some(t) => {
+            let t = Fields(t);
+            let beta = t
+                .f32("beta")?
+                .ok_or_else(|| ModelError::BadConfig("llama_4_scaling.beta is missing".into()))?;
+            Some(crate::config::AttnTemperature::new(
+                beta,
+                t.need("original_max_position_embeddings")?,
+                "llama_4_scaling.beta",
+                "llama_4_scaling.original_max_position_embeddings",
+            )?)
+        }
+        None => None,
+    };
+    if f.get("vision_encoder").is_some() {
+        tracing::info!(
+            "params.json names a vision encoder: it is skipped (image input is not supported)"
+        );
+    }
     LlamaConfig {
         architecture: if n_experts > 0 { "mixtral" } else { "mistral" }.to_owned(),
         n_layers: f.need("n_layers")?,
@@ -884,7 +936,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         },
         rope_freq_base: f.f32("rope_theta")?.unwrap_or(10_000.0),
         rope_dim: head_dim,
-        rope_scaling: RopeScaling::None,
+        rope_scaling,
         rms_eps: f.f32("norm_eps")?.unwrap_or(1e-5),
         rope_style: RopeStyle::Normal,
         sliding_window: f.usize("sliding_window")?.filter(|&w| w > 0),
@@ -897,7 +949,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         embedding_scale: 1.0,
         qk_norm: false,
         attn_bias: false,
-        attn_temperature: None,
+        attn_temperature,
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),

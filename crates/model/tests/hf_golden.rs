@@ -222,6 +222,7 @@ fn mistral_layout_matches_the_model_it_was_converted_from() {
     for (dir, of) in [
         ("mistral-swa-consolidated", "mistral-swa"),
         ("mixtral-consolidated", "mixtral"),
+        ("ministral3-consolidated", "ministral3"),
     ] {
         let m = check_f32(dir, of);
         assert_eq!(m.format, ModelFormat::Mistral);
@@ -229,6 +230,14 @@ fn mistral_layout_matches_the_model_it_was_converted_from() {
         assert_eq!(c.rope_style, RopeStyle::Normal);
         assert_eq!(c.sliding_window, (of == "mistral-swa").then_some(5));
         assert_eq!(c.n_experts, if of == "mixtral" { 4 } else { 0 });
+        // Ministral 3's params.json: `yarn` (apply_scale false: no magnitude correction)
+        // and `llama_4_scaling`.
+        let ministral3 = of == "ministral3";
+        assert_eq!(c.attn_temperature.is_some(), ministral3);
+        assert_eq!(
+            matches!(c.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor == 1.0),
+            ministral3
+        );
     }
 }
 
