@@ -53,8 +53,13 @@ header naming this script and the library versions. The directories:
 - qwen3:        Qwen3ForCausalLM, per-head RMSNorm of queries and keys (QK-norm) before RoPE,
                 head_dim 16 (not hidden / heads = 8), untied; also the logits of its weights
                 rounded to bfloat16.
+- qwen3moe:     Qwen3MoeForCausalLM, QK-norm, 4 experts of width 16 (moe_intermediate_size,
+                not the dense 32), top-2 routing renormalised (norm_topk_prob, as the released
+                models and llama.cpp have it), on the first seed whose routing no prompt
+                token nearly ties; also `logits_without_renormalisation` (norm_topk_prob
+                false, transformers' default).
                 Beside each, model.gguf: the same weights as llama.cpp's converter writes a
-                `qwen2` / `qwen3` GGUF (F32; q/k rows in Hugging Face's order, since llama.cpp
+                `qwen2` / `qwen3` / `qwen3moe` GGUF (experts stacked in `ffn_*_exps`) (F32; q/k rows in Hugging Face's order, since llama.cpp
                 rotates these architectures' halves (NeoX); biases as `blk.N.attn_q.bias`,
                 QK-norms as `blk.N.attn_q_norm.weight`).
 - ministral3:   Ministral3ForCausalLM (Ministral 3's text model): YaRN (factor 4, original
@@ -119,6 +124,8 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 SEED = 1234
@@ -220,7 +227,7 @@ def write_logits(path, model, notes, bf16=False, f16=False, prompts=None):
         body["logits_bf16_weights"] = logits_of(rounded(model, torch.bfloat16), False)
     if f16:
         body["logits_f16_weights"] = logits_of(rounded(model, torch.float16), False)
-    if getattr(model.config, "num_local_experts", None):
+    if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
         body["router_min_margin"] = router_margin(model)
     with open(os.path.join(path, "logits.json"), "w") as f:
         json.dump(body, f, separators=(",", ":"))
@@ -571,12 +578,30 @@ def write_qwen_gguf(model, path, arch):
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
     }
+    experts = getattr(c, "num_experts", None)
+    if experts:
+        # The experts one by one, as save_pretrained wrote them beside (in memory transformers
+        # keeps them fused).
+        from safetensors.torch import load_file  # noqa: E402
+
+        sd = load_file(os.path.join(os.path.dirname(path), "model.safetensors"))
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        names["mlp.gate"] = "ffn_gate_inp"
     for n in range(c.num_hidden_layers):
         for theirs, ours in names.items():
             for kind in ("weight", "bias"):
                 key = f"model.layers.{n}.{theirs}.{kind}"
                 if key in sd:
                     add(f"blk.{n}.{ours}.{kind}", sd[key])
+        if experts:
+            # Stacked as llama.cpp writes them: [experts, rows, cols].
+            pre = f"model.layers.{n}.mlp.experts."
+            for theirs, ours in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                 ("down_proj", "ffn_down_exps")):
+                stack = torch.stack([sd[f"{pre}{e}.{theirs}.weight"] for e in range(experts)])
+                add(f"blk.{n}.{ours}.weight", stack)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -600,6 +625,34 @@ def write_qwen(out):
     save_hf(qwen3, path)
     write_logits(path, qwen3, "QK-norm, head_dim 16 (hidden / heads = 8), untied", bf16=True)
     write_qwen_gguf(qwen3, os.path.join(path, "model.gguf"), "qwen3")
+
+    # Transformers 5 keeps the experts fused in memory; save_pretrained writes them one by
+    # one (`mlp.experts.E.{gate,up,down}_proj.weight`), as the released checkpoints are.
+    # Of the first 50 seeds, the one whose routing is furthest from a tie (no seed here
+    # reaches MIN_ROUTER_MARGIN; the tests run it in F32, where only the f16 KV cache of the
+    # GGUF path, ~1e-3 relative, perturbs the router).
+    def qwen3moe(seed):
+        torch.manual_seed(seed)
+        cfg = Qwen3MoeConfig(**dict(common, head_dim=8), moe_intermediate_size=16, num_experts=4,
+                             num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        model = randomise(Qwen3MoeForCausalLM(cfg).eval(), seed)
+        model.seed = seed
+        return model
+
+    seed = max(range(SEED, SEED + 50), key=lambda s: router_margin(qwen3moe(s)))
+    moe = qwen3moe(seed)
+    path = os.path.join(out, "qwen3moe")
+    save_hf(moe, path)
+    write_logits(path, moe, "QK-norm, 4 experts of width 16, top-2 renormalised", bf16=True)
+    import copy
+
+    plain = copy.deepcopy(moe)
+    plain.config.norm_topk_prob = False
+    for layer in plain.model.layers:
+        layer.mlp.gate.norm_topk_prob = False
+    add_logits(path, "logits_without_renormalisation", logits_of(plain))
+    write_qwen_gguf(moe, os.path.join(path, "model.gguf"), "qwen3moe")
 
 
 

@@ -449,6 +449,7 @@ mod tests {
             sliding_window: None,
             n_experts: 0,
             n_experts_used: 0,
+            moe_renormalize: true,
             kv_f32,
             window_layers: None,
             rope_freq_base_swa: None,

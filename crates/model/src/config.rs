@@ -71,6 +71,10 @@ pub struct LlamaConfig {
     pub n_experts: usize,
     /// Experts each token is routed to (`expert_used_count`), when `n_experts > 0`.
     pub n_experts_used: usize,
+    /// Whether the chosen experts' routing weights are renormalised to sum to 1 (Mixtral,
+    /// and Qwen3-MoE's `norm_topk_prob`, which llama.cpp always applies), or left as their
+    /// share of the softmax over every expert.
+    pub moe_renormalize: bool,
     /// Cache keys and values as f32 instead of f16: set by the safetensors loader for models
     /// whose weights are all f32, so that they compute as their float32 reference does.
     pub kv_f32: bool,
@@ -103,7 +107,8 @@ pub struct LlamaConfig {
 }
 
 /// The GGUF architectures (`general.architecture`) this crate runs.
-pub const GGUF_ARCHITECTURES: [&str; 5] = ["llama", "mistral3", "gemma3", "qwen2", "qwen3"];
+pub const GGUF_ARCHITECTURES: [&str; 6] =
+    ["llama", "mistral3", "gemma3", "qwen2", "qwen3", "qwen3moe"];
 
 /// Llama 4's position-dependent query scaling, which Ministral 3 uses for long contexts
 /// (transformers' `get_llama_4_attn_scale`, llama.cpp's `attn_temp` input with offset 0):
@@ -154,7 +159,7 @@ impl LlamaConfig {
         let (gemma3, qwen) = match architecture.as_str() {
             "llama" | "mistral3" => (false, false),
             "gemma3" => (true, false),
-            "qwen2" | "qwen3" => (false, true),
+            "qwen2" | "qwen3" | "qwen3moe" => (false, true),
             _ => return Err(ModelError::UnsupportedArchitecture(architecture)),
         };
         let key = |k: &str| format!("{architecture}.{k}");
@@ -247,6 +252,7 @@ impl LlamaConfig {
             sliding_window,
             n_experts,
             n_experts_used,
+            moe_renormalize: true,
             kv_f32: false,
             window_layers: None,
             rope_freq_base_swa: None,
@@ -289,7 +295,17 @@ impl LlamaConfig {
             // q/k row order; `qwen2` has biases on q, k and v, `qwen3` per-head QK-norm.
             config.rope_style = RopeStyle::NeoX;
             config.attn_bias = architecture == "qwen2";
-            config.qk_norm = architecture == "qwen3";
+            config.qk_norm = architecture != "qwen2";
+            if architecture == "qwen3moe" {
+                // Every layer is a mixture of experts of their own width.
+                let k = key("expert_feed_forward_length");
+                config.ffn_dim = check_dim(
+                    &k,
+                    md.opt_u32(&k)?
+                        .ok_or_else(|| ModelError::BadConfig(format!("{k} is missing")))?
+                        as usize,
+                )?;
+            }
         }
         // A bias on the queries where the architecture has none (llama.cpp loads one when a
         // `llama` file carries it).

@@ -330,7 +330,8 @@ fn gemma_name(name: &str) -> Option<String> {
 
 /// Tensors after `model.layers.N.` that only some Hugging Face architectures have (Qwen2's
 /// q/k/v biases, Qwen3's per-head QK-norms) → ours after `blk.N.` (llama.cpp's names).
-const HF_EXTRA_LAYER_NAMES: [(&str, &str); 5] = [
+const HF_EXTRA_LAYER_NAMES: [(&str, &str); 6] = [
+    ("mlp.gate.weight", "ffn_gate_inp.weight"),
     ("self_attn.q_proj.bias", "attn_q.bias"),
     ("self_attn.k_proj.bias", "attn_k.bias"),
     ("self_attn.v_proj.bias", "attn_v.bias"),
@@ -344,8 +345,19 @@ fn hf_name(name: &str) -> Option<String> {
         let rest = name.strip_prefix("model.layers.")?;
         let (layer, rest) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        let ours = HF_EXTRA_LAYER_NAMES.iter().find(|t| t.0 == rest)?.1;
-        Some(format!("blk.{layer}.{ours}"))
+        if let Some(t) = HF_EXTRA_LAYER_NAMES.iter().find(|t| t.0 == rest) {
+            return Some(format!("blk.{layer}.{}", t.1));
+        }
+        // Qwen3-MoE's experts: `mlp.experts.E.{gate,up,down}_proj.weight`.
+        let (e, w) = rest.strip_prefix("mlp.experts.")?.split_once('.')?;
+        let e: usize = e.parse().ok()?;
+        let which = match w {
+            "gate_proj.weight" => "ffn_gate",
+            "up_proj.weight" => "ffn_up",
+            "down_proj.weight" => "ffn_down",
+            _ => return None,
+        };
+        Some(format!("blk.{layer}.{which}.{e}.weight"))
     })
 }
 
@@ -584,13 +596,14 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
             | "MixtralForCausalLM"
             | "Qwen2ForCausalLM"
             | "Qwen3ForCausalLM"
+            | "Qwen3MoeForCausalLM"
     ) {
         return Err(ModelError::UnsupportedArchitecture(arch.to_owned()));
     }
     // Qwen2 always has q/k/v biases (transformers builds them whatever the config says);
     // Qwen3 normalises each query and key head (QK-norm). Neither windows attention unless
     // `use_sliding_window` says so, which is refused below.
-    let (qwen2, qwen3) = (arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM");
+    let (qwen2, qwen3) = (arch == "Qwen2ForCausalLM", arch.starts_with("Qwen3"));
     if (qwen2 || qwen3) && f.bool("use_sliding_window") {
         return Err(ModelError::BadConfig(
             "use_sliding_window (windowed attention in the later layers) is not supported".into(),
@@ -650,10 +663,41 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         }
         _ => None,
     };
-    let (n_experts, n_experts_used) = if arch == "MixtralForCausalLM" {
-        (f.need("num_local_experts")?, f.need("num_experts_per_tok")?)
+    let (n_experts, n_experts_used) = match arch {
+        "MixtralForCausalLM" => (f.need("num_local_experts")?, f.need("num_experts_per_tok")?),
+        // Released configs say num_experts; transformers 5 writes num_local_experts.
+        "Qwen3MoeForCausalLM" => (
+            match f.usize("num_experts")? {
+                Some(n) => n,
+                None => f.need("num_local_experts")?,
+            },
+            f.need("num_experts_per_tok")?,
+        ),
+        _ => (0, 0),
+    };
+    // Qwen3-MoE: every layer a mixture of experts of `moe_intermediate_size`, routing weights
+    // renormalised over the chosen experts when `norm_topk_prob` (the released models).
+    let qwen3moe = arch == "Qwen3MoeForCausalLM";
+    if qwen3moe {
+        if f.usize("decoder_sparse_step")?.is_some_and(|s| s != 1) {
+            return Err(ModelError::BadConfig(
+                "decoder_sparse_step other than 1 (dense layers between sparse ones) is not supported"
+                    .into(),
+            ));
+        }
+        if f.get("mlp_only_layers")
+            .and_then(Value::as_array)
+            .is_some_and(|l| !l.is_empty())
+        {
+            return Err(ModelError::BadConfig(
+                "mlp_only_layers (dense layers among the sparse ones) is not supported".into(),
+            ));
+        }
+    }
+    let ffn_dim = if qwen3moe {
+        f.need("moe_intermediate_size")?
     } else {
-        (0, 0)
+        f.need("intermediate_size")?
     };
     LlamaConfig {
         architecture: outer.to_owned(),
@@ -662,7 +706,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         n_heads,
         n_kv_heads: f.usize("num_key_value_heads")?.unwrap_or(n_heads),
         head_dim,
-        ffn_dim: f.need("intermediate_size")?,
+        ffn_dim,
         vocab_size: f.need("vocab_size")?,
         context_length: f.need("max_position_embeddings")?,
         rope_freq_base: rope_theta,
@@ -677,12 +721,13 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         },
         n_experts,
         n_experts_used,
+        moe_renormalize: !qwen3moe || f.bool("norm_topk_prob"),
         kv_f32: all_f32(tensors),
         window_layers: None,
         rope_freq_base_swa: None,
         activation: Activation::Silu,
         embedding_scale: 1.0,
-        qk_norm: qwen3,
+        qk_norm: qwen3 || qwen3moe,
         attn_bias: qwen2,
         attn_temperature,
         post_norms: false,
@@ -825,6 +870,7 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
         sliding_window: (sliding_window > 0).then_some(sliding_window),
         n_experts: 0,
         n_experts_used: 0,
+        moe_renormalize: true,
         kv_f32: all_f32(tensors),
         window_layers: Some(window_layers),
         rope_freq_base_swa: Some(local_base),
@@ -942,6 +988,7 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         sliding_window: f.usize("sliding_window")?.filter(|&w| w > 0),
         n_experts,
         n_experts_used,
+        moe_renormalize: true,
         kv_f32: all_f32(tensors),
         window_layers: None,
         rope_freq_base_swa: None,
@@ -992,6 +1039,9 @@ mod tests {
             (hf, "model.layers.4.self_attn.v_proj.bias", Some("blk.4.attn_v.bias")),
             (hf, "model.layers.0.self_attn.q_norm.weight", Some("blk.0.attn_q_norm.weight")),
             (hf, "model.layers.0.self_attn.o_proj.bias", None),
+            (hf, "model.layers.1.mlp.gate.weight", Some("blk.1.ffn_gate_inp.weight")),
+            (hf, "model.layers.1.mlp.experts.3.up_proj.weight", Some("blk.1.ffn_up.3.weight")),
+            (hf, "model.layers.1.mlp.experts.3.w9.weight", None),
             (gemma_name, "model.layers.2.pre_feedforward_layernorm.weight", Some("blk.2.ffn_norm.weight")),
             (gemma_name, "model.layers.0.post_attention_layernorm.weight", Some("blk.0.post_attention_norm.weight")),
             (gemma_name, "model.layers.1.self_attn.k_norm.weight", Some("blk.1.attn_k_norm.weight")),

@@ -174,6 +174,7 @@ impl LlamaModel {
                     router: t.weight(&name("ffn_gate_inp"), [d, e])?,
                     experts,
                     n_used: c.n_experts_used,
+                    renormalize: c.moe_renormalize,
                 }
             };
             let attention = c.layer_attention(i);

@@ -29,6 +29,8 @@ pub(crate) enum Ffn {
         router: Weight, // n_experts × d_model
         experts: Vec<Mlp>,
         n_used: usize,
+        /// Whether the chosen experts' weights are renormalised (see [`top_k`]).
+        renormalize: bool,
     },
 }
 
@@ -98,6 +100,7 @@ impl Ffn {
                 router,
                 experts,
                 n_used,
+                renormalize,
             } => {
                 let n_experts = experts.len();
                 let mut scores = vec![0.0; n * n_experts];
@@ -105,7 +108,7 @@ impl Ffn {
                 // For each expert, the rows routed to it and their weights.
                 let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
                 for (r, s) in scores.chunks_exact(n_experts).enumerate() {
-                    for (e, w) in top_k(s, *n_used) {
+                    for (e, w) in top_k(s, *n_used, *renormalize) {
                         routed[e].push((r, w));
                     }
                 }
@@ -136,15 +139,21 @@ impl Ffn {
 }
 
 /// The `k` highest-scoring experts of one token (ties to the lower index) with their routing
-/// weights: softmax over the chosen logits, which equals transformers' softmax over all
-/// experts renormalised over the chosen ones.
-pub(crate) fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+/// weights: renormalised, the softmax over the chosen logits, which equals transformers'
+/// softmax over all experts renormalised over the chosen ones; otherwise each chosen
+/// expert's share of the softmax over all of them.
+pub(crate) fn top_k(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    let mut w: Vec<f32> = order.iter().map(|&e| logits[e]).collect();
-    kernels::softmax(&mut w);
-    order.into_iter().zip(w).collect()
+    if renormalize {
+        order.truncate(k);
+        let mut w: Vec<f32> = order.iter().map(|&e| logits[e]).collect();
+        kernels::softmax(&mut w);
+        return order.into_iter().zip(w).collect();
+    }
+    let mut all: Vec<f32> = order.iter().map(|&e| logits[e]).collect();
+    kernels::softmax(&mut all);
+    order.into_iter().zip(all).take(k).collect()
 }
 
 #[cfg(test)]
@@ -153,7 +162,7 @@ mod tests {
 
     #[test]
     fn top_k_picks_the_best_and_renormalises() {
-        let chosen = top_k(&[0.1, 2.0, -1.0, 1.0], 2);
+        let chosen = top_k(&[0.1, 2.0, -1.0, 1.0], 2, true);
         assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3]);
         // softmax over all four, keep two, renormalise: e^2 / (e^2 + e^1).
         let expected = 2f32.exp() / (2f32.exp() + 1f32.exp());
@@ -162,8 +171,18 @@ mod tests {
     }
 
     #[test]
+    fn top_k_without_renormalising_keeps_the_full_softmax_share() {
+        let logits = [0.1, 2.0, -1.0, 1.0];
+        let chosen = top_k(&logits, 2, false);
+        assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3]);
+        let total: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((chosen[0].1 - 2f32.exp() / total).abs() < 1e-6);
+        assert!((chosen[1].1 - 1f32.exp() / total).abs() < 1e-6);
+    }
+
+    #[test]
     fn top_k_breaks_ties_to_the_lower_index() {
-        let chosen = top_k(&[1.0, 3.0, 3.0, 3.0], 2);
+        let chosen = top_k(&[1.0, 3.0, 3.0, 3.0], 2, true);
         assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 2]);
         assert!((chosen[0].1 - 0.5).abs() < 1e-6);
     }

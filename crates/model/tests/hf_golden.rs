@@ -743,19 +743,56 @@ fn qwen3_matches_transformers() {
     assert_eq!((c.head_dim, c.q_dim(), c.d_model), (16, 64, 32));
 }
 
+/// Qwen3-MoE: QK-norm, every layer a mixture of 4 experts of width 16 (not the dense 32),
+/// top-2 routing renormalised (`norm_topk_prob`); and with `norm_topk_prob` false, each chosen
+/// expert weighted by its share of the softmax over all four (transformers' default): both
+/// within the F32 bound of transformers, and far apart from each other.
+#[test]
+fn qwen3moe_matches_transformers() {
+    let m = check_f32("qwen3moe", "qwen3moe");
+    let c = m.model.config();
+    assert!(c.qk_norm && c.moe_renormalize);
+    assert_eq!((c.n_experts, c.n_experts_used, c.ffn_dim), (4, 2, 16));
+
+    let g = golden("qwen3moe");
+    let plain: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(g.json["logits_without_renormalisation"].clone()).expect("logits");
+    let dir = temp_dir("qwen3moe-plain");
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(tiny("qwen3moe").join("config.json")).unwrap())
+            .unwrap();
+    config["norm_topk_prob"] = Value::Bool(false);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        tiny("qwen3moe").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let m = open(&dir);
+    assert!(!m.model.config().moe_renormalize);
+    let ours = run(&m.model, &g.prompts, true);
+    let (d, at) = max_diff(&ours, &plain);
+    eprintln!("qwen3moe without renormalisation vs transformers: max |diff| {d:e} at {at}");
+    assert!(d <= F32_TOL, "qwen3moe plain: max |diff| {d} at {at}");
+    let (apart, _) = max_diff(&plain, &g.logits);
+    assert!(apart > 0.05, "renormalising changes nothing ({apart})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same weights as llama.cpp's converter writes a `qwen2` / `qwen3` GGUF (`model.gguf`,
 /// written by the golden script: llama.cpp's names, Hugging Face's q/k row order), against
 /// transformers within the F32 GGUF bound; without the biases (Qwen2) or the QK-norms
 /// (Qwen3) the logits are far off, so both are exercised.
 #[test]
 fn qwen_gguf_as_llama_cpp_writes_it() {
-    for name in ["qwen2", "qwen3"] {
+    for name in ["qwen2", "qwen3", "qwen3moe"] {
         let g = golden(name);
         let m = open(&tiny(name).join("model.gguf"));
         let c = m.model.config();
         assert_eq!(c.architecture, name);
         assert_eq!(c.rope_style, RopeStyle::NeoX);
-        assert_eq!((c.attn_bias, c.qk_norm), (name == "qwen2", name == "qwen3"));
+        assert_eq!((c.attn_bias, c.qk_norm), (name == "qwen2", name != "qwen2"));
+        assert_eq!(c.n_experts, if name == "qwen3moe" { 4 } else { 0 });
         let ours = run(&m.model, &g.prompts, true);
         let (d, at) = max_diff(&ours, &g.logits);
         eprintln!("{name} GGUF vs transformers: max |diff| {d:e} at {at}");
