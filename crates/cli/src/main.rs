@@ -163,6 +163,16 @@ struct BatchingArgs {
     /// Longest n-gram looked up for a draft (with --speculate ngram).
     #[arg(long, default_value_t = engine::Speculation::default().ngram_max)]
     ngram_max: usize,
+    /// Speculative decoding with a draft model: a small model of the same vocabulary (GGUF
+    /// file or model directory) whose greedy continuations the model verifies, as llama.cpp's
+    /// `--model-draft` (also accepted); lossless like `--speculate ngram`, which it replaces.
+    #[arg(
+        long,
+        alias = "model-draft",
+        value_name = "PATH",
+        conflicts_with = "speculate"
+    )]
+    draft_model: Option<PathBuf>,
     #[command(flatten)]
     energy: EnergyArgs,
 }
@@ -388,6 +398,7 @@ fn load_engine_at(
             kv_cache_tokens: b.kv_cache_tokens,
             max_batch_tokens: b.max_batch_tokens,
             speculation: b.speculation(),
+            draft_model: b.draft_model.clone(),
             kv_cache_type: b.kv_cache_type,
             energy: engine::EnergyConfig {
                 source: b.energy.energy_source,
@@ -467,6 +478,9 @@ fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
     }
     if paths.is_empty() {
         paths.push(one_model_path(&args.model)?);
+    }
+    if paths.len() > 1 && args.batching.draft_model.is_some() {
+        bail!("--draft-model drafts for one model: serve a single --model with it");
     }
     let mut entries = Vec::with_capacity(paths.len());
     for (i, path) in paths.into_iter().enumerate() {

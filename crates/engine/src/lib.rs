@@ -43,8 +43,8 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Instant;
 
-use model::gguf::{GgufError, Metadata};
-use model::{KvPool, LoadedModel, TokenizerSource};
+use model::gguf::{GgufError, GgufFile, Metadata};
+use model::{KvPool, LlamaModel, LoadedModel, TokenizerSource};
 use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -93,8 +93,13 @@ pub struct EngineConfig {
     pub chat_template: Option<String>,
     /// How energy is metered and attributed to requests.
     pub energy: EnergyConfig,
-    /// N-gram (prompt-lookup) speculative decoding; `None` generates one token per step.
+    /// Speculative decoding (n-gram drafts, or the draft model's); `None` generates one
+    /// token per step.
     pub speculation: Option<Speculation>,
+    /// A small model of the same vocabulary whose greedy continuations are the drafts
+    /// (llama.cpp's `--model-draft`, vLLM's draft-model speculation); speculation is on with
+    /// it, `speculation`'s `draft_max` (or the default) bounds each draft.
+    pub draft_model: Option<std::path::PathBuf>,
     /// How the KV cache stores keys and values (f16, or Q8_0 at 53% of the bytes).
     pub kv_cache_type: model::KvType,
 }
@@ -112,6 +117,7 @@ impl Default for EngineConfig {
             chat_template: None,
             energy: EnergyConfig::default(),
             speculation: None,
+            draft_model: None,
             kv_cache_type: model::KvType::F16,
         }
     }
@@ -302,6 +308,48 @@ pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
     Ok(d)
 }
 
+/// Loads the draft model for `target` (`--draft-model`): its vocabulary must be the target's
+/// (same size, and for two GGUF files the same token strings), or its drafts would name other
+/// tokens.
+fn load_draft_model(
+    path: &Path,
+    target: &LlamaModel,
+    target_tokenizer: &TokenizerSource,
+) -> Result<LlamaModel, EngineError> {
+    let draft = LoadedModel::open(path, &mut |_, _| {})?;
+    let inconsistent = |what: String| {
+        EngineError::from(LoadError::Inconsistent(format!(
+            "the draft model {}: {what}",
+            path.display()
+        )))
+    };
+    let (ours, theirs) = (target.config().vocab_size, draft.model.config().vocab_size);
+    if ours != theirs {
+        return Err(inconsistent(format!(
+            "its vocabulary has {theirs} tokens, the model's {ours}"
+        )));
+    }
+    if let (TokenizerSource::Gguf(a), TokenizerSource::Gguf(b)) =
+        (target_tokenizer, &draft.tokenizer)
+    {
+        let tokens = |f: &GgufFile| {
+            f.metadata()
+                .get_str_array("tokenizer.ggml.tokens")
+                .map(|t| t.into_iter().map(str::to_owned).collect::<Vec<_>>())
+                .ok()
+        };
+        if tokens(a) != tokens(b) {
+            return Err(inconsistent("its tokens differ from the model's".into()));
+        }
+    }
+    tracing::info!(
+        draft = %path.display(),
+        architecture = %draft.model.config().architecture,
+        "speculative decoding with a draft model"
+    );
+    Ok(draft.model)
+}
+
 impl Engine {
     /// Opens and validates a model (a GGUF file, or a directory in the Hugging Face or
     /// Mistral layout), builds its tokenizer and starts the worker thread.
@@ -417,11 +465,19 @@ impl Engine {
         if let Some(s) = &config.speculation {
             s.validate().map_err(LoadError::Inconsistent)?;
         }
+        let draft_model = match &config.draft_model {
+            Some(p) => Some(load_draft_model(p, &model, &loaded.tokenizer)?),
+            None => None,
+        };
+        let speculation = match (&draft_model, config.speculation) {
+            (Some(_), None) => Some(Speculation::default()),
+            (_, s) => s,
+        };
         let limits = Limits {
             max_seqs: config.max_seqs,
             max_batch_tokens: config.max_batch_tokens,
             context_length,
-            speculation: config.speculation,
+            speculation,
         };
         let (jobs, rx) = mpsc::channel::<Job>();
         let scheduler = Scheduler::new(
@@ -433,6 +489,10 @@ impl Engine {
             metrics.clone(),
             (energy, cost),
         );
+        let scheduler = match draft_model {
+            Some(d) => scheduler.with_draft_model(d),
+            None => scheduler,
+        };
         thread::Builder::new()
             .name("souverain-engine".into())
             .spawn(move || scheduler.run(rx))

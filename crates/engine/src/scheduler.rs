@@ -50,7 +50,7 @@ use crate::energy::{CostModel, EnergyLedger};
 use crate::metrics::Metrics;
 use crate::reasoning::ReasoningCounter;
 use crate::sampler::Sampler;
-use crate::speculate::Speculation;
+use crate::speculate::{ModelDraft, Speculation};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::{
     Energy, Event, Failure, FinishReason, GenerateRequest, Priority, TokenLogprobs, Usage,
@@ -126,6 +126,8 @@ struct Sequence {
     /// Microjoules of the steps it was in (recomputation after preemption included).
     energy_uj: u64,
     priority: Priority,
+    /// The draft model's state for this sequence (`--draft-model`), made at its first draft.
+    draft: Option<ModelDraft>,
 }
 
 impl Sequence {
@@ -165,6 +167,7 @@ impl Sequence {
             reasoning: r.reasoning.map(ReasoningCounter::new),
             energy_uj: 0,
             priority: r.priority,
+            draft: None,
         }
     }
 
@@ -192,6 +195,8 @@ impl Sequence {
 /// The engine thread's state.
 pub(crate) struct Scheduler {
     model: LlamaModel,
+    /// The draft model (`--draft-model`): drafts come from it instead of n-grams.
+    draft_model: Option<LlamaModel>,
     tokenizer: Arc<TextTokenizer>,
     pool: ThreadPool,
     kv: KvPool,
@@ -234,6 +239,7 @@ impl Scheduler {
             .store(kv.block_tokens() as u64, Relaxed);
         Self {
             model,
+            draft_model: None,
             tokenizer,
             pool,
             kv,
@@ -245,6 +251,12 @@ impl Scheduler {
             energy,
             cost,
         }
+    }
+
+    /// Drafts from `draft` (a model of the target's vocabulary) instead of n-grams.
+    pub(crate) fn with_draft_model(mut self, draft: LlamaModel) -> Self {
+        self.draft_model = Some(draft);
+        self
     }
 
     /// Runs until every `Engine` handle is gone and no work is left.
@@ -581,6 +593,9 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
+        // What came since the last reading (between steps) is idle; the step, drafting
+        // included (a draft model computes), starts now.
+        self.energy.idle();
         // Drafts of the generating sequences (`crate::speculate`), in the budget left by the
         // decode tokens and before prompt chunks; each goes with its sequence's plan entry.
         let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); plan.len()];
@@ -665,8 +680,6 @@ impl Scheduler {
             .iter()
             .map(|&(i, n)| self.cost.chunk(self.running[i].n_computed, n))
             .collect();
-        // What came since the last reading (between steps) is idle; the step starts now.
-        self.energy.idle();
         let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);
         drop(chunks);
         let logits = match logits {
@@ -733,7 +746,30 @@ impl Scheduler {
         let limit = budget
             .min(self.limits.context_length.saturating_sub(pos + 1))
             .min(seq.max_new.saturating_sub(seq.generated + 1));
-        let mut draft = spec.draft(&seq.tokens, limit);
+        let mut draft = match &self.draft_model {
+            Some(dm) => {
+                let seq = &mut self.running[i];
+                if seq.draft.is_none() {
+                    let capacity = (seq.prompt_len + seq.max_new).max(seq.tokens.len());
+                    seq.draft = ModelDraft::new(dm, capacity)
+                        .inspect_err(
+                            |e| tracing::warn!(error = %e, "no draft model cache for a sequence"),
+                        )
+                        .ok();
+                }
+                let limit = limit.min(spec.draft_max);
+                match seq.draft.as_mut() {
+                    Some(d) => d
+                        .draft(dm, &self.pool, &seq.tokens, limit)
+                        .unwrap_or_else(|e| {
+                            tracing::debug!(error = %e, "the draft model failed; no draft this step");
+                            Vec::new()
+                        }),
+                    None => Vec::new(),
+                }
+            }
+            None => spec.draft(&seq.tokens, limit),
+        };
         let bt = self.blocks.block_tokens();
         while self.running[i].blocks.len() * bt <= pos + draft.len() {
             match self.blocks.allocate() {

@@ -1,4 +1,5 @@
-//! Speculative decoding with n-gram (prompt-lookup) drafts.
+//! Speculative decoding with n-gram (prompt-lookup) drafts, or drafts from a small model of
+//! the same vocabulary (`--draft-model`, [`ModelDraft`]).
 //!
 //! A generating sequence often repeats what it has already seen: an edited text copies most
 //! of its source, code repeats identifiers, answers quote their question. Before a decode
@@ -18,7 +19,11 @@
 //! single proposed token (a point mass), accepting it exactly when the sampled token equals
 //! it has acceptance probability `p(draft)`, the optimum of speculative sampling.
 
-/// Speculation settings (`--speculate ngram`).
+use model::{KvCache, LlamaModel, Logits, ModelError, ThreadPool};
+
+use crate::sampler::argmax;
+
+/// Speculation settings (`--speculate ngram`, or `--draft-model`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Speculation {
     /// Most draft tokens per step.
@@ -92,9 +97,118 @@ impl Speculation {
     }
 }
 
+/// One sequence's drafter state with a draft model: the draft model's own KV cache of the
+/// sequence (private, contiguous, as long as the sequence can grow) and the tokens it holds.
+/// Each step it drops what no longer agrees with the sequence (the draft tokens the target
+/// rejected), runs the tokens the sequence gained since, and extends them greedily. Greedy is
+/// the right proposal here: verification accepts a proposed token exactly when the target
+/// samples it, which keeps the output the target's whatever the drafts are.
+pub(crate) struct ModelDraft {
+    kv: KvCache,
+    /// The tokens whose keys and values `kv` holds, in order.
+    fed: Vec<u32>,
+}
+
+impl ModelDraft {
+    /// A drafter for a sequence of at most `capacity` tokens.
+    pub(crate) fn new(model: &LlamaModel, capacity: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            kv: model.new_kv_cache(capacity.min(model.config().context_length))?,
+            fed: Vec::new(),
+        })
+    }
+
+    /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
+    /// token; fewer when the cache cannot hold more.
+    pub(crate) fn draft(
+        &mut self,
+        model: &LlamaModel,
+        pool: &ThreadPool,
+        tokens: &[u32],
+        limit: usize,
+    ) -> Result<Vec<u32>, ModelError> {
+        // The last token is always run again (its logits give the first draft token).
+        let common = self
+            .fed
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len().saturating_sub(1));
+        self.kv.truncate(common);
+        self.fed.truncate(common);
+        // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
+        let room = (self.kv.capacity() + 1).saturating_sub(tokens.len());
+        let limit = limit.min(room);
+        if limit == 0 || tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut logits = model.forward(pool, &tokens[common..], &mut self.kv, Logits::Last)?;
+        self.fed.extend_from_slice(&tokens[common..]);
+        let mut draft = Vec::with_capacity(limit);
+        loop {
+            let next = argmax(&logits);
+            draft.push(next);
+            if draft.len() == limit {
+                return Ok(draft);
+            }
+            logits = model.forward(pool, &[next], &mut self.kv, Logits::Last)?;
+            self.fed.push(next);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny() -> LlamaModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../model/tests/golden/tiny/llama");
+        model::LoadedModel::open(&dir, &mut |_, _| {})
+            .expect("the tiny llama golden")
+            .model
+    }
+
+    /// Greedy continuation of `tokens` by the model, recomputed from nothing.
+    fn greedy(model: &LlamaModel, pool: &ThreadPool, tokens: &[u32], n: usize) -> Vec<u32> {
+        let mut kv = model.new_kv_cache(64).unwrap();
+        let mut logits = model.forward(pool, tokens, &mut kv, Logits::Last).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = argmax(&logits);
+            out.push(t);
+            logits = model.forward(pool, &[t], &mut kv, Logits::Last).unwrap();
+        }
+        out
+    }
+
+    /// A drafter that keeps its cache across steps drafts exactly what one that starts from
+    /// nothing does, after its draft is accepted in part and the sequence goes elsewhere
+    /// (the rejected tokens' keys and values are dropped), and after the sequence grows.
+    #[test]
+    fn a_model_draft_follows_the_sequence_through_rejections() {
+        let model = tiny();
+        let pool = ThreadPool::new(1);
+        let mut d = ModelDraft::new(&model, 40).unwrap();
+        let mut seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
+        let first = d.draft(&model, &pool, &seq, 4).unwrap();
+        assert_eq!(first, greedy(&model, &pool, &seq, 4));
+        // Two draft tokens accepted, then a token of the target's own.
+        seq.extend_from_slice(&first[..2]);
+        seq.push((first[2] + 1) % 256);
+        let second = d.draft(&model, &pool, &seq, 5).unwrap();
+        assert_eq!(second, greedy(&model, &pool, &seq, 5));
+        // Everything accepted, plus the target's next token.
+        seq.extend_from_slice(&second);
+        seq.push(7);
+        let third = d.draft(&model, &pool, &seq, 3).unwrap();
+        assert_eq!(third, greedy(&model, &pool, &seq, 3));
+        // Near the end of the cache the draft is cut to what fits.
+        let long: Vec<u32> = (0..38).map(|i| (i * 7 + 1) % 256).collect();
+        assert_eq!(d.draft(&model, &pool, &long, 8).unwrap().len(), 3);
+        assert!(d.draft(&model, &pool, &[0; 41], 8).unwrap().is_empty());
+    }
 
     #[test]
     fn drafts_continue_the_most_recent_match_of_the_longest_suffix() {
