@@ -292,10 +292,28 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, as `{:#}` writes them, except a cause whose text the
+/// message already ends with (errors of the libraries below name their cause in their own
+/// message, so `{:#}` would repeat it).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_tracing(format: LogFormat) {
@@ -511,7 +529,7 @@ fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
                 first,
             )
             .map(|engine| Arc::new(engine) as Arc<dyn api::Backend>)
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| error_chain(&e))
         });
         entries.push(api::ModelEntry {
             id,
@@ -677,7 +695,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             }),
             Err(e) => {
                 // The turn is dropped (e.g. the history outgrew the context); the chat goes on.
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_chain(&e));
                 history.pop();
             }
         }

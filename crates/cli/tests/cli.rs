@@ -402,3 +402,46 @@ fn serving_several_models_checks_them_before_listening() {
         text(&out.stderr)
     );
 }
+
+/// `--draft-model` is checked before listening: a draft of another vocabulary is refused,
+/// naming it once (each cause of the error appears once), as is a second speculation method.
+#[test]
+fn a_draft_model_is_checked_before_listening() {
+    let dir = temp_dir("draft");
+    let good = dir.join("tiny.gguf");
+    tiny_model_writer().write(&good).expect("write");
+    let good = good.to_str().expect("utf-8");
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/golden/tiny/llama");
+    let other = other.to_str().expect("utf-8");
+    let out = run(&[
+        "serve",
+        "--model",
+        good,
+        "--draft-model",
+        other,
+        "--host",
+        "no such host",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert_eq!(
+        err.matches("its vocabulary has 256 tokens").count(),
+        1,
+        "{err}"
+    );
+    let out = run(&[
+        "serve",
+        "--model",
+        good,
+        "--model-draft",
+        good,
+        "--speculate",
+        "ngram",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        text(&out.stderr)
+    );
+}
