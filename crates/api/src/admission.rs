@@ -186,6 +186,7 @@ impl Admission {
             request_id: request_id.to_owned(),
             reservation,
             prompt_tokens: prompt,
+            tap: Arc::new(engine::EnergyTap::default()),
         })
     }
 }
@@ -196,6 +197,9 @@ pub(crate) struct Meter {
     request_id: String,
     reservation: Reservation,
     prompt_tokens: u64,
+    /// Given to the engine with the request's sequences: what they used, also when the
+    /// request ends without the engine's `Done` (cancelled, failed).
+    tap: Arc<engine::EnergyTap>,
 }
 
 /// How a generation ended, as the meter saw it.
@@ -208,7 +212,35 @@ enum Ending {
     Cancelled,
 }
 
+/// The control plane's record of energy the engine reports.
+fn energy_use(e: engine::Energy) -> control::EnergyUse {
+    control::EnergyUse {
+        microjoules: e.microjoules,
+        source: match e.kind {
+            engine::EnergyKind::Measured => control::EnergySource::Measured,
+            engine::EnergyKind::Modelled => control::EnergySource::Modelled,
+        },
+    }
+}
+
 impl Meter {
+    /// The tap to give the engine with each of the request's sequences
+    /// (`GenerateRequest::energy_tap`).
+    pub(crate) fn energy_tap(&self) -> Arc<engine::EnergyTap> {
+        Arc::clone(&self.tap)
+    }
+
+    /// The energy the engine charged to the request's sequences, once it has let go of them
+    /// all (it does when it next steps, after a cancel; waited for at most a second): for a
+    /// request that ends without the engine's `Done`.
+    async fn tapped_energy(&self) -> Option<control::EnergyUse> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while Arc::strong_count(&self.tap) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        self.tap.energy().map(energy_use)
+    }
+
     /// Takes what starting the generation answered: an error is recorded and returned; a
     /// channel of `n` choices' events is wrapped in one that records the request when every
     /// choice has ended.
@@ -293,18 +325,13 @@ impl Meter {
                     total.completion_tokens as u64,
                     total.reasoning_tokens as u64,
                 );
-                let energy = total.energy.map(|e| control::EnergyUse {
-                    microjoules: e.microjoules,
-                    source: match e.kind {
-                        engine::EnergyKind::Measured => control::EnergySource::Measured,
-                        engine::EnergyKind::Modelled => control::EnergySource::Modelled,
-                    },
-                });
+                let energy = total.energy.map(energy_use);
                 self.settle(p, c, r, ttft_us, "ok", StatusCode::OK, output, energy)
                     .await;
                 let _ = tx.send(last);
             }
             ending @ (Ending::Failed(_) | Ending::Vanished) => {
+                let energy = self.tapped_energy().await;
                 self.settle(
                     prompt_tokens,
                     pieces,
@@ -313,7 +340,7 @@ impl Meter {
                     "failed",
                     error,
                     output,
-                    None,
+                    energy,
                 )
                 .await;
                 if let Ending::Failed(failed) = ending {
@@ -323,6 +350,7 @@ impl Meter {
             Ending::Cancelled => {
                 // Without a `Done`, the text pieces sent stand for the tokens generated.
                 let client_closed = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+                let energy = self.tapped_energy().await;
                 self.settle(
                     prompt_tokens,
                     pieces,
@@ -331,7 +359,7 @@ impl Meter {
                     "cancelled",
                     client_closed,
                     output,
-                    None,
+                    energy,
                 )
                 .await;
             }

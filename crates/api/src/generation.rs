@@ -8,7 +8,7 @@ use std::sync::Arc;
 use engine::{ConstraintSpec, EngineError, Event, FinishReason, GenerateRequest, ToolCallFormat};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::admission::{Admission, Tagged};
+use crate::admission::{Admission, Meter, Tagged};
 use crate::backend::Backend;
 use crate::error::{ApiError, engine_error};
 use crate::output::{CallSyntax, OutputParser, ParserSpec, Piece};
@@ -173,6 +173,7 @@ pub(crate) async fn start_generation(
                 keep_special: !prompt.parser.is_plain(),
                 reasoning: prompt.reasoning.clone(),
                 priority: PRIORITY.try_with(|p| *p).unwrap_or_default(),
+                energy_tap: meter.as_ref().map(Meter::energy_tap),
             });
             parsers.push(OutputParser::new(prompt.parser.clone()));
             echoes.push(prompt.echo.clone());

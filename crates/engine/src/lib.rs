@@ -60,8 +60,8 @@ pub use metrics::{EnergySnapshot, HistogramSnapshot, LATENCY_BUCKETS_S, MetricsS
 pub use model::KvType;
 pub use speculate::Speculation;
 pub use types::{
-    ChatMessage, ConstraintSpec, Energy, Event, FinishReason, GenerateRequest, MAX_TOP_LOGPROBS,
-    Priority, ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
+    ChatMessage, ConstraintSpec, Energy, EnergyTap, Event, FinishReason, GenerateRequest,
+    MAX_TOP_LOGPROBS, Priority, ReasoningSpec, SamplingParams, TokenLogprobs, Usage,
 };
 
 use scheduler::{Job, Limits, Scheduler};
@@ -139,6 +139,7 @@ impl GenerateRequest {
             reasoning: None,
             constraint: None,
             priority: Priority::Interactive,
+            energy_tap: None,
         }
     }
 }

@@ -128,6 +128,8 @@ struct Sequence {
     priority: Priority,
     /// The draft model's state for this sequence (`--draft-model`), made at its first draft.
     draft: Option<ModelDraft>,
+    /// Where the request also sees each step's energy (`GenerateRequest::energy_tap`).
+    energy_tap: Option<Arc<crate::EnergyTap>>,
 }
 
 impl Sequence {
@@ -168,6 +170,7 @@ impl Sequence {
             energy_uj: 0,
             priority: r.priority,
             draft: None,
+            energy_tap: r.energy_tap,
         }
     }
 
@@ -820,9 +823,13 @@ impl Scheduler {
     /// Reads the meter at the end of a step and adds each chunk's share to its sequence.
     fn charge_step(&mut self, plan: &[(usize, usize)], weights: &[f64]) {
         let parts = self.energy.step(weights);
+        let kind = self.energy.kind();
         for (&(i, _), uj) in plan.iter().zip(parts) {
             if let Some(seq) = self.running.get_mut(i) {
                 seq.energy_uj = seq.energy_uj.saturating_add(uj);
+                if let Some(tap) = &seq.energy_tap {
+                    tap.add(uj, kind);
+                }
             }
         }
     }

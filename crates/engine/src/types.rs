@@ -79,6 +79,43 @@ pub struct GenerateRequest {
     /// Interactive (the default) or batch work, which only uses what interactive requests
     /// leave.
     pub priority: Priority,
+    /// Where the engine also adds the energy of every step the request's sequence is in, so
+    /// that a request that ends without [`Event::Done`] (its client went away, it failed) is
+    /// still charged what it used; the engine lets go of it when the sequence ends. Several
+    /// requests (the choices of one) may share one.
+    pub energy_tap: Option<std::sync::Arc<EnergyTap>>,
+}
+
+/// The energy a request's sequences have used so far ([`GenerateRequest::energy_tap`]).
+#[derive(Debug, Default)]
+pub struct EnergyTap {
+    microjoules: std::sync::atomic::AtomicU64,
+    /// Set once a step has been charged: then `measured` says the meter's kind.
+    charged: std::sync::atomic::AtomicBool,
+    measured: std::sync::atomic::AtomicBool,
+}
+
+impl EnergyTap {
+    pub(crate) fn add(&self, microjoules: u64, kind: crate::EnergyKind) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.measured
+            .store(kind == crate::EnergyKind::Measured, Relaxed);
+        self.charged.store(true, Relaxed);
+        self.microjoules.fetch_add(microjoules, Relaxed);
+    }
+
+    /// What was charged so far; `None` when no step was.
+    pub fn energy(&self) -> Option<Energy> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.charged.load(Relaxed).then(|| Energy {
+            microjoules: self.microjoules.load(Relaxed),
+            kind: if self.measured.load(Relaxed) {
+                crate::EnergyKind::Measured
+            } else {
+                crate::EnergyKind::Modelled
+            },
+        })
+    }
 }
 
 /// How urgent a request is. Interactive requests are admitted before any batch request and
