@@ -71,7 +71,8 @@ header naming this script and the library versions. The directories:
                 weights with beta 0), which shows the prompts exercise it. Beside it,
                 model.gguf: the weights as llama.cpp's converter writes a `mistral3` GGUF (F32;
                 q/k rows reordered for adjacent pairs, `mistral3.rope.scaling.*` and
-                `mistral3.attention.temperature_scale` / `temperature_length`).
+                `mistral3.attention.temperature_scale`; llama.cpp takes its length from YaRN's
+                original context).
 - ministral3-consolidated: the ministral3 weights in Mistral's layout, with params.json's
                 `yarn` ({factor, beta, alpha, original_max_position_embeddings, apply_scale})
                 and `llama_4_scaling` ({beta, original_max_position_embeddings}).
@@ -659,12 +660,12 @@ def write_qwen(out):
 
 def write_mistral3_gguf(model, path):
     """The model as llama.cpp's converter writes a `mistral3` GGUF (F32): as `llama` (q/k rows
-    reordered for adjacent pairs, YaRN as keys), with the attention temperature's keys."""
+    reordered for adjacent pairs, YaRN as keys), with the attention temperature's scale."""
     p = model.config.rope_parameters
 
+    # Only the scale: llama.cpp takes the length from rope.scaling.original_context_length.
     def temperature(w):
         w.add_float32("mistral3.attention.temperature_scale", p["llama_4_scaling_beta"])
-        w.add_uint32("mistral3.attention.temperature_length", p["original_max_position_embeddings"])
 
     write_llama_gguf(model, path, arch="mistral3", extra_keys=temperature)
 

@@ -212,6 +212,10 @@ enum Ending {
     Cancelled,
 }
 
+/// How long a request that ended without the engine's `Done` waits for the engine to let go
+/// of its sequences before it is recorded with the energy charged so far.
+const TAP_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The control plane's record of energy the engine reports.
 fn energy_use(e: engine::Energy) -> control::EnergyUse {
     control::EnergyUse {
@@ -231,13 +235,16 @@ impl Meter {
     }
 
     /// The energy the engine charged to the request's sequences, once it has let go of them
-    /// all (it does when it next steps, after a cancel; waited for at most a second): for a
-    /// request that ends without the engine's `Done`.
+    /// all (it does at its next step after a cancel; waited for at most
+    /// [`TAP_RELEASE_WAIT`], a step on a slow machine included): for a request that ends
+    /// without the engine's `Done`. Nobody waits on it: the client is gone or has its error.
     async fn tapped_energy(&self) -> Option<control::EnergyUse> {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + TAP_RELEASE_WAIT;
         while Arc::strong_count(&self.tap) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        // The engine's last `Arc` drop (a release) comes after its last charge.
+        std::sync::atomic::fence(Ordering::Acquire);
         self.tap.energy().map(energy_use)
     }
 

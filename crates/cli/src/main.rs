@@ -188,10 +188,12 @@ enum Speculate {
 
 impl BatchingArgs {
     fn speculation(&self) -> Option<engine::Speculation> {
-        (self.speculate == Speculate::Ngram).then(|| engine::Speculation {
-            draft_max: self.draft_max,
-            ngram_max: self.ngram_max,
-            ..engine::Speculation::default()
+        (self.speculate == Speculate::Ngram || self.draft_model.is_some()).then(|| {
+            engine::Speculation {
+                draft_max: self.draft_max,
+                ngram_max: self.ngram_max,
+                ..engine::Speculation::default()
+            }
         })
     }
 }
@@ -305,7 +307,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        if text.is_empty() || out == text || out.ends_with(&format!(": {text}")) {
             continue;
         }
         if !out.is_empty() {

@@ -309,9 +309,13 @@ pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
     Ok(d)
 }
 
+/// How many entries a draft model's vocabulary may differ from the target's by (llama.cpp's
+/// `SPEC_VOCAB_MAX_SIZE_DIFFERENCE`: padding of the embedding table).
+const DRAFT_VOCAB_SLACK: usize = 128;
+
 /// Loads the draft model for `target` (`--draft-model`): its vocabulary must be the target's
-/// (same size, and for two GGUF files the same token strings), or its drafts would name other
-/// tokens.
+/// (sizes within [`DRAFT_VOCAB_SLACK`], and for two GGUF files the same token strings where
+/// both have one), or its drafts would name other tokens.
 fn load_draft_model(
     path: &Path,
     target: &LlamaModel,
@@ -324,8 +328,10 @@ fn load_draft_model(
             path.display()
         )))
     };
+    // As llama.cpp: sizes may differ by padding (at most 128 entries), the tokens both have
+    // must be the same.
     let (ours, theirs) = (target.config().vocab_size, draft.model.config().vocab_size);
-    if ours != theirs {
+    if ours.abs_diff(theirs) > DRAFT_VOCAB_SLACK {
         return Err(inconsistent(format!(
             "its vocabulary has {theirs} tokens, the model's {ours}"
         )));
@@ -339,7 +345,12 @@ fn load_draft_model(
                 .map(|t| t.into_iter().map(str::to_owned).collect::<Vec<_>>())
                 .ok()
         };
-        if tokens(a) != tokens(b) {
+        let (a, b) = (tokens(a), tokens(b));
+        let same = match (&a, &b) {
+            (Some(a), Some(b)) => a.iter().zip(b).all(|(x, y)| x == y),
+            _ => a.is_none() && b.is_none(),
+        };
+        if !same {
             return Err(inconsistent("its tokens differ from the model's".into()));
         }
     }

@@ -563,6 +563,8 @@ impl Scheduler {
         seq.n_computed = 0;
         // Gathered again from the start when the prompt is recomputed.
         seq.prompt_lp.clear();
+        // The draft model's cache goes too (made again at the next draft).
+        seq.draft = None;
         self.wait(seq, true);
     }
 
@@ -752,24 +754,17 @@ impl Scheduler {
         let mut draft = match &self.draft_model {
             Some(dm) => {
                 let seq = &mut self.running[i];
-                if seq.draft.is_none() {
-                    let capacity = (seq.prompt_len + seq.max_new).max(seq.tokens.len());
-                    seq.draft = ModelDraft::new(dm, capacity)
-                        .inspect_err(
-                            |e| tracing::warn!(error = %e, "no draft model cache for a sequence"),
-                        )
-                        .ok();
+                let max_capacity = (seq.prompt_len + seq.max_new).max(seq.tokens.len());
+                let mut draft = seq
+                    .draft
+                    .get_or_insert_with(|| ModelDraft::new(max_capacity))
+                    .draft(dm, &self.pool, &seq.tokens, limit.min(spec.draft_max));
+                // A draft model's vocabulary may run past the target's (checked at load).
+                let vocab = self.model.config().vocab_size;
+                if let Some(cut) = draft.iter().position(|&t| t as usize >= vocab) {
+                    draft.truncate(cut);
                 }
-                let limit = limit.min(spec.draft_max);
-                match seq.draft.as_mut() {
-                    Some(d) => d
-                        .draft(dm, &self.pool, &seq.tokens, limit)
-                        .unwrap_or_else(|e| {
-                            tracing::debug!(error = %e, "the draft model failed; no draft this step");
-                            Vec::new()
-                        }),
-                    None => Vec::new(),
-                }
+                draft
             }
             None => spec.draft(&seq.tokens, limit),
         };

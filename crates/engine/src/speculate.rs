@@ -98,35 +98,84 @@ impl Speculation {
 }
 
 /// One sequence's drafter state with a draft model: the draft model's own KV cache of the
-/// sequence (private, contiguous, as long as the sequence can grow) and the tokens it holds.
-/// Each step it drops what no longer agrees with the sequence (the draft tokens the target
-/// rejected), runs the tokens the sequence gained since, and extends them greedily. Greedy is
-/// the right proposal here: verification accepts a proposed token exactly when the target
-/// samples it, which keeps the output the target's whatever the drafts are.
+/// sequence (private, contiguous; made at the first draft and grown by doubling, each time
+/// recomputed from the sequence's tokens, so its memory follows the sequence's length) and
+/// the tokens it holds. Each step it drops what no longer agrees with the sequence (the draft
+/// tokens the target rejected), runs the tokens the sequence gained since, and extends them
+/// greedily. Greedy is the right proposal here: verification accepts a proposed token exactly
+/// when the target samples it, which keeps the output the target's whatever the drafts are.
 pub(crate) struct ModelDraft {
-    kv: KvCache,
+    kv: Option<KvCache>,
     /// The tokens whose keys and values `kv` holds, in order.
     fed: Vec<u32>,
+    /// The longest the sequence can grow (its prompt and completion limit).
+    max_capacity: usize,
+    /// Set when the draft model failed (its cache could not be made, say): no more drafts.
+    disabled: bool,
 }
 
+/// The first size of a draft cache, in positions.
+const DRAFT_CACHE_MIN: usize = 256;
+
 impl ModelDraft {
-    /// A drafter for a sequence of at most `capacity` tokens.
-    pub(crate) fn new(model: &LlamaModel, capacity: usize) -> Result<Self, ModelError> {
-        Ok(Self {
-            kv: model.new_kv_cache(capacity.min(model.config().context_length))?,
+    /// A drafter for a sequence of at most `max_capacity` tokens; nothing is allocated yet.
+    pub(crate) fn new(max_capacity: usize) -> Self {
+        Self {
+            kv: None,
             fed: Vec::new(),
-        })
+            max_capacity,
+            disabled: false,
+        }
     }
 
     /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
-    /// token; fewer when the cache cannot hold more.
+    /// token; fewer when the sequence cannot grow that far, none once the draft model failed
+    /// (logged once).
     pub(crate) fn draft(
         &mut self,
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
         limit: usize,
+    ) -> Vec<u32> {
+        if self.disabled {
+            return Vec::new();
+        }
+        match self.try_draft(model, pool, tokens, limit) {
+            Ok(draft) => draft,
+            Err(e) => {
+                tracing::warn!(error = %e, "the draft model failed; this sequence goes on without drafts");
+                self.disabled = true;
+                self.kv = None;
+                Vec::new()
+            }
+        }
+    }
+
+    fn try_draft(
+        &mut self,
+        model: &LlamaModel,
+        pool: &ThreadPool,
+        tokens: &[u32],
+        limit: usize,
     ) -> Result<Vec<u32>, ModelError> {
+        let max = self.max_capacity.min(model.config().context_length);
+        // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
+        let limit = limit.min((max + 1).saturating_sub(tokens.len()));
+        if limit == 0 || tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let needed = tokens.len() + limit - 1;
+        let capacity = self.kv.as_ref().map_or(0, KvCache::capacity);
+        if needed > capacity {
+            let grown = needed.max(2 * capacity).max(DRAFT_CACHE_MIN).min(max);
+            self.kv = None;
+            self.kv = Some(model.new_kv_cache(grown)?);
+            self.fed.clear();
+        }
+        let Some(kv) = self.kv.as_mut() else {
+            return Ok(Vec::new());
+        };
         // The last token is always run again (its logits give the first draft token).
         let common = self
             .fed
@@ -134,16 +183,10 @@ impl ModelDraft {
             .zip(tokens)
             .take_while(|(a, b)| a == b)
             .count()
-            .min(tokens.len().saturating_sub(1));
-        self.kv.truncate(common);
+            .min(tokens.len() - 1);
+        kv.truncate(common);
         self.fed.truncate(common);
-        // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
-        let room = (self.kv.capacity() + 1).saturating_sub(tokens.len());
-        let limit = limit.min(room);
-        if limit == 0 || tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut logits = model.forward(pool, &tokens[common..], &mut self.kv, Logits::Last)?;
+        let mut logits = model.forward(pool, &tokens[common..], kv, Logits::Last)?;
         self.fed.extend_from_slice(&tokens[common..]);
         let mut draft = Vec::with_capacity(limit);
         loop {
@@ -152,7 +195,7 @@ impl ModelDraft {
             if draft.len() == limit {
                 return Ok(draft);
             }
-            logits = model.forward(pool, &[next], &mut self.kv, Logits::Last)?;
+            logits = model.forward(pool, &[next], kv, Logits::Last)?;
             self.fed.push(next);
         }
     }
@@ -190,24 +233,40 @@ mod tests {
     fn a_model_draft_follows_the_sequence_through_rejections() {
         let model = tiny();
         let pool = ThreadPool::new(1);
-        let mut d = ModelDraft::new(&model, 40).unwrap();
+        let mut d = ModelDraft::new(40);
         let mut seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
-        let first = d.draft(&model, &pool, &seq, 4).unwrap();
+        let first = d.draft(&model, &pool, &seq, 4);
         assert_eq!(first, greedy(&model, &pool, &seq, 4));
         // Two draft tokens accepted, then a token of the target's own.
         seq.extend_from_slice(&first[..2]);
         seq.push((first[2] + 1) % 256);
-        let second = d.draft(&model, &pool, &seq, 5).unwrap();
+        let second = d.draft(&model, &pool, &seq, 5);
         assert_eq!(second, greedy(&model, &pool, &seq, 5));
         // Everything accepted, plus the target's next token.
         seq.extend_from_slice(&second);
         seq.push(7);
-        let third = d.draft(&model, &pool, &seq, 3).unwrap();
+        let third = d.draft(&model, &pool, &seq, 3);
         assert_eq!(third, greedy(&model, &pool, &seq, 3));
-        // Near the end of the cache the draft is cut to what fits.
+        // Near the end of the sequence's room the draft is cut to what fits.
         let long: Vec<u32> = (0..38).map(|i| (i * 7 + 1) % 256).collect();
-        assert_eq!(d.draft(&model, &pool, &long, 8).unwrap().len(), 3);
-        assert!(d.draft(&model, &pool, &[0; 41], 8).unwrap().is_empty());
+        assert_eq!(
+            d.draft(&model, &pool, &long, 8),
+            greedy(&model, &pool, &long, 3)
+        );
+        assert!(d.draft(&model, &pool, &[0; 41], 8).is_empty());
+        assert!(!d.disabled);
+        // A cache that grows (recomputed at twice its size) drafts the same.
+        let mut small = ModelDraft {
+            kv: Some(model.new_kv_cache(8).unwrap()),
+            fed: Vec::new(),
+            max_capacity: 40,
+            disabled: false,
+        };
+        assert_eq!(
+            small.draft(&model, &pool, &seq, 3),
+            greedy(&model, &pool, &seq, 3)
+        );
+        assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 2);
     }
 
     #[test]

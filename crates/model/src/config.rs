@@ -118,7 +118,8 @@ pub const GGUF_ARCHITECTURES: [&str; 6] =
 pub struct AttnTemperature {
     /// `llama_4_scaling_beta`, GGUF `{arch}.attention.temperature_scale`.
     pub scale: f32,
-    /// `original_max_position_embeddings`, GGUF `{arch}.attention.temperature_length`.
+    /// `original_max_position_embeddings`; in GGUF `{arch}.attention.temperature_length`, or
+    /// as llama.cpp reads files without it, `rope.scaling.original_context_length`.
     pub length: usize,
 }
 
@@ -276,15 +277,23 @@ impl LlamaConfig {
             {
                 *attention_factor = 1.0;
             }
+            // The converter writes only the scale; llama.cpp takes the length from YaRN's
+            // original context (`temperature_length` where a file names one).
             let scale_key = key("attention.temperature_scale");
             let length_key = key("attention.temperature_length");
             if let Some(scale) = md.opt_f32(&scale_key)?.filter(|&s| s != 0.0) {
-                let length = md
-                    .opt_u32(&length_key)?
-                    .ok_or_else(|| ModelError::BadConfig(format!("{length_key} is missing")))?;
+                let length = match md.opt_u32(&length_key)? {
+                    Some(n) => n as usize,
+                    None => match config.rope_scaling {
+                        RopeScaling::Yarn {
+                            original_context, ..
+                        } => original_context,
+                        _ => context_length,
+                    },
+                };
                 config.attn_temperature = Some(AttnTemperature::new(
                     scale,
-                    length as usize,
+                    length,
                     &scale_key,
                     &length_key,
                 )?);

@@ -801,7 +801,7 @@ fn qwen_gguf_as_llama_cpp_writes_it() {
 }
 
 /// A Qwen2 directory that asks for windowed attention (`use_sliding_window`) is refused with
-/// an error naming the key, and a `qwen2` GGUF without its biases names the missing tensor.
+/// an error naming the key.
 #[test]
 fn qwen_configurations_that_do_not_add_up_are_refused() {
     let dir = temp_dir("qwen2-swa");

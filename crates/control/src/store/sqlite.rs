@@ -39,7 +39,17 @@ pub struct SqliteStore {
     wal: Option<std::path::PathBuf>,
     /// Tells the checkpoint thread that the store is gone.
     alive: Arc<()>,
+    /// When a truncating checkpoint that could not finish may be tried again, and the delay
+    /// after the next failure.
+    next_truncate: Mutex<(Option<std::time::Instant>, Duration)>,
 }
+
+/// How long a truncating checkpoint waits for others to let go of the log.
+const TRUNCATE_WAIT: Duration = Duration::from_secs(1);
+/// The first delay after a truncating checkpoint that could not finish.
+const TRUNCATE_RETRY: Duration = Duration::from_millis(10);
+/// The longest delay between tries while they keep failing.
+const TRUNCATE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The size the write-ahead log file is cut back to when it restarts, in bytes.
 const WAL_SIZE_LIMIT: u64 = 1 << 20;
@@ -203,6 +213,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             wal: None,
             alive: Arc::new(()),
+            next_truncate: Mutex::new((None, TRUNCATE_RETRY)),
         })
     }
 
@@ -213,13 +224,38 @@ impl SqliteStore {
         let long = |wal: &std::path::PathBuf| {
             std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_SIZE_LIMIT)
         };
-        if self.wal.as_ref().is_some_and(long)
-            && let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            // Tried again by the next user of the connection.
-            tracing::debug!(error = %err, "truncating WAL checkpoint failed");
+        if self.wal.as_ref().is_some_and(long) {
+            self.truncate_wal(&conn);
         }
         conn
+    }
+
+    /// A truncating checkpoint that waits a moment ([`TRUNCATE_WAIT`], enough for the
+    /// checkpoint thread's passive pass) but not for a long reader (a backup, an admin
+    /// report): one that cannot finish is tried again after a delay that doubles while it
+    /// keeps failing (from [`TRUNCATE_RETRY`] to [`TRUNCATE_RETRY_MAX`]), not by every
+    /// statement meanwhile.
+    fn truncate_wal(&self, conn: &Connection) {
+        let mut retry = self.next_truncate.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if retry.0.is_some_and(|t| now < t) {
+            return;
+        }
+        let _ = conn.busy_timeout(TRUNCATE_WAIT);
+        // (busy, log frames, checkpointed frames): busy when a reader or writer held it off.
+        let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+            row.get::<_, i64>(0)
+        });
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        *retry = match done {
+            Ok(0) => (None, TRUNCATE_RETRY),
+            other => {
+                if let Err(err) = other {
+                    tracing::debug!(error = %err, "truncating WAL checkpoint failed");
+                }
+                (Some(now + retry.1), (retry.1 * 2).min(TRUNCATE_RETRY_MAX))
+            }
+        };
     }
 }
 
