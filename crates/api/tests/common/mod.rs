@@ -170,7 +170,10 @@ impl Backend for FakeBackend {
             .collect()
     }
 
-    fn generate(&self, req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+    fn generate(&self, mut req: GenerateRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+        // Like the engine, the fake holds the request's energy tap only while it generates
+        // (the meter of a request that ends without `Done` waits for it to be let go).
+        let tap = req.energy_tap.take();
         *self.last_request.lock().unwrap() = Some(req.clone());
         let prompt_tokens = req.prompt_tokens.len();
         let (tx, rx) = unbounded_channel();
@@ -226,6 +229,7 @@ impl Backend for FakeBackend {
                 let cancelled = Arc::clone(&self.cancelled);
                 let started = Arc::clone(&self.started);
                 tokio::spawn(async move {
+                    let _tap = tap;
                     if tx.send(Event::Text("tick ".into())).is_ok() {
                         started.notify_one();
                     }
