@@ -758,7 +758,13 @@ impl Scheduler {
                 let mut draft = seq
                     .draft
                     .get_or_insert_with(|| ModelDraft::new(max_capacity))
-                    .draft(dm, &self.pool, &seq.tokens, limit.min(spec.draft_max));
+                    .draft(
+                        dm,
+                        &self.pool,
+                        &seq.tokens,
+                        limit.min(spec.draft_max),
+                        self.limits.max_batch_tokens,
+                    );
                 // A draft model's vocabulary may run past the target's (checked at load).
                 let vocab = self.model.config().vocab_size;
                 if let Some(cut) = draft.iter().position(|&t| t as usize >= vocab) {

@@ -130,18 +130,21 @@ impl ModelDraft {
 
     /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
     /// token; fewer when the sequence cannot grow that far, none once the draft model failed
-    /// (logged once).
+    /// (logged once). The draft model runs at most `max_feed` of the sequence's tokens it
+    /// has not seen per call (a step's worth, `--max-batch-tokens`): a long prompt is caught
+    /// up over several steps, with no draft until it is, rather than in one long step.
     pub(crate) fn draft(
         &mut self,
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
         limit: usize,
+        max_feed: usize,
     ) -> Vec<u32> {
         if self.disabled {
             return Vec::new();
         }
-        match self.try_draft(model, pool, tokens, limit) {
+        match self.try_draft(model, pool, tokens, limit, max_feed.max(1)) {
             Ok(draft) => draft,
             Err(e) => {
                 tracing::warn!(error = %e, "the draft model failed; this sequence goes on without drafts");
@@ -158,6 +161,7 @@ impl ModelDraft {
         pool: &ThreadPool,
         tokens: &[u32],
         limit: usize,
+        max_feed: usize,
     ) -> Result<Vec<u32>, ModelError> {
         let max = self.max_capacity.min(model.config().context_length);
         // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
@@ -186,6 +190,12 @@ impl ModelDraft {
             .min(tokens.len() - 1);
         kv.truncate(common);
         self.fed.truncate(common);
+        if tokens.len() - common > max_feed {
+            let part = &tokens[common..common + max_feed];
+            model.forward(pool, part, kv, Logits::None)?;
+            self.fed.extend_from_slice(part);
+            return Ok(Vec::new());
+        }
         let mut logits = model.forward(pool, &tokens[common..], kv, Logits::Last)?;
         self.fed.extend_from_slice(&tokens[common..]);
         let mut draft = Vec::with_capacity(limit);
@@ -235,25 +245,25 @@ mod tests {
         let pool = ThreadPool::new(1);
         let mut d = ModelDraft::new(40);
         let mut seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
-        let first = d.draft(&model, &pool, &seq, 4);
+        let first = d.draft(&model, &pool, &seq, 4, 64);
         assert_eq!(first, greedy(&model, &pool, &seq, 4));
         // Two draft tokens accepted, then a token of the target's own.
         seq.extend_from_slice(&first[..2]);
         seq.push((first[2] + 1) % 256);
-        let second = d.draft(&model, &pool, &seq, 5);
+        let second = d.draft(&model, &pool, &seq, 5, 64);
         assert_eq!(second, greedy(&model, &pool, &seq, 5));
         // Everything accepted, plus the target's next token.
         seq.extend_from_slice(&second);
         seq.push(7);
-        let third = d.draft(&model, &pool, &seq, 3);
+        let third = d.draft(&model, &pool, &seq, 3, 64);
         assert_eq!(third, greedy(&model, &pool, &seq, 3));
         // Near the end of the sequence's room the draft is cut to what fits.
         let long: Vec<u32> = (0..38).map(|i| (i * 7 + 1) % 256).collect();
         assert_eq!(
-            d.draft(&model, &pool, &long, 8),
+            d.draft(&model, &pool, &long, 8, 64),
             greedy(&model, &pool, &long, 3)
         );
-        assert!(d.draft(&model, &pool, &[0; 41], 8).is_empty());
+        assert!(d.draft(&model, &pool, &[0; 41], 8, 64).is_empty());
         assert!(!d.disabled);
         // A cache that grows (recomputed at twice its size) drafts the same.
         let mut small = ModelDraft {
@@ -263,10 +273,26 @@ mod tests {
             disabled: false,
         };
         assert_eq!(
-            small.draft(&model, &pool, &seq, 3),
+            small.draft(&model, &pool, &seq, 3, 64),
             greedy(&model, &pool, &seq, 3)
         );
         assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 2);
+        // A long catch-up is spread over calls of at most `max_feed` tokens, then drafts the
+        // same.
+        let mut slow = ModelDraft::new(40);
+        let n = seq.len();
+        assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+        assert_eq!(slow.fed.len(), 5);
+        assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+        assert_eq!(slow.fed.len(), 10);
+        let more = (n - 10).div_ceil(5);
+        for _ in 0..more.saturating_sub(1) {
+            assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+        }
+        assert_eq!(
+            slow.draft(&model, &pool, &seq, 3, 5),
+            greedy(&model, &pool, &seq, 3)
+        );
     }
 
     #[test]
