@@ -313,14 +313,15 @@ pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
 /// `SPEC_VOCAB_MAX_SIZE_DIFFERENCE`: padding of the embedding table).
 const DRAFT_VOCAB_SLACK: usize = 128;
 
-/// Loads the draft model for `target` (`--draft-model`): its vocabulary must be the target's
+/// Loads the draft model for `target` (`--draft-model`) and the cost model that weighs its
+/// work in a step's energy: its vocabulary must be the target's
 /// (sizes within [`DRAFT_VOCAB_SLACK`], and for two GGUF files the same token strings where
 /// both have one), or its drafts would name other tokens.
 fn load_draft_model(
     path: &Path,
     target: &LlamaModel,
     target_tokenizer: &TokenizerSource,
-) -> Result<LlamaModel, EngineError> {
+) -> Result<(LlamaModel, energy::CostModel), EngineError> {
     let draft = LoadedModel::open(path, &mut |_, _| {})?;
     let inconsistent = |what: String| {
         EngineError::from(LoadError::Inconsistent(format!(
@@ -359,7 +360,9 @@ fn load_draft_model(
         architecture = %draft.model.config().architecture,
         "speculative decoding with a draft model"
     );
-    Ok(draft.model)
+    let c = draft.model.config();
+    let cost = energy::CostModel::new(draft.tensors.n_params, c.n_layers, c.n_heads, c.head_dim);
+    Ok((draft.model, cost))
 }
 
 impl Engine {
@@ -502,7 +505,7 @@ impl Engine {
             (energy, cost),
         );
         let scheduler = match draft_model {
-            Some(d) => scheduler.with_draft_model(d),
+            Some((d, cost)) => scheduler.with_draft_model(d, cost),
             None => scheduler,
         };
         thread::Builder::new()

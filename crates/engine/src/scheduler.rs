@@ -199,7 +199,7 @@ impl Sequence {
 pub(crate) struct Scheduler {
     model: LlamaModel,
     /// The draft model (`--draft-model`): drafts come from it instead of n-grams.
-    draft_model: Option<LlamaModel>,
+    draft_model: Option<(LlamaModel, CostModel)>,
     tokenizer: Arc<TextTokenizer>,
     pool: ThreadPool,
     kv: KvPool,
@@ -257,8 +257,9 @@ impl Scheduler {
     }
 
     /// Drafts from `draft` (a model of the target's vocabulary) instead of n-grams.
-    pub(crate) fn with_draft_model(mut self, draft: LlamaModel) -> Self {
-        self.draft_model = Some(draft);
+    /// `cost` weighs the draft model's work, charged to the sequence it drafted for.
+    pub(crate) fn with_draft_model(mut self, draft: LlamaModel, cost: CostModel) -> Self {
+        self.draft_model = Some((draft, cost));
         self
     }
 
@@ -604,10 +605,12 @@ impl Scheduler {
         // Drafts of the generating sequences (`crate::speculate`), in the budget left by the
         // decode tokens and before prompt chunks; each goes with its sequence's plan entry.
         let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); plan.len()];
+        // The draft model's work for each (cost model units), its sequence's to pay.
+        let mut draft_weights = vec![0.0; plan.len()];
         if let Some(spec) = self.limits.speculation {
             for (p, d) in drafts.iter_mut().enumerate() {
                 let i = plan[p].0;
-                *d = self.draft_for(&spec, i, budget);
+                (*d, draft_weights[p]) = self.draft_for(&spec, i, budget);
                 budget -= d.len();
                 plan[p].1 += d.len();
             }
@@ -683,7 +686,11 @@ impl Scheduler {
             .collect();
         let weights: Vec<f64> = plan
             .iter()
-            .map(|&(i, n)| self.cost.chunk(self.running[i].n_computed, n))
+            .enumerate()
+            .map(|(p, &(i, n))| {
+                self.cost.chunk(self.running[i].n_computed, n)
+                    + draft_weights.get(p).copied().unwrap_or(0.0)
+            })
             .collect();
         let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);
         drop(chunks);
@@ -735,35 +742,38 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The draft for generating sequence `i` (at most `budget` tokens), with the KV blocks
+    /// The draft for generating sequence `i` (at most `budget` tokens) and the draft model's
+    /// work for it (cost model units; 0 for n-gram drafts), with the KV blocks
     /// its positions need taken from the free ones (a draft never preempts anyone; it is
     /// cut where the free blocks, the context or the token limit end).
-    fn draft_for(&mut self, spec: &Speculation, i: usize, budget: usize) -> Vec<u32> {
+    fn draft_for(&mut self, spec: &Speculation, i: usize, budget: usize) -> (Vec<u32>, f64) {
         let seq = &self.running[i];
         let pos = seq.n_computed;
         // A prompt whose log-probabilities are still to be sent ends through the plain path
         // (which gathers and sends them before any text).
         if seq.prompt_logprobs.is_some() {
-            return Vec::new();
+            return (Vec::new(), 0.0);
         }
         // Positions pos + 1 ..= pos + k must be inside the context, and the step emits at
         // most k + 1 tokens.
         let limit = budget
             .min(self.limits.context_length.saturating_sub(pos + 1))
             .min(seq.max_new.saturating_sub(seq.generated + 1));
+        let mut weight = 0.0;
         let mut draft = match &self.draft_model {
-            Some(dm) => {
+            Some((dm, cost)) => {
                 let seq = &mut self.running[i];
                 let max_capacity = (seq.prompt_len + seq.max_new).max(seq.tokens.len());
-                let mut draft = seq
+                let mut draft;
+                (draft, weight) = seq
                     .draft
                     .get_or_insert_with(|| ModelDraft::new(max_capacity))
                     .draft(
                         dm,
                         &self.pool,
                         &seq.tokens,
-                        limit.min(spec.draft_max),
-                        self.limits.max_batch_tokens,
+                        (limit.min(spec.draft_max), self.limits.max_batch_tokens),
+                        cost,
                     );
                 // A draft model's vocabulary may run past the target's (checked at load).
                 let vocab = self.model.config().vocab_size;
@@ -785,7 +795,7 @@ impl Scheduler {
                 }
             }
         }
-        draft
+        (draft, weight)
     }
 
     /// Verifies sequence `i`'s draft against the logits of its pending token and draft

@@ -21,6 +21,7 @@
 
 use model::{KvCache, LlamaModel, Logits, ModelError, ThreadPool};
 
+use crate::energy::CostModel;
 use crate::sampler::argmax;
 
 /// Speculation settings (`--speculate ngram`, or `--draft-model`).
@@ -129,8 +130,9 @@ impl ModelDraft {
     }
 
     /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
-    /// token; fewer when the sequence cannot grow that far, none once the draft model failed
-    /// (logged once). The draft model runs at most `max_feed` of the sequence's tokens it
+    /// token, and the draft model's work for them in `cost`'s units (what the sequence is
+    /// charged for it); fewer when the sequence cannot grow that far, none once the draft
+    /// model failed (logged once). The draft model runs at most `max_feed` of the sequence's tokens it
     /// has not seen per call (a step's worth, `--max-batch-tokens`): a long prompt is caught
     /// up over several steps, with no draft until it is, rather than in one long step.
     pub(crate) fn draft(
@@ -138,19 +140,28 @@ impl ModelDraft {
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
-        limit: usize,
-        max_feed: usize,
-    ) -> Vec<u32> {
+        (limit, max_feed): (usize, usize),
+        cost: &CostModel,
+    ) -> (Vec<u32>, f64) {
         if self.disabled {
-            return Vec::new();
+            return (Vec::new(), 0.0);
         }
-        match self.try_draft(model, pool, tokens, limit, max_feed.max(1)) {
-            Ok(draft) => draft,
+        let mut work = 0.0;
+        match self.try_draft(
+            model,
+            pool,
+            tokens,
+            (limit, max_feed.max(1)),
+            &mut |start, n| {
+                work += cost.chunk(start, n);
+            },
+        ) {
+            Ok(draft) => (draft, work),
             Err(e) => {
                 tracing::warn!(error = %e, "the draft model failed; this sequence goes on without drafts");
                 self.disabled = true;
                 self.kv = None;
-                Vec::new()
+                (Vec::new(), work)
             }
         }
     }
@@ -160,8 +171,8 @@ impl ModelDraft {
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
-        limit: usize,
-        max_feed: usize,
+        (limit, max_feed): (usize, usize),
+        ran: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<u32>, ModelError> {
         let max = self.max_capacity.min(model.config().context_length);
         // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
@@ -193,10 +204,12 @@ impl ModelDraft {
         if tokens.len() - common > max_feed {
             let part = &tokens[common..common + max_feed];
             model.forward(pool, part, kv, Logits::None)?;
+            ran(common, part.len());
             self.fed.extend_from_slice(part);
             return Ok(Vec::new());
         }
         let mut logits = model.forward(pool, &tokens[common..], kv, Logits::Last)?;
+        ran(common, tokens.len() - common);
         self.fed.extend_from_slice(&tokens[common..]);
         let mut draft = Vec::with_capacity(limit);
         loop {
@@ -206,6 +219,7 @@ impl ModelDraft {
                 return Ok(draft);
             }
             logits = model.forward(pool, &[next], kv, Logits::Last)?;
+            ran(self.fed.len(), 1);
             self.fed.push(next);
         }
     }
@@ -214,6 +228,11 @@ impl ModelDraft {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const COST: CostModel = CostModel {
+        dense_flops_per_token: 1.0,
+        attention_flops_per_position: 0.0,
+    };
 
     fn tiny() -> LlamaModel {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -245,25 +264,31 @@ mod tests {
         let pool = ThreadPool::new(1);
         let mut d = ModelDraft::new(40);
         let mut seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
-        let first = d.draft(&model, &pool, &seq, 4, 64);
+        let (first, work) = d.draft(&model, &pool, &seq, (4, 64), &COST);
         assert_eq!(first, greedy(&model, &pool, &seq, 4));
+        // Charged what it ran: the 6 tokens, then 3 of its own (one cost unit a token here).
+        assert_eq!(work, 9.0);
         // Two draft tokens accepted, then a token of the target's own.
         seq.extend_from_slice(&first[..2]);
         seq.push((first[2] + 1) % 256);
-        let second = d.draft(&model, &pool, &seq, 5, 64);
+        let second = d.draft(&model, &pool, &seq, (5, 64), &COST).0;
         assert_eq!(second, greedy(&model, &pool, &seq, 5));
         // Everything accepted, plus the target's next token.
         seq.extend_from_slice(&second);
         seq.push(7);
-        let third = d.draft(&model, &pool, &seq, 3, 64);
+        let third = d.draft(&model, &pool, &seq, (3, 64), &COST).0;
         assert_eq!(third, greedy(&model, &pool, &seq, 3));
         // Near the end of the sequence's room the draft is cut to what fits.
         let long: Vec<u32> = (0..38).map(|i| (i * 7 + 1) % 256).collect();
         assert_eq!(
-            d.draft(&model, &pool, &long, 8, 64),
+            d.draft(&model, &pool, &long, (8, 64), &COST).0,
             greedy(&model, &pool, &long, 3)
         );
-        assert!(d.draft(&model, &pool, &[0; 41], 8, 64).is_empty());
+        assert!(
+            d.draft(&model, &pool, &[0; 41], (8, 64), &COST)
+                .0
+                .is_empty()
+        );
         assert!(!d.disabled);
         // A cache that grows (recomputed at twice its size) drafts the same.
         let mut small = ModelDraft {
@@ -273,7 +298,7 @@ mod tests {
             disabled: false,
         };
         assert_eq!(
-            small.draft(&model, &pool, &seq, 3, 64),
+            small.draft(&model, &pool, &seq, (3, 64), &COST).0,
             greedy(&model, &pool, &seq, 3)
         );
         assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 2);
@@ -281,16 +306,16 @@ mod tests {
         // same.
         let mut slow = ModelDraft::new(40);
         let n = seq.len();
-        assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+        assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
         assert_eq!(slow.fed.len(), 5);
-        assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+        assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
         assert_eq!(slow.fed.len(), 10);
         let more = (n - 10).div_ceil(5);
         for _ in 0..more.saturating_sub(1) {
-            assert!(slow.draft(&model, &pool, &seq, 3, 5).is_empty());
+            assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
         }
         assert_eq!(
-            slow.draft(&model, &pool, &seq, 3, 5),
+            slow.draft(&model, &pool, &seq, (3, 5), &COST).0,
             greedy(&model, &pool, &seq, 3)
         );
     }
