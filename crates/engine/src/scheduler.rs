@@ -640,6 +640,7 @@ impl Scheduler {
         }
         // Prompt chunks have no draft.
         drafts.resize(plan.len(), Vec::new());
+        draft_weights.resize(plan.len(), 0.0);
         // A speculating sequence runs its pending token and its draft.
         let spec_tokens: Vec<Vec<u32>> = plan
             .iter()
@@ -687,10 +688,7 @@ impl Scheduler {
         let weights: Vec<f64> = plan
             .iter()
             .enumerate()
-            .map(|(p, &(i, n))| {
-                self.cost.chunk(self.running[i].n_computed, n)
-                    + draft_weights.get(p).copied().unwrap_or(0.0)
-            })
+            .map(|(p, &(i, n))| self.cost.chunk(self.running[i].n_computed, n) + draft_weights[p])
             .collect();
         let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);
         drop(chunks);

@@ -132,9 +132,10 @@ impl ModelDraft {
     /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
     /// token, and the draft model's work for them in `cost`'s units (what the sequence is
     /// charged for it); fewer when the sequence cannot grow that far, none once the draft
-    /// model failed (logged once). The draft model runs at most `max_feed` of the sequence's tokens it
-    /// has not seen per call (a step's worth, `--max-batch-tokens`): a long prompt is caught
-    /// up over several steps, with no draft until it is, rather than in one long step.
+    /// model failed (logged once). The draft model runs at most `max_feed` of the sequence's
+    /// tokens it has not seen per call (a step's worth, `--max-batch-tokens`): a long prompt
+    /// is caught up over several steps, with no draft until it is, rather than in one long
+    /// step.
     pub(crate) fn draft(
         &mut self,
         model: &LlamaModel,
@@ -152,9 +153,8 @@ impl ModelDraft {
             pool,
             tokens,
             (limit, max_feed.max(1)),
-            &mut |start, n| {
-                work += cost.chunk(start, n);
-            },
+            cost,
+            &mut work,
         ) {
             Ok(draft) => (draft, work),
             Err(e) => {
@@ -172,7 +172,8 @@ impl ModelDraft {
         pool: &ThreadPool,
         tokens: &[u32],
         (limit, max_feed): (usize, usize),
-        ran: &mut dyn FnMut(usize, usize),
+        cost: &CostModel,
+        work: &mut f64,
     ) -> Result<Vec<u32>, ModelError> {
         let max = self.max_capacity.min(model.config().context_length);
         // Feeding the draft's own tokens (all but the last) needs limit - 1 more positions.
@@ -184,7 +185,7 @@ impl ModelDraft {
         let capacity = self.kv.as_ref().map_or(0, KvCache::capacity);
         if needed > capacity {
             let grown = needed.max(2 * capacity).max(DRAFT_CACHE_MIN).min(max);
-            self.kv = None;
+            self.kv = None; // the old cache goes before the larger one is made
             self.kv = Some(model.new_kv_cache(grown)?);
             self.fed.clear();
         }
@@ -204,12 +205,12 @@ impl ModelDraft {
         if tokens.len() - common > max_feed {
             let part = &tokens[common..common + max_feed];
             model.forward(pool, part, kv, Logits::None)?;
-            ran(common, part.len());
+            *work += cost.chunk(common, part.len());
             self.fed.extend_from_slice(part);
             return Ok(Vec::new());
         }
         let mut logits = model.forward(pool, &tokens[common..], kv, Logits::Last)?;
-        ran(common, tokens.len() - common);
+        *work += cost.chunk(common, tokens.len() - common);
         self.fed.extend_from_slice(&tokens[common..]);
         let mut draft = Vec::with_capacity(limit);
         loop {
@@ -219,7 +220,7 @@ impl ModelDraft {
                 return Ok(draft);
             }
             logits = model.forward(pool, &[next], kv, Logits::Last)?;
-            ran(self.fed.len(), 1);
+            *work += cost.chunk(self.fed.len(), 1);
             self.fed.push(next);
         }
     }

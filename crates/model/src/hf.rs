@@ -281,9 +281,13 @@ fn rename(layout: DirLayout, name: &str) -> Option<String> {
         DirLayout::HuggingFace => t.0,
         DirLayout::Mistral => t.1,
     };
-    let (layers_prefix, experts_prefix) = match layout {
-        DirLayout::HuggingFace => ("model.layers.", "block_sparse_moe.experts."),
-        DirLayout::Mistral => ("layers.", "feed_forward.experts."),
+    // Mixtral's experts, and Qwen3-MoE's (Hugging Face); Mistral's own layout.
+    let (layers_prefix, experts_prefixes): (&str, &[&str]) = match layout {
+        DirLayout::HuggingFace => (
+            "model.layers.",
+            &["block_sparse_moe.experts.", "mlp.experts."],
+        ),
+        DirLayout::Mistral => ("layers.", &["feed_forward.experts."]),
     };
     if let Some(t) = TOP_NAMES.iter().find(|t| theirs(t) == name) {
         return Some(t.2.into());
@@ -291,10 +295,18 @@ fn rename(layout: DirLayout, name: &str) -> Option<String> {
     let rest = name.strip_prefix(layers_prefix)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let ours = match LAYER_NAMES.iter().find(|t| theirs(t) == rest) {
-        Some(t) => t.2.to_owned(),
-        None => expert_name(rest.strip_prefix(experts_prefix)?)?,
-    };
+    if let Some(t) = LAYER_NAMES.iter().find(|t| theirs(t) == rest) {
+        return Some(format!("blk.{layer}.{}.weight", t.2));
+    }
+    if layout == DirLayout::HuggingFace
+        && let Some(t) = HF_EXTRA_LAYER_NAMES.iter().find(|t| t.0 == rest)
+    {
+        return Some(format!("blk.{layer}.{}", t.1));
+    }
+    let ours = experts_prefixes
+        .iter()
+        .find_map(|p| rest.strip_prefix(p))
+        .and_then(expert_name)?;
     Some(format!("blk.{layer}.{ours}.weight"))
 }
 
@@ -328,8 +340,9 @@ fn gemma_name(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{ours}.weight"))
 }
 
-/// Tensors after `model.layers.N.` that only some Hugging Face architectures have (Qwen2's
-/// q/k/v biases, Qwen3's per-head QK-norms) → ours after `blk.N.` (llama.cpp's names).
+/// Tensors after `model.layers.N.` that only some Hugging Face architectures have (Qwen3-MoE's
+/// router, Qwen2's q/k/v biases, Qwen3's per-head QK-norms) → ours after `blk.N.` (llama.cpp's
+/// names, with their suffix).
 const HF_EXTRA_LAYER_NAMES: [(&str, &str); 6] = [
     ("mlp.gate.weight", "ffn_gate_inp.weight"),
     ("self_attn.q_proj.bias", "attn_q.bias"),
@@ -341,24 +354,7 @@ const HF_EXTRA_LAYER_NAMES: [(&str, &str); 6] = [
 
 /// `model.layers.N.<rest>` → `blk.N.<ours>`; `None` for tensors the model does not use.
 fn hf_name(name: &str) -> Option<String> {
-    rename(DirLayout::HuggingFace, name).or_else(|| {
-        let rest = name.strip_prefix("model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        if let Some(t) = HF_EXTRA_LAYER_NAMES.iter().find(|t| t.0 == rest) {
-            return Some(format!("blk.{layer}.{}", t.1));
-        }
-        // Qwen3-MoE's experts: `mlp.experts.E.{gate,up,down}_proj.weight`.
-        let (e, w) = rest.strip_prefix("mlp.experts.")?.split_once('.')?;
-        let e: usize = e.parse().ok()?;
-        let which = match w {
-            "gate_proj.weight" => "ffn_gate",
-            "up_proj.weight" => "ffn_up",
-            "down_proj.weight" => "ffn_down",
-            _ => return None,
-        };
-        Some(format!("blk.{layer}.{which}.{e}.weight"))
-    })
+    rename(DirLayout::HuggingFace, name)
 }
 
 /// Mistral 3's image-text checkpoints (`Mistral3ForConditionalGeneration`): the language
@@ -380,14 +376,15 @@ fn mistral_name(name: &str) -> Option<String> {
     rename(DirLayout::Mistral, name)
 }
 
-/// `E.w1.weight` → `ffn_gate.E` (w1 gate, w3 up, w2 down, in Mixtral's and Mistral's naming).
+/// `E.w1.weight` → `ffn_gate.E` (w1 gate, w3 up, w2 down, in Mixtral's and Mistral's naming;
+/// `gate_proj`, `up_proj`, `down_proj` in Qwen3-MoE's).
 fn expert_name(rest: &str) -> Option<String> {
     let (e, w) = rest.split_once('.')?;
     let e: usize = e.parse().ok()?;
     let which = match w {
-        "w1.weight" => "ffn_gate",
-        "w3.weight" => "ffn_up",
-        "w2.weight" => "ffn_down",
+        "w1.weight" | "gate_proj.weight" => "ffn_gate",
+        "w3.weight" | "up_proj.weight" => "ffn_up",
+        "w2.weight" | "down_proj.weight" => "ffn_down",
         _ => return None,
     };
     Some(format!("{which}.{e}"))
@@ -727,7 +724,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         rope_freq_base_swa: None,
         activation: Activation::Silu,
         embedding_scale: 1.0,
-        qk_norm: qwen3 || qwen3moe,
+        qk_norm: qwen3,
         attn_bias: qwen2,
         attn_temperature,
         post_norms: false,

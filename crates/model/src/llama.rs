@@ -347,6 +347,10 @@ impl LlamaModel {
                 }
             })
         };
+        // Each row's attention temperature (the same in every layer).
+        let temperature: Option<Vec<f32>> = c
+            .attn_temperature
+            .map(|t| plan.positions.iter().map(|&p| t.factor(p)).collect());
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(pool, &s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
@@ -368,9 +372,8 @@ impl LlamaModel {
                 rms_norm_in_place(pool, &mut s.k, k_norm, c.rms_eps);
             }
             rope_and_cache(pool, c, b, kv, layer, &plan, &mut s);
-            if let Some(t) = &c.attn_temperature {
-                for (r, q) in s.q.chunks_exact_mut(c.q_dim()).enumerate() {
-                    let f = t.factor(plan.positions[r]);
+            if let Some(factors) = &temperature {
+                for (q, &f) in s.q.chunks_exact_mut(c.q_dim()).zip(factors) {
                     if f != 1.0 {
                         q.iter_mut().for_each(|x| *x *= f);
                     }
