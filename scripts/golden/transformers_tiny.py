@@ -9,7 +9,8 @@ Usage (from the repository root):
     .venv-tf/bin/python scripts/golden/transformers_tiny.py crates/model/tests/golden/tiny
 
 (`--rope-only` after the directory writes only the llama-rope-* models, `--qwen-only` only the
-qwen2 and qwen3 models, `--mistral3-only` only the ministral3 and mistral3-vlm models.)
+qwen2 and qwen3 models, `--mistral3-only` only the ministral3 and mistral3-vlm models,
+`--deepseek-only` only the deepseek3 models.)
 
 For every model it writes a directory in the Hugging Face layout (config.json and
 model.safetensors, or shards with model.safetensors.index.json) and a `logits.json` with a
@@ -58,6 +59,17 @@ header naming this script and the library versions. The directories:
                 models and llama.cpp have it), on the first seed whose routing no prompt
                 token nearly ties; also `logits_without_renormalisation` (norm_topk_prob
                 false, transformers' default).
+- deepseek3:    DeepseekV3ForCausalLM, 3 layers (the first dense), multi-head latent attention
+                (q_lora_rank 24, kv_lora_rank 32, qk_nope 16 + qk_rope 8, v_head_dim 12,
+                interleaved RoPE pairs), 8 experts of width 16 in 4 groups (top-2 groups,
+                top-2 experts by sigmoid score plus a positive e_score_correction_bias,
+                renormalised, times 2.5) and a shared expert, YaRN (factor 4 over 16,
+                mscale = mscale_all_dim = 1: the score scale takes mscale(4, 1)^2), over the
+                long prompts, on the seed of 30 whose routing is furthest from a tie; also
+                `logits_without_bias`. Beside it, model.gguf: as llama.cpp's converter writes
+                `deepseek2` (see write_deepseek2_gguf).
+- deepseek3-lite: the same with one q_proj (q_lora_rank null), one expert group and no RoPE
+                scaling.
                 Beside each, model.gguf: the same weights as llama.cpp's converter writes a
                 `qwen2` / `qwen3` / `qwen3moe` GGUF (experts stacked in `ffn_*_exps`) (F32; q/k rows in Hugging Face's order, since llama.cpp
                 rotates these architectures' halves (NeoX); biases as `blk.N.attn_q.bias`,
@@ -127,6 +139,8 @@ from transformers import (  # noqa: E402
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
 )
 
 SEED = 1234
@@ -714,6 +728,197 @@ def write_mistral3(out):
     assert worst < 1e-4, f"the image-text model's text logits differ by {worst}"
 
 
+# DeepSeek-V3's YaRN as its config states it (mscale = mscale_all_dim, so RoPE keeps its
+# magnitude and the score scale takes mscale(4, 1)^2), over the long prompts.
+DEEPSEEK_ROPE = dict(ROPE_SCALINGS["yarn"], mscale=1.0, mscale_all_dim=1.0)
+
+
+def deepseek_router_margin(model):
+    """The smallest gap, over every prompt token and MoE layer, between the k-th and the
+    (k+1)-th expert's biased score within the kept groups, and between the last kept group's
+    score and the best dropped one's (relative to the scores' RMS)."""
+    c = model.config
+    k, groups, kept = c.num_experts_per_tok, c.n_group, c.topk_group
+    seen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: seen.append((m, i[0])))
+             for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        for prompt in LONG_PROMPTS:
+            model(input_ids=torch.tensor([prompt]))
+    for h in hooks:
+        h.remove()
+    worst = float("inf")
+    for gate, x in seen:
+        x = x.reshape(-1, x.shape[-1]).float()
+        scores = (torch.sigmoid(x @ gate.weight.float().T) + gate.e_score_correction_bias).detach()
+        rms = float(scores.pow(2).mean().sqrt())
+        per = scores.view(-1, groups, scores.shape[-1] // groups)
+        gs = per.topk(2, dim=-1).values.sum(-1)
+        if kept < groups:
+            top = gs.topk(kept + 1, dim=-1).values
+            worst = min(worst, float((top[:, kept - 1] - top[:, kept]).min()) / rms)
+        mask = torch.zeros_like(gs).scatter_(1, gs.topk(kept, dim=-1).indices, 1)
+        masked = scores.masked_fill(~mask.repeat_interleave(per.shape[-1], 1).bool(), -1e9)
+        top = masked.topk(k + 1, dim=-1).values
+        worst = min(worst, float((top[:, k - 1] - top[:, k]).min()) / rms)
+    return worst
+
+
+def write_deepseek2_gguf(model, path):
+    """The model as llama.cpp's converter (`DeepseekV2Model`) writes a `deepseek2` GGUF (F32):
+    one cached head of kv_lora_rank + rope dims (`head_count_kv` 1, `key_length` 576-style,
+    `value_length` kv_lora_rank), the per-head sizes in `key_length_mla`/`value_length_mla`,
+    `kv_b_proj` split into `attn_k_b` (each head's [nope, kv_lora] block transposed) and
+    `attn_v_b`, the router's correction bias as `exp_probs_b.bias`, experts stacked, YaRN's
+    mscale_all_dim as `yarn_log_multiplier` (times 0.1); no weight permuted."""
+    import gguf  # noqa: E402
+    import numpy as np  # noqa: E402
+    from safetensors.torch import load_file  # noqa: E402
+
+    c = model.config
+    p = c.rope_parameters
+    nope, rope, vd, rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+    nh = c.num_attention_heads
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(nh)
+    w.add_head_count_kv(1)
+    w.add_key_length(rank + rope)
+    w.add_value_length(rank)
+    w.add_key_length_mla(nope + rope)
+    w.add_value_length_mla(vd)
+    if c.q_lora_rank is not None:
+        w.add_q_lora_rank(c.q_lora_rank)
+    w.add_kv_lora_rank(rank)
+    w.add_rope_dimension_count(rope)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(p["rope_theta"])
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    if c.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if p.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(p["factor"])
+        w.add_rope_scaling_orig_ctx_len(p["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(p["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(p["beta_slow"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * p["mscale_all_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    def add(name, t):
+        w.add_tensor(name, t.detach().float().numpy().astype(np.float32))
+
+    # The experts one by one, as save_pretrained wrote them beside.
+    sd = load_file(os.path.join(os.path.dirname(path), "model.safetensors"))
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.q_a_proj.weight": "attn_q_a.weight",
+        "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+        "self_attn.q_b_proj.weight": "attn_q_b.weight",
+        "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+        "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+        "mlp.gate.weight": "ffn_gate_inp.weight",
+        "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+        "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+        "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    }
+    for n in range(c.num_hidden_layers):
+        pre = f"model.layers.{n}."
+        for theirs, ours in names.items():
+            if pre + theirs in sd:
+                add(f"blk.{n}.{ours}", sd[pre + theirs])
+        kv_b = sd[pre + "self_attn.kv_b_proj.weight"].view(nh, nope + vd, rank)
+        k_b, v_b = torch.split(kv_b, [nope, vd], dim=1)
+        add(f"blk.{n}.attn_k_b.weight", k_b.transpose(1, 2).contiguous())
+        add(f"blk.{n}.attn_v_b.weight", v_b.contiguous())
+        if n >= c.first_k_dense_replace:
+            for theirs, ours in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                 ("down_proj", "ffn_down_exps")):
+                stack = torch.stack([sd[f"{pre}mlp.experts.{e}.{theirs}.weight"]
+                                     for e in range(c.n_routed_experts)])
+                add(f"blk.{n}.{ours}.weight", stack)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_deepseek(out):
+    """DeepSeek-V3 (multi-head latent attention, sigmoid routing with a correction bias in
+    expert groups, a shared expert, a leading dense layer, YaRN with mscale_all_dim)."""
+
+    def deepseek(seed, **kw):
+        torch.manual_seed(seed)
+        args = dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True, max_position_embeddings=64, rms_norm_eps=1e-6,
+            rope_parameters=dict(DEEPSEEK_ROPE), tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, initializer_range=0.15,
+        )
+        args.update(kw)
+        cfg = DeepseekV3Config(**args)
+        cfg._attn_implementation = "eager"
+        model = randomise(DeepseekV3ForCausalLM(cfg).eval(), seed)
+        gen = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):
+                    # Positive, so that transformers' 0 for dropped groups never wins.
+                    bias = 0.3 * torch.rand(cfg.n_routed_experts, generator=gen)
+                    layer.mlp.gate.e_score_correction_bias.copy_(bias)
+        model.seed = seed
+        return model
+
+    for name, kw in (("deepseek3", {}),
+                     ("deepseek3-lite", dict(q_lora_rank=None, n_group=1, topk_group=1,
+                                             rope_parameters={"rope_type": "default",
+                                                              "rope_theta": 10000.0}))):
+        seed = max(range(SEED, SEED + 30), key=lambda s: deepseek_router_margin(deepseek(s, **kw)))
+        model = deepseek(seed, **kw)
+        path = os.path.join(out, name)
+        save_hf(model, path)
+        write_logits(
+            path,
+            model,
+            f"latent attention, sigmoid routing with bias in groups, shared expert, {kw or DEEPSEEK_ROPE}; "
+            f"router margin {deepseek_router_margin(model):.3g}",
+            prompts=LONG_PROMPTS,
+        )
+        import copy
+
+        unbiased = copy.deepcopy(model)
+        for layer in unbiased.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.zero_()
+        add_logits(path, "logits_without_bias", logits_of(unbiased, prompts=LONG_PROMPTS))
+        write_deepseek2_gguf(model, os.path.join(path, "model.gguf"))
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -732,6 +937,9 @@ def main():
         return
     if "--mistral3-only" in sys.argv[2:]:
         write_mistral3(out)
+        return
+    if "--deepseek-only" in sys.argv[2:]:
+        write_deepseek(out)
         return
     write_rope_scaled(out)
     if "--rope-only" in sys.argv[2:]:
@@ -819,6 +1027,7 @@ def main():
     )
     write_qwen(out)
     write_mistral3(out)
+    write_deepseek(out)
 
 
 if __name__ == "__main__":

@@ -92,11 +92,17 @@ pub(crate) fn run(path: &Path) -> Result<()> {
     let file = Arc::new(file);
     let model = model::LlamaModel::load(file.clone(), &mut |_, _| {})
         .context("the weights do not form a valid llama model")?;
+    let c = model.config();
+    println!(
+        "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
+        c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+    );
+    describe_layers(c)?;
+    describe_experts(c)?;
     let spec = engine::tokenizer_spec(file.metadata())
         .map_err(anyhow::Error::msg)
         .context("reading the tokenizer")?;
     let tok = tokenizer::Tokenizer::from_spec(spec).context("building the tokenizer")?;
-    let c = model.config();
     if tok.vocab_size() != c.vocab_size {
         anyhow::bail!(
             "tokenizer has {} tokens but the embedding has {} rows",
@@ -104,17 +110,54 @@ pub(crate) fn run(path: &Path) -> Result<()> {
             c.vocab_size
         );
     }
-    println!(
-        "shape:          {} layers, width {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
-        c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
-    );
-    describe_layers(c)?;
     println!("runnable:       yes");
     Ok(())
 }
 
 /// What differs between architectures of the family: attention per layer, RoPE bases, the
 /// MLP's activation, norms, and the KV bytes a token costs.
+/// The mixture of experts, if any: how many, how they are chosen (DeepSeek's scores, groups,
+/// shared experts and leading dense layers).
+fn describe_experts(c: &model::LlamaConfig) -> Result<()> {
+    if c.n_experts == 0 {
+        return Ok(());
+    }
+    let mut line = format!(
+        "{} of width {} ({} per token",
+        c.n_experts,
+        c.expert_ffn_dim(),
+        c.n_experts_used
+    );
+    if let Some(e) = &c.experts {
+        line.push_str(&format!(", {:?} scores", e.gating).to_lowercase());
+        if e.n_groups > 1 {
+            line.push_str(&format!(
+                ", from {} of {} groups",
+                e.groups_used, e.n_groups
+            ));
+        }
+        if e.weights_scale != 1.0 {
+            line.push_str(&format!(", weights x{}", e.weights_scale));
+        }
+        if e.n_shared > 0 {
+            line.push_str(&format!(", {} shared", e.n_shared));
+        }
+        if e.leading_dense > 0 {
+            line.push_str(&format!(
+                "; the first {} layers dense, FFN {}",
+                e.leading_dense, c.ffn_dim
+            ));
+        }
+    }
+    let norm = if c.moe_renormalize {
+        "renormalised"
+    } else {
+        "not renormalised"
+    };
+    println!("experts:        {line}; {norm})");
+    Ok(())
+}
+
 fn describe_layers(c: &model::LlamaConfig) -> Result<()> {
     let windowed: Vec<usize> = (0..c.n_layers)
         .filter(|&l| c.layer_attention(l).window.is_some())
@@ -159,6 +202,19 @@ fn describe_layers(c: &model::LlamaConfig) -> Result<()> {
         extras.push(format!(
             "attention temperature 1 + {} ln(1 + floor(pos / {}))",
             t.scale, t.length
+        ));
+    }
+    if let Some(m) = &c.mla {
+        extras.push(format!(
+            "latent attention (cached: {} latent + {} rotated per token; queries {}, per head \
+             {} + {} key dims and {} value dims)",
+            m.kv_lora_rank,
+            c.rope_dim,
+            m.q_lora_rank
+                .map_or("full rank".to_owned(), |r| format!("of rank {r}")),
+            m.qk_nope_dim,
+            c.rope_dim,
+            m.v_head_dim
         ));
     }
     if c.post_norms {
@@ -210,12 +266,7 @@ fn run_dir(path: &Path) -> Result<()> {
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
     );
     describe_layers(c)?;
-    if c.n_experts > 0 {
-        println!(
-            "experts:        {} ({} per token)",
-            c.n_experts, c.n_experts_used
-        );
-    }
+    describe_experts(c)?;
     let tok = match &loaded.tokenizer {
         model::TokenizerSource::HuggingFace {
             tokenizer_json,

@@ -427,12 +427,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::{Activation, KvType, LlamaConfig};
-    use kernels::{RopeScaling, RopeStyle};
+    use crate::{KvType, LlamaConfig};
 
     fn config(n_heads: usize, n_kv_heads: usize, head_dim: usize, kv_f32: bool) -> LlamaConfig {
         LlamaConfig {
-            architecture: "llama".into(),
             n_layers: 1,
             d_model: n_heads * head_dim,
             n_heads,
@@ -441,26 +439,11 @@ mod tests {
             ffn_dim: 1,
             vocab_size: 1,
             context_length: 1 << 20,
-            rope_freq_base: 10_000.0,
             rope_dim: head_dim,
             rms_eps: 1e-5,
-            rope_scaling: RopeScaling::None,
-            rope_style: RopeStyle::Normal,
-            sliding_window: None,
-            n_experts: 0,
-            n_experts_used: 0,
-            moe_renormalize: true,
             kv_f32,
-            window_layers: None,
-            rope_freq_base_swa: None,
-            activation: Activation::Silu,
-            embedding_scale: 1.0,
-            qk_norm: false,
-            attn_bias: false,
-            attn_temperature: None,
-            post_norms: false,
-            norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            ..LlamaConfig::base("llama")
         }
     }
 

@@ -102,13 +102,103 @@ pub struct LlamaConfig {
     /// `1 + w`; llama.cpp's converter folds the 1 into GGUF files, so there it is 0.
     pub norm_weight_offset: f32,
     /// Factor on query-key dot products: `1/sqrt(head_dim)`, or Gemma's
-    /// `query_pre_attn_scalar^-1/2`.
+    /// `query_pre_attn_scalar^-1/2`; for latent attention `1/sqrt(qk_nope + qk_rope)` times
+    /// YaRN's `mscale(factor, mscale_all_dim)²`.
     pub attention_scale: f32,
+    /// Multi-head latent attention (DeepSeek-V2/V3, Mistral Large 3, Mistral Small 4): then
+    /// `n_kv_heads` is 1 and `head_dim` is the cached latent's width (`kv_lora_rank +
+    /// rope_dim`), the one key (and value) head every query head reads.
+    pub mla: Option<Mla>,
+    /// DeepSeek's mixture of experts (scores, groups, shared experts, leading dense layers);
+    /// `None` for Mixtral's and Qwen3-MoE's plain softmax routing.
+    pub experts: Option<ExpertDesign>,
+}
+
+/// The shape of multi-head latent attention: each token caches one compressed latent of
+/// `kv_lora_rank` values (normalised) plus `rope_dim` rotated key values shared by all heads;
+/// a head's key is `[k_b·latent, k_pe]` and its value `v_b·latent`. Decoding never expands
+/// them: queries are absorbed (`q_nope·k_b` against the latent), and the attention's
+/// weighted latent goes through `v_b` afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mla {
+    /// Rank of the queries' low-rank projection (`q_a` → norm → `q_b`); `None`: one `attn_q`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the cached latent (`attention.kv_lora_rank`).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dimensions without rotation (`key_length_mla - rope_dim`).
+    pub qk_nope_dim: usize,
+    /// Per-head value width (`value_length_mla`).
+    pub v_head_dim: usize,
+}
+
+impl Mla {
+    /// Query (and key) width of one head before absorption: `qk_nope_dim + rope_dim`.
+    pub fn qk_head_dim(&self, rope_dim: usize) -> usize {
+        self.qk_nope_dim + rope_dim
+    }
+}
+
+/// How a DeepSeek-style router turns its logits into expert scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gating {
+    /// Softmax over all experts (DeepSeek-V2, Mistral Large 3 and Small 4).
+    Softmax,
+    /// An independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// DeepSeek's mixture of experts: the first `leading_dense` layers are dense MLPs of
+/// `ffn_dim`; the others route each token to `n_experts_used` of `n_experts` experts of
+/// `expert_ffn_dim`, chosen by score (plus a per-expert selection bias where the layer has
+/// one, `exp_probs_b`) within the best `groups_used` of `n_groups` groups (a group's score is
+/// the sum of its two best), weighted by their unbiased scores (renormalised when
+/// `moe_renormalize`) times `weights_scale`, and add `n_shared` always-on experts (one MLP of
+/// `n_shared · expert_ffn_dim`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpertDesign {
+    /// How router logits become scores (`expert_gating_func`, `scoring_func`).
+    pub gating: Gating,
+    /// Expert groups (`expert_group_count`, `n_group`); 1: no group limit.
+    pub n_groups: usize,
+    /// Groups a token's experts may come from (`expert_group_used_count`, `topk_group`).
+    pub groups_used: usize,
+    /// Factor on the routing weights (`expert_weights_scale`, `routed_scaling_factor`).
+    pub weights_scale: f32,
+    /// Shared experts (`expert_shared_count`, `n_shared_experts`).
+    pub n_shared: usize,
+    /// Dense layers before the first mixture (`leading_dense_block_count`,
+    /// `first_k_dense_replace`).
+    pub leading_dense: usize,
+    /// Hidden width of one expert (`expert_feed_forward_length`, `moe_intermediate_size`).
+    pub expert_ffn_dim: usize,
 }
 
 /// The GGUF architectures (`general.architecture`) this crate runs.
-pub const GGUF_ARCHITECTURES: [&str; 6] =
-    ["llama", "mistral3", "gemma3", "qwen2", "qwen3", "qwen3moe"];
+pub const GGUF_ARCHITECTURES: [&str; 8] = [
+    "llama",
+    "mistral3",
+    "gemma3",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "deepseek2",
+    "mistral4",
+];
+
+/// The Hugging Face architectures (`config.json` `architectures[0]`) this crate runs from
+/// safetensors (Mistral's own `params.json` layout runs too).
+pub const HF_ARCHITECTURES: [&str; 10] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Ministral3ForCausalLM",
+    "Mistral3ForConditionalGeneration",
+    "Gemma3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "DeepseekV3ForCausalLM",
+];
 
 /// Llama 4's position-dependent query scaling, which Ministral 3 uses for long contexts
 /// (transformers' `get_llama_4_attn_scale`, llama.cpp's `attn_temp` input with offset 0):
@@ -153,10 +243,52 @@ impl AttnTemperature {
 const MAX_DIM: usize = 1 << 20;
 
 impl LlamaConfig {
+    /// The plain Llama graph's settings with every size 0 (not a valid model until the
+    /// sizes are filled in and [`LlamaConfig::checked`] passes): the base that the latent
+    /// attention readers fill.
+    pub(crate) fn base(architecture: &str) -> Self {
+        Self {
+            architecture: architecture.to_owned(),
+            n_layers: 0,
+            d_model: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            head_dim: 0,
+            ffn_dim: 0,
+            vocab_size: 0,
+            context_length: 0,
+            rope_freq_base: 10_000.0,
+            rope_dim: 0,
+            rms_eps: 1e-6,
+            rope_scaling: RopeScaling::None,
+            rope_style: RopeStyle::Normal,
+            sliding_window: None,
+            n_experts: 0,
+            n_experts_used: 0,
+            moe_renormalize: true,
+            kv_f32: false,
+            window_layers: None,
+            rope_freq_base_swa: None,
+            activation: Activation::Silu,
+            embedding_scale: 1.0,
+            qk_norm: false,
+            attn_bias: false,
+            attn_temperature: None,
+            post_norms: false,
+            norm_weight_offset: 0.0,
+            attention_scale: 1.0,
+            mla: None,
+            experts: None,
+        }
+    }
+
     /// Reads and checks the hyperparameters. `vocab_size` comes from the embedding tensor.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let md = file.metadata();
         let architecture = md.get_str("general.architecture")?.to_owned();
+        if matches!(architecture.as_str(), "deepseek2" | "mistral4") {
+            return deepseek2_from_gguf(file, &architecture);
+        }
         let (gemma3, qwen) = match architecture.as_str() {
             "llama" | "mistral3" => (false, false),
             "gemma3" => (true, false),
@@ -222,19 +354,7 @@ impl LlamaConfig {
         };
         let n_experts = md.opt_u32(&key("expert_count"))?.unwrap_or(0) as usize;
         let n_experts_used = md.opt_u32(&key("expert_used_count"))?.unwrap_or(0) as usize;
-        let embd = file
-            .tensor("token_embd.weight")
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let vocab_size = match embd.dims.as_slice() {
-            [_, rows] => check_dim("token_embd rows", usize::try_from(*rows).unwrap_or(0))?,
-            _ => {
-                return Err(ModelError::BadShape {
-                    name: "token_embd.weight".into(),
-                    expected: vec![d_model as u64, 0],
-                    found: embd.dims.clone(),
-                });
-            }
-        };
+        let vocab_size = gguf_vocab_size(file, d_model)?;
         let mut config = Self {
             architecture: architecture.clone(),
             n_layers,
@@ -249,22 +369,11 @@ impl LlamaConfig {
             rope_dim,
             rms_eps,
             rope_scaling,
-            rope_style: RopeStyle::Normal,
             sliding_window,
             n_experts,
             n_experts_used,
-            moe_renormalize: true,
-            kv_f32: false,
-            window_layers: None,
-            rope_freq_base_swa: None,
-            activation: Activation::Silu,
-            embedding_scale: 1.0,
-            qk_norm: false,
-            attn_bias: false,
-            attn_temperature: None,
-            post_norms: false,
-            norm_weight_offset: 0.0,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            ..Self::base(&architecture)
         };
         if architecture == "mistral3" {
             // llama.cpp's `mistral3` graph passes RoPE an attention factor that cancels
@@ -277,27 +386,8 @@ impl LlamaConfig {
             {
                 *attention_factor = 1.0;
             }
-            // The converter writes only the scale; llama.cpp takes the length from YaRN's
-            // original context (`temperature_length` where a file names one).
-            let scale_key = key("attention.temperature_scale");
-            let length_key = key("attention.temperature_length");
-            if let Some(scale) = md.opt_f32(&scale_key)?.filter(|&s| s != 0.0) {
-                let length = match md.opt_u32(&length_key)? {
-                    Some(n) => n as usize,
-                    None => match config.rope_scaling {
-                        RopeScaling::Yarn {
-                            original_context, ..
-                        } => original_context,
-                        _ => context_length,
-                    },
-                };
-                config.attn_temperature = Some(AttnTemperature::new(
-                    scale,
-                    length,
-                    &scale_key,
-                    &length_key,
-                )?);
-            }
+            config.attn_temperature =
+                gguf_temperature(md, &architecture, &config.rope_scaling, context_length)?;
         }
         if qwen {
             // llama.cpp rotates Qwen's halves (NeoX) and its converter keeps Hugging Face's
@@ -452,7 +542,68 @@ impl LlamaConfig {
                 self.n_experts, self.n_experts_used
             )));
         }
+        if let Some(m) = &self.mla {
+            for (what, v) in [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_nope_head_dim", m.qk_nope_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ] {
+                check_dim(what, v)?;
+            }
+            if self.n_kv_heads != 1 || self.head_dim != m.kv_lora_rank + self.rope_dim {
+                return Err(ModelError::BadConfig(format!(
+                    "latent attention caches one head of kv_lora_rank {} + rope dimension {}, \
+                     not {} of {}",
+                    m.kv_lora_rank, self.rope_dim, self.n_kv_heads, self.head_dim
+                )));
+            }
+        }
+        if let Some(e) = &self.experts {
+            check_dim("expert feed_forward_length", e.expert_ffn_dim)?;
+            if self.n_experts == 0
+                || e.groups_used == 0
+                || e.groups_used > e.n_groups
+                || !self.n_experts.is_multiple_of(e.n_groups)
+                || self.n_experts_used > e.groups_used * (self.n_experts / e.n_groups)
+            {
+                return Err(ModelError::BadConfig(format!(
+                    "{} experts ({} used per token) in {} groups of which {} are used do not add up \
+                     (expert_group_count, expert_group_used_count)",
+                    self.n_experts, self.n_experts_used, e.n_groups, e.groups_used
+                )));
+            }
+            if e.n_groups > 1 && self.n_experts / e.n_groups < 2 {
+                return Err(ModelError::BadConfig(format!(
+                    "expert groups of {} (a group's score is its two best experts)",
+                    self.n_experts / e.n_groups
+                )));
+            }
+            if !(e.weights_scale.is_finite() && e.weights_scale > 0.0) {
+                return Err(ModelError::BadConfig(format!(
+                    "expert_weights_scale {} must be positive",
+                    e.weights_scale
+                )));
+            }
+            if e.leading_dense > self.n_layers || e.n_shared > 64 {
+                return Err(ModelError::BadConfig(format!(
+                    "leading_dense_block_count {} of {} layers, expert_shared_count {}",
+                    e.leading_dense, self.n_layers, e.n_shared
+                )));
+            }
+        }
         Ok(self)
+    }
+
+    /// Whether layer `layer` is a mixture of experts (every layer of Mixtral and Qwen3-MoE;
+    /// DeepSeek's after its leading dense ones).
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.n_experts > 0 && self.experts.is_none_or(|e| layer >= e.leading_dense)
+    }
+
+    /// Hidden width of one expert.
+    pub fn expert_ffn_dim(&self) -> usize {
+        self.experts.map_or(self.ffn_dim, |e| e.expert_ffn_dim)
     }
 
     /// How layer `layer` attends: its window (if it is a windowed layer) and RoPE base.
@@ -480,8 +631,14 @@ impl LlamaConfig {
         } else {
             &self.rope_scaling
         };
+        // Latent attention rotates each head's last rope_dim values on their own.
+        let width = if self.mla.is_some() {
+            self.rope_dim
+        } else {
+            self.head_dim
+        };
         Rope::scaled(
-            self.head_dim,
+            width,
             self.rope_dim,
             attention.rope_freq_base,
             self.rope_style,
@@ -505,6 +662,200 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+}
+
+/// Rows of the embedding matrix, which is what a GGUF file's vocabulary size is.
+fn gguf_vocab_size(file: &GgufFile, d_model: usize) -> Result<usize, ModelError> {
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+    match embd.dims.as_slice() {
+        [_, rows] => check_dim("token_embd rows", usize::try_from(*rows).unwrap_or(0)),
+        _ => Err(ModelError::BadShape {
+            name: "token_embd.weight".into(),
+            expected: vec![d_model as u64, 0],
+            found: embd.dims.clone(),
+        }),
+    }
+}
+
+/// Llama 4's attention temperature of a GGUF file (`mistral3`, and `deepseek2` for Mistral
+/// Large 3): the converter writes the scale, and for `mistral3` only the scale; llama.cpp
+/// takes the length from YaRN's original context where the file names none.
+fn gguf_temperature(
+    md: &Metadata,
+    arch: &str,
+    scaling: &RopeScaling,
+    context_length: usize,
+) -> Result<Option<AttnTemperature>, ModelError> {
+    let scale_key = format!("{arch}.attention.temperature_scale");
+    let length_key = format!("{arch}.attention.temperature_length");
+    let Some(scale) = md.opt_f32(&scale_key)?.filter(|&s| s != 0.0) else {
+        return Ok(None);
+    };
+    let length = match md.opt_u32(&length_key)? {
+        Some(n) => n as usize,
+        None => match scaling {
+            RopeScaling::Yarn {
+                original_context, ..
+            } => *original_context,
+            _ => context_length,
+        },
+    };
+    AttnTemperature::new(scale, length, &scale_key, &length_key).map(Some)
+}
+
+/// `deepseek2` (DeepSeek-V2/V3, Mistral Large 3) and `mistral4` (Mistral Small 4) as
+/// llama.cpp reads them (`llama-model.cpp`, `src/models/deepseek2.cpp`): multi-head latent
+/// attention with one cached head of `key_length = kv_lora_rank + rope.dimension_count`
+/// (`head_count_kv` 1, the split `attn_k_b`/`attn_v_b` of current converters), the per-head
+/// sizes in `key_length_mla`/`value_length_mla`, adjacent RoPE pairs on the rotated part only;
+/// experts after `leading_dense_block_count` dense layers, scored by `expert_gating_func`
+/// (1 softmax, 2 sigmoid; softmax when absent), in `expert_group_count` groups of which
+/// `expert_group_used_count` are kept, weighted by `expert_weights_scale`, renormalised when
+/// `expert_weights_norm`, plus `expert_shared_count` shared experts. YaRN's magnitude
+/// correction moves from RoPE into the score scale: `kq_scale = mscale² / sqrt(key_length_mla)`
+/// with `mscale = 1 + yarn_log_multiplier · ln(factor)`.
+fn deepseek2_from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig, ModelError> {
+    let md = file.metadata();
+    let key = |k: &str| format!("{arch}.{k}");
+    let need = |k: &str| dim(md, &key(k));
+    let opt = |k: &str| -> Result<Option<usize>, ModelError> {
+        Ok(md.opt_u32(&key(k))?.map(|v| v as usize))
+    };
+    let n_layers = need("block_count")?;
+    let d_model = need("embedding_length")?;
+    let n_heads = need("attention.head_count")?;
+    let context_length = need("context_length")?;
+    let (Some(qk_head), Some(v_head_dim)) = (
+        opt("attention.key_length_mla")?,
+        opt("attention.value_length_mla")?,
+    ) else {
+        return Err(ModelError::BadConfig(format!(
+            "{} is missing: a file converted before llama.cpp split attn_kv_b for latent \
+             attention (convert it again with a current convert_hf_to_gguf.py)",
+            key("attention.key_length_mla")
+        )));
+    };
+    let kv_lora_rank = need("attention.kv_lora_rank")?;
+    let rope_dim = need("rope.dimension_count")?;
+    let key_length = need("attention.key_length")?;
+    if key_length != kv_lora_rank + rope_dim {
+        return Err(ModelError::BadConfig(format!(
+            "{} = {key_length} is not kv_lora_rank {kv_lora_rank} + rope.dimension_count \
+             {rope_dim}",
+            key("attention.key_length")
+        )));
+    }
+    if let Some(v) = opt("attention.value_length")?
+        && v != kv_lora_rank
+    {
+        return Err(ModelError::BadConfig(format!(
+            "{} = {v} is not kv_lora_rank {kv_lora_rank}",
+            key("attention.value_length")
+        )));
+    }
+    if let Some(kv) = opt("attention.head_count_kv")?
+        && kv != 1
+    {
+        return Err(ModelError::BadConfig(format!(
+            "{} = {kv}: latent attention caches one head",
+            key("attention.head_count_kv")
+        )));
+    }
+    if qk_head <= rope_dim || v_head_dim == 0 {
+        return Err(ModelError::BadConfig(format!(
+            "{} = {qk_head} must exceed rope.dimension_count {rope_dim} and {} must not be 0",
+            key("attention.key_length_mla"),
+            key("attention.value_length_mla")
+        )));
+    }
+    let q_lora_rank = opt("attention.q_lora_rank")?.filter(|&r| r > 0);
+    let mut rope_scaling = crate::rope_scaling::from_gguf(file, arch, context_length, rope_dim)?;
+    // llama.cpp: RoPE's magnitude is attn_factor_org, 1 for deepseek2 (m = log multiplier)
+    // and mscale(f, 1) / mscale(f, L) for mistral4 (what `from_gguf` computed); the score
+    // scale takes mscale = attn_factor_org · (1 + 0.1 · L · ln f) squared.
+    let log_mul_key = key("rope.scaling.yarn_log_multiplier");
+    let log_mul = md.opt_f32(&log_mul_key)?.unwrap_or(0.0);
+    if !log_mul.is_finite() || log_mul < 0.0 {
+        return Err(ModelError::BadConfig(format!(
+            "{log_mul_key} = {log_mul} must be finite and not negative"
+        )));
+    }
+    let mut mscale = 1.0;
+    if let RopeScaling::Yarn {
+        factor,
+        attention_factor,
+        ..
+    } = &mut rope_scaling
+    {
+        if arch == "deepseek2" {
+            *attention_factor = 1.0;
+        }
+        mscale = *attention_factor * crate::rope_scaling::yarn_mscale(*factor, log_mul / 0.1);
+    }
+    let n_experts = opt("expert_count")?.unwrap_or(0);
+    let experts = if n_experts > 0 {
+        let gating = match opt("expert_gating_func")? {
+            None | Some(1) => Gating::Softmax,
+            Some(2) => Gating::Sigmoid,
+            Some(other) => {
+                return Err(ModelError::BadConfig(format!(
+                    "{} = {other} (1 softmax and 2 sigmoid are supported)",
+                    key("expert_gating_func")
+                )));
+            }
+        };
+        let n_groups = opt("expert_group_count")?.unwrap_or(1).max(1);
+        let groups_used = opt("expert_group_used_count")?.unwrap_or(n_groups);
+        let weights_scale = match md.opt_f32(&key("expert_weights_scale"))? {
+            None | Some(0.0) => 1.0,
+            Some(s) => s,
+        };
+        Some(ExpertDesign {
+            gating,
+            n_groups,
+            groups_used,
+            weights_scale,
+            n_shared: opt("expert_shared_count")?.unwrap_or(0),
+            leading_dense: opt("leading_dense_block_count")?.unwrap_or(0),
+            expert_ffn_dim: need("expert_feed_forward_length")?,
+        })
+    } else {
+        None
+    };
+    let vocab_size = gguf_vocab_size(file, d_model)?;
+    let attn_temperature = gguf_temperature(md, arch, &rope_scaling, context_length)?;
+    LlamaConfig {
+        n_layers,
+        d_model,
+        n_heads,
+        n_kv_heads: 1,
+        head_dim: key_length,
+        ffn_dim: need("feed_forward_length")?,
+        vocab_size,
+        context_length,
+        rope_freq_base: md.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_dim,
+        rms_eps: md
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-6),
+        rope_scaling,
+        n_experts,
+        n_experts_used: opt("expert_used_count")?.unwrap_or(0),
+        moe_renormalize: md.opt_bool(&key("expert_weights_norm"))?.unwrap_or(false),
+        attn_temperature,
+        attention_scale: mscale * mscale / (qk_head as f32).sqrt(),
+        mla: Some(Mla {
+            q_lora_rank,
+            kv_lora_rank,
+            qk_nope_dim: qk_head - rope_dim,
+            v_head_dim,
+        }),
+        experts,
+        ..LlamaConfig::base(arch)
+    }
+    .checked()
 }
 
 /// Gemma 3's layer pattern: of every `GEMMA3_PATTERN` layers, the last is global.

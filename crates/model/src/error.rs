@@ -80,9 +80,9 @@ impl fmt::Display for ModelError {
             ModelError::UnsupportedArchitecture(a) => {
                 write!(
                     f,
-                    "unsupported architecture {a:?} (supported: llama, gemma3, and from \
-                     safetensors LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, \
-                     Gemma3ForCausalLM)"
+                    "unsupported architecture {a:?} (supported: GGUF {}; Hugging Face {})",
+                    crate::GGUF_ARCHITECTURES.join(", "),
+                    crate::HF_ARCHITECTURES.join(", ")
                 )
             }
             ModelError::BadConfig(m) => write!(f, "bad model hyperparameters: {m}"),

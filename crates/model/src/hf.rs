@@ -76,13 +76,97 @@ pub(crate) fn open_dir(dir: &Path) -> Result<(DirLayout, LlamaConfig, Tensors), 
         DirLayout::HuggingFace => (hf_files(dir)?, hf_name),
         DirLayout::Mistral => (mistral_files(dir)?, mistral_name),
     };
-    let tensors = read_tensors(&files, rename)?;
+    let mut tensors = read_tensors(&files, rename)?;
     let config = match layout {
         DirLayout::HuggingFace => hf_config(&json, &tensors),
         DirLayout::Mistral => mistral_config(&json, &tensors),
     }
     .map_err(|e| in_file(&json_path, e))?;
+    if config.mla.is_some() {
+        split_kv_b(&mut tensors, &config)?;
+    }
     Ok((layout, config, tensors))
+}
+
+/// Latent attention's `kv_b_proj` (`attn_kv_b`: per head `qk_nope` key rows then `v_head_dim`
+/// value rows, of `kv_lora_rank` columns) split as llama.cpp's converter splits it: each
+/// head's key block transposed (`attn_k_b`, dims `[qk_nope, kv_lora_rank, n_heads]`) and its
+/// value block as it is (`attn_v_b`, `[kv_lora_rank, v_head_dim, n_heads]`), in f32, held in
+/// memory beside the mapped files, in place of `attn_kv_b`.
+fn split_kv_b(tensors: &mut Tensors, c: &LlamaConfig) -> Result<(), ModelError> {
+    let Some(m) = c.mla else { return Ok(()) };
+    let Storage::Safetensors(shards) = &mut tensors.storage else {
+        return Ok(());
+    };
+    let (nh, rank, nope, vd) = (c.n_heads, m.kv_lora_rank, m.qk_nope_dim, m.v_head_dim);
+    for layer in 0..c.n_layers {
+        let name = format!("blk.{layer}.attn_kv_b.weight");
+        let r = tensors
+            .index
+            .get(&name)
+            .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+        let expected = [rank as u64, (nh * (nope + vd)) as u64];
+        let ty =
+            r.ty.clone()
+                .map_err(|ggml_type| ModelError::UnsupportedTensorType {
+                    name: name.clone(),
+                    ggml_type,
+                })?;
+        if r.dims != expected {
+            return Err(ModelError::BadShape {
+                name,
+                expected: expected.to_vec(),
+                found: r.dims.clone(),
+            });
+        }
+        let bytes = shards
+            .get(r.shard)
+            .and_then(|s| s.bytes().get(r.start..r.start + r.len))
+            .unwrap_or(&[]);
+        let row_bytes = ty.row_bytes(rank).unwrap_or(0);
+        if row_bytes == 0 || bytes.len() != row_bytes * nh * (nope + vd) {
+            return Err(ModelError::BadShape {
+                name,
+                expected: expected.to_vec(),
+                found: r.dims.clone(),
+            });
+        }
+        let mut rows = vec![0f32; nh * (nope + vd) * rank];
+        for (row, src) in rows
+            .chunks_exact_mut(rank)
+            .zip(bytes.chunks_exact(row_bytes))
+        {
+            kernels::dequantize_row(ty, src, row)?;
+        }
+        let (mut k_b, mut v_b) = (Vec::with_capacity(nh * nope * rank), Vec::new());
+        for head in rows.chunks_exact(rank * (nope + vd)) {
+            let (k, v) = head.split_at(rank * nope);
+            for j in 0..rank {
+                k_b.extend((0..nope).map(|i| k[i * rank + j]));
+            }
+            v_b.extend_from_slice(v);
+        }
+        for (ours, data, dims) in [
+            ("attn_k_b", k_b, [nope, rank, nh]),
+            ("attn_v_b", v_b, [rank, vd, nh]),
+        ] {
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.index.insert(
+                format!("blk.{layer}.{ours}.weight"),
+                TensorRef {
+                    ty: Ok(WeightType::F32),
+                    dims: dims.iter().map(|&d| d as u64).collect(),
+                    shard: shards.len(),
+                    start: 0,
+                    len: bytes.len(),
+                },
+            );
+            shards.push(FileBytes::Owned(bytes));
+        }
+        // Only the split halves are used (and counted).
+        tensors.index.remove(&name);
+    }
+    Ok(())
 }
 
 /// `architectures[0]` of a Hugging Face `config.json`.
@@ -341,10 +425,30 @@ fn gemma_name(name: &str) -> Option<String> {
 }
 
 /// Tensors after `model.layers.N.` that only some Hugging Face architectures have (Qwen3-MoE's
-/// router, Qwen2's q/k/v biases, Qwen3's per-head QK-norms) → ours after `blk.N.` (llama.cpp's
-/// names, with their suffix).
-const HF_EXTRA_LAYER_NAMES: [(&str, &str); 6] = [
+/// router, Qwen2's q/k/v biases, Qwen3's per-head QK-norms, DeepSeek's latent attention,
+/// router bias and shared experts) → ours after `blk.N.` (llama.cpp's names, with their
+/// suffix).
+const HF_EXTRA_LAYER_NAMES: [(&str, &str); 16] = [
     ("mlp.gate.weight", "ffn_gate_inp.weight"),
+    ("mlp.gate.e_score_correction_bias", "exp_probs_b.bias"),
+    (
+        "mlp.shared_experts.gate_proj.weight",
+        "ffn_gate_shexp.weight",
+    ),
+    ("mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
+    (
+        "mlp.shared_experts.down_proj.weight",
+        "ffn_down_shexp.weight",
+    ),
+    ("self_attn.q_a_proj.weight", "attn_q_a.weight"),
+    ("self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight"),
+    ("self_attn.q_b_proj.weight", "attn_q_b.weight"),
+    (
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_mqa.weight",
+    ),
+    ("self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight"),
+    ("self_attn.kv_b_proj.weight", "attn_kv_b.weight"),
     ("self_attn.q_proj.bias", "attn_q.bias"),
     ("self_attn.k_proj.bias", "attn_k.bias"),
     ("self_attn.v_proj.bias", "attn_v.bias"),
@@ -564,6 +668,9 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
     if outer == "Gemma3ForCausalLM" {
         return gemma3_config(json, tensors);
     }
+    if outer == "DeepseekV3ForCausalLM" {
+        return deepseek_config(json, tensors);
+    }
     // An image-text Mistral 3 checkpoint runs its language model: `text_config`, a
     // Ministral 3 (YaRN and the Llama 4 temperature) or a Mistral (Mistral Small 3.1/3.2,
     // Magistral Small: the plain graph).
@@ -730,6 +837,119 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
+        mla: None,
+        experts: None,
+    }
+    .checked()
+}
+
+/// The hyperparameters of a DeepSeek-V3 `config.json` (`DeepseekV3ForCausalLM`), as
+/// transformers' `DeepseekV3Config` reads them: latent attention (`q_lora_rank` — null for a
+/// plain `q_proj` — `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`),
+/// `rope_interleave` (adjacent pairs, the default; halves when false), experts after
+/// `first_k_dense_replace` dense layers (`n_routed_experts` of `moe_intermediate_size`,
+/// `num_experts_per_tok`, `n_group`/`topk_group`, `n_shared_experts`, `routed_scaling_factor`,
+/// `norm_topk_prob`; sigmoid scores unless `scoring_func` says softmax), and YaRN with the
+/// score scale times `mscale(factor, mscale_all_dim)²` (`yarn_apply_mscale`).
+fn deepseek_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
+    let f = Fields(json);
+    if let Some(act) = f.str("hidden_act")
+        && act != "silu"
+    {
+        return Err(ModelError::BadConfig(format!(
+            "hidden_act {act:?} (only silu is supported)"
+        )));
+    }
+    if f.bool("attention_bias") {
+        return Err(ModelError::BadConfig(
+            "attention_bias is not supported".into(),
+        ));
+    }
+    let rope_dim = f.need("qk_rope_head_dim")?;
+    let kv_lora_rank = f.need("kv_lora_rank")?;
+    let qk_nope_dim = f.need("qk_nope_head_dim")?;
+    let rope = f
+        .get("rope_parameters")
+        .or_else(|| f.get("rope_scaling"))
+        .map(Fields);
+    let rope_theta = match rope.as_ref().map(|r| r.f32("rope_theta")).transpose()? {
+        Some(Some(t)) => t,
+        _ => f.f32("rope_theta")?.unwrap_or(10_000.0),
+    };
+    let prefix = if f.get("rope_parameters").is_some() {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
+    let rope_scaling = match &rope {
+        Some(r) => hf_rope_scaling(&f, r, prefix, rope_theta, rope_dim)?,
+        None => RopeScaling::None,
+    };
+    let mut scale = 1.0 / ((qk_nope_dim + rope_dim) as f32).sqrt();
+    if let (RopeScaling::Yarn { factor, .. }, Some(r)) = (&rope_scaling, &rope)
+        && let Some(all) = r.f32("mscale_all_dim")?.filter(|&m| m != 0.0)
+    {
+        let m = yarn_mscale(*factor, all);
+        scale *= m * m;
+    }
+    let n_experts = f.need("n_routed_experts")?;
+    let gating = match f.str("scoring_func") {
+        None | Some("sigmoid") => crate::Gating::Sigmoid,
+        Some("softmax") => crate::Gating::Softmax,
+        Some(other) => {
+            return Err(ModelError::BadConfig(format!(
+                "scoring_func {other:?} (sigmoid and softmax are supported)"
+            )));
+        }
+    };
+    let n_groups = f.usize("n_group")?.unwrap_or(1).max(1);
+    let design = crate::ExpertDesign {
+        gating,
+        n_groups,
+        groups_used: f.usize("topk_group")?.unwrap_or(n_groups),
+        weights_scale: f.f32("routed_scaling_factor")?.unwrap_or(1.0),
+        n_shared: f.usize("n_shared_experts")?.unwrap_or(0),
+        leading_dense: f.usize("first_k_dense_replace")?.unwrap_or(0),
+        expert_ffn_dim: f.need("moe_intermediate_size")?,
+    };
+    let interleaved = f
+        .get("rope_interleave")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    LlamaConfig {
+        n_layers: f.need("num_hidden_layers")?,
+        d_model: f.need("hidden_size")?,
+        n_heads: f.need("num_attention_heads")?,
+        n_kv_heads: 1,
+        head_dim: kv_lora_rank + rope_dim,
+        ffn_dim: f.need("intermediate_size")?,
+        vocab_size: f.need("vocab_size")?,
+        context_length: f.need("max_position_embeddings")?,
+        rope_freq_base: rope_theta,
+        rope_dim,
+        rms_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_scaling,
+        rope_style: if interleaved {
+            RopeStyle::Normal
+        } else {
+            RopeStyle::NeoX
+        },
+        n_experts,
+        n_experts_used: f.need("num_experts_per_tok")?,
+        moe_renormalize: f
+            .get("norm_topk_prob")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        kv_f32: all_f32(tensors),
+        attention_scale: scale,
+        mla: Some(crate::Mla {
+            q_lora_rank: f.usize("q_lora_rank")?,
+            kv_lora_rank,
+            qk_nope_dim,
+            v_head_dim: f.need("v_head_dim")?,
+        }),
+        experts: Some(design),
+        ..LlamaConfig::base("DeepseekV3ForCausalLM")
     }
     .checked()
 }
@@ -879,6 +1099,8 @@ fn gemma3_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelEr
         post_norms: true,
         norm_weight_offset: 1.0,
         attention_scale: 1.0 / query_pre_attn_scalar.sqrt(),
+        mla: None,
+        experts: None,
     }
     .checked()
 }
@@ -997,6 +1219,8 @@ fn mistral_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelE
         post_norms: false,
         norm_weight_offset: 0.0,
         attention_scale: 1.0 / (head_dim as f32).sqrt(),
+        mla: None,
+        experts: None,
     }
     .checked()
 }

@@ -29,6 +29,9 @@ pub struct KvPool {
     n_window_blocks: usize,
     /// Per layer: does it use the window blocks.
     windowed: Vec<bool>,
+    /// Latent attention: the values are the keys' first `kv_lora_rank` elements, so only
+    /// keys are stored (`v` is empty) and the attention reads them as values too.
+    shared_values: bool,
     k: Vec<KvData>,
     v: Vec<KvData>,
 }
@@ -164,15 +167,25 @@ impl KvPool {
         let total = global
             .saturating_mul(config.n_layers - n_windowed)
             .saturating_add(local.saturating_mul(n_windowed))
-            .saturating_mul(2 * bytes_per_32(config.kv_f32, ty))
+            .saturating_mul(copies(config) * bytes_per_32(config.kv_f32, ty))
             / QK;
         if total > MAX_POOL_BYTES {
             return Err(too_large());
         }
-        let data = || {
+        let shared_values = config.mla.is_some();
+        let data = |empty: bool| {
             windowed
                 .iter()
-                .map(|&w| KvData::zeros(if w { local } else { global }, config.kv_f32, ty))
+                .map(|&w| {
+                    let len = if empty {
+                        0
+                    } else if w {
+                        local
+                    } else {
+                        global
+                    };
+                    KvData::zeros(len, config.kv_f32, ty)
+                })
                 .collect()
         };
         Ok(Self {
@@ -181,9 +194,10 @@ impl KvPool {
             block_tokens,
             n_blocks,
             n_window_blocks,
-            k: data(),
-            v: data(),
+            k: data(false),
+            v: data(shared_values),
             windowed,
+            shared_values,
         })
     }
 
@@ -218,7 +232,8 @@ impl KvPool {
         let block_elems = self.block_tokens * self.kv_dim;
         let blocks =
             (self.n_layers - n_windowed) * self.n_blocks + n_windowed * self.n_window_blocks;
-        2 * blocks * block_elems * per_32 / QK
+        let copies = if self.shared_values { 1 } else { 2 };
+        copies * blocks * block_elems * per_32 / QK
     }
 
     /// How this pool stores keys and values.
@@ -231,13 +246,13 @@ impl KvPool {
 
     /// Bytes one cached token costs in every layer (keys and values).
     pub fn bytes_per_token(config: &LlamaConfig) -> usize {
-        2 * config.n_layers * config.kv_dim() * elem_bytes(config)
+        copies(config) * config.n_layers * config.kv_dim() * elem_bytes(config)
     }
 
     /// Bytes one cached token costs in the full-attention layers only: what a long
     /// sequence's memory grows by per token when its windowed layers hold only their window.
     pub fn bytes_per_token_global(config: &LlamaConfig) -> usize {
-        2 * config.n_global_layers() * config.kv_dim() * elem_bytes(config)
+        copies(config) * config.n_global_layers() * config.kv_dim() * elem_bytes(config)
     }
 
     /// Bytes of keys and values a sequence of `n_tokens` holds: in every layer when
@@ -251,7 +266,7 @@ impl KvPool {
     ) -> usize {
         let bt = block_tokens.max(1);
         let blocks = n_tokens.div_ceil(bt);
-        let per_block_layer = 2 * bt * config.kv_dim() * elem_bytes(config);
+        let per_block_layer = copies(config) * bt * config.kv_dim() * elem_bytes(config);
         (0..config.n_layers)
             .map(|l| match config.layer_attention(l).window {
                 Some(w) if windowed_release && n_tokens > 0 => {
@@ -272,6 +287,7 @@ impl KvPool {
         if self.n_layers != config.n_layers
             || self.kv_dim != config.kv_dim()
             || !windowed_layers
+            || self.shared_values != config.mla.is_some()
             || (self.n_layers > 0 && f32 != config.kv_f32)
         {
             return Err(ModelError::CacheMismatch);
@@ -285,10 +301,13 @@ impl KvPool {
         (block * self.block_tokens + pos % self.block_tokens) * self.kv_dim
     }
 
-    /// Stores one position's keys and values (f32, `kv_dim` each) for `layer`.
+    /// Stores one position's keys and values (f32, `kv_dim` each) for `layer`; a pool of
+    /// latent attention stores the keys only (`v` is ignored).
     pub(crate) fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {
         let kv_dim = self.kv_dim;
-        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+        let pairs = [(&mut self.k[layer], k), (&mut self.v[layer], v)];
+        let n = if self.shared_values { 1 } else { 2 };
+        for (dst, src) in pairs.into_iter().take(n) {
             match dst {
                 KvData::F16(dst) => {
                     for (d, &s) in dst[at..at + kv_dim].iter_mut().zip(src) {
@@ -320,6 +339,9 @@ impl KvPool {
 
     /// All values of `layer`, laid out like [`KvPool::keys`].
     pub(crate) fn values(&self, layer: usize) -> KvSlice<'_> {
+        if self.shared_values {
+            return self.k[layer].view();
+        }
         self.v[layer].view()
     }
 }
@@ -330,6 +352,12 @@ fn round_half_away(v: f32) -> i32 {
     let t = v as i32;
     let frac = v - t as f32;
     t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
+}
+
+/// How many vectors a cached position keeps per layer: keys and values, or for latent
+/// attention the latent alone.
+fn copies(config: &LlamaConfig) -> usize {
+    if config.mla.is_some() { 1 } else { 2 }
 }
 
 /// Bytes of one cached f16 (or f32) element.

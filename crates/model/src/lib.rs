@@ -31,7 +31,10 @@ mod source;
 mod weights;
 
 pub use bert::{BertConfig, BertError, BertInput, BertModel, Pooling, l2_normalize, pool};
-pub use config::{Activation, AttnTemperature, GGUF_ARCHITECTURES, LayerAttention, LlamaConfig};
+pub use config::{
+    Activation, AttnTemperature, ExpertDesign, GGUF_ARCHITECTURES, Gating, HF_ARCHITECTURES,
+    LayerAttention, LlamaConfig, Mla,
+};
 pub use error::ModelError;
 pub use kernels::{RopeScaling, RopeStyle};
 pub use kv_cache::{KvCache, KvPool, KvType};

@@ -14,7 +14,7 @@ use gguf::GgufFile;
 use kernels::{Rope, ThreadPool};
 
 use crate::attention::{self, Heads, Row};
-use crate::moe::{Ffn, Mlp};
+use crate::moe::{Ffn, Mlp, Routing};
 use crate::weights::{Storage, Tensors, Weight};
 use crate::{Activation, KvCache, KvPool, LlamaConfig, ModelError};
 
@@ -33,12 +33,10 @@ pub enum Logits {
 #[derive(Debug)]
 struct Block {
     attn_norm: Vec<f32>, // d_model
-    wq: Weight,          // q_dim × d_model
-    wk: Weight,          // kv_dim × d_model
-    wv: Weight,          // kv_dim × d_model
-    wo: Weight,          // d_model × q_dim
-    ffn_norm: Vec<f32>,  // d_model
-    ffn: Ffn,            // gated MLP or experts of ffn_dim
+    attn: AttnWeights,
+    wo: Weight,         // d_model × q_dim (latent attention: × n_heads · v_head_dim)
+    ffn_norm: Vec<f32>, // d_model
+    ffn: Ffn,           // gated MLP or experts of ffn_dim
     /// Per-head RMSNorm weights of queries and keys (`qk_norm`), head_dim each.
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// Biases of the query, key and value projections (`attn_bias`): q_dim, kv_dim, kv_dim.
@@ -51,10 +49,64 @@ struct Block {
     window: Option<usize>,
 }
 
+/// A block's attention projections.
+#[derive(Debug)]
+enum AttnWeights {
+    /// Grouped-query attention.
+    Gqa {
+        wq: Weight, // q_dim × d_model
+        wk: Weight, // kv_dim × d_model
+        wv: Weight, // kv_dim × d_model
+    },
+    /// Multi-head latent attention ([`crate::Mla`]).
+    Mla(MlaWeights),
+}
+
+/// The projections of latent attention (llama.cpp's names).
+#[derive(Debug)]
+struct MlaWeights {
+    /// Queries of every head, `[nope | rope]` each (n_heads · qk_head_dim rows).
+    q: MlaQuery,
+    /// `attn_kv_a_mqa`: the latent and the shared rotated key ((kv_lora_rank + rope) × d_model).
+    kv_a: Weight,
+    /// `attn_kv_a_norm`: RMSNorm of the latent (kv_lora_rank).
+    kv_norm: Vec<f32>,
+    /// `attn_k_b`, per head: kv_lora_rank × qk_nope (absorbs a head's query into the latent).
+    k_b: Vec<Weight>,
+    /// `attn_v_b`, per head: v_head_dim × kv_lora_rank (a head's value from the latent).
+    v_b: Vec<Weight>,
+}
+
+#[derive(Debug)]
+enum MlaQuery {
+    /// `attn_q` (DeepSeek-V2-Lite).
+    Full(Weight),
+    /// `attn_q_a` (q_lora_rank × d_model) → RMSNorm `attn_q_a_norm` → `attn_q_b`.
+    LowRank {
+        a: Weight,
+        norm: Vec<f32>,
+        b: Weight,
+    },
+}
+
 impl Block {
     /// Repacks the block's matrices for the packed kernel where this CPU has one.
     fn pack(&mut self, store: &Storage) -> Result<(), ModelError> {
-        for w in [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo] {
+        let attn: Vec<&mut Weight> = match &mut self.attn {
+            AttnWeights::Gqa { wq, wk, wv } => vec![wq, wk, wv],
+            AttnWeights::Mla(m) => {
+                let q: Vec<&mut Weight> = match &mut m.q {
+                    MlaQuery::Full(w) => vec![w],
+                    MlaQuery::LowRank { a, b, .. } => vec![a, b],
+                };
+                q.into_iter()
+                    .chain([&mut m.kv_a])
+                    .chain(m.k_b.iter_mut())
+                    .chain(m.v_b.iter_mut())
+                    .collect()
+            }
+        };
+        for w in attn.into_iter().chain([&mut self.wo]) {
             w.pack(store)?;
         }
         self.ffn.pack(store)
@@ -79,7 +131,7 @@ pub struct LlamaModel {
 struct Scratch {
     x: Vec<f32>,    // n × d_model, the residual stream
     xn: Vec<f32>,   // n × d_model, normalised input of the current sub-layer
-    q: Vec<f32>,    // n × q_dim
+    q: Vec<f32>,    // n × q_dim (latent attention: the absorbed queries)
     k: Vec<f32>,    // n × kv_dim
     v: Vec<f32>,    // n × kv_dim
     attn: Vec<f32>, // n × q_dim, attention output before wo
@@ -138,15 +190,18 @@ impl LlamaModel {
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
-            let (q, kv, f) = (c.q_dim() as u64, c.kv_dim() as u64, c.ffn_dim as u64);
-            let ffn = if c.n_experts == 0 {
-                Ffn::Dense(Mlp {
-                    gate: t.weight(&name("ffn_gate"), [d, f])?,
-                    up: t.weight(&name("ffn_up"), [d, f])?,
-                    down: t.weight(&name("ffn_down"), [f, d])?,
+            let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
+            let mlp = |gate: &str, up: &str, down: &str, f: u64| -> Result<Mlp, ModelError> {
+                Ok(Mlp {
+                    gate: t.weight(&name(gate), [d, f])?,
+                    up: t.weight(&name(up), [d, f])?,
+                    down: t.weight(&name(down), [f, d])?,
                 })
+            };
+            let ffn = if !c.is_moe_layer(i) {
+                Ffn::Dense(mlp("ffn_gate", "ffn_up", "ffn_down", c.ffn_dim as u64)?)
             } else {
-                let e = c.n_experts as u64;
+                let (e, f) = (c.n_experts as u64, c.expert_ffn_dim() as u64);
                 let experts = if t.has(&name("ffn_gate_exps")) {
                     // Stacked 3-D tensors, as current llama.cpp writes them.
                     let gate = t.stacked(&name("ffn_gate_exps"), [d, f, e])?;
@@ -170,20 +225,78 @@ impl LlamaModel {
                         })
                         .collect::<Result<Vec<_>, ModelError>>()?
                 };
+                let renormalize = c.moe_renormalize;
+                let (routing, shared) = match c.experts {
+                    None => (Routing::Softmax { renormalize }, None),
+                    Some(design) => {
+                        let bias_name = format!("blk.{i}.exp_probs_b.bias");
+                        let bias = if t.has(&bias_name) {
+                            Some(t.vector(&bias_name, c.n_experts)?)
+                        } else {
+                            None
+                        };
+                        let shared = if design.n_shared > 0 {
+                            let w = f * design.n_shared as u64;
+                            Some(mlp("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", w)?)
+                        } else {
+                            None
+                        };
+                        let routing = Routing::DeepSeek {
+                            design,
+                            renormalize,
+                            bias,
+                        };
+                        (routing, shared)
+                    }
+                };
                 Ffn::Experts {
                     router: t.weight(&name("ffn_gate_inp"), [d, e])?,
                     experts,
                     n_used: c.n_experts_used,
-                    renormalize: c.moe_renormalize,
+                    routing,
+                    shared,
                 }
             };
             let attention = c.layer_attention(i);
+            let (attn, wo_cols) = match &c.mla {
+                None => (
+                    AttnWeights::Gqa {
+                        wq: t.weight(&name("attn_q"), [d, q])?,
+                        wk: t.weight(&name("attn_k"), [d, kv])?,
+                        wv: t.weight(&name("attn_v"), [d, kv])?,
+                    },
+                    q,
+                ),
+                Some(m) => {
+                    let nh = c.n_heads as u64;
+                    let (rank, nope, vd) = (
+                        m.kv_lora_rank as u64,
+                        m.qk_nope_dim as u64,
+                        m.v_head_dim as u64,
+                    );
+                    let qk = nh * m.qk_head_dim(c.rope_dim) as u64;
+                    let q = match m.q_lora_rank {
+                        None => MlaQuery::Full(t.weight(&name("attn_q"), [d, qk])?),
+                        Some(r) => MlaQuery::LowRank {
+                            a: t.weight(&name("attn_q_a"), [d, r as u64])?,
+                            norm: norm(&name("attn_q_a_norm"), r)?,
+                            b: t.weight(&name("attn_q_b"), [r as u64, qk])?,
+                        },
+                    };
+                    let weights = MlaWeights {
+                        q,
+                        kv_a: t.weight(&name("attn_kv_a_mqa"), [d, rank + c.rope_dim as u64])?,
+                        kv_norm: norm(&name("attn_kv_a_norm"), m.kv_lora_rank)?,
+                        k_b: t.stacked(&name("attn_k_b"), [nope, rank, nh])?,
+                        v_b: t.stacked(&name("attn_v_b"), [rank, vd, nh])?,
+                    };
+                    (AttnWeights::Mla(weights), nh * vd)
+                }
+            };
             let mut block = Block {
                 attn_norm: norm(&name("attn_norm"), c.d_model)?,
-                wq: t.weight(&name("attn_q"), [d, q])?,
-                wk: t.weight(&name("attn_k"), [d, kv])?,
-                wv: t.weight(&name("attn_v"), [d, kv])?,
-                wo: t.weight(&name("attn_output"), [q, d])?,
+                attn,
+                wo: t.weight(&name("attn_output"), [wo_cols, d])?,
                 ffn_norm: norm(&name("ffn_norm"), c.d_model)?,
                 ffn,
                 qk_norm: if c.qk_norm {
@@ -338,9 +451,9 @@ impl LlamaModel {
         let mut s = Scratch::new(c, n);
         self.embed(&plan, &mut s.x)?;
         let f16_table = self.gelu_f16_table;
-        let glu = |gate: &mut [f32], up: &[f32]| {
-            par_rows(pool, gate, c.ffn_dim, &|r0, g| {
-                let u = &up[r0 * c.ffn_dim..][..g.len()];
+        let glu = |gate: &mut [f32], up: &[f32], width: usize| {
+            par_rows(pool, gate, width, &|r0, g| {
+                let u = &up[r0 * width..][..g.len()];
                 match c.activation {
                     Activation::Silu => kernels::swiglu(g, u),
                     Activation::GeluTanh => kernels::geglu_tanh(g, u, f16_table),
@@ -354,11 +467,17 @@ impl LlamaModel {
         for (layer, b) in self.blocks.iter().enumerate() {
             // Attention sub-layer.
             rms_norm_rows(pool, &s.x, &b.attn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            let mut qkv = [
-                (&b.wq, &mut s.q[..]),
-                (&b.wk, &mut s.k[..]),
-                (&b.wv, &mut s.v[..]),
-            ];
+            let (wq, wk, wv) = match &b.attn {
+                AttnWeights::Gqa { wq, wk, wv } => (wq, wk, wv),
+                AttnWeights::Mla(m) => {
+                    let temperature = temperature.as_deref();
+                    self.mla_attention(pool, m, b, kv, layer, &plan, &mut s, temperature)?;
+                    add_rows(pool, &mut s.x, &s.proj, c.d_model);
+                    self.mlp_sublayer(pool, b, &mut s, n, &glu)?;
+                    continue;
+                }
+            };
+            let mut qkv = [(wq, &mut s.q[..]), (wk, &mut s.k[..]), (wv, &mut s.v[..])];
             self.store.matmul_many(pool, &mut qkv, &s.xn, n)?;
             if let Some([bq, bk, bv]) = &b.qkv_bias {
                 for (out, bias) in [(&mut s.q, bq), (&mut s.k, bk), (&mut s.v, bv)] {
@@ -385,18 +504,122 @@ impl LlamaModel {
                 rms_norm_in_place(pool, &mut s.proj, post_attn, c.rms_eps);
             }
             add_rows(pool, &mut s.x, &s.proj, c.d_model);
-
-            // MLP sub-layer: down(act(gate(x)) * up(x)), or a mixture of such experts.
-            rms_norm_rows(pool, &s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
-            let (d, f) = (c.d_model, c.ffn_dim);
-            b.ffn
-                .forward(pool, &self.store, &s.xn, n, d, f, &mut s.proj, &glu)?;
-            if let Some((_, post_ffn)) = &b.post_norms {
-                rms_norm_in_place(pool, &mut s.proj, post_ffn, c.rms_eps);
-            }
-            add_rows(pool, &mut s.x, &s.proj, c.d_model);
+            self.mlp_sublayer(pool, b, &mut s, n, &glu)?;
         }
         self.head(pool, &plan, &mut s)
+    }
+
+    /// The MLP sub-layer: down(act(gate(x)) * up(x)), or a mixture of such experts, added to
+    /// the residual stream.
+    fn mlp_sublayer(
+        &self,
+        pool: &ThreadPool,
+        b: &Block,
+        s: &mut Scratch,
+        n: usize,
+        glu: crate::moe::Glu<'_>,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        rms_norm_rows(pool, &s.x, &b.ffn_norm, c.rms_eps, c.d_model, &mut s.xn);
+        b.ffn
+            .forward(pool, &self.store, &s.xn, n, c.d_model, &mut s.proj, glu)?;
+        if let Some((_, post_ffn)) = &b.post_norms {
+            rms_norm_in_place(pool, &mut s.proj, post_ffn, c.rms_eps);
+        }
+        add_rows(pool, &mut s.x, &s.proj, c.d_model);
+        Ok(())
+    }
+
+    /// Multi-head latent attention of the normalised rows `s.xn` into `s.proj` (after the
+    /// output projection), as llama.cpp's absorbed path computes it: each row caches its
+    /// normalised latent and its rotated shared key (`[latent | k_pe]`, one head of
+    /// `kv_lora_rank + rope_dim`); each query head `[q_nope | q_pe]` becomes
+    /// `[k_b·q_nope | rope(q_pe)]`, which attends over the cached rows as keys and, through
+    /// their first `kv_lora_rank` values, as values (the pool stores them once); the
+    /// weighted latent goes through the head's `v_b`, and the heads through `attn_output`.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attention(
+        &self,
+        pool: &ThreadPool,
+        m: &MlaWeights,
+        b: &Block,
+        kv: &mut KvPool,
+        layer: usize,
+        plan: &BatchPlan<'_>,
+        s: &mut Scratch,
+        temperature: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let shape = c.mla.ok_or(ModelError::CacheMismatch)?;
+        let n = plan.len();
+        let (nh, rank, rope) = (c.n_heads, shape.kv_lora_rank, c.rope_dim);
+        let (nope, vd, hd) = (shape.qk_nope_dim, shape.v_head_dim, c.head_dim);
+        let qk = nope + rope;
+        let mut q = vec![0.0; n * nh * qk];
+        match &m.q {
+            MlaQuery::Full(wq) => {
+                let mut outs = [(wq, &mut q[..]), (&m.kv_a, &mut s.k[..])];
+                self.store.matmul_many(pool, &mut outs, &s.xn, n)?;
+            }
+            MlaQuery::LowRank { a, norm, b: wb } => {
+                let mut qa = vec![0.0; n * a.rows];
+                let mut outs = [(a, &mut qa[..]), (&m.kv_a, &mut s.k[..])];
+                self.store.matmul_many(pool, &mut outs, &s.xn, n)?;
+                rms_norm_in_place(pool, &mut qa, norm, c.rms_eps);
+                self.store.matmul(pool, wb, &qa, n, &mut q)?;
+            }
+        }
+        // The latent normalised, the shared key rotated, both cached.
+        let mut tmp = vec![0.0; rank];
+        let offsets = plan.offsets_of(kv.is_windowed(layer));
+        for ((row, &pos), &at) in s.k.chunks_exact_mut(hd).zip(&plan.positions).zip(offsets) {
+            let (latent, pe) = row.split_at_mut(rank);
+            kernels::rms_norm(latent, &m.kv_norm, c.rms_eps, &mut tmp);
+            latent.copy_from_slice(&tmp);
+            b.rope.apply(pos, pe);
+            kv.write(layer, at, row, &[]);
+        }
+        // Absorbed queries, head by head: [k_b · q_nope | rope(q_pe)].
+        let mut gathered = vec![0.0; n * nope];
+        let mut absorbed = vec![0.0; n * rank];
+        for (h, k_b) in m.k_b.iter().enumerate() {
+            for (g, row) in gathered.chunks_exact_mut(nope).zip(q.chunks_exact(nh * qk)) {
+                g.copy_from_slice(&row[h * qk..][..nope]);
+            }
+            self.store.matmul(pool, k_b, &gathered, n, &mut absorbed)?;
+            for r in 0..n {
+                let dst = &mut s.q[(r * nh + h) * hd..][..hd];
+                dst[..rank].copy_from_slice(&absorbed[r * rank..][..rank]);
+                dst[rank..].copy_from_slice(&q[(r * nh + h) * qk + nope..][..rope]);
+                b.rope.apply(plan.positions[r], &mut dst[rank..]);
+            }
+        }
+        if let Some(factors) = temperature {
+            for (row, &f) in s.q.chunks_exact_mut(c.q_dim()).zip(factors) {
+                if f != 1.0 {
+                    row.iter_mut().for_each(|x| *x *= f);
+                }
+            }
+        }
+        attention(pool, c, kv, layer, b.window, plan, &s.q, &mut s.attn);
+        // Each head's weighted latent through its v_b, then the output projection.
+        let mut heads = vec![0.0; n * nh * vd];
+        let mut value = vec![0.0; n * vd];
+        let latent = &mut absorbed;
+        for (h, v_b) in m.v_b.iter().enumerate() {
+            for (l, row) in latent
+                .chunks_exact_mut(rank)
+                .zip(s.attn.chunks_exact(nh * hd))
+            {
+                l.copy_from_slice(&row[h * hd..][..rank]);
+            }
+            self.store.matmul(pool, v_b, latent, n, &mut value)?;
+            for (dst, v) in heads.chunks_exact_mut(nh * vd).zip(value.chunks_exact(vd)) {
+                dst[h * vd..][..vd].copy_from_slice(v);
+            }
+        }
+        self.store.matmul(pool, &b.wo, &heads, n, &mut s.proj)?;
+        Ok(())
     }
 
     /// Embeddings: one row of the table, dequantised, per batch row (times

@@ -984,3 +984,114 @@ fn mistral3_image_text_checkpoint_runs_its_language_model() {
     eprintln!("mistral3-vlm vs transformers (ministral3): max |diff| {d:e} at {at}");
     assert!(d <= F32_TOL, "mistral3-vlm: max |diff| {d} at {at}");
 }
+
+// ---- DeepSeek-V3 (`deepseek2`) -------------------------------------------------------------
+
+/// DeepSeek-V3's design on tiny models (the golden script's `deepseek3`: low-rank queries,
+/// YaRN with `mscale_all_dim`; `deepseek3-lite`: one `q_proj`, no scaling, one expert
+/// group): multi-head latent attention caching one 40-wide latent per token and layer (32
+/// latent + 8 rotated), absorbed queries; a leading dense layer, then 8 experts of width 16
+/// chosen by sigmoid score plus a correction bias within the best 2 of 4 groups, weighted by
+/// their unbiased scores renormalised times 2.5, and a shared expert: within the F32 bound of
+/// transformers. Without the bias the oracle is far off, so the bias is exercised.
+#[test]
+fn deepseek3_latent_attention_and_routing_match_transformers() {
+    for name in ["deepseek3", "deepseek3-lite"] {
+        let m = check_f32(name, name);
+        let c = m.model.config();
+        let mla = c.mla.expect("latent attention");
+        assert_eq!((c.n_kv_heads, c.head_dim, c.rope_dim), (1, 40, 8));
+        assert_eq!(
+            (mla.kv_lora_rank, mla.qk_nope_dim, mla.v_head_dim),
+            (32, 16, 12)
+        );
+        let lite = name == "deepseek3-lite";
+        assert_eq!(mla.q_lora_rank, if lite { None } else { Some(24) });
+        let e = c.experts.expect("DeepSeek's experts");
+        assert_eq!(e.gating, souverain_model::Gating::Sigmoid);
+        assert_eq!(
+            (e.n_groups, e.groups_used, e.n_shared, e.leading_dense),
+            if lite { (1, 1, 1, 1) } else { (4, 2, 1, 1) }
+        );
+        assert_eq!(
+            (c.n_experts, c.n_experts_used, e.expert_ffn_dim),
+            (8, 2, 16)
+        );
+        if !lite {
+            // 1/sqrt(16 + 8) times mscale(4, 1)^2.
+            let m = 0.1 * 4f32.ln() + 1.0;
+            let expected = m * m / 24f32.sqrt();
+            assert!(
+                (c.attention_scale - expected).abs() < 1e-6,
+                "{}",
+                c.attention_scale
+            );
+        }
+        // The cache holds the latent once: 40 f32 per token and layer, not keys and values
+        // of 4 heads (4 × (24 + 12)).
+        assert_eq!(KvPool::bytes_per_token(c), 3 * 40 * 4);
+        let g = golden(name);
+        let unbiased: Vec<Vec<Vec<f32>>> =
+            serde_json::from_value(g.json["logits_without_bias"].clone()).expect("logits");
+        let (apart, _) = max_diff(&unbiased, &g.logits);
+        assert!(
+            apart > 0.05,
+            "{name}: the selection bias changes nothing ({apart})"
+        );
+    }
+}
+
+/// The same weights as llama.cpp's converter writes a `deepseek2` GGUF (`model.gguf`: one
+/// cached head of `key_length` 40, `key_length_mla`/`value_length_mla`, `kv_b_proj` split
+/// into `attn_k_b` (transposed) and `attn_v_b`, `exp_probs_b.bias`, stacked experts,
+/// `yarn_log_multiplier`): within the GGUF bound of transformers, read as the directory reads.
+#[test]
+fn deepseek2_gguf_as_llama_cpp_writes_it() {
+    for name in ["deepseek3", "deepseek3-lite"] {
+        let hf = open(&tiny(name));
+        let m = check_gguf(name, "deepseek2");
+        let (c, h) = (m.model.config(), hf.model.config());
+        assert_eq!((c.mla, c.experts), (h.mla, h.experts));
+        assert_eq!(
+            (c.head_dim, c.n_kv_heads, c.rope_style),
+            (40, 1, RopeStyle::Normal)
+        );
+        assert!(
+            (c.attention_scale - h.attention_scale).abs() < 1e-6,
+            "{name}: score scale {} vs {}",
+            c.attention_scale,
+            h.attention_scale
+        );
+        // f16 cache: half the f32 directory's bytes.
+        assert_eq!(KvPool::bytes_per_token(c), 3 * 40 * 2);
+    }
+}
+
+/// Latent-attention and expert settings that do not add up are refused with an error naming
+/// the key, never a panic.
+#[test]
+fn deepseek_configurations_that_do_not_add_up_are_refused() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        ("groups", |c| c["n_group"] = 3.into(), "expert_group_count"),
+        (
+            "topk",
+            |c| c["topk_group"] = 0.into(),
+            "expert_group_used_count",
+        ),
+        (
+            "scoring",
+            |c| c["scoring_func"] = "relu".into(),
+            "scoring_func",
+        ),
+        ("rank", |c| c["kv_lora_rank"] = 16.into(), "attn_kv_b"),
+    ];
+    for (tag, edit, key) in cases {
+        let dir = with_config("deepseek3", tag, edit);
+        let Err(err) = LoadedModel::open(&dir, &mut |_, _| {}) else {
+            panic!("{tag}: a DeepSeek directory that does not add up loaded");
+        };
+        assert!(err.to_string().contains(key), "{tag}: {err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
