@@ -68,6 +68,12 @@ header naming this script and the library versions. The directories:
                 long prompts, on the seed of 30 whose routing is furthest from a tie; also
                 `logits_without_bias`. Beside it, model.gguf: as llama.cpp's converter writes
                 `deepseek2` (see write_deepseek2_gguf).
+- mistral4:     Mistral4ForCausalLM (Mistral Small 4's text model): as deepseek3 with softmax
+                routing and no bias, 2 expert groups of which 1 is kept, experts saved fused
+                (`mlp.experts.gate_up_proj`), and Llama 4's attention temperature (beta 0.5
+                over 16 positions); also `logits_without_temperature`, and model.gguf as
+                `mistral4`. mistral4-vlm: the same weights in a
+                Mistral3ForConditionalGeneration (text model_type mistral4).
 - deepseek3-lite: the same with one q_proj (q_lora_rank null), one expert group and no RoPE
                 scaling.
                 Beside each, model.gguf: the same weights as llama.cpp's converter writes a
@@ -141,6 +147,8 @@ from transformers import (  # noqa: E402
     Qwen3MoeForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Mistral4Config,
+    Mistral4ForCausalLM,
 )
 
 SEED = 1234
@@ -733,10 +741,11 @@ def write_mistral3(out):
 DEEPSEEK_ROPE = dict(ROPE_SCALINGS["yarn"], mscale=1.0, mscale_all_dim=1.0)
 
 
-def deepseek_router_margin(model):
+def deepseek_router_margin(model, softmax=False):
     """The smallest gap, over every prompt token and MoE layer, between the k-th and the
     (k+1)-th expert's biased score within the kept groups, and between the last kept group's
-    score and the best dropped one's (relative to the scores' RMS)."""
+    score and the best dropped one's (relative to the scores' RMS; for softmax scores, of
+    their logarithms)."""
     c = model.config
     k, groups, kept = c.num_experts_per_tok, c.n_group, c.topk_group
     seen = []
@@ -750,10 +759,17 @@ def deepseek_router_margin(model):
     worst = float("inf")
     for gate, x in seen:
         x = x.reshape(-1, x.shape[-1]).float()
-        scores = (torch.sigmoid(x @ gate.weight.float().T) + gate.e_score_correction_bias).detach()
-        rms = float(scores.pow(2).mean().sqrt())
+        logits = x @ gate.weight.float().T
+        probs = torch.softmax(logits, -1) if softmax else torch.sigmoid(logits)
+        scores = (probs + gate.e_score_correction_bias).detach()
         per = scores.view(-1, groups, scores.shape[-1] // groups)
         gs = per.topk(2, dim=-1).values.sum(-1)
+        rms = float(scores.pow(2).mean().sqrt())
+        if softmax:
+            # Softmax scores of a decisive router span decades: compare them in log space
+            # (a gap of g there is a relative change of g in the scores), which the choice
+            # does not change.
+            scores, gs, rms = scores.log(), gs.log(), 1.0
         if kept < groups:
             top = gs.topk(kept + 1, dim=-1).values
             worst = min(worst, float((top[:, kept - 1] - top[:, kept]).min()) / rms)
@@ -764,13 +780,17 @@ def deepseek_router_margin(model):
     return worst
 
 
-def write_deepseek2_gguf(model, path):
+def write_deepseek2_gguf(model, path, arch="deepseek2"):
     """The model as llama.cpp's converter (`DeepseekV2Model`) writes a `deepseek2` GGUF (F32):
     one cached head of kv_lora_rank + rope dims (`head_count_kv` 1, `key_length` 576-style,
     `value_length` kv_lora_rank), the per-head sizes in `key_length_mla`/`value_length_mla`,
     `kv_b_proj` split into `attn_k_b` (each head's [nope, kv_lora] block transposed) and
     `attn_v_b`, the router's correction bias as `exp_probs_b.bias`, experts stacked, YaRN's
-    mscale_all_dim as `yarn_log_multiplier` (times 0.1); no weight permuted."""
+    mscale_all_dim as `yarn_log_multiplier` (times 0.1); no weight permuted. With `arch`
+    `mistral4` (`Mistral4Model`): softmax scores, the experts' gate and up kept fused
+    (`ffn_gate_up_exps`, as the checkpoint stacks them), and Llama 4's temperature as
+    `attention.temperature_scale`/`_length` (as the converter writes them for Mistral Large 3;
+    the `mistral4` path of the llama.cpp commit read did not write them yet)."""
     import gguf  # noqa: E402
     import numpy as np  # noqa: E402
     from safetensors.torch import load_file  # noqa: E402
@@ -779,7 +799,7 @@ def write_deepseek2_gguf(model, path):
     p = c.rope_parameters
     nope, rope, vd, rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
     nh = c.num_attention_heads
-    w = gguf.GGUFWriter(path, "deepseek2")
+    w = gguf.GGUFWriter(path, arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -806,7 +826,12 @@ def write_deepseek2_gguf(model, path):
     w.add_expert_weights_scale(c.routed_scaling_factor)
     if c.norm_topk_prob:
         w.add_expert_weights_norm(True)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if arch == "mistral4":
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_float32("mistral4.attention.temperature_scale", p["llama_4_scaling_beta"])
+        w.add_uint32("mistral4.attention.temperature_length", p["original_max_position_embeddings"])
+    else:
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     if p.get("rope_type") == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(p["factor"])
@@ -852,7 +877,10 @@ def write_deepseek2_gguf(model, path):
         k_b, v_b = torch.split(kv_b, [nope, vd], dim=1)
         add(f"blk.{n}.attn_k_b.weight", k_b.transpose(1, 2).contiguous())
         add(f"blk.{n}.attn_v_b.weight", v_b.contiguous())
-        if n >= c.first_k_dense_replace:
+        if pre + "mlp.experts.gate_up_proj" in sd:
+            add(f"blk.{n}.ffn_gate_up_exps.weight", sd[pre + "mlp.experts.gate_up_proj"])
+            add(f"blk.{n}.ffn_down_exps.weight", sd[pre + "mlp.experts.down_proj"])
+        elif n >= c.first_k_dense_replace:
             for theirs, ours in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
                                  ("down_proj", "ffn_down_exps")):
                 stack = torch.stack([sd[f"{pre}mlp.experts.{e}.{theirs}.weight"]
@@ -919,6 +947,79 @@ def write_deepseek(out):
         write_deepseek2_gguf(model, os.path.join(path, "model.gguf"))
 
 
+MISTRAL4_ROPE = dict(DEEPSEEK_ROPE, llama_4_scaling_beta=0.5)
+
+
+def write_mistral4(out):
+    """Mistral 4 (Mistral Small 4's text model): DeepSeek-V3's latent attention and shared
+    expert with softmax routing (no bias) limited to the best of 2 expert groups, a leading
+    dense layer, YaRN, and Llama 4's attention temperature (beta 0.5 over 16 positions); and
+    the same weights inside a Mistral3ForConditionalGeneration (its released layout)."""
+    import copy
+
+    def mistral4(seed):
+        torch.manual_seed(seed)
+        cfg = Mistral4Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=2, topk_group=1, n_shared_experts=1, norm_topk_prob=True,
+            max_position_embeddings=64, rms_norm_eps=1e-6, rope_parameters=dict(MISTRAL4_ROPE),
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            initializer_range=0.15,
+        )
+        cfg._attn_implementation = "eager"
+        model = randomise(Mistral4ForCausalLM(cfg).eval(), seed)
+        model.seed = seed
+        return model
+
+    def margin(model):
+        # The routing margin of the softmax scores (no bias), as deepseek_router_margin.
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias = torch.zeros(model.config.n_routed_experts)
+        worst = deepseek_router_margin(model, softmax=True)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                del layer.mlp.gate.e_score_correction_bias
+        return worst
+
+    seed = max(range(SEED, SEED + 30), key=lambda s: margin(mistral4(s)))
+    model = mistral4(seed)
+    path = os.path.join(out, "mistral4")
+    save_hf(model, path)
+    write_logits(
+        path,
+        model,
+        f"latent attention, softmax routing in 2 groups (1 kept), shared expert, {MISTRAL4_ROPE}; "
+        f"router margin {margin(model):.3g}",
+        prompts=LONG_PROMPTS,
+    )
+    cold = copy.deepcopy(model)
+    cold.config.rope_parameters["llama_4_scaling_beta"] = 0.0
+    add_logits(path, "logits_without_temperature", logits_of(cold, prompts=LONG_PROMPTS))
+    write_deepseek2_gguf(model, os.path.join(path, "model.gguf"), arch="mistral4")
+
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
+    vlm_cfg = Mistral3Config(vision_config=vision, text_config=copy.deepcopy(model.config),
+                             tie_word_embeddings=False)
+    vlm_cfg._attn_implementation = "eager"
+    vlm = Mistral3ForConditionalGeneration(vlm_cfg).eval()
+    randomise(vlm, SEED + 1)
+    with torch.no_grad():
+        vlm.model.language_model.load_state_dict(model.model.state_dict())
+        vlm.lm_head.weight.copy_(model.lm_head.weight)
+    path = os.path.join(out, "mistral4-vlm")
+    save_hf(vlm, path)
+    ours = logits_of(model, prompts=LONG_PROMPTS)
+    theirs = logits_of(vlm, prompts=LONG_PROMPTS)
+    worst = max(abs(a - b) for p, q in zip(ours, theirs) for r, s in zip(p, q) for a, b in zip(r, s))
+    print("mistral4-vlm: text logits vs mistral4 max diff", worst)
+    assert worst < 1e-4, f"the image-text model's text logits differ by {worst}"
+
+
 def build(cls, cfg_cls, seed=SEED, **kw):
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **kw)
@@ -940,6 +1041,7 @@ def main():
         return
     if "--deepseek-only" in sys.argv[2:]:
         write_deepseek(out)
+        write_mistral4(out)
         return
     write_rope_scaled(out)
     if "--rope-only" in sys.argv[2:]:
@@ -1028,6 +1130,7 @@ def main():
     write_qwen(out)
     write_mistral3(out)
     write_deepseek(out)
+    write_mistral4(out)
 
 
 if __name__ == "__main__":

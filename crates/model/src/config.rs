@@ -187,7 +187,7 @@ pub const GGUF_ARCHITECTURES: [&str; 8] = [
 
 /// The Hugging Face architectures (`config.json` `architectures[0]`) this crate runs from
 /// safetensors (Mistral's own `params.json` layout runs too).
-pub const HF_ARCHITECTURES: [&str; 10] = [
+pub const HF_ARCHITECTURES: [&str; 11] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "MixtralForCausalLM",
@@ -198,6 +198,7 @@ pub const HF_ARCHITECTURES: [&str; 10] = [
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "DeepseekV3ForCausalLM",
+    "Mistral4ForCausalLM",
 ];
 
 /// Llama 4's position-dependent query scaling, which Ministral 3 uses for long contexts
@@ -772,9 +773,8 @@ fn deepseek2_from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig, Model
     }
     let q_lora_rank = opt("attention.q_lora_rank")?.filter(|&r| r > 0);
     let mut rope_scaling = crate::rope_scaling::from_gguf(file, arch, context_length, rope_dim)?;
-    // llama.cpp: RoPE's magnitude is attn_factor_org, 1 for deepseek2 (m = log multiplier)
-    // and mscale(f, 1) / mscale(f, L) for mistral4 (what `from_gguf` computed); the score
-    // scale takes mscale = attn_factor_org · (1 + 0.1 · L · ln f) squared.
+    // llama.cpp: RoPE's magnitude is attn_factor_org (below); the score scale takes
+    // mscale = attn_factor_org · (1 + 0.1 · l · ln f) squared.
     let log_mul_key = key("rope.scaling.yarn_log_multiplier");
     let log_mul = md.opt_f32(&log_mul_key)?.unwrap_or(0.0);
     if !log_mul.is_finite() || log_mul < 0.0 {
@@ -789,10 +789,19 @@ fn deepseek2_from_gguf(file: &GgufFile, arch: &str) -> Result<LlamaConfig, Model
         ..
     } = &mut rope_scaling
     {
-        if arch == "deepseek2" {
-            *attention_factor = 1.0;
-        }
-        mscale = *attention_factor * crate::rope_scaling::yarn_mscale(*factor, log_mul / 0.1);
+        // The key holds 0.1 · mscale_all_dim; llama.cpp reads l = key / 0.1 and gives RoPE
+        // mscale(f, m) / mscale(f, l) (m = l for deepseek2 when l is not 1, else 1) times
+        // `rope.scaling.attn_factor`.
+        use crate::rope_scaling::yarn_mscale;
+        let l = log_mul / 0.1;
+        let m = if arch == "deepseek2" && l != 1.0 {
+            l
+        } else {
+            1.0
+        };
+        let extra = md.opt_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+        *attention_factor = yarn_mscale(*factor, m) / yarn_mscale(*factor, l) * extra;
+        mscale = *attention_factor * yarn_mscale(*factor, l);
     }
     let n_experts = opt("expert_count")?.unwrap_or(0);
     let experts = if n_experts > 0 {

@@ -88,6 +88,26 @@ pub(crate) fn open_dir(dir: &Path) -> Result<(DirLayout, LlamaConfig, Tensors), 
     Ok((layout, config, tensors))
 }
 
+/// Llama 4's attention temperature from RoPE parameters (Ministral 3, Mistral 4):
+/// `llama_4_scaling_beta` over `original_max_position_embeddings`; none when beta is absent
+/// or 0.
+fn llama4_temperature(p: &Fields<'_>) -> Result<Option<crate::AttnTemperature>, ModelError> {
+    let Some(beta) = p.f32("llama_4_scaling_beta")?.filter(|&b| b != 0.0) else {
+        return Ok(None);
+    };
+    let length_key = "rope_parameters.original_max_position_embeddings";
+    let length = p
+        .usize("original_max_position_embeddings")?
+        .ok_or_else(|| ModelError::BadConfig(format!("{length_key} is missing")))?;
+    crate::AttnTemperature::new(
+        beta,
+        length,
+        "rope_parameters.llama_4_scaling_beta",
+        length_key,
+    )
+    .map(Some)
+}
+
 /// Latent attention's `kv_b_proj` (`attn_kv_b`: per head `qk_nope` key rows then `v_head_dim`
 /// value rows, of `kv_lora_rank` columns) split as llama.cpp's converter splits it: each
 /// head's key block transposed (`attn_k_b`, dims `[qk_nope, kv_lora_rank, n_heads]`) and its
@@ -428,8 +448,12 @@ fn gemma_name(name: &str) -> Option<String> {
 /// router, Qwen2's q/k/v biases, Qwen3's per-head QK-norms, DeepSeek's latent attention,
 /// router bias and shared experts) → ours after `blk.N.` (llama.cpp's names, with their
 /// suffix).
-const HF_EXTRA_LAYER_NAMES: [(&str, &str); 16] = [
+const HF_EXTRA_LAYER_NAMES: [(&str, &str); 18] = [
     ("mlp.gate.weight", "ffn_gate_inp.weight"),
+    // Experts stacked in one tensor each (transformers 5's Mistral 4: [experts, 2·width,
+    // hidden] with gate rows first, and [experts, hidden, width]).
+    ("mlp.experts.gate_up_proj", "ffn_gate_up_exps.weight"),
+    ("mlp.experts.down_proj", "ffn_down_exps.weight"),
     ("mlp.gate.e_score_correction_bias", "exp_probs_b.bias"),
     (
         "mlp.shared_experts.gate_proj.weight",
@@ -668,8 +692,8 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
     if outer == "Gemma3ForCausalLM" {
         return gemma3_config(json, tensors);
     }
-    if outer == "DeepseekV3ForCausalLM" {
-        return deepseek_config(json, tensors);
+    if matches!(outer, "DeepseekV3ForCausalLM" | "Mistral4ForCausalLM") {
+        return deepseek_config(json, tensors, outer);
     }
     // An image-text Mistral 3 checkpoint runs its language model: `text_config`, a
     // Ministral 3 (YaRN and the Llama 4 temperature) or a Mistral (Mistral Small 3.1/3.2,
@@ -680,6 +704,14 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
             .ok_or_else(|| ModelError::BadConfig("text_config is missing".into()))?;
         let arch = match text.get("model_type").and_then(Value::as_str) {
             Some("ministral3") => "Ministral3ForCausalLM",
+            // Mistral Small 4: DeepSeek-V3's design with Llama 4's temperature.
+            Some("mistral4") => {
+                let config = deepseek_config(text, tensors, "Mistral4ForCausalLM")?;
+                return Ok(LlamaConfig {
+                    architecture: outer.to_owned(),
+                    ..config
+                });
+            }
             Some("mistral") | None => "MistralForCausalLM",
             Some(other) => {
                 return Err(ModelError::UnsupportedArchitecture(format!(
@@ -747,24 +779,7 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
     };
     // Ministral 3: queries scaled by Llama 4's temperature, its length the original context.
     let attn_temperature = match f.get("rope_parameters").or_else(|| f.get("rope_scaling")) {
-        Some(p) if arch == "Ministral3ForCausalLM" => {
-            let p = Fields(p);
-            match p.f32("llama_4_scaling_beta")?.filter(|&b| b != 0.0) {
-                Some(beta) => {
-                    let length_key = "rope_parameters.original_max_position_embeddings";
-                    let length = p
-                        .usize("original_max_position_embeddings")?
-                        .ok_or_else(|| ModelError::BadConfig(format!("{length_key} is missing")))?;
-                    Some(crate::config::AttnTemperature::new(
-                        beta,
-                        length,
-                        "rope_parameters.llama_4_scaling_beta",
-                        length_key,
-                    )?)
-                }
-                None => None,
-            }
-        }
+        Some(p) if arch == "Ministral3ForCausalLM" => llama4_temperature(&Fields(p))?,
         _ => None,
     };
     let (n_experts, n_experts_used) = match arch {
@@ -850,8 +865,12 @@ fn hf_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError>
 /// `first_k_dense_replace` dense layers (`n_routed_experts` of `moe_intermediate_size`,
 /// `num_experts_per_tok`, `n_group`/`topk_group`, `n_shared_experts`, `routed_scaling_factor`,
 /// `norm_topk_prob`; sigmoid scores unless `scoring_func` says softmax), and YaRN with the
-/// score scale times `mscale(factor, mscale_all_dim)²` (`yarn_apply_mscale`).
-fn deepseek_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, ModelError> {
+/// score scale times `mscale(factor, mscale_all_dim)²` (`yarn_apply_mscale`). Mistral 4
+/// (`Mistral4ForCausalLM`, Mistral Small 4) is the same with softmax scores, no selection
+/// bias, and Llama 4's attention temperature (`rope_parameters.llama_4_scaling_beta` over
+/// `original_max_position_embeddings`).
+fn deepseek_config(json: &Value, tensors: &Tensors, arch: &str) -> Result<LlamaConfig, ModelError> {
+    let mistral4 = arch == "Mistral4ForCausalLM";
     let f = Fields(json);
     if let Some(act) = f.str("hidden_act")
         && act != "silu"
@@ -894,6 +913,7 @@ fn deepseek_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, Model
     }
     let n_experts = f.need("n_routed_experts")?;
     let gating = match f.str("scoring_func") {
+        None if mistral4 => crate::Gating::Softmax,
         None | Some("sigmoid") => crate::Gating::Sigmoid,
         Some("softmax") => crate::Gating::Softmax,
         Some(other) => {
@@ -949,7 +969,11 @@ fn deepseek_config(json: &Value, tensors: &Tensors) -> Result<LlamaConfig, Model
             v_head_dim: f.need("v_head_dim")?,
         }),
         experts: Some(design),
-        ..LlamaConfig::base("DeepseekV3ForCausalLM")
+        attn_temperature: match &rope {
+            Some(r) if mistral4 => llama4_temperature(r)?,
+            _ => None,
+        },
+        ..LlamaConfig::base(arch)
     }
     .checked()
 }

@@ -202,7 +202,20 @@ impl LlamaModel {
                 Ffn::Dense(mlp("ffn_gate", "ffn_up", "ffn_down", c.ffn_dim as u64)?)
             } else {
                 let (e, f) = (c.n_experts as u64, c.expert_ffn_dim() as u64);
-                let experts = if t.has(&name("ffn_gate_exps")) {
+                let experts = if t.has(&name("ffn_gate_up_exps")) {
+                    // Gate and up fused per expert, gate rows first (Mistral Small 4's
+                    // checkpoints, and llama.cpp's `ffn_gate_up_exps`).
+                    let fused = t.stacked(&name("ffn_gate_up_exps"), [d, 2 * f, e])?;
+                    let down = t.stacked(&name("ffn_down_exps"), [f, d, e])?;
+                    fused
+                        .into_iter()
+                        .zip(down)
+                        .map(|(w, down)| {
+                            let (gate, up) = w.split_rows(f as usize)?;
+                            Ok(Mlp { gate, up, down })
+                        })
+                        .collect::<Result<Vec<_>, ModelError>>()?
+                } else if t.has(&name("ffn_gate_exps")) {
                     // Stacked 3-D tensors, as current llama.cpp writes them.
                     let gate = t.stacked(&name("ffn_gate_exps"), [d, f, e])?;
                     let up = t.stacked(&name("ffn_up_exps"), [d, f, e])?;

@@ -68,6 +68,36 @@ impl Weight {
     }
 }
 
+impl Weight {
+    /// The first `rows` rows and the rest, as two matrices over the same bytes.
+    pub(crate) fn split_rows(&self, rows: usize) -> Result<(Weight, Weight), ModelError> {
+        let row_bytes = self
+            .ty
+            .row_bytes(self.cols)
+            .filter(|&b| rows <= self.rows && b * self.rows == self.len)
+            .ok_or_else(|| {
+                ModelError::BadConfig(format!(
+                    "cannot split {} rows of a {} x {} matrix",
+                    rows, self.rows, self.cols
+                ))
+            })?;
+        let head = Weight {
+            len: rows * row_bytes,
+            rows,
+            packed: None,
+            ..self.clone()
+        };
+        let tail = Weight {
+            start: self.start + rows * row_bytes,
+            len: (self.rows - rows) * row_bytes,
+            rows: self.rows - rows,
+            packed: None,
+            ..self.clone()
+        };
+        Ok((head, tail))
+    }
+}
+
 impl Storage {
     /// The bytes of a range of a shard; empty when the range is not inside it (the loader
     /// checked every range, so that only happens on a bug, and the kernels then refuse the

@@ -1052,6 +1052,7 @@ fn deepseek2_gguf_as_llama_cpp_writes_it() {
         let m = check_gguf(name, "deepseek2");
         let (c, h) = (m.model.config(), hf.model.config());
         assert_eq!((c.mla, c.experts), (h.mla, h.experts));
+        assert_eq!(c.rope_scaling, h.rope_scaling);
         assert_eq!(
             (c.head_dim, c.n_kv_heads, c.rope_style),
             (40, 1, RopeStyle::Normal)
@@ -1094,4 +1095,54 @@ fn deepseek_configurations_that_do_not_add_up_are_refused() {
         assert!(err.to_string().contains(key), "{tag}: {err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Mistral 4 (Mistral Small 4's text model, `Mistral4ForCausalLM`): latent attention, a
+/// leading dense layer, 8 experts saved fused (`mlp.experts.gate_up_proj`) chosen by softmax
+/// score within the better of 2 groups, a shared expert, YaRN, and Llama 4's attention
+/// temperature (beta 0.5 over 16 positions): within the F32 bound of transformers; without
+/// the temperature the oracle is far off. The same weights inside a
+/// `Mistral3ForConditionalGeneration` (the released layout; vision tower skipped) and as
+/// a `mistral4` GGUF give the same logits.
+#[test]
+fn mistral4_matches_transformers_in_every_layout() {
+    let m = check_f32("mistral4", "mistral4");
+    let c = m.model.config();
+    let e = c.experts.expect("experts");
+    assert_eq!(e.gating, souverain_model::Gating::Softmax);
+    assert_eq!(
+        (e.n_groups, e.groups_used, e.n_shared, e.leading_dense),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(
+        c.attn_temperature,
+        Some(AttnTemperature {
+            scale: 0.5,
+            length: 16
+        })
+    );
+    let g = golden("mistral4");
+    let cold: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(g.json["logits_without_temperature"].clone()).expect("logits");
+    let (apart, _) = max_diff(&cold, &g.logits);
+    assert!(apart > 0.05, "the temperature changes nothing ({apart})");
+
+    let vlm = open(&tiny("mistral4-vlm"));
+    assert_eq!(
+        vlm.model.config().architecture,
+        "Mistral3ForConditionalGeneration"
+    );
+    assert_eq!(vlm.model.config().mla, c.mla);
+    let (d, at) = max_diff(&run(&vlm.model, &g.prompts, true), &g.logits);
+    eprintln!("mistral4-vlm vs transformers (mistral4): max |diff| {d:e} at {at}");
+    assert!(d <= F32_TOL, "mistral4-vlm: max |diff| {d} at {at}");
+
+    let gguf = check_gguf("mistral4", "mistral4");
+    let gc = gguf.model.config();
+    assert_eq!(
+        (gc.mla, gc.experts, gc.attn_temperature),
+        (c.mla, c.experts, c.attn_temperature)
+    );
+    assert_eq!(gc.rope_scaling, c.rope_scaling);
+    assert!((gc.attention_scale - c.attention_scale).abs() < 1e-6);
 }
