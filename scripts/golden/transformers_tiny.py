@@ -71,8 +71,9 @@ header naming this script and the library versions. The directories:
 - mistral4:     Mistral4ForCausalLM (Mistral Small 4's text model): as deepseek3 with softmax
                 routing and no bias, 2 expert groups of which 1 is kept, experts saved fused
                 (`mlp.experts.gate_up_proj`), and Llama 4's attention temperature (beta 0.5
-                over 16 positions); also `logits_without_temperature`, and model.gguf as
-                `mistral4`. mistral4-vlm: the same weights in a
+                over 16 positions); also `logits_without_temperature`, model.gguf as
+                `mistral4`, and large3.gguf: the same weights as Mistral Large 3's conversion
+                writes them (`deepseek2`, softmax scores, the temperature keys). mistral4-vlm: the same weights in a
                 Mistral3ForConditionalGeneration (text model_type mistral4).
 - deepseek3-lite: the same with one q_proj (q_lora_rank null), one expert group and no RoPE
                 scaling.
@@ -780,7 +781,7 @@ def deepseek_router_margin(model, softmax=False):
     return worst
 
 
-def write_deepseek2_gguf(model, path, arch="deepseek2"):
+def write_deepseek2_gguf(model, path, arch="deepseek2", large3=False):
     """The model as llama.cpp's converter (`DeepseekV2Model`) writes a `deepseek2` GGUF (F32):
     one cached head of kv_lora_rank + rope dims (`head_count_kv` 1, `key_length` 576-style,
     `value_length` kv_lora_rank), the per-head sizes in `key_length_mla`/`value_length_mla`,
@@ -790,7 +791,9 @@ def write_deepseek2_gguf(model, path, arch="deepseek2"):
     `mistral4` (`Mistral4Model`): softmax scores, the experts' gate and up kept fused
     (`ffn_gate_up_exps`, as the checkpoint stacks them), and Llama 4's temperature as
     `attention.temperature_scale`/`_length` (as the converter writes them for Mistral Large 3;
-    the `mistral4` path of the llama.cpp commit read did not write them yet)."""
+    the `mistral4` path of the llama.cpp commit read did not write them yet). With `large3`
+    (Mistral Large 3 as `MistralMoeModel` converts it: arch `deepseek2`, softmax scores, the
+    temperature keys), the fused experts are written as separate gate and up stacks."""
     import gguf  # noqa: E402
     import numpy as np  # noqa: E402
     from safetensors.torch import load_file  # noqa: E402
@@ -826,10 +829,10 @@ def write_deepseek2_gguf(model, path, arch="deepseek2"):
     w.add_expert_weights_scale(c.routed_scaling_factor)
     if c.norm_topk_prob:
         w.add_expert_weights_norm(True)
-    if arch == "mistral4":
+    if arch == "mistral4" or large3:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
-        w.add_float32("mistral4.attention.temperature_scale", p["llama_4_scaling_beta"])
-        w.add_uint32("mistral4.attention.temperature_length", p["original_max_position_embeddings"])
+        w.add_float32(f"{arch}.attention.temperature_scale", p["llama_4_scaling_beta"])
+        w.add_uint32(f"{arch}.attention.temperature_length", p["original_max_position_embeddings"])
     else:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     if p.get("rope_type") == "yarn":
@@ -878,7 +881,13 @@ def write_deepseek2_gguf(model, path, arch="deepseek2"):
         add(f"blk.{n}.attn_k_b.weight", k_b.transpose(1, 2).contiguous())
         add(f"blk.{n}.attn_v_b.weight", v_b.contiguous())
         if pre + "mlp.experts.gate_up_proj" in sd:
-            add(f"blk.{n}.ffn_gate_up_exps.weight", sd[pre + "mlp.experts.gate_up_proj"])
+            fused = sd[pre + "mlp.experts.gate_up_proj"]
+            if large3:
+                gate, up = fused.chunk(2, dim=1)
+                add(f"blk.{n}.ffn_gate_exps.weight", gate.contiguous())
+                add(f"blk.{n}.ffn_up_exps.weight", up.contiguous())
+            else:
+                add(f"blk.{n}.ffn_gate_up_exps.weight", fused)
             add(f"blk.{n}.ffn_down_exps.weight", sd[pre + "mlp.experts.down_proj"])
         elif n >= c.first_k_dense_replace:
             for theirs, ours in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
@@ -1000,6 +1009,7 @@ def write_mistral4(out):
     cold.config.rope_parameters["llama_4_scaling_beta"] = 0.0
     add_logits(path, "logits_without_temperature", logits_of(cold, prompts=LONG_PROMPTS))
     write_deepseek2_gguf(model, os.path.join(path, "model.gguf"), arch="mistral4")
+    write_deepseek2_gguf(model, os.path.join(path, "large3.gguf"), large3=True)
 
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)

@@ -822,8 +822,13 @@ fn qwen_configurations_that_do_not_add_up_are_refused() {
 /// The GGUF file beside a tiny model (`model.gguf`, written by the golden script as llama.cpp's
 /// converter writes `architecture`) against transformers' logits, within the F32 GGUF bound.
 fn check_gguf(name: &str, architecture: &str) -> LoadedModel {
+    check_gguf_file(name, "model.gguf", architecture)
+}
+
+/// [`check_gguf`] for a GGUF file of another name beside the tiny model.
+fn check_gguf_file(name: &str, file: &str, architecture: &str) -> LoadedModel {
     let g = golden(name);
-    let m = open(&tiny(name).join("model.gguf"));
+    let m = open(&tiny(name).join(file));
     assert_eq!(m.model.config().architecture, architecture);
     let ours = run(&m.model, &g.prompts, true);
     let (d, at) = max_diff(&ours, &g.logits);
@@ -1102,8 +1107,8 @@ fn deepseek_configurations_that_do_not_add_up_are_refused() {
 /// score within the better of 2 groups, a shared expert, YaRN, and Llama 4's attention
 /// temperature (beta 0.5 over 16 positions): within the F32 bound of transformers; without
 /// the temperature the oracle is far off. The same weights inside a
-/// `Mistral3ForConditionalGeneration` (the released layout; vision tower skipped) and as
-/// a `mistral4` GGUF give the same logits.
+/// `Mistral3ForConditionalGeneration` (the released layout; vision tower skipped), as a
+/// `mistral4` GGUF, and as Mistral Large 3's `deepseek2` GGUF give the same logits.
 #[test]
 fn mistral4_matches_transformers_in_every_layout() {
     let m = check_f32("mistral4", "mistral4");
@@ -1145,4 +1150,14 @@ fn mistral4_matches_transformers_in_every_layout() {
     );
     assert_eq!(gc.rope_scaling, c.rope_scaling);
     assert!((gc.attention_scale - c.attention_scale).abs() < 1e-6);
+
+    // Mistral Large 3's conversion: `deepseek2` with softmax scores and the temperature keys
+    // (gate and up stacked apart).
+    let large3 = check_gguf_file("mistral4", "large3.gguf", "deepseek2");
+    let lc = large3.model.config();
+    assert_eq!(
+        (lc.mla, lc.experts, lc.attn_temperature),
+        (c.mla, c.experts, c.attn_temperature)
+    );
+    assert_eq!(lc.rope_scaling, c.rope_scaling);
 }
