@@ -248,9 +248,9 @@ def write_logits(path, model, notes, bf16=False, f16=False, prompts=None):
     # Weights rounded to bf16 / f16 (round to nearest even, as torch's .to() does), then run
     # in float32: the oracle for the same weights stored as BF16 / F16.
     if bf16:
-        body["logits_bf16_weights"] = logits_of(rounded(model, torch.bfloat16), False)
+        body["logits_bf16_weights"] = logits_of(rounded(model, torch.bfloat16), False, prompts)
     if f16:
-        body["logits_f16_weights"] = logits_of(rounded(model, torch.float16), False)
+        body["logits_f16_weights"] = logits_of(rounded(model, torch.float16), False, prompts)
     if getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None):
         body["router_min_margin"] = router_margin(model)
     with open(os.path.join(path, "logits.json"), "w") as f:
@@ -944,6 +944,7 @@ def write_deepseek(out):
             model,
             f"latent attention, sigmoid routing with bias in groups, shared expert, {kw or DEEPSEEK_ROPE}; "
             f"router margin {deepseek_router_margin(model):.3g}",
+            bf16=True,
             prompts=LONG_PROMPTS,
         )
         import copy
@@ -1003,6 +1004,7 @@ def write_mistral4(out):
         model,
         f"latent attention, softmax routing in 2 groups (1 kept), shared expert, {MISTRAL4_ROPE}; "
         f"router margin {margin(model):.3g}",
+        bf16=True,
         prompts=LONG_PROMPTS,
     )
     cold = copy.deepcopy(model)

@@ -111,8 +111,8 @@ fn llama4_temperature(p: &Fields<'_>) -> Result<Option<crate::AttnTemperature>, 
 /// Latent attention's `kv_b_proj` (`attn_kv_b`: per head `qk_nope` key rows then `v_head_dim`
 /// value rows, of `kv_lora_rank` columns) split as llama.cpp's converter splits it: each
 /// head's key block transposed (`attn_k_b`, dims `[qk_nope, kv_lora_rank, n_heads]`) and its
-/// value block as it is (`attn_v_b`, `[kv_lora_rank, v_head_dim, n_heads]`), in f32, held in
-/// memory beside the mapped files, in place of `attn_kv_b`.
+/// value block as it is (`attn_v_b`, `[kv_lora_rank, v_head_dim, n_heads]`), in the file's
+/// float type, held in memory beside the mapped files, in place of `attn_kv_b`.
 fn split_kv_b(tensors: &mut Tensors, c: &LlamaConfig) -> Result<(), ModelError> {
     let Some(m) = c.mla else { return Ok(()) };
     let Storage::Safetensors(shards) = &mut tensors.storage else {
@@ -143,38 +143,43 @@ fn split_kv_b(tensors: &mut Tensors, c: &LlamaConfig) -> Result<(), ModelError> 
             .get(r.shard)
             .and_then(|s| s.bytes().get(r.start..r.start + r.len))
             .unwrap_or(&[]);
-        let row_bytes = ty.row_bytes(rank).unwrap_or(0);
-        if row_bytes == 0 || bytes.len() != row_bytes * nh * (nope + vd) {
+        // Safetensors hold floats: the halves are a permutation of whole elements, kept in
+        // the file's type.
+        let elem = match ty {
+            WeightType::F32 => 4,
+            WeightType::F16 | WeightType::BF16 => 2,
+            other => {
+                return Err(ModelError::UnsupportedTensorType {
+                    name,
+                    ggml_type: format!("{other:?}"),
+                });
+            }
+        };
+        if bytes.len() != elem * rank * nh * (nope + vd) {
             return Err(ModelError::BadShape {
                 name,
                 expected: expected.to_vec(),
                 found: r.dims.clone(),
             });
         }
-        let mut rows = vec![0f32; nh * (nope + vd) * rank];
-        for (row, src) in rows
-            .chunks_exact_mut(rank)
-            .zip(bytes.chunks_exact(row_bytes))
-        {
-            kernels::dequantize_row(ty, src, row)?;
-        }
-        let (mut k_b, mut v_b) = (Vec::with_capacity(nh * nope * rank), Vec::new());
-        for head in rows.chunks_exact(rank * (nope + vd)) {
-            let (k, v) = head.split_at(rank * nope);
+        let (mut k_b, mut v_b) = (Vec::with_capacity(elem * nh * nope * rank), Vec::new());
+        for head in bytes.chunks_exact(elem * rank * (nope + vd)) {
+            let (k, v) = head.split_at(elem * rank * nope);
             for j in 0..rank {
-                k_b.extend((0..nope).map(|i| k[i * rank + j]));
+                for i in 0..nope {
+                    k_b.extend_from_slice(&k[(i * rank + j) * elem..][..elem]);
+                }
             }
             v_b.extend_from_slice(v);
         }
-        for (ours, data, dims) in [
+        for (ours, bytes, dims) in [
             ("attn_k_b", k_b, [nope, rank, nh]),
             ("attn_v_b", v_b, [rank, vd, nh]),
         ] {
-            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.index.insert(
                 format!("blk.{layer}.{ours}.weight"),
                 TensorRef {
-                    ty: Ok(WeightType::F32),
+                    ty: Ok(ty),
                     dims: dims.iter().map(|&d| d as u64).collect(),
                     shard: shards.len(),
                     start: 0,
