@@ -47,7 +47,7 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
     } else {
         m.prefix_hit_tokens as f64 / m.prefix_query_tokens as f64
     };
-    let gauges: [(&str, &str, f64); 8] = [
+    let gauges: [(&str, &str, f64); 10] = [
         (
             "souverain_requests_running",
             "Sequences being generated.",
@@ -67,6 +67,16 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
             "souverain_kv_cache_blocks_total",
             "KV cache blocks in the pool.",
             m.kv_blocks_total as f64,
+        ),
+        (
+            "souverain_kv_cache_window_blocks_used",
+            "Sliding-window layers' KV blocks held by sequences (0 when they share the blocks).",
+            m.kv_window_blocks_used as f64,
+        ),
+        (
+            "souverain_kv_cache_window_blocks_total",
+            "Sliding-window layers' KV blocks in the pool (0 when they share the blocks).",
+            m.kv_window_blocks_total as f64,
         ),
         (
             "souverain_kv_cache_usage_ratio",
@@ -308,6 +318,8 @@ mod tests {
             waiting: 1,
             kv_blocks_used: 25,
             kv_blocks_total: 100,
+            kv_window_blocks_used: 3,
+            kv_window_blocks_total: 40,
             kv_block_tokens: 16,
             prefix_query_tokens: 200,
             prefix_hit_tokens: 50,

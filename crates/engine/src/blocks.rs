@@ -7,6 +7,11 @@
 //! those blocks and skips computing them. Only full blocks are ever shared, so a sequence
 //! never writes into a block another one reads. When no sequence holds a cached block it
 //! stays cached but evictable, least recently used first.
+//!
+//! Models with sliding-window layers get a second manager over the pool's window blocks
+//! (see `Scheduler::window`): a sequence holds only the window blocks its window still
+//! reaches, and gives the older ones back (to the prefix cache, evictable), so its memory
+//! grows with the full-attention layers only.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -154,6 +159,26 @@ impl BlockManager {
         out
     }
 
+    /// The cached block registered under `hash` with these `tokens`, now held once more by
+    /// the caller; `None` when no such block is cached. (The window blocks of a prefix: only
+    /// the last ones a new sequence's window reaches are looked up, by their chained hash.)
+    pub(crate) fn hold_cached(&mut self, hash: u64, tokens: &[u32]) -> Option<u32> {
+        let &id = self.by_hash.get(&hash)?;
+        let b = &self.blocks[id as usize];
+        if b.cached.as_ref().is_none_or(|c| c.tokens != tokens) {
+            return None;
+        }
+        if b.refs == 0 {
+            self.evictable.remove(&(b.last_used, id));
+            self.in_use += 1;
+        }
+        let tick = self.touch();
+        let b = &mut self.blocks[id as usize];
+        b.refs += 1;
+        b.last_used = tick;
+        Some(id)
+    }
+
     /// How many blocks from the start of `tokens` are cached, given their chained hashes
     /// (`chain[i]` is block `i`'s; blocks past the end of `chain` are not looked at). Takes
     /// no hold and changes no recency: it only answers what [`BlockManager::match_prefix`]
@@ -258,6 +283,20 @@ mod tests {
         // Same hashes, other tokens: nothing matches.
         assert_eq!(m.cached_run(&chain, &[9; 12]), 0);
         assert_eq!(m.match_prefix(&a).len(), 2);
+    }
+
+    #[test]
+    fn hold_cached_finds_one_block_by_its_hash() {
+        let mut m = BlockManager::new(4, 2);
+        let ids = fill(&mut m, &[1, 2, 3, 4]);
+        let second = chain_hash(chain_hash(CHAIN_ROOT, &[1, 2]), &[3, 4]);
+        m.release(ids[1]);
+        assert_eq!(m.in_use(), 1);
+        // Evictable, found again and held; other tokens under the hash are not.
+        assert_eq!(m.hold_cached(second, &[3, 4]), Some(ids[1]));
+        assert_eq!(m.in_use(), 2);
+        assert_eq!(m.hold_cached(second, &[3, 5]), None);
+        assert_eq!(m.hold_cached(7, &[3, 4]), None);
     }
 
     #[test]

@@ -317,6 +317,27 @@ const DRAFT_VOCAB_SLACK: usize = 128;
 /// work in a step's energy: its vocabulary must be the target's
 /// (sizes within [`DRAFT_VOCAB_SLACK`], and for two GGUF files the same token strings where
 /// both have one), or its drafts would name other tokens.
+/// Blocks for the sliding-window layers (Gemma 3's local layers, Mistral's): a running
+/// sequence holds those from the block of `n_computed + 1 - window` to the end of its step's
+/// chunk (at most `max_batch_tokens` positions), so `max_seqs` of them always fit in
+/// `(window + max_batch_tokens) / block + 2` blocks each; twice that leaves as much again for
+/// the window blocks of cached prefixes. When that is not fewer than the pool's blocks, the
+/// windowed layers share the blocks (the same count; the scheduler then keeps one table).
+fn window_blocks(
+    c: &model::LlamaConfig,
+    (max_seqs, max_batch_tokens): (usize, usize),
+    kv_blocks: usize,
+) -> usize {
+    let Some(window) = c.sliding_window else {
+        return kv_blocks;
+    };
+    let per_seq = (window + max_batch_tokens).div_ceil(KV_BLOCK_TOKENS) + 2;
+    per_seq
+        .saturating_mul(max_seqs)
+        .saturating_mul(2)
+        .min(kv_blocks)
+}
+
 fn load_draft_model(
     path: &Path,
     target: &LlamaModel,
@@ -445,7 +466,11 @@ impl Engine {
             model.config(),
             KV_BLOCK_TOKENS,
             kv_blocks,
-            kv_blocks,
+            window_blocks(
+                model.config(),
+                (config.max_seqs, config.max_batch_tokens),
+                kv_blocks,
+            ),
             config.kv_cache_type,
         )
         .map_err(LoadError::from)?;

@@ -66,6 +66,8 @@ pub(crate) struct Metrics {
     pub(crate) waiting: AtomicU64,
     pub(crate) kv_blocks_used: AtomicU64,
     pub(crate) kv_blocks_total: AtomicU64,
+    pub(crate) kv_window_blocks_used: AtomicU64,
+    pub(crate) kv_window_blocks_total: AtomicU64,
     pub(crate) kv_block_tokens: AtomicU64,
     pub(crate) prefix_query_tokens: AtomicU64,
     pub(crate) prefix_hit_tokens: AtomicU64,
@@ -112,6 +114,11 @@ pub struct MetricsSnapshot {
     pub kv_blocks_used: u64,
     /// KV blocks in the pool.
     pub kv_blocks_total: u64,
+    /// Window blocks (the sliding-window layers' own, given back once they leave a
+    /// sequence's window) held by sequences; 0 when the windowed layers share the blocks.
+    pub kv_window_blocks_used: u64,
+    /// Window blocks in the pool (0 when the windowed layers share the blocks).
+    pub kv_window_blocks_total: u64,
     /// Tokens per KV block.
     pub kv_block_tokens: u64,
     /// Prompt tokens looked up in the prefix cache.
@@ -150,6 +157,8 @@ impl Metrics {
             waiting: self.waiting.load(Relaxed),
             kv_blocks_used: self.kv_blocks_used.load(Relaxed),
             kv_blocks_total: self.kv_blocks_total.load(Relaxed),
+            kv_window_blocks_used: self.kv_window_blocks_used.load(Relaxed),
+            kv_window_blocks_total: self.kv_window_blocks_total.load(Relaxed),
             kv_block_tokens: self.kv_block_tokens.load(Relaxed),
             prefix_query_tokens: self.prefix_query_tokens.load(Relaxed),
             prefix_hit_tokens: self.prefix_hit_tokens.load(Relaxed),

@@ -102,6 +102,9 @@ struct Sequence {
     n_computed: usize,
     /// The sequence's blocks, in position order.
     blocks: Vec<u32>,
+    /// Its window blocks (the sliding-window layers' own, when the scheduler has them),
+    /// indexed like `blocks`: [`GONE`] for those that left its window and were given back.
+    window: Vec<u32>,
     /// Chained hashes of the blocks registered in the prefix cache so far.
     hashes: Vec<u64>,
     /// Chained hashes of the prompt's whole blocks, computed once on arrival: block `i` of
@@ -154,6 +157,7 @@ impl Sequence {
             tokens: r.prompt_tokens,
             n_computed: 0,
             blocks: Vec::new(),
+            window: Vec::new(),
             hashes: Vec::new(),
             prompt_chain,
             generated: 0,
@@ -195,6 +199,26 @@ impl Sequence {
     }
 }
 
+/// A window-table entry whose block was given back (it left the sequence's window).
+const GONE: u32 = u32::MAX;
+
+/// The sliding-window layers' own blocks: a sequence holds only those its window still
+/// reaches (from the block of `n_computed + 1 - size` on), allocated as its positions are
+/// computed and given back as they leave the window; full ones are registered in their own
+/// prefix cache under the same chained hashes as the full-attention blocks.
+struct WindowBlocks {
+    blocks: BlockManager,
+    /// The model's sliding window, in positions.
+    size: usize,
+}
+
+impl WindowBlocks {
+    /// The first block a row at position `pos` or later reads.
+    fn first_needed(&self, pos: usize) -> usize {
+        (pos + 1).saturating_sub(self.size) / self.blocks.block_tokens()
+    }
+}
+
 /// The engine thread's state.
 pub(crate) struct Scheduler {
     model: LlamaModel,
@@ -204,6 +228,8 @@ pub(crate) struct Scheduler {
     pool: ThreadPool,
     kv: KvPool,
     blocks: BlockManager,
+    /// The window blocks, when the pool has fewer of them than blocks.
+    window: Option<WindowBlocks>,
     limits: Limits,
     metrics: Arc<Metrics>,
     waiting: VecDeque<Sequence>,
@@ -237,6 +263,20 @@ impl Scheduler {
     ) -> Self {
         let blocks = BlockManager::new(kv.n_blocks(), kv.block_tokens());
         metrics.kv_blocks_total.store(kv.n_blocks() as u64, Relaxed);
+        let window = match model.config().sliding_window {
+            Some(size) if kv.n_window_blocks() > 0 && kv.n_window_blocks() < kv.n_blocks() => {
+                Some(WindowBlocks {
+                    blocks: BlockManager::new(kv.n_window_blocks(), kv.block_tokens()),
+                    size,
+                })
+            }
+            _ => None,
+        };
+        if let Some(w) = &window {
+            metrics
+                .kv_window_blocks_total
+                .store(w.blocks.total() as u64, Relaxed);
+        }
         metrics
             .kv_block_tokens
             .store(kv.block_tokens() as u64, Relaxed);
@@ -247,6 +287,7 @@ impl Scheduler {
             pool,
             kv,
             blocks,
+            window,
             limits,
             metrics,
             waiting: VecDeque::new(),
@@ -332,6 +373,107 @@ impl Scheduler {
         m.running.store(self.running.len() as u64, Relaxed);
         m.waiting.store(self.waiting.len() as u64, Relaxed);
         m.kv_blocks_used.store(self.blocks.in_use() as u64, Relaxed);
+        if let Some(w) = &self.window {
+            m.kv_window_blocks_used
+                .store(w.blocks.in_use() as u64, Relaxed);
+        }
+    }
+
+    /// Gives back the window blocks in `window` (all but the [`GONE`] ones) and empties it.
+    fn release_window(&mut self, window: &mut Vec<u32>) {
+        if let Some(w) = &mut self.window {
+            for &b in window.iter().filter(|&&b| b != GONE) {
+                w.blocks.release(b);
+            }
+        }
+        window.clear();
+    }
+
+    /// Gives back sequence `i`'s window blocks that no row at `n_computed` or later reads.
+    fn trim_window(&mut self, i: usize) {
+        let Some(w) = &mut self.window else { return };
+        let seq = &mut self.running[i];
+        let first = w.first_needed(seq.n_computed).min(seq.window.len());
+        for b in &mut seq.window[..first] {
+            if *b != GONE {
+                w.blocks.release(*b);
+                *b = GONE;
+            }
+        }
+    }
+
+    /// Makes sure sequence `i` has window blocks for every position before `end` that its
+    /// window reaches. False when the window blocks ran out (the pool is sized so that the
+    /// running sequences always fit: see `Engine::load`).
+    fn ensure_window(&mut self, i: usize, end: usize) -> bool {
+        let Some(w) = &mut self.window else {
+            return true;
+        };
+        let seq = &mut self.running[i];
+        let first = w.first_needed(seq.n_computed);
+        while seq.window.len() * w.blocks.block_tokens() < end {
+            if seq.window.len() < first {
+                seq.window.push(GONE);
+                continue;
+            }
+            match w.blocks.allocate() {
+                Some(b) => seq.window.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// For a new sequence sharing the cached blocks `shared` of its prefix: the window
+    /// blocks its window reaches at the end of that prefix, held from the window blocks'
+    /// prefix cache. When some are no longer cached, the shared run is cut back (its blocks
+    /// released) until the window blocks of its end are all there, or nothing is shared.
+    /// Returns the sequence's window table.
+    fn hold_window_prefix(&mut self, seq: &Sequence, shared: &mut Vec<u32>) -> Vec<u32> {
+        let Some(w) = &mut self.window else {
+            return Vec::new();
+        };
+        let bt = w.blocks.block_tokens();
+        // The chained hashes of the shared blocks (the prompt's are known).
+        let mut chain: Vec<u64> = seq
+            .prompt_chain
+            .iter()
+            .take(shared.len())
+            .copied()
+            .collect();
+        let mut parent = chain.last().copied().unwrap_or(CHAIN_ROOT);
+        for chunk in seq
+            .tokens
+            .chunks_exact(bt)
+            .take(shared.len())
+            .skip(chain.len())
+        {
+            parent = chain_hash(parent, chunk);
+            chain.push(parent);
+        }
+        'cut: while !shared.is_empty() {
+            let first = w.first_needed(shared.len() * bt);
+            let mut table = vec![GONE; first];
+            for (k, &hash) in chain.iter().enumerate().take(shared.len()).skip(first) {
+                match w
+                    .blocks
+                    .hold_cached(hash, &seq.tokens[k * bt..(k + 1) * bt])
+                {
+                    Some(b) => table.push(b),
+                    None => {
+                        for &b in table.iter().filter(|&&b| b != GONE) {
+                            w.blocks.release(b);
+                        }
+                        for b in shared.drain(k..) {
+                            self.blocks.release(b);
+                        }
+                        continue 'cut;
+                    }
+                }
+            }
+            return table;
+        }
+        Vec::new()
     }
 
     /// Frees the blocks of sequences whose client has gone.
@@ -353,10 +495,11 @@ impl Scheduler {
     }
 
     /// Releases a sequence's blocks and counts it as finished.
-    fn finish(&mut self, seq: Sequence) {
+    fn finish(&mut self, mut seq: Sequence) {
         for &b in &seq.blocks {
             self.blocks.release(b);
         }
+        self.release_window(&mut seq.window);
         self.metrics.requests_finished.fetch_add(1, Relaxed);
         self.metrics
             .request_latency
@@ -443,12 +586,14 @@ impl Scheduler {
             {
                 self.blocks.release(b);
             }
+            let mut window = self.hold_window_prefix(&seq, &mut shared);
             if self.blocks.available() < needed - shared.len() {
                 // Does not fit now: it keeps its place and nothing behind it overtakes it. An
                 // interactive sequence first takes the blocks of batch sequences.
                 for b in shared {
                     self.blocks.release(b);
                 }
+                self.release_window(&mut window);
                 let interactive = seq.priority == Priority::Interactive;
                 self.waiting.insert(i, seq);
                 if interactive && self.preempt_batch() {
@@ -488,6 +633,7 @@ impl Scheduler {
                 self.metrics.queued.fetch_sub(1, Relaxed);
             }
             seq.blocks = shared;
+            seq.window = window;
             while seq.blocks.len() < needed {
                 match self.blocks.allocate() {
                     Some(b) => seq.blocks.push(b),
@@ -560,6 +706,7 @@ impl Scheduler {
             self.blocks.release(b);
         }
         seq.blocks.clear();
+        self.release_window(&mut seq.window);
         seq.hashes.clear();
         seq.n_computed = 0;
         // Gathered again from the start when the prompt is recomputed.
@@ -638,6 +785,16 @@ impl Scheduler {
         if plan.is_empty() {
             return Ok(());
         }
+        for &(i, n) in &plan {
+            let end = self.running[i].n_computed + n;
+            if !self.ensure_window(i, end) {
+                return Err(model::ModelError::BadConfig(
+                    "the KV pool's window blocks ran out (a bug: they are sized for every \
+                     running sequence)"
+                        .into(),
+                ));
+            }
+        }
         // Prompt chunks have no draft.
         drafts.resize(plan.len(), Vec::new());
         draft_weights.resize(plan.len(), 0.0);
@@ -666,7 +823,7 @@ impl Scheduler {
                         start_pos: s.n_computed,
                         block_table: &s.blocks,
                         logits: Logits::All,
-                        window_table: &[],
+                        window_table: &s.window,
                     };
                 }
                 let end = s.n_computed + n;
@@ -681,7 +838,7 @@ impl Scheduler {
                     } else {
                         Logits::None
                     },
-                    window_table: &[],
+                    window_table: &s.window,
                 }
             })
             .collect();
@@ -714,6 +871,7 @@ impl Scheduler {
             }
             self.running[i].n_computed += n;
             self.register_full_blocks(i);
+            self.trim_window(i);
             if logits.is_empty() {
                 continue;
             }
@@ -826,6 +984,7 @@ impl Scheduler {
             .fetch_add(accepted as u64, Relaxed);
         self.running[i].n_computed += 1 + accepted;
         self.register_full_blocks(i);
+        self.trim_window(i);
         outcome
     }
 
@@ -889,6 +1048,11 @@ impl Scheduler {
                 None => chain_hash(seq.hashes.last().copied().unwrap_or(CHAIN_ROOT), tokens),
             };
             self.blocks.register(seq.blocks[k], hash, tokens);
+            if let Some(w) = &mut self.window
+                && let Some(&b) = seq.window.get(k).filter(|&&b| b != GONE)
+            {
+                w.blocks.register(b, hash, tokens);
+            }
             seq.hashes.push(hash);
         }
     }
