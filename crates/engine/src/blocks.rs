@@ -138,21 +138,9 @@ impl BlockManager {
         let mut parent = CHAIN_ROOT;
         for chunk in tokens.chunks_exact(self.block_tokens) {
             let hash = chain_hash(parent, chunk);
-            let Some(&id) = self.by_hash.get(&hash) else {
+            let Some(id) = self.hold_cached(hash, chunk) else {
                 break;
             };
-            let b = &self.blocks[id as usize];
-            if b.cached.as_ref().is_none_or(|c| c.tokens != chunk) {
-                break;
-            }
-            if b.refs == 0 {
-                self.evictable.remove(&(b.last_used, id));
-                self.in_use += 1;
-            }
-            let tick = self.touch();
-            let b = &mut self.blocks[id as usize];
-            b.refs += 1;
-            b.last_used = tick;
             out.push(id);
             parent = hash;
         }
