@@ -1184,3 +1184,35 @@ fn mistral4_matches_transformers_in_every_layout() {
     );
     assert_eq!(lc.rope_scaling, c.rope_scaling);
 }
+
+/// The latent-attention GGUF files against llama.cpp itself (`llamacpp-*.json`, written by
+/// `scripts/golden/llamacpp_tiny.py` from the same files with a byte tokenizer added):
+/// DeepSeek-V3's `deepseek2`, its lite form, Mistral Small 4's `mistral4` and Mistral Large 3's
+/// `deepseek2` conversion. llama.cpp and we both cache in f16 and follow ggml's arithmetic:
+/// 2.4e-4 to 1.4e-3 apart, well inside half the GGUF bound (5e-3), while llama.cpp's own
+/// distance from transformers, recorded in each file, is 2.5e-3 to 6.6e-3.
+#[test]
+fn latent_attention_gguf_matches_llama_cpp() {
+    for (name, file) in [
+        ("deepseek3", "model"),
+        ("deepseek3-lite", "model"),
+        ("mistral4", "model"),
+        ("mistral4", "large3"),
+    ] {
+        let text = std::fs::read_to_string(tiny(name).join(format!("llamacpp-{file}.json")))
+            .expect("llama.cpp golden");
+        let json: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(json["generator"], "scripts/golden/llamacpp_tiny.py");
+        let prompts: Vec<Vec<u32>> =
+            serde_json::from_value(json["prompts"].clone()).expect("prompts");
+        let theirs: Vec<Vec<Vec<f32>>> =
+            serde_json::from_value(json["logits"].clone()).expect("logits");
+        let m = open(&tiny(name).join(format!("{file}.gguf")));
+        let (d, at) = max_diff(&run(&m.model, &prompts, true), &theirs);
+        eprintln!(
+            "{name}/{file}.gguf vs llama.cpp: max |diff| {d:e} at {at} (llama.cpp vs transformers {})",
+            json["max_abs_diff_vs_transformers"]
+        );
+        assert!(d <= 5e-3, "{name}/{file}.gguf vs llama.cpp: {d} at {at}");
+    }
+}
