@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""llama.cpp's logits for the tiny latent-attention GGUF files of transformers_tiny.py: the
-third oracle of crates/model/tests/hf_golden.rs, beside transformers and our own reader.
+"""llama.cpp's logits for the tiny GGUF files of transformers_tiny.py: the third oracle of
+crates/model/tests/hf_golden.rs, beside transformers and our own reader.
 
 The files (`deepseek3/model.gguf`, `deepseek3-lite/model.gguf`: `deepseek2`; `mistral4/
-model.gguf`: `mistral4`; `mistral4/large3.gguf`: Mistral Large 3's `deepseek2` conversion)
-carry no tokenizer, which llama.cpp needs to load a model, so each is copied with a
+model.gguf`: `mistral4`; `mistral4/large3.gguf`: Mistral Large 3's `deepseek2` conversion;
+`ministral3` (`mistral3`), `qwen2`, `qwen3`, `qwen3moe`, `gemma3` and the `llama` files with
+RoPE scaling) carry no tokenizer, which llama.cpp needs to load a model, so each is copied with a
 byte-level one (GPT-2's `gpt2` model, the 256 byte tokens in their byte order, one merge that
 no token sequence below uses: the prompts go in as token ids). Two more differences, both of
 the llama.cpp build and not of the format:
@@ -41,6 +42,14 @@ FILES = [
     ("deepseek3-lite", "model.gguf"),
     ("mistral4", "model.gguf"),
     ("mistral4", "large3.gguf"),
+    ("ministral3", "model.gguf"),
+    ("qwen2", "model.gguf"),
+    ("qwen3", "model.gguf"),
+    ("qwen3moe", "model.gguf"),
+    ("gemma3", "gemma3.gguf"),
+    ("llama-rope-linear", "model.gguf"),
+    ("llama-rope-llama3", "model.gguf"),
+    ("llama-rope-yarn", "model.gguf"),
 ]
 
 
@@ -120,9 +129,11 @@ def main() -> None:
                 rows = rows if i == 0 else rows[-1:]
                 logits.append([[float(f"{v:.6g}") for v in row] for row in rows])
             del llm
+        # What a gemma3 GGUF means to llama.cpp (queries scaled by 1/sqrt(head_dim)).
+        oracle = golden.get("logits_gguf_reading", golden["logits"])
         worst = max(
             abs(a - b)
-            for p, q in zip(logits, golden["logits"])
+            for p, q in zip(logits, oracle)
             for r, s in zip(p, q)
             for a, b in zip(r, s)
         )

@@ -683,12 +683,16 @@ def write_qwen(out):
 
 def write_mistral3_gguf(model, path):
     """The model as llama.cpp's converter writes a `mistral3` GGUF (F32): as `llama` (q/k rows
-    reordered for adjacent pairs, YaRN as keys), with the attention temperature's scale."""
+    reordered for adjacent pairs, YaRN as keys, mscale_all_dim as `yarn_log_multiplier`), with
+    the attention temperature's scale."""
     p = model.config.rope_parameters
 
     # Only the scale: llama.cpp takes the length from rope.scaling.original_context_length.
+    # And, as the converter's Ministral3Model, mscale_all_dim as the YaRN log multiplier (as
+    # it is, not times 0.1 as for deepseek2).
     def temperature(w):
         w.add_float32("mistral3.attention.temperature_scale", p["llama_4_scaling_beta"])
+        w.add_rope_scaling_yarn_log_mul(p["mscale_all_dim"])
 
     write_llama_gguf(model, path, arch="mistral3", extra_keys=temperature)
 
