@@ -419,7 +419,8 @@ mod tests {
                 max_tokens: 10,
             },
         );
-        let prompt_step = t.seconds(0.0, 40.0, 0.0);
+        // The prompt's last token costs as a decoding sequence's (it needs logits).
+        let prompt_step = t.seconds(1.0, 39.0, 40.0);
         assert!((one.ttft_s[0] - prompt_step).abs() < 1e-12, "{one:?}");
         assert_eq!(one.tokens, 10);
         // Nine decode steps at contexts 41..49 follow.

@@ -7,7 +7,9 @@
 //! - every step runs one decode token for each sequence whose prompt is done, then prompt
 //!   chunks, oldest first, up to `max_batch_tokens` in all;
 //! - a sequence whose prompt finishes in a step samples its first token at the end of that
-//!   step; each later step gives it one more; it leaves after its last token;
+//!   step (that last prompt token is costed as a decoding sequence's: it needs the output
+//!   head's logits and a draw, which the other prompt tokens do not); each later step gives
+//!   it one more; it leaves after its last token;
 //! - when a decoding sequence needs KV and none is free, the most recently admitted is
 //!   preempted: its KV is released and it returns to the front of the queue, to be
 //!   recomputed (its prompt and the tokens it had generated).
@@ -164,21 +166,31 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
             }
         }
         let mut prefill = 0;
+        // A chunk that ends its prompt needs logits for its last token, as a decoding
+        // sequence does (the output head, sampling, the first token's event): that token is
+        // costed as one (the profile's prompt steps carry one such row each).
+        let mut logit_rows = decode;
         for (i, s) in running.iter().enumerate() {
             let todo = s.known - s.computed;
             if todo > 1 && budget > 0 {
                 let n = todo.min(budget);
                 plan.push((i, n));
-                prefill += n;
+                if n == todo {
+                    logit_rows += 1;
+                    prefill += n - 1;
+                    context += s.known as f64;
+                } else {
+                    prefill += n;
+                }
                 budget -= n;
             }
         }
-        let mean_context = if decode > 0 {
-            context / decode as f64
+        let mean_context = if logit_rows > 0 {
+            context / logit_rows as f64
         } else {
             0.0
         };
-        now += cost.step_seconds(decode, prefill, mean_context);
+        now += cost.step_seconds(logit_rows, prefill, mean_context);
         out.steps += 1;
         batch_sum += decode as f64;
         let mut done = Vec::new();
@@ -291,6 +303,37 @@ mod tests {
         assert_eq!(out.steps, 10);
         assert!((out.ttft_s[0] - 0.011).abs() < 1e-12, "{:?}", out.ttft_s);
         assert!((out.itl_s[0] - 0.0011).abs() < 1e-12, "{:?}", out.itl_s);
+    }
+
+    /// Decode rows cost more than prompt tokens (the output head, a draw).
+    struct HeadHeavy;
+    impl StepCost for HeadHeavy {
+        fn step_seconds(&self, decode: usize, prefill: usize, _: f64) -> f64 {
+            1e-3 + 1e-3 * decode as f64 + 1e-4 * prefill as f64
+        }
+    }
+
+    #[test]
+    fn prompts_ending_in_a_step_cost_their_logits_rows() {
+        // 16 prompts of 30 tokens end together: 16 logit rows and 464 other prompt tokens.
+        let many: Vec<Request> = (0..16)
+            .map(|_| Request {
+                arrival_s: 0.0,
+                prompt_tokens: 30,
+                output_tokens: 1,
+            })
+            .collect();
+        let out = simulate(&many, limits(16), &HeadHeavy);
+        let step = 1e-3 + 16e-3 + 464e-4;
+        assert!((out.ttft_s[0] - step).abs() < 1e-12, "{:?}", out.ttft_s);
+        // One prompt of the same 480 tokens: one logit row.
+        let one = [Request {
+            arrival_s: 0.0,
+            prompt_tokens: 480,
+            output_tokens: 1,
+        }];
+        let out = simulate(&one, limits(16), &HeadHeavy);
+        assert!((out.ttft_s[0] - (2e-3 + 479e-4)).abs() < 1e-12, "{:?}", out.ttft_s);
     }
 
     #[test]
