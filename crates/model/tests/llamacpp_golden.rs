@@ -76,6 +76,8 @@ impl Deviation {
 enum Subject {
     SmolLm2,
     Gemma3,
+    /// Gemma 3 with a 1,301-token prompt: longer than its 512-position window.
+    Gemma3Long,
 }
 
 fn load_subject(subject: Subject) -> Option<(LlamaModel, Value)> {
@@ -87,6 +89,10 @@ fn load_subject(subject: Subject) -> Option<(LlamaModel, Value)> {
         Subject::Gemma3 => (
             testkit::gemma_test_model()?,
             include_str!("golden/gemma3-270m-q4_k_m-llamacpp.json"),
+        ),
+        Subject::Gemma3Long => (
+            testkit::gemma_test_model()?,
+            include_str!("golden/gemma3-270m-q4_k_m-llamacpp-long.json"),
         ),
     };
     let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open model"));
@@ -157,6 +163,14 @@ fn forward_pass_matches_llama_cpp() {
 #[test]
 fn gemma3_forward_pass_matches_llama_cpp() {
     check_forward_pass(Subject::Gemma3);
+}
+
+/// A prompt of 1,301 tokens (`scripts/golden/llamacpp_long.py`): the windowed layers see only
+/// the last 512 positions (through the cache's ring of window blocks, which wraps twice),
+/// the global ones everything; the prompt runs in chunks of `KvCache::MAX_CHUNK`.
+#[test]
+fn gemma3_long_prompt_past_the_window_matches_llama_cpp() {
+    check_forward_pass(Subject::Gemma3Long);
 }
 
 fn check_forward_pass(subject: Subject) {

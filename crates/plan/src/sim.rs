@@ -333,7 +333,11 @@ mod tests {
             output_tokens: 1,
         }];
         let out = simulate(&one, limits(16), &HeadHeavy);
-        assert!((out.ttft_s[0] - (2e-3 + 479e-4)).abs() < 1e-12, "{:?}", out.ttft_s);
+        assert!(
+            (out.ttft_s[0] - (2e-3 + 479e-4)).abs() < 1e-12,
+            "{:?}",
+            out.ttft_s
+        );
     }
 
     #[test]
