@@ -125,7 +125,9 @@ fn split_kv_b(tensors: &mut Tensors, c: &LlamaConfig) -> Result<(), ModelError> 
             .index
             .get(&name)
             .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
-        let expected = [rank as u64, (nh * (nope + vd)) as u64];
+        // Sizes from the configuration, each at most 2^24: their products fit u64.
+        let rows = nh as u64 * (nope + vd) as u64;
+        let expected = [rank as u64, rows];
         let ty =
             r.ty.clone()
                 .map_err(|ggml_type| ModelError::UnsupportedTensorType {
@@ -155,7 +157,9 @@ fn split_kv_b(tensors: &mut Tensors, c: &LlamaConfig) -> Result<(), ModelError> 
                 });
             }
         };
-        if bytes.len() != elem * rank * nh * (nope + vd) {
+        // The tensor's dims matched the configuration's, so this is its byte count (which
+        // the safetensors reader checked against the file).
+        if bytes.len() as u64 != elem as u64 * rank as u64 * rows {
             return Err(ModelError::BadShape {
                 name,
                 expected: expected.to_vec(),
