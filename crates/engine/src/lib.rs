@@ -313,10 +313,6 @@ pub fn describe_file(path: &Path) -> Result<ModelDescription, EngineError> {
 /// `SPEC_VOCAB_MAX_SIZE_DIFFERENCE`: padding of the embedding table).
 const DRAFT_VOCAB_SLACK: usize = 128;
 
-/// Loads the draft model for `target` (`--draft-model`) and the cost model that weighs its
-/// work in a step's energy: its vocabulary must be the target's
-/// (sizes within [`DRAFT_VOCAB_SLACK`], and for two GGUF files the same token strings where
-/// both have one), or its drafts would name other tokens.
 /// Blocks for the sliding-window layers (Gemma 3's local layers, Mistral's): a running
 /// sequence holds those from the block of `n_computed + 1 - window` to the end of its step's
 /// chunk (at most `max_batch_tokens` positions), so `max_seqs` of them always fit in
@@ -338,6 +334,10 @@ fn window_blocks(
         .min(kv_blocks)
 }
 
+/// Loads the draft model for `target` (`--draft-model`) and the cost model that weighs its
+/// work in a step's energy: its vocabulary must be the target's
+/// (sizes within [`DRAFT_VOCAB_SLACK`], and for two GGUF files the same token strings where
+/// both have one), or its drafts would name other tokens.
 fn load_draft_model(
     path: &Path,
     target: &LlamaModel,

@@ -762,18 +762,21 @@ impl<'a> BatchPlan<'a> {
                     kv.n_blocks()
                 )));
             }
-            if !ch.window_table.is_empty() {
-                // The windowed layers read back to `start_pos + 1 - window` and write to `end`.
+            if kv.n_window_blocks() > 0 {
+                // The windowed layers read back to `start_pos + 1 - window` and write to `end`,
+                // in the window table (or the block table when a chunk gives none: then its
+                // blocks must exist among the window blocks too).
                 let window = c.sliding_window.unwrap_or(usize::MAX);
                 let first = (ch.start_pos + 1).saturating_sub(window) / bt;
-                if ch.window_table.len() < needed {
+                let table = ch.window_blocks();
+                if table.len() < needed {
                     return Err(ModelError::ContextFull {
                         cached: ch.start_pos,
                         adding: ch.tokens.len(),
-                        capacity: ch.window_table.len() * bt,
+                        capacity: table.len() * bt,
                     });
                 }
-                if let Some(&b) = ch.window_table[first..needed]
+                if let Some(&b) = table[first..needed]
                     .iter()
                     .find(|&&b| b as usize >= kv.n_window_blocks())
                 {

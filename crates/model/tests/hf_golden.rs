@@ -738,6 +738,19 @@ fn gemma3_window_blocks_given_back_change_nothing() {
         window_table: &window_table,
     };
     assert!(model.forward_batch(&pool, &mut kv, &[chunk]).is_err());
+    // A chunk without a window table in a pool with fewer window blocks: its block table's
+    // blocks past the window blocks are refused, not read out of bounds.
+    let chunk = SeqChunk {
+        tokens: &[1],
+        start_pos: 9,
+        block_table: &table,
+        logits: Logits::Last,
+        window_table: &[],
+    };
+    match model.forward_batch(&pool, &mut kv, &[chunk]) {
+        Err(souverain_model::ModelError::BadConfig(m)) => assert!(m.contains("window"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
 
 /// The same conversion with F32 matrices isolates the GGUF path's reordering, stacking and
