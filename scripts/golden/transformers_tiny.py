@@ -721,11 +721,19 @@ def write_mistral3(out):
     write_mistral3_gguf(model, os.path.join(path, "model.gguf"))
     to_consolidated(model, os.path.join(out, "ministral3-consolidated"))
 
-    # The smallest Pixtral tower: only its presence matters (its tensors are not loaded).
+    write_mistral3_vlm(model, os.path.join(out, "mistral3-vlm"), body["logits"])
+
+
+def write_mistral3_vlm(model, path, text_logits):
+    """`model`'s weights as the language model of a Mistral3ForConditionalGeneration (the
+    image-text layout Mistral ships), beside the smallest Pixtral tower (only its presence
+    matters: its tensors are not loaded); its text logits must be `text_logits`."""
+    import copy
+
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
     vlm_cfg = Mistral3Config(
-        vision_config=vision, text_config=copy.deepcopy(cfg), tie_word_embeddings=False
+        vision_config=vision, text_config=copy.deepcopy(model.config), tie_word_embeddings=False
     )
     vlm_cfg._attn_implementation = "eager"
     vlm = Mistral3ForConditionalGeneration(vlm_cfg).eval()
@@ -733,11 +741,10 @@ def write_mistral3(out):
     with torch.no_grad():
         vlm.model.language_model.load_state_dict(model.model.state_dict())
         vlm.lm_head.weight.copy_(model.lm_head.weight)
-    path = os.path.join(out, "mistral3-vlm")
     save_hf(vlm, path)
-    text_logits = logits_of(vlm, prompts=LONG_PROMPTS)
-    worst = max(abs(a - b) for p, q in zip(text_logits, body["logits"]) for r, s in zip(p, q) for a, b in zip(r, s))
-    print("mistral3-vlm: text logits vs ministral3 max diff", worst)
+    ours = logits_of(vlm, prompts=LONG_PROMPTS)
+    worst = max(abs(a - b) for p, q in zip(ours, text_logits) for r, s in zip(p, q) for a, b in zip(r, s))
+    print(f"{os.path.basename(path)}: text logits vs the text model's max diff", worst)
     assert worst < 1e-4, f"the image-text model's text logits differ by {worst}"
 
 
@@ -1017,23 +1024,7 @@ def write_mistral4(out):
     write_deepseek2_gguf(model, os.path.join(path, "model.gguf"), arch="mistral4")
     write_deepseek2_gguf(model, os.path.join(path, "large3.gguf"), large3=True)
 
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
-    vlm_cfg = Mistral3Config(vision_config=vision, text_config=copy.deepcopy(model.config),
-                             tie_word_embeddings=False)
-    vlm_cfg._attn_implementation = "eager"
-    vlm = Mistral3ForConditionalGeneration(vlm_cfg).eval()
-    randomise(vlm, SEED + 1)
-    with torch.no_grad():
-        vlm.model.language_model.load_state_dict(model.model.state_dict())
-        vlm.lm_head.weight.copy_(model.lm_head.weight)
-    path = os.path.join(out, "mistral4-vlm")
-    save_hf(vlm, path)
-    ours = logits_of(model, prompts=LONG_PROMPTS)
-    theirs = logits_of(vlm, prompts=LONG_PROMPTS)
-    worst = max(abs(a - b) for p, q in zip(ours, theirs) for r, s in zip(p, q) for a, b in zip(r, s))
-    print("mistral4-vlm: text logits vs mistral4 max diff", worst)
-    assert worst < 1e-4, f"the image-text model's text logits differ by {worst}"
+    write_mistral3_vlm(model, os.path.join(out, "mistral4-vlm"), logits_of(model, prompts=LONG_PROMPTS))
 
 
 def build(cls, cfg_cls, seed=SEED, **kw):
