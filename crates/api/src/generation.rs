@@ -382,6 +382,7 @@ fn encode(
                     .filter(|t| t.choice != ToolChoice::None)
                     .map(|_| match format.tool_calls {
                         ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
+                        ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
                         _ => CallSyntax::Hermes,
                     });
             let forcing = tools

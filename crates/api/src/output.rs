@@ -11,7 +11,11 @@
 //! when the prompt opened it) and tool calls are in the model's syntax:
 //! - Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, repeated;
 //! - Mistral: `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}` objects, or
-//!   `name[ARGS]{...}` (with `[CALL_ID]id` between in tokenizer v11), repeated.
+//!   `name[ARGS]{...}` (with `[CALL_ID]id` between in tokenizer v11), repeated;
+//! - DeepSeek: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>name<｜tool▁sep｜>
+//!   {...}<｜tool▁call▁end｜>` (V3.1 and later) or `<｜tool▁call▁begin｜>function<｜tool▁sep｜>
+//!   name` and the arguments in a ```` ```json ```` fence (V3 and R1), then
+//!   `<｜tool▁calls▁end｜>`.
 //!
 //! A call is given out as [`Piece::CallStart`], [`Piece::CallArguments`] fragments and
 //! [`Piece::CallEnd`], so a stream sends the arguments as the model writes them, as OpenAI
@@ -37,6 +41,7 @@
 //! call whose name is known is given out with the arguments generated so far (the finish
 //! reason stays `length`, as OpenAI's does); a call cut before its name is dropped.
 
+use engine::deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
 use serde_json::Value;
 
 /// The tool-call syntax to look for.
@@ -44,6 +49,7 @@ use serde_json::Value;
 pub(crate) enum CallSyntax {
     Hermes,
     Mistral,
+    DeepSeek,
 }
 
 /// Hermes' closing marker.
@@ -54,6 +60,17 @@ impl CallSyntax {
         match self {
             CallSyntax::Hermes => "<tool_call>",
             CallSyntax::Mistral => "[TOOL_CALLS]",
+            CallSyntax::DeepSeek => CALLS_BEGIN,
+        }
+    }
+
+    /// The markers after which content turns into calls.
+    fn openers(self) -> &'static [&'static str] {
+        match self {
+            CallSyntax::Hermes => &["<tool_call>"],
+            CallSyntax::Mistral => &["[TOOL_CALLS]"],
+            // A call without the section's opener is taken too.
+            CallSyntax::DeepSeek => &[CALLS_BEGIN, CALL_BEGIN],
         }
     }
 }
@@ -127,6 +144,8 @@ enum Inside {
     ListNext,
     /// Mistral's list: a call object comes next.
     ListItem,
+    /// DeepSeek: the call's closing (a fence's end first when `fenced`) comes next.
+    DeepSeekClose { fenced: bool },
     /// The call broke off: its markup is dropped up to its closing marker.
     Skip,
 }
@@ -137,6 +156,7 @@ enum After {
     HermesClose,
     ListNext,
     Calls,
+    DeepSeekClose { fenced: bool },
 }
 
 /// Splits one generation's output.
@@ -279,8 +299,8 @@ impl OutputParser {
             self.buf = trimmed.to_owned();
             self.trim_content = false;
         }
-        let marker = match self.spec.calls {
-            Some(syntax) if !self.gave_up => syntax.marker(),
+        let openers = match self.spec.calls {
+            Some(syntax) if !self.gave_up => syntax.openers(),
             _ => {
                 if !self.buf.is_empty() {
                     out.push(Piece::Content(std::mem::take(&mut self.buf)));
@@ -288,7 +308,7 @@ impl OutputParser {
                 return false;
             }
         };
-        if let Some(at) = self.buf.find(marker) {
+        if let Some(at) = openers.iter().filter_map(|m| self.buf.find(m)).min() {
             if at > 0 {
                 out.push(Piece::Content(self.buf[..at].to_owned()));
             }
@@ -296,7 +316,7 @@ impl OutputParser {
             self.mode = Mode::Calls;
             return true;
         }
-        let safe = safe_len(&self.buf, &[marker]);
+        let safe = safe_len(&self.buf, openers);
         if safe > 0 {
             out.push(Piece::Content(self.buf[..safe].to_owned()));
             self.buf.drain(..safe);
@@ -312,6 +332,9 @@ impl OutputParser {
             self.mode = Mode::Content;
             return true;
         };
+        if syntax == CallSyntax::DeepSeek {
+            return self.deepseek_calls(out, end);
+        }
         let lead = ws_len(&self.buf);
         let rest = &self.buf[lead..];
         let marker = syntax.marker();
@@ -333,8 +356,50 @@ impl OutputParser {
         let opened = match syntax {
             CallSyntax::Hermes => parse_hermes(body, end),
             CallSyntax::Mistral => parse_mistral(body),
+            CallSyntax::DeepSeek => parse_deepseek(body, end),
         };
         let head = lead + marker.len();
+        self.open_call(out, opened, head, end)
+    }
+
+    /// DeepSeek's calls: the section's opener and closer are dropped, each call opens with
+    /// its own marker.
+    fn deepseek_calls(&mut self, out: &mut Vec<Piece>, end: bool) -> bool {
+        let lead = ws_len(&self.buf);
+        let rest = &self.buf[lead..];
+        // The section's opener, a call parsed whole's closing, or the section's end.
+        for (marker, last) in [(CALLS_BEGIN, false), (CALL_END, false), (CALLS_END, true)] {
+            if rest.starts_with(marker) {
+                self.buf.drain(..lead + marker.len());
+                if last {
+                    self.mode = Mode::Content;
+                    self.trim_content = true;
+                }
+                return true;
+            }
+        }
+        if let Some(body) = rest.strip_prefix(CALL_BEGIN) {
+            let opened = parse_deepseek(body, end);
+            return self.open_call(out, opened, lead + CALL_BEGIN.len(), end);
+        }
+        let partial = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END]
+            .iter()
+            .any(|m| m.starts_with(rest));
+        if partial && !end {
+            return false;
+        }
+        if partial && !rest.is_empty() {
+            // Cut (`max_tokens`) inside a marker: markup, not content.
+            self.buf.clear();
+            return false;
+        }
+        self.mode = Mode::Content;
+        self.trim_content = self.calls > 0;
+        true
+    }
+
+    /// Acts on what the text after a call's marker (`head` bytes of the buffer) is.
+    fn open_call(&mut self, out: &mut Vec<Piece>, opened: Opened, head: usize, end: bool) -> bool {
         match opened {
             Opened::Stream {
                 name,
@@ -468,14 +533,38 @@ impl OutputParser {
                 }
             }
             Inside::ListItem => self.list_item(out, end),
+            Inside::DeepSeekClose { fenced } => {
+                let closing: &[&str] = if fenced {
+                    &["```", CALL_END]
+                } else {
+                    &[CALL_END]
+                };
+                let mut at = 0;
+                for literal in closing {
+                    match expect(&self.buf, &mut at, &[literal]) {
+                        Step::Matched => {}
+                        Step::Short => {
+                            self.mode = Mode::Call(Inside::DeepSeekClose { fenced });
+                            return false;
+                        }
+                        Step::Differs => {
+                            self.mode = Mode::Call(Inside::Skip);
+                            return true;
+                        }
+                    }
+                }
+                self.buf.drain(..at);
+                true
+            }
             Inside::Skip => {
                 let close = match self.spec.calls {
                     Some(CallSyntax::Mistral) => CallSyntax::Mistral.marker(),
+                    Some(CallSyntax::DeepSeek) => CALL_END,
                     _ => HERMES_CLOSE,
                 };
                 match self.buf.find(close) {
                     // Mistral's marker opens the next call: it stays.
-                    Some(at) if close == HERMES_CLOSE => {
+                    Some(at) if close != CallSyntax::Mistral.marker() => {
                         self.buf.drain(..at + close.len());
                         true
                     }
@@ -583,6 +672,7 @@ fn after(then: After) -> Mode {
         After::HermesClose => Mode::Call(Inside::HermesClose),
         After::ListNext => Mode::Call(Inside::ListNext),
         After::Calls => Mode::Calls,
+        After::DeepSeekClose { fenced } => Mode::Call(Inside::DeepSeekClose { fenced }),
     }
 }
 
@@ -596,9 +686,11 @@ fn safe_len(buf: &str, markers: &[&str]) -> usize {
     let mut safe = buf.len();
     for marker in markers {
         // The longest suffix of buf that is a proper prefix of the marker.
-        let longest = (1..marker.len().min(buf.len() + 1))
-            .rev()
-            .find(|&k| buf.is_char_boundary(buf.len() - k) && buf.ends_with(&marker[..k]));
+        let longest = (1..marker.len().min(buf.len() + 1)).rev().find(|&k| {
+            marker.is_char_boundary(k)
+                && buf.is_char_boundary(buf.len() - k)
+                && buf.ends_with(&marker[..k])
+        });
         if let Some(k) = longest {
             safe = safe.min(buf.len() - k);
         }
@@ -861,6 +953,91 @@ fn parse_mistral(body: &str) -> Opened {
                 vec![(name.to_owned(), value.to_string())],
                 lead + start + used,
             ),
+            Err(true) => Opened::NeedMore(Some(name.to_owned())),
+            Err(false) => Opened::Invalid,
+        },
+    }
+}
+
+/// A DeepSeek call after its `<｜tool▁call▁begin｜>`: `name<｜tool▁sep｜>{...}` (V3.1), or
+/// `function<｜tool▁sep｜>name` and a fenced ```` ```json ```` block (V3, R1).
+fn parse_deepseek(body: &str, _end: bool) -> Opened {
+    let Some(sep) = body.find(SEP) else {
+        return if body.contains(CALL_END) || body.len() > 256 {
+            Opened::Invalid
+        } else {
+            Opened::NeedMore(None)
+        };
+    };
+    let head = body[..sep].trim();
+    let after_sep = sep + SEP.len();
+    let after = &body[after_sep..];
+    let gap = ws_len(after);
+    let fenced = head == "function" && !after[gap..].starts_with('{');
+    let (name, json_at) = if fenced {
+        if after[gap..].is_empty() {
+            return Opened::NeedMore(None);
+        }
+        // The name on its own line, then the fence.
+        let Some(nl) = after.find('\n') else {
+            return if after.len() > 256 {
+                Opened::Invalid
+            } else {
+                Opened::NeedMore(None)
+            };
+        };
+        let name = after[..nl].trim();
+        if !crate::tools::is_function_name(name) {
+            return Opened::Invalid;
+        }
+        let fence = &after[nl..];
+        let lead = ws_len(fence);
+        let text = &fence[lead..];
+        let open = if text.starts_with("```json") {
+            "```json".len()
+        } else if "```json".starts_with(text) {
+            return Opened::NeedMore(Some(name.to_owned()));
+        } else if text.starts_with("```") {
+            3
+        } else {
+            return Opened::Invalid;
+        };
+        (name, after_sep + nl + lead + open)
+    } else {
+        if !crate::tools::is_function_name(head) {
+            return Opened::Invalid;
+        }
+        (head, after_sep)
+    };
+    let json = &body[json_at..];
+    let gap = ws_len(json);
+    let then = After::DeepSeekClose { fenced };
+    match json[gap..].chars().next() {
+        None => Opened::NeedMore(Some(name.to_owned())),
+        Some('{') => Opened::Stream {
+            name: name.to_owned(),
+            used: json_at + gap,
+            in_object: false,
+            then,
+        },
+        // Another value (the V3.1 template writes string arguments as a JSON string):
+        // parsed whole; its closing is dropped between calls.
+        Some(_) => match json_prefix(json) {
+            Ok((value, used)) => {
+                let arguments = match value {
+                    Value::String(s) => s,
+                    v => v.to_string(),
+                };
+                let mut taken = json_at + used;
+                if fenced {
+                    let rest = &body[taken..];
+                    let lead = ws_len(rest);
+                    if rest[lead..].starts_with("```") {
+                        taken += lead + 3;
+                    }
+                }
+                Opened::Whole(vec![(name.to_owned(), arguments)], taken)
+            }
             Err(true) => Opened::NeedMore(Some(name.to_owned())),
             Err(false) => Opened::Invalid,
         },
@@ -1203,6 +1380,9 @@ pub(crate) mod samples {
 }
 
 #[cfg(test)]
+mod template_calls;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1217,7 +1397,11 @@ mod tests {
     }
 
     /// Feeds `text` in pieces of `step` bytes (on char boundaries) and merges the pieces.
-    fn parse(spec: ParserSpec, text: &str, step: usize) -> (String, String, Vec<(String, String)>) {
+    pub(super) fn parse(
+        spec: ParserSpec,
+        text: &str,
+        step: usize,
+    ) -> (String, String, Vec<(String, String)>) {
         let pieces = pieces(spec, text, step);
         let (mut r, mut c, mut calls) = (String::new(), String::new(), Vec::new());
         for piece in pieces {
@@ -1256,6 +1440,69 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn deepseek_calls_in_both_forms_at_every_split() {
+        let v31 = "Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"location\": \"Paris\", \"unit\": \"celsius\"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let r1 = "Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"location\": \"Paris\", \"unit\": \"celsius\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let want = vec![
+            (
+                "get_weather".to_owned(),
+                "{\"location\":\"Paris\",\"unit\":\"celsius\"}".to_owned(),
+            ),
+            ("f".to_owned(), "{}".to_owned()),
+        ];
+        for text in [v31, r1] {
+            for step in 1..=text.len().min(40) {
+                let (r, c, calls) = parse(
+                    spec(Some(CallSyntax::DeepSeek), true, false),
+                    &format!("<think>ok</think>{text}"),
+                    step,
+                );
+                assert_eq!(r, "ok", "step {step}");
+                assert_eq!(c, "Checking.", "step {step}: {text}");
+                assert_eq!(calls, want, "step {step}: {text}");
+            }
+        }
+        // Text after the calls is content again; a call without the section's opener is
+        // taken; string arguments (the V3.1 template's `tojson` of a string) are unwrapped.
+        let (_, c, calls) = parse(
+            spec(Some(CallSyntax::DeepSeek), false, false),
+            "<｜tool▁call▁begin｜>f<｜tool▁sep｜>\"{\\\"a\\\": 1}\"<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n\nDone.",
+            5,
+        );
+        assert_eq!(c, "Done.");
+        assert_eq!(calls, vec![("f".to_owned(), "{\"a\": 1}".to_owned())]);
+    }
+
+    #[test]
+    fn deepseek_markup_never_leaks_into_content() {
+        let s = || spec(Some(CallSyntax::DeepSeek), false, false);
+        // Cut by max_tokens inside the arguments, inside the name, inside a marker.
+        let (_, c, calls) = parse(
+            s(),
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get<｜tool▁sep｜>{\"city\": \"Pa",
+            4,
+        );
+        assert_eq!((c.as_str(), calls.len()), ("", 1));
+        assert_eq!(calls[0].1, "{\"city\":\"Pa");
+        let (_, c, calls) = parse(s(), "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>ge", 3);
+        assert_eq!((c.as_str(), calls.len()), ("", 0));
+        let (_, c, calls) = parse(s(), "Hi<｜tool▁calls▁begin｜><｜tool▁call", 3);
+        assert_eq!((c.as_str(), calls.len()), ("Hi", 0));
+        // Broken JSON ends the call with what it had and drops the rest of its markup.
+        let (_, c, calls) = parse(
+            s(),
+            "<｜tool▁call▁begin｜>get<｜tool▁sep｜>{\"a\": 1]]<｜tool▁call▁end｜><｜tool▁calls▁end｜>after",
+            2,
+        );
+        assert_eq!(calls.len(), 1);
+        assert_eq!(c, "after");
+        // Not a call (no valid name): content, as vLLM leaves it.
+        let text = "<｜tool▁call▁begin｜>not a name<｜tool▁sep｜>{}<｜tool▁call▁end｜>";
+        let (_, c, calls) = parse(s(), text, 3);
+        assert_eq!((c.as_str(), calls.len()), (text, 0));
     }
 
     #[test]

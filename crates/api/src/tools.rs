@@ -274,6 +274,42 @@ impl ToolPlan {
                     engine::finite_json_schema(list)
                 )
             }
+            ToolCallFormat::DeepSeek { fenced } => {
+                use engine::deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
+                let alts: Vec<String> = functions
+                    .iter()
+                    .map(|(name, params)| {
+                        let schema = engine::finite_json_schema(params.clone());
+                        if fenced {
+                            format!(
+                                "{} {} {} {} %json {} {}",
+                                marker(CALL_BEGIN),
+                                lark_string("function"),
+                                marker(SEP),
+                                lark_string(&format!("{name}\n```json\n")),
+                                schema,
+                                lark_string("\n```"),
+                            ) + " "
+                                + &marker(CALL_END)
+                        } else {
+                            format!(
+                                "{} {} {} %json {} {}",
+                                marker(CALL_BEGIN),
+                                lark_string(name),
+                                marker(SEP),
+                                schema,
+                                marker(CALL_END)
+                            )
+                        }
+                    })
+                    .collect();
+                format!(
+                    "start: {} call{repeat} {}\ncall: {}\n",
+                    marker(CALLS_BEGIN),
+                    marker(CALLS_END),
+                    alts.join(" | ")
+                )
+            }
             _ => return None,
         };
         Some(ConstraintSpec::Lark(grammar))

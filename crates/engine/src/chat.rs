@@ -2,10 +2,12 @@
 //! turned into the prompt the model expects, and the formats in which the loaded model
 //! writes tool calls and reasoning, so that callers can parse them out of its output.
 //!
-//! Three ways a model takes tools:
+//! Four ways a model takes tools:
 //! - Mistral's tokenizers encode tools and calls themselves (mistral-common's rules);
 //! - a Jinja template that renders `tools` (Hermes/Qwen's `<tool_call>`, Mistral's
 //!   `[TOOL_CALLS]` in Hugging Face templates);
+//! - DeepSeek's templates, which write calls (`<｜tool▁calls▁begin｜>`...) and results but
+//!   not the tools: they are described in the system message here, in the template's syntax;
 //! - a template that knows nothing of tools (the default SmolLM2): the tools are described in
 //!   a system message written here, in the Hermes format, as llama.cpp does for templates
 //!   without tool support, and calls in the history are written back in that format.
@@ -31,6 +33,13 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
+    /// The messages as a Jinja chat template sees them: tool-call arguments as objects
+    /// (transformers' templates write them with `tojson`), as vLLM passes them; a null
+    /// content as the empty string; content given as text parts joined.
+    pub fn template_messages(&self) -> Vec<Value> {
+        template_messages(&self.messages)
+    }
+
     /// A plain conversation without tools.
     pub fn from_messages(messages: &[ChatMessage]) -> Self {
         ChatRequest {
@@ -58,9 +67,31 @@ pub enum ToolCallFormat {
     /// Hermes/Qwen's: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the tools
     /// rendered by the model's own template.
     Hermes,
+    /// DeepSeek's: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>name<｜tool▁sep｜>
+    /// {arguments}<｜tool▁call▁end｜>` (DeepSeek-V3.1 and later), or with `fenced`
+    /// `<｜tool▁call▁begin｜>function<｜tool▁sep｜>name` and the arguments in a fenced
+    /// ```` ```json ```` block (DeepSeek-V3 and R1), then `<｜tool▁calls▁end｜>`.
+    DeepSeek {
+        /// The V3/R1 form: the call's type before the separator, the arguments fenced.
+        fenced: bool,
+    },
     /// The template renders no tools: they are described in a system message written here
     /// and the model is asked to answer in the Hermes format.
     Prompted,
+}
+
+/// DeepSeek's tool-call markers (each one token in DeepSeek's vocabularies).
+pub mod deepseek {
+    /// Opens the calls of one answer.
+    pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+    /// Closes them.
+    pub const CALLS_END: &str = "<｜tool▁calls▁end｜>";
+    /// Opens one call.
+    pub const CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+    /// Between a call's name (or type) and its arguments (or name).
+    pub const SEP: &str = "<｜tool▁sep｜>";
+    /// Closes one call.
+    pub const CALL_END: &str = "<｜tool▁call▁end｜>";
 }
 
 /// How the loaded model writes tool calls and reasoning.
@@ -98,15 +129,20 @@ pub(crate) fn detect(text: &TextTokenizer, template: Option<&ChatTemplate>) -> C
         };
     }
     let source = template.map_or("", ChatTemplate::source);
-    let tool_calls = if source.contains("[TOOL_CALLS]") {
-        ToolCallFormat::Mistral {
-            named: source.contains("[ARGS]"),
-        }
-    } else if source.contains("<tool_call>") {
-        ToolCallFormat::Hermes
-    } else {
-        ToolCallFormat::Prompted
-    };
+    let tool_calls =
+        if source.contains(deepseek::CALLS_BEGIN) || source.contains(deepseek::CALL_BEGIN) {
+            ToolCallFormat::DeepSeek {
+                fenced: source.contains("```json"),
+            }
+        } else if source.contains("[TOOL_CALLS]") {
+            ToolCallFormat::Mistral {
+                named: source.contains("[ARGS]"),
+            }
+        } else if source.contains("<tool_call>") {
+            ToolCallFormat::Hermes
+        } else {
+            ToolCallFormat::Prompted
+        };
     let reasoning = if source.contains("[THINK]") {
         Some(("[THINK]", "[/THINK]"))
     } else if source.contains("<think>") {
@@ -193,6 +229,15 @@ impl ChatEncoder {
         };
         let (messages, tools) = match self.format.tool_calls {
             ToolCallFormat::Prompted => (prompted_messages(request), None),
+            // DeepSeek's templates write calls and results but do not describe the tools:
+            // they are described in the system message, in the syntax the template writes.
+            ToolCallFormat::DeepSeek { fenced } if !template.source().contains("tools") => {
+                let mut messages = template_messages(&request.messages);
+                if let Some(tools) = request.tools.as_deref().filter(|t| !t.is_empty()) {
+                    add_to_system(&mut messages, &deepseek_tools_prompt(tools, fenced));
+                }
+                (messages, request.tools.as_deref())
+            }
             _ => (
                 template_messages(&request.messages),
                 request.tools.as_deref(),
@@ -358,19 +403,49 @@ fn prompted_messages(request: &ChatRequest) -> Vec<Value> {
         }
     }
     if let Some(tools) = request.tools.as_deref().filter(|t| !t.is_empty()) {
-        let instruction = tools_system_prompt(tools);
-        match out.first_mut() {
-            Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
-                let old = first
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                first["content"] = Value::String(format!("{old}\n\n{instruction}"));
-            }
-            _ => out.insert(0, json!({"role": "system", "content": instruction})),
-        }
+        add_to_system(&mut out, &tools_system_prompt(tools));
     }
     out
+}
+
+/// Appends `instruction` to the conversation's system message (a new one first if it has
+/// none).
+fn add_to_system(messages: &mut Vec<Value>, instruction: &str) {
+    match messages.first_mut() {
+        Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
+            let old = first
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            first["content"] = Value::String(format!("{old}\n\n{instruction}"));
+        }
+        _ => messages.insert(0, json!({"role": "system", "content": instruction})),
+    }
+}
+
+/// The instruction that describes the tools to a DeepSeek model whose template does not,
+/// with a call written in the form the template writes calls.
+fn deepseek_tools_prompt(tools: &[Value], fenced: bool) -> String {
+    use deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
+    let mut listed = String::new();
+    for tool in tools {
+        listed.push_str(&tool.get("function").unwrap_or(tool).to_string());
+        listed.push('\n');
+    }
+    let example = if fenced {
+        format!(
+            "{CALLS_BEGIN}{CALL_BEGIN}function{SEP}function name\n```json\n{{\"argument\": \"value\"}}\n```{CALL_END}{CALLS_END}"
+        )
+    } else {
+        format!(
+            "{CALLS_BEGIN}{CALL_BEGIN}function name{SEP}{{\"argument\": \"value\"}}{CALL_END}{CALLS_END}"
+        )
+    };
+    format!(
+        "## Tools\nYou may call one or more functions to answer the user. The functions, as JSON \
+         signatures, are:\n{listed}\nTo call functions, answer in this form, one \
+         {CALL_BEGIN}...{CALL_END} per call:\n{example}"
+    )
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ use tokenizer::{ChatTemplate, Tokenizer, TokenizerSpec};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use chat::ChatEncoder;
-pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat};
+pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat, deepseek};
 use constraint::{CompileError, ConstraintCompiler};
 pub use embed::{Embedder, EmbedderConfig};
 pub use energy::{EnergyConfig, EnergyKind, EnergySourceChoice};

@@ -140,6 +140,22 @@ pub fn mistral_tokenizer_file(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// A real chat template (`Qwen-Qwen3-0.6B.jinja`, ...) from `$SOUVERAIN_CHAT_TEMPLATES`, else
+/// `~/.cache/souverain/chat-templates` (`scripts/fetch-chat-templates`). Missing: as
+/// [`default_model`].
+#[track_caller]
+pub fn chat_template_file(name: &str) -> Option<PathBuf> {
+    let dir = env_path("SOUVERAIN_CHAT_TEMPLATES").or_else(|| home_cache("chat-templates"));
+    match dir.map(|d| d.join(name)) {
+        Some(path) if path.is_file() => Some(path),
+        _ => skip_or_fail(
+            REQUIRE_MODEL_VAR,
+            &format!("the chat template {name}"),
+            "run scripts/fetch-chat-templates or set SOUVERAIN_CHAT_TEMPLATES",
+        ),
+    }
+}
+
 /// The PostgreSQL URL in `$SOUVERAIN_TEST_DATABASE_URL`; when it is unset or empty, `None`
 /// (after a `skipped:` note) unless `SOUVERAIN_REQUIRE_POSTGRES` is set, which fails the test.
 #[track_caller]

@@ -61,6 +61,12 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
+        env.add_function("strftime_now", |format: String| -> Result<String, Error> {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            strftime(now, &format)
+        });
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| TokenizerError::TemplateSyntax(describe(&e)))?;
         Ok(ChatTemplate {
@@ -231,6 +237,126 @@ fn write_json(
     Ok(())
 }
 
+/// Python's `datetime.strftime` for the time `secs` after the Unix epoch, in UTC, with the
+/// directives chat templates use (`%Y %y %m %d %e %j %H %I %M %S %p %a %A %b %B %%`); any
+/// other directive is an error rather than a wrong date.
+fn strftime(secs: u64, format: &str) -> Result<String, Error> {
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = secs / 86_400;
+    let in_day = secs % 86_400;
+    let (hour, minute, second) = (in_day / 3600, in_day % 3600 / 60, in_day % 60);
+    let (year, month, day) = civil_date(days);
+    let day_of_year = days - days_before_year(year) + 1;
+    // 1970-01-01 was a Thursday (index 3 from Monday).
+    let weekday = ((days + 3) % 7) as usize;
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let _ = match chars.next() {
+            Some('Y') => write!(out, "{year}"),
+            Some('y') => write!(out, "{:02}", year % 100),
+            Some('m') => write!(out, "{month:02}"),
+            Some('d') => write!(out, "{day:02}"),
+            Some('e') => write!(out, "{day:>2}"),
+            Some('j') => write!(out, "{day_of_year:03}"),
+            Some('H') => write!(out, "{hour:02}"),
+            Some('I') => write!(out, "{:02}", (hour + 11) % 12 + 1),
+            Some('M') => write!(out, "{minute:02}"),
+            Some('S') => write!(out, "{second:02}"),
+            Some('p') => write!(out, "{}", if hour < 12 { "AM" } else { "PM" }),
+            Some('a') => write!(out, "{}", &DAYS[weekday][..3]),
+            Some('A') => write!(out, "{}", DAYS[weekday]),
+            Some('b') => write!(out, "{}", &month_name[..3]),
+            Some('B') => write!(out, "{month_name}"),
+            Some('%') => write!(out, "%"),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!(
+                        "strftime_now: unsupported directive %{}",
+                        other.map(String::from).unwrap_or_default()
+                    ),
+                ));
+            }
+        };
+    }
+    Ok(out)
+}
+
+fn is_leap(year: u64) -> bool {
+    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
+}
+
+/// Days from 1970-01-01 to the first day of `year` (>= 1970).
+fn days_before_year(year: u64) -> u64 {
+    (1970..year)
+        .map(|y| if is_leap(y) { 366 } else { 365 })
+        .sum()
+}
+
+/// (year, month 1-12, day 1-31) of the day `days` after 1970-01-01.
+fn civil_date(mut days: u64) -> (u64, u64, u64) {
+    let mut year = 1970;
+    loop {
+        let len = if is_leap(year) { 366 } else { 365 };
+        if days < len {
+            break;
+        }
+        days -= len;
+        year += 1;
+    }
+    let lengths = [
+        31,
+        if is_leap(year) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let mut month = 1;
+    for len in lengths {
+        if days < len {
+            break;
+        }
+        days -= len;
+        month += 1;
+    }
+    (year, month, days + 1)
+}
+
 fn json_string(s: &str) -> Result<String, Error> {
     serde_json::to_string(s)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))
@@ -264,6 +390,42 @@ mod tests {
 
     /// SmolLM2-135M-Instruct's `tokenizer.chat_template`.
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn strftime_matches_python_in_utc() {
+        // Python's datetime.fromtimestamp(t, timezone.utc).strftime(...) for each t.
+        let format = "%Y-%m-%d %y %e %j %H:%M:%S %I %p %a %A %b %B %%";
+        for (t, python) in [
+            (
+                0,
+                "1970-01-01 70  1 001 00:00:00 12 AM Thu Thursday Jan January %",
+            ),
+            (
+                951_829_261,
+                "2000-02-29 00 29 060 13:01:01 01 PM Tue Tuesday Feb February %",
+            ),
+            (
+                1_767_312_000,
+                "2026-01-02 26  2 002 00:00:00 12 AM Fri Friday Jan January %",
+            ),
+            (
+                4_102_444_799,
+                "2099-12-31 99 31 365 23:59:59 11 PM Thu Thursday Dec December %",
+            ),
+            (
+                1_709_251_199,
+                "2024-02-29 24 29 060 23:59:59 11 PM Thu Thursday Feb February %",
+            ),
+        ] {
+            assert_eq!(strftime(t, format).unwrap(), python, "t = {t}");
+        }
+        assert!(strftime(0, "%Q").is_err());
+        assert!(strftime(0, "trailing %").is_err());
+        // Through a template, today's date.
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap();
+        let year: u64 = t.render(&[], false, "", "").unwrap().parse().unwrap();
+        assert!(year >= 2024);
+    }
 
     #[test]
     fn smollm2_template_adds_default_system_prompt() {
