@@ -47,6 +47,8 @@ TEMPLATES = {
     "mistralai-Mistral-Nemo-Instruct-2407.jinja": {"calls": "mistral", "think": False},
     "meta-llama-Llama-3.1-8B-Instruct.jinja": {"calls": None, "think": False},
     "google-gemma-2-2b-it.jinja": {"calls": None, "think": False},
+    "Qwen3-Coder.jinja": {"calls": "qwen-xml", "think": False},
+    "Qwen3.5-4B.jinja": {"calls": "qwen-xml", "think": True},
 }
 
 # SmolLM2's special tokens: the engine tests render through it with the template replaced.
@@ -65,6 +67,25 @@ WEATHER = {
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["location"],
+        },
+    },
+}
+
+
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "description": "Sets an alarm.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                "loud": {"type": "boolean"},
+                "label": {"type": "string"},
+                "days": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["hour", "loud"],
         },
     },
 }
@@ -121,6 +142,15 @@ def cases(spec):
             {"role": "user", "content": "Weather in Paris and Lyon?"},
             {"role": "assistant", "content": None, "tool_calls": [
                 call("abcDEF123", "Paris"), call("ghiJKL456", "Lyon")]},
+        ]}))
+        out.append(("typed_call_turn", {"tools": [WEATHER, ALARM], "generation_prompt": False,
+                                         "messages": [
+            {"role": "user", "content": "Wake me at 7 on weekdays, loudly."},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "mnoPQR789", "type": "function", "function": {
+                    "name": "set_alarm",
+                    "arguments": json.dumps({"hour": 7, "loud": True, "label": "wake up",
+                                             "days": ["mon", "tue"]})}}]},
         ]}))
         if spec["think"]:
             out.append(("reasoned_call_turn", {"tools": [WEATHER], "generation_prompt": False,

@@ -1,6 +1,6 @@
 """The default model served with real chat templates, through the official OpenAI SDK.
 
-The templates are the ones Qwen3, DeepSeek-V3.1 and DeepSeek-R1 ship (copies from
+The templates are the ones Qwen3, Qwen3-Coder, DeepSeek-V3.1 and DeepSeek-R1 ship (copies from
 llama-cpp-python's source package, fetched by scripts/fetch-chat-templates); the server reads
 the call syntax and reasoning markers off each (`--chat-template-file`). The small model does
 not know these formats, so the calls are forced (`tool_choice`, constrained to the syntax and
@@ -28,6 +28,7 @@ FILES = {
     "qwen3": "Qwen-Qwen3-0.6B.jinja",
     "deepseek-v3.1": "deepseek-ai-DeepSeek-V3.1.jinja",
     "deepseek-r1": "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+    "qwen3-coder": "Qwen3-Coder.jinja",
 }
 
 
@@ -36,6 +37,7 @@ MARKERS = {
     "qwen3": '<tool_call>\n{"name":"get_weather","arguments":{',
     "deepseek-v3.1": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{",
     "deepseek-r1": "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{",
+    "qwen3-coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\n",
 }
 
 

@@ -383,6 +383,7 @@ fn encode(
                     .map(|_| match format.tool_calls {
                         ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
                         ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
+                        ToolCallFormat::QwenXml => CallSyntax::QwenXml,
                         _ => CallSyntax::Hermes,
                     });
             let forcing = tools
@@ -393,6 +394,7 @@ fn encode(
                 reasoning: format.reasoning.clone(),
                 reasoning_open: prompt.reasoning_open,
                 short_ids: format.short_call_ids,
+                string_params: tools.map(ToolPlan::string_parameters).unwrap_or_default(),
             };
             Ok(Encoded {
                 tokens: prompt.tokens,

@@ -12,6 +12,9 @@
 //! - Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, repeated;
 //! - Mistral: `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}` objects, or
 //!   `name[ARGS]{...}` (with `[CALL_ID]id` between in tokenizer v11), repeated;
+//! - Qwen3-Coder / Qwen3.5: `<tool_call>` `<function=name>`, `<parameter=key>` value
+//!   `</parameter>` repeated, `</function>` `</tool_call>` (parsed when the call is whole; a
+//!   value is text for a parameter the tool declares a string, else JSON);
 //! - DeepSeek: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>name<｜tool▁sep｜>
 //!   {...}<｜tool▁call▁end｜>` (V3.1 and later) or `<｜tool▁call▁begin｜>function<｜tool▁sep｜>
 //!   name` and the arguments in a ```` ```json ```` fence (V3 and R1), then
@@ -50,6 +53,7 @@ pub(crate) enum CallSyntax {
     Hermes,
     Mistral,
     DeepSeek,
+    QwenXml,
 }
 
 /// Hermes' closing marker.
@@ -58,7 +62,7 @@ const HERMES_CLOSE: &str = "</tool_call>";
 impl CallSyntax {
     fn marker(self) -> &'static str {
         match self {
-            CallSyntax::Hermes => "<tool_call>",
+            CallSyntax::Hermes | CallSyntax::QwenXml => "<tool_call>",
             CallSyntax::Mistral => "[TOOL_CALLS]",
             CallSyntax::DeepSeek => CALLS_BEGIN,
         }
@@ -67,7 +71,7 @@ impl CallSyntax {
     /// The markers after which content turns into calls.
     fn openers(self) -> &'static [&'static str] {
         match self {
-            CallSyntax::Hermes => &["<tool_call>"],
+            CallSyntax::Hermes | CallSyntax::QwenXml => &["<tool_call>"],
             CallSyntax::Mistral => &["[TOOL_CALLS]"],
             // A call without the section's opener is taken too.
             CallSyntax::DeepSeek => &[CALLS_BEGIN, CALL_BEGIN],
@@ -88,6 +92,9 @@ pub(crate) struct ParserSpec {
     pub(crate) reasoning_open: bool,
     /// Call ids of 9 alphanumerics (Mistral's) instead of `call_` and 24.
     pub(crate) short_ids: bool,
+    /// The (function, parameter) pairs the tools declare as strings: in Qwen's XML calls
+    /// their values are text, every other value is JSON.
+    pub(crate) string_params: Vec<(String, String)>,
 }
 
 impl ParserSpec {
@@ -357,6 +364,7 @@ impl OutputParser {
             CallSyntax::Hermes => parse_hermes(body, end),
             CallSyntax::Mistral => parse_mistral(body),
             CallSyntax::DeepSeek => parse_deepseek(body, end),
+            CallSyntax::QwenXml => parse_qwen_xml(body, end, &self.spec.string_params),
         };
         let head = lead + marker.len();
         self.open_call(out, opened, head, end)
@@ -959,6 +967,107 @@ fn parse_mistral(body: &str) -> Opened {
     }
 }
 
+/// A Qwen XML call after its `<tool_call>`: `<function=name>`, parameters, `</function>`,
+/// `</tool_call>`; parsed whole. At the `end` of the output a call whose name is known is
+/// given with the parameters that were complete.
+fn parse_qwen_xml(body: &str, end: bool, string_params: &[(String, String)]) -> Opened {
+    const FUNCTION: &str = "<function=";
+    const FUNCTION_END: &str = "</function>";
+    const PARAMETER: &str = "<parameter=";
+    const PARAMETER_END: &str = "</parameter>";
+    let lead = ws_len(body);
+    let text = &body[lead..];
+    let Some(after) = text.strip_prefix(FUNCTION) else {
+        return if FUNCTION.starts_with(text) {
+            Opened::NeedMore(None)
+        } else {
+            Opened::Invalid
+        };
+    };
+    let Some(close) = after.find('>') else {
+        return if after.len() > 256 {
+            Opened::Invalid
+        } else {
+            Opened::NeedMore(None)
+        };
+    };
+    let name = &after[..close];
+    if !crate::tools::is_function_name(name) {
+        return Opened::Invalid;
+    }
+    let params_at = lead + FUNCTION.len() + close + 1;
+    let mut at = params_at;
+    let mut arguments = serde_json::Map::new();
+    // The parameters, each whole; `complete` once `</function>` is read.
+    let complete = loop {
+        let rest = &body[at..];
+        let gap = ws_len(rest);
+        let rest = &rest[gap..];
+        if let Some(tail) = rest.strip_prefix(FUNCTION_END) {
+            at += gap + FUNCTION_END.len();
+            let _ = tail;
+            break true;
+        }
+        let Some(param) = rest.strip_prefix(PARAMETER) else {
+            if FUNCTION_END.starts_with(rest) || PARAMETER.starts_with(rest) {
+                break false;
+            }
+            return Opened::Invalid;
+        };
+        let (Some(key_end), Some(value_end)) = (param.find('>'), param.find(PARAMETER_END)) else {
+            break false;
+        };
+        if key_end > value_end {
+            return Opened::Invalid;
+        }
+        let key = &param[..key_end];
+        let raw = &param[key_end + 1..value_end];
+        // The template puts the value on its own lines.
+        let raw = raw.strip_prefix('\n').unwrap_or(raw);
+        let raw = raw.strip_suffix('\n').unwrap_or(raw);
+        let declared_string = string_params.iter().any(|(f, p)| f == name && p == key);
+        arguments.insert(key.to_owned(), xml_value(raw, declared_string));
+        at += gap + PARAMETER.len() + value_end + PARAMETER_END.len();
+    };
+    let call = (name.to_owned(), Value::Object(arguments).to_string());
+    if !complete {
+        return if end {
+            Opened::Whole(vec![call], body.len())
+        } else {
+            Opened::NeedMore(Some(name.to_owned()))
+        };
+    }
+    let rest = &body[at..];
+    let gap = ws_len(rest);
+    let rest = &rest[gap..];
+    if rest.starts_with(HERMES_CLOSE) {
+        Opened::Whole(vec![call], at + gap + HERMES_CLOSE.len())
+    } else if HERMES_CLOSE.starts_with(rest) {
+        if end {
+            Opened::Whole(vec![call], body.len())
+        } else {
+            Opened::NeedMore(Some(name.to_owned()))
+        }
+    } else {
+        Opened::Invalid
+    }
+}
+
+/// A parameter's value in Qwen's XML calls: text for a declared string; otherwise JSON (as
+/// the template writes objects, arrays and numbers), Python's `True`/`False`/`None` (as its
+/// `| string` writes them), else text.
+fn xml_value(raw: &str, declared_string: bool) -> Value {
+    if declared_string {
+        return Value::String(raw.to_owned());
+    }
+    match raw.trim() {
+        "True" => Value::Bool(true),
+        "False" => Value::Bool(false),
+        "None" => Value::Null,
+        trimmed => serde_json::from_str(trimmed).unwrap_or_else(|_| Value::String(raw.to_owned())),
+    }
+}
+
 /// A DeepSeek call after its `<｜tool▁call▁begin｜>`: `name<｜tool▁sep｜>{...}` (V3.1), or
 /// `function<｜tool▁sep｜>name` and a fenced ```` ```json ```` block (V3, R1).
 fn parse_deepseek(body: &str, _end: bool) -> Opened {
@@ -1393,6 +1502,7 @@ mod tests {
             reasoning: think.then(|| ("<think>".to_owned(), "</think>".to_owned())),
             reasoning_open: open,
             short_ids: false,
+            string_params: Vec::new(),
         }
     }
 
@@ -1477,6 +1587,42 @@ mod tests {
     }
 
     #[test]
+    fn qwen_xml_calls_typed_by_the_tools_at_every_split() {
+        let text = "Sure.\n<tool_call>\n<function=set_alarm>\n<parameter=hour>\n7\n</parameter>\n<parameter=loud>\nTrue\n</parameter>\n<parameter=label>\n07\n</parameter>\n<parameter=days>\n[\"mon\", \"tue\"]\n</parameter>\n<parameter=note>\ntwo\nlines\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=f>\n</function>\n</tool_call>";
+        let spec = ParserSpec {
+            calls: Some(CallSyntax::QwenXml),
+            string_params: vec![("set_alarm".to_owned(), "label".to_owned())],
+            ..ParserSpec::default()
+        };
+        let want = vec![
+            (
+                "set_alarm".to_owned(),
+                r#"{"hour":7,"loud":true,"label":"07","days":["mon","tue"],"note":"two\nlines"}"#
+                    .to_owned(),
+            ),
+            ("f".to_owned(), "{}".to_owned()),
+        ];
+        for step in (1..=30).chain([text.len()]) {
+            let (_, c, calls) = parse(spec.clone(), text, step);
+            assert_eq!(c, "Sure.\n", "step {step}");
+            assert_eq!(calls, want, "step {step}");
+        }
+        // Cut by max_tokens: the complete parameters are kept, no markup becomes content.
+        let cut =
+            "<tool_call>\n<function=set_alarm>\n<parameter=hour>\n7\n</parameter>\n<parameter=lo";
+        let (_, c, calls) = parse(spec.clone(), cut, 4);
+        assert_eq!(c, "");
+        assert_eq!(
+            calls,
+            vec![("set_alarm".to_owned(), r#"{"hour":7}"#.to_owned())]
+        );
+        // Hermes JSON after the marker is not this syntax: content.
+        let hermes = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
+        let (_, c, calls) = parse(spec, hermes, 3);
+        assert_eq!((c.as_str(), calls.len()), (hermes, 0));
+    }
+
+    #[test]
     fn deepseek_markup_never_leaks_into_content() {
         let s = || spec(Some(CallSyntax::DeepSeek), false, false);
         // Cut by max_tokens inside the arguments, inside the name, inside a marker.
@@ -1523,6 +1669,7 @@ mod tests {
             reasoning: Some(("[THINK]".to_owned(), "[/THINK]".to_owned())),
             reasoning_open: false,
             short_ids: true,
+            string_params: Vec::new(),
         };
         let text = "[THINK]weather needed[/THINK][TOOL_CALLS]get[ARGS]{\"city\": \"Lyon\"}";
         for step in [1, 3, 7, text.len()] {

@@ -177,6 +177,38 @@ impl ToolPlan {
     }
 
     /// The grammar that forces the call(s) `tool_choice` asks for, in the model's syntax;
+    /// The (function, parameter) pairs whose schema declares a string (`"type": "string"`,
+    /// or a list of types whose only non-null one is `"string"`).
+    pub(crate) fn string_parameters(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for tool in &self.tools {
+            let Some(name) = function_name(tool) else {
+                continue;
+            };
+            let properties = tool
+                .pointer("/function/parameters/properties")
+                .and_then(Value::as_object);
+            for (key, schema) in properties.into_iter().flatten() {
+                let is_string = match schema.get("type") {
+                    Some(Value::String(t)) => t == "string",
+                    Some(Value::Array(types)) => {
+                        let kinds: Vec<&str> = types
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .filter(|t| *t != "null")
+                            .collect();
+                        kinds == ["string"]
+                    }
+                    _ => false,
+                };
+                if is_string {
+                    out.push((name.to_owned(), key.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// `None` when the model is free. `token_id` finds the model's control tokens.
     pub(crate) fn forcing_grammar(
         &self,
@@ -274,6 +306,42 @@ impl ToolPlan {
                     engine::finite_json_schema(list)
                 )
             }
+            ToolCallFormat::QwenXml => {
+                let alts: Vec<String> = functions
+                    .iter()
+                    .map(|(name, params)| {
+                        let required: Vec<&str> = params
+                            .get("required")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .collect();
+                        let properties = params.get("properties").and_then(Value::as_object);
+                        let mut parts = Vec::new();
+                        for (key, schema) in properties.into_iter().flatten() {
+                            let value = xml_value_rule(schema);
+                            let part = format!(
+                                "{} {value} {}",
+                                lark_string(&format!("<parameter={key}>\n")),
+                                lark_string("\n</parameter>\n"),
+                            );
+                            parts.push(if required.contains(&key.as_str()) {
+                                part
+                            } else {
+                                format!("({part})?")
+                            });
+                        }
+                        format!(
+                            "{} {} {}",
+                            lark_string(&format!("<tool_call>\n<function={name}>\n")),
+                            parts.join(" "),
+                            lark_string("</function>\n</tool_call>"),
+                        )
+                    })
+                    .collect();
+                format!("start: call{repeat}\ncall: {}\n", alts.join(" | "))
+            }
             ToolCallFormat::DeepSeek { fenced } => {
                 use engine::deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
                 let alts: Vec<String> = functions
@@ -313,6 +381,31 @@ impl ToolPlan {
             _ => return None,
         };
         Some(ConstraintSpec::Lark(grammar))
+    }
+}
+
+/// The Lark rule for one parameter's value in Qwen's XML calls: a string's text (its enum's
+/// values, or characters other than `<` within its length bounds), any other schema as JSON.
+fn xml_value_rule(schema: &Value) -> String {
+    if schema.get("type").and_then(Value::as_str) != Some("string") {
+        return format!("%json {}", engine::finite_json_schema(schema.clone()));
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        let literals: Vec<String> = values
+            .iter()
+            .filter_map(Value::as_str)
+            .map(lark_string)
+            .collect();
+        if !literals.is_empty() {
+            return format!("({})", literals.join(" | "));
+        }
+    }
+    let bound = |key: &str| schema.get(key).and_then(Value::as_u64);
+    let min = bound("minLength").unwrap_or(0).min(4096);
+    match bound("maxLength") {
+        Some(max) => format!("/[^<]{{{min},{}}}/", max.clamp(min, 4096)),
+        None if min > 0 => format!("/[^<]{{{min},}}/"),
+        None => "/[^<]*/".to_owned(),
     }
 }
 

@@ -67,6 +67,10 @@ pub enum ToolCallFormat {
     /// Hermes/Qwen's: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the tools
     /// rendered by the model's own template.
     Hermes,
+    /// Qwen3-Coder's and Qwen3.5's XML inside `<tool_call>`: `<function=name>`, then each
+    /// argument as `<parameter=key>` value `</parameter>` (text for strings, JSON otherwise),
+    /// `</function>`, `</tool_call>`; the tools rendered by the template.
+    QwenXml,
     /// DeepSeek's: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>name<｜tool▁sep｜>
     /// {arguments}<｜tool▁call▁end｜>` (DeepSeek-V3.1 and later), or with `fenced`
     /// `<｜tool▁call▁begin｜>function<｜tool▁sep｜>name` and the arguments in a fenced
@@ -134,6 +138,8 @@ pub(crate) fn detect(text: &TextTokenizer, template: Option<&ChatTemplate>) -> C
             ToolCallFormat::DeepSeek {
                 fenced: source.contains("```json"),
             }
+        } else if source.contains("<function=") && source.contains("<parameter=") {
+            ToolCallFormat::QwenXml
         } else if source.contains("[TOOL_CALLS]") {
             ToolCallFormat::Mistral {
                 named: source.contains("[ARGS]"),

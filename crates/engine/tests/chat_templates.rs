@@ -1,6 +1,6 @@
 //! Real chat templates render what transformers renders.
 //!
-//! The templates (Qwen3, QwQ, Qwen2.5, DeepSeek-V3.1, DeepSeek-R1, Ministral 3 reasoning,
+//! The templates (Qwen3, Qwen3-Coder, Qwen3.5, QwQ, Qwen2.5, DeepSeek-V3.1, DeepSeek-R1, Ministral 3 reasoning,
 //! Mistral Small 3.2, Devstral, Mistral Nemo, Llama 3.1, Gemma 2) come from llama-cpp-python's
 //! source package (`scripts/fetch-chat-templates`); `scripts/golden/chat_templates.py` rendered
 //! each conversation of `tests/golden/chat_templates.json` with transformers'
@@ -88,6 +88,7 @@ fn real_chat_templates_render_as_transformers_does() {
         let format = engine.chat_format();
         let calls = match format.tool_calls {
             ToolCallFormat::Hermes => "hermes",
+            ToolCallFormat::QwenXml => "qwen-xml",
             ToolCallFormat::Mistral { .. } => "mistral",
             ToolCallFormat::DeepSeek { .. } => "deepseek",
             ToolCallFormat::Prompted => "prompted",

@@ -1,7 +1,8 @@
 //! Tool calls and reasoning as real chat templates write them come back out of the output
 //! parser as the calls and reasoning that were written.
 //!
-//! For each assistant turn of `crates/engine/tests/golden/chat_templates.json` (Qwen3, QwQ,
+//! For each assistant turn of `crates/engine/tests/golden/chat_templates.json` (Qwen3,
+//! Qwen3-Coder, Qwen3.5, QwQ,
 //! Qwen2.5, DeepSeek-V3.1, DeepSeek-R1, Ministral 3 reasoning, Mistral Small 3.2, Devstral,
 //! Mistral Nemo; the templates from `scripts/fetch-chat-templates`), the template renders the
 //! conversation with and without that turn, as transformers renders it (the golden's hash is
@@ -62,6 +63,7 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
         let syntax = match format.tool_calls {
             ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
             ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
+            ToolCallFormat::QwenXml => CallSyntax::QwenXml,
             _ => CallSyntax::Hermes,
         };
         for case in entry["cases"].as_array().expect("cases") {
@@ -159,12 +161,17 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
             let written = turn["reasoning_content"]
                 .as_str()
                 .filter(|r| generated.contains(r));
+            let string_params = crate::tools::plan(case.get("tools"), None, None)
+                .expect("tools")
+                .map(|p| p.string_parameters())
+                .unwrap_or_default();
             let spec = ParserSpec {
                 calls: Some(syntax),
                 single_call: false,
                 reasoning: format.reasoning.clone(),
                 reasoning_open,
                 short_ids: format.short_call_ids,
+                string_params,
             };
             for step in (1..=24).chain([generated.len()]) {
                 let (r, c, calls) = parse(spec.clone(), generated, step);
@@ -183,5 +190,15 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
             turns += 1;
         }
     }
-    assert!(turns >= 15, "only {turns} turns");
+    let expected = g["templates"]
+        .as_object()
+        .expect("templates")
+        .values()
+        .flat_map(|t| t["cases"].as_array().expect("cases"))
+        .filter(|c| c["generation_prompt"] == false)
+        .count();
+    assert!(
+        turns == expected && turns >= 30,
+        "{turns} of {expected} turns"
+    );
 }
