@@ -38,44 +38,113 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cands: Vec<(u32, f32)> = logits
+        let inv_t = 1.0 / self.params.temperature;
+        let Some(max) = logits
             .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l))
+            .copied()
+            .filter(|l| l.is_finite())
+            .max_by(f32::total_cmp)
+        else {
+            return argmax(logits);
+        };
+        let finite = || {
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l))
+        };
+        let weight = |l: f32| ((l - max) * inv_t).exp();
+        let (top_k, top_p, min_p) = (self.params.top_k, self.params.top_p, self.params.min_p);
+        if top_k > 0 {
+            // The k best, found without sorting the vocabulary, then sorted.
+            let mut cands: Vec<(u32, f32)> = finite().collect();
+            if top_k < cands.len() {
+                cands.select_nth_unstable_by(top_k - 1, |a, b| b.1.total_cmp(&a.1));
+                cands.truncate(top_k);
+            }
+            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+            let mass = cands.iter().map(|c| weight(c.1)).sum();
+            return self.pick_sorted(&cands, &weight, mass);
+        }
+        // Every candidate's weight relative to the best (1 for it), once; banned tokens 0.
+        let weights: Vec<f32> = logits
+            .iter()
+            .map(|&l| if l.is_finite() { weight(l) } else { 0.0 })
+            .collect();
+        let mass: f32 = weights.iter().sum();
+        if top_p >= 1.0 && min_p <= 0.0 {
+            // Nothing is cut: a draw over the whole distribution, in vocabulary order.
+            let mut r = self.rng.r#gen::<f32>() * mass;
+            let mut last = None;
+            for (id, &w) in weights.iter().enumerate() {
+                if w > 0.0 {
+                    r -= w;
+                    last = Some(id as u32);
+                    if r <= 0.0 {
+                        return id as u32;
+                    }
+                }
+            }
+            return last.unwrap_or_else(|| argmax(logits));
+        }
+        // Only the candidates the cut can keep are sorted: those above min-p's floor, and for
+        // top-p a floor low enough that what lies above it holds top-p of the mass (every
+        // weight above a floor comes before every weight below it in the sorted order).
+        const FLOORS: [f32; 6] = [1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 0.0];
+        let mut floor = min_p.max(0.0);
+        if top_p < 1.0 {
+            // The mass at or above each floor, in one pass.
+            let mut above = [0.0f32; FLOORS.len()];
+            for &w in &weights {
+                if let Some(j) = FLOORS.iter().position(|&f| w >= f) {
+                    above[j] += w;
+                }
+            }
+            let target = top_p * mass;
+            let mut cum = 0.0;
+            for (j, &f) in FLOORS.iter().enumerate() {
+                cum += above[j];
+                if cum >= target || f == 0.0 {
+                    floor = floor.max(f);
+                    break;
+                }
+            }
+        }
+        let mut cands: Vec<(u32, f32)> = finite()
+            .filter(|&(i, _)| weights[i as usize] >= floor)
             .collect();
         if cands.is_empty() {
             return argmax(logits);
         }
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if self.params.top_k > 0 {
-            cands.truncate(self.params.top_k);
-        }
-        // Probabilities at the requested temperature, sorted descending.
-        let max = cands[0].1;
-        let inv_t = 1.0 / self.params.temperature;
-        let mut probs: Vec<f32> = cands.iter().map(|c| ((c.1 - max) * inv_t).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        let mut keep = probs.len();
+        self.pick_sorted(&cands, &weight, mass)
+    }
+
+    /// The draw over candidates sorted best first, after top-p (against `mass`, the weight
+    /// of every candidate, sorted or not) and min-p (against the best's weight) cut them.
+    fn pick_sorted(&mut self, cands: &[(u32, f32)], weight: &dyn Fn(f32) -> f32, mass: f32) -> u32 {
+        let weights: Vec<f32> = cands.iter().map(|c| weight(c.1)).collect();
+        let mut keep = weights.len();
         if self.params.top_p < 1.0 {
+            let target = self.params.top_p * mass;
             let mut cum = 0.0;
-            for (i, p) in probs.iter().enumerate() {
-                cum += p;
-                if cum >= self.params.top_p {
+            for (i, w) in weights.iter().enumerate() {
+                cum += w;
+                if cum >= target {
                     keep = keep.min(i + 1);
                     break;
                 }
             }
         }
         if self.params.min_p > 0.0 {
-            let floor = probs[0] * self.params.min_p;
-            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+            let floor = weights[0] * self.params.min_p;
+            keep = keep.min(weights.iter().take_while(|&&w| w >= floor).count().max(1));
         }
-        let total: f32 = probs[..keep].iter().sum();
+        let total: f32 = weights[..keep].iter().sum();
         let mut r = self.rng.r#gen::<f32>() * total;
-        for (i, p) in probs[..keep].iter().enumerate() {
-            r -= p;
+        for (i, w) in weights[..keep].iter().enumerate() {
+            r -= w;
             if r <= 0.0 {
                 return cands[i].0;
             }
@@ -248,6 +317,113 @@ mod tests {
         }
         // Expect 1/3 and 2/3; 4000 draws give a standard deviation of about 30.
         assert!((1200..1470).contains(&hits[0]), "{hits:?}");
+    }
+
+    /// The distribution llama.cpp's chain (and this sampler before it stopped sorting the
+    /// vocabulary) draws from: every candidate sorted, top-k, softmax at the temperature,
+    /// top-p, min-p, renormalised.
+    fn reference(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        cands.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            cands.truncate(p.top_k);
+        }
+        let max = f64::from(cands[0].1);
+        let t = f64::from(p.temperature);
+        let w: Vec<f64> = cands
+            .iter()
+            .map(|c| ((f64::from(c.1) - max) / t).exp())
+            .collect();
+        let sum: f64 = w.iter().sum();
+        let mut keep = w.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, x) in w.iter().enumerate() {
+                cum += x / sum;
+                if cum >= f64::from(p.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let n = w
+                .iter()
+                .take_while(|&&x| x >= w[0] * f64::from(p.min_p))
+                .count();
+            keep = keep.min(n.max(1));
+        }
+        let total: f64 = w[..keep].iter().sum();
+        (0..keep).map(|i| (cands[i].0, w[i] / total)).collect()
+    }
+
+    #[test]
+    fn every_cut_draws_from_the_reference_distribution() {
+        use rand::rngs::StdRng;
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut configs = 0;
+        for (top_k, top_p, min_p) in [
+            (0, 1.0, 0.0),
+            (0, 0.9, 0.0),
+            (0, 0.5, 0.0),
+            (0, 1.0, 0.05),
+            (0, 0.95, 0.05),
+            (40, 1.0, 0.0),
+            (5, 0.8, 0.0),
+            (3, 1.0, 0.3),
+            (0, 0.999, 0.0),
+        ] {
+            for temperature in [0.6f32, 1.0, 1.7] {
+                // Peaked and flat vocabularies of 300 tokens, some banned (-inf).
+                let spread = if configs % 2 == 0 { 2.0 } else { 6.0 };
+                let mut logits: Vec<f32> = (0..300).map(|_| rng.r#gen::<f32>() * spread).collect();
+                logits[17] = f32::NEG_INFINITY;
+                let p = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: Some(configs as u64),
+                    ..SamplingParams::default()
+                };
+                let finite: Vec<f32> = logits.iter().copied().filter(|l| l.is_finite()).collect();
+                let want = reference(&finite, &p);
+                // The reference's ids index the finite logits; map them back.
+                let ids: Vec<u32> = (0..logits.len() as u32)
+                    .filter(|&i| logits[i as usize].is_finite())
+                    .collect();
+                let mut expected = vec![0.0f64; logits.len()];
+                for (i, prob) in want {
+                    expected[ids[i as usize] as usize] = prob;
+                }
+                let mut s = Sampler::new(p);
+                let draws = 20_000;
+                let mut hits = vec![0usize; logits.len()];
+                for _ in 0..draws {
+                    hits[s.sample(&mut logits.clone(), &[], 0) as usize] += 1;
+                }
+                for (id, (&h, &e)) in hits.iter().zip(&expected).enumerate() {
+                    let freq = h as f64 / f64::from(draws);
+                    // Never a token the reference cuts; frequencies within 5 standard
+                    // deviations of 20,000 draws (at most 0.0177).
+                    assert!(
+                        e > 0.0 || h == 0,
+                        "token {id} drawn {h} times but cut ({top_k}, {top_p}, {min_p}, {temperature})"
+                    );
+                    let sd = (e * (1.0 - e) / f64::from(draws)).sqrt();
+                    assert!(
+                        (freq - e).abs() <= 5.0 * sd + 1e-4,
+                        "token {id}: {freq} drawn against {e} ({top_k}, {top_p}, {min_p}, {temperature})"
+                    );
+                }
+                configs += 1;
+            }
+        }
+        assert_eq!(configs, 27);
     }
 
     #[test]
