@@ -26,7 +26,9 @@
 //! call cannot be taken back:
 //! - Hermes and Mistral's list: the object opens as `{"name": "<function name>",
 //!   "arguments": {` (or `"parameters"`), the name complete and a valid function name;
-//! - Mistral's `name[ARGS]{`: the name valid and the arguments an object.
+//! - Mistral's `name[ARGS]{`: the name valid and the arguments an object;
+//! - DeepSeek's `name<｜tool▁sep｜>{` (or `function<｜tool▁sep｜>name` and the fence's
+//!   opening, then `{`): the name valid and the arguments an object.
 //!
 //! A started call's arguments are the model's JSON text without the whitespace between its
 //! tokens (the same value, compact, in the model's key order), checked byte by byte: what is
@@ -37,8 +39,9 @@
 //! Text that looks like a call but does not parse before the call started stays content,
 //! as vLLM does. Once a call started, its markup never becomes content: if the JSON breaks
 //! (or the closing `</tool_call>` does not follow), the call ends with the arguments it had,
-//! and what follows is dropped up to the call's closing marker (`</tool_call>`, or the next
-//! `[TOOL_CALLS]` in Mistral's syntax, which has none).
+//! and what follows is dropped up to the call's closing marker (`</tool_call>`,
+//! `<｜tool▁call▁end｜>` or `<｜tool▁calls▁end｜>`, or the next `[TOOL_CALLS]` in Mistral's
+//! syntax, which has none).
 //!
 //! When the output ends inside a call (`max_tokens`), the markup is not content either: a
 //! call whose name is known is given out with the arguments generated so far (the finish
@@ -375,8 +378,8 @@ impl OutputParser {
     fn deepseek_calls(&mut self, out: &mut Vec<Piece>, end: bool) -> bool {
         let lead = ws_len(&self.buf);
         let rest = &self.buf[lead..];
-        // The section's opener, a call parsed whole's closing, or the section's end.
-        for (marker, last) in [(CALLS_BEGIN, false), (CALL_END, false), (CALLS_END, true)] {
+        // A call parsed whole's closing, or the section's end.
+        for (marker, last) in [(CALL_END, false), (CALLS_END, true)] {
             if rest.starts_with(marker) {
                 self.buf.drain(..lead + marker.len());
                 if last {
@@ -386,9 +389,30 @@ impl OutputParser {
                 return true;
             }
         }
-        if let Some(body) = rest.strip_prefix(CALL_BEGIN) {
+        // The section's opener stays until the call after it is known, so that what does not
+        // parse stays content with it.
+        let (skip, call) = match rest.strip_prefix(CALLS_BEGIN) {
+            Some(after) => {
+                let gap = ws_len(after);
+                (CALLS_BEGIN.len() + gap, &after[gap..])
+            }
+            None => (0, rest),
+        };
+        if let Some(body) = call.strip_prefix(CALL_BEGIN) {
             let opened = parse_deepseek(body, end);
-            return self.open_call(out, opened, lead + CALL_BEGIN.len(), end);
+            return self.open_call(out, opened, lead + skip + CALL_BEGIN.len(), end);
+        }
+        if skip > 0 {
+            if CALL_BEGIN.starts_with(call) {
+                if end {
+                    // Cut (`max_tokens`) inside the first call's marker: markup.
+                    self.buf.clear();
+                }
+                return false;
+            }
+            self.gave_up = true;
+            self.mode = Mode::Content;
+            return true;
         }
         let partial = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END]
             .iter()
@@ -564,10 +588,35 @@ impl OutputParser {
                 self.buf.drain(..at);
                 true
             }
+            Inside::Skip if self.spec.calls == Some(CallSyntax::DeepSeek) => {
+                // Up to the call's closing, or to the section's end if it comes first (which
+                // `deepseek_calls` then takes).
+                let call_end = self.buf.find(CALL_END);
+                let calls_end = self.buf.find(CALLS_END);
+                match (call_end, calls_end) {
+                    (Some(a), Some(b)) if b < a => {
+                        self.buf.drain(..b);
+                        true
+                    }
+                    (Some(a), _) => {
+                        self.buf.drain(..a + CALL_END.len());
+                        true
+                    }
+                    (None, Some(b)) => {
+                        self.buf.drain(..b);
+                        true
+                    }
+                    (None, None) => {
+                        let safe = safe_len(&self.buf, &[CALL_END, CALLS_END]);
+                        self.buf.drain(..safe);
+                        self.mode = Mode::Call(Inside::Skip);
+                        false
+                    }
+                }
+            }
             Inside::Skip => {
                 let close = match self.spec.calls {
                     Some(CallSyntax::Mistral) => CallSyntax::Mistral.marker(),
-                    Some(CallSyntax::DeepSeek) => CALL_END,
                     _ => HERMES_CLOSE,
                 };
                 match self.buf.find(close) {
@@ -1070,7 +1119,7 @@ fn xml_value(raw: &str, declared_string: bool) -> Value {
 
 /// A DeepSeek call after its `<｜tool▁call▁begin｜>`: `name<｜tool▁sep｜>{...}` (V3.1), or
 /// `function<｜tool▁sep｜>name` and a fenced ```` ```json ```` block (V3, R1).
-fn parse_deepseek(body: &str, _end: bool) -> Opened {
+fn parse_deepseek(body: &str, end: bool) -> Opened {
     let Some(sep) = body.find(SEP) else {
         return if body.contains(CALL_END) || body.len() > 256 {
             Opened::Invalid
@@ -1139,10 +1188,13 @@ fn parse_deepseek(body: &str, _end: bool) -> Opened {
                 };
                 let mut taken = json_at + used;
                 if fenced {
+                    // The fence's end is part of the call: wait for it.
                     let rest = &body[taken..];
                     let lead = ws_len(rest);
                     if rest[lead..].starts_with("```") {
                         taken += lead + 3;
+                    } else if "```".starts_with(&rest[lead..]) && !end {
+                        return Opened::NeedMore(Some(name.to_owned()));
                     }
                 }
                 Opened::Whole(vec![(name.to_owned(), arguments)], taken)
@@ -1620,6 +1672,34 @@ mod tests {
         let hermes = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
         let (_, c, calls) = parse(spec, hermes, 3);
         assert_eq!((c.as_str(), calls.len()), (hermes, 0));
+    }
+
+    #[test]
+    fn deepseek_edge_cases_at_every_split() {
+        let s = || spec(Some(CallSyntax::DeepSeek), false, false);
+        // The R1 form with arguments given as a JSON string: the fence's end waits.
+        let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n\"{\\\"a\\\": 1}\"\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>Done.";
+        // An opener followed by no call stays content, opener included.
+        let not_a_call = "<｜tool▁calls▁begin｜>Sorry, no tool fits.";
+        // A broken call closed by the section's end only: what follows is content.
+        let broken = "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{\"a\": ]<｜tool▁calls▁end｜>Then text.";
+        for step in 1..=text.len() {
+            let (_, c, calls) = parse(s(), text, step);
+            assert_eq!(c, "Done.", "step {step}");
+            assert_eq!(
+                calls,
+                vec![("f".to_owned(), "{\"a\": 1}".to_owned())],
+                "step {step}"
+            );
+            if step <= not_a_call.len() {
+                let (_, c, calls) = parse(s(), not_a_call, step);
+                assert_eq!((c.as_str(), calls.len()), (not_a_call, 0), "step {step}");
+            }
+            if step <= broken.len() {
+                let (_, c, calls) = parse(s(), broken, step);
+                assert_eq!((c.as_str(), calls.len()), ("Then text.", 1), "step {step}");
+            }
+        }
     }
 
     #[test]

@@ -176,9 +176,7 @@ impl ToolPlan {
         }
     }
 
-    /// The grammar that forces the call(s) `tool_choice` asks for, in the model's syntax;
-    /// The (function, parameter) pairs whose schema declares a string (`"type": "string"`,
-    /// or a list of types whose only non-null one is `"string"`).
+    /// The (function, parameter) pairs whose schema declares a string ([`declares_string`]).
     pub(crate) fn string_parameters(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for tool in &self.tools {
@@ -189,19 +187,7 @@ impl ToolPlan {
                 .pointer("/function/parameters/properties")
                 .and_then(Value::as_object);
             for (key, schema) in properties.into_iter().flatten() {
-                let is_string = match schema.get("type") {
-                    Some(Value::String(t)) => t == "string",
-                    Some(Value::Array(types)) => {
-                        let kinds: Vec<&str> = types
-                            .iter()
-                            .filter_map(Value::as_str)
-                            .filter(|t| *t != "null")
-                            .collect();
-                        kinds == ["string"]
-                    }
-                    _ => false,
-                };
-                if is_string {
+                if declares_string(schema) {
                     out.push((name.to_owned(), key.clone()));
                 }
             }
@@ -209,6 +195,7 @@ impl ToolPlan {
         out
     }
 
+    /// The grammar that forces the call(s) `tool_choice` asks for, in the model's syntax;
     /// `None` when the model is free. `token_id` finds the model's control tokens.
     pub(crate) fn forcing_grammar(
         &self,
@@ -307,6 +294,9 @@ impl ToolPlan {
                 )
             }
             ToolCallFormat::QwenXml => {
+                // A string's value and its closing are one lazy terminal each (a value
+                // regex followed by the closing literal would swallow the newline).
+                let mut terminals = String::new();
                 let alts: Vec<String> = functions
                     .iter()
                     .map(|(name, params)| {
@@ -320,12 +310,17 @@ impl ToolPlan {
                         let properties = params.get("properties").and_then(Value::as_object);
                         let mut parts = Vec::new();
                         for (key, schema) in properties.into_iter().flatten() {
-                            let value = xml_value_rule(schema);
-                            let part = format!(
-                                "{} {value} {}",
-                                lark_string(&format!("<parameter={key}>\n")),
-                                lark_string("\n</parameter>\n"),
-                            );
+                            let close = lark_string("\n</parameter>\n");
+                            let value = match xml_string_terminal(schema) {
+                                Some(regex) => {
+                                    let rule = format!("text{}", terminals.lines().count());
+                                    terminals.push_str(&format!("{rule}[lazy]: {regex}\n"));
+                                    rule
+                                }
+                                None => format!("{} {close}", xml_value_rule(schema)),
+                            };
+                            let part =
+                                format!("{} {value}", lark_string(&format!("<parameter={key}>\n")));
                             parts.push(if required.contains(&key.as_str()) {
                                 part
                             } else {
@@ -340,7 +335,10 @@ impl ToolPlan {
                         )
                     })
                     .collect();
-                format!("start: call{repeat}\ncall: {}\n", alts.join(" | "))
+                format!(
+                    "start: call{repeat}\ncall: {}\n{terminals}",
+                    alts.join(" | ")
+                )
             }
             ToolCallFormat::DeepSeek { fenced } => {
                 use engine::deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
@@ -384,13 +382,49 @@ impl ToolPlan {
     }
 }
 
-/// The Lark rule for one parameter's value in Qwen's XML calls: a string's text (its enum's
-/// values, or characters other than `<` within its length bounds), any other schema as JSON.
-fn xml_value_rule(schema: &Value) -> String {
-    if schema.get("type").and_then(Value::as_str) != Some("string") {
-        return format!("%json {}", engine::finite_json_schema(schema.clone()));
+/// Whether a parameter's schema declares a string: `"type": "string"`, or a list of types
+/// whose only non-null one is `"string"`. In Qwen's XML calls such a value is written as text.
+fn declares_string(schema: &Value) -> bool {
+    match schema.get("type") {
+        Some(Value::String(t)) => t == "string",
+        Some(Value::Array(types)) => {
+            let kinds: Vec<&str> = types
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|t| *t != "null")
+                .collect();
+            kinds == ["string"]
+        }
+        _ => false,
     }
-    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+}
+
+/// For a string parameter without an `enum`: the regex (Lark `/.../`) of its text and the
+/// parameter's closing. The text never holds `</` (the parser ends a value at the first
+/// `</parameter>`); within length bounds, when the schema sets them, it holds no `<` at all
+/// (so that the bounds count characters).
+fn xml_string_terminal(schema: &Value) -> Option<String> {
+    if !declares_string(schema) || schema.get("enum").is_some() {
+        return None;
+    }
+    let bound = |key: &str| schema.get(key).and_then(Value::as_u64);
+    let text = match (bound("minLength"), bound("maxLength")) {
+        (None, None) => r"(?:[^<]|<[^\/])*".to_owned(),
+        (min, max) => {
+            let min = min.unwrap_or(0).min(4096);
+            let max = max.map_or(String::new(), |m| m.clamp(min, 4096).to_string());
+            format!("[^<]{{{min},{max}}}")
+        }
+    };
+    Some(format!(r"/{text}\n<\/parameter>\n/"))
+}
+
+/// The Lark rule for a non-text parameter value in Qwen's XML calls: a string enum's values
+/// as literals, any other schema as JSON.
+fn xml_value_rule(schema: &Value) -> String {
+    if let Some(values) = schema.get("enum").and_then(Value::as_array)
+        && declares_string(schema)
+    {
         let literals: Vec<String> = values
             .iter()
             .filter_map(Value::as_str)
@@ -400,13 +434,7 @@ fn xml_value_rule(schema: &Value) -> String {
             return format!("({})", literals.join(" | "));
         }
     }
-    let bound = |key: &str| schema.get(key).and_then(Value::as_u64);
-    let min = bound("minLength").unwrap_or(0).min(4096);
-    match bound("maxLength") {
-        Some(max) => format!("/[^<]{{{min},{}}}/", max.clamp(min, 4096)),
-        None if min > 0 => format!("/[^<]{{{min},}}/"),
-        None => "/[^<]*/".to_owned(),
-    }
+    format!("%json {}", engine::finite_json_schema(schema.clone()))
 }
 
 /// A Lark string literal for `text`.
@@ -427,6 +455,102 @@ mod tests {
         json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                            "required": ["city"]}}}])
+    }
+
+    /// The forcing grammar of a required call to `get_weather` (a bounded string, an enum, an
+    /// optional integer, a nullable string) in `format`'s syntax, markers as text.
+    fn forced(format: ToolCallFormat) -> String {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1},
+                "note": {"type": ["string", "null"]}},
+            "required": ["city", "unit"]}}}]);
+        let plan = plan(Some(&tools), Some(&json!("required")), Some(false))
+            .unwrap()
+            .unwrap();
+        let format = ChatFormat {
+            tool_calls: format,
+            reasoning: None,
+            short_call_ids: false,
+        };
+        match plan.forcing_grammar(&format, &|_| None) {
+            Some(ConstraintSpec::Lark(lark)) => lark,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn forced_calls_accept_what_the_templates_write() {
+        let accepts = |lark: &str, text: &str| {
+            engine::lark_accepts(lark, text).unwrap_or_else(|e| panic!("{e}\n{lark}"))
+        };
+        let xml = forced(ToolCallFormat::QwenXml);
+        let call = |params: &str| {
+            format!("<tool_call>\n<function=get_weather>\n{params}</function>\n</tool_call>")
+        };
+        let p = |k: &str, v: &str| format!("<parameter={k}>\n{v}\n</parameter>\n");
+        for (params, ok) in [
+            (p("city", "Paris") + &p("unit", "celsius"), true),
+            (p("city", "") + &p("unit", "fahrenheit"), true),
+            (
+                p("city", "a b c\nd") + &p("unit", "celsius") + &p("days", "3"),
+                true,
+            ),
+            (p("city", "a<b") + &p("unit", "celsius"), false),
+            (
+                p("city", "Paris") + &p("unit", "celsius") + &p("note", "x < y <b>"),
+                true,
+            ),
+            (
+                p("city", "Paris") + &p("unit", "celsius") + &p("note", "a</b>"),
+                false,
+            ),
+            (
+                p("city", "Paris") + &p("unit", "celsius") + &p("note", "two\nlines"),
+                true,
+            ),
+            (p("city", &"x".repeat(40)) + &p("unit", "celsius"), true),
+            (p("city", &"x".repeat(41)) + &p("unit", "celsius"), false),
+            (p("unit", "celsius"), false),
+            (p("city", "Paris") + &p("unit", "kelvin"), false),
+            (
+                p("city", "Paris") + &p("unit", "celsius") + &p("days", "three"),
+                false,
+            ),
+        ] {
+            assert_eq!(accepts(&xml, &call(&params)), ok, "{params:?}\n{xml}");
+        }
+        // Forced JSON is compact (no free whitespace, `finite_json_schema`).
+        let args = r#"{"city":"Paris","unit":"celsius"}"#;
+        let v31 = forced(ToolCallFormat::DeepSeek { fenced: false });
+        assert!(accepts(
+            &v31,
+            &format!(
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{args}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            )
+        ));
+        let r1 = forced(ToolCallFormat::DeepSeek { fenced: true });
+        assert!(accepts(
+            &r1,
+            &format!(
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{args}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            )
+        ));
+        assert!(!accepts(
+            &r1,
+            &format!(
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{args}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            )
+        ));
+        let hermes = forced(ToolCallFormat::Hermes);
+        assert!(accepts(
+            &hermes,
+            &format!(
+                "<tool_call>\n{{\"name\":\"get_weather\",\"arguments\":{args}}}\n</tool_call>\n"
+            )
+        ));
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl ChatEncoder {
             ToolCallFormat::Prompted => (prompted_messages(request), None),
             // DeepSeek's templates write calls and results but do not describe the tools:
             // they are described in the system message, in the syntax the template writes.
-            ToolCallFormat::DeepSeek { fenced } if !template.source().contains("tools") => {
+            ToolCallFormat::DeepSeek { fenced } if !names_variable(template.source(), "tools") => {
                 let mut messages = template_messages(&request.messages);
                 if let Some(tools) = request.tools.as_deref().filter(|t| !t.is_empty()) {
                     add_to_system(&mut messages, &deepseek_tools_prompt(tools, fenced));
@@ -412,6 +412,17 @@ fn prompted_messages(request: &ChatRequest) -> Vec<Value> {
         add_to_system(&mut out, &tools_system_prompt(tools));
     }
     out
+}
+
+/// Whether `source` has `name` as a whole word (a variable the template reads), not only
+/// inside a longer name.
+fn names_variable(source: &str, name: &str) -> bool {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    source.match_indices(name).any(|(at, _)| {
+        let before = source[..at].chars().next_back();
+        let after = source[at + name.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
 }
 
 /// Appends `instruction` to the conversation's system message (a new one first if it has

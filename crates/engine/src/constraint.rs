@@ -421,6 +421,33 @@ fn build_factory(vocab: VocabSpec) -> Result<Arc<ParserFactory>, String> {
     Ok(Arc::new(factory))
 }
 
+/// Whether the Lark grammar `lark` accepts `text` as a whole output, read byte by byte: a
+/// check of grammars written by hand (tool-call syntaxes, converted GBNF) without a model's
+/// vocabulary. An error when llguidance refuses the grammar.
+pub fn lark_accepts(lark: &str, text: &str) -> Result<bool, String> {
+    static BYTES: OnceLock<Result<Arc<ParserFactory>, String>> = OnceLock::new();
+    let factory = BYTES
+        .get_or_init(|| {
+            // The 255 bytes UTF-8 can hold, one token each, and an end token.
+            let mut words: Vec<Vec<u8>> = (0..=254u8).map(|b| vec![b]).collect();
+            words.push(b"end".to_vec());
+            build_factory(VocabSpec {
+                words,
+                special: vec![255],
+                eog: vec![255],
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)?;
+    let parser = factory
+        .create_parser(TopLevelGrammar::from_lark(lark.to_owned()))
+        .map_err(|e| format!("{e:#}"))?;
+    let mut m = Matcher::new(Ok(parser));
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    let taken = m.try_consume_tokens(&tokens).ok();
+    Ok(taken == Some(tokens.len()) && m.is_accepting().unwrap_or(false))
+}
+
 /// Compiles one constraint with a factory.
 fn compile_with(factory: &ParserFactory, spec: &ConstraintSpec) -> Result<Matcher, String> {
     let grammar = match spec {

@@ -1001,49 +1001,12 @@ fn write_regex_char(out: &mut String, c: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llguidance::api::TopLevelGrammar;
-    use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
-    use llguidance::{Matcher, ParserFactory};
     use proptest::prelude::*;
-    use std::sync::{Arc, OnceLock};
-
-    /// A vocabulary of the 255 bytes that can occur in UTF-8 plus an end token, so a grammar
-    /// can be asked about any string byte by byte.
-    struct Bytes(TokTrie);
-
-    impl TokenizerEnv for Bytes {
-        fn tok_trie(&self) -> &TokTrie {
-            &self.0
-        }
-        fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-            self.0.greedy_tokenize(s)
-        }
-    }
-
-    const EOS: u32 = 255;
-
-    fn factory() -> &'static ParserFactory {
-        static FACTORY: OnceLock<ParserFactory> = OnceLock::new();
-        FACTORY.get_or_init(|| {
-            let mut words: Vec<Vec<u8>> = (0..255u8).map(|b| vec![b]).collect();
-            words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'e']);
-            let info = TokRxInfo::new(words.len() as u32, EOS);
-            let trie = TokTrie::from(&info, &words);
-            let env: TokEnv = Arc::new(Bytes(trie));
-            let mut f = ParserFactory::new_simple(&env).unwrap();
-            f.quiet();
-            f
-        })
-    }
 
     /// Whether llguidance, given the converted grammar, accepts `text` as a whole output.
     fn accepts(lark: &str, text: &str) -> bool {
-        let parser = factory()
-            .create_parser(TopLevelGrammar::from_lark(lark.to_owned()))
-            .unwrap_or_else(|e| panic!("llguidance refuses\n{lark}\n{e:#}"));
-        let mut m = Matcher::new(Ok(parser));
-        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
-        m.try_consume_tokens(&tokens).ok() == Some(tokens.len()) && m.is_accepting().unwrap()
+        crate::lark_accepts(lark, text)
+            .unwrap_or_else(|e| panic!("llguidance refuses\n{lark}\n{e}"))
     }
 
     /// Converts `gbnf` and checks each string's verdict.
@@ -1287,7 +1250,7 @@ mod tests {
             if let Ok(lark) = gbnf_to_lark(&s) {
                 // Whatever converts must be Lark that llguidance reads.
                 prop_assert!(lark.starts_with("start: "), "{}", lark);
-                let parsed = factory().create_parser(TopLevelGrammar::from_lark(lark.clone()));
+                let parsed = crate::lark_accepts(&lark, "");
                 prop_assert!(parsed.is_ok(), "{}\n=>\n{}\n{:?}", s, lark, parsed.err());
             }
         }

@@ -50,6 +50,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use chat::ChatEncoder;
 pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat, deepseek};
+pub use constraint::lark_accepts;
 use constraint::{CompileError, ConstraintCompiler};
 pub use embed::{Embedder, EmbedderConfig};
 pub use energy::{EnergyConfig, EnergyKind, EnergySourceChoice};
