@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use engine::{ConstraintSpec, EngineError, Event, FinishReason, GenerateRequest, ToolCallFormat};
+use engine::{ConstraintSpec, EngineError, Event, FinishReason, GenerateRequest};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::admission::{Admission, Meter, Tagged};
@@ -377,15 +377,9 @@ fn encode(
             let format = backend.chat_format();
             request.tools = tools.and_then(ToolPlan::visible_tools);
             let prompt = backend.encode_chat(&request).map_err(engine_error)?;
-            let calls =
-                tools
-                    .filter(|t| t.choice != ToolChoice::None)
-                    .map(|_| match format.tool_calls {
-                        ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
-                        ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
-                        ToolCallFormat::QwenXml => CallSyntax::QwenXml,
-                        _ => CallSyntax::Hermes,
-                    });
+            let calls = tools
+                .filter(|t| t.choice != ToolChoice::None)
+                .map(|_| CallSyntax::of(format.tool_calls));
             let forcing = tools
                 .and_then(|t| t.forcing_grammar(&format, &|text: &str| backend.token_id(text)));
             let parser = ParserSpec {

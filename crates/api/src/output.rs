@@ -47,6 +47,7 @@
 //! call whose name is known is given out with the arguments generated so far (the finish
 //! reason stays `length`, as OpenAI's does); a call cut before its name is dropped.
 
+use engine::ToolCallFormat;
 use engine::deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
 use serde_json::Value;
 
@@ -63,6 +64,16 @@ pub(crate) enum CallSyntax {
 const HERMES_CLOSE: &str = "</tool_call>";
 
 impl CallSyntax {
+    /// The syntax the model's tool-call format writes.
+    pub(crate) fn of(format: ToolCallFormat) -> Self {
+        match format {
+            ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
+            ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
+            ToolCallFormat::QwenXml => CallSyntax::QwenXml,
+            _ => CallSyntax::Hermes,
+        }
+    }
+
     fn marker(self) -> &'static str {
         match self {
             CallSyntax::Hermes | CallSyntax::QwenXml => "<tool_call>",
@@ -905,20 +916,7 @@ fn parse_hermes(body: &str, end: bool) -> Opened {
             let Some(call) = named_call(&value) else {
                 return Opened::Invalid;
             };
-            let after = &body[used..];
-            let lead = ws_len(after);
-            let after = &after[lead..];
-            if after.starts_with(HERMES_CLOSE) {
-                Opened::Whole(vec![call], used + lead + HERMES_CLOSE.len())
-            } else if HERMES_CLOSE.starts_with(after) {
-                if end {
-                    Opened::Whole(vec![call], body.len())
-                } else {
-                    Opened::NeedMore(Some(call.0))
-                }
-            } else {
-                Opened::Invalid
-            }
+            closed_by_hermes_close(call, body, used, end)
         }
         Err(true) => Opened::NeedMore(name),
         Err(false) => Opened::Invalid,
@@ -1044,17 +1042,15 @@ fn parse_qwen_xml(body: &str, end: bool, string_params: &[(String, String)]) -> 
     if !crate::tools::is_function_name(name) {
         return Opened::Invalid;
     }
-    let params_at = lead + FUNCTION.len() + close + 1;
-    let mut at = params_at;
+    let mut at = lead + FUNCTION.len() + close + 1;
     let mut arguments = serde_json::Map::new();
     // The parameters, each whole; `complete` once `</function>` is read.
     let complete = loop {
         let rest = &body[at..];
         let gap = ws_len(rest);
         let rest = &rest[gap..];
-        if let Some(tail) = rest.strip_prefix(FUNCTION_END) {
+        if rest.starts_with(FUNCTION_END) {
             at += gap + FUNCTION_END.len();
-            let _ = tail;
             break true;
         }
         let Some(param) = rest.strip_prefix(PARAMETER) else {
@@ -1086,6 +1082,12 @@ fn parse_qwen_xml(body: &str, end: bool, string_params: &[(String, String)]) -> 
             Opened::NeedMore(Some(name.to_owned()))
         };
     }
+    closed_by_hermes_close(call, body, at, end)
+}
+
+/// A call parsed whole from `body[..at]`: complete once `</tool_call>` follows (after
+/// whitespace), or at the `end` of the output while that marker may still be coming.
+fn closed_by_hermes_close(call: (String, String), body: &str, at: usize, end: bool) -> Opened {
     let rest = &body[at..];
     let gap = ws_len(rest);
     let rest = &rest[gap..];
@@ -1095,7 +1097,7 @@ fn parse_qwen_xml(body: &str, end: bool, string_params: &[(String, String)]) -> 
         if end {
             Opened::Whole(vec![call], body.len())
         } else {
-            Opened::NeedMore(Some(name.to_owned()))
+            Opened::NeedMore(Some(call.0))
         }
     } else {
         Opened::Invalid

@@ -296,7 +296,9 @@ impl ToolPlan {
             ToolCallFormat::QwenXml => {
                 // A string's value and its closing are one lazy terminal each (a value
                 // regex followed by the closing literal would swallow the newline).
+                let close = lark_string("\n</parameter>\n");
                 let mut terminals = String::new();
+                let mut n_terminals = 0;
                 let alts: Vec<String> = functions
                     .iter()
                     .map(|(name, params)| {
@@ -310,10 +312,10 @@ impl ToolPlan {
                         let properties = params.get("properties").and_then(Value::as_object);
                         let mut parts = Vec::new();
                         for (key, schema) in properties.into_iter().flatten() {
-                            let close = lark_string("\n</parameter>\n");
                             let value = match xml_string_terminal(schema) {
                                 Some(regex) => {
-                                    let rule = format!("text{}", terminals.lines().count());
+                                    let rule = format!("text{n_terminals}");
+                                    n_terminals += 1;
                                     terminals.push_str(&format!("{rule}[lazy]: {regex}\n"));
                                     rule
                                 }
@@ -348,15 +350,15 @@ impl ToolPlan {
                         let schema = engine::finite_json_schema(params.clone());
                         if fenced {
                             format!(
-                                "{} {} {} {} %json {} {}",
+                                "{} {} {} {} %json {} {} {}",
                                 marker(CALL_BEGIN),
                                 lark_string("function"),
                                 marker(SEP),
                                 lark_string(&format!("{name}\n```json\n")),
                                 schema,
                                 lark_string("\n```"),
-                            ) + " "
-                                + &marker(CALL_END)
+                                marker(CALL_END),
+                            )
                         } else {
                             format!(
                                 "{} {} {} %json {} {}",

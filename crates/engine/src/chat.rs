@@ -180,6 +180,9 @@ impl ChatFormat {
 pub(crate) struct ChatEncoder {
     override_template: Option<ChatTemplate>,
     format: ChatFormat,
+    /// The template writes calls but never reads `tools` (DeepSeek's): the tools are
+    /// described in the system message here.
+    describes_tools: bool,
 }
 
 impl ChatEncoder {
@@ -201,9 +204,12 @@ impl ChatEncoder {
             .as_ref()
             .or_else(|| text.template().map(|(t, _, _)| t));
         let format = detect(text, template);
+        let describes_tools = matches!(format.tool_calls, ToolCallFormat::DeepSeek { .. })
+            && !template.is_some_and(|t| names_variable(t.source(), "tools"));
         Ok(Self {
             override_template,
             format,
+            describes_tools,
         })
     }
 
@@ -237,7 +243,7 @@ impl ChatEncoder {
             ToolCallFormat::Prompted => (prompted_messages(request), None),
             // DeepSeek's templates write calls and results but do not describe the tools:
             // they are described in the system message, in the syntax the template writes.
-            ToolCallFormat::DeepSeek { fenced } if !names_variable(template.source(), "tools") => {
+            ToolCallFormat::DeepSeek { fenced } if self.describes_tools => {
                 let mut messages = template_messages(&request.messages);
                 if let Some(tools) = request.tools.as_deref().filter(|t| !t.is_empty()) {
                     add_to_system(&mut messages, &deepseek_tools_prompt(tools, fenced));
@@ -351,13 +357,19 @@ fn joined_text_parts(content: &Value) -> Option<String> {
     Some(text)
 }
 
-/// The instruction that teaches a template without tool support to call tools.
-fn tools_system_prompt(tools: &[Value]) -> String {
+/// Each tool's function signature as JSON, one per line.
+fn listed_tools(tools: &[Value]) -> String {
     let mut listed = String::new();
     for tool in tools {
         listed.push_str(&tool.get("function").unwrap_or(tool).to_string());
         listed.push('\n');
     }
+    listed
+}
+
+/// The instruction that teaches a template without tool support to call tools.
+fn tools_system_prompt(tools: &[Value]) -> String {
+    let listed = listed_tools(tools);
     format!(
         "You may call one or more functions to answer the user. The functions, as JSON \
          signatures, are:\n<tools>\n{listed}</tools>\n\nTo call a function, answer with a JSON \
@@ -444,11 +456,7 @@ fn add_to_system(messages: &mut Vec<Value>, instruction: &str) {
 /// with a call written in the form the template writes calls.
 fn deepseek_tools_prompt(tools: &[Value], fenced: bool) -> String {
     use deepseek::{CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP};
-    let mut listed = String::new();
-    for tool in tools {
-        listed.push_str(&tool.get("function").unwrap_or(tool).to_string());
-        listed.push('\n');
-    }
+    let listed = listed_tools(tools);
     let example = if fenced {
         format!(
             "{CALLS_BEGIN}{CALL_BEGIN}function{SEP}function name\n```json\n{{\"argument\": \"value\"}}\n```{CALL_END}{CALLS_END}"

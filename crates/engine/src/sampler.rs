@@ -64,8 +64,9 @@ impl Sampler {
                 cands.truncate(top_k);
             }
             cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-            let mass = cands.iter().map(|c| weight(c.1)).sum();
-            return self.pick_sorted(&cands, &weight, mass);
+            let weighted: Vec<(u32, f32)> = cands.iter().map(|&(id, l)| (id, weight(l))).collect();
+            let mass = weighted.iter().map(|c| c.1).sum();
+            return self.pick_sorted(&weighted, mass);
         }
         // Every candidate's weight relative to the best (1 for it), once; banned tokens 0.
         let weights: Vec<f32> = logits
@@ -118,18 +119,22 @@ impl Sampler {
             return argmax(logits);
         }
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        self.pick_sorted(&cands, &weight, mass)
+        let weighted: Vec<(u32, f32)> = cands
+            .iter()
+            .map(|&(id, _)| (id, weights[id as usize]))
+            .collect();
+        self.pick_sorted(&weighted, mass)
     }
 
-    /// The draw over candidates sorted best first, after top-p (against `mass`, the weight
-    /// of every candidate, sorted or not) and min-p (against the best's weight) cut them.
-    fn pick_sorted(&mut self, cands: &[(u32, f32)], weight: &dyn Fn(f32) -> f32, mass: f32) -> u32 {
-        let weights: Vec<f32> = cands.iter().map(|c| weight(c.1)).collect();
-        let mut keep = weights.len();
+    /// The draw over candidates (id, weight) sorted best first, after top-p (against `mass`,
+    /// the weight of every candidate, sorted or not) and min-p (against the best's weight)
+    /// cut them.
+    fn pick_sorted(&mut self, cands: &[(u32, f32)], mass: f32) -> u32 {
+        let mut keep = cands.len();
         if self.params.top_p < 1.0 {
             let target = self.params.top_p * mass;
             let mut cum = 0.0;
-            for (i, w) in weights.iter().enumerate() {
+            for (i, &(_, w)) in cands.iter().enumerate() {
                 cum += w;
                 if cum >= target {
                     keep = keep.min(i + 1);
@@ -138,15 +143,16 @@ impl Sampler {
             }
         }
         if self.params.min_p > 0.0 {
-            let floor = weights[0] * self.params.min_p;
-            keep = keep.min(weights.iter().take_while(|&&w| w >= floor).count().max(1));
+            let floor = cands[0].1 * self.params.min_p;
+            keep = keep.min(cands.iter().take_while(|c| c.1 >= floor).count().max(1));
         }
-        let total: f32 = weights[..keep].iter().sum();
+        let kept = &cands[..keep];
+        let total: f32 = kept.iter().map(|c| c.1).sum();
         let mut r = self.rng.r#gen::<f32>() * total;
-        for (i, w) in weights[..keep].iter().enumerate() {
+        for &(id, w) in kept {
             r -= w;
             if r <= 0.0 {
-                return cands[i].0;
+                return id;
             }
         }
         cands[keep - 1].0

@@ -11,24 +11,9 @@
 //! alone, as the golden script hands them over. Without the templates or the model the tests
 //! are skipped with a note, unless `SOUVERAIN_REQUIRE_MODEL` is set (as `scripts/test` does).
 
-use std::path::PathBuf;
-
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use souverain_engine::{ChatRequest, Engine, EngineConfig, ToolCallFormat};
 use tokenizer::ChatTemplate;
-
-fn golden() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/chat_templates.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden")
-}
-
-fn sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The request of a golden case.
 fn request(case: &Value) -> ChatRequest {
@@ -60,7 +45,7 @@ fn real_chat_templates_render_as_transformers_does() {
     let Some(model) = testkit::default_model() else {
         return;
     };
-    let g = golden();
+    let g = testkit::chat_templates_golden();
     let (bos, eos) = (
         g["bos_token"].as_str().expect("bos"),
         g["eos_token"].as_str().expect("eos"),
@@ -72,7 +57,7 @@ fn real_chat_templates_render_as_transformers_does() {
         };
         let source = std::fs::read_to_string(&path).expect("read template");
         assert_eq!(
-            sha256(&source),
+            testkit::sha256_hex(&source),
             entry["sha256"],
             "{name}: not the golden's template"
         );
@@ -131,7 +116,7 @@ fn real_chat_templates_render_as_transformers_does() {
                 (Ok(text), None) => {
                     let text = undate(&text);
                     assert_eq!(
-                        (sha256(&text), text.len() as u64),
+                        (testkit::sha256_hex(&text), text.len() as u64),
                         (
                             case["rendered_sha256"].as_str().expect("sha").to_owned(),
                             case["rendered_len"].as_u64().expect("len"),
@@ -151,7 +136,7 @@ fn deepseek_tools_are_described_in_their_call_syntax() {
     let Some(model) = testkit::default_model() else {
         return;
     };
-    let g = golden();
+    let g = testkit::chat_templates_golden();
     for (name, fenced) in [
         ("deepseek-ai-DeepSeek-V3.1.jinja", false),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", true),

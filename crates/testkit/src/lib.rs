@@ -156,6 +156,25 @@ pub fn chat_template_file(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// `crates/engine/tests/golden/chat_templates.json` (made by
+/// `scripts/golden/chat_templates.py`): what transformers renders with each real template.
+pub fn chat_templates_golden() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/golden/chat_templates.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("the chat-template golden is JSON")
+}
+
+/// The sha256 of `text`, in lower-case hex.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The PostgreSQL URL in `$SOUVERAIN_TEST_DATABASE_URL`; when it is unset or empty, `None`
 /// (after a `skipped:` note) unless `SOUVERAIN_REQUIRE_POSTGRES` is set, which fails the test.
 #[track_caller]

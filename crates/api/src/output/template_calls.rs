@@ -12,35 +12,19 @@
 //! must give back the turn's tool calls (names and arguments), its content and, where the
 //! template wrote it, its reasoning.
 
-use std::path::PathBuf;
-
-use engine::{ChatRequest, Engine, EngineConfig, ToolCallFormat};
+use engine::{ChatRequest, Engine, EngineConfig};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokenizer::ChatTemplate;
 
 use super::tests::parse;
 use super::{CallSyntax, ParserSpec};
-
-fn golden() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../engine/tests/golden/chat_templates.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden")
-}
-
-fn sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 #[test]
 fn calls_and_reasoning_written_by_real_templates_parse_back() {
     let Some(model) = testkit::default_model() else {
         return;
     };
-    let g = golden();
+    let g = testkit::chat_templates_golden();
     let (bos, eos) = (
         g["bos_token"].as_str().expect("bos"),
         g["eos_token"].as_str().expect("eos"),
@@ -51,7 +35,7 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
             return;
         };
         let source = std::fs::read_to_string(&path).expect("read template");
-        assert_eq!(sha256(&source), entry["sha256"], "{name}");
+        assert_eq!(testkit::sha256_hex(&source), entry["sha256"], "{name}");
         let template = ChatTemplate::new(&source).expect("compile");
         let config = EngineConfig {
             threads: 1,
@@ -60,12 +44,7 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
         };
         let engine = Engine::load(&model, config, &mut |_, _| {}).expect("load");
         let format = engine.chat_format().clone();
-        let syntax = match format.tool_calls {
-            ToolCallFormat::Mistral { .. } => CallSyntax::Mistral,
-            ToolCallFormat::DeepSeek { .. } => CallSyntax::DeepSeek,
-            ToolCallFormat::QwenXml => CallSyntax::QwenXml,
-            _ => CallSyntax::Hermes,
-        };
+        let syntax = CallSyntax::of(format.tool_calls);
         for case in entry["cases"].as_array().expect("cases") {
             if case["generation_prompt"] != false {
                 continue;
@@ -96,7 +75,7 @@ fn calls_and_reasoning_written_by_real_templates_parse_back() {
                 .and_then(|t| t.render(&[], false, "", ""))
                 .expect("today");
             assert_eq!(
-                sha256(&full.replace(&today, "2026-01-02")),
+                testkit::sha256_hex(&full.replace(&today, "2026-01-02")),
                 case["rendered_sha256"],
                 "{label}: not transformers'"
             );
