@@ -60,6 +60,12 @@ use metrics::Metrics;
 pub use metrics::{EnergySnapshot, HistogramSnapshot, LATENCY_BUCKETS_S, MetricsSnapshot};
 pub use model::KvType;
 pub use speculate::Speculation;
+
+/// The token greedy decoding picks from one row of logits: the first largest (the engine's
+/// own choice at temperature 0, for measurements that time what it does per row).
+pub fn greedy_token(logits: &[f32]) -> u32 {
+    sampler::argmax(logits)
+}
 pub use types::{
     ChatMessage, ConstraintSpec, Energy, EnergyTap, Event, FinishReason, GenerateRequest,
     MAX_TOP_LOGPROBS, Priority, ReasoningSpec, SamplingParams, TokenLogprobs, Usage,

@@ -159,16 +159,41 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (the first one on ties, as llama.cpp's greedy sampler does).
+/// Index of the largest logit (the first one on ties, as llama.cpp's greedy sampler does;
+/// NaNs are never picked; 0 when no logit is a number).
+///
+/// Two passes a compiler vectorises, instead of one whose compare depends on the last
+/// winner: the maximum over [`ARGMAX_LANES`] lanes, then the first block of lanes holding
+/// it. Greedy decoding runs this over the whole vocabulary for every token of every
+/// sequence (49,152 logits for SmolLM2, 262,144 for Gemma 3).
 pub(crate) fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let max_of = |m: f32, l: f32| if l > m { l } else { m };
+    let mut lanes = [f32::NEG_INFINITY; ARGMAX_LANES];
+    let blocks = logits.chunks_exact(ARGMAX_LANES);
+    let mut max = blocks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &l| max_of(m, l));
+    for b in blocks {
+        for (m, &l) in lanes.iter_mut().zip(b) {
+            *m = max_of(*m, l);
         }
     }
-    best as u32
+    max = lanes.into_iter().fold(max, max_of);
+    // The first block holding the maximum (a branch-free test per block), then its place.
+    let first_block = logits
+        .chunks(ARGMAX_LANES)
+        .position(|b| b.iter().fold(false, |hit, &l| hit | (l == max)))
+        .unwrap_or(0);
+    let start = first_block * ARGMAX_LANES;
+    logits[start..]
+        .iter()
+        .position(|&l| l == max)
+        .map_or(0, |i| (start + i) as u32)
 }
+
+/// Lanes of [`argmax`]'s passes: two AVX-512 or four AVX2 vectors of f32.
+const ARGMAX_LANES: usize = 32;
 
 /// Repetition penalty over the last [`PENALTY_LAST_N`] tokens (llama.cpp's rule: divide a
 /// positive logit, multiply a negative one); OpenAI's frequency and presence penalties over
@@ -235,6 +260,45 @@ mod tests {
             seed: Some(7),
             ..SamplingParams::default()
         }
+    }
+
+    /// The one-pass reference: the first index holding the largest number.
+    fn argmax_reference(logits: &[f32]) -> u32 {
+        let mut best: Option<usize> = None;
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_nan() && best.is_none_or(|b| l > logits[b]) {
+                best = Some(i);
+            }
+        }
+        best.unwrap_or(0) as u32
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_logit() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for case in 0..4000 {
+            let n = rng.gen_range(1..300);
+            // Few distinct values, so that ties are common; some infinities and NaNs.
+            let mut v: Vec<f32> = (0..n)
+                .map(|_| match rng.gen_range(0..20) {
+                    0 => f32::NEG_INFINITY,
+                    1 if case % 3 == 0 => f32::NAN,
+                    2 if case % 5 == 0 => f32::INFINITY,
+                    _ => rng.gen_range(-4..4) as f32 * 0.5,
+                })
+                .collect();
+            assert_eq!(argmax(&v), argmax_reference(&v), "{v:?}");
+            // The same with the maximum moved to the very end and to the start.
+            let top = f32::INFINITY;
+            v[n - 1] = top;
+            assert_eq!(argmax(&v), argmax_reference(&v), "{v:?}");
+            v[0] = top;
+            assert_eq!(argmax(&v), 0);
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 3.0, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
     }
 
     #[test]
