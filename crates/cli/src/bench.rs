@@ -10,7 +10,8 @@
 //! (`plan::cpu`): batched forward passes through the engine's paged path
 //! (`LlamaModel::forward_batch`, the one the scheduler runs) with 1 to 64 sequences decoding
 //! one token each at two context lengths, single prompt chunks of 16 to 512 tokens, and
-//! steps mixing both, each the median of the repetitions after one untimed run; then it
+//! steps mixing both, each the median of the repetitions after one untimed run (the steps
+//! taken in turn, one of each per repetition, so that drift moves them alike); then it
 //! fits the step-time coefficients and writes the profile with `serve`'s scheduler defaults.
 
 use std::path::{Path, PathBuf};
@@ -291,11 +292,14 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
 const PROFILE_STEPS: &[(usize, usize, usize)] = &[
     (1, 128, 0),
     (2, 128, 0),
+    (3, 128, 0),
     (4, 128, 0),
     (8, 128, 0),
     (16, 128, 0),
     (32, 128, 0),
+    (48, 128, 0),
     (64, 128, 0),
+    (64, 32, 0),
     (1, 768, 0),
     (4, 768, 0),
     (16, 768, 0),
@@ -318,11 +322,18 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
     let mut kv = KvPool::new(c, block_tokens, kv_cache_tokens.div_ceil(block_tokens))
         .context("allocating the KV cache")?;
     let mut rng = SplitMix(args.seed);
-    let mut points = Vec::new();
+    // Every step's inputs first: each step gets blocks of its own, as sequences do in the
+    // engine (attention reads memory that is not shared, so the cache hierarchy sees what
+    // it sees when serving); steps may reuse another step's blocks.
+    struct Step {
+        decode_tables: Vec<Vec<u32>>,
+        prompt_table: Vec<u32>,
+        decode_tokens: Vec<u32>,
+        prompt_tokens: Vec<u32>,
+    }
+    let blocks = |positions: usize| positions.div_ceil(block_tokens);
+    let mut steps = Vec::with_capacity(PROFILE_STEPS.len());
     for &(decode, context, prompt) in PROFILE_STEPS {
-        // Every sequence gets blocks of its own, as in the engine (attention reads memory
-        // that is not shared, so the cache hierarchy sees what it sees when serving).
-        let blocks = |positions: usize| positions.div_ceil(block_tokens);
         let needed = decode * blocks(context + 1) + blocks(prompt);
         if needed > kv.n_blocks() || context + 1 > c.context_length {
             bail!(
@@ -336,14 +347,19 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
             next += n as u32;
             t
         };
-        let decode_tables: Vec<Vec<u32>> =
-            (0..decode).map(|_| table(blocks(context + 1))).collect();
-        let prompt_table = table(blocks(prompt));
-        let decode_tokens = rng.tokens(decode, c.vocab_size);
-        let prompt_tokens = rng.tokens(prompt, c.vocab_size);
-        let mut chunks: Vec<SeqChunk<'_>> = decode_tables
+        steps.push(Step {
+            decode_tables: (0..decode).map(|_| table(blocks(context + 1))).collect(),
+            prompt_table: table(blocks(prompt)),
+            decode_tokens: rng.tokens(decode, c.vocab_size),
+            prompt_tokens: rng.tokens(prompt, c.vocab_size),
+        });
+    }
+    let mut all: Vec<Vec<SeqChunk<'_>>> = Vec::with_capacity(steps.len());
+    for (&(_, context, prompt), s) in PROFILE_STEPS.iter().zip(&steps) {
+        let mut chunks: Vec<SeqChunk<'_>> = s
+            .decode_tables
             .iter()
-            .zip(&decode_tokens)
+            .zip(&s.decode_tokens)
             .map(|(t, tok)| SeqChunk {
                 tokens: std::slice::from_ref(tok),
                 start_pos: context,
@@ -354,23 +370,36 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
             .collect();
         if prompt > 0 {
             chunks.push(SeqChunk {
-                tokens: &prompt_tokens,
+                tokens: &s.prompt_tokens,
                 start_pos: 0,
-                block_table: &prompt_table,
+                block_table: &s.prompt_table,
                 logits: Logits::Last,
                 window_table: &[],
             });
         }
-        let mut samples = Vec::with_capacity(args.reps);
-        for rep in 0..=args.reps {
+        all.push(chunks);
+    }
+    // Round robin: one untimed pass of every step, then each repetition times every step
+    // once, so that a machine whose speed drifts (a shared host, a clock that changes)
+    // moves every step's samples alike instead of bending the fit.
+    let mut samples = vec![Vec::with_capacity(args.reps); all.len()];
+    for rep in 0..=args.reps {
+        for (chunks, samples) in all.iter().zip(&mut samples) {
             let t0 = Instant::now();
-            let logits = model.forward_batch(pool, &mut kv, &chunks)?;
+            let logits = model.forward_batch(pool, &mut kv, chunks)?;
+            // What the scheduler does with each row of logits when the request is greedy
+            // (serve-load's are): pick the token, then free the row.
+            for row in logits {
+                std::hint::black_box(engine::greedy_token(&row));
+            }
             let secs = t0.elapsed().as_secs_f64();
-            std::hint::black_box(logits);
             if rep > 0 {
                 samples.push(secs);
             }
         }
+    }
+    let mut points = Vec::with_capacity(all.len());
+    for (&(decode, context, prompt), samples) in PROFILE_STEPS.iter().zip(samples) {
         let seconds = Stats { samples }.median();
         eprintln!(
             "decode {decode:>2} @ {context:>3} + prompt {prompt:>3}: {:8.2} ms",
@@ -416,13 +445,10 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
     let text = serde_json::to_string_pretty(&profile)?;
     std::fs::write(out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
     println!(
-        "profile: {} ({} threads): step = {:.3} ms + {:.3} ms/decode seq + {:.3} ms/prompt token + {:.4} ms/decode seq/1k context (median error {:.1}%), written to {}",
+        "profile: {} ({} threads): {} (median error {:.1}%), written to {}",
         profile.model.file,
         profile.threads,
-        fit.fixed_s * 1e3,
-        fit.per_decode_seq_s * 1e3,
-        fit.per_prompt_token_s * 1e3,
-        fit.per_decode_seq_per_1k_context_s * 1e3,
+        fit.describe(),
         profile.fit_median_relative_error * 100.0,
         out.display()
     );

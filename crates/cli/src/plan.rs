@@ -43,22 +43,62 @@ pub(crate) struct PlanArgs {
     /// Tokens generated per request (serve-load's --max-tokens).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// When each request reached the server, per concurrency: a JSON object from the number
+    /// of streams to the list of their send times in seconds after the first (what
+    /// `scripts/bench/serve-load --json` records). Without it every request arrives at once.
+    #[arg(long, requires = "predict_serve_load")]
+    arrivals: Option<PathBuf>,
+}
+
+/// Largest `--arrivals` file read.
+const MAX_ARRIVALS_BYTES: u64 = 4 << 20;
+
+/// Reads `--arrivals`: streams → send times (seconds after the first).
+fn read_arrivals(path: &Path) -> Result<std::collections::BTreeMap<usize, Vec<f64>>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > MAX_ARRIVALS_BYTES {
+        bail!(
+            "{}: {len} bytes; an arrivals file is at most {MAX_ARRIVALS_BYTES}",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw: std::collections::BTreeMap<String, Vec<f64>> = serde_json::from_str(&text)
+        .with_context(|| {
+            format!(
+                "{}: expected an object from stream counts to lists of seconds",
+                path.display()
+            )
+        })?;
+    raw.into_iter()
+        .map(|(k, v)| match k.parse::<usize>() {
+            Ok(n) if n > 0 => Ok((n, v)),
+            _ => bail!(
+                "{}: key {k:?}: must be a number of streams (at least 1)",
+                path.display()
+            ),
+        })
+        .collect()
 }
 
 /// `--predict-serve-load`: the simulated scheduler with the profile's step times.
 fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
     let profile = plan::cpu::CpuProfile::load(path)?;
     let f = profile.fit;
+    let arrivals = match &args.arrivals {
+        Some(p) => read_arrivals(p)?,
+        None => Default::default(),
+    };
     println!(
-        "CPU profile {} ({}, {} threads, {}): step = {:.3} ms + {:.3} ms/decode seq + {:.3} ms/prompt token + {:.4} ms/decode seq/1k context (median error {:.1}% over {} steps)",
+        "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps)",
         path.display(),
         profile.model.file,
         profile.threads,
         profile.machine.cpu,
-        f.fixed_s * 1e3,
-        f.per_decode_seq_s * 1e3,
-        f.per_prompt_token_s * 1e3,
-        f.per_decode_seq_per_1k_context_s * 1e3,
+        f.describe(),
         profile.fit_median_relative_error * 100.0,
         profile.points.len()
     );
@@ -77,8 +117,12 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             streams,
             prompt_tokens: args.prompt_tokens,
             max_tokens: args.max_tokens,
+            arrivals_s: arrivals.get(&streams).cloned().unwrap_or_default(),
         };
-        let r = plan::cpu::predict_serve_load(&profile, load);
+        if let Some(file) = &args.arrivals {
+            load.check(&file.display().to_string(), &streams.to_string())?;
+        }
+        let r = plan::cpu::predict_serve_load(&profile, &load);
         println!(
             "| {streams} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
             r.tokens_per_s,

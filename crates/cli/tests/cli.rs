@@ -65,6 +65,11 @@ fn tiny_model_writer_claiming_width(claimed_width: u32) -> GgufWriter {
 /// The tiny model with `end` as the text of its end-of-turn token (another vocabulary when
 /// it is not `<|im_end|>`).
 fn tiny_writer(claimed_width: u32, end: &str) -> GgufWriter {
+    tiny_writer_with_context(claimed_width, end, 256)
+}
+
+/// The tiny model with a trained context of `context` tokens.
+fn tiny_writer_with_context(claimed_width: u32, end: &str, context: u32) -> GgufWriter {
     let mut tokens = byte_tokens();
     tokens.push("<|im_start|>".into());
     tokens.push(end.into());
@@ -75,7 +80,7 @@ fn tiny_writer(claimed_width: u32, end: &str) -> GgufWriter {
     w.add_kv("general.architecture", Value::from("llama"));
     w.add_kv("general.name", Value::from("tiny test llama"));
     w.add_kv("llama.block_count", Value::U32(LAYERS));
-    w.add_kv("llama.context_length", Value::U32(256));
+    w.add_kv("llama.context_length", Value::U32(context));
     w.add_kv("llama.embedding_length", Value::U32(claimed_width));
     w.add_kv("llama.feed_forward_length", Value::U32(FFN as u32));
     w.add_kv("llama.attention.head_count", Value::U32(HEADS));
@@ -453,4 +458,98 @@ fn a_draft_model_is_checked_before_listening() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Runs `souverain plan --cpu-profile` on `profile` for `streams`, with `extra` flags; the
+/// JSON it writes.
+fn predict(dir: &Path, profile: &str, streams: &str, extra: &[&str]) -> serde_json::Value {
+    let out_json = dir.join("predicted.json");
+    let mut args = vec![
+        "plan",
+        "--cpu-profile",
+        profile,
+        "--predict-serve-load",
+        streams,
+        "--prompt-tokens",
+        "8",
+        "--max-tokens",
+        "4",
+        "--json",
+        out_json.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let text = std::fs::read_to_string(&out_json).expect("predictions written");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+#[test]
+fn a_cpu_profile_measured_here_predicts_serve_loads() {
+    let dir = temp_dir("profile");
+    let model = dir.join("tiny.gguf");
+    // serve's KV cache (two contexts) must hold the profile's largest steps.
+    tiny_writer_with_context(D as u32, "<|im_end|>", 8192)
+        .write(&model)
+        .expect("write");
+    let profile = dir.join("profile.json");
+    let profile_s = profile.to_str().expect("utf-8");
+    let out = run(&[
+        "bench",
+        "-m",
+        model.to_str().expect("utf-8"),
+        "-t",
+        "1",
+        "-r",
+        "1",
+        "--profile",
+        profile_s,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&profile).expect("profile")).expect("JSON");
+    assert_eq!(p["format"], 2);
+    assert!(p["points"].as_array().is_some_and(|v| v.len() >= 17), "{p}");
+    for (k, v) in p["fit"].as_object().expect("fit") {
+        assert!(
+            v.as_f64().is_some_and(|v| v.is_finite() && v >= 0.0),
+            "{k}: {v}"
+        );
+    }
+
+    let together = predict(&dir, profile_s, "1,4", &[]);
+    assert_eq!(together[0]["predicted"]["tokens"], 4);
+    assert_eq!(together[1]["predicted"]["tokens"], 16);
+    // One of the four requests arrives half a second late: the run lasts longer by about that.
+    let arrivals = dir.join("arrivals.json");
+    std::fs::write(&arrivals, r#"{"4": [0, 0.001, 0, 0.5]}"#).expect("write");
+    let arrivals_s = arrivals.to_str().expect("utf-8");
+    let late = predict(&dir, profile_s, "4", &["--arrivals", arrivals_s]);
+    let wall = |v: &serde_json::Value| v["predicted"]["wall_s"].as_f64().expect("wall");
+    assert!(
+        wall(&late[0]) >= wall(&together[1]) + 0.49,
+        "{late} {together}"
+    );
+
+    for (file, names) in [
+        (r#"{"4": [0, 1]}"#, "one per stream"),
+        (r#"{"4": [0, 0, 0, -1]}"#, "4[3]"),
+        (r#"{"four": [0]}"#, "\"four\""),
+        (r#"[0, 0, 0, 0]"#, "expected an object"),
+    ] {
+        std::fs::write(&arrivals, file).expect("write");
+        let out = run(&[
+            "plan",
+            "--cpu-profile",
+            profile_s,
+            "--predict-serve-load",
+            "4",
+            "--arrivals",
+            arrivals_s,
+        ]);
+        assert!(!out.status.success(), "{file}");
+        let err = text(&out.stderr);
+        assert!(err.contains(names), "{file}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

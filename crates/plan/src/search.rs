@@ -225,7 +225,8 @@ struct GpuCost<'a> {
 }
 
 impl StepCost for GpuCost<'_> {
-    fn step_seconds(&self, decode: usize, prefill: usize, ctx: f64) -> f64 {
+    // The GPU model prices a prompt's attention within its per-token prefill term.
+    fn step_seconds(&self, decode: usize, prefill: usize, ctx: f64, _: f64) -> f64 {
         self.replica.step_seconds(
             self.eff,
             &StepLoad {

@@ -23,8 +23,16 @@ use serde::Serialize;
 /// What a step costs, in seconds.
 pub trait StepCost {
     /// Seconds for a step with `decode_seqs` decoding sequences (at `mean_context` positions
-    /// on average) and `prefill_tokens` prompt tokens.
-    fn step_seconds(&self, decode_seqs: usize, prefill_tokens: usize, mean_context: f64) -> f64;
+    /// on average) and `prefill_tokens` prompt tokens, which attend `prompt_attention_k`
+    /// thousand positions in all (each its own chunk's earlier tokens and what its sequence
+    /// had cached).
+    fn step_seconds(
+        &self,
+        decode_seqs: usize,
+        prefill_tokens: usize,
+        mean_context: f64,
+        prompt_attention_k: f64,
+    ) -> f64;
 }
 
 /// The scheduler's limits.
@@ -166,6 +174,7 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
             }
         }
         let mut prefill = 0;
+        let mut attended = 0.0;
         // A chunk that ends its prompt needs logits for its last token, as a decoding
         // sequence does (the output head, sampling, the first token's event): that token is
         // costed as one (the profile's prompt steps carry one such row each).
@@ -175,6 +184,10 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
             if todo > 1 && budget > 0 {
                 let n = todo.min(budget);
                 plan.push((i, n));
+                // Its prompt tokens (all but a last one that needs logits) attend what the
+                // sequence had cached and the chunk's tokens up to their own.
+                let m = if n == todo { n - 1 } else { n };
+                attended += (m * s.computed) as f64 + (m * (m + 1)) as f64 / 2.0;
                 if n == todo {
                     logit_rows += 1;
                     prefill += n - 1;
@@ -190,7 +203,7 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
         } else {
             0.0
         };
-        now += cost.step_seconds(logit_rows, prefill, mean_context);
+        now += cost.step_seconds(logit_rows, prefill, mean_context, attended / 1000.0);
         out.steps += 1;
         batch_sum += decode as f64;
         let mut done = Vec::new();
@@ -278,7 +291,7 @@ mod tests {
     /// Each step costs 1 ms plus 0.1 ms per token.
     struct Linear;
     impl StepCost for Linear {
-        fn step_seconds(&self, decode: usize, prefill: usize, _: f64) -> f64 {
+        fn step_seconds(&self, decode: usize, prefill: usize, _: f64, _: f64) -> f64 {
             1e-3 + 1e-4 * (decode + prefill) as f64
         }
     }
@@ -308,7 +321,7 @@ mod tests {
     /// Decode rows cost more than prompt tokens (the output head, a draw).
     struct HeadHeavy;
     impl StepCost for HeadHeavy {
-        fn step_seconds(&self, decode: usize, prefill: usize, _: f64) -> f64 {
+        fn step_seconds(&self, decode: usize, prefill: usize, _: f64, _: f64) -> f64 {
             1e-3 + 1e-3 * decode as f64 + 1e-4 * prefill as f64
         }
     }
