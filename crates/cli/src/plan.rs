@@ -43,33 +43,38 @@ pub(crate) struct PlanArgs {
     /// Tokens generated per request (serve-load's --max-tokens).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// When each request reached the server, per concurrency: a JSON object from the number
-    /// of streams to the list of their send times in seconds after the first (what
-    /// `scripts/bench/serve-load --json` records). Without it every request arrives at once.
+    /// The requests as they reached the server, per concurrency: a JSON object from the
+    /// number of streams to a list of `{"arrival_s": seconds after the first,
+    /// "prompt_tokens": tokens computed}`, one per stream (`scripts/bench/plan-vs-serve-load`
+    /// writes it from serve-load's record). Without it every request arrives at once with
+    /// `--prompt-tokens`.
     #[arg(long, requires = "predict_serve_load")]
-    arrivals: Option<PathBuf>,
+    requests: Option<PathBuf>,
 }
 
-/// Largest `--arrivals` file read.
-const MAX_ARRIVALS_BYTES: u64 = 4 << 20;
+/// Largest `--requests` file read.
+const MAX_REQUESTS_BYTES: u64 = 4 << 20;
 
-/// Reads `--arrivals`: streams → send times (seconds after the first).
-fn read_arrivals(path: &Path) -> Result<std::collections::BTreeMap<usize, Vec<f64>>> {
+/// Reads `--requests`: streams → the requests as they arrived.
+fn read_requests(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<usize, Vec<plan::cpu::Arrival>>> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
-    if len > MAX_ARRIVALS_BYTES {
+    if len > MAX_REQUESTS_BYTES {
         bail!(
-            "{}: {len} bytes; an arrivals file is at most {MAX_ARRIVALS_BYTES}",
+            "{}: {len} bytes; a requests file is at most {MAX_REQUESTS_BYTES}",
             path.display()
         );
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let raw: std::collections::BTreeMap<String, Vec<f64>> = serde_json::from_str(&text)
-        .with_context(|| {
+    let raw: std::collections::BTreeMap<String, Vec<plan::cpu::Arrival>> =
+        serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected an object from stream counts to lists of seconds",
+                "{}: expected an object from stream counts to lists of \
+                 {{\"arrival_s\", \"prompt_tokens\"}}",
                 path.display()
             )
         })?;
@@ -88,8 +93,8 @@ fn read_arrivals(path: &Path) -> Result<std::collections::BTreeMap<usize, Vec<f6
 fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
     let profile = plan::cpu::CpuProfile::load(path)?;
     let f = profile.fit;
-    let arrivals = match &args.arrivals {
-        Some(p) => read_arrivals(p)?,
+    let requests = match &args.requests {
+        Some(p) => read_requests(p)?,
         None => Default::default(),
     };
     println!(
@@ -117,9 +122,9 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             streams,
             prompt_tokens: args.prompt_tokens,
             max_tokens: args.max_tokens,
-            arrivals_s: arrivals.get(&streams).cloned().unwrap_or_default(),
+            requests: requests.get(&streams).cloned().unwrap_or_default(),
         };
-        if let Some(file) = &args.arrivals {
+        if let Some(file) = &args.requests {
             load.check(&file.display().to_string(), &streams.to_string())?;
         }
         let r = plan::cpu::predict_serve_load(&profile, &load);

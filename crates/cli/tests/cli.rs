@@ -521,31 +521,61 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     assert_eq!(together[0]["predicted"]["tokens"], 4);
     assert_eq!(together[1]["predicted"]["tokens"], 16);
     // One of the four requests arrives half a second late: the run lasts longer by about that.
-    let arrivals = dir.join("arrivals.json");
-    std::fs::write(&arrivals, r#"{"4": [0, 0.001, 0, 0.5]}"#).expect("write");
-    let arrivals_s = arrivals.to_str().expect("utf-8");
-    let late = predict(&dir, profile_s, "4", &["--arrivals", arrivals_s]);
+    let requests = dir.join("requests.json");
+    let one = |at: f64| format!(r#"{{"arrival_s": {at}, "prompt_tokens": 8}}"#);
+    let file = format!(
+        r#"{{"4": [{}, {}, {}, {}]}}"#,
+        one(0.0),
+        one(0.001),
+        one(0.0),
+        one(0.5)
+    );
+    std::fs::write(&requests, file).expect("write");
+    let requests_s = requests.to_str().expect("utf-8");
+    let late = predict(&dir, profile_s, "4", &["--requests", requests_s]);
     let wall = |v: &serde_json::Value| v["predicted"]["wall_s"].as_f64().expect("wall");
     assert!(
         wall(&late[0]) >= wall(&together[1]) + 0.49,
         "{late} {together}"
     );
 
+    let bad_token = r#"{"arrival_s": 0, "prompt_tokens": 0}"#;
     for (file, names) in [
-        (r#"{"4": [0, 1]}"#, "one per stream"),
-        (r#"{"4": [0, 0, 0, -1]}"#, "4[3]"),
-        (r#"{"four": [0]}"#, "\"four\""),
-        (r#"[0, 0, 0, 0]"#, "expected an object"),
+        (
+            format!(r#"{{"4": [{}, {}]}}"#, one(0.0), one(1.0)),
+            "one per stream",
+        ),
+        (
+            format!(
+                r#"{{"4": [{}, {}, {}, {}]}}"#,
+                one(0.0),
+                one(0.0),
+                one(0.0),
+                one(-1.0)
+            ),
+            "4[3].arrival_s",
+        ),
+        (
+            format!(
+                r#"{{"4": [{bad_token}, {}, {}, {}]}}"#,
+                one(0.0),
+                one(0.0),
+                one(0.0)
+            ),
+            "4[0].prompt_tokens",
+        ),
+        (format!(r#"{{"four": [{}]}}"#, one(0.0)), "\"four\""),
+        ("[0, 0, 0, 0]".to_string(), "expected an object"),
     ] {
-        std::fs::write(&arrivals, file).expect("write");
+        std::fs::write(&requests, &file).expect("write");
         let out = run(&[
             "plan",
             "--cpu-profile",
             profile_s,
             "--predict-serve-load",
             "4",
-            "--arrivals",
-            arrivals_s,
+            "--requests",
+            requests_s,
         ]);
         assert!(!out.status.success(), "{file}");
         let err = text(&out.stderr);

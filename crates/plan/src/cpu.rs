@@ -11,12 +11,18 @@
 //! t = fixed_s                                   thread wake-ups, norms, per-step work
 //!   + max(weights_floor_s,                      streaming the weights once
 //!         per_decode_seq_s · decode sequences   one row of every matrix product + logits
+//!       + per_decode_seq_beyond_32_s
+//!           · max(0, decode sequences − 32)     a second slope for large batches
 //!       + per_prompt_token_s · prompt tokens)   one row of every matrix product
 //!   + per_decode_seq_per_1k_context_s
 //!       · decode sequences · context / 1000     attention over each sequence's cache
 //!   + per_prompt_token_per_1k_context_s
 //!       · Σ positions prompt tokens attend / 1000   attention within and before the chunk
 //! ```
+//!
+//! (Measured here, a decoding sequence costs more in a batch of 64 than in one of 16: the
+//! activations of a large batch outgrow the caches. The second slope, 0 where it does not,
+//! keeps the fit of small batches from setting the cost of large ones.)
 //!
 //! The coefficients are fitted to the measured steps by non-negative least absolute
 //! relative error (the same fitter as the GPU model's), so a few noisy measurements on a
@@ -81,6 +87,8 @@ pub struct CpuFit {
     pub weights_floor_s: f64,
     /// Per decoding sequence.
     pub per_decode_seq_s: f64,
+    /// Per decoding sequence beyond [`BATCH_KNEE`], on top of `per_decode_seq_s`.
+    pub per_decode_seq_beyond_32_s: f64,
     /// Per prompt token.
     pub per_prompt_token_s: f64,
     /// Per decoding sequence per 1,000 positions of context.
@@ -88,6 +96,9 @@ pub struct CpuFit {
     /// Per 1,000 positions attended by prompt tokens.
     pub per_prompt_token_per_1k_context_s: f64,
 }
+
+/// Decoding sequences past which the second slope applies.
+pub const BATCH_KNEE: f64 = 32.0;
 
 /// What a step computes, as the fit's terms see it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -112,9 +123,10 @@ impl CpuStep {
         }
     }
 
-    /// The arithmetic-bound terms (fixed, decode, prompt, decode attention, prompt attention)
-    /// or, when bound by the floor, those without the rows' arithmetic.
-    fn terms(&self, floor_bound: bool) -> [f64; 5] {
+    /// The arithmetic-bound terms (fixed, decode, prompt, decode attention, prompt attention,
+    /// decode beyond the knee) or, when bound by the floor, those without the rows'
+    /// arithmetic.
+    fn terms(&self, floor_bound: bool) -> [f64; 6] {
         let rows = if floor_bound { 0.0 } else { 1.0 };
         [
             1.0,
@@ -122,6 +134,7 @@ impl CpuStep {
             rows * self.prefill_tokens,
             self.decode_seqs * self.context / 1000.0,
             self.prompt_attention_k,
+            rows * (self.decode_seqs - BATCH_KNEE).max(0.0),
         ]
     }
 }
@@ -136,12 +149,15 @@ impl CpuFit {
             per_prompt_token_s: at(2),
             per_decode_seq_per_1k_context_s: at(3),
             per_prompt_token_per_1k_context_s: at(4),
+            per_decode_seq_beyond_32_s: at(5),
         }
     }
 
     /// The matrix products' arithmetic for `step`, seconds.
     fn rows_s(&self, step: &CpuStep) -> f64 {
-        self.per_decode_seq_s * step.decode_seqs + self.per_prompt_token_s * step.prefill_tokens
+        self.per_decode_seq_s * step.decode_seqs
+            + self.per_decode_seq_beyond_32_s * (step.decode_seqs - BATCH_KNEE).max(0.0)
+            + self.per_prompt_token_s * step.prefill_tokens
     }
 
     /// Seconds of a step.
@@ -175,11 +191,13 @@ impl CpuFit {
     /// One line for people: the coefficients in milliseconds.
     pub fn describe(&self) -> String {
         format!(
-            "step = {:.3} ms + max({:.3} ms, {:.3} ms/decode seq + {:.3} ms/prompt token) + \
-             {:.4} ms/decode seq/1k context + {:.4} ms/1k prompt positions attended",
+            "step = {:.3} ms + max({:.3} ms, {:.3} ms/decode seq (+{:.3} beyond {BATCH_KNEE}) + \
+             {:.3} ms/prompt token) + {:.4} ms/decode seq/1k context + {:.4} ms/1k prompt \
+             positions attended",
             self.fixed_s * 1e3,
             self.weights_floor_s * 1e3,
             self.per_decode_seq_s * 1e3,
+            self.per_decode_seq_beyond_32_s * 1e3,
             self.per_prompt_token_s * 1e3,
             self.per_decode_seq_per_1k_context_s * 1e3,
             self.per_prompt_token_per_1k_context_s * 1e3
@@ -214,7 +232,8 @@ const FLOOR_GRID: usize = 64;
 /// For each floor on a grid up to the shortest step, the linear coefficients are fitted with
 /// every point taken as bound by arithmetic, then again with the points whose arithmetic the
 /// fit puts under the floor taken as bound by it, until no point changes side; the floor
-/// whose fit has the least mean relative error wins (a floor of 0 is the plain linear fit).
+/// whose fit has the least mean relative error wins (a floor of 0 is the plain linear fit),
+/// refined on a finer grid around it.
 pub fn fit(points: &[CpuPoint]) -> CpuFit {
     let usable: Vec<&CpuPoint> = points
         .iter()
@@ -224,32 +243,28 @@ pub fn fit(points: &[CpuPoint]) -> CpuFit {
         return CpuFit::default();
     };
     let steps: Vec<CpuStep> = usable.iter().map(|p| CpuStep::of(p)).collect();
-    let mut best: Option<(f64, CpuFit)> = None;
-    for g in 0..FLOOR_GRID {
-        let floor = shortest * g as f64 / FLOOR_GRID as f64;
+    // The fit for one floor, and its mean relative error.
+    let fit_with = |floor: f64| -> (f64, CpuFit) {
         let mut bound = vec![false; usable.len()];
         let mut f = CpuFit::default();
         for _ in 0..8 {
-            // Relative errors: each row divided by its measured time.
-            let rows: Vec<Vec<f64>> = steps
+            // Relative errors: each row and target divided by its measured time.
+            let scaled: Vec<Vec<f64>> = steps
                 .iter()
                 .zip(&bound)
-                .map(|(s, &b)| s.terms(b).to_vec())
+                .zip(&usable)
+                .map(|((s, &b), p)| s.terms(b).iter().map(|v| v / p.seconds).collect())
                 .collect();
-            let targets: Vec<f64> = usable
+            let ratios: Vec<f64> = usable
                 .iter()
                 .zip(&bound)
-                .map(|(p, &b)| if b { p.seconds - floor } else { p.seconds })
-                .collect();
-            let scaled: Vec<Vec<f64>> = rows
-                .iter()
-                .zip(&usable)
-                .map(|(r, p)| r.iter().map(|v| v / p.seconds).collect())
-                .collect();
-            let ratios: Vec<f64> = targets
-                .iter()
-                .zip(&usable)
-                .map(|(t, p)| t / p.seconds)
+                .map(|(p, &b)| {
+                    if b {
+                        (p.seconds - floor) / p.seconds
+                    } else {
+                        1.0
+                    }
+                })
                 .collect();
             f = CpuFit::from_linear(&nnls_robust(&scaled, &ratios), floor);
             let next: Vec<bool> = steps.iter().map(|s| f.rows_s(s) < floor).collect();
@@ -264,11 +279,25 @@ pub fn fit(points: &[CpuPoint]) -> CpuFit {
             .map(|(p, s)| (f.step(s) - p.seconds).abs() / p.seconds)
             .sum::<f64>()
             / usable.len() as f64;
-        if best.as_ref().is_none_or(|(e, _)| err < *e) {
-            best = Some((err, f));
+        (err, f)
+    };
+    // A coarse grid of floors up to the shortest step, then a finer one around the best.
+    let step = shortest / FLOOR_GRID as f64;
+    let coarse = (0..FLOOR_GRID).map(|g| step * g as f64);
+    let Some(mut best) = coarse.map(fit_with).min_by(|a, b| a.0.total_cmp(&b.0)) else {
+        return CpuFit::default();
+    };
+    let centre = best.1.weights_floor_s;
+    for g in 1..16 {
+        let floor = centre - step + 2.0 * step * f64::from(g) / 16.0;
+        if floor >= 0.0 {
+            let cand = fit_with(floor);
+            if cand.0 < best.0 {
+                best = cand;
+            }
         }
     }
-    best.map(|(_, f)| f).unwrap_or_default()
+    best.1
 }
 
 /// The machine a profile was measured on.
@@ -363,6 +392,10 @@ impl CpuProfile {
             ("fit.fixed_s", f.fixed_s),
             ("fit.weights_floor_s", f.weights_floor_s),
             ("fit.per_decode_seq_s", f.per_decode_seq_s),
+            (
+                "fit.per_decode_seq_beyond_32_s",
+                f.per_decode_seq_beyond_32_s,
+            ),
             ("fit.per_prompt_token_s", f.per_prompt_token_s),
             (
                 "fit.per_decode_seq_per_1k_context_s",
@@ -419,46 +452,70 @@ impl CpuProfile {
 pub struct ServeLoad {
     /// Concurrent clients (and the server's `--max-seqs`).
     pub streams: usize,
-    /// Prompt tokens the engine computes per request (after prefix-cache hits).
+    /// Prompt tokens the engine computes per request (after prefix-cache hits), where
+    /// `requests` does not say.
     pub prompt_tokens: usize,
     /// Tokens generated per request.
     pub max_tokens: usize,
-    /// When each request reaches the server, seconds after the first: one per stream, or
-    /// none for all at once. Clients started together still arrive one after another (a
-    /// load generator sends them in turn), and a step that starts before the last has
-    /// arrived runs without it.
-    pub arrivals_s: Vec<f64>,
+    /// Each request as it reached the server: one per stream, or none for all at once with
+    /// `prompt_tokens` each. Clients started together still arrive one after another (a
+    /// load generator sends them in turn), a step that starts before the last has arrived
+    /// runs without it, and prompts differ in what the prefix cache spares them.
+    pub requests: Vec<Arrival>,
+}
+
+/// One request of a [`ServeLoad`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// Seconds after the first request.
+    pub arrival_s: f64,
+    /// Prompt tokens the engine computes for it.
+    pub prompt_tokens: usize,
 }
 
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
 
+/// Most prompt tokens one request may have.
+pub const MAX_PROMPT_TOKENS: usize = 1 << 24;
+
 impl ServeLoad {
-    /// Checks the arrivals: one per stream (or none), each finite, in `0..=MAX_ARRIVAL_S`.
-    /// `field` names them in errors.
+    /// Checks the requests: one per stream (or none), each arriving at finite seconds in
+    /// `0..=MAX_ARRIVAL_S` with `1..=MAX_PROMPT_TOKENS` prompt tokens. `field` names them in
+    /// errors.
     pub fn check(&self, file: &str, field: &str) -> Result<(), PlanError> {
-        if !self.arrivals_s.is_empty() && self.arrivals_s.len() != self.streams {
+        if !self.requests.is_empty() && self.requests.len() != self.streams {
             return Err(PlanError::field(
                 file,
                 field,
                 format!(
-                    "{} arrival times for {} streams: give one per stream",
-                    self.arrivals_s.len(),
+                    "{} requests for {} streams: give one per stream",
+                    self.requests.len(),
                     self.streams
                 ),
             ));
         }
-        if let Some((i, v)) = self
-            .arrivals_s
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !(v.is_finite() && (0.0..=MAX_ARRIVAL_S).contains(*v)))
-        {
-            return Err(PlanError::field(
-                file,
-                format!("{field}[{i}]"),
-                format!("must be seconds in 0..={MAX_ARRIVAL_S}, not {v}"),
-            ));
+        for (i, r) in self.requests.iter().enumerate() {
+            if !(r.arrival_s.is_finite() && (0.0..=MAX_ARRIVAL_S).contains(&r.arrival_s)) {
+                return Err(PlanError::field(
+                    file,
+                    format!("{field}[{i}].arrival_s"),
+                    format!(
+                        "must be seconds in 0..={MAX_ARRIVAL_S}, not {}",
+                        r.arrival_s
+                    ),
+                ));
+            }
+            if !(1..=MAX_PROMPT_TOKENS).contains(&r.prompt_tokens) {
+                return Err(PlanError::field(
+                    file,
+                    format!("{field}[{i}].prompt_tokens"),
+                    format!(
+                        "must be in 1..={MAX_PROMPT_TOKENS}, not {}",
+                        r.prompt_tokens
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -467,18 +524,17 @@ impl ServeLoad {
 /// Predicts one serve-load level from a profile: its requests run through the scheduler
 /// simulation with the profile's step times and `serve`'s limits.
 pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
-    let mut arrivals: Vec<f64> = (0..load.streams.max(1))
-        .map(|i| load.arrivals_s.get(i).copied().unwrap_or(0.0).max(0.0))
-        .collect();
-    arrivals.sort_by(f64::total_cmp);
-    let requests: Vec<Request> = arrivals
-        .into_iter()
-        .map(|arrival_s| Request {
-            arrival_s,
-            prompt_tokens: load.prompt_tokens.max(1),
-            output_tokens: load.max_tokens.max(1),
+    let mut requests: Vec<Request> = (0..load.streams.max(1))
+        .map(|i| {
+            let r = load.requests.get(i);
+            Request {
+                arrival_s: r.map_or(0.0, |r| r.arrival_s.max(0.0)),
+                prompt_tokens: r.map_or(load.prompt_tokens, |r| r.prompt_tokens).max(1),
+                output_tokens: load.max_tokens.max(1),
+            }
         })
         .collect();
+    requests.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
     let limits = Limits {
         max_seqs: load.streams.max(1),
         max_batch_tokens: profile.serve_defaults.max_batch_tokens,
@@ -496,17 +552,19 @@ mod tests {
             fixed_s: 0.012,
             weights_floor_s: 0.02,
             per_decode_seq_s: 0.007,
+            per_decode_seq_beyond_32_s: 0.001,
             per_prompt_token_s: 0.006,
             per_decode_seq_per_1k_context_s: 0.004,
             per_prompt_token_per_1k_context_s: 0.003,
         }
     }
 
-    fn coefficients(f: &CpuFit) -> [f64; 6] {
+    fn coefficients(f: &CpuFit) -> [f64; 7] {
         [
             f.fixed_s,
             f.weights_floor_s,
             f.per_decode_seq_s,
+            f.per_decode_seq_beyond_32_s,
             f.per_prompt_token_s,
             f.per_decode_seq_per_1k_context_s,
             f.per_prompt_token_per_1k_context_s,
@@ -516,7 +574,7 @@ mod tests {
     fn points() -> Vec<CpuPoint> {
         let t = truth();
         let mut v = Vec::new();
-        for d in [1, 2, 4, 8, 16, 32, 64] {
+        for d in [1, 2, 4, 8, 16, 32, 48, 64] {
             for ctx in [128, 1024] {
                 v.push((d, 0, ctx));
             }
@@ -577,8 +635,8 @@ mod tests {
         // One or two decoding sequences: below the floor, the same time.
         assert_eq!(t.seconds(1.0, 0.0, 0.0), t.seconds(2.0, 0.0, 0.0));
         assert!((t.seconds(1.0, 0.0, 0.0) - 0.032).abs() < 1e-12);
-        // Sixty-four: the rows' arithmetic.
-        assert!((t.seconds(64.0, 0.0, 0.0) - (0.012 + 64.0 * 0.007)).abs() < 1e-12);
+        // Sixty-four: the rows' arithmetic, with the second slope past 32.
+        assert!((t.seconds(64.0, 0.0, 0.0) - (0.012 + 64.0 * 0.007 + 32.0 * 0.001)).abs() < 1e-12);
         // A prompt's attention grows with the square of its length.
         let attention = |n: f64| t.seconds(0.0, n, 0.0) - 0.012 - n * 0.006;
         assert!((attention(512.0) / attention(256.0) - 513.0 / 257.0 * 2.0).abs() < 1e-9);
@@ -636,7 +694,7 @@ mod tests {
                 streams: 1,
                 prompt_tokens: 40,
                 max_tokens: 10,
-                arrivals_s: Vec::new(),
+                requests: Vec::new(),
             },
         );
         // The prompt's last token costs as a decoding sequence's (it needs logits).
@@ -663,7 +721,7 @@ mod tests {
                     streams,
                     prompt_tokens: 30,
                     max_tokens: 128,
-                    arrivals_s: Vec::new(),
+                    requests: Vec::new(),
                 },
             )
         };
@@ -677,11 +735,17 @@ mod tests {
     fn a_late_request_waits_for_the_step_it_missed() {
         let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
         let t = truth();
-        let load = |arrivals_s: Vec<f64>| ServeLoad {
+        let load = |arrivals: Vec<f64>| ServeLoad {
             streams: 2,
             prompt_tokens: 20,
             max_tokens: 4,
-            arrivals_s,
+            requests: arrivals
+                .into_iter()
+                .map(|arrival_s| Arrival {
+                    arrival_s,
+                    prompt_tokens: 20,
+                })
+                .collect(),
         };
         let together = predict_serve_load(&p, &load(Vec::new()));
         // The second request arrives just after the first's prompt step began: its prompt
@@ -696,15 +760,28 @@ mod tests {
         assert!((together.ttft_s[2] - together.ttft_s[0]).abs() < 1e-12);
         assert!(late.ttft_s[2] > first_step, "{late:?}");
         assert!(late.wall_s > together.wall_s);
-        // Bad arrivals are named.
-        let e = load(vec![0.0])
-            .check("a.json", "arrivals")
-            .expect_err("too few");
+        // Bad requests are named.
+        let e = load(vec![0.0]).check("a.json", "2").expect_err("too few");
         assert!(e.to_string().contains("one per stream"), "{e}");
         let e = load(vec![0.0, f64::NAN])
-            .check("a.json", "arrivals")
+            .check("a.json", "2")
             .expect_err("NaN");
-        assert!(e.to_string().contains("arrivals[1]"), "{e}");
-        assert!(load(vec![0.5, 0.0]).check("a.json", "arrivals").is_ok());
+        assert!(e.to_string().contains("2[1].arrival_s"), "{e}");
+        let mut empty = load(vec![0.0, 0.0]);
+        empty.requests[0].prompt_tokens = 0;
+        let e = empty.check("a.json", "2").expect_err("no prompt");
+        assert!(e.to_string().contains("2[0].prompt_tokens"), "{e}");
+        assert!(load(vec![0.5, 0.0]).check("a.json", "2").is_ok());
+        // Each request's own prompt length counts, not `prompt_tokens`.
+        let mut mixed = load(Vec::new());
+        mixed.requests = [4, 4]
+            .into_iter()
+            .map(|prompt_tokens| Arrival {
+                arrival_s: 0.0,
+                prompt_tokens,
+            })
+            .collect();
+        let r = predict_serve_load(&p, &mixed);
+        assert!(r.ttft_s[0] < together.ttft_s[0], "{r:?}");
     }
 }
