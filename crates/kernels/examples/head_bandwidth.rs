@@ -3,6 +3,9 @@
 //! kernels come to the memory bandwidth in decode.
 //!
 //! `cargo run -p souverain-kernels --release --example head_bandwidth [n_threads]`
+//!
+//! `SHAPES=gemma-layers` measures the layers' shapes instead; `TOKENS=n` (default 1) times
+//! `n` tokens at once (prompt processing: arithmetic-bound, reported per token).
 
 use std::time::Instant;
 
@@ -14,6 +17,11 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2usize);
     let pool = ThreadPool::new(n_threads);
+    let tokens: usize = std::env::var("TOKENS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     println!("simd: {}, threads: {}", simd_level(), pool.n_threads());
     let shapes: Vec<(WeightType, usize, usize)> = match std::env::var("SHAPES").ok().as_deref() {
         Some("gemma-layers") => vec![
@@ -49,15 +57,26 @@ fn main() {
             println!("{ty:?}: no packed kernel here");
             continue;
         };
-        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut y = vec![0f32; rows];
-        let reps = if rows * cols > 1 << 24 { 20u32 } else { 2000 };
-        let _ = matmul_packed(&pool, &p, &x, 1, &mut y);
+        let x: Vec<f32> = (0..cols * tokens)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let mut y = vec![0f32; rows * tokens];
+        let work = rows * cols * tokens;
+        let reps = (2000 * (1 << 20) / work.max(1)).clamp(5, 2000) as u32;
+        let _ = matmul_packed(&pool, &p, &x, tokens, &mut y);
         let start = Instant::now();
         for _ in 0..reps {
-            let _ = matmul_packed(&pool, &p, &x, 1, &mut y);
+            let _ = matmul_packed(&pool, &p, &x, tokens, &mut y);
         }
         let t = start.elapsed().as_secs_f64() / f64::from(reps);
+        if tokens > 1 {
+            println!(
+                "{ty:?} {rows}x{cols} packed, {tokens} tokens: {:.1} us per token, {:.1} GMAC/s",
+                t * 1e6 / tokens as f64,
+                work as f64 / t / 1e9
+            );
+            continue;
+        }
         println!(
             "{ty:?} {rows}x{cols} packed, 1 token: {:.1} us, {:.1} GB/s of weights",
             t * 1e6,
