@@ -59,17 +59,17 @@ const MAX_REQUESTS_BYTES: u64 = 4 << 20;
 fn read_requests(
     path: &Path,
 ) -> Result<std::collections::BTreeMap<usize, Vec<plan::cpu::Arrival>>> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    if len > MAX_REQUESTS_BYTES {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_REQUESTS_BYTES + 1).read_to_string(&mut text))
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > MAX_REQUESTS_BYTES {
         bail!(
-            "{}: {len} bytes; a requests file is at most {MAX_REQUESTS_BYTES}",
+            "{}: more than {MAX_REQUESTS_BYTES} bytes; a requests file is at most that",
             path.display()
         );
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let raw: std::collections::BTreeMap<String, Vec<plan::cpu::Arrival>> =
         serde_json::from_str(&text).with_context(|| {
             format!(
@@ -78,15 +78,19 @@ fn read_requests(
                 path.display()
             )
         })?;
-    raw.into_iter()
-        .map(|(k, v)| match k.parse::<usize>() {
-            Ok(n) if n > 0 => Ok((n, v)),
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in raw {
+        match k.parse::<usize>() {
+            Ok(n) if n > 0 && n.to_string() == k => {
+                out.insert(n, v);
+            }
             _ => bail!(
-                "{}: key {k:?}: must be a number of streams (at least 1)",
+                "{}: key {k:?}: must be a number of streams (at least 1, no leading zeros)",
                 path.display()
             ),
-        })
-        .collect()
+        }
+    }
+    Ok(out)
 }
 
 /// `--predict-serve-load`: the simulated scheduler with the profile's step times.
@@ -107,9 +111,13 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         profile.fit_median_relative_error * 100.0,
         profile.points.len()
     );
+    let prompts = match &args.requests {
+        Some(file) => format!("each request's prompt tokens from {}", file.display()),
+        None => format!("{} prompt tokens computed", args.prompt_tokens),
+    };
     println!(
-        "serve-load: {} prompt tokens computed, {} generated per request, max batch tokens {}\n",
-        args.prompt_tokens, args.max_tokens, profile.serve_defaults.max_batch_tokens
+        "serve-load: {prompts}, {} generated per request, max batch tokens {}\n",
+        args.max_tokens, profile.serve_defaults.max_batch_tokens
     );
     println!("| streams | tokens/s | TTFT p50 ms | ITL p50 ms | steps | mean decode batch |");
     println!("|---|---|---|---|---|---|");
@@ -125,7 +133,18 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             requests: requests.get(&streams).cloned().unwrap_or_default(),
         };
         if let Some(file) = &args.requests {
-            load.check(&file.display().to_string(), &streams.to_string())?;
+            let name = file.display().to_string();
+            if load.requests.is_empty() {
+                bail!("{name}: no requests for {streams} streams (key \"{streams}\")");
+            }
+            load.check(&name, &streams.to_string())?;
+            let kv = profile.serve_defaults.kv_cache_tokens;
+            if let Some(i) = load.requests.iter().position(|r| r.prompt_tokens > kv) {
+                bail!(
+                    "{name}: {streams}[{i}].prompt_tokens: more than the KV cache's {kv} \
+                     tokens (the engine would refuse the request)"
+                );
+            }
         }
         let r = plan::cpu::predict_serve_load(&profile, &load);
         println!(

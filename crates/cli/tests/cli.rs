@@ -565,6 +565,11 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
             "4[0].prompt_tokens",
         ),
         (format!(r#"{{"four": [{}]}}"#, one(0.0)), "\"four\""),
+        (format!(r#"{{"04": [{}]}}"#, one(0.0)), "\"04\""),
+        (
+            format!(r#"{{"8": [{}]}}"#, one(0.0)),
+            "no requests for 4 streams",
+        ),
         ("[0, 0, 0, 0]".to_string(), "expected an object"),
     ] {
         std::fs::write(&requests, &file).expect("write");

@@ -191,7 +191,7 @@ impl CpuFit {
     /// One line for people: the coefficients in milliseconds.
     pub fn describe(&self) -> String {
         format!(
-            "step = {:.3} ms + max({:.3} ms, {:.3} ms/decode seq (+{:.3} beyond {BATCH_KNEE}) + \
+            "step = {:.3} ms + max({:.3} ms, {:.3} ms/decode seq (+{:.3} ms/decode seq beyond {BATCH_KNEE}) + \
              {:.3} ms/prompt token) + {:.4} ms/decode seq/1k context + {:.4} ms/1k prompt \
              positions attended",
             self.fixed_s * 1e3,
@@ -372,21 +372,28 @@ impl CpuProfile {
 
     /// Parses and checks a profile; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
-        let p: Self = serde_json::from_str(text).map_err(|e| PlanError::Parse {
+        let parse_error = |e: serde_json::Error| PlanError::Parse {
             file: file.into(),
             message: e.to_string(),
-        })?;
-        if p.format != PROFILE_FORMAT {
+        };
+        // The format first: an older profile lacks fields this one needs, and should be told
+        // so rather than which field is missing.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let Format { format } = serde_json::from_str(text).map_err(parse_error)?;
+        if format != PROFILE_FORMAT {
             return Err(PlanError::field(
                 file,
                 "format",
                 format!(
-                    "this planner reads format {PROFILE_FORMAT}, not {} (measure the profile \
-                     again with this version's `souverain bench --profile`)",
-                    p.format
+                    "this planner reads format {PROFILE_FORMAT}, not {format} (measure the \
+                     profile again with this version's `souverain bench --profile`)"
                 ),
             ));
         }
+        let p: Self = serde_json::from_str(text).map_err(parse_error)?;
         let f = p.fit;
         for (name, v) in [
             ("fit.fixed_s", f.fixed_s),
@@ -669,9 +676,10 @@ mod tests {
         let text = profile_json(truth());
         let p = CpuProfile::parse(&text, "p.json").expect("valid profile");
         assert_eq!(p.fit, truth());
-        let bad = text.replace("\"format\":2", "\"format\":1");
-        assert_ne!(bad, text);
-        let e = CpuProfile::parse(&bad, "p.json").expect_err("an older format");
+        // A format-1 profile (its fit had four coefficients) is told to measure again.
+        let old = r#"{"format":1,"fit":{"fixed_s":0.01,"per_decode_seq_s":0.001,
+            "per_prompt_token_s":0.001,"per_decode_seq_per_1k_context_s":0.001}}"#;
+        let e = CpuProfile::parse(old, "p.json").expect_err("an older format");
         assert!(e.to_string().contains("format"), "{e}");
         assert!(e.to_string().contains("bench --profile"), "{e}");
         let negative = profile_json(CpuFit {
@@ -681,6 +689,8 @@ mod tests {
         let e = CpuProfile::parse(&negative, "p.json").expect_err("negative coefficient");
         assert!(e.to_string().contains("fit.per_prompt_token_s"), "{e}");
         let e = CpuProfile::parse("{\"format\":2}", "p.json").expect_err("missing fields");
+        assert!(e.to_string().contains("missing field"), "{e}");
+        let e = CpuProfile::parse("[]", "p.json").expect_err("not an object");
         assert!(e.to_string().starts_with("p.json"), "{e}");
     }
 

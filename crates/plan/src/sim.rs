@@ -186,8 +186,8 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
                 plan.push((i, n));
                 // Its prompt tokens (all but a last one that needs logits) attend what the
                 // sequence had cached and the chunk's tokens up to their own.
-                let m = if n == todo { n - 1 } else { n };
-                attended += (m * s.computed) as f64 + (m * (m + 1)) as f64 / 2.0;
+                let m = if n == todo { n - 1 } else { n } as f64;
+                attended += m * s.computed as f64 + m * (m + 1.0) / 2.0;
                 if n == todo {
                     logit_rows += 1;
                     prefill += n - 1;
@@ -316,6 +316,47 @@ mod tests {
         assert_eq!(out.steps, 10);
         assert!((out.ttft_s[0] - 0.011).abs() < 1e-12, "{:?}", out.ttft_s);
         assert!((out.itl_s[0] - 0.0011).abs() < 1e-12, "{:?}", out.itl_s);
+    }
+
+    /// Records what each step was asked to cost.
+    struct Recorder(std::sync::Mutex<Vec<(usize, usize, f64, f64)>>);
+    impl StepCost for Recorder {
+        fn step_seconds(&self, decode: usize, prefill: usize, ctx: f64, attended: f64) -> f64 {
+            if let Ok(mut v) = self.0.lock() {
+                v.push((decode, prefill, ctx, attended));
+            }
+            1e-3
+        }
+    }
+
+    #[test]
+    fn prompt_chunks_attend_the_cache_and_their_own_earlier_tokens() {
+        // A 100-token prompt in chunks of 64: positions 0..64, then 64..100 whose last
+        // token is a logits row at context 100.
+        let r = [Request {
+            arrival_s: 0.0,
+            prompt_tokens: 100,
+            output_tokens: 2,
+        }];
+        let rec = Recorder(std::sync::Mutex::new(Vec::new()));
+        let lim = Limits {
+            max_batch_tokens: 64,
+            ..limits(1)
+        };
+        simulate(&r, lim, &rec);
+        let steps = rec.0.into_inner().unwrap_or_default();
+        assert_eq!(steps.len(), 3, "{steps:?}");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let (d, p, _, a) = steps[0];
+        assert_eq!((d, p), (0, 64));
+        assert!(close(a, 64.0 * 65.0 / 2.0 / 1000.0), "{a}");
+        let (d, p, ctx, a) = steps[1];
+        assert_eq!((d, p), (1, 35));
+        assert!(close(ctx, 100.0), "{ctx}");
+        assert!(close(a, (35.0 * 64.0 + 35.0 * 36.0 / 2.0) / 1000.0), "{a}");
+        let (d, p, ctx, a) = steps[2];
+        assert_eq!((d, p, a), (1, 0, 0.0));
+        assert!(close(ctx, 101.0), "{ctx}");
     }
 
     /// Decode rows cost more than prompt tokens (the output head, a draw).
