@@ -10,9 +10,10 @@
 //! (`plan::cpu`): batched forward passes through the engine's paged path
 //! (`LlamaModel::forward_batch`, the one the scheduler runs, and the greedy pick of every row
 //! of logits it returns) with 1 to 64 sequences decoding one token each at three context
-//! lengths, single prompt chunks of 16 to 512 tokens, and steps mixing both, each the median of the repetitions after one untimed run (the steps
-//! taken in turn, one of each per repetition, so that drift moves them alike); then it
-//! fits the step-time coefficients and writes the profile with `serve`'s scheduler defaults.
+//! lengths, single prompt chunks of 16 to 512 tokens, and steps mixing both, each the median
+//! of the repetitions after one untimed run (the steps taken in turn, one of each per
+//! repetition, so that drift moves them alike); then it fits the step-time coefficients and
+//! writes the profile with `serve`'s scheduler defaults.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

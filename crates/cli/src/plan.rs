@@ -137,14 +137,11 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             if load.requests.is_empty() {
                 bail!("{name}: no requests for {streams} streams (key \"{streams}\")");
             }
-            load.check(&name, &streams.to_string())?;
-            let kv = profile.serve_defaults.kv_cache_tokens;
-            if let Some(i) = load.requests.iter().position(|r| r.prompt_tokens > kv) {
-                bail!(
-                    "{name}: {streams}[{i}].prompt_tokens: more than the KV cache's {kv} \
-                     tokens (the engine would refuse the request)"
-                );
-            }
+            load.check(
+                &name,
+                &streams.to_string(),
+                profile.serve_defaults.kv_cache_tokens,
+            )?;
         }
         let r = plan::cpu::predict_serve_load(&profile, &load);
         println!(

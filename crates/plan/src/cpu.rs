@@ -73,8 +73,7 @@ pub struct CpuPoint {
 impl CpuPoint {
     /// Positions the point's prompt tokens attend, in thousands (its chunk starts at 0).
     fn prompt_attention_k(&self) -> f64 {
-        let n = self.prefill_tokens as f64;
-        n * (n + 1.0) / 2.0 / 1000.0
+        sim::prompt_attention_k(0.0, self.prefill_tokens as f64)
     }
 }
 
@@ -123,6 +122,11 @@ impl CpuStep {
         }
     }
 
+    /// Decoding sequences past [`BATCH_KNEE`].
+    fn beyond_knee(&self) -> f64 {
+        (self.decode_seqs - BATCH_KNEE).max(0.0)
+    }
+
     /// The arithmetic-bound terms (fixed, decode, prompt, decode attention, prompt attention,
     /// decode beyond the knee) or, when bound by the floor, those without the rows'
     /// arithmetic.
@@ -134,7 +138,7 @@ impl CpuStep {
             rows * self.prefill_tokens,
             self.decode_seqs * self.context / 1000.0,
             self.prompt_attention_k,
-            rows * (self.decode_seqs - BATCH_KNEE).max(0.0),
+            rows * self.beyond_knee(),
         ]
     }
 }
@@ -156,7 +160,7 @@ impl CpuFit {
     /// The matrix products' arithmetic for `step`, seconds.
     fn rows_s(&self, step: &CpuStep) -> f64 {
         self.per_decode_seq_s * step.decode_seqs
-            + self.per_decode_seq_beyond_32_s * (step.decode_seqs - BATCH_KNEE).max(0.0)
+            + self.per_decode_seq_beyond_32_s * step.beyond_knee()
             + self.per_prompt_token_s * step.prefill_tokens
     }
 
@@ -175,7 +179,7 @@ impl CpuFit {
             decode_seqs,
             prefill_tokens,
             context,
-            prompt_attention_k: prefill_tokens * (prefill_tokens + 1.0) / 2000.0,
+            prompt_attention_k: sim::prompt_attention_k(0.0, prefill_tokens),
         })
     }
 
@@ -483,14 +487,11 @@ pub struct Arrival {
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
 
-/// Most prompt tokens one request may have.
-pub const MAX_PROMPT_TOKENS: usize = 1 << 24;
-
 impl ServeLoad {
     /// Checks the requests: one per stream (or none), each arriving at finite seconds in
-    /// `0..=MAX_ARRIVAL_S` with `1..=MAX_PROMPT_TOKENS` prompt tokens. `field` names them in
-    /// errors.
-    pub fn check(&self, file: &str, field: &str) -> Result<(), PlanError> {
+    /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
+    /// prompt larger than its KV cache). `field` names them in errors.
+    pub fn check(&self, file: &str, field: &str, kv_cache_tokens: usize) -> Result<(), PlanError> {
         if !self.requests.is_empty() && self.requests.len() != self.streams {
             return Err(PlanError::field(
                 file,
@@ -513,12 +514,12 @@ impl ServeLoad {
                     ),
                 ));
             }
-            if !(1..=MAX_PROMPT_TOKENS).contains(&r.prompt_tokens) {
+            if !(1..=kv_cache_tokens).contains(&r.prompt_tokens) {
                 return Err(PlanError::field(
                     file,
                     format!("{field}[{i}].prompt_tokens"),
                     format!(
-                        "must be in 1..={MAX_PROMPT_TOKENS}, not {}",
+                        "must be in 1..={kv_cache_tokens} (the KV cache's tokens), not {}",
                         r.prompt_tokens
                     ),
                 ));
@@ -771,17 +772,19 @@ mod tests {
         assert!(late.ttft_s[2] > first_step, "{late:?}");
         assert!(late.wall_s > together.wall_s);
         // Bad requests are named.
-        let e = load(vec![0.0]).check("a.json", "2").expect_err("too few");
+        let e = load(vec![0.0])
+            .check("a.json", "2", 16384)
+            .expect_err("too few");
         assert!(e.to_string().contains("one per stream"), "{e}");
         let e = load(vec![0.0, f64::NAN])
-            .check("a.json", "2")
+            .check("a.json", "2", 16384)
             .expect_err("NaN");
         assert!(e.to_string().contains("2[1].arrival_s"), "{e}");
         let mut empty = load(vec![0.0, 0.0]);
         empty.requests[0].prompt_tokens = 0;
-        let e = empty.check("a.json", "2").expect_err("no prompt");
+        let e = empty.check("a.json", "2", 16384).expect_err("no prompt");
         assert!(e.to_string().contains("2[0].prompt_tokens"), "{e}");
-        assert!(load(vec![0.5, 0.0]).check("a.json", "2").is_ok());
+        assert!(load(vec![0.5, 0.0]).check("a.json", "2", 16384).is_ok());
         // Each request's own prompt length counts, not `prompt_tokens`.
         let mut mixed = load(Vec::new());
         mixed.requests = [4, 4]

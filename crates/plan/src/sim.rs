@@ -35,6 +35,12 @@ pub trait StepCost {
     ) -> f64;
 }
 
+/// Positions, in thousands, that `tokens` prompt tokens attend when their sequence had
+/// `cached` positions before them: each token its cache and the chunk's tokens up to itself.
+pub fn prompt_attention_k(cached: f64, tokens: f64) -> f64 {
+    (tokens * cached + tokens * (tokens + 1.0) / 2.0) / 1000.0
+}
+
 /// The scheduler's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Limits {
@@ -174,7 +180,7 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
             }
         }
         let mut prefill = 0;
-        let mut attended = 0.0;
+        let mut attended = 0.0; // thousands of positions
         // A chunk that ends its prompt needs logits for its last token, as a decoding
         // sequence does (the output head, sampling, the first token's event): that token is
         // costed as one (the profile's prompt steps carry one such row each).
@@ -186,8 +192,8 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
                 plan.push((i, n));
                 // Its prompt tokens (all but a last one that needs logits) attend what the
                 // sequence had cached and the chunk's tokens up to their own.
-                let m = if n == todo { n - 1 } else { n } as f64;
-                attended += m * s.computed as f64 + m * (m + 1.0) / 2.0;
+                let m = if n == todo { n - 1 } else { n };
+                attended += prompt_attention_k(s.computed as f64, m as f64);
                 if n == todo {
                     logit_rows += 1;
                     prefill += n - 1;
@@ -203,7 +209,7 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
         } else {
             0.0
         };
-        now += cost.step_seconds(logit_rows, prefill, mean_context, attended / 1000.0);
+        now += cost.step_seconds(logit_rows, prefill, mean_context, attended);
         out.steps += 1;
         batch_sum += decode as f64;
         let mut done = Vec::new();
