@@ -24,6 +24,7 @@
 //! The unpacked weights of a block stay in registers while they meet up to four tokens
 //! (two for Q8_0, whose two i16 sums per token take twice the registers); a call with more
 //! tokens walks the half-group again per four (the half-group's cells are then in L1/L2).
+//! One token (decode) of Q4 cells runs `one_token_q4` instead: both halves in one pass.
 
 use std::arch::x86_64::*;
 
@@ -48,6 +49,12 @@ pub(crate) fn packed_group(
     // The kernel reads exactly these ranges; a short slice is a caller bug, not a read
     // out of bounds.
     assert!(cells.len() >= nb * cell_len && qs.len() >= nt * nb * XQ && ds.len() >= nt * nb);
+    if nt == 1 && !bytes {
+        // SAFETY: as below (the AVX2 table's check; `cells` holds `nb` cells, `qs` and `ds`
+        // one token's `nb` blocks, checked above).
+        vals[0] = unsafe { one_token_q4(cells, qs, ds, nb) };
+        return;
+    }
     // Tokens per kernel call: as many as the registers hold.
     let per_call = if bytes { 2 } else { 4 };
     for half in 0..2 {
@@ -83,6 +90,68 @@ pub(crate) fn packed_group(
             t0 += tn;
         }
     }
+}
+
+/// All 16 rows of a Q4 group × one token (decode) in one pass over the cells: each cell's
+/// whole 64-byte lines are read once, where [`half_kernel`] reads their halves in two passes
+/// (the second from cache); 1.15-1.25x faster on a 262,144 × 640 Q4_0 matrix (the
+/// `head_bandwidth` example; for Q8_0 cells, twice as large, one pass measured no faster,
+/// so they keep `half_kernel`). Each lane's integer sums and float operations are
+/// `half_kernel`'s, in the same order (the offsets' accumulator is independent of the
+/// other, so running it in the same loop changes no lane's sequence): bit-identical.
+///
+/// # Safety
+///
+/// The CPU must support AVX2, FMA and F16C; `cells` must hold `nb` Q4 cells, `qs` `nb`
+/// blocks of 32 bytes and `ds` `nb` pairs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_token_q4(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [f32; GROUP] {
+    debug_assert!(cells.len() >= nb * CELL && qs.len() >= nb * XQ && ds.len() >= nb);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let (c, q, dsp) = (cells.as_ptr(), qs.as_ptr(), ds.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut acc_m = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells) and every offset below is
+        // inside its `CELL` bytes; block `b` of `qs` (32 bytes) and pair `b` of `ds` are in
+        // bounds.
+        unsafe {
+            let cell = c.add(b * CELL);
+            let vecs = cell.add(64);
+            let xq = q.add(b * XQ);
+            let mut sums = [_mm256_setzero_si256(); 2];
+            for j in 0..4 {
+                let xl = _mm256_set1_epi32(xq.add(4 * j).cast::<i32>().read_unaligned());
+                let xh = _mm256_set1_epi32(xq.add(4 * j + 16).cast::<i32>().read_unaligned());
+                for (h, s) in sums.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(vecs.add(64 * j + 32 * h).cast());
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, xl),
+                        _mm256_maddubs_epi16(hi, xh),
+                    );
+                    *s = _mm256_add_epi16(*s, p);
+                }
+            }
+            let [dx, sx] = *dsp.add(b);
+            for h in 0..2 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * h).cast()));
+                let isum = _mm256_madd_epi16(sums[h], ones);
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc[h]);
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(32 + 2 * HALF * h).cast()));
+                acc_m[h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc_m[h]);
+            }
+        }
+    }
+    let mut out = [0f32; GROUP];
+    for (h, o) in out.chunks_exact_mut(HALF).enumerate() {
+        // SAFETY: `o` is 8 f32s.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(acc[h], acc_m[h])) };
+    }
+    out
 }
 
 /// Rows `8·half..8·half + 8` of the group × `T` tokens over `nb` blocks; returns
