@@ -791,6 +791,24 @@ mod tests {
         }
     }
 
+    /// Every token count a kernel call takes (1..=8, and 9..=17 across calls), random weights
+    /// and a different random activation per token, for every K layout: every kernel equals
+    /// the scalar twin bit for bit (the property test draws the token counts at random;
+    /// this covers each, so a token-indexing slip in one specialised loop cannot hide).
+    #[test]
+    fn k_every_token_count_matches_scalar() {
+        for (i, (ty, sb)) in K_TYPES.into_iter().enumerate() {
+            let (rows, cols) = (19, 2 * sb.max(QK_K));
+            let bytes = random_matrix(ty, rows, cols, 11 + i as u64);
+            let w = Matrix::new(ty, &bytes, rows, cols).unwrap();
+            let p = PackedMatrix::pack_any(&w).unwrap();
+            for n_tokens in 1..=17 {
+                let x = random_acts(n_tokens * cols, 100 + n_tokens as u64);
+                every_kernel(&p, &x, n_tokens).unwrap();
+            }
+        }
+    }
+
     /// The K layouts at their extremes (every level at its maximum, scales and minimums at
     /// their largest magnitudes, activations at ±127): the AVX2 kernel's i16 sums must stay
     /// exact, so every kernel equals the scalar twin.
