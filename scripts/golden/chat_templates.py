@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Renders real chat templates with transformers (the renderer every Hugging Face model's
 template is written for) and records what they render, as sha256 and length, for
-crates/engine/tests/chat_templates.rs and the API's call round trips
+crates/engine/tests/it/chat_templates.rs and the API's call round trips
 (crates/api/src/output/template_calls.rs).
 
 The templates come from llama-cpp-python's source package (`scripts/fetch-chat-templates`

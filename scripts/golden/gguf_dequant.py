@@ -8,12 +8,12 @@ Two outputs:
    scripts/fetch-test-models): for the first tensor of each ggml type present, its name, type,
    shape, the first 512 dequantised values, 512 values at a fixed middle offset, two whole-tensor
    checksums of the f32 bit patterns (wrapping u64 sums: plain, and weighted by position), and
-   the sum and sum of squares in f64. Checked by crates/model/tests/gemma_dequant.rs.
+   the sum and sum of squares in f64. Checked by crates/model/tests/it/gemma_dequant.rs.
 
 2. A text file of synthetic blocks for every block format the kernels support (Q4_0, Q4_1,
    Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): random quant bytes from a fixed seed with
    finite f16 scales, and gguf-py's dequantisation of them, as hex. Checked by
-   crates/kernels/tests/formats.rs. Format, one record per type:
+   crates/kernels/tests/it/formats.rs. Format, one record per type:
 
        type <NAME> blocks <N>
        bytes <hex of the raw blocks>

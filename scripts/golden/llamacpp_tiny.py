@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """llama.cpp's logits for the tiny GGUF files of transformers_tiny.py: the third oracle of
-crates/model/tests/hf_golden.rs, beside transformers and our own reader.
+crates/model/tests/it/hf_golden.rs, beside transformers and our own reader.
 
 The files (`deepseek3/model.gguf`, `deepseek3-lite/model.gguf`: `deepseek2`; `mistral4/
 model.gguf`: `mistral4`; `mistral4/large3.gguf`: Mistral Large 3's `deepseek2` conversion;

@@ -6,11 +6,11 @@ Writes two files:
 * crates/engine/tests/golden/minilm-embeddings.json: for each input text, the token ids of
   the Hugging Face tokenizer (`tokenizers`, no truncation, no padding) and the sentence
   embedding of sentence-transformers (its own pipeline: Transformer -> Pooling -> Normalize,
-  as modules.json says), rounded to 6 decimals. Checked by crates/engine/tests/embed_golden.rs
+  as modules.json says), rounded to 6 decimals. Checked by crates/engine/tests/it/embed_golden.rs
   (ids exactly, cosine similarity >= 0.9999) and tests/sdk/test_embeddings.py.
 * crates/tokenizer/tests/golden/minilm-wordpiece.json: token ids of many more strings
   (hand-picked edge cases plus seeded random text over many scripts), checked by
-  crates/tokenizer/tests/wordpiece_golden.rs.
+  crates/tokenizer/tests/it/wordpiece_golden.rs.
 
 Usage (the model directory comes from scripts/fetch-embedding-model; no hub is contacted):
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny random-weight Llama, Mistral and Mixtral models and their logits from Hugging Face
-transformers (CPU, float32), the oracle for crates/model/tests/hf_golden.rs.
+transformers (CPU, float32), the oracle for crates/model/tests/it/hf_golden.rs.
 
 Usage (from the repository root):
 

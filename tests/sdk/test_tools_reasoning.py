@@ -385,7 +385,7 @@ def test_echo_with_logprobs(client: openai.OpenAI, model_id: str) -> None:
 def test_fill_in_the_middle_needs_fim_tokens(client: openai.OpenAI, model_id: str) -> None:
     # SmolLM2 has no fill-in-the-middle tokens (llama.cpp finds none either): both endpoints
     # refuse clearly. The working path is tested on a Mistral tokenizer in
-    # crates/cli/tests/serve_dir.rs (ids equal to mistral-common's encode_fim).
+    # crates/cli/tests/it/serve_dir.rs (ids equal to mistral-common's encode_fim).
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(
             model=model_id, prompt="def f(", suffix="\n    return x\n", max_tokens=4

@@ -6,7 +6,7 @@
 //! suffix ids are llama.cpp's own tokenisation of them as its server's `/infill` tokenises
 //! them, from `scripts/golden/llamacpp_prompt_logprobs.py`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

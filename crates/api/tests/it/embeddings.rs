@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings` over a fake embedding model: shapes, base64, errors, the model list
 //! with a chat model beside it, and metering under `--auth`.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! server on the default model, and a `kill -9` under load after which every response a
 //! client received is found metered and audited.
 
-mod common;
+use crate::common;
 use common::{free_port, raw_http, temp_dir};
 use testkit::default_model;
 

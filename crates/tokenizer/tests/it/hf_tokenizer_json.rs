@@ -4,7 +4,7 @@
 //! `<|...|>` markers as special added tokens) must give llama.cpp's ids for every golden string.
 
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use serde_json::{Value, json};
 use souverain_tokenizer::{ChatMessage, HfStreamDecoder, HfTokenizer};

@@ -7,7 +7,7 @@
 //! preemption — is the one the model computes alone (its own cache, a ring of window
 //! blocks), token for token.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

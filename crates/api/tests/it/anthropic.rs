@@ -2,7 +2,7 @@
 //! backend: the translation into the one chat path, the answer and event shapes, and errors
 //! in Anthropic's shape.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};

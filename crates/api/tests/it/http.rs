@@ -1,6 +1,6 @@
 //! The API end to end over `tower::ServiceExt::oneshot`, against a fake backend.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 

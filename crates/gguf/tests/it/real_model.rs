@@ -4,7 +4,7 @@
 //! when it is absent the test is skipped with a note, unless `SOUVERAIN_REQUIRE_MODEL` is set
 //! (as `scripts/test` does), which makes its absence a failure.
 
-mod common;
+use crate::common;
 
 use common::touch_everything;
 use souverain_gguf::{GgmlType, GgufFile};

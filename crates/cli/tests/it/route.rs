@@ -3,7 +3,7 @@
 //! a replica's own, prefix affinity that the replicas' prefix caches confirm, metering at the
 //! router, and a replica killed under load without a failed request.
 
-mod common;
+use crate::common;
 use common::{free_port, raw_http, temp_dir};
 use testkit::default_model;
 

@@ -1,7 +1,7 @@
 //! Many models in one server: each loaded on first use, the least recently used unloaded
 //! under the memory budget, aliases, admin load/unload, failures and waits.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -23,7 +23,7 @@ fn open() -> Option<GgufFile> {
 }
 
 fn golden() -> Value {
-    serde_json::from_str(include_str!("golden/gemma3-270m-q4_k_m-dequant.json"))
+    serde_json::from_str(include_str!("../golden/gemma3-270m-q4_k_m-dequant.json"))
         .expect("golden JSON")
 }
 

@@ -1,7 +1,7 @@
 //! `--auth` end to end: the router with a control plane in front, over a fake backend and a
 //! real store (SQLite; PostgreSQL too where `SOUVERAIN_TEST_DATABASE_URL` is set).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

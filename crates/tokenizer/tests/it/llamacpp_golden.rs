@@ -3,7 +3,7 @@
 //! The golden files come from `scripts/golden/llamacpp_tokenize.py` (llama-cpp-python); see their
 //! headers for the versions and the model file's sha256.
 
-mod common;
+use crate::common;
 
 use common::{golden_path, smollm2, smollm2_spec};
 use serde::Deserialize;

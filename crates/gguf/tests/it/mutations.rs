@@ -1,7 +1,7 @@
 //! Random and exhaustive corruption of a valid file never panics: every input gives `Ok`
 //! (with all invariants holding) or a typed error.
 
-mod common;
+use crate::common;
 
 use common::{sample_bytes, touch_everything};
 use proptest::prelude::*;

@@ -3,7 +3,7 @@
 //!
 //! The golden file comes from `scripts/golden/llamacpp_prompt_logprobs.py`.
 
-mod common;
+use crate::common;
 
 use common::{ids, prompt_logprobs_golden};
 use souverain_engine::{Engine, EngineConfig, Event, GenerateRequest, TokenLogprobs};

@@ -4,7 +4,7 @@
 //! latent once), chunked prefill, continuous batching and the prefix cache: every greedy
 //! continuation is the one the model computes alone, token for token.
 
-mod common;
+use crate::common;
 
 use common::{alone, tiny_model, tokens, with_byte_tokenizer};
 use souverain_engine::{Engine, EngineConfig, GenerateRequest};

@@ -2,7 +2,7 @@
 //! translation into the one chat path, NDJSON streaming by default, the closing counters, and
 //! errors as `{"error": "..."}`.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};

@@ -17,7 +17,7 @@ use souverain_engine::{
 /// A logit margin below which two implementations may choose different tokens.
 const NEAR_TIE: f64 = 0.25;
 
-const GOLDEN: &str = include_str!("golden/llamacpp-grammar.json");
+const GOLDEN: &str = include_str!("../golden/llamacpp-grammar.json");
 
 fn golden() -> Value {
     serde_json::from_str(GOLDEN).expect("golden JSON")

@@ -1,6 +1,6 @@
 //! Property tests on the SmolLM2 tokenizer: round trips and streaming.
 
-mod common;
+use crate::common;
 
 use common::smollm2;
 use proptest::prelude::*;

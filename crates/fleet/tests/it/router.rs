@@ -1,7 +1,7 @@
 //! The router on loopback in front of stand-in engines (no model: `fleet::standin` serves
 //! vLLM-, SGLang- and llama.cpp-shaped metrics and OpenAI answers), with and without the
 //! control plane. Real Souverain replicas behind the router are tested in
-//! `crates/cli/tests/route.rs`.
+//! `crates/cli/tests/it/route.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,6 +1,6 @@
 //! Hostile and corrupt files, each rejected with the specific error and byte offset.
 
-mod common;
+use crate::common;
 
 use common::{sample_bytes, sample_writer};
 use souverain_gguf::{Array, GgmlType, GgufError, GgufFile, GgufWriter, Value, ValueType, raw};

@@ -70,7 +70,7 @@ fn block_sizes_match_ggml() {
 /// rounded product, so they may differ by one rounding of the product.
 #[test]
 fn dequantisation_matches_gguf_py_golden_blocks() {
-    let text = include_str!("golden/gguf_py_blocks.txt");
+    let text = include_str!("../golden/gguf_py_blocks.txt");
     let mut lines = text.lines().filter(|l| !l.starts_with('#'));
     let mut checked = Vec::new();
     while let Some(head) = lines.next() {

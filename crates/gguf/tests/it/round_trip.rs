@@ -1,6 +1,6 @@
 //! Writer → reader round trips.
 
-mod common;
+use crate::common;
 
 use common::{every_value, pattern, sample_bytes, sample_writer, touch_everything};
 use souverain_gguf::{Array, GgmlType, GgufError, GgufFile, GgufWriter, Value, ValueType};

@@ -84,15 +84,15 @@ fn load_subject(subject: Subject) -> Option<(LlamaModel, Value)> {
     let (path, golden) = match subject {
         Subject::SmolLm2 => (
             testkit::default_model()?,
-            include_str!("golden/smollm2-q4_1-llamacpp.json"),
+            include_str!("../golden/smollm2-q4_1-llamacpp.json"),
         ),
         Subject::Gemma3 => (
             testkit::gemma_test_model()?,
-            include_str!("golden/gemma3-270m-q4_k_m-llamacpp.json"),
+            include_str!("../golden/gemma3-270m-q4_k_m-llamacpp.json"),
         ),
         Subject::Gemma3Long => (
             testkit::gemma_test_model()?,
-            include_str!("golden/gemma3-270m-q4_k_m-llamacpp-long.json"),
+            include_str!("../golden/gemma3-270m-q4_k_m-llamacpp-long.json"),
         ),
     };
     let file = Arc::new(model::gguf::GgufFile::open(&path).expect("open model"));

@@ -1,0 +1,6 @@
+//! The crate's integration tests, one binary (one link of the dependency graph instead of
+//! one per file): each file under tests/it/ is a module.
+
+mod formats;
+mod matmul;
+mod ops;
