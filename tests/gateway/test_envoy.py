@@ -261,9 +261,12 @@ def test_killing_the_picker_under_load_fails_closed_and_recovers(
     stream = threading.Thread(target=long_stream)
     with Load(envoy, clients=3) as load:
         start = time.monotonic()
+        wait_until(lambda: load.count_after(start) >= 6, 30, "requests before the kill")
+        # The kill follows the stream's first event at once: its 400 tokens are still to come
+        # (waiting for the load's requests after it had started let a fast machine finish the
+        # stream first).
         stream.start()
         wait_until(streaming.is_set, 30, "the long stream's first event")
-        wait_until(lambda: load.count_after(start) >= 6, 30, "requests before the kill")
         picker.proc.kill()
         killed = time.monotonic()
         # Requests already placed may finish; let them drain, then measure the outage.

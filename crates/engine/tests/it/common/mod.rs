@@ -1,6 +1,6 @@
 //! What the engine's golden tests share: llama.cpp's prompt log-probability golden file, and
 //! the model crate's tiny models given a byte-level tokenizer.
-#![allow(dead_code)] // each test binary uses part of it
+#![allow(dead_code)] // the tests use part of it
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

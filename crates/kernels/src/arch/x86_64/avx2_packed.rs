@@ -18,8 +18,9 @@
 //!
 //! Float work per block and token is then what the VNNI kernel does lane for lane:
 //! `acc = fma(d_w·d_x, isum, acc)`; the offsets' `acc_m = fma(m_w, s_x, acc_m)` run in a
-//! second pass over the block scales (fewer live registers in the hot loop; the sequence of
-//! each lane's operations is unchanged); the result is `acc + acc_m`.
+//! second pass over the block scales in `half_kernel` (fewer live registers in the hot loop)
+//! and beside `acc` in the one-token kernels (the sequence of each lane's operations is the
+//! same either way); the result is `acc + acc_m`.
 //!
 //! The unpacked weights of a block stay in registers while they meet up to four tokens
 //! (two for Q8_0, whose two i16 sums per token take twice the registers); a call with more
@@ -150,8 +151,9 @@ unsafe fn one_token_q4(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
 /// [`one_token_q4`] does for Q4 cells: each 64-byte line of a cell (its two halves' 32 bytes)
 /// is read once. Gemma 3 270M's 262,144 × 640 Q8_0 output head (`head_bandwidth`, alternated
 /// with the two-pass build, 5 runs each): 0.90-1.13x the time of a plain read of its bytes in
-/// the same run, against 1.09-1.17x. Each lane's integer sums (low and high nibbles apart) and float operations
-/// are [`half_kernel`]'s `BYTES` ones, in the same order: bit-identical.
+/// the same run, against 1.09-1.17x (means 1.02x and 1.15x). Each lane's integer sums (low
+/// and high nibbles apart) and float operations are [`half_kernel`]'s `BYTES` ones, in the
+/// same order: bit-identical.
 ///
 /// # Safety
 ///
