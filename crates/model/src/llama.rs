@@ -430,7 +430,15 @@ impl LlamaModel {
                 window_table,
             };
             match self.forward_batch(pool, kv_pool, &[chunk]) {
-                Ok(mut out) => logits.append(&mut out.pop().unwrap_or_default()),
+                Ok(mut out) => {
+                    let piece_logits = out.pop().unwrap_or_default();
+                    if logits.is_empty() {
+                        // The usual case (one piece, or only the last asked): no copy.
+                        logits = piece_logits;
+                    } else {
+                        logits.extend_from_slice(&piece_logits);
+                    }
+                }
                 Err(e) => {
                     // Leave the cache as it was before this call.
                     kv.truncate(start);
@@ -672,6 +680,13 @@ impl LlamaModel {
         }
         let mut logits = vec![0.0; m * c.vocab_size];
         self.store.matmul(pool, &self.output, xn, m, &mut logits)?;
+        // One chunk asked (every decode step of a single sequence): its logits are the
+        // buffer itself, not a copy (a vocabulary of 262,144 is a megabyte a token).
+        let first = plan.rows[wanted[0]].0;
+        if wanted.iter().all(|&r| plan.rows[r].0 == first) {
+            out[first] = logits;
+            return Ok(out);
+        }
         for (&r, l) in wanted.iter().zip(logits.chunks_exact(c.vocab_size)) {
             out[plan.rows[r].0].extend_from_slice(l);
         }
