@@ -6,6 +6,7 @@
 mod admin;
 mod bench;
 mod inspect;
+mod malloc;
 mod panics;
 mod plan;
 mod route;
@@ -276,6 +277,7 @@ struct ChatArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    malloc::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
