@@ -162,7 +162,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     };
     let pool = ThreadPool::new(threads);
     if let Some(out) = &args.profile {
-        return profile(args, &model, &pool, out);
+        return profile(args, model, pool, out);
     }
     let vocab = model.config().vocab_size;
     let capacity = args.n_prompt.max(args.n_depth + args.n_gen).max(1);
@@ -313,8 +313,12 @@ const PROFILE_STEPS: &[(usize, usize, usize)] = &[
     (4, 128, 384),
 ];
 
+/// Fewest lone requests that time the server's overhead (`--reps` when more).
+const MIN_OVERHEAD_REQUESTS: usize = 8;
+
 /// `souverain bench --profile`: measures [`PROFILE_STEPS`] and writes the planner's profile.
-fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) -> Result<()> {
+/// The model and the pool are given back before the server's engine loads its own.
+fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) -> Result<()> {
     let c = model.config();
     let defaults = engine::EngineConfig::default();
     // As `serve` sizes it: two contexts' worth of cache when several sequences run.
@@ -387,7 +391,7 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
     for rep in 0..=args.reps {
         for (chunks, samples) in all.iter().zip(&mut samples) {
             let t0 = Instant::now();
-            let logits = model.forward_batch(pool, &mut kv, chunks)?;
+            let logits = model.forward_batch(&pool, &mut kv, chunks)?;
             // What the scheduler does with each row of logits when the request is greedy
             // (serve-load's are): pick the token, then free the row.
             for row in logits {
@@ -414,6 +418,36 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
         });
     }
     let fit = plan::cpu::fit(&points);
+    let threads = pool.n_threads();
+    let cpu_model = CpuModel {
+        file: args
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        layers: c.n_layers,
+        width: c.d_model,
+        vocab: c.vocab_size,
+        context_length: c.context_length,
+    };
+    drop(all);
+    drop((steps, kv, model, pool));
+    // The server's time outside the forward passes, through the real HTTP path.
+    let requests = args.reps.max(MIN_OVERHEAD_REQUESTS);
+    let overheads = crate::overhead::measure(&args.model, threads, requests, &fit)?;
+    let request_overhead_s = Stats {
+        samples: overheads.clone(),
+    }
+    .median()
+    .clamp(0.0, plan::cpu::MAX_REQUEST_OVERHEAD_S);
+    let (lo, hi) = Stats { samples: overheads }.range();
+    eprintln!(
+        "request overhead (HTTP, template, queue; {requests} lone requests): median {:.2} ms, \
+         range {:.2} .. {:.2} ms",
+        request_overhead_s * 1e3,
+        lo * 1e3,
+        hi * 1e3
+    );
     let profile = CpuProfile {
         format: PROFILE_FORMAT,
         machine: CpuMachine {
@@ -421,18 +455,8 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
             cores: std::thread::available_parallelism().map_or(1, usize::from),
             simd: model::kernels_simd_level().to_string(),
         },
-        threads: pool.n_threads(),
-        model: CpuModel {
-            file: args
-                .model
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            layers: c.n_layers,
-            width: c.d_model,
-            vocab: c.vocab_size,
-            context_length: c.context_length,
-        },
+        threads,
+        model: cpu_model,
         serve_defaults: ServeDefaults {
             max_batch_tokens: defaults.max_batch_tokens,
             max_seqs: defaults.max_seqs,
@@ -440,6 +464,7 @@ fn profile(args: &BenchArgs, model: &LlamaModel, pool: &ThreadPool, out: &Path) 
             kv_block_tokens: block_tokens,
         },
         fit_median_relative_error: fit.median_relative_error(&points),
+        request_overhead_s,
         points,
         fit,
     };

@@ -7,6 +7,7 @@ mod admin;
 mod bench;
 mod inspect;
 mod malloc;
+mod overhead;
 mod panics;
 mod plan;
 mod route;

@@ -102,14 +102,16 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         None => Default::default(),
     };
     println!(
-        "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps)",
+        "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps); \
+         request overhead {:.2} ms",
         path.display(),
         profile.model.file,
         profile.threads,
         profile.machine.cpu,
         f.describe(),
         profile.fit_median_relative_error * 100.0,
-        profile.points.len()
+        profile.points.len(),
+        profile.request_overhead_s * 1e3
     );
     let prompts = match &args.requests {
         Some(file) => format!("each request's prompt tokens from {}", file.display()),

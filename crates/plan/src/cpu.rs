@@ -55,7 +55,7 @@ use crate::perf::nnls_robust;
 use crate::sim::{self, Limits, Request, SimResult, StepCost};
 
 /// The version of the profile format this crate reads and writes.
-pub const PROFILE_FORMAT: u32 = 2;
+pub const PROFILE_FORMAT: u32 = 3;
 
 /// One measured step: what it computed and the median seconds it took.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -362,7 +362,15 @@ pub struct CpuProfile {
     pub fit: CpuFit,
     /// The fit's median relative error over `points`.
     pub fit_median_relative_error: f64,
+    /// Seconds a request spends in the server outside the forward passes (HTTP, the chat
+    /// template, tokenising, the engine's queue, the first chunk's way back): measured
+    /// through the real HTTP path, each lone streaming request's time to its first token
+    /// less the step its prompt takes by [`CpuProfile::fit`]; the median.
+    pub request_overhead_s: f64,
 }
+
+/// Most seconds a profile's request overhead may be.
+pub const MAX_REQUEST_OVERHEAD_S: f64 = 10.0;
 
 impl CpuProfile {
     /// Reads and checks a profile file.
@@ -424,6 +432,14 @@ impl CpuProfile {
                     format!("must be a finite number ≥ 0, not {v}"),
                 ));
             }
+        }
+        let o = p.request_overhead_s;
+        if !(o.is_finite() && (0.0..=MAX_REQUEST_OVERHEAD_S).contains(&o)) {
+            return Err(PlanError::field(
+                file,
+                "request_overhead_s",
+                format!("must be seconds in 0..={MAX_REQUEST_OVERHEAD_S}, not {o}"),
+            ));
         }
         if f.seconds(1.0, 0.0, 0.0) <= 0.0 || f.seconds(0.0, 1.0, 0.0) <= 0.0 {
             return Err(PlanError::field(
@@ -530,8 +546,12 @@ impl ServeLoad {
 }
 
 /// Predicts one serve-load level from a profile: its requests run through the scheduler
-/// simulation with the profile's step times and `serve`'s limits.
+/// simulation with the profile's step times and `serve`'s limits. Each reaches the engine
+/// the profile's request overhead after it was sent (the server's work outside the forward
+/// passes, taken as one delay), so its time to first token and the run's wall time, both
+/// counted from the sending, include it.
 pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
+    let overhead = profile.request_overhead_s.max(0.0);
     let mut requests: Vec<Request> = (0..load.streams.max(1))
         .map(|i| {
             let r = load.requests.get(i);
@@ -548,7 +568,13 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
         max_batch_tokens: profile.serve_defaults.max_batch_tokens,
         kv_tokens: profile.serve_defaults.kv_cache_tokens,
     };
-    sim::simulate(&requests, limits, &profile.fit)
+    let mut r = sim::simulate(&requests, limits, &profile.fit);
+    for t in &mut r.ttft_s {
+        *t += overhead;
+    }
+    r.wall_s += overhead;
+    r.tokens_per_s = r.tokens as f64 / r.wall_s;
+    r
 }
 
 #[cfg(test)]
@@ -621,6 +647,7 @@ mod tests {
             points: points(),
             fit,
             fit_median_relative_error: 0.0,
+            request_overhead_s: 0.004,
         };
         serde_json::to_string(&p).unwrap_or_default()
     }
@@ -689,7 +716,18 @@ mod tests {
         });
         let e = CpuProfile::parse(&negative, "p.json").expect_err("negative coefficient");
         assert!(e.to_string().contains("fit.per_prompt_token_s"), "{e}");
-        let e = CpuProfile::parse("{\"format\":2}", "p.json").expect_err("missing fields");
+        // A format-2 profile has no request overhead: measured again, not read as zero.
+        let e = CpuProfile::parse("{\"format\":2}", "p.json").expect_err("format 2");
+        assert!(e.to_string().contains("bench --profile"), "{e}");
+        for bad in ["-0.001", "11.0"] {
+            let text = profile_json(truth()).replace(
+                "\"request_overhead_s\":0.004",
+                &format!("\"request_overhead_s\":{bad}"),
+            );
+            let e = CpuProfile::parse(&text, "p.json").expect_err("bad overhead");
+            assert!(e.to_string().contains("request_overhead_s"), "{bad}: {e}");
+        }
+        let e = CpuProfile::parse("{\"format\":3}", "p.json").expect_err("missing fields");
         assert!(e.to_string().contains("missing field"), "{e}");
         let e = CpuProfile::parse("[]", "p.json").expect_err("not an object");
         assert!(e.to_string().starts_with("p.json"), "{e}");
@@ -715,11 +753,21 @@ mod tests {
             context: 40.0,
             prompt_attention_k: 39.0 * 40.0 / 2000.0,
         });
-        assert!((one.ttft_s[0] - prompt_step).abs() < 1e-12, "{one:?}");
+        // The request reaches the engine the server's overhead after it was sent.
+        let o = p.request_overhead_s;
+        assert!(o > 0.0);
+        assert!((one.ttft_s[0] - (o + prompt_step)).abs() < 1e-12, "{one:?}");
         assert_eq!(one.tokens, 10);
         // Nine decode steps at contexts 41..49 follow.
         let decode: f64 = (41..50).map(|c| t.seconds(1.0, 0.0, f64::from(c))).sum();
-        assert!((one.wall_s - prompt_step - decode).abs() < 1e-9, "{one:?}");
+        assert!(
+            (one.wall_s - o - prompt_step - decode).abs() < 1e-9,
+            "{one:?}"
+        );
+        assert!(
+            (one.tokens_per_s - 10.0 / one.wall_s).abs() < 1e-9,
+            "{one:?}"
+        );
     }
 
     #[test]

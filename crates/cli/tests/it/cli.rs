@@ -508,8 +508,13 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let p: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&profile).expect("profile")).expect("JSON");
-    assert_eq!(p["format"], 2);
+    assert_eq!(p["format"], 3);
     assert!(p["points"].as_array().is_some_and(|v| v.len() >= 17), "{p}");
+    // Timed through the real server (HTTP, template, queue): some time, under a second.
+    let overhead = p["request_overhead_s"]
+        .as_f64()
+        .expect("request_overhead_s");
+    assert!((0.0..1.0).contains(&overhead), "{overhead}");
     for (k, v) in p["fit"].as_object().expect("fit") {
         assert!(
             v.as_f64().is_some_and(|v| v.is_finite() && v >= 0.0),
