@@ -314,7 +314,7 @@ const PROFILE_STEPS: &[(usize, usize, usize)] = &[
 ];
 
 /// Fewest lone requests that time the server's overhead (`--reps` when more).
-const MIN_OVERHEAD_REQUESTS: usize = 8;
+const MIN_OVERHEAD_REQUESTS: usize = 16;
 
 /// `souverain bench --profile`: measures [`PROFILE_STEPS`] and writes the planner's profile.
 /// The model and the pool are given back before the server's engine loads its own.
@@ -435,11 +435,19 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
     // The server's time outside the forward passes, through the real HTTP path.
     let requests = args.reps.max(MIN_OVERHEAD_REQUESTS);
     let overheads = crate::overhead::measure(&args.model, threads, requests, &fit)?;
-    let request_overhead_s = Stats {
+    let median = Stats {
         samples: overheads.clone(),
     }
-    .median()
-    .clamp(0.0, plan::cpu::MAX_REQUEST_OVERHEAD_S);
+    .median();
+    let request_overhead_s = median.clamp(0.0, plan::cpu::MAX_REQUEST_OVERHEAD_S);
+    if request_overhead_s != median {
+        eprintln!(
+            "request overhead: the median, {:.2} ms, is outside 0..={} s; {:.2} ms is kept",
+            median * 1e3,
+            plan::cpu::MAX_REQUEST_OVERHEAD_S,
+            request_overhead_s * 1e3
+        );
+    }
     let (lo, hi) = Stats { samples: overheads }.range();
     eprintln!(
         "request overhead (HTTP, template, queue; {requests} lone requests): median {:.2} ms, \

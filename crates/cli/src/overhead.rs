@@ -51,6 +51,7 @@ pub(crate) fn measure(
         threads,
         ..EngineConfig::default()
     };
+    let max_batch_tokens = config.max_batch_tokens;
     let engine = Engine::load(model, config, &mut |_, _| {})
         .with_context(|| format!("loading {} for the server", model.display()))?;
     let model_id = engine.model_id().to_string();
@@ -99,7 +100,9 @@ pub(crate) fn measure(
             let prompt = after.0.saturating_sub(before.0);
             let computed = prompt.saturating_sub(after.1.saturating_sub(before.1));
             let Some(seconds) = seconds else { continue };
-            if computed == 0 {
+            // A prompt longer than a step's tokens takes several steps; these prompts are
+            // short, but a template could make them long: such a request is not timed.
+            if computed == 0 || computed > max_batch_tokens {
                 continue;
             }
             // The sequence's last prompt token costs as a decoding row (it needs logits),
@@ -143,15 +146,24 @@ fn send(addr: SocketAddr, head: &str, body: &str) -> Result<(Instant, BufReader<
     let t0 = Instant::now();
     s.write_all(request.as_bytes())?;
     let mut reader = BufReader::new(s);
-    let status = read_line(&mut reader)?.unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("{head}: {}", status.trim());
-    }
+    let Some(status) = read_line(&mut reader)? else {
+        bail!("{head}: the server closed the connection without answering");
+    };
+    let ok = status.split_whitespace().nth(1) == Some("200");
     // The headers.
     while let Some(line) = read_line(&mut reader)? {
         if line.trim().is_empty() {
             break;
         }
+    }
+    if !ok {
+        let mut body = Vec::new();
+        reader.by_ref().take(300).read_to_end(&mut body)?;
+        bail!(
+            "{head}: {} {}",
+            status.trim(),
+            String::from_utf8_lossy(&body).trim()
+        );
     }
     Ok((t0, reader))
 }
@@ -173,7 +185,8 @@ fn read_line(r: &mut BufReader<TcpStream>) -> Result<Option<String>> {
 }
 
 /// A streaming chat request: seconds from sending it to its first chunk with content, or
-/// `None` when no chunk had any (a first token that is not text yet); reads to the end.
+/// `None` when no chunk had any (a first token that is not text yet); reads to `[DONE]`.
+/// An error event fails it.
 fn first_content(addr: SocketAddr, body: &str) -> Result<Option<f64>> {
     let (t0, mut r) = send(addr, "POST /v1/chat/completions", body)?;
     let mut first = None;
@@ -190,6 +203,9 @@ fn first_content(addr: SocketAddr, body: &str) -> Result<Option<f64>> {
         }
         let at = t0.elapsed().as_secs_f64();
         let chunk: serde_json::Value = serde_json::from_str(data).context("a stream chunk")?;
+        if let Some(e) = chunk.get("error") {
+            bail!("the server's stream failed: {e}");
+        }
         let content = chunk["choices"].as_array().is_some_and(|c| {
             c.iter().any(|c| {
                 c["delta"]["content"]

@@ -20,6 +20,11 @@
 //!       · Σ positions prompt tokens attend / 1000   attention within and before the chunk
 //! ```
 //!
+//! A request also spends time in the server outside the forward passes (HTTP, the chat
+//! template, tokenising, the engine's queue); the profile carries it as one delay,
+//! `request_overhead_s`, measured through the real server, and a predicted request reaches
+//! the engine that long after it was sent.
+//!
 //! (Measured here, a decoding sequence costs more in a batch of 64 than in one of 16: the
 //! activations of a large batch outgrow the caches. The second slope, 0 where it does not,
 //! keeps the fit of small batches from setting the cost of large ones.)
@@ -365,7 +370,9 @@ pub struct CpuProfile {
     /// Seconds a request spends in the server outside the forward passes (HTTP, the chat
     /// template, tokenising, the engine's queue, the first chunk's way back): measured
     /// through the real HTTP path, each lone streaming request's time to its first token
-    /// less the step its prompt takes by [`CpuProfile::fit`]; the median.
+    /// less the step its prompt takes by [`CpuProfile::fit`]; the median, kept within
+    /// `0..=`[`MAX_REQUEST_OVERHEAD_S`] (a fit that overestimates small prompt steps can
+    /// make it negative).
     pub request_overhead_s: f64,
 }
 
