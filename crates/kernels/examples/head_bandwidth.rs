@@ -4,7 +4,8 @@
 //!
 //! `cargo run -p souverain-kernels --release --example head_bandwidth [n_threads]`
 //!
-//! `SHAPES=gemma-layers` measures the layers' shapes instead; `TOKENS=n` (default 1) times
+//! `SHAPES=gemma-layers` measures the layers' shapes instead (`SHAPES=mistral7b` Mistral 7B's
+//! Q4_K_M matrices, which outgrow the caches); `TOKENS=n` (default 1) times
 //! `n` tokens at once (prompt processing: arithmetic-bound, reported per token).
 
 use std::time::Instant;
@@ -31,6 +32,11 @@ fn main() {
             (WeightType::Q8_0, 256, 640),
             (WeightType::Q4_K, 640, 1024),
             (WeightType::Q6_K, 640, 2048),
+        ],
+        Some("mistral7b") => vec![
+            (WeightType::Q4_K, 14_336, 4096),
+            (WeightType::Q6_K, 4096, 14_336),
+            (WeightType::Q4_K, 4096, 4096),
         ],
         _ => vec![
             (WeightType::Q8_0, 262_144, 640),

@@ -449,10 +449,11 @@ impl KLayout {
         let at = self.runs_at() + run * self.run_bytes();
         let byte = cell[at + 64 * j + 4 * lane + k];
         let mut q = i32::from(if high { byte >> 4 } else { byte & 0x0F });
-        let bit = 2 * j + usize::from(high);
-        for extra in 0..self.bits as usize - 4 {
-            let plane = cell[at + 256 + 64 * extra + 4 * lane + k];
-            q |= i32::from((plane >> bit) & 1) << (4 + extra);
+        let plane = at + 256 + 4 * lane + k;
+        match self.bits {
+            5 => q |= i32::from((cell[plane] >> (2 * j + usize::from(high))) & 1) << 4,
+            6 => q |= i32::from((cell[plane + 64 * usize::from(high)] >> (2 * j)) & 3) << 4,
+            _ => {}
         }
         q
     }

@@ -29,11 +29,12 @@
 //! - where the type has them, the sub-block scales as i8, `[sub-block][row]` (16 bytes per
 //!   sub-block), then the minimums the same way;
 //! - per 32 elements, four 64-byte nibble vectors laid out as the packed Q4 cells (vector `j`, lane `r`: row `r`'s elements `4j..4j+4` in the low nibbles,
-//!   `4j+16..4j+20` in the high ones), then for 5 and 6 bits one 64-byte plane per extra
-//!   bit: byte `k` of lane `r` has at bit `2j` the extra bit of element `4j+k` and at bit
-//!   `2j+1` that of element `4j+16+k`, so that one shift and one mask per vector put it in
-//!   place. A Q6_K sub-block of 16 is exactly the low (or the high) nibbles of a 32-element
-//!   run.
+//!   `4j+16..4j+20` in the high ones), then the levels' high bits in two 64-byte planes.
+//!   For 5 bits one plane: byte `k` of lane `r` has at bit `2j` the fifth bit of element
+//!   `4j+k` and at bit `2j+1` that of element `4j+16+k`. For 6 bits two: the first has at
+//!   bits `2j..2j+2` the two high bits of element `4j+k`, the second those of element
+//!   `4j+16+k`. Either way one shift and one mask per vector (and plane) put them in place.
+//!   A Q6_K sub-block of 16 is exactly the low (or the high) nibbles of a 32-element run.
 //!
 //! Bytes per weight stay those of the GGUF type within 3% (Q4_K 4.625 bits, Q6_K 6.625,
 //! Q5_0 5.5), so decoding, which streams every weight once per token, reads no more.
@@ -178,10 +179,13 @@ pub(crate) fn pack(w: &Matrix<'_>, data: &mut [u8]) -> Option<()> {
                     for k in 0..4 {
                         let (lo, hi) = (q[4 * j + k], q[4 * j + 16 + k]);
                         cell[at + 64 * j + 4 * lane + k] = (lo & 0x0F) | (hi << 4);
-                        for extra in 0..l.bits as usize - 4 {
-                            let bit = |v: u8| (v >> (4 + extra)) & 1;
-                            cell[at + 256 + 64 * extra + 4 * lane + k] |=
-                                (bit(lo) << (2 * j)) | (bit(hi) << (2 * j + 1));
+                        let plane = at + 256 + 4 * lane + k;
+                        if l.bits == 5 {
+                            let bit = |v: u8| (v >> 4) & 1;
+                            cell[plane] |= (bit(lo) << (2 * j)) | (bit(hi) << (2 * j + 1));
+                        } else if l.bits == 6 {
+                            cell[plane] |= ((lo >> 4) & 3) << (2 * j);
+                            cell[plane + 64] |= ((hi >> 4) & 3) << (2 * j);
                         }
                     }
                 }

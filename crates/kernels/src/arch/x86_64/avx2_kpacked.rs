@@ -6,8 +6,8 @@
 //!
 //! As in `avx2_packed`, a 64-byte vector of a cell is read as two halves of eight rows
 //! (lane = row, four bytes each); a nibble vector is split into its low and high nibbles,
-//! the extra bits of 5- and 6-bit levels are shifted in from their planes (one shift and
-//! one mask per vector and bit), and `vpmaddubsw` against four activation bytes broadcast to
+//! the high bits of 5- and 6-bit levels are shifted in from their planes (one shift and
+//! one mask per vector and plane), and `vpmaddubsw` against four activation bytes broadcast to
 //! every lane sums adjacent products into i16. A pair is at most `2·63·127 = 16002`, so the
 //! i16 sums are flushed before they could overflow: once per 32 elements for 4 bits, every
 //! 16 elements for 5 bits, and every 8 elements of each half (low nibbles, high nibbles:
@@ -120,18 +120,19 @@ unsafe fn scale_pairs(p: *const u8) -> __m256i {
     _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
 }
 
-/// Bit `bit` of every byte of `plane` moved to bit `to` (every other bit cleared). A 16-bit
-/// shift by at most 5 carries bits across bytes only into positions the mask clears.
+/// The bits of every byte of `plane` from bit `bit` on moved to bit `to` on, those in
+/// `mask` kept (the rest cleared). A 16-bit shift by at most 4 carries bits across bytes
+/// only into positions below `to` or above the mask's, which it clears.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn extra_bit(plane: __m256i, bit: i32, to: i32) -> __m256i {
+fn high_bits(plane: __m256i, bit: i32, to: i32, mask: i8) -> __m256i {
     let sh = to - bit;
     let v = if sh >= 0 {
         _mm256_sll_epi16(plane, _mm_cvtsi32_si128(sh))
     } else {
         _mm256_srl_epi16(plane, _mm_cvtsi32_si128(-sh))
     };
-    _mm256_and_si256(v, _mm256_set1_epi8(1 << to))
+    _mm256_and_si256(v, _mm256_set1_epi8(mask))
 }
 
 /// `Σ_s v_s·xs_s` per lane over `ns` (even) sub-blocks, the i8 values `v` laid out
@@ -174,6 +175,8 @@ unsafe fn run_levels<const BITS: u32>(
     let zero = _mm256_setzero_si256();
     // SAFETY: the caller's contract: the planes and the nibble vectors are inside the run.
     unsafe {
+        // 5 bits: one plane of fifth bits; 6 bits: the low elements' two high bits, then
+        // the high elements'.
         let p4 = if BITS >= 5 {
             _mm256_loadu_si256(base.add(256 + 32 * half).cast())
         } else {
@@ -191,13 +194,13 @@ unsafe fn run_levels<const BITS: u32>(
             lo[j] = _mm256_and_si256(v, low);
             hi[j] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             let b = 2 * j as i32;
-            if BITS >= 5 {
-                lo[j] = _mm256_or_si256(lo[j], extra_bit(p4, b, 4));
-                hi[j] = _mm256_or_si256(hi[j], extra_bit(p4, b + 1, 4));
+            if BITS == 5 {
+                lo[j] = _mm256_or_si256(lo[j], high_bits(p4, b, 4, 0x10));
+                hi[j] = _mm256_or_si256(hi[j], high_bits(p4, b + 1, 4, 0x10));
             }
             if BITS == 6 {
-                lo[j] = _mm256_or_si256(lo[j], extra_bit(p5, b, 5));
-                hi[j] = _mm256_or_si256(hi[j], extra_bit(p5, b + 1, 5));
+                lo[j] = _mm256_or_si256(lo[j], high_bits(p4, b, 4, 0x30));
+                hi[j] = _mm256_or_si256(hi[j], high_bits(p5, b, 4, 0x30));
             }
         }
         (lo, hi)
