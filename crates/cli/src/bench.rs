@@ -448,11 +448,16 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
             request_overhead_s * 1e3
         );
     }
-    let (lo, hi) = Stats { samples: overheads }.range();
+    let (lo, hi) = Stats {
+        samples: overheads.clone(),
+    }
+    .range();
     eprintln!(
-        "request overhead (HTTP, template, queue; {requests} lone requests): median {:.2} ms, \
-         range {:.2} .. {:.2} ms",
+        "request overhead (HTTP, template, queue; {} of {requests} lone requests timed): \
+         {:.2} ms kept (median {:.2} ms), range {:.2} .. {:.2} ms",
+        overheads.len(),
         request_overhead_s * 1e3,
+        median * 1e3,
         lo * 1e3,
         hi * 1e3
     );

@@ -92,6 +92,8 @@ pub(crate) fn measure(
         // serve-load's warm-up request does.
         first_content(addr, &body(requests))?;
         let mut overheads = Vec::with_capacity(requests);
+        // Requests not timed: no text in the first token; a prompt of several steps.
+        let mut untimed = (0, 0);
         for i in 0..requests {
             let before = prefix_counters(addr)?;
             std::thread::sleep(IDLE_BEFORE);
@@ -99,10 +101,14 @@ pub(crate) fn measure(
             let after = prefix_counters(addr)?;
             let prompt = after.0.saturating_sub(before.0);
             let computed = prompt.saturating_sub(after.1.saturating_sub(before.1));
-            let Some(seconds) = seconds else { continue };
+            let Some(seconds) = seconds else {
+                untimed.0 += 1;
+                continue;
+            };
             // A prompt longer than a step's tokens takes several steps; these prompts are
             // short, but a template could make them long: such a request is not timed.
             if computed == 0 || computed > max_batch_tokens {
+                untimed.1 += 1;
                 continue;
             }
             // The sequence's last prompt token costs as a decoding row (it needs logits),
@@ -115,19 +121,21 @@ pub(crate) fn measure(
             );
             overheads.push(seconds - step);
         }
+        if overheads.len() * 2 < requests.max(1) {
+            bail!(
+                "only {} of {requests} requests to the server could be timed ({} had no text \
+                 in their first token, {} prompts took more than one step)",
+                overheads.len(),
+                untimed.0,
+                untimed.1
+            );
+        }
         Ok(overheads)
     })();
     let _ = stop.send(());
     let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let overheads: Vec<f64> = result?;
-    if overheads.len() * 2 < requests.max(1) {
-        bail!(
-            "only {} of {requests} requests to the server gave a first token with content",
-            overheads.len()
-        );
-    }
-    Ok(overheads)
+    result
 }
 
 /// Sends one request over a fresh HTTP/1.0 connection (the response is the rest of the
@@ -158,7 +166,8 @@ fn send(addr: SocketAddr, head: &str, body: &str) -> Result<(Instant, BufReader<
     }
     if !ok {
         let mut body = Vec::new();
-        reader.by_ref().take(300).read_to_end(&mut body)?;
+        // What of the body comes; the status line is the error either way.
+        let _ = reader.by_ref().take(300).read_to_end(&mut body);
         bail!(
             "{head}: {} {}",
             status.trim(),
@@ -196,15 +205,15 @@ fn first_content(addr: SocketAddr, body: &str) -> Result<Option<f64>> {
         };
         let data = data.trim();
         if data == "[DONE]" {
-            break;
-        }
-        if first.is_some() {
-            continue;
+            return Ok(first);
         }
         let at = t0.elapsed().as_secs_f64();
         let chunk: serde_json::Value = serde_json::from_str(data).context("a stream chunk")?;
         if let Some(e) = chunk.get("error") {
             bail!("the server's stream failed: {e}");
+        }
+        if first.is_some() {
+            continue;
         }
         let content = chunk["choices"].as_array().is_some_and(|c| {
             c.iter().any(|c| {
@@ -217,7 +226,7 @@ fn first_content(addr: SocketAddr, body: &str) -> Result<Option<f64>> {
             first = Some(at);
         }
     }
-    Ok(first)
+    bail!("the server's stream ended before [DONE]")
 }
 
 /// The engine's prefix-cache counters from `/metrics`: prompt tokens looked up, and found.

@@ -431,7 +431,8 @@ impl KLayout {
             }
     }
 
-    /// Bytes per 32-element run: four nibble vectors and a plane per extra bit.
+    /// Bytes per 32-element run: four nibble vectors and the high bits' planes (one per
+    /// bit above four).
     pub(crate) fn run_bytes(&self) -> usize {
         64 * self.bits as usize
     }

@@ -29,8 +29,8 @@
 //! - where the type has them, the sub-block scales as i8, `[sub-block][row]` (16 bytes per
 //!   sub-block), then the minimums the same way;
 //! - per 32 elements, four 64-byte nibble vectors laid out as the packed Q4 cells (vector `j`, lane `r`: row `r`'s elements `4j..4j+4` in the low nibbles,
-//!   `4j+16..4j+20` in the high ones), then the levels' high bits in two 64-byte planes.
-//!   For 5 bits one plane: byte `k` of lane `r` has at bit `2j` the fifth bit of element
+//!   `4j+16..4j+20` in the high ones), then the levels' high bits: one 64-byte plane for
+//!   5 bits, two for 6. For 5 bits: byte `k` of lane `r` has at bit `2j` the fifth bit of element
 //!   `4j+k` and at bit `2j+1` that of element `4j+16+k`. For 6 bits two: the first has at
 //!   bits `2j..2j+2` the two high bits of element `4j+k`, the second those of element
 //!   `4j+16+k`. Either way one shift and one mask per vector (and plane) put them in place.

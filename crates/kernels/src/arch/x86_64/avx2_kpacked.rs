@@ -121,8 +121,9 @@ unsafe fn scale_pairs(p: *const u8) -> __m256i {
 }
 
 /// The bits of every byte of `plane` from bit `bit` on moved to bit `to` on, those in
-/// `mask` kept (the rest cleared). A 16-bit shift by at most 4 carries bits across bytes
-/// only into positions below `to` or above the mask's, which it clears.
+/// `mask` kept (the rest cleared). With the arguments used here (`to` 4, masks `0x10` and
+/// `0x30`, shifts from 4 left to 3 right), the bits a 16-bit shift carries across bytes
+/// land below bit 4 or above the mask's bits, which it clears.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn high_bits(plane: __m256i, bit: i32, to: i32, mask: i8) -> __m256i {
