@@ -435,10 +435,8 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
     // The server's time outside the forward passes, through the real HTTP path.
     let requests = args.reps.max(MIN_OVERHEAD_REQUESTS);
     let overheads = crate::overhead::measure(&args.model, threads, requests, &fit)?;
-    let median = Stats {
-        samples: overheads.clone(),
-    }
-    .median();
+    let overheads = Stats { samples: overheads };
+    let median = overheads.median();
     let request_overhead_s = median.clamp(0.0, plan::cpu::MAX_REQUEST_OVERHEAD_S);
     if request_overhead_s != median {
         eprintln!(
@@ -448,14 +446,11 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
             request_overhead_s * 1e3
         );
     }
-    let (lo, hi) = Stats {
-        samples: overheads.clone(),
-    }
-    .range();
+    let (lo, hi) = overheads.range();
     eprintln!(
         "request overhead (HTTP, template, queue; {} of {requests} lone requests timed): \
          {:.2} ms kept (median {:.2} ms), range {:.2} .. {:.2} ms",
-        overheads.len(),
+        overheads.samples.len(),
         request_overhead_s * 1e3,
         median * 1e3,
         lo * 1e3,

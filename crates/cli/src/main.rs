@@ -303,6 +303,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The async runtime `serve` runs the API on (and `bench --profile`'s server, to time it
+/// as served): two workers.
+fn serve_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// An error and its causes on one line, as `{:#}` writes them, except a cause whose text the
 /// message already ends with (errors of the libraries below name their cause in their own
 /// message, so `{:#}` would repeat it).
@@ -590,11 +600,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = serve_runtime()?;
     runtime.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)

@@ -55,12 +55,7 @@ pub(crate) fn measure(
     let engine = Engine::load(model, config, &mut |_, _| {})
         .with_context(|| format!("loading {} for the server", model.display()))?;
     let model_id = engine.model_id().to_string();
-    // As `serve` runs it.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::serve_runtime()?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .context("binding a loopback port")?;
@@ -231,23 +226,22 @@ fn first_content(addr: SocketAddr, body: &str) -> Result<Option<f64>> {
 
 /// The engine's prefix-cache counters from `/metrics`: prompt tokens looked up, and found.
 fn prefix_counters(addr: SocketAddr) -> Result<(usize, usize)> {
-    let (_, mut r) = send(addr, "GET /metrics", "")?;
-    let (mut queries, mut hits) = (None, None);
-    while let Some(line) = read_line(&mut r)? {
-        let value = || {
-            line.split_whitespace()
-                .last()
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|v| v as usize)
-        };
-        let name = line.split(['{', ' ']).next().unwrap_or_default();
-        match name {
-            "souverain_prefix_cache_queries_total" => queries = value(),
-            "souverain_prefix_cache_hits_total" => hits = value(),
-            _ => {}
-        }
-    }
-    match (queries, hits) {
+    let (_, r) = send(addr, "GET /metrics", "")?;
+    let mut text = String::new();
+    r.take(fleet::scrape::MAX_METRICS_BYTES as u64)
+        .read_to_string(&mut text)
+        .context("reading /metrics")?;
+    let samples = fleet::scrape::parse_metrics(&text);
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.value as usize)
+    };
+    match (
+        value("souverain_prefix_cache_queries_total"),
+        value("souverain_prefix_cache_hits_total"),
+    ) {
         (Some(q), Some(h)) => Ok((q, h)),
         _ => bail!("/metrics has no prefix-cache counters"),
     }
