@@ -23,6 +23,7 @@
 use std::arch::x86_64::*;
 
 use crate::arch::portable::kpacked::kpacked_group as scalar_twin;
+use crate::arch::x86_64::helpers::prefetch_ahead;
 use crate::formats::GROUP;
 use crate::formats::{KLayout, Offset};
 
@@ -64,6 +65,18 @@ pub(crate) fn kpacked_group(
             && d.len() >= nt * nsb
             && sums.len() >= nt * nsb * l.n_sub()
     );
+    if nt == 1 && l.scaled {
+        // SAFETY: as below (`half_kernel`), for one token.
+        let v = unsafe {
+            match l.bits {
+                4 => one_token::<4>(l, cells, qs, d, sums, nsb),
+                5 => one_token::<5>(l, cells, qs, d, sums, nsb),
+                _ => one_token::<6>(l, cells, qs, d, sums, nsb),
+            }
+        };
+        vals[0] = v;
+        return;
+    }
     // Tokens per kernel call: all of them (the unpacked levels of a 32-element run stay in
     // registers while every token meets them; each token's sums are only two registers).
     let per_call = 8;
@@ -208,6 +221,85 @@ unsafe fn run_levels<const BITS: u32>(
     }
 }
 
+/// The scale pairs ([`scale_pairs`]) of this half's rows for run `run` of a scaled layout
+/// with `sc` its scales' start: the low and the high elements' sub-blocks (Q6_K's two
+/// sub-blocks of 16), or the run's one sub-block twice.
+///
+/// # Safety
+///
+/// AVX2; `sc` must hold the cell's scales (16 bytes per sub-block); `half` < 2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn run_scales<const BITS: u32>(
+    sc: *const u8,
+    run: usize,
+    half: usize,
+) -> (__m256i, __m256i) {
+    // SAFETY: the caller's contract: the run's sub-blocks are inside the scales.
+    unsafe {
+        if BITS == 6 {
+            (
+                scale_pairs(sc.add(GROUP * 2 * run + HALF * half)),
+                scale_pairs(sc.add(GROUP * (2 * run + 1) + HALF * half)),
+            )
+        } else {
+            let p = scale_pairs(sc.add(GROUP * run + HALF * half));
+            (p, p)
+        }
+    }
+}
+
+/// One token's exact integer sum over a 32-element run for this half's rows: the levels
+/// `lo`, `hi` ([`run_levels`]) against the token's 32 bytes at `xp`, the i16 sums flushed by
+/// a `vpmaddwd` by the scale pairs `(sp0, sp1)` (low and high elements') before they could
+/// overflow (see the module's notes).
+///
+/// # Safety
+///
+/// AVX2; `xp` must be readable for 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn run_isum<const BITS: u32>(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    xp: *const i8,
+    (sp0, sp1): (__m256i, __m256i),
+) -> __m256i {
+    let sub16 = BITS == 6;
+    let zero = _mm256_setzero_si256();
+    let mut isum = zero;
+    let mut s_lo = zero;
+    let mut s_hi = zero;
+    for j in 0..4 {
+        // SAFETY: the caller's contract: `4j + 16 + 4 ≤ 32`.
+        let (xl, xh) = unsafe {
+            (
+                _mm256_set1_epi32(xp.add(4 * j).cast::<i32>().read_unaligned()),
+                _mm256_set1_epi32(xp.add(4 * j + 16).cast::<i32>().read_unaligned()),
+            )
+        };
+        if sub16 {
+            s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo[j], xl));
+            s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi[j], xh));
+        } else {
+            let p = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo[j], xl),
+                _mm256_maddubs_epi16(hi[j], xh),
+            );
+            s_lo = _mm256_add_epi16(s_lo, p);
+        }
+        if j == 3 || (BITS > 4 && j == 1) {
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_lo, sp0));
+            s_lo = zero;
+            if sub16 {
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_hi, sp1));
+                s_hi = zero;
+            }
+        }
+    }
+    isum
+}
+
 /// Rows `8·half..8·half + 8` of the group × `T` tokens over `nsb` super-blocks of `BITS`-bit
 /// levels; returns `[token][row in half]`.
 ///
@@ -234,7 +326,6 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
     let (sc_at, runs_at, run_b) = (l.sc_at(), l.runs_at(), l.run_bytes());
     debug_assert!(half < 2 && l.bits == BITS && handled(l));
     debug_assert!(cells.len() >= nsb * cb && qs.len() >= T * nsb * sb && d.len() >= T * nsb);
-    let sub16 = BITS == 6;
     let ones = _mm256_set1_epi16(1);
     let zero = _mm256_setzero_si256();
     let c = cells.as_ptr();
@@ -249,46 +340,16 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
             let mut isum = [zero; T];
             for run in 0..sb / 32 {
                 let base = cell.add(runs_at + run * run_b);
-                let (sp0, sp1) = if !l.scaled {
-                    (ones, ones)
-                } else if sub16 {
-                    (
-                        scale_pairs(cell.add(sc_at + GROUP * 2 * run + HALF * half)),
-                        scale_pairs(cell.add(sc_at + GROUP * (2 * run + 1) + HALF * half)),
-                    )
+                let sp = if l.scaled {
+                    run_scales::<BITS>(cell.add(sc_at), run, half)
                 } else {
-                    let p = scale_pairs(cell.add(sc_at + GROUP * run + HALF * half));
-                    (p, p)
+                    (ones, ones)
                 };
                 // The run's levels, unpacked once for all `T` tokens.
                 let (lo, hi) = run_levels::<BITS>(base, half);
                 for (t, isum) in isum.iter_mut().enumerate() {
                     let xp = q.add((t * nsb + s) * sb + run * 32);
-                    let mut s_lo = zero;
-                    let mut s_hi = zero;
-                    for j in 0..4 {
-                        let xl = _mm256_set1_epi32(xp.add(4 * j).cast::<i32>().read_unaligned());
-                        let xh =
-                            _mm256_set1_epi32(xp.add(4 * j + 16).cast::<i32>().read_unaligned());
-                        if sub16 {
-                            s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo[j], xl));
-                            s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi[j], xh));
-                        } else {
-                            let p = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[j], xl),
-                                _mm256_maddubs_epi16(hi[j], xh),
-                            );
-                            s_lo = _mm256_add_epi16(s_lo, p);
-                        }
-                        if j == 3 || (BITS > 4 && j == 1) {
-                            *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s_lo, sp0));
-                            s_lo = zero;
-                            if sub16 {
-                                *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s_hi, sp1));
-                                s_hi = zero;
-                            }
-                        }
-                    }
+                    *isum = _mm256_add_epi32(*isum, run_isum::<BITS>(&lo, &hi, xp, sp));
                 }
             }
             let a = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
@@ -325,6 +386,88 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
         }
         // SAFETY: `o` is 8 f32s.
         unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, acc_m)) };
+    }
+    out
+}
+
+/// One token (a decode step) against all 16 rows of the group in one pass over its cells:
+/// each 64-byte vector is read whole (its two halves one after the other) and the cells
+/// stream from memory once, where [`half_kernel`]'s two passes (one per half) leave the
+/// memory idle while the second re-reads the cells from the caches. The same integer sums
+/// and float operations per lane, in the same order, as [`half_kernel`] and the scalar twin.
+///
+/// # Safety
+///
+/// As [`half_kernel`] with `T` = 1, `l` a handled scaled layout (Q4_K, Q5_K, Q6_K).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_token<const BITS: u32>(
+    l: &KLayout,
+    cells: &[u8],
+    qs: &[i8],
+    d: &[f32],
+    sums: &[i16],
+    nsb: usize,
+) -> [f32; GROUP] {
+    let (cb, ns, sb) = (l.cell_bytes(), l.n_sub(), l.sb);
+    let (sc_at, runs_at, run_b, b_at) = (l.sc_at(), l.runs_at(), l.run_bytes(), l.b_at());
+    debug_assert!(l.bits == BITS && l.scaled && handled(l));
+    debug_assert!(cells.len() >= nsb * cb && qs.len() >= nsb * sb && d.len() >= nsb);
+    debug_assert!(sums.len() >= nsb * ns);
+    let pf_lines = cb.div_ceil(64).div_ceil(sb / 32);
+    let zero = _mm256_setzero_si256();
+    let (c, q) = (cells.as_ptr(), qs.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut acc_m = [_mm256_setzero_ps(); 2];
+    for s in 0..nsb {
+        // SAFETY: cell `s` is in bounds (`cells` holds `nsb` cells) and every offset below
+        // is inside its `cb` bytes (the layout's offsets); super-block `s` (`sb` bytes of
+        // `qs`, one scale, `ns` sums) is in bounds.
+        unsafe {
+            let cell = c.add(s * cb);
+            let mut isum = [zero; 2];
+            for run in 0..sb / 32 {
+                let base = cell.add(runs_at + run * run_b);
+                let xp = q.add(s * sb + run * 32);
+                // The cell's lines, spread over its runs (its header included).
+                prefetch_ahead(cell.wrapping_add(run * pf_lines * 64), pf_lines);
+                for (half, isum) in isum.iter_mut().enumerate() {
+                    let sp = run_scales::<BITS>(cell.add(sc_at), run, half);
+                    let (lo, hi) = run_levels::<BITS>(base, half);
+                    *isum = _mm256_add_epi32(*isum, run_isum::<BITS>(&lo, &hi, xp, sp));
+                }
+            }
+            let dx = _mm256_set1_ps(d[s]);
+            let xs = &sums[s * ns..][..ns];
+            for half in 0..2 {
+                let a = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
+                let dd = _mm256_mul_ps(a, dx);
+                if l.b_stored {
+                    acc[half] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[half]), acc[half]);
+                    let b =
+                        _mm256_cvtph_ps(_mm_loadu_si128(cell.add(b_at + 2 * HALF * half).cast()));
+                    let imin = offset(l, cell, xs, half);
+                    acc_m[half] = _mm256_fmadd_ps(
+                        _mm256_mul_ps(b, dx),
+                        _mm256_cvtepi32_ps(imin),
+                        acc_m[half],
+                    );
+                } else {
+                    // `b = a`: the offset joins the integer sum.
+                    let tot = _mm256_add_epi32(isum[half], offset(l, cell, xs, half));
+                    acc[half] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(tot), acc[half]);
+                }
+            }
+        }
+    }
+    let mut out = [0f32; GROUP];
+    for half in 0..2 {
+        // SAFETY: `out[8·half..]` holds 8 f32s.
+        unsafe {
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(HALF * half),
+                _mm256_add_ps(acc[half], acc_m[half]),
+            )
+        };
     }
     out
 }

@@ -29,6 +29,7 @@
 
 use std::arch::x86_64::*;
 
+use crate::arch::x86_64::helpers::prefetch_ahead;
 use crate::formats::{CELL, CELL8, GROUP, XQ};
 
 /// Rows per half of a 16-row group (the lanes of one 256-bit vector).
@@ -123,6 +124,7 @@ unsafe fn one_token_q4(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
         // bounds.
         unsafe {
             let cell = c.add(b * CELL);
+            prefetch_ahead(cell, CELL / 64);
             let vecs = cell.add(64);
             let xq = q.add(b * XQ);
             let mut sums = [_mm256_setzero_si256(); 2];
@@ -173,6 +175,7 @@ unsafe fn one_token_q8(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
         // bounds.
         unsafe {
             let cell = c.add(b * CELL8);
+            prefetch_ahead(cell, CELL8 / 64);
             let vecs = cell.add(64);
             let xq = q.add(b * XQ);
             let mut lo16 = [_mm256_setzero_si256(); 2];
