@@ -65,6 +65,13 @@ pub(crate) fn kpacked_group(
             && d.len() >= nt * nsb
             && sums.len() >= nt * nsb * l.n_sub()
     );
+    if let (1, 5, 32, false, Offset::Sum(k)) = (nt, l.bits, l.sb, l.scaled, l.offset) {
+        // SAFETY: as below (`half_kernel`), for one token and both halves.
+        let [[lo], [hi]] = unsafe { five32::<1, 2>(l, k, cells, qs, d, sums, nsb, 0) };
+        vals[0][..HALF].copy_from_slice(&lo);
+        vals[0][HALF..].copy_from_slice(&hi);
+        return;
+    }
     if nt == 1 && l.scaled {
         // SAFETY: as below (`half_kernel`), for one token.
         let v = unsafe {
@@ -320,7 +327,8 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
 ) -> [[f32; HALF]; T] {
     if let (5, 32, false, Offset::Sum(k)) = (BITS, l.sb, l.scaled, l.offset) {
         // SAFETY: the caller's contract, and the layout is the one `five32` handles.
-        return unsafe { five32::<T>(l, k, cells, qs, d, sums, nsb, half) };
+        let [v] = unsafe { five32::<T, 1>(l, k, cells, qs, d, sums, nsb, half) };
+        return v;
     }
     let (cb, ns, sb) = (l.cell_bytes(), l.n_sub(), l.sb);
     let (sc_at, runs_at, run_b) = (l.sc_at(), l.runs_at(), l.run_bytes());
@@ -479,13 +487,17 @@ unsafe fn one_token<const BITS: u32>(
 /// same integer sums and the same float operations per lane in the same order as the
 /// general kernel and the scalar twin: bit-identical results.
 ///
+/// `H` halves from `half0` on: one (`half0`'s) per pass, or both in one pass over the cells
+/// for one token (a decode step; as in [`one_token`], each cell is then read once, and
+/// prefetched ahead).
+///
 /// # Safety
 ///
 /// As [`half_kernel`], with `l` a handled layout of 5 bits, `sb = 32`, no scales and the
-/// offset `Offset::Sum(k)`.
+/// offset `Offset::Sum(k)`; `half0 + H` ≤ 2.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn five32<const T: usize>(
+unsafe fn five32<const T: usize, const H: usize>(
     l: &KLayout,
     k: i32,
     cells: &[u8],
@@ -493,64 +505,77 @@ unsafe fn five32<const T: usize>(
     d: &[f32],
     sums: &[i16],
     nsb: usize,
-    half: usize,
-) -> [[f32; HALF]; T] {
+    half0: usize,
+) -> [[[f32; HALF]; T]; H] {
     let (cb, runs_at, b_at) = (l.cell_bytes(), l.runs_at(), l.b_at());
-    debug_assert!(half < 2 && l.bits == 5 && l.sb == 32 && l.n_sub() == 1 && !l.scaled);
+    debug_assert!(half0 + H <= 2 && l.bits == 5 && l.sb == 32 && l.n_sub() == 1 && !l.scaled);
     debug_assert!(cells.len() >= nsb * cb && qs.len() >= T * nsb * 32 && d.len() >= T * nsb);
     debug_assert!(sums.len() >= T * nsb);
     let ones = _mm256_set1_epi16(1);
     let (c, q, dp, sp) = (cells.as_ptr(), qs.as_ptr(), d.as_ptr(), sums.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); T];
-    let mut acc_m = [_mm256_setzero_ps(); T];
+    let mut acc = [[_mm256_setzero_ps(); T]; H];
+    let mut acc_m = [[_mm256_setzero_ps(); T]; H];
     for s in 0..nsb {
-        // SAFETY: cell `s` is in bounds (`cells` holds `nsb` cells) and every offset below is
-        // inside its `cb` bytes (the layout's offsets, `half` < 2); block `s` of each token
-        // `t` < `T` (32 bytes of `qs`, one scale of `d`, one sum of `sums`) is in bounds.
-        unsafe {
-            let cell = c.add(s * cb);
-            let base = cell.add(runs_at);
-            let (lo, hi) = run_levels::<5>(base, half);
-            let a = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
-            let bm = if l.b_stored {
-                _mm256_cvtph_ps(_mm_loadu_si128(cell.add(b_at + 2 * HALF * half).cast()))
-            } else {
-                a
-            };
-            for t in 0..T {
-                let blk = t * nsb + s;
-                let xp = q.add(blk * 32);
-                let x = |o: usize| _mm256_set1_epi32(xp.add(o).cast::<i32>().read_unaligned());
-                let pair = |j: usize| {
-                    _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo[j], x(4 * j)),
-                        _mm256_maddubs_epi16(hi[j], x(4 * j + 16)),
-                    )
-                };
-                // Two pairs of vectors per i16 flush: at most 4·2·31·127 < 2^15.
-                let isum = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_add_epi16(pair(0), pair(1)), ones),
-                    _mm256_madd_epi16(_mm256_add_epi16(pair(2), pair(3)), ones),
-                );
-                let imin = _mm256_set1_epi32(k * i32::from(sp.add(blk).read()));
-                let dt = _mm256_set1_ps(dp.add(blk).read());
-                if l.b_stored {
-                    acc[t] =
-                        _mm256_fmadd_ps(_mm256_mul_ps(a, dt), _mm256_cvtepi32_ps(isum), acc[t]);
-                    acc_m[t] =
-                        _mm256_fmadd_ps(_mm256_mul_ps(bm, dt), _mm256_cvtepi32_ps(imin), acc_m[t]);
+        let cell = c.wrapping_add(s * cb);
+        if H == 2 {
+            prefetch_ahead(cell, cb.div_ceil(64));
+        }
+        for (hh, (acc, acc_m)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
+            let half = half0 + hh;
+            // SAFETY: cell `s` is in bounds (`cells` holds `nsb` cells) and every offset
+            // below is inside its `cb` bytes (the layout's offsets, `half` < 2); block `s` of
+            // each token `t` < `T` (32 bytes of `qs`, one scale of `d`, one sum of `sums`) is
+            // in bounds.
+            unsafe {
+                let base = cell.add(runs_at);
+                let (lo, hi) = run_levels::<5>(base, half);
+                let a = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
+                let bm = if l.b_stored {
+                    _mm256_cvtph_ps(_mm_loadu_si128(cell.add(b_at + 2 * HALF * half).cast()))
                 } else {
-                    // `b = a`: the offset joins the integer sum.
-                    let tot = _mm256_add_epi32(isum, imin);
-                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(a, dt), _mm256_cvtepi32_ps(tot), acc[t]);
+                    a
+                };
+                for t in 0..T {
+                    let blk = t * nsb + s;
+                    let xp = q.add(blk * 32);
+                    let x = |o: usize| _mm256_set1_epi32(xp.add(o).cast::<i32>().read_unaligned());
+                    let pair = |j: usize| {
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo[j], x(4 * j)),
+                            _mm256_maddubs_epi16(hi[j], x(4 * j + 16)),
+                        )
+                    };
+                    // Two pairs of vectors per i16 flush: at most 4·2·31·127 < 2^15.
+                    let isum = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_add_epi16(pair(0), pair(1)), ones),
+                        _mm256_madd_epi16(_mm256_add_epi16(pair(2), pair(3)), ones),
+                    );
+                    let imin = _mm256_set1_epi32(k * i32::from(sp.add(blk).read()));
+                    let dt = _mm256_set1_ps(dp.add(blk).read());
+                    if l.b_stored {
+                        acc[t] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(a, dt), _mm256_cvtepi32_ps(isum), acc[t]);
+                        acc_m[t] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(bm, dt),
+                            _mm256_cvtepi32_ps(imin),
+                            acc_m[t],
+                        );
+                    } else {
+                        // `b = a`: the offset joins the integer sum.
+                        let tot = _mm256_add_epi32(isum, imin);
+                        acc[t] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(a, dt), _mm256_cvtepi32_ps(tot), acc[t]);
+                    }
                 }
             }
         }
     }
-    let mut out = [[0f32; HALF]; T];
-    for ((o, a), m) in out.iter_mut().zip(acc).zip(acc_m) {
-        // SAFETY: `o` is 8 f32s.
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, m)) };
+    let mut out = [[[0f32; HALF]; T]; H];
+    for (out, (acc, acc_m)) in out.iter_mut().zip(acc.iter().zip(&acc_m)) {
+        for ((o, a), m) in out.iter_mut().zip(acc).zip(acc_m) {
+            // SAFETY: `o` is 8 f32s.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(*a, *m)) };
+        }
     }
     out
 }
