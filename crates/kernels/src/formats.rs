@@ -365,8 +365,16 @@ pub(crate) const GROUP: usize = 16;
 /// Bytes of one (group, block) cell of packed Q4_0/Q4_1: scales, offsets, four nibble
 /// vectors.
 pub(crate) const CELL: usize = 64 + 4 * 64;
-/// Bytes of one (group, block) cell of packed Q8_0: scales, offsets, eight byte vectors.
-pub(crate) const CELL8: usize = 64 + 8 * 64;
+/// Bytes of one (group, block) cell of packed Q8_0: scales and eight byte vectors. Its
+/// offsets are always `Q8_M·d` (exact), so the kernels compute them instead of reading them.
+pub(crate) const CELL8: usize = 32 + 8 * 64;
+/// Q8_0's offset per unit of scale: its bytes are stored as `q + 128`.
+pub(crate) const Q8_M: f32 = -128.0;
+
+/// Where the vectors of a packed cell start: after the scales and (Q4_0, Q4_1) the offsets.
+pub(crate) const fn vecs_at(bytes: bool) -> usize {
+    if bytes { 32 } else { 64 }
+}
 /// Activation bytes per block the packed kernels read: 32 quants.
 pub(crate) const XQ: usize = QK;
 

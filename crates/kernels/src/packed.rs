@@ -8,7 +8,8 @@
 //! of 16 rows and each block of 32 columns the group stores
 //!
 //! - the 16 rows' scales `d` as f16, then their offsets `m` as f16 (Q4_0's value
-//!   `d·(q − 8)` is stored as `d·q + m` with `m = −8·d`, exact in f16), 64 bytes;
+//!   `d·(q − 8)` is stored as `d·q + m` with `m = −8·d`, exact in f16), 64 bytes; Q8_0's
+//!   offsets (`m = −128·d`, below) are not stored but computed by the kernels, 32 bytes;
 //! - four 64-byte vectors of nibbles: in vector `j`, the four bytes of lane `r` hold row `r`'s
 //!   elements `4j..4j+4` in their low nibbles and `4j+16..4j+20` in their high ones. Q8_0
 //!   has eight vectors of bytes instead (vector `i`, lane `r`: elements `4i..4i+4` of row `r`
@@ -39,7 +40,7 @@ use crate::arch::portable::packed_group;
 use crate::dispatch;
 use crate::formats::KLayout;
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
-use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, XQ, vecs_at};
 use crate::matmul::{DisjointOut, check_len};
 use crate::packed_k::{self, KActivations, layout_of};
 use crate::pool::ThreadPool;
@@ -194,14 +195,16 @@ impl PackedMatrix {
                     }
                 };
                 cell[2 * lane..2 * lane + 2].copy_from_slice(&d);
-                cell[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&m);
                 if w.ty() == WeightType::Q8_0 {
+                    // No offsets stored (the kernels compute `Q8_M·d`, as exact as `m`).
                     // Vector `i`, lane `r`: row `r`'s elements `4i..4i+4`, as `q + 128`.
+                    let at = vecs_at(true);
                     for (e, &q) in blk[qs_at..qs_at + 32].iter().enumerate() {
-                        cell[64 + 64 * (e / 4) + 4 * lane + e % 4] = q ^ 0x80;
+                        cell[at + 64 * (e / 4) + 4 * lane + e % 4] = q ^ 0x80;
                     }
                     continue;
                 }
+                cell[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&m);
                 let qs = &blk[qs_at..qs_at + 16];
                 for j in 0..4 {
                     for k in 0..4 {

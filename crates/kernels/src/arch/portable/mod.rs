@@ -11,7 +11,7 @@
 use half::{bf16, f16};
 
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK, blocks, dequant_blocks};
-use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, Q8_M, XQ, vecs_at};
 use crate::table::{Kernels, common_blocks, kernel_table};
 
 pub(crate) mod kpacked;
@@ -425,17 +425,22 @@ pub(crate) fn packed_group(
             let [dx, sx] = ds[t * nb + b];
             for (lane, (a, am)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
                 let dw = f16::from_le_bytes([cell[2 * lane], cell[2 * lane + 1]]).to_f32();
-                let mw = f16::from_le_bytes([cell[32 + 2 * lane], cell[33 + 2 * lane]]).to_f32();
+                let mw = if bytes {
+                    Q8_M * dw
+                } else {
+                    f16::from_le_bytes([cell[32 + 2 * lane], cell[33 + 2 * lane]]).to_f32()
+                };
+                let at = vecs_at(bytes);
                 let mut isum = 0i32;
                 if bytes {
                     for (e, &x) in xq.iter().enumerate() {
-                        let byte = cell[64 + 64 * (e / 4) + 4 * lane + e % 4];
+                        let byte = cell[at + 64 * (e / 4) + 4 * lane + e % 4];
                         isum += i32::from(byte) * i32::from(x);
                     }
                 } else {
                     for j in 0..4 {
                         for k in 0..4 {
-                            let byte = cell[64 + 64 * j + 4 * lane + k];
+                            let byte = cell[at + 64 * j + 4 * lane + k];
                             isum += i32::from(byte & 0x0F) * i32::from(xq[4 * j + k]);
                             isum += i32::from(byte >> 4) * i32::from(xq[4 * j + 16 + k]);
                         }

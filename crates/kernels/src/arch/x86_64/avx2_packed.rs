@@ -30,7 +30,7 @@
 use std::arch::x86_64::*;
 
 use crate::arch::x86_64::helpers::prefetch_ahead;
-use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, Q8_M, XQ, vecs_at};
 
 /// Rows per half of a 16-row group (the lanes of one 256-bit vector).
 const HALF: usize = GROUP / 2;
@@ -143,7 +143,7 @@ unsafe fn one_token_q4(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
                 }
             }
             let isum = sums.map(|s| _mm256_madd_epi16(s, ones));
-            acc.add_block(cell, isum, *dsp.add(b));
+            acc.add_block::<false>(cell, isum, *dsp.add(b));
         }
     }
     acc.lanes()
@@ -175,8 +175,8 @@ unsafe fn one_token_q8(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
         // bounds.
         unsafe {
             let cell = c.add(b * CELL8);
-            prefetch_ahead(cell, CELL8 / 64);
-            let vecs = cell.add(64);
+            prefetch_ahead(cell, CELL8.div_ceil(64));
+            let vecs = cell.add(vecs_at(true));
             let xq = q.add(b * XQ);
             let mut lo16 = [_mm256_setzero_si256(); 2];
             let mut hi16 = [_mm256_setzero_si256(); 2];
@@ -194,10 +194,32 @@ unsafe fn one_token_q8(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
                 let isum = _mm256_madd_epi16(lo16[h], ones);
                 _mm256_add_epi32(isum, _mm256_madd_epi16(hi16[h], sixteen))
             });
-            acc.add_block(cell, isum, *dsp.add(b));
+            acc.add_block::<true>(cell, isum, *dsp.add(b));
         }
     }
     acc.lanes()
+}
+
+/// Half `h`'s scales `d_w` and offsets `m_w` of a cell: read, or for Q8_0 (`BYTES`)
+/// computed as `Q8_M·d_w` (exact: a power of two, and the packer checked that it stays
+/// finite in f16 too).
+///
+/// # Safety
+///
+/// AVX2 and F16C; `cell` readable for its first 64 bytes (32 for `BYTES`); `h` < 2.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn scale_offset<const BYTES: bool>(cell: *const u8, h: usize) -> (__m256, __m256) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * h).cast()));
+        let mw = if BYTES {
+            _mm256_mul_ps(dw, _mm256_set1_ps(Q8_M))
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(cell.add(32 + 2 * HALF * h).cast()))
+        };
+        (dw, mw)
+    }
 }
 
 /// The float accumulators of both halves of a group × one token (`one_token_q4`,
@@ -218,23 +240,25 @@ impl OneToken {
     }
 
     /// One block: `isum[h]`, the exact integer sums of half `h`'s rows; `cell` the block's
-    /// cell (scales at `16·h`, offsets 32 bytes on); `(d_x, s_x)` the token's pair.
+    /// cell (scales at `16·h`, offsets 32 bytes on, or for Q8_0 (`BYTES`) none: `Q8_M·d`);
+    /// `(d_x, s_x)` the token's pair.
     ///
     /// # Safety
     ///
     /// The CPU must support AVX2, FMA and F16C; `cell` must be readable for its first 64
-    /// bytes.
+    /// bytes (32 for `BYTES`).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn add_block(&mut self, cell: *const u8, isum: [__m256i; 2], [dx, sx]: [f32; 2]) {
+    unsafe fn add_block<const BYTES: bool>(
+        &mut self,
+        cell: *const u8,
+        isum: [__m256i; 2],
+        [dx, sx]: [f32; 2],
+    ) {
         for (h, isum) in isum.into_iter().enumerate() {
-            // SAFETY: both loads are inside the cell's first 64 bytes (`h` < 2).
-            let (dw, mw) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * h).cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(cell.add(32 + 2 * HALF * h).cast())),
-                )
-            };
+            // SAFETY: both loads are inside the cell's first 64 bytes (`h` < 2), the first
+            // inside its first 32.
+            let (dw, mw) = unsafe { scale_offset::<BYTES>(cell, h) };
             let d = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
             self.acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), self.acc[h]);
             self.acc_m[h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), self.acc_m[h]);
@@ -275,7 +299,8 @@ unsafe fn half_kernel<const T: usize, const BYTES: bool>(
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let sixteen = _mm256_set1_epi16(16);
-    // This half's bytes of a cell: scales at 2·8·half, offsets 32 bytes on, vectors at 64.
+    // This half's bytes of a cell: scales at 2·8·half, offsets 32 bytes on (none for Q8_0),
+    // vectors at `vecs_at`.
     let c = cells.as_ptr();
     let q = qs.as_ptr();
     let dsp = ds.as_ptr();
@@ -287,7 +312,7 @@ unsafe fn half_kernel<const T: usize, const BYTES: bool>(
         unsafe {
             let cell = c.add(b * cell_len);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(2 * HALF * half).cast()));
-            let vecs = cell.add(64 + 32 * half);
+            let vecs = cell.add(vecs_at(BYTES) + 32 * half);
             // Per token the block's byte products, summed in i16 lanes (see the module docs
             // for why they cannot overflow); for Q8_0 the low and high nibbles apart.
             let mut lo16 = [_mm256_setzero_si256(); T];
@@ -339,8 +364,7 @@ unsafe fn half_kernel<const T: usize, const BYTES: bool>(
             // SAFETY: the offsets of cell `b` and pair `t·nb + b` of `ds` (in bounds, as
             // above).
             let (mw, sx) = unsafe {
-                let cell = c.add(b * cell_len);
-                let mw = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(32 + 2 * HALF * half).cast()));
+                let (_, mw) = scale_offset::<BYTES>(c.add(b * cell_len), half);
                 (mw, (*dsp.add(t * nb + b))[1])
             };
             acc_m = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc_m);

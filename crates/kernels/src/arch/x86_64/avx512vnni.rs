@@ -32,7 +32,7 @@
 use std::arch::x86_64::*;
 
 use super::helpers::{Q4_0, Q4_1, Q8_0, sizes};
-use crate::formats::{CELL, CELL8, GROUP, XQ};
+use crate::formats::{CELL, CELL8, GROUP, Q8_M, XQ, vecs_at};
 use crate::table::{Kernels, common_blocks};
 
 /// Rows and tokens per kernel call (up to 16 accumulators of the 32 registers).
@@ -369,13 +369,21 @@ unsafe fn packed_kernel<const T: usize, const BYTES: bool>(
         // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells).
         let (dw, mw, w) = unsafe {
             let cell = c.add(b * cell_len);
-            let dm = _mm512_loadu_si512(cell.cast());
-            let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
-            let mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm));
+            let (dw, mw) = if BYTES {
+                // Q8_0 cells store no offsets: `Q8_M·d`, exact.
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(cell.cast()));
+                (dw, _mm512_mul_ps(dw, _mm512_set1_ps(Q8_M)))
+            } else {
+                let dm = _mm512_loadu_si512(cell.cast());
+                (
+                    _mm512_cvtph_ps(_mm512_castsi512_si256(dm)),
+                    _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm)),
+                )
+            };
             let mut w = [_mm512_setzero_si512(); 8];
             if BYTES {
                 for (j, wj) in w.iter_mut().enumerate() {
-                    *wj = _mm512_loadu_si512(cell.add(64 + 64 * j).cast());
+                    *wj = _mm512_loadu_si512(cell.add(vecs_at(true) + 64 * j).cast());
                 }
             } else {
                 for j in 0..4 {
