@@ -164,11 +164,12 @@ impl PackedMatrix {
                 k: Some(l),
             });
         }
-        // Offsets when the type has none: Q4_0 `d·(q − 8)`, Q8_0 stored as `q + 128`.
+        // Offsets computed at packing when the type has none: Q4_0 `d·(q − 8)`.
         let (block, qs_at, m_from_d) = match w.ty() {
             WeightType::Q4_0 => (BlockQ4_0::BYTES, 2, Some(-8.0)),
             WeightType::Q4_1 => (BlockQ4_1::BYTES, 4, None),
-            WeightType::Q8_0 => (BlockQ8_0::BYTES, 2, Some(-128.0)),
+            // Q8_0's offsets (`Q8_M·d`) are computed by the kernels in f32: none stored.
+            WeightType::Q8_0 => (BlockQ8_0::BYTES, 2, None),
             _ => return None,
         };
         let cell_len = cell_bytes(w.ty());
@@ -183,6 +184,15 @@ impl PackedMatrix {
                 let blk = &src[b * block..(b + 1) * block];
                 let cell = &mut data[(g * nb + b) * cell_len..][..cell_len];
                 let d = [blk[0], blk[1]];
+                cell[2 * lane..2 * lane + 2].copy_from_slice(&d);
+                if w.ty() == WeightType::Q8_0 {
+                    // Vector `i`, lane `r`: row `r`'s elements `4i..4i+4`, as `q + 128`.
+                    let at = vecs_at(true);
+                    for (e, &q) in blk[qs_at..qs_at + 32].iter().enumerate() {
+                        cell[at + 64 * (e / 4) + 4 * lane + e % 4] = q ^ 0x80;
+                    }
+                    continue;
+                }
                 let m = match m_from_d {
                     None => [blk[2], blk[3]],
                     Some(k) => {
@@ -194,16 +204,6 @@ impl PackedMatrix {
                         m.to_le_bytes()
                     }
                 };
-                cell[2 * lane..2 * lane + 2].copy_from_slice(&d);
-                if w.ty() == WeightType::Q8_0 {
-                    // No offsets stored (the kernels compute `Q8_M·d`, as exact as `m`).
-                    // Vector `i`, lane `r`: row `r`'s elements `4i..4i+4`, as `q + 128`.
-                    let at = vecs_at(true);
-                    for (e, &q) in blk[qs_at..qs_at + 32].iter().enumerate() {
-                        cell[at + 64 * (e / 4) + 4 * lane + e % 4] = q ^ 0x80;
-                    }
-                    continue;
-                }
                 cell[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&m);
                 let qs = &blk[qs_at..qs_at + 16];
                 for j in 0..4 {
@@ -889,6 +889,30 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Q8_0's offsets are computed in f32, never stored in f16, so scales whose `−128·d`
+    /// would overflow f16 (`d` ≥ 512) pack too and give the row-wise results.
+    #[test]
+    fn q8_0_with_large_scales_packs() {
+        let (rows, nb) = (17, 3);
+        let cols = nb * QK;
+        let mut bytes = Vec::new();
+        for i in 0..rows * nb {
+            bytes.extend(f16::from_f32(1024.0).to_le_bytes());
+            bytes.extend((0..32).map(|e| ((i * 7 + e * 13) % 255) as u8));
+        }
+        let w = Matrix::new(WeightType::Q8_0, &bytes, rows, cols).unwrap();
+        let p = PackedMatrix::pack_any(&w).expect("packed");
+        for n_tokens in [1, 3] {
+            let x = random_acts(n_tokens * cols, 5);
+            let y = every_kernel(&p, &x, n_tokens).unwrap();
+            let want = row_wise(&crate::arch::portable::SCALAR, &w, &x, n_tokens);
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (a, b) in y.iter().zip(&want) {
+                assert!(a.is_finite() && (a - b).abs() <= 1e-3 * scale, "{a} vs {b}");
             }
         }
     }

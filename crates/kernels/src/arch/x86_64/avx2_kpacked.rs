@@ -13,7 +13,8 @@
 //! 16 elements for 5 bits, and every 8 elements of each half (low nibbles, high nibbles:
 //! Q6_K's two sub-blocks) for 6 bits. The flush is a `vpmaddwd` by the rows' sub-block
 //! scales, each widened to an (i16, i16) pair, so the scale costs nothing per token. The
-//! offset term (`Σ mn_s·x_s`) is one `vpmaddwd` per two sub-blocks, in a second pass.
+//! offset term (`Σ mn_s·x_s`) is one `vpmaddwd` per two sub-blocks, in a second pass (in
+//! the same pass for one token: `one_token`, which reads both halves of a cell at once).
 //!
 //! Q5_0 and Q5_1 (32-element cells, one run each) have their own loop, `five32`: there the
 //! per-cell float work is as large as the integer work, and it is done while each token's

@@ -201,8 +201,7 @@ unsafe fn one_token_q8(cells: &[u8], qs: &[i8], ds: &[[f32; 2]], nb: usize) -> [
 }
 
 /// Half `h`'s scales `d_w` and offsets `m_w` of a cell: read, or for Q8_0 (`BYTES`)
-/// computed as `Q8_M·d_w` (exact: a power of two, and the packer checked that it stays
-/// finite in f16 too).
+/// computed as `Q8_M·d_w` (exact in f32: a power of two times an f16).
 ///
 /// # Safety
 ///
