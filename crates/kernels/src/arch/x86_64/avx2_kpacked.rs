@@ -66,7 +66,7 @@ pub(crate) fn kpacked_group(
             && d.len() >= nt * nsb
             && sums.len() >= nt * nsb * l.n_sub()
     );
-    if let (1, 5, 32, false, Offset::Sum(k)) = (nt, l.bits, l.sb, l.scaled, l.offset) {
+    if let (1, Some(k)) = (nt, five32_offset(l)) {
         // SAFETY: as below (`half_kernel`), for one token and both halves.
         let [[lo], [hi]] = unsafe { five32::<1, 2>(l, k, cells, qs, d, sums, nsb, 0) };
         vals[0][..HALF].copy_from_slice(&lo);
@@ -124,6 +124,15 @@ pub(crate) fn kpacked_group(
             call!(1 2 3 4 5 6 7 8);
             t0 += tn;
         }
+    }
+}
+
+/// The offset factor `k` of a layout [`five32`] handles (Q5_0, Q5_1: 5 bits, 32-element
+/// cells, no scales, the offset `k·Σx`), or `None`.
+fn five32_offset(l: &KLayout) -> Option<i32> {
+    match (l.bits, l.sb, l.scaled, l.offset) {
+        (5, 32, false, Offset::Sum(k)) => Some(k),
+        _ => None,
     }
 }
 
@@ -326,7 +335,9 @@ unsafe fn half_kernel<const T: usize, const BITS: u32>(
     nsb: usize,
     half: usize,
 ) -> [[f32; HALF]; T] {
-    if let (5, 32, false, Offset::Sum(k)) = (BITS, l.sb, l.scaled, l.offset) {
+    if BITS == 5
+        && let Some(k) = five32_offset(l)
+    {
         // SAFETY: the caller's contract, and the layout is the one `five32` handles.
         let [v] = unsafe { five32::<T, 1>(l, k, cells, qs, d, sums, nsb, half) };
         return v;
