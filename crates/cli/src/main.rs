@@ -162,6 +162,10 @@ struct BatchingArgs {
     /// Most draft tokens per step (with --speculate).
     #[arg(long, default_value_t = engine::Speculation::default().draft_max)]
     draft_max: usize,
+    /// With --draft-model, a draft ends before its first token whose probability under the
+    /// draft model is below P (llama.cpp's `--draft-p-min`); 0 always drafts --draft-max.
+    #[arg(long, value_name = "P", default_value_t = engine::Speculation::default().draft_p_min)]
+    draft_p_min: f32,
     /// Longest n-gram looked up for a draft (with --speculate ngram).
     #[arg(long, default_value_t = engine::Speculation::default().ngram_max)]
     ngram_max: usize,
@@ -194,6 +198,7 @@ impl BatchingArgs {
             engine::Speculation {
                 draft_max: self.draft_max,
                 ngram_max: self.ngram_max,
+                draft_p_min: self.draft_p_min,
                 ..engine::Speculation::default()
             }
         })

@@ -928,7 +928,11 @@ impl Scheduler {
                         dm,
                         &self.pool,
                         &seq.tokens,
-                        (limit.min(spec.draft_max), self.limits.max_batch_tokens),
+                        (
+                            limit.min(spec.draft_max),
+                            self.limits.max_batch_tokens,
+                            spec.draft_p_min,
+                        ),
                         cost,
                     );
                 // A draft model's vocabulary may run past the target's (checked at load).

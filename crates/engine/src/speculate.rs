@@ -25,7 +25,7 @@ use crate::energy::CostModel;
 use crate::sampler::argmax;
 
 /// Speculation settings (`--speculate ngram`, or `--draft-model`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Speculation {
     /// Most draft tokens per step.
     pub draft_max: usize,
@@ -33,6 +33,11 @@ pub struct Speculation {
     pub ngram_max: usize,
     /// Shortest suffix looked up.
     pub ngram_min: usize,
+    /// A draft model's draft ends before its first token whose probability under the draft
+    /// model is below this (llama.cpp's `--draft-p-min`): where the draft model is unsure,
+    /// the target seldom agrees, and each further draft token costs a forward pass of the
+    /// draft model and a position of the verifying pass. 0 drafts `draft_max` tokens always.
+    pub draft_p_min: f32,
 }
 
 impl Default for Speculation {
@@ -42,6 +47,8 @@ impl Default for Speculation {
             draft_max: 16,
             ngram_max: 3,
             ngram_min: 1,
+            // llama.cpp's `common_params_speculative::p_min`.
+            draft_p_min: 0.75,
         }
     }
 }
@@ -51,8 +58,15 @@ impl Speculation {
     ///
     /// # Errors
     ///
-    /// A draft length of 0 or above 64, or n-gram bounds out of order or above 16.
+    /// A draft length of 0 or above 64, n-gram bounds out of order or above 16, or a draft
+    /// probability bound outside 0..=1.
     pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.draft_p_min) {
+            return Err(format!(
+                "--draft-p-min must be between 0 and 1, got {}",
+                self.draft_p_min
+            ));
+        }
         if self.draft_max == 0 || self.draft_max > 64 {
             return Err(format!(
                 "--draft-max must be between 1 and 64, got {}",
@@ -131,8 +145,9 @@ impl ModelDraft {
 
     /// Up to `limit` tokens continuing `tokens`, each the draft model's most likely next
     /// token, and the draft model's work for them in `cost`'s units (what the sequence is
-    /// charged for it); fewer when the sequence cannot grow that far, none once the draft
-    /// model failed (logged once). The draft model runs at most `max_feed` of the sequence's
+    /// charged for it); fewer when the sequence cannot grow that far or when the next token's
+    /// probability under the draft model is below `p_min`, none once the draft model failed
+    /// (logged once). The draft model runs at most `max_feed` of the sequence's
     /// tokens it has not seen per call (a step's worth, `--max-batch-tokens`): a long prompt
     /// is caught up over several steps, with no draft until it is, rather than in one long
     /// step.
@@ -141,7 +156,7 @@ impl ModelDraft {
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
-        (limit, max_feed): (usize, usize),
+        (limit, max_feed, p_min): (usize, usize, f32),
         cost: &CostModel,
     ) -> (Vec<u32>, f64) {
         if self.disabled {
@@ -152,7 +167,7 @@ impl ModelDraft {
             model,
             pool,
             tokens,
-            (limit, max_feed.max(1)),
+            (limit, max_feed.max(1), p_min),
             cost,
             &mut work,
         ) {
@@ -171,7 +186,7 @@ impl ModelDraft {
         model: &LlamaModel,
         pool: &ThreadPool,
         tokens: &[u32],
-        (limit, max_feed): (usize, usize),
+        (limit, max_feed, p_min): (usize, usize, f32),
         cost: &CostModel,
         work: &mut f64,
     ) -> Result<Vec<u32>, ModelError> {
@@ -215,6 +230,13 @@ impl ModelDraft {
         let mut draft = Vec::with_capacity(limit);
         loop {
             let next = argmax(&logits);
+            // A NaN probability (logits that are not finite) ends the draft too.
+            if p_min > 0.0 {
+                let p = top_probability(&logits, next);
+                if p.is_nan() || p < p_min {
+                    return Ok(draft);
+                }
+            }
             draft.push(next);
             if draft.len() == limit {
                 return Ok(draft);
@@ -224,6 +246,13 @@ impl ModelDraft {
             self.fed.push(next);
         }
     }
+}
+
+/// The softmax probability of `logits[top]`, the largest logit.
+fn top_probability(logits: &[f32], top: u32) -> f32 {
+    let max = logits[top as usize];
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    1.0 / sum
 }
 
 #[cfg(test)]
@@ -265,28 +294,28 @@ mod tests {
         let pool = ThreadPool::new(1);
         let mut d = ModelDraft::new(40);
         let mut seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
-        let (first, work) = d.draft(&model, &pool, &seq, (4, 64), &COST);
+        let (first, work) = d.draft(&model, &pool, &seq, (4, 64, 0.0), &COST);
         assert_eq!(first, greedy(&model, &pool, &seq, 4));
         // Charged what it ran: the 6 tokens, then 3 of its own (one cost unit a token here).
         assert_eq!(work, 9.0);
         // Two draft tokens accepted, then a token of the target's own.
         seq.extend_from_slice(&first[..2]);
         seq.push((first[2] + 1) % 256);
-        let second = d.draft(&model, &pool, &seq, (5, 64), &COST).0;
+        let second = d.draft(&model, &pool, &seq, (5, 64, 0.0), &COST).0;
         assert_eq!(second, greedy(&model, &pool, &seq, 5));
         // Everything accepted, plus the target's next token.
         seq.extend_from_slice(&second);
         seq.push(7);
-        let third = d.draft(&model, &pool, &seq, (3, 64), &COST).0;
+        let third = d.draft(&model, &pool, &seq, (3, 64, 0.0), &COST).0;
         assert_eq!(third, greedy(&model, &pool, &seq, 3));
         // Near the end of the sequence's room the draft is cut to what fits.
         let long: Vec<u32> = (0..38).map(|i| (i * 7 + 1) % 256).collect();
         assert_eq!(
-            d.draft(&model, &pool, &long, (8, 64), &COST).0,
+            d.draft(&model, &pool, &long, (8, 64, 0.0), &COST).0,
             greedy(&model, &pool, &long, 3)
         );
         assert!(
-            d.draft(&model, &pool, &[0; 41], (8, 64), &COST)
+            d.draft(&model, &pool, &[0; 41], (8, 64, 0.0), &COST)
                 .0
                 .is_empty()
         );
@@ -299,7 +328,7 @@ mod tests {
             disabled: false,
         };
         assert_eq!(
-            small.draft(&model, &pool, &seq, (3, 64), &COST).0,
+            small.draft(&model, &pool, &seq, (3, 64, 0.0), &COST).0,
             greedy(&model, &pool, &seq, 3)
         );
         assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 2);
@@ -307,16 +336,28 @@ mod tests {
         // same.
         let mut slow = ModelDraft::new(40);
         let n = seq.len();
-        assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
+        assert!(
+            slow.draft(&model, &pool, &seq, (3, 5, 0.0), &COST)
+                .0
+                .is_empty()
+        );
         assert_eq!(slow.fed.len(), 5);
-        assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
+        assert!(
+            slow.draft(&model, &pool, &seq, (3, 5, 0.0), &COST)
+                .0
+                .is_empty()
+        );
         assert_eq!(slow.fed.len(), 10);
         let more = (n - 10).div_ceil(5);
         for _ in 0..more.saturating_sub(1) {
-            assert!(slow.draft(&model, &pool, &seq, (3, 5), &COST).0.is_empty());
+            assert!(
+                slow.draft(&model, &pool, &seq, (3, 5, 0.0), &COST)
+                    .0
+                    .is_empty()
+            );
         }
         assert_eq!(
-            slow.draft(&model, &pool, &seq, (3, 5), &COST).0,
+            slow.draft(&model, &pool, &seq, (3, 5, 0.0), &COST).0,
             greedy(&model, &pool, &seq, 3)
         );
     }
@@ -327,6 +368,7 @@ mod tests {
             draft_max: 3,
             ngram_max: 3,
             ngram_min: 1,
+            ..Speculation::default()
         };
         // Suffix [7, 8, 9] occurs at 1..4 and is followed by 10, 11, 12.
         let t = [1, 7, 8, 9, 10, 11, 12, 13, 5, 7, 8, 9];
@@ -350,6 +392,7 @@ mod tests {
                 draft_max: d,
                 ngram_min: lo,
                 ngram_max: hi,
+                ..Speculation::default()
             }
             .validate()
             .is_err()
@@ -359,5 +402,60 @@ mod tests {
         assert!(bad(4, 0, 3));
         assert!(bad(4, 4, 3));
         assert!(bad(4, 1, 17));
+        let p_min = |p| {
+            Speculation {
+                draft_p_min: p,
+                ..Speculation::default()
+            }
+            .validate()
+        };
+        assert!(p_min(0.0).is_ok() && p_min(1.0).is_ok());
+        for p in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
+            assert!(p_min(p).unwrap_err().contains("--draft-p-min"), "{p}");
+        }
+    }
+
+    /// With `p_min`, a model draft is the greedy continuation up to (not including) its first
+    /// token whose probability under the draft model is below `p_min`.
+    #[test]
+    fn a_model_draft_ends_where_the_draft_model_is_unsure() {
+        let model = tiny();
+        let pool = ThreadPool::new(1);
+        let seq: Vec<u32> = vec![1, 17, 200, 45, 3, 99];
+        // The greedy continuation and each of its tokens' probabilities, from nothing.
+        let mut kv = model.new_kv_cache(64).unwrap();
+        let mut logits = model.forward(&pool, &seq, &mut kv, Logits::Last).unwrap();
+        let (mut greedy, mut probs) = (Vec::new(), Vec::new());
+        for _ in 0..8 {
+            let t = argmax(&logits);
+            let max = logits[t as usize];
+            let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            greedy.push(t);
+            probs.push(1.0 / sum);
+            logits = model.forward(&pool, &[t], &mut kv, Logits::Last).unwrap();
+        }
+        // Thresholds between the probabilities seen (so that f32 rounding cannot decide).
+        let mut sorted = probs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mut cuts: Vec<f64> = sorted
+            .windows(2)
+            .filter(|w| w[1] - w[0] > 1e-3 * w[1])
+            .map(|w| (w[0] + w[1]) / 2.0)
+            .collect();
+        assert!(cuts.len() >= 2, "{probs:?}");
+        cuts.extend([sorted[0] / 2.0, 1.0]);
+        for cut in cuts {
+            let expect = probs.iter().take_while(|&&p| p >= cut).count();
+            let mut d = ModelDraft::new(40);
+            let got = d.draft(&model, &pool, &seq, (8, 64, cut as f32), &COST).0;
+            assert_eq!(
+                got,
+                greedy[..expect],
+                "p_min {cut}, probabilities {probs:?}"
+            );
+        }
+        // p_min 0 drafts the whole limit.
+        let mut d = ModelDraft::new(40);
+        assert_eq!(d.draft(&model, &pool, &seq, (8, 64, 0.0), &COST).0, greedy);
     }
 }

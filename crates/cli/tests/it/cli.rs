@@ -415,7 +415,8 @@ fn serving_several_models_checks_them_before_listening() {
 }
 
 /// `--draft-model` is checked before listening: a draft of another vocabulary is refused,
-/// naming it once (each cause of the error appears once), as is a second speculation method.
+/// naming it once (each cause of the error appears once), as are a second speculation method
+/// and a `--draft-p-min` that is no probability.
 #[test]
 fn a_draft_model_is_checked_before_listening() {
     let dir = temp_dir("draft");
@@ -455,6 +456,24 @@ fn a_draft_model_is_checked_before_listening() {
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A draft probability bound outside 0..=1 is refused, named.
+    let out = run(&[
+        "serve",
+        "--model",
+        good,
+        "--draft-model",
+        good,
+        "--draft-p-min",
+        "1.5",
+        "--host",
+        "no such host",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--draft-p-min must be between 0 and 1"),
         "{}",
         text(&out.stderr)
     );
