@@ -113,8 +113,8 @@ impl Speculation {
 }
 
 /// One sequence's drafter state with a draft model: the draft model's own KV cache of the
-/// sequence (private, contiguous; made at the first draft and grown by doubling, each time
-/// recomputed from the sequence's tokens, so its memory follows the sequence's length) and
+/// sequence (private, contiguous; made at the first draft and grown by doubling, keeping
+/// what it holds, so its memory follows the sequence's length) and
 /// the tokens it holds. Each step it drops what no longer agrees with the sequence (the draft
 /// tokens the target rejected), runs the tokens the sequence gained since, and extends them
 /// greedily. Greedy is the right proposal here: verification accepts a proposed token exactly
@@ -200,9 +200,11 @@ impl ModelDraft {
         let capacity = self.kv.as_ref().map_or(0, KvCache::capacity);
         if needed > capacity {
             let grown = needed.max(2 * capacity).max(DRAFT_CACHE_MIN).min(max);
-            self.kv = None; // the old cache goes before the larger one is made
-            self.kv = Some(model.new_kv_cache(grown)?);
-            self.fed.clear();
+            match self.kv.as_mut() {
+                // The cached tokens stay: nothing is computed again.
+                Some(kv) => kv.grow(model.config(), grown)?,
+                None => self.kv = Some(model.new_kv_cache(grown)?),
+            }
         }
         let Some(kv) = self.kv.as_mut() else {
             return Ok(Vec::new());
@@ -320,18 +322,21 @@ mod tests {
                 .is_empty()
         );
         assert!(!d.disabled);
-        // A cache that grows (recomputed at twice its size) drafts the same.
+        // A cache that grows keeps what it holds (nothing is run again) and drafts the same.
         let mut small = ModelDraft {
             kv: Some(model.new_kv_cache(8).unwrap()),
             fed: Vec::new(),
             max_capacity: 40,
             disabled: false,
         };
-        assert_eq!(
-            small.draft(&model, &pool, &seq, (3, 64, 0.0), &COST).0,
-            greedy(&model, &pool, &seq, 3)
-        );
-        assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 2);
+        let (start, work) = small.draft(&model, &pool, &seq[..4], (2, 64, 0.0), &COST);
+        assert_eq!(start, greedy(&model, &pool, &seq[..4], 2));
+        assert_eq!((work, small.kv.as_ref().unwrap().capacity()), (5.0, 8));
+        let (grown, work) = small.draft(&model, &pool, &seq, (8, 64, 0.0), &COST);
+        assert_eq!(grown, greedy(&model, &pool, &seq, 8));
+        assert!(small.kv.as_ref().unwrap().capacity() >= seq.len() + 7);
+        // At most seq[4..] and 7 of its own tokens; run from nothing it would be 6 + 7.
+        assert!(work <= (seq.len() - 4 + 7) as f64, "{work}");
         // A long catch-up is spread over calls of at most `max_feed` tokens, then drafts the
         // same.
         let mut slow = ModelDraft::new(40);

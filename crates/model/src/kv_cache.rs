@@ -80,6 +80,18 @@ impl KvData {
         }
     }
 
+    /// Zero-filled up to `len` elements (never shorter).
+    fn grow(&mut self, len: usize) {
+        match self {
+            KvData::F16(v) => v.resize(len.max(v.len()), f16::ZERO),
+            KvData::F32(v) => v.resize(len.max(v.len()), 0.0),
+            KvData::Q8(v, d) => {
+                v.resize(len.max(v.len()), 0);
+                d.resize(v.len() / QK, f16::ZERO);
+            }
+        }
+    }
+
     fn view(&self) -> KvSlice<'_> {
         match self {
             KvData::F16(v) => KvSlice::F16(v),
@@ -223,6 +235,11 @@ impl KvPool {
 
     /// Bytes of key and value storage.
     pub fn bytes(&self) -> usize {
+        self.bytes_with(self.n_blocks, self.n_window_blocks)
+    }
+
+    /// Bytes of key and value storage with this many blocks (saturating).
+    fn bytes_with(&self, n_blocks: usize, n_window_blocks: usize) -> usize {
         let per_32 = match self.k.first() {
             Some(KvData::F32(_)) => bytes_per_32(true, KvType::F16),
             Some(KvData::Q8(..)) => bytes_per_32(false, KvType::Q8_0),
@@ -230,10 +247,48 @@ impl KvPool {
         };
         let n_windowed = self.windowed.iter().filter(|&&w| w).count();
         let block_elems = self.block_tokens * self.kv_dim;
-        let blocks =
-            (self.n_layers - n_windowed) * self.n_blocks + n_windowed * self.n_window_blocks;
+        let blocks = (self.n_layers - n_windowed)
+            .saturating_mul(n_blocks)
+            .saturating_add(n_windowed.saturating_mul(n_window_blocks));
+        let copies: usize = if self.shared_values { 1 } else { 2 };
+        copies
+            .saturating_mul(blocks)
+            .saturating_mul(block_elems)
+            .saturating_mul(per_32)
+            / QK
+    }
+
+    /// Adds zeroed blocks after the last: `n_blocks` in all, `n_window_blocks` for the
+    /// windowed layers (ignored when there are none). Blocks already there keep their
+    /// numbers and contents.
+    fn grow(&mut self, n_blocks: usize, n_window_blocks: usize) -> Result<(), ModelError> {
+        let n_window_blocks = if self.windowed.contains(&true) {
+            n_window_blocks
+        } else {
+            0
+        };
+        if n_blocks < self.n_blocks || n_window_blocks < self.n_window_blocks {
+            return Err(ModelError::BadConfig(format!(
+                "a KV pool of {} blocks ({} windowed) cannot shrink to {n_blocks} ({n_window_blocks})",
+                self.n_blocks, self.n_window_blocks
+            )));
+        }
+        if self.bytes_with(n_blocks, n_window_blocks) > MAX_POOL_BYTES {
+            return Err(ModelError::BadConfig(format!(
+                "a KV pool of {n_blocks} blocks x {} tokens is too large",
+                self.block_tokens
+            )));
+        }
+        let block_elems = self.block_tokens * self.kv_dim;
         let copies = if self.shared_values { 1 } else { 2 };
-        copies * blocks * block_elems * per_32 / QK
+        for data in [&mut self.k, &mut self.v].into_iter().take(copies) {
+            for (d, &w) in data.iter_mut().zip(&self.windowed) {
+                d.grow(block_elems * if w { n_window_blocks } else { n_blocks });
+            }
+        }
+        self.n_blocks = n_blocks;
+        self.n_window_blocks = n_window_blocks;
+        Ok(())
     }
 
     /// How this pool stores keys and values.
@@ -409,10 +464,7 @@ impl KvCache {
             )));
         }
         let n_blocks = capacity.div_ceil(SINGLE_BLOCK_TOKENS);
-        let ring = config
-            .sliding_window
-            .map(|w| (w + Self::MAX_CHUNK).div_ceil(SINGLE_BLOCK_TOKENS) + 1);
-        let (pool, window_table) = match ring {
+        let (pool, window_table) = match Self::ring(config) {
             Some(ring) if ring < n_blocks => (
                 KvPool::with_window_blocks(config, SINGLE_BLOCK_TOKENS, n_blocks, ring)?,
                 (0..n_blocks).map(|b| (b % ring) as u32).collect(),
@@ -429,6 +481,49 @@ impl KvCache {
             capacity,
             len: 0,
         })
+    }
+
+    /// Blocks in the ring of the windowed layers: a window plus a chunk (`None` without
+    /// windowed layers).
+    fn ring(config: &LlamaConfig) -> Option<usize> {
+        config
+            .sliding_window
+            .map(|w| (w + Self::MAX_CHUNK).div_ceil(SINGLE_BLOCK_TOKENS) + 1)
+    }
+
+    /// Makes room for `capacity` tokens (no effect if there is), keeping every cached token:
+    /// blocks are added after the last, the cached keys and values stay where they are,
+    /// and the windowed layers keep (or, once the cache is larger than their ring, start)
+    /// a ring of window blocks, as [`KvCache::new`] makes them. `config` must be the one
+    /// the cache was made for. A forward pass continues as if the cache had been made at
+    /// `capacity`.
+    ///
+    /// # Errors
+    ///
+    /// A capacity beyond the model's context, or a cache too large to hold.
+    pub fn grow(&mut self, config: &LlamaConfig, capacity: usize) -> Result<(), ModelError> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        if capacity > config.context_length {
+            return Err(ModelError::BadConfig(format!(
+                "KV cache capacity {capacity} must be in 1..={}",
+                config.context_length
+            )));
+        }
+        let n_blocks = capacity.div_ceil(SINGLE_BLOCK_TOKENS);
+        match Self::ring(config) {
+            // Without a ring so far the windowed layers used blocks 0..n (n <= ring), which
+            // are their own ring slots.
+            Some(ring) if ring < n_blocks => {
+                self.pool.grow(n_blocks, ring)?;
+                self.window_table = (0..n_blocks).map(|b| (b % ring) as u32).collect();
+            }
+            _ => self.pool.grow(n_blocks, n_blocks)?,
+        }
+        self.table = (0..n_blocks as u32).collect();
+        self.capacity = capacity;
+        Ok(())
     }
 
     /// Tokens currently cached.

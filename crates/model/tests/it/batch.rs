@@ -84,3 +84,34 @@ fn batched_steps_equal_single_sequence_steps() {
     };
     assert!(m.forward_batch(&pool, &mut kv, &[outside]).is_err());
 }
+
+/// A single-sequence cache grown part way (`KvCache::grow`) goes on exactly as one made at
+/// the larger size: the same logits, bit for bit, for prompt chunks and steps after the
+/// growth; a growth past the context is refused and changes nothing.
+#[test]
+fn a_grown_cache_goes_on_as_a_large_one() {
+    let Some(m) = load() else { return };
+    let pool = model::ThreadPool::new(2);
+    let tokens: Vec<u32> = (0..40u32).map(|i| 100 + (i * 7919) % 40_000).collect();
+    let mut small = m.new_kv_cache(20).expect("kv");
+    let mut large = m.new_kv_cache(64).expect("kv");
+    let pieces = [0..18, 18..30, 30..31, 31..40];
+    for (i, range) in pieces.into_iter().enumerate() {
+        if i == 1 {
+            let context = m.config().context_length;
+            assert!(small.grow(m.config(), context + 1).is_err());
+            assert_eq!(small.capacity(), 20);
+            small.grow(m.config(), 64).expect("grow");
+            assert_eq!((small.capacity(), small.len()), (64, 18));
+            assert_eq!(small.bytes(), large.bytes());
+        }
+        let piece = &tokens[range];
+        let a = m
+            .forward(&pool, piece, &mut small, Logits::All)
+            .expect("small");
+        let b = m
+            .forward(&pool, piece, &mut large, Logits::All)
+            .expect("large");
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}

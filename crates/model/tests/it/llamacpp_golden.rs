@@ -400,3 +400,31 @@ fn gemma3_windowed_layers_hold_only_their_window() {
     }
     assert_eq!(ring_logits, full_logits);
 }
+
+/// A Gemma 3 cache made too small for a ring of window blocks and grown past one
+/// (`KvCache::grow`: its windowed layers start the ring, where the blocks they filled are
+/// already in their slots) goes on exactly as a cache made at the larger size, through the
+/// ring's wrap (1,100 positions, a ring of 65 blocks of 16).
+#[test]
+fn gemma3_grown_cache_starts_its_ring() {
+    let Some((model, _)) = load_subject(Subject::Gemma3) else {
+        return;
+    };
+    let pool = kernels_pool();
+    let tokens: Vec<u32> = (0..1103u32).map(|i| 1000 + (i * 7919) % 50_000).collect();
+    let mut small = model.new_kv_cache(640).expect("kv");
+    let mut large = model.new_kv_cache(2048).expect("kv");
+    let ring_bytes = large.bytes();
+    assert!(small.bytes() < ring_bytes);
+    let pieces = [0..600, 600..1100, 1100..1101, 1101..1102, 1102..1103];
+    for (i, range) in pieces.into_iter().enumerate() {
+        if i == 1 {
+            small.grow(model.config(), 2048).expect("grow");
+            assert_eq!(small.bytes(), ring_bytes);
+        }
+        let piece = &tokens[range];
+        let a = model.forward(&pool, piece, &mut small, Logits::Last);
+        let b = model.forward(&pool, piece, &mut large, Logits::Last);
+        assert_eq!(a.expect("small"), b.expect("large"), "piece {i}");
+    }
+}
