@@ -166,6 +166,69 @@ pub fn dot_f16_rows(q: &[f16], keys: &[f16], stride: usize, out: &mut [f32]) {
     (dispatch::active().dot_f16_rows)(q, keys, stride, out);
 }
 
+/// [`dot_f16_rows`] for several queries at once (the query heads of one KV head: `q` holds
+/// `q.len() / hd` queries of `hd` elements), each key loaded once for all of them:
+/// `out[g * out_stride + j]` is query `g`'s score of key `j < n`, bit-identical to
+/// [`dot_f16_rows`] of that query alone.
+///
+/// # Panics
+///
+/// If `hd` is 0 or does not divide `q.len()`, `keys` does not hold `n` rows, `out_stride`
+/// is below `n`, or `out` does not hold every query's `n` scores.
+pub fn dot_f16_rows_group(
+    q: &[f16],
+    hd: usize,
+    keys: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        hd > 0 && q.len().is_multiple_of(hd),
+        "dot_f16_rows_group: query size"
+    );
+    let fit = portable::rows_that_fit(keys.len(), hd, stride, n);
+    assert_eq!(fit, n, "dot_f16_rows_group: keys hold {fit} rows");
+    let g = q.len() / hd;
+    assert!(
+        out_stride >= n && (g == 0 || (g - 1) * out_stride + n <= out.len()),
+        "dot_f16_rows_group: out holds fewer than {g} x {n} scores"
+    );
+    (dispatch::active().dot_f16_rows_group)(q, hd, keys, stride, n, out, out_stride);
+}
+
+/// [`axpy_f16_rows`] into several output rows at once (one per query head of a KV head:
+/// `y` holds `y.len() / hd` rows of `hd`), row `g` weighted by `w[g * w_stride..][..n]`,
+/// each value loaded once for all of them; every row bit-identical to [`axpy_f16_rows`].
+///
+/// # Panics
+///
+/// If `hd` is 0 or does not divide `y.len()`, `values` does not hold `n` rows, `w_stride`
+/// is below `n`, or `w` does not hold every row's `n` weights.
+pub fn axpy_f16_rows_group(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    values: &[f16],
+    stride: usize,
+) {
+    assert!(
+        hd > 0 && y.len().is_multiple_of(hd),
+        "axpy_f16_rows_group: row size"
+    );
+    let fit = portable::rows_that_fit(values.len(), hd, stride, n);
+    assert_eq!(fit, n, "axpy_f16_rows_group: values hold {fit} rows");
+    let g = y.len() / hd;
+    assert!(
+        w_stride >= n && (g == 0 || (g - 1) * w_stride + n <= w.len()),
+        "axpy_f16_rows_group: w holds fewer than {g} x {n} weights"
+    );
+    (dispatch::active().axpy_f16_rows_group)(y, hd, w, w_stride, n, values, stride);
+}
+
 /// A run of values `stride` elements apart, weighted into `y`: `y[i] += Σ_j w[j] *
 /// values[j * stride + i]`, `i < y.len()`, each `y[i]` accumulated over `j` in order.
 ///

@@ -22,6 +22,12 @@ pub(crate) type DotRowsFn = fn(&[f16], &[f16], usize, &mut [f32]);
 /// `values` are skipped.
 pub(crate) type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
 
+/// `(q, hd, keys, stride, n, out, out_stride)`: see [`Kernels::dot_f16_rows_group`].
+pub(crate) type DotRowsGroupFn = fn(&[f16], usize, &[f16], usize, usize, &mut [f32], usize);
+
+/// `(y, hd, w, w_stride, n, values, stride)`: see [`Kernels::axpy_f16_rows_group`].
+pub(crate) type AxpyRowsGroupFn = fn(&mut [f32], usize, &[f32], usize, usize, &[f16], usize);
+
 /// `(query bytes, query scales, keys, scales, stride, out)`: see [`Kernels::dot_q8_0_rows`].
 pub(crate) type DotQ8RowsFn = fn(&[i8], &[f32], &[i8], &[f16], usize, &mut [f32]);
 
@@ -79,6 +85,15 @@ pub(crate) struct Kernels {
     /// Attention weights × a run of values: `y[i] += Σ_j w[j] * v[j*stride + i]` for
     /// `i < y.len()`, each `y[i]` accumulated over `j` in order.
     pub(crate) axpy_f16_rows: AxpyRowsFn,
+    /// `dot_f16_rows` for the `q.len() / hd` queries of one KV head's group at once (each
+    /// key loaded once for all of them): `out[g * out_stride + j]` for `j < n`, each
+    /// bit-identical to the table's `dot_f16_rows` of query `g` alone. Queries whose
+    /// outputs `out` does not hold are left out, as are rows `keys` does not hold.
+    pub(crate) dot_f16_rows_group: DotRowsGroupFn,
+    /// `axpy_f16_rows` into the `y.len() / hd` output rows of one KV head's group at once
+    /// (each value loaded once for all of them), row `g` weighted by
+    /// `w[g * w_stride..][..n]`: each row bit-identical to the table's `axpy_f16_rows`.
+    pub(crate) axpy_f16_rows_group: AxpyRowsGroupFn,
     /// Attention scores of one query quantised to Q8_0 over a run of Q8_0 keys (i8 values
     /// and one f16 scale per 32, rows `stride` elements apart).
     pub(crate) dot_q8_0_rows: DotQ8RowsFn,
@@ -175,7 +190,7 @@ macro_rules! kernel_table {
         $crate::table::kernel_table!(@fields $name, $q8k, $packed, $kpacked,
             $base => [
                 dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
-                axpy_f16_rows dot_q8_0_rows axpy_q8_0_rows exp_sum f32_to_f16
+                axpy_f16_rows dot_f16_rows_group axpy_f16_rows_group dot_q8_0_rows axpy_q8_0_rows exp_sum f32_to_f16
                 f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
                 dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0
             ],

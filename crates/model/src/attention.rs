@@ -8,8 +8,11 @@
 //! - **KV heads**: a task takes every query head of one KV head together (grouped-query
 //!   attention), so each key and value is loaded once for the group.
 //! - **Segments**: the positions `[s · SEGMENT, (s + 1) · SEGMENT)`, read in runs (the slots
-//!   of one KV block, `stride = kv_dim` apart), each run's scores by one call of
-//!   `kernels::dot_f16_rows` and its values by one `kernels::axpy_f16_rows`.
+//!   of one KV block, `stride = kv_dim` apart). With an f16 cache, each run's scores for all
+//!   of a row's query heads of the KV head come from one call of
+//!   `kernels::dot_f16_rows_group` and its values from one `kernels::axpy_f16_rows_group`
+//!   (each key and value converted once for the group; the same bits as one query at a
+//!   time).
 //!
 //! Per (row, query head) and segment, pass one computes the scaled scores, their maximum
 //! `m_s` and `exp(score - m_s)` with its sum `l_s` by `kernels::exp_sum` (kept, not the keys: the keys are read
@@ -319,21 +322,28 @@ impl<'a> Attention<'a> {
             let (r, h) = (t.start + i, kvh * group + g);
             &self.q[r * q_dim + h * hd..r * q_dim + (h + 1) * hd]
         };
-        let mut q16 = vec![f16::ZERO; hd];
+        let mut q16 = vec![f16::ZERO; group * hd];
         let mut q8 = kernels::Q8Query::default();
         self.runs(t, kvh, s, |i, from, runs| {
             let n = runs.iter().map(|r| r.0 + r.2).max().unwrap_or(0);
+            let at = |g: usize| (i * group + g) * SEGMENT + (from - s * SEGMENT);
+            // An f16 cache: the group's queries together, each key read once for all of
+            // them (their scores `SEGMENT` apart, as `e` keeps them).
+            if let KvSlice::F16(keys) = self.keys {
+                for (g, q16) in q16.chunks_exact_mut(hd).enumerate() {
+                    kernels::f32_to_f16_slice(q_at(i, g), q16);
+                }
+                for &(j, at_k, len) in runs {
+                    let e = &mut out.e[at(0) + j..];
+                    kernels::dot_f16_rows_group(&q16, hd, &keys[at_k..], kv_dim, len, e, SEGMENT);
+                }
+            }
             for g in 0..group {
                 let p = i * group + g;
-                let at0 = p * SEGMENT + (from - s * SEGMENT);
+                let at0 = at(g);
                 let sc = &mut out.e[at0..at0 + n];
                 match self.keys {
-                    KvSlice::F16(keys) => {
-                        kernels::f32_to_f16_slice(q_at(i, g), &mut q16);
-                        for &(j, at, len) in runs {
-                            kernels::dot_f16_rows(&q16, &keys[at..], kv_dim, &mut sc[j..j + len]);
-                        }
-                    }
+                    KvSlice::F16(_) => {}
                     KvSlice::F32(keys) => {
                         let q = q_at(i, g);
                         for &(j, at, len) in runs {
@@ -367,7 +377,9 @@ impl<'a> Attention<'a> {
     /// `o` (the tile's rows × the group's heads × `head_dim`).
     fn weighted(&self, t: &Tile, kvh: usize, s: usize, seg: &Scores, norm: &Norm, o: &mut [f32]) {
         let (hd, group, kv_dim) = (self.h.head_dim, self.group, self.kv_dim);
-        let mut w = vec![0f32; SEGMENT];
+        // The group's weights, `SEGMENT` apart (an f16 cache weighs the values of all of
+        // them at once).
+        let mut wg = vec![0f32; group * SEGMENT];
         let mut w16 = vec![f16::ZERO; SEGMENT];
         self.runs(t, kvh, s, |i, from, runs| {
             let n = runs.iter().map(|r| r.0 + r.2).max().unwrap_or(0);
@@ -376,16 +388,14 @@ impl<'a> Attention<'a> {
                 let at0 = p * SEGMENT + (from - s * SEGMENT);
                 let c = (seg.m[p] - norm.m[p]).exp() * norm.inv[p];
                 let o = &mut o[p * hd..(p + 1) * hd];
+                let w = &mut wg[g * SEGMENT..(g + 1) * SEGMENT];
                 for (w, &e) in w[..n].iter_mut().zip(&seg.e[at0..at0 + n]) {
                     *w = e * c;
                 }
                 match self.values {
-                    KvSlice::F16(values) => {
+                    KvSlice::F16(_) => {
                         kernels::f32_to_f16_slice(&w[..n], &mut w16[..n]);
                         kernels::f16_to_f32_slice(&w16[..n], &mut w[..n]);
-                        for &(j, at, len) in runs {
-                            kernels::axpy_f16_rows(o, &w[j..j + len], &values[at..], kv_dim);
-                        }
                     }
                     KvSlice::F32(values) => {
                         for &(j, at, len) in runs {
@@ -403,6 +413,13 @@ impl<'a> Attention<'a> {
                             kernels::axpy_q8_0_rows(o, &w[j..j + len], v, d, kv_dim);
                         }
                     }
+                }
+            }
+            if let KvSlice::F16(values) = self.values {
+                let o = &mut o[i * group * hd..(i + 1) * group * hd];
+                for &(j, at, len) in runs {
+                    let w = &wg[j..];
+                    kernels::axpy_f16_rows_group(o, hd, w, SEGMENT, len, &values[at..], kv_dim);
                 }
             }
         });

@@ -337,6 +337,49 @@ proptest! {
         }
     }
 
+    /// A KV head's queries scored together: on every table, each query's scores are the
+    /// bits of that table's one-query kernel, written `out_stride` apart, and nothing else
+    /// of `out` is touched; the same for values weighted into several rows at once.
+    #[test]
+    fn group_kernels_equal_one_query_at_a_time(
+        hd in 1usize..150,
+        gap in 0usize..20,
+        rows in 0usize..20,
+        group in 1usize..10,
+        spare in 0usize..5,
+        seed: u64,
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let stride = hd + gap;
+        let len = (rows * stride).saturating_sub(gap);
+        let q: Vec<f16> = rand_acts(&mut rng, group * hd).iter().map(|&v| f16::from_f32(v)).collect();
+        let k: Vec<f16> = rand_acts(&mut rng, len).iter().map(|&v| f16::from_f32(v)).collect();
+        let out_stride = rows + spare;
+        let w_all: Vec<f32> = (0..group * out_stride).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+        let y0 = rand_acts(&mut rng, group * hd);
+        for kt in available() {
+            let mut got = vec![f32::NAN; group * out_stride];
+            (kt.dot_f16_rows_group)(&q, hd, &k, stride, rows, &mut got, out_stride);
+            for g in 0..group {
+                let mut want = vec![f32::NAN; rows];
+                (kt.dot_f16_rows)(&q[g * hd..(g + 1) * hd], &k, stride, &mut want);
+                let o = &got[g * out_stride..(g + 1) * out_stride];
+                for j in 0..rows {
+                    prop_assert_eq!(o[j].to_bits(), want[j].to_bits(), "{} query {} key {}", kt.name, g, j);
+                }
+                prop_assert!(o[rows..].iter().all(|v| v.is_nan()), "{} wrote past the scores", kt.name);
+            }
+            let mut got = y0.clone();
+            (kt.axpy_f16_rows_group)(&mut got, hd, &w_all, out_stride, rows, &k, stride);
+            for g in 0..group {
+                let mut want = y0[g * hd..(g + 1) * hd].to_vec();
+                (kt.axpy_f16_rows)(&mut want, &w_all[g * out_stride..][..rows], &k, stride);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&got[g * hd..(g + 1) * hd]), bits(&want), "{} row {}", kt.name, g);
+            }
+        }
+    }
+
     /// Scores over a strided run of Q8_0 keys (head sizes of 1-6 blocks, gaps of whole
     /// blocks) match the f64 dot of the dequantised keys on every level, within f32
     /// rounding of the products; Q8_0 values weighted into a row are bit-identical on every

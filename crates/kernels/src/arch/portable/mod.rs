@@ -107,6 +107,90 @@ pub(crate) fn dot_f16_rows(q: &[f16], k: &[f16], stride: usize, out: &mut [f32])
     }
 }
 
+pub(crate) fn dot_f16_rows_group(
+    q: &[f16],
+    hd: usize,
+    k: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    dot_rows_group_by(dot_f16_rows, q, hd, k, stride, n, out, out_stride);
+}
+
+pub(crate) fn axpy_f16_rows_group(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: &[f16],
+    stride: usize,
+) {
+    axpy_rows_group_by(axpy_f16_rows, y, hd, w, w_stride, n, v, stride);
+}
+
+/// A table's `dot_f16_rows_group` as one `dot` (its `dot_f16_rows`) per query: the queries
+/// of `hd` elements in `q` whose `n` outputs `out` holds (`out_stride` apart).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_rows_group_by(
+    dot: crate::table::DotRowsFn,
+    q: &[f16],
+    hd: usize,
+    k: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if hd == 0 {
+        return;
+    }
+    for g in 0..pieces_that_fit(q.len() / hd, out_stride, n, out.len()) {
+        dot(
+            &q[g * hd..][..hd],
+            k,
+            stride,
+            &mut out[g * out_stride..][..n],
+        );
+    }
+}
+
+/// How many of the first `count` pieces of `n` elements, `stride` apart, lie within `len`
+/// elements (the queries or rows of the group kernels whose outputs or weights a slice
+/// holds).
+pub(crate) fn pieces_that_fit(count: usize, stride: usize, n: usize, len: usize) -> usize {
+    (0..count)
+        .take_while(|&g| {
+            g.checked_mul(stride)
+                .and_then(|at| at.checked_add(n))
+                .is_some_and(|end| end <= len)
+        })
+        .count()
+}
+
+/// A table's `axpy_f16_rows_group` as one `axpy` (its `axpy_f16_rows`) per output row of
+/// `hd` in `y`, with weights `w[g * w_stride..][..n]` (the rows whose weights `w` holds).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn axpy_rows_group_by(
+    axpy: crate::table::AxpyRowsFn,
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: &[f16],
+    stride: usize,
+) {
+    if hd == 0 {
+        return;
+    }
+    for g in 0..pieces_that_fit(y.len() / hd, w_stride, n, w.len()) {
+        axpy(&mut y[g * hd..][..hd], &w[g * w_stride..][..n], v, stride);
+    }
+}
+
 pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
     for (j, &a) in w.iter().enumerate() {
         let Some(row) = strided_row(v, j, stride, y.len()) else {

@@ -4,7 +4,11 @@
 //! KV head: `hd` elements every `stride` (the pool's `kv_dim`).
 //!
 //! Scores: several keys at a time (one accumulator each), the query chunk loaded once per
-//! step for all of them, one horizontal sum per key at the end. Values: the output row stays
+//! step for all of them, one horizontal sum per key at the end. The group variants take a
+//! KV head's query heads together (`dot_f16_rows_group`, `axpy_f16_rows_group`): each key
+//! or value chunk is loaded and converted once for all of them, while every (query, key)
+//! pair or output lane gets exactly the operations of the one-query kernel, so the results
+//! are the same bits. Values: the output row stays
 //! in registers (up to 64 f32 lanes at a time) while every weighted value row is added to
 //! it, one fused multiply-add per element and row, in row order: each output element gets
 //! the same operations as a sequence of single-row `axpy_f16` calls.
@@ -48,6 +52,297 @@ pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) 
     // SAFETY: as in `dot_f16_rows`: rows `0..n` of `v` (`y.len()` elements each) are in
     // bounds, `w` holds `n` weights.
     unsafe { axpy_rows_avx2(y, &w[..n], v.as_ptr().cast(), stride) }
+}
+
+pub(crate) fn dot_f16_rows_group(
+    q: &[f16],
+    hd: usize,
+    k: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if hd == 0 {
+        return;
+    }
+    let n = rows_that_fit(k.len(), hd, stride, n);
+    // The queries whose `n` scores `out` holds.
+    let groups = portable::pieces_that_fit(q.len() / hd, out_stride, n, out.len());
+    let mut g0 = 0;
+    while g0 < groups {
+        let qp = q[g0 * hd..].as_ptr().cast::<u16>();
+        let take = (groups - g0).min(4);
+        let o = &mut out[g0 * out_stride..];
+        // SAFETY (every arm): CPU features checked by the table; queries g0..g0 + take
+        // are in `q` (`hd` each), keys 0..n are in bounds (`rows_that_fit`).
+        match take {
+            // SAFETY: see above.
+            4 => unsafe {
+                dot_group_rows::<4, 2>(qp, hd, k.as_ptr().cast(), stride, n, o, out_stride)
+            },
+            // SAFETY: see above.
+            3 => unsafe {
+                dot_group_rows::<3, 2>(qp, hd, k.as_ptr().cast(), stride, n, o, out_stride)
+            },
+            // SAFETY: see above.
+            2 => unsafe {
+                dot_group_rows::<2, 4>(qp, hd, k.as_ptr().cast(), stride, n, o, out_stride)
+            },
+            // SAFETY: see above.
+            _ => unsafe {
+                dot_group_rows::<1, 4>(qp, hd, k.as_ptr().cast(), stride, n, o, out_stride)
+            },
+        }
+        g0 += take;
+    }
+}
+
+/// Keys `0..n` against `G` queries, `R` keys at a time then one at a time; query `g`'s
+/// score of key `j` into `out[g * out_stride + j]` (checked indexing).
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C; `q` readable for `G * hd` u16, `k` for `hd` u16 from each
+/// `j * stride`, `j < n`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_group_rows<const G: usize, const R: usize>(
+    q: *const u16,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let mut j = 0;
+    while j + R <= n {
+        // SAFETY: keys j..j + R are below `n` (the caller's contract).
+        let s = unsafe { dot_keys_group_avx2::<G, R>(q, hd, k.add(j * stride), stride) };
+        for (g, s) in s.iter().enumerate() {
+            out[g * out_stride + j..][..R].copy_from_slice(s);
+        }
+        j += R;
+    }
+    while j < n {
+        // SAFETY: key j is below `n`.
+        let s = unsafe { dot_keys_group_avx2::<G, 1>(q, hd, k.add(j * stride), stride) };
+        for (g, s) in s.iter().enumerate() {
+            out[g * out_stride + j] = s[0];
+        }
+        j += 1;
+    }
+}
+
+/// The dots of `G` queries (`hd` apart from `q`) with `R` keys `stride` apart from `k`:
+/// each key chunk converted once, then per (query, key) exactly [`dot_keys_avx2`]'s
+/// operations (the same fused multiply-adds in the same order, the same horizontal sum and
+/// tail), so every score is bit-identical to it.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C must be available; `q` readable for `G * hd` u16, and `k` for `hd`
+/// u16 from each `r * stride`, `r < R`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_keys_group_avx2<const G: usize, const R: usize>(
+    q: *const u16,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+) -> [[f32; R]; G] {
+    let body = hd & !7;
+    let mut acc = [[_mm256_setzero_ps(); R]; G];
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 8 <= hd elements of every query and every key are readable.
+        unsafe {
+            let qv: [__m256; G] =
+                std::array::from_fn(|g| _mm256_cvtph_ps(_mm_loadu_si128(q.add(g * hd + i).cast())));
+            for r in 0..R {
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.add(r * stride + i).cast()));
+                for (a, qv) in acc.iter_mut().zip(&qv) {
+                    a[r] = _mm256_fmadd_ps(*qv, kv, a[r]);
+                }
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; R]; G];
+    for (g, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+        for (r, (o, a)) in o.iter_mut().zip(a).enumerate() {
+            let mut tail = 0f32;
+            for t in body..hd {
+                // SAFETY: t < hd.
+                let (x, y) = unsafe {
+                    (
+                        q.add(g * hd + t).read_unaligned(),
+                        k.add(r * stride + t).read_unaligned(),
+                    )
+                };
+                tail += f16::from_bits(x).to_f32() * f16::from_bits(y).to_f32();
+            }
+            *o = hsum_float_8(*a) + tail;
+        }
+    }
+    out
+}
+
+pub(crate) fn axpy_f16_rows_group(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: &[f16],
+    stride: usize,
+) {
+    if hd == 0 {
+        return;
+    }
+    let n = rows_that_fit(v.len(), hd, stride, n);
+    // The output rows whose `n` weights `w` holds.
+    let groups = portable::pieces_that_fit(y.len() / hd, w_stride, n, w.len());
+    let mut g0 = 0;
+    while g0 < groups {
+        let take = (groups - g0).min(4);
+        let ys = &mut y[g0 * hd..(g0 + take) * hd];
+        let ws = &w[g0 * w_stride..];
+        // SAFETY (every arm): CPU features checked by the table; `ys` holds `take` rows of
+        // `hd`, `ws` their `n` weights `w_stride` apart, value rows 0..n are in bounds.
+        match take {
+            // SAFETY: see above.
+            4 => unsafe {
+                axpy_group_rows::<4, 2>(ys, hd, ws, w_stride, n, v.as_ptr().cast(), stride)
+            },
+            // SAFETY: see above.
+            3 => unsafe {
+                axpy_group_rows::<3, 2>(ys, hd, ws, w_stride, n, v.as_ptr().cast(), stride)
+            },
+            // SAFETY: see above.
+            2 => unsafe {
+                axpy_group_rows::<2, 4>(ys, hd, ws, w_stride, n, v.as_ptr().cast(), stride)
+            },
+            // SAFETY: see above.
+            _ => unsafe {
+                axpy_group_rows::<1, 4>(ys, hd, ws, w_stride, n, v.as_ptr().cast(), stride)
+            },
+        }
+        g0 += take;
+    }
+}
+
+/// `G` rows of [`axpy_rows_avx2`] at once (`y` holds them, `hd` each; row `g`'s weights
+/// `w[g * w_stride..][..n]`): `8 * L` lanes of every row in registers, each value chunk
+/// converted once for all rows, then 8 lanes, then the scalar tail, every lane with
+/// [`axpy_rows_avx2`]'s operations in its order (bit-identical).
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C must be available; `y.len() == G * hd`; `w` holds
+/// `(G - 1) * w_stride + n` weights; `v` readable for `hd` u16 from each `j * stride`,
+/// `j < n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_group_rows<const G: usize, const L: usize>(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: *const u16,
+    stride: usize,
+) {
+    let yp = y.as_mut_ptr();
+    let ws: [&[f32]; G] = std::array::from_fn(|g| &w[g * w_stride..][..n]);
+    let mut c = 0;
+    while c + 8 * L <= hd {
+        // SAFETY: lanes c..c + 8L of every row of `y` and of every value row are in bounds.
+        unsafe { axpy_lanes_group_avx2::<G, L>(yp.add(c), hd, &ws, v.add(c), stride) };
+        c += 8 * L;
+    }
+    while c + 8 <= hd {
+        // SAFETY: lanes c..c + 8 are in bounds.
+        unsafe { axpy_lanes_group_avx2::<G, 1>(yp.add(c), hd, &ws, v.add(c), stride) };
+        c += 8;
+    }
+    while c < hd {
+        for (g, w) in ws.iter().enumerate() {
+            let mut acc = y[g * hd + c];
+            for (j, &a) in w.iter().enumerate() {
+                // SAFETY: element c of value row j is in bounds.
+                let x = unsafe { v.add(j * stride + c).read_unaligned() };
+                acc += f16::from_bits(x).to_f32() * a;
+            }
+            y[g * hd + c] = acc;
+        }
+        c += 1;
+    }
+}
+
+/// `8 * L` lanes of `G` rows (`hd` apart from `y`) of [`axpy_group_rows`].
+///
+/// # Safety
+///
+/// `y` readable and writable for `8 * L` f32 from each `g * hd`, `v` readable for `8 * L`
+/// u16 from each `j * stride`, `j < ws[g].len()` (all the same length); AVX2, FMA and F16C
+/// available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `j` walks every row's weights and the value rows
+unsafe fn axpy_lanes_group_avx2<const G: usize, const L: usize>(
+    y: *mut f32,
+    hd: usize,
+    ws: &[&[f32]; G],
+    v: *const u16,
+    stride: usize,
+) {
+    let n = ws[0].len();
+    // SAFETY: bounds by the caller's contract.
+    unsafe {
+        let mut acc: [[__m256; L]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|l| _mm256_loadu_ps(y.add(g * hd + 8 * l)))
+        });
+        for j in 0..n {
+            let va: [__m256; G] = std::array::from_fn(|g| _mm256_set1_ps(ws[g][j]));
+            let row = v.add(j * stride);
+            for l in 0..L {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * l).cast()));
+                for (s, va) in acc.iter_mut().zip(&va) {
+                    s[l] = _mm256_fmadd_ps(x, *va, s[l]);
+                }
+            }
+        }
+        for (g, s) in acc.iter().enumerate() {
+            for (l, s) in s.iter().enumerate() {
+                _mm256_storeu_ps(y.add(g * hd + 8 * l), *s);
+            }
+        }
+    }
+}
+
+pub(crate) fn dot_f16_rows_group_512(
+    q: &[f16],
+    hd: usize,
+    k: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    portable::dot_rows_group_by(dot_f16_rows_512, q, hd, k, stride, n, out, out_stride);
+}
+
+pub(crate) fn axpy_f16_rows_group_512(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: &[f16],
+    stride: usize,
+) {
+    portable::axpy_rows_group_by(axpy_f16_rows_512, y, hd, w, w_stride, n, v, stride);
 }
 
 pub(crate) fn dot_f16_rows_512(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {

@@ -18,7 +18,10 @@ use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 use crate::table::{Kernels, kernel_table};
 
 // The attention kernels, by their table names.
-pub(crate) use super::attn::{axpy_f16_rows, axpy_q8_0_rows, dot_f16_rows, dot_q8_0_rows, exp_sum};
+pub(crate) use super::attn::{
+    axpy_f16_rows, axpy_f16_rows_group, axpy_q8_0_rows, dot_f16_rows, dot_f16_rows_group,
+    dot_q8_0_rows, exp_sum,
+};
 
 /// The AVX2 table as a constant, so that wider tables can start from it (`..AVX2_TABLE`).
 /// Its entries are sound to call only after [`table`]'s CPU check. ggml's x86 build

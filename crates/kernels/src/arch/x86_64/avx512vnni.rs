@@ -50,6 +50,8 @@ static AVX512_VNNI: Kernels = Kernels {
     packed: Some(packed_group),
     dot_f16_rows: super::attn::dot_f16_rows_512,
     axpy_f16_rows: super::attn::axpy_f16_rows_512,
+    dot_f16_rows_group: super::attn::dot_f16_rows_group_512,
+    axpy_f16_rows_group: super::attn::axpy_f16_rows_group_512,
     ..super::avx2::AVX2_TABLE
 };
 
