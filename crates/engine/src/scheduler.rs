@@ -901,7 +901,8 @@ impl Scheduler {
     /// The draft for generating sequence `i` (at most `budget` tokens) and the draft model's
     /// work for it (cost model units; 0 for n-gram drafts), with the KV blocks
     /// its positions need taken from the free ones (a draft never preempts anyone; it is
-    /// cut where the free blocks, the context or the token limit end).
+    /// cut where the free blocks, the context or the token limit end, and a draft model's
+    /// before its first token below `--draft-p-min`).
     fn draft_for(&mut self, spec: &Speculation, i: usize, budget: usize) -> (Vec<u32>, f64) {
         let seq = &self.running[i];
         let pos = seq.n_computed;

@@ -34,7 +34,8 @@ pub struct Speculation {
     /// Shortest suffix looked up.
     pub ngram_min: usize,
     /// A draft model's draft ends before its first token whose probability under the draft
-    /// model is below this (llama.cpp's `--draft-p-min`): where the draft model is unsure,
+    /// model (a softmax over its 10 most likely tokens, as llama.cpp's draft sampler) is
+    /// below this (llama.cpp's `--draft-p-min`): where the draft model is unsure,
     /// the target seldom agrees, and each further draft token costs a forward pass of the
     /// draft model and a position of the verifying pass. 0 drafts `draft_max` tokens always.
     pub draft_p_min: f32,
@@ -250,11 +251,28 @@ impl ModelDraft {
     }
 }
 
-/// The softmax probability of `logits[top]`, the largest logit.
+/// The tokens a draft token's probability is normalised over: llama.cpp's draft sampler
+/// keeps the 10 most likely (top-k 10) before its softmax.
+const DRAFT_TOP_K: usize = 10;
+
+/// The probability of `logits[top]`, the largest logit, in a softmax over the
+/// [`DRAFT_TOP_K`] largest logits (NaN when the logits are not finite).
 fn top_probability(logits: &[f32], top: u32) -> f32 {
     let max = logits[top as usize];
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    1.0 / sum
+    // The largest logits, in descending order (NaNs never enter).
+    let mut best = [f32::NEG_INFINITY; DRAFT_TOP_K];
+    for &l in logits {
+        if l > best[DRAFT_TOP_K - 1] {
+            let mut i = DRAFT_TOP_K - 1;
+            while i > 0 && best[i - 1] < l {
+                best[i] = best[i - 1];
+                i -= 1;
+            }
+            best[i] = l;
+        }
+    }
+    let sum: f64 = best.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (1.0 / sum) as f32
 }
 
 #[cfg(test)]
@@ -420,6 +438,26 @@ mod tests {
         }
     }
 
+    /// A draft token's probability is its softmax over the 10 largest logits only; logits
+    /// that are not finite give NaN (which ends a draft).
+    #[test]
+    fn draft_probabilities_are_over_the_ten_most_likely() {
+        // 10 logits of 0 and the top one at ln 9 (each 0 has weight 1, the top 9):
+        // 9 / (9 + 9) over the ten largest; the 0s and -5s past the tenth do not count.
+        let mut l = vec![-5.0f32; 40];
+        l[3] = 9f32.ln();
+        for i in [0, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25] {
+            l[i] = 0.0;
+        }
+        assert!((top_probability(&l, 3) - 0.5).abs() < 1e-6);
+        // Fewer logits than ten: all of them.
+        assert!((top_probability(&[1f32.ln(), 3f32.ln()], 1) - 0.75).abs() < 1e-6);
+        assert!((top_probability(&[f32::NEG_INFINITY, 2.0], 1) - 1.0).abs() < 1e-6);
+        assert!(top_probability(&[f32::INFINITY, 2.0], 0).is_nan());
+        assert!(top_probability(&[f32::NAN, f32::NAN], 0).is_nan());
+        assert!(top_probability(&[f32::NEG_INFINITY; 3], 0).is_nan());
+    }
+
     /// With `p_min`, a model draft is the greedy continuation up to (not including) its first
     /// token whose probability under the draft model is below `p_min`.
     #[test]
@@ -434,7 +472,10 @@ mod tests {
         for _ in 0..8 {
             let t = argmax(&logits);
             let max = logits[t as usize];
-            let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            // Normalised over the 10 largest logits.
+            let mut sorted = logits.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let sum: f64 = sorted[..10].iter().map(|&l| f64::from(l - max).exp()).sum();
             greedy.push(t);
             probs.push(1.0 / sum);
             logits = model.forward(&pool, &[t], &mut kv, Logits::Last).unwrap();

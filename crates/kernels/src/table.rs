@@ -87,12 +87,15 @@ pub(crate) struct Kernels {
     pub(crate) axpy_f16_rows: AxpyRowsFn,
     /// `dot_f16_rows` for the `q.len() / hd` queries of one KV head's group at once (each
     /// key loaded once for all of them): `out[g * out_stride + j]` for `j < n`, each
-    /// bit-identical to the table's `dot_f16_rows` of query `g` alone. Queries whose
-    /// outputs `out` does not hold are left out, as are rows `keys` does not hold.
+    /// bit-identical to the table's `dot_f16_rows` of query `g` alone. `n` is first cut to
+    /// the rows `keys` holds; then only the first queries whose `n` outputs `out` holds are
+    /// scored (the rest are left out).
     pub(crate) dot_f16_rows_group: DotRowsGroupFn,
     /// `axpy_f16_rows` into the `y.len() / hd` output rows of one KV head's group at once
     /// (each value loaded once for all of them), row `g` weighted by
-    /// `w[g * w_stride..][..n]`: each row bit-identical to the table's `axpy_f16_rows`.
+    /// `w[g * w_stride..][..n]`: each row bit-identical to the table's `axpy_f16_rows`. `n`
+    /// is first cut to the rows `values` holds; then only the first output rows whose `n`
+    /// weights `w` holds are computed.
     pub(crate) axpy_f16_rows_group: AxpyRowsGroupFn,
     /// Attention scores of one query quantised to Q8_0 over a run of Q8_0 keys (i8 values
     /// and one f16 scale per 32, rows `stride` elements apart).

@@ -6,7 +6,8 @@
 //!   decode step is a tile of one), so that a run of keys and values is read from memory
 //!   once for all of the tile's queries.
 //! - **KV heads**: a task takes every query head of one KV head together (grouped-query
-//!   attention), so each key and value is loaded once for the group.
+//!   attention), so each key and value is read from memory once for the group (and, with
+//!   an f16 cache, converted once: see Segments).
 //! - **Segments**: the positions `[s · SEGMENT, (s + 1) · SEGMENT)`, read in runs (the slots
 //!   of one KV block, `stride = kv_dim` apart). With an f16 cache, each run's scores for all
 //!   of a row's query heads of the KV head come from one call of

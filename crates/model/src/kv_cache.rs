@@ -502,6 +502,7 @@ impl KvCache {
     ///
     /// A capacity beyond the model's context, or a cache too large to hold.
     pub fn grow(&mut self, config: &LlamaConfig, capacity: usize) -> Result<(), ModelError> {
+        self.pool.check_shape(config)?;
         if capacity <= self.capacity {
             return Ok(());
         }

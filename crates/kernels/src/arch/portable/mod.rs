@@ -147,6 +147,7 @@ pub(crate) fn dot_rows_group_by(
     if hd == 0 {
         return;
     }
+    let n = rows_that_fit(k.len(), hd, stride, n);
     for g in 0..pieces_that_fit(q.len() / hd, out_stride, n, out.len()) {
         dot(
             &q[g * hd..][..hd],
@@ -186,6 +187,7 @@ pub(crate) fn axpy_rows_group_by(
     if hd == 0 {
         return;
     }
+    let n = rows_that_fit(v.len(), hd, stride, n);
     for g in 0..pieces_that_fit(y.len() / hd, w_stride, n, w.len()) {
         axpy(&mut y[g * hd..][..hd], &w[g * w_stride..][..n], v, stride);
     }

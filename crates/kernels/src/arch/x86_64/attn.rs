@@ -253,6 +253,7 @@ unsafe fn axpy_group_rows<const G: usize, const L: usize>(
     v: *const u16,
     stride: usize,
 ) {
+    debug_assert_eq!(y.len(), G * hd);
     let yp = y.as_mut_ptr();
     let ws: [&[f32]; G] = std::array::from_fn(|g| &w[g * w_stride..][..n]);
     let mut c = 0;
