@@ -4,14 +4,16 @@
 //! KV head: `hd` elements every `stride` (the pool's `kv_dim`).
 //!
 //! Scores: several keys at a time (one accumulator each), the query chunk loaded once per
-//! step for all of them, one horizontal sum per key at the end. The group variants take a
-//! KV head's query heads together (`dot_f16_rows_group`, `axpy_f16_rows_group`): each key
-//! or value chunk is loaded and converted once for all of them, while every (query, key)
-//! pair or output lane gets exactly the operations of the one-query kernel, so the results
-//! are the same bits. Values: the output row stays
+//! step for all of them, one horizontal sum per key at the end. Values: the output row stays
 //! in registers (up to 64 f32 lanes at a time) while every weighted value row is added to
 //! it, one fused multiply-add per element and row, in row order: each output element gets
 //! the same operations as a sequence of single-row `axpy_f16` calls.
+//!
+//! On AVX2 both are written for a KV head's query heads together (`dot_f16_rows_group`,
+//! `axpy_f16_rows_group`): each key or value chunk is loaded and converted once for all of
+//! them, while every (query, key) pair and output lane gets the same operations whatever
+//! the group's size, so one query (`dot_f16_rows`, `axpy_f16_rows`: a group of one) has the
+//! same bits as in a group. The AVX-512 group entries loop its one-query kernels.
 
 use std::arch::x86_64::*;
 
@@ -32,26 +34,21 @@ const KEYS: usize = 4;
 // every pointer access stays in bounds.
 // ---------------------------------------------------------------------------------------
 
+/// One query: the group kernel with a group of one.
 pub(crate) fn dot_f16_rows(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {
-    let n = rows_that_fit(k.len(), q.len(), stride, out.len());
-    let (qp, kp, hd) = (q.as_ptr().cast::<u16>(), k.as_ptr().cast::<u16>(), q.len());
-    // SAFETY (both closures): CPU features checked by the table; `by_keys` asks only for
-    // keys below `n`, whose `hd` elements from `j * stride` are in bounds.
-    by_keys(
-        out,
-        n,
-        // SAFETY: keys j..j + KEYS are below `n` (see above).
-        |j| unsafe { dot_keys_avx2::<KEYS>(qp, hd, kp.add(j * stride), stride) },
-        // SAFETY: key j is below `n`.
-        |j| unsafe { dot_keys_avx2::<1>(qp, hd, kp.add(j * stride), stride) }[0],
-    );
+    if q.is_empty() {
+        // Empty dot products (no query to group by its size).
+        let n = rows_that_fit(k.len(), 0, stride, out.len());
+        out[..n].fill(0.0);
+        return;
+    }
+    let n = out.len();
+    dot_f16_rows_group(q, q.len(), k, stride, n, out, n);
 }
 
+/// One output row: the group kernel with a group of one.
 pub(crate) fn axpy_f16_rows(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    let n = rows_that_fit(v.len(), y.len(), stride, w.len());
-    // SAFETY: as in `dot_f16_rows`: rows `0..n` of `v` (`y.len()` elements each) are in
-    // bounds, `w` holds `n` weights.
-    unsafe { axpy_rows_avx2(y, &w[..n], v.as_ptr().cast(), stride) }
+    axpy_f16_rows_group(y, y.len(), w, w.len(), w.len(), v, stride);
 }
 
 pub(crate) fn dot_f16_rows_group(
@@ -136,9 +133,10 @@ unsafe fn dot_group_rows<const G: usize, const R: usize>(
 }
 
 /// The dots of `G` queries (`hd` apart from `q`) with `R` keys `stride` apart from `k`:
-/// each key chunk converted once, then per (query, key) exactly [`dot_keys_avx2`]'s
-/// operations (the same fused multiply-adds in the same order, the same horizontal sum and
-/// tail), so every score is bit-identical to it.
+/// each key chunk converted once, then per (query, key) 8 lanes per step by fused
+/// multiply-adds, one horizontal sum, and the tail of `hd % 8` elements in f32 added after
+/// it: the same operations whatever `G` and `R`, so every score has the bits of a group of
+/// one.
 ///
 /// # Safety
 ///
@@ -233,10 +231,11 @@ pub(crate) fn axpy_f16_rows_group(
     }
 }
 
-/// `G` rows of [`axpy_rows_avx2`] at once (`y` holds them, `hd` each; row `g`'s weights
-/// `w[g * w_stride..][..n]`): `8 * L` lanes of every row in registers, each value chunk
-/// converted once for all rows, then 8 lanes, then the scalar tail, every lane with
-/// [`axpy_rows_avx2`]'s operations in its order (bit-identical).
+/// `y_g[i] += Σ_j w_g[j] * v_j[i]` for `G` rows at once (`y` holds them, `hd` each; row
+/// `g`'s weights `w[g * w_stride..][..n]`): `8 * L` lanes of every row in registers, each
+/// value chunk converted once for all rows, then 8 lanes, then the scalar tail; every lane
+/// gets one fused multiply-add per value row, in row order, whatever `G` and `L` (the bits
+/// of a group of one).
 ///
 /// # Safety
 ///
@@ -535,113 +534,6 @@ fn by_keys(
     }
 }
 
-/// The dots of `q` with `R` keys `stride` apart from `k`: 8 lanes per step, the tail of
-/// `hd % 8` elements in f32 added after the horizontal sum.
-///
-/// # Safety
-///
-/// AVX2, FMA and F16C must be available; `q` readable for `hd` u16, and `k` for `hd` u16
-/// from each `r * stride`, `r < R`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_keys_avx2<const R: usize>(
-    q: *const u16,
-    hd: usize,
-    k: *const u16,
-    stride: usize,
-) -> [f32; R] {
-    let body = hd & !7;
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 8 <= hd elements of the query and of every key are readable.
-        unsafe {
-            let qv = _mm256_cvtph_ps(_mm_loadu_si128(q.add(i).cast()));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.add(r * stride + i).cast()));
-                *a = _mm256_fmadd_ps(qv, kv, *a);
-            }
-        }
-        i += 8;
-    }
-    let mut out = [0f32; R];
-    for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-        let mut tail = 0f32;
-        for t in body..hd {
-            // SAFETY: t < hd.
-            let (x, y) = unsafe {
-                (
-                    q.add(t).read_unaligned(),
-                    k.add(r * stride + t).read_unaligned(),
-                )
-            };
-            tail += f16::from_bits(x).to_f32() * f16::from_bits(y).to_f32();
-        }
-        *o = hsum_float_8(a) + tail;
-    }
-    out
-}
-
-/// `y[i] += Σ_j w[j] * v_j[i]`, 32 output lanes in registers at a time, then 8, then the
-/// scalar tail.
-///
-/// # Safety
-///
-/// AVX2, FMA and F16C must be available; `v` readable for `y.len()` u16 from each
-/// `j * stride` (`j < w.len()`).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_rows_avx2(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) {
-    let hd = y.len();
-    let yp = y.as_mut_ptr();
-    let mut c = 0;
-    while c + 32 <= hd {
-        // SAFETY: lanes c..c + 32 of `y` and of every value row are in bounds.
-        unsafe { axpy_lanes_avx2::<4>(yp.add(c), w, v.add(c), stride) };
-        c += 32;
-    }
-    while c + 8 <= hd {
-        // SAFETY: lanes c..c + 8 are in bounds.
-        unsafe { axpy_lanes_avx2::<1>(yp.add(c), w, v.add(c), stride) };
-        c += 8;
-    }
-    while c < hd {
-        let mut acc = y[c];
-        for (j, &a) in w.iter().enumerate() {
-            // SAFETY: element c of value row j is in bounds.
-            let x = unsafe { v.add(j * stride + c).read_unaligned() };
-            acc += f16::from_bits(x).to_f32() * a;
-        }
-        y[c] = acc;
-        c += 1;
-    }
-}
-
-/// `8 * L` lanes of [`axpy_rows_avx2`].
-///
-/// # Safety
-///
-/// `y` readable and writable for `8 * L` f32, `v` readable for `8 * L` u16 from each
-/// `j * stride`; AVX2, FMA and F16C available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_lanes_avx2<const L: usize>(y: *mut f32, w: &[f32], v: *const u16, stride: usize) {
-    // SAFETY: bounds by the caller's contract.
-    unsafe {
-        let mut acc: [__m256; L] = std::array::from_fn(|l| _mm256_loadu_ps(y.add(8 * l)));
-        for (j, &a) in w.iter().enumerate() {
-            let va = _mm256_set1_ps(a);
-            let row = v.add(j * stride);
-            for (l, s) in acc.iter_mut().enumerate() {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * l).cast()));
-                *s = _mm256_fmadd_ps(x, va, *s);
-            }
-        }
-        for (l, s) in acc.iter().enumerate() {
-            _mm256_storeu_ps(y.add(8 * l), *s);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // AVX-512 F + BW + VL
 // ---------------------------------------------------------------------------------------
@@ -690,11 +582,13 @@ unsafe fn dot_keys_512<const R: usize>(
     acc.map(|a| _mm512_reduce_add_ps(a))
 }
 
-/// As [`axpy_rows_avx2`] with 64 output lanes in registers at a time, the last ones masked.
+/// As [`axpy_group_rows`] for one row with 64 output lanes in registers at a time, the last
+/// ones masked.
 ///
 /// # Safety
 ///
-/// AVX-512 F, BW and VL must be available; bounds as [`axpy_rows_avx2`].
+/// AVX-512 F, BW and VL must be available; `v` readable for `y.len()` u16 from each
+/// `j * stride` (`j < w.len()`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn axpy_rows_512(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) {
     let hd = y.len();
