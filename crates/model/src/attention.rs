@@ -9,11 +9,11 @@
 //!   attention), so each key and value is read from memory once for the group (and, with
 //!   an f16 cache, converted once: see Segments).
 //! - **Segments**: the positions `[s · SEGMENT, (s + 1) · SEGMENT)`, read in runs (the slots
-//!   of one KV block, `stride = kv_dim` apart). With an f16 cache, each run's scores for all
-//!   of a row's query heads of the KV head come from one call of
-//!   `kernels::dot_f16_rows_group` and its values from one `kernels::axpy_f16_rows_group`
-//!   (each key and value converted once for the group; the same bits as one query at a
-//!   time).
+//!   of KV blocks that follow each other in the pool, `stride = kv_dim` apart). With an f16
+//!   cache, each run's scores for all of a row's query heads of the KV head come from one
+//!   call of `kernels::dot_f16_rows_group` and its values from one
+//!   `kernels::axpy_f16_rows_group` (each key and value converted once for the group; the
+//!   same bits as one query at a time, and whatever the runs' lengths).
 //!
 //! Per (row, query head) and segment, pass one computes the scaled scores, their maximum
 //! `m_s` and `exp(score - m_s)` with its sum `l_s` by `kernels::exp_sum` (kept, not the keys: the keys are read
@@ -285,7 +285,8 @@ impl<'a> Attention<'a> {
 
     /// Calls `f(i, from, runs)` for every row `i` of the tile that sees a position of
     /// segment `s`: `from` is the first such position, `runs` its `(index from from, cache
-    /// offset of KV head kvh, length)` pieces, one per KV block.
+    /// offset of KV head kvh, length)` pieces, one per run of KV blocks that follow each
+    /// other in the pool.
     fn runs(&self, t: &Tile, kvh: usize, s: usize, mut f: impl FnMut(usize, usize, &[Run])) {
         let bt = self.block_tokens;
         let table = self.rows[t.start].table;
@@ -300,7 +301,12 @@ impl<'a> Attention<'a> {
             runs.clear();
             let mut p = from;
             while p < to {
-                let end = to.min((p / bt + 1) * bt);
+                let mut end = to.min((p / bt + 1) * bt);
+                // Blocks that follow each other in the pool extend the run (fewer, longer
+                // kernel calls; the same operations in the same order).
+                while end < to && table[end / bt] == table[(end - 1) / bt].wrapping_add(1) {
+                    end = to.min(end + bt);
+                }
                 let at = self.kv.offset(table, p) + kvh * self.h.head_dim;
                 runs.push((p - from, at, end - p));
                 p = end;
@@ -361,11 +367,7 @@ impl<'a> Attention<'a> {
                         }
                     }
                 }
-                let mut max = f32::NEG_INFINITY;
-                for v in sc.iter_mut() {
-                    *v *= self.h.scale;
-                    max = max.max(*v);
-                }
+                let max = scale_max(sc, self.h.scale);
                 let sum = kernels::exp_sum(sc, max);
                 out.m[p] = max;
                 out.l[p] = f64::from(sum);
@@ -425,6 +427,24 @@ impl<'a> Attention<'a> {
             }
         });
     }
+}
+
+/// Multiplies every score by `scale` and returns the largest (NaNs ignored; -inf for none):
+/// eight running maxima, one per lane, so that the compiler keeps them in one vector.
+fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (v, m) in c.iter_mut().zip(&mut m) {
+            *v *= scale;
+            *m = if *v > *m { *v } else { *m };
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v *= scale;
+        m[0] = if *v > m[0] { *v } else { m[0] };
+    }
+    m.into_iter().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// A piece of a row's segment in one KV block: (index from the row's first position in the
@@ -553,6 +573,31 @@ mod tests {
             rng_seed: RngSeed::Fixed(0xa77e_4710),
             failure_persistence: None,
             ..Config::default()
+        }
+    }
+
+    #[test]
+    fn scale_max_is_the_scaled_maximum() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for len in 0..40 {
+            let x: Vec<f32> = (0..len).map(|_| rng.gen_range(-100.0f32..100.0)).collect();
+            let mut with_nan = x.clone();
+            if len > 3 {
+                with_nan[len / 2] = f32::NAN;
+            }
+            for x in [x, with_nan] {
+                let scale = rng.gen_range(0.01f32..2.0);
+                let want: Vec<f32> = x.iter().map(|v| v * scale).collect();
+                let want_max = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut got = x.clone();
+                let max = scale_max(&mut got, scale);
+                assert_eq!(max.to_bits(), want_max.to_bits(), "length {len}");
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+            }
         }
     }
 
