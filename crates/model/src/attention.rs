@@ -304,7 +304,7 @@ impl<'a> Attention<'a> {
                 let mut end = to.min((p / bt + 1) * bt);
                 // Blocks that follow each other in the pool extend the run (fewer, longer
                 // kernel calls; the same operations in the same order).
-                while end < to && table[end / bt] == table[(end - 1) / bt].wrapping_add(1) {
+                while end < to && table[end / bt] as usize == table[(end - 1) / bt] as usize + 1 {
                     end = to.min(end + bt);
                 }
                 let at = self.kv.offset(table, p) + kvh * self.h.head_dim;
@@ -447,8 +447,8 @@ fn scale_max(x: &mut [f32], scale: f32) -> f32 {
     m.into_iter().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// A piece of a row's segment in one KV block: (index from the row's first position in the
-/// segment, cache offset, length).
+/// A piece of a row's segment in one run of KV blocks that follow each other in the pool:
+/// (index from the row's first position in the segment, cache offset, length).
 type Run = (usize, usize, usize);
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Attention kernels over runs of the paged f16 KV cache, for the AVX2 and the AVX-512
 //! tables: the scores of one query against a run of keys (`dot_f16_rows`) and a run of
-//! values weighted into an output row (`axpy_f16_rows`). A run is one KV block's slots of one
-//! KV head: `hd` elements every `stride` (the pool's `kv_dim`).
+//! values weighted into an output row (`axpy_f16_rows`). A run is one KV head's slots at
+//! consecutive pool positions (one KV block, or several that follow each other): `hd`
+//! elements every `stride` (the pool's `kv_dim`).
 //!
 //! Scores: several keys at a time (one accumulator each), the query chunk loaded once per
 //! step for all of them, one horizontal sum per key at the end. Values: the output row stays
