@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::helpers::{PREFETCH_AHEAD, hsum_float_8};
+use super::helpers::{PREFETCH_AHEAD, hsum_float_8, prefetch_span};
 use crate::arch::portable::{self, rows_that_fit};
 use crate::formats::QK;
 
@@ -38,17 +38,6 @@ const KEYS: usize = 4;
 /// 4,096 gained less, 16,384 about as much.
 fn rows_ahead(stride: usize) -> usize {
     (PREFETCH_AHEAD / (2 * stride).max(1)).max(1)
-}
-
-/// Prefetches the 64-byte lines that hold the `bytes` bytes from `p`. A hint only: nothing
-/// is read, so an address past the cache's end is harmless.
-#[inline]
-#[target_feature(enable = "sse")]
-fn prefetch_span(p: *const u8, bytes: usize) {
-    let lines = (p as usize % 64 + bytes).div_ceil(64);
-    for k in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k).cast());
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -22,8 +22,23 @@ pub(crate) const PREFETCH_AHEAD: usize = 8192;
 #[inline]
 #[target_feature(enable = "sse")]
 pub(crate) fn prefetch_ahead(p: *const u8, lines: usize) {
+    prefetch_lines(p.wrapping_add(PREFETCH_AHEAD), lines);
+}
+
+/// Prefetches the 64-byte lines that hold the `bytes` bytes from `p` (a hint, as
+/// [`prefetch_ahead`]).
+#[inline]
+#[target_feature(enable = "sse")]
+pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
+    prefetch_lines(p, (p as usize % 64 + bytes).div_ceil(64));
+}
+
+/// Prefetches `lines` 64-byte lines from `p`.
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch_lines(p: *const u8, lines: usize) {
     for k in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD + 64 * k).cast());
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k).cast());
     }
 }
 
