@@ -289,28 +289,32 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Decoding sequences, their context, and the prompt chunk of one measured step.
-const PROFILE_STEPS: &[(usize, usize, usize)] = &[
-    (1, 128, 0),
-    (2, 128, 0),
-    (3, 128, 0),
-    (4, 128, 0),
-    (8, 128, 0),
-    (16, 128, 0),
-    (32, 128, 0),
-    (48, 128, 0),
-    (64, 128, 0),
-    (64, 32, 0),
-    (1, 768, 0),
-    (4, 768, 0),
-    (16, 768, 0),
-    (0, 0, 16),
-    (0, 0, 64),
-    (0, 0, 128),
-    (0, 0, 256),
-    (0, 0, 512),
-    (16, 128, 128),
-    (4, 128, 384),
+/// Decoding sequences, their context, the prompt tokens and the prompts they are split
+/// into (each whole, from position 0) of one measured step.
+const PROFILE_STEPS: &[(usize, usize, usize, usize)] = &[
+    (1, 128, 0, 0),
+    (2, 128, 0, 0),
+    (3, 128, 0, 0),
+    (4, 128, 0, 0),
+    (8, 128, 0, 0),
+    (16, 128, 0, 0),
+    (32, 128, 0, 0),
+    (48, 128, 0, 0),
+    (64, 128, 0, 0),
+    (64, 32, 0, 0),
+    (1, 768, 0, 0),
+    (4, 768, 0, 0),
+    (16, 768, 0, 0),
+    (0, 0, 16, 1),
+    (0, 0, 64, 1),
+    (0, 0, 128, 1),
+    (0, 0, 256, 1),
+    (0, 0, 512, 1),
+    (16, 128, 128, 1),
+    (4, 128, 384, 1),
+    // Short prompts arriving together, as a server's clients send them.
+    (0, 0, 128, 8),
+    (0, 0, 320, 16),
 ];
 
 /// Fewest lone requests that time the server's overhead (`--reps` when more).
@@ -332,14 +336,16 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
     // it sees when serving); steps may reuse another step's blocks.
     struct Step {
         decode_tables: Vec<Vec<u32>>,
-        prompt_table: Vec<u32>,
+        prompt_tables: Vec<Vec<u32>>,
         decode_tokens: Vec<u32>,
         prompt_tokens: Vec<u32>,
     }
     let blocks = |positions: usize| positions.div_ceil(block_tokens);
     let mut steps = Vec::with_capacity(PROFILE_STEPS.len());
-    for &(decode, context, prompt) in PROFILE_STEPS {
-        let needed = decode * blocks(context + 1) + blocks(prompt);
+    for &(decode, context, prompt, prompts) in PROFILE_STEPS {
+        // Each prompt `each` tokens (the steps split their tokens evenly).
+        let each = prompt.checked_div(prompts).unwrap_or(0);
+        let needed = decode * blocks(context + 1) + prompts * blocks(each);
         if needed > kv.n_blocks() || context + 1 > c.context_length {
             bail!(
                 "the step ({decode} sequences at {context} positions + {prompt} prompt tokens) \
@@ -354,13 +360,13 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
         };
         steps.push(Step {
             decode_tables: (0..decode).map(|_| table(blocks(context + 1))).collect(),
-            prompt_table: table(blocks(prompt)),
+            prompt_tables: (0..prompts).map(|_| table(blocks(each))).collect(),
             decode_tokens: rng.tokens(decode, c.vocab_size),
             prompt_tokens: rng.tokens(prompt, c.vocab_size),
         });
     }
     let mut all: Vec<Vec<SeqChunk<'_>>> = Vec::with_capacity(steps.len());
-    for (&(_, context, prompt), s) in PROFILE_STEPS.iter().zip(&steps) {
+    for (&(_, context, _, _), s) in PROFILE_STEPS.iter().zip(&steps) {
         let mut chunks: Vec<SeqChunk<'_>> = s
             .decode_tables
             .iter()
@@ -373,11 +379,16 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
                 window_table: &[],
             })
             .collect();
-        if prompt > 0 {
+        let each = s
+            .prompt_tokens
+            .len()
+            .checked_div(s.prompt_tables.len())
+            .unwrap_or(0);
+        for (k, table) in s.prompt_tables.iter().enumerate() {
             chunks.push(SeqChunk {
-                tokens: &s.prompt_tokens,
+                tokens: &s.prompt_tokens[k * each..(k + 1) * each],
                 start_pos: 0,
-                block_table: &s.prompt_table,
+                block_table: table,
                 logits: Logits::Last,
                 window_table: &[],
             });
@@ -404,15 +415,16 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
         }
     }
     let mut points = Vec::with_capacity(all.len());
-    for (&(decode, context, prompt), samples) in PROFILE_STEPS.iter().zip(samples) {
+    for (&(decode, context, prompt, prompts), samples) in PROFILE_STEPS.iter().zip(samples) {
         let seconds = Stats { samples }.median();
         eprintln!(
-            "decode {decode:>2} @ {context:>3} + prompt {prompt:>3}: {:8.2} ms",
+            "decode {decode:>2} @ {context:>3} + prompt {prompt:>3} in {prompts:>2}: {:8.2} ms",
             seconds * 1e3
         );
         points.push(CpuPoint {
             decode_seqs: decode,
             prefill_tokens: prompt,
+            prompt_chunks: prompts.max(1),
             context,
             seconds,
         });

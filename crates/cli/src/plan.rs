@@ -45,9 +45,10 @@ pub(crate) struct PlanArgs {
     max_tokens: usize,
     /// The requests as they reached the server, per concurrency: a JSON object from the
     /// number of streams to a list of `{"arrival_s": seconds after the first,
-    /// "prompt_tokens": tokens computed}`, one per stream (`scripts/bench/plan-vs-serve-load`
-    /// writes it from serve-load's record). Without it every request arrives at once with
-    /// `--prompt-tokens`.
+    /// "prompt_tokens": tokens computed, "waits_for": index of an earlier request whose
+    /// prompt this one shares (optional)}`, one per stream in arrival order
+    /// (`scripts/bench/plan-vs-serve-load` writes it from serve-load's record). Without it
+    /// every request arrives at once with `--prompt-tokens`.
     #[arg(long, requires = "predict_serve_load")]
     requests: Option<PathBuf>,
 }

@@ -847,7 +847,21 @@ impl Scheduler {
             .enumerate()
             .map(|(p, &(i, n))| self.cost.chunk(self.running[i].n_computed, n) + draft_weights[p])
             .collect();
+        // What the step computes, for the step trace (`RUST_LOG=souverain::step=debug`): the
+        // planner's CPU profile costs steps by these terms (`souverain_plan::cpu`).
+        let started = Instant::now();
+        let (mut decode_seqs, mut decode_context, mut prompt_tokens) = (0usize, 0usize, 0usize);
+        for &(i, n) in &plan {
+            let s = &self.running[i];
+            if s.tokens.len() - s.n_computed == 1 {
+                decode_seqs += 1;
+                decode_context += s.n_computed;
+            } else {
+                prompt_tokens += n;
+            }
+        }
         let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);
+        let forward_us = started.elapsed().as_micros() as u64;
         drop(chunks);
         let logits = match logits {
             Ok(logits) => logits,
@@ -883,6 +897,17 @@ impl Scheduler {
         // The step (forward pass and sampling) is over: its energy goes to its sequences
         // before those that ended are told their usage.
         self.charge_step(&plan, &weights);
+        tracing::debug!(
+            target: "souverain::step",
+            decode_seqs,
+            decode_context,
+            prompt_tokens,
+            chunks = plan.len(),
+            waiting = self.waiting.len(),
+            forward_us,
+            us = started.elapsed().as_micros() as u64,
+            "step"
+        );
         ended.sort_unstable_by_key(|&(i, _)| i);
         for (i, outcome) in ended.into_iter().rev() {
             let seq = self.running.remove(i);

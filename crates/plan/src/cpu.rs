@@ -20,6 +20,12 @@
 //!       · Σ positions prompt tokens attend / 1000   attention within and before the chunk
 //! ```
 //!
+//! "Decode sequences" are the rows that need logits: the decoding sequences and, in a step
+//! where a prompt ends, that prompt's last token (the simulation and the fit count it the
+//! same way); "prompt tokens" are the other prompt rows. The profile measures single
+//! prompts of 16 to 512 tokens and steps of many short prompts together, as a server's
+//! clients send them.
+//!
 //! A request also spends time in the server outside the forward passes (HTTP, the chat
 //! template, tokenising, the engine's queue); the profile carries it as one delay,
 //! `request_overhead_s`, measured through the real server, and a predicted request reaches
@@ -42,6 +48,7 @@
 //!     .map(|(d, p)| CpuPoint {
 //!         decode_seqs: d,
 //!         prefill_tokens: p,
+//!         prompt_chunks: 1,
 //!         context: 0,
 //!         seconds: 0.002 + f64::max(0.006, 0.001 * (d + p) as f64),
 //!     })
@@ -59,27 +66,30 @@ use crate::PlanError;
 use crate::perf::nnls_robust;
 use crate::sim::{self, Limits, Request, SimResult, StepCost};
 
-/// The version of the profile format this crate reads and writes.
-pub const PROFILE_FORMAT: u32 = 3;
+/// The version of the profile format this crate reads and writes (4: a prompt's last token
+/// is costed as a logits row, as the simulation costs it, and points may hold several
+/// prompts).
+pub const PROFILE_FORMAT: u32 = 4;
 
 /// One measured step: what it computed and the median seconds it took.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CpuPoint {
     /// Sequences decoding one token each.
     pub decode_seqs: usize,
-    /// Prompt tokens in the same step (one chunk from position 0).
+    /// Prompt tokens in the same step, split evenly among `prompt_chunks` prompts.
     pub prefill_tokens: usize,
+    /// Prompts in the step, each a whole prompt from position 0 whose last token needs
+    /// logits (a step of a server whose clients send short prompts together holds many).
+    #[serde(default = "one")]
+    pub prompt_chunks: usize,
     /// Positions each decoding sequence had cached before the step.
     pub context: usize,
     /// Median seconds of the step over the repetitions.
     pub seconds: f64,
 }
 
-impl CpuPoint {
-    /// Positions the point's prompt tokens attend, in thousands (its chunk starts at 0).
-    fn prompt_attention_k(&self) -> f64 {
-        sim::prompt_attention_k(0.0, self.prefill_tokens as f64)
-    }
+fn one() -> usize {
+    1
 }
 
 /// The step-time coefficients (see the module documentation), seconds.
@@ -119,11 +129,40 @@ pub struct CpuStep {
 
 impl CpuStep {
     fn of(p: &CpuPoint) -> Self {
+        Self::with_prompts(
+            p.decode_seqs as f64,
+            p.context as f64,
+            p.prefill_tokens as f64,
+            p.prompt_chunks as f64,
+        )
+    }
+
+    /// `decode_seqs` sequences decoding at `context` positions and `prefill_tokens` prompt
+    /// tokens in `prompts` whole prompts of equal length from position 0, costed as the
+    /// simulation costs them: each prompt's last token is a logits row at the prompt's
+    /// length (the output head, a draw), its other tokens prompt rows attending the prompt's
+    /// earlier tokens.
+    fn with_prompts(decode_seqs: f64, context: f64, prefill_tokens: f64, prompts: f64) -> Self {
+        let prompts = if prefill_tokens > 0.0 {
+            prompts.clamp(1.0, prefill_tokens)
+        } else {
+            0.0
+        };
+        let each = if prompts > 0.0 {
+            prefill_tokens / prompts
+        } else {
+            0.0
+        };
+        let rows = decode_seqs + prompts;
         Self {
-            decode_seqs: p.decode_seqs as f64,
-            prefill_tokens: p.prefill_tokens as f64,
-            context: p.context as f64,
-            prompt_attention_k: p.prompt_attention_k(),
+            decode_seqs: rows,
+            prefill_tokens: prefill_tokens - prompts,
+            context: if rows > 0.0 {
+                (decode_seqs * context + prompts * each) / rows
+            } else {
+                0.0
+            },
+            prompt_attention_k: prompts * sim::prompt_attention_k(0.0, (each - 1.0).max(0.0)),
         }
     }
 
@@ -178,14 +217,15 @@ impl CpuFit {
     }
 
     /// Seconds of a step with `decode_seqs` decoding sequences at `context` positions on
-    /// average and `prefill_tokens` prompt tokens in one chunk from position 0.
+    /// average and `prefill_tokens` prompt tokens in one whole prompt from position 0 (its
+    /// last token a logits row, as the simulation costs it).
     pub fn seconds(&self, decode_seqs: f64, prefill_tokens: f64, context: f64) -> f64 {
-        self.step(&CpuStep {
+        self.step(&CpuStep::with_prompts(
             decode_seqs,
-            prefill_tokens,
             context,
-            prompt_attention_k: sim::prompt_attention_k(0.0, prefill_tokens),
-        })
+            prefill_tokens,
+            1.0,
+        ))
     }
 
     /// The median of |predicted − measured| / measured over `points`.
@@ -467,6 +507,16 @@ impl CpuProfile {
             }
         }
         for (i, pt) in p.points.iter().enumerate() {
+            if pt.prefill_tokens > 0 && !(1..=pt.prefill_tokens).contains(&pt.prompt_chunks) {
+                return Err(PlanError::field(
+                    file,
+                    format!("points[{i}].prompt_chunks"),
+                    format!(
+                        "must be 1 to the point's {} prompt tokens, not {}",
+                        pt.prefill_tokens, pt.prompt_chunks
+                    ),
+                ));
+            }
             if !(pt.seconds.is_finite() && pt.seconds > 0.0) {
                 return Err(PlanError::field(
                     file,
@@ -505,6 +555,11 @@ pub struct Arrival {
     pub arrival_s: f64,
     /// Prompt tokens the engine computes for it.
     pub prompt_tokens: usize,
+    /// The earlier request (its index in the list) whose prompt computes this one's next
+    /// uncached KV block, if any: the engine admits this one only once that block is cached
+    /// (it then shares it, which `prompt_tokens` already leaves out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waits_for: Option<usize>,
 }
 
 /// Most seconds an arrival may be after the first.
@@ -537,6 +592,17 @@ impl ServeLoad {
                     ),
                 ));
             }
+            if let Some(j) = r.waits_for
+                && !(j < i && self.requests[j].arrival_s <= r.arrival_s)
+            {
+                return Err(PlanError::field(
+                    file,
+                    format!("{field}[{i}].waits_for"),
+                    format!(
+                        "must be the index of an earlier request that arrived no later, not {j}"
+                    ),
+                ));
+            }
             if !(1..=kv_cache_tokens).contains(&r.prompt_tokens) {
                 return Err(PlanError::field(
                     file,
@@ -559,23 +625,36 @@ impl ServeLoad {
 /// counted from the sending, include it.
 pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
     let overhead = profile.request_overhead_s.max(0.0);
-    let mut requests: Vec<Request> = (0..load.streams.max(1))
+    let given: Vec<(Request, Option<usize>)> = (0..load.streams.max(1))
         .map(|i| {
             let r = load.requests.get(i);
-            Request {
+            let request = Request {
                 arrival_s: r.map_or(0.0, |r| r.arrival_s.max(0.0)),
                 prompt_tokens: r.map_or(load.prompt_tokens, |r| r.prompt_tokens).max(1),
                 output_tokens: load.max_tokens.max(1),
-            }
+            };
+            (request, r.and_then(|r| r.waits_for))
         })
         .collect();
-    requests.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    // In arrival order (stable: ties keep the list's order), with each wait re-pointed at
+    // where its request went.
+    let mut order: Vec<usize> = (0..given.len()).collect();
+    order.sort_by(|&a, &b| given[a].0.arrival_s.total_cmp(&given[b].0.arrival_s));
+    let mut at = vec![0; given.len()];
+    for (k, &i) in order.iter().enumerate() {
+        at[i] = k;
+    }
+    let requests: Vec<Request> = order.iter().map(|&i| given[i].0).collect();
+    let waits_for: Vec<Option<usize>> = order
+        .iter()
+        .map(|&i| given[i].1.and_then(|j| at.get(j).copied()))
+        .collect();
     let limits = Limits {
         max_seqs: load.streams.max(1),
         max_batch_tokens: profile.serve_defaults.max_batch_tokens,
         kv_tokens: profile.serve_defaults.kv_cache_tokens,
     };
-    let mut r = sim::simulate(&requests, limits, &profile.fit);
+    let mut r = sim::simulate_deferred(&requests, &waits_for, limits, &profile.fit);
     for t in &mut r.ttft_s {
         *t += overhead;
     }
@@ -617,20 +696,30 @@ mod tests {
         let mut v = Vec::new();
         for d in [1, 2, 4, 8, 16, 32, 48, 64] {
             for ctx in [128, 1024] {
-                v.push((d, 0, ctx));
+                v.push((d, 0, ctx, 0));
             }
         }
         for p in [16, 64, 128, 256, 512] {
-            v.push((0, p, 0));
+            v.push((0, p, 0, 1));
         }
-        v.push((16, 128, 128));
-        v.push((4, 384, 128));
+        v.push((16, 128, 128, 1));
+        v.push((4, 384, 128, 1));
+        // Many short prompts in one step, as a server's clients send them.
+        v.push((0, 256, 0, 16));
+        v.push((0, 128, 0, 8));
         v.into_iter()
-            .map(|(d, p, ctx)| CpuPoint {
-                decode_seqs: d,
-                prefill_tokens: p,
-                context: ctx,
-                seconds: t.seconds(d as f64, p as f64, ctx as f64),
+            .map(|(d, p, ctx, chunks)| {
+                let point = CpuPoint {
+                    decode_seqs: d,
+                    prefill_tokens: p,
+                    prompt_chunks: chunks,
+                    context: ctx,
+                    seconds: 0.0,
+                };
+                CpuPoint {
+                    seconds: t.step(&CpuStep::of(&point)),
+                    ..point
+                }
             })
             .collect()
     }
@@ -679,9 +768,26 @@ mod tests {
         assert!((t.seconds(1.0, 0.0, 0.0) - 0.032).abs() < 1e-12);
         // Sixty-four: the rows' arithmetic, with the second slope past 32.
         assert!((t.seconds(64.0, 0.0, 0.0) - (0.012 + 64.0 * 0.007 + 32.0 * 0.001)).abs() < 1e-12);
-        // A prompt's attention grows with the square of its length.
-        let attention = |n: f64| t.seconds(0.0, n, 0.0) - 0.012 - n * 0.006;
-        assert!((attention(512.0) / attention(256.0) - 513.0 / 257.0 * 2.0).abs() < 1e-9);
+        // A prompt's attention grows with the square of its length (its last token is a
+        // logits row at the prompt's length).
+        let attention = |n: f64| {
+            t.seconds(0.0, n, 0.0) - 0.012 - 0.007 - (n - 1.0) * 0.006 - 0.004 * n / 1000.0
+        };
+        assert!((attention(512.0) / attention(256.0) - 511.0 / 255.0 * 2.0).abs() < 1e-9);
+        // Sixteen prompts of 16 tokens: sixteen logits rows, 240 prompt rows, and each
+        // prompt's attention within itself only.
+        let many = CpuStep::of(&CpuPoint {
+            decode_seqs: 0,
+            prefill_tokens: 256,
+            prompt_chunks: 16,
+            context: 0,
+            seconds: 1.0,
+        });
+        assert_eq!(
+            (many.decode_seqs, many.prefill_tokens, many.context),
+            (16.0, 240.0, 16.0)
+        );
+        assert!((many.prompt_attention_k - 16.0 * 15.0 * 16.0 / 2000.0).abs() < 1e-12);
     }
 
     #[test]
@@ -734,8 +840,15 @@ mod tests {
             let e = CpuProfile::parse(&text, "p.json").expect_err("bad overhead");
             assert!(e.to_string().contains("request_overhead_s"), "{bad}: {e}");
         }
-        let e = CpuProfile::parse("{\"format\":3}", "p.json").expect_err("missing fields");
+        // A format-3 profile costed a prompt's last token as a prompt row: measured again.
+        let e = CpuProfile::parse("{\"format\":3}", "p.json").expect_err("format 3");
+        assert!(e.to_string().contains("bench --profile"), "{e}");
+        let e = CpuProfile::parse("{\"format\":4}", "p.json").expect_err("missing fields");
         assert!(e.to_string().contains("missing field"), "{e}");
+        // A point's prompts are 1 to its prompt tokens.
+        let text = profile_json(truth()).replacen("\"prompt_chunks\":1", "\"prompt_chunks\":0", 1);
+        let e = CpuProfile::parse(&text, "p.json").expect_err("no prompts");
+        assert!(e.to_string().contains("prompt_chunks"), "{e}");
         let e = CpuProfile::parse("[]", "p.json").expect_err("not an object");
         assert!(e.to_string().starts_with("p.json"), "{e}");
     }
@@ -810,6 +923,7 @@ mod tests {
                 .map(|arrival_s| Arrival {
                     arrival_s,
                     prompt_tokens: 20,
+                    waits_for: None,
                 })
                 .collect(),
         };
@@ -847,9 +961,67 @@ mod tests {
             .map(|prompt_tokens| Arrival {
                 arrival_s: 0.0,
                 prompt_tokens,
+                waits_for: None,
             })
             .collect();
         let r = predict_serve_load(&p, &mixed);
         assert!(r.ttft_s[0] < together.ttft_s[0], "{r:?}");
+    }
+
+    #[test]
+    fn a_request_sharing_a_prompt_being_computed_starts_after_it() {
+        let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        // Listed out of arrival order: request 0 arrives last; request 2 arrives with
+        // request 1 and may wait for its prompt, whose blocks it shares.
+        let load = |waits_for: Option<usize>| ServeLoad {
+            streams: 3,
+            prompt_tokens: 20,
+            max_tokens: 4,
+            requests: vec![
+                Arrival {
+                    arrival_s: 2e-6,
+                    prompt_tokens: 20,
+                    waits_for: None,
+                },
+                Arrival {
+                    arrival_s: 0.0,
+                    prompt_tokens: 20,
+                    waits_for: None,
+                },
+                Arrival {
+                    arrival_s: 0.0,
+                    prompt_tokens: 4,
+                    waits_for,
+                },
+            ],
+        };
+        let free = predict_serve_load(&p, &load(None));
+        let waits = predict_serve_load(&p, &load(Some(1)));
+        assert!(load(Some(1)).check("a.json", "3", 16384).is_ok());
+        // Without the wait requests 1 and 2 share the first step, and the median first token
+        // comes at its end; with it request 1 runs alone, and request 2's first token comes
+        // with request 0's, a step later.
+        let t = truth();
+        let first = t.step(&CpuStep {
+            decode_seqs: 2.0,
+            prefill_tokens: 22.0,
+            context: 12.0,
+            prompt_attention_k: (19.0 * 20.0 + 3.0 * 4.0) / 2000.0,
+        });
+        let overhead = p.request_overhead_s;
+        assert!((free.ttft_s[0] - overhead - first).abs() < 1e-9, "{free:?}");
+        assert!(
+            waits.ttft_s[0] > free.ttft_s[0] + t.fixed_s,
+            "{free:?} {waits:?}"
+        );
+        // A wait for a later request, or for itself, is an error naming the field.
+        let e = load(Some(0))
+            .check("a.json", "3", 16384)
+            .expect_err("later");
+        assert!(e.to_string().contains("3[2].waits_for"), "{e}");
+        let e = load(Some(2))
+            .check("a.json", "3", 16384)
+            .expect_err("itself");
+        assert!(e.to_string().contains("3[2].waits_for"), "{e}");
     }
 }

@@ -109,6 +109,20 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// Runs `requests` (sorted by arrival) through the scheduler's policy. A request whose
 /// prompt alone exceeds the KV capacity is dropped, as the engine fails it.
 pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> SimResult {
+    simulate_deferred(requests, &[], limits, cost)
+}
+
+/// [`simulate`], where request `i` is admitted only once the prompt of request
+/// `waits_for[i]` (an earlier one) is computed: the engine defers a request whose next
+/// uncached KV block another running prompt is computing, and lets later requests pass it,
+/// until that block is cached (it then shares it, so its `prompt_tokens` should not count
+/// it). A missing entry, `None`, or an index that is not earlier waits for nothing.
+pub fn simulate_deferred(
+    requests: &[Request],
+    waits_for: &[Option<usize>],
+    limits: Limits,
+    cost: &dyn StepCost,
+) -> SimResult {
     let max_seqs = limits.max_seqs.max(1);
     let budget_max = limits.max_batch_tokens.max(1);
     let mut next = 0;
@@ -122,6 +136,9 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
     let mut batch_sum = 0.0;
     let mut last_finish = now;
     let kv_used = |running: &[Seq]| running.iter().map(|s| s.known).sum::<usize>();
+    // Whose prompt each request waits for, and which prompts are computed (or dropped).
+    let owner = |i: usize| waits_for.get(i).copied().flatten().filter(|&j| j < i);
+    let mut prompt_done = vec![false; requests.len()];
     loop {
         while next < requests.len() && requests[next].arrival_s <= now {
             let r = requests[next];
@@ -134,17 +151,24 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
             });
             next += 1;
         }
-        // Admission, oldest first, no overtaking.
+        // Admission, oldest first; a request waiting for another's prompt is passed over,
+        // anything else that does not fit stops it (no overtaking).
+        let mut w = 0;
         while running.len() < max_seqs {
-            let Some(front) = waiting.front() else { break };
-            if front.known > limits.kv_tokens {
-                waiting.pop_front();
+            let Some(seq) = waiting.get(w) else { break };
+            if seq.known > limits.kv_tokens {
+                prompt_done[seq.idx] = true;
+                waiting.remove(w);
                 continue;
             }
-            if kv_used(&running) + front.known > limits.kv_tokens {
+            if owner(seq.idx).is_some_and(|j| !prompt_done[j]) {
+                w += 1;
+                continue;
+            }
+            if kv_used(&running) + seq.known > limits.kv_tokens {
                 break;
             }
-            if let Some(s) = waiting.pop_front() {
+            if let Some(s) = waiting.remove(w) {
                 running.push(s);
             }
         }
@@ -228,6 +252,7 @@ pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> Si
                 Some(t) => itl.push(now - t),
             }
             s.last_token_s = Some(now);
+            prompt_done[s.idx] = true;
             if s.generated >= r.output_tokens.max(1) {
                 done.push(i);
             } else {
@@ -419,6 +444,48 @@ mod tests {
         assert_eq!(out.finished, 2);
         // The stream's worst gap is one step with a full 512-token batch: 1 ms + 51.2 ms.
         assert!(out.itl_s[2] <= 0.0523, "{:?}", out.itl_s);
+    }
+
+    #[test]
+    fn a_request_waiting_for_anothers_prompt_is_passed_over_until_it_is_computed() {
+        // Three requests at once: the second shares the first's prompt blocks (so it computes
+        // 1 token, once they are cached); the third waits for nothing.
+        let r = [
+            Request {
+                arrival_s: 0.0,
+                prompt_tokens: 40,
+                output_tokens: 3,
+            },
+            Request {
+                arrival_s: 0.0,
+                prompt_tokens: 1,
+                output_tokens: 3,
+            },
+            Request {
+                arrival_s: 0.0,
+                prompt_tokens: 40,
+                output_tokens: 3,
+            },
+        ];
+        let rec = Recorder(std::sync::Mutex::new(Vec::new()));
+        let out = simulate_deferred(&r, &[None, Some(0), None], limits(4), &rec);
+        assert_eq!(out.finished, 3);
+        let steps = rec.0.into_inner().unwrap_or_default();
+        // Step 1: both 40-token prompts (the third passes the second); step 2: their first
+        // decode rows and the second's one prompt token (a logits row); then decoding.
+        assert_eq!((steps[0].0, steps[0].1), (2, 78), "{steps:?}");
+        assert_eq!((steps[1].0, steps[1].1), (3, 0), "{steps:?}");
+        assert_eq!(steps.len(), 4, "{steps:?}");
+        // Without the wait, all three start in the first step.
+        let rec = Recorder(std::sync::Mutex::new(Vec::new()));
+        simulate(&r, limits(4), &rec);
+        let steps = rec.0.into_inner().unwrap_or_default();
+        assert_eq!((steps[0].0, steps[0].1), (3, 78), "{steps:?}");
+        assert_eq!(steps.len(), 3, "{steps:?}");
+        // An index that is not earlier (here its own) waits for nothing.
+        let rec = Recorder(std::sync::Mutex::new(Vec::new()));
+        simulate_deferred(&r, &[None, Some(1), Some(2)], limits(4), &rec);
+        assert_eq!(rec.0.into_inner().unwrap_or_default().len(), 3);
     }
 
     #[test]

@@ -527,7 +527,7 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let p: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&profile).expect("profile")).expect("JSON");
-    assert_eq!(p["format"], 3);
+    assert_eq!(p["format"], 4);
     assert!(p["points"].as_array().is_some_and(|v| v.len() >= 17), "{p}");
     // Timed through the real server (HTTP, template, queue): some time, under a second.
     let overhead = p["request_overhead_s"]
@@ -587,6 +587,16 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
                 one(0.0)
             ),
             "4[0].prompt_tokens",
+        ),
+        (
+            format!(
+                r#"{{"4": [{}, {}, {}, {}]}}"#,
+                one(0.0),
+                r#"{"arrival_s": 0, "prompt_tokens": 8, "waits_for": 3}"#,
+                one(0.0),
+                one(0.0)
+            ),
+            "4[1].waits_for",
         ),
         (format!(r#"{{"four": [{}]}}"#, one(0.0)), "\"four\""),
         (format!(r#"{{"04": [{}]}}"#, one(0.0)), "\"04\""),
