@@ -339,11 +339,12 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
         prompt_tables: Vec<Vec<u32>>,
         decode_tokens: Vec<u32>,
         prompt_tokens: Vec<u32>,
+        /// Tokens in each prompt (the step splits its prompt tokens evenly).
+        each: usize,
     }
     let blocks = |positions: usize| positions.div_ceil(block_tokens);
     let mut steps = Vec::with_capacity(PROFILE_STEPS.len());
     for &(decode, context, prompt, prompts) in PROFILE_STEPS {
-        // Each prompt `each` tokens (the steps split their tokens evenly).
         let each = prompt.checked_div(prompts).unwrap_or(0);
         let needed = decode * blocks(context + 1) + prompts * blocks(each);
         if needed > kv.n_blocks() || context + 1 > c.context_length {
@@ -363,6 +364,7 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
             prompt_tables: (0..prompts).map(|_| table(blocks(each))).collect(),
             decode_tokens: rng.tokens(decode, c.vocab_size),
             prompt_tokens: rng.tokens(prompt, c.vocab_size),
+            each,
         });
     }
     let mut all: Vec<Vec<SeqChunk<'_>>> = Vec::with_capacity(steps.len());
@@ -379,11 +381,7 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
                 window_table: &[],
             })
             .collect();
-        let each = s
-            .prompt_tokens
-            .len()
-            .checked_div(s.prompt_tables.len())
-            .unwrap_or(0);
+        let each = s.each;
         for (k, table) in s.prompt_tables.iter().enumerate() {
             chunks.push(SeqChunk {
                 tokens: &s.prompt_tokens[k * each..(k + 1) * each],
