@@ -51,6 +51,17 @@ pub(crate) struct PlanArgs {
     /// every request arrives at once with `--prompt-tokens`.
     #[arg(long, requires = "predict_serve_load")]
     requests: Option<PathBuf>,
+    /// CPU microseconds that other work on the machine spends per generated token during the
+    /// load (serve-load's clients and the server's HTTP threads; serve-load records them):
+    /// the engine's threads fill the cores, so each step is that much longer per token it
+    /// emits. 0 where the engine has the cores to itself.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        requires = "predict_serve_load"
+    )]
+    other_cpu_per_token_us: f64,
 }
 
 /// Largest `--requests` file read.
@@ -102,6 +113,11 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         Some(p) => read_requests(p)?,
         None => Default::default(),
     };
+    let other = args.other_cpu_per_token_us;
+    let most = plan::cpu::MAX_OTHER_CPU_PER_TOKEN_S * 1e6;
+    if !(other.is_finite() && (0.0..=most).contains(&other)) {
+        bail!("--other-cpu-per-token-us: must be microseconds in 0..={most}, not {other}");
+    }
     println!(
         "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps); \
          request overhead {:.2} ms",
@@ -119,7 +135,8 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         None => format!("{} prompt tokens computed", args.prompt_tokens),
     };
     println!(
-        "serve-load: {prompts}, {} generated per request, max batch tokens {}\n",
+        "serve-load: {prompts}, {} generated per request, max batch tokens {}, other CPU \
+         {other:.0} µs per token\n",
         args.max_tokens, profile.serve_defaults.max_batch_tokens
     );
     println!("| streams | tokens/s | TTFT p50 ms | ITL p50 ms | steps | mean decode batch |");
@@ -134,6 +151,7 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             prompt_tokens: args.prompt_tokens,
             max_tokens: args.max_tokens,
             requests: requests.get(&streams).cloned().unwrap_or_default(),
+            other_cpu_per_token_s: args.other_cpu_per_token_us * 1e-6,
         };
         if let Some(file) = &args.requests {
             let name = file.display().to_string();

@@ -546,6 +546,13 @@ pub struct ServeLoad {
     /// load generator sends them in turn), a step that starts before the last has arrived
     /// runs without it, and prompts differ in what the prefix cache spares them.
     pub requests: Vec<Arrival>,
+    /// CPU seconds that other work on the machine spends per generated token while the load
+    /// runs (a load generator's clients reading their streams, the server's HTTP threads
+    /// writing them), 0 where none shares the engine's cores. The engine's threads fill the
+    /// cores, so that work delays the step it lands in by its CPU time (a preempted thread
+    /// holds up the others at the next join): each step costs that much more per token it
+    /// emits.
+    pub other_cpu_per_token_s: f64,
 }
 
 /// One request of a [`ServeLoad`].
@@ -565,11 +572,22 @@ pub struct Arrival {
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
 
+/// Most CPU seconds of other work per generated token ([`ServeLoad::other_cpu_per_token_s`]).
+pub const MAX_OTHER_CPU_PER_TOKEN_S: f64 = 1.0;
+
 impl ServeLoad {
     /// Checks the requests: one per stream (or none), each arriving at finite seconds in
     /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
     /// prompt larger than its KV cache). `field` names them in errors.
     pub fn check(&self, file: &str, field: &str, kv_cache_tokens: usize) -> Result<(), PlanError> {
+        let other = self.other_cpu_per_token_s;
+        if !(other.is_finite() && (0.0..=MAX_OTHER_CPU_PER_TOKEN_S).contains(&other)) {
+            return Err(PlanError::field(
+                file,
+                "other_cpu_per_token_s",
+                format!("must be seconds in 0..={MAX_OTHER_CPU_PER_TOKEN_S}, not {other}"),
+            ));
+        }
         if !self.requests.is_empty() && self.requests.len() != self.streams {
             return Err(PlanError::field(
                 file,
@@ -618,6 +636,27 @@ impl ServeLoad {
     }
 }
 
+/// A profile's step times with other work on the same cores: each step longer by that
+/// work's CPU time per token it emits ([`ServeLoad::other_cpu_per_token_s`]).
+struct Contended<'a> {
+    fit: &'a CpuFit,
+    per_token_s: f64,
+}
+
+impl StepCost for Contended<'_> {
+    fn step_seconds(
+        &self,
+        logit_rows: usize,
+        prefill_tokens: usize,
+        mean_context: f64,
+        prompt_attention_k: f64,
+    ) -> f64 {
+        self.fit
+            .step_seconds(logit_rows, prefill_tokens, mean_context, prompt_attention_k)
+            + logit_rows as f64 * self.per_token_s
+    }
+}
+
 /// Predicts one serve-load level from a profile: its requests run through the scheduler
 /// simulation with the profile's step times and `serve`'s limits. Each reaches the engine
 /// the profile's request overhead after it was sent (the server's work outside the forward
@@ -654,7 +693,16 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
         max_batch_tokens: profile.serve_defaults.max_batch_tokens,
         kv_tokens: profile.serve_defaults.kv_cache_tokens,
     };
-    let mut r = sim::simulate_deferred(&requests, &waits_for, limits, &profile.fit);
+    let other = load.other_cpu_per_token_s;
+    let cost = Contended {
+        fit: &profile.fit,
+        per_token_s: if other.is_finite() {
+            other.max(0.0)
+        } else {
+            0.0
+        },
+    };
+    let mut r = sim::simulate_deferred(&requests, &waits_for, limits, &cost);
     for t in &mut r.ttft_s {
         *t += overhead;
     }
@@ -864,6 +912,7 @@ mod tests {
                 prompt_tokens: 40,
                 max_tokens: 10,
                 requests: Vec::new(),
+                other_cpu_per_token_s: 0.0,
             },
         );
         // The prompt's last token costs as a decoding sequence's (it needs logits).
@@ -891,6 +940,41 @@ mod tests {
     }
 
     #[test]
+    fn other_work_on_the_cores_lengthens_each_step_by_its_cpu_per_token_emitted() {
+        let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        let load = |streams, other_cpu_per_token_s| ServeLoad {
+            streams,
+            prompt_tokens: 40,
+            max_tokens: 10,
+            requests: Vec::new(),
+            other_cpu_per_token_s,
+        };
+        let c = 0.0004;
+        for streams in [1, 4] {
+            let alone = predict_serve_load(&p, &load(streams, 0.0));
+            let shared = predict_serve_load(&p, &load(streams, c));
+            // Every step emits one token per stream (the prompts' step their first): ten
+            // steps, each `streams` × c longer.
+            assert_eq!((alone.steps, shared.steps), (10, 10), "{shared:?}");
+            let more = streams as f64 * c;
+            assert!((shared.ttft_s[0] - alone.ttft_s[0] - more).abs() < 1e-12);
+            assert!(
+                (shared.wall_s - alone.wall_s - 10.0 * more).abs() < 1e-9,
+                "{alone:?} {shared:?}"
+            );
+        }
+        // Out of range, it is an error naming the field.
+        for bad in [-1e-6, f64::NAN, f64::INFINITY, 2.0] {
+            let e = load(1, bad).check("a.json", "1", 16384).expect_err("bad");
+            assert!(
+                e.to_string().contains("other_cpu_per_token_s"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(load(1, c).check("a.json", "1", 16384).is_ok());
+    }
+
+    #[test]
     fn more_streams_raise_throughput_and_time_to_first_token() {
         let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
         let at = |streams| {
@@ -901,6 +985,7 @@ mod tests {
                     prompt_tokens: 30,
                     max_tokens: 128,
                     requests: Vec::new(),
+                    other_cpu_per_token_s: 0.0,
                 },
             )
         };
@@ -926,6 +1011,7 @@ mod tests {
                     waits_for: None,
                 })
                 .collect(),
+            other_cpu_per_token_s: 0.0,
         };
         let together = predict_serve_load(&p, &load(Vec::new()));
         // The second request arrives just after the first's prompt step began: its prompt
@@ -994,6 +1080,7 @@ mod tests {
                     waits_for,
                 },
             ],
+            other_cpu_per_token_s: 0.0,
         };
         let free = predict_serve_load(&p, &load(None));
         let waits = predict_serve_load(&p, &load(Some(1)));

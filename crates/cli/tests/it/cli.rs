@@ -544,6 +544,28 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     let together = predict(&dir, profile_s, "1,4", &[]);
     assert_eq!(together[0]["predicted"]["tokens"], 4);
     assert_eq!(together[1]["predicted"]["tokens"], 16);
+    // Other work taking 10 ms of CPU per token (a load generator on the same cores): one
+    // stream's four steps emit one token each, 40 ms more in all.
+    let shared = predict(&dir, profile_s, "1", &["--other-cpu-per-token-us", "10000"]);
+    let wall_of = |v: &serde_json::Value| v["predicted"]["wall_s"].as_f64().expect("wall");
+    let more = wall_of(&shared[0]) - wall_of(&together[0]);
+    assert!((more - 0.04).abs() < 1e-9, "{shared} {together}");
+    assert_eq!(shared[0]["load"]["other_cpu_per_token_s"], 0.01);
+    for bad in ["-1", "NaN", "inf", "2000000"] {
+        let out = run(&[
+            "plan",
+            "--cpu-profile",
+            profile_s,
+            "--predict-serve-load",
+            "1",
+            "--other-cpu-per-token-us",
+            bad,
+        ]);
+        assert!(!out.status.success(), "{bad}");
+        let err = text(&out.stderr);
+        assert!(err.contains("--other-cpu-per-token-us"), "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
     // One of the four requests arrives half a second late: the run lasts longer by about that.
     let requests = dir.join("requests.json");
     let one = |at: f64| format!(r#"{{"arrival_s": {at}, "prompt_tokens": 8}}"#);
