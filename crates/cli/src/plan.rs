@@ -114,8 +114,8 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         None => Default::default(),
     };
     let other = args.other_cpu_per_token_us;
-    let most = plan::cpu::MAX_OTHER_CPU_PER_TOKEN_S * 1e6;
-    if !(other.is_finite() && (0.0..=most).contains(&other)) {
+    if !plan::cpu::other_cpu_per_token_ok(other * 1e-6) {
+        let most = plan::cpu::MAX_OTHER_CPU_PER_TOKEN_S * 1e6;
         bail!("--other-cpu-per-token-us: must be microseconds in 0..={most}, not {other}");
     }
     println!(

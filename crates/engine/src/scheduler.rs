@@ -851,14 +851,15 @@ impl Scheduler {
         // planner's CPU profile costs steps by these terms (`souverain_plan::cpu`).
         let started = Instant::now();
         let (mut decode_seqs, mut decode_context, mut prompt_tokens) = (0usize, 0usize, 0usize);
-        let traced = tracing::enabled!(target: "souverain::step", tracing::Level::DEBUG);
-        for &(i, n) in plan.iter().filter(|_| traced) {
-            let s = &self.running[i];
-            if s.tokens.len() - s.n_computed == 1 {
-                decode_seqs += 1;
-                decode_context += s.n_computed;
-            } else {
-                prompt_tokens += n;
+        if tracing::enabled!(target: "souverain::step", tracing::Level::DEBUG) {
+            for &(i, n) in &plan {
+                let s = &self.running[i];
+                if s.tokens.len() - s.n_computed == 1 {
+                    decode_seqs += 1;
+                    decode_context += s.n_computed;
+                } else {
+                    prompt_tokens += n;
+                }
             }
         }
         let logits = self.model.forward_batch(&self.pool, &mut self.kv, &chunks);

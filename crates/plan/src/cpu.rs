@@ -575,13 +575,19 @@ pub const MAX_ARRIVAL_S: f64 = 3600.0;
 /// Most CPU seconds of other work per generated token ([`ServeLoad::other_cpu_per_token_s`]).
 pub const MAX_OTHER_CPU_PER_TOKEN_S: f64 = 1.0;
 
+/// Whether `s` is a valid [`ServeLoad::other_cpu_per_token_s`]: finite seconds in
+/// `0..=MAX_OTHER_CPU_PER_TOKEN_S`.
+pub fn other_cpu_per_token_ok(s: f64) -> bool {
+    s.is_finite() && (0.0..=MAX_OTHER_CPU_PER_TOKEN_S).contains(&s)
+}
+
 impl ServeLoad {
     /// Checks the requests: one per stream (or none), each arriving at finite seconds in
     /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
     /// prompt larger than its KV cache). `field` names them in errors.
     pub fn check(&self, file: &str, field: &str, kv_cache_tokens: usize) -> Result<(), PlanError> {
         let other = self.other_cpu_per_token_s;
-        if !(other.is_finite() && (0.0..=MAX_OTHER_CPU_PER_TOKEN_S).contains(&other)) {
+        if !other_cpu_per_token_ok(other) {
             return Err(PlanError::field(
                 file,
                 "other_cpu_per_token_s",
@@ -696,8 +702,8 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
     let other = load.other_cpu_per_token_s;
     let cost = Contended {
         fit: &profile.fit,
-        per_token_s: if other.is_finite() {
-            other.max(0.0)
+        per_token_s: if other_cpu_per_token_ok(other) {
+            other
         } else {
             0.0
         },
