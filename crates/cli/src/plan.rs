@@ -62,6 +62,17 @@ pub(crate) struct PlanArgs {
         requires = "predict_serve_load"
     )]
     other_cpu_per_token_us: f64,
+    /// CPU microseconds that other work spends taking each request in (serve-load's sending
+    /// thread, the server's HTTP, template and tokeniser; serve-load records them): a
+    /// request that arrives while a step runs makes that step that much longer. 0 where the
+    /// engine has the cores to itself.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        requires = "predict_serve_load"
+    )]
+    other_cpu_per_request_us: f64,
 }
 
 /// Largest `--requests` file read.
@@ -118,6 +129,11 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         let most = plan::cpu::MAX_OTHER_CPU_PER_TOKEN_S * 1e6;
         bail!("--other-cpu-per-token-us: must be microseconds in 0..={most}, not {other}");
     }
+    let per_request = args.other_cpu_per_request_us;
+    if !plan::cpu::other_cpu_per_request_ok(per_request * 1e-6) {
+        let most = plan::cpu::MAX_OTHER_CPU_PER_REQUEST_S * 1e6;
+        bail!("--other-cpu-per-request-us: must be microseconds in 0..={most}, not {per_request}");
+    }
     println!(
         "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps); \
          request overhead {:.2} ms",
@@ -136,7 +152,7 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
     };
     println!(
         "serve-load: {prompts}, {} generated per request, max batch tokens {}, other CPU \
-         {other:.0} µs per token\n",
+         {other:.0} µs per token and {per_request:.0} µs per request\n",
         args.max_tokens, profile.serve_defaults.max_batch_tokens
     );
     println!("| streams | tokens/s | TTFT p50 ms | ITL p50 ms | steps | mean decode batch |");
@@ -152,6 +168,7 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             max_tokens: args.max_tokens,
             requests: requests.get(&streams).cloned().unwrap_or_default(),
             other_cpu_per_token_s: args.other_cpu_per_token_us * 1e-6,
+            other_cpu_per_request_s: per_request * 1e-6,
         };
         if let Some(file) = &args.requests {
             let name = file.display().to_string();

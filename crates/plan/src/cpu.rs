@@ -553,6 +553,11 @@ pub struct ServeLoad {
     /// holds up the others at the next join): each step costs that much more per token it
     /// emits.
     pub other_cpu_per_token_s: f64,
+    /// CPU seconds that other work spends taking each request in (a load generator sending
+    /// it, the server's HTTP, chat template and tokeniser), 0 where none shares the engine's
+    /// cores. Clients that send together put all of it on the steps their burst overlaps:
+    /// each request makes the step it arrives during that much longer.
+    pub other_cpu_per_request_s: f64,
 }
 
 /// One request of a [`ServeLoad`].
@@ -581,6 +586,15 @@ pub fn other_cpu_per_token_ok(s: f64) -> bool {
     s.is_finite() && (0.0..=MAX_OTHER_CPU_PER_TOKEN_S).contains(&s)
 }
 
+/// Most CPU seconds of other work per request ([`ServeLoad::other_cpu_per_request_s`]).
+pub const MAX_OTHER_CPU_PER_REQUEST_S: f64 = 1.0;
+
+/// Whether `s` is a valid [`ServeLoad::other_cpu_per_request_s`]: finite seconds in
+/// `0..=MAX_OTHER_CPU_PER_REQUEST_S`.
+pub fn other_cpu_per_request_ok(s: f64) -> bool {
+    s.is_finite() && (0.0..=MAX_OTHER_CPU_PER_REQUEST_S).contains(&s)
+}
+
 impl ServeLoad {
     /// Checks the requests: one per stream (or none), each arriving at finite seconds in
     /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
@@ -592,6 +606,14 @@ impl ServeLoad {
                 file,
                 "other_cpu_per_token_s",
                 format!("must be seconds in 0..={MAX_OTHER_CPU_PER_TOKEN_S}, not {other}"),
+            ));
+        }
+        let per_request = self.other_cpu_per_request_s;
+        if !other_cpu_per_request_ok(per_request) {
+            return Err(PlanError::field(
+                file,
+                "other_cpu_per_request_s",
+                format!("must be seconds in 0..={MAX_OTHER_CPU_PER_REQUEST_S}, not {per_request}"),
             ));
         }
         if !self.requests.is_empty() && self.requests.len() != self.streams {
@@ -708,7 +730,13 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
             0.0
         },
     };
-    let mut r = sim::simulate_deferred(&requests, &waits_for, limits, &cost);
+    let per_request = load.other_cpu_per_request_s;
+    let per_request = if other_cpu_per_request_ok(per_request) {
+        per_request
+    } else {
+        0.0
+    };
+    let mut r = sim::simulate_arrivals_costed(&requests, &waits_for, limits, &cost, per_request);
     for t in &mut r.ttft_s {
         *t += overhead;
     }
@@ -919,6 +947,7 @@ mod tests {
                 max_tokens: 10,
                 requests: Vec::new(),
                 other_cpu_per_token_s: 0.0,
+                other_cpu_per_request_s: 0.0,
             },
         );
         // The prompt's last token costs as a decoding sequence's (it needs logits).
@@ -954,6 +983,7 @@ mod tests {
             max_tokens: 10,
             requests: Vec::new(),
             other_cpu_per_token_s,
+            other_cpu_per_request_s: 0.0,
         };
         let c = 0.0004;
         for streams in [1, 4] {
@@ -981,6 +1011,60 @@ mod tests {
     }
 
     #[test]
+    fn requests_taken_in_while_a_step_runs_lengthen_it_by_their_cpu() {
+        let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        // Four clients: the first alone at 0, three more 1 ms apart from 1 ms.
+        let requests: Vec<Arrival> = [0.0, 0.001, 0.002, 0.003]
+            .into_iter()
+            .map(|arrival_s| Arrival {
+                arrival_s,
+                prompt_tokens: 20,
+                waits_for: None,
+            })
+            .collect();
+        let load = |other_cpu_per_request_s| ServeLoad {
+            streams: 4,
+            prompt_tokens: 20,
+            max_tokens: 4,
+            requests: requests.clone(),
+            other_cpu_per_token_s: 0.0,
+            other_cpu_per_request_s,
+        };
+        let alone = predict_serve_load(&p, &load(0.0));
+        let c = 0.002;
+        let shared = predict_serve_load(&p, &load(c));
+        // The first step (the first prompt, tens of ms by `truth`) runs while the other
+        // three arrive: it is 3 c longer, and so is everything after it; nothing else is.
+        let t = truth();
+        let first = t.step(&CpuStep {
+            decode_seqs: 1.0,
+            prefill_tokens: 19.0,
+            context: 20.0,
+            prompt_attention_k: 19.0 * 20.0 / 2000.0,
+        });
+        assert!(first > 0.003, "{first}");
+        assert_eq!(alone.steps, shared.steps, "{alone:?} {shared:?}");
+        assert!(
+            (shared.wall_s - alone.wall_s - 3.0 * c).abs() < 1e-9,
+            "{alone:?} {shared:?}"
+        );
+        // The other three are computed together in the next step: every first token is
+        // 3 c later.
+        for (a, b) in alone.ttft_s.iter().zip(&shared.ttft_s) {
+            assert!((b - a - 3.0 * c).abs() < 1e-9, "{alone:?} {shared:?}");
+        }
+        // Out of range, it is an error naming the field.
+        for bad in [-1e-6, f64::NAN, f64::INFINITY, 2.0] {
+            let e = load(bad).check("a.json", "4", 16384).expect_err("bad");
+            assert!(
+                e.to_string().contains("other_cpu_per_request_s"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(load(c).check("a.json", "4", 16384).is_ok());
+    }
+
+    #[test]
     fn more_streams_raise_throughput_and_time_to_first_token() {
         let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
         let at = |streams| {
@@ -992,6 +1076,7 @@ mod tests {
                     max_tokens: 128,
                     requests: Vec::new(),
                     other_cpu_per_token_s: 0.0,
+                    other_cpu_per_request_s: 0.0,
                 },
             )
         };
@@ -1018,6 +1103,7 @@ mod tests {
                 })
                 .collect(),
             other_cpu_per_token_s: 0.0,
+            other_cpu_per_request_s: 0.0,
         };
         let together = predict_serve_load(&p, &load(Vec::new()));
         // The second request arrives just after the first's prompt step began: its prompt
@@ -1087,6 +1173,7 @@ mod tests {
                 },
             ],
             other_cpu_per_token_s: 0.0,
+            other_cpu_per_request_s: 0.0,
         };
         let free = predict_serve_load(&p, &load(None));
         let waits = predict_serve_load(&p, &load(Some(1)));

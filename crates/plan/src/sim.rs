@@ -123,6 +123,27 @@ pub fn simulate_deferred(
     limits: Limits,
     cost: &dyn StepCost,
 ) -> SimResult {
+    simulate_arrivals_costed(requests, waits_for, limits, cost, 0.0)
+}
+
+/// [`simulate_deferred`], where each request that arrives while a step runs makes that step
+/// `per_arrival_s` longer: the work of taking a request in (sending it, the server's HTTP
+/// and tokenising) shares the engine's cores, and a burst of requests lands on the steps
+/// it overlaps. A step's length and the requests arriving within it depend on each other:
+/// it is lengthened until no more arrive within it (at most once per request). A request
+/// that arrives while no step runs costs nothing here.
+pub fn simulate_arrivals_costed(
+    requests: &[Request],
+    waits_for: &[Option<usize>],
+    limits: Limits,
+    cost: &dyn StepCost,
+    per_arrival_s: f64,
+) -> SimResult {
+    let per_arrival_s = if per_arrival_s.is_finite() {
+        per_arrival_s.max(0.0)
+    } else {
+        0.0
+    };
     let max_seqs = limits.max_seqs.max(1);
     let budget_max = limits.max_batch_tokens.max(1);
     let mut next = 0;
@@ -233,7 +254,21 @@ pub fn simulate_deferred(
         } else {
             0.0
         };
-        now += cost.step_seconds(logit_rows, prefill, mean_context, attended);
+        let base = cost.step_seconds(logit_rows, prefill, mean_context, attended);
+        let mut step = base;
+        if per_arrival_s > 0.0 {
+            // Requests `next..` arrive after `now` (the others are queued); those before
+            // the step's end lengthen it, which may take in more.
+            loop {
+                let arriving = requests[next..].partition_point(|r| r.arrival_s < now + step);
+                let longer = base + arriving as f64 * per_arrival_s;
+                if longer <= step {
+                    break;
+                }
+                step = longer;
+            }
+        }
+        now += step;
         out.steps += 1;
         batch_sum += decode as f64;
         let mut done = Vec::new();
@@ -486,6 +521,42 @@ mod tests {
         let rec = Recorder(std::sync::Mutex::new(Vec::new()));
         simulate_deferred(&r, &[None, Some(1), Some(2)], limits(4), &rec);
         assert_eq!(rec.0.into_inner().unwrap_or_default().len(), 3);
+    }
+
+    #[test]
+    fn requests_arriving_during_a_step_lengthen_it_until_none_more_arrive_within_it() {
+        let at = |arrival_s: f64| Request {
+            arrival_s,
+            prompt_tokens: 10,
+            output_tokens: 1,
+        };
+        // Steps of 1 ms + 0.1 ms per token: a lone 10-token prompt takes 2 ms.
+        let r = [at(0.0), at(0.001), at(0.0025), at(0.010)];
+        let plain = simulate_deferred(&r, &[], limits(8), &Linear);
+        assert_eq!(
+            simulate_arrivals_costed(&r, &[], limits(8), &Linear, 0.0),
+            plain
+        );
+        let costed = simulate_arrivals_costed(&r, &[], limits(8), &Linear, 0.001);
+        // The first step (2 ms) takes in the request at 1 ms (3 ms), then the one at 2.5 ms
+        // (4 ms), and stops there. The second computes both (3 ms, to 7 ms). The last
+        // arrives at 10 ms to an idle engine: its step is not lengthened.
+        // First tokens at 4, 6, 4.5 and 2 ms: the median (nearest rank) 4.5, the p99 6.
+        assert!((costed.ttft_s[0] - 0.0045).abs() < 1e-12, "{costed:?}");
+        assert!((costed.ttft_s[2] - 0.006).abs() < 1e-12, "{costed:?}");
+        assert!((costed.wall_s - 0.012).abs() < 1e-12, "{costed:?}");
+        assert_eq!(costed.steps, 3);
+        // Without the charge the first step is 2 ms and takes neither: four steps, first
+        // tokens at 2, 3, 3.5 and 2 ms.
+        assert_eq!(plain.steps, 4);
+        assert!((plain.ttft_s[0] - 0.003).abs() < 1e-12, "{plain:?}");
+        // Bad values cost nothing rather than a panic or a negative step.
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            assert_eq!(
+                simulate_arrivals_costed(&r, &[], limits(8), &Linear, bad),
+                plain
+            );
+        }
     }
 
     #[test]

@@ -551,21 +551,6 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     let more = wall_of(&shared[0]) - wall_of(&together[0]);
     assert!((more - 0.04).abs() < 1e-9, "{shared} {together}");
     assert_eq!(shared[0]["load"]["other_cpu_per_token_s"], 0.01);
-    for bad in ["-1", "NaN", "inf", "2000000"] {
-        let out = run(&[
-            "plan",
-            "--cpu-profile",
-            profile_s,
-            "--predict-serve-load",
-            "1",
-            "--other-cpu-per-token-us",
-            bad,
-        ]);
-        assert!(!out.status.success(), "{bad}");
-        let err = text(&out.stderr);
-        assert!(err.contains("--other-cpu-per-token-us"), "{bad}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
-    }
     // One of the four requests arrives half a second late: the run lasts longer by about that.
     let requests = dir.join("requests.json");
     let one = |at: f64| format!(r#"{{"arrival_s": {at}, "prompt_tokens": 8}}"#);
@@ -584,6 +569,53 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
         wall(&late[0]) >= wall(&together[1]) + 0.49,
         "{late} {together}"
     );
+
+    // Three requests that arrive while the first one's prompt step runs, taking 10 ms of
+    // CPU each to take in: that step, and the run, are 30 ms longer.
+    let burst = dir.join("burst.json");
+    let file = format!(
+        r#"{{"4": [{}, {}, {}, {}]}}"#,
+        one(0.0),
+        one(1e-6),
+        one(2e-6),
+        one(3e-6)
+    );
+    std::fs::write(&burst, file).expect("write");
+    let burst_s = burst.to_str().expect("utf-8");
+    let free = predict(&dir, profile_s, "4", &["--requests", burst_s]);
+    let taken = predict(
+        &dir,
+        profile_s,
+        "4",
+        &["--requests", burst_s, "--other-cpu-per-request-us", "10000"],
+    );
+    assert!(
+        (wall(&taken[0]) - wall(&free[0]) - 0.03).abs() < 1e-9,
+        "{taken} {free}"
+    );
+    assert_eq!(taken[0]["load"]["other_cpu_per_request_s"], 0.01);
+    // `plan --predict-serve-load 4` with more arguments.
+    let predict_4 = |more: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--cpu-profile",
+            profile_s,
+            "--predict-serve-load",
+            "4",
+        ];
+        args.extend_from_slice(more);
+        run(&args)
+    };
+    // Either figure out of range is refused, naming its flag.
+    for flag in ["--other-cpu-per-token-us", "--other-cpu-per-request-us"] {
+        for bad in ["-1", "NaN", "inf", "2000000"] {
+            let out = predict_4(&[flag, bad]);
+            assert!(!out.status.success(), "{flag} {bad}");
+            let err = text(&out.stderr);
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
 
     let bad_token = r#"{"arrival_s": 0, "prompt_tokens": 0}"#;
     for (file, names) in [
@@ -629,15 +661,7 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
         ("[0, 0, 0, 0]".to_string(), "expected an object"),
     ] {
         std::fs::write(&requests, &file).expect("write");
-        let out = run(&[
-            "plan",
-            "--cpu-profile",
-            profile_s,
-            "--predict-serve-load",
-            "4",
-            "--requests",
-            requests_s,
-        ]);
+        let out = predict_4(&["--requests", requests_s]);
         assert!(!out.status.success(), "{file}");
         let err = text(&out.stderr);
         assert!(err.contains(names), "{file}: {err}");
