@@ -124,15 +124,15 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
         Some(p) => read_requests(p)?,
         None => Default::default(),
     };
-    let other = args.other_cpu_per_token_us;
-    if !plan::cpu::other_cpu_per_token_ok(other * 1e-6) {
-        let most = plan::cpu::MAX_OTHER_CPU_PER_TOKEN_S * 1e6;
-        bail!("--other-cpu-per-token-us: must be microseconds in 0..={most}, not {other}");
-    }
-    let per_request = args.other_cpu_per_request_us;
-    if !plan::cpu::other_cpu_per_request_ok(per_request * 1e-6) {
-        let most = plan::cpu::MAX_OTHER_CPU_PER_REQUEST_S * 1e6;
-        bail!("--other-cpu-per-request-us: must be microseconds in 0..={most}, not {per_request}");
+    let (other, per_request) = (args.other_cpu_per_token_us, args.other_cpu_per_request_us);
+    for (flag, us) in [
+        ("--other-cpu-per-token-us", other),
+        ("--other-cpu-per-request-us", per_request),
+    ] {
+        if !plan::cpu::other_cpu_ok(us * 1e-6) {
+            let most = plan::cpu::MAX_OTHER_CPU_S * 1e6;
+            bail!("{flag}: must be microseconds in 0..={most}, not {us}");
+        }
     }
     println!(
         "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps); \
@@ -167,7 +167,7 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             prompt_tokens: args.prompt_tokens,
             max_tokens: args.max_tokens,
             requests: requests.get(&streams).cloned().unwrap_or_default(),
-            other_cpu_per_token_s: args.other_cpu_per_token_us * 1e-6,
+            other_cpu_per_token_s: other * 1e-6,
             other_cpu_per_request_s: per_request * 1e-6,
         };
         if let Some(file) = &args.requests {

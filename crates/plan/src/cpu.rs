@@ -577,22 +577,14 @@ pub struct Arrival {
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
 
-/// Most CPU seconds of other work per generated token ([`ServeLoad::other_cpu_per_token_s`]).
-pub const MAX_OTHER_CPU_PER_TOKEN_S: f64 = 1.0;
+/// Most CPU seconds of other work per generated token or per request
+/// ([`ServeLoad::other_cpu_per_token_s`], [`ServeLoad::other_cpu_per_request_s`]).
+pub const MAX_OTHER_CPU_S: f64 = 1.0;
 
-/// Whether `s` is a valid [`ServeLoad::other_cpu_per_token_s`]: finite seconds in
-/// `0..=MAX_OTHER_CPU_PER_TOKEN_S`.
-pub fn other_cpu_per_token_ok(s: f64) -> bool {
-    s.is_finite() && (0.0..=MAX_OTHER_CPU_PER_TOKEN_S).contains(&s)
-}
-
-/// Most CPU seconds of other work per request ([`ServeLoad::other_cpu_per_request_s`]).
-pub const MAX_OTHER_CPU_PER_REQUEST_S: f64 = 1.0;
-
-/// Whether `s` is a valid [`ServeLoad::other_cpu_per_request_s`]: finite seconds in
-/// `0..=MAX_OTHER_CPU_PER_REQUEST_S`.
-pub fn other_cpu_per_request_ok(s: f64) -> bool {
-    s.is_finite() && (0.0..=MAX_OTHER_CPU_PER_REQUEST_S).contains(&s)
+/// Whether `s` is a valid figure of other work's CPU: finite seconds in
+/// `0..=MAX_OTHER_CPU_S`.
+pub fn other_cpu_ok(s: f64) -> bool {
+    s.is_finite() && (0.0..=MAX_OTHER_CPU_S).contains(&s)
 }
 
 impl ServeLoad {
@@ -600,21 +592,17 @@ impl ServeLoad {
     /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
     /// prompt larger than its KV cache). `field` names them in errors.
     pub fn check(&self, file: &str, field: &str, kv_cache_tokens: usize) -> Result<(), PlanError> {
-        let other = self.other_cpu_per_token_s;
-        if !other_cpu_per_token_ok(other) {
-            return Err(PlanError::field(
-                file,
-                "other_cpu_per_token_s",
-                format!("must be seconds in 0..={MAX_OTHER_CPU_PER_TOKEN_S}, not {other}"),
-            ));
-        }
-        let per_request = self.other_cpu_per_request_s;
-        if !other_cpu_per_request_ok(per_request) {
-            return Err(PlanError::field(
-                file,
-                "other_cpu_per_request_s",
-                format!("must be seconds in 0..={MAX_OTHER_CPU_PER_REQUEST_S}, not {per_request}"),
-            ));
+        for (name, v) in [
+            ("other_cpu_per_token_s", self.other_cpu_per_token_s),
+            ("other_cpu_per_request_s", self.other_cpu_per_request_s),
+        ] {
+            if !other_cpu_ok(v) {
+                return Err(PlanError::field(
+                    file,
+                    name,
+                    format!("must be seconds in 0..={MAX_OTHER_CPU_S}, not {v}"),
+                ));
+            }
         }
         if !self.requests.is_empty() && self.requests.len() != self.streams {
             return Err(PlanError::field(
@@ -721,21 +709,13 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
         max_batch_tokens: profile.serve_defaults.max_batch_tokens,
         kv_tokens: profile.serve_defaults.kv_cache_tokens,
     };
-    let other = load.other_cpu_per_token_s;
+    // A figure out of range (which `ServeLoad::check` refuses) counts as none.
+    let valid = |s: f64| if other_cpu_ok(s) { s } else { 0.0 };
     let cost = Contended {
         fit: &profile.fit,
-        per_token_s: if other_cpu_per_token_ok(other) {
-            other
-        } else {
-            0.0
-        },
+        per_token_s: valid(load.other_cpu_per_token_s),
     };
-    let per_request = load.other_cpu_per_request_s;
-    let per_request = if other_cpu_per_request_ok(per_request) {
-        per_request
-    } else {
-        0.0
-    };
+    let per_request = valid(load.other_cpu_per_request_s);
     let mut r = sim::simulate_arrivals_costed(&requests, &waits_for, limits, &cost, per_request);
     for t in &mut r.ttft_s {
         *t += overhead;
