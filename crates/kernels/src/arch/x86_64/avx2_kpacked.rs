@@ -1,8 +1,8 @@
 //! The AVX2 kernel of the K-layout packed matrices (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: see
 //! `crate::packed_k` for the layout and the arithmetic), the AVX2 table's `kpacked` (the
-//! AVX-512 VNNI table uses it too). Each lane's integer sums are exact and its float
-//! operations are the scalar twin's (`crate::arch::portable::kpacked`) in the same order, so
-//! the results are bit-identical to it.
+//! AVX-512 VNNI table has its own, `avx512_kpacked`). Each lane's integer sums are exact and
+//! its float operations are the scalar twin's (`crate::arch::portable::kpacked`) in the same
+//! order, so the results are bit-identical to it.
 //!
 //! As in `avx2_packed`, a 64-byte vector of a cell is read as two halves of eight rows
 //! (lane = row, four bytes each); a nibble vector is split into its low and high nibbles,
@@ -33,7 +33,7 @@ const HALF: usize = GROUP / 2;
 
 /// Whether the SIMD kernel handles layout `l` (every layout `crate::packed_k` makes);
 /// others run the scalar twin, which gives the same bits.
-fn handled(l: &KLayout) -> bool {
+pub(super) fn handled(l: &KLayout) -> bool {
     let shape = matches!((l.bits, l.sub), (4 | 5, 32) | (6, 16));
     let pairs = matches!(l.offset, Offset::Sum(_)) || l.n_sub().is_multiple_of(2);
     let scaled = l.scaled || (l.sub == l.sb && !matches!(l.offset, Offset::Scales(_)));
@@ -54,18 +54,9 @@ pub(crate) fn kpacked_group(
     vals: &mut [[f32; GROUP]; 8],
 ) {
     let nt = nt.min(8);
-    if !handled(l) {
-        scalar_twin(l, cells, qs, d, sums, nsb, nt, vals);
+    if !simd_can_run(l, cells, qs, d, sums, nsb, nt, vals) {
         return;
     }
-    // The kernel reads exactly these ranges; a short slice is a caller bug, not a read out
-    // of bounds.
-    assert!(
-        cells.len() >= nsb * l.cell_bytes()
-            && qs.len() >= nt * nsb * l.sb
-            && d.len() >= nt * nsb
-            && sums.len() >= nt * nsb * l.n_sub()
-    );
     if let (1, Some(k)) = (nt, five32_offset(l)) {
         // SAFETY: as below (`half_kernel`), for one token and both halves.
         let [[lo], [hi]] = unsafe { five32::<1, 2>(l, k, cells, qs, d, sums, nsb, 0) };
@@ -101,11 +92,11 @@ pub(crate) fn kpacked_group(
                 ($($n:literal)*) => {
                     match tn {
                         $($n => {
-                            // SAFETY: reachable only through the AVX2 and AVX-512 tables,
-                            // handed out after checking for AVX2, FMA and F16C (all
-                            // `half_kernel` enables); `l` is handled (checked above), `cells`
+                            // SAFETY: reachable only through the AVX2 table, handed
+                            // out after checking for AVX2, FMA and F16C (all
+                            // `half_kernel` enables); `l` is handled (`simd_can_run`), `cells`
                             // holds `nsb` cells and `q`, `dt`, `st` hold `nsb` super-blocks
-                            // for each of the `$n` tokens (`t0 + $n ≤ nt`, checked above).
+                            // for each of the `$n` tokens (`t0 + $n ≤ nt`; `simd_can_run`).
                             let v = unsafe {
                                 match l.bits {
                                     4 => half_kernel::<$n, 4>(l, cells, q, dt, st, nsb, half),
@@ -125,6 +116,35 @@ pub(crate) fn kpacked_group(
             t0 += tn;
         }
     }
+}
+
+/// The entry checks of both x86 kernels: whether the SIMD kernel may run on `l` with these
+/// slices for `nt` ≤ 8 tokens. A layout no SIMD kernel handles runs the scalar twin here
+/// (`false`, `vals` written); a slice shorter than the kernel reads is a caller bug and
+/// panics (never a read out of bounds).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn simd_can_run(
+    l: &KLayout,
+    cells: &[u8],
+    qs: &[i8],
+    d: &[f32],
+    sums: &[i16],
+    nsb: usize,
+    nt: usize,
+    vals: &mut [[f32; GROUP]; 8],
+) -> bool {
+    if !handled(l) {
+        scalar_twin(l, cells, qs, d, sums, nsb, nt, vals);
+        return false;
+    }
+    assert!(
+        nt <= 8
+            && cells.len() >= nsb * l.cell_bytes()
+            && qs.len() >= nt * nsb * l.sb
+            && d.len() >= nt * nsb
+            && sums.len() >= nt * nsb * l.n_sub()
+    );
+    true
 }
 
 /// The offset factor `k` of a layout [`five32`] handles (Q5_0, Q5_1: 5 bits, 32-element

@@ -1,5 +1,6 @@
 //! The AVX-512 table: the AVX2 kernels, with the Q4_0/Q4_1/Q8_0 dot products and matmul tiles
-//! replaced by 512-bit VNNI versions, the packed-matrix kernel, and 512-bit attention kernels
+//! replaced by 512-bit VNNI versions, the packed-matrix kernels (this module's for Q4_0, Q4_1
+//! and Q8_0 cells, `super::avx512_kpacked` for the K layouts), and 512-bit attention kernels
 //! (`super::attn`). Chosen
 //! when the CPU has AVX-512 F, BW, VL and VNNI besides what AVX2 needs.
 //!
@@ -48,6 +49,7 @@ static AVX512_VNNI: Kernels = Kernels {
     dot_q4_1_q8_1: dot::<Q4_1>,
     dot_q8_0_q8_0: dot::<Q8_0>,
     packed: Some(packed_group),
+    kpacked: Some(super::avx512_kpacked::kpacked_group),
     dot_f16_rows: super::attn::dot_f16_rows_512,
     axpy_f16_rows: super::attn::axpy_f16_rows_512,
     dot_f16_rows_group: super::attn::dot_f16_rows_group_512,

@@ -14,5 +14,6 @@ mod avx2_kpacked;
 mod avx2_kquants;
 mod avx2_packed;
 mod avx2_tiles;
+mod avx512_kpacked;
 pub(crate) mod avx512vnni;
 mod helpers;
