@@ -10,13 +10,13 @@
 //! it, one fused multiply-add per element and row, in row order: each output element gets
 //! the same operations as a sequence of single-row `axpy_f16` calls.
 //!
-//! The AVX2 kernels prefetch the rows they will read a few KiB ahead ([`rows_ahead`]).
+//! Both levels prefetch the rows they will read a few KiB ahead ([`rows_ahead`]).
 //!
-//! On AVX2 both are written for a KV head's query heads together (`dot_f16_rows_group`,
+//! Both are written for a KV head's query heads together (`dot_f16_rows_group`,
 //! `axpy_f16_rows_group`): each key or value chunk is loaded and converted once for all of
 //! them, while every (query, key) pair and output lane gets the same operations whatever
 //! the group's size, so one query (`dot_f16_rows`, `axpy_f16_rows`: a group of one) has the
-//! same bits as in a group. The AVX-512 group entries loop its one-query kernels.
+//! same bits as in a group. The AVX-512 kernels are built the same way, 16 lanes a step.
 
 use std::arch::x86_64::*;
 
@@ -350,7 +350,32 @@ pub(crate) fn dot_f16_rows_group_512(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    portable::dot_rows_group_by(dot_f16_rows_512, q, hd, k, stride, n, out, out_stride);
+    if hd == 0 {
+        return;
+    }
+    let n = rows_that_fit(k.len(), hd, stride, n);
+    // The queries whose `n` scores `out` holds.
+    let groups = portable::pieces_that_fit(q.len() / hd, out_stride, n, out.len());
+    let kp = k.as_ptr().cast::<u16>();
+    let mut g0 = 0;
+    while g0 < groups {
+        let qp = q[g0 * hd..].as_ptr().cast::<u16>();
+        let take = (groups - g0).min(4);
+        let o = &mut out[g0 * out_stride..];
+        // SAFETY (every arm): CPU features checked by the AVX-512 table; queries
+        // g0..g0 + take are in `q` (`hd` each), keys 0..n are in bounds (`rows_that_fit`).
+        match take {
+            // SAFETY: see above.
+            4 => unsafe { dot_group_rows_512::<4>(qp, hd, kp, stride, n, o, out_stride) },
+            // SAFETY: see above.
+            3 => unsafe { dot_group_rows_512::<3>(qp, hd, kp, stride, n, o, out_stride) },
+            // SAFETY: see above.
+            2 => unsafe { dot_group_rows_512::<2>(qp, hd, kp, stride, n, o, out_stride) },
+            // SAFETY: see above.
+            _ => unsafe { dot_group_rows_512::<1>(qp, hd, kp, stride, n, o, out_stride) },
+        }
+        g0 += take;
+    }
 }
 
 pub(crate) fn axpy_f16_rows_group_512(
@@ -362,28 +387,50 @@ pub(crate) fn axpy_f16_rows_group_512(
     v: &[f16],
     stride: usize,
 ) {
-    portable::axpy_rows_group_by(axpy_f16_rows_512, y, hd, w, w_stride, n, v, stride);
+    if hd == 0 {
+        return;
+    }
+    let n = rows_that_fit(v.len(), hd, stride, n);
+    // The output rows whose `n` weights `w` holds.
+    let groups = portable::pieces_that_fit(y.len() / hd, w_stride, n, w.len());
+    let vp = v.as_ptr().cast::<u16>();
+    let mut g0 = 0;
+    while g0 < groups {
+        let take = (groups - g0).min(4);
+        let ys = &mut y[g0 * hd..(g0 + take) * hd];
+        let ws = &w[g0 * w_stride..];
+        // SAFETY (every arm): CPU features checked by the AVX-512 table; `ys` holds `take`
+        // rows of `hd`, `ws` their `n` weights `w_stride` apart, value rows 0..n are in
+        // bounds.
+        match take {
+            // SAFETY: see above.
+            4 => unsafe { axpy_group_rows_512::<4>(ys, hd, ws, w_stride, n, vp, stride) },
+            // SAFETY: see above.
+            3 => unsafe { axpy_group_rows_512::<3>(ys, hd, ws, w_stride, n, vp, stride) },
+            // SAFETY: see above.
+            2 => unsafe { axpy_group_rows_512::<2>(ys, hd, ws, w_stride, n, vp, stride) },
+            // SAFETY: see above.
+            _ => unsafe { axpy_group_rows_512::<1>(ys, hd, ws, w_stride, n, vp, stride) },
+        }
+        g0 += take;
+    }
 }
 
+/// One query: the AVX-512 group kernel with a group of one.
 pub(crate) fn dot_f16_rows_512(q: &[f16], k: &[f16], stride: usize, out: &mut [f32]) {
-    let n = rows_that_fit(k.len(), q.len(), stride, out.len());
-    let (qp, kp, hd) = (q.as_ptr().cast::<u16>(), k.as_ptr().cast::<u16>(), q.len());
-    // SAFETY (both closures): CPU features checked by the AVX-512 table; bounds as in
-    // `dot_f16_rows`.
-    by_keys(
-        out,
-        n,
-        // SAFETY: keys j..j + KEYS are below `n` (see above).
-        |j| unsafe { dot_keys_512::<KEYS>(qp, hd, kp.add(j * stride), stride) },
-        // SAFETY: key j is below `n`.
-        |j| unsafe { dot_keys_512::<1>(qp, hd, kp.add(j * stride), stride) }[0],
-    );
+    if q.is_empty() {
+        // Empty dot products (no query to group by its size).
+        let n = rows_that_fit(k.len(), 0, stride, out.len());
+        out[..n].fill(0.0);
+        return;
+    }
+    let n = out.len();
+    dot_f16_rows_group_512(q, q.len(), k, stride, n, out, n);
 }
 
+/// One output row: the AVX-512 group kernel with a group of one.
 pub(crate) fn axpy_f16_rows_512(y: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    let n = rows_that_fit(v.len(), y.len(), stride, w.len());
-    // SAFETY: CPU features checked by the AVX-512 table; bounds as in `axpy_f16_rows`.
-    unsafe { axpy_rows_512(y, &w[..n], v.as_ptr().cast(), stride) }
+    axpy_f16_rows_group_512(y, y.len(), w, w.len(), w.len(), v, stride);
 }
 
 pub(crate) fn dot_q8_0_rows(
@@ -535,25 +582,6 @@ unsafe fn axpy_q8_rows_avx2(
     }
 }
 
-/// `out[j]` for `j < n`: [`KEYS`] keys at a time by `group(j)`, the rest one at a time by
-/// `one(j)`.
-fn by_keys(
-    out: &mut [f32],
-    n: usize,
-    group: impl Fn(usize) -> [f32; KEYS],
-    one: impl Fn(usize) -> f32,
-) {
-    let mut j = 0;
-    while j + KEYS <= n {
-        out[j..j + KEYS].copy_from_slice(&group(j));
-        j += KEYS;
-    }
-    while j < n {
-        out[j] = one(j);
-        j += 1;
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // AVX-512 F + BW + VL
 // ---------------------------------------------------------------------------------------
@@ -569,70 +597,142 @@ fn lane_mask(i: usize, n: usize) -> __mmask16 {
     }
 }
 
-/// The dots of `q` with `R` keys `stride` apart from `k`, 16 lanes per step (the last step
-/// masked: masked-off lanes are neither read nor summed).
+/// Keys `0..n` against `G` queries, [`KEYS`] keys at a time then one at a time; query `g`'s
+/// score of key `j` into `out[g * out_stride + j]` (checked indexing).
 ///
 /// # Safety
 ///
-/// AVX-512 F, BW and VL must be available; `q` readable for `hd` u16, and `k` for `hd`
-/// u16 from each `r * stride`, `r < R`.
+/// AVX-512 F, BW and VL and F16C; `q` readable for `G * hd` u16, `k` for `hd` u16 from each
+/// `j * stride`, `j < n`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn dot_keys_512<const R: usize>(
+unsafe fn dot_group_rows_512<const G: usize>(
     q: *const u16,
     hd: usize,
     k: *const u16,
     stride: usize,
-) -> [f32; R] {
-    let mut acc = [_mm512_setzero_ps(); R];
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let ahead = rows_ahead(stride);
+    let mut j = 0;
+    while j + KEYS <= n {
+        for r in 0..KEYS {
+            prefetch_span(k.wrapping_add((j + r + ahead) * stride).cast(), 2 * hd);
+        }
+        // SAFETY: keys j..j + KEYS are below `n` (the caller's contract).
+        let s = unsafe { dot_keys_group_512::<G, KEYS>(q, hd, k.add(j * stride), stride) };
+        for (g, s) in s.iter().enumerate() {
+            out[g * out_stride + j..][..KEYS].copy_from_slice(s);
+        }
+        j += KEYS;
+    }
+    while j < n {
+        // SAFETY: key j is below `n`.
+        let s = unsafe { dot_keys_group_512::<G, 1>(q, hd, k.add(j * stride), stride) };
+        for (g, s) in s.iter().enumerate() {
+            out[g * out_stride + j] = s[0];
+        }
+        j += 1;
+    }
+}
+
+/// The dots of `G` queries (`hd` apart from `q`) with `R` keys `stride` apart from `k`: per
+/// 16-lane step (the last one masked) each key chunk and each query chunk converted once,
+/// then one fused multiply-add per (query, key), and one horizontal sum per pair at the end:
+/// the same operations whatever `G` and `R`, so every score has the bits of a group of one.
+///
+/// # Safety
+///
+/// AVX-512 F, BW and VL and F16C; `q` readable for `G * hd` u16, `k` for `hd` u16 from each
+/// `r * stride`, `r < R`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn dot_keys_group_512<const G: usize, const R: usize>(
+    q: *const u16,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+) -> [[f32; R]; G] {
+    let mut acc = [[_mm512_setzero_ps(); R]; G];
     let mut i = 0;
     while i < hd {
         let m = lane_mask(i, hd);
-        // SAFETY: the lanes `m` selects (elements i.. < hd) are in bounds for the query and
-        // every key; masked-off lanes are not accessed.
+        // SAFETY: the lanes `m` selects (elements i.. < hd) are in bounds for every query
+        // and every key; masked-off lanes are not accessed.
         unsafe {
-            let qv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, q.add(i).cast()));
-            for (r, a) in acc.iter_mut().enumerate() {
+            let qv: [__m512; G] = std::array::from_fn(|g| {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, q.add(g * hd + i).cast()))
+            });
+            for r in 0..R {
                 let kv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, k.add(r * stride + i).cast()));
-                *a = _mm512_fmadd_ps(qv, kv, *a);
+                for (a, qv) in acc.iter_mut().zip(&qv) {
+                    a[r] = _mm512_fmadd_ps(*qv, kv, a[r]);
+                }
             }
         }
         i += 16;
     }
-    acc.map(|a| _mm512_reduce_add_ps(a))
+    acc.map(|a| a.map(|a| _mm512_reduce_add_ps(a)))
 }
 
-/// As [`axpy_group_rows`] for one row with 64 output lanes in registers at a time, the last
-/// ones masked.
+/// `y_g[i] += Σ_j w_g[j] * v_j[i]` for `G` rows at once (`y` holds them, `hd` each; row
+/// `g`'s weights `w[g * w_stride..][..n]`): 64 lanes of every row in registers at a time
+/// (the last ones masked), each value chunk converted once for all rows, then one fused
+/// multiply-add per lane and value row, in row order, whatever `G` (the bits of a group of
+/// one).
 ///
 /// # Safety
 ///
-/// AVX-512 F, BW and VL must be available; `v` readable for `y.len()` u16 from each
-/// `j * stride` (`j < w.len()`).
+/// AVX-512 F, BW and VL and F16C; `y.len() == G * hd`; `w` holds `(G - 1) * w_stride + n`
+/// weights; `v` readable for `hd` u16 from each `j * stride`, `j < n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn axpy_rows_512(y: &mut [f32], w: &[f32], v: *const u16, stride: usize) {
-    let hd = y.len();
+unsafe fn axpy_group_rows_512<const G: usize>(
+    y: &mut [f32],
+    hd: usize,
+    w: &[f32],
+    w_stride: usize,
+    n: usize,
+    v: *const u16,
+    stride: usize,
+) {
+    debug_assert_eq!(y.len(), G * hd);
     let yp = y.as_mut_ptr();
+    let ws: [&[f32]; G] = std::array::from_fn(|g| &w[g * w_stride..][..n]);
+    let ahead = rows_ahead(stride) * stride;
     let mut c = 0;
     while c < hd {
         let masks: [__mmask16; 4] = std::array::from_fn(|l| lane_mask(c + 16 * l, hd));
-        // SAFETY: only the lanes `masks` select are accessed, all below `hd` in `y` and in
-        // every value row; pointers to lanes past the end are formed with `wrapping_add`
-        // and never dereferenced (their mask is empty).
+        // SAFETY: only the lanes `masks` select are accessed, all below `hd` in every row of
+        // `y` and in every value row; pointers to lanes past the end are formed with
+        // `wrapping_add` and never dereferenced (their mask is empty).
         unsafe {
-            let mut acc: [__m512; 4] = std::array::from_fn(|l| {
-                _mm512_maskz_loadu_ps(masks[l], yp.wrapping_add(c + 16 * l))
+            let mut acc: [[__m512; 4]; G] = std::array::from_fn(|g| {
+                std::array::from_fn(|l| {
+                    _mm512_maskz_loadu_ps(masks[l], yp.wrapping_add(g * hd + c + 16 * l))
+                })
             });
-            for (j, &a) in w.iter().enumerate() {
-                let va = _mm512_set1_ps(a);
+            for j in 0..n {
                 let row = v.wrapping_add(j * stride + c);
-                for (l, s) in acc.iter_mut().enumerate() {
-                    let h = _mm256_maskz_loadu_epi16(masks[l], row.wrapping_add(16 * l).cast());
-                    *s = _mm512_fmadd_ps(_mm512_cvtph_ps(h), va, *s);
+                prefetch_span(row.wrapping_add(ahead).cast(), 2 * (hd - c).min(64));
+                let h: [__m512; 4] = std::array::from_fn(|l| {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        masks[l],
+                        row.wrapping_add(16 * l).cast(),
+                    ))
+                });
+                for (s, w) in acc.iter_mut().zip(&ws) {
+                    let va = _mm512_set1_ps(w[j]);
+                    for (s, h) in s.iter_mut().zip(&h) {
+                        *s = _mm512_fmadd_ps(*h, va, *s);
+                    }
                 }
             }
-            for (l, s) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.wrapping_add(c + 16 * l), masks[l], *s);
+            for (g, s) in acc.iter().enumerate() {
+                for (l, s) in s.iter().enumerate() {
+                    _mm512_mask_storeu_ps(yp.wrapping_add(g * hd + c + 16 * l), masks[l], *s);
+                }
             }
         }
         c += 64;
