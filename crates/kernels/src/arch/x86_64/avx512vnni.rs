@@ -32,7 +32,7 @@
 
 use std::arch::x86_64::*;
 
-use super::helpers::{Q4_0, Q4_1, Q8_0, sizes};
+use super::helpers::{Q4_0, Q4_1, Q8_0, prefetch_ahead, sizes};
 use crate::formats::{CELL, CELL8, GROUP, Q8_M, XQ, vecs_at};
 use crate::table::{Kernels, common_blocks};
 
@@ -373,6 +373,11 @@ unsafe fn packed_kernel<const T: usize, const BYTES: bool>(
         // SAFETY: cell `b` is in bounds (`cells` holds `nb` cells).
         let (dw, mw, w) = unsafe {
             let cell = c.add(b * cell_len);
+            if T == 1 {
+                // One token (a decode step) streams every cell from memory once: keep
+                // enough lines in flight (as the AVX2 one-token kernels do).
+                prefetch_ahead(cell, cell_len.div_ceil(64));
+            }
             let (dw, mw) = if BYTES {
                 // Q8_0 cells store no offsets: `Q8_M·d`, exact.
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(cell.cast()));
