@@ -217,7 +217,7 @@ unsafe fn kernel<const T: usize, const BITS: u32>(
     debug_assert!(sums.len() >= T * nsb * ns);
     let sub16 = BITS == 6;
     let runs = sb / 32;
-    // The cell's lines, spread over its runs (its header included).
+    // One token: the cell's lines to prefetch, spread over its runs (its header included).
     let pf_lines = cb.div_ceil(64).div_ceil(runs);
     let zero = _mm512_setzero_si512();
     let (c, q) = (cells.as_ptr(), qs.as_ptr());
@@ -231,7 +231,11 @@ unsafe fn kernel<const T: usize, const BITS: u32>(
             let cell = c.add(s * cb);
             let mut isum = [zero; T];
             for run in 0..runs {
-                prefetch_ahead(cell.wrapping_add(run * pf_lines * 64), pf_lines);
+                if T == 1 {
+                    // One token streams every cell from memory once (as the AVX2 and the
+                    // Q4/Q8 one-token kernels); more tokens re-read cells from the caches.
+                    prefetch_ahead(cell.wrapping_add(run * pf_lines * 64), pf_lines);
+                }
                 let (lo, hi) = run_levels::<BITS>(cell.add(runs_at + run * run_b));
                 // The scales of the low and the high elements' sub-blocks (Q6_K's two
                 // sub-blocks of 16), or of the run's one sub-block.
