@@ -76,9 +76,15 @@ pub(crate) fn kpacked_group(
         vals[0] = v;
         return;
     }
-    // Tokens per kernel call: all of them (the unpacked levels of a 32-element run stay in
-    // registers while every token meets them; each token's sums are only two registers).
-    let per_call = 8;
+    // Tokens per kernel call: four. The unpacked levels of a 32-element run (eight
+    // registers) stay in registers while every token meets them, and each token adds its
+    // sums; with eight tokens they outgrow AVX2's sixteen registers and spill. Measured on an
+    // Intel Xeon held to AVX2 (`head_bandwidth SHAPES=mistral7b TOKENS=64`, 2 threads,
+    // alternated): Q4_K 14336x4096 143 -> 150-161 GMAC/s, 4096x4096 158 -> 166-176; Q6_K
+    // the same within noise (4 to 8 alike); Mistral-7B shape pp64 +8%. Six and two were
+    // slower than four; the loops turned round (each level step meeting all eight tokens,
+    // only their sums live) were no faster.
+    let per_call = 4;
     for half in 0..2 {
         let mut t0 = 0;
         while t0 < nt {
