@@ -55,9 +55,19 @@ pub fn matmul(
         WeightType::F16 => {
             let mut xh = vec![f16::ZERO; x.len()];
             (k.f32_to_f16)(x, &mut xh);
-            run(pool, w, n_tokens, y, &|row, t| {
-                (k.dot_f16_bytes)(row, &xh[t * cols..(t + 1) * cols])
-            });
+            if n_tokens == 1 {
+                run(pool, w, n_tokens, y, &|row, t| {
+                    (k.dot_f16_bytes)(row, &xh[t * cols..(t + 1) * cols])
+                });
+            } else {
+                // Several tokens: each weight vector widened once for all of them (the
+                // activations widened back to f32 once, exactly); the same bits per output.
+                let mut xw = vec![0f32; x.len()];
+                (k.f16_to_f32)(&xh, &mut xw);
+                run_tokens(pool, w, n_tokens, y, &|row, t0, out| {
+                    (k.dot_f16_bytes_tokens)(row, &xw[t0 * cols..], cols, out)
+                });
+            }
         }
         WeightType::BF16 => {
             let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -329,6 +339,68 @@ impl DisjointOut {
 }
 
 /// Evaluates `dot(row_bytes, token)` for every (row, token) pair into `y[token*rows + row]`.
+/// Tokens per call of a several-tokens kernel ([`run_tokens`]): the AVX2 F16 kernel's.
+const TOKEN_BLOCK: usize = 3;
+/// Weight bytes of a row block in [`run_tokens`] (within a 1-2 MiB L2 beside the
+/// activations).
+const ROW_BLOCK_BYTES: usize = 256 * 1024;
+
+/// `dot(row, t0, out)` of [`run_tokens`].
+type TokensDot<'a> = dyn Fn(&[u8], usize, &mut [f32]) + Sync + 'a;
+
+/// [`run`] for a kernel that computes one row against several tokens at once:
+/// `dot(row, t0, out)` fills `out[i]` for tokens `t0 + i`.
+fn run_tokens(
+    pool: &ThreadPool,
+    w: &Matrix<'_>,
+    n_tokens: usize,
+    y: &mut [f32],
+    dot: &TokensDot<'_>,
+) {
+    let rows = w.rows();
+    let row_chunk = rows
+        .div_ceil(pool.n_threads() * TASKS_PER_THREAD)
+        .max(MIN_ROW_CHUNK);
+    let row_tasks = rows.div_ceil(row_chunk);
+    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let out = DisjointOut {
+        ptr: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    let out = &out;
+    pool.parallel_for(row_tasks * token_tasks, &|task| {
+        let (rt, tt) = (task % row_tasks, task / row_tasks);
+        let r0 = rt * row_chunk;
+        let r1 = (r0 + row_chunk).min(rows);
+        let t0 = tt * TOKEN_CHUNK;
+        let t1 = (t0 + TOKEN_CHUNK).min(n_tokens);
+        let mut vals = [0f32; TOKEN_BLOCK];
+        // Rows in blocks that stay in L2, and in each, tokens outside and rows inside: a
+        // token block's activations stay in L1 while the rows stream past them from L2, and
+        // each row comes from memory once (rows outside would re-read 32 tokens'
+        // activations, up to 200 KiB, from L2 for every row; the task's rows inside
+        // without blocks would re-read a large matrix, an output head, from memory for every
+        // token block).
+        let row_block = (ROW_BLOCK_BYTES / w.row_bytes().max(1)).max(1);
+        for rb0 in (r0..r1).step_by(row_block) {
+            let rb1 = (rb0 + row_block).min(r1);
+            for b0 in (t0..t1).step_by(TOKEN_BLOCK) {
+                let b1 = (b0 + TOKEN_BLOCK).min(t1);
+                let vals = &mut vals[..b1 - b0];
+                for r in rb0..rb1 {
+                    dot(w.row(r), b0, vals);
+                    for (t, &v) in (b0..b1).zip(vals.iter()) {
+                        // SAFETY: as in `run`: this task alone owns the (row, token) pairs
+                        // in [r0, r1) × [t0, t1), and `y` stays exclusively borrowed until
+                        // `parallel_for` returns.
+                        unsafe { out.write(t * rows + r, v) };
+                    }
+                }
+            }
+        }
+    });
+}
+
 fn run(
     pool: &ThreadPool,
     w: &Matrix<'_>,

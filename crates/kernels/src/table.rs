@@ -37,6 +37,11 @@ pub(crate) type AxpyQ8RowsFn = fn(&mut [f32], &[f32], &[i8], &[f16], usize);
 /// Quantises one row of f32 activations into blocks.
 pub(crate) type QuantizeFn = fn(&[f32], &mut [u8]);
 
+/// One F16 weight row (little-endian bytes) against `out.len()` tokens: `(w, x, stride, out)`
+/// with token `t`'s activations at `x[t * stride..]`, f32 values that f16 holds exactly
+/// (activations rounded to f16, widened once per call).
+pub(crate) type DotF16TokensFn = fn(&[u8], &[f32], usize, &mut [f32]);
+
 /// A tile of quantised dot products, the inner loop of the row-wise matmul for Q4_0, Q4_1 and
 /// Q8_0: `out[t * w.len() + r] = dot(w[r], x[t])` for every weight row `w[r]` and
 /// activation row `x[t]` of one block format pair. Block counts are the fewest whole blocks
@@ -75,6 +80,11 @@ pub(crate) struct Kernels {
     pub(crate) dot_f32_bytes: fn(&[u8], &[f32]) -> f32,
     /// F16 weight row (little-endian bytes) · f16 activations.
     pub(crate) dot_f16_bytes: fn(&[u8], &[f16]) -> f32,
+    /// `dot_f16_bytes` of one weight row with several tokens (prompt chunks, verified
+    /// drafts): each weight vector is widened once for all of them. `out[t]` is bit-identical
+    /// to this table's `dot_f16_bytes` of the row with token `t` (rounded to f16), so a
+    /// token's output does not depend on the tokens computed with it.
+    pub(crate) dot_f16_bytes_tokens: DotF16TokensFn,
     /// BF16 weight row (little-endian bytes) · bf16 activations, `ggml_vec_dot_bf16`.
     pub(crate) dot_bf16_bytes: fn(&[u8], &[bf16]) -> f32,
     /// `y[i] += alpha * x[i]`.
@@ -192,7 +202,8 @@ macro_rules! kernel_table {
     ) => {
         $crate::table::kernel_table!(@fields $name, $q8k, $packed, $kpacked,
             $base => [
-                dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_bf16_bytes axpy_f16 dot_f16_rows
+                dot_f32 dot_f16 dot_f32_bytes dot_f16_bytes dot_f16_bytes_tokens dot_bf16_bytes
+                axpy_f16 dot_f16_rows
                 axpy_f16_rows dot_f16_rows_group axpy_f16_rows_group dot_q8_0_rows axpy_q8_0_rows exp_sum f32_to_f16
                 f16_to_f32 quantize_q8_0 quantize_q8_1 dot_q4_0_q8_0 dot_q4_1_q8_1
                 dot_q8_0_q8_0 dequantize_q4_0 dequantize_q4_1 dequantize_q8_0

@@ -290,6 +290,31 @@ proptest! {
         prop_assert_eq!((s.dot_f16_bytes)(&ah_bytes, &bh).to_bits(), (s.dot_f16)(&ah, &bh).to_bits());
     }
 
+    /// The F16 tokens kernel gives each token exactly its table's one-token dot (so a
+    /// token's output does not depend on the tokens beside it: verified drafts match
+    /// decoding), and the scalar twin's within rounding, for any length and token count.
+    #[test]
+    fn f16_tokens_kernel_equals_one_token_dots(n in 0usize..300, nt in 1usize..8, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let w: Vec<f16> = rand_acts(&mut rng, n).iter().map(|&v| f16::from_f32(v)).collect();
+        let w_bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let xh: Vec<f16> = rand_acts(&mut rng, n * nt).iter().map(|&v| f16::from_f32(v)).collect();
+        let xw: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+        let s = &SCALAR;
+        for k in available() {
+            let mut out = vec![f32::NAN; nt];
+            (k.dot_f16_bytes_tokens)(&w_bytes, &xw, n, &mut out);
+            for (t, &got) in out.iter().enumerate() {
+                let xt = &xh[t * n..(t + 1) * n];
+                prop_assert_eq!(got.to_bits(), (k.dot_f16_bytes)(&w_bytes, xt).to_bits(),
+                    "{} token {} of {}", k.name, t, nt);
+                let abs: f32 = w.iter().zip(xt).map(|(a, b)| (a.to_f32() * b.to_f32()).abs()).sum();
+                let tol = 1e-5 * abs + f32::MIN_POSITIVE;
+                prop_assert!(close(got, (s.dot_f16_bytes)(&w_bytes, xt), tol), "{} vs scalar", k.name);
+            }
+        }
+    }
+
     /// axpy: SIMD uses one fused multiply-add per element, scalar a multiply then an add;
     /// they differ by at most one rounding of the product.
     #[test]

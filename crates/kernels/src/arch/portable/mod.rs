@@ -67,6 +67,22 @@ pub(crate) fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
     sum as f32
 }
 
+/// The scalar twin of the tokens kernel: [`dot_f16_bytes`] per token (the activations are
+/// f16 values already, so the same products and sums).
+pub(crate) fn dot_f16_bytes_tokens(w: &[u8], x: &[f32], stride: usize, out: &mut [f32]) {
+    let n = (w.len() / 2).min(stride);
+    for (t, o) in out.iter_mut().enumerate() {
+        let xt = x
+            .get(t * stride..)
+            .map_or(&[][..], |x| &x[..n.min(x.len())]);
+        let mut sum = 0f64;
+        for (c, &y) in w.chunks_exact(2).zip(xt) {
+            sum += f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32() * y);
+        }
+        *o = sum as f32;
+    }
+}
+
 pub(crate) fn dot_bf16_bytes(w: &[u8], x: &[bf16]) -> f32 {
     let mut sum = 0f64;
     for (c, y) in w.chunks_exact(2).zip(x) {

@@ -84,6 +84,35 @@ pub(crate) fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
     unsafe { dot_f16_raw(w.as_ptr().cast(), x.as_ptr().cast(), n) }
 }
 
+/// Tokens per call of [`dot_f16_tokens_raw`]: three tokens' four accumulators and one
+/// widened weight vector fit AVX2's sixteen registers.
+const F16_TOKENS: usize = 3;
+
+pub(crate) fn dot_f16_bytes_tokens(w: &[u8], x: &[f32], stride: usize, out: &mut [f32]) {
+    let n = (w.len() / 2).min(stride);
+    let nt = x
+        .len()
+        .checked_div(stride)
+        .map_or(out.len(), |fit| out.len().min(fit));
+    out[nt..].fill(0.0);
+    let mut t = 0;
+    while t < nt {
+        let k = (nt - t).min(F16_TOKENS);
+        // SAFETY: CPU features checked by `table()`; `w` holds `n` little-endian f16 (read
+        // unaligned); tokens `t..t + k` < `nt` each have `stride` ≥ `n` f32 in `x`.
+        unsafe {
+            let (wp, xp) = (w.as_ptr().cast(), x.as_ptr().add(t * stride));
+            let o = &mut out[t..t + k];
+            match k {
+                3 => o.copy_from_slice(&dot_f16_tokens_raw::<3>(wp, xp, stride, n)),
+                2 => o.copy_from_slice(&dot_f16_tokens_raw::<2>(wp, xp, stride, n)),
+                _ => o.copy_from_slice(&dot_f16_tokens_raw::<1>(wp, xp, stride, n)),
+            }
+        }
+        t += k;
+    }
+}
+
 pub(crate) fn dot_bf16_bytes(w: &[u8], x: &[bf16]) -> f32 {
     let n = (w.len() / 2).min(x.len());
     // SAFETY: CPU features checked by `table()`; `w` holds `n` little-endian bf16 (read
@@ -233,6 +262,51 @@ unsafe fn dot_f16_raw(a: *const u16, b: *const u16, n: usize) -> f32 {
         i += 1;
     }
     total as f32
+}
+
+/// [`dot_f16_raw`] of one weight row `w` with `T` tokens (`x`, `stride` f32 apart, each
+/// value an f16's): each weight vector is widened once and meets every token, and each
+/// token's lanes see the same fused multiply-adds in the same order, the same reduction and
+/// the same tail as [`dot_f16_raw`]: bit-identical results.
+///
+/// # Safety
+///
+/// AVX2, FMA and F16C must be available; `w` must be readable for `n` u16 and `x` for
+/// `(T − 1)·stride + n` f32 (any alignment).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_tokens_raw<const T: usize>(
+    w: *const u16,
+    x: *const f32,
+    stride: usize,
+    n: usize,
+) -> [f32; T] {
+    let np = n & !31;
+    let mut sum = [[_mm256_setzero_ps(); 4]; T];
+    let mut i = 0;
+    while i < np {
+        for j in 0..4 {
+            // SAFETY: i + 8j + 8 <= np <= n elements of `w` and of each token are readable.
+            unsafe {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(i + 8 * j).cast()));
+                for (t, s) in sum.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(t * stride + i + 8 * j));
+                    s[j] = _mm256_fmadd_ps(wv, xv, s[j]);
+                }
+            }
+        }
+        i += 32;
+    }
+    let mut out = [0f32; T];
+    for (t, (o, s)) in out.iter_mut().zip(sum).enumerate() {
+        let mut total = f64::from(reduce4(s));
+        for k in i..n {
+            // SAFETY: k < n.
+            let (a, b) = unsafe { (w.add(k).read_unaligned(), x.add(t * stride + k).read()) };
+            total += f64::from(f16::from_bits(a).to_f32() * b);
+        }
+        *o = total as f32;
+    }
+    out
 }
 
 /// Loads 8 bf16 and widens them to f32 (a 16-bit shift).
