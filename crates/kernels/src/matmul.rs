@@ -12,6 +12,8 @@
 //! any thread count.
 #![allow(unsafe_code)]
 
+use std::ops::Range;
+
 use half::{bf16, f16};
 
 use crate::dispatch;
@@ -303,9 +305,10 @@ pub(crate) struct DisjointOut {
     pub(crate) len: usize,
 }
 
-// SAFETY: `DisjointOut` is only a pointer to a `&mut [f32]` that `run` holds exclusively
-// for its whole duration; tasks write pairwise-disjoint indices (see `run`), so sharing it
-// across the pool's threads cannot create a data race.
+// SAFETY: `DisjointOut` is only a pointer to a `&mut [f32]` that its maker
+// (`for_each_task`, the packed matmul's `run`) holds exclusively for its whole duration;
+// tasks write pairwise-disjoint indices, so sharing it across the pool's threads cannot
+// create a data race.
 unsafe impl Sync for DisjointOut {}
 
 impl DisjointOut {
@@ -338,12 +341,41 @@ impl DisjointOut {
     }
 }
 
-/// Evaluates `dot(row_bytes, token)` for every (row, token) pair into `y[token*rows + row]`.
 /// Tokens per call of a several-tokens kernel ([`run_tokens`]): the AVX2 F16 kernel's.
 const TOKEN_BLOCK: usize = 3;
 /// Weight bytes of a row block in [`run_tokens`] (within a 1-2 MiB L2 beside the
 /// activations).
 const ROW_BLOCK_BYTES: usize = 256 * 1024;
+
+/// A task of [`for_each_task`]: its rows, its tokens and the output.
+type Task<'a> = dyn Fn(Range<usize>, Range<usize>, &DisjointOut) + Sync + 'a;
+
+/// Splits the (row, token) pairs of a `rows` × `n_tokens` output `y` (`y[token*rows +
+/// row]`) into tasks of (a chunk of rows) × (a chunk of tokens) on `pool`. A task may write
+/// exactly its own pairs through `out`: distinct tasks have disjoint row or token ranges,
+/// and `y` stays exclusively borrowed until every task has returned.
+fn for_each_task(pool: &ThreadPool, rows: usize, n_tokens: usize, y: &mut [f32], task: &Task<'_>) {
+    let row_chunk = rows
+        .div_ceil(pool.n_threads() * TASKS_PER_THREAD)
+        .max(MIN_ROW_CHUNK);
+    let row_tasks = rows.div_ceil(row_chunk);
+    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let out = DisjointOut {
+        ptr: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    let out = &out;
+    pool.parallel_for(row_tasks * token_tasks, &|i| {
+        let (rt, tt) = (i % row_tasks, i / row_tasks);
+        let r0 = rt * row_chunk;
+        let t0 = tt * TOKEN_CHUNK;
+        task(
+            r0..(r0 + row_chunk).min(rows),
+            t0..(t0 + TOKEN_CHUNK).min(n_tokens),
+            out,
+        );
+    });
+}
 
 /// `dot(row, t0, out)` of [`run_tokens`].
 type TokensDot<'a> = dyn Fn(&[u8], usize, &mut [f32]) + Sync + 'a;
@@ -358,41 +390,23 @@ fn run_tokens(
     dot: &TokensDot<'_>,
 ) {
     let rows = w.rows();
-    let row_chunk = rows
-        .div_ceil(pool.n_threads() * TASKS_PER_THREAD)
-        .max(MIN_ROW_CHUNK);
-    let row_tasks = rows.div_ceil(row_chunk);
-    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
-    let out = DisjointOut {
-        ptr: y.as_mut_ptr(),
-        len: y.len(),
-    };
-    let out = &out;
-    pool.parallel_for(row_tasks * token_tasks, &|task| {
-        let (rt, tt) = (task % row_tasks, task / row_tasks);
-        let r0 = rt * row_chunk;
-        let r1 = (r0 + row_chunk).min(rows);
-        let t0 = tt * TOKEN_CHUNK;
-        let t1 = (t0 + TOKEN_CHUNK).min(n_tokens);
+    // Rows in blocks that stay in L2, and in each, tokens outside and rows inside: a token
+    // block's activations stay in L1 while the rows stream past them from L2, and each row
+    // comes from memory once (rows outside would re-read 32 tokens' activations, up to 200
+    // KiB, from L2 for every row; the task's rows inside without blocks would re-read a
+    // large matrix, an output head, from memory for every token block).
+    let row_block = (ROW_BLOCK_BYTES / w.row_bytes().max(1)).max(1);
+    for_each_task(pool, rows, n_tokens, y, &|rs, ts, out| {
         let mut vals = [0f32; TOKEN_BLOCK];
-        // Rows in blocks that stay in L2, and in each, tokens outside and rows inside: a
-        // token block's activations stay in L1 while the rows stream past them from L2, and
-        // each row comes from memory once (rows outside would re-read 32 tokens'
-        // activations, up to 200 KiB, from L2 for every row; the task's rows inside
-        // without blocks would re-read a large matrix, an output head, from memory for every
-        // token block).
-        let row_block = (ROW_BLOCK_BYTES / w.row_bytes().max(1)).max(1);
-        for rb0 in (r0..r1).step_by(row_block) {
-            let rb1 = (rb0 + row_block).min(r1);
-            for b0 in (t0..t1).step_by(TOKEN_BLOCK) {
-                let b1 = (b0 + TOKEN_BLOCK).min(t1);
+        for rb0 in rs.clone().step_by(row_block) {
+            let rb1 = (rb0 + row_block).min(rs.end);
+            for b0 in ts.clone().step_by(TOKEN_BLOCK) {
+                let b1 = (b0 + TOKEN_BLOCK).min(ts.end);
                 let vals = &mut vals[..b1 - b0];
                 for r in rb0..rb1 {
                     dot(w.row(r), b0, vals);
                     for (t, &v) in (b0..b1).zip(vals.iter()) {
-                        // SAFETY: as in `run`: this task alone owns the (row, token) pairs
-                        // in [r0, r1) × [t0, t1), and `y` stays exclusively borrowed until
-                        // `parallel_for` returns.
+                        // SAFETY: (r, t) is this task's pair (`for_each_task`).
                         unsafe { out.write(t * rows + r, v) };
                     }
                 }
@@ -401,6 +415,7 @@ fn run_tokens(
     });
 }
 
+/// Evaluates `dot(row_bytes, token)` for every (row, token) pair into `y[token*rows + row]`.
 fn run(
     pool: &ThreadPool,
     w: &Matrix<'_>,
@@ -409,30 +424,12 @@ fn run(
     dot: &(dyn Fn(&[u8], usize) -> f32 + Sync),
 ) {
     let rows = w.rows();
-    let row_chunk = rows
-        .div_ceil(pool.n_threads() * TASKS_PER_THREAD)
-        .max(MIN_ROW_CHUNK);
-    let row_tasks = rows.div_ceil(row_chunk);
-    let token_tasks = n_tokens.div_ceil(TOKEN_CHUNK);
-    let out = DisjointOut {
-        ptr: y.as_mut_ptr(),
-        len: y.len(),
-    };
-    let out = &out;
-    pool.parallel_for(row_tasks * token_tasks, &|task| {
-        let (rt, tt) = (task % row_tasks, task / row_tasks);
-        let r0 = rt * row_chunk;
-        let r1 = (r0 + row_chunk).min(rows);
-        let t0 = tt * TOKEN_CHUNK;
-        let t1 = (t0 + TOKEN_CHUNK).min(n_tokens);
-        for r in r0..r1 {
+    for_each_task(pool, rows, n_tokens, y, &|rs, ts, out| {
+        for r in rs {
             let row = w.row(r);
-            for t in t0..t1 {
+            for t in ts.clone() {
                 let v = dot(row, t);
-                // SAFETY: task `task` owns exactly the (row, token) pairs in
-                // [r0, r1) × [t0, t1); distinct tasks have disjoint row or token ranges,
-                // so index `t * rows + r` is written by this task alone, and `y` stays
-                // exclusively borrowed until `parallel_for` returns.
+                // SAFETY: (r, t) is this task's pair (`for_each_task`).
                 unsafe { out.write(t * rows + r, v) };
             }
         }
