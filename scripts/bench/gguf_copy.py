@@ -12,7 +12,7 @@ import gguf
 
 def open_writer(reader: gguf.GGUFReader, out, edit: Callable[[str, Any], Any] | None = None):
     """A writer for `out` with `reader`'s architecture, alignment and every metadata field,
-    each value passed through `edit(name, value)` when given. Returns (writer, arch)."""
+    each value passed through `edit(name, value)` when given."""
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
         sys.exit("the model has no general.architecture")
@@ -30,4 +30,4 @@ def open_writer(reader: gguf.GGUFReader, out, edit: Callable[[str, Any], Any] | 
         if edit is not None:
             value = edit(field.name, value)
         writer.add_key_value(field.name, value, kind, sub_type=sub)
-    return writer, arch
+    return writer

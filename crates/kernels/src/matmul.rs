@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use crate::dispatch;
 use crate::formats::{BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K};
 use crate::pool::ThreadPool;
-use crate::table::{Kernels, QuantizeFn, TileFn};
+use crate::table::{F16_TOKENS, Kernels, QuantizeFn, TileFn};
 use crate::types::{KernelError, Matrix, WeightType};
 
 /// Tokens per task.
@@ -341,8 +341,6 @@ impl DisjointOut {
     }
 }
 
-/// Tokens per call of a several-tokens kernel ([`run_tokens`]): the AVX2 F16 kernel's.
-const TOKEN_BLOCK: usize = 3;
 /// Weight bytes of a row block in [`run_tokens`] (within a 1-2 MiB L2 beside the
 /// activations).
 const ROW_BLOCK_BYTES: usize = 256 * 1024;
@@ -397,11 +395,11 @@ fn run_tokens(
     // large matrix, an output head, from memory for every token block).
     let row_block = (ROW_BLOCK_BYTES / w.row_bytes().max(1)).max(1);
     for_each_task(pool, rows, n_tokens, y, &|rs, ts, out| {
-        let mut vals = [0f32; TOKEN_BLOCK];
+        let mut vals = [0f32; F16_TOKENS];
         for rb0 in rs.clone().step_by(row_block) {
             let rb1 = (rb0 + row_block).min(rs.end);
-            for b0 in ts.clone().step_by(TOKEN_BLOCK) {
-                let b1 = (b0 + TOKEN_BLOCK).min(ts.end);
+            for b0 in ts.clone().step_by(F16_TOKENS) {
+                let b1 = (b0 + F16_TOKENS).min(ts.end);
                 let vals = &mut vals[..b1 - b0];
                 for r in rb0..rb1 {
                     dot(w.row(r), b0, vals);

@@ -42,6 +42,11 @@ pub(crate) type QuantizeFn = fn(&[f32], &mut [u8]);
 /// (activations rounded to f16, widened once per call).
 pub(crate) type DotF16TokensFn = fn(&[u8], &[f32], usize, &mut [f32]);
 
+/// Tokens a `dot_f16_bytes_tokens` kernel works on at once (the AVX2 kernel's: three
+/// tokens' four accumulators and one widened weight vector fit sixteen registers); callers
+/// hand it this many at a time.
+pub(crate) const F16_TOKENS: usize = 3;
+
 /// A tile of quantised dot products, the inner loop of the row-wise matmul for Q4_0, Q4_1 and
 /// Q8_0: `out[t * w.len() + r] = dot(w[r], x[t])` for every weight row `w[r]` and
 /// activation row `x[t]` of one block format pair. Block counts are the fewest whole blocks

@@ -15,7 +15,7 @@ use super::helpers::{
     mul_sum_us8_pairs_float,
 };
 use crate::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
-use crate::table::{Kernels, kernel_table};
+use crate::table::{F16_TOKENS, Kernels, kernel_table};
 
 // The attention kernels, by their table names.
 pub(crate) use super::attn::{
@@ -84,10 +84,6 @@ pub(crate) fn dot_f16_bytes(w: &[u8], x: &[f16]) -> f32 {
     unsafe { dot_f16_raw(w.as_ptr().cast(), x.as_ptr().cast(), n) }
 }
 
-/// Tokens per call of [`dot_f16_tokens_raw`]: three tokens' four accumulators and one
-/// widened weight vector fit AVX2's sixteen registers.
-const F16_TOKENS: usize = 3;
-
 pub(crate) fn dot_f16_bytes_tokens(w: &[u8], x: &[f32], stride: usize, out: &mut [f32]) {
     let n = (w.len() / 2).min(stride);
     let nt = x
@@ -95,6 +91,8 @@ pub(crate) fn dot_f16_bytes_tokens(w: &[u8], x: &[f32], stride: usize, out: &mut
         .checked_div(stride)
         .map_or(out.len(), |fit| out.len().min(fit));
     out[nt..].fill(0.0);
+    // The calls below take one to three tokens.
+    const _: () = assert!(F16_TOKENS == 3);
     let mut t = 0;
     while t < nt {
         let k = (nt - t).min(F16_TOKENS);
