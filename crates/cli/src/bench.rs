@@ -12,8 +12,10 @@
 //! of logits it returns) with 1 to 64 sequences decoding one token each at three context
 //! lengths, single prompt chunks of 16 to 512 tokens, and steps mixing both, each the median
 //! of the repetitions after one untimed run (the steps taken in turn, one of each per
-//! repetition, so that drift moves them alike); then it fits the step-time coefficients and
-//! writes the profile with `serve`'s scheduler defaults.
+//! repetition, so that drift moves them alike; a one-sequence step, which runs the one-token
+//! kernels, timed back to back after 150 ms of itself, as serving at one stream runs it);
+//! then it fits the step-time coefficients and writes the profile with `serve`'s scheduler
+//! defaults.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -317,6 +319,14 @@ const PROFILE_STEPS: &[(usize, usize, usize, usize)] = &[
     (0, 0, 320, 16),
 ];
 
+/// How long a one-row step runs untimed before it is timed: on a 2-core Xeon VM the step
+/// took 6.8 ms after a different step (or 100 ms idle) and reached its 4.7-5.0 ms over the
+/// next 15-20 steps.
+const ONE_ROW_WARM: std::time::Duration = std::time::Duration::from_millis(150);
+
+/// One-row steps timed in a row, their mean the sample.
+const ONE_ROW_TIMED: usize = 8;
+
 /// Fewest lone requests that time the server's overhead (`--reps` when more).
 const MIN_OVERHEAD_REQUESTS: usize = 16;
 
@@ -395,18 +405,38 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
     }
     // Round robin: one untimed pass of every step, then each repetition times every step
     // once, so that a machine whose speed drifts (a shared host, a clock that changes)
-    // moves every step's samples alike instead of bending the fit.
+    // moves every step's samples alike instead of bending the fit. A one-row step (the
+    // one-token kernels) is timed as serving at one stream runs it, back to back: run for
+    // `ONE_ROW_WARM` untimed, then the mean of `ONE_ROW_TIMED` in a row (see `plan::cpu`).
+    let mut step = |chunks: &[SeqChunk<'_>]| -> Result<()> {
+        let logits = model.forward_batch(&pool, &mut kv, chunks)?;
+        // What the scheduler does with each row of logits when the request is greedy
+        // (serve-load's are): pick the token, then free the row.
+        for row in logits {
+            std::hint::black_box(engine::greedy_token(&row));
+        }
+        Ok(())
+    };
     let mut samples = vec![Vec::with_capacity(args.reps); all.len()];
     for rep in 0..=args.reps {
-        for (chunks, samples) in all.iter().zip(&mut samples) {
-            let t0 = Instant::now();
-            let logits = model.forward_batch(&pool, &mut kv, chunks)?;
-            // What the scheduler does with each row of logits when the request is greedy
-            // (serve-load's are): pick the token, then free the row.
-            for row in logits {
-                std::hint::black_box(engine::greedy_token(&row));
-            }
-            let secs = t0.elapsed().as_secs_f64();
+        for ((chunks, samples), &(decode, _, prompt, _)) in
+            all.iter().zip(&mut samples).zip(PROFILE_STEPS)
+        {
+            let secs = if decode + prompt == 1 {
+                let warm = Instant::now();
+                while warm.elapsed() < ONE_ROW_WARM {
+                    step(chunks)?;
+                }
+                let t0 = Instant::now();
+                for _ in 0..ONE_ROW_TIMED {
+                    step(chunks)?;
+                }
+                t0.elapsed().as_secs_f64() / ONE_ROW_TIMED as f64
+            } else {
+                let t0 = Instant::now();
+                step(chunks)?;
+                t0.elapsed().as_secs_f64()
+            };
             if rep > 0 {
                 samples.push(secs);
             }

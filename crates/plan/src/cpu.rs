@@ -20,6 +20,21 @@
 //!       · Σ positions prompt tokens attend / 1000   attention within and before the chunk
 //! ```
 //!
+//! except a step of one row (one sequence decoding, or a one-token prompt, and nothing
+//! else): the engine computes it with its one-token kernels, a path of its own, and the
+//! profile measures it apart, as serving at one stream runs it (again and again, step after
+//! step):
+//!
+//! ```text
+//! t = one_row_s + one_row_per_1k_context_s · context / 1000
+//! ```
+//!
+//! (On some machines the one-row step's time depends on what ran just before it: on a
+//! 2-core Xeon VM it took 6.8 ms right after a 512-token prompt, a 64-sequence step or 100 ms
+//! idle, and fell to 4.7-5.0 ms over the next 15-20 one-row steps, while a step of four rows
+//! did not move. A one-row step timed after other steps, as the others are, under-predicted
+//! one stream's tokens/s by 35%.)
+//!
 //! "Decode sequences" are the rows that need logits: the decoding sequences and, in a step
 //! where a prompt ends, that prompt's last token (the simulation and the fit count it the
 //! same way); "prompt tokens" are the other prompt rows. The profile measures single
@@ -68,8 +83,8 @@ use crate::sim::{self, Limits, Request, SimResult, StepCost};
 
 /// The version of the profile format this crate reads and writes (4: a prompt's last token
 /// is costed as a logits row, as the simulation costs it, and points may hold several
-/// prompts).
-pub const PROFILE_FORMAT: u32 = 4;
+/// prompts; 5: the one-row step has terms of its own, measured back to back).
+pub const PROFILE_FORMAT: u32 = 5;
 
 /// One measured step: what it computed and the median seconds it took.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,6 +124,11 @@ pub struct CpuFit {
     pub per_decode_seq_per_1k_context_s: f64,
     /// Per 1,000 positions attended by prompt tokens.
     pub per_prompt_token_per_1k_context_s: f64,
+    /// A step of one row at no context (the one-token kernels); 0 when the profile has no
+    /// one-row steps, and then such a step takes the terms above.
+    pub one_row_s: f64,
+    /// The one-row step's growth per 1,000 positions of context.
+    pub one_row_per_1k_context_s: f64,
 }
 
 /// Decoding sequences past which the second slope applies.
@@ -166,6 +186,11 @@ impl CpuStep {
         }
     }
 
+    /// Whether the step is one row and nothing else (the engine's one-token path).
+    fn is_one_row(&self) -> bool {
+        self.decode_seqs == 1.0 && self.prefill_tokens == 0.0 && self.prompt_attention_k == 0.0
+    }
+
     /// Decoding sequences past [`BATCH_KNEE`].
     fn beyond_knee(&self) -> f64 {
         (self.decode_seqs - BATCH_KNEE).max(0.0)
@@ -198,6 +223,8 @@ impl CpuFit {
             per_decode_seq_per_1k_context_s: at(3),
             per_prompt_token_per_1k_context_s: at(4),
             per_decode_seq_beyond_32_s: at(5),
+            one_row_s: 0.0,
+            one_row_per_1k_context_s: 0.0,
         }
     }
 
@@ -210,6 +237,9 @@ impl CpuFit {
 
     /// Seconds of a step.
     pub fn step(&self, step: &CpuStep) -> f64 {
+        if self.one_row_s > 0.0 && step.is_one_row() {
+            return self.one_row_s + self.one_row_per_1k_context_s * step.context / 1000.0;
+        }
         self.fixed_s
             + self.weights_floor_s.max(self.rows_s(step))
             + self.per_decode_seq_per_1k_context_s * step.decode_seqs * step.context / 1000.0
@@ -239,10 +269,19 @@ impl CpuFit {
 
     /// One line for people: the coefficients in milliseconds.
     pub fn describe(&self) -> String {
+        let one_row = if self.one_row_s > 0.0 {
+            format!(
+                "; one row: {:.3} ms + {:.4} ms/1k context",
+                self.one_row_s * 1e3,
+                self.one_row_per_1k_context_s * 1e3
+            )
+        } else {
+            String::new()
+        };
         format!(
             "step = {:.3} ms + max({:.3} ms, {:.3} ms/decode seq (+{:.3} ms/decode seq beyond {BATCH_KNEE}) + \
              {:.3} ms/prompt token) + {:.4} ms/decode seq/1k context + {:.4} ms/1k prompt \
-             positions attended",
+             positions attended{one_row}",
             self.fixed_s * 1e3,
             self.weights_floor_s * 1e3,
             self.per_decode_seq_s * 1e3,
@@ -283,11 +322,49 @@ const FLOOR_GRID: usize = 64;
 /// fit puts under the floor taken as bound by it, until no point changes side; the floor
 /// whose fit has the least mean relative error wins (a floor of 0 is the plain linear fit),
 /// refined on a finer grid around it.
+///
+/// The one-row steps are fitted apart (see the module documentation): a line through their
+/// times against context (least squares, not falling with context), or, where they are all
+/// at one context, the other steps' attention slope through their mean.
 pub fn fit(points: &[CpuPoint]) -> CpuFit {
-    let usable: Vec<&CpuPoint> = points
+    let (one_row, usable): (Vec<&CpuPoint>, Vec<&CpuPoint>) = points
         .iter()
         .filter(|p| p.seconds.is_finite() && p.seconds > 0.0)
-        .collect();
+        .partition(|p| CpuStep::of(p).is_one_row());
+    let mut f = fit_rows(&usable);
+    (f.one_row_s, f.one_row_per_1k_context_s) =
+        fit_one_row(&one_row, f.per_decode_seq_per_1k_context_s);
+    f
+}
+
+/// The one-row terms (seconds at no context, per 1,000 positions) through `points`, each a
+/// one-row step; `slope` when their contexts are all the same; (0, 0) when there are none.
+fn fit_one_row(points: &[&CpuPoint], slope: f64) -> (f64, f64) {
+    if points.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = points.len() as f64;
+    let x: Vec<f64> = points.iter().map(|p| p.context as f64 / 1000.0).collect();
+    let y: Vec<f64> = points.iter().map(|p| p.seconds).collect();
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let var: f64 = x.iter().map(|x| (x - mx).powi(2)).sum();
+    let slope = if var > 0.0 {
+        let cov: f64 = x.iter().zip(&y).map(|(x, y)| (x - mx) * (y - my)).sum();
+        (cov / var).max(0.0)
+    } else {
+        slope
+    };
+    let at_zero = my - slope * mx;
+    if at_zero > 0.0 {
+        (at_zero, slope)
+    } else {
+        (my, 0.0)
+    }
+}
+
+/// The linear terms and the floor, fitted to `usable` (steps of several rows).
+fn fit_rows(usable: &[&CpuPoint]) -> CpuFit {
+    let usable = usable.to_vec();
     let Some(shortest) = usable.iter().map(|p| p.seconds).min_by(f64::total_cmp) else {
         return CpuFit::default();
     };
@@ -471,6 +548,8 @@ impl CpuProfile {
                 "fit.per_prompt_token_per_1k_context_s",
                 f.per_prompt_token_per_1k_context_s,
             ),
+            ("fit.one_row_s", f.one_row_s),
+            ("fit.one_row_per_1k_context_s", f.one_row_per_1k_context_s),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(PlanError::field(
@@ -488,7 +567,7 @@ impl CpuProfile {
                 format!("must be seconds in 0..={MAX_REQUEST_OVERHEAD_S}, not {o}"),
             ));
         }
-        if f.seconds(1.0, 0.0, 0.0) <= 0.0 || f.seconds(0.0, 1.0, 0.0) <= 0.0 {
+        if f.seconds(1.0, 0.0, 0.0) <= 0.0 || f.seconds(0.0, 2.0, 0.0) <= 0.0 {
             return Err(PlanError::field(
                 file,
                 "fit",
@@ -738,10 +817,12 @@ mod tests {
             per_prompt_token_s: 0.006,
             per_decode_seq_per_1k_context_s: 0.004,
             per_prompt_token_per_1k_context_s: 0.003,
+            one_row_s: 0.025,
+            one_row_per_1k_context_s: 0.005,
         }
     }
 
-    fn coefficients(f: &CpuFit) -> [f64; 7] {
+    fn coefficients(f: &CpuFit) -> [f64; 9] {
         [
             f.fixed_s,
             f.weights_floor_s,
@@ -750,6 +831,8 @@ mod tests {
             f.per_prompt_token_s,
             f.per_decode_seq_per_1k_context_s,
             f.per_prompt_token_per_1k_context_s,
+            f.one_row_s,
+            f.one_row_per_1k_context_s,
         ]
     }
 
@@ -825,9 +908,13 @@ mod tests {
     #[test]
     fn small_steps_cost_the_floor_and_large_ones_their_rows() {
         let t = truth();
-        // One or two decoding sequences: below the floor, the same time.
-        assert_eq!(t.seconds(1.0, 0.0, 0.0), t.seconds(2.0, 0.0, 0.0));
-        assert!((t.seconds(1.0, 0.0, 0.0) - 0.032).abs() < 1e-12);
+        // One row (a decoding sequence or a one-token prompt): the one-token path's terms.
+        assert!((t.seconds(1.0, 0.0, 0.0) - 0.025).abs() < 1e-12);
+        assert!((t.seconds(1.0, 0.0, 400.0) - 0.027).abs() < 1e-12);
+        // (A one-token prompt's row is at the prompt's length, one position.)
+        assert_eq!(t.seconds(0.0, 1.0, 0.0), t.seconds(1.0, 0.0, 1.0));
+        // Two rows: below the floor, the linear terms' fixed cost and the floor.
+        assert!((t.seconds(2.0, 0.0, 0.0) - 0.032).abs() < 1e-12);
         // Sixty-four: the rows' arithmetic, with the second slope past 32.
         assert!((t.seconds(64.0, 0.0, 0.0) - (0.012 + 64.0 * 0.007 + 32.0 * 0.001)).abs() < 1e-12);
         // A prompt's attention grows with the square of its length (its last token is a
@@ -850,6 +937,67 @@ mod tests {
             (16.0, 240.0, 16.0)
         );
         assert!((many.prompt_attention_k - 16.0 * 15.0 * 16.0 / 2000.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_row_steps_are_fitted_apart_or_take_the_linear_terms() {
+        let t = truth();
+        let pts = points();
+        // Without one-row points the fit leaves the one-row terms at 0, and a one-row step
+        // costs what the linear terms say.
+        let several: Vec<CpuPoint> = pts
+            .iter()
+            .filter(|p| !CpuStep::of(p).is_one_row())
+            .copied()
+            .collect();
+        assert!(several.len() < pts.len());
+        let f = fit(&several);
+        assert_eq!((f.one_row_s, f.one_row_per_1k_context_s), (0.0, 0.0));
+        let linear = CpuFit {
+            one_row_s: 0.0,
+            ..t
+        };
+        let want = linear.seconds(1.0, 0.0, 128.0);
+        assert!(
+            (f.seconds(1.0, 0.0, 128.0) - want).abs() < 0.02 * want,
+            "{f:?}"
+        );
+        // One-row points at one context: the attention slope of the other steps through
+        // their mean.
+        let mut one = several.clone();
+        one.push(CpuPoint {
+            decode_seqs: 1,
+            prefill_tokens: 0,
+            prompt_chunks: 1,
+            context: 500,
+            seconds: 0.03,
+        });
+        let f = fit(&one);
+        let slope = f.per_decode_seq_per_1k_context_s;
+        assert!(
+            (slope - t.per_decode_seq_per_1k_context_s).abs() < 1e-4,
+            "{f:?}"
+        );
+        assert!((f.one_row_s - (0.03 - 0.5 * slope)).abs() < 1e-12, "{f:?}");
+        assert!((f.seconds(1.0, 0.0, 500.0) - 0.03).abs() < 1e-12);
+        // Times falling with context: no slope, their mean.
+        one.push(CpuPoint {
+            context: 1500,
+            seconds: 0.02,
+            ..one[one.len() - 1]
+        });
+        let f = fit(&one);
+        assert_eq!((f.one_row_s, f.one_row_per_1k_context_s), (0.025, 0.0));
+        // A negative one-row term is refused by name.
+        let bad = profile_json(CpuFit {
+            one_row_per_1k_context_s: -0.001,
+            ..t
+        });
+        let e = CpuProfile::parse(&bad, "p.json").expect_err("negative");
+        assert!(
+            e.to_string().contains("fit.one_row_per_1k_context_s"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -905,7 +1053,10 @@ mod tests {
         // A format-3 profile costed a prompt's last token as a prompt row: measured again.
         let e = CpuProfile::parse("{\"format\":3}", "p.json").expect_err("format 3");
         assert!(e.to_string().contains("bench --profile"), "{e}");
-        let e = CpuProfile::parse("{\"format\":4}", "p.json").expect_err("missing fields");
+        // A format-4 profile timed its one-row steps among the others: measured again.
+        let e = CpuProfile::parse("{\"format\":4}", "p.json").expect_err("format 4");
+        assert!(e.to_string().contains("bench --profile"), "{e}");
+        let e = CpuProfile::parse("{\"format\":5}", "p.json").expect_err("missing fields");
         assert!(e.to_string().contains("missing field"), "{e}");
         // A point's prompts are 1 to its prompt tokens.
         let text = profile_json(truth()).replacen("\"prompt_chunks\":1", "\"prompt_chunks\":0", 1);

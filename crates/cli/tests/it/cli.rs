@@ -527,8 +527,13 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let p: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&profile).expect("profile")).expect("JSON");
-    assert_eq!(p["format"], 4);
+    assert_eq!(p["format"], 5);
     assert!(p["points"].as_array().is_some_and(|v| v.len() >= 17), "{p}");
+    // The one-row steps (one sequence decoding) are costed apart, from what was measured.
+    assert!(
+        p["fit"]["one_row_s"].as_f64().is_some_and(|v| v > 0.0),
+        "{p}"
+    );
     // Timed through the real server (HTTP, template, queue): some time, under a second.
     let overhead = p["request_overhead_s"]
         .as_f64()
