@@ -30,10 +30,15 @@ const TOPICS: [&str; 8] = [
     "a desert town",
 ];
 
-/// How long the server is left idle before each timed request: serve-load's requests
-/// come to a server that has been waiting for them (its threads asleep), not straight after
-/// another request's last chunk.
-const IDLE_BEFORE: Duration = Duration::from_millis(250);
+/// How long the server is left idle before each timed request: as long as serve-load's
+/// requests find it idle, its threads parked (they park after ~100 µs of spinning), not
+/// straight after another request's last chunk. serve-load sends its first request 1.3 to
+/// 4.5 ms after its warm-up's last chunk (measured at 1, 4 and 16 streams on a 2-core Xeon
+/// VM). Not longer: on that machine a step after a long idle is slower (the first one-row
+/// step 8.4 ms after 100 ms idle, 4.8 ms warm), and the request overhead measured after 2,
+/// 10, 50 and 250 ms of idle was 0.5, 0.8, 3.9 and 9.3 ms: the steps' slowing, counted as
+/// the server's own time, made one stream's predicted time to first token 59% too long.
+const IDLE_BEFORE: Duration = Duration::from_millis(3);
 
 /// Longest response line read (a stream's chunks are far shorter).
 const MAX_LINE: usize = 1 << 20;
