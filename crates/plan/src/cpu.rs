@@ -41,6 +41,11 @@
 //! prompts of 16 to 512 tokens and steps of many short prompts together, as a server's
 //! clients send them.
 //!
+//! The prediction of a serve-load run takes a decode step (no prompt tokens) as the fit's
+//! time scaled by the measured decode steps' residual at that batch size and context
+//! ([`CpuProfile::decode_residual`]): the profile measures the batch sizes serving decodes
+//! at, and the fit, a line through all of them, misses some by a few percent.
+//!
 //! A request also spends time in the server outside the forward passes (HTTP, the chat
 //! template, tokenising, the engine's queue); the profile carries it as one delay,
 //! `request_overhead_s`, measured through the real server, and a predicted request reaches
@@ -731,10 +736,74 @@ impl ServeLoad {
     }
 }
 
-/// A profile's step times with other work on the same cores: each step longer by that
-/// work's CPU time per token it emits ([`ServeLoad::other_cpu_per_token_s`]).
+impl CpuProfile {
+    /// How far the measured decode steps are from the fit (measured / fitted) for
+    /// `decode_seqs` sequences at `context`: interpolated linearly between the measured
+    /// contexts of a batch size (the nearest one's beyond them), then between the measured
+    /// batch sizes either side (the nearest one's beyond them); 1 where the profile measured
+    /// no decode step. A step's time is not linear in its rows (the kernels take tokens in
+    /// groups; a batch of four cost 2-8% more than the fit through all batch sizes said on a
+    /// 2-core Xeon), and serving decodes at the batch sizes the profile measures.
+    pub fn decode_residual(&self, decode_seqs: usize, context: f64) -> f64 {
+        // (batch size, [(context, measured / fitted)]), both ascending.
+        let mut by_rows: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
+        for p in &self.points {
+            if p.prefill_tokens != 0 || p.decode_seqs == 0 {
+                continue;
+            }
+            let fitted = self.fit.step(&CpuStep::of(p));
+            if !(fitted > 0.0 && p.seconds.is_finite() && p.seconds > 0.0) {
+                continue;
+            }
+            let at = (p.context as f64, p.seconds / fitted);
+            match by_rows.iter_mut().find(|(r, _)| *r == p.decode_seqs) {
+                Some((_, v)) => v.push(at),
+                None => by_rows.push((p.decode_seqs, vec![at])),
+            }
+        }
+        by_rows.sort_by_key(|(r, _)| *r);
+        for (_, v) in &mut by_rows {
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        let rows: Vec<(f64, f64)> = by_rows
+            .iter()
+            .map(|(r, v)| (*r as f64, interpolate(v, context)))
+            .collect();
+        interpolate(&rows, decode_seqs as f64)
+    }
+}
+
+/// `points` (ascending x, each (x, y)) interpolated linearly at `x`, the nearest end's `y`
+/// beyond them; 1 when there are none.
+fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return 1.0;
+    };
+    if x <= first.0 {
+        return first.1;
+    }
+    if x >= last.0 {
+        return last.1;
+    }
+    for w in points.windows(2) {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        if x <= x1 {
+            return if x1 > x0 {
+                y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            } else {
+                y1
+            };
+        }
+    }
+    last.1
+}
+
+/// A profile's step times as serving runs them: a decode step (no prompt tokens) is the
+/// fit's corrected by the measured decode steps' residual ([`CpuProfile::decode_residual`]),
+/// and with other work on the same cores each step is longer by that work's CPU time per
+/// token it emits ([`ServeLoad::other_cpu_per_token_s`]).
 struct Contended<'a> {
-    fit: &'a CpuFit,
+    profile: &'a CpuProfile,
     per_token_s: f64,
 }
 
@@ -746,9 +815,18 @@ impl StepCost for Contended<'_> {
         mean_context: f64,
         prompt_attention_k: f64,
     ) -> f64 {
-        self.fit
-            .step_seconds(logit_rows, prefill_tokens, mean_context, prompt_attention_k)
-            + logit_rows as f64 * self.per_token_s
+        let fitted = self.profile.fit.step_seconds(
+            logit_rows,
+            prefill_tokens,
+            mean_context,
+            prompt_attention_k,
+        );
+        let residual = if prefill_tokens == 0 && prompt_attention_k == 0.0 {
+            self.profile.decode_residual(logit_rows, mean_context)
+        } else {
+            1.0
+        };
+        fitted * residual + logit_rows as f64 * self.per_token_s
     }
 }
 
@@ -791,7 +869,7 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
     // A figure out of range (which `ServeLoad::check` refuses) counts as none.
     let valid = |s: f64| if other_cpu_ok(s) { s } else { 0.0 };
     let cost = Contended {
-        fit: &profile.fit,
+        profile,
         per_token_s: valid(load.other_cpu_per_token_s),
     };
     let per_request = valid(load.other_cpu_per_request_s);
@@ -998,6 +1076,53 @@ mod tests {
             e.to_string().contains("fit.one_row_per_1k_context_s"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn decode_steps_carry_the_measured_residual_between_measured_batch_sizes() {
+        let mut p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        // Points made from the fit: no residual anywhere.
+        assert!((p.decode_residual(4, 300.0) - 1.0).abs() < 1e-12);
+        // The measured 4-sequence steps 10% above the fit at 128 positions and 20% at 1024,
+        // the 8-sequence ones on it.
+        for pt in &mut p.points {
+            if pt.decode_seqs == 4 && pt.prefill_tokens == 0 {
+                pt.seconds *= if pt.context == 128 { 1.1 } else { 1.2 };
+            }
+        }
+        let r = |d, c| p.decode_residual(d, c);
+        assert!((r(4, 128.0) - 1.1).abs() < 1e-12);
+        assert!((r(4, 1024.0) - 1.2).abs() < 1e-12);
+        // Between contexts, linear; beyond them, the nearest.
+        assert!((r(4, 576.0) - 1.15).abs() < 1e-12);
+        assert!((r(4, 16.0) - 1.1).abs() < 1e-12);
+        assert!((r(4, 4000.0) - 1.2).abs() < 1e-12);
+        // Between batch sizes, linear (6 is halfway from 4 to 8); beyond them, the nearest.
+        assert!((r(6, 128.0) - 1.05).abs() < 1e-12);
+        assert!((r(128, 128.0) - 1.0).abs() < 1e-12);
+        // Serving four streams: every decode step 10% longer at 128 positions, so fewer
+        // tokens a second than the fit alone says.
+        let load = ServeLoad {
+            streams: 4,
+            prompt_tokens: 100,
+            max_tokens: 40,
+            requests: Vec::new(),
+            other_cpu_per_token_s: 0.0,
+            other_cpu_per_request_s: 0.0,
+        };
+        let plain = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        let (fit, measured) = (
+            predict_serve_load(&plain, &load),
+            predict_serve_load(&p, &load),
+        );
+        let ratio = (measured.wall_s - measured.ttft_s[0]) / (fit.wall_s - fit.ttft_s[0]);
+        assert!(
+            (1.10..1.15).contains(&ratio),
+            "{ratio}: {fit:?} {measured:?}"
+        );
+        // A profile without decode steps: no residual.
+        p.points.retain(|pt| pt.prefill_tokens > 0);
+        assert_eq!(p.decode_residual(4, 128.0), 1.0);
     }
 
     #[test]
