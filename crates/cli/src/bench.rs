@@ -320,8 +320,8 @@ const PROFILE_STEPS: &[(usize, usize, usize, usize)] = &[
 ];
 
 /// How long a one-row step runs untimed before it is timed: on a 2-core Xeon VM the step
-/// took 6.8 ms after a different step (or 100 ms idle) and reached its 4.7-5.0 ms over the
-/// next 15-20 steps.
+/// took 6.6-6.8 ms after a different step (8.4 ms after 100 ms idle) and reached its
+/// 4.7-5.0 ms over the next 15-20 steps.
 const ONE_ROW_WARM: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// One-row steps timed in a row, their mean the sample.
@@ -422,6 +422,7 @@ fn profile(args: &BenchArgs, model: LlamaModel, pool: ThreadPool, out: &Path) ->
         for ((chunks, samples), &(decode, _, prompt, _)) in
             all.iter().zip(&mut samples).zip(PROFILE_STEPS)
         {
+            // One row, as `plan::cpu` defines it (one decoding sequence or a one-token prompt).
             let secs = if decode + prompt == 1 {
                 let warm = Instant::now();
                 while warm.elapsed() < ONE_ROW_WARM {

@@ -20,19 +20,19 @@
 //!       · Σ positions prompt tokens attend / 1000   attention within and before the chunk
 //! ```
 //!
-//! except a step of one row (one sequence decoding, or a one-token prompt, and nothing
-//! else): the engine computes it with its one-token kernels, a path of its own, and the
-//! profile measures it apart, as serving at one stream runs it (again and again, step after
-//! step):
+//! except a step of one row (one sequence decoding, a one-token prompt, or a prompt's last
+//! token alone, and nothing else): the engine computes it with its one-token kernels, a path
+//! of its own, and the profile measures it apart, as serving at one stream runs it (again
+//! and again, step after step), and fits these two terms to it by least squares:
 //!
 //! ```text
 //! t = one_row_s + one_row_per_1k_context_s · context / 1000
 //! ```
 //!
 //! (On some machines the one-row step's time depends on what ran just before it: on a
-//! 2-core Xeon VM it took 6.8 ms right after a 512-token prompt, a 64-sequence step or 100 ms
-//! idle, and fell to 4.7-5.0 ms over the next 15-20 one-row steps, while a step of four rows
-//! did not move. A one-row step timed after other steps, as the others are, under-predicted
+//! 2-core Xeon VM it took 6.6-6.8 ms right after a 512-token prompt or a 64-sequence step and
+//! 8.4 ms after 100 ms idle, and fell to 4.7-5.0 ms over the next 15-20 one-row steps, while
+//! a step of four rows did not move. A one-row step timed after other steps, as the others are, under-predicted
 //! one stream's tokens/s by 35%.)
 //!
 //! "Decode sequences" are the rows that need logits: the decoding sequences and, in a step
@@ -564,6 +564,13 @@ impl CpuProfile {
                 ));
             }
         }
+        if f.one_row_s == 0.0 && f.one_row_per_1k_context_s != 0.0 {
+            return Err(PlanError::field(
+                file,
+                "fit.one_row_per_1k_context_s",
+                "without `one_row_s` the one-row step takes the other terms: must be 0",
+            ));
+        }
         let o = p.request_overhead_s;
         if !(o.is_finite() && (0.0..=MAX_REQUEST_OVERHEAD_S).contains(&o)) {
             return Err(PlanError::field(
@@ -576,7 +583,8 @@ impl CpuProfile {
             return Err(PlanError::field(
                 file,
                 "fit",
-                "a step must take some time: the coefficients are all zero",
+                "a step must take some time: the coefficients of one row or of a two-token \
+                 prompt are all zero",
             ));
         }
         let d = p.serve_defaults;
@@ -743,28 +751,48 @@ impl CpuProfile {
     /// batch sizes either side (the nearest one's beyond them); 1 where the profile measured
     /// no decode step. A step's time is not linear in its rows (the kernels take tokens in
     /// groups; a batch of four cost 2-8% more than the fit through all batch sizes said on a
-    /// 2-core Xeon), and serving decodes at the batch sizes the profile measures.
+    /// 2-core Xeon), and serving decodes at the batch sizes the profile measures. Points at
+    /// the same batch size and context count as their mean; a point more than twice or less
+    /// than half its fitted time (a fit that is not the points', as in an edited file) is
+    /// not used.
     pub fn decode_residual(&self, decode_seqs: usize, context: f64) -> f64 {
-        // (batch size, [(context, measured / fitted)]), both ascending.
-        let mut by_rows: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
+        // (context, sum of measured / fitted, points) of one batch size.
+        type Sums = Vec<(f64, f64, f64)>;
+        let mut by_rows: Vec<(usize, Sums)> = Vec::new();
         for p in &self.points {
             if p.prefill_tokens != 0 || p.decode_seqs == 0 {
                 continue;
             }
             let fitted = self.fit.step(&CpuStep::of(p));
-            if !(fitted > 0.0 && p.seconds.is_finite() && p.seconds > 0.0) {
+            let ratio = p.seconds / fitted;
+            if !(fitted > 0.0 && ratio.is_finite() && (0.5..=2.0).contains(&ratio)) {
                 continue;
             }
-            let at = (p.context as f64, p.seconds / fitted);
-            match by_rows.iter_mut().find(|(r, _)| *r == p.decode_seqs) {
-                Some((_, v)) => v.push(at),
-                None => by_rows.push((p.decode_seqs, vec![at])),
+            let context = p.context as f64;
+            let row = match by_rows.iter_mut().find(|(r, _)| *r == p.decode_seqs) {
+                Some((_, v)) => v,
+                None => {
+                    by_rows.push((p.decode_seqs, Vec::new()));
+                    let last = by_rows.len() - 1;
+                    &mut by_rows[last].1
+                }
+            };
+            match row.iter_mut().find(|(c, _, _)| *c == context) {
+                Some((_, sum, n)) => {
+                    *sum += ratio;
+                    *n += 1.0;
+                }
+                None => row.push((context, ratio, 1.0)),
             }
         }
         by_rows.sort_by_key(|(r, _)| *r);
-        for (_, v) in &mut by_rows {
-            v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        }
+        let by_rows: Vec<(usize, Vec<(f64, f64)>)> = by_rows
+            .into_iter()
+            .map(|(r, mut v)| {
+                v.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (r, v.into_iter().map(|(c, sum, n)| (c, sum / n)).collect())
+            })
+            .collect();
         let rows: Vec<(f64, f64)> = by_rows
             .iter()
             .map(|(r, v)| (*r as f64, interpolate(v, context)))
@@ -1066,16 +1094,26 @@ mod tests {
         });
         let f = fit(&one);
         assert_eq!((f.one_row_s, f.one_row_per_1k_context_s), (0.025, 0.0));
-        // A negative one-row term is refused by name.
-        let bad = profile_json(CpuFit {
-            one_row_per_1k_context_s: -0.001,
+        // A negative one-row term, and a slope without the one-row term (it would be
+        // ignored), are refused by name.
+        for (one_row_s, one_row_per_1k_context_s) in [(0.025, -0.001), (0.0, 0.005)] {
+            let bad = profile_json(CpuFit {
+                one_row_s,
+                one_row_per_1k_context_s,
+                ..t
+            });
+            let e = CpuProfile::parse(&bad, "p.json").expect_err("bad one-row terms");
+            assert!(
+                e.to_string().contains("fit.one_row_per_1k_context_s"),
+                "{e}"
+            );
+        }
+        let none = profile_json(CpuFit {
+            one_row_s: 0.0,
+            one_row_per_1k_context_s: 0.0,
             ..t
         });
-        let e = CpuProfile::parse(&bad, "p.json").expect_err("negative");
-        assert!(
-            e.to_string().contains("fit.one_row_per_1k_context_s"),
-            "{e}"
-        );
+        assert!(CpuProfile::parse(&none, "p.json").is_ok());
     }
 
     #[test]
@@ -1120,6 +1158,27 @@ mod tests {
             (1.10..1.15).contains(&ratio),
             "{ratio}: {fit:?} {measured:?}"
         );
+        // Two points at the same batch size and context count as their mean; a point more
+        // than twice its fitted time (a fit that is not the points') is not used.
+        let at_128 = |p: &CpuProfile| {
+            p.points
+                .iter()
+                .find(|pt| pt.decode_seqs == 4 && pt.context == 128 && pt.prefill_tokens == 0)
+                .copied()
+                .expect("the 4-sequence point")
+        };
+        let twin = CpuPoint {
+            seconds: at_128(&p).seconds / 1.1 * 1.3,
+            ..at_128(&p)
+        };
+        p.points.push(twin);
+        assert!((p.decode_residual(4, 128.0) - 1.2).abs() < 1e-12);
+        let wild = CpuPoint {
+            seconds: at_128(&p).seconds * 3.0,
+            ..at_128(&p)
+        };
+        p.points.push(wild);
+        assert!((p.decode_residual(4, 128.0) - 1.2).abs() < 1e-12);
         // A profile without decode steps: no residual.
         p.points.retain(|pt| pt.prefill_tokens > 0);
         assert_eq!(p.decode_residual(4, 128.0), 1.0);
