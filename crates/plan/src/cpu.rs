@@ -369,7 +369,6 @@ fn fit_one_row(points: &[&CpuPoint], slope: f64) -> (f64, f64) {
 
 /// The linear terms and the floor, fitted to `usable` (steps of several rows).
 fn fit_rows(usable: &[&CpuPoint]) -> CpuFit {
-    let usable = usable.to_vec();
     let Some(shortest) = usable.iter().map(|p| p.seconds).min_by(f64::total_cmp) else {
         return CpuFit::default();
     };
@@ -383,7 +382,7 @@ fn fit_rows(usable: &[&CpuPoint]) -> CpuFit {
             let scaled: Vec<Vec<f64>> = steps
                 .iter()
                 .zip(&bound)
-                .zip(&usable)
+                .zip(usable)
                 .map(|((s, &b), p)| s.terms(b).iter().map(|v| v / p.seconds).collect())
                 .collect();
             let ratios: Vec<f64> = usable
@@ -756,6 +755,11 @@ impl CpuProfile {
     /// than half its fitted time (a fit that is not the points', as in an edited file) is
     /// not used.
     pub fn decode_residual(&self, decode_seqs: usize, context: f64) -> f64 {
+        self.decode_residuals().at(decode_seqs, context)
+    }
+
+    /// The table [`CpuProfile::decode_residual`] reads, built once for many steps.
+    fn decode_residuals(&self) -> DecodeResiduals {
         // (context, sum of measured / fitted, points) of one batch size.
         type Sums = Vec<(f64, f64, f64)>;
         let mut by_rows: Vec<(usize, Sums)> = Vec::new();
@@ -793,7 +797,21 @@ impl CpuProfile {
                 (r, v.into_iter().map(|(c, sum, n)| (c, sum / n)).collect())
             })
             .collect();
-        let rows: Vec<(f64, f64)> = by_rows
+        DecodeResiduals { by_rows }
+    }
+}
+
+/// Measured / fitted decode steps: per measured batch size (ascending), (context, ratio)
+/// pairs (ascending, one per context).
+struct DecodeResiduals {
+    by_rows: Vec<(usize, Vec<(f64, f64)>)>,
+}
+
+impl DecodeResiduals {
+    /// The residual at `decode_seqs` sequences and `context` ([`CpuProfile::decode_residual`]).
+    fn at(&self, decode_seqs: usize, context: f64) -> f64 {
+        let rows: Vec<(f64, f64)> = self
+            .by_rows
             .iter()
             .map(|(r, v)| (*r as f64, interpolate(v, context)))
             .collect();
@@ -831,7 +849,8 @@ fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
 /// and with other work on the same cores each step is longer by that work's CPU time per
 /// token it emits ([`ServeLoad::other_cpu_per_token_s`]).
 struct Contended<'a> {
-    profile: &'a CpuProfile,
+    fit: &'a CpuFit,
+    residuals: DecodeResiduals,
     per_token_s: f64,
 }
 
@@ -843,14 +862,11 @@ impl StepCost for Contended<'_> {
         mean_context: f64,
         prompt_attention_k: f64,
     ) -> f64 {
-        let fitted = self.profile.fit.step_seconds(
-            logit_rows,
-            prefill_tokens,
-            mean_context,
-            prompt_attention_k,
-        );
+        let fitted =
+            self.fit
+                .step_seconds(logit_rows, prefill_tokens, mean_context, prompt_attention_k);
         let residual = if prefill_tokens == 0 && prompt_attention_k == 0.0 {
-            self.profile.decode_residual(logit_rows, mean_context)
+            self.residuals.at(logit_rows, mean_context)
         } else {
             1.0
         };
@@ -897,7 +913,8 @@ pub fn predict_serve_load(profile: &CpuProfile, load: &ServeLoad) -> SimResult {
     // A figure out of range (which `ServeLoad::check` refuses) counts as none.
     let valid = |s: f64| if other_cpu_ok(s) { s } else { 0.0 };
     let cost = Contended {
-        profile,
+        fit: &profile.fit,
+        residuals: profile.decode_residuals(),
         per_token_s: valid(load.other_cpu_per_token_s),
     };
     let per_request = valid(load.other_cpu_per_request_s);
