@@ -113,11 +113,13 @@ def _serve(
     api_key: str = "unused",
     chat_models: int = 1,
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """Starts `souverain serve` on the model (the default one unless `model` names another)
     with `extra_args`; stops it on exit. The client sends `api_key` (a real key for a server
     started with `--auth`). `chat_models` is how many chat models `/v1/models` must list
-    (more than one when `extra_args` add models). `port` reuses a port (a restart)."""
+    (more than one when `extra_args` add models). `port` reuses a port (a restart). `env`
+    adds to the server's environment."""
     binary = server_binary()
     if model is None:
         model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
@@ -147,7 +149,8 @@ def _serve(
         # Server output goes to a file, not a pipe: a pipe nobody reads can fill and stall it.
         log_path = Path(tmp) / "server.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
         healthy = False
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -1,13 +1,17 @@
 """Energy per request as clients see it, through the official SDKs: the `energy_joules` and
 `energy_source` extension fields of `usage` (OpenAI chat and completions, whole and streamed;
 Anthropic's messages, whole and streamed) and the `x-souverain-energy-*` headers of a whole
-answer, which must agree with the usage they come with; and under `--auth`, the usage records of
+answer, which must agree with the usage they come with; under `--auth`, the usage records of
 requests that ended every way (answered, or a stream its client closed) carry the energy the
-engine charged them, summing to what `/metrics` says requests used."""
+engine charged them, summing to what `/metrics` says requests used; and measured energy, from
+NVML's counters, with a simulated NVML library (this machine has no GPU): labelled measured,
+summing to the counters' growth."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import anthropic
 import openai
 
-from conftest import Server, _serve, admin
+from conftest import DEFAULT_MODEL, REPO_ROOT, Server, _serve, admin, server_binary
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 SOURCES = {"measured", "modelled"}
@@ -107,3 +111,104 @@ def test_a_cancelled_stream_is_charged_its_energy(tmp_path: Path) -> None:
         recorded = sum(u["energy_uj"] for u in usage) / 1e6
         charged = requests_joules(server.root_url)
         assert abs(recorded - charged) <= 0.01 * charged, (recorded, charged)
+
+
+SIMULATED_NVML = REPO_ROOT / "crates" / "engine" / "testdata" / "simulated_nvml.c"
+
+
+def simulated_nvml(tmp_path: Path, log: Path, gpus: int) -> dict[str, str]:
+    """Builds the simulated NVML library (NVML's functions over total-energy counters that grow
+    as `gpus` GPUs drawing 300, 600, ... W would; each read logged to `log`) as
+    libnvidia-ml.so.1 in a folder of its own; returns the environment that makes a server
+    find it."""
+    lib_dir = tmp_path / "nvml"
+    lib_dir.mkdir(exist_ok=True)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib_dir / "libnvidia-ml.so.1"),
+                    str(SIMULATED_NVML)], check=True)
+    paths = [str(lib_dir), os.environ.get("LD_LIBRARY_PATH", "")]
+    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p),
+            "SIMULATED_NVML_GPUS": str(gpus), "SIMULATED_NVML_WATTS": "300",
+            "SIMULATED_NVML_LOG": str(log)}
+
+
+def energy_metrics(root_url: str) -> dict[str, tuple[str, str, int]]:
+    """`souverain_energy_joules_total` by kind: (source, meter, microjoules)."""
+    with urllib.request.urlopen(f"{root_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(r'^souverain_energy_joules_total\{[^}]*source="([^"]+)",meter="([^"]+)",'
+                       r'kind="([^"]+)"\} (\S+)$', text, re.M)
+    assert len(found) == 2, text
+    return {kind: (source, meter, round(float(v) * 1e6)) for source, meter, kind, v in found}
+
+
+def counter_totals(log: Path) -> set[int]:
+    """From the simulated library's log of reads ("<gpu> <mJ>"), the counters' growth since
+    each GPU's first read, in microjoules, after every read."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    totals = set()
+    for line in log.read_text().split("\n"):
+        if not line:
+            continue
+        gpu, mj = map(int, line.split())
+        first.setdefault(gpu, mj)
+        last[gpu] = mj
+        totals.add(sum(last[g] - first[g] for g in last) * 1000)
+    return totals
+
+
+def test_energy_is_measured_from_a_simulated_nvml_library(tmp_path: Path) -> None:
+    """`--energy-source nvml` over a simulated NVML (two GPUs; no GPU here): answers, headers
+    and `/metrics` say `measured` and name the meter, and the requests' and idle joules sum
+    exactly to the counters' growth since the engine's first read."""
+    log = tmp_path / "nvml.log"
+    env = simulated_nvml(tmp_path, log, gpus=2)
+    with _serve(["--energy-source", "nvml"], None, env=env) as server:
+        c, model = server.client, server.model_id
+        t0 = time.monotonic()
+        raw = c.chat.completions.with_raw_response.create(
+            model=model, messages=CHAT, max_tokens=8, temperature=0)
+        wall = time.monotonic() - t0
+        joules, source = energy_of(raw.parse().usage)
+        assert source == "measured"
+        assert raw.headers["x-souverain-energy-source"] == "measured"
+        # 300 + 600 W over the answer's steps, which took less than its wall time.
+        assert joules < 900 * wall, (joules, wall)
+        usage = None
+        for chunk in c.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        ):
+            usage = chunk.usage or usage
+        assert usage is not None
+        streamed, source = energy_of(usage)
+        assert source == "measured"
+        # Nothing runs now, so the engine only adds idle joules: requests and idle are
+        # read consistently.
+        m = energy_metrics(server.root_url)
+        assert {k: v[:2] for k, v in m.items()} == {
+            "requests": ("measured", "nvml"), "idle": ("measured", "nvml")}
+        # The requests' joules are the two answers' (nothing else ran), each rounded to the
+        # microjoule in `usage`.
+        assert abs(m["requests"][2] - round((joules + streamed) * 1e6)) <= 2, m
+        # Requests plus idle is what the counters grew by between two of the engine's reads.
+        assert m["requests"][2] + m["idle"][2] in counter_totals(log), m
+    # `auto` does not take NVML (this engine computes on the CPU): modelled here, no RAPL.
+    if not Path("/sys/class/powercap/intel-rapl:0").exists():
+        with _serve([], None, env=env) as server:
+            r = server.client.chat.completions.create(
+                model=server.model_id, messages=CHAT, max_tokens=2, temperature=0)
+            assert energy_of(r.usage)[1] == "modelled"
+            assert energy_metrics(server.root_url)["requests"][:2] == ("modelled", "model")
+
+
+def test_nvml_without_a_gpu_refuses_to_start(tmp_path: Path) -> None:
+    """NVML that finds no GPU (the simulated library with none): `--energy-source nvml` is an
+    error that says so, not a server labelling modelled joules measured."""
+    env = simulated_nvml(tmp_path, tmp_path / "nvml.log", gpus=0)
+    model = Path(os.environ.get("SOUVERAIN_MODEL", str(DEFAULT_MODEL))).expanduser()
+    r = subprocess.run([str(server_binary()), "serve", "--model", str(model), "--port", "0",
+                        "--energy-source", "nvml"], env={**os.environ, **env},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no NVIDIA GPU" in r.stdout + r.stderr, r

@@ -280,6 +280,7 @@ impl EnergyMeter for Rapl {
 mod nvml {
     use super::{EnergyKind, EnergyMeter};
     use libloading::Library;
+    use std::ffi::OsStr;
 
     type Device = *mut std::ffi::c_void;
     type InitFn = unsafe extern "C" fn() -> i32;
@@ -287,9 +288,14 @@ mod nvml {
     type HandleFn = unsafe extern "C" fn(u32, *mut Device) -> i32;
     type EnergyFn = unsafe extern "C" fn(Device, *mut u64) -> i32;
 
+    /// The library's name as the NVIDIA driver installs it (found through the dynamic
+    /// loader's search path, `LD_LIBRARY_PATH` included).
+    const LIBRARY: &str = "libnvidia-ml.so.1";
+
     /// NVML's total-energy counters (millijoules) of every GPU.
     pub(crate) struct Nvml {
         energy: EnergyFn,
+        shutdown: InitFn,
         devices: Vec<Device>,
         last_mj: Vec<u64>,
         /// Keeps the library (and so `energy`) loaded.
@@ -303,12 +309,18 @@ mod nvml {
 
     impl Nvml {
         pub(crate) fn open() -> Result<Self, String> {
+            Self::open_library(OsStr::new(LIBRARY))
+        }
+
+        /// NVML from `library`: a name the dynamic loader looks up, or a path.
+        pub(crate) fn open_library(library: &OsStr) -> Result<Self, String> {
             // SAFETY: loading NVML runs its initialisers, which have no preconditions.
-            let lib = unsafe { Library::new("libnvidia-ml.so.1") }
-                .map_err(|e| format!("NVML not available: {e}"))?;
+            let lib =
+                unsafe { Library::new(library) }.map_err(|e| format!("NVML not available: {e}"))?;
             // SAFETY: the symbols' types are NVML's documented C signatures (nvml.h).
-            let (init, count, handle, energy) = unsafe {
+            let (init, shutdown, count, handle, energy) = unsafe {
                 let init: InitFn = *lib.get::<InitFn>(b"nvmlInit_v2\0").map_err(sym)?;
+                let shutdown: InitFn = *lib.get::<InitFn>(b"nvmlShutdown\0").map_err(sym)?;
                 let count: CountFn = *lib
                     .get::<CountFn>(b"nvmlDeviceGetCount_v2\0")
                     .map_err(sym)?;
@@ -318,21 +330,27 @@ mod nvml {
                 let energy: EnergyFn = *lib
                     .get::<EnergyFn>(b"nvmlDeviceGetTotalEnergyConsumption\0")
                     .map_err(sym)?;
-                (init, count, handle, energy)
+                (init, shutdown, count, handle, energy)
             };
             // SAFETY: nvmlInit_v2 takes no arguments; 0 is NVML_SUCCESS.
             let rc = unsafe { init() };
             if rc != 0 {
                 return Err(format!("nvmlInit failed (NVML error {rc})"));
             }
+            // Initialised from here: made, or shut down again (NVML counts its inits).
+            let mut nvml = Self {
+                energy,
+                shutdown,
+                devices: Vec::new(),
+                last_mj: Vec::new(),
+                _lib: lib,
+            };
             let mut n = 0u32;
             // SAFETY: `n` is a valid out-pointer for the call.
             let rc = unsafe { count(&mut n) };
             if rc != 0 || n == 0 {
                 return Err(format!("no NVIDIA GPU (NVML error {rc}, {n} devices)"));
             }
-            let mut devices = Vec::new();
-            let mut last_mj = Vec::new();
             for i in 0..n.min(64) {
                 let mut d: Device = std::ptr::null_mut();
                 let mut mj = 0u64;
@@ -341,15 +359,18 @@ mod nvml {
                 if !ok {
                     return Err(format!("GPU {i} has no total-energy counter"));
                 }
-                devices.push(d);
-                last_mj.push(mj);
+                nvml.devices.push(d);
+                nvml.last_mj.push(mj);
             }
-            Ok(Self {
-                energy,
-                devices,
-                last_mj,
-                _lib: lib,
-            })
+            Ok(nvml)
+        }
+    }
+
+    impl Drop for Nvml {
+        fn drop(&mut self) {
+            // SAFETY: paired with the successful nvmlInit_v2 that made `self`; the library is
+            // still loaded (`_lib` drops after this).
+            unsafe { (self.shutdown)() };
         }
     }
 
@@ -368,13 +389,127 @@ mod nvml {
             let mut total = 0;
             for (d, last) in self.devices.iter().zip(&mut self.last_mj) {
                 let mut mj = 0u64;
-                // SAFETY: `d` came from NVML and the library is still loaded.
+                // SAFETY: `d` came from NVML and the library is still loaded. A failed read
+                // adds nothing and keeps the last reading.
                 if unsafe { (self.energy)(*d, &mut mj) } == 0 {
                     total += mj.saturating_sub(*last) * 1000;
                     *last = mj;
                 }
             }
             total
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::energy::EnergyLedger;
+        use crate::metrics::Metrics;
+        use std::path::{Path, PathBuf};
+        use std::sync::Arc;
+
+        /// Builds `testdata/simulated_nvml.c` (NVML's five functions over counters a test
+        /// moves) into a library of its own; returns its path.
+        pub(crate) fn build_simulated_nvml(dir: &Path) -> PathBuf {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/simulated_nvml.c");
+            std::fs::create_dir_all(dir).unwrap();
+            let out = dir.join(LIBRARY);
+            let built = std::process::Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .output()
+                .expect("a C compiler (`cc`) builds the simulated NVML library");
+            assert!(
+                built.status.success(),
+                "cc failed: {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+            out
+        }
+
+        #[test]
+        fn nvml_meter_on_a_simulated_library_sums_gpus_and_labels_measured() {
+            let dir = std::env::temp_dir().join(format!("souverain-nvml-{}", std::process::id()));
+            let path = build_simulated_nvml(&dir);
+            // The test's own handle on the same library (the loader shares one copy, so its
+            // controls move the meter's counters).
+            // SAFETY: the simulated library has no initialisers.
+            let ctl = unsafe { Library::new(&path) }.unwrap();
+            type Ctl2 = unsafe extern "C" fn(u32, i32);
+            type Add = unsafe extern "C" fn(u32, u64);
+            type Ctl1 = unsafe extern "C" fn(i32);
+            // SAFETY: the controls' types are their C definitions in simulated_nvml.c.
+            let (configure_fn, add_fn, fail_fn, init_error_fn) = unsafe {
+                (
+                    *ctl.get::<Ctl2>(b"simulated_nvml_configure\0").unwrap(),
+                    *ctl.get::<Add>(b"simulated_nvml_add\0").unwrap(),
+                    *ctl.get::<Ctl1>(b"simulated_nvml_fail\0").unwrap(),
+                    *ctl.get::<Ctl1>(b"simulated_nvml_init_error\0").unwrap(),
+                )
+            };
+            // SAFETY: the controls take plain integers; `ctl` outlives them.
+            let configure = |n: u32, fail: i32| unsafe { configure_fn(n, fail) };
+            // SAFETY: as above.
+            let add = |gpu: u32, mj: u64| unsafe { add_fn(gpu, mj) };
+            // SAFETY: as above.
+            let fail = |gpu: i32| unsafe { fail_fn(gpu) };
+            // SAFETY: as above.
+            let init_error = |code: i32| unsafe { init_error_fn(code) };
+            let open = || Nvml::open_library(path.as_os_str());
+
+            // Failures are errors that say why, never a meter.
+            init_error(3);
+            assert_eq!(open().err().unwrap(), "nvmlInit failed (NVML error 3)");
+            init_error(-1);
+            configure(0, -1);
+            assert!(open().err().unwrap().contains("no NVIDIA GPU"));
+            configure(3, 2);
+            assert_eq!(open().err().unwrap(), "GPU 2 has no total-energy counter");
+            // A library without NVML's functions (the C library) is not NVML.
+            let libc = Nvml::open_library(OsStr::new("libc.so.6")).err().unwrap();
+            assert!(libc.contains("NVML lacks a function"), "{libc}");
+
+            // Three GPUs: their counters' growth since the last reading, in microjoules.
+            configure(3, -1);
+            let mut nvml = open().unwrap();
+            assert_eq!((nvml.name(), nvml.kind()), ("nvml", EnergyKind::Measured));
+            assert_eq!(nvml.devices.len(), 3);
+            assert_eq!(nvml.delta_uj(true), 0);
+            add(0, 5);
+            add(1, 7);
+            add(2, 11);
+            assert_eq!(nvml.delta_uj(true), 23_000);
+            // A GPU whose read fails adds nothing and keeps its last reading: its joules come
+            // with the next reading that works.
+            fail(1);
+            add(0, 1);
+            add(1, 100);
+            assert_eq!(nvml.delta_uj(false), 1_000);
+            fail(-1);
+            assert_eq!(nvml.delta_uj(false), 100_000);
+
+            // Through the ledger: requests and idle sum to the counters' growth, labelled
+            // measured, the meter named.
+            let metrics = Arc::new(Metrics::default());
+            let mut ledger = EnergyLedger::new(Box::new(nvml), metrics.clone());
+            assert_eq!(ledger.kind(), EnergyKind::Measured);
+            add(2, 4);
+            let idle = ledger.idle();
+            add(0, 9);
+            add(1, 3);
+            let parts = ledger.step(&[1.0, 2.0, 1.0]);
+            assert_eq!(idle, 4_000);
+            assert_eq!(parts, vec![3_000, 6_000, 3_000]);
+            let snap = metrics.snapshot();
+            assert_eq!(snap.energy.requests_uj + snap.energy.idle_uj, 16_000);
+            assert_eq!(
+                (snap.energy.meter, snap.energy.kind),
+                ("nvml", EnergyKind::Measured)
+            );
+            drop(ledger);
+            drop(ctl);
+            std::fs::remove_dir_all(&dir).unwrap();
         }
     }
 }
