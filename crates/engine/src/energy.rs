@@ -392,7 +392,10 @@ mod nvml {
                 // SAFETY: `d` came from NVML and the library is still loaded. A failed read
                 // adds nothing and keeps the last reading.
                 if unsafe { (self.energy)(*d, &mut mj) } == 0 {
-                    total += mj.saturating_sub(*last) * 1000;
+                    total = mj
+                        .saturating_sub(*last)
+                        .saturating_mul(1000)
+                        .saturating_add(total);
                     *last = mj;
                 }
             }
@@ -412,20 +415,26 @@ mod nvml {
         /// moves) into a library of its own; returns its path.
         pub(crate) fn build_simulated_nvml(dir: &Path) -> PathBuf {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/simulated_nvml.c");
-            std::fs::create_dir_all(dir).unwrap();
-            let out = dir.join(LIBRARY);
+            build_library(&dir.join(LIBRARY), &std::fs::read_to_string(src).unwrap())
+        }
+
+        /// Compiles C `source` into the shared library `out` with `cc`.
+        fn build_library(out: &Path, source: &str) -> PathBuf {
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            let src = out.with_extension("c");
+            std::fs::write(&src, source).unwrap();
             let built = std::process::Command::new("cc")
                 .args(["-shared", "-fPIC", "-O1", "-o"])
-                .arg(&out)
+                .arg(out)
                 .arg(&src)
                 .output()
-                .expect("a C compiler (`cc`) builds the simulated NVML library");
+                .expect("a C compiler (`cc`) builds the test library");
             assert!(
                 built.status.success(),
                 "cc failed: {}",
                 String::from_utf8_lossy(&built.stderr)
             );
-            out
+            out.to_path_buf()
         }
 
         #[test]
@@ -466,9 +475,10 @@ mod nvml {
             assert!(open().err().unwrap().contains("no NVIDIA GPU"));
             configure(3, 2);
             assert_eq!(open().err().unwrap(), "GPU 2 has no total-energy counter");
-            // A library without NVML's functions (the C library) is not NVML.
-            let libc = Nvml::open_library(OsStr::new("libc.so.6")).err().unwrap();
-            assert!(libc.contains("NVML lacks a function"), "{libc}");
+            // A library without NVML's functions is not NVML.
+            let other = build_library(&dir.join("libother.so"), "int not_nvml;\n");
+            let err = Nvml::open_library(other.as_os_str()).err().unwrap();
+            assert!(err.contains("NVML lacks a function"), "{err}");
 
             // Three GPUs: their counters' growth since the last reading, in microjoules.
             configure(3, -1);
@@ -476,6 +486,9 @@ mod nvml {
             assert_eq!((nvml.name(), nvml.kind()), ("nvml", EnergyKind::Measured));
             assert_eq!(nvml.devices.len(), 3);
             assert_eq!(nvml.delta_uj(true), 0);
+            // Another meter (another model's engine) shuts NVML down when it drops; NVML
+            // counts its initialisations, so this one keeps reading.
+            drop(open().unwrap());
             add(0, 5);
             add(1, 7);
             add(2, 11);

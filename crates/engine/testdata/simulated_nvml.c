@@ -1,6 +1,6 @@
 /* A simulated NVIDIA management library (libnvidia-ml.so.1) for tests on machines without a
  * GPU: the five functions the engine's NVML meter calls, with NVML's C signatures and return
- * codes (0 success, 1 uninitialised, 2 invalid argument, 6 not found, 999 unknown), and
+ * codes (0 success, 1 uninitialised, 2 invalid argument, 999 unknown), and
  * total-energy counters in millijoules that start at a driver-load offset (GPU i: (i + 1) *
  * 1,000,000 mJ) and grow as GPUs drawing constant power would.
  *
@@ -22,6 +22,8 @@
 
 #define MAX_GPUS 64
 
+/* NVML counts its initialisations: the library works until as many shutdowns. */
+static unsigned refs;
 static int initialised;
 static int init_error = -1;
 static unsigned gpus = 2;
@@ -45,7 +47,7 @@ int nvmlInit_v2(void) {
     if (err) {
         return err;
     }
-    if (!manual) {
+    if (refs++ == 0 && !manual) {
         gpus = (unsigned)env_u64("SIMULATED_NVML_GPUS", 2);
         if (gpus > MAX_GPUS) {
             gpus = MAX_GPUS;
@@ -62,7 +64,12 @@ int nvmlInit_v2(void) {
 }
 
 int nvmlShutdown(void) {
-    initialised = 0;
+    if (refs == 0) {
+        return 1;
+    }
+    if (--refs == 0) {
+        initialised = 0;
+    }
     return 0;
 }
 
@@ -92,11 +99,11 @@ int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *energy
     if (!initialised) {
         return 1;
     }
-    if (!device || !energy_mj || (char *)device < handles ||
-        (char *)device >= handles + gpus) {
+    uintptr_t at = (uintptr_t)device, first = (uintptr_t)handles;
+    if (!energy_mj || at < first || at >= first + gpus) {
         return 2;
     }
-    unsigned i = (unsigned)((char *)device - handles);
+    unsigned i = (unsigned)(at - first);
     if ((int)i == failing) {
         return 999;
     }
