@@ -809,13 +809,16 @@ struct DecodeResiduals {
 
 impl DecodeResiduals {
     /// The residual at `decode_seqs` sequences and `context` ([`CpuProfile::decode_residual`]).
+    /// Called for every simulated decode step: only the batch sizes either side of
+    /// `decode_seqs` (or the nearest one beyond them) are read, and nothing is allocated.
     fn at(&self, decode_seqs: usize, context: f64) -> f64 {
-        let rows: Vec<(f64, f64)> = self
-            .by_rows
-            .iter()
-            .map(|(r, v)| (*r as f64, interpolate(v, context)))
-            .collect();
-        interpolate(&rows, decode_seqs as f64)
+        let above = self.by_rows.partition_point(|(r, _)| *r < decode_seqs);
+        let around = &self.by_rows[above.saturating_sub(1)..(above + 1).min(self.by_rows.len())];
+        let mut rows = [(0.0, 0.0); 2];
+        for (row, (r, v)) in rows.iter_mut().zip(around) {
+            *row = (*r as f64, interpolate(v, context));
+        }
+        interpolate(&rows[..around.len()], decode_seqs as f64)
     }
 }
 
