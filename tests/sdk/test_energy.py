@@ -1,7 +1,8 @@
 """Energy per request as clients see it, through the official SDKs: the `energy_joules` and
 `energy_source` extension fields of `usage` (OpenAI chat and completions, whole and streamed;
-Anthropic's messages, whole and streamed) and the `x-souverain-energy-*` headers of a whole
-answer, which must agree with the usage they come with; under `--auth`, the usage records of
+Anthropic's messages, whole and streamed; the Responses API; Ollama's closing object, whole and
+streamed) and the `x-souverain-energy-*` headers of every API's whole answer, which must agree
+with the usage they come with; under `--auth`, the usage records of
 requests that ended every way (answered, or a stream its client closed) carry the energy the
 engine charged them, summing to what `/metrics` says requests used; and measured energy, from
 NVML's counters, with a simulated NVML library (this machine has no GPU): labelled measured,
@@ -9,6 +10,7 @@ summing to the counters' growth."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import anthropic
+import ollama
 import openai
 
 from conftest import DEFAULT_MODEL, REPO_ROOT, Server, _serve, admin, server_binary
@@ -68,6 +71,39 @@ def test_anthropic_usage_carries_energy(server: Server, model_id: str) -> None:
         assert len(deltas) == 1
         assert deltas[0].usage.output_tokens == msg.usage.output_tokens
         energy_of(deltas[0].usage)
+
+
+def test_every_apis_whole_answer_has_the_energy_headers_of_its_usage(
+    server: Server, client: openai.OpenAI, model_id: str
+) -> None:
+    def agree(headers, joules: float, source: str) -> None:
+        assert headers["x-souverain-energy-source"] == source
+        assert abs(float(headers["x-souverain-energy-joules"]) - joules) < 1e-5
+
+    with anthropic.Anthropic(base_url=server.root_url, api_key="unused", max_retries=0) as c:
+        raw = c.messages.with_raw_response.create(model=model_id, max_tokens=8, messages=CHAT,
+                                                  extra_body={"temperature": 0})
+        agree(raw.headers, *energy_of(raw.parse().usage))
+    raw = client.responses.with_raw_response.create(model=model_id, input="Name three colours.",
+                                                    max_output_tokens=16, temperature=0)
+    agree(raw.headers, *energy_of(raw.parse().usage))
+    # Ollama's API: its client reads the answer (and ignores the extension); the closing
+    # object carries the energy beside Ollama's counters, whole or streamed.
+    ol = ollama.Client(host=server.root_url, timeout=120)
+    assert ol.chat(model=model_id, messages=CHAT, options={"temperature": 0, "num_predict": 8}).done
+    for stream in (False, True):
+        body = json.dumps({"model": model_id, "messages": CHAT, "stream": stream,
+                           "options": {"temperature": 0, "num_predict": 8}}).encode()
+        req = urllib.request.Request(f"{server.root_url}/api/chat", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            headers, lines = r.headers, [json.loads(line) for line in r.read().splitlines()]
+        last = lines[-1]
+        assert last["done"] and last["eval_count"] > 0, last
+        joules, source = last["energy_joules"], last["energy_source"]
+        assert isinstance(joules, float) and joules > 0 and source in SOURCES, last
+        if not stream:
+            agree(headers, joules, source)
 
 
 def requests_joules(root_url: str) -> float:

@@ -182,7 +182,7 @@ async fn whole_message(meta: Meta, generation: Generation) -> Result<Response, A
         "message finished"
     );
     let (stop, stop_sequence) = stop_reason(reason, blocks.calls, &meta.stops);
-    Ok(axum::Json(MessageBody {
+    let response = axum::Json(MessageBody {
         id: &meta.id,
         kind: "message",
         role: "assistant",
@@ -192,7 +192,8 @@ async fn whole_message(meta: Meta, generation: Generation) -> Result<Response, A
         stop_sequence,
         usage: MessageUsage::from(&usage),
     })
-    .into_response())
+    .into_response();
+    Ok(crate::whole::with_energy_headers(response, usage.energy))
 }
 
 /// The kind of the content block open in a stream.

@@ -7,7 +7,8 @@
 //! Ollama's: NDJSON (`application/x-ndjson`, one object a line; streaming is the default) or
 //! one JSON object with `stream: false`. The last object has `done: true`, `done_reason`
 //! (`stop`, `length`, or `load` for a request without a prompt) and Ollama's counters, in
-//! nanoseconds, measured here: `load_duration` from the request's arrival to its hand-off to
+//! nanoseconds, measured here (and Souverain's `energy_joules` and `energy_source`, as in the
+//! other APIs' usage; a whole answer has the energy headers too): `load_duration` from the request's arrival to its hand-off to
 //! the engine (parsing, template, tokenisation, admission: the model itself is always
 //! loaded), `prompt_eval_duration` from there to the first generated text (queueing and the
 //! prompt's forward pass), `eval_duration` from there to the end, `total_duration` all of it.
@@ -259,7 +260,11 @@ async fn whole(mut reply: Replies) -> Result<Response, ApiError> {
             Step::Part(part) => all.extend(part),
             Step::Done(part, done) => {
                 all.extend(part);
-                return Ok(axum::Json(reply.object(&all, Some(&done))).into_response());
+                let response = axum::Json(reply.object(&all, Some(&done))).into_response();
+                return Ok(crate::whole::with_energy_headers(
+                    response,
+                    done.usage.energy,
+                ));
             }
             Step::Failed(message) => return Err(ApiError::internal(message)),
         }
@@ -469,6 +474,12 @@ impl Replies {
             object.insert("prompt_eval_duration".into(), prompt_eval.into());
             object.insert("eval_count".into(), done.usage.completion_tokens.into());
             object.insert("eval_duration".into(), eval.into());
+            // Souverain's extension, as in the other APIs' usage (Ollama's clients ignore
+            // fields they do not know).
+            if let Some(e) = done.usage.energy {
+                object.insert("energy_joules".into(), e.joules().into());
+                object.insert("energy_source".into(), e.kind.as_str().into());
+            }
         }
         Value::Object(object)
     }

@@ -612,7 +612,10 @@ async fn whole_response(meta: Meta, generation: Generation) -> Result<Response, 
     );
     let body = meta.response(builder.output(), Some(Ending::Done(reason, &usage)));
     meta.save(&body).await?;
-    Ok(axum::Json(body).into_response())
+    Ok(crate::whole::with_energy_headers(
+        axum::Json(body).into_response(),
+        usage.energy,
+    ))
 }
 
 /// The state of one streamed response.

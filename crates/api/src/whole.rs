@@ -191,9 +191,13 @@ pub(crate) async fn whole_response(
     Ok(with_energy_headers(response, energy))
 }
 
-/// The energy header of a whole answer: `x-souverain-energy-joules` (the joules of every
-/// choice) and `x-souverain-energy-source` (`measured` or `modelled`).
-fn with_energy_headers(mut response: Response, energy: Option<engine::Energy>) -> Response {
+/// The energy headers of a whole answer, whichever API's shape it has:
+/// `x-souverain-energy-joules` (the joules of every choice) and `x-souverain-energy-source`
+/// (`measured` or `modelled`).
+pub(crate) fn with_energy_headers(
+    mut response: Response,
+    energy: Option<engine::Energy>,
+) -> Response {
     if let Some(e) = energy {
         let headers = response.headers_mut();
         if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{:.6}", e.joules())) {

@@ -277,6 +277,15 @@ async fn completion_stream_shape_with_usage() {
     assert_eq!(fake.last_request().stop, vec!["x".to_owned()]);
 }
 
+/// A response header's value, as text.
+fn header_of(response: &axum::http::Response<Body>, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 #[tokio::test]
 async fn answers_carry_their_energy_in_usage_and_headers() {
     let fake = FakeBackend::new(Mode::Echo);
@@ -287,13 +296,7 @@ async fn answers_carry_their_energy_in_usage_and_headers() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let header = |name: &str| header_of(&response, name);
     assert_eq!(
         header("x-souverain-energy-joules").as_deref(),
         Some("0.012000")
@@ -320,6 +323,105 @@ async fn answers_carry_their_energy_in_usage_and_headers() {
     let tokens = usage["total_tokens"].as_f64().unwrap();
     assert_eq!(usage["energy_joules"].as_f64(), Some(tokens / 1000.0));
     assert_eq!(usage["energy_source"], "modelled");
+}
+
+#[tokio::test]
+async fn every_apis_answers_carry_their_energy() {
+    let fake = FakeBackend::new(Mode::Echo);
+    let messages = r#"[{"role":"user","content":"hello there"}]"#;
+    // Whole answers of each API: the energy in the body (where each API keeps its counts)
+    // and in the headers; the fake charges 1 mJ per token, prompt and output.
+    let cases = [
+        (
+            "/v1/messages",
+            format!(r#"{{"model":"{MODEL}","max_tokens":5,"messages":{messages}}}"#),
+            ["usage", "input_tokens", "output_tokens"],
+        ),
+        (
+            "/v1/responses",
+            format!(r#"{{"model":"{MODEL}","input":"hello there"}}"#),
+            ["usage", "input_tokens", "output_tokens"],
+        ),
+        (
+            "/api/chat",
+            format!(r#"{{"model":"{MODEL}","stream":false,"messages":{messages}}}"#),
+            ["", "prompt_eval_count", "eval_count"],
+        ),
+        (
+            "/api/generate",
+            format!(r#"{{"model":"{MODEL}","stream":false,"prompt":"hello there"}}"#),
+            ["", "prompt_eval_count", "eval_count"],
+        ),
+    ];
+    for (uri, body, [within, input, output]) in cases {
+        let response = send(fake.app(), post_json(uri, &body)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{uri}");
+        let header = |name: &str| header_of(&response, name);
+        let joules = header("x-souverain-energy-joules");
+        let source = header("x-souverain-energy-source");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        let counts = if within.is_empty() {
+            &json
+        } else {
+            &json[within]
+        };
+        let tokens = counts[input].as_f64().unwrap() + counts[output].as_f64().unwrap();
+        assert!(tokens > 0.0, "{uri}: {json}");
+        assert_eq!(
+            counts["energy_joules"].as_f64(),
+            Some(tokens / 1000.0),
+            "{uri}: {json}"
+        );
+        assert_eq!(counts["energy_source"], "modelled", "{uri}");
+        assert_eq!(joules, Some(format!("{:.6}", tokens / 1000.0)), "{uri}");
+        assert_eq!(source.as_deref(), Some("modelled"), "{uri}");
+    }
+    // Streamed: the closing event or object carries it.
+    let (_, data) = send_sse(
+        fake.app(),
+        post_json(
+            "/v1/messages",
+            &format!(r#"{{"model":"{MODEL}","max_tokens":5,"stream":true,"messages":{messages}}}"#),
+        ),
+    )
+    .await;
+    let delta = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(delta["usage"]["energy_source"], "modelled", "{delta}");
+    assert!(delta["usage"]["energy_joules"].as_f64().unwrap() > 0.0);
+    let response = send(
+        fake.app(),
+        post_json(
+            "/api/chat",
+            &format!(r#"{{"model":"{MODEL}","messages":{messages}}}"#),
+        ),
+    )
+    .await;
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let lines: Vec<Value> = std::str::from_utf8(&bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    let tokens = last["prompt_eval_count"].as_f64().unwrap() + last["eval_count"].as_f64().unwrap();
+    assert_eq!(
+        last["energy_joules"].as_f64(),
+        Some(tokens / 1000.0),
+        "{last}"
+    );
+    assert_eq!(last["energy_source"], "modelled");
+    // Only the closing object has it.
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| l.get("energy_joules").is_none())
+    );
 }
 
 async fn expect_error(
