@@ -21,6 +21,7 @@ from pathlib import Path
 import anthropic
 import ollama
 import openai
+import pytest
 
 from conftest import DEFAULT_MODEL, REPO_ROOT, Server, _serve, admin, server_binary
 
@@ -104,6 +105,60 @@ def test_every_apis_whole_answer_has_the_energy_headers_of_its_usage(
         assert isinstance(joules, float) and joules > 0 and source in SOURCES, last
         if not stream:
             agree(headers, joules, source)
+
+
+def test_the_chat_and_embedding_models_share_one_meter() -> None:
+    """Served together, the chat model and the embedding model read one meter: each answer's
+    energy is in its model's requests counter, idle is the process's once, and everything the
+    meter gave is at most the machine's power over the server's life (a model at 10 W with
+    nothing for busy threads: 10 W times the uptime; a meter per model would count it once
+    per model)."""
+    embedding_model = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
+    if not embedding_model:
+        pytest.skip("no embedding model (set SOUVERAIN_EMBEDDING_MODEL)")
+    started = time.monotonic()
+    args = ["--energy-source", "model", "--energy-idle-watts", "10",
+            "--energy-active-watts", "0"]
+    with _serve(args, embedding_model) as server:
+        c = server.client
+        chat = [energy_of(c.chat.completions.create(
+            model=server.model_id, messages=CHAT, max_tokens=16, temperature=0).usage)[0]
+            for _ in range(3)]
+        raw = c.embeddings.with_raw_response.create(
+            model=server.embedding_model_id, input=["a sentence", "another sentence"])
+        embedded = raw.parse()
+        joules, source = energy_of(embedded.usage)
+        assert source == "modelled"
+        assert abs(float(raw.headers["x-souverain-energy-joules"]) - joules) < 1e-5
+        embeds = [joules] + [energy_of(c.embeddings.create(
+            model=server.embedding_model_id, input="more text").usage)[0] for _ in range(2)]
+        # Idle goes on while the server waits: let the engines read the meter again.
+        time.sleep(1.5)
+        totals = energy_totals(server.root_url)
+        uptime = time.monotonic() - started
+    assert set(totals) == {(server.model_id, "requests"), (server.embedding_model_id, "requests"),
+                           (None, "idle")}, totals
+    assert abs(totals[(server.model_id, "requests")] - sum(chat)) < 1e-5 * len(chat)
+    assert abs(totals[(server.embedding_model_id, "requests")] - sum(embeds)) < 1e-5 * len(embeds)
+    machine = sum(totals.values())
+    assert machine <= 10.0 * uptime, (totals, uptime)
+    # The meter was read through the run: most of the server's life is in it.
+    assert machine >= 10.0 * 0.5 * uptime - 10.0, (totals, uptime)
+
+
+def energy_totals(root_url: str) -> dict[tuple[str | None, str], float]:
+    """`souverain_energy_joules_total` by (model, kind), in joules; the model is None for the
+    process's idle."""
+    with urllib.request.urlopen(f"{root_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[tuple[str | None, str], float] = {}
+    for labels, value in re.findall(r'^souverain_energy_joules_total\{([^}]*)\} (\S+)$', text,
+                                    re.M):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = (fields.get("model_name"), fields["kind"])
+        assert key not in out, text
+        out[key] = float(value)
+    return out
 
 
 def requests_joules(root_url: str) -> float:

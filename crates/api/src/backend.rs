@@ -111,6 +111,20 @@ pub trait EmbeddingBackend: Send + Sync + 'static {
     /// One vector per token sequence, in order.
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
 
+    /// [`EmbeddingBackend::embed`] with the energy the call took, when the backend meters it
+    /// (by default it does not).
+    fn embed_metered(
+        &self,
+        inputs: &[Vec<u32>],
+    ) -> Result<(Vec<Vec<f32>>, Option<engine::Energy>), EngineError> {
+        self.embed(inputs).map(|vectors| (vectors, None))
+    }
+
+    /// The energy totals for `/metrics`, when the backend meters energy.
+    fn energy(&self) -> Option<engine::EnergySnapshot> {
+        None
+    }
+
     /// What the model is; by default nothing is known.
     fn facts(&self) -> ModelFacts {
         ModelFacts::default()
@@ -192,6 +206,17 @@ impl EmbeddingBackend for Embedder {
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
         Embedder::embed(self, inputs)
+    }
+
+    fn embed_metered(
+        &self,
+        inputs: &[Vec<u32>],
+    ) -> Result<(Vec<Vec<f32>>, Option<engine::Energy>), EngineError> {
+        Embedder::embed_metered(self, inputs).map(|(vectors, energy)| (vectors, Some(energy)))
+    }
+
+    fn energy(&self) -> Option<engine::EnergySnapshot> {
+        Some(Embedder::energy(self))
     }
 
     fn facts(&self) -> ModelFacts {

@@ -212,6 +212,12 @@ struct EmbeddingData {
 struct EmbeddingUsage {
     prompt_tokens: usize,
     total_tokens: usize,
+    /// Souverain's extension, as in a generation's usage (clients ignore it): the joules
+    /// the embedding took, and `measured` or `modelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    energy_joules: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    energy_source: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -254,6 +260,7 @@ async fn embeddings_inner(
     let Embedded {
         vectors,
         prompt_tokens,
+        energy,
     } = embed(
         &embedder,
         &id,
@@ -275,7 +282,7 @@ async fn embeddings_inner(
             },
         })
         .collect();
-    Ok(axum::Json(EmbeddingList {
+    let response = axum::Json(EmbeddingList {
         id: &id,
         object: "list",
         data,
@@ -283,9 +290,12 @@ async fn embeddings_inner(
         usage: EmbeddingUsage {
             prompt_tokens,
             total_tokens: prompt_tokens,
+            energy_joules: energy.map(|e| e.joules()),
+            energy_source: energy.map(|e| e.kind.as_str()),
         },
     })
-    .into_response())
+    .into_response();
+    Ok(crate::openai::with_energy_headers(response, energy))
 }
 
 /// The embedding model served, or the 400 saying that none is (naming `model`).
@@ -315,10 +325,11 @@ pub(crate) enum Overlong {
     Truncate,
 }
 
-/// Vectors and the tokens they took.
+/// Vectors, the tokens they took and the energy (when the backend meters it).
 pub(crate) struct Embedded {
     pub(crate) vectors: Vec<Vec<f32>>,
     pub(crate) prompt_tokens: usize,
+    pub(crate) energy: Option<engine::Energy>,
 }
 
 /// Tokenises and embeds `inputs` on blocking threads; under `--auth` the prompt tokens are
@@ -359,7 +370,7 @@ pub(crate) async fn embed(
     };
 
     let worker = Arc::clone(embedder);
-    let embedded = tokio::task::spawn_blocking(move || worker.embed(&token_ids))
+    let embedded = tokio::task::spawn_blocking(move || worker.embed_metered(&token_ids))
         .await
         .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
         .and_then(|r| r.map_err(engine_error));
@@ -367,11 +378,12 @@ pub(crate) async fn embed(
     if let Some(meter) = meter {
         settle(meter, &embedded, prompt_tokens).await;
     }
-    let vectors = embedded?;
+    let (vectors, energy) = embedded?;
     tracing::info!(inputs = vectors.len(), prompt_tokens, "embeddings computed");
     Ok(Embedded {
         vectors,
         prompt_tokens,
+        energy,
     })
 }
 
@@ -388,13 +400,18 @@ fn truncate(ids: &mut Vec<u32>, max: usize) {
 
 /// Records the request through the meter: the embedding's outcome goes through the same
 /// channel a generation's would, and the settlement commits before this returns.
-async fn settle(meter: Meter, embedded: &Result<Vec<Vec<f32>>, ApiError>, prompt_tokens: usize) {
+async fn settle(
+    meter: Meter,
+    embedded: &Result<(Vec<Vec<f32>>, Option<engine::Energy>), ApiError>,
+    prompt_tokens: usize,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let event = match embedded {
-        Ok(_) => Event::Done {
+        Ok((_, energy)) => Event::Done {
             finish_reason: FinishReason::Stop,
             usage: Usage {
                 prompt_tokens,
+                energy: *energy,
                 ..Usage::default()
             },
         },

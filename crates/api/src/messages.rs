@@ -193,7 +193,7 @@ async fn whole_message(meta: Meta, generation: Generation) -> Result<Response, A
         usage: MessageUsage::from(&usage),
     })
     .into_response();
-    Ok(crate::whole::with_energy_headers(response, usage.energy))
+    Ok(crate::openai::with_energy_headers(response, usage.energy))
 }
 
 /// The kind of the content block open in a stream.

@@ -15,12 +15,28 @@ use crate::state::AppState;
 
 /// The handler.
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let rendered: Vec<String> = state
+    let snapshots: Vec<(String, MetricsSnapshot)> = state
         .models
         .loaded()
         .iter()
-        .filter_map(|b| b.metrics().map(|m| render(b.model_id(), &m)))
+        .filter_map(|b| b.metrics().map(|m| (b.model_id().to_owned(), m)))
         .collect();
+    let mut rendered: Vec<String> = snapshots.iter().map(|(id, m)| render(id, m)).collect();
+    let embedding = state
+        .embedder
+        .as_ref()
+        .and_then(|e| e.energy().map(|s| (e.model_id().to_owned(), s)));
+    if let Some((id, e)) = &embedding {
+        rendered.push(energy_requests(&model_label(id), e));
+    }
+    // Idle energy is the process's (its engines share one meter): once, without a model.
+    let idle = snapshots
+        .first()
+        .map(|(_, m)| m.energy)
+        .or(embedding.map(|(_, e)| e));
+    if let Some(e) = idle {
+        rendered.push(energy_idle(&e));
+    }
     let mut body = merge(&rendered);
     models_loaded(&mut body, &state);
     (
@@ -33,9 +49,14 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 }
 
 /// Prometheus exposition text for one snapshot.
-pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
+/// `model_name="..."`, escaped as the exposition format wants.
+fn model_label(model: &str) -> String {
     let model = model.replace('\\', "\\\\").replace('"', "\\\"");
-    let label = format!("model_name=\"{model}\"");
+    format!("model_name=\"{model}\"")
+}
+
+pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
+    let label = model_label(model);
     let mut out = String::new();
     let kv_usage = if m.kv_blocks_total == 0 {
         0.0
@@ -200,27 +221,41 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
     for (name, help, h) in histograms {
         histogram(&mut out, name, help, &label, h);
     }
-    energy(&mut out, &label, &m.energy);
+    out.push_str(&energy_requests(&label, &m.energy));
     out
 }
 
 /// Energy counters, labelled by source (`measured` or `modelled`), meter (`rapl`, `nvml`,
-/// `model`) and where the joules went (`requests`: steps, split across their sequences;
-/// `idle`: between steps). Their sum is the meter's total since start.
-fn energy(out: &mut String, label: &str, e: &engine::EnergySnapshot) {
-    let name = "souverain_energy_joules_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Energy since start by source and by where it went (requests or idle).\n# TYPE {name} counter"
-    );
+/// `model`) and where the joules went: `requests` per model (its steps, split across their
+/// sequences; the embedding model's forward passes), and `idle` once for the process (while
+/// no model computed: its models share one meter). Their sum is the meter's total since
+/// start.
+const ENERGY: &str = "souverain_energy_joules_total";
+
+fn energy_header() -> String {
+    format!(
+        "# HELP {ENERGY} Energy since start by source and by where it went (a model's requests, or idle).\n# TYPE {ENERGY} counter\n"
+    )
+}
+
+/// A model's `kind="requests"` sample, under the family's header.
+fn energy_requests(label: &str, e: &engine::EnergySnapshot) -> String {
     let (source, meter) = (e.kind.as_str(), e.meter);
-    for (kind, uj) in [("requests", e.requests_uj), ("idle", e.idle_uj)] {
-        let _ = writeln!(
-            out,
-            "{name}{{{label},source=\"{source}\",meter=\"{meter}\",kind=\"{kind}\"}} {}",
-            uj as f64 / 1e6
-        );
-    }
+    format!(
+        "{}{ENERGY}{{{label},source=\"{source}\",meter=\"{meter}\",kind=\"requests\"}} {}\n",
+        energy_header(),
+        e.requests_uj as f64 / 1e6
+    )
+}
+
+/// The process's `kind="idle"` sample, under the family's header.
+fn energy_idle(e: &engine::EnergySnapshot) -> String {
+    let (source, meter) = (e.kind.as_str(), e.meter);
+    format!(
+        "{}{ENERGY}{{source=\"{source}\",meter=\"{meter}\",kind=\"idle\"}} {}\n",
+        energy_header(),
+        e.idle_uj as f64 / 1e6
+    )
 }
 
 /// `souverain_model_loaded`: 1 for each model in memory, 0 for the others, under every name
@@ -355,13 +390,41 @@ mod tests {
             "vllm:inter_token_latency_seconds_count{model_name=\"m\\\"x\"} 4",
             "# TYPE souverain_generation_tokens_total counter",
             "souverain_energy_joules_total{model_name=\"m\\\"x\",source=\"modelled\",meter=\"model\",kind=\"requests\"} 2.5",
-            "souverain_energy_joules_total{model_name=\"m\\\"x\",source=\"modelled\",meter=\"model\",kind=\"idle\"} 0.0005",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn idle_energy_is_the_processs_once_beside_each_models_requests() {
+        let mut b = snapshot();
+        b.energy.requests_uj = 1_000_000;
+        let text = merge(&[
+            render("a", &snapshot()),
+            render("b", &b),
+            energy_idle(&snapshot().energy),
+        ]);
+        let energy: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("souverain_energy_joules_total"))
+            .collect();
+        assert_eq!(
+            energy,
+            [
+                "souverain_energy_joules_total{model_name=\"a\",source=\"modelled\",meter=\"model\",kind=\"requests\"} 2.5",
+                "souverain_energy_joules_total{model_name=\"b\",source=\"modelled\",meter=\"model\",kind=\"requests\"} 1",
+                "souverain_energy_joules_total{source=\"modelled\",meter=\"model\",kind=\"idle\"} 0.0005",
+            ],
+            "{text}"
+        );
+        let headers = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE souverain_energy_joules_total"))
+            .count();
+        assert_eq!(headers, 1, "{text}");
     }
 
     #[test]

@@ -261,7 +261,7 @@ async fn whole(mut reply: Replies) -> Result<Response, ApiError> {
             Step::Done(part, done) => {
                 all.extend(part);
                 let response = axum::Json(reply.object(&all, Some(&done))).into_response();
-                return Ok(crate::whole::with_energy_headers(
+                return Ok(crate::openai::with_energy_headers(
                     response,
                     done.usage.energy,
                 ));
@@ -545,11 +545,13 @@ async fn embed_any(
     let Embedded {
         vectors,
         prompt_tokens,
+        energy,
     } = if inputs.is_empty() {
         // A load request: nothing to embed, nothing to meter.
         Embedded {
             vectors: Vec::new(),
             prompt_tokens: 0,
+            energy: None,
         }
     } else {
         let inputs = inputs.into_iter().map(Input::Text).collect();
@@ -557,16 +559,22 @@ async fn embed_any(
     };
     if legacy {
         let vector = vectors.into_iter().next().unwrap_or_default();
-        return Ok(axum::Json(json!({ "embedding": vector })).into_response());
+        let response = axum::Json(json!({ "embedding": vector })).into_response();
+        return Ok(crate::openai::with_energy_headers(response, energy));
     }
-    Ok(axum::Json(json!({
+    let mut object = json!({
         "model": embedder.model_id(),
         "embeddings": vectors,
         "total_duration": nanos(arrived.elapsed()),
         "load_duration": 0,
         "prompt_eval_count": prompt_tokens,
-    }))
-    .into_response())
+    });
+    if let Some(e) = energy {
+        object["energy_joules"] = e.joules().into();
+        object["energy_source"] = e.kind.as_str().into();
+    }
+    let response = axum::Json(object).into_response();
+    Ok(crate::openai::with_energy_headers(response, energy))
 }
 
 /// `GET /api/version`.

@@ -382,3 +382,28 @@ pub(crate) struct ModelList<'a> {
     pub(crate) object: &'static str,
     pub(crate) data: Vec<ModelCard<'a>>,
 }
+
+/// The energy headers of a whole answer, whichever API's shape it has:
+/// `x-souverain-energy-joules` (the joules of every choice) and `x-souverain-energy-source`
+/// (`measured` or `modelled`).
+pub(crate) fn with_energy_headers(
+    mut response: axum::response::Response,
+    energy: Option<engine::Energy>,
+) -> axum::response::Response {
+    if let Some(e) = energy {
+        let headers = response.headers_mut();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{:.6}", e.joules())) {
+            headers.insert(ENERGY_JOULES_HEADER, v);
+        }
+        headers.insert(
+            ENERGY_SOURCE_HEADER,
+            axum::http::HeaderValue::from_static(e.kind.as_str()),
+        );
+    }
+    response
+}
+
+/// The joules an answer took.
+pub(crate) const ENERGY_JOULES_HEADER: &str = "x-souverain-energy-joules";
+/// `measured` or `modelled`.
+pub(crate) const ENERGY_SOURCE_HEADER: &str = "x-souverain-energy-source";

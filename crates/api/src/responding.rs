@@ -612,7 +612,7 @@ async fn whole_response(meta: Meta, generation: Generation) -> Result<Response, 
     );
     let body = meta.response(builder.output(), Some(Ending::Done(reason, &usage)));
     meta.save(&body).await?;
-    Ok(crate::whole::with_energy_headers(
+    Ok(crate::openai::with_energy_headers(
         axum::Json(body).into_response(),
         usage.energy,
     ))

@@ -188,33 +188,8 @@ pub(crate) async fn whole_response(
             .into_response()
         }
     };
-    Ok(with_energy_headers(response, energy))
+    Ok(crate::openai::with_energy_headers(response, energy))
 }
-
-/// The energy headers of a whole answer, whichever API's shape it has:
-/// `x-souverain-energy-joules` (the joules of every choice) and `x-souverain-energy-source`
-/// (`measured` or `modelled`).
-pub(crate) fn with_energy_headers(
-    mut response: Response,
-    energy: Option<engine::Energy>,
-) -> Response {
-    if let Some(e) = energy {
-        let headers = response.headers_mut();
-        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{:.6}", e.joules())) {
-            headers.insert(ENERGY_JOULES_HEADER, v);
-        }
-        headers.insert(
-            ENERGY_SOURCE_HEADER,
-            axum::http::HeaderValue::from_static(e.kind.as_str()),
-        );
-    }
-    response
-}
-
-/// The joules an answer took.
-pub(crate) const ENERGY_JOULES_HEADER: &str = "x-souverain-energy-joules";
-/// `measured` or `modelled`.
-pub(crate) const ENERGY_SOURCE_HEADER: &str = "x-souverain-energy-source";
 
 /// A completion choice's `logprobs`, the echoed prompt's first when there is one.
 fn completion_logprobs(

@@ -406,7 +406,16 @@ fn load_engine(
     model_id: Option<String>,
     batching: Option<&BatchingArgs>,
 ) -> Result<Engine> {
-    load_engine_at(&one_model_path(args)?, args, model_id, batching, true)
+    load_engine_at(&one_model_path(args)?, args, model_id, batching, true, None)
+}
+
+/// The energy metering `serve`'s flags ask for.
+fn energy_config(b: &BatchingArgs) -> engine::EnergyConfig {
+    engine::EnergyConfig {
+        source: b.energy.energy_source,
+        idle_watts: b.energy.energy_idle_watts,
+        active_watts_per_thread: b.energy.energy_active_watts,
+    }
 }
 
 /// Loads the model at `path` with the command's settings; `progress` draws a bar while the
@@ -417,6 +426,7 @@ fn load_engine_at(
     model_id: Option<String>,
     batching: Option<&BatchingArgs>,
     progress: bool,
+    energy_account: Option<Arc<engine::EnergyAccount>>,
 ) -> Result<Engine> {
     let chat_template = match &args.chat_template_file {
         Some(p) => Some(
@@ -438,11 +448,8 @@ fn load_engine_at(
             speculation: b.speculation(),
             draft_model: b.draft_model.clone(),
             kv_cache_type: b.kv_cache_type,
-            energy: engine::EnergyConfig {
-                source: b.energy.energy_source,
-                idle_watts: b.energy.energy_idle_watts,
-                active_watts_per_thread: b.energy.energy_active_watts,
-            },
+            energy: energy_config(b),
+            energy_account,
         },
         // One user at the terminal: one sequence, one context's worth of cache.
         None => EngineConfig {
@@ -500,7 +507,10 @@ fn progress_bar(path: &Path) -> Option<indicatif::ProgressBar> {
 
 /// The models `serve` serves: every `--model` and every GGUF file of `--models-dir` (the
 /// default model when there are none), the first loaded now, the others on first use.
-fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
+fn served_models(
+    args: &ServeArgs,
+    energy_account: &Arc<engine::EnergyAccount>,
+) -> Result<api::ModelSet> {
     let mut paths = args.model.model.clone();
     if let Some(dir) = &args.models_dir {
         let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -540,6 +550,7 @@ fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
         };
         let (model_args, batching, first) = (args.model.clone(), args.batching.clone(), i == 0);
         let loader_id = id.clone();
+        let account = energy_account.clone();
         let loader: api::Loader = Arc::new(move || {
             load_engine_at(
                 &path,
@@ -547,6 +558,7 @@ fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
                 Some(loader_id.clone()),
                 Some(&batching),
                 first,
+                Some(account.clone()),
             )
             .map(|engine| Arc::new(engine) as Arc<dyn api::Backend>)
             .map_err(|e| error_chain(&e))
@@ -584,12 +596,22 @@ fn served_models(args: &ServeArgs) -> Result<api::ModelSet> {
 fn serve(args: ServeArgs) -> Result<()> {
     // Opened before the weights load, so a bad database or flag fails at once.
     let control = admin::open_if_asked(&args.auth, admin::HotDefaults::SERVE)?;
-    let models = Arc::new(served_models(&args)?);
+    // One energy meter for the process: every model's engine and the embedding model read
+    // it, so that the machine's energy is counted once (`engine::EnergyAccount`).
+    let threads = match args.model.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let energy_account = engine::EnergyAccount::open(&energy_config(&args.batching), threads)
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("opening the energy meter")?;
+    let models = Arc::new(served_models(&args, &energy_account)?);
     let embedder: Option<Arc<dyn api::EmbeddingBackend>> = match &args.embedding_model {
         Some(dir) => {
             let config = engine::EmbedderConfig {
                 threads: args.model.threads,
                 model_id: args.embedding_model_id.clone(),
+                energy_account: Some(energy_account.clone()),
                 ..engine::EmbedderConfig::default()
             };
             let embedder = engine::Embedder::load(dir, config)

@@ -22,16 +22,20 @@
 //! thread pool that runs the forward pass, and each call runs its inputs in batches of at most
 //! `max_batch_tokens` tokens (every sequence is packed without padding, so batching does not
 //! change a vector). Async callers run [`Embedder::embed`] on a blocking thread
-//! (`tokio::task::spawn_blocking`); it never touches the chat engine's thread.
+//! (`tokio::task::spawn_blocking`); it never touches the chat engine's thread. Each forward
+//! pass is a step on the process's energy account ([`EnergyAccount`], shared with the chat
+//! engines), and [`Embedder::embed_metered`] says what the call's passes took.
 
 use std::path::{Component, Path};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 use model::{BertInput, BertModel, Pooling, ThreadPool};
 use serde_json::Value;
 use tokenizer::WordPiece;
 
-use crate::{EngineError, LoadError};
+use crate::{Energy, EnergyAccount, EnergyConfig, EnergySnapshot, EngineError, LoadError};
 
 /// How an [`Embedder`] is set up.
 #[derive(Clone, Debug)]
@@ -46,6 +50,11 @@ pub struct EmbedderConfig {
     pub max_tokens: Option<usize>,
     /// Most tokens in one forward pass; a request with more runs in several.
     pub max_batch_tokens: usize,
+    /// How energy is metered, when the embedder opens an account of its own.
+    pub energy: EnergyConfig,
+    /// The process's energy account, shared with its chat engines (one meter for the
+    /// machine, [`EnergyAccount`]); `None` opens one from `energy`.
+    pub energy_account: Option<Arc<EnergyAccount>>,
 }
 
 impl Default for EmbedderConfig {
@@ -55,6 +64,8 @@ impl Default for EmbedderConfig {
             model_id: None,
             max_tokens: None,
             max_batch_tokens: 8192,
+            energy: EnergyConfig::default(),
+            energy_account: None,
         }
     }
 }
@@ -73,6 +84,11 @@ pub struct Embedder {
     dimensions: usize,
     /// The forward pass's threads; the lock makes requests take turns.
     pool: Mutex<ThreadPool>,
+    threads: usize,
+    /// Each batch is a step on the process's energy account.
+    energy: Arc<EnergyAccount>,
+    /// Microjoules of the batches, charged to the requests they embedded.
+    requests_uj: AtomicU64,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -160,6 +176,10 @@ impl Embedder {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let energy = match config.energy_account {
+            Some(a) => a,
+            None => EnergyAccount::open(&config.energy, threads).map_err(load)?,
+        };
         let model_id = config.model_id.unwrap_or_else(|| {
             dir.file_name()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -176,7 +196,21 @@ impl Embedder {
             max_tokens,
             max_batch_tokens: config.max_batch_tokens,
             pool: Mutex::new(ThreadPool::new(threads)),
+            threads,
+            energy,
+            requests_uj: AtomicU64::new(0),
         })
+    }
+
+    /// The embedder's energy: its batches' microjoules (every one charged to the request it
+    /// embedded) and the process's idle, from the shared account.
+    pub fn energy(&self) -> EnergySnapshot {
+        EnergySnapshot {
+            meter: self.energy.meter(),
+            kind: self.energy.kind(),
+            requests_uj: self.requests_uj.load(Relaxed),
+            idle_uj: self.energy.idle_uj(),
+        }
     }
 
     /// The name the model is served under.
@@ -226,6 +260,16 @@ impl Embedder {
     /// An empty sequence, one longer than [`Embedder::max_tokens`] or an id outside the
     /// vocabulary is an [`EngineError::InvalidRequest`] naming its index.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.embed_metered(inputs).map(|(vectors, _)| vectors)
+    }
+
+    /// [`Embedder::embed`], with the energy it took: each forward pass is a step on the
+    /// energy account (its energy all the call's: calls take turns), so the call's energy is
+    /// its batches'. A batch that fails charges nobody (its energy counts as idle).
+    pub fn embed_metered(
+        &self,
+        inputs: &[Vec<u32>],
+    ) -> Result<(Vec<Vec<f32>>, Energy), EngineError> {
         let vocab = self.model.config().vocab_size;
         for (i, ids) in inputs.iter().enumerate() {
             if ids.is_empty() {
@@ -248,6 +292,7 @@ impl Embedder {
         }
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(inputs.len());
+        let mut microjoules = 0u64;
         let mut start = 0;
         while start < inputs.len() {
             // Greedy batches of whole sequences up to `max_batch_tokens` tokens.
@@ -264,10 +309,15 @@ impl Embedder {
                     type_ids: &[],
                 })
                 .collect();
+            // A pass that fails closes its step as idle (charged to nobody).
+            let step = self.energy.open_step(self.threads as f64);
             let states = self
                 .model
                 .forward(&pool, &batch)
                 .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+            let uj = step.close();
+            self.requests_uj.fetch_add(uj, Relaxed);
+            microjoules = microjoules.saturating_add(uj);
             for s in states {
                 let mut v = model::pool(&s, self.model.config().hidden_size, self.pooling);
                 if self.normalize {
@@ -277,7 +327,11 @@ impl Embedder {
             }
             start = end;
         }
-        Ok(out)
+        let energy = Energy {
+            microjoules,
+            kind: self.energy.kind(),
+        };
+        Ok((out, energy))
     }
 }
 

@@ -21,12 +21,17 @@
 //! `auto` takes RAPL when it is readable, else the model. It does not take NVML: this engine
 //! computes on the CPU, and a GPU's counter would meter work that is not ours.
 //!
+//! One meter per process ([`EnergyAccount`]): a server's engines (each chat model's, and the
+//! embedding model's) read the same account, since a meter measures (or models) the machine,
+//! not one engine; the energy between two readings goes to the steps of every engine open
+//! during it, split by their worker threads, so the machine is counted once.
+//!
 //! Attribution. The meter is read when a step starts (what came since the last reading is
-//! idle: waiting for requests, admission, bookkeeping between steps) and when it ends (forward
-//! pass and sampling: the step's energy). A step's energy, in integer microjoules, is split
+//! idle when no step was open: waiting for requests, admission, bookkeeping between steps) and
+//! when it ends (forward pass and sampling: the step's energy). A step's energy, in integer microjoules, is split
 //! across its chunks in proportion to their [`CostModel`] weight, remainders to the largest
 //! fractions, so the parts sum exactly to the step's energy: over any interval, the requests'
-//! microjoules plus idle equal the meter's total.
+//! microjoules (of every engine) plus idle equal the meter's total.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -406,7 +411,7 @@ mod nvml {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::energy::EnergyLedger;
+        use crate::energy::{EnergyAccount, EnergyLedger};
         use crate::metrics::Metrics;
         use std::path::{Path, PathBuf};
         use std::sync::Arc;
@@ -505,14 +510,15 @@ mod nvml {
             // Through the ledger: requests and idle sum to the counters' growth, labelled
             // measured, the meter named.
             let metrics = Arc::new(Metrics::default());
-            let mut ledger = EnergyLedger::new(Box::new(nvml), metrics.clone());
+            let account = Arc::new(EnergyAccount::with_meter(Box::new(nvml)));
+            let mut ledger = EnergyLedger::new(account.clone(), metrics.clone(), 2);
             assert_eq!(ledger.kind(), EnergyKind::Measured);
             add(2, 4);
-            let idle = ledger.idle();
+            ledger.begin();
             add(0, 9);
             add(1, 3);
             let parts = ledger.step(&[1.0, 2.0, 1.0]);
-            assert_eq!(idle, 4_000);
+            assert_eq!(account.idle_uj(), 4_000);
             assert_eq!(parts, vec![3_000, 6_000, 3_000]);
             let snap = metrics.snapshot();
             assert_eq!(snap.energy.requests_uj + snap.energy.idle_uj, 16_000);
@@ -599,40 +605,251 @@ pub(crate) fn split(total: u64, weights: &[f64]) -> Vec<u64> {
     parts
 }
 
-/// The engine thread's energy accounts: the meter and the totals it publishes.
-pub(crate) struct EnergyLedger {
+/// One step open on an [`EnergyAccount`]: the energy it has been given so far.
+#[derive(Debug)]
+struct OpenStep {
+    id: u64,
+    /// Its share of an interval it spends computing beside other engines' steps.
+    share: f64,
+    uj: u64,
+}
+
+/// The meter and the steps it is reading for.
+struct Account {
     meter: Box<dyn EnergyMeter>,
+    open: Vec<OpenStep>,
+    next_id: u64,
+}
+
+/// The process's energy account: one meter, read by every engine of the process (each chat
+/// model's engine thread and the embedding model) when each of their steps starts and ends.
+///
+/// A meter measures the machine (RAPL its packages, NVML its GPUs) or models it (idle watts
+/// plus busy watts), not one engine: engines with a meter each would each count the whole
+/// machine. Here the energy between two readings goes to the steps open during it, split by
+/// their shares (the worker threads each computes with: engines time-share the cores), or to
+/// idle when none is open. So over any interval the steps' microjoules plus idle equal the
+/// meter's total exactly, however many engines read it.
+pub struct EnergyAccount {
+    state: std::sync::Mutex<Account>,
+    meter: &'static str,
+    kind: EnergyKind,
+    idle_uj: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for EnergyAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnergyAccount")
+            .field("meter", &self.meter)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A step open on an account, to be closed by [`EnergyAccount::end`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StepId(u64);
+
+impl EnergyAccount {
+    /// The configured source for a process whose engines compute with `threads` worker
+    /// threads (the model's busy power). Errors name why a requested meter is absent.
+    pub fn open(config: &EnergyConfig, threads: usize) -> Result<Arc<Self>, String> {
+        config.validate()?;
+        let meter = open_meter(config, threads)?;
+        tracing::info!(
+            source = meter.name(),
+            kind = meter.kind().as_str(),
+            "energy metering"
+        );
+        Ok(Arc::new(Self::with_meter(meter)))
+    }
+
+    pub(crate) fn with_meter(meter: Box<dyn EnergyMeter>) -> Self {
+        Self {
+            meter: meter.name(),
+            kind: meter.kind(),
+            state: std::sync::Mutex::new(Account {
+                meter,
+                open: Vec::new(),
+                next_id: 0,
+            }),
+            idle_uj: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `rapl`, `nvml` or `model`.
+    pub fn meter(&self) -> &'static str {
+        self.meter
+    }
+
+    /// Measured or modelled.
+    pub fn kind(&self) -> EnergyKind {
+        self.kind
+    }
+
+    /// Microjoules that came while no step of any engine was open.
+    pub fn idle_uj(&self) -> u64 {
+        self.idle_uj.load(Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Account> {
+        // The account's state stays consistent between its statements: a panic elsewhere
+        // while it was held leaves nothing half done.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the meter: what came since the last reading goes to the open steps, or to idle.
+    fn read(&self, a: &mut Account) {
+        let uj = a.meter.delta_uj(!a.open.is_empty());
+        if a.open.is_empty() {
+            self.idle_uj.fetch_add(uj, Relaxed);
+            return;
+        }
+        let shares: Vec<f64> = a.open.iter().map(|s| s.share).collect();
+        for (step, part) in a.open.iter_mut().zip(split(uj, &shares)) {
+            step.uj = step.uj.saturating_add(part);
+        }
+    }
+
+    /// Reads the meter (an idle engine does at least once a second, so that idle energy
+    /// shows and a wrapping counter is never read too rarely).
+    pub(crate) fn tick(&self) {
+        let mut a = self.lock();
+        self.read(&mut a);
+    }
+
+    /// Opens a step computing with `share` (its worker threads) from now.
+    pub(crate) fn begin(&self, share: f64) -> StepId {
+        let mut a = self.lock();
+        self.read(&mut a);
+        let id = a.next_id;
+        a.next_id += 1;
+        a.open.push(OpenStep {
+            id,
+            share: if share.is_finite() && share > 0.0 {
+                share
+            } else {
+                1.0
+            },
+            uj: 0,
+        });
+        StepId(id)
+    }
+
+    /// Closes a step: the microjoules it was given while open.
+    pub(crate) fn end(&self, id: StepId) -> u64 {
+        let mut a = self.lock();
+        self.read(&mut a);
+        match a.open.iter().position(|s| s.id == id.0) {
+            Some(i) => a.open.swap_remove(i).uj,
+            None => 0,
+        }
+    }
+
+    /// Counts energy a closed step used but charged to no request as idle.
+    pub(crate) fn add_idle(&self, uj: u64) {
+        self.idle_uj.fetch_add(uj, Relaxed);
+    }
+
+    /// Opens a step that closes when [`OpenedStep::close`] is called, or as idle when it is
+    /// dropped unclosed (its work failed or unwound): never left open.
+    pub(crate) fn open_step(&self, share: f64) -> OpenedStep<'_> {
+        OpenedStep {
+            account: self,
+            id: Some(self.begin(share)),
+        }
+    }
+}
+
+/// A step on an [`EnergyAccount`], closed exactly once.
+pub(crate) struct OpenedStep<'a> {
+    account: &'a EnergyAccount,
+    id: Option<StepId>,
+}
+
+impl OpenedStep<'_> {
+    /// Closes the step: the microjoules it was given.
+    pub(crate) fn close(mut self) -> u64 {
+        self.id.take().map_or(0, |id| self.account.end(id))
+    }
+}
+
+impl Drop for OpenedStep<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.account.add_idle(self.account.end(id));
+        }
+    }
+}
+
+/// One engine's energy accounts: its steps on the process's [`EnergyAccount`], and the
+/// totals it publishes.
+pub(crate) struct EnergyLedger {
+    account: Arc<EnergyAccount>,
     metrics: Arc<Metrics>,
+    /// The worker threads the engine computes with: its steps' share of a shared interval.
+    share: f64,
+    open: Option<StepId>,
 }
 
 impl EnergyLedger {
-    pub(crate) fn new(meter: Box<dyn EnergyMeter>, metrics: Arc<Metrics>) -> Self {
-        let _ = metrics.energy_source.set((meter.name(), meter.kind()));
-        Self { meter, metrics }
+    pub(crate) fn new(account: Arc<EnergyAccount>, metrics: Arc<Metrics>, threads: usize) -> Self {
+        let _ = metrics.energy_account.set(account.clone());
+        Self {
+            account,
+            metrics,
+            share: threads.max(1) as f64,
+            open: None,
+        }
     }
 
     /// Measured or modelled.
     pub(crate) fn kind(&self) -> EnergyKind {
-        self.meter.kind()
+        self.account.kind()
     }
 
-    /// Reads the meter: what came since the last reading was idle.
-    pub(crate) fn idle(&mut self) -> u64 {
-        let uj = self.meter.delta_uj(false);
-        self.metrics.energy_idle_uj.fetch_add(uj, Relaxed);
-        uj
+    /// Reads the meter while the engine waits for work.
+    pub(crate) fn tick(&mut self) {
+        self.close_unfinished();
+        self.account.tick();
     }
 
-    /// Reads the meter at the end of a step: what came since the last reading was the step,
-    /// split by `weights` (one per chunk), parts summing to the step's energy.
+    /// A step starts: what came since the last reading was idle (or other engines' steps).
+    pub(crate) fn begin(&mut self) {
+        self.close_unfinished();
+        self.open = Some(self.account.begin(self.share));
+    }
+
+    /// A step that never reached [`EnergyLedger::step`] (its forward pass failed): its
+    /// energy is charged to nobody, so it counts as idle.
+    fn close_unfinished(&mut self) {
+        if let Some(id) = self.open.take() {
+            self.account.add_idle(self.account.end(id));
+        }
+    }
+
+    /// The step ends: its energy, split by `weights` (one per chunk), parts summing to it.
+    /// An engine that stops with a step open (one that failed) closes it as idle.
     pub(crate) fn step(&mut self, weights: &[f64]) -> Vec<u64> {
-        let uj = self.meter.delta_uj(true);
+        let uj = match self.open.take() {
+            Some(id) => self.account.end(id),
+            None => 0,
+        };
         if weights.is_empty() {
-            self.metrics.energy_idle_uj.fetch_add(uj, Relaxed);
+            self.account.add_idle(uj);
             return Vec::new();
         }
         self.metrics.energy_requests_uj.fetch_add(uj, Relaxed);
         split(uj, weights)
+    }
+}
+
+impl Drop for EnergyLedger {
+    fn drop(&mut self) {
+        // A step left open would take a share of every later interval from the account.
+        self.close_unfinished();
     }
 }
 
@@ -762,15 +979,16 @@ mod tests {
             total: total.clone(),
         };
         let metrics = Arc::new(Metrics::default());
-        let mut ledger = EnergyLedger::new(Box::new(meter), metrics.clone());
+        let account = Arc::new(EnergyAccount::with_meter(Box::new(meter)));
+        let mut ledger = EnergyLedger::new(account.clone(), metrics.clone(), 2);
         assert_eq!(ledger.kind(), EnergyKind::Modelled);
         let cost = CostModel::new(135_000_000, 30, 9, 64);
         let mut requests = 0u64;
-        let mut idle = 0u64;
         for step in 0..200usize {
             if step % 3 == 0 {
-                idle += ledger.idle();
+                ledger.tick();
             }
+            ledger.begin();
             // Mixed chunks: decode tokens at growing positions, prompt chunks of many tokens.
             let weights: Vec<f64> = (0..=step % 5)
                 .map(|k| {
@@ -784,11 +1002,82 @@ mod tests {
             requests += ledger.step(&weights).iter().sum::<u64>();
         }
         let snap = metrics.snapshot();
+        let idle = account.idle_uj();
         assert_eq!(requests + idle, total.load(Relaxed));
         assert_eq!(snap.energy.requests_uj, requests);
         assert_eq!(snap.energy.idle_uj, idle);
         assert!(idle > 0 && requests > 0);
         // A modelled source is never labelled measured.
         assert_eq!(snap.energy.kind, EnergyKind::Modelled);
+    }
+
+    /// A meter whose every reading is `per_read` microjoules.
+    struct Steady {
+        per_read: u64,
+        busy_reads: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl EnergyMeter for Steady {
+        fn name(&self) -> &'static str {
+            "model"
+        }
+        fn kind(&self) -> EnergyKind {
+            EnergyKind::Modelled
+        }
+        fn delta_uj(&mut self, busy: bool) -> u64 {
+            if busy {
+                self.busy_reads.fetch_add(1, Relaxed);
+            }
+            self.per_read
+        }
+    }
+
+    #[test]
+    fn engines_on_one_account_share_its_meter_and_count_the_machine_once() {
+        let busy_reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let account = Arc::new(EnergyAccount::with_meter(Box::new(Steady {
+            per_read: 600,
+            busy_reads: busy_reads.clone(),
+        })));
+        let (ma, mb) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));
+        // Engine A computes with 2 threads, engine B with 1.
+        let mut a = EnergyLedger::new(account.clone(), ma.clone(), 2);
+        let mut b = EnergyLedger::new(account.clone(), mb.clone(), 1);
+        // Readings: A begins (600 idle), B begins (600 to A alone), A ends (600 split 2:1),
+        // B ends (600 to B alone), B ticks idle (600).
+        a.begin();
+        b.begin();
+        let pa = a.step(&[1.0, 1.0]);
+        let pb = b.step(&[3.0]);
+        b.tick();
+        assert_eq!(pa, vec![500, 500]);
+        assert_eq!(pb, vec![800]);
+        assert_eq!(account.idle_uj(), 1_200);
+        assert_eq!(
+            ma.snapshot().energy.requests_uj + mb.snapshot().energy.requests_uj + 1_200,
+            5 * 600
+        );
+        // Both engines' snapshots show the process's one idle figure, not one each.
+        assert_eq!(ma.snapshot().energy.idle_uj, mb.snapshot().energy.idle_uj);
+        // The meter was told the machine was busy only while a step was open.
+        assert_eq!(busy_reads.load(Relaxed), 3);
+        // A step that never ends (its forward pass failed) counts as idle at the next
+        // reading of its engine; an empty step's energy is idle too. Five readings: A
+        // begins, A's tick closes its step and reads again, B begins, B's empty step ends.
+        a.begin();
+        a.tick();
+        b.begin();
+        assert!(b.step(&[]).is_empty());
+        assert_eq!(account.idle_uj(), 1_200 + 5 * 600);
+        assert_eq!(ma.snapshot().energy.requests_uj, 1_000);
+        // An engine that stops with a step open, and a step dropped unclosed, close as idle:
+        // a later step alone gets every reading of its own.
+        a.begin();
+        drop(a);
+        drop(account.open_step(1.0));
+        let idle = account.idle_uj();
+        b.begin();
+        assert_eq!(b.step(&[1.0]), vec![600]);
+        assert_eq!(account.idle_uj(), idle + 600);
     }
 }

@@ -53,7 +53,7 @@ pub use chat::{ChatFormat, ChatPrompt, ChatRequest, ToolCallFormat, deepseek};
 pub use constraint::lark_accepts;
 use constraint::{CompileError, ConstraintCompiler};
 pub use embed::{Embedder, EmbedderConfig};
-pub use energy::{EnergyConfig, EnergyKind, EnergySourceChoice};
+pub use energy::{EnergyAccount, EnergyConfig, EnergyKind, EnergySourceChoice};
 pub use error::{EngineError, Failure, LoadError};
 pub use gbnf::{GbnfError, gbnf_to_lark};
 use metrics::Metrics;
@@ -100,6 +100,10 @@ pub struct EngineConfig {
     pub chat_template: Option<String>,
     /// How energy is metered and attributed to requests.
     pub energy: EnergyConfig,
+    /// The process's energy account, when its engines share one (a server with several
+    /// models or an embedding model: one meter for them all, [`EnergyAccount`]); `None`
+    /// opens one of the engine's own from `energy`.
+    pub energy_account: Option<Arc<EnergyAccount>>,
     /// Speculative decoding (n-gram drafts, or the draft model's); `None` generates one
     /// token per step.
     pub speculation: Option<Speculation>,
@@ -123,6 +127,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             chat_template: None,
             energy: EnergyConfig::default(),
+            energy_account: None,
             speculation: None,
             draft_model: None,
             kv_cache_type: model::KvType::F16,
@@ -496,19 +501,18 @@ impl Engine {
             metadata,
             chat_template,
         };
-        config.energy.validate().map_err(LoadError::Inconsistent)?;
-        let meter = energy::open_meter(&config.energy, threads).map_err(LoadError::Inconsistent)?;
-        tracing::info!(
-            source = meter.name(),
-            kind = meter.kind().as_str(),
-            "energy metering"
-        );
+        let account = match &config.energy_account {
+            Some(a) => a.clone(),
+            None => {
+                EnergyAccount::open(&config.energy, threads).map_err(LoadError::Inconsistent)?
+            }
+        };
         let cost = {
             let c = model.config();
             energy::CostModel::new(loaded.tensors.n_params, c.n_layers, c.n_heads, c.head_dim)
         };
         let metrics = Arc::new(Metrics::default());
-        let energy = energy::EnergyLedger::new(meter, metrics.clone());
+        let energy = energy::EnergyLedger::new(account, metrics.clone(), threads);
         if let Some(s) = &config.speculation {
             s.validate().map_err(LoadError::Inconsistent)?;
         }

@@ -82,12 +82,11 @@ pub(crate) struct Metrics {
     pub(crate) time_to_first_token: Histogram,
     pub(crate) inter_token_latency: Histogram,
     pub(crate) request_latency: Histogram,
-    /// The energy meter's name and kind, set once when the engine starts.
-    pub(crate) energy_source: OnceLock<(&'static str, EnergyKind)>,
-    /// Microjoules of steps, attributed to their sequences.
+    /// The process's energy account the engine's steps are metered on, set once when the
+    /// engine starts.
+    pub(crate) energy_account: OnceLock<std::sync::Arc<crate::EnergyAccount>>,
+    /// Microjoules of the engine's steps, attributed to their sequences.
     pub(crate) energy_requests_uj: AtomicU64,
-    /// Microjoules between steps.
-    pub(crate) energy_idle_uj: AtomicU64,
 }
 
 /// The engine's energy totals since it started.
@@ -99,7 +98,9 @@ pub struct EnergySnapshot {
     pub kind: EnergyKind,
     /// Microjoules of steps, attributed to the requests in them.
     pub requests_uj: u64,
-    /// Microjoules between steps (waiting for requests, bookkeeping), attributed to none.
+    /// Microjoules while no step of any engine of the process computed (waiting for
+    /// requests, bookkeeping), attributed to none: the process's, shared by its engines'
+    /// snapshots (the energy account is one per process).
     pub idle_uj: u64,
 }
 
@@ -173,16 +174,12 @@ impl Metrics {
             inter_token_latency: self.inter_token_latency.snapshot(),
             request_latency: self.request_latency.snapshot(),
             energy: {
-                let (meter, kind) = self
-                    .energy_source
-                    .get()
-                    .copied()
-                    .unwrap_or(("model", EnergyKind::Modelled));
+                let account = self.energy_account.get();
                 EnergySnapshot {
-                    meter,
-                    kind,
+                    meter: account.map_or("model", |a| a.meter()),
+                    kind: account.map_or(EnergyKind::Modelled, |a| a.kind()),
                     requests_uj: self.energy_requests_uj.load(Relaxed),
-                    idle_uj: self.energy_idle_uj.load(Relaxed),
+                    idle_uj: account.map_or(0, |a| a.idle_uj()),
                 }
             },
         }

@@ -311,7 +311,7 @@ impl Scheduler {
                 match jobs.recv_timeout(IDLE_METER_PERIOD) {
                     Ok(job) => self.enqueue(job),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.energy.idle();
+                        self.energy.tick();
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -746,9 +746,9 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
-        // What came since the last reading (between steps) is idle; the step, drafting
-        // included (a draft model computes), starts now.
-        self.energy.idle();
+        // What came since the last reading (between steps) is idle, or other engines'; the
+        // step, drafting included (a draft model computes), starts now.
+        self.energy.begin();
         // Drafts of the generating sequences (`crate::speculate`), in the budget left by the
         // decode tokens and before prompt chunks; each goes with its sequence's plan entry.
         let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); plan.len()];
@@ -783,6 +783,9 @@ impl Scheduler {
             }
         }
         if plan.is_empty() {
+            // Nothing to compute after all: the step closes at once (its energy, drafting's
+            // if any, is idle's).
+            self.energy.step(&[]);
             return Ok(());
         }
         for &(i, n) in &plan {

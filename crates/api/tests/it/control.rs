@@ -755,16 +755,7 @@ async fn usage_is_metered_and_exported() {
             .unwrap()
             .starts_with("text/csv")
     );
-    let csv = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let csv = String::from_utf8(common::body_bytes(response).await).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
     assert!(csv.starts_with("id,time,org,project,key,model"));
 

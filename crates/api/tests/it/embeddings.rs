@@ -4,7 +4,7 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::Body;
@@ -24,6 +24,7 @@ const MAX_TOKENS: usize = 8;
 /// answers can be compared bit for bit.
 struct FakeEmbedder {
     calls: AtomicUsize,
+    charged_uj: AtomicU64,
 }
 
 impl EmbeddingBackend for FakeEmbedder {
@@ -63,11 +64,37 @@ impl EmbeddingBackend for FakeEmbedder {
             })
             .collect()
     }
+
+    /// 1 mJ per token, modelled, as the engine's model would label it.
+    fn embed_metered(
+        &self,
+        inputs: &[Vec<u32>],
+    ) -> Result<(Vec<Vec<f32>>, Option<engine::Energy>), EngineError> {
+        let vectors = self.embed(inputs)?;
+        let tokens: usize = inputs.iter().map(Vec::len).sum();
+        self.charged_uj
+            .fetch_add(1000 * tokens as u64, Ordering::SeqCst);
+        let energy = engine::Energy {
+            microjoules: 1000 * tokens as u64,
+            kind: engine::EnergyKind::Modelled,
+        };
+        Ok((vectors, Some(energy)))
+    }
+
+    fn energy(&self) -> Option<engine::EnergySnapshot> {
+        Some(engine::EnergySnapshot {
+            meter: "model",
+            kind: engine::EnergyKind::Modelled,
+            requests_uj: self.charged_uj.load(Ordering::SeqCst),
+            idle_uj: 0,
+        })
+    }
 }
 
 fn expected(ids: &[u32]) -> Vec<f32> {
     FakeEmbedder {
         calls: AtomicUsize::new(0),
+        charged_uj: AtomicU64::new(0),
     }
     .embed(&[ids.to_vec()])
     .unwrap()
@@ -79,6 +106,7 @@ fn fake() -> (Arc<FakeBackend>, Arc<FakeEmbedder>) {
         FakeBackend::new(Mode::Echo),
         Arc::new(FakeEmbedder {
             calls: AtomicUsize::new(0),
+            charged_uj: AtomicU64::new(0),
         }),
     )
 }
@@ -433,6 +461,13 @@ async fn embeddings_are_authenticated_and_metered_with_their_prompt_tokens() {
     let ok: Vec<_> = usage.iter().filter(|u| u.status == "ok").collect();
     assert_eq!(ok.len(), 1, "{usage:#?}");
     assert_eq!((ok[0].prompt_tokens, ok[0].completion_tokens), (7, 0));
+    // The record carries the energy the embedding took.
+    assert_eq!(ok[0].energy_uj, Some(7_000));
+    assert_eq!(
+        ok[0].energy_source.map(|s| s.as_str()),
+        Some("modelled"),
+        "{usage:#?}"
+    );
     assert_eq!(ok[0].model, EMBED_MODEL);
     assert!(ok[0].id.starts_with("embd-"), "{}", ok[0].id);
     assert!(
@@ -442,4 +477,66 @@ async fn embeddings_are_authenticated_and_metered_with_their_prompt_tokens() {
         "{usage:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn body_json(response: axum::http::Response<Body>) -> Value {
+    serde_json::from_slice(&common::body_bytes(response).await).unwrap()
+}
+
+#[tokio::test]
+async fn embeddings_carry_their_energy_in_usage_headers_and_metrics() {
+    let (backend, embedder) = fake();
+    let response = send(
+        app(&backend, &embedder),
+        post_json(
+            "/v1/embeddings",
+            &json!({"model": EMBED_MODEL, "input": ["ab", "c"]}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let header = |name: &str| {
+        let value = response.headers().get(name)?;
+        value.to_str().ok().map(str::to_owned)
+    };
+    // 7 tokens ([CLS] a b [SEP], [CLS] c [SEP]) at 1 mJ each.
+    assert_eq!(
+        header("x-souverain-energy-joules").as_deref(),
+        Some("0.007000")
+    );
+    assert_eq!(
+        header("x-souverain-energy-source").as_deref(),
+        Some("modelled")
+    );
+    let json = body_json(response).await;
+    assert_eq!(json["usage"]["energy_joules"], 0.007);
+    assert_eq!(json["usage"]["energy_source"], "modelled");
+    // Ollama's /api/embed: beside its counters, and in the headers.
+    let response = send(
+        app(&backend, &embedder),
+        post_json(
+            "/api/embed",
+            &json!({"model": EMBED_MODEL, "input": "ab"}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().contains_key("x-souverain-energy-joules"));
+    let json = body_json(response).await;
+    assert_eq!(json["prompt_eval_count"], 4);
+    assert_eq!(json["energy_joules"], 0.004);
+    assert_eq!(json["energy_source"], "modelled");
+    // `/metrics`: the embedding model's requests under its name, idle once for the process.
+    let response = send(app(&backend, &embedder), get("/metrics")).await;
+    let text = String::from_utf8(common::body_bytes(response).await).unwrap();
+    let line = format!(
+        "souverain_energy_joules_total{{model_name=\"{EMBED_MODEL}\",source=\"modelled\",meter=\"model\",kind=\"requests\"}} 0.011"
+    );
+    assert!(text.lines().any(|l| l == line), "{text}");
+    let idle = text
+        .lines()
+        .filter(|l| l.starts_with("souverain_energy_joules_total") && l.contains("kind=\"idle\""))
+        .collect::<Vec<_>>();
+    assert_eq!(idle.len(), 1, "{text}");
+    assert!(!idle[0].contains("model_name"), "{text}");
 }

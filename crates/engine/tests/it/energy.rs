@@ -1,10 +1,11 @@
-//! Energy per request on the default model: every step's energy reaches the requests in it.
+//! Energy per request on the default model: every step's energy reaches the requests in it;
+//! engines and the embedding model on one account count the machine once.
 
 use std::time::Instant;
 
 use souverain_engine::{
-    Energy, EnergyConfig, EnergyKind, EnergySourceChoice, Engine, EngineConfig, Event,
-    GenerateRequest,
+    Embedder, EmbedderConfig, Energy, EnergyAccount, EnergyConfig, EnergyKind, EnergySourceChoice,
+    Engine, EngineConfig, Event, GenerateRequest,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -82,4 +83,94 @@ fn requests_energy_sums_to_the_engine_total_and_is_labelled_modelled() {
     let ceiling = (idle_watts + active_watts_per_thread * threads as f64) * elapsed * 1e6;
     let total = (m.energy.requests_uj + m.energy.idle_uj) as f64;
     assert!(total <= ceiling, "{total} µJ over {elapsed} s");
+}
+
+#[test]
+fn engines_and_the_embedder_on_one_account_count_the_machine_once() {
+    let (Some(path), Some(dir)) = (
+        testkit::default_model(),
+        testkit::embedding_model("model.safetensors"),
+    ) else {
+        return;
+    };
+    // The model at 10 W whether or not anything computes: the machine's energy over the run
+    // is 10 W times its length, however many engines meter it.
+    let idle_watts = 10.0;
+    let config = EnergyConfig {
+        source: EnergySourceChoice::Model,
+        idle_watts,
+        active_watts_per_thread: 0.0,
+    };
+    let started = Instant::now();
+    let account = EnergyAccount::open(&config, 2).expect("the model is always there");
+    let load = || {
+        Engine::load(
+            &path,
+            EngineConfig {
+                threads: 1,
+                max_seqs: 4,
+                energy: config.clone(),
+                energy_account: Some(account.clone()),
+                ..EngineConfig::default()
+            },
+            &mut |_, _| {},
+        )
+        .expect("load")
+    };
+    let (a, b) = (load(), load());
+    let embedder = Embedder::load(
+        &dir,
+        EmbedderConfig {
+            threads: 1,
+            energy_account: Some(account.clone()),
+            ..EmbedderConfig::default()
+        },
+    )
+    .expect("load the embedding model");
+    // Both engines generate while the embedder embeds: their steps overlap.
+    let submit = |e: &Engine, prompt: &str| {
+        let mut r = GenerateRequest::new(e.tokenize(prompt));
+        r.sampling.temperature = 0.0;
+        r.max_tokens = Some(24);
+        e.generate(r).expect("submit")
+    };
+    let (ra, rb) = (
+        submit(&a, "The capital of France is"),
+        submit(&b, "Once upon a time"),
+    );
+    let texts: Vec<Vec<u32>> = ["a sentence to embed", "another one, a little longer"]
+        .iter()
+        .map(|t| embedder.tokenize(t))
+        .collect();
+    let mut embedded = 0u64;
+    for _ in 0..5 {
+        let (vectors, energy) = embedder.embed_metered(&texts).expect("embed");
+        assert_eq!(vectors.len(), 2);
+        assert_eq!(energy.kind, EnergyKind::Modelled);
+        embedded += energy.microjoules;
+    }
+    let (ea, eb) = (energy_of(ra), energy_of(rb));
+    let elapsed = started.elapsed().as_secs_f64();
+    let (ma, mb, me) = (a.metrics().energy, b.metrics().energy, embedder.energy());
+    // Each answer's energy is what its engine charged; the embedder's calls are its total.
+    assert_eq!(
+        (ea.microjoules, eb.microjoules),
+        (ma.requests_uj, mb.requests_uj)
+    );
+    assert_eq!(embedded, me.requests_uj);
+    assert!(ea.microjoules > 0 && eb.microjoules > 0 && embedded > 0);
+    // One idle figure for the process, the same in every snapshot.
+    assert_eq!(ma.idle_uj, mb.idle_uj);
+    assert_eq!(ma.idle_uj, me.idle_uj);
+    // Everything the meter gave, requests of every engine and idle, is at most the machine's
+    // 10 W over the run (three meters of their own would each have counted it: about 3x).
+    let total = (ma.requests_uj + mb.requests_uj + me.requests_uj + me.idle_uj) as f64;
+    let ceiling = idle_watts * elapsed * 1e6;
+    assert!(total <= ceiling, "{total} µJ in {elapsed} s");
+    // And the meter was read up to near the end: at least the time since the last answer
+    // began is in it (a loose floor: the engines' last readings came with their answers).
+    assert!(
+        total >= 0.5 * idle_watts * 1e6 * (elapsed - 1.0).max(0.0),
+        "{total} µJ in {elapsed} s"
+    );
 }

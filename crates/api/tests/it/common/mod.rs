@@ -265,6 +265,17 @@ pub async fn send(app: Router, request: Request<Body>) -> Response<Body> {
     app.oneshot(request).await.unwrap()
 }
 
+/// A response's whole body.
+pub async fn body_bytes(response: Response<Body>) -> Vec<u8> {
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
 /// Sends and reads the whole body as JSON.
 pub async fn send_json(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
     let response = send(app, request).await;
