@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import struct
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import openai
 import pytest
+
+from conftest import DEFAULT_MODEL, server_binary
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -118,3 +122,17 @@ def test_too_long_and_empty_inputs_are_400(client: openai.OpenAI, embedding_mode
         client.embeddings.create(model=embedding_model, input="")
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=embedding_model, input="a", dimensions=16)
+
+
+def test_an_embedding_model_named_like_the_chat_model_is_refused(server: Server) -> None:
+    """One name, one model: a server asked to serve the embedding model under the chat model's
+    id refuses to start, saying so."""
+    directory = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
+    if not directory:
+        pytest.skip("no embedding model (set SOUVERAIN_EMBEDDING_MODEL)")
+    run = subprocess.run(
+        [str(server_binary()), "serve", "--model", str(DEFAULT_MODEL), "--port", "0",
+         "--embedding-model", directory, "--embedding-model-id", server.model_id],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "is a chat model's too" in run.stderr, run.stderr

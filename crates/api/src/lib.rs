@@ -107,6 +107,7 @@ pub struct App {
     batch_concurrency: usize,
     embedder: Option<Arc<dyn EmbeddingBackend>>,
     control: Option<Arc<ControlPlane>>,
+    energy: Option<Arc<engine::EnergyAccount>>,
 }
 
 /// Ollama's routes; their bodies are JSON whatever they are declared as.
@@ -147,7 +148,14 @@ impl App {
             batch_concurrency: 8,
             embedder: None,
             control: None,
+            energy: None,
         }
+    }
+
+    /// The process's energy account (the one its engines meter on): `/metrics` exports its
+    /// idle energy from it, loaded models or not. Without it, from a loaded model's snapshot.
+    pub fn with_energy_account(self, energy: Option<Arc<engine::EnergyAccount>>) -> Self {
+        App { energy, ..self }
     }
 
     /// Serves `embedder` on `/v1/embeddings` beside the chat model (both listed by
@@ -174,11 +182,12 @@ impl App {
 
     /// The whole application, ready to serve or to call with `tower::ServiceExt::oneshot`.
     pub fn router(&self) -> Router {
-        let state = state::AppState::new(
+        let mut state = state::AppState::new(
             Arc::clone(&self.models),
             self.embedder.clone(),
             Arc::clone(&self.batches),
         );
+        state.energy = self.energy.clone();
         let model_state = state.clone();
         let app = Router::new()
             .route("/health", get(handlers::health))

@@ -30,10 +30,18 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         rendered.push(energy_requests(&model_label(id), e));
     }
     // Idle energy is the process's (its engines share one meter): once, without a model.
-    let idle = snapshots
-        .first()
-        .map(|(_, m)| m.energy)
-        .or(embedding.map(|(_, e)| e));
+    let idle = match &state.energy {
+        Some(account) => Some(engine::EnergySnapshot {
+            meter: account.meter(),
+            kind: account.kind(),
+            requests_uj: 0,
+            idle_uj: account.idle_uj(),
+        }),
+        None => snapshots
+            .first()
+            .map(|(_, m)| m.energy)
+            .or(embedding.map(|(_, e)| e)),
+    };
     if let Some(e) = idle {
         rendered.push(energy_idle(&e));
     }
@@ -48,13 +56,13 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
     )
 }
 
-/// Prometheus exposition text for one snapshot.
 /// `model_name="..."`, escaped as the exposition format wants.
 fn model_label(model: &str) -> String {
     let model = model.replace('\\', "\\\\").replace('"', "\\\"");
     format!("model_name=\"{model}\"")
 }
 
+/// Prometheus exposition text for one model's snapshot.
 pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
     let label = model_label(model);
     let mut out = String::new();
@@ -225,13 +233,14 @@ pub(crate) fn render(model: &str, m: &MetricsSnapshot) -> String {
     out
 }
 
+/// The energy counters' family.
+const ENERGY: &str = "souverain_energy_joules_total";
+
 /// Energy counters, labelled by source (`measured` or `modelled`), meter (`rapl`, `nvml`,
 /// `model`) and where the joules went: `requests` per model (its steps, split across their
 /// sequences; the embedding model's forward passes), and `idle` once for the process (while
 /// no model computed: its models share one meter). Their sum is the meter's total since
-/// start.
-const ENERGY: &str = "souverain_energy_joules_total";
-
+/// start (a model's counter restarts from 0 when it is loaded again, as counters do).
 fn energy_header() -> String {
     format!(
         "# HELP {ENERGY} Energy since start by source and by where it went (a model's requests, or idle).\n# TYPE {ENERGY} counter\n"

@@ -19,6 +19,8 @@ pub(crate) struct AppState {
     pub(crate) embedder: Option<Arc<dyn EmbeddingBackend>>,
     /// Unix seconds when the router was built: the model's `created`.
     pub(crate) started_at: u64,
+    /// The process's energy account, when the server was given it (`/metrics`' idle).
+    pub(crate) energy: Option<Arc<engine::EnergyAccount>>,
 }
 
 impl AppState {
@@ -32,6 +34,7 @@ impl AppState {
             batches,
             embedder,
             started_at: unix_now(),
+            energy: None,
         }
     }
 

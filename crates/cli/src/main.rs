@@ -458,6 +458,7 @@ fn load_engine_at(
             context_length: args.ctx_size,
             max_seqs: 1,
             chat_template,
+            energy_account,
             ..EngineConfig::default()
         },
     };
@@ -623,6 +624,13 @@ fn serve(args: ServeArgs) -> Result<()> {
                 params = embedder.n_params(),
                 "embedding model loaded"
             );
+            // One name, one model: requests, `/v1/models` and `/metrics` tell them apart by it.
+            if models.serves(embedder.model_id()) {
+                bail!(
+                    "the embedding model's id `{}` is a chat model's too: set --embedding-model-id",
+                    embedder.model_id()
+                );
+            }
             Some(Arc::new(embedder))
         }
         None => None,
@@ -637,6 +645,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let shutdown = route::shutdown();
         api::App::with_models(models)
             .with_batch_concurrency(args.batch_concurrency)
+            .with_energy_account(Some(energy_account))
             .with_embedder(embedder)
             .with_control(control)
             .serve(listener, shutdown)

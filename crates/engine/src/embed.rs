@@ -309,15 +309,18 @@ impl Embedder {
                     type_ids: &[],
                 })
                 .collect();
-            // A pass that fails closes its step as idle (charged to nobody).
+            // A pass that fails closes its step as idle (charged to nobody), and so do the
+            // call's earlier passes: no answer carries them.
             let step = self.energy.open_step(self.threads as f64);
-            let states = self
-                .model
-                .forward(&pool, &batch)
-                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-            let uj = step.close();
-            self.requests_uj.fetch_add(uj, Relaxed);
-            microjoules = microjoules.saturating_add(uj);
+            let states = match self.model.forward(&pool, &batch) {
+                Ok(states) => states,
+                Err(e) => {
+                    drop(step);
+                    self.energy.add_idle(microjoules);
+                    return Err(EngineError::InvalidRequest(e.to_string()));
+                }
+            };
+            microjoules = microjoules.saturating_add(step.close());
             for s in states {
                 let mut v = model::pool(&s, self.model.config().hidden_size, self.pooling);
                 if self.normalize {
@@ -327,6 +330,7 @@ impl Embedder {
             }
             start = end;
         }
+        self.requests_uj.fetch_add(microjoules, Relaxed);
         let energy = Energy {
             microjoules,
             kind: self.energy.kind(),

@@ -309,7 +309,7 @@ mod nvml {
 
     // SAFETY: NVML's device handles are plain identifiers valid for the library's lifetime
     // and its API is thread-safe (NVML documents every call as such); the meter is used from
-    // one thread at a time (the engine thread).
+    // one thread at a time (whichever engine or embedder thread holds its account's lock).
     unsafe impl Send for Nvml {}
 
     impl Nvml {
@@ -661,7 +661,27 @@ impl EnergyAccount {
             kind = meter.kind().as_str(),
             "energy metering"
         );
-        Ok(Arc::new(Self::with_meter(meter)))
+        let account = Arc::new(Self::with_meter(meter));
+        // Read at least once a second whatever the engines do (none may be loaded), so that
+        // idle energy shows and a wrapping counter is never read too rarely; the thread ends
+        // with the account.
+        let weak = Arc::downgrade(&account);
+        let ticker = std::thread::Builder::new()
+            .name("energy-meter".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    match weak.upgrade() {
+                        Some(account) => account.tick(),
+                        None => return,
+                    }
+                }
+            });
+        if let Err(e) = ticker {
+            // The engines' idle readings still come, once a second while they wait.
+            tracing::warn!(error = %e, "no energy meter thread");
+        }
+        Ok(account)
     }
 
     pub(crate) fn with_meter(meter: Box<dyn EnergyMeter>) -> Self {
@@ -822,8 +842,8 @@ impl EnergyLedger {
         self.open = Some(self.account.begin(self.share));
     }
 
-    /// A step that never reached [`EnergyLedger::step`] (its forward pass failed): its
-    /// energy is charged to nobody, so it counts as idle.
+    /// A step that never reached [`EnergyLedger::step`] (an early return or a panic between
+    /// them): its energy is charged to nobody, so it counts as idle.
     fn close_unfinished(&mut self) {
         if let Some(id) = self.open.take() {
             self.account.add_idle(self.account.end(id));
@@ -1061,7 +1081,7 @@ mod tests {
         assert_eq!(ma.snapshot().energy.idle_uj, mb.snapshot().energy.idle_uj);
         // The meter was told the machine was busy only while a step was open.
         assert_eq!(busy_reads.load(Relaxed), 3);
-        // A step that never ends (its forward pass failed) counts as idle at the next
+        // A step that never ends (an early return) counts as idle at the next
         // reading of its engine; an empty step's energy is idle too. Five readings: A
         // begins, A's tick closes its step and reads again, B begins, B's empty step ends.
         a.begin();

@@ -326,6 +326,9 @@ impl Scheduler {
                 // A model error here is a bug or a broken file, not a bad request: fail the
                 // sequences of this step and keep serving.
                 tracing::error!(error = %e, "forward pass failed");
+                // Whatever returned the error, no step of this engine stays open on the
+                // account (a step already charged leaves nothing to close).
+                self.energy.step(&[]);
                 let failure = Failure::Forward(Arc::new(e));
                 for seq in std::mem::take(&mut self.running) {
                     let _ = seq.events.send(Event::Failed(failure.clone()));
@@ -791,6 +794,8 @@ impl Scheduler {
         for &(i, n) in &plan {
             let end = self.running[i].n_computed + n;
             if !self.ensure_window(i, end) {
+                // The step computes nothing: it closes now (idle's), not left open.
+                self.energy.step(&[]);
                 return Err(model::ModelError::BadConfig(
                     "the KV pool's window blocks ran out (a bug: they are sized for every \
                      running sequence)"
