@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +24,15 @@ import ollama
 import openai
 import pytest
 
-from conftest import DEFAULT_MODEL, REPO_ROOT, Server, _serve, admin, server_binary
+from conftest import (
+    DEFAULT_MODEL,
+    GEMMA_MODEL,
+    REPO_ROOT,
+    Server,
+    _serve,
+    admin,
+    server_binary,
+)
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 SOURCES = {"measured", "modelled"}
@@ -291,6 +300,51 @@ def test_energy_is_measured_from_a_simulated_nvml_library(tmp_path: Path) -> Non
                 model=server.model_id, messages=CHAT, max_tokens=2, temperature=0)
             assert energy_of(r.usage)[1] == "modelled"
             assert energy_metrics(server.root_url)["requests"][:2] == ("modelled", "model")
+
+
+def test_two_chat_models_and_the_embedding_model_share_the_measured_meter(
+    tmp_path: Path,
+) -> None:
+    """Two chat models and the embedding model, each computing at once, over one simulated
+    NVML: every model's requests plus the process's idle sum exactly to the counters' growth
+    (a meter per model would count each joule once per model)."""
+    embedding_model = os.environ.get("SOUVERAIN_EMBEDDING_MODEL")
+    if not embedding_model or not GEMMA_MODEL.is_file():
+        pytest.skip("needs the embedding model and the Gemma 3 test model")
+    log = tmp_path / "nvml.log"
+    env = simulated_nvml(tmp_path, log, gpus=2)
+    args = ["--energy-source", "nvml", "--model", str(GEMMA_MODEL), "--ctx-size", "1024"]
+    with _serve(args, embedding_model, env=env, chat_models=2) as server:
+        c = server.client
+        chat_ids = [m.id for m in c.models.list().data if m.id != server.embedding_model_id]
+        assert len(chat_ids) == 2, chat_ids
+        answers: dict[str, float] = {}
+
+        def chat(model: str) -> None:
+            r = c.chat.completions.create(model=model, messages=CHAT, max_tokens=12,
+                                          temperature=0)
+            answers[model] = energy_of(r.usage)[0]
+
+        def embed() -> None:
+            r = c.embeddings.create(model=server.embedding_model_id,
+                                    input=["a sentence to embed"] * 8)
+            answers[server.embedding_model_id] = energy_of(r.usage)[0]
+
+        threads = [threading.Thread(target=f, args=a) for f, a in
+                   [(chat, (chat_ids[0],)), (chat, (chat_ids[1],)), (embed, ())]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(answers) == 3, answers
+        totals = energy_totals(server.root_url)
+    assert set(totals) == {(m, "requests") for m in answers} | {(None, "idle")}, totals
+    for model, joules in answers.items():
+        # Each model's counter is its one answer's joules (rounded to the microjoule).
+        assert abs(totals[(model, "requests")] - joules) <= 2e-6, (model, totals)
+    everything = round(sum(totals.values()) * 1e6)
+    totals_read = counter_totals(log)
+    assert min(abs(everything - t) for t in totals_read) <= 4, (everything, totals)
 
 
 def test_nvml_without_a_gpu_refuses_to_start(tmp_path: Path) -> None:
