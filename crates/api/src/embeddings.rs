@@ -369,16 +369,23 @@ pub(crate) async fn embed(
         None => None,
     };
 
+    // Embedding and settlement run as a task of their own: a client that goes away while its
+    // inputs are embedded (axum drops this future) still has its request recorded, with the
+    // tokens and the energy the embedding took.
     let worker = Arc::clone(embedder);
-    let embedded = tokio::task::spawn_blocking(move || worker.embed_metered(&token_ids))
+    let task = tokio::spawn(async move {
+        let embedded = tokio::task::spawn_blocking(move || worker.embed_metered(&token_ids))
+            .await
+            .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
+            .and_then(|r| r.map_err(engine_error));
+        if let Some(meter) = meter {
+            settle(meter, &embedded, prompt_tokens).await;
+        }
+        embedded
+    });
+    let (vectors, energy) = task
         .await
-        .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))
-        .and_then(|r| r.map_err(engine_error));
-
-    if let Some(meter) = meter {
-        settle(meter, &embedded, prompt_tokens).await;
-    }
-    let (vectors, energy) = embedded?;
+        .map_err(|err| ApiError::internal(format!("embedding task failed: {err}")))??;
     tracing::info!(inputs = vectors.len(), prompt_tokens, "embeddings computed");
     Ok(Embedded {
         vectors,

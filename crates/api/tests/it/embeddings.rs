@@ -49,6 +49,10 @@ impl EmbeddingBackend for FakeEmbedder {
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        // Token 998 ("slow"): an embedding that takes a while (a client may leave meanwhile).
+        if inputs.iter().any(|ids| ids.contains(&998)) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         inputs
             .iter()
             .map(|ids| {
@@ -454,12 +458,38 @@ async fn embeddings_are_authenticated_and_metered_with_their_prompt_tokens() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
-    let usage = control
-        .run(|c| c.usage(&UsageFilter::default()))
-        .await
-        .unwrap();
+    // A client that goes away while its inputs are embedded: the request is still recorded
+    // whole, with its tokens and energy.
+    let left = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        send(
+            app(),
+            request(
+                Some(&key),
+                json!({"model": EMBED_MODEL, "input": [[101, 998, 102]]}),
+            ),
+        ),
+    )
+    .await;
+    assert!(left.is_err(), "the slow embedding answered within 50 ms");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let usage = loop {
+        let usage = control
+            .run(|c| c.usage(&UsageFilter::default()))
+            .await
+            .unwrap();
+        if usage.iter().filter(|u| u.status == "ok").count() == 2
+            || std::time::Instant::now() > deadline
+        {
+            break usage;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let ok: Vec<_> = usage.iter().filter(|u| u.status == "ok").collect();
-    assert_eq!(ok.len(), 1, "{usage:#?}");
+    assert_eq!(ok.len(), 2, "{usage:#?}");
+    let gone = ok.iter().find(|u| u.prompt_tokens == 3).unwrap();
+    assert_eq!(gone.energy_uj, Some(3_000), "{usage:#?}");
+    let ok: Vec<_> = ok.into_iter().filter(|u| u.prompt_tokens != 3).collect();
     assert_eq!((ok[0].prompt_tokens, ok[0].completion_tokens), (7, 0));
     // The record carries the energy the embedding took.
     assert_eq!(ok[0].energy_uj, Some(7_000));
