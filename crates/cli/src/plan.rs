@@ -237,7 +237,7 @@ pub(crate) fn run(args: &PlanArgs) -> Result<()> {
     for m in &p.models {
         match (&m.replica, &m.infeasible) {
             (Some(c), _) => println!(
-                "  {}: {} × {} {} (batch {}, {:.0} tok/s, {:.0} W, {:.3} J/token per replica), {} replicas + {} spare, binding: {:?}",
+                "  {}: {} × {} {} (batch {}, {:.0} tok/s, {:.0} W, {:.3} J/token per replica), {} replicas + {} spare, binding: {}",
                 m.model,
                 c.gpus,
                 c.system,
@@ -248,7 +248,7 @@ pub(crate) fn run(args: &PlanArgs) -> Result<()> {
                 c.joules_per_token,
                 m.replicas,
                 m.replicas_with_headroom - m.replicas,
-                m.binding.unwrap_or(plan::search::Binding::BatchGrid)
+                m.binding.unwrap_or(plan::search::Binding::BatchGrid).name()
             ),
             (
                 None,

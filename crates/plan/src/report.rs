@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::search::{Infeasible, Plan};
+use crate::search::{self, Infeasible, Plan};
 
 /// Escapes text for HTML.
 fn esc(s: &str) -> String {
@@ -142,7 +142,7 @@ pub fn html(plan: &Plan) -> String {
                 let sim = m.simulated.as_ref();
                 let _ = write!(
                     s,
-                    "<tr><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}+{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{:.3}</td><td>{} ({})</td><td>{:.0}/{:.0}</td><td>{:.1}/{:.1}</td><td>{:?}</td></tr>",
+                    "<tr><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}+{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{:.3}</td><td>{} ({})</td><td>{:.0}/{:.0}</td><td>{:.1}/{:.1}</td><td>{}</td></tr>",
                     esc(&m.model),
                     m.requests_per_s,
                     esc(&c.system),
@@ -159,7 +159,7 @@ pub fn html(plan: &Plan) -> String {
                     sim.map_or(0.0, |x| x.ttft_s[2] * 1e3),
                     sim.map_or(0.0, |x| x.itl_s[0] * 1e3),
                     sim.map_or(0.0, |x| x.itl_s[2] * 1e3),
-                    m.binding
+                    m.binding.map_or("", search::Binding::name)
                 );
             }
             (None, Some(why)) => {
@@ -292,7 +292,7 @@ pub fn html(plan: &Plan) -> String {
             g.envelope_mw,
             g.gpus_installed,
             100.0 * g.served,
-            g.binding.map_or(String::new(), |b| format!("{b:?}"))
+            g.binding.map_or("", search::Binding::name)
         );
     }
     let _ = writeln!(

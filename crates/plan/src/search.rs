@@ -105,6 +105,18 @@ pub enum Binding {
     Power,
 }
 
+impl Binding {
+    /// The constraint as people read it (the summary and the HTML report).
+    pub fn name(self) -> &'static str {
+        match self {
+            Binding::Memory => "memory",
+            Binding::Slo => "SLO",
+            Binding::BatchGrid => "largest batch tried",
+            Binding::Power => "power",
+        }
+    }
+}
+
 /// The plan for one model.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelPlan {
