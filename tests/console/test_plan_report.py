@@ -3,7 +3,8 @@
 The page is one self-contained file (it loads nothing else); every plot the plan asks for is
 drawn (per model: power and J/token against batch size, TTFT and ITL against load; the site's
 growth), each inside its frame with every label legible (the browser's own layout says where
-each element landed); the tables and plots show the JSON plan's numbers.
+each element landed); it reads on a phone's width; the tables and plots show the JSON plan's
+numbers.
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ def test_every_plot_is_drawn_inside_its_frame(report: tuple[Page, dict, list[str
         }"""
     )
     assert outside == [], outside
+
+
+def test_the_report_fits_a_phone(report: tuple[Page, dict, list[str]]) -> None:
+    """At 360 px the page does not scroll sideways: plots scale down, wide tables scroll
+    within themselves."""
+    page, _, _ = report
+    page.set_viewport_size({"width": 360, "height": 800})
+    try:
+        page.wait_for_timeout(100)
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+        widths = page.evaluate(
+            "() => Array.from(document.querySelectorAll('svg'), s => s.getBoundingClientRect().width)")
+        assert widths and max(widths) <= 360, widths
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def test_the_plots_show_the_plans_numbers(report: tuple[Page, dict, list[str]]) -> None:

@@ -114,7 +114,7 @@ pub fn html(plan: &Plan) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Souverain plan: {0}</title><style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}.bad{{color:#b00}}</style></head><body><h1>Site plan: {0}</h1>",
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Souverain plan: {0}</title><style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 8px}}table{{border-collapse:collapse;display:block;max-width:100%;overflow-x:auto}}svg{{max-width:100%;height:auto}}p{{overflow-wrap:anywhere}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}.bad{{color:#b00}}</style></head><body><h1>Site plan: {0}</h1>",
         esc(&plan.site)
     );
     let t = &plan.totals;
