@@ -31,12 +31,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
     }
     // Idle energy is the process's (its engines share one meter): once, without a model.
     let idle = match &state.energy {
-        Some(account) => Some(engine::EnergySnapshot {
-            meter: account.meter(),
-            kind: account.kind(),
-            requests_uj: 0,
-            idle_uj: account.idle_uj(),
-        }),
+        Some(account) => Some(account.snapshot(0)),
         None => snapshots
             .first()
             .map(|(_, m)| m.energy)

@@ -205,12 +205,7 @@ impl Embedder {
     /// The embedder's energy: its batches' microjoules (every one charged to the request it
     /// embedded) and the process's idle, from the shared account.
     pub fn energy(&self) -> EnergySnapshot {
-        EnergySnapshot {
-            meter: self.energy.meter(),
-            kind: self.energy.kind(),
-            requests_uj: self.requests_uj.load(Relaxed),
-            idle_uj: self.energy.idle_uj(),
-        }
+        self.energy.snapshot(self.requests_uj.load(Relaxed))
     }
 
     /// The name the model is served under.

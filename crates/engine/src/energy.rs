@@ -41,7 +41,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 pub use crate::metrics::EnergyKind;
-use crate::metrics::Metrics;
+use crate::metrics::{EnergySnapshot, Metrics};
 
 /// Which energy source to use, as `--energy-source` names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -723,9 +723,17 @@ impl EnergyAccount {
     /// Reads the meter: what came since the last reading goes to the open steps, or to idle.
     fn read(&self, a: &mut Account) {
         let uj = a.meter.delta_uj(!a.open.is_empty());
-        if a.open.is_empty() {
-            self.idle_uj.fetch_add(uj, Relaxed);
-            return;
+        match a.open.as_mut_slice() {
+            [] => {
+                self.idle_uj.fetch_add(uj, Relaxed);
+                return;
+            }
+            // One engine computing (the usual case): all of it, nothing to split.
+            [only] => {
+                only.uj = only.uj.saturating_add(uj);
+                return;
+            }
+            _ => {}
         }
         let shares: Vec<f64> = a.open.iter().map(|s| s.share).collect();
         for (step, part) in a.open.iter_mut().zip(split(uj, &shares)) {
@@ -741,7 +749,7 @@ impl EnergyAccount {
     }
 
     /// Opens a step computing with `share` (its worker threads) from now.
-    pub(crate) fn begin(&self, share: f64) -> StepId {
+    fn begin(&self, share: f64) -> StepId {
         let mut a = self.lock();
         self.read(&mut a);
         let id = a.next_id;
@@ -759,7 +767,7 @@ impl EnergyAccount {
     }
 
     /// Closes a step: the microjoules it was given while open.
-    pub(crate) fn end(&self, id: StepId) -> u64 {
+    fn end(&self, id: StepId) -> u64 {
         let mut a = self.lock();
         self.read(&mut a);
         match a.open.iter().position(|s| s.id == id.0) {
@@ -774,29 +782,40 @@ impl EnergyAccount {
     }
 
     /// Opens a step that closes when [`OpenedStep::close`] is called, or as idle when it is
-    /// dropped unclosed (its work failed or unwound): never left open.
-    pub(crate) fn open_step(&self, share: f64) -> OpenedStep<'_> {
+    /// dropped unclosed (its work failed or unwound, its engine stopped): never left open,
+    /// where it would take a share of every later interval.
+    pub(crate) fn open_step(self: &Arc<Self>, share: f64) -> OpenedStep {
         OpenedStep {
-            account: self,
             id: Some(self.begin(share)),
+            account: Arc::clone(self),
+        }
+    }
+
+    /// The account's figures beside `requests_uj` (an engine's or the embedder's).
+    pub fn snapshot(&self, requests_uj: u64) -> EnergySnapshot {
+        EnergySnapshot {
+            meter: self.meter,
+            kind: self.kind,
+            requests_uj,
+            idle_uj: self.idle_uj(),
         }
     }
 }
 
 /// A step on an [`EnergyAccount`], closed exactly once.
-pub(crate) struct OpenedStep<'a> {
-    account: &'a EnergyAccount,
+pub(crate) struct OpenedStep {
+    account: Arc<EnergyAccount>,
     id: Option<StepId>,
 }
 
-impl OpenedStep<'_> {
+impl OpenedStep {
     /// Closes the step: the microjoules it was given.
     pub(crate) fn close(mut self) -> u64 {
         self.id.take().map_or(0, |id| self.account.end(id))
     }
 }
 
-impl Drop for OpenedStep<'_> {
+impl Drop for OpenedStep {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
             self.account.add_idle(self.account.end(id));
@@ -811,7 +830,9 @@ pub(crate) struct EnergyLedger {
     metrics: Arc<Metrics>,
     /// The worker threads the engine computes with: its steps' share of a shared interval.
     share: f64,
-    open: Option<StepId>,
+    /// The step computing now. One that never reaches [`EnergyLedger::step`] (an early return
+    /// between them, the engine stopping) closes as idle when it is replaced or dropped.
+    open: Option<OpenedStep>,
 }
 
 impl EnergyLedger {
@@ -832,44 +853,26 @@ impl EnergyLedger {
 
     /// Reads the meter while the engine waits for work.
     pub(crate) fn tick(&mut self) {
-        self.close_unfinished();
+        self.open = None;
         self.account.tick();
     }
 
     /// A step starts: what came since the last reading was idle (or other engines' steps).
     pub(crate) fn begin(&mut self) {
-        self.close_unfinished();
-        self.open = Some(self.account.begin(self.share));
-    }
-
-    /// A step that never reached [`EnergyLedger::step`] (an early return or a panic between
-    /// them): its energy is charged to nobody, so it counts as idle.
-    fn close_unfinished(&mut self) {
-        if let Some(id) = self.open.take() {
-            self.account.add_idle(self.account.end(id));
-        }
+        // An unfinished step closes (its reading) before the new one opens (its own).
+        self.open = None;
+        self.open = Some(self.account.open_step(self.share));
     }
 
     /// The step ends: its energy, split by `weights` (one per chunk), parts summing to it.
-    /// An engine that stops with a step open (one that failed) closes it as idle.
     pub(crate) fn step(&mut self, weights: &[f64]) -> Vec<u64> {
-        let uj = match self.open.take() {
-            Some(id) => self.account.end(id),
-            None => 0,
-        };
+        let uj = self.open.take().map_or(0, OpenedStep::close);
         if weights.is_empty() {
             self.account.add_idle(uj);
             return Vec::new();
         }
         self.metrics.energy_requests_uj.fetch_add(uj, Relaxed);
         split(uj, weights)
-    }
-}
-
-impl Drop for EnergyLedger {
-    fn drop(&mut self) {
-        // A step left open would take a share of every later interval from the account.
-        self.close_unfinished();
     }
 }
 

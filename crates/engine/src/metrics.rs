@@ -174,12 +174,15 @@ impl Metrics {
             inter_token_latency: self.inter_token_latency.snapshot(),
             request_latency: self.request_latency.snapshot(),
             energy: {
-                let account = self.energy_account.get();
-                EnergySnapshot {
-                    meter: account.map_or("model", |a| a.meter()),
-                    kind: account.map_or(EnergyKind::Modelled, |a| a.kind()),
-                    requests_uj: self.energy_requests_uj.load(Relaxed),
-                    idle_uj: account.map_or(0, |a| a.idle_uj()),
+                let requests_uj = self.energy_requests_uj.load(Relaxed);
+                match self.energy_account.get() {
+                    Some(account) => account.snapshot(requests_uj),
+                    None => EnergySnapshot {
+                        meter: "model",
+                        kind: EnergyKind::Modelled,
+                        requests_uj,
+                        idle_uj: 0,
+                    },
                 }
             },
         }

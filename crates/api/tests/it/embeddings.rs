@@ -525,10 +525,7 @@ async fn embeddings_carry_their_energy_in_usage_headers_and_metrics() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
-    let header = |name: &str| {
-        let value = response.headers().get(name)?;
-        value.to_str().ok().map(str::to_owned)
-    };
+    let header = |name: &str| common::header_of(&response, name);
     // 7 tokens ([CLS] a b [SEP], [CLS] c [SEP]) at 1 mJ each.
     assert_eq!(
         header("x-souverain-energy-joules").as_deref(),

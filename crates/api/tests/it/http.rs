@@ -277,15 +277,6 @@ async fn completion_stream_shape_with_usage() {
     assert_eq!(fake.last_request().stop, vec!["x".to_owned()]);
 }
 
-/// A response header's value, as text.
-fn header_of(response: &axum::http::Response<Body>, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
 #[tokio::test]
 async fn answers_carry_their_energy_in_usage_and_headers() {
     let fake = FakeBackend::new(Mode::Echo);
@@ -296,7 +287,7 @@ async fn answers_carry_their_energy_in_usage_and_headers() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
-    let header = |name: &str| header_of(&response, name);
+    let header = |name: &str| common::header_of(&response, name);
     assert_eq!(
         header("x-souverain-energy-joules").as_deref(),
         Some("0.012000")
@@ -356,7 +347,7 @@ async fn every_apis_answers_carry_their_energy() {
     for (uri, body, [within, input, output]) in cases {
         let response = send(fake.app(), post_json(uri, &body)).await;
         assert_eq!(response.status(), StatusCode::OK, "{uri}");
-        let header = |name: &str| header_of(&response, name);
+        let header = |name: &str| common::header_of(&response, name);
         let joules = header("x-souverain-energy-joules");
         let source = header("x-souverain-energy-source");
         let bytes = response.into_body().collect().await.unwrap().to_bytes();

@@ -265,6 +265,15 @@ pub async fn send(app: Router, request: Request<Body>) -> Response<Body> {
     app.oneshot(request).await.unwrap()
 }
 
+/// A response header's value, as text.
+pub fn header_of(response: &Response<Body>, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// A response's whole body.
 pub async fn body_bytes(response: Response<Body>) -> Vec<u8> {
     response
