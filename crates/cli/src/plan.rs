@@ -134,6 +134,45 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
             bail!("{flag}: must be microseconds in 0..={most}, not {us}");
         }
     }
+    // Every load checked before any is predicted.
+    let mut loads = Vec::new();
+    for &streams in &args.predict_serve_load {
+        let load = plan::cpu::ServeLoad {
+            streams,
+            prompt_tokens: args.prompt_tokens,
+            max_tokens: args.max_tokens,
+            requests: requests.get(&streams).cloned().unwrap_or_default(),
+            other_cpu_per_token_s: other * 1e-6,
+            other_cpu_per_request_s: per_request * 1e-6,
+        };
+        let name = match &args.requests {
+            Some(file) => {
+                let name = file.display().to_string();
+                if load.requests.is_empty() {
+                    bail!("{name}: no requests for {streams} streams (key \"{streams}\")");
+                }
+                name
+            }
+            None => String::new(),
+        };
+        let kv = profile.serve_defaults.kv_cache_tokens;
+        match load.check(&name, &streams.to_string(), kv) {
+            Ok(()) => {}
+            // What the flags set is named by its flag.
+            Err(plan::PlanError::Field { field, message, .. })
+                if ["streams", "max_tokens", "prompt_tokens"].contains(&field.as_str()) =>
+            {
+                let flag = match field.as_str() {
+                    "streams" => "--predict-serve-load",
+                    "max_tokens" => "--max-tokens",
+                    _ => "--prompt-tokens",
+                };
+                bail!("{flag}: {message}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        loads.push(load);
+    }
     println!(
         "CPU profile {} ({}, {} threads, {}): {} (median error {:.1}% over {} steps); \
          request overhead {:.2} ms",
@@ -158,29 +197,8 @@ fn predict(args: &PlanArgs, path: &Path) -> Result<()> {
     println!("| streams | tokens/s | TTFT p50 ms | ITL p50 ms | steps | mean decode batch |");
     println!("|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for &streams in &args.predict_serve_load {
-        if streams == 0 {
-            bail!("--predict-serve-load: a concurrency must be at least 1");
-        }
-        let load = plan::cpu::ServeLoad {
-            streams,
-            prompt_tokens: args.prompt_tokens,
-            max_tokens: args.max_tokens,
-            requests: requests.get(&streams).cloned().unwrap_or_default(),
-            other_cpu_per_token_s: other * 1e-6,
-            other_cpu_per_request_s: per_request * 1e-6,
-        };
-        if let Some(file) = &args.requests {
-            let name = file.display().to_string();
-            if load.requests.is_empty() {
-                bail!("{name}: no requests for {streams} streams (key \"{streams}\")");
-            }
-            load.check(
-                &name,
-                &streams.to_string(),
-                profile.serve_defaults.kv_cache_tokens,
-            )?;
-        }
+    for load in loads {
+        let streams = load.streams;
         let r = plan::cpu::predict_serve_load(&profile, &load);
         println!(
             "| {streams} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
@@ -224,13 +242,20 @@ pub(crate) fn run(args: &PlanArgs) -> Result<()> {
     let p = plan::search::plan(&site);
     let elapsed = t0.elapsed();
     println!(
-        "site {}: {} GPUs in {} racks, {:.2} MW IT, {:.2} MW facility (envelope now {:.1} MW), {:.0} tokens/s, {:.0} tokens/s per MW",
+        "site {}: {} GPUs in {} racks, {:.2} MW IT, {:.2} MW facility (envelope now {:.1} MW{}), {:.0} tokens/s, {:.0} tokens/s per MW",
         p.site,
         p.totals.gpus,
         p.totals.racks,
         p.totals.it_mw,
         p.totals.facility_mw,
         p.totals.envelope_mw,
+        match p.growth.first() {
+            Some(now) if now.served < 1.0 => format!(
+                "; power binds: {:.0}% of the demand can be served",
+                100.0 * now.served
+            ),
+            _ => String::new(),
+        },
         p.totals.tokens_per_s,
         p.totals.tokens_per_s_per_mw
     );

@@ -622,8 +622,10 @@ impl CpuProfile {
 
 /// The request shape of `scripts/bench/serve-load`: every client sends one streaming chat
 /// request at (nearly) the same moment, with `serve --max-seqs` equal to the number of
-/// clients.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// clients. Check one with [`ServeLoad::check`] before predicting it: an unchecked load
+/// may ask for more than memory holds or a simulation of unbounded length.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeLoad {
     /// Concurrent clients (and the server's `--max-seqs`).
     pub streams: usize,
@@ -636,6 +638,7 @@ pub struct ServeLoad {
     /// `prompt_tokens` each. Clients started together still arrive one after another (a
     /// load generator sends them in turn), a step that starts before the last has arrived
     /// runs without it, and prompts differ in what the prefix cache spares them.
+    #[serde(default)]
     pub requests: Vec<Arrival>,
     /// CPU seconds that other work on the machine spends per generated token while the load
     /// runs (a load generator's clients reading their streams, the server's HTTP threads
@@ -643,11 +646,13 @@ pub struct ServeLoad {
     /// cores, so that work delays the step it lands in by its CPU time (a preempted thread
     /// holds up the others at the next join): each step costs that much more per token it
     /// emits.
+    #[serde(default)]
     pub other_cpu_per_token_s: f64,
     /// CPU seconds that other work spends taking each request in (a load generator sending
     /// it, the server's HTTP, chat template and tokeniser), 0 where none shares the engine's
     /// cores. Clients that send together put all of it on the steps their burst overlaps:
     /// each request makes the step it arrives during that much longer.
+    #[serde(default)]
     pub other_cpu_per_request_s: f64,
 }
 
@@ -665,6 +670,13 @@ pub struct Arrival {
     pub waits_for: Option<usize>,
 }
 
+/// Most concurrent streams a load may have (serve-load starts a client thread for each).
+pub const MAX_STREAMS: usize = 65_536;
+
+/// Most tokens a load may generate in all (streams × tokens per request): what the
+/// simulation steps through one by one, a few seconds of it at most.
+pub const MAX_LOAD_TOKENS: usize = 1 << 24;
+
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
 
@@ -679,10 +691,47 @@ pub fn other_cpu_ok(s: f64) -> bool {
 }
 
 impl ServeLoad {
-    /// Checks the requests: one per stream (or none), each arriving at finite seconds in
-    /// `0..=MAX_ARRIVAL_S` with 1 to `kv_cache_tokens` prompt tokens (the engine refuses a
-    /// prompt larger than its KV cache). `field` names them in errors.
+    /// Checks the load: 1 to [`MAX_STREAMS`] streams generating 1 or more tokens each, at
+    /// most [`MAX_LOAD_TOKENS`] in all; every request's prompt and output within
+    /// `kv_cache_tokens` (the engine refuses a prompt larger than its KV cache, and a
+    /// sequence cannot outgrow it); the requests one per stream (or none), each arriving at
+    /// finite seconds in `0..=MAX_ARRIVAL_S`. `field` names the requests in errors.
     pub fn check(&self, file: &str, field: &str, kv_cache_tokens: usize) -> Result<(), PlanError> {
+        if !(1..=MAX_STREAMS).contains(&self.streams) {
+            return Err(PlanError::field(
+                file,
+                "streams",
+                format!("must be 1 to {MAX_STREAMS}, not {}", self.streams),
+            ));
+        }
+        if self.max_tokens == 0 || self.max_tokens.saturating_mul(self.streams) > MAX_LOAD_TOKENS {
+            return Err(PlanError::field(
+                file,
+                "max_tokens",
+                format!(
+                    "must be at least 1, and at most {MAX_LOAD_TOKENS} tokens in all over the \
+                     {} streams, not {}",
+                    self.streams, self.max_tokens
+                ),
+            ));
+        }
+        let fits = |prompt: usize| {
+            prompt >= 1 && prompt.saturating_add(self.max_tokens) <= kv_cache_tokens
+        };
+        let too_long = |prompt: usize| {
+            format!(
+                "must be at least 1, and with the {} tokens generated fit the KV cache's \
+                 {kv_cache_tokens} tokens, not {prompt}",
+                self.max_tokens
+            )
+        };
+        if self.requests.is_empty() && !fits(self.prompt_tokens) {
+            return Err(PlanError::field(
+                file,
+                "prompt_tokens",
+                too_long(self.prompt_tokens),
+            ));
+        }
         for (name, v) in [
             ("other_cpu_per_token_s", self.other_cpu_per_token_s),
             ("other_cpu_per_request_s", self.other_cpu_per_request_s),
@@ -728,14 +777,11 @@ impl ServeLoad {
                     ),
                 ));
             }
-            if !(1..=kv_cache_tokens).contains(&r.prompt_tokens) {
+            if !fits(r.prompt_tokens) {
                 return Err(PlanError::field(
                     file,
                     format!("{field}[{i}].prompt_tokens"),
-                    format!(
-                        "must be in 1..={kv_cache_tokens} (the KV cache's tokens), not {}",
-                        r.prompt_tokens
-                    ),
+                    too_long(r.prompt_tokens),
                 ));
             }
         }
@@ -1538,5 +1584,61 @@ mod tests {
             .check("a.json", "3", 16384)
             .expect_err("itself");
         assert!(e.to_string().contains("3[2].waits_for"), "{e}");
+    }
+
+    #[test]
+    fn loads_beyond_memory_or_the_kv_cache_are_refused_before_simulating() {
+        let load = |streams, prompt_tokens, max_tokens| ServeLoad {
+            streams,
+            prompt_tokens,
+            max_tokens,
+            requests: Vec::new(),
+            other_cpu_per_token_s: 0.0,
+            other_cpu_per_request_s: 0.0,
+        };
+        let named = |l: ServeLoad, field: &str| {
+            let e = l.check("a.json", "l", 16384).expect_err(field).to_string();
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        };
+        // A billion streams would allocate 40 GB before the first step; 0 simulates nothing.
+        named(load(1_000_000_000, 46, 128), "streams");
+        named(load(0, 46, 128), "streams");
+        named(load(MAX_STREAMS + 1, 46, 1), "streams");
+        // A billion tokens each would be a billion simulated steps.
+        named(load(4, 46, 1_000_000_000), "max_tokens");
+        named(load(4, 46, 0), "max_tokens");
+        named(
+            load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS + 1),
+            "max_tokens",
+        );
+        // A sequence the KV cache cannot hold.
+        named(load(4, 16384, 1), "prompt_tokens");
+        named(load(4, 0, 1), "prompt_tokens");
+        let mut long = load(2, 46, 16384 - 100);
+        long.requests = vec![
+            Arrival {
+                arrival_s: 0.0,
+                prompt_tokens: 100,
+                waits_for: None,
+            };
+            2
+        ];
+        assert!(long.check("a.json", "l", 16384).is_ok());
+        long.requests[1].prompt_tokens = 101;
+        named(long, "l[1].prompt_tokens");
+        // The largest loads allowed are checked and predicted.
+        for ok in [
+            load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS),
+            load(1, 16383, 1),
+        ] {
+            assert!(ok.check("a.json", "l", 16384).is_ok(), "{ok:?}");
+        }
+        let p = CpuProfile::parse(&profile_json(truth()), "p.json").expect("valid profile");
+        let r = predict_serve_load(&p, &load(1, 16383, 1));
+        assert_eq!((r.finished, r.tokens), (1, 1), "{r:?}");
+        // The JSON form reads back (what the fuzz target feeds).
+        let text = serde_json::to_string(&load(4, 46, 128)).expect("JSON");
+        let back: ServeLoad = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, load(4, 46, 128));
     }
 }

@@ -101,6 +101,7 @@ impl GpuSystem {
 
     /// GPUs per rack.
     pub fn gpus_per_rack(&self) -> u32 {
+        // Each at most `MAX_PER_NODE_OR_RACK` (checked), so the product fits.
         self.gpus_per_node * self.nodes_per_rack
     }
 
@@ -136,12 +137,17 @@ impl GpuSystem {
                 "must be 0 (unsupported) or positive",
             ));
         }
-        if self.gpus_per_node == 0 || self.nodes_per_rack == 0 {
-            return Err(PlanError::field(
-                file,
-                format!("{field}.gpus_per_node"),
-                "gpus_per_node and nodes_per_rack must be at least 1",
-            ));
+        for (name, v) in [
+            ("gpus_per_node", self.gpus_per_node),
+            ("nodes_per_rack", self.nodes_per_rack),
+        ] {
+            if !(1..=MAX_PER_NODE_OR_RACK).contains(&v) {
+                return Err(PlanError::field(
+                    file,
+                    format!("{field}.{name}"),
+                    format!("must be 1 to {MAX_PER_NODE_OR_RACK}, not {v}"),
+                ));
+            }
         }
         if let Some(p) = self.price_per_gpu
             && !(p.is_finite() && p >= 0.0)
@@ -155,6 +161,9 @@ impl GpuSystem {
         Ok(())
     }
 }
+
+/// Most GPUs per node, and most nodes per rack, a system may have.
+pub const MAX_PER_NODE_OR_RACK: u32 = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

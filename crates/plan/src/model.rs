@@ -144,7 +144,9 @@ impl ModelShape {
         if self.layers == 0 {
             return bad("layers", "must be at least 1");
         }
-        if self.full_attention_layers + self.window_layers > self.layers {
+        if u64::from(self.full_attention_layers) + u64::from(self.window_layers)
+            > u64::from(self.layers)
+        {
             return bad(
                 "full_attention_layers",
                 "full and windowed attention layers exceed the layer count",
@@ -510,7 +512,18 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
         .get("tie_word_embeddings")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
-    let embeddings = vocab * hidden * if tied { 1 } else { 2 };
+    // Parameter counts in floating point: a config's dimensions may multiply past any
+    // integer (they are checked to fit the shape's fields below).
+    let [
+        hidden_f,
+        heads_f,
+        kv_heads_f,
+        head_dim_f,
+        vocab_f,
+        ffn_f,
+        layers_f,
+    ] = [hidden, heads, kv_heads, head_dim, vocab, ffn, layers].map(|v| v as f64);
+    let embeddings = vocab_f * hidden_f * if tied { 1.0 } else { 2.0 };
     let experts = match int("n_routed_experts")?
         .or(int("num_local_experts")?)
         .or(int("num_experts")?)
@@ -522,35 +535,37 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
     // Attention parameters per layer.
     let attn = match kv_lora {
         Some(rank) => {
-            let rope = int("qk_rope_head_dim")?.unwrap_or(64);
-            let nope = int("qk_nope_head_dim")?.unwrap_or(128);
-            let v = int("v_head_dim")?.unwrap_or(128);
+            let rank = rank as f64;
+            let rope = int("qk_rope_head_dim")?.unwrap_or(64) as f64;
+            let nope = int("qk_nope_head_dim")?.unwrap_or(128) as f64;
+            let v = int("v_head_dim")?.unwrap_or(128) as f64;
             let q = match int("q_lora_rank")? {
-                Some(qr) => hidden * qr + qr * heads * (nope + rope),
-                None => hidden * heads * (nope + rope),
+                Some(qr) => hidden_f * qr as f64 + qr as f64 * heads_f * (nope + rope),
+                None => hidden_f * heads_f * (nope + rope),
             };
-            q + hidden * (rank + rope) + rank * heads * (nope + v) + heads * v * hidden
+            q + hidden_f * (rank + rope) + rank * heads_f * (nope + v) + heads_f * v * hidden_f
         }
-        None => hidden * head_dim * (2 * heads + 2 * kv_heads),
+        None => hidden_f * head_dim_f * (2.0 * heads_f + 2.0 * kv_heads_f),
     };
     let (total, active) = match experts {
         None => {
-            let p = layers * (attn + 3 * hidden * ffn) + embeddings;
+            let p = layers_f * (attn + 3.0 * hidden_f * ffn_f) + embeddings;
             (p, p)
         }
         Some((count, k)) => {
-            let expert_ffn = int("moe_intermediate_size")?.unwrap_or(ffn);
-            let shared = int("n_shared_experts")?.unwrap_or(0);
+            let expert_ffn = int("moe_intermediate_size")?.unwrap_or(ffn) as f64;
+            let shared = int("n_shared_experts")?.unwrap_or(0) as f64;
             let dense_layers = int("first_k_dense_replace")?.unwrap_or(0).min(layers);
-            let moe_layers = layers - dense_layers;
-            let per_expert = 3 * hidden * expert_ffn;
-            let common = layers * attn
-                + dense_layers * 3 * hidden * ffn
-                + moe_layers * (shared * per_expert + hidden * count)
+            let moe_layers = (layers - dense_layers) as f64;
+            let dense_layers = dense_layers as f64;
+            let per_expert = 3.0 * hidden_f * expert_ffn;
+            let common = layers_f * attn
+                + dense_layers * 3.0 * hidden_f * ffn_f
+                + moe_layers * (shared * per_expert + hidden_f * count as f64)
                 + embeddings;
             (
-                common + moe_layers * count * per_expert,
-                common + moe_layers * k * per_expert,
+                common + moe_layers * count as f64 * per_expert,
+                common + moe_layers * k as f64 * per_expert,
             )
         }
     };
@@ -570,14 +585,19 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
         Attention::Mla {
             latent_dim,
             rope_dim,
-        } => to_u32(heads, "num_attention_heads")? * (latent_dim + rope_dim),
-        Attention::Gqa { head_dim, .. } => to_u32(heads, "num_attention_heads")? * head_dim,
-    };
+        } => latent_dim
+            .checked_add(rope_dim)
+            .and_then(|w| w.checked_mul(to_u32(heads, "num_attention_heads").ok()?)),
+        Attention::Gqa { head_dim, .. } => {
+            head_dim.checked_mul(to_u32(heads, "num_attention_heads")?)
+        }
+    }
+    .ok_or_else(|| PlanError::field(file, "num_attention_heads", "too large"))?;
     let layers = to_u32(layers, "num_hidden_layers")?;
     let shape = ModelShape {
         name: name.to_owned(),
-        params_b: total as f64 / 1e9,
-        active_params_b: active as f64 / 1e9,
+        params_b: total / 1e9,
+        active_params_b: active / 1e9,
         layers,
         full_attention_layers: layers,
         window_layers: 0,
@@ -718,6 +738,30 @@ mod tests {
         assert!(err.to_string().contains("num_hidden_layers"), "{err}");
         let err = from_hf_config("x", r#"{"hidden_size":"wide"}"#, "c.json").unwrap_err();
         assert!(err.to_string().contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn a_config_with_dimensions_past_any_integer_is_refused_not_wrapped() {
+        // Each product of these overflowed u64 (a panic in a debug build, a wrapped and
+        // plausible-looking parameter count in a release one).
+        let big = u64::MAX / 2;
+        for json in [
+            format!(
+                r#"{{"hidden_size":{big},"num_hidden_layers":{big},"num_attention_heads":1,
+                "intermediate_size":{big},"vocab_size":{big}}}"#
+            ),
+            r#"{"hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":4294967295,
+                "head_dim":4096,"intermediate_size":14336,"vocab_size":128256}"#
+                .to_owned(),
+            format!(
+                r#"{{"hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":32,
+                "intermediate_size":14336,"vocab_size":128256,"kv_lora_rank":4294967295,
+                "qk_rope_head_dim":4294967295,"n_routed_experts":{big},"num_experts_per_tok":2}}"#
+            ),
+        ] {
+            let err = from_hf_config("x", &json, "c.json").expect_err(&json);
+            assert!(err.to_string().contains("c.json: field `"), "{err}");
+        }
     }
 
     #[test]

@@ -15,8 +15,22 @@ use crate::site::{Demand, Site};
 pub const GPU_MAX_BATCH_TOKENS: usize = 8192;
 /// Share of HBM the weights and KV may take (the rest: activations, CUDA graphs, fragments).
 pub const MEMORY_USABLE: f64 = 0.9;
-/// Requests simulated per check.
+/// Requests simulated per check...
 const SIM_REQUESTS: usize = 400;
+/// ...fewer where their outputs would be longer than this in all (a simulation steps
+/// through every token: long outputs are simulated with fewer requests, down to
+/// `MIN_SIM_REQUESTS`, so that a plan takes seconds whatever the site file says).
+const SIM_OUTPUT_TOKENS: f64 = 4e6;
+/// Fewest requests simulated per check.
+const MIN_SIM_REQUESTS: usize = 32;
+/// Longest prompt or output one simulated request draws from a length distribution (its
+/// tail is cut there).
+const MAX_SAMPLED_TOKENS: f64 = (1 << 20) as f64;
+
+/// Requests to simulate for a demand.
+fn sim_requests(d: &Demand) -> usize {
+    ((SIM_OUTPUT_TOKENS / d.output_tokens.mean) as usize).clamp(MIN_SIM_REQUESTS, SIM_REQUESTS)
+}
 
 /// Batch sizes tried: every 8 up to 1,024 (and 1, 2, 4).
 fn batch_grid() -> Vec<u32> {
@@ -141,11 +155,11 @@ pub struct ModelPlan {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub simulated: Option<SimResult>,
     /// Replicas that carry the demand.
-    pub replicas: u32,
+    pub replicas: u64,
     /// With the N+k spares.
-    pub replicas_with_headroom: u32,
+    pub replicas_with_headroom: u64,
     /// GPUs in all.
-    pub gpus: u32,
+    pub gpus: u64,
     /// IT kW of the replicas with headroom, all running.
     pub it_kw: f64,
     /// The chosen shape's batch sweep (power and J/token against batch size).
@@ -169,11 +183,11 @@ pub struct LoadPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct Totals {
     /// GPUs per system.
-    pub gpus_by_system: Vec<(String, u32)>,
+    pub gpus_by_system: Vec<(String, u64)>,
     /// GPUs in all.
-    pub gpus: u32,
+    pub gpus: u64,
     /// Racks in all.
-    pub racks: u32,
+    pub racks: u64,
     /// IT power, MW.
     pub it_mw: f64,
     /// Facility power (IT × PUE), MW.
@@ -197,13 +211,13 @@ pub struct Month {
     /// Demand relative to now.
     pub demand_factor: f64,
     /// GPUs the demand needs.
-    pub gpus_needed: u32,
+    pub gpus_needed: u64,
     /// Facility MW the demand needs.
     pub facility_mw_needed: f64,
     /// Facility MW available.
     pub envelope_mw: f64,
     /// GPUs to install (the needed ones, or what the envelope allows).
-    pub gpus_installed: u32,
+    pub gpus_installed: u64,
     /// Share of the demand served.
     pub served: f64,
     /// The binding constraint, if any.
@@ -344,11 +358,11 @@ fn requests(d: &Demand, rate: f64, n: usize, seed: u64) -> Vec<Request> {
                 prompt_tokens: rng
                     .lognormal(d.input_tokens.mean, d.input_tokens.cv)
                     .round()
-                    .max(1.0) as usize,
+                    .clamp(1.0, MAX_SAMPLED_TOKENS) as usize,
                 output_tokens: rng
                     .lognormal(d.output_tokens.mean, d.output_tokens.cv)
                     .round()
-                    .max(1.0) as usize,
+                    .clamp(1.0, MAX_SAMPLED_TOKENS) as usize,
             }
         })
         .collect()
@@ -388,7 +402,7 @@ fn simulate(
         replica,
         eff: eff.of(system.family),
     };
-    sim::simulate(&requests(d, rate, SIM_REQUESTS, 7), limits, &cost)
+    sim::simulate(&requests(d, rate, sim_requests(d), 7), limits, &cost)
 }
 
 fn meets(d: &Demand, s: &SimResult) -> bool {
@@ -467,17 +481,19 @@ fn plan_model(site: &Site, d: &Demand, eff: &Efficiencies, count: &mut usize) ->
     for (c, why, si) in best.iter().take(4) {
         let system = &site.systems[*si];
         let capacity_rps = c.tokens_per_s / d.output_tokens.mean;
-        let mut replicas = (d.requests_per_s / capacity_rps).ceil().max(1.0) as u32;
-        let limit = replicas * 2;
+        // Counts saturate (`as` from a float, and the sums): the site file bounds the demand
+        // far below where they would.
+        let mut replicas = (d.requests_per_s / capacity_rps).ceil().max(1.0) as u64;
+        let limit = replicas.saturating_mul(2);
         while replicas <= limit {
-            let rate = d.requests_per_s / f64::from(replicas);
+            let rate = d.requests_per_s / replicas as f64;
             let s = simulate(d, c, system, rate, eff);
             if meets(d, &s) {
-                let total = replicas + site.headroom_replicas;
+                let total = replicas.saturating_add(u64::from(site.headroom_replicas));
                 plan.replicas = replicas;
                 plan.replicas_with_headroom = total;
-                plan.gpus = total * c.gpus;
-                plan.it_kw = f64::from(total) * c.replica_it_watts / 1e3;
+                plan.gpus = total.saturating_mul(u64::from(c.gpus));
+                plan.it_kw = total as f64 * c.replica_it_watts / 1e3;
                 plan.binding = Some(*why);
                 plan.simulated = Some(s);
                 plan.batch_curve = grid
@@ -499,7 +515,10 @@ fn plan_model(site: &Site, d: &Demand, eff: &Efficiencies, count: &mut usize) ->
                 plan.replica = Some(c.clone());
                 return plan;
             }
-            replicas += (replicas / 10).max(1);
+            match replicas.checked_add((replicas / 10).max(1)) {
+                Some(more) => replicas = more,
+                None => break,
+            }
         }
     }
     plan.infeasible = Some(Infeasible::SloUnmet {
@@ -551,16 +570,16 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
         .iter()
         .map(|d| plan_model(site, d, eff, &mut configurations))
         .collect();
-    let mut by_system: Vec<(String, u32)> = Vec::new();
+    let mut by_system: Vec<(String, u64)> = Vec::new();
     for m in &models {
         if let Some(c) = &m.replica {
             match by_system.iter_mut().find(|(s, _)| *s == c.system) {
-                Some((_, n)) => *n += m.gpus,
+                Some((_, n)) => *n = n.saturating_add(m.gpus),
                 None => by_system.push((c.system.clone(), m.gpus)),
             }
         }
     }
-    let racks_for = |by: &[(String, u32)]| -> u32 {
+    let racks_for = |by: &[(String, u64)]| -> u64 {
         by.iter()
             .map(|(name, n)| {
                 let per = site
@@ -568,11 +587,14 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
                     .iter()
                     .find(|s| &s.name == name)
                     .map_or(1, GpuSystem::gpus_per_rack);
-                n.div_ceil(per.max(1))
+                n.div_ceil(u64::from(per.max(1)))
             })
-            .sum()
+            .fold(0, u64::saturating_add)
     };
-    let gpus: u32 = by_system.iter().map(|(_, n)| n).sum();
+    let gpus = by_system
+        .iter()
+        .map(|(_, n)| *n)
+        .fold(0, u64::saturating_add);
     let it_mw: f64 = models.iter().map(|m| m.it_kw).sum::<f64>() / 1e3;
     let facility_mw = it_mw * site.pue;
     let tokens: f64 = models
@@ -580,7 +602,7 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
         .filter_map(|m| {
             m.replica
                 .as_ref()
-                .map(|c| c.tokens_per_s * f64::from(m.replicas))
+                .map(|c| c.tokens_per_s * m.replicas as f64)
         })
         .sum();
     let gpu_cost = by_system
@@ -590,7 +612,7 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
                 .iter()
                 .find(|s| &s.name == name)
                 .and_then(|s| s.price_per_gpu)
-                .map(|p| p * f64::from(*n))
+                .map(|p| p * *n as f64)
         })
         .sum::<Option<f64>>()
         .filter(|_| !by_system.is_empty());
@@ -613,13 +635,14 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
     let growth = (0..=last)
         .map(|month| {
             let factor = (1.0 + site.demand_growth_per_month).powi(month as i32);
-            let mut gpus_needed = 0;
+            let mut gpus_needed: u64 = 0;
             let mut it_w = 0.0;
             for m in &models {
                 if let Some(c) = &m.replica {
-                    let n = (f64::from(m.replicas) * factor).ceil() as u32 + site.headroom_replicas;
-                    gpus_needed += n * c.gpus;
-                    it_w += f64::from(n) * c.replica_it_watts;
+                    let n = ((m.replicas as f64 * factor).ceil() as u64)
+                        .saturating_add(u64::from(site.headroom_replicas));
+                    gpus_needed = gpus_needed.saturating_add(n.saturating_mul(u64::from(c.gpus)));
+                    it_w += n as f64 * c.replica_it_watts;
                 }
             }
             let needed_mw = it_w / 1e6 * site.pue;
@@ -635,7 +658,7 @@ pub fn plan_with(site: &Site, eff: &Efficiencies, fitted_on: &str) -> Plan {
                 gpus_needed,
                 facility_mw_needed: needed_mw,
                 envelope_mw,
-                gpus_installed: (f64::from(gpus_needed) * served).floor() as u32,
+                gpus_installed: (gpus_needed as f64 * served).floor() as u64,
                 served,
                 binding: (served < 1.0).then_some(Binding::Power),
             }
@@ -684,6 +707,77 @@ slo = { ttft_ms = 3000, itl_ms = 60 }
 "#;
 
     #[test]
+    fn the_longest_lengths_allowed_simulate_a_bounded_number_of_tokens() {
+        let d = &site(
+            &SMALL
+                .replace("{ mean = 1000, cv = 1 }", "{ mean = 1000000, cv = 10 }")
+                .replace("{ mean = 300, cv = 1 }", "{ mean = 131072, cv = 10 }"),
+        )
+        .demand[0];
+        let n = sim_requests(d);
+        assert_eq!(n, MIN_SIM_REQUESTS);
+        let r = requests(d, 1.0, n, 7);
+        let longest = r.iter().map(|r| r.output_tokens.max(r.prompt_tokens)).max();
+        assert!(longest <= Some(1 << 20), "{longest:?}");
+        // Usual lengths simulate all the requests, none cut.
+        let usual = &site(SMALL).demand[0];
+        assert_eq!(sim_requests(usual), SIM_REQUESTS);
+        let r = requests(usual, 1.0, SIM_REQUESTS, 7);
+        assert!(r.iter().all(|r| r.output_tokens < 1 << 20));
+    }
+
+    #[test]
+    fn the_largest_demands_allowed_plan_with_counts_that_add_up() {
+        // Ten million requests a second of the largest model, a thousand spares, demand
+        // doubling monthly for ten years: counts far past u32 (they wrapped when they were),
+        // every one adding up, and power binding from the start.
+        let text = r#"
+[site]
+name = "t"
+pue = 1.2
+headroom_replicas = 1000
+demand_growth_per_month = 1.0
+envelope = [{ month = 0, facility_mw = 40 }, { month = 120, facility_mw = 100 }]
+[[system]]
+name = "H200"
+[[demand]]
+model = "mistral-large-3"
+requests_per_s = 1e7
+input_tokens = { mean = 3000 }
+output_tokens = { mean = 600 }
+slo = { ttft_ms = 60000, itl_ms = 1000 }
+[[demand]]
+model = "ministral-3-14b"
+requests_per_s = 1e7
+input_tokens = { mean = 1000 }
+output_tokens = { mean = 300 }
+slo = { ttft_ms = 60000, itl_ms = 1000 }
+"#;
+        let site = Site::parse(text, "t.toml", None).expect("valid");
+        let p = plan(&site);
+        let mut sum = 0u64;
+        for m in &p.models {
+            assert!(m.infeasible.is_none(), "{:?}", m.infeasible);
+            let c = m.replica.as_ref().expect("a shape");
+            assert_eq!(m.replicas_with_headroom, m.replicas + 1000);
+            assert_eq!(m.gpus, m.replicas_with_headroom * u64::from(c.gpus));
+            sum += m.gpus;
+        }
+        assert!(sum > 10_000_000, "{sum}");
+        assert_eq!(p.totals.gpus, sum);
+        let now = &p.growth[0];
+        assert_eq!(now.gpus_needed, sum);
+        assert_eq!(now.binding, Some(Binding::Power));
+        assert!(now.gpus_installed < now.gpus_needed);
+        // Needs grow with demand, saturating rather than wrapping.
+        for w in p.growth.windows(2) {
+            assert!(w[1].gpus_needed >= w[0].gpus_needed, "{:?}", (&w[0], &w[1]));
+        }
+        assert!(p.growth[10].gpus_needed > u64::from(u32::MAX));
+        assert_eq!(p.growth[120].gpus_needed, u64::MAX);
+    }
+
+    #[test]
     fn a_small_model_gets_a_shape_that_meets_its_slos_in_simulation() {
         let p = plan(&site(SMALL));
         let m = &p.models[0];
@@ -694,7 +788,7 @@ slo = { ttft_ms = 3000, itl_ms = 60 }
         assert!(s.itl_s[2] * 1e3 <= 60.0 && s.ttft_s[2] * 1e3 <= 3000.0);
         assert_eq!(m.replicas_with_headroom, m.replicas + 1);
         // The replicas carry the demand.
-        assert!(c.tokens_per_s * f64::from(m.replicas) >= m.demand_tokens_per_s * 0.99);
+        assert!(c.tokens_per_s * m.replicas as f64 >= m.demand_tokens_per_s * 0.99);
         assert!(p.totals.facility_mw > p.totals.it_mw);
         assert_eq!(p.growth.len(), 7);
     }

@@ -106,6 +106,25 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[rank.min(v.len() - 1)]
 }
 
+/// [`percentile`] of the values `v` holds with their counts: the same nearest rank over
+/// every value counted as often as it was seen.
+pub fn weighted_percentile(v: &mut [(f64, u64)], p: f64) -> f64 {
+    let n: u64 = v.iter().map(|(_, k)| k).sum();
+    if n == 0 {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rank = ((p / 100.0) * (n - 1) as f64).round() as u64;
+    let mut seen = 0;
+    for &(x, k) in v.iter() {
+        seen += k;
+        if seen > rank {
+            return x;
+        }
+    }
+    v.last().map_or(0.0, |(x, _)| *x)
+}
+
 /// Runs `requests` (sorted by arrival) through the scheduler's policy. A request whose
 /// prompt alone exceeds the KV capacity is dropped, as the engine fails it.
 pub fn simulate(requests: &[Request], limits: Limits, cost: &dyn StepCost) -> SimResult {
@@ -152,7 +171,11 @@ pub fn simulate_arrivals_costed(
     let mut now = requests.first().map_or(0.0, |r| r.arrival_s);
     let start = now;
     let mut ttft = Vec::with_capacity(requests.len());
-    let mut itl = Vec::new();
+    // Inter-token latencies as (value, how many tokens had it): the sequences decoding in a
+    // step mostly share their previous token's time, so a step adds one or a few entries
+    // however large its batch (a sample per token grew with the tokens generated: gigabytes
+    // for long outputs).
+    let mut itl: Vec<(f64, u64)> = Vec::new();
     let mut out = SimResult::default();
     let mut batch_sum = 0.0;
     let mut last_finish = now;
@@ -272,6 +295,7 @@ pub fn simulate_arrivals_costed(
         out.steps += 1;
         batch_sum += decode as f64;
         let mut done = Vec::new();
+        let step_itl_from = itl.len();
         for &(i, n) in &plan {
             let s = &mut running[i];
             s.computed += n;
@@ -284,7 +308,13 @@ pub fn simulate_arrivals_costed(
             out.tokens += 1;
             match s.last_token_s {
                 None => ttft.push(now - r.arrival_s),
-                Some(t) => itl.push(now - t),
+                Some(t) => {
+                    let v = now - t;
+                    match itl[step_itl_from..].iter_mut().find(|(x, _)| *x == v) {
+                        Some((_, k)) => *k += 1,
+                        None => itl.push((v, 1)),
+                    }
+                }
             }
             s.last_token_s = Some(now);
             prompt_done[s.idx] = true;
@@ -306,7 +336,7 @@ pub fn simulate_arrivals_costed(
     out.mean_batch = batch_sum / out.steps.max(1) as f64;
     for (k, p) in [50.0, 90.0, 99.0].into_iter().enumerate() {
         out.ttft_s[k] = percentile(&mut ttft, p);
-        out.itl_s[k] = percentile(&mut itl, p);
+        out.itl_s[k] = weighted_percentile(&mut itl, p);
     }
     out
 }
@@ -596,5 +626,33 @@ mod tests {
         );
         assert_eq!(out.finished, 4);
         assert!(out.preemptions > 0);
+    }
+
+    #[test]
+    fn weighted_percentiles_are_the_percentiles_of_the_values_repeated() {
+        let mut rng = Rng::new(3);
+        for case in 0..200 {
+            let entries: Vec<(f64, u64)> = (0..1 + case % 7)
+                .map(|_| {
+                    (
+                        (rng.uniform() * 8.0).floor() / 4.0,
+                        1 + (rng.uniform() * 5.0) as u64,
+                    )
+                })
+                .collect();
+            let mut flat: Vec<f64> = entries
+                .iter()
+                .flat_map(|&(x, k)| std::iter::repeat_n(x, k as usize))
+                .collect();
+            for p in [0.0, 50.0, 90.0, 99.0, 100.0] {
+                let mut w = entries.clone();
+                assert_eq!(
+                    weighted_percentile(&mut w, p),
+                    percentile(&mut flat, p),
+                    "{entries:?} p{p}"
+                );
+            }
+        }
+        assert_eq!(weighted_percentile(&mut [], 50.0), 0.0);
     }
 }

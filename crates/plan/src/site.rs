@@ -36,6 +36,24 @@ fn one() -> u32 {
     1
 }
 
+/// Largest site file read.
+pub const MAX_SITE_BYTES: u64 = 1 << 20;
+/// Longest mean prompt, tokens.
+pub const MAX_INPUT_MEAN: f64 = 1_000_000.0;
+/// Longest mean output, tokens (a reasoning model's longest answers are of this order).
+pub const MAX_OUTPUT_MEAN: f64 = 131_072.0;
+/// Largest Hugging Face `config.json` read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most GPU systems, and most models' demands, in a site file.
+pub const MAX_ENTRIES: usize = 64;
+/// Longest name (the site's, a system's, a model's).
+pub const MAX_NAME_CHARS: usize = 200;
+/// Most spare replicas per model.
+pub const MAX_HEADROOM_REPLICAS: u32 = 1000;
+/// Most requests per second of one model's demand (far beyond any site: the counts of
+/// replicas and GPUs stay exact below it).
+pub const MAX_REQUESTS_PER_S: f64 = 1e7;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnvelope {
@@ -141,10 +159,7 @@ pub struct Site {
 impl Site {
     /// Reads and checks a site file; relative model paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Site, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_bounded(path, MAX_SITE_BYTES)?;
         Self::parse(&text, &path.display().to_string(), path.parent())
     }
 
@@ -157,6 +172,28 @@ impl Site {
         })?;
         let bad = |field: String, msg: &str| PlanError::field(file, field, msg);
         let h = raw.site;
+        let name_ok =
+            |name: &str| !name.trim().is_empty() && name.chars().count() <= MAX_NAME_CHARS;
+        if !name_ok(&h.name) {
+            return Err(bad(
+                "site.name".into(),
+                &format!("must be 1 to {MAX_NAME_CHARS} characters"),
+            ));
+        }
+        if h.headroom_replicas > MAX_HEADROOM_REPLICAS {
+            return Err(bad(
+                "site.headroom_replicas".into(),
+                &format!("must be at most {MAX_HEADROOM_REPLICAS}"),
+            ));
+        }
+        for (field, n) in [("system", raw.system.len()), ("demand", raw.demand.len())] {
+            if n > MAX_ENTRIES {
+                return Err(bad(
+                    field.into(),
+                    &format!("at most {MAX_ENTRIES} entries, not {n}"),
+                ));
+            }
+        }
         if !(h.pue.is_finite() && (1.0..=3.0).contains(&h.pue)) {
             return Err(bad("site.pue".into(), "must be between 1.0 and 3.0"));
         }
@@ -211,6 +248,12 @@ impl Site {
                 .and_then(toml::Value::as_str)
                 .ok_or_else(|| bad(format!("{field}.name"), "missing"))?
                 .to_owned();
+            if !name_ok(&name) {
+                return Err(bad(
+                    format!("{field}.name"),
+                    &format!("must be 1 to {MAX_NAME_CHARS} characters"),
+                ));
+            }
             // A known system's specifications, with the file's fields over them.
             let mut merged = match known.iter().find(|s| s.name.eq_ignore_ascii_case(&name)) {
                 Some(s) => match toml::Value::try_from(s) {
@@ -247,6 +290,14 @@ impl Site {
         let mut demand = Vec::new();
         for (i, d) in raw.demand.into_iter().enumerate() {
             let field = |f: &str| format!("demand[{i}].{f}");
+            if let Some(name) = &d.name
+                && !name_ok(name)
+            {
+                return Err(bad(
+                    field("name"),
+                    &format!("must be 1 to {MAX_NAME_CHARS} characters"),
+                ));
+            }
             let model = match (&d.model, &d.model_file, &d.hf_config) {
                 (Some(name), None, None) => model::preset(name).ok_or_else(|| {
                     bad(
@@ -264,10 +315,7 @@ impl Site {
                 }
                 (None, None, Some(p)) => {
                     let path = resolve(dir, p);
-                    let text = std::fs::read_to_string(&path).map_err(|source| PlanError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    let text = read_bounded(&path, MAX_CONFIG_BYTES)?;
                     let name = d.name.clone().unwrap_or_else(|| p.display().to_string());
                     model::from_hf_config(&name, &text, &path.display().to_string())?
                 }
@@ -278,17 +326,23 @@ impl Site {
                     ));
                 }
             };
-            if !(d.requests_per_s.is_finite() && d.requests_per_s > 0.0) {
-                return Err(bad(field("requests_per_s"), "must be a positive number"));
+            if !(d.requests_per_s.is_finite()
+                && d.requests_per_s > 0.0
+                && d.requests_per_s <= MAX_REQUESTS_PER_S)
+            {
+                return Err(bad(
+                    field("requests_per_s"),
+                    &format!("must be a positive number, at most {MAX_REQUESTS_PER_S:e}"),
+                ));
             }
-            for (name, l) in [
-                ("input_tokens", d.input_tokens),
-                ("output_tokens", d.output_tokens),
+            for (name, l, most) in [
+                ("input_tokens", d.input_tokens, MAX_INPUT_MEAN),
+                ("output_tokens", d.output_tokens, MAX_OUTPUT_MEAN),
             ] {
-                if !(l.mean.is_finite() && l.mean >= 1.0 && l.mean <= 1e6) {
+                if !(l.mean.is_finite() && l.mean >= 1.0 && l.mean <= most) {
                     return Err(bad(
                         field(&format!("{name}.mean")),
-                        "must be between 1 and 1,000,000",
+                        &format!("must be between 1 and {most}"),
                     ));
                 }
                 if !(l.cv.is_finite() && (0.0..=10.0).contains(&l.cv)) {
@@ -351,6 +405,26 @@ impl Site {
     }
 }
 
+/// Reads a text file of at most `most` bytes (a device or a huge file named by mistake is
+/// refused after `most + 1` bytes, not read to the end).
+fn read_bounded(path: &Path, most: u64) -> Result<String, PlanError> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(most + 1).read_to_string(&mut text))
+        .map_err(|source| PlanError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    if text.len() as u64 > most {
+        return Err(PlanError::Parse {
+            file: path.display().to_string(),
+            message: format!("more than {most} bytes; such a file is at most that"),
+        });
+    }
+    Ok(text)
+}
+
 fn resolve(dir: Option<&Path>, p: &Path) -> PathBuf {
     match dir {
         Some(d) if p.is_relative() => d.join(p),
@@ -409,5 +483,62 @@ slo = { ttft_ms = 2000, itl_ms = 50 }
             err(&GOOD.replace("price_per_gpu = 30000", "memory_gb = 0"))
                 .contains("system[0].memory_gb")
         );
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded_and_named() {
+        assert!(
+            err(&GOOD.replace("requests_per_s = 10", "requests_per_s = 1e8"))
+                .contains("demand[0].requests_per_s")
+        );
+        assert!(
+            err(&GOOD.replace(
+                "output_tokens = { mean = 300 }",
+                "output_tokens = { mean = 131073 }"
+            ))
+            .contains("demand[0].output_tokens.mean")
+        );
+        assert!(
+            err(&GOOD.replace("mean = 1000, cv = 1", "mean = 1000001, cv = 1"))
+                .contains("demand[0].input_tokens.mean")
+        );
+        assert!(
+            err(&GOOD.replace("pue = 1.2", "pue = 1.2\nheadroom_replicas = 4000000000"))
+                .contains("site.headroom_replicas")
+        );
+        assert!(
+            err(&GOOD.replace("name = \"t\"", &format!("name = \"{}\"", "x".repeat(201))))
+                .contains("site.name")
+        );
+        assert!(err(&GOOD.replace("name = \"t\"", "name = \" \"")).contains("site.name"));
+        let demand = GOOD.split_once("[[demand]]").expect("a demand").1;
+        let many = format!(
+            "{GOOD}{}",
+            format!("[[demand]]{demand}").repeat(MAX_ENTRIES)
+        );
+        assert!(err(&many).contains("`demand`"), "{}", err(&many));
+        let most = format!(
+            "{GOOD}{}",
+            format!("[[demand]]{demand}").repeat(MAX_ENTRIES - 1)
+        );
+        assert_eq!(
+            Site::parse(&most, "t.toml", None).expect("64").demand.len(),
+            64
+        );
+        // A file over the size bound is refused before it is parsed.
+        let dir = std::env::temp_dir().join(format!("souverain-site-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let big = dir.join("big.toml");
+        let padding = "# padding\n".repeat((MAX_SITE_BYTES as usize) / 10 + 1);
+        std::fs::write(&big, format!("{GOOD}{padding}")).expect("write");
+        let e = Site::load(&big).expect_err("too big").to_string();
+        assert!(e.contains("more than"), "{e}");
+        std::fs::write(&big, GOOD).expect("write");
+        assert!(Site::load(&big).is_ok());
+        // A config.json named by mistake as a device is not read without end.
+        let endless = GOOD.replace("model = \"ministral-3-14b\"", "hf_config = \"/dev/zero\"");
+        let e = err(&endless);
+        assert!(e.contains("/dev/zero: more than"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -634,6 +634,31 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
         }
     }
 
+    // Loads beyond memory or the profile's KV cache are refused, naming the flag, before
+    // anything is predicted (a billion streams aborted on a 40 GB allocation; a billion
+    // tokens each simulated for hours).
+    for (args, flag) in [
+        (
+            ["--predict-serve-load", "4,1000000000"],
+            "--predict-serve-load",
+        ),
+        (["--predict-serve-load", "0"], "--predict-serve-load"),
+        (["--max-tokens", "1000000000"], "--max-tokens"),
+        (["--prompt-tokens", "1000000000"], "--prompt-tokens"),
+    ] {
+        let mut all = vec!["plan", "--cpu-profile", profile_s];
+        if args[0] != "--predict-serve-load" {
+            all.extend(["--predict-serve-load", "4"]);
+        }
+        all.extend(args);
+        let out = run(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("{flag}: must be")), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!text(&out.stdout).contains("| streams |"), "{args:?}");
+    }
+
     let bad_token = r#"{"arrival_s": 0, "prompt_tokens": 0}"#;
     for (file, names) in [
         (
@@ -684,4 +709,56 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
         assert!(err.contains(names), "{file}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+fn first_line(out: &Output) -> String {
+    text(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The Paris site's file ships in the repository: it plans, and the same site asked for
+/// more than its envelope says so on its first line; out-of-range numbers name their field
+/// and plan nothing.
+#[test]
+fn the_paris_site_plans_and_a_demand_beyond_its_envelope_says_power_binds() {
+    let paris = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/plan/paris.toml");
+    let paris_s = paris.to_str().expect("utf-8");
+    let out = run(&["plan", paris_s]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = first_line(&out);
+    assert!(first.starts_with("site Paris: "), "{first}");
+    assert!(!first.contains("power binds"), "{first}");
+
+    let site = std::fs::read_to_string(&paris).expect("paris.toml");
+    let (head, tail) = site.split_once("requests_per_s = ").expect("a demand");
+    let rest = tail.split_once('\n').expect("a line").1;
+    let dir = temp_dir("paris");
+    let with_rate = |rate: &str| {
+        let path = dir.join(format!("paris-{rate}.toml"));
+        std::fs::write(&path, format!("{head}requests_per_s = {rate}\n{rest}")).expect("write");
+        run(&["plan", path.to_str().expect("utf-8")])
+    };
+    let out = with_rate("1e5");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = first_line(&out);
+    assert!(
+        first.contains("(envelope now 40.0 MW; power binds: 4% of the demand can be served)"),
+        "{first}"
+    );
+    // 1e12 and 1e300 requests/s once overflowed the replica count and came out as "no
+    // batch size meets the SLOs".
+    for rate in ["1e12", "1e300"] {
+        let out = with_rate(rate);
+        assert!(!out.status.success(), "{rate}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("field `demand[0].requests_per_s`"),
+            "{rate}: {err}"
+        );
+        assert!(text(&out.stdout).is_empty(), "{rate}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
