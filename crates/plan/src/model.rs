@@ -654,7 +654,8 @@ pub fn from_gguf(name: &str, path: &Path) -> Result<ModelShape, PlanError> {
         ));
     }
     let head_dim = int("attention.key_length").unwrap_or(width / heads);
-    let total: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
+    // In floating point: a hostile file's counts may sum or multiply past any integer.
+    let total: f64 = file.tensors().iter().map(|t| t.n_elements as f64).sum();
     let experts = match (int("expert_count"), int("expert_used_count")) {
         (Some(count), Some(k)) if count > 1 => Some(Experts {
             count: u32::try_from(count).unwrap_or(u32::MAX),
@@ -663,14 +664,14 @@ pub fn from_gguf(name: &str, path: &Path) -> Result<ModelShape, PlanError> {
         _ => None,
     };
     // Routed experts' tensors are named `*_exps`: a token uses `k / count` of them.
-    let routed: u64 = file
+    let routed: f64 = file
         .tensors()
         .iter()
         .filter(|t| t.name.contains("_exps"))
-        .map(|t| t.n_elements)
+        .map(|t| t.n_elements as f64)
         .sum();
     let active = match experts {
-        Some(e) => total - routed + routed * u64::from(e.active) / u64::from(e.count.max(1)),
+        Some(e) => total - routed + routed * f64::from(e.active) / f64::from(e.count.max(1)),
         None => total,
     };
     let as_u32 = |v: u64, key: &str| {
@@ -679,8 +680,8 @@ pub fn from_gguf(name: &str, path: &Path) -> Result<ModelShape, PlanError> {
     let layers = as_u32(layers, "block_count")?;
     let shape = ModelShape {
         name: name.to_owned(),
-        params_b: total as f64 / 1e9,
-        active_params_b: active as f64 / 1e9,
+        params_b: total / 1e9,
+        active_params_b: active / 1e9,
         layers,
         full_attention_layers: layers,
         window_layers: 0,
@@ -689,7 +690,7 @@ pub fn from_gguf(name: &str, path: &Path) -> Result<ModelShape, PlanError> {
             kv_heads: as_u32(kv_heads, "attention.head_count_kv")?,
             head_dim: as_u32(head_dim, "attention.key_length")?,
         },
-        attention_width: as_u32(heads * head_dim, "attention.head_count")?,
+        attention_width: as_u32(heads.saturating_mul(head_dim), "attention.head_count")?,
         hidden: as_u32(width, "embedding_length")?,
         recurrent_state_bytes: 0.0,
         experts,
@@ -761,6 +762,114 @@ mod tests {
         ] {
             let err = from_hf_config("x", &json, "c.json").expect_err(&json);
             assert!(err.to_string().contains("c.json: field `"), "{err}");
+        }
+    }
+
+    /// A GGUF file with `kv` metadata over an `llama` architecture and F32 tensors of the
+    /// given names and shapes, written to a temporary file.
+    fn gguf(tag: &str, kv: &[(&str, u64)], tensors: &[(&str, &[u64])]) -> std::path::PathBuf {
+        use gguf::{GgmlType, GgufWriter, Value};
+        let mut w = GgufWriter::new(3);
+        w.add_kv("general.architecture", Value::from("llama"));
+        for &(k, v) in kv {
+            w.add_kv(format!("llama.{k}"), Value::U64(v));
+        }
+        for &(name, dims) in tensors {
+            let n: u64 = dims.iter().product();
+            w.add_tensor(name, dims, GgmlType::F32, vec![0; n as usize * 4])
+                .expect("tensor");
+        }
+        let path =
+            std::env::temp_dir().join(format!("souverain-plan-{}-{tag}.gguf", std::process::id()));
+        w.write(&path).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_gguf_file_gives_its_shape_from_its_tensors_and_metadata() {
+        let dims = [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+        ];
+        let dense = gguf(
+            "dense",
+            &dims,
+            &[
+                ("token_embd.weight", &[64, 100]),
+                ("blk.0.attn_q.weight", &[64, 64]),
+            ],
+        );
+        let s = from_gguf("tiny", &dense).expect("a shape");
+        assert_eq!(s.params_b, (6400.0 + 4096.0) / 1e9);
+        assert_eq!(s.active_params_b, s.params_b);
+        assert_eq!((s.layers, s.hidden, s.attention_width), (2, 64, 64));
+        assert_eq!(
+            s.attention,
+            Attention::Gqa {
+                kv_heads: 2,
+                head_dim: 16
+            }
+        );
+        // Two of eight routed experts: a quarter of the `_exps` tensors is active.
+        let moe = gguf(
+            "moe",
+            &[
+                dims.as_slice(),
+                &[("expert_count", 8), ("expert_used_count", 2)],
+            ]
+            .concat(),
+            &[
+                ("token_embd.weight", &[64, 100]),
+                ("blk.0.ffn_up_exps.weight", &[64, 32, 8]),
+            ],
+        );
+        let s = from_gguf("tiny-moe", &moe).expect("a shape");
+        assert_eq!(s.params_b, (6400.0 + 16384.0) / 1e9);
+        assert_eq!(s.active_params_b, (6400.0 + 4096.0) / 1e9);
+        assert_eq!(
+            s.experts,
+            Some(Experts {
+                count: 8,
+                active: 2
+            })
+        );
+        // Heads × their length past any integer (a panic before), and more experts used
+        // than there are, are errors naming the key.
+        let wide = gguf(
+            "wide",
+            &[
+                ("block_count", 2),
+                ("embedding_length", 64),
+                ("attention.head_count", 1 << 40),
+                ("attention.key_length", 1 << 40),
+            ],
+            &[("token_embd.weight", &[64, 100])],
+        );
+        let e = from_gguf("wide", &wide).expect_err("too wide").to_string();
+        assert!(e.contains("llama.attention.head_count"), "{e}");
+        let greedy = gguf(
+            "greedy",
+            &[
+                dims.as_slice(),
+                &[("expert_count", 8), ("expert_used_count", 9)],
+            ]
+            .concat(),
+            &[
+                ("token_embd.weight", &[64, 100]),
+                ("blk.0.ffn_up_exps.weight", &[64, 32, 8]),
+            ],
+        );
+        let e = from_gguf("greedy", &greedy)
+            .expect_err("9 of 8")
+            .to_string();
+        assert!(
+            e.contains("experts") || e.contains("active_params_b"),
+            "{e}"
+        );
+        for p in [dense, moe, wide, greedy] {
+            std::fs::remove_file(p).ok();
         }
     }
 
