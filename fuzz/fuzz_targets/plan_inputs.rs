@@ -40,7 +40,22 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            let _ = CpuProfile::parse(text, "profile.json");
+            // A profile that parses predicts a small load that it checks.
+            if let Ok(profile) = CpuProfile::parse(text, "profile.json") {
+                let load = ServeLoad {
+                    streams: 4,
+                    prompt_tokens: 46,
+                    max_tokens: 16,
+                    requests: Vec::new(),
+                    other_cpu_per_token_s: 0.0,
+                    other_cpu_per_request_s: 0.0,
+                };
+                let kv = profile.serve_defaults.kv_cache_tokens;
+                if load.check("load.json", "load", kv).is_ok() {
+                    let r = souverain_plan::cpu::predict_serve_load(&profile, &load);
+                    assert!(r.finished <= load.streams);
+                }
+            }
         }
         _ => {
             let profile = CpuProfile::parse(PROFILE, "profile.json").expect("the test profile");

@@ -673,8 +673,9 @@ pub struct Arrival {
 /// Most concurrent streams a load may have (serve-load starts a client thread for each).
 pub const MAX_STREAMS: usize = 65_536;
 
-/// Most tokens a load may generate in all (streams × tokens per request): what the
-/// simulation steps through one by one, a few seconds of it at most.
+/// Most tokens a load may have in all, prompts and outputs (streams × tokens per request):
+/// what the simulation steps through (a token or a step's budget at a time), a few seconds
+/// of it at most.
 pub const MAX_LOAD_TOKENS: usize = 1 << 24;
 
 /// Most seconds an arrival may be after the first.
@@ -692,7 +693,7 @@ pub fn other_cpu_ok(s: f64) -> bool {
 
 impl ServeLoad {
     /// Checks the load: 1 to [`MAX_STREAMS`] streams generating 1 or more tokens each, at
-    /// most [`MAX_LOAD_TOKENS`] in all; every request's prompt and output within
+    /// most [`MAX_LOAD_TOKENS`] prompt and generated tokens in all; every request's prompt and output within
     /// `kv_cache_tokens` (the engine refuses a prompt larger than its KV cache, and a
     /// sequence cannot outgrow it); the requests one per stream (or none), each arriving at
     /// finite seconds in `0..=MAX_ARRIVAL_S`. `field` names the requests in errors.
@@ -725,12 +726,27 @@ impl ServeLoad {
                 self.max_tokens
             )
         };
-        if self.requests.is_empty() && !fits(self.prompt_tokens) {
-            return Err(PlanError::field(
-                file,
-                "prompt_tokens",
-                too_long(self.prompt_tokens),
-            ));
+        if self.requests.is_empty() {
+            if !fits(self.prompt_tokens) {
+                return Err(PlanError::field(
+                    file,
+                    "prompt_tokens",
+                    too_long(self.prompt_tokens),
+                ));
+            }
+            // The prompts are simulated too, a step's budget of them at a time.
+            let all = self.prompt_tokens.saturating_add(self.max_tokens);
+            if all.saturating_mul(self.streams) > MAX_LOAD_TOKENS {
+                return Err(PlanError::field(
+                    file,
+                    "prompt_tokens",
+                    format!(
+                        "with the {} tokens generated, at most {MAX_LOAD_TOKENS} tokens in all \
+                         over the {} streams, not {}",
+                        self.max_tokens, self.streams, self.prompt_tokens
+                    ),
+                ));
+            }
         }
         for (name, v) in [
             ("other_cpu_per_token_s", self.other_cpu_per_token_s),
@@ -784,6 +800,22 @@ impl ServeLoad {
                     too_long(r.prompt_tokens),
                 ));
             }
+        }
+        let all = self
+            .requests
+            .iter()
+            .map(|r| r.prompt_tokens.saturating_add(self.max_tokens))
+            .fold(0, usize::saturating_add);
+        if all > MAX_LOAD_TOKENS {
+            return Err(PlanError::field(
+                file,
+                field,
+                format!(
+                    "{all} tokens in all (prompts and {} generated each): at most \
+                     {MAX_LOAD_TOKENS}",
+                    self.max_tokens
+                ),
+            ));
         }
         Ok(())
     }
@@ -1626,9 +1658,31 @@ mod tests {
         assert!(long.check("a.json", "l", 16384).is_ok());
         long.requests[1].prompt_tokens = 101;
         named(long, "l[1].prompt_tokens");
+        // Prompts count toward the bound (a profile's KV cache may be vast, its step budget
+        // one token).
+        named(load(MAX_STREAMS, 300, 1), "prompt_tokens");
+        assert!(
+            load(MAX_STREAMS, 300, 1)
+                .check("a.json", "l", 1 << 30)
+                .is_err()
+        );
+        let mut many = load(2, 46, 1);
+        many.requests = vec![
+            Arrival {
+                arrival_s: 0.0,
+                prompt_tokens: MAX_LOAD_TOKENS / 2,
+                waits_for: None,
+            };
+            2
+        ];
+        let e = many
+            .check("a.json", "l", 1 << 30)
+            .expect_err("too many")
+            .to_string();
+        assert!(e.contains("field `l`"), "{e}");
         // The largest loads allowed are checked and predicted.
         for ok in [
-            load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS),
+            load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS - 46),
             load(1, 16383, 1),
         ] {
             assert!(ok.check("a.json", "l", 16384).is_ok(), "{ok:?}");
