@@ -1,5 +1,7 @@
-//! What `souverain plan` reads from an operator: site files (TOML), Hugging Face
-//! `config.json`s, CPU profiles and serve-load requests (JSON). Each must parse to a checked
+//! What `souverain plan` reads from an operator, as text: site files (TOML; a model file or
+//! `config.json` they name is read from the disk), Hugging Face `config.json`s, CPU profiles
+//! (each predicting a small load) and serve-load loads (JSON, predicted with a fixed
+//! profile). GGUF model files have their own target (`gguf_parse`). Each must parse to a checked
 //! value or an error naming its file, never panic; a site that parses must plan, and a
 //! checked load must predict, in bounded time, with counts that add up (no wrapped totals).
 //!
@@ -27,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             if let Ok(site) = Site::parse(text, "fuzz.toml", None) {
                 let plan = search::plan(&site);
-                let by_model: u64 = plan.models.iter().map(|m| m.gpus).sum();
+                // The library's counts saturate; so does this sum.
+                let by_model = plan
+                    .models
+                    .iter()
+                    .map(|m| m.gpus)
+                    .fold(0, u64::saturating_add);
                 assert_eq!(plan.totals.gpus, by_model);
                 for m in &plan.models {
                     assert!(m.replicas_with_headroom >= m.replicas);

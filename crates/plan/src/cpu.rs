@@ -497,16 +497,18 @@ pub struct CpuProfile {
     pub request_overhead_s: f64,
 }
 
+/// Largest profile file read.
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+/// Most measured steps a profile may hold (`souverain bench --profile` writes a few dozen).
+pub const MAX_PROFILE_POINTS: usize = 4096;
+
 /// Most seconds a profile's request overhead may be.
 pub const MAX_REQUEST_OVERHEAD_S: f64 = 10.0;
 
 impl CpuProfile {
     /// Reads and checks a profile file.
     pub fn load(path: &Path) -> Result<Self, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::site::read_bounded(path, MAX_PROFILE_BYTES)?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -597,6 +599,13 @@ impl CpuProfile {
                 return Err(PlanError::field(file, name, "must be at least 1"));
             }
         }
+        if p.points.len() > MAX_PROFILE_POINTS {
+            return Err(PlanError::field(
+                file,
+                "points",
+                format!("at most {MAX_PROFILE_POINTS} steps, not {}", p.points.len()),
+            ));
+        }
         for (i, pt) in p.points.iter().enumerate() {
             if pt.prefill_tokens > 0 && !(1..=pt.prefill_tokens).contains(&pt.prompt_chunks) {
                 return Err(PlanError::field(
@@ -676,7 +685,7 @@ pub const MAX_STREAMS: usize = 65_536;
 /// Most tokens a load may have in all, prompts and outputs (streams × tokens per request):
 /// what the simulation steps through (a token or a step's budget at a time), a few seconds
 /// of it at most.
-pub const MAX_LOAD_TOKENS: usize = 1 << 24;
+pub const MAX_LOAD_TOKENS: usize = 1 << 22;
 
 /// Most seconds an arrival may be after the first.
 pub const MAX_ARRIVAL_S: f64 = 3600.0;
@@ -705,13 +714,19 @@ impl ServeLoad {
                 format!("must be 1 to {MAX_STREAMS}, not {}", self.streams),
             ));
         }
-        if self.max_tokens == 0 || self.max_tokens.saturating_mul(self.streams) > MAX_LOAD_TOKENS {
+        // Outputs first: a generation that alone overflows the KV cache or the bound is
+        // `max_tokens`' fault whatever the prompts.
+        if self.max_tokens == 0
+            || self.max_tokens >= kv_cache_tokens
+            || self.max_tokens.saturating_mul(self.streams) > MAX_LOAD_TOKENS
+        {
             return Err(PlanError::field(
                 file,
                 "max_tokens",
                 format!(
-                    "must be at least 1, and at most {MAX_LOAD_TOKENS} tokens in all over the \
-                     {} streams, not {}",
+                    "must be at least 1, less than the KV cache's {kv_cache_tokens} tokens \
+                     (a prompt needs one), and at most {MAX_LOAD_TOKENS} tokens in all over \
+                     the {} streams, not {}",
                     self.streams, self.max_tokens
                 ),
             ));
@@ -734,16 +749,23 @@ impl ServeLoad {
                     too_long(self.prompt_tokens),
                 ));
             }
-            // The prompts are simulated too, a step's budget of them at a time.
-            let all = self.prompt_tokens.saturating_add(self.max_tokens);
-            if all.saturating_mul(self.streams) > MAX_LOAD_TOKENS {
+            // The prompts are simulated too, a step's budget of them at a time: the bound
+            // is on both, and the larger of the two is named.
+            let each = self.prompt_tokens.saturating_add(self.max_tokens);
+            let all = each.saturating_mul(self.streams);
+            if all > MAX_LOAD_TOKENS {
+                let (name, v) = if self.prompt_tokens > self.max_tokens {
+                    ("prompt_tokens", self.prompt_tokens)
+                } else {
+                    ("max_tokens", self.max_tokens)
+                };
                 return Err(PlanError::field(
                     file,
-                    "prompt_tokens",
+                    name,
                     format!(
-                        "with the {} tokens generated, at most {MAX_LOAD_TOKENS} tokens in all \
-                         over the {} streams, not {}",
-                        self.max_tokens, self.streams, self.prompt_tokens
+                        "{} streams × ({} prompt + {} generated tokens) = {all} tokens: at \
+                         most {MAX_LOAD_TOKENS} in all (not {v})",
+                        self.streams, self.prompt_tokens, self.max_tokens
                     ),
                 ));
             }
@@ -1643,6 +1665,8 @@ mod tests {
             load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS + 1),
             "max_tokens",
         );
+        // A generation the KV cache cannot hold beside a prompt is `max_tokens`' fault.
+        named(load(1, 46, 16384), "max_tokens");
         // A sequence the KV cache cannot hold.
         named(load(4, 16384, 1), "prompt_tokens");
         named(load(4, 0, 1), "prompt_tokens");
@@ -1680,7 +1704,7 @@ mod tests {
             .expect_err("too many")
             .to_string();
         assert!(e.contains("field `l`"), "{e}");
-        // The largest loads allowed are checked and predicted.
+        // The largest loads allowed pass.
         for ok in [
             load(MAX_STREAMS, 46, MAX_LOAD_TOKENS / MAX_STREAMS - 46),
             load(1, 16383, 1),

@@ -524,10 +524,15 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
         layers_f,
     ] = [hidden, heads, kv_heads, head_dim, vocab, ffn, layers].map(|v| v as f64);
     let embeddings = vocab_f * hidden_f * if tied { 1.0 } else { 2.0 };
-    let experts = match int("n_routed_experts")?
-        .or(int("num_local_experts")?)
-        .or(int("num_experts")?)
-    {
+    // The experts' count under whichever key the family uses (named by it in errors).
+    let mut experts_key = "num_experts";
+    for key in ["n_routed_experts", "num_local_experts", "num_experts"] {
+        if int(key)?.is_some() {
+            experts_key = key;
+            break;
+        }
+    }
+    let experts = match int(experts_key)? {
         Some(count) if count > 1 => Some((count, need("num_experts_per_tok")?)),
         _ => None,
     };
@@ -578,7 +583,15 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
         },
         None => Attention::Gqa {
             kv_heads: to_u32(kv_heads, "num_key_value_heads")?,
-            head_dim: to_u32(head_dim, "head_dim")?,
+            // Named by the key it came from: `head_dim`, or hidden_size / heads without one.
+            head_dim: to_u32(
+                head_dim,
+                if int("head_dim")?.is_some() {
+                    "head_dim"
+                } else {
+                    "hidden_size"
+                },
+            )?,
         },
     };
     let attention_width = match attention {
@@ -587,7 +600,8 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
             rope_dim,
         } => latent_dim
             .checked_add(rope_dim)
-            .and_then(|w| w.checked_mul(to_u32(heads, "num_attention_heads").ok()?)),
+            .ok_or_else(|| PlanError::field(file, "kv_lora_rank", "too large"))?
+            .checked_mul(to_u32(heads, "num_attention_heads")?),
         Attention::Gqa { head_dim, .. } => {
             head_dim.checked_mul(to_u32(heads, "num_attention_heads")?)
         }
@@ -608,7 +622,7 @@ pub fn from_hf_config(name: &str, json: &str, file: &str) -> Result<ModelShape, 
         recurrent_state_bytes: 0.0,
         experts: match experts {
             Some((count, k)) => Some(Experts {
-                count: to_u32(count, "num_experts")?,
+                count: to_u32(count, experts_key)?,
                 active: to_u32(k, "num_experts_per_tok")?,
             }),
             None => None,
@@ -763,6 +777,33 @@ mod tests {
             let err = from_hf_config("x", &json, "c.json").expect_err(&json);
             assert!(err.to_string().contains("c.json: field `"), "{err}");
         }
+        // Each names the key at fault.
+        let base = r#""hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":32,
+            "intermediate_size":14336,"vocab_size":128256"#;
+        for (extra, key) in [
+            (r#""head_dim":8589934592"#, "head_dim"),
+            (
+                r#""kv_lora_rank":4294967295,"qk_rope_head_dim":1"#,
+                "kv_lora_rank",
+            ),
+            (
+                r#""n_routed_experts":8589934592,"num_experts_per_tok":2"#,
+                "n_routed_experts",
+            ),
+            (r#""num_key_value_heads":8589934592"#, "num_key_value_heads"),
+        ] {
+            let json = format!("{{{base},{extra}}}");
+            let err = from_hf_config("x", &json, "c.json")
+                .expect_err(&json)
+                .to_string();
+            assert!(err.contains(&format!("field `{key}`")), "{extra}: {err}");
+        }
+        let huge = r#"{"hidden_size":42949672960000,"num_hidden_layers":32,
+            "num_attention_heads":2,"intermediate_size":14336,"vocab_size":128256}"#;
+        let err = from_hf_config("x", huge, "c.json")
+            .expect_err("huge")
+            .to_string();
+        assert!(err.contains("field `hidden_size`"), "{err}");
     }
 
     /// A GGUF file with `kv` metadata over an `llama` architecture and F32 tensors of the
@@ -842,13 +883,17 @@ mod tests {
             &[
                 ("block_count", 2),
                 ("embedding_length", 64),
-                ("attention.head_count", 1 << 40),
-                ("attention.key_length", 1 << 40),
+                ("attention.head_count", 1 << 50),
+                ("attention.head_count_kv", 8),
+                ("attention.key_length", 1 << 20),
             ],
             &[("token_embd.weight", &[64, 100])],
         );
         let e = from_gguf("wide", &wide).expect_err("too wide").to_string();
-        assert!(e.contains("llama.attention.head_count"), "{e}");
+        assert!(
+            e.contains("field `llama.attention.head_count`: too large"),
+            "{e}"
+        );
         let greedy = gguf(
             "greedy",
             &[

@@ -17,15 +17,17 @@ pub const GPU_MAX_BATCH_TOKENS: usize = 8192;
 pub const MEMORY_USABLE: f64 = 0.9;
 /// Requests simulated per check...
 const SIM_REQUESTS: usize = 400;
-/// ...fewer where their outputs would be longer than this in all (a simulation steps
-/// through every token: long outputs are simulated with fewer requests, down to
-/// `MIN_SIM_REQUESTS`, so that a plan takes seconds whatever the site file says).
+/// ...fewer where their outputs would be longer than this in all, that is where the mean
+/// output is longer than 10,000 tokens (a simulation steps through every token: such
+/// demands are simulated with fewer requests, down to `MIN_SIM_REQUESTS`, so that one
+/// simulation takes at most seconds whatever the site file says).
 const SIM_OUTPUT_TOKENS: f64 = 4e6;
 /// Fewest requests simulated per check.
 const MIN_SIM_REQUESTS: usize = 32;
-/// Longest prompt or output one simulated request draws from a length distribution (its
-/// tail is cut there).
-const MAX_SAMPLED_TOKENS: f64 = (1 << 20) as f64;
+/// Longest output one simulated request draws from its length distribution (the tail is
+/// cut there: each token is a step). Prompts are not cut: they are simulated a step's
+/// budget at a time.
+const MAX_SAMPLED_OUTPUT: f64 = (1 << 20) as f64;
 
 /// Requests to simulate for a demand.
 fn sim_requests(d: &Demand) -> usize {
@@ -358,11 +360,11 @@ fn requests(d: &Demand, rate: f64, n: usize, seed: u64) -> Vec<Request> {
                 prompt_tokens: rng
                     .lognormal(d.input_tokens.mean, d.input_tokens.cv)
                     .round()
-                    .clamp(1.0, MAX_SAMPLED_TOKENS) as usize,
+                    .max(1.0) as usize,
                 output_tokens: rng
                     .lognormal(d.output_tokens.mean, d.output_tokens.cv)
                     .round()
-                    .clamp(1.0, MAX_SAMPLED_TOKENS) as usize,
+                    .clamp(1.0, MAX_SAMPLED_OUTPUT) as usize,
             }
         })
         .collect()
@@ -717,13 +719,22 @@ slo = { ttft_ms = 3000, itl_ms = 60 }
         let n = sim_requests(d);
         assert_eq!(n, MIN_SIM_REQUESTS);
         let r = requests(d, 1.0, n, 7);
-        let longest = r.iter().map(|r| r.output_tokens.max(r.prompt_tokens)).max();
-        assert!(longest <= Some(1 << 20), "{longest:?}");
-        // Usual lengths simulate all the requests, none cut.
-        let usual = &site(SMALL).demand[0];
-        assert_eq!(sim_requests(usual), SIM_REQUESTS);
-        let r = requests(usual, 1.0, SIM_REQUESTS, 7);
-        assert!(r.iter().all(|r| r.output_tokens < 1 << 20));
+        let longest = r.iter().map(|r| r.output_tokens).max();
+        assert_eq!(
+            longest,
+            Some(1 << 20),
+            "a drawn output past 2^20 is cut there"
+        );
+        // Prompts are not cut.
+        assert!(r.iter().any(|r| r.prompt_tokens > 1 << 20));
+        // Mean outputs up to 10,000 tokens simulate all the requests.
+        let usual = |mean: u32| {
+            site(&SMALL.replace("{ mean = 300, cv = 1 }", &format!("{{ mean = {mean} }}"))).demand
+                [0]
+            .clone()
+        };
+        assert_eq!(sim_requests(&usual(10_000)), SIM_REQUESTS);
+        assert_eq!(sim_requests(&usual(20_000)), SIM_REQUESTS / 2);
     }
 
     #[test]

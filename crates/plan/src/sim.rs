@@ -198,6 +198,9 @@ pub fn simulate_arrivals_costed(
         // Admission, oldest first; a request waiting for another's prompt is passed over,
         // anything else that does not fit stops it (no overtaking).
         let mut w = 0;
+        // The KV the running sequences hold, kept as they come and go (summing it for each
+        // admission made a wave of n admissions cost n²).
+        let mut used = kv_used(&running);
         while running.len() < max_seqs {
             let Some(seq) = waiting.get(w) else { break };
             if seq.known > limits.kv_tokens {
@@ -209,10 +212,11 @@ pub fn simulate_arrivals_costed(
                 w += 1;
                 continue;
             }
-            if kv_used(&running) + seq.known > limits.kv_tokens {
+            if used + seq.known > limits.kv_tokens {
                 break;
             }
             if let Some(s) = waiting.remove(w) {
+                used += s.known;
                 running.push(s);
             }
         }
@@ -224,11 +228,11 @@ pub fn simulate_arrivals_costed(
             continue;
         }
         // Decoding sequences need one more position each; preempt the youngest when full.
-        while kv_used(&running) + running.iter().filter(|s| s.known - s.computed == 1).count()
-            > limits.kv_tokens
-            && running.len() > 1
-        {
+        let mut decoding = running.iter().filter(|s| s.known - s.computed == 1).count();
+        while used + decoding > limits.kv_tokens && running.len() > 1 {
             if let Some(mut victim) = running.pop() {
+                used -= victim.known;
+                decoding -= usize::from(victim.known - victim.computed == 1);
                 victim.computed = 0;
                 out.preemptions += 1;
                 waiting.push_front(victim);

@@ -50,9 +50,12 @@ pub const MAX_ENTRIES: usize = 64;
 pub const MAX_NAME_CHARS: usize = 200;
 /// Most spare replicas per model.
 pub const MAX_HEADROOM_REPLICAS: u32 = 1000;
-/// Most requests per second of one model's demand (far beyond any site: the counts of
-/// replicas and GPUs stay exact below it).
+/// Most requests per second of one model's demand (far beyond any site; replica and GPU
+/// counts, which saturate, stay far from `u64::MAX` below it on any catalogue system).
 pub const MAX_REQUESTS_PER_S: f64 = 1e7;
+/// Fewest requests per second of one model's demand (one request in 11 days; the
+/// simulation's arrivals stay finite above it).
+pub const MIN_REQUESTS_PER_S: f64 = 1e-6;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,13 +329,10 @@ impl Site {
                     ));
                 }
             };
-            if !(d.requests_per_s.is_finite()
-                && d.requests_per_s > 0.0
-                && d.requests_per_s <= MAX_REQUESTS_PER_S)
-            {
+            if !(MIN_REQUESTS_PER_S..=MAX_REQUESTS_PER_S).contains(&d.requests_per_s) {
                 return Err(bad(
                     field("requests_per_s"),
-                    &format!("must be a positive number, at most {MAX_REQUESTS_PER_S:e}"),
+                    &format!("must be between {MIN_REQUESTS_PER_S:e} and {MAX_REQUESTS_PER_S:e}"),
                 ));
             }
             for (name, l, most) in [
@@ -405,24 +405,33 @@ impl Site {
     }
 }
 
-/// Reads a text file of at most `most` bytes (a device or a huge file named by mistake is
-/// refused after `most + 1` bytes, not read to the end).
-fn read_bounded(path: &Path, most: u64) -> Result<String, PlanError> {
+/// Reads a regular text file of at most `most` bytes: a device, a FIFO or a huge file named
+/// by mistake is refused (after at most `most + 1` bytes), not read to its end or waited on.
+pub(crate) fn read_bounded(path: &Path, most: u64) -> Result<String, PlanError> {
     use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(most + 1).read_to_string(&mut text))
-        .map_err(|source| PlanError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    if text.len() as u64 > most {
+    let io = |source| PlanError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(PlanError::Parse {
+            file: path.display().to_string(),
+            message: "not a regular file".into(),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(most + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > most {
         return Err(PlanError::Parse {
             file: path.display().to_string(),
             message: format!("more than {most} bytes; such a file is at most that"),
         });
     }
-    Ok(text)
+    String::from_utf8(bytes).map_err(|e| PlanError::Parse {
+        file: path.display().to_string(),
+        message: format!("not UTF-8 text ({e})"),
+    })
 }
 
 fn resolve(dir: Option<&Path>, p: &Path) -> PathBuf {
@@ -487,10 +496,13 @@ slo = { ttft_ms = 2000, itl_ms = 50 }
 
     #[test]
     fn sizes_and_counts_are_bounded_and_named() {
-        assert!(
-            err(&GOOD.replace("requests_per_s = 10", "requests_per_s = 1e8"))
-                .contains("demand[0].requests_per_s")
-        );
+        for rate in ["1e8", "5e-324", "0"] {
+            assert!(
+                err(&GOOD.replace("requests_per_s = 10", &format!("requests_per_s = {rate}")))
+                    .contains("demand[0].requests_per_s"),
+                "{rate}"
+            );
+        }
         assert!(
             err(&GOOD.replace(
                 "output_tokens = { mean = 300 }",
@@ -538,7 +550,19 @@ slo = { ttft_ms = 2000, itl_ms = 50 }
         // A config.json named by mistake as a device is not read without end.
         let endless = GOOD.replace("model = \"ministral-3-14b\"", "hf_config = \"/dev/zero\"");
         let e = err(&endless);
-        assert!(e.contains("/dev/zero: more than"), "{e}");
+        assert!(e.contains("/dev/zero: not a regular file"), "{e}");
+        // A file over the bound whose cut falls inside a character is still too big.
+        let config = dir.join("config.json");
+        std::fs::write(&config, "é".repeat(MAX_CONFIG_BYTES as usize / 2 + 1)).expect("write");
+        let e = read_bounded(&config, MAX_CONFIG_BYTES)
+            .expect_err("big")
+            .to_string();
+        assert!(e.contains("more than"), "{e}");
+        std::fs::write(&config, b"{\xff}").expect("write");
+        let e = read_bounded(&config, MAX_CONFIG_BYTES)
+            .expect_err("bytes")
+            .to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -644,6 +644,7 @@ fn a_cpu_profile_measured_here_predicts_serve_loads() {
         ),
         (["--predict-serve-load", "0"], "--predict-serve-load"),
         (["--max-tokens", "1000000000"], "--max-tokens"),
+        (["--max-tokens", "20000"], "--max-tokens"),
         (["--prompt-tokens", "1000000000"], "--prompt-tokens"),
     ] {
         let mut all = vec!["plan", "--cpu-profile", profile_s];
@@ -744,10 +745,26 @@ fn the_paris_site_plans_and_a_demand_beyond_its_envelope_says_power_binds() {
     let out = with_rate("1e5");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let first = first_line(&out);
-    assert!(
-        first.contains("(envelope now 40.0 MW; power binds: 4% of the demand can be served)"),
-        "{first}"
+    // The share served now is the JSON plan's first month's.
+    let json = dir.join("plan.json");
+    let plan_path = dir.join("paris-1e5.toml");
+    let out = run(&[
+        "plan",
+        plan_path.to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("JSON");
+    let served = plan["growth"][0]["served"].as_f64().expect("served");
+    assert!(served < 1.0, "{served}");
+    assert_eq!(plan["growth"][0]["binding"], "power");
+    let said = format!(
+        "(envelope now 40.0 MW; power binds: {:.0}% of the demand can be served)",
+        100.0 * served
     );
+    assert!(first.contains(&said), "{first} / {said}");
     // 1e12 and 1e300 requests/s once overflowed the replica count and came out as "no
     // batch size meets the SLOs".
     for rate in ["1e12", "1e300"] {
