@@ -82,17 +82,7 @@ const MAX_REQUESTS_BYTES: u64 = 4 << 20;
 fn read_requests(
     path: &Path,
 ) -> Result<std::collections::BTreeMap<usize, Vec<plan::cpu::Arrival>>> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_REQUESTS_BYTES + 1).read_to_string(&mut text))
-        .with_context(|| format!("reading {}", path.display()))?;
-    if text.len() as u64 > MAX_REQUESTS_BYTES {
-        bail!(
-            "{}: more than {MAX_REQUESTS_BYTES} bytes; a requests file is at most that",
-            path.display()
-        );
-    }
+    let text = plan::site::read_bounded(path, MAX_REQUESTS_BYTES)?;
     let raw: std::collections::BTreeMap<String, Vec<plan::cpu::Arrival>> =
         serde_json::from_str(&text).with_context(|| {
             format!(

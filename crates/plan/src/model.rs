@@ -854,18 +854,22 @@ mod tests {
             }
         );
         // Two of eight routed experts: a quarter of the `_exps` tensors is active.
-        let moe = gguf(
-            "moe",
-            &[
-                dims.as_slice(),
-                &[("expert_count", 8), ("expert_used_count", 2)],
-            ]
-            .concat(),
-            &[
-                ("token_embd.weight", &[64, 100]),
-                ("blk.0.ffn_up_exps.weight", &[64, 32, 8]),
-            ],
-        );
+        // Eight routed experts, `used` of them per token.
+        let experts = |tag: &str, used: u64| {
+            gguf(
+                tag,
+                &[
+                    dims.as_slice(),
+                    &[("expert_count", 8), ("expert_used_count", used)],
+                ]
+                .concat(),
+                &[
+                    ("token_embd.weight", &[64, 100]),
+                    ("blk.0.ffn_up_exps.weight", &[64, 32, 8]),
+                ],
+            )
+        };
+        let moe = experts("moe", 2);
         let s = from_gguf("tiny-moe", &moe).expect("a shape");
         assert_eq!(s.params_b, (6400.0 + 16384.0) / 1e9);
         assert_eq!(s.active_params_b, (6400.0 + 4096.0) / 1e9);
@@ -894,18 +898,7 @@ mod tests {
             e.contains("field `llama.attention.head_count`: too large"),
             "{e}"
         );
-        let greedy = gguf(
-            "greedy",
-            &[
-                dims.as_slice(),
-                &[("expert_count", 8), ("expert_used_count", 9)],
-            ]
-            .concat(),
-            &[
-                ("token_embd.weight", &[64, 100]),
-                ("blk.0.ffn_up_exps.weight", &[64, 32, 8]),
-            ],
-        );
+        let greedy = experts("greedy", 9);
         let e = from_gguf("greedy", &greedy)
             .expect_err("9 of 8")
             .to_string();

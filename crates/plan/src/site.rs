@@ -407,7 +407,7 @@ impl Site {
 
 /// Reads a regular text file of at most `most` bytes: a device, a FIFO or a huge file named
 /// by mistake is refused (after at most `most + 1` bytes), not read to its end or waited on.
-pub(crate) fn read_bounded(path: &Path, most: u64) -> Result<String, PlanError> {
+pub fn read_bounded(path: &Path, most: u64) -> Result<String, PlanError> {
     use std::io::Read;
     let io = |source| PlanError::Io {
         path: path.to_owned(),
